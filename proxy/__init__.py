@@ -1,0 +1,1 @@
+"""Frugal: an OpenAI-compatible proxy that makes LLM inference cheaper."""
