@@ -1,0 +1,483 @@
+"""All ``frugal_*`` Prometheus series of one proxy, on the proxy's own registry.
+
+``Metrics`` is the only place that names series. The request path calls its methods; ``render()``
+serves ``GET /metrics``; ``snapshot()`` feeds the live dashboard.
+
+    metrics = Metrics()
+    metrics.request_done(tier="free", model="small-v1", engine="small", status=200, cache="miss",
+                         latency_s=0.8, ttft_s=0.1, overhead_s=0.0004, tokens_in=20, tokens_out=90,
+                         cost_usd=0.0001, saved_cache_usd=0.0, saved_routing_usd=0.0009,
+                         stream=True)
+    body, content_type = metrics.render(), Metrics.CONTENT_TYPE
+
+Hot path: a ``prometheus_client`` ``labels()`` call validates and locks (a few µs each), so every
+method keeps the child series it has already seen in a dict keyed by the label tuple. Label values
+come from configuration (tiers, engines, reasons), never from request bodies, so those dicts stay
+small.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.observability.snapshot import RecentRequest, Sample, build_snapshot
+
+LATENCY_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+# The proxy's own added time is budgeted at ~0.1 ms, so its buckets start in microseconds.
+OVERHEAD_BUCKETS: Final = (
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+)  # fmt: skip
+QUEUE_WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SIMILARITY_BUCKETS: Final = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0)
+BATCH_SIZE_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128)
+BATCH_WAIT_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+BREAKER_STATES: Final = ("closed", "open", "half_open")
+
+
+@dataclass(frozen=True, slots=True)
+class _RequestSeries:
+    """Every child series one ``request_done`` label set touches, looked up once."""
+
+    requests: Any
+    latency: Any
+    ttft: Any
+    overhead: Any
+    tokens_in: Any
+    tokens_out: Any
+    cost: Any
+    saved_cache: Any
+    saved_routing: Any
+
+
+class _Children:
+    """``metric.labels(*key)`` memoised per label tuple."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def get(self, *key: str) -> Any:
+        child = self._children.get(key)
+        if child is None:
+            child = self._metric.labels(*key)
+            self._children[key] = child
+        return child
+
+
+class Metrics:
+    """The proxy's metrics: Prometheus series plus a bounded window of recent latencies."""
+
+    CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        recent_window_s: float = 60.0,
+        recent_max: int = 4096,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._started_at = clock()
+        self.recent_window_s = recent_window_s
+        self._recent: deque[RecentRequest] = deque(maxlen=recent_max)
+        reg = self.registry
+
+        # Requests.
+        self.requests = Counter(
+            "frugal_requests",
+            "Finished requests by tier, model version, engine, HTTP status and cache outcome.",
+            ["tier", "model", "engine", "status", "cache", "stream"],
+            registry=reg,
+        )
+        self.request_latency = Histogram(
+            "frugal_request_latency_seconds",
+            "Whole-request latency as the client sees it.",
+            ["tier", "engine", "cache"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.ttft = Histogram(
+            "frugal_time_to_first_token_seconds",
+            "Time from request arrival to the first content byte sent to the client.",
+            ["tier", "engine", "cache"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.overhead = Histogram(
+            "frugal_proxy_overhead_seconds",
+            "Time the proxy itself adds (parsing, policy, routing, cache), excluding upstream.",
+            ["tier"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=reg,
+        )
+        self.tokens_in = Counter(
+            "frugal_tokens_in",
+            "Prompt tokens of finished requests.",
+            ["tier", "engine"],
+            registry=reg,
+        )
+        self.tokens_out = Counter(
+            "frugal_tokens_out",
+            "Completion tokens returned to clients (served from cache or engine).",
+            ["tier", "engine"],
+            registry=reg,
+        )
+        self.cost = Counter(
+            "frugal_cost_usd",
+            "Inference cost in USD of finished requests.",
+            ["tier", "engine"],
+            registry=reg,
+        )
+        self.saved = Counter(
+            "frugal_saved_usd",
+            "USD saved against sending every request to the strongest engine, by source.",
+            ["tier", "source"],
+            registry=reg,
+        )
+        self.in_flight_gauge = Gauge(
+            "frugal_requests_in_flight",
+            "Requests the proxy is handling right now.",
+            ["tier"],
+            registry=reg,
+        )
+
+        # Cache.
+        self.cache_lookups = Counter(
+            "frugal_cache_lookups",
+            "Cache lookups by kind (exact/semantic) and scope.",
+            ["kind", "scope"],
+            registry=reg,
+        )
+        self.cache_hits = Counter(
+            "frugal_cache_hits",
+            "Cache hits by kind (exact/semantic) and scope.",
+            ["kind", "scope"],
+            registry=reg,
+        )
+        self.cache_similarity = Histogram(
+            "frugal_cache_hit_similarity",
+            "Cosine similarity of semantic cache hits.",
+            ["scope"],
+            buckets=SIMILARITY_BUCKETS,
+            registry=reg,
+        )
+        self.cache_errors = Counter(
+            "frugal_cache_errors",
+            "Cache-store operations that failed (the request went on without the cache).",
+            ["backend", "op"],
+            registry=reg,
+        )
+
+        # Routing, admission, queues.
+        self.route_decisions = Counter(
+            "frugal_route_decisions",
+            "Routing decisions by tier, chosen engine and reason.",
+            ["tier", "engine", "reason"],
+            registry=reg,
+        )
+        self.queue_length_gauge = Gauge(
+            "frugal_queue_length",
+            "Requests waiting in the proxy's admission queue per engine.",
+            ["engine"],
+            registry=reg,
+        )
+        self.queue_wait_hist = Histogram(
+            "frugal_queue_wait_seconds",
+            "Time a request waited in the admission queue.",
+            ["engine", "tier"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=reg,
+        )
+        self.admission_rejections = Counter(
+            "frugal_admission_rejected",
+            "Requests refused at admission (queue full, wait timeout, ...).",
+            ["engine", "tier", "reason"],
+            registry=reg,
+        )
+        self.policy_rejections = Counter(
+            "frugal_policy_rejected",
+            "Requests refused by tier policy (rate, tokens, budget, model not allowed, ...).",
+            ["tier", "reason"],
+            registry=reg,
+        )
+        self.budget_spent_gauge = Gauge(
+            "frugal_budget_spent_usd",
+            "USD spent today per tier.",
+            ["tier"],
+            registry=reg,
+        )
+        self.budget_limit_gauge = Gauge(
+            "frugal_budget_limit_usd",
+            "Daily USD budget per tier (absent when a tier has no budget).",
+            ["tier"],
+            registry=reg,
+        )
+
+        # Embeddings.
+        self.embedding_batch_size = Histogram(
+            "frugal_embedding_batch_size",
+            "Texts embedded per batch by the embedding worker.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=reg,
+        )
+        self.embedding_batch_wait = Histogram(
+            "frugal_embedding_batch_wait_seconds",
+            "Time the first text of a batch waited for the batch to start.",
+            buckets=BATCH_WAIT_BUCKETS,
+            registry=reg,
+        )
+
+        # Engines, as read from each vLLM replica's /health and /metrics.
+        self.engine_up = Gauge(
+            "frugal_engine_up",
+            "1 if the replica's last health check passed, else 0.",
+            ["engine", "replica"],
+            registry=reg,
+        )
+        self.engine_running = Gauge(
+            "frugal_engine_requests_running",
+            "Requests the replica is running (vLLM's current batch).",
+            ["engine", "replica"],
+            registry=reg,
+        )
+        self.engine_waiting = Gauge(
+            "frugal_engine_requests_waiting",
+            "Requests waiting inside the replica.",
+            ["engine", "replica"],
+            registry=reg,
+        )
+        self.engine_kv_usage = Gauge(
+            "frugal_engine_kv_cache_usage_ratio",
+            "Fraction of the replica's KV cache in use (0..1).",
+            ["engine", "replica"],
+            registry=reg,
+        )
+        self.upstream_retries = Counter(
+            "frugal_upstream_retries",
+            "Engine calls retried, by engine and reason.",
+            ["engine", "reason"],
+            registry=reg,
+        )
+        self.breaker = Gauge(
+            "frugal_breaker_state",
+            "Circuit breaker state per replica: 1 for the current state, 0 for the others.",
+            ["engine", "replica", "state"],
+            registry=reg,
+        )
+
+        self._request_series: dict[tuple[str, str, str, int, str, bool], _RequestSeries] = {}
+        self._in_flight = _Children(self.in_flight_gauge)
+        self._lookups = _Children(self.cache_lookups)
+        self._hits = _Children(self.cache_hits)
+        self._similarity = _Children(self.cache_similarity)
+        self._cache_errors = _Children(self.cache_errors)
+        self._routes = _Children(self.route_decisions)
+        self._queue_length = _Children(self.queue_length_gauge)
+        self._queue_wait = _Children(self.queue_wait_hist)
+        self._admission = _Children(self.admission_rejections)
+        self._policy = _Children(self.policy_rejections)
+        self._budget_spent = _Children(self.budget_spent_gauge)
+        self._budget_limit = _Children(self.budget_limit_gauge)
+        self._engine_up = _Children(self.engine_up)
+        self._engine_running = _Children(self.engine_running)
+        self._engine_waiting = _Children(self.engine_waiting)
+        self._engine_kv = _Children(self.engine_kv_usage)
+        self._retries = _Children(self.upstream_retries)
+        self._breaker = _Children(self.breaker)
+
+    # -- request path -----------------------------------------------------------------------
+
+    def request_done(
+        self,
+        *,
+        tier: str,
+        model: str,
+        engine: str,
+        status: int,
+        cache: str,
+        latency_s: float,
+        ttft_s: float | None,
+        overhead_s: float | None,
+        tokens_in: int,
+        tokens_out: int,
+        cost_usd: float,
+        saved_cache_usd: float,
+        saved_routing_usd: float,
+        stream: bool,
+    ) -> None:
+        """Record one finished request (success or error): counts, latencies, tokens, money."""
+        key = (tier, model, engine, status, cache, stream)
+        series = self._request_series.get(key)
+        if series is None:
+            series = self._new_request_series(key)
+        series.requests.inc()
+        series.latency.observe(latency_s)
+        if ttft_s is not None:
+            series.ttft.observe(ttft_s)
+        if overhead_s is not None:
+            series.overhead.observe(overhead_s)
+        if tokens_in:
+            series.tokens_in.inc(tokens_in)
+        if tokens_out:
+            series.tokens_out.inc(tokens_out)
+        if cost_usd:
+            series.cost.inc(cost_usd)
+        if saved_cache_usd:
+            series.saved_cache.inc(saved_cache_usd)
+        if saved_routing_usd:
+            series.saved_routing.inc(saved_routing_usd)
+        self._recent.append(RecentRequest(self._clock(), latency_s, ttft_s, overhead_s))
+
+    def _new_request_series(self, key: tuple[str, str, str, int, str, bool]) -> _RequestSeries:
+        tier, model, engine, status, cache, stream = key
+        series = _RequestSeries(
+            requests=self.requests.labels(
+                tier, model, engine, str(status), cache, "true" if stream else "false"
+            ),
+            latency=self.request_latency.labels(tier, engine, cache),
+            ttft=self.ttft.labels(tier, engine, cache),
+            overhead=self.overhead.labels(tier),
+            tokens_in=self.tokens_in.labels(tier, engine),
+            tokens_out=self.tokens_out.labels(tier, engine),
+            cost=self.cost.labels(tier, engine),
+            saved_cache=self.saved.labels(tier, "cache"),
+            saved_routing=self.saved.labels(tier, "routing"),
+        )
+        self._request_series[key] = series
+        return series
+
+    def in_flight(self, *, tier: str, delta: int) -> None:
+        """Adjust the in-flight gauge: +1 when a request starts, -1 when it ends."""
+        self._in_flight.get(tier).inc(delta)
+
+    def cache_lookup(
+        self, *, kind: str, scope: str, hit: bool, similarity: float | None = None
+    ) -> None:
+        """Record one cache lookup; ``similarity`` is the semantic hit's cosine similarity."""
+        self._lookups.get(kind, scope).inc()
+        if hit:
+            self._hits.get(kind, scope).inc()
+            if similarity is not None:
+                self._similarity.get(scope).observe(similarity)
+
+    def cache_error(self, *, backend: str, op: str) -> None:
+        """Record a failed cache-store operation (``op``: get/set/delete/index/...)."""
+        self._cache_errors.get(backend, op).inc()
+
+    def route_decision(self, *, tier: str, engine: str, reason: str) -> None:
+        self._routes.get(tier, engine, reason).inc()
+
+    def queue_length(self, *, engine: str, length: int) -> None:
+        self._queue_length.get(engine).set(length)
+
+    def queue_wait(self, *, engine: str, tier: str, seconds: float) -> None:
+        self._queue_wait.get(engine, tier).observe(seconds)
+
+    def admission_rejected(self, *, engine: str, tier: str, reason: str) -> None:
+        self._admission.get(engine, tier, reason).inc()
+
+    def embedding_batch(self, *, size: int, wait_s: float) -> None:
+        self.embedding_batch_size.observe(size)
+        self.embedding_batch_wait.observe(wait_s)
+
+    def engine_replica(
+        self,
+        *,
+        engine: str,
+        replica: str,
+        healthy: bool,
+        running: float,
+        waiting: float,
+        kv_usage: float,
+    ) -> None:
+        """Record one health/metrics poll of a vLLM replica."""
+        self._engine_up.get(engine, replica).set(1.0 if healthy else 0.0)
+        self._engine_running.get(engine, replica).set(running)
+        self._engine_waiting.get(engine, replica).set(waiting)
+        self._engine_kv.get(engine, replica).set(kv_usage)
+
+    def upstream_retry(self, *, engine: str, reason: str) -> None:
+        self._retries.get(engine, reason).inc()
+
+    def breaker_state(self, *, engine: str, replica: str, state: str) -> None:
+        """Set the replica's breaker state; the other states' series drop to 0."""
+        if state not in BREAKER_STATES:
+            raise ValueError(f"unknown breaker state {state!r}; expected one of {BREAKER_STATES}")
+        for candidate in BREAKER_STATES:
+            self._breaker.get(engine, replica, candidate).set(1.0 if candidate == state else 0.0)
+
+    def policy_rejected(self, *, tier: str, reason: str) -> None:
+        self._policy.get(tier, reason).inc()
+
+    def budget_spent(self, *, tier: str, usd: float) -> None:
+        """Set today's spend for the tier (a gauge: the policy's counter is the source of truth)."""
+        self._budget_spent.get(tier).set(usd)
+
+    def budget_limit(self, *, tier: str, usd: float) -> None:
+        """Publish the tier's daily budget, so alerts can compare spend against it."""
+        self._budget_limit.get(tier).set(usd)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)
+
+    def recent(self) -> list[RecentRequest]:
+        """Requests that finished within the recent window (bounded by ``recent_max``)."""
+        cutoff = self._clock() - self.recent_window_s
+        return [r for r in self._recent if r.at >= cutoff]
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready summary for the dashboard (see ``build_snapshot``)."""
+        return build_snapshot(
+            samples=iter_samples(self.registry),
+            recent=self.recent(),
+            window_s=self.recent_window_s,
+            now_unix=self._wall_clock(),
+            uptime_s=self._clock() - self._started_at,
+        )
+
+
+def iter_samples(registry: CollectorRegistry) -> list[Sample]:
+    """Every sample the registry would expose, as plain data."""
+    return [
+        Sample(s.name, dict(s.labels), s.value)
+        for family in registry.collect()
+        for s in family.samples
+    ]
+
+
+def metric_names(registry: CollectorRegistry) -> set[str]:
+    """Every sample name the registry can expose, suffixes included, even before any sample.
+
+    Labelled families expose no samples until a child exists, so the names come from the
+    family type: counters add ``_total`` (and ``_created``), histograms ``_bucket/_sum/_count``.
+    """
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "gauge": ("",),
+        "summary": ("", "_sum", "_count", "_created"),
+    }
+    names: set[str] = set()
+    for family in registry.collect():
+        for suffix in suffixes.get(family.type, ("",)):
+            names.add(family.name + suffix)
+        names.update(s.name for s in family.samples)
+    return names
