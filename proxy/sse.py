@@ -51,7 +51,9 @@ class SSEParser:
 
 
 def _payload(event: bytes) -> bytes | None:
-    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    lines = [
+        line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
+    ]
     if not lines:
         return None
     return b"\n".join(lines)

@@ -1,0 +1,133 @@
+"""The ``frugal`` command: serve, up, fake-engine, and the operator commands.
+
+Each subcommand imports what it needs when it runs, so ``frugal --help`` stays fast and the
+proxy does not load ML libraries for commands that do not use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command: Command | None = getattr(args, "run", None)
+    if command is None:
+        parser.print_help()
+        return 2
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="frugal",
+        description="An OpenAI-compatible proxy that makes LLM inference cheaper.",
+    )
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the proxy in front of running engines")
+    serve.add_argument("--config", type=Path, required=True, help="YAML config file")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.set_defaults(run=_serve)
+
+    up = sub.add_parser(
+        "up", help="prepare the demo models, start two vLLM engines and serve the proxy"
+    )
+    up.add_argument("--config", type=Path, help="config with engines[].launch (default: demo)")
+    up.add_argument(
+        "--data-dir", type=Path, help="default: $FRUGAL_DATA_DIR or ~/.local/share/frugal"
+    )
+    up.add_argument("--port", type=int, default=8000)
+    up.set_defaults(run=_up)
+
+    fake = sub.add_parser("fake-engine", help="an OpenAI/vLLM-shaped fake engine for tests")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, required=True)
+    fake.add_argument("--model", required=True)
+    fake.add_argument("--ttft-ms", type=float, default=0.0)
+    fake.add_argument("--tokens-per-s", type=float, default=0.0, help="0 = no delay")
+    fake.add_argument("--completion-tokens", type=int, default=16)
+    fake.add_argument(
+        "--fail",
+        default="",
+        help="failure modes, comma-separated: 500, 503:0.25 (status:fraction), hang, "
+        "abort:K (cut the stream after K chunks), health",
+    )
+    fake.set_defaults(run=_fake_engine)
+
+    _add_optional(sub, "proxy.cache.commands", "add_cache_parser")
+    _add_optional(sub, "proxy.routing.commands", "add_router_parser")
+    _add_optional(sub, "proxy.policy.commands", "add_policy_parsers")
+    _add_optional(sub, "proxy.bench.cli", "add_bench_parser")
+    return parser
+
+
+def _add_optional(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], module: str, fn: str
+) -> None:
+    """Operator command groups register their own flags, next to their code."""
+    import importlib
+
+    try:
+        register = getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError):
+        return
+    register(sub)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from proxy.server import run_proxy
+    from proxy.settings import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    run_proxy(settings, port=args.port)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from proxy.demo.up import run_up
+    from proxy.settings import default_data_dir
+
+    data_dir: Path = args.data_dir or default_data_dir()
+    return int(run_up(data_dir=data_dir, config=args.config, port=args.port))
+
+
+def _fake_engine(args: argparse.Namespace) -> int:
+    from proxy.engines.fake import (
+        FakeEngineOptions,
+        apply_overrides,
+        parse_fail_spec,
+        run_fake_engine,
+    )
+
+    options = FakeEngineOptions(
+        model=args.model,
+        ttft_ms=args.ttft_ms,
+        tokens_per_s=args.tokens_per_s,
+        completion_tokens=args.completion_tokens,
+    )
+    if args.fail:
+        try:
+            options = apply_overrides(options, parse_fail_spec(args.fail))
+        except ValueError as exc:
+            print(f"frugal fake-engine: --fail: {exc}", file=sys.stderr)
+            return 2
+    run_fake_engine(options, host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

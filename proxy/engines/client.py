@@ -1,0 +1,253 @@
+"""Talking to engine replicas: a one-method transport seam, and the call with retry and breaker.
+
+The transport is the only place that opens sockets; tests can pass a plain async function.
+``EngineCaller.open`` picks a replica, sends, and waits for the first byte of the answer. A
+replica that fails before that byte (connect error, 5xx, timeout) is retried once on another
+replica; after the first byte the caller owns the stream and failures end it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+
+from proxy.engines.pool import Engine, Replica, choose_replica
+from proxy.errors import FrugalError, NoHealthyReplica, UpstreamError, UpstreamTimeout
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    url: str
+    body: bytes
+    headers: Mapping[str, str]
+    connect_timeout_s: float
+
+
+class UpstreamResponse(Protocol):
+    status: int
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    async def read(self) -> bytes: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def release(self) -> None:
+        """The body was read to its end: the connection may be reused."""
+
+    def close(self) -> None:
+        """Abandon the response: closes the connection, which makes vLLM abort the request."""
+
+
+Transport = Callable[[UpstreamRequest], Awaitable[UpstreamResponse]]
+
+
+class _AiohttpResponse:
+    __slots__ = ("_resp", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._resp.headers
+
+    async def read(self) -> bytes:
+        return await self._resp.read()
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._resp.content.iter_any()
+
+    def release(self) -> None:
+        self._resp.release()
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+class AiohttpTransport:
+    """The production transport: one shared ClientSession for the whole application.
+
+    The session is attached when the application starts (it must be made inside the loop).
+    """
+
+    def __init__(self, session: aiohttp.ClientSession | None = None) -> None:
+        self.session = session
+
+    async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
+        if self.session is None:
+            raise RuntimeError("the HTTP client session is not started")
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=request.connect_timeout_s, sock_connect=request.connect_timeout_s
+        )
+        resp = await self.session.post(
+            request.url, data=request.body, headers=request.headers, timeout=timeout
+        )
+        return _AiohttpResponse(resp)
+
+
+@dataclass(eq=False, slots=True)
+class Upstream:
+    """An engine answer whose first byte has arrived (or whole body, when not streamed)."""
+
+    engine: Engine
+    replica: Replica
+    response: UpstreamResponse
+    deadline: float  # monotonic time by which the whole answer must be in
+    first_chunk: bytes = b""
+    body: bytes = b""  # the whole body of a non-streamed answer
+    attempts: int = 1
+    _chunks: AsyncIterator[bytes] | None = None
+    _finished: bool = field(default=False)
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        """The chunks after the first, each bounded by the whole-request deadline."""
+        if self._chunks is None:
+            self._chunks = aiter(self.response.chunks())
+        iterator = self._chunks
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamTimeout(f"engine {self.engine.name} exceeded its request timeout")
+            try:
+                async with asyncio.timeout(remaining):
+                    chunk = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"engine {self.engine.name} exceeded its request timeout"
+                ) from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise UpstreamError(f"engine {self.engine.name} failed mid-answer: {exc}") from exc
+            yield chunk
+
+    def finish(self, *, ok: bool, aborted: bool = False) -> None:
+        """Give the replica back. ``aborted``: the client left; close so the engine stops."""
+        if self._finished:
+            return
+        self._finished = True
+        self.replica.inflight -= 1
+        if aborted or not ok:
+            self.response.close()
+            if aborted:
+                self.replica.breaker.release()
+            else:
+                self.replica.breaker.on_failure(time.monotonic())
+        else:
+            self.response.release()
+            self.replica.breaker.on_success()
+
+
+RetryObserver = Callable[[Engine, str], None]
+
+
+class EngineCaller:
+    def __init__(self, transport: Transport, *, on_retry: RetryObserver | None = None) -> None:
+        self._transport = transport
+        self._on_retry = on_retry
+
+    async def open(
+        self,
+        engine: Engine,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        affinity: bytes | None,
+        stream: bool,
+    ) -> Upstream:
+        timeouts = engine.settings.timeouts
+        tried: list[Replica] = []
+        error: FrugalError | None = None
+        while len(tried) < 2:
+            now = time.monotonic()
+            replica = choose_replica(engine.replicas, affinity=affinity, now=now, exclude=tried)
+            if replica is None:
+                break
+            tried.append(replica)
+            if not replica.breaker.acquire(now):
+                continue
+            if error is not None and self._on_retry is not None:
+                self._on_retry(engine, error.code or "error")
+            deadline = now + timeouts.total_s
+            replica.inflight += 1
+            try:
+                return await self._attempt(
+                    engine, replica, path, body, headers, stream, deadline, len(tried)
+                )
+            except _ReplicaFailed as failed:
+                replica.inflight -= 1
+                replica.breaker.on_failure(time.monotonic())
+                error = failed.error
+            except BaseException:
+                # Cancelled (client left) or a bug: give the slot back, tell the breaker nothing.
+                replica.inflight -= 1
+                replica.breaker.release()
+                raise
+        if error is not None:
+            raise error
+        raise NoHealthyReplica(f"no healthy replica of engine {engine.name!r} is available")
+
+    async def _attempt(
+        self,
+        engine: Engine,
+        replica: Replica,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        stream: bool,
+        deadline: float,
+        attempts: int,
+    ) -> Upstream:
+        timeouts = engine.settings.timeouts
+        wait = min(timeouts.first_token_s, timeouts.total_s) if stream else timeouts.total_s
+        response: UpstreamResponse | None = None
+        try:
+            async with asyncio.timeout(wait):
+                response = await self._transport(
+                    UpstreamRequest(replica.url + path, body, headers, timeouts.connect_s)
+                )
+                if response.status >= 500:
+                    detail = (await response.read())[:200].decode(errors="replace")
+                    raise _ReplicaFailed(
+                        UpstreamError(f"engine {engine.name} answered {response.status}: {detail}")
+                    )
+                upstream = Upstream(engine, replica, response, deadline, attempts=attempts)
+                if stream and response.status == 200:
+                    upstream._chunks = aiter(response.chunks())
+                    upstream.first_chunk = await anext(upstream._chunks, b"")
+                else:
+                    upstream.body = await response.read()
+                return upstream
+        except BaseException as exc:
+            # Whatever went wrong (including the client leaving), the half-open response must be
+            # closed so the engine stops working on it.
+            if response is not None:
+                response.close()
+            if isinstance(exc, TimeoutError):
+                raise _ReplicaFailed(
+                    UpstreamTimeout(f"engine {engine.name} did not answer within {wait:g}s")
+                ) from None
+            if isinstance(exc, aiohttp.ClientError | OSError):
+                raise _ReplicaFailed(
+                    UpstreamError(f"engine {engine.name} unreachable at {replica.url}: {exc}")
+                ) from exc
+            raise
+
+
+class _ReplicaFailed(Exception):
+    def __init__(self, error: FrugalError) -> None:
+        super().__init__(error.message)
+        self.error = error

@@ -1,0 +1,102 @@
+"""Health and load of each replica, polled from vLLM's ``/health`` and ``/metrics``.
+
+The Prometheus text parser is pure; the poller is the thin I/O shell around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+import aiohttp
+import structlog
+
+from proxy.engines.pool import Engine, Replica, ReplicaLoad
+
+log = structlog.get_logger("frugal.health")
+
+_RUNNING = "vllm:num_requests_running"
+_WAITING = "vllm:num_requests_waiting"
+# vLLM renamed the KV-cache gauge; read whichever the engine exports.
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+def parse_vllm_metrics(text: str) -> ReplicaLoad:
+    """Requests running and waiting, and KV-cache use (0..1), from vLLM's Prometheus text.
+
+    Series with several label sets (several models on one server) are summed; KV use takes the
+    maximum, since any full cache blocks new work.
+    """
+    running = waiting = kv = 0.0
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        brace, space = line.find("{"), line.find(" ")
+        if brace >= 0 and (space < 0 or brace < space):
+            name, rest = line[:brace], line[line.rfind("}") + 1 :]
+        elif space >= 0:
+            name, rest = line[:space], line[space:]
+        else:
+            continue
+        try:
+            value = float(rest.split()[0])
+        except (ValueError, IndexError):
+            continue
+        if name == _RUNNING:
+            running += value
+        elif name == _WAITING:
+            waiting += value
+        elif name in _KV_USAGE:
+            kv = max(kv, value)
+    return ReplicaLoad(running=running, waiting=waiting, kv_usage=kv)
+
+
+ReplicaObserver = Callable[[Engine, Replica], None]
+
+
+async def poll_replica(session: aiohttp.ClientSession, replica: Replica, timeout_s: float) -> None:
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    was = replica.healthy
+    try:
+        async with session.get(replica.url + "/health", timeout=timeout) as resp:
+            healthy = resp.status == 200
+        if healthy:
+            async with session.get(replica.url + "/metrics", timeout=timeout) as resp:
+                if resp.status == 200:
+                    replica.load = parse_vllm_metrics(await resp.text())
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        healthy = False
+    replica.healthy = healthy
+    if healthy and replica.breaker.state == "open":
+        # The engine says it is back: let the next request be the half-open probe right away.
+        replica.breaker.opened_at = time.monotonic() - replica.breaker.open_s
+    if was is not None and was != healthy:
+        log.warning("replica health changed", replica=replica.url, healthy=healthy)
+
+
+async def poll_forever(
+    session: aiohttp.ClientSession,
+    engines: Sequence[Engine],
+    *,
+    interval_s: float,
+    timeout_s: float,
+    observe: ReplicaObserver | None = None,
+) -> None:
+    while True:
+        await poll_once(session, engines, timeout_s=timeout_s, observe=observe)
+        await asyncio.sleep(interval_s)
+
+
+async def poll_once(
+    session: aiohttp.ClientSession,
+    engines: Sequence[Engine],
+    *,
+    timeout_s: float,
+    observe: ReplicaObserver | None = None,
+) -> None:
+    pairs = [(e, r) for e in engines for r in e.replicas]
+    await asyncio.gather(*(poll_replica(session, r, timeout_s) for _, r in pairs))
+    if observe is not None:
+        for engine, replica in pairs:
+            observe(engine, replica)

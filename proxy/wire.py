@@ -1,0 +1,224 @@
+"""The OpenAI request as the proxy sees it: the few fields it reads, validated; the rest untouched.
+
+Everything the proxy does not need to read passes through to the engine unchanged (n, tools,
+logprobs, response_format, vLLM's extra sampling fields, ...). Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from proxy.errors import InvalidRequest
+
+Kind = Literal["chat", "completion"]
+
+
+@dataclass(slots=True)
+class CompletionRequest:
+    kind: Kind
+    body: dict[str, Any]
+    raw: bytes
+    model: str
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+    # Set when the proxy changes the body (model rewrite, clamp): it then re-encodes it.
+    modified: bool = field(default=False)
+
+    def set(self, key: str, value: Any) -> None:
+        self.body[key] = value
+        self.modified = True
+
+    def encoded(self) -> bytes:
+        return orjson.dumps(self.body) if self.modified else self.raw
+
+    @property
+    def temperature(self) -> float:
+        value = self.body.get("temperature")
+        # OpenAI's default temperature is 1: an unset temperature is sampling.
+        return 1.0 if value is None else float(value)
+
+    @property
+    def seed(self) -> int | None:
+        value = self.body.get("seed")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    @property
+    def deterministic(self) -> bool:
+        """Same request, same answer: greedy decoding, or sampling with a fixed seed."""
+        return self.temperature == 0.0 or self.seed is not None
+
+    @property
+    def user(self) -> str | None:
+        value = self.body.get("user")
+        return value if isinstance(value, str) and value else None
+
+
+def parse_request(raw: bytes, kind: Kind) -> CompletionRequest:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest(
+            "you must provide a model parameter" if model is None else "'model' must be a string.",
+            param="model",
+        )
+    if kind == "chat":
+        _check_messages(body.get("messages"))
+    else:
+        _check_prompt(body.get("prompt"))
+
+    stream = _optional(body, "stream", bool, False)
+    options = _optional(body, "stream_options", dict, None)
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise InvalidRequest(
+                "stream_options is only allowed when stream is true.", param="stream_options"
+            )
+        include_usage = bool(options.get("include_usage", False))
+
+    max_tokens = _max_tokens(body, kind)
+    _check_number(body, "temperature", 0.0, 2.0)
+    _check_number(body, "top_p", 0.0, 1.0)
+    n = body.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise InvalidRequest("'n' must be a positive integer.", param="n")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise InvalidRequest("'seed' must be an integer.", param="seed")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise InvalidRequest("'user' must be a string.", param="user")
+
+    return CompletionRequest(
+        kind=kind,
+        body=body,
+        raw=raw,
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens=max_tokens,
+    )
+
+
+def _optional(body: dict[str, Any], key: str, typ: type, default: Any) -> Any:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, typ):
+        raise InvalidRequest(f"'{key}' must be a {_type_name(typ)}.", param=key)
+    return value
+
+
+def _type_name(typ: type) -> str:
+    return {bool: "boolean", dict: "object", list: "array", str: "string"}.get(typ, typ.__name__)
+
+
+def _check_messages(messages: Any) -> None:
+    if messages is None:
+        raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array.", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"messages[{i}] must be an object.", param=f"messages[{i}]")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise InvalidRequest(
+                f"messages[{i}].role must be a string.", param=f"messages[{i}].role"
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise InvalidRequest(
+                f"messages[{i}].content must be a string or an array of content parts.",
+                param=f"messages[{i}].content",
+            )
+
+
+def _check_prompt(prompt: Any) -> None:
+    if prompt is None:
+        raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt")
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt) or all(
+            isinstance(p, int) and not isinstance(p, bool) for p in prompt
+        ):
+            return
+        if all(isinstance(p, list) for p in prompt):
+            return
+    raise InvalidRequest(
+        "'prompt' must be a string, an array of strings, or an array of token ids.",
+        param="prompt",
+    )
+
+
+def _max_tokens(body: dict[str, Any], kind: Kind) -> int | None:
+    keys = ("max_completion_tokens", "max_tokens") if kind == "chat" else ("max_tokens",)
+    for key in keys:
+        value = body.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidRequest(f"'{key}' must be a positive integer.", param=key)
+        return value
+    return None
+
+
+def _check_number(body: dict[str, Any], key: str, low: float, high: float) -> None:
+    value = body.get(key)
+    if value is None:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InvalidRequest(f"'{key}' must be a number.", param=key)
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{key}' must be between {low:g} and {high:g}.", param=key)
+
+
+def text_of(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a content array."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return ""
+
+
+def last_user_text(request: CompletionRequest) -> str | None:
+    """The text compared by meaning (semantic cache) and scored (router)."""
+    if request.kind == "completion":
+        prompt = request.body.get("prompt")
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            return prompt[0]
+        return None
+    for message in reversed(request.body["messages"]):
+        if message.get("role") == "user":
+            return text_of(message.get("content"))
+    return None
+
+
+def conversation_prefix(request: CompletionRequest) -> bytes:
+    """What identifies a conversation for replica affinity: its first two messages.
+
+    Later turns of the same conversation share them, so they hash to the same replica and
+    reuse vLLM's prefix cache there.
+    """
+    if request.kind == "completion":
+        prompt = request.body.get("prompt")
+        return orjson.dumps(prompt)[:512]
+    return orjson.dumps(request.body["messages"][:2])
