@@ -1,0 +1,422 @@
+"""Rate, token, concurrency and budget counters, and the :class:`Limiter` that applies a tier's.
+
+What is counted where:
+
+* requests/minute, tokens/minute, concurrent requests: per tenant (``tier`` + ``tenant``), the
+  tier's ``limits`` being each tenant's allowance;
+* budget USD/day (UTC): per tier (``budget.usd_per_day``) and, if set, per tenant inside it
+  (``budget.usd_per_day_per_tenant``). Spend is recorded even when no ceiling is set.
+
+Rates use GCRA (one timestamp per counter, a smooth sliding minute, exact ``Retry-After``).
+Tokens/minute charges the prompt estimate at admission and the rest after the answer ("debt"):
+an answer's length is unknown up front, so a tenant that ran over waits before its next request.
+
+Budgets are reservation-based so concurrent requests cannot overshoot: before the engine call the
+request's worst case (prompt estimate x input price + max_tokens x output price) is reserved
+atomically if ``spent + reserved + worst_case <= ceiling``; afterwards the reservation is replaced
+by the actual cost. Money is counted in integer nano-USD so both backends add exactly.
+
+Nothing leaks: leases and reservations are released in ``finally`` blocks, shielded from a second
+cancellation, and carry a TTL so a crashed replica's holdings expire on their own.
+
+Two backends behind :class:`CounterBackend`: :class:`LocalCounters` (one replica) and
+``proxy.policy.redis_limits.RedisCounters`` (several replicas; each operation is one Lua script).
+
+Per request (see :class:`Limiter`)::
+
+    async with limiter.admit(principal, prompt_tokens=estimate) as ticket:    # rpm, tpm, concurrent
+        ...                                                                  # route, cache lookup
+        async with ticket.budget(worst_case_usd(engine.cost, estimate, max_tokens)) as spend:
+            answer = await call_engine(...)
+            spend.record(engine.cost.usd(usage.prompt_tokens, usage.completion_tokens))
+        ticket.record_usage(usage.prompt_tokens, usage.completion_tokens)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from proxy.policy.errors import BudgetExhausted, ConcurrencyLimitExceeded, RateLimitExceeded
+from proxy.policy.policyset import Principal
+
+log = logging.getLogger(__name__)
+
+NANO = 1_000_000_000  # nano-USD per USD
+WINDOW_S = 60.0  # the "minute" of requests/tokens per minute; also the GCRA burst tolerance
+UNLIMITED = -1  # a ceiling meaning "count, but never refuse"
+
+
+def to_nano(usd: float) -> int:
+    return round(usd * NANO)
+
+
+def ceiling_nano(usd: float | None) -> int:
+    # Round a ceiling down so rounding can never let spend pass the configured number.
+    return UNLIMITED if usd is None else math.floor(usd * NANO + 1e-6)
+
+
+class PriceTable(Protocol):
+    """An engine's prices (``settings.CostSettings`` fits)."""
+
+    def usd(self, tokens_in: int, tokens_out: int) -> float: ...
+
+
+def worst_case_usd(price: PriceTable, prompt_tokens: int, max_tokens: int) -> float:
+    """What a request can cost at most: its prompt plus every allowed output token."""
+    return price.usd(prompt_tokens, max_tokens)
+
+
+# --- the backend protocol -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveOutcome:
+    granted: bool
+    refused_key: str | None = None  # the budget key that would be exceeded
+    spent_nano: int = 0  # of that key (or the first key when granted)
+    reserved_nano: int = 0  # reservations outstanding there, not counting this one
+
+
+class CounterBackend(Protocol):
+    async def rate(self, key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
+        """GCRA. Charge ``cost`` units against ``per_minute`` and return 0.0, or charge nothing
+        and return the seconds to wait. ``debt=True`` always charges (usage found out later).
+        A single charge larger than the whole minute is allowed when the counter is idle."""
+        ...
+
+    async def acquire_lease(self, key: str, lease_id: str, limit: int, ttl_s: float) -> bool:
+        """Take one of ``limit`` slots; it expires after ``ttl_s`` if never released."""
+        ...
+
+    async def release_lease(self, key: str, lease_id: str) -> None: ...
+
+    async def reserve(
+        self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
+    ) -> ReserveOutcome:
+        """Atomically reserve ``amount_nano`` on every (key, ceiling) or on none.
+        A ceiling of UNLIMITED never refuses."""
+        ...
+
+    async def settle(self, keys: Sequence[str], res_id: str, actual_nano: int) -> None:
+        """Drop the reservation (if it has not expired) and add the actual spend."""
+        ...
+
+    async def budget_status(self, key: str) -> tuple[int, int]:
+        """(spent, reserved) nano-USD of a budget key."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+# --- in-process backend -----------------------------------------------------------------------
+
+
+@dataclass
+class _Budget:
+    spent: int = 0
+    reservations: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (nano, exp)
+
+    def purge(self, now: float) -> None:
+        expired = [r for r, (_, exp) in self.reservations.items() if exp <= now]
+        for r in expired:
+            del self.reservations[r]
+
+    @property
+    def reserved(self) -> int:
+        return sum(amount for amount, _ in self.reservations.values())
+
+
+class LocalCounters:
+    """Counters for a single replica. Each method finishes without awaiting, so it is atomic on
+    the event loop. ``clock`` is monotonic seconds (injectable for tests)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._tat: dict[str, float] = {}
+        self._leases: dict[str, dict[str, float]] = {}
+        self._budgets: dict[str, _Budget] = {}
+
+    async def rate(self, key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
+        now = self._clock()
+        wait, new_tat = gcra(self._tat.get(key, now), now, cost, per_minute, debt=debt)
+        if wait == 0.0:
+            self._tat[key] = new_tat
+        return wait
+
+    async def acquire_lease(self, key: str, lease_id: str, limit: int, ttl_s: float) -> bool:
+        now = self._clock()
+        leases = self._leases.setdefault(key, {})
+        for expired in [lid for lid, exp in leases.items() if exp <= now]:
+            del leases[expired]
+        if lease_id not in leases and len(leases) >= limit:
+            return False
+        leases[lease_id] = now + ttl_s
+        return True
+
+    async def release_lease(self, key: str, lease_id: str) -> None:
+        leases = self._leases.get(key)
+        if leases is not None:
+            leases.pop(lease_id, None)
+            if not leases:
+                del self._leases[key]
+
+    async def reserve(
+        self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
+    ) -> ReserveOutcome:
+        now = self._clock()
+        states = []
+        for key, ceiling in budgets:
+            state = self._budgets.setdefault(key, _Budget())
+            state.purge(now)
+            reserved = state.reserved
+            if ceiling != UNLIMITED and state.spent + reserved + amount_nano > ceiling:
+                return ReserveOutcome(False, key, state.spent, reserved)
+            states.append(state)
+        for state in states:
+            state.reservations[res_id] = (amount_nano, now + ttl_s)
+        first = states[0] if states else _Budget()
+        return ReserveOutcome(True, None, first.spent, first.reserved - amount_nano)
+
+    async def settle(self, keys: Sequence[str], res_id: str, actual_nano: int) -> None:
+        for key in keys:
+            state = self._budgets.setdefault(key, _Budget())
+            state.reservations.pop(res_id, None)
+            state.spent += actual_nano
+
+    async def budget_status(self, key: str) -> tuple[int, int]:
+        state = self._budgets.get(key)
+        if state is None:
+            return 0, 0
+        state.purge(self._clock())
+        return state.spent, state.reserved
+
+    async def aclose(self) -> None:
+        return None
+
+
+def gcra(
+    tat: float, now: float, cost: float, per_minute: int, *, debt: bool = False
+) -> tuple[float, float]:
+    """One GCRA step: (seconds to wait or 0.0, the new theoretical arrival time).
+
+    The counter is the time at which the tenant's past use is "paid off" at the allowed rate;
+    a request may go when that point, after adding its own cost, is at most a minute ahead.
+    """
+    start = max(tat, now)
+    increment = cost * WINDOW_S / per_minute
+    new_tat = start + increment
+    if debt:
+        return 0.0, new_tat
+    # A charge larger than a whole minute's allowance goes through only on an idle counter.
+    wait = start - now if increment > WINDOW_S else new_tat - now - WINDOW_S
+    if wait > 0:
+        return wait, tat
+    return 0.0, new_tat
+
+
+# --- the limiter ------------------------------------------------------------------------------
+
+
+def seconds_to_utc_midnight(now: dt.datetime) -> float:
+    tomorrow = (now + dt.timedelta(days=1)).date()
+    midnight = dt.datetime.combine(tomorrow, dt.time(), tzinfo=dt.UTC)
+    return (midnight - now).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    spent_usd: float
+    reserved_usd: float
+    ceiling_usd: float | None
+
+
+class Spend:
+    """A budget reservation in flight; ``record`` the actual cost once the usage is known.
+
+    If nothing is recorded (engine failed, client left before any usage was seen) nothing is
+    charged: only provable spend counts. The pipeline should ``record`` a partial stream's cost.
+    """
+
+    def __init__(self, reserved_usd: float) -> None:
+        self.reserved_usd = reserved_usd
+        self.actual_usd: float | None = None
+
+    def record(self, actual_usd: float) -> None:
+        self.actual_usd = max(0.0, actual_usd)
+
+
+class Ticket:
+    """An admitted request: holds its concurrency lease until the ``admit`` block exits."""
+
+    def __init__(self, limiter: Limiter, principal: Principal, prompt_tokens: int) -> None:
+        self._limiter = limiter
+        self.principal = principal
+        self.prompt_tokens_estimate = prompt_tokens
+        self._extra_tokens = 0
+
+    def record_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Tokens beyond the admission estimate, charged to tokens/minute when the block exits."""
+        self._extra_tokens = max(0, prompt_tokens - self.prompt_tokens_estimate) + max(
+            0, completion_tokens
+        )
+
+    @property
+    def extra_tokens(self) -> int:
+        return self._extra_tokens
+
+    def budget(self, worst_case_usd: float) -> AbstractAsyncContextManager[Spend]:
+        return self._limiter.reserve_budget(self.principal, worst_case_usd)
+
+
+class Limiter:
+    """Applies a principal's tier limits using a :class:`CounterBackend`."""
+
+    def __init__(
+        self,
+        backend: CounterBackend,
+        *,
+        prefix: str = "frugal:policy",
+        lease_ttl_s: float = 900.0,
+        reservation_ttl_s: float = 900.0,
+        wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.backend = backend
+        self._prefix = prefix
+        # Longer than the longest allowed request; only a crashed replica's holdings rely on it.
+        self._lease_ttl_s = lease_ttl_s
+        self._reservation_ttl_s = reservation_ttl_s
+        self._wall_clock = wall_clock
+
+    # keys: the tier name is a Redis Cluster hash tag, so one tier's keys share a slot.
+    def _tenant_key(self, p: Principal, what: str) -> str:
+        return f"{self._prefix}:{{{p.tier}}}:tenant:{p.tenant}:{what}"
+
+    def budget_keys(self, p: Principal, day: dt.date) -> tuple[str, str]:
+        tier_key = f"{self._prefix}:{{{p.tier}}}:budget:{day.isoformat()}"
+        return tier_key, f"{tier_key}:tenant:{p.tenant}"
+
+    async def check_rate(self, principal: Principal, prompt_tokens: int) -> None:
+        """Requests/minute, then tokens/minute (charging the prompt estimate). 429 on excess."""
+        limits = principal.policy.limits
+        if limits.requests_per_minute is not None:
+            wait = await self.backend.rate(
+                self._tenant_key(principal, "rpm"), 1, limits.requests_per_minute
+            )
+            if wait > 0:
+                raise RateLimitExceeded(
+                    f"rate limit of {limits.requests_per_minute} requests per minute reached "
+                    f"for tier {principal.tier!r}",
+                    retry_after=wait,
+                )
+        if limits.tokens_per_minute is not None and prompt_tokens > 0:
+            wait = await self.backend.rate(
+                self._tenant_key(principal, "tpm"), prompt_tokens, limits.tokens_per_minute
+            )
+            if wait > 0:
+                raise RateLimitExceeded(
+                    f"rate limit of {limits.tokens_per_minute} tokens per minute reached "
+                    f"for tier {principal.tier!r}",
+                    retry_after=wait,
+                )
+
+    async def charge_tokens(self, principal: Principal, tokens: int) -> None:
+        """Tokens learnt after the answer: always charged (they were spent)."""
+        per_minute = principal.policy.limits.tokens_per_minute
+        if per_minute is not None and tokens > 0:
+            await self.backend.rate(
+                self._tenant_key(principal, "tpm"), tokens, per_minute, debt=True
+            )
+
+    @asynccontextmanager
+    async def concurrency(self, principal: Principal) -> AsyncIterator[None]:
+        """Hold one of the tenant's concurrent slots for the block; 429 when all are taken."""
+        limit = principal.policy.limits.concurrent
+        if limit is None:
+            yield
+            return
+        key = self._tenant_key(principal, "inflight")
+        lease_id = uuid.uuid4().hex
+        if not await self.backend.acquire_lease(key, lease_id, limit, self._lease_ttl_s):
+            raise ConcurrencyLimitExceeded(
+                f"{limit} concurrent requests already in flight for tier {principal.tier!r}",
+                retry_after=1.0,
+            )
+        try:
+            yield
+        finally:
+            await _finish(self.backend.release_lease(key, lease_id), "release a concurrency lease")
+
+    @asynccontextmanager
+    async def admit(self, principal: Principal, *, prompt_tokens: int) -> AsyncIterator[Ticket]:
+        """Rates then a concurrency slot; on exit the slot is released and the usage found out
+        after the answer is charged to tokens/minute."""
+        await self.check_rate(principal, prompt_tokens)
+        ticket = Ticket(self, principal, prompt_tokens)
+        async with self.concurrency(principal):
+            try:
+                yield ticket
+            finally:
+                if ticket.extra_tokens:
+                    await _finish(
+                        self.charge_tokens(principal, ticket.extra_tokens), "charge tokens"
+                    )
+
+    @asynccontextmanager
+    async def reserve_budget(self, principal: Principal, worst_case: float) -> AsyncIterator[Spend]:
+        """Reserve the worst case against today's budgets for the block; 429 insufficient_quota
+        when it does not fit. On exit the reservation becomes the recorded actual cost."""
+        now = self._wall_clock()
+        budget = principal.policy.budget
+        keys = self.budget_keys(principal, now.date())
+        ceilings = (ceiling_nano(budget.usd_per_day), ceiling_nano(budget.usd_per_day_per_tenant))
+        res_id = uuid.uuid4().hex
+        amount = max(0, to_nano(worst_case))
+        outcome = await self.backend.reserve(
+            list(zip(keys, ceilings, strict=True)), res_id, amount, self._reservation_ttl_s
+        )
+        if not outcome.granted:
+            whose = "tenant's" if outcome.refused_key == keys[1] else "tier's"
+            raise BudgetExhausted(
+                f"the {principal.tier!r} {whose} daily budget is spent; it resets at 00:00 UTC",
+                retry_after=seconds_to_utc_midnight(now),
+            )
+        spend = Spend(worst_case)
+        try:
+            yield spend
+        finally:
+            actual = to_nano(spend.actual_usd) if spend.actual_usd is not None else 0
+            await _finish(self.backend.settle(keys, res_id, actual), "settle a budget reservation")
+
+    async def budget_status(self, principal: Principal) -> tuple[BudgetStatus, BudgetStatus]:
+        """Today's (tier, tenant) spend, for metrics and the admin API."""
+        budget = principal.policy.budget
+        keys = self.budget_keys(principal, self._wall_clock().date())
+        out = []
+        for key, ceiling in zip(
+            keys, (budget.usd_per_day, budget.usd_per_day_per_tenant), strict=True
+        ):
+            spent, reserved = await self.backend.budget_status(key)
+            out.append(BudgetStatus(spent / NANO, reserved / NANO, ceiling))
+        return out[0], out[1]
+
+
+async def _finish(release: Coroutine[Any, Any, None], what: str) -> None:
+    """Run a release even if the request is being cancelled; never let it mask the request's own
+    outcome. If it fails (backend down) the TTL frees the holding later."""
+    task = asyncio.ensure_future(release)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # Cancelled again while releasing: the shielded task still finishes on its own.
+        raise
+    except Exception:
+        log.warning("could not %s; it will expire by TTL", what, exc_info=True)

@@ -1,0 +1,179 @@
+"""Counters shared by several proxy replicas in one Redis; every operation is one Lua script.
+
+Scripts read the clock with ``TIME`` on the Redis server, so skewed replica clocks still agree.
+Layout of one budget key ``K`` (all carry the tier's hash tag, so they share a cluster slot)::
+
+    K:spent  integer nano-USD spent today
+    K:res    hash  reservation id -> nano-USD reserved
+    K:exp    zset  reservation id -> expiry (ms); expired reservations are purged on each use
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from proxy.policy.limits import WINDOW_S, ReserveOutcome
+
+BUDGET_KEEP_MS = 2 * 86_400_000  # a day's budget keys outlive the day, then vanish
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+"""
+
+# KEYS[1] the counter (theoretical arrival time, ms); ARGV: increment_ms, window_ms, debt 0|1
+_RATE = (
+    _NOW_MS
+    + """
+local inc = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local start = math.max(tat, now)
+local new_tat = start + inc
+if ARGV[3] ~= '1' then
+  local wait
+  if inc > window then wait = start - now else wait = new_tat - now - window end
+  if wait > 0 then return string.format('%.3f', wait) end
+end
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+return '0'
+"""
+)
+
+# KEYS[1] zset of leases; ARGV: lease id, limit, ttl_ms
+_ACQUIRE = (
+    _NOW_MS
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1])
+   and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])) + 1000)
+return 1
+"""
+)
+
+_PURGE = """
+local function purge(res_k, exp_k)
+  local expired = redis.call('ZRANGEBYSCORE', exp_k, '-inf', now)
+  for _, r in ipairs(expired) do redis.call('HDEL', res_k, r) end
+  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', exp_k, '-inf', now) end
+  local reserved = 0
+  for _, v in ipairs(redis.call('HVALS', res_k)) do reserved = reserved + tonumber(v) end
+  return reserved
+end
+"""
+
+# KEYS: (spent, res, exp) per budget; ARGV: id, amount, ttl_ms, keep_ms, ceiling per budget
+_RESERVE = (
+    _NOW_MS
+    + _PURGE
+    + """
+local id, amount = ARGV[1], tonumber(ARGV[2])
+local ttl, keep = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = #KEYS / 3
+local first_spent, first_reserved = 0, 0
+for i = 1, n do
+  local reserved = purge(KEYS[3 * i - 1], KEYS[3 * i])
+  local spent = tonumber(redis.call('GET', KEYS[3 * i - 2]) or '0')
+  local ceiling = tonumber(ARGV[4 + i])
+  if ceiling >= 0 and spent + reserved + amount > ceiling then
+    return {0, i, string.format('%.0f', spent), string.format('%.0f', reserved)}
+  end
+  if i == 1 then first_spent, first_reserved = spent, reserved end
+end
+for i = 1, n do
+  redis.call('HSET', KEYS[3 * i - 1], id, amount)
+  redis.call('ZADD', KEYS[3 * i], now + ttl, id)
+  redis.call('PEXPIRE', KEYS[3 * i - 1], keep)
+  redis.call('PEXPIRE', KEYS[3 * i], keep)
+end
+return {1, 0, string.format('%.0f', first_spent), string.format('%.0f', first_reserved)}
+"""
+)
+
+# KEYS: (spent, res, exp) per budget; ARGV: id, actual, keep_ms
+_SETTLE = """
+for i = 1, #KEYS / 3 do
+  redis.call('HDEL', KEYS[3 * i - 1], ARGV[1])
+  redis.call('ZREM', KEYS[3 * i], ARGV[1])
+  redis.call('INCRBY', KEYS[3 * i - 2], ARGV[2])
+  redis.call('PEXPIRE', KEYS[3 * i - 2], ARGV[3])
+end
+return 1
+"""
+
+# KEYS: spent, res, exp of one budget
+_STATUS = (
+    _NOW_MS
+    + _PURGE
+    + """
+local reserved = purge(KEYS[2], KEYS[3])
+local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
+return {string.format('%.0f', spent), string.format('%.0f', reserved)}
+"""
+)
+
+
+def _triples(keys: Sequence[str]) -> list[str]:
+    return [part for key in keys for part in (f"{key}:spent", f"{key}:res", f"{key}:exp")]
+
+
+class RedisCounters:
+    """:class:`~proxy.policy.limits.CounterBackend` on Redis (``redis.asyncio``)."""
+
+    def __init__(self, client: aioredis.Redis, *, owns_client: bool = False) -> None:
+        self._client = client
+        self._owns_client = owns_client
+        self._rate = client.register_script(_RATE)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._reserve = client.register_script(_RESERVE)
+        self._settle = client.register_script(_SETTLE)
+        self._status = client.register_script(_STATUS)
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisCounters:
+        return cls(aioredis.Redis.from_url(url), owns_client=True)
+
+    async def rate(self, key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
+        increment_ms = cost * WINDOW_S * 1000 / per_minute
+        args: list[Any] = [repr(increment_ms), repr(WINDOW_S * 1000), "1" if debt else "0"]
+        wait_ms = float(_text(await self._rate(keys=[key], args=args)))
+        return wait_ms / 1000
+
+    async def acquire_lease(self, key: str, lease_id: str, limit: int, ttl_s: float) -> bool:
+        args: list[Any] = [lease_id, limit, repr(ttl_s * 1000)]
+        return int(await self._acquire(keys=[key], args=args)) == 1
+
+    async def release_lease(self, key: str, lease_id: str) -> None:
+        await self._client.zrem(key, lease_id)
+
+    async def reserve(
+        self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
+    ) -> ReserveOutcome:
+        keys = [key for key, _ in budgets]
+        args: list[Any] = [res_id, amount_nano, repr(ttl_s * 1000), BUDGET_KEEP_MS]
+        args += [ceiling for _, ceiling in budgets]
+        granted, index, spent, reserved = await self._reserve(keys=_triples(keys), args=args)
+        refused = None if int(granted) else keys[int(index) - 1]
+        return ReserveOutcome(bool(int(granted)), refused, int(_text(spent)), int(_text(reserved)))
+
+    async def settle(self, keys: Sequence[str], res_id: str, actual_nano: int) -> None:
+        await self._settle(keys=_triples(keys), args=[res_id, actual_nano, BUDGET_KEEP_MS])
+
+    async def budget_status(self, key: str) -> tuple[int, int]:
+        spent, reserved = await self._status(keys=_triples([key]), args=[])
+        return int(_text(spent)), int(_text(reserved))
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,184 @@
+"""The tier policy file: one YAML file per tier, parsed strictly (unknown keys are rejected).
+
+Example (``policies/free.yaml``)::
+
+    tier: free
+    keys:
+      - "sha256:<hex>"                             # tenant defaults to "key-<first 12 hex>"
+      - {hash: "sha256:<hex>", tenant: acme}       # several keys may share one tenant
+    models: [auto, smollm2-135m]                   # the first is the default
+    limits: {requests_per_minute: 60, tokens_per_minute: 20000, concurrent: 4, max_tokens: 512}
+    budget: {usd_per_day: 1.00}
+    routing: {strong_share: 0.10}
+    latency: {ttft_p95_ms: 3000}
+    cache: {scope: tenant, ttl_seconds: 86400, semantic: true, allow_no_cache: false}
+    queue: {max_wait_ms: 2000}
+    priority: 1
+
+Limits (requests, tokens, concurrency) apply per tenant: a tier is a plan and every customer on it
+gets the plan's limits. The budget is the tier's total daily spend; ``usd_per_day_per_tenant``
+adds a per-customer ceiling inside it. ``None`` means unlimited everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+KEY_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_KEY_HASH_RE = re.compile(KEY_HASH_PATTERN)
+
+KeyHash = Annotated[str, Field(pattern=KEY_HASH_PATTERN)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KeyEntry(StrictModel):
+    """One API key, stored hashed, and the tenant (the key's owner) it belongs to."""
+
+    hash: KeyHash
+    tenant: Name | None = Field(
+        default=None, description='default: "key-" + first 12 hex of the hash'
+    )
+    note: str | None = Field(default=None, max_length=200, description="who/why, for humans")
+
+    @property
+    def tenant_id(self) -> str:
+        return self.tenant if self.tenant is not None else default_tenant(self.hash)
+
+
+def default_tenant(key_hash: str) -> str:
+    return "key-" + key_hash.removeprefix("sha256:")[:12]
+
+
+class Limits(StrictModel):
+    requests_per_minute: int | None = Field(default=None, ge=1, description="per tenant")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="per tenant; prompt estimate at admission + completion after"
+    )
+    concurrent: int | None = Field(default=None, ge=1, description="requests in flight per tenant")
+    max_tokens: int = Field(ge=1, description="cap on a request's max_tokens; also the default")
+    on_max_tokens: Literal["clamp", "reject"] = Field(
+        default="clamp", description="clamp: lower it and say so in a header; reject: 400"
+    )
+
+
+class Budget(StrictModel):
+    usd_per_day: float | None = Field(default=None, ge=0, description="the tier's total, UTC day")
+    usd_per_day_per_tenant: float | None = Field(
+        default=None, ge=0, description="each tenant's share"
+    )
+
+    @model_validator(mode="after")
+    def _tenant_within_tier(self) -> Budget:
+        if (
+            self.usd_per_day is not None
+            and self.usd_per_day_per_tenant is not None
+            and self.usd_per_day_per_tenant > self.usd_per_day
+        ):
+            raise ValueError("usd_per_day_per_tenant cannot exceed usd_per_day")
+        return self
+
+
+class Routing(StrictModel):
+    """How much of this tier's auto traffic may go to the strong engine: a share or a score."""
+
+    strong_share: float | None = Field(
+        default=None, ge=0, le=1, description="target share, calibrated"
+    )
+    score_threshold: float | None = Field(
+        default=None, ge=0, le=1, description="score >= it goes strong"
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Routing:
+        if (self.strong_share is None) == (self.score_threshold is None):
+            raise ValueError("set exactly one of strong_share or score_threshold")
+        return self
+
+
+class Latency(StrictModel):
+    ttft_p95_ms: int = Field(gt=0, description="target time to first token, 95th percentile")
+    total_p95_ms: int | None = Field(default=None, gt=0, description="optional whole-answer target")
+
+
+class Cache(StrictModel):
+    mode: Literal["on", "off", "read_only", "write_only"] = "on"
+    scope: Literal["global", "tier", "tenant"] = Field(
+        default="tenant", description="who shares answers: everyone, this tier, or one tenant"
+    )
+    ttl_seconds: int = Field(default=86400, ge=1)
+    semantic: bool = Field(default=True, description="paraphrase hits, not only exact ones")
+    allow_no_cache: bool = Field(
+        default=False, description="may a client bypass the cache per request"
+    )
+    cache_sampled: bool = Field(
+        default=False, description="cache answers sampled with temperature > 0"
+    )
+    similarity_threshold: float | None = Field(
+        default=None, ge=-1, le=1, description="default: config"
+    )
+    verifier_cutoff: float | None = Field(default=None, ge=0, le=1, description="default: config")
+
+    @property
+    def reads(self) -> bool:
+        return self.mode in ("on", "read_only")
+
+    @property
+    def writes(self) -> bool:
+        return self.mode in ("on", "write_only")
+
+
+class Queue(StrictModel):
+    max_wait_ms: int = Field(default=2000, ge=0, description="past it a queued request gets 503")
+
+
+class TierPolicy(StrictModel):
+    tier: Name
+    description: str | None = Field(default=None, max_length=500)
+    keys: list[KeyEntry] = Field(default_factory=list, description="a hash string or an entry")
+    models: list[Name] = Field(min_length=1, description="allowed models; the first is the default")
+    limits: Limits
+    budget: Budget = Field(default_factory=Budget)
+    routing: Routing
+    latency: Latency
+    cache: Cache = Field(default_factory=Cache)
+    queue: Queue = Field(default_factory=Queue)
+    priority: int = Field(ge=0, le=1000, description="higher is admitted first when saturated")
+    open_access: bool = Field(
+        default=False,
+        description="serve keyless requests with this tier when no tier defines a key",
+    )
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _bare_hash_is_an_entry(cls, keys: object) -> object:
+        # A bare "sha256:..." string is shorthand for {hash: ...}; one shape keeps the error
+        # locations free of union tags, so they map back onto YAML lines.
+        if isinstance(keys, list):
+            return [{"hash": k} if isinstance(k, str) else k for k in keys]
+        return keys
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, models: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for model in models:
+            if model in seen:
+                raise ValueError(f"model {model!r} is listed twice")
+            seen.add(model)
+        return models
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0]
+
+
+def is_key_hash(value: str) -> bool:
+    return _KEY_HASH_RE.match(value) is not None

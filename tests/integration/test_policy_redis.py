@@ -1,0 +1,250 @@
+"""Tier limits on a real redis-server shared by two independent clients (two "replicas")."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.policy.errors import BudgetExhausted, ConcurrencyLimitExceeded, RateLimitExceeded
+from proxy.policy.limits import NANO, Limiter, to_nano
+from proxy.policy.policyset import Principal
+from proxy.policy.redis_limits import RedisCounters
+from proxy.policy.schema import TierPolicy
+
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def policy_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throw-away redis-server on a free port, data in a temp dir, no persistence."""
+    folder: Path = tmp_path_factory.mktemp("policy-redis")
+    port = _free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+async def replicas(policy_redis_url: str) -> AsyncIterator[tuple[RedisCounters, RedisCounters]]:
+    """Two independent clients (connection pools) on one Redis, emptied first."""
+    first = RedisCounters.from_url(policy_redis_url)
+    second = RedisCounters.from_url(policy_redis_url)
+    async with aioredis.Redis.from_url(policy_redis_url) as admin:
+        await admin.flushdb()
+    yield first, second
+    await first.aclose()
+    await second.aclose()
+
+
+def _principal(tenant: str = "acme", **overrides: object) -> Principal:
+    raw: dict[str, object] = {
+        "tier": "free",
+        "models": ["auto"],
+        "limits": {"max_tokens": 512},
+        "routing": {"strong_share": 0.1},
+        "latency": {"ttft_p95_ms": 3000},
+        "priority": 1,
+    }
+    raw.update(overrides)
+    return Principal("free", tenant, TierPolicy.model_validate(raw), "sha256:" + "0" * 64)
+
+
+DAY = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
+
+
+def _limiter(backend: RedisCounters) -> Limiter:
+    return Limiter(backend, wall_clock=lambda: DAY)
+
+
+async def test_two_replicas_200_clients_never_overspend_exact_costs(
+    replicas: tuple[RedisCounters, RedisCounters],
+) -> None:
+    """Every answer costs its full worst case: exactly floor(budget / cost) requests get through."""
+    budget, cost = 1.00, 0.013
+    principal = _principal(budget={"usd_per_day": budget})
+    limiters = [_limiter(r) for r in replicas]
+    granted = 0
+
+    async def client(i: int) -> None:
+        nonlocal granted
+        limiter = limiters[i % 2]
+        while True:
+            try:
+                async with limiter.reserve_budget(principal, cost) as spend:
+                    await asyncio.sleep(0)  # the "engine call": let the others interleave
+                    spend.record(cost)
+                    granted += 1
+            except BudgetExhausted:
+                return
+
+    await asyncio.gather(*(client(i) for i in range(200)))
+    tier, _ = await limiters[0].budget_status(principal)
+    assert granted == int(budget // cost) == 76
+    assert tier.spent_usd == pytest.approx(76 * cost)
+    assert tier.reserved_usd == 0
+
+
+async def test_two_replicas_200_clients_stop_within_one_request_of_the_ceiling(
+    replicas: tuple[RedisCounters, RedisCounters],
+) -> None:
+    """Answers cost less than reserved: spend still never passes the ceiling, and the clients
+    only stop once less than one request's worst case is left."""
+    budget, worst = 2.00, 0.02
+    principal = _principal(budget={"usd_per_day": budget, "usd_per_day_per_tenant": budget})
+    limiters = [_limiter(r) for r in replicas]
+    rng = random.Random(7)
+    peak_spent = 0
+
+    async def client(i: int) -> None:
+        nonlocal peak_spent
+        limiter = limiters[i % 2]
+        while True:
+            try:
+                async with limiter.reserve_budget(principal, worst) as spend:
+                    await asyncio.sleep(rng.random() / 1000)
+                    spend.record(worst * rng.uniform(0.2, 1.0))
+            except BudgetExhausted:
+                tier, _ = await limiter.budget_status(principal)
+                peak_spent = max(peak_spent, to_nano(tier.spent_usd))
+                if tier.reserved_usd == 0:
+                    return  # refused with nothing in flight: the budget really is spent
+                await asyncio.sleep(0.001)
+
+    await asyncio.gather(*(client(i) for i in range(200)))
+    tier, tenant = await limiters[1].budget_status(principal)
+    assert tier.spent_usd <= budget
+    assert budget - tier.spent_usd < worst
+    assert tenant.spent_usd == pytest.approx(tier.spent_usd)
+    assert peak_spent <= budget * NANO
+
+
+async def test_failed_call_releases_its_reservation(
+    replicas: tuple[RedisCounters, RedisCounters],
+) -> None:
+    principal = _principal(budget={"usd_per_day": 0.05})
+    limiter = _limiter(replicas[0])
+    with pytest.raises(ConnectionError):
+        async with limiter.reserve_budget(principal, 0.05):
+            raise ConnectionError("engine died")
+    tier, _ = await limiter.budget_status(principal)
+    assert (tier.spent_usd, tier.reserved_usd) == (0, 0)
+    async with limiter.reserve_budget(principal, 0.05) as spend:  # the whole budget is free again
+        spend.record(0.05)
+    with pytest.raises(BudgetExhausted):
+        async with limiter.reserve_budget(principal, 0.01):
+            pass
+
+
+async def test_cancelled_request_releases_reservation_and_lease(
+    replicas: tuple[RedisCounters, RedisCounters],
+) -> None:
+    principal = _principal(budget={"usd_per_day": 1.0}, limits={"max_tokens": 8, "concurrent": 1})
+    limiter = _limiter(replicas[0])
+    entered = asyncio.Event()
+
+    async def request() -> None:
+        async with limiter.admit(principal, prompt_tokens=1), limiter.reserve_budget(principal, 1.0):
+            entered.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(request())
+    await entered.wait()
+    with pytest.raises(ConcurrencyLimitExceeded):  # the lease is held on the other replica too
+        async with _limiter(replicas[1]).concurrency(principal):
+            pass
+    task.cancel()  # the client disconnects
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    tier, _ = await limiter.budget_status(principal)
+    assert tier.reserved_usd == 0
+    async with _limiter(replicas[1]).concurrency(principal):
+        pass
+
+
+async def test_crashed_replica_holdings_expire(
+    replicas: tuple[RedisCounters, RedisCounters],
+) -> None:
+    """A replica that reserved and died never settles; the reservation TTL frees the money."""
+    principal = _principal(budget={"usd_per_day": 1.0}, limits={"max_tokens": 8, "concurrent": 1})
+    crashed = Limiter(replicas[0], wall_clock=lambda: DAY, reservation_ttl_s=0.2, lease_ttl_s=0.2)
+    keys = crashed.budget_keys(principal, DAY.date())
+    outcome = await replicas[0].reserve([(keys[0], NANO)], "dead-replica", NANO, 0.2)
+    assert outcome.granted
+    assert await replicas[0].acquire_lease("lease-key", "dead", 1, 0.2)
+    survivor = _limiter(replicas[1])
+    with pytest.raises(BudgetExhausted):
+        async with survivor.reserve_budget(principal, 0.5):
+            pass
+    assert not await replicas[1].acquire_lease("lease-key", "alive", 1, 10)
+    await asyncio.sleep(0.3)
+    async with survivor.reserve_budget(principal, 0.5):
+        pass
+    assert await replicas[1].acquire_lease("lease-key", "alive", 1, 10)
+
+
+async def test_rate_limit_is_shared_and_says_when_to_retry(
+    replicas: tuple[RedisCounters, RedisCounters],
+) -> None:
+    principal = _principal(limits={"max_tokens": 8, "requests_per_minute": 10})
+    limiters = [_limiter(r) for r in replicas]
+    for i in range(10):
+        await limiters[i % 2].check_rate(principal, prompt_tokens=0)
+    with pytest.raises(RateLimitExceeded) as refused:
+        await limiters[0].check_rate(principal, prompt_tokens=0)
+    # GCRA at 10/min frees one request every 6 s.
+    assert refused.value.retry_after is not None
+    assert 0 < refused.value.retry_after <= 6.0
+    other_tenant = _principal("other", limits={"max_tokens": 8, "requests_per_minute": 10})
+    await limiters[1].check_rate(other_tenant, prompt_tokens=0)
+
+
+async def test_tokens_per_minute_counts_debt_after_the_answer(
+    replicas: tuple[RedisCounters, RedisCounters],
+) -> None:
+    principal = _principal(limits={"max_tokens": 8, "tokens_per_minute": 1000})
+    limiter = _limiter(replicas[0])
+    async with limiter.admit(principal, prompt_tokens=100) as ticket:
+        ticket.record_usage(prompt_tokens=100, completion_tokens=950)
+    with pytest.raises(RateLimitExceeded) as refused:
+        await _limiter(replicas[1]).check_rate(principal, prompt_tokens=10)
+    assert refused.value.retry_after is not None
+    assert refused.value.retry_after > 0
