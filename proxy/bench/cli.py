@@ -1,11 +1,11 @@
 """``frugal bench replay`` and ``frugal bench compare``: flags and entry points.
 
-The main CLI calls :func:`add_bench_parser` with its subparsers; each leaf sets ``func`` to the
+The main CLI calls :func:`add_bench_parser` with its subparsers; each leaf sets ``run`` to the
 command function, which takes the parsed namespace and returns the exit code::
 
-    bench = add_bench_parser(subparsers)
+    add_bench_parser(subparsers)
     args = parser.parse_args()
-    sys.exit(args.func(args))
+    sys.exit(args.run(args))
 
 Exit codes: 0 done, 1 the run completed badly (no request succeeded / a strategy failed),
 2 bad input (trace, config, URL).
@@ -100,7 +100,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("bench-replay.json"), help="JSON summary file"
     )
     rep.add_argument("--results", type=Path, help="also write one JSON line per request here")
-    rep.set_defaults(func=replay_command)
+    rep.set_defaults(run=replay_command)
 
     cmp = commands.add_parser("compare", help="run the trace against several configs, HTML report")
     _add_replay_flags(cmp)
@@ -114,7 +114,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="command that starts one proxy; placeholders {config} {port} {data_dir} "
         "(default: frugal serve --config {config} --port {port})",
     )
-    cmp.set_defaults(func=compare_command)
+    cmp.set_defaults(run=compare_command)
     return bench
 
 
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="frugal")
     add_bench_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    code: int = args.func(args)
+    code: int = args.run(args)
     return code
 
 
