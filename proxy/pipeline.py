@@ -171,6 +171,8 @@ def _relay_body(req: CompletionRequest, upstream: Upstream, exchange: Exchange) 
         usage = _usage_of(body)
         if usage is not None:
             exchange.tokens_in, exchange.tokens_out = usage
+    else:
+        body = openai_error_body(body, upstream.status)
     return web.Response(
         body=body,
         status=upstream.status,
@@ -254,6 +256,29 @@ class _StreamRelay:
         if not self.done:
             rest += frame(DONE_PAYLOAD)
         return rest
+
+
+def openai_error_body(body: bytes, status: int) -> bytes:
+    """An engine's error as OpenAI's ``{"error": {...}}`` (older vLLM sends a flat object)."""
+    try:
+        parsed: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return body
+    flat = parsed if isinstance(parsed, dict) else {}
+    message = flat.get("message") or body[:500].decode(errors="replace") or f"engine error {status}"
+    code = flat.get("code")
+    return orjson.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": flat.get("type") or "upstream_error",
+                "param": flat.get("param"),
+                "code": code if isinstance(code, str) or code is None else str(code),
+            }
+        }
+    )
 
 
 def _usage_of(body: bytes) -> tuple[int, int] | None:

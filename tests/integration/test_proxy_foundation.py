@@ -1,0 +1,346 @@
+"""The proxy in front of fake engines: endpoints, pass-through, streaming, failures."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.sse import parse_all
+from tests.integration.conftest import StartFake, StartProxy, engine_config
+
+CHAT = {"model": "small-model", "messages": [{"role": "user", "content": "Say hi"}]}
+
+
+async def _two_engines(start_fake: StartFake, start_proxy: StartProxy, **proxy: Any) -> Any:
+    small = await start_fake("small-model")
+    large = await start_fake("large-model")
+    p = await start_proxy(
+        [
+            engine_config("small", "small-model", [small.url]),
+            engine_config("large", "large-model", [large.url]),
+        ],
+        **proxy,
+    )
+    return small, large, p
+
+
+async def test_chat_non_streamed_carries_engine_and_version(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    _, _, p = await _two_engines(start_fake, start_proxy)
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "temperature": 0})
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["content"]
+    assert resp.headers["x-frugal-engine"] == "small"
+    assert resp.headers["x-frugal-model-version"].startswith("small-model@")
+    assert resp.headers["x-request-id"]
+
+
+async def test_auto_goes_to_first_engine_and_model_is_rewritten(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    small, large, p = await _two_engines(start_fake, start_proxy, routing={"enabled": False})
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "auto"})
+    assert resp.status == 200
+    assert resp.headers["x-frugal-engine"] == "small"
+    sent = small.state.log[-1]
+    assert orjson.loads(sent.body)["model"] == "small-model"
+    assert large.state.counters.requests == 0
+
+
+async def test_unknown_fields_pass_through_unchanged(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    small, _, p = await _two_engines(start_fake, start_proxy)
+    request = {
+        **CHAT,
+        "n": 2,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "tool_choice": "auto",
+        "response_format": {"type": "json_object"},
+        "stop": ["\n\n"],
+        "seed": 7,
+        "repetition_penalty": 1.1,
+        "guided_choice": ["a", "b"],
+        "vendor_extra": {"nested": [1, 2, 3]},
+    }
+    resp = await p.client.post(
+        "/v1/chat/completions", json=request, headers={"x-request-id": "req-123"}
+    )
+    assert resp.status == 200
+    assert resp.headers["x-request-id"] == "req-123"
+    sent = small.state.log[-1]
+    assert orjson.loads(sent.body) == request
+    assert dict((k.lower(), v) for k, v in sent.headers)["x-request-id"] == "req-123"
+
+
+async def test_streamed_chat_relays_chunks_and_hides_unrequested_usage(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    small, _, p = await _two_engines(start_fake, start_proxy)
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    payloads = parse_all(await resp.read())
+    assert payloads[-1] == b"[DONE]"
+    events = [orjson.loads(p) for p in payloads[:-1]]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all("usage" not in e or e["usage"] is None for e in events)
+    # The proxy asked the engine for usage, to count tokens.
+    sent = orjson.loads(small.state.log[-1].body)
+    assert sent["stream_options"] == {"include_usage": True}
+
+
+async def test_streamed_usage_is_relayed_when_asked(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    _, _, p = await _two_engines(start_fake, start_proxy)
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    resp = await p.client.post("/v1/chat/completions", json=body)
+    events = [orjson.loads(x) for x in parse_all(await resp.read())[:-1]]
+    assert events[-1]["choices"] == []
+    assert events[-1]["usage"]["completion_tokens"] > 0
+
+
+async def test_completions_streamed_and_not(start_fake: StartFake, start_proxy: StartProxy) -> None:
+    _, _, p = await _two_engines(start_fake, start_proxy)
+    body = {"model": "large-model", "prompt": "Once upon a time", "max_tokens": 5}
+    resp = await p.client.post("/v1/completions", json=body)
+    assert resp.status == 200
+    assert (await resp.json())["choices"][0]["text"]
+    assert resp.headers["x-frugal-engine"] == "large"
+    resp = await p.client.post("/v1/completions", json={**body, "stream": True})
+    payloads = parse_all(await resp.read())
+    assert payloads[-1] == b"[DONE]"
+    assert "text" in orjson.loads(payloads[0])["choices"][0]
+
+
+async def test_models_lists_every_engine_and_auto(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    _, _, p = await _two_engines(start_fake, start_proxy)
+    resp = await p.client.get("/v1/models")
+    ids = [m["id"] for m in (await resp.json())["data"]]
+    assert ids == ["auto", "small-model", "large-model"]
+
+
+async def test_health_ready_and_metrics(start_fake: StartFake, start_proxy: StartProxy) -> None:
+    small, _, p = await _two_engines(start_fake, start_proxy)
+    assert (await p.client.get("/healthz")).status == 200
+    for _ in range(50):
+        if (await p.client.get("/readyz")).status == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert (await p.client.get("/readyz")).status == 200
+    await p.client.post("/v1/chat/completions", json=CHAT)
+    text = await (await p.client.get("/metrics")).text()
+    assert "frugal_requests_total" in text
+    assert "vllm:" not in text
+    small.configure(health_fail=True)
+    for _ in range(50):
+        if (await p.client.get("/readyz")).status == 503:
+            break
+        await asyncio.sleep(0.05)
+    ready = await p.client.get("/readyz")
+    assert ready.status == 503
+    assert (await ready.json())["engines"]["small"]["ready"] is False
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (b"", 400, None),
+        (orjson.dumps({"model": "small-model"}), 400, "messages"),
+        (orjson.dumps({"messages": [{"role": "user", "content": "x"}]}), 400, "model"),
+        (orjson.dumps({**CHAT, "messages": "hello"}), 400, "messages"),
+        (orjson.dumps({**CHAT, "temperature": "hot"}), 400, "temperature"),
+        (orjson.dumps({**CHAT, "max_tokens": -3}), 400, "max_tokens"),
+        (orjson.dumps({**CHAT, "stream": "yes"}), 400, "stream"),
+        (orjson.dumps({**CHAT, "model": "gpt-17"}), 404, "model"),
+    ],
+)
+async def test_bad_requests_get_openai_errors(
+    start_fake: StartFake, start_proxy: StartProxy, body: bytes, status: int, param: str | None
+) -> None:
+    small, _, p = await _two_engines(start_fake, start_proxy)
+    resp = await p.client.post(
+        "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == status
+    error = (await resp.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert error["param"] == param
+    if status == 404:
+        assert error["code"] == "model_not_found"
+    assert small.state.counters.requests == 0
+
+
+async def test_body_over_limit_is_413(start_fake: StartFake, start_proxy: StartProxy) -> None:
+    _, _, p = await _two_engines(start_fake, start_proxy, server={"max_body_bytes": 1000})
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
+    resp = await p.client.post("/v1/chat/completions", json=big)
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == "payload_too_large"
+
+
+async def test_unknown_path_and_method_are_openai_shaped(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    _, _, p = await _two_engines(start_fake, start_proxy)
+    resp = await p.client.get("/v1/nothing")
+    assert resp.status == 404
+    assert "error" in await resp.json()
+    resp = await p.client.get("/v1/chat/completions")
+    assert resp.status == 405
+    assert (await resp.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_engine_4xx_is_relayed_unchanged(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    small = await start_fake("small-model")
+    # The engine itself rejects the model name: the proxy must pass its answer on as it is.
+    p = await start_proxy([engine_config("small", "other-name", [small.url])])
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "other-name"})
+    assert resp.status == 404
+    assert "error" in await resp.json()
+
+
+async def test_failed_replica_is_retried_on_another(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    bad = await start_fake("m", fail_fraction=1.0, fail_status=500)
+    good = await start_fake("m")
+    p = await start_proxy([engine_config("e", "m", [bad.url, good.url])])
+    for i in range(6):
+        body = {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}
+        resp = await p.client.post("/v1/chat/completions", json=body)
+        assert resp.status == 200, await resp.text()
+    assert good.state.counters.requests == 6
+    # The breaker opened after three failures: the bad replica stopped getting traffic.
+    assert bad.state.counters.requests <= 3
+
+
+async def test_dead_replica_is_retried_then_503_when_all_down(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    good = await start_fake("m")
+    dead_url = "http://127.0.0.1:9"  # discard port: connection refused
+    p = await start_proxy([engine_config("e", "m", [dead_url, good.url])])
+    for i in range(4):
+        body = {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}
+        resp = await p.client.post("/v1/chat/completions", json=body)
+        assert resp.status == 200
+    await good.server.close()
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    assert resp.status in (502, 503)
+    assert (await resp.json())["error"]["type"] in ("upstream_error", "service_unavailable")
+
+
+async def test_no_healthy_replica_is_503(start_fake: StartFake, start_proxy: StartProxy) -> None:
+    sick = await start_fake("m", health_fail=True)
+    p = await start_proxy([engine_config("e", "m", [sick.url])])
+    for _ in range(50):
+        if p.services.engines[0].replicas[0].healthy is False:
+            break
+        await asyncio.sleep(0.05)
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    assert resp.status == 503
+    assert (await resp.json())["error"]["code"] == "no_healthy_replica"
+
+
+async def test_hanging_engine_times_out_with_504(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    hung = await start_fake("m", hang=True)
+    timeouts = {"connect_s": 1, "first_token_s": 0.3, "total_s": 0.3}
+    p = await start_proxy([engine_config("e", "m", [hung.url], timeouts=timeouts)])
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    assert resp.status == 504
+    assert (await resp.json())["error"]["code"] == "upstream_timeout"
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    assert resp.status == 504
+
+
+async def test_failure_mid_stream_ends_with_error_event_and_done(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    flaky = await start_fake("m", abort_after_chunks=3, completion_tokens=20)
+    p = await start_proxy([engine_config("e", "m", [flaky.url])])
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    assert resp.status == 200
+    payloads = parse_all(await asyncio.wait_for(resp.read(), 5))
+    assert payloads[-1] == b"[DONE]"
+    error = orjson.loads(payloads[-2])["error"]
+    assert error["type"] == "upstream_error"
+    assert len(payloads) >= 4  # chunks before the cut were relayed
+
+
+async def test_client_disconnect_aborts_the_engine_request(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    slow = await start_fake("m", tokens_per_s=20, completion_tokens=200)
+    p = await start_proxy([engine_config("e", "m", [slow.url])])
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    assert resp.status == 200
+    await resp.content.readany()  # the stream has begun
+    resp.close()  # the client leaves
+    for _ in range(100):
+        if slow.state.counters.aborted == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert slow.state.counters.aborted == 1
+    assert p.services.engines[0].replicas[0].inflight == 0
+
+
+async def test_client_disconnect_before_first_token_aborts_too(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    slow = await start_fake("m", ttft_ms=3000)
+    p = await start_proxy([engine_config("e", "m", [slow.url])])
+    task = asyncio.create_task(p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"}))
+    for _ in range(100):
+        if slow.state.in_flight == 1:
+            break
+        await asyncio.sleep(0.02)
+    task.cancel()
+    for _ in range(100):
+        if slow.state.counters.aborted == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert slow.state.counters.aborted == 1
+    assert p.services.engines[0].replicas[0].inflight == 0
+
+
+async def test_conversation_sticks_to_one_replica(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    replicas = [await start_fake("m") for _ in range(3)]
+    p = await start_proxy([engine_config("e", "m", [r.url for r in replicas])])
+    for convo in range(6):
+        first = [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": f"conversation {convo}"},
+        ]
+        before = [r.state.counters.requests for r in replicas]
+        for turn in range(3):
+            messages = first + [{"role": "user", "content": f"turn {turn}"}] * turn
+            resp = await p.client.post(
+                "/v1/chat/completions", json={"model": "m", "messages": messages}
+            )
+            assert resp.status == 200
+        grew = [r.state.counters.requests - b for r, b in zip(replicas, before, strict=True)]
+        assert sorted(grew) == [0, 0, 3], grew
+    # Different conversations spread over the replicas.
+    assert sum(1 for r in replicas if r.state.counters.requests) >= 2

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.sse import DONE_EVENT, SSEParser, encode_all, frame, parse_all
+
+payload = st.binary(min_size=1, max_size=40).filter(
+    lambda b: b"\n" not in b and b"\r" not in b and not b.startswith(b" ")
+)
+
+
+@given(st.lists(payload, max_size=20), st.data())
+def test_any_chunking_yields_the_same_payloads(payloads: list[bytes], data: st.DataObject) -> None:
+    raw = encode_all(payloads) + DONE_EVENT
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=10)))
+    parser = SSEParser()
+    out: list[bytes] = []
+    start = 0
+    for cut in [*cuts, len(raw)]:
+        out += parser.feed(raw[start:cut])
+        start = cut
+    assert out == [*payloads, b"[DONE]"]
+    assert parser.pending == b""
+
+
+def test_crlf_comments_and_other_fields() -> None:
+    raw = b': keep-alive\r\n\r\nevent: x\r\ndata: {"a":1}\r\n\r\nid: 3\ndata: [DONE]\n\n'
+    assert parse_all(raw) == [b'{"a":1}', b"[DONE]"]
+
+
+def test_multiline_data_is_joined_and_unterminated_event_flushed() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: a\ndata: b\n\ndata: tail") == [b"a\nb"]
+    assert parser.flush() == [b"tail"]
+
+
+def test_frame() -> None:
+    assert frame(b"{}") == b"data: {}\n\n"
