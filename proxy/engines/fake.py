@@ -1,0 +1,811 @@
+"""A vLLM-shaped fake engine: the test double for integration tests and the benchmark target.
+
+It speaks the parts of vLLM's OpenAI server that Frugal uses, with the same wire shapes:
+
+- ``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed (SSE) or not, honouring
+  ``max_tokens`` / ``max_completion_tokens``, ``n``, ``stop``, ``seed``, ``temperature`` and
+  ``stream_options.include_usage``;
+- ``GET /v1/models`` (with ``root`` and ``max_model_len``), ``GET /health``, ``GET /metrics``
+  (``vllm:num_requests_running`` / ``_waiting``, ``vllm:gpu_cache_usage_perc``,
+  ``vllm:kv_cache_usage_perc``, token and request counters, labelled ``model_name``).
+
+The generated text is deterministic for ``temperature == 0`` or a given ``seed``: a function of
+the prompt (and seed, and choice index), so cache tests can tell answers apart. Otherwise it is
+random.
+
+Knobs for tests, settable at start (:class:`FakeEngineOptions`) and at run time with
+``POST /fake/config`` (a JSON object of option fields; ``GET /fake/config`` reads them back):
+
+- ``ttft_ms`` / ``tokens_per_s``: latency before the first token and between tokens;
+- ``fail_status`` + ``fail_fraction``: answer that status (500/503, ...) to that fraction of
+  completion requests;
+- ``hang``: accept the request and send nothing until the client leaves or ``hang`` is turned off;
+- ``abort_after_chunks``: close the connection abruptly after that many SSE events (non-streamed
+  requests are cut before any byte);
+- ``health_fail``: ``/health`` answers 503.
+
+``GET /fake/requests`` returns what the engine received (method, path, headers with lower-case
+names, body, outcome), the request count and how many requests ended because the client went
+away (``aborted``), so tests can assert pass-through and upstream abort. ``POST /fake/reset``
+clears them.
+
+With no delay and no failure the hot path is plain orjson and one write per response: benchmarks
+measure proxies against this engine, so it must cost as little as possible.
+
+Usage::
+
+    app = create_fake_engine_app(FakeEngineOptions(model="small", ttft_ms=20))
+    run_fake_engine(FakeEngineOptions(model="small"), host="127.0.0.1", port=8101)
+    # or: python -m proxy.engines.fake --port 8101 --model small --fail 503:0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import random
+import signal
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+
+from proxy.sse import DONE_EVENT, frame
+
+Endpoint = Literal["chat", "completions"]
+
+# Fields of FakeEngineOptions that POST /fake/config may change; the rest shape the app's routes
+# or identity and only make sense at start.
+RUNTIME_FIELDS = frozenset(
+    {
+        "ttft_ms",
+        "tokens_per_s",
+        "completion_tokens",
+        "fail_status",
+        "fail_fraction",
+        "hang",
+        "abort_after_chunks",
+        "health_fail",
+        "max_num_seqs",
+    }
+)
+
+# A small vocabulary of whole words with their leading space, one word per "token".
+# fmt: off
+_VOCAB = (
+    " the", " a", " an", " of", " to", " in", " on", " for", " with", " and", " or", " but",
+    " not", " is", " are", " was", " be", " this", " that", " it", " as", " at", " by", " from",
+    " cache", " answer", " model", " engine", " token", " stream", " fast", " slow", " small",
+    " large", " route", " proxy", " request", " reply", " query", " result", " value", " number",
+    " river", " mountain", " blue", " green", " red", " yellow", " paris", " london", " tokyo",
+    " berlin", " seven", " eleven", " forty", " hundred", " first", " second", " last", " next",
+    " before", " after", " always", " never",
+)
+# fmt: on
+
+
+@dataclass(frozen=True, slots=True)
+class FakeEngineOptions:
+    """Everything that shapes the fake engine. Frozen: run-time changes replace the whole object."""
+
+    model: str = "fake-model"
+    root: str | None = None  # /v1/models "root" (vLLM: the model path); defaults to ``model``
+    max_model_len: int = 4096
+    completion_tokens: int = 16  # natural answer length when max_tokens allows it
+    ttft_ms: float = 0.0
+    tokens_per_s: float = 0.0  # 0 means no delay between tokens
+    fail_status: int = 500
+    fail_fraction: float = 0.0  # 1.0 fails every completion request
+    hang: bool = False
+    abort_after_chunks: int | None = None
+    health_fail: bool = False
+    max_num_seqs: int = 256  # requests beyond it count as "waiting" in /metrics
+    check_model: bool = True  # 404 for an unknown "model", like vLLM
+    request_log_size: int = 1000
+    rng_seed: int | None = None  # seeds failure draws and random text, for reproducible tests
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fail_fraction <= 1.0:
+            raise ValueError(f"fail_fraction must be in [0, 1], got {self.fail_fraction}")
+        if self.ttft_ms < 0 or self.tokens_per_s < 0:
+            raise ValueError("ttft_ms and tokens_per_s must be >= 0")
+        if self.abort_after_chunks is not None and self.abort_after_chunks < 0:
+            raise ValueError("abort_after_chunks must be >= 0")
+        if self.completion_tokens < 1 or self.max_num_seqs < 1 or self.request_log_size < 0:
+            raise ValueError("completion_tokens and max_num_seqs must be >= 1")
+
+    @property
+    def zero_delay(self) -> bool:
+        return self.ttft_ms == 0 and self.tokens_per_s == 0
+
+
+def parse_fail_spec(spec: str) -> dict[str, Any]:
+    """Option overrides for a ``--fail`` value: comma-separated items, e.g. ``503:0.25,health``.
+
+    - ``500`` / ``503`` (any status): fail every completion request with it; ``503:0.25`` a
+      quarter of them;
+    - ``hang``: never send the first byte;
+    - ``abort:K``: cut the connection after K SSE events;
+    - ``health``: ``/health`` fails.
+    """
+    overrides: dict[str, Any] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        head, _, arg = item.partition(":")
+        if head.isdigit():
+            overrides["fail_status"] = int(head)
+            overrides["fail_fraction"] = float(arg) if arg else 1.0
+        elif head == "hang" and not arg:
+            overrides["hang"] = True
+        elif head == "abort" and arg.isdigit():
+            overrides["abort_after_chunks"] = int(arg)
+        elif head == "health" and not arg:
+            overrides["health_fail"] = True
+        else:
+            raise ValueError(
+                f"bad --fail item {item!r}: expected STATUS[:FRACTION], hang, abort:K or health"
+            )
+    return overrides
+
+
+def apply_overrides(options: FakeEngineOptions, overrides: dict[str, Any]) -> FakeEngineOptions:
+    """``options`` with the run-time fields in ``overrides`` replaced; unknown fields are errors."""
+    unknown = set(overrides) - RUNTIME_FIELDS
+    if unknown:
+        raise ValueError(f"fields not settable at run time: {sorted(unknown)}")
+    return dataclasses.replace(options, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure generation: prompt -> deterministic tokens
+
+
+def prompt_text(endpoint: Endpoint, body: dict[str, Any]) -> str:
+    """The text the fake "reads": all message contents for chat, the prompt for completions."""
+    if endpoint == "completions":
+        prompt = body.get("prompt", "")
+        return prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
+    parts: list[str] = []
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif content is not None:
+            parts.append(orjson.dumps(content).decode())
+    return "\n".join(parts)
+
+
+def count_prompt_tokens(text: str) -> int:
+    # A rough stand-in for a tokenizer: about four characters per token, at least one.
+    return max(1, (len(text) + 3) // 4)
+
+
+def is_deterministic(body: dict[str, Any]) -> bool:
+    return body.get("seed") is not None or body.get("temperature") == 0
+
+
+def generate_tokens(prompt: str, seed: int | None, index: int, length: int) -> list[str]:
+    """``length`` word tokens, a pure function of (prompt, seed, choice index)."""
+    digest = hashlib.blake2b(
+        f"{seed}\x1f{index}\x1f{prompt}".encode(), digest_size=8, usedforsecurity=False
+    ).digest()
+    rng = random.Random(int.from_bytes(digest, "big"))
+    return rng.choices(_VOCAB, k=length)
+
+
+def apply_stop(tokens: list[str], stop: Sequence[str]) -> tuple[list[str], bool]:
+    """Tokens up to (not including) the first one whose text completes a stop string.
+
+    Rough, as the brief allows: the answer is cut at token granularity, not mid-token.
+    """
+    if not stop:
+        return tokens, False
+    text = ""
+    for i, token in enumerate(tokens):
+        text += token
+        if any(s and s in text for s in stop):
+            return tokens[:i], True
+    return tokens, False
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    tokens: list[str]
+    finish_reason: str  # "stop" or "length"
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+
+def plan_choices(
+    body: dict[str, Any], prompt: str, options: FakeEngineOptions, rng: random.Random
+) -> list[Choice]:
+    """The answers to produce for one request (pure except for the ``rng`` of random answers)."""
+    n = _int_field(body, "n", 1, minimum=1)
+    requested = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = _int_field({"v": requested}, "v", options.completion_tokens, minimum=1)
+    length = min(limit, options.completion_tokens)
+    natural_end = limit >= options.completion_tokens
+    stop_field = body.get("stop")
+    stop = [stop_field] if isinstance(stop_field, str) else list(stop_field or ())
+    seed = body.get("seed")
+    choices = []
+    for index in range(n):
+        if is_deterministic(body):
+            tokens = generate_tokens(prompt, seed if isinstance(seed, int) else None, index, length)
+        else:
+            tokens = rng.choices(_VOCAB, k=length)
+        tokens, stopped = apply_stop(tokens, stop)
+        choices.append(Choice(tokens, "stop" if stopped or natural_end else "length"))
+    return choices
+
+
+def _int_field(body: dict[str, Any], name: str, default: int, minimum: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise BadRequest(f"'{name}' must be an integer >= {minimum}")
+    return value
+
+
+class BadRequest(ValueError):
+    """A request the fake rejects with 400, like vLLM's validation errors."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure rendering: vLLM wire shapes
+
+
+def usage(prompt_tokens: int, choices: Sequence[Choice]) -> dict[str, int]:
+    completion = sum(len(c.tokens) for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion,
+        "completion_tokens": completion,
+    }
+
+
+def render_response(
+    endpoint: Endpoint, rid: str, created: int, model: str, choices: Sequence[Choice], used: Any
+) -> bytes:
+    if endpoint == "chat":
+        rendered: list[dict[str, Any]] = [
+            {
+                "index": i,
+                "message": {
+                    "role": "assistant",
+                    "reasoning_content": None,
+                    "content": c.text,
+                    "tool_calls": [],
+                },
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": None,
+            }
+            for i, c in enumerate(choices)
+        ]
+        obj = "chat.completion"
+    else:
+        rendered = [
+            {
+                "index": i,
+                "text": c.text,
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": None,
+                "prompt_logprobs": None,
+            }
+            for i, c in enumerate(choices)
+        ]
+        obj = "text_completion"
+    return orjson.dumps(
+        {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": model,
+            "choices": rendered,
+            "usage": used,
+            "prompt_logprobs": None,
+        }
+    )
+
+
+def render_stream_events(
+    endpoint: Endpoint,
+    rid: str,
+    created: int,
+    model: str,
+    choices: Sequence[Choice],
+    used: dict[str, int] | None,
+) -> list[bytes]:
+    """Every SSE event of a streamed answer, in vLLM's order, ``data: [DONE]`` included.
+
+    Chat: a role chunk per choice, one content chunk per token, a finish chunk per choice; then
+    the usage chunk (``choices: []``) when asked for, then ``[DONE]``. Completions have no role
+    chunk. Choices are interleaved token by token, as vLLM does for ``n > 1``.
+    """
+    obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
+    head = {"id": rid, "object": obj, "created": created, "model": model}
+
+    def chunk(index: int, text: str, finish: str | None, role: bool = False) -> bytes:
+        choice: dict[str, Any]
+        if endpoint == "chat":
+            delta = {"role": "assistant", "content": ""} if role else {"content": text}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        if finish is not None:
+            choice["stop_reason"] = None
+        return frame(orjson.dumps({**head, "choices": [choice]}))
+
+    events: list[bytes] = []
+    if endpoint == "chat":
+        events.extend(chunk(i, "", None, role=True) for i in range(len(choices)))
+    longest = max((len(c.tokens) for c in choices), default=0)
+    for position in range(longest):
+        events.extend(
+            chunk(i, c.tokens[position], None)
+            for i, c in enumerate(choices)
+            if position < len(c.tokens)
+        )
+    events.extend(chunk(i, "", c.finish_reason) for i, c in enumerate(choices))
+    if used is not None:
+        events.append(frame(orjson.dumps({**head, "choices": [], "usage": used})))
+    events.append(DONE_EVENT)
+    return events
+
+
+def error_body(message: str, kind: str, status: int) -> bytes:
+    # vLLM's ErrorResponse shape.
+    return orjson.dumps(
+        {"object": "error", "message": message, "type": kind, "param": None, "code": status}
+    )
+
+
+def render_metrics(
+    model: str, running: int, waiting: int, max_num_seqs: int, counters: FakeCounters
+) -> str:
+    """Prometheus text with the vLLM series Frugal's health poller reads."""
+    label = f'{{model_name="{model}"}}'
+    cache_usage = min(1.0, running / max_num_seqs)
+    series = [
+        ("vllm:num_requests_running", "gauge", "Number of requests in model execution.", running),
+        ("vllm:num_requests_waiting", "gauge", "Number of requests waiting.", waiting),
+        ("vllm:gpu_cache_usage_perc", "gauge", "GPU KV-cache usage (1 = 100%).", cache_usage),
+        ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage (1 = 100%).", cache_usage),
+        ("vllm:prompt_tokens_total", "counter", "Prefill tokens processed.", counters.prompt),
+        ("vllm:generation_tokens_total", "counter", "Tokens generated.", counters.generated),
+    ]
+    lines: list[str] = []
+    for name, kind, help_text, value in series:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        lines.append(f"{name}{label} {float(value)}")
+    name = "vllm:request_success_total"
+    lines += [f"# HELP {name} Finished requests.", f"# TYPE {name} counter"]
+    for reason in ("stop", "length", "abort"):
+        value = counters.finished.get(reason, 0)
+        lines.append(f'{name}{{finished_reason="{reason}",model_name="{model}"}} {float(value)}')
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-time state
+
+
+@dataclass(slots=True)
+class FakeCounters:
+    requests: int = 0  # completion requests received
+    aborted: int = 0  # ended because the client went away before the end
+    failed: int = 0  # answered with an injected error status
+    cut: int = 0  # connection closed on purpose (abort_after_chunks)
+    prompt: int = 0
+    generated: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class LoggedRequest:
+    # Raw parts only: decoding waits for GET /fake/requests, off the hot path.
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    outcome: str = "in_flight"
+
+
+class FakeEngineState:
+    """The engine's mutable state, one per app (on ``app[FAKE_STATE]``)."""
+
+    def __init__(self, options: FakeEngineOptions) -> None:
+        self.options = options
+        self.counters = FakeCounters()
+        self.in_flight = 0
+        self.log: deque[LoggedRequest] = deque(maxlen=options.request_log_size)
+        self.rng = random.Random(options.rng_seed)
+        self.created_at = int(time.time())
+        self._unhang = asyncio.Event()
+
+    def reconfigure(self, options: FakeEngineOptions) -> None:
+        if self.options.hang and not options.hang:
+            # Release requests that are hanging now; later ones see hang=False directly.
+            self._unhang.set()
+            self._unhang = asyncio.Event()
+        self.options = options
+
+    async def wait_unhang(self) -> None:
+        await self._unhang.wait()
+
+    def reset(self) -> None:
+        self.counters = FakeCounters()
+        self.log.clear()
+
+    def finish(self, reason: str) -> None:
+        self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
+
+
+FAKE_STATE = web.AppKey("fake_engine_state", FakeEngineState)
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers
+
+_JSON = "application/json"
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _completion(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _completion(request, "completions")
+
+
+async def _completion(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    state = request.app[FAKE_STATE]
+    options = state.options
+    raw = await request.read()
+    headers = [(str(name), value) for name, value in request.headers.items()]
+    entry = LoggedRequest(request.method, request.path, headers, raw)
+    if options.request_log_size:
+        state.log.append(entry)
+    state.counters.requests += 1
+    state.in_flight += 1
+    try:
+        response = await _answer(request, endpoint, raw, state, options, entry)
+        if entry.outcome == "in_flight":
+            entry.outcome = "ok"
+        return response
+    except (asyncio.CancelledError, ConnectionResetError):
+        # The client left (aiohttp cancels the handler, or a write fails): vLLM aborts the request.
+        entry.outcome = "aborted"
+        state.counters.aborted += 1
+        state.finish("abort")
+        raise
+    finally:
+        state.in_flight -= 1
+
+
+async def _answer(
+    request: web.Request,
+    endpoint: Endpoint,
+    raw: bytes,
+    state: FakeEngineState,
+    options: FakeEngineOptions,
+    entry: LoggedRequest,
+) -> web.StreamResponse:
+    try:
+        body = orjson.loads(raw)
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        if endpoint == "chat" and not isinstance(body.get("messages"), list):
+            raise BadRequest("'messages' is required and must be a list")
+        if endpoint == "completions" and "prompt" not in body:
+            raise BadRequest("'prompt' is required")
+    except (orjson.JSONDecodeError, BadRequest) as exc:
+        entry.outcome = "bad_request"
+        return _error(str(exc), "BadRequestError", 400)
+    if options.check_model and body.get("model") != options.model:
+        entry.outcome = "bad_request"
+        message = f"The model `{body.get('model')}` does not exist."
+        return _error(message, "NotFoundError", 404)
+
+    if options.hang:
+        await state.wait_unhang()
+    if options.fail_fraction and state.rng.random() < options.fail_fraction:
+        entry.outcome = "failed"
+        state.counters.failed += 1
+        return _error("injected failure", "InternalServerError", options.fail_status)
+
+    prompt = prompt_text(endpoint, body)
+    try:
+        choices = plan_choices(body, prompt, options, state.rng)
+    except BadRequest as exc:
+        entry.outcome = "bad_request"
+        return _error(str(exc), "BadRequestError", 400)
+    prompt_tokens = count_prompt_tokens(prompt)
+    used = usage(prompt_tokens, choices)
+    prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
+    rid = prefix + uuid.uuid4().hex
+    created = int(time.time())
+    model = str(body["model"]) if "model" in body else options.model
+
+    if body.get("stream"):
+        stream_options = body.get("stream_options")
+        include_usage = isinstance(stream_options, dict) and bool(
+            stream_options.get("include_usage")
+        )
+        events = render_stream_events(
+            endpoint, rid, created, model, choices, used if include_usage else None
+        )
+        response = await _stream(request, events, state, options, entry)
+    else:
+        if options.abort_after_chunks is not None:
+            _cut(request, state, entry)
+            return web.Response(status=500)  # never sent: the transport is closed
+        if options.ttft_ms:
+            await asyncio.sleep(options.ttft_ms / 1000)
+        if options.tokens_per_s:
+            longest = max(len(c.tokens) for c in choices)
+            await asyncio.sleep(max(0, longest - 1) / options.tokens_per_s)
+        answer = render_response(endpoint, rid, created, model, choices, used)
+        response = web.Response(body=answer, content_type=_JSON)
+    if entry.outcome != "cut":
+        state.counters.prompt += prompt_tokens
+        state.counters.generated += used["completion_tokens"]
+        for choice in choices:
+            state.finish(choice.finish_reason)
+    return response
+
+
+async def _stream(
+    request: web.Request,
+    events: list[bytes],
+    state: FakeEngineState,
+    options: FakeEngineOptions,
+    entry: LoggedRequest,
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers=_SSE_HEADERS)
+    await response.prepare(request)
+    cut_at = options.abort_after_chunks
+    if options.zero_delay and cut_at is None:
+        await response.write(b"".join(events))  # one write: the benchmark's fast path
+        await response.write_eof()
+        return response
+    token_delay = 1 / options.tokens_per_s if options.tokens_per_s else 0.0
+    if options.ttft_ms:
+        await asyncio.sleep(options.ttft_ms / 1000)
+    for sent, event in enumerate(events):
+        if cut_at is not None and sent >= cut_at:
+            _cut(request, state, entry)
+            return response
+        # The first content token follows the role chunk at once; later tokens are spaced.
+        if token_delay and sent > 1 and event is not DONE_EVENT:
+            await asyncio.sleep(token_delay)
+        await response.write(event)
+    await response.write_eof()
+    return response
+
+
+def _cut(request: web.Request, state: FakeEngineState, entry: LoggedRequest) -> None:
+    """Close the connection abruptly, as a crashing engine would."""
+    entry.outcome = "cut"
+    state.counters.cut += 1
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _error(message: str, kind: str, status: int) -> web.Response:
+    return web.Response(status=status, body=error_body(message, kind, status), content_type=_JSON)
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[FAKE_STATE]
+    options = state.options
+    root = options.root or options.model
+    card = {
+        "id": options.model,
+        "object": "model",
+        "created": state.created_at,
+        "owned_by": "vllm",
+        "root": root,
+        "parent": None,
+        "max_model_len": options.max_model_len,
+        "permission": [
+            {
+                "id": "modelperm-fake",
+                "object": "model_permission",
+                "created": state.created_at,
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+        ],
+    }
+    return web.Response(body=orjson.dumps({"object": "list", "data": [card]}), content_type=_JSON)
+
+
+async def health(request: web.Request) -> web.Response:
+    if request.app[FAKE_STATE].options.health_fail:
+        return web.Response(status=503)
+    return web.Response(status=200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[FAKE_STATE]
+    options = state.options
+    running = min(state.in_flight, options.max_num_seqs)
+    waiting = state.in_flight - running
+    text = render_metrics(options.model, running, waiting, options.max_num_seqs, state.counters)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+async def get_config(request: web.Request) -> web.Response:
+    options = request.app[FAKE_STATE].options
+    return web.Response(body=orjson.dumps(dataclasses.asdict(options)), content_type=_JSON)
+
+
+async def set_config(request: web.Request) -> web.Response:
+    state = request.app[FAKE_STATE]
+    try:
+        overrides = orjson.loads(await request.read())
+        if not isinstance(overrides, dict):
+            raise ValueError("expected a JSON object of option fields")
+        state.reconfigure(apply_overrides(state.options, overrides))
+    except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+        return _error(str(exc), "BadRequestError", 400)
+    return await get_config(request)
+
+
+async def get_requests(request: web.Request) -> web.Response:
+    state = request.app[FAKE_STATE]
+    counters = state.counters
+    logged = [_decode_logged(entry) for entry in state.log]
+    report = {
+        "count": counters.requests,
+        "aborted": counters.aborted,
+        "failed": counters.failed,
+        "cut": counters.cut,
+        "in_flight": state.in_flight,
+        "requests": logged,
+    }
+    return web.Response(body=orjson.dumps(report), content_type=_JSON)
+
+
+def _decode_logged(entry: LoggedRequest) -> dict[str, Any]:
+    body: Any
+    try:
+        body = orjson.loads(entry.body)
+    except orjson.JSONDecodeError:
+        body = entry.body.decode(errors="replace")
+    return {
+        "method": entry.method,
+        "path": entry.path,
+        "headers": {name.lower(): value for name, value in entry.headers},
+        "body": body,
+        "outcome": entry.outcome,
+    }
+
+
+async def reset(request: web.Request) -> web.Response:
+    request.app[FAKE_STATE].reset()
+    return web.Response(status=204)
+
+
+def create_fake_engine_app(options: FakeEngineOptions | None = None) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[FAKE_STATE] = FakeEngineState(options or FakeEngineOptions())
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/fake/config", get_config)
+    app.router.add_post("/fake/config", set_config)
+    app.router.add_get("/fake/requests", get_requests)
+    app.router.add_post("/fake/reset", reset)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+
+async def serve_fake_engine(options: FakeEngineOptions, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM. Handler cancellation on: a client that leaves aborts its
+    request, as in vLLM, which the abort counter reports."""
+    runner = web.AppRunner(
+        create_fake_engine_app(options), access_log=None, handler_cancellation=True
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"fake engine {options.model!r} on http://{host}:{port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run_fake_engine(options: FakeEngineOptions, host: str = "127.0.0.1", port: int = 8000) -> None:
+    try:
+        import uvloop
+
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        loop_factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve_fake_engine(options, host, port))
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``frugal fake-engine`` flags (shared by ``python -m proxy.engines.fake``)."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", default="fake-model")
+    parser.add_argument("--root", default=None, help="/v1/models root (default: the model name)")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--completion-tokens", type=int, default=16)
+    parser.add_argument("--ttft-ms", type=float, default=0.0)
+    parser.add_argument("--tokens-per-s", type=float, default=0.0)
+    parser.add_argument(
+        "--fail",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="STATUS[:FRACTION], hang, abort:K or health (comma-separated or repeated)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed for failure draws")
+
+
+def options_from_cli(args: argparse.Namespace) -> FakeEngineOptions:
+    overrides: dict[str, Any] = {}
+    for spec in args.fail:
+        overrides.update(parse_fail_spec(spec))
+    return FakeEngineOptions(
+        model=args.model,
+        root=args.root,
+        max_model_len=args.max_model_len,
+        completion_tokens=args.completion_tokens,
+        ttft_ms=args.ttft_ms,
+        tokens_per_s=args.tokens_per_s,
+        rng_seed=args.seed,
+        **overrides,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fake-engine", description=__doc__.split("\n")[0])
+    add_cli_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        options = options_from_cli(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    run_fake_engine(options, args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()
