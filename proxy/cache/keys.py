@@ -1,0 +1,335 @@
+"""The cache key contract: which request fields shape an answer, and how they are hashed.
+
+Every request field is either hashed or deliberately excluded. ``EXCLUDED_FIELDS`` lists the
+fields left out, each with its reason, as data; everything else is hashed, including fields this
+module has never heard of (a newer client's or vLLM's extra field might change the answer, so an
+unknown field costs at worst a miss, never a wrong hit). ``HASHED_FIELDS`` documents the known
+fields that are hashed; a unit test fails when a known OpenAI/vLLM field is in neither list.
+
+Keys are sha256 digests over length-prefixed parts (a version tag, the key kind, the endpoint, the
+engine, its model version, the partition id, then the canonical body), so the encoding is
+prefix-free: no two different part lists give the same byte string. The body is canonical orjson
+with sorted keys: key order and whitespace of the client's JSON never change a key, and neither do
+``null`` top-level fields (OpenAI treats them as absent) or ``1.0`` vs ``1``.
+
+The *context key* hashes the same parts except the text of the last user turn (for
+``/v1/completions``: the prompt). Two requests with equal context keys differ at most in that text,
+so a semantic hit between them is only a question of whether the two texts ask the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+import orjson
+
+KEY_FORMAT_VERSION: Final = b"frugal-cache-key/1"
+
+# Fields left out of the key, with the reason. Keep this list short: leaving a field out is a claim
+# that it never changes the answer.
+EXCLUDED_FIELDS: Final[Mapping[str, str]] = {
+    "model": "the routed engine and its model version are explicit key parts; the alias the "
+    "client asked for (which routing maps to an engine) does not shape the answer by itself",
+    "stream": "a stored answer is served either way: replayed as SSE for streamed requests",
+    "stream_options": "only controls whether a usage chunk is sent; the replay honours it",
+    "user": "an end-user id for abuse tracking; with the user scope it is the partition id",
+    "store": "OpenAI stored-completions flag; does not change the generated text",
+    "metadata": "tags for OpenAI stored completions; does not change the generated text",
+    "service_tier": "scheduling/billing class, not generation",
+    "priority": "vLLM scheduling priority, not generation",
+    "request_id": "vLLM tracing id, unique per request (hashing it would make every lookup miss)",
+    "prompt_cache_key": "provider prefix-cache routing hint, not generation",
+    "safety_identifier": "end-user id for abuse tracking, like `user`",
+    "kv_transfer_params": "vLLM disaggregated-prefill plumbing, unique per request",
+}
+
+# Known fields that are hashed (documentation and the completeness test; anything not excluded is
+# hashed whether it is listed here or not).
+HASHED_FIELDS: Final[Mapping[str, str]] = {
+    # what is asked
+    "messages": "the conversation",
+    "prompt": "completions prompt",
+    "suffix": "completions insertion suffix",
+    "echo": "prompt echoed into the answer",
+    "tools": "tool schemas the model may call",
+    "tool_choice": "forces or forbids tool calls",
+    "parallel_tool_calls": "allows several tool calls",
+    "functions": "legacy tools",
+    "function_call": "legacy tool_choice",
+    "response_format": "JSON mode / schema",
+    "modalities": "output modalities",
+    "audio": "audio output parameters",
+    "prediction": "predicted output",
+    "reasoning_effort": "reasoning budget",
+    "verbosity": "answer length hint",
+    "web_search_options": "search tool parameters",
+    "documents": "vLLM RAG documents for the chat template",
+    "chat_template": "vLLM chat template override",
+    "chat_template_kwargs": "vLLM chat template arguments",
+    "add_generation_prompt": "vLLM template flag",
+    "continue_final_message": "vLLM template flag",
+    "add_special_tokens": "vLLM tokenisation flag",
+    "mm_processor_kwargs": "vLLM multimodal preprocessing",
+    "prompt_embeds": "vLLM completions prompt as embeddings",
+    "truncate_prompt_tokens": "vLLM prompt truncation",
+    # sampling
+    "temperature": "sampling",
+    "top_p": "sampling",
+    "top_k": "sampling",
+    "min_p": "sampling",
+    "seed": "sampling",
+    "n": "number of choices",
+    "best_of": "completions candidates",
+    "use_beam_search": "vLLM beam search",
+    "length_penalty": "vLLM beam search",
+    "max_tokens": "length limit",
+    "max_completion_tokens": "length limit",
+    "min_tokens": "vLLM length floor",
+    "stop": "stop strings",
+    "stop_token_ids": "vLLM stop tokens",
+    "include_stop_str_in_output": "vLLM output shape",
+    "ignore_eos": "vLLM length behaviour",
+    "presence_penalty": "sampling",
+    "frequency_penalty": "sampling",
+    "repetition_penalty": "vLLM sampling",
+    "logit_bias": "sampling",
+    "allowed_token_ids": "vLLM sampling",
+    "bad_words": "vLLM sampling",
+    "logits_processors": "vLLM sampling",
+    "vllm_xargs": "vLLM extension arguments",
+    "thinking_token_budget": "vLLM reasoning budget",
+    "include_reasoning": "vLLM reasoning output",
+    # output shape
+    "logprobs": "log-probabilities in the answer",
+    "top_logprobs": "log-probabilities in the answer",
+    "prompt_logprobs": "vLLM prompt log-probabilities",
+    "skip_special_tokens": "vLLM detokenisation",
+    "spaces_between_special_tokens": "vLLM detokenisation",
+    "return_tokens_as_token_ids": "vLLM output shape",
+    "return_token_ids": "vLLM output shape",
+    # structured output
+    "guided_json": "vLLM structured output",
+    "guided_regex": "vLLM structured output",
+    "guided_choice": "vLLM structured output",
+    "guided_grammar": "vLLM structured output",
+    "guided_decoding_backend": "vLLM structured output",
+    "guided_whitespace_pattern": "vLLM structured output",
+    "structural_tag": "vLLM structured output",
+    "structured_outputs": "vLLM structured output",
+    "cache_salt": "vLLM prefix-cache isolation; kept since it marks a wish for isolation",
+}
+
+
+class Endpoint(StrEnum):
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+
+
+class Scope(StrEnum):
+    """Who may share an entry. Partitions of different scopes or owners never see each other."""
+
+    GLOBAL = "global"
+    TIER = "tier"
+    TENANT = "tenant"
+    USER = "user"
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """A hard cache partition: the scope plus the owner within it (tier name, tenant, user)."""
+
+    scope: Scope
+    owner: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        # JSON array: unambiguous whatever characters the owner names contain.
+        return orjson.dumps([self.scope.value, *self.owner]).decode()
+
+    @classmethod
+    def for_request(cls, scope: Scope, *, tier: str, tenant: str, user: str | None) -> Partition:
+        """The partition a request belongs to under ``scope``.
+
+        User ids are only unique within a tenant, so the user partition names both. A request
+        without a ``user`` field under the user scope gets the tenant's user-less partition.
+        """
+        match scope:
+            case Scope.GLOBAL:
+                return cls(scope)
+            case Scope.TIER:
+                return cls(scope, (tier,))
+            case Scope.TENANT:
+                return cls(scope, (tenant,))
+            case Scope.USER:
+                return cls(scope, (tenant, user or ""))
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKeys:
+    """Everything the cache needs to know about one request, computed once."""
+
+    endpoint: Endpoint
+    engine: str
+    version: str
+    partition: Partition
+    exact: str
+    # None when the request has no last user text to compare semantically.
+    context: str | None
+    query_text: str | None
+
+
+def canonical(value: Any) -> Any:
+    """The value with integral floats as ints (``1.0`` and ``1`` mean the same in JSON)."""
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    return value
+
+
+def keyed_fields(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body's fields that go into the key: not excluded, not ``null``."""
+    return {k: canonical(v) for k, v in body.items() if k not in EXCLUDED_FIELDS and v is not None}
+
+
+def canonical_json(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+
+
+def digest(parts: Sequence[bytes]) -> str:
+    """sha256 over length-prefixed parts: a prefix-free encoding of the part list."""
+    h = hashlib.sha256()
+    h.update(len(parts).to_bytes(4, "big"))
+    for part in parts:
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def _parts(
+    kind: bytes, endpoint: Endpoint, engine: str, version: str, partition: Partition, body: bytes
+) -> list[bytes]:
+    return [
+        KEY_FORMAT_VERSION,
+        kind,
+        endpoint.value.encode(),
+        engine.encode(),
+        version.encode(),
+        partition.id.encode(),
+        body,
+    ]
+
+
+def last_user_index(messages: Sequence[Any]) -> int | None:
+    """Index of the last message, when it is a user turn (otherwise there is no open question)."""
+    if not messages:
+        return None
+    last = messages[-1]
+    if isinstance(last, Mapping) and last.get("role") == "user":
+        return len(messages) - 1
+    return None
+
+
+def message_text(content: Any) -> str | None:
+    """Plain text of a message content: a string, or text parts only (None if other parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts: list[str] = []
+        for part in content:
+            if not (isinstance(part, Mapping) and part.get("type") == "text"):
+                return None  # images/audio: not comparable by text embedding
+            text = part.get("text")
+            if not isinstance(text, str):
+                return None
+            texts.append(text)
+        return "\n".join(texts)
+    return None
+
+
+def split_query(endpoint: Endpoint, fields: Mapping[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """(fields with the query text blanked, the query text), or None when there is none."""
+    if endpoint is Endpoint.CHAT:
+        messages = fields.get("messages")
+        if not isinstance(messages, list):
+            return None
+        index = last_user_index(messages)
+        if index is None:
+            return None
+        text = message_text(messages[index].get("content"))
+        if text is None:
+            return None
+        last = {**messages[index], "content": None}
+        return {**fields, "messages": [*messages[:index], last]}, text
+    prompt = fields.get("prompt")
+    if not isinstance(prompt, str):
+        return None  # token ids or a batch of prompts
+    return {**fields, "prompt": None}, prompt
+
+
+def make_keys(
+    endpoint: Endpoint,
+    body: Mapping[str, Any],
+    *,
+    engine: str,
+    version: str,
+    partition: Partition,
+) -> CacheKeys:
+    """Exact key, context key and query text of one request for one engine version."""
+    fields = keyed_fields(body)
+    exact = digest(_parts(b"exact", endpoint, engine, version, partition, canonical_json(fields)))
+    split = split_query(endpoint, fields)
+    context: str | None = None
+    query: str | None = None
+    if split is not None:
+        blanked, query = split
+        context = digest(
+            _parts(b"context", endpoint, engine, version, partition, canonical_json(blanked))
+        )
+    return CacheKeys(endpoint, engine, version, partition, exact, context, query)
+
+
+def is_deterministic(body: Mapping[str, Any]) -> bool:
+    """Whether the same request gives the same answer: greedy (temperature 0), beam search, or
+    sampling with a fixed seed. A missing temperature means the engine default (sampling)."""
+    temperature = body.get("temperature")
+    if (
+        isinstance(temperature, int | float)
+        and not isinstance(temperature, bool)
+        and temperature == 0
+    ):
+        return True
+    if body.get("use_beam_search") is True:
+        return True
+    seed = body.get("seed")
+    return isinstance(seed, int) and not isinstance(seed, bool)
+
+
+def is_cacheable_request(body: Mapping[str, Any], *, allow_sampled: bool) -> bool:
+    """Deterministic requests are cacheable; sampled ones only where the tier allows it."""
+    return allow_sampled or is_deterministic(body)
+
+
+STORABLE_FINISH_REASONS: Final = frozenset({"stop", "length"})
+
+
+def is_storable_response(status: int, response: Mapping[str, Any]) -> bool:
+    """Only complete 2xx answers whose every choice ended with stop or length are stored."""
+    if not 200 <= status < 300:
+        return False
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    return all(
+        isinstance(c, Mapping) and c.get("finish_reason") in STORABLE_FINISH_REASONS
+        for c in choices
+    )

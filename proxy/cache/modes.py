@@ -1,0 +1,53 @@
+"""Cache modes as a type: whether a request may read from and/or write to the cache.
+
+A tier's policy gives the base mode; a request's ``Cache-Control`` header can only narrow it
+(``no-cache``: do not answer from the cache but store the fresh answer; ``no-store``: do not store
+this answer, a cached one is fine). A client can never widen its tier's mode.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class CacheMode(StrEnum):
+    ON = "on"
+    OFF = "off"
+    READ_ONLY = "read-only"
+    WRITE_ONLY = "write-only"
+
+    @property
+    def read(self) -> bool:
+        return self in (CacheMode.ON, CacheMode.READ_ONLY)
+
+    @property
+    def write(self) -> bool:
+        return self in (CacheMode.ON, CacheMode.WRITE_ONLY)
+
+    @classmethod
+    def from_flags(cls, *, read: bool, write: bool) -> CacheMode:
+        if read and write:
+            return cls.ON
+        if read:
+            return cls.READ_ONLY
+        if write:
+            return cls.WRITE_ONLY
+        return cls.OFF
+
+    def narrow(self, other: CacheMode) -> CacheMode:
+        """Both modes at once: read only if both read, write only if both write."""
+        return CacheMode.from_flags(read=self.read and other.read, write=self.write and other.write)
+
+    def with_cache_control(self, header: str | None) -> CacheMode:
+        """This mode narrowed by a request's ``Cache-Control`` header."""
+        return self.narrow(mode_from_cache_control(header))
+
+
+def mode_from_cache_control(header: str | None) -> CacheMode:
+    """``no-cache`` → write-only, ``no-store`` → read-only, both → off, neither → on."""
+    if not header:
+        return CacheMode.ON
+    directives = {d.strip().split("=", 1)[0].strip().lower() for d in header.split(",")}
+    return CacheMode.from_flags(
+        read="no-cache" not in directives, write="no-store" not in directives
+    )

@@ -1,0 +1,712 @@
+"""``ResponseCache``: the facade the request pipeline calls.
+
+    keys = make_keys(Endpoint.CHAT, body, engine="large", version=v, partition=partition)
+    hit = await cache.lookup(keys, embedding=vector, mode=mode)     # exact, then semantic
+    if hit is None:
+        flight = cache.flights.join(keys.exact)                     # single-flight the miss
+        ...
+        cache.store_in_background(keys, body_bytes, embedding=vector, compute_seconds=t)
+
+Lookups are exact first (the sha256 key of every answer-shaping field, see ``keys.py``), then
+semantic: the nearest cached questions under the same context key (same engine version, same
+partition, same everything except the last user turn's text) are fetched and handed to the
+verifier, which picks one or none. A backend failure is a miss or a skipped write, counted and
+logged, never an error for the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+import numpy as np
+import orjson
+
+from proxy.cache.entry import (
+    CacheEntry,
+    EntryMeta,
+    is_expired,
+    refresh_early,
+)
+from proxy.cache.index import SemanticIndex
+from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, is_storable_response, make_keys
+from proxy.cache.modes import CacheMode
+from proxy.cache.singleflight import SingleFlight
+from proxy.cache.store import CacheStore, EntryAdded, FollowableStore, Resync
+
+log = logging.getLogger(__name__)
+
+LookupOutcome = Literal["exact", "semantic", "miss", "refresh", "bypass"]
+StoreOutcome = Literal["stored", "rejected", "failed", "bypass"]
+Encode = Callable[[list[str]], np.ndarray]
+_T = TypeVar("_T")
+
+
+# ---------------------------------------------------------------------------------------------
+# seams: verifier and metrics observer
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticCandidate:
+    """A cached question close to the incoming one, for the verifier."""
+
+    text: str
+    similarity: float
+    age_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The verifier's choice: which candidate answers the query, and its score."""
+
+    index: int
+    score: float
+
+
+class SemanticVerifier(Protocol):
+    """Decides whether a cached question asks the same thing as the query.
+
+    Called with candidates best-cosine first; returns the accepted one or None. It may be slow
+    (a model): ``ResponseCache`` calls it off the event loop unless ``cheap`` is True.
+    """
+
+    @property
+    def cheap(self) -> bool: ...
+
+    def select(self, query: str, candidates: Sequence[SemanticCandidate]) -> Verdict | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CosineVerifier:
+    """Default verifier: the most similar candidate if its cosine reaches ``threshold``."""
+
+    threshold: float = 0.92
+    cheap: bool = True
+
+    def select(self, query: str, candidates: Sequence[SemanticCandidate]) -> Verdict | None:
+        best = max(range(len(candidates)), key=lambda i: candidates[i].similarity, default=None)
+        if best is None or candidates[best].similarity < self.threshold:
+            return None
+        return Verdict(best, candidates[best].similarity)
+
+
+class CacheObserver(Protocol):
+    """Metrics hooks (the metrics module implements this; the cache does not import it)."""
+
+    def on_lookup(self, outcome: LookupOutcome, seconds: float) -> None: ...
+
+    def on_store(self, outcome: StoreOutcome) -> None: ...
+
+    def on_backend_error(self, operation: str, error: BaseException) -> None: ...
+
+
+class NullObserver:
+    def on_lookup(self, outcome: LookupOutcome, seconds: float) -> None:
+        pass
+
+    def on_store(self, outcome: StoreOutcome) -> None:
+        pass
+
+    def on_backend_error(self, operation: str, error: BaseException) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration and results
+
+DEFAULT_TTLS: dict[Scope, float] = {
+    Scope.GLOBAL: 7 * 86400.0,
+    Scope.TIER: 7 * 86400.0,
+    Scope.TENANT: 86400.0,
+    Scope.USER: 3600.0,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    ttl_seconds: Mapping[Scope, float] = field(default_factory=lambda: dict(DEFAULT_TTLS))
+    # XFetch beta: 0 disables early refresh; >1 refreshes earlier.
+    xfetch_beta: float = 1.0
+    # How many nearest questions the verifier sees, and the cosine below which none is shown.
+    semantic_candidates: int = 4
+    semantic_floor: float = 0.7
+
+    def ttl(self, scope: Scope) -> float:
+        return float(self.ttl_seconds.get(scope, DEFAULT_TTLS[scope]))
+
+
+@dataclass(frozen=True, slots=True)
+class CacheHit:
+    kind: Literal["exact", "semantic"]
+    # The stored response body (JSON bytes as the engine produced it; for streamed answers the
+    # assembled body). Ids/created are the original answer's.
+    response: bytes
+    similarity: float  # 1.0 for exact hits
+    score: float | None  # the verifier's score for semantic hits
+    age_seconds: float
+    meta: EntryMeta
+
+    def json(self) -> dict[str, Any]:
+        body = orjson.loads(self.response)
+        assert isinstance(body, dict)
+        return body
+
+
+@dataclass(slots=True)
+class CacheStats:
+    lookups: dict[str, int]
+    stores: dict[str, int]
+    backend_errors: int
+    index_entries: int
+    index_partitions: int
+    stored_entries: int | None
+    inflight: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lookups": dict(self.lookups),
+            "stores": dict(self.stores),
+            "backend_errors": self.backend_errors,
+            "index_entries": self.index_entries,
+            "index_partitions": self.index_partitions,
+            "stored_entries": self.stored_entries,
+            "inflight": self.inflight,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidationFilter:
+    """Entries matching every given field are invalidated (no field: everything)."""
+
+    engine: str | None = None
+    version: str | None = None
+    scope: Scope | None = None
+    partition: Partition | None = None
+    older_than_seconds: float | None = None
+
+    def matches(self, meta: EntryMeta, now: float) -> bool:
+        return (
+            (self.engine is None or meta.engine == self.engine)
+            and (self.version is None or meta.version == self.version)
+            and (self.scope is None or meta.scope == self.scope.value)
+            and (self.partition is None or meta.partition == self.partition.id)
+            and (self.older_than_seconds is None or now - meta.created_at > self.older_than_seconds)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class ResponseCache:
+    def __init__(
+        self,
+        store: CacheStore,
+        *,
+        config: CacheConfig | None = None,
+        index: SemanticIndex | None = None,
+        verifier: SemanticVerifier | None = None,
+        observer: CacheObserver | None = None,
+        clock: Callable[[], float] = time.time,
+        uniform: Callable[[], float] = random.random,
+    ) -> None:
+        self.store = store
+        self.config = config or CacheConfig()
+        self.index = index or SemanticIndex()
+        self.verifier: SemanticVerifier = verifier or CosineVerifier()
+        self.observer: CacheObserver = observer or NullObserver()
+        self.flights: SingleFlight[bytes, bytes] = SingleFlight()
+        self._clock = clock
+        self._uniform = uniform
+        # label -> (exact key, context key) for entries in the semantic index
+        self._labels: dict[int, tuple[str, str]] = {}
+        self._lookups = dict.fromkeys(("exact", "semantic", "miss", "refresh", "bypass"), 0)
+        self._stores = dict.fromkeys(("stored", "rejected", "failed", "bypass"), 0)
+        self._backend_errors = 0
+        self._backend_down = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._follower: asyncio.Task[None] | None = None
+        self._rebuilding: list[CacheEntry] | None = None
+        self._ready = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Rebuild the semantic index from the store (in the background) and, for a shared
+        store, follow entries other replicas add. Lookups work meanwhile (exact only)."""
+        if isinstance(self.store, FollowableStore):
+            self._follower = asyncio.create_task(self._follow(self.store), name="cache-follow")
+        else:
+            self._spawn(self._initial_rebuild())
+
+    async def _initial_rebuild(self) -> None:
+        try:
+            await self.rebuild_index()
+        finally:
+            self._ready.set()
+
+    async def ready(self) -> None:
+        """Wait until the start-up index rebuild finished."""
+        await self._ready.wait()
+
+    async def aclose(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+        await self.drain()
+        await self.index.wait_idle()
+        await self.store.close()
+
+    async def drain(self) -> None:
+        """Wait for background stores (shutdown, tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def __aenter__(self) -> ResponseCache:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def keys(
+        endpoint: Endpoint,
+        body: Mapping[str, Any],
+        *,
+        engine: str,
+        version: str,
+        partition: Partition,
+    ) -> CacheKeys:
+        return make_keys(endpoint, body, engine=engine, version=version, partition=partition)
+
+    # -- lookup ---------------------------------------------------------------------------------
+
+    async def lookup(
+        self,
+        keys: CacheKeys,
+        *,
+        embedding: np.ndarray | None = None,
+        mode: CacheMode = CacheMode.ON,
+        semantic: bool = True,
+    ) -> CacheHit | None:
+        """Exact hit, else a verified semantic hit, else None (a miss; also on backend errors).
+
+        ``embedding`` is the last user turn's embedding; without it only exact lookup runs.
+        """
+        started = time.perf_counter()
+        outcome: LookupOutcome = "miss"
+        hit: CacheHit | None = None
+        try:
+            if not mode.read:
+                outcome = "bypass"
+                return None
+            now = self._clock()
+            entry = await self._guarded("get", self.store.get(keys.exact))
+            if (
+                entry is not None
+                and self._belongs(entry.meta, keys)
+                and not is_expired(entry.meta, now)
+            ):
+                if refresh_early(
+                    entry.meta, now, beta=self.config.xfetch_beta, uniform=self._uniform()
+                ):
+                    outcome = "refresh"
+                    return None
+                hit = CacheHit(
+                    "exact", entry.response, 1.0, None, now - entry.meta.created_at, entry.meta
+                )
+                outcome = "exact"
+                return hit
+            if semantic and embedding is not None and keys.context and keys.query_text is not None:
+                hit = await self._semantic(keys, embedding, now)
+                if hit is not None:
+                    outcome = "semantic"
+            return hit
+        finally:
+            self._lookups[outcome] += 1
+            self.observer.on_lookup(outcome, time.perf_counter() - started)
+
+    @staticmethod
+    def _belongs(meta: EntryMeta, keys: CacheKeys) -> bool:
+        # The keys already hash these; checking again costs nothing and makes a served entry
+        # from another engine version or partition impossible even on a hash collision.
+        return (
+            meta.engine == keys.engine
+            and meta.version == keys.version
+            and meta.partition == keys.partition.id
+            and meta.endpoint == keys.endpoint.value
+        )
+
+    async def _semantic(
+        self, keys: CacheKeys, embedding: np.ndarray, now: float
+    ) -> CacheHit | None:
+        assert keys.context is not None and keys.query_text is not None
+        found = self.index.search(keys.context, embedding, self.config.semantic_candidates)
+        near = [(label, cos) for label, cos in found if cos >= self.config.semantic_floor]
+        if not near:
+            return None
+        wanted = {label: self._labels[label][0] for label, _ in near if label in self._labels}
+        entries = await self._guarded("get_many", self.store.get_many(list(wanted.values())))
+        if entries is None:
+            return None
+        candidates: list[tuple[CacheEntry, float]] = []
+        for label, cos in near:
+            key = wanted.get(label)
+            entry = entries.get(key) if key is not None else None
+            if entry is None:
+                self._forget(label)  # expired or invalidated elsewhere: drop from the index
+                continue
+            meta = entry.meta
+            if (
+                self._belongs(meta, keys)
+                and meta.context == keys.context
+                and meta.query_text is not None
+                and not is_expired(meta, now)
+            ):
+                candidates.append((entry, cos))
+        if not candidates:
+            return None
+        shown = [
+            SemanticCandidate(e.meta.query_text or "", cos, now - e.meta.created_at)
+            for e, cos in candidates
+        ]
+        if self.verifier.cheap:
+            verdict = self.verifier.select(keys.query_text, shown)
+        else:
+            verdict = await asyncio.to_thread(self.verifier.select, keys.query_text, shown)
+        if verdict is None or not 0 <= verdict.index < len(candidates):
+            return None
+        entry, cos = candidates[verdict.index]
+        return CacheHit(
+            "semantic", entry.response, cos, verdict.score, now - entry.meta.created_at, entry.meta
+        )
+
+    # -- store ----------------------------------------------------------------------------------
+
+    def store_in_background(
+        self,
+        keys: CacheKeys,
+        response: bytes | Mapping[str, Any],
+        **kwargs: Any,
+    ) -> asyncio.Task[bool]:
+        """Fire-and-forget ``store`` (the task is kept alive until done; ``drain`` awaits)."""
+        task: asyncio.Task[bool] = self._spawn(self.store_response(keys, response, **kwargs))
+        return task
+
+    async def store_response(
+        self,
+        keys: CacheKeys,
+        response: bytes | Mapping[str, Any],
+        *,
+        status: int = 200,
+        embedding: np.ndarray | None = None,
+        compute_seconds: float = 0.0,
+        mode: CacheMode = CacheMode.ON,
+        ttl: float | None = None,
+    ) -> bool:
+        """Store a complete answer. Never raises: returns whether it was stored."""
+        if not mode.write:
+            self._count_store("bypass")
+            return False
+        try:
+            if isinstance(response, bytes | bytearray | memoryview):
+                raw = bytes(response)
+                parsed = orjson.loads(raw)
+            else:
+                parsed = response
+                raw = orjson.dumps(response)
+            if not isinstance(parsed, Mapping) or not is_storable_response(status, parsed):
+                self._count_store("rejected")
+                return False
+            entry = self._entry(keys, raw, embedding, compute_seconds, ttl)
+        except Exception:
+            log.warning("cache.store.bad_response", exc_info=True)
+            self._count_store("rejected")
+            return False
+        try:
+            await self.store.put(entry)
+        except Exception as exc:
+            self._backend_error("put", exc)
+            self._count_store("failed")
+            return False
+        self._backend_ok()
+        self._index_entry(entry)
+        self._count_store("stored")
+        return True
+
+    def _entry(
+        self,
+        keys: CacheKeys,
+        raw: bytes,
+        embedding: np.ndarray | None,
+        compute_seconds: float,
+        ttl: float | None,
+    ) -> CacheEntry:
+        meta = EntryMeta(
+            key=keys.exact,
+            context=keys.context,
+            endpoint=keys.endpoint.value,
+            engine=keys.engine,
+            version=keys.version,
+            partition=keys.partition.id,
+            scope=keys.partition.scope.value,
+            created_at=self._clock(),
+            ttl=float(ttl if ttl is not None else self.config.ttl(keys.partition.scope)),
+            compute_seconds=float(compute_seconds),
+            query_text=keys.query_text,
+        )
+        vector = None
+        if embedding is not None and keys.context is not None and keys.query_text is not None:
+            vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        return CacheEntry(meta, raw, vector)
+
+    def _count_store(self, outcome: StoreOutcome) -> None:
+        self._stores[outcome] += 1
+        self.observer.on_store(outcome)
+
+    def _index_entry(self, entry: CacheEntry) -> None:
+        meta = entry.meta
+        if entry.embedding is None or meta.context is None:
+            return
+        if self._rebuilding is not None:
+            self._rebuilding.append(entry)
+            return
+        if entry.embedding.shape[0] != self.index.ndim:
+            log.warning("cache.index.wrong_dim", extra={"dim": entry.embedding.shape[0]})
+            return
+        self.index.add(meta.context, meta.label, entry.embedding)
+        self._labels[meta.label] = (meta.key, meta.context)
+
+    def _forget(self, label: int) -> None:
+        known = self._labels.pop(label, None)
+        if known is not None:
+            self.index.remove(known[1], label)
+
+    # -- index rebuild and following other replicas -----------------------------------------------
+
+    async def rebuild_index(self) -> int:
+        """Rebuild the semantic index from every live entry in the store; returns its size.
+
+        The new index is built on a worker thread and swapped in; entries stored meanwhile are
+        added after the swap.
+        """
+        self._rebuilding = []
+        try:
+            groups: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+            labels: dict[int, tuple[str, str]] = {}
+            now = self._clock()
+            async for entry in self.store.scan(with_embedding=True):
+                meta = entry.meta
+                if (
+                    entry.embedding is None
+                    or meta.context is None
+                    or is_expired(meta, now)
+                    or entry.embedding.shape[0] != self.index.ndim
+                ):
+                    continue
+                ids, vectors = groups.setdefault(meta.context, ([], []))
+                ids.append(meta.label)
+                vectors.append(entry.embedding)
+                labels[meta.label] = (meta.key, meta.context)
+            fresh = SemanticIndex(
+                self.index.ndim, flat_limit=self.index.flat_limit, hnsw=self.index.hnsw_params
+            )
+
+            def build() -> None:
+                for context, (ids, vectors) in groups.items():
+                    fresh.add_many(context, ids, np.stack(vectors))
+
+            await asyncio.to_thread(build)
+        except Exception as exc:
+            self._backend_error("rebuild", exc)
+            pending, self._rebuilding = self._rebuilding, None
+            for entry in pending or []:
+                self._index_entry(entry)
+            return len(self.index)
+        await self.index.wait_idle()
+        self.index, self._labels = fresh, labels
+        pending, self._rebuilding = self._rebuilding, None
+        for entry in pending:
+            self._index_entry(entry)
+        log.info("cache.index.rebuilt", extra={"entries": len(self.index)})
+        return len(self.index)
+
+    async def _follow(self, store: FollowableStore) -> None:
+        first = True
+        async for event in store.follow():
+            if isinstance(event, Resync):
+                await self.rebuild_index()
+                if first:
+                    first = False
+                    self._ready.set()
+            elif isinstance(event, EntryAdded) and event.entry.meta.label not in self._labels:
+                # (our own writes come back through the stream too)
+                self._index_entry(event.entry)
+
+    # -- invalidation ---------------------------------------------------------------------------
+
+    async def invalidate(self, where: InvalidationFilter) -> int:
+        """Delete every entry matching ``where``; returns how many. Raises on backend errors
+        (an admin operation should say it failed)."""
+        now = self._clock()
+        deleted = await self.store.delete_where(lambda meta: where.matches(meta, now))
+        for meta in deleted:
+            self._forget(meta.label)
+        return len(deleted)
+
+    async def purge_versions(self, keep: Collection[tuple[str, str]]) -> int:
+        """Delete entries of every (engine, version) not in ``keep`` (versions no longer served)."""
+        served = set(keep)
+        deleted = await self.store.delete_where(lambda m: (m.engine, m.version) not in served)
+        for meta in deleted:
+            self._forget(meta.label)
+        return len(deleted)
+
+    # -- stats ----------------------------------------------------------------------------------
+
+    async def stats(self) -> CacheStats:
+        count = await self._guarded("count", self.store.count())
+        return CacheStats(
+            lookups=dict(self._lookups),
+            stores=dict(self._stores),
+            backend_errors=self._backend_errors,
+            index_entries=len(self.index),
+            index_partitions=len(self.index.partition_sizes()),
+            stored_entries=count,
+            inflight=len(self.flights),
+        )
+
+    # -- warm-up --------------------------------------------------------------------------------
+
+    async def import_jsonl(
+        self,
+        path: Path,
+        *,
+        engine: str,
+        version: str,
+        partition: Partition,
+        endpoint: Endpoint = Endpoint.CHAT,
+        template: Mapping[str, Any] | None = None,
+        encode: Encode | None = None,
+        batch_size: int = 64,
+        progress: bool = True,
+    ) -> int:
+        """Warm the cache from JSONL prompt/answer pairs for one engine version.
+
+        Each line: ``{"prompt": str, "answer": str}`` plus optionally ``"messages"`` (the full
+        conversation instead of a single user turn), ``"request"`` (a complete request body;
+        wins over both) and ``"usage"``. Other request fields come from ``template`` (default
+        ``{"temperature": 0}``): an entry is only hit by requests with the same fields. With
+        ``encode`` the questions are embedded for semantic hits. Returns entries stored.
+        """
+        from tqdm import tqdm
+
+        base = dict(template) if template is not None else {"temperature": 0}
+        text = await asyncio.to_thread(path.read_text)
+        lines = [line for line in text.splitlines() if line.strip()]
+        stored = 0
+        with tqdm(total=len(lines), disable=not progress, unit="pair") as bar:
+            for start in range(0, len(lines), batch_size):
+                rows = [orjson.loads(line) for line in lines[start : start + batch_size]]
+                items = [
+                    (
+                        make_keys(
+                            endpoint,
+                            _import_request(row, endpoint, base),
+                            engine=engine,
+                            version=version,
+                            partition=partition,
+                        ),
+                        _import_response(row, endpoint, engine),
+                    )
+                    for row in rows
+                ]
+                vectors: np.ndarray | None = None
+                if encode is not None:
+                    texts = [k.query_text or "" for k, _ in items]
+                    vectors = await asyncio.to_thread(encode, texts)
+                for i, (keys, response) in enumerate(items):
+                    vector = vectors[i] if vectors is not None and keys.query_text else None
+                    if await self.store_response(keys, response, embedding=vector):
+                        stored += 1
+                bar.update(len(rows))
+        return stored
+
+    # -- backend health -------------------------------------------------------------------------
+
+    async def _guarded(self, operation: str, call: Awaitable[_T]) -> _T | None:
+        try:
+            result = await call
+        except Exception as exc:
+            self._backend_error(operation, exc)
+            return None
+        self._backend_ok()
+        return result
+
+    def _backend_error(self, operation: str, error: BaseException) -> None:
+        self._backend_errors += 1
+        self.observer.on_backend_error(operation, error)
+        if not self._backend_down:
+            self._backend_down = True
+            log.warning(
+                "cache.backend.down",
+                extra={"operation": operation, "error": f"{type(error).__name__}: {error}"},
+            )
+
+    def _backend_ok(self) -> None:
+        if self._backend_down:
+            self._backend_down = False
+            log.warning("cache.backend.recovered")
+
+
+def _import_request(row: Mapping[str, Any], endpoint: Endpoint, base: Mapping[str, Any]) -> Any:
+    request = row.get("request")
+    if isinstance(request, Mapping):
+        return request
+    if endpoint is Endpoint.COMPLETIONS:
+        return {**base, "prompt": row["prompt"]}
+    messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+    return {**base, "messages": messages}
+
+
+def _import_response(row: Mapping[str, Any], endpoint: Endpoint, engine: str) -> dict[str, Any]:
+    usage = row.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    created = int(time.time())
+    if endpoint is Endpoint.COMPLETIONS:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": row["answer"],
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+        obj = "text_completion"
+    else:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": row["answer"]},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+        obj = "chat.completion"
+    return {
+        "id": f"cache-import-{created}",
+        "object": obj,
+        "created": created,
+        "model": engine,
+        "choices": [choice],
+        "usage": usage,
+    }
