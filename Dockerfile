@@ -1,0 +1,25 @@
+# The proxy image. Engines (vLLM) run in their own containers or hosts; the proxy only talks HTTP
+# to them, so this image carries no vLLM. Build: docker build -t frugal .
+# Run:   docker run -p 8000:8000 -v $PWD/frugal.yaml:/etc/frugal/frugal.yaml \
+#          -v $PWD/policies:/etc/frugal/policies frugal
+FROM python:3.11-slim AS build
+# EXTRAS=ml adds the MiniLM embedder (semantic cache, difficulty router); without it the proxy
+# runs exact-cache-only with the cheap-feature router.
+ARG EXTRAS=ml
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+RUN python -m venv /opt/frugal \
+ && /opt/frugal/bin/pip install --no-cache-dir ".[${EXTRAS}]"
+
+FROM python:3.11-slim
+RUN useradd --system --home /var/lib/frugal --create-home frugal
+COPY --from=build /opt/frugal /opt/frugal
+ENV PATH=/opt/frugal/bin:$PATH \
+    FRUGAL_DATA_DIR=/var/lib/frugal \
+    HF_HUB_OFFLINE=1
+USER frugal
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)" || exit 1
+ENTRYPOINT ["frugal"]
+CMD ["serve", "--config", "/etc/frugal/frugal.yaml"]
