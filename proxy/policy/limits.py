@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 import math
 import time
 import uuid
@@ -45,10 +44,12 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import structlog
+
 from proxy.policy.errors import BudgetExhausted, ConcurrencyLimitExceeded, RateLimitExceeded
 from proxy.policy.policyset import Principal
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("frugal.policy")
 
 NANO = 1_000_000_000  # nano-USD per USD
 WINDOW_S = 60.0  # the "minute" of requests/tokens per minute; also the GCRA burst tolerance
@@ -419,4 +420,4 @@ async def _finish(release: Coroutine[Any, Any, None], what: str) -> None:
         # Cancelled again while releasing: the shielded task still finishes on its own.
         raise
     except Exception:
-        log.warning("could not %s; it will expire by TTL", what, exc_info=True)
+        log.warning("policy_release_failed", what=what, note="expires by TTL", exc_info=True)

@@ -1,0 +1,226 @@
+"""Per-engine admission: a concurrency cap, and a queue ordered by tier priority then arrival.
+
+Below the cap a request goes straight through. At the cap it waits; when a slot frees it goes to
+the waiter with the highest priority, first come first served within a priority. Each tier bounds
+its wait (``queue.max_wait_ms``); past it, or when the queue is full, the request is refused with
+503 ``engine_overloaded`` (not 429: the caller is within its own limits, the fleet is short of
+capacity, so a retry elsewhere or later is right). Low priorities can wait long under sustained
+load; the per-tier bound turns that into a prompt 503 instead of unbounded latency.
+
+Cancellation-safe: a waiter whose client leaves drops out of the queue; if a slot was handed to it
+in the same instant, the slot is passed on, never lost::
+
+    admission = EngineAdmission("small", cap=16, observer=metrics_observer)
+    async with admission.slot(priority=policy.priority, max_wait_s=policy.queue.max_wait_ms / 1000,
+                              tier=policy.tier):
+        await call_engine(...)
+
+The cap is configured (``engines[].max_concurrency``). :func:`next_cap` is an optional adaptive
+rule (bounded AIMD on latency against the engine's unloaded baseline); feed it samples and apply
+the result with :meth:`EngineAdmission.set_cap`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from proxy.policy.errors import EngineOverloaded
+
+Outcome = Literal["admitted", "timeout", "full", "cancelled"]
+
+
+class AdmissionObserver(Protocol):
+    """Where queue facts go (the metrics). Called synchronously; keep it cheap."""
+
+    def queue_length(self, engine: str, length: int) -> None: ...
+
+    def waited(self, engine: str, tier: str, seconds: float, outcome: Outcome) -> None: ...
+
+
+class NullObserver:
+    def queue_length(self, engine: str, length: int) -> None:
+        return None
+
+    def waited(self, engine: str, tier: str, seconds: float, outcome: Outcome) -> None:
+        return None
+
+
+@dataclass(order=True)
+class _Waiter:
+    sort_key: tuple[int, int]  # (-priority, arrival number): heapq pops the smallest
+    future: asyncio.Future[None] = field(compare=False)
+
+
+class EngineAdmission:
+    """The admission gate of one engine. ``cap=None`` admits everything (and still counts)."""
+
+    def __init__(
+        self,
+        engine: str,
+        cap: int | None,
+        *,
+        max_queue: int = 1024,
+        observer: AdmissionObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if cap is not None and cap < 1:
+            raise ValueError("cap must be at least 1")
+        self.engine = engine
+        self._cap = cap
+        self._max_queue = max_queue
+        self._observer: AdmissionObserver = observer or NullObserver()
+        self._clock = clock
+        self._active = 0
+        self._queue: list[_Waiter] = []
+        self._arrivals = itertools.count()
+
+    @property
+    def cap(self) -> int | None:
+        return self._cap
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def set_cap(self, cap: int | None) -> None:
+        """Change the cap; a raise admits waiters at once, a cut takes effect as slots free."""
+        if cap is not None and cap < 1:
+            raise ValueError("cap must be at least 1")
+        self._cap = cap
+        self._dispatch()
+
+    def _has_room(self) -> bool:
+        return self._cap is None or self._active < self._cap
+
+    def _dispatch(self) -> None:
+        while self._queue and self._has_room():
+            waiter = heapq.heappop(self._queue)
+            if waiter.future.done():  # cancelled, already accounted for
+                continue
+            waiter.future.set_result(None)
+            self._active += 1  # the slot belongs to the waiter from this moment
+        self._observer.queue_length(self.engine, len(self._queue))
+
+    def _release(self) -> None:
+        self._active -= 1
+        self._dispatch()
+
+    def _leave_queue(self, waiter: _Waiter) -> None:
+        try:
+            self._queue.remove(waiter)
+        except ValueError:
+            return
+        heapq.heapify(self._queue)
+        self._observer.queue_length(self.engine, len(self._queue))
+
+    async def _acquire(self, priority: int, max_wait_s: float, tier: str) -> None:
+        if not self._queue and self._has_room():
+            self._active += 1
+            self._observer.waited(self.engine, tier, 0.0, "admitted")
+            return
+        if len(self._queue) >= self._max_queue:
+            self._observer.waited(self.engine, tier, 0.0, "full")
+            raise EngineOverloaded(
+                f"engine {self.engine!r} is saturated and its queue is full",
+                retry_after=max(1.0, max_wait_s),
+            )
+        started = self._clock()
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter((-priority, next(self._arrivals)), loop.create_future())
+        heapq.heappush(self._queue, waiter)
+        self._observer.queue_length(self.engine, len(self._queue))
+        try:
+            async with asyncio.timeout(max_wait_s):
+                await waiter.future
+        except BaseException as exc:
+            granted = waiter.future.done() and not waiter.future.cancelled()
+            if isinstance(exc, TimeoutError) and granted:
+                # The slot arrived just as the wait ran out: keep it rather than waste it.
+                self._observer.waited(self.engine, tier, self._clock() - started, "admitted")
+                return
+            if granted:
+                self._release()  # handed over, but the client is gone: pass it on
+            else:
+                waiter.future.cancel()
+                self._leave_queue(waiter)
+            waited = self._clock() - started
+            if isinstance(exc, TimeoutError):
+                self._observer.waited(self.engine, tier, waited, "timeout")
+                raise EngineOverloaded(
+                    f"engine {self.engine!r} is saturated; no slot within {max_wait_s:g} s",
+                    retry_after=max(1.0, max_wait_s),
+                ) from None
+            self._observer.waited(self.engine, tier, waited, "cancelled")
+            raise
+        self._observer.waited(self.engine, tier, self._clock() - started, "admitted")
+
+    @asynccontextmanager
+    async def slot(
+        self, *, priority: int, max_wait_s: float, tier: str = ""
+    ) -> AsyncIterator[None]:
+        """Hold one engine slot for the block; 503 EngineOverloaded past ``max_wait_s``."""
+        await self._acquire(priority, max_wait_s, tier)
+        try:
+            yield
+        finally:
+            self._release()
+
+
+# --- optional adaptive cap ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CapState:
+    cap: float
+    baseline_s: float | None = None  # latency with little load: the lowest seen, drifting up
+    recent_s: float | None = None  # smoothed current latency
+
+
+def next_cap(
+    state: CapState,
+    latency_s: float,
+    in_flight: int,
+    *,
+    min_cap: int,
+    max_cap: int,
+    tolerance: float = 2.0,
+    smoothing: float = 0.1,
+    drift: float = 0.001,
+) -> CapState:
+    """One latency sample in, the next cap out (always within [min_cap, max_cap]).
+
+    Latency stays flat while the engine batches more requests and bends up once it is saturated.
+    So: while the smoothed latency is within ``tolerance`` x the unloaded baseline and the cap is
+    actually in use, grow by about one slot per cap's worth of samples (additive); past the bend,
+    shrink by 10% (multiplicative). The baseline drifts up slowly so a permanently slower engine
+    (a longer model, a new version) re-learns it instead of shrinking forever.
+    """
+    if not (latency_s > 0 and math.isfinite(latency_s)):
+        return state
+    baseline = (
+        latency_s if state.baseline_s is None else min(latency_s, state.baseline_s * (1 + drift))
+    )
+    recent = (
+        latency_s
+        if state.recent_s is None
+        else (1 - smoothing) * state.recent_s + smoothing * latency_s
+    )
+    cap = state.cap
+    if recent > tolerance * baseline:
+        cap *= 0.9
+    elif in_flight >= math.floor(cap):
+        cap += 1.0 / max(cap, 1.0)
+    cap = float(min(max(cap, min_cap), max_cap))
+    return CapState(cap, baseline, recent)
