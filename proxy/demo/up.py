@@ -1,0 +1,156 @@
+"""`frugal up`: demo models + vLLM engines as child processes + the proxy, in one process.
+
+Order: load the config (the embedded demo.yaml unless --config), prepare any `demo:` models,
+make sure the vLLM venv exists, start every engine that has a `launch` section, then serve the
+proxy in this process. Ctrl-C (or any error) stops the proxy, then the engines.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from proxy.demo.errors import DemoError
+from proxy.demo.launcher import EngineSpec, RunningEngine, build_spec, engines_running
+from proxy.demo.models import prepare_demo_models
+from proxy.demo.vllm_env import ensure_vllm_python
+from proxy.settings import ConfigError, EngineSettings, Settings, load_settings, parse_settings
+
+DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
+DEMO_PREFIX = "demo:"
+
+
+def load_up_settings(config: Path | None) -> Settings:
+    """The given config file, or the embedded demo config.
+
+    The demo config's relative paths (the policies folder) resolve against the working
+    directory, so `frugal up` from the repo root picks up ./policies.
+    """
+    if config is not None:
+        return load_settings(config)
+    return parse_settings(DEMO_CONFIG.read_text(), source=str(DEMO_CONFIG), base_dir=Path.cwd())
+
+
+def demo_models_needed(settings: Settings) -> list[str]:
+    return [
+        e.launch.model_dir.removeprefix(DEMO_PREFIX)
+        for e in settings.engines
+        if e.launch is not None and e.launch.model_dir.startswith(DEMO_PREFIX)
+    ]
+
+
+def engine_port(engine: EngineSettings) -> tuple[str, int]:
+    """Host and port an engine is launched on: those of its first URL."""
+    url = urlsplit(engine.urls[0])
+    if url.hostname is None or url.port is None:
+        raise DemoError(f"engine {engine.name!r}: {engine.urls[0]} needs an explicit host:port")
+    return url.hostname, url.port
+
+
+def resolve_model_dir(engine: EngineSettings, demo_dirs: Mapping[str, Path]) -> Path:
+    assert engine.launch is not None
+    where = engine.launch.model_dir
+    if not where.startswith(DEMO_PREFIX):
+        return Path(where).expanduser()
+    name = where.removeprefix(DEMO_PREFIX)
+    if name not in demo_dirs:
+        known = ", ".join(sorted(demo_dirs)) or "none"
+        raise DemoError(f"engine {engine.name!r}: unknown demo model {name!r} (known: {known})")
+    return demo_dirs[name]
+
+
+def launch_specs(
+    settings: Settings, *, python: Path, demo_dirs: Mapping[str, Path]
+) -> list[EngineSpec]:
+    """One EngineSpec per engine with a `launch` section, placeholders filled in."""
+    specs = []
+    for engine in settings.engines:
+        if engine.launch is None:
+            continue
+        host, port = engine_port(engine)
+        values = {
+            "python": str(python),
+            "model_dir": str(resolve_model_dir(engine, demo_dirs)),
+        }
+        try:
+            specs.append(
+                build_spec(
+                    name=engine.name,
+                    served_model=engine.model,
+                    port=port,
+                    host=host,
+                    command=engine.launch.command,
+                    env=engine.launch.env,
+                    values=values,
+                    startup_timeout_s=engine.launch.startup_timeout_s,
+                )
+            )
+        except ValueError as exc:
+            raise DemoError(f"engine {engine.name!r}: launch: {exc}") from exc
+    return specs
+
+
+def with_launch_results(
+    settings: Settings, *, data_dir: Path, port: int, demo_dirs: Mapping[str, Path]
+) -> Settings:
+    """The settings the proxy runs with: our data dir and port, and each launched engine's
+    model folder (so `version: auto` can hash the weights)."""
+    engines = [
+        e.model_copy(update={"model_dir": resolve_model_dir(e, demo_dirs)})
+        if e.launch is not None and e.model_dir is None
+        else e
+        for e in settings.engines
+    ]
+    return settings.model_copy(
+        update={
+            "data_dir": data_dir,
+            "engines": engines,
+            "server": settings.server.model_copy(update={"port": port}),
+        }
+    )
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _describe(running: list[RunningEngine], port: int, host: str) -> str:
+    lines = [f"  {e.name:<8} {e.served_model:<22} {e.url}  (log: {e.log_path})" for e in running]
+    return "\n".join(
+        ["engines ready:", *lines, f"proxy: http://{host}:{port}/v1  (Ctrl-C stops everything)"]
+    )
+
+
+def run_proxy_in_process(settings: Settings) -> None:
+    """The single call site of the proxy server; returns when it is stopped."""
+    from proxy.server import run_proxy
+
+    run_proxy(settings)
+
+
+def run_up(*, data_dir: Path, config: Path | None, port: int) -> int:
+    try:
+        settings = load_up_settings(config)
+    except ConfigError as exc:
+        _say(str(exc))
+        return 2
+    try:
+        demo_dirs: dict[str, Path] = {}
+        if demo_models_needed(settings):
+            _say(f"preparing demo models in {data_dir} (first run: a few minutes)")
+            demo_dirs = prepare_demo_models(data_dir)
+        python = ensure_vllm_python(data_dir)
+        specs = launch_specs(settings, python=python, demo_dirs=demo_dirs)
+        settings = with_launch_results(settings, data_dir=data_dir, port=port, demo_dirs=demo_dirs)
+        with engines_running(specs, data_dir) as running:
+            _say(_describe(running, port, settings.server.host))
+            run_proxy_in_process(settings)
+    except DemoError as exc:
+        _say(f"frugal up: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _say("frugal up: stopped")
+        return 130
+    return 0

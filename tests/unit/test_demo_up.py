@@ -1,0 +1,87 @@
+"""`frugal up` wiring: the embedded demo config and how launch specs are derived from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.demo.errors import DemoError
+from proxy.demo.up import (
+    demo_models_needed,
+    launch_specs,
+    load_up_settings,
+    with_launch_results,
+)
+from proxy.settings import parse_settings
+
+DEMO_DIRS = {
+    "smollm2-135m": Path("/data/models/smollm2-135m"),
+    "qwen2.5-coder-0.5b": Path("/data/models/qwen2.5-coder-0.5b"),
+}
+
+
+def test_demo_config_launches_both_engines_on_their_ports() -> None:
+    settings = load_up_settings(None)
+    assert demo_models_needed(settings) == ["smollm2-135m", "qwen2.5-coder-0.5b"]
+    specs = launch_specs(settings, python=Path("/v/bin/python"), demo_dirs=DEMO_DIRS)
+    assert [(s.name, s.served_model, s.port) for s in specs] == [
+        ("small", "smollm2-135m", 8101),
+        ("large", "qwen2.5-coder-0.5b", 8102),
+    ]
+    for spec in specs:
+        command = list(spec.command)
+        assert command[:3] == ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+        assert command[command.index("--model") + 1] == str(DEMO_DIRS[spec.served_model])
+        assert command[command.index("--served-model-name") + 1] == spec.served_model
+        assert command[command.index("--port") + 1] == str(spec.port)
+        assert command[command.index("--max-model-len") + 1] == "4096"
+        assert dict(spec.env) == {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+        assert not any("{" in part for part in command)
+
+
+CUSTOM = """
+engines:
+  - name: external
+    model: ext
+    urls: [http://10.0.0.1:9000]
+  - name: mine
+    model: my-model
+    urls: [http://127.0.0.1:9100]
+    launch:
+      model_dir: {model_dir}
+      command: ["{{python}}", "serve.py", "{{model_dir}}", "--port={{port}}", "--name={{model}}"]
+      env: {{WHERE: "{{model_dir}}"}}
+"""
+
+
+def test_engines_without_launch_are_not_started_and_folders_are_taken_as_is() -> None:
+    settings = parse_settings(CUSTOM.format(model_dir="/weights/mine"))
+    assert demo_models_needed(settings) == []
+    (spec,) = launch_specs(settings, python=Path("/py"), demo_dirs={})
+    assert spec.command == ("/py", "serve.py", "/weights/mine", "--port=9100", "--name=my-model")
+    assert dict(spec.env) == {"WHERE": "/weights/mine"}
+
+
+def test_an_unknown_demo_model_is_an_error() -> None:
+    settings = parse_settings(CUSTOM.format(model_dir="demo:gpt-9"))
+    with pytest.raises(DemoError, match="unknown demo model 'gpt-9'"):
+        launch_specs(settings, python=Path("/py"), demo_dirs=DEMO_DIRS)
+
+
+def test_a_typo_in_a_placeholder_is_an_error() -> None:
+    settings = parse_settings(CUSTOM.format(model_dir="/w").replace("{port}", "{prot}"))
+    with pytest.raises(DemoError, match=r"\{prot\}"):
+        launch_specs(settings, python=Path("/py"), demo_dirs={})
+
+
+def test_proxy_settings_get_the_port_data_dir_and_model_folders(tmp_path: Path) -> None:
+    settings = with_launch_results(
+        load_up_settings(None), data_dir=tmp_path, port=9999, demo_dirs=DEMO_DIRS
+    )
+    assert settings.server.port == 9999
+    assert settings.data_dir == tmp_path
+    assert [e.model_dir for e in settings.engines] == [
+        DEMO_DIRS["smollm2-135m"],
+        DEMO_DIRS["qwen2.5-coder-0.5b"],
+    ]
