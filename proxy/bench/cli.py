@@ -26,7 +26,7 @@ import orjson
 from proxy.bench.compare import CompareOptions, compare, default_serve_command, write_outputs
 from proxy.bench.config import costs_from_config, costs_from_json
 from proxy.bench.replay import NotLoopbackError, PaceMode, ReplayOptions, check_loopback, replay
-from proxy.bench.summary import EngineCost, format_table, summarize
+from proxy.bench.summary import EngineCost, engine_roles, format_table, summarize
 from proxy.bench.trace import TraceError, TraceRequest, load_trace
 from proxy.settings import ConfigError
 
@@ -185,10 +185,12 @@ def compare_command(args: argparse.Namespace) -> int:
     """``frugal bench compare``: one fresh proxy per config, one HTML report."""
     try:
         requests = _load(args)
-        missing = [str(c) for c in args.configs if not c.is_file()]
-        if missing:
-            raise OSError(f"no such config: {', '.join(missing)}")
-    except (TraceError, OSError, ValueError) as exc:
+        # Roles come from all strategies' engines together, so a config with only the large
+        # engine still scores its answers as "strong" and the strategies stay comparable.
+        all_costs: dict[str, EngineCost] = {}
+        for config in args.configs:
+            all_costs.update(costs_from_config(config))
+    except (TraceError, ConfigError, OSError, ValueError) as exc:
         print(f"frugal bench compare: {exc}", file=sys.stderr)
         return 2
     template: Sequence[str] = (
@@ -198,7 +200,7 @@ def compare_command(args: argparse.Namespace) -> int:
         replay=_replay_options(args, "http://127.0.0.1:0"),
         serve_command=tuple(template),
         ready_timeout_s=args.ready_timeout,
-        roles=dict(args.engine_role),
+        roles=engine_roles(all_costs, dict(args.engine_role)),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     outcome = asyncio.run(compare(args.configs, requests, options, args.out))
