@@ -1,0 +1,117 @@
+"""diskcache store: operations, expiry, and surviving a crash mid-write."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+from proxy.cache.entry import CacheEntry, EntryMeta
+from proxy.cache.store import CacheStore, DiskStore
+
+
+def entry(
+    n: int, *, ttl: float = 3600.0, engine: str = "e", created: float | None = None
+) -> CacheEntry:
+    meta = EntryMeta(
+        key=f"{n:064x}",
+        context="ctx",
+        endpoint="chat",
+        engine=engine,
+        version="v",
+        partition="p",
+        scope="global",
+        created_at=time.time() if created is None else created,
+        ttl=ttl,
+        compute_seconds=1.0,
+        query_text=f"question {n}",
+    )
+    return CacheEntry(meta, b'{"n": %d}' % n, np.full(8, n % 100, dtype=np.float32))
+
+
+async def test_disk_store_operations(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    assert isinstance(store, CacheStore)
+    for n in range(5):
+        await store.put(entry(n, engine="a" if n < 3 else "b"))
+    got = await store.get(entry(1).meta.key)
+    assert got is not None and got.response == b'{"n": 1}' and got.meta.query_text == "question 1"
+    assert got.embedding is not None and got.embedding[0] == 1.0
+    assert await store.get("f" * 64) is None
+    many = await store.get_many([entry(0).meta.key, "f" * 64, entry(4).meta.key])
+    assert set(many) == {entry(0).meta.key, entry(4).meta.key}
+    assert await store.count() == 5
+    assert sorted(e.meta.key for e in [e async for e in store.scan()]) == sorted(
+        entry(n).meta.key for n in range(5)
+    )
+    deleted = await store.delete_where(lambda m: m.engine == "a")
+    assert sorted(m.key for m in deleted) == sorted(entry(n).meta.key for n in range(3))
+    assert await store.delete([entry(3).meta.key, "f" * 64]) == 1
+    assert await store.count() == 1
+    await store.close()
+    reopened = DiskStore(tmp_path)
+    assert (await reopened.get(entry(4).meta.key)) is not None
+    await reopened.close()
+
+
+async def test_entries_expire_with_their_ttl(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    await store.put(entry(1, ttl=0.05))
+    await store.put(entry(2, ttl=3600))
+    await asyncio.sleep(0.1)
+    assert await store.get(entry(1).meta.key) is None
+    assert await store.get(entry(2).meta.key) is not None
+    await store.close()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, {root!r})
+    from tests.unit.test_cache_store import entry
+    from proxy.cache.store import DiskStore
+    store = DiskStore(Path({folder!r}))
+    progress = Path({progress!r})
+    n = 0
+    while True:
+        store.put_sync(entry(n))
+        n += 1
+        if n % 50 == 0:
+            progress.write_text(str(n))
+    """
+)
+
+
+def test_survives_a_crash_mid_write(tmp_path: Path) -> None:
+    folder, progress = tmp_path / "cache", tmp_path / "progress"
+    root = str(Path(__file__).resolve().parents[2])
+    script = WRITER.format(root=root, folder=str(folder), progress=str(progress))
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=root)
+    try:
+        deadline = time.monotonic() + 60
+        while not (progress.exists() and progress.read_text() and int(progress.read_text()) >= 300):
+            assert child.poll() is None, "writer died"
+            assert time.monotonic() < deadline, "writer too slow"
+            time.sleep(0.05)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    written = int(progress.read_text())
+    store = DiskStore(folder)
+    keys = list(store._cache.iterkeys())
+    assert len(keys) >= written
+    for key in keys:
+        found = store.get_sync(key)
+        assert found is not None, "a torn entry after the crash"
+        assert found.response == b'{"n": %d}' % int(key, 16)
+    store.put_sync(entry(10**6))  # and the store still takes writes
+    assert store.get_sync(entry(10**6).meta.key) is not None
+    store.close_sync()
