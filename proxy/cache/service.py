@@ -216,10 +216,11 @@ class ResponseCache:
         uniform: Callable[[], float] = random.random,
     ) -> None:
         self.store = store
-        self.config = config or CacheConfig()
-        self.index = index or SemanticIndex()
-        self.verifier: SemanticVerifier = verifier or CosineVerifier()
-        self.observer: CacheObserver = observer or NullObserver()
+        self.config = config if config is not None else CacheConfig()
+        # (an empty index is falsy: it has __len__)
+        self.index = index if index is not None else SemanticIndex()
+        self.verifier: SemanticVerifier = verifier if verifier is not None else CosineVerifier()
+        self.observer: CacheObserver = observer if observer is not None else NullObserver()
         self.flights: SingleFlight[bytes, bytes] = SingleFlight()
         self._clock = clock
         self._uniform = uniform

@@ -1,0 +1,401 @@
+"""ResponseCache: exact and semantic lookups, partitions, modes, expiry, invalidation, restarts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.cache.entry import CacheEntry, EntryMeta
+from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, make_keys
+from proxy.cache.modes import CacheMode
+from proxy.cache.service import (
+    CosineVerifier,
+    InvalidationFilter,
+    ResponseCache,
+    SemanticCandidate,
+    Verdict,
+)
+from proxy.cache.store import DiskStore
+
+DIM = 8
+GLOBAL = Partition(Scope.GLOBAL)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def body(question: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "auto",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": question},
+        ],
+        "temperature": 0,
+        **extra,
+    }
+
+
+def keys_for(
+    question: str,
+    *,
+    partition: Partition = GLOBAL,
+    engine: str = "large",
+    version: str = "v1",
+    **extra: Any,
+) -> CacheKeys:
+    return make_keys(
+        Endpoint.CHAT, body(question, **extra), engine=engine, version=version, partition=partition
+    )
+
+
+def answer(text: str, reason: str = "stop") -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "large",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    }
+
+
+def vec(*values: float) -> np.ndarray:
+    v = np.zeros(DIM, dtype=np.float32)
+    v[: len(values)] = values
+    return v / np.linalg.norm(v)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.lookups: list[str] = []
+        self.stores: list[str] = []
+        self.errors: list[str] = []
+
+    def on_lookup(self, outcome: str, seconds: float) -> None:
+        self.lookups.append(outcome)
+
+    def on_store(self, outcome: str) -> None:
+        self.stores.append(outcome)
+
+    def on_backend_error(self, operation: str, error: BaseException) -> None:
+        self.errors.append(operation)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def cache(tmp_path: Path, clock: Clock) -> AsyncIterator[ResponseCache]:
+    from proxy.cache.index import SemanticIndex
+
+    rc = ResponseCache(
+        DiskStore(tmp_path / "cache"),
+        index=SemanticIndex(DIM),
+        verifier=CosineVerifier(0.9),
+        observer=Recorder(),
+        clock=clock,
+        uniform=lambda: 1.0,  # XFetch never fires unless a test says so
+    )
+    await rc.start()
+    await rc.ready()
+    yield rc
+    await rc.aclose()
+
+
+async def test_exact_hit_after_store(cache: ResponseCache) -> None:
+    keys = keys_for("What is 2+2?")
+    assert await cache.lookup(keys) is None
+    assert await cache.store_response(keys, answer("4"), compute_seconds=0.5)
+    hit = await cache.lookup(keys)
+    assert hit is not None and hit.kind == "exact" and hit.similarity == 1.0
+    assert hit.json()["choices"][0]["message"]["content"] == "4"
+    assert hit.json()["usage"] == answer("4")["usage"]
+    assert cache.observer.lookups == ["miss", "exact"]  # type: ignore[attr-defined]
+
+
+async def test_raw_bytes_are_stored_verbatim(cache: ResponseCache) -> None:
+    keys = keys_for("bytes?")
+    raw = orjson.dumps(answer("yes"))
+    assert await cache.store_response(keys, raw)
+    hit = await cache.lookup(keys)
+    assert hit is not None and hit.response == raw
+
+
+async def test_only_the_producing_engine_version_is_served(cache: ResponseCache) -> None:
+    await cache.store_response(keys_for("q"), answer("a"), embedding=vec(1))
+    assert await cache.lookup(keys_for("q", version="v2"), embedding=vec(1)) is None
+    assert await cache.lookup(keys_for("q", engine="small"), embedding=vec(1)) is None
+
+
+async def test_bad_answers_are_not_stored(cache: ResponseCache) -> None:
+    keys = keys_for("q")
+    assert not await cache.store_response(keys, answer("cut", reason="abort"))
+    assert not await cache.store_response(keys, answer("a"), status=500)
+    assert not await cache.store_response(keys, b"not json")
+    assert await cache.lookup(keys) is None
+    assert cache.observer.stores == ["rejected"] * 3  # type: ignore[attr-defined]
+
+
+async def test_modes(cache: ResponseCache) -> None:
+    keys = keys_for("q")
+    assert not await cache.store_response(keys, answer("a"), mode=CacheMode.READ_ONLY)
+    assert await cache.store_response(keys, answer("a"), mode=CacheMode.WRITE_ONLY)
+    assert await cache.lookup(keys, mode=CacheMode.WRITE_ONLY) is None
+    assert await cache.lookup(keys, mode=CacheMode.OFF) is None
+    assert await cache.lookup(keys, mode=CacheMode.READ_ONLY) is not None
+
+
+async def test_semantic_hit_for_a_paraphrase(cache: ResponseCache) -> None:
+    await cache.store_response(
+        keys_for("capital of France?"), answer("Paris"), embedding=vec(1, 0.1)
+    )
+    hit = await cache.lookup(keys_for("France's capital?"), embedding=vec(1, 0.12))
+    assert hit is not None and hit.kind == "semantic" and hit.similarity > 0.99
+    assert hit.meta.query_text == "capital of France?"
+    # too far: the verifier (cosine 0.9 here) refuses
+    assert await cache.lookup(keys_for("capital of Spain?"), embedding=vec(1, 1)) is None
+    # same question text but another system prompt: another context, no semantic hit
+    other = make_keys(
+        Endpoint.CHAT,
+        {
+            **body("France's capital?"),
+            "messages": [{"role": "user", "content": "France's capital?"}],
+        },
+        engine="large",
+        version="v1",
+        partition=GLOBAL,
+    )
+    assert await cache.lookup(other, embedding=vec(1, 0.12)) is None
+    # other sampling fields: other context
+    assert (
+        await cache.lookup(keys_for("France's capital?", max_tokens=5), embedding=vec(1, 0.12))
+        is None
+    )
+
+
+class PickSecond:
+    cheap = False
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, list[SemanticCandidate]]] = []
+        self.threads: list[int] = []
+
+    def select(self, query: str, candidates: Sequence[SemanticCandidate]) -> Verdict | None:
+        self.seen.append((query, list(candidates)))
+        self.threads.append(threading.get_ident())
+        return Verdict(1, 0.77) if len(candidates) > 1 else None
+
+
+async def test_a_custom_verifier_decides_off_the_event_loop(
+    cache: ResponseCache, clock: Clock
+) -> None:
+    picker = PickSecond()
+    cache.verifier = picker
+    await cache.store_response(keys_for("a"), answer("A"), embedding=vec(1, 0.0))
+    clock.now += 10
+    await cache.store_response(keys_for("b"), answer("B"), embedding=vec(1, 0.3))
+    hit = await cache.lookup(keys_for("c"), embedding=vec(1, 0.01))
+    assert hit is not None and hit.score == 0.77
+    query, shown = picker.seen[0]
+    assert query == "c"
+    assert [c.text for c in shown] == ["a", "b"]  # best cosine first
+    assert shown[0].age_seconds == 10
+    assert hit.meta.query_text == "b"
+    assert picker.threads[0] != threading.get_ident()
+
+
+async def test_ttl_and_xfetch(cache: ResponseCache, clock: Clock) -> None:
+    keys = keys_for("q")
+    await cache.store_response(keys, answer("a"), compute_seconds=2.0, ttl=100)
+    clock.now += 99
+    assert await cache.lookup(keys) is not None  # uniform=1.0: no early refresh
+    cache._uniform = lambda: 1e-6  # an unlucky draw near expiry: this request refreshes
+    assert await cache.lookup(keys) is None
+    assert cache.observer.lookups[-1] == "refresh"  # type: ignore[attr-defined]
+    cache._uniform = lambda: 1.0
+    clock.now += 2
+    assert await cache.lookup(keys) is None  # expired for everyone
+
+
+async def test_invalidation(cache: ResponseCache, clock: Clock) -> None:
+    tenant = Partition(Scope.TENANT, ("acme",))
+    await cache.store_response(keys_for("old"), answer("a"), embedding=vec(1))
+    clock.now += 1000
+    await cache.store_response(keys_for("new"), answer("b"), embedding=vec(0, 1))
+    await cache.store_response(keys_for("v2", version="v2"), answer("c"))
+    await cache.store_response(keys_for("t", partition=tenant), answer("d"))
+    assert await cache.invalidate(InvalidationFilter(older_than_seconds=500)) == 1
+    assert await cache.lookup(keys_for("old")) is None
+    assert await cache.lookup(keys_for("old again"), embedding=vec(1)) is None
+    assert await cache.invalidate(InvalidationFilter(scope=Scope.TENANT)) == 1
+    assert await cache.lookup(keys_for("t", partition=tenant)) is None
+    assert await cache.purge_versions({("large", "v2")}) == 1
+    assert await cache.lookup(keys_for("new")) is None
+    assert await cache.lookup(keys_for("v2", version="v2")) is not None
+    assert len(cache.index) == 0
+
+
+async def test_semantic_hits_survive_a_restart(tmp_path: Path, clock: Clock) -> None:
+    from proxy.cache.index import SemanticIndex
+
+    first = ResponseCache(DiskStore(tmp_path / "c"), index=SemanticIndex(DIM), clock=clock)
+    await first.start()
+    await first.ready()
+    first.store_in_background(
+        keys_for("capital of France?"), answer("Paris"), embedding=vec(1, 0.1)
+    )
+    await first.aclose()  # drains the background store
+
+    second = ResponseCache(
+        DiskStore(tmp_path / "c"),
+        index=SemanticIndex(DIM),
+        verifier=CosineVerifier(0.9),
+        clock=clock,
+    )
+    await second.start()
+    await second.ready()
+    hit = await second.lookup(keys_for("France's capital?"), embedding=vec(1, 0.12))
+    assert hit is not None and hit.kind == "semantic"
+    stats = await second.stats()
+    assert stats.index_entries == 1 and stats.stored_entries == 1
+    await second.aclose()
+
+
+class BrokenStore:
+    """A store whose backend is gone."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _fail(self) -> None:
+        self.calls += 1
+        raise ConnectionError("backend down")
+
+    async def get(self, key: str) -> CacheEntry | None:
+        self._fail()
+        return None
+
+    async def get_many(self, keys: Collection[str]) -> dict[str, CacheEntry]:
+        self._fail()
+        return {}
+
+    async def put(self, entry: CacheEntry) -> None:
+        self._fail()
+
+    async def delete(self, keys: Collection[str]) -> int:
+        self._fail()
+        return 0
+
+    async def scan(self, *, with_embedding: bool = True) -> AsyncIterator[CacheEntry]:
+        self._fail()
+        yield  # type: ignore[misc]
+
+    async def delete_where(self, predicate: Callable[[EntryMeta], bool]) -> list[EntryMeta]:
+        self._fail()
+        return []
+
+    async def count(self) -> int:
+        self._fail()
+        return 0
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_backend_failures_are_misses_not_errors() -> None:
+    recorder = Recorder()
+    cache = ResponseCache(BrokenStore(), observer=recorder)
+    await cache.start()
+    await cache.ready()
+    keys = keys_for("q")
+    assert await cache.lookup(keys) is None
+    assert not await cache.store_response(keys, answer("a"))
+    await cache.store_in_background(keys, answer("a"))
+    stats = await cache.stats()
+    assert stats.backend_errors >= 4 and stats.stored_entries is None
+    assert recorder.stores == ["failed", "failed"]
+    assert "get" in recorder.errors and "put" in recorder.errors
+    await cache.aclose()
+
+
+async def test_import_jsonl(cache: ResponseCache, tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"question {i}", "answer": f"answer {i}"} for i in range(5)]
+    rows.append(
+        {
+            "prompt": "x",
+            "answer": "y",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+    )
+    pairs.write_text("\n".join(orjson.dumps(r).decode() for r in rows) + "\n")
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return np.stack([vec(1, len(t)) for t in texts])
+
+    stored = await cache.import_jsonl(
+        pairs,
+        engine="large",
+        version="v1",
+        partition=GLOBAL,
+        template={"temperature": 0},
+        encode=encode,
+        progress=False,
+    )
+    assert stored == 6
+    request = {"messages": [{"role": "user", "content": "question 3"}], "temperature": 0}
+    keys = make_keys(Endpoint.CHAT, request, engine="large", version="v1", partition=GLOBAL)
+    hit = await cache.lookup(keys)
+    assert hit is not None and hit.json()["choices"][0]["message"]["content"] == "answer 3"
+    assert len(cache.index) == 6
+
+
+partitions = st.builds(
+    Partition,
+    st.sampled_from(list(Scope)),
+    st.lists(st.sampled_from(["a", "b", ""]), max_size=2).map(tuple),
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(stored_in=partitions, looked_up_in=partitions, question=st.sampled_from(["q1", "q2"]))
+async def test_no_lookup_crosses_a_partition(
+    tmp_path_factory: pytest.TempPathFactory,
+    stored_in: Partition,
+    looked_up_in: Partition,
+    question: str,
+) -> None:
+    from proxy.cache.index import SemanticIndex
+
+    cache = ResponseCache(
+        DiskStore(tmp_path_factory.mktemp("p")),
+        index=SemanticIndex(DIM),
+        verifier=CosineVerifier(0.5),
+    )
+    await cache.store_response(keys_for("q1", partition=stored_in), answer("a"), embedding=vec(1))
+    hit = await cache.lookup(keys_for(question, partition=looked_up_in), embedding=vec(1))
+    if stored_in != looked_up_in:
+        assert hit is None
+    else:
+        assert hit is not None and hit.kind == ("exact" if question == "q1" else "semantic")
+    await cache.aclose()
