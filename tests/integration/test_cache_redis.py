@@ -1,0 +1,178 @@
+"""The Redis cache store on a real redis-server: two replicas sharing entries, outages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+
+from proxy.cache.entry import CacheEntry, EntryMeta
+from proxy.cache.index import SemanticIndex
+from proxy.cache.keys import Endpoint, Partition, Scope, make_keys
+from proxy.cache.redis_store import RedisStore
+from proxy.cache.service import CosineVerifier, ResponseCache
+from proxy.cache.store import CacheBackendError, FollowableStore
+
+if TYPE_CHECKING:
+    from tests.conftest_redis import RedisServer
+
+pytest_plugins = ["tests.conftest_redis"]
+pytestmark = pytest.mark.redis
+
+DIM = 8
+GLOBAL = Partition(Scope.GLOBAL)
+
+
+def vec(*values: float) -> np.ndarray:
+    v = np.zeros(DIM, dtype=np.float32)
+    v[: len(values)] = values
+    return v / np.linalg.norm(v)
+
+
+def keys_for(question: str, version: str = "v1") -> Any:
+    body = {"messages": [{"role": "user", "content": question}], "temperature": 0}
+    return make_keys(Endpoint.CHAT, body, engine="large", version=version, partition=GLOBAL)
+
+
+def answer(text: str) -> dict[str, Any]:
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "large",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+
+
+def entry(n: int, ttl: float = 60.0) -> CacheEntry:
+    meta = EntryMeta(
+        key=f"{n:064x}",
+        context="c",
+        endpoint="chat",
+        engine="e",
+        version="v",
+        partition="p",
+        scope="global",
+        created_at=0.0,
+        ttl=ttl,
+        compute_seconds=0.1,
+        query_text=str(n),
+    )
+    return CacheEntry(meta, b"{}", np.ones(DIM, dtype=np.float32))
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+def replica(url: str, errors: list[str] | None = None) -> ResponseCache:
+    store = RedisStore(
+        url,
+        prefix="t",
+        retry_after=0.2,
+        follow_block_ms=200,
+        on_error=(lambda op, exc: errors.append(op)) if errors is not None else None,
+    )
+    return ResponseCache(store, index=SemanticIndex(DIM), verifier=CosineVerifier(0.9))
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    s = RedisStore(redis_server.url, prefix="t")
+    yield s
+    await s.close()
+
+
+async def test_store_operations(store: RedisStore) -> None:
+    assert isinstance(store, FollowableStore)
+    for n in range(5):
+        await store.put(entry(n))
+    got = await store.get(entry(2).meta.key)
+    assert got is not None and got.meta.query_text == "2" and got.embedding is not None
+    assert set(await store.get_many([entry(1).meta.key, "f" * 64])) == {entry(1).meta.key}
+    assert await store.count() == 5
+    assert len([e async for e in store.scan()]) == 5
+    deleted = await store.delete_where(lambda m: m.query_text in {"0", "1"})
+    assert sorted(m.query_text or "" for m in deleted) == ["0", "1"]
+    assert await store.delete([entry(2).meta.key]) == 1
+    assert await store.count() == 2
+
+
+async def test_entries_expire_in_redis(store: RedisStore) -> None:
+    await store.put(entry(1, ttl=0.05))
+    await asyncio.sleep(0.2)
+    assert await store.get(entry(1).meta.key) is None
+
+
+async def test_replicas_share_exact_and_semantic_entries(redis_server: RedisServer) -> None:
+    first, second = replica(redis_server.url), replica(redis_server.url)
+    await first.start()
+    await second.start()
+    await first.ready()
+    await second.ready()
+    assert await first.store_response(
+        keys_for("capital of France?"), answer("Paris"), embedding=vec(1, 0.1)
+    )
+    exact = await second.lookup(keys_for("capital of France?"))
+    assert exact is not None and exact.kind == "exact"
+
+    async def second_follows() -> bool:
+        return len(second.index) == 1
+
+    await eventually(second_follows)
+    hit = await second.lookup(keys_for("France's capital?"), embedding=vec(1, 0.12))
+    assert hit is not None and hit.kind == "semantic"
+
+    # a third replica started later rebuilds its index from Redis
+    third = replica(redis_server.url)
+    await third.start()
+    await third.ready()
+    assert len(third.index) == 1
+    assert await third.lookup(keys_for("France's capital?"), embedding=vec(1, 0.12)) is not None
+    for r in (first, second, third):
+        await r.aclose()
+
+
+async def test_outage_degrades_to_misses_and_recovers(redis_server: RedisServer) -> None:
+    errors: list[str] = []
+    cache = replica(redis_server.url, errors)
+    await cache.start()
+    await cache.ready()
+    keys = keys_for("q")
+    assert await cache.store_response(keys, answer("a"), embedding=vec(1))
+    assert await cache.lookup(keys) is not None
+
+    redis_server.stop()
+    assert await cache.lookup(keys) is None
+    assert await cache.lookup(keys) is None  # during back-off: fails fast, still a miss
+    assert not await cache.store_response(keys_for("other"), answer("b"))
+    stats = await cache.stats()
+    assert stats.backend_errors >= 3 and stats.stores["failed"] == 1
+    assert errors  # the callback saw it
+    with pytest.raises(CacheBackendError):
+        await cache.store.get(keys.exact)
+
+    redis_server.start()  # same port, empty (no persistence)
+
+    async def recovered() -> bool:
+        return await cache.store_response(keys, answer("a again"), embedding=vec(1))
+
+    await eventually(recovered)
+    hit = await cache.lookup(keys)
+    assert hit is not None and hit.json()["choices"][0]["message"]["content"] == "a again"
+
+    async def resynced() -> bool:
+        # the follower resynced from the (new, empty) server plus the entry stored since
+        return len(cache.index) == 1
+
+    await eventually(resynced)
+    await cache.aclose()
