@@ -87,6 +87,11 @@ def _choice_text(choice: Mapping[str, Any]) -> str:
     return text if isinstance(text, str) else ""
 
 
+def _choice_index(choice: Mapping[str, Any], position: int) -> int:
+    index = choice.get("index")
+    return index if isinstance(index, int) else position
+
+
 def _usage(obj: Mapping[str, Any]) -> tuple[int | None, int | None]:
     usage = obj.get("usage")
     if not isinstance(usage, Mapping):
@@ -116,7 +121,7 @@ def answer_from_body(raw: bytes) -> Answer:
     parts: dict[int, list[str]] = {}
     for position, choice in enumerate(obj.get("choices") or []):
         if isinstance(choice, dict):
-            parts.setdefault(int(choice.get("index", position)), []).append(_choice_text(choice))
+            parts.setdefault(_choice_index(choice, position), []).append(_choice_text(choice))
     prompt, completion = _usage(obj)
     return Answer(_join_choices(parts), prompt, completion)
 
@@ -145,8 +150,7 @@ def answer_from_stream(payloads: Iterable[bytes]) -> Answer:
             return Answer(_join_choices(parts), prompt, completion, error="stream-error")
         for position, choice in enumerate(obj.get("choices") or []):
             if isinstance(choice, dict):
-                index = int(choice.get("index", position))
-                parts.setdefault(index, []).append(_choice_text(choice))
+                parts.setdefault(_choice_index(choice, position), []).append(_choice_text(choice))
         chunk_prompt, chunk_completion = _usage(obj)
         prompt = chunk_prompt if chunk_prompt is not None else prompt
         completion = chunk_completion if chunk_completion is not None else completion
@@ -340,8 +344,9 @@ async def replay(requests: Sequence[TraceRequest], options: ReplayOptions) -> Re
     async def run_one(session: aiohttp.ClientSession, request: TraceRequest) -> None:
         try:
             result = await send_one(session, request, options, run_start)
-        except (OSError, ValueError) as exc:
-            # A failure of the harness's own plumbing is counted like any other failed request.
+        except Exception as exc:
+            # One malformed response must not end the whole run: it is counted as a failed
+            # request, named by the exception type.
             result = _result(
                 request, loop.time() - run_start, None, latency_s=None, error=type(exc).__name__
             )

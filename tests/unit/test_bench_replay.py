@@ -130,3 +130,14 @@ def test_timed_schedule_never_goes_back_in_time(times: list[float | None], speed
     planned = schedule(requests_at(times), "timed", speed=speed)
     assert planned == sorted(planned)
     assert len(planned) == len(times)
+
+
+def test_odd_choice_indexes_fall_back_to_position() -> None:
+    body = orjson.dumps({"choices": [{"index": None, "text": "a"}, {"index": "x", "text": "b"}]})
+    assert answer_from_body(body).text == "a\x1eb"
+    assert (
+        answer_from_stream(
+            [orjson.dumps({"choices": [{"index": None, "text": "a"}]}), DONE_PAYLOAD]
+        ).text
+        == "a"
+    )
