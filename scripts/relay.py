@@ -54,5 +54,6 @@ if __name__ == "__main__":
         port=args.port,
         access_log=None,
         handler_cancellation=True,
+        backlog=4096,  # as the fake engine and Frugal: benchmarks open 1,000 connections at once
         loop=uvloop.new_event_loop(),
     )
