@@ -211,7 +211,7 @@ def generate(
         args.completions_share,
     )
     question_weights = zipf_weights(len(questions), args.zipf)
-    routing_weights = zipf_weights(len(routing), args.zipf) if routing else None
+    routing_weights = zipf_weights(len(routing), args.routing_zipf) if routing else None
     times = mmpp_arrivals(
         args.n, args.rate, args.burst_factor, args.mean_burst_s, args.mean_lull_s, rng
     )
@@ -319,6 +319,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pool-size", type=int, default=1000, help="distinct questions")
     parser.add_argument("--routing-pool-size", type=int, default=1000, help="distinct prompts")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of popularity")
+    parser.add_argument(
+        "--routing-zipf",
+        type=float,
+        default=0.5,
+        help="Zipf exponent of routing prompts (flatter: hard prompts repeat less, and one "
+        "popular prompt should not dominate the quality estimate)",
+    )
     parser.add_argument("--near-miss-share", type=float, default=0.3, help="of the pool")
     parser.add_argument("--routing-share", type=float, default=0.25)
     parser.add_argument("--paraphrase-share", type=float, default=0.35, help="of repeats")
