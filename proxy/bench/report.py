@@ -105,10 +105,10 @@ def quality_plot(names: Sequence[str], summaries: Sequence[Mapping[str, Any]]) -
     figure = Figure(figsize=(9.0, 3.6))
     left, right = figure.subplots(1, 2)
     left.set_title("Semantic false-hit rate")
-    left.bar(names, [100 * (v or 0.0) for v in false_hits], color="#e03131")
+    _bars_or_na(left, names, [None if v is None else 100 * v for v in false_hits], "#e03131")
     left.set_ylabel("% of judged semantic hits")
     right.set_title("Expected answer quality (routing refs)")
-    right.bar(names, [v or 0.0 for v in quality], color="#7048e8")
+    _bars_or_na(right, names, quality, "#7048e8")
     weak = [r.get("all_weak_quality") for r in routing if r.get("all_weak_quality") is not None]
     strong = [
         r.get("all_strong_quality") for r in routing if r.get("all_strong_quality") is not None
@@ -121,6 +121,17 @@ def quality_plot(names: Sequence[str], summaries: Sequence[Mapping[str, Any]]) -
         axes.grid(axis="y", alpha=0.3)
         axes.tick_params(axis="x", labelrotation=20)
     return _png(figure)
+
+
+def _bars_or_na(
+    axes: Any, names: Sequence[str], values: Sequence[float | None], colour: str
+) -> None:
+    """Bars with their values; a strategy without a value gets an "n/a" label, not a zero bar."""
+    bars = axes.bar(names, [v or 0.0 for v in values], color=colour)
+    axes.bar_label(bars, labels=["n/a" if v is None else f"{v:.3g}" for v in values])
+    axes.set_ylim(bottom=0)
+    if all(v is None for v in values):
+        axes.set_ylim(0, 1)
 
 
 def _number(value: Any, scale: float = 1.0, digits: int = 4) -> str:
