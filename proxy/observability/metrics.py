@@ -24,9 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.observability.families import (
+    CounterChild,
+    CounterFamily,
+    FamiliesCollector,
+    HistogramChild,
+    HistogramFamily,
+)
 from proxy.observability.snapshot import RecentRequest, Sample, build_snapshot
 
 LATENCY_BUCKETS: Final = (
@@ -40,6 +47,7 @@ QUEUE_WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 SIMILARITY_BUCKETS: Final = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0)
 BATCH_SIZE_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128)
 BATCH_WAIT_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+ENCODE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 BREAKER_STATES: Final = ("closed", "open", "half_open")
 
@@ -48,15 +56,15 @@ BREAKER_STATES: Final = ("closed", "open", "half_open")
 class _RequestSeries:
     """Every child series one ``request_done`` label set touches, looked up once."""
 
-    requests: Any
-    latency: Any
-    ttft: Any
-    overhead: Any
-    tokens_in: Any
-    tokens_out: Any
-    cost: Any
-    saved_cache: Any
-    saved_routing: Any
+    requests: CounterChild
+    latency: HistogramChild
+    ttft: HistogramChild
+    overhead: HistogramChild
+    tokens_in: CounterChild
+    tokens_out: CounterChild
+    cost: CounterChild
+    saved_cache: CounterChild
+    saved_routing: CounterChild
 
 
 class _Children:
@@ -94,60 +102,55 @@ class Metrics:
         self._wall_clock = wall_clock
         self._started_at = clock()
         self.recent_window_s = recent_window_s
-        self._recent: deque[RecentRequest] = deque(maxlen=recent_max)
+        # Plain tuples (at, latency, ttft, overhead): a frozen dataclass costs ~1.4 µs to build.
+        self._recent: deque[tuple[float, float, float | None, float | None]] = deque(
+            maxlen=recent_max
+        )
         reg = self.registry
 
         # Requests.
-        self.requests = Counter(
+        self.requests = CounterFamily(
             "frugal_requests",
             "Finished requests by tier, model version, engine, HTTP status and cache outcome.",
             ["tier", "model", "engine", "status", "cache", "stream"],
-            registry=reg,
         )
-        self.request_latency = Histogram(
+        self.request_latency = HistogramFamily(
             "frugal_request_latency_seconds",
             "Whole-request latency as the client sees it.",
             ["tier", "engine", "cache"],
             buckets=LATENCY_BUCKETS,
-            registry=reg,
         )
-        self.ttft = Histogram(
+        self.ttft = HistogramFamily(
             "frugal_time_to_first_token_seconds",
             "Time from request arrival to the first content byte sent to the client.",
             ["tier", "engine", "cache"],
             buckets=LATENCY_BUCKETS,
-            registry=reg,
         )
-        self.overhead = Histogram(
+        self.overhead = HistogramFamily(
             "frugal_proxy_overhead_seconds",
             "Time the proxy itself adds (parsing, policy, routing, cache), excluding upstream.",
             ["tier"],
             buckets=OVERHEAD_BUCKETS,
-            registry=reg,
         )
-        self.tokens_in = Counter(
+        self.tokens_in = CounterFamily(
             "frugal_tokens_in",
             "Prompt tokens of finished requests.",
             ["tier", "engine"],
-            registry=reg,
         )
-        self.tokens_out = Counter(
+        self.tokens_out = CounterFamily(
             "frugal_tokens_out",
             "Completion tokens returned to clients (served from cache or engine).",
             ["tier", "engine"],
-            registry=reg,
         )
-        self.cost = Counter(
+        self.cost = CounterFamily(
             "frugal_cost_usd",
             "Inference cost in USD of finished requests.",
             ["tier", "engine"],
-            registry=reg,
         )
-        self.saved = Counter(
+        self.saved = CounterFamily(
             "frugal_saved_usd",
             "USD saved against sending every request to the strongest engine, by source.",
             ["tier", "source"],
-            registry=reg,
         )
         self.in_flight_gauge = Gauge(
             "frugal_requests_in_flight",
@@ -157,38 +160,33 @@ class Metrics:
         )
 
         # Cache.
-        self.cache_lookups = Counter(
+        self.cache_lookups = CounterFamily(
             "frugal_cache_lookups",
             "Cache lookups by kind (exact/semantic) and scope.",
             ["kind", "scope"],
-            registry=reg,
         )
-        self.cache_hits = Counter(
+        self.cache_hits = CounterFamily(
             "frugal_cache_hits",
             "Cache hits by kind (exact/semantic) and scope.",
             ["kind", "scope"],
-            registry=reg,
         )
-        self.cache_similarity = Histogram(
+        self.cache_similarity = HistogramFamily(
             "frugal_cache_hit_similarity",
             "Cosine similarity of semantic cache hits.",
             ["scope"],
             buckets=SIMILARITY_BUCKETS,
-            registry=reg,
         )
-        self.cache_errors = Counter(
+        self.cache_errors = CounterFamily(
             "frugal_cache_errors",
             "Cache-store operations that failed (the request went on without the cache).",
             ["backend", "op"],
-            registry=reg,
         )
 
         # Routing, admission, queues.
-        self.route_decisions = Counter(
+        self.route_decisions = CounterFamily(
             "frugal_route_decisions",
             "Routing decisions by tier, chosen engine and reason.",
             ["tier", "engine", "reason"],
-            registry=reg,
         )
         self.queue_length_gauge = Gauge(
             "frugal_queue_length",
@@ -196,24 +194,21 @@ class Metrics:
             ["engine"],
             registry=reg,
         )
-        self.queue_wait_hist = Histogram(
+        self.queue_wait_hist = HistogramFamily(
             "frugal_queue_wait_seconds",
             "Time a request waited in the admission queue.",
             ["engine", "tier"],
             buckets=QUEUE_WAIT_BUCKETS,
-            registry=reg,
         )
-        self.admission_rejections = Counter(
+        self.admission_rejections = CounterFamily(
             "frugal_admission_rejected",
             "Requests refused at admission (queue full, wait timeout, ...).",
             ["engine", "tier", "reason"],
-            registry=reg,
         )
-        self.policy_rejections = Counter(
+        self.policy_rejections = CounterFamily(
             "frugal_policy_rejected",
             "Requests refused by tier policy (rate, tokens, budget, model not allowed, ...).",
             ["tier", "reason"],
-            registry=reg,
         )
         self.budget_spent_gauge = Gauge(
             "frugal_budget_spent_usd",
@@ -229,17 +224,20 @@ class Metrics:
         )
 
         # Embeddings.
-        self.embedding_batch_size = Histogram(
+        self.embedding_batch_size = HistogramFamily(
             "frugal_embedding_batch_size",
             "Texts embedded per batch by the embedding worker.",
             buckets=BATCH_SIZE_BUCKETS,
-            registry=reg,
         )
-        self.embedding_batch_wait = Histogram(
+        self.embedding_batch_wait = HistogramFamily(
             "frugal_embedding_batch_wait_seconds",
             "Time the first text of a batch waited for the batch to start.",
             buckets=BATCH_WAIT_BUCKETS,
-            registry=reg,
+        )
+        self.embedding_encode = HistogramFamily(
+            "frugal_embedding_encode_seconds",
+            "Time the model took to embed one batch.",
+            buckets=ENCODE_BUCKETS,
         )
 
         # Engines, as read from each vLLM replica's /health and /metrics.
@@ -267,11 +265,10 @@ class Metrics:
             ["engine", "replica"],
             registry=reg,
         )
-        self.upstream_retries = Counter(
+        self.upstream_retries = CounterFamily(
             "frugal_upstream_retries",
             "Engine calls retried, by engine and reason.",
             ["engine", "reason"],
-            registry=reg,
         )
         self.breaker = Gauge(
             "frugal_breaker_state",
@@ -280,24 +277,43 @@ class Metrics:
             registry=reg,
         )
 
+        reg.register(
+            FamiliesCollector(
+                [
+                    self.requests,
+                    self.request_latency,
+                    self.ttft,
+                    self.overhead,
+                    self.tokens_in,
+                    self.tokens_out,
+                    self.cost,
+                    self.saved,
+                    self.cache_lookups,
+                    self.cache_hits,
+                    self.cache_similarity,
+                    self.cache_errors,
+                    self.route_decisions,
+                    self.queue_wait_hist,
+                    self.admission_rejections,
+                    self.policy_rejections,
+                    self.embedding_batch_size,
+                    self.embedding_batch_wait,
+                    self.embedding_encode,
+                    self.upstream_retries,
+                ]
+            )
+        )
+
+        # prometheus_client gauges: set rarely (health polls, queue changes); memoise children.
         self._request_series: dict[tuple[str, str, str, int, str, bool], _RequestSeries] = {}
         self._in_flight = _Children(self.in_flight_gauge)
-        self._lookups = _Children(self.cache_lookups)
-        self._hits = _Children(self.cache_hits)
-        self._similarity = _Children(self.cache_similarity)
-        self._cache_errors = _Children(self.cache_errors)
-        self._routes = _Children(self.route_decisions)
         self._queue_length = _Children(self.queue_length_gauge)
-        self._queue_wait = _Children(self.queue_wait_hist)
-        self._admission = _Children(self.admission_rejections)
-        self._policy = _Children(self.policy_rejections)
         self._budget_spent = _Children(self.budget_spent_gauge)
         self._budget_limit = _Children(self.budget_limit_gauge)
         self._engine_up = _Children(self.engine_up)
         self._engine_running = _Children(self.engine_running)
         self._engine_waiting = _Children(self.engine_waiting)
         self._engine_kv = _Children(self.engine_kv_usage)
-        self._retries = _Children(self.upstream_retries)
         self._breaker = _Children(self.breaker)
 
     # -- request path -----------------------------------------------------------------------
@@ -341,7 +357,7 @@ class Metrics:
             series.saved_cache.inc(saved_cache_usd)
         if saved_routing_usd:
             series.saved_routing.inc(saved_routing_usd)
-        self._recent.append(RecentRequest(self._clock(), latency_s, ttft_s, overhead_s))
+        self._recent.append((self._clock(), latency_s, ttft_s, overhead_s))
 
     def _new_request_series(self, key: tuple[str, str, str, int, str, bool]) -> _RequestSeries:
         tier, model, engine, status, cache, stream = key
@@ -369,31 +385,37 @@ class Metrics:
         self, *, kind: str, scope: str, hit: bool, similarity: float | None = None
     ) -> None:
         """Record one cache lookup; ``similarity`` is the semantic hit's cosine similarity."""
-        self._lookups.get(kind, scope).inc()
+        self.cache_lookups.labels(kind, scope).inc()
         if hit:
-            self._hits.get(kind, scope).inc()
+            self.cache_hits.labels(kind, scope).inc()
             if similarity is not None:
-                self._similarity.get(scope).observe(similarity)
+                self.cache_similarity.labels(scope).observe(similarity)
 
     def cache_error(self, *, backend: str, op: str) -> None:
         """Record a failed cache-store operation (``op``: get/set/delete/index/...)."""
-        self._cache_errors.get(backend, op).inc()
+        self.cache_errors.labels(backend, op).inc()
 
     def route_decision(self, *, tier: str, engine: str, reason: str) -> None:
-        self._routes.get(tier, engine, reason).inc()
+        self.route_decisions.labels(tier, engine, reason).inc()
 
     def queue_length(self, *, engine: str, length: int) -> None:
         self._queue_length.get(engine).set(length)
 
     def queue_wait(self, *, engine: str, tier: str, seconds: float) -> None:
-        self._queue_wait.get(engine, tier).observe(seconds)
+        self.queue_wait_hist.labels(engine, tier).observe(seconds)
 
     def admission_rejected(self, *, engine: str, tier: str, reason: str) -> None:
-        self._admission.get(engine, tier, reason).inc()
+        self.admission_rejections.labels(engine, tier, reason).inc()
 
-    def embedding_batch(self, *, size: int, wait_s: float) -> None:
-        self.embedding_batch_size.observe(size)
-        self.embedding_batch_wait.observe(wait_s)
+    def embedding_batch(
+        self, *, size: int, wait_s: float | None = None, encode_s: float | None = None
+    ) -> None:
+        """One embedding batch: its size, how long its first text waited, how long encoding took."""
+        self.embedding_batch_size.labels().observe(size)
+        if wait_s is not None:
+            self.embedding_batch_wait.labels().observe(wait_s)
+        if encode_s is not None:
+            self.embedding_encode.labels().observe(encode_s)
 
     def engine_replica(
         self,
@@ -412,7 +434,7 @@ class Metrics:
         self._engine_kv.get(engine, replica).set(kv_usage)
 
     def upstream_retry(self, *, engine: str, reason: str) -> None:
-        self._retries.get(engine, reason).inc()
+        self.upstream_retries.labels(engine, reason).inc()
 
     def breaker_state(self, *, engine: str, replica: str, state: str) -> None:
         """Set the replica's breaker state; the other states' series drop to 0."""
@@ -422,7 +444,7 @@ class Metrics:
             self._breaker.get(engine, replica, candidate).set(1.0 if candidate == state else 0.0)
 
     def policy_rejected(self, *, tier: str, reason: str) -> None:
-        self._policy.get(tier, reason).inc()
+        self.policy_rejections.labels(tier, reason).inc()
 
     def budget_spent(self, *, tier: str, usd: float) -> None:
         """Set today's spend for the tier (a gauge: the policy's counter is the source of truth)."""
@@ -441,7 +463,7 @@ class Metrics:
     def recent(self) -> list[RecentRequest]:
         """Requests that finished within the recent window (bounded by ``recent_max``)."""
         cutoff = self._clock() - self.recent_window_s
-        return [r for r in self._recent if r.at >= cutoff]
+        return [RecentRequest(*r) for r in self._recent if r[0] >= cutoff]
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready summary for the dashboard (see ``build_snapshot``)."""
@@ -470,10 +492,10 @@ def metric_names(registry: CollectorRegistry) -> set[str]:
     family type: counters add ``_total`` (and ``_created``), histograms ``_bucket/_sum/_count``.
     """
     suffixes = {
-        "counter": ("_total", "_created"),
-        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "counter": ("_total",),
+        "histogram": ("_bucket", "_sum", "_count"),
         "gauge": ("",),
-        "summary": ("", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count"),
     }
     names: set[str] = set()
     for family in registry.collect():
