@@ -7,7 +7,11 @@ this answer, a cached one is fine). A client can never widen its tier's mode.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import Any
+
+from proxy.cache.keys import is_cacheable_request
 
 
 class CacheMode(StrEnum):
@@ -51,3 +55,17 @@ def mode_from_cache_control(header: str | None) -> CacheMode:
     return CacheMode.from_flags(
         read="no-cache" not in directives, write="no-store" not in directives
     )
+
+
+def request_mode(
+    tier_mode: CacheMode,
+    *,
+    cache_control: str | None,
+    body: Mapping[str, Any],
+    allow_sampled: bool,
+) -> CacheMode:
+    """The mode for one request: the tier's, narrowed by ``Cache-Control``, and off for sampled
+    requests (temperature > 0 without a seed) unless the tier allows caching them."""
+    if not is_cacheable_request(body, allow_sampled=allow_sampled):
+        return CacheMode.OFF
+    return tier_mode.with_cache_control(cache_control)

@@ -356,7 +356,9 @@ class ResponseCache:
         self, keys: CacheKeys, embedding: np.ndarray, now: float
     ) -> CacheHit | None:
         assert keys.context is not None and keys.query_text is not None
-        found = self.index.search(keys.context, embedding, self.config.semantic_candidates)
+        query = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        query = query / max(float(np.linalg.norm(query)), 1e-12)
+        found = self.index.search(keys.context, query, self.config.semantic_candidates)
         near = [(label, cos) for label, cos in found if cos >= self.config.semantic_floor]
         if not near:
             return None
@@ -378,9 +380,10 @@ class ResponseCache:
                 and meta.query_text is not None
                 and not is_expired(meta, now)
             ):
-                candidates.append((entry, cos))
+                candidates.append((entry, _exact_cosine(query, entry.embedding, cos)))
         if not candidates:
             return None
+        candidates.sort(key=lambda c: -c[1])
         shown = [
             SemanticCandidate(e.meta.query_text or "", cos, now - e.meta.created_at)
             for e, cos in candidates
@@ -672,6 +675,15 @@ class ResponseCache:
         if self._backend_down:
             self._backend_down = False
             log.warning("cache.backend.recovered")
+
+
+def _exact_cosine(query: np.ndarray, stored: np.ndarray | None, approximate: float) -> float:
+    """Re-score a candidate with its stored embedding: the index may keep vectors quantised
+    (i8/bf16), but thresholds and the verifier should see the true cosine."""
+    if stored is None or stored.shape != query.shape:
+        return approximate
+    norm = float(np.linalg.norm(stored))
+    return float(stored @ query) / norm if norm > 0 else approximate
 
 
 def _import_request(row: Mapping[str, Any], endpoint: Endpoint, base: Mapping[str, Any]) -> Any:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.cache.modes import CacheMode, mode_from_cache_control
+from proxy.cache.modes import CacheMode, mode_from_cache_control, request_mode
 
 
 @pytest.mark.parametrize(
@@ -41,3 +41,24 @@ def test_a_request_can_only_narrow_its_tier(tier: CacheMode, header: str | None)
     effective = tier.with_cache_control(header)
     assert effective.read <= tier.read
     assert effective.write <= tier.write
+
+
+def test_request_mode_turns_sampled_requests_off_unless_allowed() -> None:
+    sampled = {"temperature": 0.8}
+    greedy = {"temperature": 0}
+    assert (
+        request_mode(CacheMode.ON, cache_control=None, body=sampled, allow_sampled=False)
+        is CacheMode.OFF
+    )
+    assert (
+        request_mode(CacheMode.ON, cache_control=None, body=sampled, allow_sampled=True)
+        is CacheMode.ON
+    )
+    assert (
+        request_mode(CacheMode.ON, cache_control="no-store", body=greedy, allow_sampled=False)
+        is CacheMode.READ_ONLY
+    )
+    assert (
+        request_mode(CacheMode.OFF, cache_control=None, body=greedy, allow_sampled=True)
+        is CacheMode.OFF
+    )
