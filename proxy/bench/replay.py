@@ -12,6 +12,7 @@ operator's benchmark should never hit someone else's server by a typo.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
@@ -341,9 +342,11 @@ async def replay(requests: Sequence[TraceRequest], options: ReplayOptions) -> Re
     sent = 0
     bar = tqdm(total=len(requests), disable=not options.progress, unit="req", dynamic_ncols=True)
 
-    async def run_one(session: aiohttp.ClientSession, request: TraceRequest) -> None:
+    async def run_one(session: aiohttp.ClientSession, request: TraceRequest, at: float) -> None:
         try:
             result = await send_one(session, request, options, run_start)
+            if options.mode != "fast":  # with no plan there is nothing to be late for
+                result = dataclasses.replace(result, lag_s=max(0.0, result.started_s - at))
         except Exception as exc:
             # One malformed response must not end the whole run: it is counted as a failed
             # request, named by the exception type.
@@ -366,7 +369,7 @@ async def replay(requests: Sequence[TraceRequest], options: ReplayOptions) -> Re
                     if delay > 0:
                         await asyncio.sleep(delay)
                     await slots.acquire()
-                    task = asyncio.create_task(run_one(session, request))
+                    task = asyncio.create_task(run_one(session, request, at))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     sent += 1

@@ -54,6 +54,9 @@ class RequestResult:
     kind: str | None = None
     sampled: bool = False
     ref: dict[str, float] = field(default_factory=dict)
+    # How late the request left compared with its planned send time (a saturated concurrency
+    # limit delays sends; latencies alone would hide that, the "coordinated omission" trap).
+    lag_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -306,6 +309,7 @@ def summarize(
         "latency_by_cache_s": latency_by_cache,
         "ttft_s": latency_stats([r.ttft_s for r in ok if r.stream and r.ttft_s is not None]),
         "streamed": sum(r.stream for r in results),
+        "send_lag_s": latency_stats([r.lag_s for r in results]),
         "cache": {
             "counts": {
                 kind: cache_counts.get(kind, 0)
@@ -358,6 +362,11 @@ def format_table(summary: Mapping[str, Any]) -> str:
             rows.append(
                 (label, "  ".join(f"{p} {_fmt(stats[p], 'ms')}" for p in ("p50", "p95", "p99")))
             )
+    lag = summary.get("send_lag_s")
+    if lag:
+        rows.append(
+            ("sent behind plan", f"p50 {_fmt(lag['p50'], 'ms')}  p99 {_fmt(lag['p99'], 'ms')}")
+        )
     cache = summary["cache"]
     rows.append(("cache hit rate", _fmt(cache["hit_rate"], "%")))
     for kind, count in cache["counts"].items():

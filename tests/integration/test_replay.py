@@ -274,6 +274,26 @@ async def test_timed_replay_never_sends_early() -> None:
     for result, request in zip(run.results, requests, strict=True):
         assert request.t is not None
         assert result.started_s >= request.t / 8.0 - 0.005
+        assert result.lag_s == pytest.approx(max(0.0, result.started_s - request.t / 8.0))
+    assert summarize(run.results, run.duration_s)["send_lag_s"]["count"] == len(requests)
+
+
+async def test_a_full_concurrency_limit_shows_as_send_lag() -> None:
+    """One slot and a slow server: later requests leave late, and the summary says so."""
+    release = asyncio.Event()
+    proxy = MockProxy(TRACE, hang=release)
+    runner, url = await start(proxy)
+    try:
+        options = ReplayOptions(url=url, mode="rate", rate=1000.0, concurrency=1, progress=False)
+        task = asyncio.create_task(replay(TRACE[:3], options))
+        await asyncio.sleep(0.2)
+        release.set()
+        run = await task
+    finally:
+        release.set()
+        await runner.cleanup()
+    assert [r.ok for r in run.results] == [True, True, True]
+    assert run.results[1].lag_s >= 0.1  # the second waited for the first, held for >= 0.2 s
 
 
 async def test_a_hanging_server_cannot_hold_the_run() -> None:
