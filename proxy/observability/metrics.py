@@ -10,10 +10,11 @@ serves ``GET /metrics``; ``snapshot()`` feeds the live dashboard.
                          stream=True)
     body, content_type = metrics.render(), Metrics.CONTENT_TYPE
 
-Hot path: a ``prometheus_client`` ``labels()`` call validates and locks (a few µs each), so every
-method keeps the child series it has already seen in a dict keyed by the label tuple. Label values
-come from configuration (tiers, engines, reasons), never from request bodies, so those dicts stay
-small.
+Hot path: counters and histograms are the lock-free families of ``families.py`` (call them from
+the event loop's thread); ``request_done`` looks up all its child series with one dict lookup
+(~3.5 µs per call in all). Gauges are ``prometheus_client``'s, their children memoised per label
+tuple. Label values come from configuration (tiers, engines, reasons), never from request bodies,
+so every label dict stays small.
 """
 
 from __future__ import annotations
@@ -489,7 +490,7 @@ def metric_names(registry: CollectorRegistry) -> set[str]:
     """Every sample name the registry can expose, suffixes included, even before any sample.
 
     Labelled families expose no samples until a child exists, so the names come from the
-    family type: counters add ``_total`` (and ``_created``), histograms ``_bucket/_sum/_count``.
+    family type: counters add ``_total``, histograms ``_bucket/_sum/_count``.
     """
     suffixes = {
         "counter": ("_total",),

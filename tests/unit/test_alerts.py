@@ -228,6 +228,12 @@ def test_promtool_accepts_the_rules() -> None:
 
 
 @needs_promtool
+def test_promtool_accepts_the_example_scrape_config() -> None:
+    result = promtool("check", "config", DEPLOY / "prometheus" / "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
 def test_promtool_rule_unit_tests_pass() -> None:
     result = promtool("test", "rules", ALERT_TESTS)
     assert result.returncode == 0, result.stdout + result.stderr
