@@ -67,9 +67,10 @@ class EmbeddingWorker:
             _, future = queue.get_nowait()
             if not future.done():
                 future.set_exception(WorkerClosed("embedding worker stopped"))
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            # a batch may still be encoding: wait for the thread without blocking the loop
+            await asyncio.to_thread(executor.shutdown, wait=True)
 
     async def __aenter__(self) -> EmbeddingWorker:
         await self.start()
@@ -110,31 +111,46 @@ class EmbeddingWorker:
         return batch
 
     async def _run(self) -> None:
-        assert self._queue is not None and self._executor is not None
-        queue, executor = self._queue, self._executor
-        loop = asyncio.get_running_loop()
+        assert self._queue is not None
+        queue = self._queue
         while True:
             batch = [(t, f) for t, f in await self._collect(queue) if not f.cancelled()]
             if not batch:
                 continue
-            # identical texts in one batch (a burst of the same question) are encoded once
-            unique = list(dict.fromkeys(text for text, _ in batch))
-            started = time.perf_counter()
             try:
-                vectors = await loop.run_in_executor(executor, self._encode, unique)
-            except Exception as exc:
-                log.warning("embeddings.batch_failed", exc_info=True)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            elapsed = time.perf_counter() - started
-            rows = {text: vectors[i] for i, text in enumerate(unique)}
-            for text, future in batch:
-                if not future.done():
-                    future.set_result(rows[text])
-            if self._on_batch is not None:
-                try:
-                    self._on_batch(len(unique), elapsed)
-                except Exception:
-                    log.warning("embeddings.on_batch_failed", exc_info=True)
+                await self._encode_batch(batch)
+            except asyncio.CancelledError:
+                _fail(batch, WorkerClosed("embedding worker stopped"))
+                raise
+
+    async def _encode_batch(self, batch: list[tuple[str, asyncio.Future[np.ndarray]]]) -> None:
+        assert self._executor is not None
+        # identical texts in one batch (a burst of the same question) are encoded once
+        unique = list(dict.fromkeys(text for text, _ in batch))
+        started = time.perf_counter()
+        try:
+            vectors = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._encode, unique
+            )
+            if len(vectors) != len(unique):
+                raise ValueError(f"encode returned {len(vectors)} rows for {len(unique)} texts")
+        except Exception as exc:
+            log.warning("embeddings.batch_failed", exc_info=True)
+            _fail(batch, exc)
+            return
+        elapsed = time.perf_counter() - started
+        rows = {text: vectors[i] for i, text in enumerate(unique)}
+        for text, future in batch:
+            if not future.done():
+                future.set_result(rows[text])
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(unique), elapsed)
+            except Exception:
+                log.warning("embeddings.on_batch_failed", exc_info=True)
+
+
+def _fail(batch: list[tuple[str, asyncio.Future[np.ndarray]]], error: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(error)

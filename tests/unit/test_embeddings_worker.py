@@ -92,3 +92,34 @@ async def test_embed_needs_a_running_worker() -> None:
 def test_max_batch_must_be_positive() -> None:
     with pytest.raises(ValueError):
         EmbeddingWorker(FakeModel(), max_batch=0)
+
+
+async def test_stopping_mid_batch_releases_its_callers() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def slow(texts: list[str]) -> np.ndarray:
+        started.set()
+        release.wait(10)
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    worker = EmbeddingWorker(slow, max_wait_ms=1)
+    await worker.start()
+    pending = asyncio.create_task(worker.embed("x"))
+    await asyncio.to_thread(started.wait, 10)
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0.01)
+    release.set()
+    await stopping
+    with pytest.raises(WorkerClosed):
+        await pending
+
+
+async def test_a_wrong_row_count_is_an_error_not_a_dead_worker() -> None:
+    def short(texts: list[str]) -> np.ndarray:
+        return np.ones((max(0, len(texts) - 1), 2), dtype=np.float32)
+
+    async with EmbeddingWorker(short, max_wait_ms=1) as worker:
+        with pytest.raises(ValueError):
+            await worker.embed("x")
+        with pytest.raises(ValueError):
+            await worker.embed("y")  # the worker is still serving
