@@ -20,7 +20,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -37,8 +37,10 @@ from proxy.cache.entry import (
 from proxy.cache.index import SemanticIndex
 from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, is_storable_response, make_keys
 from proxy.cache.modes import CacheMode
-from proxy.cache.singleflight import SingleFlight
+from proxy.cache.singleflight import Follower, SingleFlight
 from proxy.cache.store import CacheStore, EntryAdded, FollowableStore, Resync
+from proxy.cache.stream_codec import replay_sse, wants_usage
+from proxy.sse import DONE_EVENT, frame
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +223,8 @@ class ResponseCache:
         self.index = index if index is not None else SemanticIndex()
         self.verifier: SemanticVerifier = verifier if verifier is not None else CosineVerifier()
         self.observer: CacheObserver = observer if observer is not None else NullObserver()
+        # chunks: SSE data payloads (JSON bytes, no framing, no [DONE]); result: the full
+        # response body JSON (assembled for streamed answers). See ``follow_as_sse``.
         self.flights: SingleFlight[bytes, bytes] = SingleFlight()
         self._clock = clock
         self._uniform = uniform
@@ -723,3 +727,36 @@ def _import_response(row: Mapping[str, Any], endpoint: Endpoint, engine: str) ->
         "choices": [choice],
         "usage": usage,
     }
+
+
+async def follow_as_sse(
+    follower: Follower[bytes, bytes], endpoint: Endpoint, body: Mapping[str, Any]
+) -> AsyncIterator[bytes]:
+    """SSE events for a streamed request that follows another request's flight.
+
+    A streaming leader's chunks are relayed as they come (from the first one); the usage chunk
+    is dropped when this request did not ask for it (the pipeline should always ask upstream
+    for usage, so a follower that wants it gets it). A non-streaming leader's result is replayed.
+    Raises ``LeaderFailed`` if the leader fails (after the chunks already relayed).
+    """
+    include_usage = wants_usage(body)
+    if follower.streaming:
+        async for payload in follower.chunks():
+            if not include_usage and _is_usage_only(payload):
+                continue
+            yield frame(payload)
+        yield DONE_EVENT
+        return
+    result = orjson.loads(await follower.result())
+    for event in replay_sse(endpoint, result, include_usage=include_usage):
+        yield event
+
+
+def _is_usage_only(payload: bytes) -> bool:
+    if b'"usage"' not in payload:
+        return False
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(chunk, dict) and not chunk.get("choices") and chunk.get("usage") is not None

@@ -120,7 +120,7 @@ class Follower(Generic[C, R]):
 
     @property
     def streaming(self) -> bool:
-        """Whether the leader has published chunks so far (it may still start)."""
+        """Whether the leader streams: joined with ``streaming=True`` or has published chunks."""
         return self._flight.streaming
 
     async def chunks(self) -> AsyncIterator[C]:
@@ -157,12 +157,15 @@ class SingleFlight(Generic[C, R]):
     def __len__(self) -> int:
         return len(self._flights)
 
-    def join(self, key: str) -> Leader[C, R] | Follower[C, R]:
+    def join(self, key: str, *, streaming: bool = False) -> Leader[C, R] | Follower[C, R]:
+        """Lead or follow the flight for ``key``. ``streaming`` says whether this request, if it
+        leads, will publish chunks (followers see it as ``Follower.streaming`` right away)."""
         flight = self._flights.get(key)
         if flight is not None:
             flight.waiters += 1
             return Follower(flight)
         flight = _Flight()
+        flight.streaming = streaming
         self._flights[key] = flight
 
         def release() -> None:

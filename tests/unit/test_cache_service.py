@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from pathlib import Path
@@ -22,8 +23,12 @@ from proxy.cache.service import (
     ResponseCache,
     SemanticCandidate,
     Verdict,
+    follow_as_sse,
 )
+from proxy.cache.singleflight import Follower, Leader, SingleFlight
 from proxy.cache.store import DiskStore
+from proxy.cache.stream_codec import assemble, normalise_response, replay
+from proxy.sse import parse_all
 
 DIM = 8
 GLOBAL = Partition(Scope.GLOBAL)
@@ -399,3 +404,52 @@ async def test_no_lookup_crosses_a_partition(
     else:
         assert hit is not None and hit.kind == ("exact" if question == "q1" else "semantic")
     await cache.aclose()
+
+
+async def test_streamed_followers_of_a_streaming_leader() -> None:
+    flights: SingleFlight[bytes, bytes] = SingleFlight()
+    leader = flights.join("k", streaming=True)
+    assert isinstance(leader, Leader)
+    plain, with_usage = flights.join("k"), flights.join("k")
+    assert isinstance(plain, Follower) and isinstance(with_usage, Follower)
+    assert plain.streaming
+    chunks = replay(Endpoint.CHAT, answer("one two three"), include_usage=True)
+
+    async def collect(follower: Follower[bytes, bytes], request: dict[str, Any]) -> bytes:
+        return b"".join([e async for e in follow_as_sse(follower, Endpoint.CHAT, request)])
+
+    tasks = [
+        asyncio.create_task(collect(plain, body("q"))),
+        asyncio.create_task(collect(with_usage, body("q", stream_options={"include_usage": True}))),
+    ]
+    for chunk in chunks:
+        leader.publish(orjson.dumps(chunk))
+        await asyncio.sleep(0)
+    leader.finish(orjson.dumps(answer("one two three")))
+    plain_raw, usage_raw = await asyncio.gather(*tasks)
+    plain_payloads, usage_payloads = parse_all(plain_raw), parse_all(usage_raw)
+    assert plain_payloads[-1] == usage_payloads[-1] == b"[DONE]"
+    assert len(usage_payloads) == len(plain_payloads) + 1
+    assembled = assemble(Endpoint.CHAT, [orjson.loads(p) for p in usage_payloads[:-1]])
+    assert assembled == normalise_response(answer("one two three"))
+
+
+async def test_streamed_follower_of_a_plain_leader_gets_a_replay() -> None:
+    flights: SingleFlight[bytes, bytes] = SingleFlight()
+    leader = flights.join("k")
+    follower = flights.join("k")
+    assert isinstance(leader, Leader) and isinstance(follower, Follower)
+    assert not follower.streaming
+    request = body("q", stream_options={"include_usage": True})
+    task = asyncio.create_task(_collect_sse(follower, request))
+    await asyncio.sleep(0)
+    leader.finish(orjson.dumps(answer("four")))
+    payloads = parse_all(await task)
+    assert payloads[-1] == b"[DONE]"
+    assembled = assemble(Endpoint.CHAT, [orjson.loads(p) for p in payloads[:-1]])
+    assert assembled["choices"][0]["message"]["content"] == "four"
+    assert assembled["usage"] == answer("four")["usage"]
+
+
+async def _collect_sse(follower: Follower[bytes, bytes], request: dict[str, Any]) -> bytes:
+    return b"".join([e async for e in follow_as_sse(follower, Endpoint.CHAT, request)])
