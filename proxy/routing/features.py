@@ -1,0 +1,149 @@
+"""Difficulty features of a chat request: the shared embedding plus a few cheap text statistics.
+
+The embedding is the one the semantic cache already computes (base all-MiniLM-L6-v2, L2-normalised,
+384-d, of the last user turn's text); this module never computes it, it only checks its shape.
+The cheap features read only the *user* turns, because the training data holds user turns only
+(no system prompts, no assistant answers): a feature the head never saw in training would be noise.
+
+Example::
+
+    feats = extract_features(messages, embedding, count_tokens=tokenizer_len)
+    score = classifier.score(feats)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+EMBEDDING_DIM = 384
+
+FloatArray = npt.NDArray[np.float32]
+
+# Order matters: the trained head stores these names and refuses to load if they differ.
+CHEAP_FEATURE_NAMES: tuple[str, ...] = (
+    "log_tokens_last_turn",
+    "log_tokens_earlier_turns",
+    "user_turns",
+    "log_chars_last_turn",
+    "log_lines_last_turn",
+    "question_marks",
+    "code_markers",
+    "math_markers",
+    "digit_fraction",
+    "numbers",
+    "multiple_choice",
+    "reasoning_words",
+    "creative_words",
+)
+
+_CODE_PATTERN = re.compile(
+    r"```|\bdef\s+\w+\s*\(|\bclass\s+\w+|\bfunction\b|\bimport\s+\w+|#include|\breturn\b"
+    r"|\bSELECT\b|=>|::|\bconsole\.|\bprintf\b|\bpublic\s+static\b|\bpython\b|\bjava(script)?\b"
+    r"|\bc\+\+|\bcode\b|\balgorithm\b|\bregex\b|\bsql\b|\bbash\b|\bcompile",
+    re.IGNORECASE,
+)
+_MATH_PATTERN = re.compile(
+    r"\\frac|\\sqrt|\\int|\$[^$]+\$|\d\s*[-+*/^=]\s*\d|\bsolve\b|\bequation\b|\bintegral\b"
+    r"|\bderivative\b|\bprove\b|\bcalculate\b|\bcompute\b|\bhow (many|much)\b|\bprobability\b"
+    r"|\bpercent|\bsum of\b|\bproduct of\b|\bprime\b|\bmatrix\b|\bpolynomial\b|\bx\s*=",
+    re.IGNORECASE,
+)
+_REASONING_PATTERN = re.compile(
+    r"\bstep[- ]by[- ]step\b|\bexplain\b|\bwhy\b|\bcompare\b|\banaly[sz]e\b|\bjustify\b"
+    r"|\btherefore\b|\bimplies\b|\bdeduce\b|\bevaluate\b|\bderive\b|\bwhich of the following\b",
+    re.IGNORECASE,
+)
+_CREATIVE_PATTERN = re.compile(
+    r"\bwrite (a|an|me)\b|\bcompose\b|\bpoem\b|\bstory\b|\bessay\b|\bblog\b|\bimagine\b"
+    r"|\bpretend\b|\brole[- ]?play\b|\bslogan\b|\bdraft\b",
+    re.IGNORECASE,
+)
+_CHOICE_LINE = re.compile(r"^\s*\(?[A-D][.)]\s", re.MULTILINE)
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingFeatures:
+    """Inputs of the difficulty head: the shared embedding and the cheap feature vector."""
+
+    embedding: FloatArray
+    cheap: FloatArray
+
+
+def message_text(message: Mapping[str, object]) -> str:
+    """The text of one OpenAI chat message; content parts other than text are skipped."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [
+            part["text"]
+            for part in content
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+        ]
+        return "\n".join(texts)
+    return ""
+
+
+def user_turns(messages: Sequence[Mapping[str, object]]) -> list[str]:
+    """The texts of the user messages, in order."""
+    return [message_text(m) for m in messages if m.get("role") == "user"]
+
+
+def last_user_text(messages: Sequence[Mapping[str, object]]) -> str:
+    """The text the shared embedding is computed from: the last user turn ('' if none)."""
+    turns = user_turns(messages)
+    return turns[-1] if turns else ""
+
+
+def _log_count(pattern: re.Pattern[str], text: str) -> float:
+    return math.log1p(len(pattern.findall(text)))
+
+
+def cheap_features(
+    messages: Sequence[Mapping[str, object]], count_tokens: Callable[[str], int]
+) -> FloatArray:
+    """The cheap feature vector, in CHEAP_FEATURE_NAMES order.
+
+    Counts are log-scaled so that a different tokenizer at run time (the engine's) than in
+    training (MiniLM's) shifts a feature a little rather than by a factor.
+    """
+    turns = user_turns(messages)
+    last = turns[-1] if turns else ""
+    earlier = turns[:-1]
+    characters = max(len(last), 1)
+    digits = sum(ch.isdigit() for ch in last)
+    values = (
+        math.log1p(count_tokens(last)),
+        math.log1p(sum(count_tokens(t) for t in earlier)),
+        float(min(len(turns), 10)),
+        math.log1p(len(last)),
+        math.log1p(last.count("\n") + 1),
+        math.log1p(last.count("?")),
+        _log_count(_CODE_PATTERN, last),
+        _log_count(_MATH_PATTERN, last),
+        digits / characters,
+        _log_count(_NUMBER, last),
+        float(len(_CHOICE_LINE.findall(last)) >= 2),
+        _log_count(_REASONING_PATTERN, last),
+        _log_count(_CREATIVE_PATTERN, last),
+    )
+    return np.asarray(values, dtype=np.float32)
+
+
+def extract_features(
+    messages: Sequence[Mapping[str, object]],
+    embedding: npt.ArrayLike,
+    count_tokens: Callable[[str], int],
+) -> RoutingFeatures:
+    """Features of one request; `embedding` is the shared 384-d embedding of the last user turn."""
+    vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
+    if vector.shape != (EMBEDDING_DIM,):
+        raise ValueError(f"embedding must have {EMBEDDING_DIM} values, got {vector.shape[0]}")
+    return RoutingFeatures(embedding=vector, cheap=cheap_features(messages, count_tokens))

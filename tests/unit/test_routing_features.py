@@ -1,0 +1,95 @@
+"""Cheap difficulty features and the message helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.routing.features import (
+    CHEAP_FEATURE_NAMES,
+    EMBEDDING_DIM,
+    cheap_features,
+    extract_features,
+    last_user_text,
+    message_text,
+)
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def feature(messages: list[dict[str, object]], name: str) -> float:
+    return float(cheap_features(messages, words)[CHEAP_FEATURE_NAMES.index(name)])
+
+
+def user(text: str) -> dict[str, object]:
+    return {"role": "user", "content": text}
+
+
+def test_last_user_text_skips_assistant_and_system_turns() -> None:
+    messages = [
+        {"role": "system", "content": "be brief"},
+        user("first"),
+        {"role": "assistant", "content": "answer"},
+        user("second"),
+        {"role": "assistant", "content": "trailing"},
+    ]
+    assert last_user_text(messages) == "second"
+    assert last_user_text([{"role": "system", "content": "x"}]) == ""
+
+
+def test_content_parts_keep_only_text() -> None:
+    message = {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "look"},
+            {"type": "image_url", "image_url": {"url": "http://x"}},
+            {"type": "text", "text": "here"},
+        ],
+    }
+    assert message_text(message) == "look\nhere"
+    assert message_text({"role": "user", "content": None}) == ""
+
+
+def test_token_counts_use_the_given_counter_and_split_last_from_earlier() -> None:
+    messages = [user("one two three"), {"role": "assistant", "content": "a b c d e"}, user("four")]
+    assert feature(messages, "log_tokens_last_turn") == pytest.approx(np.log1p(1))
+    assert feature(messages, "log_tokens_earlier_turns") == pytest.approx(np.log1p(3))
+    assert feature(messages, "user_turns") == 2
+
+
+def test_code_prompt_has_code_markers_and_chitchat_has_none() -> None:
+    code = [user("Fix this:\n```python\ndef f(x):\n    return x[0]\n```")]
+    chat = [user("hi, how are you today?")]
+    assert feature(code, "code_markers") > 0
+    assert feature(chat, "code_markers") == 0
+
+
+def test_math_prompt_has_math_markers() -> None:
+    assert feature([user("Solve for x: 3x + 5 = 20")], "math_markers") > 0
+    assert feature([user("Tell me about cats")], "math_markers") == 0
+
+
+def test_multiple_choice_needs_two_option_lines() -> None:
+    options = user("Which?\nA. red\nB. blue\nC. green\nAnswer:")
+    assert feature([options], "multiple_choice") == 1.0
+    assert feature([user("A. single line")], "multiple_choice") == 0.0
+
+
+def test_extract_features_checks_the_embedding_shape() -> None:
+    with pytest.raises(ValueError, match="384"):
+        extract_features([user("x")], np.zeros(10), words)
+    feats = extract_features([user("x")], np.ones(EMBEDDING_DIM), words)
+    assert feats.embedding.dtype == np.float32
+    assert feats.cheap.shape == (len(CHEAP_FEATURE_NAMES),)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["user", "assistant", "system"]), st.text()), max_size=6))
+def test_cheap_features_are_finite_for_any_conversation(turns: list[tuple[str, str]]) -> None:
+    messages: list[dict[str, object]] = [{"role": r, "content": c} for r, c in turns]
+    values = cheap_features(messages, words)
+    assert values.shape == (len(CHEAP_FEATURE_NAMES),)
+    assert np.all(np.isfinite(values))
