@@ -405,3 +405,19 @@ async def test_dashboard_data_and_assets_are_served(
             assert response.status == 404
         # The page fetches nothing from outside the server.
         assert not re.search(r"(src|href)=\"https?://", page)
+
+
+async def test_dashboard_works_under_another_prefix(aiohttp_server: AiohttpServer) -> None:
+    metrics = Metrics()
+    app = web.Application()
+    app.add_routes(dashboard_routes(metrics.snapshot, prefix="/ops/board"))
+    server: TestServer = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.make_url("/ops/board")) as response:
+            page = await response.text()
+        assert 'href="/ops/board/static/dashboard.css"' in page
+        assert 'data-data-url="/ops/board/data"' in page
+        async with session.get(server.make_url("/ops/board/data")) as response:
+            assert (await response.json())["requests"]["total"] == 0
+        async with session.get(server.make_url("/dashboard")) as response:
+            assert response.status == 404
