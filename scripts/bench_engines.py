@@ -1,0 +1,282 @@
+"""Streaming through a proxy vs straight to real vLLM engines: tokens/s and time to first token.
+
+    .venv/bin/python scripts/bench_engines.py --engine http://127.0.0.1:8101 \\
+        --engine http://127.0.0.1:8102 --proxy http://127.0.0.1:8000 [--header "Authorization: ..."]
+
+For each engine (its model name is read from its /v1/models), 16 concurrent streamed chat
+requests run for ``--duration-s``, once straight to the engine and once through the proxy (with
+``model`` set to that engine's model, so the proxy routes there), alternating which goes first,
+for ``--rounds`` rounds; medians are reported.
+
+Every request samples (temperature 0.7, no seed) so a caching proxy cannot answer from its cache,
+and asks vLLM for exactly ``--max-tokens`` tokens (``ignore_eos``), so both sides generate the
+same amount. Tokens come from the usage chunk (``stream_options.include_usage``). TTFT is the time
+from sending the request to the first non-empty content delta.
+
+Client: aiohttp (16 streams at CPU-engine speeds is a light load for it). Targets: proxied
+tokens/s >= 0.98x direct; added TTFT (median) <= 2 ms. Output: ``--out``/engines.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from proxy.sse import DONE_PAYLOAD, SSEParser  # noqa: E402
+
+PROMPTS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a refrigerator works to a ten-year-old.",
+    "List the steps to bake bread at home, with brief reasons for each.",
+    "Describe the water cycle and why it matters for farming.",
+    "Write a polite email asking a colleague to review a document by Friday.",
+    "Summarise the causes of the French Revolution in a few sentences.",
+    "Give advice to someone learning to play the guitar as an adult.",
+    "Explain the difference between a list and a tuple in Python.",
+)
+
+
+@dataclass
+class Phase:
+    """One side (direct or proxied) of one round."""
+
+    ttft_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    requests: int = 0
+    errors: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+
+async def one_stream(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    phase: Phase,
+) -> None:
+    started = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    counted = 0
+    parser = SSEParser()
+    try:
+        async with session.post(url, data=orjson.dumps(body), headers=headers) as resp:
+            if resp.status != 200:
+                await resp.read()
+                phase.errors += 1
+                return
+            async for piece in resp.content.iter_any():
+                for payload in parser.feed(piece):
+                    if payload == DONE_PAYLOAD:
+                        continue
+                    event = orjson.loads(payload)
+                    if event.get("usage"):
+                        tokens = int(event["usage"].get("completion_tokens") or 0)
+                    for choice in event.get("choices") or ():
+                        if (choice.get("delta") or {}).get("content"):
+                            counted += 1
+                            if first is None:
+                                first = time.perf_counter()
+    except (TimeoutError, aiohttp.ClientError):
+        phase.errors += 1
+        return
+    phase.requests += 1
+    phase.tokens += tokens or counted  # usage when the server sent it, else content chunks
+    if first is not None:
+        phase.ttft_s.append(first - started)
+
+
+async def run_phase(
+    session: aiohttp.ClientSession,
+    url: str,
+    model: str,
+    headers: dict[str, str],
+    args: argparse.Namespace,
+) -> Phase:
+    phase = Phase()
+    prompts = itertools.cycle(PROMPTS)
+    deadline = time.perf_counter() + args.duration_s
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": next(prompts)}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "max_tokens": args.max_tokens,
+                "temperature": 0.7,
+                "ignore_eos": True,  # vLLM: always generate max_tokens, on both sides
+            }
+            await one_stream(session, url, body, headers, phase)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    phase.wall_s = time.perf_counter() - started
+    return phase
+
+
+async def engine_model(session: aiohttp.ClientSession, base: str) -> str:
+    async with session.get(f"{base}/v1/models") as resp:
+        resp.raise_for_status()
+        data = await resp.json()
+    model: str = data["data"][0]["id"]
+    return model
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    headers = dict(h.split(":", 1) for h in args.header)
+    headers = {k.strip(): v.strip() for k, v in headers.items()}
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=args.request_timeout_s)
+    results: dict[str, Any] = {}
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        for engine in args.engine:
+            base = engine.rstrip("/")
+            model = await engine_model(session, base)
+            sides = {
+                "direct": (f"{base}/v1/chat/completions", {}),
+                "proxied": (f"{args.proxy.rstrip('/')}/v1/chat/completions", headers),
+            }
+            # Warm-up both paths (connections, engine prefix cache, proxy start-up work).
+            for url, side_headers in sides.values():
+                warm = argparse.Namespace(**{**vars(args), "duration_s": args.warmup_s})
+                await run_phase(session, url, model, side_headers, warm)
+            rounds = []
+            for index in range(args.rounds):
+                order = ["direct", "proxied"] if index % 2 == 0 else ["proxied", "direct"]
+                measured: dict[str, Phase] = {}
+                for side in order:
+                    url, side_headers = sides[side]
+                    measured[side] = await run_phase(session, url, model, side_headers, args)
+                    p = measured[side]
+                    print(
+                        f"{model} round {index + 1} {side}: {p.tokens_per_s:.1f} tok/s,"
+                        f" TTFT p50 {statistics.median(p.ttft_s or [float('nan')]) * 1000:.1f}"
+                        f" ms, {p.requests} requests, {p.errors} errors",
+                        flush=True,
+                    )
+                rounds.append(measured)
+            results[model] = summarise(rounds)
+    return results
+
+
+def summarise(rounds: list[dict[str, Phase]]) -> dict[str, Any]:
+    def med(side: str, fn: Callable[[Phase], float]) -> float:
+        return statistics.median(fn(r[side]) for r in rounds)
+
+    row: dict[str, Any] = {}
+    for side in ("direct", "proxied"):
+        row[side] = {
+            "tokens_per_s": med(side, lambda p: p.tokens_per_s),
+            "ttft_p50_ms": med(side, lambda p: pct(p.ttft_s, 0.5) * 1000),
+            "ttft_p90_ms": med(side, lambda p: pct(p.ttft_s, 0.9) * 1000),
+            "requests": sum(r[side].requests for r in rounds),
+            "errors": sum(r[side].errors for r in rounds),
+        }
+    row["tokens_ratio"] = statistics.median(
+        r["proxied"].tokens_per_s / r["direct"].tokens_per_s
+        for r in rounds
+        if r["direct"].tokens_per_s
+    )
+    row["added_ttft_p50_ms"] = statistics.median(
+        (pct(r["proxied"].ttft_s, 0.5) - pct(r["direct"].ttft_s, 0.5)) * 1000 for r in rounds
+    )
+    row["pass_tokens"] = row["tokens_ratio"] >= 0.98
+    row["pass_ttft"] = row["added_ttft_p50_ms"] <= 2.0
+    return row
+
+
+def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
+    lines = [
+        f"# Engines direct vs proxied ({meta['date']})",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"{meta['concurrency']} concurrent streamed chats, max_tokens {meta['max_tokens']}"
+        f" (ignore_eos), {meta['duration_s']} s per side, {meta['rounds']} rounds alternating;"
+        f" medians. Load average before {meta['load_before']}, after {meta['load_after']}.",
+        "",
+        "| model | direct tok/s | proxied tok/s | ratio (>= 0.98) | direct TTFT p50 ms |"
+        " proxied TTFT p50 ms | added TTFT p50 ms (<= 2) | errors d/p |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for model, row in results.items():
+        d, p = row["direct"], row["proxied"]
+        lines.append(
+            f"| {model} | {d['tokens_per_s']:.1f} | {p['tokens_per_s']:.1f} |"
+            f" {row['tokens_ratio']:.3f} {'PASS' if row['pass_tokens'] else 'FAIL'} |"
+            f" {d['ttft_p50_ms']:.1f} | {p['ttft_p50_ms']:.1f} |"
+            f" {row['added_ttft_p50_ms']:+.1f} {'PASS' if row['pass_ttft'] else 'FAIL'} |"
+            f" {d['errors']}/{p['errors']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", action="append", required=True, help="vLLM base URL")
+    parser.add_argument("--proxy", required=True, help="proxy base URL")
+    parser.add_argument("--header", action="append", default=[], help="'Name: value' to proxy")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--duration-s", type=float, default=20.0)
+    parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--request-timeout-s", type=float, default=300.0)
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "engines")
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    results = asyncio.run(bench(args))
+    now = datetime.now(UTC)
+    meta = {
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python", *sys.argv]),
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "duration_s": args.duration_s,
+        "rounds": args.rounds,
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+    }
+    markdown = render(meta, results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    for stem in ("engines", f"engines-{stamp}"):
+        (args.out / f"{stem}.md").write_text(markdown)
+        (args.out / f"{stem}.json").write_text(
+            json.dumps({"meta": meta, "results": results}, indent=2)
+        )
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
