@@ -22,6 +22,7 @@ from proxy.engines.health import poll_forever
 from proxy.engines.pool import Engine, Replica
 from proxy.engines.version import resolve_version
 from proxy.errors import FrugalError, InvalidRequest, NotFound, PayloadTooLarge
+from proxy.observability.dashboard import dashboard_routes
 from proxy.observability.metrics import Metrics
 from proxy.services import Services
 from proxy.settings import Settings
@@ -63,6 +64,7 @@ def create_app(
     app.cleanup_ctx.append(_engine_versions)
     app.cleanup_ctx.append(_health_poller)
     handlers.add_routes(app, services)
+    app.add_routes(dashboard_routes(metrics.snapshot))
     return app
 
 
