@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -497,7 +498,7 @@ class ResponseCache:
             log.warning("cache.index.wrong_dim", extra={"dim": entry.embedding.shape[0]})
             return
         self.index.add(meta.context, meta.label, entry.embedding)
-        self._labels[meta.label] = (meta.key, meta.context)
+        self._labels[meta.label] = (meta.key, sys.intern(meta.context))
 
     def _forget(self, label: int) -> None:
         known = self._labels.pop(label, None)
@@ -529,7 +530,7 @@ class ResponseCache:
                 ids, vectors = groups.setdefault(meta.context, ([], []))
                 ids.append(meta.label)
                 vectors.append(entry.embedding)
-                labels[meta.label] = (meta.key, meta.context)
+                labels[meta.label] = (meta.key, sys.intern(meta.context))  # shared by many entries
             fresh = SemanticIndex(
                 self.index.ndim, flat_limit=self.index.flat_limit, hnsw=self.index.hnsw_params
             )

@@ -90,6 +90,11 @@ WRITER = textwrap.dedent(
 )
 
 
+def _written(progress: Path) -> int:
+    text = progress.read_text() if progress.exists() else ""
+    return int(text) if text.strip() else 0
+
+
 def test_survives_a_crash_mid_write(tmp_path: Path) -> None:
     folder, progress = tmp_path / "cache", tmp_path / "progress"
     root = str(Path(__file__).resolve().parents[2])
@@ -97,14 +102,14 @@ def test_survives_a_crash_mid_write(tmp_path: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", script], cwd=root)
     try:
         deadline = time.monotonic() + 60
-        while not (progress.exists() and progress.read_text() and int(progress.read_text()) >= 300):
+        while _written(progress) < 300:
             assert child.poll() is None, "writer died"
             assert time.monotonic() < deadline, "writer too slow"
             time.sleep(0.05)
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
-    written = int(progress.read_text())
+    written = _written(progress)
     store = DiskStore(folder)
     keys = list(store._cache.iterkeys())
     assert len(keys) >= written
