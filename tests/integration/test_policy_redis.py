@@ -182,7 +182,10 @@ async def test_cancelled_request_releases_reservation_and_lease(
     entered = asyncio.Event()
 
     async def request() -> None:
-        async with limiter.admit(principal, prompt_tokens=1), limiter.reserve_budget(principal, 1.0):
+        async with (
+            limiter.admit(principal, prompt_tokens=1),
+            limiter.reserve_budget(principal, 1.0),
+        ):
             entered.set()
             await asyncio.sleep(3600)
 

@@ -1,0 +1,286 @@
+"""Rate, token, concurrency and budget limits on the in-process backend (clock injected)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.policy.errors import BudgetExhausted, ConcurrencyLimitExceeded, RateLimitExceeded
+from proxy.policy.limits import (
+    NANO,
+    UNLIMITED,
+    WINDOW_S,
+    Limiter,
+    LocalCounters,
+    gcra,
+    seconds_to_utc_midnight,
+    worst_case_usd,
+)
+from proxy.policy.policyset import Principal
+from proxy.policy.schema import TierPolicy
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Price:
+    def usd(self, tokens_in: int, tokens_out: int) -> float:
+        return (tokens_in * 0.5 + tokens_out * 1.5) / 1e6
+
+
+DAY = dt.datetime(2026, 11, 28, 18, 0, tzinfo=dt.UTC)
+
+
+def principal(tenant: str = "acme", **overrides: object) -> Principal:
+    raw: dict[str, object] = {
+        "tier": "free",
+        "models": ["auto"],
+        "limits": {"max_tokens": 512},
+        "routing": {"strong_share": 0.1},
+        "latency": {"ttft_p95_ms": 3000},
+        "priority": 1,
+    }
+    raw.update(overrides)
+    return Principal("free", tenant, TierPolicy.model_validate(raw), "sha256:" + "1" * 64)
+
+
+def limiter(clock: Clock, day: dt.datetime = DAY) -> Limiter:
+    return Limiter(LocalCounters(clock), wall_clock=lambda: day, reservation_ttl_s=60)
+
+
+# --- GCRA, the pure step ----------------------------------------------------------------------
+
+
+@settings(max_examples=200)
+@given(
+    per_minute=st.integers(min_value=1, max_value=120),
+    gaps=st.lists(st.floats(min_value=0, max_value=5), min_size=1, max_size=300),
+)
+def test_gcra_bounds_any_window_and_retry_after_is_exact(
+    per_minute: int, gaps: list[float]
+) -> None:
+    """In any window of W seconds at most per_minute + W x rate requests pass (a full minute's
+    burst plus the steady rate), and retrying after the returned wait always succeeds."""
+    tat, now, admitted = 0.0, 0.0, []
+    for gap in gaps:
+        now += gap
+        wait, new_tat = gcra(tat, now, 1, per_minute)
+        if wait == 0:
+            tat = new_tat
+            admitted.append(now)
+        else:
+            assert wait > 0 and new_tat == tat
+            retry_wait, _ = gcra(tat, now + wait + 1e-9, 1, per_minute)
+            assert retry_wait == 0
+    for i, start in enumerate(admitted):
+        for j in range(i, len(admitted)):
+            window = admitted[j] - start
+            assert j - i + 1 <= per_minute + window * per_minute / WINDOW_S + 1e-6
+
+
+def test_gcra_steady_client_at_the_rate_is_never_refused() -> None:
+    tat = 0.0
+    for step in range(1000):
+        wait, tat = gcra(tat, step * 1.0, 1, 60)
+        assert wait == 0
+
+
+def test_gcra_oversized_charge_passes_only_when_idle() -> None:
+    wait, tat = gcra(0.0, 100.0, 5000, 1000)  # 5 minutes' worth at once, idle counter
+    assert wait == 0 and tat == pytest.approx(400.0)
+    wait, _ = gcra(tat, 101.0, 5000, 1000)
+    assert wait == pytest.approx(299.0)
+
+
+# --- limiter on the local backend ---------------------------------------------------------------
+
+
+async def test_requests_per_minute_per_tenant_with_retry_after() -> None:
+    clock = Clock()
+    limits = limiter(clock)
+    acme = principal(limits={"max_tokens": 8, "requests_per_minute": 3})
+    for _ in range(3):
+        await limits.check_rate(acme, prompt_tokens=0)
+    with pytest.raises(RateLimitExceeded) as refused:
+        await limits.check_rate(acme, prompt_tokens=0)
+    assert refused.value.retry_after == pytest.approx(20.0)
+    assert refused.value.retry_after_header == "20"
+    await limits.check_rate(
+        principal("other", limits={"max_tokens": 8, "requests_per_minute": 3}), 0
+    )
+    clock.now += 20.0
+    await limits.check_rate(acme, prompt_tokens=0)
+
+
+async def test_tokens_per_minute_charges_estimate_then_usage() -> None:
+    clock = Clock()
+    limits = limiter(clock)
+    acme = principal(limits={"max_tokens": 8, "tokens_per_minute": 600})
+    async with limits.admit(acme, prompt_tokens=100) as ticket:
+        ticket.record_usage(prompt_tokens=120, completion_tokens=400)
+    # 100 + 20 + 400 = 520 of 600 used: 100 more do not fit, 80 do.
+    with pytest.raises(RateLimitExceeded):
+        await limits.check_rate(acme, prompt_tokens=100)
+    await limits.check_rate(acme, prompt_tokens=80)
+
+
+async def test_concurrency_slots_are_released_on_error_and_cancel() -> None:
+    limits = limiter(Clock())
+    acme = principal(limits={"max_tokens": 8, "concurrent": 2})
+    async with limits.concurrency(acme), limits.concurrency(acme):
+        with pytest.raises(ConcurrencyLimitExceeded) as refused:
+            async with limits.concurrency(acme):
+                pass
+        assert refused.value.status == 429
+    with pytest.raises(RuntimeError):
+        async with limits.concurrency(acme), limits.concurrency(acme):
+            raise RuntimeError("engine failed")
+    started = asyncio.Event()
+
+    async def hold() -> None:
+        async with limits.concurrency(acme), limits.concurrency(acme):
+            started.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(hold())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with limits.concurrency(acme), limits.concurrency(acme):
+        pass
+
+
+async def test_budget_reserves_worst_case_and_charges_actual() -> None:
+    limits = limiter(Clock())
+    acme = principal(budget={"usd_per_day": 1.0})
+    worst = worst_case_usd(Price(), 1000, 512)  # 0.0005 + 0.000768
+    assert worst == pytest.approx(0.001268)
+    async with limits.reserve_budget(acme, worst) as spend:
+        tier, tenant = await limits.budget_status(acme)
+        assert tier.reserved_usd == pytest.approx(worst)
+        spend.record(0.0007)
+    tier, tenant = await limits.budget_status(acme)
+    assert (tier.spent_usd, tier.reserved_usd, tier.ceiling_usd) == (0.0007, 0.0, 1.0)
+    assert tenant.spent_usd == 0.0007  # per-tenant spend is tracked even without a ceiling
+
+
+async def test_budget_refusal_is_insufficient_quota_until_midnight() -> None:
+    limits = limiter(Clock())
+    acme = principal(budget={"usd_per_day": 0.01})
+    async with limits.reserve_budget(acme, 0.008) as spend:
+        spend.record(0.008)
+    with pytest.raises(BudgetExhausted) as refused:
+        async with limits.reserve_budget(acme, 0.003):
+            pass
+    assert (refused.value.status, refused.value.code) == (429, "insufficient_quota")
+    assert refused.value.retry_after == pytest.approx(6 * 3600)
+    async with limits.reserve_budget(acme, 0.002):  # what is left still fits
+        pass
+    tomorrow = Limiter(limits.backend, wall_clock=lambda: DAY + dt.timedelta(days=1))
+    async with tomorrow.reserve_budget(acme, 0.009):
+        pass
+
+
+async def test_tenant_ceiling_inside_the_tier() -> None:
+    limits = limiter(Clock())
+    budget = {"usd_per_day": 1.0, "usd_per_day_per_tenant": 0.01}
+    acme, other = principal("acme", budget=budget), principal("other", budget=budget)
+    async with limits.reserve_budget(acme, 0.01) as spend:
+        spend.record(0.01)
+    with pytest.raises(BudgetExhausted) as refused:
+        async with limits.reserve_budget(acme, 0.001):
+            pass
+    assert "tenant's" in refused.value.message
+    async with limits.reserve_budget(other, 0.01):
+        pass
+
+
+async def test_unrecorded_or_failed_calls_cost_nothing_and_expired_reservations_free() -> None:
+    clock = Clock()
+    limits = limiter(clock)
+    acme = principal(budget={"usd_per_day": 0.01})
+    with pytest.raises(ConnectionError):
+        async with limits.reserve_budget(acme, 0.01):
+            raise ConnectionError
+    backend = limits.backend
+    keys = limits.budget_keys(acme, DAY.date())
+    assert (await backend.reserve([(keys[0], 10**7)], "crashed", 10**7, 60)).granted
+    with pytest.raises(BudgetExhausted):
+        async with limits.reserve_budget(acme, 0.001):
+            pass
+    clock.now += 61
+    async with limits.reserve_budget(acme, 0.01):
+        pass
+
+
+async def test_200_concurrent_requests_never_overspend() -> None:
+    limits = limiter(Clock())
+    acme = principal(budget={"usd_per_day": 0.5})
+    rng = random.Random(3)
+    granted = 0
+
+    async def client() -> None:
+        nonlocal granted
+        for _ in range(10):
+            try:
+                async with limits.reserve_budget(acme, 0.004) as spend:
+                    await asyncio.sleep(0)
+                    spend.record(0.004 * rng.uniform(0.5, 1))
+                    granted += 1
+            except BudgetExhausted:
+                await asyncio.sleep(0)
+
+    await asyncio.gather(*(client() for _ in range(200)))
+    tier, _ = await limits.budget_status(acme)
+    assert granted > 125  # more than budget / worst case: settled savings were reused
+    assert tier.spent_usd <= 0.5
+    assert tier.reserved_usd == 0
+
+
+@settings(max_examples=100)
+@given(
+    ops=st.lists(
+        st.tuples(st.booleans(), st.integers(min_value=0, max_value=400), st.floats(0, 1)),
+        max_size=60,
+    ),
+    ceiling=st.integers(min_value=0, max_value=2000),
+)
+def test_interleaved_reserve_and_settle_never_pass_the_ceiling(
+    ops: list[tuple[bool, int, float]], ceiling: int
+) -> None:
+    async def run() -> None:
+        backend = LocalCounters(Clock())
+        open_reservations: list[tuple[str, int]] = []
+        for n, (reserve, amount, fraction) in enumerate(ops):
+            if reserve or not open_reservations:
+                outcome = await backend.reserve(
+                    [("b", ceiling), ("t", UNLIMITED)], f"r{n}", amount, 60
+                )
+                if outcome.granted:
+                    open_reservations.append((f"r{n}", amount))
+            else:
+                res_id, held = open_reservations.pop(0)
+                await backend.settle(["b", "t"], res_id, int(held * fraction))
+            spent, reserved = await backend.budget_status("b")
+            assert spent + reserved <= ceiling
+            assert reserved == sum(a for _, a in open_reservations)
+
+    asyncio.run(run())
+
+
+def test_seconds_to_utc_midnight() -> None:
+    assert seconds_to_utc_midnight(DAY) == 6 * 3600
+    late = dt.datetime(2026, 12, 31, 23, 59, 30, tzinfo=dt.UTC)
+    assert seconds_to_utc_midnight(late) == 30
+    assert NANO == 10**9
