@@ -13,8 +13,10 @@ free of HTTP code::
     ├── RateLimitExceeded             429 rate_limit_error       code=rate_limit_exceeded   (+retry)
     │   └── ConcurrencyLimitExceeded  429 rate_limit_error       code=concurrency_limit_exceeded
     ├── BudgetExhausted               429 insufficient_quota     code=insufficient_quota    (+retry)
-    └── EngineOverloaded              503 service_unavailable    code=engine_overloaded     (+retry)
-        (queue wait bound passed or queue full: capacity, not the caller's usage, is the cause)
+    ├── EngineOverloaded              503 service_unavailable    code=engine_overloaded     (+retry)
+    │   (queue wait bound passed or queue full: capacity, not the caller's usage, is the cause)
+    └── LimitsUnavailable             503 service_unavailable    code=limits_unavailable    (+retry)
+        (the counters' backend is down and the limiter is set to refuse rather than fail open)
 """
 
 from __future__ import annotations
@@ -87,3 +89,9 @@ class EngineOverloaded(PolicyError, ConnectionError):
     status = 503
     error_type = "service_unavailable"
     code = "engine_overloaded"
+
+
+class LimitsUnavailable(PolicyError, ConnectionError):
+    status = 503
+    error_type = "service_unavailable"
+    code = "limits_unavailable"

@@ -8,7 +8,8 @@ What is counted where:
   (``budget.usd_per_day_per_tenant``). Spend is recorded even when no ceiling is set.
 
 Rates use GCRA (one timestamp per counter, a smooth sliding minute, exact ``Retry-After``).
-Tokens/minute charges the prompt estimate at admission and the rest after the answer ("debt"):
+Tokens/minute charges the prompt estimate at admission and settles the difference after the
+answer (completion tokens, and the prompt's actual count minus the estimate, which may be a refund):
 an answer's length is unknown up front, so a tenant that ran over waits before its next request.
 
 Budgets are reservation-based so concurrent requests cannot overshoot: before the engine call the
@@ -21,6 +22,9 @@ cancellation, and carry a TTL so a crashed replica's holdings expire on their ow
 
 Two backends behind :class:`CounterBackend`: :class:`LocalCounters` (one replica) and
 ``proxy.policy.redis_limits.RedisCounters`` (several replicas; each operation is one Lua script).
+When the backend is unreachable (:class:`CounterBackendError`) the limiter fails open by default
+(serves, logs ``policy_limits_unavailable``): an outage of the counters should not become an
+outage of the proxy. ``on_backend_error="refuse"`` answers 503 ``limits_unavailable`` instead.
 
 Per request (see :class:`Limiter`)::
 
@@ -42,14 +46,21 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 
-from proxy.policy.errors import BudgetExhausted, ConcurrencyLimitExceeded, RateLimitExceeded
+from proxy.policy.errors import (
+    BudgetExhausted,
+    ConcurrencyLimitExceeded,
+    LimitsUnavailable,
+    RateLimitExceeded,
+)
 from proxy.policy.policyset import Principal
 
 log = structlog.get_logger("frugal.policy")
+
+_T = TypeVar("_T")
 
 NANO = 1_000_000_000  # nano-USD per USD
 WINDOW_S = 60.0  # the "minute" of requests/tokens per minute; also the GCRA burst tolerance
@@ -76,6 +87,18 @@ def worst_case_usd(price: PriceTable, prompt_tokens: int, max_tokens: int) -> fl
     return price.usd(prompt_tokens, max_tokens)
 
 
+def prompt_token_bound(texts: Sequence[str], *, per_message: int = 8) -> int:
+    """An upper bound on a prompt's tokens without a tokenizer: byte-level BPE never makes more
+    tokens than UTF-8 bytes, plus a few per message for the chat template. Use it for the budget
+    reservation (it must not be low, or concurrent requests could overshoot); use a real count
+    when one is at hand."""
+    return sum(len(t.encode("utf-8")) + per_message for t in texts) + per_message
+
+
+class CounterBackendError(ConnectionError):
+    """The counters could not be read or written (e.g. Redis is unreachable)."""
+
+
 # --- the backend protocol -------------------------------------------------------------------
 
 
@@ -90,7 +113,8 @@ class ReserveOutcome:
 class CounterBackend(Protocol):
     async def rate(self, key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
         """GCRA. Charge ``cost`` units against ``per_minute`` and return 0.0, or charge nothing
-        and return the seconds to wait. ``debt=True`` always charges (usage found out later).
+        and return the seconds to wait. ``debt=True`` always charges (usage found out later);
+        a negative ``cost`` with ``debt=True`` refunds, down to an idle counter at most.
         A single charge larger than the whole minute is allowed when the counter is idle."""
         ...
 
@@ -216,7 +240,7 @@ def gcra(
     increment = cost * WINDOW_S / per_minute
     new_tat = start + increment
     if debt:
-        return 0.0, new_tat
+        return 0.0, max(new_tat, now)  # a refund empties the counter at most
     # A charge larger than a whole minute's allowance goes through only on an idle counter.
     wait = start - now if increment > WINDOW_S else new_tat - now - WINDOW_S
     if wait > 0:
@@ -265,10 +289,9 @@ class Ticket:
         self._extra_tokens = 0
 
     def record_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
-        """Tokens beyond the admission estimate, charged to tokens/minute when the block exits."""
-        self._extra_tokens = max(0, prompt_tokens - self.prompt_tokens_estimate) + max(
-            0, completion_tokens
-        )
+        """The answer's usage; the difference from the admission estimate (negative when the
+        estimate was high) is charged to tokens/minute when the block exits."""
+        self._extra_tokens = prompt_tokens - self.prompt_tokens_estimate + max(0, completion_tokens)
 
     @property
     def extra_tokens(self) -> int:
@@ -289,8 +312,10 @@ class Limiter:
         lease_ttl_s: float = 900.0,
         reservation_ttl_s: float = 900.0,
         wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        on_backend_error: Literal["allow", "refuse"] = "allow",
     ) -> None:
         self.backend = backend
+        self._fail_open = on_backend_error == "allow"
         self._prefix = prefix
         # Longer than the longest allowed request; only a crashed replica's holdings rely on it.
         self._lease_ttl_s = lease_ttl_s
@@ -305,12 +330,27 @@ class Limiter:
         tier_key = f"{self._prefix}:{{{p.tier}}}:budget:{day.isoformat()}"
         return tier_key, f"{tier_key}:tenant:{p.tenant}"
 
+    async def _guard(self, operation: Coroutine[Any, Any, _T], fallback: _T) -> _T:
+        """Run a counter operation; if the backend is down, fail open or refuse (503)."""
+        try:
+            return await operation
+        except CounterBackendError as exc:
+            if not self._fail_open:
+                raise LimitsUnavailable(
+                    "tier limits cannot be checked right now", retry_after=1.0
+                ) from exc
+            log.warning("policy_limits_unavailable", error=str(exc), note="serving unchecked")
+            return fallback
+
     async def check_rate(self, principal: Principal, prompt_tokens: int) -> None:
         """Requests/minute, then tokens/minute (charging the prompt estimate). 429 on excess."""
         limits = principal.policy.limits
         if limits.requests_per_minute is not None:
-            wait = await self.backend.rate(
-                self._tenant_key(principal, "rpm"), 1, limits.requests_per_minute
+            wait = await self._guard(
+                self.backend.rate(
+                    self._tenant_key(principal, "rpm"), 1, limits.requests_per_minute
+                ),
+                0.0,
             )
             if wait > 0:
                 raise RateLimitExceeded(
@@ -319,8 +359,11 @@ class Limiter:
                     retry_after=wait,
                 )
         if limits.tokens_per_minute is not None and prompt_tokens > 0:
-            wait = await self.backend.rate(
-                self._tenant_key(principal, "tpm"), prompt_tokens, limits.tokens_per_minute
+            wait = await self._guard(
+                self.backend.rate(
+                    self._tenant_key(principal, "tpm"), prompt_tokens, limits.tokens_per_minute
+                ),
+                0.0,
             )
             if wait > 0:
                 raise RateLimitExceeded(
@@ -332,7 +375,7 @@ class Limiter:
     async def charge_tokens(self, principal: Principal, tokens: int) -> None:
         """Tokens learnt after the answer: always charged (they were spent)."""
         per_minute = principal.policy.limits.tokens_per_minute
-        if per_minute is not None and tokens > 0:
+        if per_minute is not None and tokens != 0:
             await self.backend.rate(
                 self._tenant_key(principal, "tpm"), tokens, per_minute, debt=True
             )
@@ -346,7 +389,8 @@ class Limiter:
             return
         key = self._tenant_key(principal, "inflight")
         lease_id = uuid.uuid4().hex
-        if not await self.backend.acquire_lease(key, lease_id, limit, self._lease_ttl_s):
+        acquire = self.backend.acquire_lease(key, lease_id, limit, self._lease_ttl_s)
+        if not await self._guard(acquire, True):
             raise ConcurrencyLimitExceeded(
                 f"{limit} concurrent requests already in flight for tier {principal.tier!r}",
                 retry_after=1.0,
@@ -366,7 +410,7 @@ class Limiter:
             try:
                 yield ticket
             finally:
-                if ticket.extra_tokens:
+                if ticket.extra_tokens != 0:
                     await _finish(
                         self.charge_tokens(principal, ticket.extra_tokens), "charge tokens"
                     )
@@ -381,8 +425,11 @@ class Limiter:
         ceilings = (ceiling_nano(budget.usd_per_day), ceiling_nano(budget.usd_per_day_per_tenant))
         res_id = uuid.uuid4().hex
         amount = max(0, to_nano(worst_case))
-        outcome = await self.backend.reserve(
-            list(zip(keys, ceilings, strict=True)), res_id, amount, self._reservation_ttl_s
+        outcome = await self._guard(
+            self.backend.reserve(
+                list(zip(keys, ceilings, strict=True)), res_id, amount, self._reservation_ttl_s
+            ),
+            ReserveOutcome(True),
         )
         if not outcome.granted:
             whose = "tenant's" if outcome.refused_key == keys[1] else "tier's"
@@ -419,5 +466,7 @@ async def _finish(release: Coroutine[Any, Any, None], what: str) -> None:
     except asyncio.CancelledError:
         # Cancelled again while releasing: the shielded task still finishes on its own.
         raise
+    except CounterBackendError as exc:
+        log.warning("policy_release_failed", what=what, error=str(exc), note="expires by TTL")
     except Exception:
         log.warning("policy_release_failed", what=what, note="expires by TTL", exc_info=True)

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
-from proxy.policy.limits import WINDOW_S, ReserveOutcome
+from proxy.policy.limits import WINDOW_S, CounterBackendError, ReserveOutcome
 
 BUDGET_KEEP_MS = 2 * 86_400_000  # a day's budget keys outlive the day, then vanish
 
@@ -32,7 +34,7 @@ local inc = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 local start = math.max(tat, now)
-local new_tat = start + inc
+local new_tat = math.max(start + inc, now)  -- a refund (debt with inc < 0) stops at idle
 if ARGV[3] ~= '1' then
   local wait
   if inc > window then wait = start - now else wait = new_tat - now - window end
@@ -137,21 +139,29 @@ class RedisCounters:
         self._status = client.register_script(_STATUS)
 
     @classmethod
-    def from_url(cls, url: str) -> RedisCounters:
-        return cls(aioredis.Redis.from_url(url), owns_client=True)
+    def from_url(cls, url: str, *, timeout_s: float = 1.0) -> RedisCounters:
+        """A client of its own; a hung Redis costs a request at most ``timeout_s`` per step
+        before the limiter's outage policy applies."""
+        client = aioredis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
+        return cls(client, owns_client=True)
 
     async def rate(self, key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
         increment_ms = cost * WINDOW_S * 1000 / per_minute
         args: list[Any] = [repr(increment_ms), repr(WINDOW_S * 1000), "1" if debt else "0"]
-        wait_ms = float(_text(await self._rate(keys=[key], args=args)))
+        wait_ms = float(_text(await self._run(self._rate, [key], args)))
         return wait_ms / 1000
 
     async def acquire_lease(self, key: str, lease_id: str, limit: int, ttl_s: float) -> bool:
         args: list[Any] = [lease_id, limit, repr(ttl_s * 1000)]
-        return int(await self._acquire(keys=[key], args=args)) == 1
+        return int(await self._run(self._acquire, [key], args)) == 1
 
     async def release_lease(self, key: str, lease_id: str) -> None:
-        await self._client.zrem(key, lease_id)
+        try:
+            await self._client.zrem(key, lease_id)
+        except (RedisError, OSError) as exc:
+            raise CounterBackendError(f"redis: {exc}") from exc
 
     async def reserve(
         self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
@@ -159,16 +169,23 @@ class RedisCounters:
         keys = [key for key, _ in budgets]
         args: list[Any] = [res_id, amount_nano, repr(ttl_s * 1000), BUDGET_KEEP_MS]
         args += [ceiling for _, ceiling in budgets]
-        granted, index, spent, reserved = await self._reserve(keys=_triples(keys), args=args)
+        granted, index, spent, reserved = await self._run(self._reserve, _triples(keys), args)
         refused = None if int(granted) else keys[int(index) - 1]
         return ReserveOutcome(bool(int(granted)), refused, int(_text(spent)), int(_text(reserved)))
 
     async def settle(self, keys: Sequence[str], res_id: str, actual_nano: int) -> None:
-        await self._settle(keys=_triples(keys), args=[res_id, actual_nano, BUDGET_KEEP_MS])
+        await self._run(self._settle, _triples(keys), [res_id, actual_nano, BUDGET_KEEP_MS])
 
     async def budget_status(self, key: str) -> tuple[int, int]:
-        spent, reserved = await self._status(keys=_triples([key]), args=[])
+        spent, reserved = await self._run(self._status, _triples([key]), [])
         return int(_text(spent)), int(_text(reserved))
+
+    @staticmethod
+    async def _run(script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise CounterBackendError(f"redis: {exc}") from exc
 
     async def aclose(self) -> None:
         if self._owns_client:

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.policy.errors import BudgetExhausted, ConcurrencyLimitExceeded, RateLimitExceeded
-from proxy.policy.limits import NANO, Limiter, to_nano
+from proxy.policy.limits import NANO, CounterBackendError, Limiter, to_nano
 from proxy.policy.policyset import Principal
 from proxy.policy.redis_limits import RedisCounters
 from proxy.policy.schema import TierPolicy
@@ -251,3 +251,30 @@ async def test_tokens_per_minute_counts_debt_after_the_answer(
         await _limiter(replicas[1]).check_rate(principal, prompt_tokens=10)
     assert refused.value.retry_after is not None
     assert refused.value.retry_after > 0
+
+
+async def test_refund_of_a_high_prompt_estimate(
+    replicas: tuple[RedisCounters, RedisCounters],
+) -> None:
+    principal = _principal(limits={"max_tokens": 8, "tokens_per_minute": 1000})
+    limiter = _limiter(replicas[0])
+    async with limiter.admit(principal, prompt_tokens=900) as ticket:
+        ticket.record_usage(prompt_tokens=100, completion_tokens=50)
+    await _limiter(replicas[1]).check_rate(principal, prompt_tokens=800)
+
+
+async def test_unreachable_redis_is_a_backend_error_and_fails_open() -> None:
+    down = RedisCounters.from_url(f"redis://127.0.0.1:{_free_port()}/0")
+    try:
+        with pytest.raises(CounterBackendError):
+            await down.rate("k", 1, 10)
+        principal = _principal(
+            limits={"max_tokens": 8, "requests_per_minute": 1, "concurrent": 1},
+            budget={"usd_per_day": 0.0},
+        )
+        async with _limiter(down).admit(principal, prompt_tokens=5) as ticket:
+            async with ticket.budget(1.0) as spend:
+                spend.record(1.0)
+            ticket.record_usage(5, 5)
+    finally:
+        await down.aclose()

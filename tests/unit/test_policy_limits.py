@@ -5,19 +5,28 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.policy.errors import BudgetExhausted, ConcurrencyLimitExceeded, RateLimitExceeded
+from proxy.policy.errors import (
+    BudgetExhausted,
+    ConcurrencyLimitExceeded,
+    LimitsUnavailable,
+    RateLimitExceeded,
+)
 from proxy.policy.limits import (
     NANO,
     UNLIMITED,
     WINDOW_S,
+    CounterBackendError,
     Limiter,
     LocalCounters,
+    ReserveOutcome,
     gcra,
+    prompt_token_bound,
     seconds_to_utc_midnight,
     worst_case_usd,
 )
@@ -284,3 +293,65 @@ def test_seconds_to_utc_midnight() -> None:
     late = dt.datetime(2026, 12, 31, 23, 59, 30, tzinfo=dt.UTC)
     assert seconds_to_utc_midnight(late) == 30
     assert NANO == 10**9
+
+
+async def test_a_high_prompt_estimate_is_refunded_after_the_answer() -> None:
+    limits = limiter(Clock())
+    acme = principal(limits={"max_tokens": 8, "tokens_per_minute": 1000})
+    async with limits.admit(acme, prompt_tokens=900) as ticket:
+        ticket.record_usage(prompt_tokens=100, completion_tokens=50)
+    await limits.check_rate(acme, prompt_tokens=800)  # 150 used, 850 free
+
+
+def test_refund_never_goes_below_an_idle_counter() -> None:
+    _, tat = gcra(0.0, 100.0, -10_000, 60, debt=True)
+    assert tat == 100.0
+
+
+def test_prompt_token_bound_is_at_least_the_bytes() -> None:
+    assert prompt_token_bound(["héllo", "wörld"]) == 6 + 6 + 3 * 8
+    assert prompt_token_bound([]) == 8
+
+
+class DownBackend(LocalCounters):
+    async def rate(self, key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
+        raise CounterBackendError("redis: connection refused")
+
+    async def acquire_lease(self, key: str, lease_id: str, limit: int, ttl_s: float) -> bool:
+        raise CounterBackendError("redis: connection refused")
+
+    async def release_lease(self, key: str, lease_id: str) -> None:
+        raise CounterBackendError("redis: connection refused")
+
+    async def reserve(
+        self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
+    ) -> ReserveOutcome:
+        raise CounterBackendError("redis: connection refused")
+
+    async def settle(self, keys: Sequence[str], res_id: str, actual_nano: int) -> None:
+        raise CounterBackendError("redis: connection refused")
+
+
+async def test_backend_outage_fails_open_by_default_or_refuses_with_503() -> None:
+    strict = principal(
+        limits={
+            "max_tokens": 8,
+            "requests_per_minute": 1,
+            "tokens_per_minute": 10,
+            "concurrent": 1,
+        },
+        budget={"usd_per_day": 0.0},
+    )
+    open_limiter = Limiter(DownBackend(), wall_clock=lambda: DAY)
+    for _ in range(3):
+        async with open_limiter.admit(strict, prompt_tokens=50) as ticket:
+            async with ticket.budget(1.0) as spend:
+                spend.record(1.0)
+            ticket.record_usage(50, 50)
+    closed = Limiter(DownBackend(), wall_clock=lambda: DAY, on_backend_error="refuse")
+    with pytest.raises(LimitsUnavailable) as refused:
+        await closed.check_rate(strict, prompt_tokens=1)
+    assert (refused.value.status, refused.value.code) == (503, "limits_unavailable")
+    with pytest.raises(LimitsUnavailable):
+        async with closed.reserve_budget(strict, 0.1):
+            pass
