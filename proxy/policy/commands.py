@@ -153,6 +153,12 @@ def keys_add_command(
     line, _ = locate(root, ("keys", len(checked.policies.tiers[tier].keys) - 1))
     owner = next(e for e in checked.policies.tiers[tier].keys if e.hash == digest).tenant_id
     print(f"added a key for tenant {owner!r} to tier {tier!r} at {path}:{line}", file=err)
+    if current.policies.is_open:
+        print(
+            "note: this is the first key, so the proxy stops running open; after the reload "
+            "every request needs a key",
+            file=err,
+        )
     print("the key is shown only this once; the file keeps only its hash:", file=err)
     print(key, file=out)
     return 0
