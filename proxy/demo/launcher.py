@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 
 from proxy.demo.errors import EngineStartError
-from proxy.demo.progress import make_bar, read_log_tail
+from proxy.demo.progress import make_bar, read_log_tail, refresh_seconds
 
 DEFAULT_GRACE_S = 20.0
 _POLL_INTERVAL_S = 1.0
@@ -210,13 +210,16 @@ def stop_children(children: Sequence[_Child], grace_s: float = DEFAULT_GRACE_S) 
     for child in children:
         _signal_group(child, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    for child in children:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.process.wait(timeout=max(deadline - time.monotonic(), 0.0))
-    for child in children:
-        # Also reaches workers that outlived their leader.
-        _signal_group(child, signal.SIGKILL)
-        child.process.wait()
+    try:
+        for child in children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(timeout=max(deadline - time.monotonic(), 0.0))
+    finally:
+        # Runs on a second Ctrl-C too ("stop now"), and reaches workers that outlived their
+        # leader.
+        for child in children:
+            _signal_group(child, signal.SIGKILL)
+            child.process.wait()
 
 
 async def _wait_ready(child: _Child, session: aiohttp.ClientSession) -> None:
@@ -264,7 +267,7 @@ async def wait_all_ready(children: Sequence[_Child], *, progress: bool) -> None:
 
         async def tick() -> None:
             while True:
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(refresh_seconds())
                 bar.refresh()
 
         async with aiohttp.ClientSession(timeout=timeout) as session:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from proxy.demo.errors import IntegrityError, SetupStepError
+from proxy.demo.locking import data_dir_lock
 from proxy.demo.progress import make_bar, run_logged
 from proxy.demo.vllm_env import ensure_vllm_python
 
@@ -328,6 +329,8 @@ def prepare_demo_models(
     pending = [m for m in models if not is_model_ready(model_dir(data_dir, m), m)]
     if pending:
         python = ensure_vllm_python(data_dir, progress=progress)
-        for model in pending:
-            prepare_model(model, data_dir, python=python, progress=progress)
+        with data_dir_lock(data_dir, "models"):
+            for model in pending:
+                # prepare_model rechecks: another process may have finished it while we waited.
+                prepare_model(model, data_dir, python=python, progress=progress)
     return {m.served_name: model_dir(data_dir, m) for m in models}

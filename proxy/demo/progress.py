@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +17,11 @@ from proxy.demo.errors import SetupStepError
 
 # Without a terminal (CI logs) a bar redrawn ten times a second only makes noise.
 _NON_TTY_REFRESH_SECONDS = 15.0
+
+
+def refresh_seconds() -> float:
+    """How often to redraw a bar whose numbers change only with time (elapsed)."""
+    return 1.0 if sys.stderr.isatty() else _NON_TTY_REFRESH_SECONDS
 
 
 def make_bar(*, desc: str, enabled: bool, **kwargs: Any) -> tqdm[Any]:
@@ -110,10 +114,5 @@ def run_logged(
 
 def _tick(bar: tqdm[Any], stop: threading.Event) -> None:
     """Refresh the elapsed time even while the child prints nothing."""
-    while not stop.wait(1.0 if sys.stderr.isatty() else _NON_TTY_REFRESH_SECONDS):
+    while not stop.wait(refresh_seconds()):
         bar.refresh()
-
-
-def elapsed_since(start: float) -> str:
-    seconds = int(time.monotonic() - start)
-    return f"{seconds // 60}:{seconds % 60:02d}"

@@ -7,9 +7,13 @@ proxy in this process. Ctrl-C (or any error) stops the proxy, then the engines.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 from urllib.parse import urlsplit
 
 from proxy.demo.errors import DemoError
@@ -130,7 +134,29 @@ def run_proxy_in_process(settings: Settings) -> None:
     run_proxy(settings)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Make `kill PID` (a supervisor's stop) shut down like Ctrl-C: proxy, then engines."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_up(*, data_dir: Path, config: Path | None, port: int) -> int:
+    with sigterm_as_interrupt():
+        return _run_up(data_dir=data_dir, config=config, port=port)
+
+
+def _run_up(*, data_dir: Path, config: Path | None, port: int) -> int:
     try:
         settings = load_up_settings(config)
     except ConfigError as exc:
@@ -139,7 +165,7 @@ def run_up(*, data_dir: Path, config: Path | None, port: int) -> int:
     try:
         demo_dirs: dict[str, Path] = {}
         if demo_models_needed(settings):
-            _say(f"preparing demo models in {data_dir} (first run: a few minutes)")
+            _say(f"demo models in {data_dir} (the first run downloads and converts them: minutes)")
             demo_dirs = prepare_demo_models(data_dir)
         python = ensure_vllm_python(data_dir)
         specs = launch_specs(settings, python=python, demo_dirs=demo_dirs)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from proxy.demo.locking import data_dir_lock
 from proxy.demo.progress import run_logged
 
 VLLM_PYTHON_ENV = "FRUGAL_VLLM_PYTHON"
@@ -69,7 +70,14 @@ def ensure_vllm_python(data_dir: Path, *, progress: bool = True) -> Path:
     python = venv_python(venv)
     if is_ready(venv):
         return python
-    log_path = data_dir / "logs" / "vllm-venv-install.log"
+    with data_dir_lock(data_dir, "vllm-venv"):
+        if not is_ready(venv):  # another process may have built it while we waited
+            _build_venv(venv, data_dir / "logs" / "vllm-venv-install.log", progress=progress)
+    return python
+
+
+def _build_venv(venv: Path, log_path: Path, *, progress: bool) -> None:
+    python = venv_python(venv)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     if not python.exists():
@@ -104,4 +112,3 @@ def ensure_vllm_python(data_dir: Path, *, progress: bool = True) -> Path:
     (venv / READY_MARKER).write_text(json.dumps(ready_fingerprint()))
     with log_path.open("a", encoding="utf-8") as log:
         log.write(f"vLLM venv ready in {time.monotonic() - started:.0f}s\n")
-    return python
