@@ -113,16 +113,6 @@ def build_spec(
     )
 
 
-def vllm_command(python: str) -> list[str]:
-    """The default vLLM OpenAI server command template (placeholders left in)."""
-    return [
-        python, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", "{model_dir}", "--served-model-name", "{model}",
-        "--host", "127.0.0.1", "--port", "{port}",
-        "--dtype", "bfloat16", "--max-model-len", "4096",
-    ]  # fmt: skip
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -26,7 +26,6 @@ from proxy.demo.launcher import (
     port_is_free,
     served_model_ids,
     substitute,
-    vllm_command,
 )
 
 names = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True)
@@ -72,15 +71,13 @@ def test_build_spec_fills_command_and_env_with_model_and_port() -> None:
         name="small",
         served_model="smollm2-135m",
         port=8101,
-        command=vllm_command("{python}"),
+        command=["{python}", "-m", "vllm.x", "--model", "{model_dir}", "--name={model}", "{port}"],
         env={"LOG": "{model}.log", "PLAIN": "1"},
         values={"python": "/v/bin/python", "model_dir": "/data/models/smollm2-135m"},
     )
     assert spec.command == (
-        "/v/bin/python", "-m", "vllm.entrypoints.openai.api_server",
-        "--model", "/data/models/smollm2-135m", "--served-model-name", "smollm2-135m",
-        "--host", "127.0.0.1", "--port", "8101",
-        "--dtype", "bfloat16", "--max-model-len", "4096",
+        "/v/bin/python", "-m", "vllm.x", "--model", "/data/models/smollm2-135m",
+        "--name=smollm2-135m", "8101",
     )  # fmt: skip
     assert dict(spec.env) == {"LOG": "smollm2-135m.log", "PLAIN": "1"}
     assert spec.url == "http://127.0.0.1:8101"

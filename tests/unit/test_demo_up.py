@@ -36,6 +36,7 @@ def test_demo_config_launches_both_engines_on_their_ports() -> None:
         assert command[command.index("--served-model-name") + 1] == spec.served_model
         assert command[command.index("--port") + 1] == str(spec.port)
         assert command[command.index("--max-model-len") + 1] == "4096"
+        assert "--enforce-eager" in command
         assert {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}.items() <= spec.env.items()
         assert not any("{" in part for part in command)
     # Each engine computes on its own core instead of both on core 0.
