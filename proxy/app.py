@@ -1,14 +1,16 @@
 """``create_app(settings)``: the only place that wires the proxy together.
 
 State lives on the application under ``web.AppKey``s; every resource with a lifetime (the HTTP
-client session, the health poller, version discovery) is an async generator in ``cleanup_ctx``,
-so a test builds a fresh, independent app and tears it down completely.
+client session, the cache, the embedding worker, the health poller, policy hot reload, version
+discovery) is an async generator in ``cleanup_ctx``, so a test builds a fresh, independent app and
+tears it down completely.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -16,7 +18,12 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from proxy import handlers
+from proxy import admin, handlers
+from proxy.cache.index import SemanticIndex
+from proxy.cache.keys import Scope
+from proxy.cache.service import CacheConfig, CosineVerifier, ResponseCache, SemanticVerifier
+from proxy.cache.store import CacheStore, DiskStore
+from proxy.embeddings.worker import EmbeddingWorker, Encode
 from proxy.engines.client import AiohttpTransport, EngineCaller, Transport
 from proxy.engines.health import poll_forever
 from proxy.engines.pool import Engine, Replica
@@ -24,11 +31,18 @@ from proxy.engines.version import resolve_version
 from proxy.errors import FrugalError, InvalidRequest, NotFound, PayloadTooLarge
 from proxy.observability.dashboard import dashboard_routes
 from proxy.observability.metrics import Metrics
-from proxy.services import Services
-from proxy.settings import Settings
+from proxy.policy.admission import EngineAdmission, Outcome
+from proxy.policy.default import StaticPolicies, open_policies
+from proxy.policy.limits import Limiter, LocalCounters
+from proxy.policy.store import PolicyStore
+from proxy.routing.classifier import DifficultyClassifier
+from proxy.routing.router import Router
+from proxy.services import PolicySource, Services
+from proxy.settings import VIRTUAL_MODEL, ConfigError, Settings
 
 SERVICES = web.AppKey("services", Services)
 TRANSPORT = web.AppKey("transport", AiohttpTransport)
+ENCODE = web.AppKey("encode", object)
 
 log = structlog.get_logger("frugal.app")
 
@@ -40,9 +54,14 @@ def create_app(
     *,
     transport: Transport | None = None,
     metrics: Metrics | None = None,
+    encode: Encode | None = None,
     access_log: bool = True,
 ) -> web.Application:
-    """Build the proxy. ``transport`` replaces the HTTP client (tests pass a function)."""
+    """Build the proxy.
+
+    ``transport`` replaces the HTTP client to the engines and ``encode`` the embedding model
+    (tests pass plain functions); by default the MiniLM model loads when the app starts.
+    """
     app = web.Application(
         middlewares=[error_middleware],
         client_max_size=settings.server.max_body_bytes + 1,
@@ -54,23 +73,150 @@ def create_app(
         transport or http_transport,
         on_retry=lambda engine, reason: metrics.upstream_retry(engine=engine.name, reason=reason),
     )
+    policies = _policy_source(settings)
     services = Services(
-        settings=settings, engines=engines, metrics=metrics, caller=caller, access_log=access_log
+        settings=settings,
+        engines=engines,
+        metrics=metrics,
+        caller=caller,
+        router=_router(settings, engines),
+        policies=policies,
+        limiter=Limiter(LocalCounters(), on_backend_error=settings.limits.on_backend_error),
+        admissions={
+            e.name: EngineAdmission(
+                e.name, e.settings.max_concurrency, observer=_AdmissionMetrics(metrics)
+            )
+            for e in engines
+        },
+        access_log=access_log,
     )
     app[SERVICES] = services
     app[TRANSPORT] = http_transport
+    if encode is not None:
+        app[ENCODE] = encode
 
     app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_redis_limits)
+    app.cleanup_ctx.append(_embedder)
+    app.cleanup_ctx.append(_response_cache)
     app.cleanup_ctx.append(_engine_versions)
     app.cleanup_ctx.append(_health_poller)
+    app.cleanup_ctx.append(_policy_watcher)
     handlers.add_routes(app, services)
+    admin.add_routes(app, services)
     app.add_routes(dashboard_routes(metrics.snapshot))
     return app
 
 
+# -- built at once ----------------------------------------------------------------------------
+
+
+def _policy_source(settings: Settings) -> PolicySource:
+    served = [VIRTUAL_MODEL, *(e.model for e in settings.engines)]
+    folder = settings.policies
+    source: PolicySource
+    if folder is None or not folder.is_dir():
+        if folder is not None:
+            log.warning("policy folder not found; running open", folder=str(folder))
+        source = StaticPolicies(
+            open_policies(
+                models=served,
+                scope=settings.cache.scope,
+                ttl_seconds=settings.cache.ttl_seconds,
+                semantic=settings.cache.semantic,
+                cache_sampled=settings.cache.cache_sampled,
+                threshold=settings.routing.threshold,
+            )
+        )
+    else:
+        from proxy.policy.store import PolicyLoadError
+
+        try:
+            source = PolicyStore.open(folder)
+        except PolicyLoadError as exc:
+            issues = "\n".join(f"  {issue}" for issue in exc.issues)
+            raise ConfigError(f"{folder}: invalid tier policies\n{issues}") from exc
+        for issue in source.current.check_models(set(served)):
+            log.warning("policy names a model no engine serves", issue=str(issue))
+    current = source.current
+    if current.is_open:
+        if not _loopback(settings.server.host) and not settings.server.allow_open:
+            raise ConfigError(
+                "no policy file defines an API key, so the proxy would serve anyone; on "
+                f"{settings.server.host} that is refused. Add keys (frugal keys add --tier T) "
+                "or set server.allow_open: true"
+            )
+        log.warning("running open: no API key is required", tier=current.open_tier)
+    return source
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _router(settings: Settings, engines: list[Engine]) -> Router:
+    classifier = None
+    if settings.routing.enabled and settings.embeddings.enabled:
+        try:
+            classifier = DifficultyClassifier.load(settings.routing.classifier)
+        except (OSError, ValueError) as exc:
+            log.warning("difficulty classifier unavailable; auto goes to the cheapest engine",
+                        error=str(exc))  # fmt: skip
+    return Router(
+        engines=engines,
+        classifier=classifier,
+        count_tokens=_approximate_tokens,
+        default_threshold=settings.routing.threshold,
+        sticky_margin=settings.routing.sticky_margin,
+    )
+
+
+def _approximate_tokens(text: str) -> int:
+    # Byte-level BPE tokenizers average about four characters a token on English text.
+    return max(1, len(text) // 4)
+
+
+class _AdmissionMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def queue_length(self, engine: str, length: int) -> None:
+        self._metrics.queue_length(engine=engine, length=length)
+
+    def waited(self, engine: str, tier: str, seconds: float, outcome: Outcome) -> None:
+        if outcome == "admitted":
+            self._metrics.queue_wait(engine=engine, tier=tier, seconds=seconds)
+        elif outcome != "cancelled":
+            self._metrics.admission_rejected(engine=engine, tier=tier, reason=outcome)
+
+
+class _CacheMetrics:
+    def __init__(self, metrics: Metrics, backend: str) -> None:
+        self._metrics = metrics
+        self._backend = backend
+
+    def on_lookup(self, outcome: str, seconds: float) -> None:
+        pass  # the pipeline counts lookups with their scope
+
+    def on_store(self, outcome: str) -> None:
+        if outcome == "failed":
+            self._metrics.cache_error(backend=self._backend, op="put")
+
+    def on_backend_error(self, operation: str, error: BaseException) -> None:
+        self._metrics.cache_error(backend=self._backend, op=operation)
+
+
+# -- lifetimes --------------------------------------------------------------------------------
+
+
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
-    # Unlimited pool: the engines' own batching is the limit, and admission control (policy) caps
-    # what reaches them; a small client pool would queue requests invisibly here.
+    # Unlimited pool: the engines' own batching is the limit, and admission control caps what
+    # reaches them; a small client pool would queue requests invisibly here.
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     app[TRANSPORT].session = session
@@ -78,15 +224,96 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def _redis_limits(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    settings = services.settings
+    if settings.limits.backend != "redis" or settings.redis is None:
+        yield
+        return
+    from proxy.policy.redis_limits import RedisCounters
+
+    counters = RedisCounters.from_url(settings.redis.url)
+    services.limiter = Limiter(counters, on_backend_error=settings.limits.on_backend_error)
+    yield
+    await counters.aclose()
+
+
+async def _embedder(app: web.Application) -> AsyncIterator[None]:
+    """The embedding model on its own thread, batching concurrent requests."""
+    services = app[SERVICES]
+    settings = services.settings.embeddings
+    encode = app.get(ENCODE)
+    if encode is None and settings.enabled:
+        try:
+            from proxy.embeddings.minilm import load_minilm
+
+            encode = await asyncio.to_thread(load_minilm)
+        except (ImportError, OSError, RuntimeError) as exc:
+            log.warning("embedding model unavailable: no semantic cache, no difficulty scores",
+                        error=str(exc))  # fmt: skip
+    if encode is None:
+        services.router.classifier = None
+        yield
+        return
+    metrics = services.metrics
+    worker = EmbeddingWorker(
+        encode,  # type: ignore[arg-type]
+        max_batch=settings.max_batch,
+        max_wait_ms=settings.max_wait_ms,
+        on_batch=lambda size, seconds: metrics.embedding_batch(size=size, encode_s=seconds),
+    )
+    async with worker:
+        services.embedder = worker
+        yield
+        services.embedder = None
+
+
+async def _response_cache(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    settings = services.settings
+    if not settings.cache.enabled:
+        yield
+        return
+    store: CacheStore
+    metrics = _CacheMetrics(services.metrics, settings.cache.backend)
+    if settings.cache.backend == "redis" and settings.redis is not None:
+        from proxy.cache.redis_store import RedisStore
+
+        store = RedisStore(settings.redis.url, on_error=metrics.on_backend_error)
+    else:
+        directory = settings.cache.data_dir or settings.resolved_data_dir() / "cache"
+        store = await asyncio.to_thread(
+            DiskStore, directory, size_limit=int(settings.cache.size_limit_gb * 2**30)
+        )
+    ttl = {scope: settings.cache.ttl_seconds for scope in Scope}
+    cache = ResponseCache(
+        store,
+        config=CacheConfig(ttl_seconds=ttl),
+        index=SemanticIndex(),
+        verifier=_verifier(settings),
+        observer=metrics,
+    )
+    async with cache:
+        services.cache = cache
+        yield
+        services.cache = None
+
+
+def _verifier(settings: Settings) -> SemanticVerifier:
+    threshold = settings.cache.similarity_threshold
+    return CosineVerifier(threshold=threshold if threshold is not None else 0.92)
+
+
 async def _engine_versions(app: web.Application) -> AsyncIterator[None]:
     """Resolve ``version: auto`` from the engines; keep trying in the background until each
-    answers (an engine may still be loading its weights when the proxy starts)."""
+    answers (an engine may still be loading its weights when the proxy starts). Cache entries
+    of versions no engine serves any more are purged once every version is known."""
     services = app[SERVICES]
     session = app[TRANSPORT].session
     pending = [e for e in services.engines if e.version is None]
     task = None
-    if pending and session is not None:
-        task = asyncio.create_task(_resolve_versions(session, pending))
+    if session is not None:
+        task = asyncio.create_task(_resolve_versions(services, session, pending))
         # Give a running engine a moment so the first requests already carry a version.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(task), timeout=2.0)
@@ -97,8 +324,11 @@ async def _engine_versions(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
-async def _resolve_versions(session: aiohttp.ClientSession, engines: list[Engine]) -> None:
+async def _resolve_versions(
+    services: Services, session: aiohttp.ClientSession, engines: list[Engine]
+) -> None:
     delay = 0.5
+    engines = list(engines)
     while engines:
         for engine in list(engines):
             for replica in engine.replicas:
@@ -118,12 +348,16 @@ async def _resolve_versions(session: aiohttp.ClientSession, engines: list[Engine
         if engines:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+    if services.cache is not None:
+        keep = {(e.name, e.version) for e in services.engines if e.version is not None}
+        purged = await services.cache.purge_versions(keep)
+        if purged:
+            log.info("purged cache entries of versions no engine serves", entries=purged)
 
 
 def _auth(engine: Engine) -> dict[str, str] | None:
-    return (
-        {"Authorization": f"Bearer {engine.settings.api_key}"} if engine.settings.api_key else None
-    )
+    key = engine.settings.api_key
+    return {"Authorization": f"Bearer {key}"} if key else None
 
 
 async def _health_poller(app: web.Application) -> AsyncIterator[None]:
@@ -160,6 +394,21 @@ async def _health_poller(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
+    source = app[SERVICES].policies
+    if not isinstance(source, PolicyStore):
+        yield
+        return
+    task = asyncio.create_task(source.watch())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+# -- errors -----------------------------------------------------------------------------------
 
 
 @web.middleware

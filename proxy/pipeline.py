@@ -1,11 +1,16 @@
 """The request path of a completion, top to bottom.
 
-    read + parse body ─▶ authenticate, tier policy ─▶ limits + budget ─▶ embed last turn ─▶ route
-    ─▶ cache lookup ─▶ admission queue ─▶ engine call (retry, breaker) ─▶ relay ─▶ cache store
-    ─▶ headers, metrics, one access log line
+    read + parse body ─▶ authenticate, tier policy, max_tokens cap ─▶ rate, tokens, concurrency
+    ─▶ embed the last user turn once ─▶ route (difficulty, stickiness, load) ─▶ cache lookup
+    (exact, then semantic) ─▶ single-flight ─▶ budget reservation ─▶ admission queue ─▶ engine
+    call (replica choice, retry, breaker) ─▶ relay ─▶ cache store ─▶ headers, metrics, access log
 
-Each step is a call into a small module that does one job (policy/, cache/, routing/, engines/);
-this file only orders them and carries the per-request facts in an :class:`Exchange`.
+Each step is a call into a small module with one job (policy/, routing/, cache/, engines/); this
+file orders them and carries the per-request facts in an :class:`Exchange`.
+
+Routing comes before the cache lookup because every cache entry belongs to one engine version: the
+lookup needs to know which engines' answers are good enough for this request (the routed engine,
+or a stronger one the tier may use).
 """
 
 from __future__ import annotations
@@ -14,26 +19,47 @@ import asyncio
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 import structlog
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
+from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, make_keys
+from proxy.cache.modes import CacheMode, request_mode
+from proxy.cache.service import CacheHit, follow_as_sse
+from proxy.cache.singleflight import Follower, Leader, LeaderFailed
+from proxy.cache.stream_codec import StreamAssembler, replay_sse
 from proxy.engines.client import Upstream
 from proxy.engines.pool import Engine
-from proxy.errors import FrugalError, InvalidRequest, ModelNotFound, PayloadTooLarge
+from proxy.errors import (
+    FrugalError,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+)
+from proxy.observability.savings import split_savings
+from proxy.policy.keys import bearer_token
+from proxy.policy.limits import prompt_token_bound, worst_case_usd
+from proxy.policy.policyset import Principal, cap_max_tokens, resolve_model
+from proxy.policy.schema import TierPolicy
+from proxy.routing.decision import EngineLoad, EngineNotAllowedError, RouteDecision
 from proxy.services import Services
 from proxy.settings import VIRTUAL_MODEL
 from proxy.sse import DONE_PAYLOAD, SSEParser, frame
-from proxy.wire import CompletionRequest, Kind, conversation_prefix, parse_request
+from proxy.wire import CompletionRequest, Kind, conversation_prefix, last_user_text, parse_request
 
 log = structlog.get_logger("frugal.access")
 
 PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+ENDPOINTS: dict[Kind, Endpoint] = {"chat": Endpoint.CHAT, "completion": Endpoint.COMPLETIONS}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_CLIENT_GONE = (ConnectionResetError, ClientConnectionResetError)
 
 
 @dataclass(slots=True)
@@ -42,18 +68,24 @@ class Exchange:
 
     request_id: str
     started: float
-    tier: str = "open"
+    tier: str = "-"
     model: str = ""
-    engine: Engine | None = None
+    engine: Engine | None = None  # the engine whose answer the client got
+    routed: Engine | None = None  # the engine the router chose
     cache: str = "bypass"
+    cache_similarity: float | None = None
+    cache_age_s: float | None = None
+    coalesced: bool = False
     route_reason: str = ""
     route_score: float | None = None
+    max_tokens_clamped: int | None = None
     status: int = 200
     stream: bool = False
     tokens_in: int = 0
     tokens_out: int = 0
     ttft_s: float | None = None
     upstream_s: float = 0.0  # time spent waiting on the engine, for the proxy's own overhead
+    baseline: Engine | None = None  # what the request would have used with no routing
     error: str | None = None
 
     def headers(self) -> dict[str, str]:
@@ -61,11 +93,35 @@ class Exchange:
         if self.engine is not None:
             headers["x-frugal-engine"] = self.engine.name
             headers["x-frugal-model-version"] = self.engine.version or "unknown"
-            headers["x-frugal-route"] = self.engine.name
+        if self.routed is not None:
+            headers["x-frugal-route"] = self.routed.name
             headers["x-frugal-route-reason"] = self.route_reason
             if self.route_score is not None:
                 headers["x-frugal-route-score"] = f"{self.route_score:.4f}"
+        if self.cache_similarity is not None:
+            headers["x-frugal-cache-similarity"] = f"{self.cache_similarity:.4f}"
+        if self.cache_age_s is not None:
+            headers["x-frugal-cache-age"] = str(int(self.cache_age_s))
+        if self.coalesced:
+            headers["x-frugal-cache-coalesced"] = "1"
+        if self.max_tokens_clamped is not None:
+            headers["x-frugal-max-tokens-clamped"] = str(self.max_tokens_clamped)
         return headers
+
+
+@dataclass(slots=True)
+class CachePlan:
+    """How this request uses the cache: its mode and the keys to look up, best engine first."""
+
+    mode: CacheMode
+    lookups: list[CacheKeys] = field(default_factory=list)  # [0] is the routed engine's
+    semantic: bool = False
+    ttl_s: float | None = None
+    scope: Scope = Scope.TENANT
+
+    @property
+    def keys(self) -> CacheKeys | None:
+        return self.lookups[0] if self.lookups else None
 
 
 async def complete(request: web.Request, kind: Kind, services: Services) -> web.StreamResponse:
@@ -77,19 +133,73 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
         req = parse_request(await _read_body(request, services), kind)
         exchange.model, exchange.stream = req.model, req.stream
 
-        engine, reason = _route(req, services)
-        exchange.engine, exchange.route_reason = engine, reason
-        _prepare_upstream_body(req, engine)
+        principal = services.policies.current.authenticate(
+            bearer_token(request.headers.get("Authorization"))
+        )
+        exchange.tier = principal.tier
+        policy = principal.policy
+        _check_model_exists(services, req.model)
+        requested = resolve_model(policy, req.model)
+        allowed = _allowed_engines(services, policy, requested)
+        _cap_max_tokens(req, policy, exchange)
+        prompt_bound = prompt_token_bound(_prompt_texts(req))
 
-        upstream = await _call_engine(request, req, engine, exchange, services)
-        if req.stream and upstream.status == 200:
-            return await _relay_stream(request, req, upstream, exchange)
-        return _relay_body(req, upstream, exchange)
+        async with services.limiter.admit(principal, prompt_tokens=prompt_bound) as ticket:
+            plan = _cache_plan(request, req, principal, services)
+            text = last_user_text(req)
+            embedding = await _embed(services, req, requested, allowed, plan, text)
+            decision = _route(services, req, requested, allowed, principal, embedding)
+            engine = services.by_name[decision.engine]
+            exchange.routed = exchange.engine = engine
+            exchange.route_reason, exchange.route_score = decision.reason, decision.score
+            exchange.baseline = allowed[-1] if requested == VIRTUAL_MODEL else engine
+            services.metrics.route_decision(
+                tier=principal.tier, engine=engine.name, reason=decision.reason
+            )
+            _prepare_upstream_body(req, engine)
+
+            stronger = allowed[allowed.index(engine) + 1 :] if requested == VIRTUAL_MODEL else []
+            _plan_keys(plan, req, principal, [engine, *stronger], services)
+            hit = await _lookup(services, plan, embedding, exchange)
+            if hit is not None:
+                return _respond_from_cache(request, req, hit, exchange, services)
+
+            flight = (
+                services.flights.join(plan.keys.exact, streaming=req.stream)
+                if (plan.keys is not None)
+                else None
+            )
+            if flight is not None and not isinstance(flight, Leader):
+                with contextlib.suppress(LeaderFailed):
+                    return await _follow(request, req, flight, exchange, services)
+                flight = None  # the leader failed before a byte was sent: ask the engine ourselves
+
+            worst_case = worst_case_usd(
+                engine.settings.cost, prompt_bound, req.max_tokens or policy.limits.max_tokens
+            )
+            async with (
+                _lead(flight),
+                ticket.budget(worst_case) as spend,
+                services.admissions[engine.name].slot(
+                    priority=policy.priority,
+                    max_wait_s=policy.queue.max_wait_ms / 1000,
+                    tier=principal.tier,
+                ),
+            ):
+                response = await _answer_from_engine(
+                    request, req, engine, exchange, services, plan, embedding, flight
+                )
+                spend.record(engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out))
+            ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
+            if req.kind == "chat" and len(req.body["messages"]) > 1:
+                services.router.remember(
+                    conversation_prefix(req), engine.name, exchange.route_score
+                )
+            return response
+    except EngineNotAllowedError as err:
+        raise _refusal(exchange, PermissionDenied(str(err), param="model")) from None
     except FrugalError as err:
-        exchange.status = err.status
-        exchange.error = err.code
-        err.headers.update(exchange.headers())
-        raise
+        raise _refusal(exchange, err) from None
     except asyncio.CancelledError:
         exchange.status = 499  # the client closed the connection
         raise
@@ -97,7 +207,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
         _finish(exchange, services)
 
 
-# -- the steps ------------------------------------------------------------------------------
+# -- admission and policy ---------------------------------------------------------------------
 
 
 async def _read_body(request: web.Request, services: Services) -> bytes:
@@ -112,37 +222,313 @@ async def _read_body(request: web.Request, services: Services) -> bytes:
     return body
 
 
-def _route(req: CompletionRequest, services: Services) -> tuple[Engine, str]:
-    if req.model == VIRTUAL_MODEL:
-        # Until the difficulty router decides, the virtual model means the first engine.
-        return services.engines[0], "default"
-    engine = services.by_model.get(req.model) or services.by_name.get(req.model)
-    if engine is None:
+def _check_model_exists(services: Services, model: str) -> None:
+    """404 for a model no engine serves (before the policy's 403: it cannot exist for anyone)."""
+    if model != VIRTUAL_MODEL and model not in services.by_model:
         raise ModelNotFound(
-            f"The model '{req.model}' does not exist. Available: "
+            f"The model '{model}' does not exist. Available: "
             + ", ".join([VIRTUAL_MODEL, *services.by_model]),
             param="model",
         )
-    return engine, "explicit_model"
+
+
+def _allowed_engines(services: Services, policy: TierPolicy, requested: str) -> list[Engine]:
+    """The engines this request may use, weak to strong."""
+    if requested != VIRTUAL_MODEL:
+        return [services.by_model[requested]]
+    named = [services.by_model[m] for m in policy.models if m in services.by_model]
+    # A tier that may use `auto` but names no concrete model may use every engine.
+    return services.router.weak_to_strong(named or services.engines)
+
+
+def _cap_max_tokens(req: CompletionRequest, policy: TierPolicy, exchange: Exchange) -> None:
+    capped = cap_max_tokens(policy, req.max_tokens)
+    key = "max_completion_tokens" if "max_completion_tokens" in req.body else "max_tokens"
+    if capped.clamped:
+        exchange.max_tokens_clamped = capped.value
+        req.set(key, capped.value)
+        req.max_tokens = capped.value
+    elif capped.defaulted and policy.budget.usd_per_day is not None:
+        # A budgeted tier bounds what a request may cost, so the engine must be told the cap.
+        req.set(key, capped.value)
+        req.max_tokens = capped.value
+
+
+def _prompt_texts(req: CompletionRequest) -> list[str]:
+    if req.kind == "completion":
+        prompt = req.body["prompt"]
+        return [prompt] if isinstance(prompt, str) else [orjson.dumps(prompt).decode()]
+    return [orjson.dumps(m.get("content")).decode() for m in req.body["messages"]]
+
+
+def _refusal(exchange: Exchange, err: FrugalError) -> FrugalError:
+    exchange.status, exchange.error = err.status, err.code
+    err.headers.update(exchange.headers())
+    return err
+
+
+# -- embedding and routing --------------------------------------------------------------------
+
+
+async def _embed(
+    services: Services,
+    req: CompletionRequest,
+    requested: str,
+    allowed: list[Engine],
+    plan: CachePlan,
+    text: str | None,
+) -> np.ndarray | None:
+    """One embedding of the last user turn serves both the router and the semantic cache."""
+    if services.embedder is None or not text:
+        return None
+    routing = requested == VIRTUAL_MODEL and len(allowed) > 1 and services.router.scores
+    if not (routing or (plan.semantic and plan.mode.read)):
+        return None
+    return await services.embedder.embed(text)
+
+
+def _route(
+    services: Services,
+    req: CompletionRequest,
+    requested: str,
+    allowed: list[Engine],
+    principal: Principal,
+    embedding: np.ndarray | None,
+) -> RouteDecision:
+    router = services.router
+    if requested != VIRTUAL_MODEL:
+        return router.decide(
+            requested=allowed[0].name,
+            allowed=allowed,
+            score=None,
+            threshold=1.0,
+            conversation=None,
+            loads=None,
+            ttft_target_ms=None,
+        )
+    routing = principal.policy.routing
+    score = None
+    if embedding is not None and router.scores and req.kind == "chat" and len(allowed) > 1:
+        score = router.score(req.body["messages"], embedding)
+        router.observe_score(principal.tier, routing.strong_share, score)
+    threshold = router.threshold(
+        principal.tier, share=routing.strong_share, fixed=routing.score_threshold
+    )
+    follow_up = req.kind == "chat" and len(req.body["messages"]) > 2
+    return router.decide(
+        requested=VIRTUAL_MODEL,
+        allowed=allowed,
+        score=score,
+        threshold=threshold,
+        conversation=conversation_prefix(req) if follow_up else None,
+        loads=_loads(services, allowed),
+        ttft_target_ms=principal.policy.latency.ttft_p95_ms,
+    )
+
+
+def _loads(services: Services, allowed: list[Engine]) -> dict[str, EngineLoad]:
+    return {
+        e.name: services.router.load(
+            e, services.admissions[e.name].waiting, services.admissions[e.name].active
+        )
+        for e in allowed
+    }
 
 
 def _prepare_upstream_body(req: CompletionRequest, engine: Engine) -> None:
     if req.model != engine.model:
         req.set("model", engine.model)
     if req.stream and not req.include_usage:
-        # Ask the engine for usage so tokens and cost are counted; the client, who did not ask
-        # for it, never sees that chunk.
+        # Ask the engine for usage so tokens and cost are counted (and a cached stream can replay
+        # it); the client, who did not ask for it, never sees that chunk.
         options = dict(req.body.get("stream_options") or {})
         options["include_usage"] = True
         req.set("stream_options", options)
 
 
-async def _call_engine(
+# -- cache ------------------------------------------------------------------------------------
+
+
+def _cache_plan(
+    request: web.Request, req: CompletionRequest, principal: Principal, services: Services
+) -> CachePlan:
+    cache = services.cache
+    policy = principal.policy.cache
+    if cache is None:
+        return CachePlan(CacheMode.OFF)
+    tier_mode = CacheMode.from_flags(read=policy.reads, write=policy.writes)
+    header = request.headers.get("Cache-Control")
+    if header and not policy.allow_no_cache:
+        header = None  # this tier may not skip the cache; the header is ignored, not an error
+    mode = request_mode(
+        tier_mode,
+        cache_control=header,
+        body=req.body,
+        allow_sampled=policy.cache_sampled,
+    )
+    return CachePlan(
+        mode,
+        semantic=policy.semantic and services.settings.cache.semantic,
+        ttl_s=float(policy.ttl_seconds),
+        scope=Scope(policy.scope),
+    )
+
+
+def _plan_keys(
+    plan: CachePlan,
+    req: CompletionRequest,
+    principal: Principal,
+    engines: list[Engine],
+    services: Services,
+) -> None:
+    if plan.mode is CacheMode.OFF:
+        return
+    partition = Partition.for_request(
+        plan.scope, tier=principal.tier, tenant=principal.tenant, user=req.user
+    )
+    for engine in engines if plan.mode.read else engines[:1]:
+        if engine.version is None:
+            continue  # an engine whose weights are unknown can neither serve nor store answers
+        plan.lookups.append(
+            make_keys(
+                ENDPOINTS[req.kind],
+                req.body,
+                engine=engine.name,
+                version=engine.version,
+                partition=partition,
+            )
+        )
+    if not plan.lookups or plan.lookups[0].engine != engines[0].name:
+        plan.lookups.clear()
+        plan.mode = CacheMode.OFF
+
+
+async def _lookup(
+    services: Services, plan: CachePlan, embedding: np.ndarray | None, exchange: Exchange
+) -> CacheHit | None:
+    cache = services.cache
+    if cache is None or plan.mode is CacheMode.OFF:
+        exchange.cache = "bypass"
+        return None
+    exchange.cache = "miss" if plan.mode.read else "bypass"
+    if not plan.mode.read:
+        return None
+    for keys in plan.lookups:
+        hit = await cache.lookup(keys, embedding=embedding, mode=plan.mode, semantic=plan.semantic)
+        if hit is not None:
+            services.metrics.cache_lookup(
+                kind=hit.kind, scope=plan.scope.value, hit=True, similarity=hit.similarity
+            )
+            return hit
+    services.metrics.cache_lookup(kind="exact", scope=plan.scope.value, hit=False)
+    if plan.semantic and embedding is not None:
+        services.metrics.cache_lookup(kind="semantic", scope=plan.scope.value, hit=False)
+    return None
+
+
+def _respond_from_cache(
+    request: web.Request,
+    req: CompletionRequest,
+    hit: CacheHit,
+    exchange: Exchange,
+    services: Services,
+) -> web.StreamResponse:
+    exchange.cache = f"hit-{hit.kind}"
+    exchange.engine = services.by_name.get(hit.meta.engine, exchange.engine)
+    exchange.cache_age_s = hit.age_seconds
+    if hit.kind == "semantic":
+        exchange.cache_similarity = hit.similarity
+    body = hit.json()
+    usage = body.get("usage") or {}
+    exchange.tokens_in = int(usage.get("prompt_tokens") or 0)
+    exchange.tokens_out = int(usage.get("completion_tokens") or 0)
+    exchange.ttft_s = time.perf_counter() - exchange.started
+    if not req.stream:
+        return web.Response(
+            body=hit.response, content_type="application/json", headers=exchange.headers()
+        )
+    events = replay_sse(ENDPOINTS[req.kind], body, include_usage=req.include_usage)
+    return _sse_response(events, exchange)
+
+
+def _sse_response(events: list[bytes], exchange: Exchange) -> web.Response:
+    # The whole replay is known up front: one write, no chunked trickle.
+    return web.Response(body=b"".join(events), headers={**_SSE_HEADERS, **exchange.headers()})
+
+
+async def _follow(
+    request: web.Request,
+    req: CompletionRequest,
+    follower: Follower[bytes, bytes],
+    exchange: Exchange,
+    services: Services,
+) -> web.StreamResponse:
+    """An identical request is already on its way to the engine: share its answer."""
+    exchange.coalesced = True
+    exchange.cache = "hit-exact"
+    if not req.stream:
+        body = await follower.result()
+        exchange.ttft_s = time.perf_counter() - exchange.started
+        _count_usage(exchange, body)
+        return web.Response(body=body, content_type="application/json", headers=exchange.headers())
+    events = follow_as_sse(follower, ENDPOINTS[req.kind], req.body)
+    first = await anext(events)  # LeaderFailed here means nothing was sent: the caller retries
+    response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **exchange.headers()})
+    await response.prepare(request)
+    exchange.ttft_s = time.perf_counter() - exchange.started
+    try:
+        await response.write(first)
+        async for event in events:
+            await response.write(event)
+    except LeaderFailed as err:
+        await _write_quietly(response, _upstream_failed(err).to_sse())
+    with contextlib.suppress(LeaderFailed, asyncio.CancelledError, *_CLIENT_GONE):
+        _count_usage(exchange, await follower.result())
+    await _write_eof_quietly(response)
+    return response
+
+
+@contextlib.asynccontextmanager
+async def _lead(flight: Leader[bytes, bytes] | None) -> AsyncIterator[None]:
+    """Lead a single flight (if any): leaving without ``finish`` fails it for the followers."""
+    if flight is None:
+        yield
+        return
+    async with flight:
+        yield
+
+
+def _upstream_failed(err: BaseException) -> FrugalError:
+    cause = err.__cause__
+    if isinstance(cause, FrugalError):
+        return cause
+    return FrugalError("the shared upstream request failed")
+
+
+# -- engine -----------------------------------------------------------------------------------
+
+
+async def _answer_from_engine(
     request: web.Request,
     req: CompletionRequest,
     engine: Engine,
     exchange: Exchange,
     services: Services,
+    plan: CachePlan,
+    embedding: np.ndarray | None,
+    flight: Leader[bytes, bytes] | None,
+) -> web.StreamResponse:
+    upstream = await _call_engine(req, engine, exchange, services)
+    if exchange.ttft_s is not None and upstream.status == 200:
+        services.router.observe_ttft(engine.name, exchange.ttft_s)
+    store = _Store(services, plan, embedding, exchange, flight)
+    if req.stream and upstream.status == 200:
+        return await _relay_stream(request, req, upstream, exchange, store)
+    return _relay_body(upstream, exchange, store)
+
+
+async def _call_engine(
+    req: CompletionRequest, engine: Engine, exchange: Exchange, services: Services
 ) -> Upstream:
     headers = {"Content-Type": "application/json", "x-request-id": exchange.request_id}
     if engine.settings.api_key:
@@ -162,15 +548,47 @@ async def _call_engine(
         exchange.ttft_s = time.perf_counter() - exchange.started
 
 
-def _relay_body(req: CompletionRequest, upstream: Upstream, exchange: Exchange) -> web.Response:
+@dataclass(slots=True)
+class _Store:
+    """Where a fresh answer goes besides the client: single-flight followers and the cache."""
+
+    services: Services
+    plan: CachePlan
+    embedding: np.ndarray | None
+    exchange: Exchange
+    flight: Leader[bytes, bytes] | None
+
+    @property
+    def wanted(self) -> bool:
+        return self.flight is not None or self.plan.mode.write
+
+    def publish(self, payload: bytes) -> None:
+        if self.flight is not None:
+            self.flight.publish(payload)
+
+    def complete(self, status: int, body: bytes) -> None:
+        if self.flight is not None:
+            self.flight.finish(body)
+        cache, keys = self.services.cache, self.plan.keys
+        if cache is not None and keys is not None and self.plan.mode.write and status == 200:
+            cache.store_in_background(
+                keys,
+                body,
+                status=status,
+                embedding=self.embedding,
+                compute_seconds=self.exchange.upstream_s,
+                mode=self.plan.mode,
+                ttl=self.plan.ttl_s,
+            )
+
+
+def _relay_body(upstream: Upstream, exchange: Exchange, store: _Store) -> web.Response:
     exchange.status = upstream.status
     body = upstream.body
-    ok = upstream.status < 400
     upstream.finish(ok=True)
-    if ok:
-        usage = _usage_of(body)
-        if usage is not None:
-            exchange.tokens_in, exchange.tokens_out = usage
+    if upstream.status < 400:
+        _count_usage(exchange, body)
+        store.complete(upstream.status, body)
     else:
         body = openai_error_body(body, upstream.status)
     return web.Response(
@@ -182,10 +600,21 @@ def _relay_body(req: CompletionRequest, upstream: Upstream, exchange: Exchange) 
 
 
 async def _relay_stream(
-    request: web.Request, req: CompletionRequest, upstream: Upstream, exchange: Exchange
+    request: web.Request,
+    req: CompletionRequest,
+    upstream: Upstream,
+    exchange: Exchange,
+    store: _Store,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **exchange.headers()})
-    relay = _StreamRelay(include_usage=req.include_usage)
+    assembler = StreamAssembler(ENDPOINTS[req.kind]) if store.wanted else None
+
+    def sink(payload: bytes) -> None:
+        store.publish(payload)
+        if assembler is not None:
+            assembler.add_payload(payload)
+
+    relay = _StreamRelay(include_usage=req.include_usage, sink=sink if assembler else None)
     try:
         await response.prepare(request)
         await response.write(relay.feed(upstream.first_chunk))
@@ -204,10 +633,17 @@ async def _relay_stream(
         upstream.finish(ok=False)
         exchange.status, exchange.error = err.status, err.code
         await _write_quietly(response, err.to_sse())
-    except (ConnectionResetError, ClientConnectionResetError, asyncio.CancelledError):
+        if store.flight is not None:
+            store.flight.fail(err)
+    except (*_CLIENT_GONE, asyncio.CancelledError):
         upstream.finish(ok=False, aborted=True)
         exchange.status = 499
         raise
+    else:
+        if assembler is not None and relay.done and assembler.complete:
+            store.complete(200, orjson.dumps(assembler.result()))
+        elif store.flight is not None:
+            store.flight.fail(FrugalError("the engine's stream ended early"))
     if relay.usage is not None:
         exchange.tokens_in, exchange.tokens_out = relay.usage
     await _write_eof_quietly(response)
@@ -218,11 +654,12 @@ class _StreamRelay:
     """Passes SSE events on as they come, holding back only the usage chunk the client did not
     ask for, and closes a stream the engine ended without ``[DONE]``."""
 
-    __slots__ = ("done", "include_usage", "parser", "usage")
+    __slots__ = ("done", "include_usage", "parser", "sink", "usage")
 
-    def __init__(self, *, include_usage: bool) -> None:
+    def __init__(self, *, include_usage: bool, sink: Callable[[bytes], None] | None) -> None:
         self.parser = SSEParser()
         self.include_usage = include_usage
+        self.sink = sink
         self.usage: tuple[int, int] | None = None
         self.done = False
 
@@ -231,7 +668,11 @@ class _StreamRelay:
         for payload in self.parser.feed(chunk):
             if payload == DONE_PAYLOAD:
                 self.done = True
-            elif b'"usage"' in payload and self._take_usage(payload):
+                out.append(frame(payload))
+                continue
+            if self.sink is not None:
+                self.sink(payload)
+            if b'"usage"' in payload and self._take_usage(payload):
                 continue
             out.append(frame(payload))
         return b"".join(out)
@@ -281,32 +722,49 @@ def openai_error_body(body: bytes, status: int) -> bytes:
     )
 
 
-def _usage_of(body: bytes) -> tuple[int, int] | None:
+def _count_usage(exchange: Exchange, body: bytes) -> None:
     try:
         parsed: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None
+        return
     usage = parsed.get("usage") if isinstance(parsed, dict) else None
-    if not isinstance(usage, dict):
-        return None
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    if isinstance(usage, dict):
+        exchange.tokens_in = int(usage.get("prompt_tokens") or 0)
+        exchange.tokens_out = int(usage.get("completion_tokens") or 0)
 
 
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
     # The client may be gone too; then there is nobody left to tell.
-    with contextlib.suppress(ConnectionResetError, ClientConnectionResetError):
+    with contextlib.suppress(*_CLIENT_GONE):
         await response.write(data)
 
 
 async def _write_eof_quietly(response: web.StreamResponse) -> None:
-    with contextlib.suppress(ConnectionResetError, ClientConnectionResetError):
+    with contextlib.suppress(*_CLIENT_GONE):
         await response.write_eof()
+
+
+# -- the end ----------------------------------------------------------------------------------
 
 
 def _finish(exchange: Exchange, services: Services) -> None:
     latency = time.perf_counter() - exchange.started
     engine = exchange.engine
-    cost = engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out) if engine else 0.0
+    ok = exchange.status < 400
+    from_cache = exchange.cache.startswith("hit")
+    routed_usd = (
+        engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out) if engine else 0.0
+    )
+    baseline = exchange.baseline or engine
+    baseline_usd = (
+        baseline.settings.cost.usd(exchange.tokens_in, exchange.tokens_out) if baseline else 0.0
+    )
+    money = split_savings(
+        baseline_usd=max(baseline_usd, routed_usd),
+        routed_usd=routed_usd,
+        served_from_cache=from_cache,
+        ok=ok,
+    )
     services.metrics.request_done(
         tier=exchange.tier,
         model=exchange.model if engine is not None else "",
@@ -318,9 +776,9 @@ def _finish(exchange: Exchange, services: Services) -> None:
         overhead_s=max(0.0, latency - exchange.upstream_s) if engine is not None else None,
         tokens_in=exchange.tokens_in,
         tokens_out=exchange.tokens_out,
-        cost_usd=cost,
-        saved_cache_usd=0.0,
-        saved_routing_usd=0.0,
+        cost_usd=money.cost_usd,
+        saved_cache_usd=money.saved_cache_usd,
+        saved_routing_usd=money.saved_routing_usd,
         stream=exchange.stream,
     )
     if services.access_log:
@@ -332,6 +790,7 @@ def _finish(exchange: Exchange, services: Services) -> None:
             engine=engine.name if engine else None,
             model_version=engine.version if engine else None,
             cache=exchange.cache,
+            route=exchange.routed.name if exchange.routed else None,
             route_reason=exchange.route_reason,
             route_score=exchange.route_score,
             status=exchange.status,
@@ -339,6 +798,7 @@ def _finish(exchange: Exchange, services: Services) -> None:
             tokens_in=exchange.tokens_in,
             tokens_out=exchange.tokens_out,
             latency_ms=round(latency * 1000, 3),
-            cost_usd=cost,
+            cost_usd=money.cost_usd,
+            saved_usd=money.saved_cache_usd + money.saved_routing_usd,
             error=exchange.error,
         )

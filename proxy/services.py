@@ -1,13 +1,32 @@
-"""Everything the request path uses, built once per application by ``create_app``."""
+"""Everything the request path uses, built once per application by ``create_app``.
+
+Parts with a lifetime (the cache, the embedding worker) are attached by their ``cleanup_ctx``
+when the application starts, and are None until then (or when disabled).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from proxy.cache.service import ResponseCache
+from proxy.cache.singleflight import SingleFlight
+from proxy.embeddings.worker import EmbeddingWorker
 from proxy.engines.client import EngineCaller
 from proxy.engines.pool import Engine
 from proxy.observability.metrics import Metrics
+from proxy.policy.admission import EngineAdmission
+from proxy.policy.limits import Limiter
+from proxy.policy.policyset import PolicySet
+from proxy.routing.router import Router
 from proxy.settings import Settings
+
+
+class PolicySource(Protocol):
+    @property
+    def current(self) -> PolicySet: ...
+
+    def reload(self) -> list[str]: ...
 
 
 @dataclass(eq=False)
@@ -16,6 +35,13 @@ class Services:
     engines: list[Engine]
     metrics: Metrics
     caller: EngineCaller
+    router: Router
+    policies: PolicySource
+    limiter: Limiter
+    admissions: dict[str, EngineAdmission]
+    cache: ResponseCache | None = None
+    embedder: EmbeddingWorker | None = None
+    flights: SingleFlight[bytes, bytes] = field(default_factory=SingleFlight)
     access_log: bool = True
     by_name: dict[str, Engine] = field(init=False)
     by_model: dict[str, Engine] = field(init=False)

@@ -34,6 +34,9 @@ class ServerSettings(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="larger bodies get 413")
+    allow_open: bool = Field(
+        False, description="serve without API keys on a non-loopback address (not advised)"
+    )
 
 
 class CostSettings(StrictModel):
@@ -91,27 +94,42 @@ class EngineSettings(StrictModel):
 
 
 class CacheSettings(StrictModel):
+    """Defaults; a tier's policy overrides scope, TTL, semantic and thresholds."""
+
     enabled: bool = True
     backend: Literal["disk", "redis"] = "disk"
     data_dir: Path | None = Field(None, description="default: <data dir>/cache")
-    redis_url: str | None = None
     scope: Literal["global", "tier", "tenant", "user"] = "tenant"
     ttl_seconds: float = Field(86400.0, gt=0)
     semantic: bool = True
-    similarity_threshold: float = Field(0.80, ge=-1, le=1)
-    verifier_cutoff: float = Field(0.5, ge=0, le=1)
+    similarity_threshold: float | None = Field(
+        None, ge=-1, le=1, description="default: the verifier's own"
+    )
+    verifier_cutoff: float | None = Field(
+        None, ge=0, le=1, description="default: the verifier's own"
+    )
     cache_sampled: bool = False
-
-    @model_validator(mode="after")
-    def _redis_needs_url(self) -> CacheSettings:
-        if self.backend == "redis" and not self.redis_url:
-            raise ValueError("backend redis needs redis_url")
-        return self
+    size_limit_gb: float = Field(4.0, gt=0, description="disk backend: evicts beyond it")
 
 
 class RoutingSettings(StrictModel):
+    """Defaults for the open (policy-less) mode; a tier's policy sets its own share/threshold."""
+
     enabled: bool = True
     threshold: float = Field(0.5, ge=0, le=1, description="score at or above it goes strong")
+    classifier: Path | None = Field(None, description="a difficulty head .npz; default: shipped")
+    sticky_margin: float = Field(0.1, ge=0, le=1, description="how much harder a turn must be")
+
+
+class RedisSettings(StrictModel):
+    url: str = Field(pattern=r"^(redis|rediss|unix)://")
+
+
+class LimitsSettings(StrictModel):
+    backend: Literal["local", "redis"] = "local"
+    on_backend_error: Literal["allow", "refuse"] = Field(
+        "allow", description="when Redis is unreachable: serve unchecked, or 503"
+    )
 
 
 class EmbeddingSettings(StrictModel):
@@ -152,6 +170,8 @@ class Settings(StrictModel):
     health: HealthSettings = HealthSettings()
     logging: LoggingSettings = LoggingSettings()
     admin: AdminSettings = AdminSettings()
+    redis: RedisSettings | None = Field(None, description="shared state of a proxy fleet")
+    limits: LimitsSettings = LimitsSettings()
     policies: Path | None = Field(Path("policies"), description="tier policy folder")
     data_dir: Path | None = Field(
         None, description="default: $FRUGAL_DATA_DIR or ~/.local/share/frugal"
@@ -165,6 +185,9 @@ class Settings(StrictModel):
             dupes = sorted({v for v in values if values.count(v) > 1})
             if dupes:
                 raise ValueError(f"engine {what} {dupes[0]!r} is used twice")
+        needs_redis = self.cache.backend == "redis" or self.limits.backend == "redis"
+        if needs_redis and self.redis is None:
+            raise ValueError("cache.backend or limits.backend is redis: set redis.url")
         if VIRTUAL_MODEL in models:
             raise ValueError(
                 f"{VIRTUAL_MODEL!r} is the virtual routed model; no engine may serve it"

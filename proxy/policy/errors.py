@@ -1,9 +1,9 @@
 """Refusals raised by tier policy enforcement, as plain exceptions the pipeline renders.
 
 Each carries what an OpenAI-shaped error body needs (``status``, ``error_type``, ``code``,
-``message``, ``param``) and, for the retryable ones (+retry), ``retry_after`` seconds. The
-pipeline maps them onto ``proxy.errors`` (same status/type/code values), so this package stays
-free of HTTP code::
+``message``, ``param``) and, for the retryable ones (+retry), ``retry_after`` seconds. They are
+part of the proxy's one error tree (``PolicyError`` is a ``FrugalError``), so the same single
+place renders them as OpenAI error JSON, with ``Retry-After`` set::
 
     PolicyError                       (base; never raised itself)
     ├── MissingKey                    401 authentication_error   code=missing_api_key
@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import math
 
+from proxy.errors import FrugalError
 
-class PolicyError(Exception):
-    status: int = 500
-    error_type: str = "server_error"
-    code: str = "policy_error"
+
+class PolicyError(FrugalError):
+    default_code = "policy_error"
 
     def __init__(
         self, message: str, *, param: str | None = None, retry_after: float | None = None
     ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+        super().__init__(message, param=param)
         self.retry_after = retry_after
+        header = self.retry_after_header
+        if header is not None:
+            self.headers["Retry-After"] = header
 
     @property
     def retry_after_header(self) -> str | None:
@@ -48,50 +49,50 @@ class PolicyError(Exception):
 class MissingKey(PolicyError, PermissionError):
     status = 401
     error_type = "authentication_error"
-    code = "missing_api_key"
+    default_code = "missing_api_key"
 
 
 class UnknownKey(PolicyError, PermissionError):
     status = 401
     error_type = "authentication_error"
-    code = "invalid_api_key"
+    default_code = "invalid_api_key"
 
 
 class ModelNotAllowed(PolicyError, PermissionError):
     status = 403
     error_type = "permission_error"
-    code = "model_not_allowed"
+    default_code = "model_not_allowed"
 
 
 class MaxTokensTooLarge(PolicyError, ValueError):
     status = 400
     error_type = "invalid_request_error"
-    code = "max_tokens_too_large"
+    default_code = "max_tokens_too_large"
 
 
 class RateLimitExceeded(PolicyError):
     status = 429
     error_type = "rate_limit_error"
-    code = "rate_limit_exceeded"
+    default_code = "rate_limit_exceeded"
 
 
 class ConcurrencyLimitExceeded(RateLimitExceeded):
-    code = "concurrency_limit_exceeded"
+    default_code = "concurrency_limit_exceeded"
 
 
 class BudgetExhausted(PolicyError):
     status = 429
     error_type = "insufficient_quota"
-    code = "insufficient_quota"
+    default_code = "insufficient_quota"
 
 
 class EngineOverloaded(PolicyError, ConnectionError):
     status = 503
     error_type = "service_unavailable"
-    code = "engine_overloaded"
+    default_code = "engine_overloaded"
 
 
 class LimitsUnavailable(PolicyError, ConnectionError):
     status = 503
     error_type = "service_unavailable"
-    code = "limits_unavailable"
+    default_code = "limits_unavailable"

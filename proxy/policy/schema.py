@@ -110,8 +110,9 @@ class Latency(StrictModel):
 
 class Cache(StrictModel):
     mode: Literal["on", "off", "read_only", "write_only"] = "on"
-    scope: Literal["global", "tier", "tenant"] = Field(
-        default="tenant", description="who shares answers: everyone, this tier, or one tenant"
+    scope: Literal["global", "tier", "tenant", "user"] = Field(
+        default="tenant",
+        description="who shares answers: everyone, this tier, one tenant, or one end user",
     )
     ttl_seconds: int = Field(default=86400, ge=1)
     semantic: bool = Field(default=True, description="paraphrase hits, not only exact ones")

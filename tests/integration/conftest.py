@@ -85,7 +85,8 @@ async def start_proxy(aiohttp_client: Any, tmp_path: Any) -> StartProxy:
             "data_dir": str(tmp_path / "data"),
             "logging": {"format": "console", "level": "warning"},
         }
-        raw.setdefault("cache", {"enabled": False})
+        raw["cache"] = {"enabled": False}
+        raw["embeddings"] = {"enabled": False}
         raw.update(sections)
         settings = Settings.model_validate(raw)
         client = await aiohttp_client(create_app(settings, access_log=False))

@@ -1,0 +1,153 @@
+"""Admin endpoints: cache statistics and invalidation, policy reload, engine state.
+
+They need an admin key (``admin.keys`` in the config, stored hashed) sent as a bearer token.
+With no admin key configured they answer only to clients on the loopback interface.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.cache.keys import Scope
+from proxy.cache.service import InvalidationFilter
+from proxy.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, ServiceUnavailable
+from proxy.policy.keys import bearer_token, verify_key
+from proxy.services import Services
+
+AdminHandler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def add_routes(app: web.Application, services: Services) -> None:
+    def guarded(handler: AdminHandler) -> AdminHandler:
+        async def check(request: web.Request) -> web.Response:
+            _authorize(request, services)
+            return await handler(request)
+
+        return check
+
+    async def cache_stats(request: web.Request) -> web.Response:
+        cache = _cache(services)
+        stats = (await cache.stats()).to_json()
+        return _json(stats)
+
+    async def cache_invalidate(request: web.Request) -> web.Response:
+        cache = _cache(services)
+        where = _invalidation_filter(await _json_body(request))
+        removed = await cache.invalidate(where)
+        return _json({"invalidated": removed})
+
+    async def policies_reload(request: web.Request) -> web.Response:
+        errors = services.policies.reload()
+        current = services.policies.current
+        return _json(
+            {"applied": not errors, "errors": errors, "tiers": sorted(current.tiers)},
+            status=200 if not errors else 422,
+        )
+
+    async def engines(request: web.Request) -> web.Response:
+        return _json(
+            {
+                e.name: {
+                    "model": e.model,
+                    "version": e.version,
+                    "replicas": [
+                        {
+                            "url": r.url,
+                            "healthy": r.healthy,
+                            "breaker": r.breaker.state,
+                            "inflight": r.inflight,
+                            "running": r.load.running,
+                            "waiting": r.load.waiting,
+                            "kv_usage": r.load.kv_usage,
+                        }
+                        for r in e.replicas
+                    ],
+                    "queue": services.admissions[e.name].waiting,
+                }
+                for e in services.engines
+            }
+        )
+
+    app.router.add_get("/admin/cache/stats", guarded(cache_stats))
+    app.router.add_post("/admin/cache/invalidate", guarded(cache_invalidate))
+    app.router.add_post("/admin/policies/reload", guarded(policies_reload))
+    app.router.add_get("/admin/engines", guarded(engines))
+
+
+def _authorize(request: web.Request, services: Services) -> None:
+    hashes = services.settings.admin.keys
+    if not hashes:
+        if _from_loopback(request):
+            return
+        raise PermissionDenied(
+            "admin endpoints need an admin key; none is configured (admin.keys)",
+            code="admin_disabled",
+        )
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is None or not verify_key(token, hashes):
+        raise AuthenticationFailed("a valid admin key is required", code="invalid_admin_key")
+
+
+def _from_loopback(request: web.Request) -> bool:
+    peer = request.remote
+    if not peer:
+        return False
+    try:
+        return ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False
+
+
+def _cache(services: Services) -> Any:
+    if services.cache is None:
+        raise ServiceUnavailable("the response cache is disabled", code="cache_disabled")
+    return services.cache
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+_FILTER_FIELDS = {"engine", "version", "scope", "older_than_seconds"}
+
+
+def _invalidation_filter(body: dict[str, Any]) -> InvalidationFilter:
+    unknown = set(body) - _FILTER_FIELDS
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field {sorted(unknown)[0]!r}; use any of {sorted(_FILTER_FIELDS)}",
+            param=sorted(unknown)[0],
+        )
+    scope = body.get("scope")
+    if scope is not None and scope not in {s.value for s in Scope}:
+        raise InvalidRequest(f"scope must be one of {[s.value for s in Scope]}", param="scope")
+    age = body.get("older_than_seconds")
+    if age is not None and (not isinstance(age, int | float) or isinstance(age, bool) or age < 0):
+        raise InvalidRequest("older_than_seconds must be a number >= 0", param="older_than_seconds")
+    for name in ("engine", "version"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise InvalidRequest(f"{name} must be a string", param=name)
+    return InvalidationFilter(
+        engine=body.get("engine"),
+        version=body.get("version"),
+        scope=Scope(scope) if scope is not None else None,
+        older_than_seconds=float(age) if age is not None else None,
+    )
+
+
+def _json(payload: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")

@@ -1,0 +1,168 @@
+"""The router: the stateful shell around the pure pieces (features, classifier, decision).
+
+It holds what a decision needs to remember: each tier's share tracker (the threshold that keeps
+its strong share), each conversation's engine (stickiness keeps vLLM's prefix cache warm), and a
+running estimate of each engine's time to first token (to move requests off an engine whose
+queue would break a tier's latency target).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from proxy.engines.pool import Engine
+from proxy.routing.calibrate import ShareTracker
+from proxy.routing.classifier import DifficultyClassifier
+from proxy.routing.decision import EngineLoad, RouteDecision, decide_route
+from proxy.routing.features import extract_features
+
+# Until an engine has answered, assume this time to first token (ms): optimistic, so an idle
+# fleet routes by difficulty alone.
+_INITIAL_TTFT_MS = 200.0
+_EWMA_ALPHA = 0.2
+_STICKY_CONVERSATIONS = 100_000
+
+
+@dataclass(slots=True)
+class _TtftEstimate:
+    ms: float = _INITIAL_TTFT_MS
+    seen: bool = False
+
+    def observe(self, ms: float) -> None:
+        self.ms = ms if not self.seen else (1 - _EWMA_ALPHA) * self.ms + _EWMA_ALPHA * ms
+        self.seen = True
+
+
+@dataclass(eq=False)
+class Router:
+    engines: Sequence[Engine]
+    classifier: DifficultyClassifier | None
+    count_tokens: Callable[[str], int]
+    default_threshold: float = 0.5
+    sticky_margin: float = 0.1
+    _trackers: dict[tuple[str, float], ShareTracker] = field(default_factory=dict)
+    _sticky: OrderedDict[bytes, tuple[str, float | None]] = field(default_factory=OrderedDict)
+    _ttft: dict[str, _TtftEstimate] = field(default_factory=dict)
+    _order: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Weak to strong: by price, then by the order of the config.
+        ranked = sorted(
+            enumerate(self.engines),
+            key=lambda ie: (
+                ie[1].settings.cost.output_per_mtok,
+                ie[1].settings.cost.input_per_mtok,
+                ie[0],
+            ),
+        )
+        self._order = {engine.name: rank for rank, (_, engine) in enumerate(ranked)}
+
+    # -- what a tier may use ----------------------------------------------------------------
+
+    def weak_to_strong(self, engines: Sequence[Engine]) -> list[Engine]:
+        return sorted(engines, key=lambda e: self._order[e.name])
+
+    @property
+    def strongest(self) -> Engine:
+        return max(self.engines, key=lambda e: self._order[e.name])
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    @property
+    def scores(self) -> bool:
+        return self.classifier is not None
+
+    def score(self, messages: Sequence[Mapping[str, object]], embedding: np.ndarray) -> float:
+        assert self.classifier is not None
+        return self.classifier.score(extract_features(messages, embedding, self.count_tokens))
+
+    def threshold(self, tier: str, *, share: float | None, fixed: float | None) -> float:
+        if fixed is not None:
+            return fixed
+        if share is None:
+            return self.default_threshold
+        tracker = self._trackers.get((tier, share))
+        if tracker is None:
+            tracker = ShareTracker(share, self._initial_threshold(share))
+            self._trackers[(tier, share)] = tracker
+        return tracker.threshold
+
+    def observe_score(self, tier: str, share: float | None, score: float) -> None:
+        if share is not None:
+            tracker = self._trackers.get((tier, share))
+            if tracker is not None:
+                tracker.observe(score)
+
+    def _initial_threshold(self, share: float) -> float:
+        table = self.classifier.default_thresholds if self.classifier is not None else {}
+        if not table:
+            return self.default_threshold
+        nearest = min(table, key=lambda s: abs(s - share))
+        return table[nearest]
+
+    # -- load -------------------------------------------------------------------------------
+
+    def observe_ttft(self, engine: str, seconds: float) -> None:
+        self._ttft.setdefault(engine, _TtftEstimate()).observe(seconds * 1000)
+
+    def load(self, engine: Engine, queued: int, admitted: int) -> EngineLoad:
+        """The engine's expected time to first token if a request joined it now."""
+        replica_load = engine.load()
+        running = max(admitted, int(replica_load.running))
+        waiting = queued + int(replica_load.waiting)
+        base = self._ttft.get(engine.name, _TtftEstimate()).ms
+        # Queued requests wait for running ones to make room: roughly one base TTFT per
+        # batch-worth of queue ahead.
+        est = base * (1.0 + waiting / max(1, running))
+        return EngineLoad(queue_length=waiting, running=running, est_ttft_ms=est)
+
+    # -- conversations ----------------------------------------------------------------------
+
+    def sticky(self, conversation: bytes | None) -> tuple[str, float | None] | None:
+        if conversation is None:
+            return None
+        return self._sticky.get(_conversation_key(conversation))
+
+    def remember(self, conversation: bytes | None, engine: str, score: float | None) -> None:
+        if conversation is None:
+            return
+        key = _conversation_key(conversation)
+        self._sticky[key] = (engine, score)
+        self._sticky.move_to_end(key)
+        while len(self._sticky) > _STICKY_CONVERSATIONS:
+            self._sticky.popitem(last=False)
+
+    # -- the decision -----------------------------------------------------------------------
+
+    def decide(
+        self,
+        *,
+        requested: str,
+        allowed: Sequence[Engine],
+        score: float | None,
+        threshold: float,
+        conversation: bytes | None,
+        loads: Mapping[str, EngineLoad] | None,
+        ttft_target_ms: float | None,
+    ) -> RouteDecision:
+        sticky = self.sticky(conversation)
+        return decide_route(
+            requested_model=requested,
+            allowed_engines=[e.name for e in allowed],
+            score=score,
+            threshold=threshold,
+            sticky_engine=sticky[0] if sticky else None,
+            sticky_score=sticky[1] if sticky else None,
+            loads=loads,
+            ttft_target_ms=ttft_target_ms,
+            sticky_margin=self.sticky_margin,
+        )
+
+
+def _conversation_key(conversation: bytes) -> bytes:
+    return hashlib.blake2b(conversation, digest_size=16).digest()
