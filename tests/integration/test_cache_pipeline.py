@@ -1,0 +1,269 @@
+"""The response cache in the request path, against fake engines: exact and semantic hits, SSE
+replay, what is and is not stored, single-flight, versions and partitions."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from proxy.sse import parse_all
+from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+GREEDY = {"model": "m", "messages": QUESTION, "temperature": 0, "max_tokens": 8}
+
+
+def bag_of_words(texts: list[str]) -> np.ndarray:
+    """A stand-in embedder: same words (in any order, any case) give the same unit vector."""
+    out = np.zeros((len(texts), 384), dtype=np.float32)
+    for row, text in enumerate(texts):
+        for word in re.findall(r"[a-z0-9]+", text.lower()):
+            out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % 384] += 1.0
+        norm = np.linalg.norm(out[row])
+        if norm:
+            out[row] /= norm
+    return out
+
+
+async def cached_proxy(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, **sections: Any
+) -> tuple[Any, Proxy]:
+    engine = await start_fake("m")
+    proxy = await start_proxy(
+        [engine_config("e", "m", [engine.url])],
+        cache={"enabled": True, "data_dir": str(tmp_path / "cache"), **sections.pop("cache", {})},
+        **sections,
+    )
+    return engine, proxy
+
+
+async def post_until(proxy: Proxy, body: dict[str, Any], cache: str, **kw: Any) -> Any:
+    """Post once the background stores are written, and expect ``cache``."""
+    assert proxy.services.cache is not None
+    await proxy.services.cache.drain()
+    resp = await proxy.client.post("/v1/chat/completions", json=body, **kw)
+    assert resp.headers["x-frugal-cache"] == cache, resp.headers
+    return resp
+
+
+async def test_exact_hit_serves_the_same_answer_without_the_engine(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    first = await proxy.client.post("/v1/chat/completions", json=GREEDY)
+    assert first.headers["x-frugal-cache"] == "miss"
+    answer = await first.json()
+    hit = await post_until(proxy, GREEDY, "hit-exact")
+    assert await hit.json() == answer
+    assert hit.headers["x-frugal-model-version"] == first.headers["x-frugal-model-version"]
+    assert "x-frugal-cache-age" in hit.headers
+    assert engine.state.counters.requests == 1
+    # Key order and whitespace do not change the key.
+    raw = b'{ "max_tokens":8,"temperature":0.0, "messages":[{"content":"What is the capital of France?","role":"user"}],"model":"m"}'
+    again = await proxy.client.post(
+        "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"}
+    )
+    assert again.headers["x-frugal-cache"] == "hit-exact"
+    metrics = await (await proxy.client.get("/metrics")).text()
+    assert 'frugal_cache_hits_total{kind="exact"' in metrics
+
+
+async def test_streamed_answer_is_stored_and_replayed_both_ways(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    streamed = await proxy.client.post("/v1/chat/completions", json={**GREEDY, "stream": True})
+    events = [orjson.loads(p) for p in parse_all(await streamed.read())[:-1]]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    as_json = await post_until(proxy, GREEDY, "hit-exact")
+    body = await as_json.json()
+    assert body["choices"][0]["message"]["content"] == text
+    assert body["usage"]["completion_tokens"] > 0
+    replay = await proxy.client.post(
+        "/v1/chat/completions",
+        json={**GREEDY, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    assert replay.headers["x-frugal-cache"] == "hit-exact"
+    assert replay.headers["Content-Type"].startswith("text/event-stream")
+    payloads = parse_all(await replay.read())
+    assert payloads[-1] == b"[DONE]"
+    chunks = [orjson.loads(p) for p in payloads[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    replayed = "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+    )
+    assert replayed == text
+    assert chunks[-1]["usage"] == body["usage"]
+    assert any(c["choices"] and c["choices"][0].get("finish_reason") for c in chunks)
+    assert engine.state.counters.requests == 1
+
+
+async def test_sampled_requests_bypass_and_are_never_stored(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    sampled = {"model": "m", "messages": QUESTION, "max_tokens": 8}  # default temperature 1
+    for _ in range(3):
+        resp = await proxy.client.post("/v1/chat/completions", json=sampled)
+        assert resp.headers["x-frugal-cache"] == "bypass"
+        await asyncio.sleep(0.05)
+    assert engine.state.counters.requests == 3
+    seeded = {**sampled, "seed": 11}
+    await proxy.client.post("/v1/chat/completions", json=seeded)
+    assert (await post_until(proxy, seeded, "hit-exact")).status == 200
+
+
+async def test_cache_control_no_cache_and_no_store(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    no_store = await proxy.client.post(
+        "/v1/chat/completions", json=GREEDY, headers={"Cache-Control": "no-store"}
+    )
+    assert no_store.status == 200
+    await asyncio.sleep(0.2)
+    assert (await proxy.client.post("/v1/chat/completions", json=GREEDY)).headers[
+        "x-frugal-cache"
+    ] == "miss"
+    await post_until(proxy, GREEDY, "hit-exact")
+    fresh = await proxy.client.post(
+        "/v1/chat/completions", json=GREEDY, headers={"Cache-Control": "no-cache"}
+    )
+    assert fresh.headers["x-frugal-cache"] == "bypass"
+    assert engine.state.counters.requests == 3
+
+
+async def test_unfinished_answers_are_not_stored(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    engine.configure(abort_after_chunks=3, completion_tokens=30)
+    body = {**GREEDY, "stream": True, "max_tokens": 30}
+    cut = await proxy.client.post("/v1/chat/completions", json=body)
+    assert b'"error"' in await cut.read()
+    engine.configure(abort_after_chunks=None)
+    await asyncio.sleep(0.2)
+    resp = await proxy.client.post("/v1/chat/completions", json=body)
+    assert resp.headers["x-frugal-cache"] == "miss"
+    await resp.read()
+
+
+async def test_identical_concurrent_misses_make_one_engine_call(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    engine.configure(ttft_ms=300, tokens_per_s=200)
+    plain = [proxy.client.post("/v1/chat/completions", json=GREEDY) for _ in range(4)]
+    streamed = [
+        proxy.client.post("/v1/chat/completions", json={**GREEDY, "stream": True}) for _ in range(4)
+    ]
+    responses = await asyncio.gather(*plain, *streamed)
+    assert all(r.status == 200 for r in responses)
+    texts = [(await r.json())["choices"][0]["message"]["content"] for r in responses[:4]]
+    for r in responses[4:]:
+        events = [orjson.loads(p) for p in parse_all(await r.read())[:-1]]
+        texts.append(
+            "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+        )
+    assert len(set(texts)) == 1 and texts[0]
+    assert engine.state.counters.requests == 1
+    assert sum(r.headers.get("x-frugal-cache-coalesced") == "1" for r in responses) == 7
+
+
+async def test_failed_leader_does_not_leave_followers_hanging(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    engine.configure(ttft_ms=200, fail_fraction=1.0, fail_status=500)
+    responses = await asyncio.wait_for(
+        asyncio.gather(*(proxy.client.post("/v1/chat/completions", json=GREEDY) for _ in range(3))),
+        timeout=10,
+    )
+    assert all(r.status >= 500 for r in responses)
+    for r in responses:
+        assert "error" in await r.json()
+
+
+async def test_a_new_model_version_never_sees_old_entries(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    await proxy.client.post("/v1/chat/completions", json=GREEDY)
+    await post_until(proxy, GREEDY, "hit-exact")
+    old_version = proxy.services.engines[0].version
+    await proxy.client.close()
+    # Redeploy: other weights behind the same model name.
+    engine.state.options = dataclasses.replace(engine.state.options, root="/models/m-v2")
+    again = await start_proxy(
+        [engine_config("e", "m", [engine.url])],
+        cache={"enabled": True, "data_dir": str(tmp_path / "cache")},
+    )
+    resp = await again.client.post("/v1/chat/completions", json=GREEDY)
+    assert resp.headers["x-frugal-model-version"] != old_version
+    assert resp.headers["x-frugal-cache"] == "miss"
+    stats = await (await again.client.get("/admin/cache/stats")).json()
+    assert stats["stored_entries"] in (0, 1)  # the old version's entry was purged
+
+
+async def test_user_scope_partitions_never_share(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "user"})
+    alice = {**GREEDY, "user": "alice"}
+    await proxy.client.post("/v1/chat/completions", json=alice)
+    await post_until(proxy, alice, "hit-exact")
+    bob = await proxy.client.post("/v1/chat/completions", json={**GREEDY, "user": "bob"})
+    assert bob.headers["x-frugal-cache"] == "miss"
+
+
+async def test_semantic_hit_on_a_paraphrase_and_miss_on_another_question(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    from proxy.app import SERVICES, create_app
+    from proxy.settings import Settings
+
+    engine = await start_fake("m")
+    settings = Settings.model_validate(
+        {
+            "engines": [engine_config("e", "m", [engine.url])],
+            "policies": None,
+            "data_dir": str(tmp_path / "data"),
+            "health": {"interval_s": 0.1},
+            "cache": {"enabled": True, "semantic": True},
+            "routing": {"enabled": False},
+            "logging": {"level": "warning", "format": "console"},
+        }
+    )
+    client = await aiohttp_client(create_app(settings, encode=bag_of_words, access_log=False))
+    original = {**GREEDY, "messages": [{"role": "user", "content": "capital city of France"}]}
+    first = await client.post("/v1/chat/completions", json=original)
+    answer = await first.json()
+    paraphrase = {
+        **GREEDY,
+        "messages": [{"role": "user", "content": "France: capital city of?"}],
+    }
+    assert client.server.app is not None
+    cache = client.server.app[SERVICES].cache
+    assert cache is not None
+    await cache.drain()
+    resp = await client.post("/v1/chat/completions", json=paraphrase)
+    assert resp.headers["x-frugal-cache"] == "hit-semantic"
+    assert float(resp.headers["x-frugal-cache-similarity"]) > 0.9
+    assert (await resp.json())["choices"] == answer["choices"]
+    other = {**GREEDY, "messages": [{"role": "user", "content": "largest river in Brazil"}]}
+    resp = await client.post("/v1/chat/completions", json=other)
+    assert resp.headers["x-frugal-cache"] == "miss"
+    # Same question in another conversation context: never a semantic hit.
+    context = {
+        **paraphrase,
+        "messages": [{"role": "system", "content": "answer in German"}, *paraphrase["messages"]],
+    }
+    resp = await client.post("/v1/chat/completions", json=context)
+    assert resp.headers["x-frugal-cache"] == "miss"
