@@ -333,7 +333,7 @@ def feature_rows(
     bcos = (bq * bc).sum(axis=1)
     return np.asarray(
         [
-            verifier.pair_features(float(v), float(b), p.a, p.b)
+            verifier.pair_features(float(v), float(b), guards.features(p.a, p.b))
             for p, v, b in zip(pairs, vcos, bcos, strict=True)
         ],
         dtype=np.float64,

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 NEGATIONS = frozenset(
     {
@@ -139,6 +141,20 @@ _OPPOSITES = (
 )
 OPPOSITE_GROUPS: tuple[tuple[frozenset[str], ...], ...] = tuple(
     tuple(frozenset(alt.split()) for alt in line.split("|")) for line in _OPPOSITES
+)
+# word -> the (group, alternative) slots it fills; read-only view built once.
+_SLOTS: Mapping[str, frozenset[tuple[int, int]]] = MappingProxyType(
+    {
+        word: frozenset(
+            (g, i)
+            for g, group in enumerate(OPPOSITE_GROUPS)
+            for i, alt in enumerate(group)
+            if word in alt
+        )
+        for group in OPPOSITE_GROUPS
+        for alt in group
+        for word in alt
+    }
 )
 
 # Capitalised words that are not names (sentence-initial question words, pronouns).
@@ -279,6 +295,7 @@ class Parsed:
     numbers: frozenset[str]
     entities: frozenset[str]
     content: frozenset[str]
+    slots: frozenset[tuple[int, int]]  # (opposite group, alternative) pairs the words fill
 
 
 def _normalise(text: str) -> str:
@@ -313,44 +330,24 @@ def parse(text: str) -> Parsed:
             entities.add(token)
     entities |= {m.group(0).strip("`").lower() for m in _CODE_TOKEN.finditer(norm)}
     content = frozenset(w for w in words if w not in STOPWORDS)
-    return Parsed(words, negated, frozenset(numbers), frozenset(entities), content)
+    slots = frozenset(slot for w in set(words) for slot in _SLOTS.get(w, ()))
+    return Parsed(words, negated, frozenset(numbers), frozenset(entities), content, slots)
 
 
 def _opposite_swap(a: Parsed, b: Parsed) -> bool:
     """True if one side uses one alternative of a group and the other side another one."""
-    wa, wb = set(a.words), set(b.words)
-    for group in OPPOSITE_GROUPS:
-        alts_a = {i for i, alt in enumerate(group) if wa & alt}
-        alts_b = {i for i, alt in enumerate(group) if wb & alt}
-        # One alternative on each side and they differ: "sort" vs "reverse", not "sort or reverse".
-        if len(alts_a) == 1 and len(alts_b) == 1 and alts_a != alts_b:
-            return True
-    return False
-
-
-def features(query: str, candidate: str) -> list[float]:
-    """Mismatch features in the order of :data:`FEATURE_NAMES` (symmetric in the two texts)."""
-    a, b = parse(query), parse(candidate)
-    number_mismatch = bool(a.numbers and b.numbers and a.numbers != b.numbers)
-    number_one_sided = bool(a.numbers) != bool(b.numbers)
-    entity_union = a.entities | b.entities
-    entity_mismatch = len(a.entities ^ b.entities) / len(entity_union) if entity_union else 0.0
-    both_unique = bool(a.entities - b.entities) and bool(b.entities - a.entities)
-    content_union = a.content | b.content
-    jaccard = len(a.content & b.content) / len(content_union) if content_union else 1.0
-    only_one = len(a.content ^ b.content)
-    length_a, length_b = max(len(a.words), 1), max(len(b.words), 1)
-    return [
-        float(a.negated != b.negated),
-        float(number_mismatch),
-        float(number_one_sided),
-        entity_mismatch,
-        float(both_unique),
-        float(_opposite_swap(a, b)),
-        jaccard,
-        float(min(only_one, 10)) / 10.0,
-        min(length_a, length_b) / max(length_a, length_b),
-    ]
+    groups_a: dict[int, set[int]] = {}
+    groups_b: dict[int, set[int]] = {}
+    for group, alt in a.slots:
+        groups_a.setdefault(group, set()).add(alt)
+    for group, alt in b.slots:
+        groups_b.setdefault(group, set()).add(alt)
+    # One alternative on each side and they differ: "sort" vs "reverse", not "sort or reverse".
+    return any(
+        len(alts) == 1 and len(groups_b[group]) == 1 and alts != groups_b[group]
+        for group, alts in groups_a.items()
+        if group in groups_b
+    )
 
 
 def rest_overlap(a: Parsed, b: Parsed) -> float:
@@ -375,24 +372,60 @@ def rest_overlap(a: Parsed, b: Parsed) -> float:
     return len(ra & rb) / len(union) if union else 1.0
 
 
-def vetoes(
-    query: str, candidate: str, min_overlap: float = VETO_MIN_OVERLAP
-) -> tuple[str, ...]:
-    """Names of the hard vetoes that fire for this pair (empty: no veto).
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """Guard outcome for one pair: head features (order of :data:`FEATURE_NAMES`) and vetoes."""
+
+    features: tuple[float, ...]
+    vetoes: tuple[str, ...]
+
+
+def compare(a: Parsed, b: Parsed, min_overlap: float = VETO_MIN_OVERLAP) -> Comparison:
+    """Features and vetoes of two parsed texts (symmetric). Parse each text once, compare often.
 
     Negation, number and entity vetoes fire only on minimal pairs (:func:`rest_overlap` at least
     ``min_overlap``): on loosely worded paraphrases these details differ too often for a hard rule,
     and the verifier head weighs them instead. An opposite swap vetoes on its own.
     """
-    a, b = parse(query), parse(candidate)
+    negation = a.negated != b.negated
+    number_mismatch = bool(a.numbers and b.numbers and a.numbers != b.numbers)
+    entity_union = a.entities | b.entities
+    entity_mismatch = len(a.entities ^ b.entities) / len(entity_union) if entity_union else 0.0
+    both_unique = bool(a.entities - b.entities) and bool(b.entities - a.entities)
+    opposite = _opposite_swap(a, b)
+    content_union = a.content | b.content
+    jaccard = len(a.content & b.content) / len(content_union) if content_union else 1.0
+    only_one = len(a.content ^ b.content)
+    length_a, length_b = max(len(a.words), 1), max(len(b.words), 1)
+    features = (
+        float(negation),
+        float(number_mismatch),
+        float(bool(a.numbers) != bool(b.numbers)),
+        entity_mismatch,
+        float(both_unique),
+        float(opposite),
+        jaccard,
+        float(min(only_one, 10)) / 10.0,
+        min(length_a, length_b) / max(length_a, length_b),
+    )
     found: list[str] = []
     minimal = rest_overlap(a, b) >= min_overlap
-    if minimal and a.negated != b.negated:
+    if minimal and negation:
         found.append("negation")
-    if minimal and a.numbers and b.numbers and a.numbers != b.numbers:
+    if minimal and number_mismatch:
         found.append("number")
-    if minimal and a.entities - b.entities and b.entities - a.entities:
+    if minimal and both_unique:
         found.append("entity")
-    if _opposite_swap(a, b):
+    if opposite:
         found.append("opposite")
-    return tuple(found)
+    return Comparison(features, tuple(found))
+
+
+def features(query: str, candidate: str) -> list[float]:
+    """Mismatch features in the order of :data:`FEATURE_NAMES` (symmetric in the two texts)."""
+    return list(compare(parse(query), parse(candidate)).features)
+
+
+def vetoes(query: str, candidate: str, min_overlap: float = VETO_MIN_OVERLAP) -> tuple[str, ...]:
+    """Names of the hard vetoes that fire for this pair (empty: no veto); see :func:`compare`."""
+    return compare(parse(query), parse(candidate), min_overlap).vetoes

@@ -141,15 +141,13 @@ FEATURE_NAMES: tuple[str, ...] = (
 
 
 def pair_features(
-    verifier_cosine: float, base_cosine: float, query: str, candidate: str
+    verifier_cosine: float, base_cosine: float, guard_features: Sequence[float]
 ) -> list[float]:
-    """Feature row for the head, in the order of :data:`FEATURE_NAMES`."""
-    return [
-        verifier_cosine,
-        verifier_cosine * verifier_cosine,
-        base_cosine,
-        *guards.features(query, candidate),
-    ]
+    """Feature row for the head, in the order of :data:`FEATURE_NAMES`.
+
+    ``guard_features`` is :attr:`proxy.cache.guards.Comparison.features` of the pair.
+    """
+    return [verifier_cosine, verifier_cosine * verifier_cosine, base_cosine, *guard_features]
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,8 +409,25 @@ class Verifier:
 
     def same_question(self, pairs: Sequence[CandidatePair]) -> list[float]:
         """Probability that each candidate asks the same question as its query (batched)."""
+        return self._score(pairs)[0]
+
+    def decide(self, pairs: Sequence[CandidatePair]) -> list[Decision]:
+        """Score and decide each pair with this verifier's threshold and cut-off."""
+        scores, comparisons = self._score(pairs)
+        return [
+            accept(
+                cosine=p.cosine,
+                score=s,
+                vetoes=c.vetoes,
+                threshold=self.threshold,
+                cutoff=self.cutoff,
+            )
+            for p, s, c in zip(pairs, scores, comparisons, strict=True)
+        ]
+
+    def _score(self, pairs: Sequence[CandidatePair]) -> tuple[list[float], list[guards.Comparison]]:
         if not pairs:
-            return []
+            return [], []
         missing = sorted(
             {p.query_text for p in pairs if p.query_vector is None}
             | {p.candidate_text for p in pairs if p.candidate_vector is None}
@@ -421,6 +436,10 @@ class Verifier:
         if missing:
             vectors = self.verifier_vectors(missing)
             computed = {text: vectors[i] for i, text in enumerate(missing)}
+        # Each distinct text is parsed once: a query usually meets several candidates.
+        texts = {t for p in pairs for t in (p.query_text, p.candidate_text)}
+        parsed = {t: guards.parse(t) for t in texts}
+        comparisons = []
         rows = []
         for pair in pairs:
             q = pair.query_vector if pair.query_vector is not None else computed[pair.query_text]
@@ -429,21 +448,8 @@ class Verifier:
                 if pair.candidate_vector is not None
                 else computed[pair.candidate_text]
             )
-            vcos = float(np.dot(q, c))
-            rows.append(pair_features(vcos, pair.cosine, pair.query_text, pair.candidate_text))
+            comparison = guards.compare(parsed[pair.query_text], parsed[pair.candidate_text])
+            comparisons.append(comparison)
+            rows.append(pair_features(float(np.dot(q, c)), pair.cosine, comparison.features))
         scores = self.head.predict(np.asarray(rows, dtype=np.float64))
-        return [float(s) if math.isfinite(s) else 0.0 for s in scores]
-
-    def decide(self, pairs: Sequence[CandidatePair]) -> list[Decision]:
-        """Score and decide each pair with this verifier's threshold and cut-off."""
-        scores = self.same_question(pairs)
-        return [
-            accept(
-                cosine=p.cosine,
-                score=s,
-                vetoes=guards.vetoes(p.query_text, p.candidate_text),
-                threshold=self.threshold,
-                cutoff=self.cutoff,
-            )
-            for p, s in zip(pairs, scores, strict=True)
-        ]
+        return [float(s) if math.isfinite(s) else 0.0 for s in scores], comparisons

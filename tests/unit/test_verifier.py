@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.cache import verifier
+from proxy.cache import guards, verifier
 from proxy.cache.verifier import CandidatePair, Decision, Head, accept
 
 unit = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
@@ -121,7 +121,8 @@ def test_head_rejects_an_artifact_with_other_features() -> None:
 
 
 def test_pair_features_follow_feature_names() -> None:
-    row = verifier.pair_features(0.8, 0.9, "How do I sort a list?", "How do I sort a list?")
+    guard = guards.features("How do I sort a list?", "How do I sort a list?")
+    row = verifier.pair_features(0.8, 0.9, guard)
     assert len(row) == len(verifier.FEATURE_NAMES)
     named = dict(zip(verifier.FEATURE_NAMES, row, strict=True))
     assert named["verifier_cosine"] == pytest.approx(0.8)
