@@ -1,0 +1,244 @@
+"""Tier policies in the request path: keys, models, limits, budgets, clamping, hot reload,
+admin endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.policy.keys import hash_key
+from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config
+
+FREE_KEY = "sk-frugal-free-0001"
+PRO_KEY = "sk-frugal-pro-0001"
+ADMIN_KEY = "sk-admin-0001"
+
+
+def tier(name: str, keys: list[str], **overrides: Any) -> dict[str, Any]:
+    policy: dict[str, Any] = {
+        "tier": name,
+        "keys": [{"hash": hash_key(k), "tenant": f"{name}-tenant"} for k in keys],
+        "models": ["auto", "small-model"],
+        "limits": {"requests_per_minute": 1000, "concurrent": 8, "max_tokens": 64},
+        "routing": {"score_threshold": 0.5},
+        "latency": {"ttft_p95_ms": 3000},
+        "cache": {"scope": "tenant"},
+        "priority": 1,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(policy.get(key), dict):
+            policy[key] = {**policy[key], **value}
+        else:
+            policy[key] = value
+    return policy
+
+
+def write_policies(folder: Path, *policies: dict[str, Any]) -> Path:
+    folder.mkdir(exist_ok=True)
+    for policy in policies:
+        (folder / f"{policy['tier']}.yaml").write_text(yaml.safe_dump(policy))
+    return folder
+
+
+async def proxy_with(
+    start_fake: StartFake, start_proxy: StartProxy, folder: Path, **sections: Any
+) -> Proxy:
+    small = await start_fake("small-model")
+    large = await start_fake("large-model")
+    engines = [
+        engine_config("small", "small-model", [small.url]),
+        engine_config("large", "large-model", [large.url]),
+    ]
+    return await start_proxy(engines, policies=str(folder), **sections)
+
+
+def chat(model: str = "small-model", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hello"}], **extra}
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_keys_are_required_once_any_tier_has_one(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    folder = write_policies(tmp_path / "p", tier("free", [FREE_KEY]))
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    missing = await proxy.client.post("/v1/chat/completions", json=chat())
+    assert missing.status == 401
+    assert (await missing.json())["error"]["type"] == "authentication_error"
+    wrong = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth("sk-x"))
+    assert wrong.status == 401
+    assert (await wrong.json())["error"]["code"] == "invalid_api_key"
+    ok = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))
+    assert ok.status == 200
+
+
+async def test_models_outside_the_tier_are_forbidden(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    folder = write_policies(tmp_path / "p", tier("free", [FREE_KEY]))
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    resp = await proxy.client.post(
+        "/v1/chat/completions", json=chat("large-model"), headers=auth(FREE_KEY)
+    )
+    assert resp.status == 403
+    assert (await resp.json())["error"]["code"] == "model_not_allowed"
+    # The tier allows only the small engine, so `auto` stays there whatever the score says.
+    resp = await proxy.client.post(
+        "/v1/chat/completions", json=chat("auto"), headers=auth(FREE_KEY)
+    )
+    assert resp.status == 200
+    assert resp.headers["x-frugal-route"] == "small"
+    assert resp.headers["x-frugal-route-reason"] == "tier_limit"
+
+
+async def test_rate_limit_is_429_with_retry_after(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    folder = write_policies(
+        tmp_path / "p", tier("free", [FREE_KEY], limits={"requests_per_minute": 3})
+    )
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    statuses = []
+    for _ in range(8):
+        resp = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))
+        statuses.append(resp.status)
+        if resp.status == 429:
+            assert int(resp.headers["Retry-After"]) >= 1
+            assert (await resp.json())["error"]["code"] == "rate_limit_exceeded"
+    assert statuses[0] == 200
+    assert 429 in statuses
+
+
+async def test_concurrency_limit(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    folder = write_policies(tmp_path / "p", tier("free", [FREE_KEY], limits={"concurrent": 2}))
+    small = await start_fake("small-model", ttft_ms=300)
+    proxy = await start_proxy(
+        [engine_config("small", "small-model", [small.url])], policies=str(folder)
+    )
+    body = chat()
+    responses = await asyncio.gather(
+        *(
+            proxy.client.post(
+                "/v1/chat/completions",
+                json={**body, "messages": [{"role": "user", "content": f"q{i}"}]},
+                headers=auth(FREE_KEY),
+            )
+            for i in range(5)
+        )
+    )
+    statuses = sorted(r.status for r in responses)
+    assert statuses.count(200) == 2
+    assert statuses.count(429) == 3
+
+
+async def test_budget_is_spent_then_insufficient_quota(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # Each answer costs about (prompt + 16 output tokens) at $0.1/$0.2 per Mtok: reservations of
+    # the worst case (64 tokens) fit a few times into a tiny budget.
+    folder = write_policies(
+        tmp_path / "p", tier("free", [FREE_KEY], budget={"usd_per_day": 0.00005})
+    )
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    statuses = []
+    for i in range(40):
+        body = {**chat(), "messages": [{"role": "user", "content": f"q{i}"}]}
+        resp = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
+        statuses.append(resp.status)
+        if resp.status == 429:
+            error = (await resp.json())["error"]
+            assert error["code"] == "insufficient_quota"
+            assert error["type"] == "insufficient_quota"
+            assert int(resp.headers["Retry-After"]) > 0
+            break
+    assert statuses[0] == 200
+    assert statuses[-1] == 429
+
+
+async def test_max_tokens_above_the_cap_is_clamped_or_refused(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    folder = write_policies(
+        tmp_path / "p",
+        tier("free", [FREE_KEY]),
+        tier("strict", [PRO_KEY], limits={"on_max_tokens": "reject"}),
+    )
+    small = await start_fake("small-model")
+    proxy = await start_proxy(
+        [engine_config("small", "small-model", [small.url])], policies=str(folder)
+    )
+    resp = await proxy.client.post(
+        "/v1/chat/completions", json=chat(max_tokens=500), headers=auth(FREE_KEY)
+    )
+    assert resp.status == 200
+    assert resp.headers["x-frugal-max-tokens-clamped"] == "64"
+    import orjson
+
+    assert orjson.loads(small.state.log[-1].body)["max_tokens"] == 64
+    resp = await proxy.client.post(
+        "/v1/chat/completions", json=chat(max_tokens=500), headers=auth(PRO_KEY)
+    )
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == "max_tokens"
+
+
+async def test_policy_files_reload_on_change_and_bad_edits_are_rejected(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    folder = write_policies(tmp_path / "p", tier("free", [FREE_KEY]))
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    new_key = "sk-frugal-new-0002"
+    write_policies(folder, tier("free", [FREE_KEY, new_key]))
+    reload = await proxy.client.post("/admin/policies/reload")
+    assert reload.status == 200
+    resp = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth(new_key))
+    assert resp.status == 200
+    (folder / "free.yaml").write_text("tier: free\nkeys: []\nmodels: [auto]\nlimts: {}\n")
+    reload = await proxy.client.post("/admin/policies/reload")
+    assert reload.status == 422
+    errors = (await reload.json())["errors"]
+    assert any("free.yaml" in e for e in errors)
+    # The previous set stays in force.
+    resp = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth(new_key))
+    assert resp.status == 200
+
+
+async def test_admin_endpoints_need_the_admin_key(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    folder = write_policies(tmp_path / "p", tier("free", [FREE_KEY]))
+    proxy = await proxy_with(start_fake, start_proxy, folder, admin={"keys": [hash_key(ADMIN_KEY)]})
+    denied = await proxy.client.get("/admin/engines", headers=auth(FREE_KEY))
+    assert denied.status == 401
+    ok = await proxy.client.get("/admin/engines", headers=auth(ADMIN_KEY))
+    assert ok.status == 200
+    assert set(await ok.json()) == {"small", "large"}
+
+
+async def test_invalid_policy_folder_stops_start_up(tmp_path: Path) -> None:
+    import pytest
+
+    from proxy.app import create_app
+    from proxy.settings import ConfigError, Settings
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "free.yaml").write_text("tier: free\nmodels: [auto]\npriority: high\n")
+    settings = Settings.model_validate(
+        {
+            "engines": [engine_config("small", "small-model", ["http://127.0.0.1:9"])],
+            "policies": str(folder),
+        }
+    )
+    with pytest.raises(ConfigError) as err:
+        create_app(settings)
+    assert "free.yaml:3" in str(err.value)
+    assert "priority" in str(err.value)
