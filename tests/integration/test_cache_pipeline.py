@@ -66,7 +66,10 @@ async def test_exact_hit_serves_the_same_answer_without_the_engine(
     assert "x-frugal-cache-age" in hit.headers
     assert engine.state.counters.requests == 1
     # Key order and whitespace do not change the key.
-    raw = b'{ "max_tokens":8,"temperature":0.0, "messages":[{"content":"What is the capital of France?","role":"user"}],"model":"m"}'
+    raw = (
+        b'{ "max_tokens":8,"temperature":0.0, "messages":[{"content":'
+        b'"What is the capital of France?","role":"user"}],"model":"m"}'
+    )
     again = await proxy.client.post(
         "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"}
     )
@@ -215,7 +218,7 @@ async def test_a_new_model_version_never_sees_old_entries(
 async def test_user_scope_partitions_never_share(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
-    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "user"})
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "user"})
     alice = {**GREEDY, "user": "alice"}
     await proxy.client.post("/v1/chat/completions", json=alice)
     await post_until(proxy, alice, "hit-exact")
