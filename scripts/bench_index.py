@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from proxy.cache.entry import CacheEntry, EntryMeta
-from proxy.cache.index import HnswParams, SemanticIndex
+from proxy.cache.index import HnswParams, SemanticIndex, _Hnsw, _Partition
 from proxy.cache.store import DiskStore
 
 
@@ -57,18 +57,18 @@ def clustered(n: int, dim: int, rng: np.random.Generator, clusters: int = 2000) 
     return out
 
 
-def bench_index(args: argparse.Namespace) -> None:
-    rng = np.random.default_rng(0)
-    log(f"generating {args.n:,} x {args.dim} vectors")
-    data = clustered(args.n, args.dim, rng)
-    params = HnswParams(
-        dtype=args.dtype,
-        connectivity=args.connectivity,
-        expansion_add=args.expansion_add,
-        expansion_search=args.expansion_search,
-        threads=args.threads,
-    )
-    index = SemanticIndex(args.dim, hnsw=params)
+def build_index(args: argparse.Namespace, data: np.ndarray, params: HnswParams) -> SemanticIndex:
+    index = SemanticIndex(args.dim, flat_limit=1, hnsw=params)  # one big graph
+    path = Path(args.index_file) if args.index_file else None
+    if path is not None and path.exists():
+        # reuse a saved graph (search parameters can be swept without a rebuild)
+        index._partitions["p"] = _Partition(args.dim)
+        graph = _Hnsw(args.dim, params)
+        graph.index.load(str(path))
+        index._partitions["p"].flat = None
+        index._partitions["p"].hnsw = graph
+        log(f"loaded {len(index):,} vectors from {path}")
+        return index
     labels = np.arange(args.n, dtype=np.uint64)
     log(f"building (usearch HNSW {params}) ...")
     started = time.perf_counter()
@@ -86,33 +86,64 @@ def bench_index(args: argparse.Namespace) -> None:
         f"build: {build:.1f} s ({args.n / build:,.0f} vectors/s, {args.threads} threads), "
         f"peak RSS {rss_gb:.2f} GB (includes the float32 source matrix)"
     )
+    if path is not None:
+        part = index._partitions["p"]
+        assert part.hnsw is not None
+        part.hnsw.index.save(str(path))
+        log(f"saved the graph to {path}")
+    return index
 
-    queries = data[rng.integers(0, args.n, args.queries)]
-    queries = queries + 0.05 * rng.normal(size=queries.shape).astype(np.float32)
-    for q in queries[:50]:  # warm-up
-        index.search("p", q, args.k)
-    times: list[float] = []
-    results: list[int] = []
-    for q in queries:
-        t0 = time.perf_counter()
-        found = index.search("p", q, args.k)
-        times.append(time.perf_counter() - t0)
-        results.append(found[0][0])
-    log(f"search top-{args.k} at {args.n:,}: {percentiles(times)}")
 
+def bench_index(args: argparse.Namespace) -> None:
+    rng = np.random.default_rng(0)
+    log(f"generating {args.n:,} x {args.dim} vectors")
+    data = clustered(args.n, args.dim, rng)
+    params = HnswParams(
+        dtype=args.dtype,
+        connectivity=args.connectivity,
+        expansion_add=args.expansion_add,
+        expansion_search=args.expansion_search,
+        threads=args.threads,
+    )
+    index = build_index(args, data, params)
+    graph = index._partitions["p"].hnsw
+    assert graph is not None
+
+    # queries: paraphrase-like perturbations of stored vectors, cosine ~args.query_cos to them
+    sources = rng.integers(0, args.n, args.queries)
+    sigma = np.sqrt((1 / args.query_cos**2 - 1) / args.dim)
+    queries = data[sources] + sigma * rng.normal(size=(args.queries, args.dim)).astype(np.float32)
     sample = min(args.recall_sample, len(queries))
     unit = queries[:sample] / np.linalg.norm(queries[:sample], axis=1, keepdims=True)
     best = np.full(sample, -np.inf, dtype=np.float32)
-    arg = np.zeros(sample, dtype=np.int64)
+    truth = np.zeros(sample, dtype=np.int64)
     for begin in range(0, args.n, 100_000):
         scores = unit @ data[begin : begin + 100_000].T
         local = scores.argmax(axis=1)
         value = scores[np.arange(sample), local]
         better = value > best
         best[better] = value[better]
-        arg[better] = local[better] + begin
-    recall = float(np.mean(np.array(results[:sample]) == arg))
-    log(f"recall@1 vs brute force on {sample} queries: {recall:.3f}")
+        truth[better] = local[better] + begin
+
+    for expansion in args.sweep or [args.expansion_search]:
+        graph.index.expansion_search = expansion
+        for q in queries[:50]:  # warm-up
+            index.search("p", q, args.k)
+        times: list[float] = []
+        results: list[list[int]] = []
+        for q in queries:
+            t0 = time.perf_counter()
+            found = index.search("p", q, args.k)
+            times.append(time.perf_counter() - t0)
+            results.append([label for label, _ in found])
+        top1 = np.mean([results[i][0] == truth[i] for i in range(sample)])
+        topk = np.mean([truth[i] in results[i] for i in range(sample)])
+        source = np.mean([sources[i] in results[i] for i in range(len(queries))])
+        log(
+            f"search top-{args.k} at {args.n:,}, expansion_search={expansion}: {percentiles(times)}"
+            f"\n    recall@1 {top1:.3f}, true NN in top-{args.k} {topk:.3f} "
+            f"(brute force, {sample} queries); source question in top-{args.k} {source:.3f}"
+        )
 
 
 def bench_store(args: argparse.Namespace) -> None:
@@ -235,6 +266,9 @@ def main() -> None:
     parser.add_argument("--connectivity", type=int, default=16)
     parser.add_argument("--expansion-add", type=int, default=128)
     parser.add_argument("--expansion-search", type=int, default=64)
+    parser.add_argument("--query-cos", type=float, default=0.9, help="query-to-source cosine")
+    parser.add_argument("--sweep", type=int, nargs="*", help="expansion_search values to try")
+    parser.add_argument("--index-file", help="save the built graph here / load it if present")
     parser.add_argument("--no-index", action="store_true", help="skip the index benchmark")
     parser.add_argument("--store", action="store_true", help="benchmark the diskcache store")
     parser.add_argument("--store-n", type=int, default=5000)
