@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from tqdm import tqdm
+
 from proxy.demo.errors import IntegrityError, SetupStepError
 from proxy.demo.locking import data_dir_lock
 from proxy.demo.progress import make_bar, run_logged
@@ -244,7 +246,9 @@ def fetch_wheel(pin: WheelPin, downloads: Path, *, log_path: Path, progress: boo
     return final
 
 
-def copy_stream(source: IO[bytes], target: IO[bytes], digest: Any, bar: Any) -> None:
+def copy_stream(
+    source: IO[bytes], target: IO[bytes], digest: hashlib._Hash, bar: tqdm[Any]
+) -> None:
     while chunk := source.read(_CHUNK_BYTES):
         target.write(chunk)
         digest.update(chunk)

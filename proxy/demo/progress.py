@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -74,7 +75,8 @@ def run_logged(
             desc=desc, enabled=progress, total=None, bar_format="{desc}: {elapsed} {postfix}"
         ) as bar,
     ):
-        log.write(f"$ {' '.join(command)}\n")
+        started = time.monotonic()
+        log.write(f"[{time.strftime('%H:%M:%S')}] $ {' '.join(command)}\n")
         log.flush()
         proc = subprocess.Popen(
             list(command),
@@ -104,6 +106,7 @@ def run_logged(
         finally:
             stop_ticking.set()
             ticker.join()
+            log.write(f"[{time.strftime('%H:%M:%S')}] ({time.monotonic() - started:.1f}s)\n")
             log.flush()
     if returncode != 0:
         raise SetupStepError(
