@@ -165,7 +165,10 @@ def peer_commands(engine_url: str, work: Path) -> dict[str, Target]:
             "--headless",
         ],
         # Provider "openai" with a custom host is Portkey's way to reach any OpenAI-compatible
-        # server; 127.0.0.1 is in its default trusted custom hosts.
+        # server; 127.0.0.1 is in its default trusted custom hosts. Known gap: with gateway
+        # 1.15.2 on node 20, *streamed* requests this way fail ("TypeError: immutable" in
+        # updateHeaders, Portkey-AI/gateway#1389/#1550); the non-streamed ones measured here work.
+        # It listens on all interfaces (no host flag); only loopback traffic is sent.
         headers={
             "x-portkey-provider": "openai",
             "x-portkey-custom-host": f"{engine_url}/v1",
