@@ -1,0 +1,179 @@
+"""The difficulty head: P(the small engine's answer is worse than the large one's) from features.
+
+Scoring is numpy only (no sklearn on the hot path). Three parts, all in one .npz written by
+scripts/train_router.py:
+
+- a linear part: logistic regression on standardised [embedding (384), cheap features];
+- a neighbour vote: the share of "strong was better" among the k most similar training prompts,
+  compared in a PCA-reduced embedding space (keys stored as int8 to keep the file small);
+- a stacker: a logistic regression over [linear logit, neighbour logit, log tokens of the last
+  turn], fitted on out-of-fold outputs of the other two so that it weighs them as they do on
+  prompts they have not seen.
+
+A head without the neighbour arrays is a plain logistic regression (the stacker is then unused).
+
+Arrays: feature_names, input_mean, input_scale, out_w, out_b; optionally knn_centre (384,),
+knn_projection (384, d), knn_keys (n, d) int8, knn_key_scale (d,), knn_labels (n,), knn_k,
+stack_w (3,), stack_b; metadata (JSON text: label, training data, seed, default thresholds).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from proxy.routing.features import CHEAP_FEATURE_NAMES, EMBEDDING_DIM, RoutingFeatures
+
+DEFAULT_HEAD_PATH = Path(__file__).parent / "artifacts" / "difficulty_head.npz"
+# Neighbour shares are pulled this far from 0 and 1 before taking a logit, so a unanimous vote
+# among k neighbours stays a finite, comparable input to the stacker.
+NEIGHBOUR_SMOOTHING = 0.02
+TOKENS_FEATURE = CHEAP_FEATURE_NAMES.index("log_tokens_last_turn")
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
+
+class ClassifierArtifactError(ValueError):
+    """The head file is missing a field or was trained on different features."""
+
+
+def neighbour_logit(share: npt.ArrayLike) -> F64:
+    p = np.asarray(share, dtype=np.float64)
+    return np.asarray(
+        np.log((p + NEIGHBOUR_SMOOTHING) / (1.0 + NEIGHBOUR_SMOOTHING - p)), dtype=np.float64
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NeighbourVote:
+    """Share of positive labels among the k nearest training prompts (cosine, PCA space)."""
+
+    centre: F32
+    projection: F32
+    keys: F32
+    labels: F32
+    k: int
+
+    def project(self, embeddings: npt.ArrayLike) -> F32:
+        reduced = (np.asarray(embeddings, dtype=np.float32) - self.centre) @ self.projection
+        norms = np.linalg.norm(reduced, axis=1, keepdims=True)
+        return np.asarray(reduced / np.maximum(norms, 1e-12), dtype=np.float32)
+
+    def share(self, embeddings: npt.ArrayLike) -> F64:
+        similarity = self.project(embeddings) @ self.keys.T
+        k = min(self.k, self.keys.shape[0])
+        nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+        return np.asarray(self.labels[nearest].mean(axis=1), dtype=np.float64)
+
+
+@dataclass(frozen=True, slots=True)
+class DifficultyClassifier:
+    input_mean: F32
+    input_scale: F32
+    out_w: F32
+    out_b: float
+    metadata: dict[str, Any]
+    neighbours: NeighbourVote | None = None
+    stack_w: F32 | None = None
+    stack_b: float = 0.0
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> DifficultyClassifier:
+        """Load a head; the default is the one shipped in proxy/routing/artifacts/."""
+        source = DEFAULT_HEAD_PATH if path is None else path
+        try:
+            with np.load(source, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except (OSError, ValueError) as exc:
+            raise ClassifierArtifactError(f"{source}: cannot read difficulty head: {exc}") from exc
+        return cls.from_arrays(arrays, source=str(source))
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: Mapping[str, npt.NDArray[Any]], *, source: str = "head"
+    ) -> DifficultyClassifier:
+        missing = {"feature_names", "input_mean", "input_scale", "out_w", "out_b"} - arrays.keys()
+        if missing:
+            raise ClassifierArtifactError(f"{source}: missing fields {sorted(missing)}")
+        names = tuple(str(n) for n in arrays["feature_names"])
+        if names != CHEAP_FEATURE_NAMES:
+            raise ClassifierArtifactError(
+                f"{source}: trained on cheap features {names}, code has {CHEAP_FEATURE_NAMES}"
+            )
+        n_in = EMBEDDING_DIM + len(CHEAP_FEATURE_NAMES)
+        shapes = (arrays["out_w"].shape, arrays["input_mean"].shape, arrays["input_scale"].shape)
+        if shapes != ((n_in,), (n_in,), (n_in,)):
+            raise ClassifierArtifactError(
+                f"{source}: head takes inputs of shapes {shapes}, features have {n_in}"
+            )
+        neighbours = None
+        stack_w = None
+        if "knn_keys" in arrays:
+            key_scale = arrays["knn_key_scale"].astype(np.float32)
+            neighbours = NeighbourVote(
+                centre=arrays["knn_centre"].astype(np.float32),
+                projection=arrays["knn_projection"].astype(np.float32),
+                # int8 on disk; float32 in memory so the similarity is one matmul.
+                keys=arrays["knn_keys"].astype(np.float32) * key_scale,
+                labels=arrays["knn_labels"].astype(np.float32),
+                k=int(arrays["knn_k"]),
+            )
+            stack_w = arrays["stack_w"].astype(np.float32)
+        metadata = json.loads(str(arrays["metadata"])) if "metadata" in arrays else {}
+        return cls(
+            input_mean=arrays["input_mean"].astype(np.float32),
+            input_scale=arrays["input_scale"].astype(np.float32),
+            out_w=arrays["out_w"].astype(np.float32),
+            out_b=float(arrays["out_b"]),
+            metadata=metadata,
+            neighbours=neighbours,
+            stack_w=stack_w,
+            stack_b=float(arrays["stack_b"]) if "stack_b" in arrays else 0.0,
+        )
+
+    @property
+    def default_thresholds(self) -> dict[float, float]:
+        """Offline thresholds by strong share (out-of-fold scores of the training prompts)."""
+        table = self.metadata.get("thresholds_by_strong_share", {})
+        return {float(share): float(t) for share, t in table.items()}
+
+    def score(self, features: RoutingFeatures) -> float:
+        """P(small is worse than large) for one request, in [0, 1]."""
+        return float(self.score_arrays(features.embedding[None, :], features.cheap[None, :])[0])
+
+    def score_batch(self, features: Sequence[RoutingFeatures]) -> F64:
+        if not features:
+            return np.zeros(0, dtype=np.float64)
+        embeddings = np.stack([f.embedding for f in features])
+        cheap = np.stack([f.cheap for f in features])
+        return self.score_arrays(embeddings, cheap)
+
+    def linear_logits(self, embeddings: npt.ArrayLike, cheap: npt.ArrayLike) -> F64:
+        raw = np.concatenate(
+            [np.asarray(embeddings, dtype=np.float32), np.asarray(cheap, dtype=np.float32)], axis=1
+        )
+        x = (raw - self.input_mean) / self.input_scale
+        return np.asarray(x @ self.out_w, dtype=np.float64) + self.out_b
+
+    def score_arrays(self, embeddings: npt.ArrayLike, cheap: npt.ArrayLike) -> F64:
+        """Scores of a batch: embeddings (n, 384), cheap features (n, len(CHEAP_FEATURE_NAMES))."""
+        logits = self.linear_logits(embeddings, cheap)
+        if self.neighbours is not None and self.stack_w is not None:
+            stacked = np.stack(
+                [
+                    logits,
+                    neighbour_logit(self.neighbours.share(embeddings)),
+                    np.asarray(cheap, dtype=np.float64)[:, TOKENS_FEATURE],
+                ],
+                axis=1,
+            )
+            logits = stacked @ self.stack_w.astype(np.float64) + self.stack_b
+        # Clipped so exp never overflows; beyond +-40 the probability is 0 or 1 anyway.
+        return np.asarray(1.0 / (1.0 + np.exp(-np.clip(logits, -40.0, 40.0))), dtype=np.float64)

@@ -1,0 +1,297 @@
+"""Routing benchmark: RouteLLM's APGR / CPT on held-out dev prompts, own prompts, scoring latency.
+
+    .venv/bin/python scripts/bench_routing.py [--out out/routing] [--folds 5] [--seed 0]
+
+1. k-fold over routing_dev.csv.gz (stratified by benchmark and label): every prompt is scored by a
+   head trained without it (same model and settings as train_router.py). APGR, CPT(50%),
+   CPT(80%) overall and per benchmark, beside a random router and a prompt-length router, with
+   bootstrap 95% intervals for APGR.
+2. Own prompts (scripts/routing_own_prompts.jsonl, written for this, not from the dev data),
+   scored by the shipped head: do the hard ones score higher? (AUC, mean score per kind)
+3. Scoring latency of the shipped head with the embedding given (features + score, per request).
+
+Writes routing_benchmark.md and routing_pgr.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from proxy.routing.classifier import DEFAULT_HEAD_PATH, DifficultyClassifier
+from proxy.routing.commands import embed_texts, load_count_tokens, load_embedder
+from proxy.routing.evaluation import GapCurve, apgr, cpt, pgr_curve
+from proxy.routing.features import extract_features, last_user_text
+from scripts.routing_data import DEFAULT_DEV_FILE, RoutingDevData, load_dev_data
+from scripts.train_router import DEFAULT_C, fit_linear, labels, stratified_folds, train_head
+
+OWN_PROMPTS = Path(__file__).resolve().parent / "routing_own_prompts.jsonl"
+F64 = npt.NDArray[np.float64]
+
+
+def out_of_fold_scores(
+    data: RoutingDevData,
+    folds: int,
+    seed: int,
+    fit: Callable[[npt.NDArray[np.bool_]], DifficultyClassifier],
+) -> F64:
+    """Every prompt scored by a head `fit` on the other folds (given the training-row mask)."""
+    fold_of = stratified_folds(data.benchmark, labels(data), folds, seed)
+    scores = np.zeros(len(data.prompts))
+    for fold in range(folds):
+        test = fold_of == fold
+        head = fit(~test)
+        scores[test] = head.score_arrays(data.embeddings[test], data.cheap[test])
+        print(f"  fold {fold + 1}/{folds} done", flush=True)
+    return scores
+
+
+def full_head(
+    data: RoutingDevData, seed: int
+) -> Callable[[npt.NDArray[np.bool_]], DifficultyClassifier]:
+    y = labels(data)
+
+    def fit(train: npt.NDArray[np.bool_]) -> DifficultyClassifier:
+        arrays, _ = train_head(
+            data.embeddings[train], data.cheap[train], y[train], data.benchmark[train], seed=seed
+        )
+        return DifficultyClassifier.from_arrays(arrays)
+
+    return fit
+
+
+def linear_head(
+    data: RoutingDevData, c: float, seed: int, cheap_only: bool = False
+) -> Callable[[npt.NDArray[np.bool_]], DifficultyClassifier]:
+    y = labels(data)
+
+    def fit(train: npt.NDArray[np.bool_]) -> DifficultyClassifier:
+        embeddings = data.embeddings[train]
+        if cheap_only:
+            # Ablation: a constant embedding gets zero weight, so only cheap features count.
+            embeddings = np.zeros_like(embeddings)
+        arrays = fit_linear(embeddings, data.cheap[train], y[train], c=c, seed=seed)
+        return DifficultyClassifier.from_arrays(arrays)
+
+    return fit
+
+
+def metric_row(scores: F64, weak: F64, strong: F64, rng: np.random.Generator) -> dict[str, float]:
+    curve = pgr_curve(scores, weak, strong)
+    boot = []
+    for _ in range(300):
+        pick = rng.integers(0, scores.size, scores.size)
+        if strong[pick].sum() > weak[pick].sum():
+            boot.append(apgr(pgr_curve(scores[pick], weak[pick], strong[pick])))
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {
+        "apgr": apgr(curve),
+        "apgr_low": float(low),
+        "apgr_high": float(high),
+        "cpt50": cpt(curve, 0.5),
+        "cpt80": cpt(curve, 0.8),
+    }
+
+
+def auc(scores: F64, positive: npt.NDArray[np.bool_]) -> float:
+    """P(a random positive scores above a random negative), ties counted half."""
+    pos, neg = scores[positive], scores[~positive]
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (pos.size * neg.size))
+
+
+def own_prompts_section(head: DifficultyClassifier) -> tuple[list[str], dict[str, float]]:
+    rows = [json.loads(line) for line in OWN_PROMPTS.read_text().splitlines() if line.strip()]
+    count_tokens = load_count_tokens()
+    embeddings = embed_texts(load_embedder(), [last_user_text(r["messages"]) for r in rows])
+    feats = [
+        extract_features(r["messages"], e, count_tokens)
+        for r, e in zip(rows, embeddings, strict=True)
+    ]
+    scores = head.score_batch(feats)
+    hard = np.array([bool(r["hard"]) for r in rows])
+    kinds = sorted({r["kind"] for r in rows}, key=lambda k: [r["kind"] for r in rows].index(k))
+    lines = [
+        f"{len(rows)} prompts written for this benchmark ({hard.sum()} labelled hard), scored by "
+        "the shipped head (trained on all dev prompts; none of these is in the dev file).",
+        "",
+        f"**AUC hard vs easy: {auc(scores, hard):.3f}** (0.5 = no separation)",
+        "",
+        "| kind | label | n | mean score | min | max |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind in kinds:
+        mask = np.array([r["kind"] == kind for r in rows])
+        label = "hard" if hard[mask][0] else "easy"
+        s = scores[mask]
+        lines.append(
+            f"| {kind} | {label} | {mask.sum()} | {s.mean():.3f} | {s.min():.3f} | {s.max():.3f} |"
+        )
+    for share, t in sorted(head.default_thresholds.items()):
+        sent = scores >= t
+        lines.append("")
+        lines.append(
+            f"At the shipped threshold for strong share {share:g} ({t:.3f}): "
+            f"{sent[hard].sum()}/{hard.sum()} hard and {sent[~hard].sum()}/{(~hard).sum()} easy "
+            "prompts go to the large engine."
+        )
+    return lines, {"auc": auc(scores, hard)}
+
+
+def latency_section(head: DifficultyClassifier, data: RoutingDevData) -> list[str]:
+    count_tokens = load_count_tokens()
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(data.prompts), 3000)
+    from scripts.routing_data import dev_prompt_messages
+
+    messages = [dev_prompt_messages(data.prompts[i]) for i in picks]
+    full, head_only = [], []
+    for i, m in zip(picks, messages, strict=True):
+        start = time.perf_counter()
+        feats = extract_features(m, data.embeddings[i], count_tokens)
+        middle = time.perf_counter()
+        head.score(feats)
+        end = time.perf_counter()
+        full.append((end - start) * 1000)
+        head_only.append((end - middle) * 1000)
+    p = np.percentile
+    return [
+        f"{len(picks)} single-request calls on dev prompts, embedding given, one thread, "
+        "token counting with MiniLM's fast tokenizer (the engine's tokenizer at run time):",
+        "",
+        "| step | p50 ms | p99 ms | max ms |",
+        "| --- | --- | --- | --- |",
+        f"| features + score | {p(full, 50):.3f} | {p(full, 99):.3f} | {max(full):.3f} |",
+        f"| score only (head) | {p(head_only, 50):.3f} | {p(head_only, 99):.3f} | "
+        f"{max(head_only):.3f} |",
+    ]
+
+
+def plot(curves: dict[str, dict[str, GapCurve]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(next(iter(curves.values())).keys())
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), sharey=True)
+    for ax, group in zip(np.atleast_1d(axes), groups, strict=True):
+        for method, by_group in curves.items():
+            c = by_group[group]
+            ax.plot(c.strong_share, c.pgr, label=f"{method} ({apgr(c):.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.axhline(1.0, color="grey", linewidth=0.5)
+        ax.set_title(group)
+        ax.set_xlabel("share of strong calls")
+        ax.legend(fontsize=7, loc="lower right")
+    np.atleast_1d(axes)[0].set_ylabel("performance gap recovered")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DEV_FILE)
+    parser.add_argument("--out", type=Path, default=Path("out/routing"))
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--c", type=float, default=DEFAULT_C)
+    parser.add_argument("--head", type=Path, default=None, help="shipped head to test (default)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    data = load_dev_data(args.data)
+    rng = np.random.default_rng(args.seed)
+    methods: dict[str, F64] = {}
+    print("k-fold: shipped head (linear + neighbours + stacker)")
+    methods["classifier (shipped recipe)"] = out_of_fold_scores(
+        data, args.folds, args.seed, full_head(data, args.seed)
+    )
+    print("k-fold: linear part alone")
+    methods["linear part alone"] = out_of_fold_scores(
+        data, args.folds, args.seed, linear_head(data, args.c, args.seed)
+    )
+    print("k-fold: cheap features only (ablation)")
+    methods["cheap features only"] = out_of_fold_scores(
+        data, args.folds, args.seed, linear_head(data, 1.0, args.seed, cheap_only=True)
+    )
+    methods["prompt length (tokens)"] = data.cheap[:, 0].astype(np.float64)
+    methods["random"] = rng.random(len(data.prompts))
+
+    groups = {"overall": np.ones(len(data.prompts), dtype=bool)}
+    groups |= {b: data.benchmark == b for b in sorted(set(data.benchmark.tolist()))}
+    table = [
+        "| router | set | n | APGR (95% CI) | CPT(50%) | CPT(80%) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    curves: dict[str, dict[str, GapCurve]] = {}
+    for method, scores in methods.items():
+        curves[method] = {}
+        for group, mask in groups.items():
+            row = metric_row(scores[mask], data.weak[mask], data.strong[mask], rng)
+            curves[method][group] = pgr_curve(scores[mask], data.weak[mask], data.strong[mask])
+            table.append(
+                f"| {method} | {group} | {mask.sum()} | {row['apgr']:.3f} "
+                f"({row['apgr_low']:.3f}-{row['apgr_high']:.3f}) | {row['cpt50']:.3f} | "
+                f"{row['cpt80']:.3f} |"
+            )
+    plot(curves, args.out / "routing_pgr.png")
+
+    head = DifficultyClassifier.load(args.head)
+    own_lines, _ = own_prompts_section(head)
+    shipped = head.default_thresholds
+    today = dt.date.today().isoformat()
+    command = "python scripts/bench_routing.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    report = [
+        "# Routing benchmark",
+        "",
+        f"Run {today}: `{command.strip()}`",
+        "",
+        f"## Held-out dev prompts ({args.folds}-fold, every prompt scored out of fold)",
+        "",
+        f"Data: {args.data.name}, {len(data.prompts)} prompts (RouteLLM eval data; weak = "
+        "Mixtral-8x7B, strong = GPT-4-1106). Label for training: strong_score > weak_score. "
+        "Random router: uniform scores (its expected APGR is 0.5). Prompt length: tokens of the "
+        "last user turn.",
+        "",
+        *table,
+        "",
+        "![PGR curves](routing_pgr.png)",
+        "",
+        "## Own prompts (not from the dev data)",
+        "",
+        *own_lines,
+        "",
+        "## Shipped thresholds",
+        "",
+        "From the out-of-fold scores of the dev prompts at training time (in the head's metadata). "
+        f"Head file: {(args.head or DEFAULT_HEAD_PATH).stat().st_size / 1024:.0f} KiB.",
+        "",
+        "| strong share | threshold |",
+        "| --- | --- |",
+        *[f"| {share:g} | {t:.4f} |" for share, t in sorted(shipped.items())],
+        "",
+        "## Scoring latency",
+        "",
+        *latency_section(head, data),
+        "",
+    ]
+    (args.out / "routing_benchmark.md").write_text("\n".join(report))
+    print("\n".join(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

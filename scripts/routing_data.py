@@ -1,0 +1,78 @@
+"""The routing dev data (RouteLLM eval data, Apache-2.0) as features and labels, for the scripts.
+
+Shared by train_router.py and bench_routing.py. Reads /work/shared/data at run time (never copied
+into the repo); caches the MiniLM embeddings under out/routing/cache/ keyed by the file's hash.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from proxy.routing.commands import embed_texts, load_count_tokens, load_embedder
+from proxy.routing.features import cheap_features, last_user_text
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DEV_FILE = REPO.parent / "shared" / "data" / "routing_dev.csv.gz"
+DEFAULT_CACHE_DIR = REPO / "out" / "routing" / "cache"
+TURN_SEPARATOR = " [TURN2] "
+
+
+@dataclass(frozen=True)
+class RoutingDevData:
+    benchmark: npt.NDArray[np.str_]
+    subset: npt.NDArray[np.str_]
+    prompts: list[str]
+    weak: npt.NDArray[np.float64]
+    strong: npt.NDArray[np.float64]
+    embeddings: npt.NDArray[np.float32]
+    cheap: npt.NDArray[np.float32]
+
+
+def dev_prompt_messages(prompt: str) -> list[dict[str, object]]:
+    """A dev prompt as chat messages; turn-2 prompts hold both user turns (answers are unknown)."""
+    turns = prompt.split(TURN_SEPARATOR)
+    messages: list[dict[str, object]] = []
+    for i, turn in enumerate(turns):
+        if i:
+            # The answer to the earlier turn is not in the data; the features read user turns only.
+            messages.append({"role": "assistant", "content": ""})
+        messages.append({"role": "user", "content": turn})
+    return messages
+
+
+def load_dev_data(
+    path: Path = DEFAULT_DEV_FILE, cache_dir: Path = DEFAULT_CACHE_DIR
+) -> RoutingDevData:
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    messages = [dev_prompt_messages(r["prompt"]) for r in rows]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_file = cache_dir / f"minilm-{digest}.npz"
+    if cache_file.exists():
+        with np.load(cache_file) as cached:
+            embeddings = cached["embeddings"]
+    else:
+        print(f"embedding {len(rows)} dev prompts (cached in {cache_file}) ...")
+        embeddings = embed_texts(load_embedder(), [last_user_text(m) for m in messages])
+        np.savez(cache_file, embeddings=embeddings)
+    # Cheap features are recomputed every time (seconds), so editing features.py needs no cache
+    # purge. Training counts tokens with MiniLM's WordPiece tokenizer.
+    count_tokens = load_count_tokens()
+    cheap = np.stack([cheap_features(m, count_tokens) for m in messages])
+    return RoutingDevData(
+        benchmark=np.array([r["benchmark"] for r in rows]),
+        subset=np.array([r["subset"] for r in rows]),
+        prompts=[r["prompt"] for r in rows],
+        weak=np.array([float(r["weak_score"]) for r in rows]),
+        strong=np.array([float(r["strong_score"]) for r in rows]),
+        embeddings=embeddings,
+        cheap=cheap,
+    )

@@ -1,0 +1,167 @@
+"""DifficultyClassifier: loading heads, scoring maths, the neighbour vote, the shipped artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from proxy.routing.classifier import (
+    TOKENS_FEATURE,
+    ClassifierArtifactError,
+    DifficultyClassifier,
+    neighbour_logit,
+)
+from proxy.routing.features import CHEAP_FEATURE_NAMES, EMBEDDING_DIM, RoutingFeatures
+
+N_IN = EMBEDDING_DIM + len(CHEAP_FEATURE_NAMES)
+
+
+def linear_arrays(seed: int = 0, **overrides: Any) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {
+        "feature_names": np.array(CHEAP_FEATURE_NAMES),
+        "input_mean": rng.normal(size=N_IN).astype(np.float32),
+        "input_scale": rng.uniform(0.5, 2.0, N_IN).astype(np.float32),
+        "out_w": rng.normal(size=N_IN).astype(np.float32),
+        "out_b": np.array(0.3, dtype=np.float32),
+        "metadata": np.array(json.dumps({"thresholds_by_strong_share": {"0.1": 0.8, "0.3": 0.6}})),
+    }
+    arrays.update(overrides)
+    return arrays
+
+
+def neighbour_arrays(keys: np.ndarray, labels: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Identity projection onto the first keys.shape[1] embedding axes; keys stored exactly."""
+    dims = keys.shape[1]
+    projection = np.zeros((EMBEDDING_DIM, dims), dtype=np.float32)
+    projection[np.arange(dims), np.arange(dims)] = 1.0
+    return {
+        "knn_centre": np.zeros(EMBEDDING_DIM, dtype=np.float32),
+        "knn_projection": projection,
+        "knn_keys": keys.astype(np.int8),
+        "knn_key_scale": np.ones(dims, dtype=np.float32),
+        "knn_labels": labels.astype(np.uint8),
+        "knn_k": np.array(k),
+        "stack_w": np.array([0.0, 1.0, 0.0], dtype=np.float32),
+        "stack_b": np.array(0.0),
+    }
+
+
+def random_features(seed: int) -> RoutingFeatures:
+    rng = np.random.default_rng(seed)
+    embedding = rng.normal(size=EMBEDDING_DIM).astype(np.float32)
+    embedding /= np.linalg.norm(embedding)
+    return RoutingFeatures(
+        embedding, rng.uniform(0, 3, len(CHEAP_FEATURE_NAMES)).astype(np.float32)
+    )
+
+
+def axis_features(axis: int) -> RoutingFeatures:
+    embedding = np.zeros(EMBEDDING_DIM, dtype=np.float32)
+    embedding[axis] = 1.0
+    return RoutingFeatures(embedding, np.zeros(len(CHEAP_FEATURE_NAMES), dtype=np.float32))
+
+
+def test_linear_score_matches_the_formula(tmp_path: Path) -> None:
+    arrays = linear_arrays()
+    np.savez(tmp_path / "head.npz", **arrays)
+    head = DifficultyClassifier.load(tmp_path / "head.npz")
+    feats = random_features(1)
+    x = (np.concatenate([feats.embedding, feats.cheap]) - arrays["input_mean"]) / arrays[
+        "input_scale"
+    ]
+    expected = 1 / (1 + np.exp(-(x @ arrays["out_w"] + 0.3)))
+    assert head.score(feats) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_neighbour_vote_counts_the_labels_of_the_nearest_keys() -> None:
+    # Keys along axes 0..3 of a 4-d space; the first two are labelled hard.
+    keys = np.eye(4) * 100
+    head = DifficultyClassifier.from_arrays(
+        linear_arrays() | neighbour_arrays(keys, np.array([1, 1, 0, 0]), k=1)
+    )
+    assert head.neighbours is not None
+    near_hard = head.neighbours.share(
+        np.stack([axis_features(0).embedding, axis_features(1).embedding])
+    )
+    near_easy = head.neighbours.share(axis_features(3).embedding[None, :])
+    np.testing.assert_allclose(near_hard, [1.0, 1.0])
+    np.testing.assert_allclose(near_easy, [0.0])
+    # stack_w = [0, 1, 0]: the score is the sigmoid of the neighbour logit alone.
+    expected = 1 / (1 + np.exp(-neighbour_logit(1.0)))
+    assert head.score(axis_features(0)) == pytest.approx(float(expected))
+    assert head.score(axis_features(0)) > 0.9 > 0.1 > head.score(axis_features(3))
+
+
+def test_stacker_weighs_the_token_feature() -> None:
+    keys = np.eye(4) * 100
+    stack = {"stack_w": np.array([0.0, 0.0, 2.0], dtype=np.float32), "stack_b": np.array(-1.0)}
+    head = DifficultyClassifier.from_arrays(
+        linear_arrays() | neighbour_arrays(keys, np.array([1, 0, 0, 0]), k=2) | stack
+    )
+    feats = axis_features(2)
+    feats.cheap[TOKENS_FEATURE] = 1.5
+    assert head.score(feats) == pytest.approx(1 / (1 + np.exp(-2.0)))
+
+
+def test_k_larger_than_the_keys_uses_all_keys() -> None:
+    head = DifficultyClassifier.from_arrays(
+        linear_arrays() | neighbour_arrays(np.eye(2) * 100, np.array([1, 0]), k=50)
+    )
+    assert head.neighbours is not None
+    np.testing.assert_allclose(head.neighbours.share(axis_features(0).embedding[None, :]), [0.5])
+
+
+def test_batch_equals_single_scores() -> None:
+    head = DifficultyClassifier.from_arrays(
+        linear_arrays() | neighbour_arrays(np.eye(4) * 100, np.array([1, 0, 1, 0]), k=2)
+    )
+    feats = [random_features(i) for i in range(5)]
+    np.testing.assert_allclose(head.score_batch(feats), [head.score(f) for f in feats], rtol=1e-5)
+    assert head.score_batch([]).shape == (0,)
+
+
+def test_extreme_logits_stay_in_unit_interval() -> None:
+    head = DifficultyClassifier.from_arrays(linear_arrays(out_b=np.array(1e6, dtype=np.float32)))
+    assert head.score(random_features(2)) == pytest.approx(1.0)
+
+
+def test_thresholds_come_from_metadata() -> None:
+    head = DifficultyClassifier.from_arrays(linear_arrays())
+    assert head.default_thresholds == {0.1: 0.8, 0.3: 0.6}
+
+
+def test_head_trained_on_other_features_is_refused() -> None:
+    with pytest.raises(ClassifierArtifactError, match="cheap features"):
+        DifficultyClassifier.from_arrays(linear_arrays(feature_names=np.array(["tokens", "turns"])))
+
+
+def test_head_with_wrong_input_width_is_refused() -> None:
+    with pytest.raises(ClassifierArtifactError, match="shapes"):
+        DifficultyClassifier.from_arrays(linear_arrays(out_w=np.zeros(10, dtype=np.float32)))
+
+
+def test_missing_field_is_named() -> None:
+    arrays = linear_arrays()
+    del arrays["out_b"]
+    with pytest.raises(ClassifierArtifactError, match="out_b"):
+        DifficultyClassifier.from_arrays(arrays)
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ClassifierArtifactError, match=r"nope\.npz"):
+        DifficultyClassifier.load(tmp_path / "nope.npz")
+
+
+def test_shipped_head_loads_and_has_default_thresholds() -> None:
+    head = DifficultyClassifier.load()
+    thresholds = head.default_thresholds
+    assert {0.1, 0.3} <= thresholds.keys()
+    assert thresholds[0.1] > thresholds[0.3]  # a smaller strong share needs a higher threshold
+    assert "strong_score > weak_score" in head.metadata["label"]
+    assert head.neighbours is not None
+    assert 0.0 <= head.score(random_features(3)) <= 1.0
