@@ -29,6 +29,7 @@ from proxy.engines.health import poll_forever
 from proxy.engines.pool import Engine, Replica
 from proxy.engines.version import resolve_version
 from proxy.errors import FrugalError, InvalidRequest, NotFound, PayloadTooLarge
+from proxy.observability.access import AccessLog
 from proxy.observability.dashboard import dashboard_routes
 from proxy.observability.metrics import Metrics
 from proxy.policy.admission import EngineAdmission, Outcome
@@ -88,13 +89,16 @@ def create_app(
             )
             for e in engines
         },
-        access_log=access_log,
+        access_log=_access_log(settings) if access_log else None,
     )
     app[SERVICES] = services
     app[TRANSPORT] = http_transport
     if encode is not None:
         app[ENCODE] = encode
 
+    access = services.access_log
+    if access is not None:
+        app.cleanup_ctx.append(lambda _: access.flushing())
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_redis_limits)
     app.cleanup_ctx.append(_embedder)
@@ -148,6 +152,13 @@ def _policy_source(settings: Settings) -> PolicySource:
             )
         log.warning("running open: no API key is required", tier=current.open_tier)
     return source
+
+
+def _access_log(settings: Settings) -> AccessLog | None:
+    level = settings.logging.level
+    if level not in ("debug", "info"):
+        return None  # the access line is an INFO event
+    return AccessLog(json=settings.logging.format == "json")
 
 
 def _loopback(host: str) -> bool:

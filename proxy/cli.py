@@ -14,8 +14,13 @@ from pathlib import Path
 Command = Callable[[argparse.Namespace], int]
 
 
+CORE_COMMANDS = frozenset({"serve", "up", "fake-engine"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The proxy's own commands skip importing the operator tools (plotting, ML, ...).
+    parser = build_parser(operator_tools=not (argv and argv[0] in CORE_COMMANDS))
     args = parser.parse_args(argv)
     command: Command | None = getattr(args, "run", None)
     if command is None:
@@ -27,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, operator_tools: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="frugal",
         description="An OpenAI-compatible proxy that makes LLM inference cheaper.",
@@ -64,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fake.set_defaults(run=_fake_engine)
 
-    _add_optional(sub, "proxy.cache.commands", "add_cache_parser")
-    _add_optional(sub, "proxy.routing.commands", "add_router_parser")
-    _add_optional(sub, "proxy.policy.commands", "add_policy_parsers")
-    _add_optional(sub, "proxy.bench.cli", "add_bench_parser")
+    if operator_tools:
+        _add_optional(sub, "proxy.cache.commands", "add_cache_parser")
+        _add_optional(sub, "proxy.routing.commands", "add_router_parser")
+        _add_optional(sub, "proxy.policy.commands", "add_policy_parsers")
+        _add_optional(sub, "proxy.bench.cli", "add_bench_parser")
     return parser
 
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,7 +125,7 @@ class CachePlan:
 
 async def complete(request: web.Request, kind: Kind, services: Services) -> web.StreamResponse:
     exchange = Exchange(
-        request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+        request_id=request.headers.get("x-request-id") or services.request_ids.next(),
         started=time.perf_counter(),
     )
     try:
@@ -178,7 +177,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
                 engine.settings.cost, prompt_bound, req.max_tokens or policy.limits.max_tokens
             )
             async with (
-                _lead(flight),
+                flight if flight is not None else contextlib.nullcontext(),
                 ticket.budget(worst_case) as spend,
                 services.admissions[engine.name].slot(
                     priority=policy.priority,
@@ -488,16 +487,6 @@ async def _follow(
     return response
 
 
-@contextlib.asynccontextmanager
-async def _lead(flight: Leader[bytes, bytes] | None) -> AsyncIterator[None]:
-    """Lead a single flight (if any): leaving without ``finish`` fails it for the followers."""
-    if flight is None:
-        yield
-        return
-    async with flight:
-        yield
-
-
 def _upstream_failed(err: BaseException) -> FrugalError:
     cause = err.__cause__
     if isinstance(cause, FrugalError):
@@ -781,24 +770,25 @@ def _finish(exchange: Exchange, services: Services) -> None:
         saved_routing_usd=money.saved_routing_usd,
         stream=exchange.stream,
     )
-    if services.access_log:
-        log.info(
-            "request",
-            request_id=exchange.request_id,
-            tier=exchange.tier,
-            model=exchange.model,
-            engine=engine.name if engine else None,
-            model_version=engine.version if engine else None,
-            cache=exchange.cache,
-            route=exchange.routed.name if exchange.routed else None,
-            route_reason=exchange.route_reason,
-            route_score=exchange.route_score,
-            status=exchange.status,
-            stream=exchange.stream,
-            tokens_in=exchange.tokens_in,
-            tokens_out=exchange.tokens_out,
-            latency_ms=round(latency * 1000, 3),
-            cost_usd=money.cost_usd,
-            saved_usd=money.saved_cache_usd + money.saved_routing_usd,
-            error=exchange.error,
+    if services.access_log is not None:
+        services.access_log.write(
+            dict(
+                request_id=exchange.request_id,
+                tier=exchange.tier,
+                model=exchange.model,
+                engine=engine.name if engine else None,
+                model_version=engine.version if engine else None,
+                cache=exchange.cache,
+                route=exchange.routed.name if exchange.routed else None,
+                route_reason=exchange.route_reason,
+                route_score=exchange.route_score,
+                status=exchange.status,
+                stream=exchange.stream,
+                tokens_in=exchange.tokens_in,
+                tokens_out=exchange.tokens_out,
+                latency_ms=round(latency * 1000, 3),
+                cost_usd=money.cost_usd,
+                saved_usd=money.saved_cache_usd + money.saved_routing_usd,
+                error=exchange.error,
+            )
         )

@@ -4,6 +4,8 @@ cancellation (so a client that leaves makes the engine stop generating)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import signal
 from collections.abc import Callable
 
 import structlog
@@ -24,6 +26,16 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
+def tune_gc() -> None:
+    """Fewer, later garbage collections: the request path allocates many short-lived objects,
+    and CPython's default (a young-generation pass every 700 allocations) cost about a fifth of
+    the proxy's CPU per request in the overhead benchmark. Start-up objects (modules, config,
+    models) are frozen out of every later pass."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+
+
 def run_proxy(settings: Settings, *, port: int | None = None) -> None:
     configure_logging(json=settings.logging.format == "json", level=settings.logging.level)
     host, port = settings.server.host, settings.server.port if port is None else port
@@ -36,13 +48,23 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
     app = create_app(settings)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
+    tune_gc()
     # A backlog of 4096: benchmarks open 1,000 connections at once.
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
     await site.start()
     log.info(
         "frugal listening", url=f"http://{host}:{port}", engines=[e.name for e in settings.engines]
     )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Explicit handlers: a process started in the background ignores SIGINT by default, and
+        # SIGTERM (docker stop, systemd) must drain and clean up too, not kill mid-write.
+        loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
+        log.info("frugal stopping")
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         await runner.cleanup()

@@ -6,6 +6,8 @@ when the application starts, and are None until then (or when disabled).
 
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -14,12 +16,27 @@ from proxy.cache.singleflight import SingleFlight
 from proxy.embeddings.worker import EmbeddingWorker
 from proxy.engines.client import EngineCaller
 from proxy.engines.pool import Engine
+from proxy.observability.access import AccessLog
 from proxy.observability.metrics import Metrics
 from proxy.policy.admission import EngineAdmission
 from proxy.policy.limits import Limiter
 from proxy.policy.policyset import PolicySet
 from proxy.routing.router import Router
 from proxy.settings import Settings
+
+
+class RequestIds:
+    """Unique request ids without uuid4's cost on every request: a random per-process prefix
+    and a counter (unique across replicas and restarts, ordered within a process)."""
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):010x}"
 
 
 class PolicySource(Protocol):
@@ -42,7 +59,8 @@ class Services:
     cache: ResponseCache | None = None
     embedder: EmbeddingWorker | None = None
     flights: SingleFlight[bytes, bytes] = field(default_factory=SingleFlight)
-    access_log: bool = True
+    request_ids: RequestIds = field(default_factory=RequestIds)
+    access_log: AccessLog | None = None
     by_name: dict[str, Engine] = field(init=False)
     by_model: dict[str, Engine] = field(init=False)
 

@@ -27,8 +27,7 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -166,16 +165,27 @@ class EngineAdmission:
             raise
         self._observer.waited(self.engine, tier, self._clock() - started, "admitted")
 
-    @asynccontextmanager
-    async def slot(
-        self, *, priority: int, max_wait_s: float, tier: str = ""
-    ) -> AsyncIterator[None]:
+    def slot(self, *, priority: int, max_wait_s: float, tier: str = "") -> _Slot:
         """Hold one engine slot for the block; 503 EngineOverloaded past ``max_wait_s``."""
-        await self._acquire(priority, max_wait_s, tier)
-        try:
-            yield
-        finally:
-            self._release()
+        return _Slot(self, priority, max_wait_s, tier)
+
+
+class _Slot:
+    """The async context of one slot (a class, not a generator: it is on every request)."""
+
+    __slots__ = ("_gate", "_max_wait_s", "_priority", "_tier")
+
+    def __init__(self, gate: EngineAdmission, priority: int, max_wait_s: float, tier: str) -> None:
+        self._gate = gate
+        self._priority = priority
+        self._max_wait_s = max_wait_s
+        self._tier = tier
+
+    async def __aenter__(self) -> None:
+        await self._gate._acquire(self._priority, self._max_wait_s, self._tier)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._gate._release()
 
 
 # --- optional adaptive cap ----------------------------------------------------------------

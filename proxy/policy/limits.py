@@ -298,7 +298,30 @@ class Ticket:
         return self._extra_tokens
 
     def budget(self, worst_case_usd: float) -> AbstractAsyncContextManager[Spend]:
+        budget = self.principal.policy.budget
+        if budget.usd_per_day is None and budget.usd_per_day_per_tenant is None:
+            # Nothing to reserve against: skip the counters (and their round trips) entirely.
+            return _Ready(Spend(worst_case_usd))
         return self._limiter.reserve_budget(self.principal, worst_case_usd)
+
+
+_T_co = TypeVar("_T_co")
+
+
+class _Ready(AbstractAsyncContextManager[_T_co]):
+    """An async context that holds nothing: the request path's fast lane when a tier sets no
+    limit (a generator-based context costs several microseconds per request)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: _T_co) -> None:
+        self._value = value
+
+    async def __aenter__(self) -> _T_co:
+        return self._value
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
 
 
 class Limiter:
@@ -400,8 +423,22 @@ class Limiter:
         finally:
             await _finish(self.backend.release_lease(key, lease_id), "release a concurrency lease")
 
+    def admit(
+        self, principal: Principal, *, prompt_tokens: int
+    ) -> AbstractAsyncContextManager[Ticket]:
+        """Rates then a concurrency slot; on exit the slot is released and the usage found out
+        after the answer is charged to tokens/minute."""
+        limits = principal.policy.limits
+        if (
+            limits.requests_per_minute is None
+            and limits.tokens_per_minute is None
+            and limits.concurrent is None
+        ):
+            return _Ready(Ticket(self, principal, prompt_tokens))
+        return self._admit(principal, prompt_tokens=prompt_tokens)
+
     @asynccontextmanager
-    async def admit(self, principal: Principal, *, prompt_tokens: int) -> AsyncIterator[Ticket]:
+    async def _admit(self, principal: Principal, *, prompt_tokens: int) -> AsyncIterator[Ticket]:
         """Rates then a concurrency slot; on exit the slot is released and the usage found out
         after the answer is charged to tokens/minute."""
         await self.check_rate(principal, prompt_tokens)
