@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import yaml
@@ -45,9 +46,10 @@ def proxy_url(e2e_settings: Settings, tmp_path: Path) -> Iterator[str]:
         while True:
             assert proc.poll() is None, (tmp_path / "proxy.log").read_text()[-3000:]
             try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
+                with urllib.request.urlopen(url + "/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
                 pass
             assert time.monotonic() < deadline, "proxy never became ready"
             time.sleep(0.2)
