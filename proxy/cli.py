@@ -70,8 +70,7 @@ def build_parser(*, operator_tools: bool = True) -> argparse.ArgumentParser:
     fake.set_defaults(run=_fake_engine)
 
     if operator_tools:
-        _add_optional(sub, "proxy.cache.commands", "add_cache_parser")
-        _add_optional(sub, "proxy.routing.commands", "add_router_parser")
+        _add_optional(sub, "proxy.admin_cli", "add_parsers")
         _add_optional(sub, "proxy.policy.commands", "add_policy_parsers")
         _add_optional(sub, "proxy.bench.cli", "add_bench_parser")
     return parser

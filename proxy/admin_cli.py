@@ -1,0 +1,177 @@
+"""Operator commands that talk to a running proxy's admin API, and the router's offline tools.
+
+    frugal cache stats --url http://127.0.0.1:8000
+    frugal cache invalidate --url URL [--engine E] [--version V] [--scope S] [--older-than SECONDS]
+    frugal cache import FILE.jsonl --url URL --engine E [--scope global] [--owner NAME ...]
+    frugal router score --input prompts.jsonl --output scores.jsonl
+    frugal router calibrate --input prompts.jsonl --strong-share 0.3
+
+Admin commands read the admin key from ``FRUGAL_ADMIN_KEY`` (sent as a bearer token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+IMPORT_BATCH = 256
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cache = sub.add_parser("cache", help="the response cache of a running proxy")
+    cache_sub = cache.add_subparsers(metavar="ACTION", required=True)
+
+    stats = cache_sub.add_parser("stats", help="entries, lookups and hit counts")
+    _url(stats)
+    stats.set_defaults(run=_cache_stats)
+
+    inval = cache_sub.add_parser("invalidate", help="remove entries matching every filter given")
+    _url(inval)
+    inval.add_argument("--engine")
+    inval.add_argument("--version")
+    inval.add_argument("--scope", choices=["global", "tier", "tenant", "user"])
+    inval.add_argument("--older-than", type=float, metavar="SECONDS")
+    inval.add_argument("--all", action="store_true", help="needed to invalidate with no filter")
+    inval.set_defaults(run=_cache_invalidate)
+
+    imp = cache_sub.add_parser("import", help="warm the cache from prompt/answer pairs (JSONL)")
+    imp.add_argument("file", type=Path)
+    _url(imp)
+    imp.add_argument("--engine", required=True, help="engine name; its current version is used")
+    imp.add_argument("--version", help="a specific version (default: the engine's current one)")
+    imp.add_argument("--scope", choices=["global", "tier", "tenant", "user"], default="global")
+    imp.add_argument("--owner", nargs="*", default=[], help="tier / tenant / tenant user")
+    imp.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    imp.set_defaults(run=_cache_import)
+
+    router = sub.add_parser("router", help="the difficulty classifier, offline")
+    router_sub = router.add_subparsers(metavar="ACTION", required=True)
+    score = router_sub.add_parser("score", help="score prompts (JSONL of messages, id)")
+    score.add_argument("--input", type=Path, required=True)
+    score.add_argument("--output", type=Path, required=True)
+    score.add_argument("--classifier", type=Path, help="a difficulty head .npz")
+    score.set_defaults(run=_router_score)
+    cal = router_sub.add_parser("calibrate", help="threshold that meets a target strong share")
+    cal.add_argument("--input", type=Path, required=True, help="prompts or scores JSONL")
+    cal.add_argument("--strong-share", type=float, required=True)
+    cal.add_argument("--classifier", type=Path, help="a difficulty head .npz")
+    cal.set_defaults(run=_router_calibrate)
+
+
+def _url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("FRUGAL_URL", DEFAULT_URL))
+
+
+def _admin(url: str, method: str, path: str, payload: Any | None = None) -> tuple[int, Any]:
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url.rstrip("/") + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    key = os.environ.get("FRUGAL_ADMIN_KEY")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=600) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        body = err.read()
+        try:
+            return err.code, json.loads(body)
+        except ValueError:
+            return err.code, {"error": {"message": body.decode(errors="replace")}}
+
+
+def _report(status: int, body: Any) -> int:
+    if status >= 400:
+        message = body.get("error", {}).get("message") if isinstance(body, dict) else body
+        print(f"frugal: the proxy answered {status}: {message}", file=sys.stderr)
+        return 1
+    print(json.dumps(body, indent=2))
+    return 0
+
+
+def _call(url: str, method: str, path: str, payload: Any | None = None) -> tuple[int, Any]:
+    try:
+        return _admin(url, method, path, payload)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"frugal: cannot reach {url}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _cache_stats(args: argparse.Namespace) -> int:
+    return _report(*_call(args.url, "GET", "/admin/cache/stats"))
+
+
+def _cache_invalidate(args: argparse.Namespace) -> int:
+    where = {
+        k: v
+        for k, v in {
+            "engine": args.engine,
+            "version": args.version,
+            "scope": args.scope,
+            "older_than_seconds": args.older_than,
+        }.items()
+        if v is not None
+    }
+    if not where and not args.all:
+        print("frugal: no filter given; pass --all to invalidate every entry", file=sys.stderr)
+        return 2
+    return _report(*_call(args.url, "POST", "/admin/cache/invalidate", where))
+
+
+def _cache_import(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    try:
+        lines = [line for line in args.file.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        print(f"frugal: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            print(f"frugal: {args.file}:{number}: not JSON: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(row, dict):
+            print(f"frugal: {args.file}:{number}: each line must be an object", file=sys.stderr)
+            return 2
+        rows.append(row)
+    stored = 0
+    with tqdm(total=len(rows), unit="pair", desc="import") as bar:
+        for start in range(0, len(rows), IMPORT_BATCH):
+            batch = rows[start : start + IMPORT_BATCH]
+            payload = {
+                "engine": args.engine,
+                "version": args.version,
+                "scope": args.scope,
+                "owner": args.owner,
+                "endpoint": args.endpoint,
+                "rows": batch,
+            }
+            status, body = _call(args.url, "POST", "/admin/cache/import", payload)
+            if status >= 400:
+                return _report(status, body)
+            stored += int(body.get("stored", 0))
+            bar.update(len(batch))
+    print(json.dumps({"rows": len(rows), "stored": stored}))
+    return 0
+
+
+def _router_score(args: argparse.Namespace) -> int:
+    from proxy.routing.commands import score_command
+
+    return score_command(args.input, args.output, classifier_path=args.classifier)
+
+
+def _router_calibrate(args: argparse.Namespace) -> int:
+    from proxy.routing.commands import calibrate_command
+
+    return calibrate_command(args.input, args.strong_share, classifier_path=args.classifier)
