@@ -14,7 +14,11 @@
     ├── ServiceUnavailable           503 service_unavailable        (also ConnectionError)
     │   └── NoHealthyReplica         503 service_unavailable        code=no_healthy_replica
     ├── UpstreamError                502 upstream_error             (also ConnectionError)
-    └── UpstreamTimeout              504 timeout                    (also TimeoutError)
+    ├── UpstreamTimeout              504 timeout                    (also TimeoutError)
+    └── PolicyError                  tier policy refusals (proxy/policy/errors.py): 401 missing
+                                     or unknown key, 403 model not allowed, 400 max_tokens, 429
+                                     rate/concurrency (+Retry-After), 429 insufficient_quota,
+                                     503 engine_overloaded / limits_unavailable
 
 An engine's own error response (a 4xx from vLLM, already OpenAI-shaped) is relayed unchanged and
 is not part of this tree. ``to_json`` renders a response body; ``to_sse`` renders the final event
