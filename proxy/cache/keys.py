@@ -183,12 +183,20 @@ class CacheKeys:
     query_text: str | None
 
 
+_EXACT_FLOAT_INT: Final = 2**53
+_I64_MIN: Final = -(2**63)
+_U64_MAX: Final = 2**64 - 1
+
+
 def canonical(value: Any) -> Any:
     """The value with integral floats as ints (``1.0`` and ``1`` mean the same in JSON)."""
     if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer():
+        # only where int and float agree exactly (and orjson can write the int)
+        if math.isfinite(value) and value.is_integer() and abs(value) <= _EXACT_FLOAT_INT:
             return int(value)
         return value
+    if isinstance(value, int) and not isinstance(value, bool) and not _I64_MIN <= value <= _U64_MAX:
+        return {"$bigint": str(value)}  # orjson writes 64-bit integers only
     if isinstance(value, Mapping):
         return {str(k): canonical(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -278,3 +278,10 @@ def _resp(*reasons: str | None) -> dict[str, Any]:
 )
 def test_is_storable_response(status: int, response: dict[str, Any], expected: bool) -> None:
     assert is_storable_response(status, response) is expected
+
+
+def test_huge_numbers_do_not_break_the_key() -> None:
+    huge_float = chat_keys({**BASE, "seed": 1.2345678901234568e29})
+    huge_int = chat_keys({**BASE, "seed": 2**70})
+    assert huge_float.exact != huge_int.exact != chat_keys(BASE).exact
+    assert chat_keys({**BASE, "seed": 2**70}) == huge_int
