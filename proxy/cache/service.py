@@ -139,6 +139,9 @@ class CacheConfig:
     # How many nearest questions the verifier sees, and the cosine below which none is shown.
     semantic_candidates: int = 4
     semantic_floor: float = 0.7
+    # MiniLM reads only the first 256 word pieces: two long prompts that differ further on
+    # embed identically. Longer questions are matched exactly only.
+    semantic_max_chars: int = 1000
 
     def ttl(self, scope: Scope) -> float:
         return float(self.ttl_seconds.get(scope, DEFAULT_TTLS[scope]))
@@ -337,7 +340,7 @@ class ResponseCache:
                 )
                 outcome = "exact"
                 return hit
-            if semantic and embedding is not None and keys.context and keys.query_text is not None:
+            if semantic and embedding is not None and self._semantic_ok(keys):
                 hit = await self._semantic(keys, embedding, now)
                 if hit is not None:
                     outcome = "semantic"
@@ -345,6 +348,13 @@ class ResponseCache:
         finally:
             self._lookups[outcome] += 1
             self.observer.on_lookup(outcome, time.perf_counter() - started)
+
+    def _semantic_ok(self, keys: CacheKeys) -> bool:
+        return (
+            keys.context is not None
+            and keys.query_text is not None
+            and len(keys.query_text) <= self.config.semantic_max_chars
+        )
 
     @staticmethod
     def _belongs(meta: EntryMeta, keys: CacheKeys) -> bool:
@@ -479,7 +489,7 @@ class ResponseCache:
             query_text=keys.query_text,
         )
         vector = None
-        if embedding is not None and keys.context is not None and keys.query_text is not None:
+        if embedding is not None and self._semantic_ok(keys):
             vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
         return CacheEntry(meta, raw, vector)
 

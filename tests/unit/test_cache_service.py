@@ -453,3 +453,11 @@ async def test_streamed_follower_of_a_plain_leader_gets_a_replay() -> None:
 
 async def _collect_sse(follower: Follower[bytes, bytes], request: dict[str, Any]) -> bytes:
     return b"".join([e async for e in follow_as_sse(follower, Endpoint.CHAT, request)])
+
+
+async def test_long_questions_are_matched_exactly_only(cache: ResponseCache) -> None:
+    prefix = "word " * 300  # beyond what the embedding model reads
+    await cache.store_response(keys_for(prefix + "ending one"), answer("1"), embedding=vec(1))
+    assert len(cache.index) == 0
+    assert await cache.lookup(keys_for(prefix + "ending two"), embedding=vec(1)) is None
+    assert await cache.lookup(keys_for(prefix + "ending one"), embedding=vec(1)) is not None
