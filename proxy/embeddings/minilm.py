@@ -26,8 +26,14 @@ def model_folder() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def load_minilm(*, threads: int = 2, batch_size: int = 64) -> Encode:
-    """Load the model on CPU and return ``encode(texts) -> float32 [n, 384]`` (unit rows)."""
+def load_minilm(*, threads: int = 1, batch_size: int = 64) -> Encode:
+    """Load the model on CPU and return ``encode(texts) -> float32 [n, 384]`` (unit rows).
+
+    One torch thread by default: on a host shared with engines, two threads spent most of their
+    time waiting for each other (batch of 1: 105 ms with 2 threads vs 19 ms with 1 on the busy
+    2-core dev box; ``scripts/bench_index.py --embed``). Note ``torch.set_num_threads`` is
+    process-wide.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the folder is local: never try the hub
     import torch
     from sentence_transformers import SentenceTransformer
