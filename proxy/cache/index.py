@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Final
 
 import numpy as np
+import orjson
 from usearch.index import Index
 
 log = logging.getLogger(__name__)
@@ -138,6 +141,9 @@ class _Hnsw:
     def contains(self, label: int) -> bool:
         return label in self.index
 
+    def labels(self) -> set[int]:
+        return {int(k) for k in np.asarray(self.index.keys)}
+
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         if self.size == 0:
             return []
@@ -220,6 +226,18 @@ class SemanticIndex:
         for label, vector in zip(labels, units, strict=True):
             self.add(partition, label, vector)
 
+    def labels(self, partition: str) -> set[int]:
+        part = self._partitions.get(partition)
+        if part is None:
+            return set()
+        if part.hnsw is not None:
+            return part.hnsw.labels() | (set(part.flat.rows) if part.flat is not None else set())
+        assert part.flat is not None
+        return set(part.flat.rows)
+
+    def partitions(self) -> list[str]:
+        return list(self._partitions)
+
     def remove(self, partition: str, label: int) -> bool:
         part = self._partitions.get(partition)
         if part is None:
@@ -283,6 +301,75 @@ class SemanticIndex:
                 graph.add(label, flat.vectors[row])
         part.hnsw = graph
         part.flat = None
+
+    # -- snapshots: a restart loads the graphs instead of rebuilding them ----------------------
+
+    def save(self, folder: Path) -> None:
+        """Write the index to ``folder`` (replaced atomically). Blocking: call off the loop,
+        with no promotion running (``wait_idle``)."""
+        staging = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        flat_names: list[str] = []
+        counts: list[int] = []
+        labels: list[np.ndarray] = []
+        vectors: list[np.ndarray] = []
+        graphs: dict[str, str] = {}
+        for name, part in self._partitions.items():
+            if part.hnsw is not None and part.flat is None:
+                file = f"hnsw-{len(graphs)}.usearch"
+                part.hnsw.index.save(str(staging / file))
+                graphs[name] = file
+            elif part.flat is not None:
+                flat = part.flat
+                flat_names.append(name)
+                counts.append(flat.size)
+                labels.append(flat.labels[: flat.size])
+                vectors.append(flat.vectors[: flat.size].astype(np.float16))
+        np.savez(
+            staging / "flat.npz",
+            counts=np.asarray(counts, dtype=np.int64),
+            labels=np.concatenate(labels) if labels else np.empty(0, dtype=np.uint64),
+            vectors=np.concatenate(vectors) if vectors else np.empty((0, self.ndim), np.float16),
+        )
+        manifest = {
+            "format": 1,
+            "ndim": self.ndim,
+            "hnsw": asdict(self.hnsw_params),
+            "flat": flat_names,
+            "graphs": graphs,
+        }
+        (staging / "manifest.json").write_bytes(orjson.dumps(manifest))
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+
+    @classmethod
+    def load(
+        cls, folder: Path, *, flat_limit: int = DEFAULT_FLAT_LIMIT, hnsw: HnswParams | None = None
+    ) -> SemanticIndex:
+        """Read a snapshot written by ``save``. Blocking. Raises ``ValueError`` if unusable."""
+        try:
+            manifest = orjson.loads((folder / "manifest.json").read_bytes())
+            params = hnsw or HnswParams(**manifest["hnsw"])
+            index = cls(int(manifest["ndim"]), flat_limit=flat_limit, hnsw=params)
+            with np.load(folder / "flat.npz") as arrays:
+                counts, labels, vectors = arrays["counts"], arrays["labels"], arrays["vectors"]
+            start = 0
+            for name, count in zip(manifest["flat"], counts.tolist(), strict=True):
+                part = index._partitions[name] = _Partition(index.ndim)
+                assert part.flat is not None
+                for i in range(start, start + count):
+                    part.flat.add(int(labels[i]), vectors[i].astype(np.float32))
+                start += count
+            for name, file in manifest["graphs"].items():
+                graph = _Hnsw(index.ndim, params)
+                graph.index.load(str(folder / file))
+                graph.index.expansion_search = params.expansion_search  # type: ignore[misc]
+                part = index._partitions[name] = _Partition(index.ndim)
+                part.flat, part.hnsw = None, graph
+        except (OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"unusable index snapshot in {folder}: {exc}") from exc
+        return index
 
     async def wait_idle(self) -> None:
         """Wait for background promotions (tests, shutdown)."""

@@ -220,8 +220,12 @@ class ResponseCache:
         observer: CacheObserver | None = None,
         clock: Callable[[], float] = time.time,
         uniform: Callable[[], float] = random.random,
+        snapshot_dir: Path | None = None,
     ) -> None:
         self.store = store
+        # where the semantic index is saved at shutdown and loaded at start-up (optional: without
+        # it every start rebuilds the graphs from the store, minutes at a million entries)
+        self.snapshot_dir = snapshot_dir
         self.config = config if config is not None else CacheConfig()
         # (an empty index is falsy: it has __len__)
         self.index = index if index is not None else SemanticIndex()
@@ -255,7 +259,7 @@ class ResponseCache:
 
     async def _initial_rebuild(self) -> None:
         try:
-            await self.rebuild_index()
+            await self.rebuild_index(use_snapshot=True)
         finally:
             self._ready.set()
 
@@ -269,6 +273,7 @@ class ResponseCache:
             await asyncio.gather(self._follower, return_exceptions=True)
         await self.drain()
         await self.index.wait_idle()
+        await self.save_snapshot()
         await self.store.close()
 
     async def drain(self) -> None:
@@ -517,14 +522,19 @@ class ResponseCache:
 
     # -- index rebuild and following other replicas -----------------------------------------------
 
-    async def rebuild_index(self) -> int:
+    async def rebuild_index(self, *, use_snapshot: bool = False) -> int:
         """Rebuild the semantic index from every live entry in the store; returns its size.
 
-        The new index is built on a worker thread and swapped in; entries stored meanwhile are
-        added after the swap.
+        With ``use_snapshot`` (start-up) and a snapshot in ``snapshot_dir``, the saved graphs are
+        loaded and reconciled with the store (entries gone are removed, entries the snapshot
+        lacks are added) instead of building every graph again. The new index is built on a
+        worker thread and swapped in; entries stored meanwhile are added after the swap.
         """
         self._rebuilding = []
         try:
+            base = await self._load_snapshot() if use_snapshot else None
+            known = {name: base.labels(name) for name in base.partitions()} if base else {}
+            seen: dict[str, set[int]] = {}
             groups: dict[str, tuple[list[int], list[np.ndarray]]] = {}
             labels: dict[int, tuple[str, str]] = {}
             now = self._clock()
@@ -535,17 +545,25 @@ class ResponseCache:
                     or meta.context is None
                     or is_expired(meta, now)
                     or entry.embedding.shape[0] != self.index.ndim
+                    or not self._semantic_ok_meta(meta)
                 ):
                     continue
-                ids, vectors = groups.setdefault(meta.context, ([], []))
+                context = sys.intern(meta.context)  # shared by many entries
+                labels[meta.label] = (meta.key, context)
+                seen.setdefault(context, set()).add(meta.label)
+                if meta.label in known.get(context, ()):
+                    continue  # already in the snapshot's graph
+                ids, vectors = groups.setdefault(context, ([], []))
                 ids.append(meta.label)
                 vectors.append(entry.embedding)
-                labels[meta.label] = (meta.key, sys.intern(meta.context))  # shared by many entries
-            fresh = SemanticIndex(
+            fresh = base or SemanticIndex(
                 self.index.ndim, flat_limit=self.index.flat_limit, hnsw=self.index.hnsw_params
             )
 
             def build() -> None:
+                for name, have in known.items():
+                    for label in have - seen.get(name, set()):
+                        fresh.remove(name, label)
                 for context, (ids, vectors) in groups.items():
                     fresh.add_many(context, ids, np.stack(vectors))
 
@@ -561,14 +579,50 @@ class ResponseCache:
         pending, self._rebuilding = self._rebuilding, None
         for entry in pending:
             self._index_entry(entry)
-        log.info("cache.index.rebuilt", extra={"entries": len(self.index)})
+        log.info(
+            "cache.index.rebuilt",
+            extra={"entries": len(self.index), "from_snapshot": base is not None},
+        )
         return len(self.index)
+
+    def _semantic_ok_meta(self, meta: EntryMeta) -> bool:
+        return (
+            meta.query_text is not None and len(meta.query_text) <= self.config.semantic_max_chars
+        )
+
+    async def _load_snapshot(self) -> SemanticIndex | None:
+        folder = self.snapshot_dir
+        if folder is None or not (folder / "manifest.json").exists():
+            return None
+        try:
+            snapshot = await asyncio.to_thread(
+                SemanticIndex.load,
+                folder,
+                flat_limit=self.index.flat_limit,
+                hnsw=self.index.hnsw_params,
+            )
+        except ValueError:
+            log.warning("cache.index.snapshot_unusable", exc_info=True)
+            return None
+        return snapshot if snapshot.ndim == self.index.ndim else None
+
+    async def save_snapshot(self) -> bool:
+        """Save the semantic index to ``snapshot_dir`` (done by ``aclose``); False on failure."""
+        if self.snapshot_dir is None or self._rebuilding is not None:
+            return False
+        await self.index.wait_idle()
+        try:
+            await asyncio.to_thread(self.index.save, self.snapshot_dir)
+        except (OSError, RuntimeError, ValueError):
+            log.warning("cache.index.snapshot_failed", exc_info=True)
+            return False
+        return True
 
     async def _follow(self, store: FollowableStore) -> None:
         first = True
         async for event in store.follow():
             if isinstance(event, Resync):
-                await self.rebuild_index()
+                await self.rebuild_index(use_snapshot=first)
                 if first:
                     first = False
                     self._ready.set()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,3 +92,29 @@ def test_search_never_leaves_its_partition(
     found = index.search(wanted, unit_vectors(1, 8, seed + 1)[0], 10)
     assert all(owner[label] == wanted for label, _ in found)
     assert len(found) == min(10, sum(1 for p in owner.values() if p == wanted))
+
+
+def test_snapshot_round_trip(tmp_path: Path) -> None:
+    vectors = unit_vectors(300, 16, 4)
+    index = SemanticIndex(16, flat_limit=50)
+    index.add_many("big", list(range(200)), vectors[:200])  # a graph
+    for label in range(200, 210):
+        index.add("small", label, vectors[label])  # a flat matrix
+    index.remove("big", 5)
+    index.save(tmp_path / "snap")
+    index.save(tmp_path / "snap")  # replacing an existing snapshot works
+    loaded = SemanticIndex.load(tmp_path / "snap")
+    assert loaded.partition_sizes() == index.partition_sizes()
+    assert loaded.labels("small") == set(range(200, 210))
+    assert loaded.labels("big") == set(range(200)) - {5}
+    for label in (0, 100, 205):
+        partition = "big" if label < 200 else "small"
+        assert loaded.search(partition, vectors[label], 1)[0][0] == label
+    assert loaded.hnsw_params.expansion_search == index.hnsw_params.expansion_search
+
+
+def test_a_broken_snapshot_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "snap").mkdir()
+    (tmp_path / "snap" / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError):
+        SemanticIndex.load(tmp_path / "snap")

@@ -461,3 +461,59 @@ async def test_long_questions_are_matched_exactly_only(cache: ResponseCache) -> 
     assert len(cache.index) == 0
     assert await cache.lookup(keys_for(prefix + "ending two"), embedding=vec(1)) is None
     assert await cache.lookup(keys_for(prefix + "ending one"), embedding=vec(1)) is not None
+
+
+async def test_restart_from_a_snapshot_reconciles_with_the_store(
+    tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.cache.index import SemanticIndex
+
+    def make(index: SemanticIndex | None = None) -> ResponseCache:
+        return ResponseCache(
+            DiskStore(tmp_path / "c"),
+            index=index or SemanticIndex(DIM, flat_limit=4),
+            verifier=CosineVerifier(0.99),
+            clock=clock,
+            snapshot_dir=tmp_path / "snap",
+        )
+
+    first = make()
+    await first.start()
+    await first.ready()
+
+    def one_hot(i: int) -> np.ndarray:
+        v = np.zeros(DIM, dtype=np.float32)
+        v[i] = 1.0
+        return v
+
+    for i in range(7):
+        await first.store_response(keys_for(f"q{i}"), answer(str(i)), embedding=one_hot(i))
+    await first.aclose()  # saves the snapshot
+    assert (tmp_path / "snap" / "manifest.json").exists()
+
+    # while the proxy is down: one entry disappears, one arrives without the index knowing
+    offline = DiskStore(tmp_path / "c")
+    await offline.delete([keys_for("q3").exact])
+    await offline.close()
+    late = make()
+    await late.store_response(keys_for("q7"), answer("7"), embedding=one_hot(7))
+    await late.store.close()
+
+    added: list[int] = []
+    original = SemanticIndex.add_many
+
+    def spy(self: SemanticIndex, partition: str, labels: Any, vectors: np.ndarray) -> None:
+        added.append(len(labels))
+        original(self, partition, labels, vectors)
+
+    monkeypatch.setattr(SemanticIndex, "add_many", spy)
+    second = make()
+    await second.start()
+    await second.ready()
+    assert added == [1]  # only the late entry: the rest came from the snapshot
+    assert len(second.index) == 7
+    assert await second.lookup(keys_for("Q7"), embedding=one_hot(7)) is not None
+    assert await second.lookup(keys_for("Q3"), embedding=one_hot(3)) is None
+    hit = await second.lookup(keys_for("Q5"), embedding=one_hot(5))
+    assert hit is not None and hit.meta.query_text == "q5"
+    await second.aclose()
