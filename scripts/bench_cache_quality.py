@@ -19,6 +19,7 @@ Usage: .venv/bin/python scripts/bench_cache_quality.py [--out out/cache_quality]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -220,14 +221,35 @@ class Scored:
     vetoed: bool
 
 
-def score_pairs(
-    model: verifier.Verifier, items: Sequence[tuple[str, str, str, int]]
-) -> tuple[list[Scored], list[str], verifier.EncodedBatch]:
-    """items: (source, cached a, looked-up b, label); one fused pass, then the head."""
-    texts = sorted({t for _, a, b, _ in items for t in (a, b)})
+def encode_cached(
+    model: verifier.Verifier, texts: Sequence[str], cache_dir: Path | None
+) -> verifier.EncodedBatch:
+    """The fused pass over all texts, cached on disk by (texts, tuned layers)."""
+    key = hashlib.sha256("\n".join(texts).encode("utf-8"))
+    for name in sorted(model.encoder.tuned):
+        key.update(model.encoder.tuned[name].numpy().tobytes())
+    file = cache_dir / f"encoded-{key.hexdigest()[:16]}.npz" if cache_dir else None
+    if file is not None and file.exists():
+        data = np.load(file)
+        log(f"encoding cache hit {file}")
+        return verifier.EncodedBatch(data["base"], data["verifier"])
     started = time.time()
     encoded = model.encoder.encode(texts)
     log(f"encoded {len(texts)} texts in {time.time() - started:.0f}s")
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(file, base=encoded.base, verifier=encoded.verifier)
+    return encoded
+
+
+def score_pairs(
+    model: verifier.Verifier,
+    items: Sequence[tuple[str, str, str, int]],
+    cache_dir: Path | None = None,
+) -> tuple[list[Scored], list[str], verifier.EncodedBatch]:
+    """items: (source, cached a, looked-up b, label); one fused pass, then the head."""
+    texts = sorted({t for _, a, b, _ in items for t in (a, b)})
+    encoded = encode_cached(model, texts, cache_dir)
     row = {t: i for i, t in enumerate(texts)}
     candidates = []
     for _, a, b, _ in items:
@@ -443,6 +465,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=None, help="override the default")
     parser.add_argument("--cutoff", type=float, default=None, help="override the default")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=REPO / "out" / "verifier_cache",
+        help="where encodings are cached between runs",
+    )
     parser.add_argument("--speed", action="store_true", help="also time the lookup path")
     args = parser.parse_args(argv)
 
@@ -459,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     items = [(p.source, p.a, p.b, p.label) for p in pairs]
     items += [("handwritten", a, b, label) for a, b, label in HANDWRITTEN]
     items += [("handwritten_blind", a, b, label) for a, b, label in HANDWRITTEN_BLIND]
-    scored, texts, encoded = score_pairs(model, items)
+    scored, texts, encoded = score_pairs(model, items, args.cache_dir)
 
     lines = [
         "Report part of cache_pairs_dev.csv.gz (never trained or tuned on); "

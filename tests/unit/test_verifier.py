@@ -235,3 +235,9 @@ def test_verifier_load_reads_defaults(tmp_path: Path, shipped: verifier.Verifier
     (tmp_path / verifier.HEAD_FILE).write_text(json.dumps(doc))
     loaded = verifier.Verifier.load(tmp_path)
     assert (loaded.threshold, loaded.cutoff) == (0.55, 0.66)
+
+
+def test_module_defaults_match_the_shipped_artifact(shipped: verifier.Verifier) -> None:
+    # The constants are what the config defaults use; they must not drift from the artifact.
+    assert shipped.threshold == verifier.DEFAULT_SIMILARITY_THRESHOLD
+    assert shipped.cutoff == verifier.DEFAULT_VERIFIER_CUTOFF
