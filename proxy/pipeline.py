@@ -139,7 +139,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
         policy = principal.policy
         _check_model_exists(services, req.model)
         requested = resolve_model(policy, req.model)
-        allowed = _allowed_engines(services, policy, requested)
+        allowed = _allowed_engines(services, requested)
         _cap_max_tokens(req, policy, exchange)
         prompt_bound = prompt_token_bound(_prompt_texts(req))
 
@@ -231,13 +231,13 @@ def _check_model_exists(services: Services, model: str) -> None:
         )
 
 
-def _allowed_engines(services: Services, policy: TierPolicy, requested: str) -> list[Engine]:
+def _allowed_engines(services: Services, requested: str) -> list[Engine]:
     """The engines this request may use, weak to strong."""
     if requested != VIRTUAL_MODEL:
         return [services.by_model[requested]]
-    named = [services.by_model[m] for m in policy.models if m in services.by_model]
-    # A tier that may use `auto` but names no concrete model may use every engine.
-    return services.router.weak_to_strong(named or services.engines)
+    # `auto` may reach every engine: the tier's routing settings (strong_share or threshold)
+    # decide how much of it goes to the stronger ones, not its list of nameable models.
+    return services.router.weak_to_strong(services.engines)
 
 
 def _cap_max_tokens(req: CompletionRequest, policy: TierPolicy, exchange: Exchange) -> None:
