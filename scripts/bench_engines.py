@@ -81,6 +81,8 @@ async def one_stream(
     counted = 0
     parser = SSEParser()
     try:
+        # vLLM refuses a body without a JSON content type (415); the proxy does not care.
+        headers = {"Content-Type": "application/json", **headers}
         async with session.post(url, data=orjson.dumps(body), headers=headers) as resp:
             if resp.status != 200:
                 await resp.read()
