@@ -405,10 +405,13 @@ def speed(
     index.add(np.arange(len(stored)), enc.base[:entries])
     queries = [texts[int(i)] for i in rng.integers(entries, len(texts), size=rounds * 64)]
 
-    def lookup(batch: Sequence[str]) -> float:
+    def lookup(batch: Sequence[str]) -> tuple[float, float, float, float]:
+        """Seconds for: whole lookup, fused embedding pass, ANN search, guards + head."""
         started = time.perf_counter()
         q = model.encoder.encode(batch)
+        embedded = time.perf_counter()
         keys = np.atleast_2d(index.search(q.base, 4).keys)
+        searched = time.perf_counter()
         # Every one of the k=4 neighbours is verified, whatever its cosine: an upper bound on the
         # verification cost (at run time only candidates above the threshold are).
         pairs = [
@@ -425,19 +428,23 @@ def speed(
             for key in keys[row]
         ]
         model.decide(pairs)
-        return time.perf_counter() - started
+        done = time.perf_counter()
+        return done - started, embedded - started, searched - embedded, done - searched
 
-    for q in queries[:20]:
+    for q in queries[:10]:
         lookup([q])  # warm-up
-    single = sorted(lookup([q]) * 1000 for q in queries[: rounds * 4])
-    p50 = statistics.median(single)
-    p99 = single[min(len(single) - 1, int(0.99 * len(single)))]
+    single = [lookup([q]) for q in queries[: rounds * 4]]
+    totals = sorted(t[0] * 1000 for t in single)
+    p50 = statistics.median(totals)
+    p99 = totals[min(len(totals) - 1, int(0.99 * len(totals)))]
+    parts = [statistics.median(t[i] * 1000 for t in single) for i in (1, 2, 3)]
     batched = [lookup(queries[i * 64 : (i + 1) * 64]) for i in range(rounds)]
-    per_second = 64 * len(batched) / sum(batched)
+    per_second = 64 * len(batched) / sum(b[0] for b in batched)
+    batch_parts = [statistics.median(b[i] * 1000 for b in batched) for i in (1, 2, 3)]
     # Base-only pass for comparison (what the worker pays without the tuned layers).
+    base_only = verifier.MiniLMEncoder(model.encoder.tokenizer, model.encoder.weights)
     started = time.perf_counter()
     for i in range(rounds):
-        base_only = verifier.MiniLMEncoder(model.encoder.tokenizer, model.encoder.weights)
         base_only.encode(queries[i * 64 : (i + 1) * 64])
     base_per_second = 64 * rounds / (time.perf_counter() - started)
     load = os.getloadavg()
@@ -445,10 +452,12 @@ def speed(
         f"- index: {entries} stored questions (usearch, cos, f32), k=4, "
         "every query verifies 4 candidates",
         f"- concurrency 1 (batch of 1): p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-        f"over {len(single)} lookups",
-        f"- concurrency 64 (batch of 64): {per_second:.0f} lookups/s "
-        "(fused pass with tuned layers)",
-        f"- base-only embedding pass, batch of 64: {base_per_second:.0f} texts/s",
+        f"over {len(totals)} lookups; median split: embedding {parts[0]:.1f} ms, "
+        f"search {parts[1]:.2f} ms, guards + head {parts[2]:.2f} ms",
+        f"- concurrency 64 (batch of 64): {per_second:.0f} lookups/s; median split per batch: "
+        f"embedding {batch_parts[0]:.0f} ms, search {batch_parts[1]:.1f} ms, "
+        f"guards + head {batch_parts[2]:.1f} ms (256 pairs)",
+        f"- base-only embedding pass (no tuned layers), batch of 64: {base_per_second:.0f} texts/s",
         f"- load average during the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
         "(2 cores, shared)",
     ]
