@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -93,7 +94,7 @@ def metric_row(scores: F64, weak: F64, strong: F64, rng: np.random.Generator) ->
         pick = rng.integers(0, scores.size, scores.size)
         if strong[pick].sum() > weak[pick].sum():
             boot.append(apgr(pgr_curve(scores[pick], weak[pick], strong[pick])))
-    low, high = np.percentile(boot, [2.5, 97.5])
+    low, high = np.percentile(boot, [2.5, 97.5]) if boot else (np.nan, np.nan)
     return {
         "apgr": apgr(curve),
         "apgr_low": float(low),
@@ -149,31 +150,41 @@ def own_prompts_section(head: DifficultyClassifier) -> tuple[list[str], dict[str
 
 
 def latency_section(head: DifficultyClassifier, data: RoutingDevData) -> list[str]:
-    count_tokens = load_count_tokens()
-    rng = np.random.default_rng(0)
-    picks = rng.integers(0, len(data.prompts), 3000)
     from scripts.routing_data import dev_prompt_messages
 
+    count_tokens = load_count_tokens()
+    picks = np.random.default_rng(0).integers(0, len(data.prompts), 3000)
     messages = [dev_prompt_messages(data.prompts[i]) for i in picks]
-    full, head_only = [], []
+    timings: dict[str, list[float]] = {"wall": [], "cpu": [], "head_wall": [], "head_cpu": []}
     for i, m in zip(picks, messages, strict=True):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.thread_time()
         feats = extract_features(m, data.embeddings[i], count_tokens)
-        middle = time.perf_counter()
+        mid_wall, mid_cpu = time.perf_counter(), time.thread_time()
         head.score(feats)
-        end = time.perf_counter()
-        full.append((end - start) * 1000)
-        head_only.append((end - middle) * 1000)
-    p = np.percentile
+        end_wall, end_cpu = time.perf_counter(), time.thread_time()
+        timings["wall"].append((end_wall - wall) * 1000)
+        timings["cpu"].append((end_cpu - cpu) * 1000)
+        timings["head_wall"].append((end_wall - mid_wall) * 1000)
+        timings["head_cpu"].append((end_cpu - mid_cpu) * 1000)
+    load = os.getloadavg()[0]
+
+    def row(name: str, key: str) -> str:
+        values = timings[key]
+        p50, p99 = np.percentile(values, [50, 99])
+        return f"| {name} | {p50:.3f} | {p99:.3f} | {max(values):.3f} |"
+
     return [
-        f"{len(picks)} single-request calls on dev prompts, embedding given, one thread, "
-        "token counting with MiniLM's fast tokenizer (the engine's tokenizer at run time):",
+        f"{len(picks)} single-request calls on dev prompts, embedding given, one thread; token "
+        "counting with MiniLM's fast tokenizer (the engine's tokenizer at run time). Host load "
+        f"average {load:.1f} on {os.cpu_count()} cores while measuring: wall-clock tails include "
+        "time the process waited for a core; thread CPU time does not.",
         "",
         "| step | p50 ms | p99 ms | max ms |",
         "| --- | --- | --- | --- |",
-        f"| features + score | {p(full, 50):.3f} | {p(full, 99):.3f} | {max(full):.3f} |",
-        f"| score only (head) | {p(head_only, 50):.3f} | {p(head_only, 99):.3f} | "
-        f"{max(head_only):.3f} |",
+        row("features + score, wall clock", "wall"),
+        row("features + score, thread CPU time", "cpu"),
+        row("score only, wall clock", "head_wall"),
+        row("score only, thread CPU time", "head_cpu"),
     ]
 
 
@@ -226,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         data, args.folds, args.seed, linear_head(data, 1.0, args.seed, cheap_only=True)
     )
     methods["prompt length (tokens)"] = data.cheap[:, 0].astype(np.float64)
-    methods["random"] = rng.random(len(data.prompts))
+    # One tie group: the curve is the diagonal, i.e. the random router's expected curve.
+    methods["random (expected)"] = np.zeros(len(data.prompts))
 
     groups = {"overall": np.ones(len(data.prompts), dtype=bool)}
     groups |= {b: data.benchmark == b for b in sorted(set(data.benchmark.tolist()))}
@@ -263,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Data: {args.data.name}, {len(data.prompts)} prompts (RouteLLM eval data; weak = "
         "Mixtral-8x7B, strong = GPT-4-1106). Label for training: strong_score > weak_score. "
-        "Random router: uniform scores (its expected APGR is 0.5). Prompt length: tokens of the "
-        "last user turn.",
+        "Random router: its expected curve (the diagonal; APGR 0.5, CPT(p) = p). Prompt length: "
+        "tokens of the last user turn. Intervals: 300 bootstrap resamples of the prompts.",
         "",
         *table,
         "",

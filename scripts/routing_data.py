@@ -1,7 +1,7 @@
 """The routing dev data (RouteLLM eval data, Apache-2.0) as features and labels, for the scripts.
 
 Shared by train_router.py and bench_routing.py. Reads /work/shared/data at run time (never copied
-into the repo); caches the MiniLM embeddings under out/routing/cache/ keyed by the file's hash.
+into the repo); caches the MiniLM embeddings under out/routing/cache/ by text hash.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from proxy.routing.features import cheap_features, last_user_text
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DEV_FILE = REPO.parent / "shared" / "data" / "routing_dev.csv.gz"
 DEFAULT_CACHE_DIR = REPO / "out" / "routing" / "cache"
-TURN_SEPARATOR = " [TURN2] "
+# Turn-2 prompts hold "<turn 1> \n[TURN2] <turn 2>"; whitespace around the marker varies.
+TURN_SEPARATOR = re.compile(r"\s*\[TURN2\]\s*")
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class RoutingDevData:
 
 def dev_prompt_messages(prompt: str) -> list[dict[str, object]]:
     """A dev prompt as chat messages; turn-2 prompts hold both user turns (answers are unknown)."""
-    turns = prompt.split(TURN_SEPARATOR)
+    turns = TURN_SEPARATOR.split(prompt)
     messages: list[dict[str, object]] = []
     for i, turn in enumerate(turns):
         if i:
@@ -47,22 +49,32 @@ def dev_prompt_messages(prompt: str) -> list[dict[str, object]]:
     return messages
 
 
+def cached_embeddings(texts: list[str], cache_file: Path) -> npt.NDArray[np.float32]:
+    """MiniLM embeddings of `texts`, reusing those cached by text hash; embeds only the rest."""
+    keys = np.array([hashlib.sha256(t.encode()).hexdigest()[:32] for t in texts])
+    known: dict[str, npt.NDArray[np.float32]] = {}
+    if cache_file.exists():
+        with np.load(cache_file) as cached:
+            known = dict(zip(cached["keys"].tolist(), cached["embeddings"], strict=True))
+    missing = sorted({k for k in keys.tolist() if k not in known})
+    if missing:
+        print(f"embedding {len(missing)} prompts (cache: {cache_file}) ...")
+        text_of = dict(zip(keys.tolist(), texts, strict=True))
+        vectors = embed_texts(load_embedder(), [text_of[k] for k in missing])
+        known.update(zip(missing, vectors, strict=True))
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache_file, keys=np.array(list(known)), embeddings=np.stack(list(known.values())))
+    return np.stack([known[k] for k in keys.tolist()]).astype(np.float32)
+
+
 def load_dev_data(
     path: Path = DEFAULT_DEV_FILE, cache_dir: Path = DEFAULT_CACHE_DIR
 ) -> RoutingDevData:
     with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
     messages = [dev_prompt_messages(r["prompt"]) for r in rows]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cache_file = cache_dir / f"minilm-{digest}.npz"
-    if cache_file.exists():
-        with np.load(cache_file) as cached:
-            embeddings = cached["embeddings"]
-    else:
-        print(f"embedding {len(rows)} dev prompts (cached in {cache_file}) ...")
-        embeddings = embed_texts(load_embedder(), [last_user_text(m) for m in messages])
-        np.savez(cache_file, embeddings=embeddings)
+    texts = [last_user_text(m) for m in messages]
+    embeddings = cached_embeddings(texts, cache_dir / "minilm-embeddings.npz")
     # Cheap features are recomputed every time (seconds), so editing features.py needs no cache
     # purge. Training counts tokens with MiniLM's WordPiece tokenizer.
     count_tokens = load_count_tokens()

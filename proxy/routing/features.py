@@ -29,7 +29,7 @@ FloatArray = npt.NDArray[np.float32]
 CHEAP_FEATURE_NAMES: tuple[str, ...] = (
     "log_tokens_last_turn",
     "log_tokens_earlier_turns",
-    "user_turns",
+    "follow_up_turn",
     "log_chars_last_turn",
     "log_lines_last_turn",
     "question_marks",
@@ -122,7 +122,9 @@ def cheap_features(
     values = (
         math.log1p(count_tokens(last)),
         math.log1p(sum(count_tokens(t) for t in earlier)),
-        float(min(len(turns), 10)),
+        # 0/1, not a count: the training data has one or two user turns only, so a count would
+        # be extrapolated far outside what the head saw for long conversations.
+        float(len(turns) > 1),
         math.log1p(len(last)),
         math.log1p(last.count("\n") + 1),
         math.log1p(last.count("?")),

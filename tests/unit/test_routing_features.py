@@ -58,7 +58,8 @@ def test_token_counts_use_the_given_counter_and_split_last_from_earlier() -> Non
     messages = [user("one two three"), {"role": "assistant", "content": "a b c d e"}, user("four")]
     assert feature(messages, "log_tokens_last_turn") == pytest.approx(np.log1p(1))
     assert feature(messages, "log_tokens_earlier_turns") == pytest.approx(np.log1p(3))
-    assert feature(messages, "user_turns") == 2
+    assert feature(messages, "follow_up_turn") == 1.0
+    assert feature([user("only")], "follow_up_turn") == 0.0
 
 
 def test_code_prompt_has_code_markers_and_chitchat_has_none() -> None:
