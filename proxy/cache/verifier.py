@@ -30,6 +30,8 @@ import importlib.util
 import json
 import math
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,8 @@ from proxy.cache import guards
 
 if TYPE_CHECKING:
     import torch
+
+    from proxy.cache.service import SemanticCandidate, Verdict
 
 ARTIFACT_DIR = Path(__file__).parent / "artifacts"
 HEAD_FILE = "verifier_head.json"
@@ -124,9 +128,9 @@ class CandidatePair:
     """
 
     query_text: str
-    query_embedding: Vector
+    query_embedding: Vector | None  # not used for scoring (``cosine`` is); kept for callers
     candidate_text: str
-    candidate_embedding: Vector
+    candidate_embedding: Vector | None
     cosine: float
     query_vector: Vector | None = None
     candidate_vector: Vector | None = None
@@ -409,11 +413,11 @@ class Verifier:
 
     def same_question(self, pairs: Sequence[CandidatePair]) -> list[float]:
         """Probability that each candidate asks the same question as its query (batched)."""
-        return self._score(pairs)[0]
+        return self.score_and_compare(pairs)[0]
 
     def decide(self, pairs: Sequence[CandidatePair]) -> list[Decision]:
         """Score and decide each pair with this verifier's threshold and cut-off."""
-        scores, comparisons = self._score(pairs)
+        scores, comparisons = self.score_and_compare(pairs)
         return [
             accept(
                 cosine=p.cosine,
@@ -425,7 +429,10 @@ class Verifier:
             for p, s, c in zip(pairs, scores, comparisons, strict=True)
         ]
 
-    def _score(self, pairs: Sequence[CandidatePair]) -> tuple[list[float], list[guards.Comparison]]:
+    def score_and_compare(
+        self, pairs: Sequence[CandidatePair]
+    ) -> tuple[list[float], list[guards.Comparison]]:
+        """Verifier scores and guard comparisons (features + vetoes) of the pairs, batched."""
         if not pairs:
             return [], []
         missing = sorted(
@@ -453,3 +460,89 @@ class Verifier:
             rows.append(pair_features(float(np.dot(q, c)), pair.cosine, comparison.features))
         scores = self.head.predict(np.asarray(rows, dtype=np.float64))
         return [float(s) if math.isfinite(s) else 0.0 for s in scores], comparisons
+
+
+class CacheVerifier:
+    """Adapter for ``ResponseCache``'s ``SemanticVerifier`` seam (``select(query, candidates)``).
+
+    The seam passes texts only, so verifier vectors come from a bounded LRU keyed by text (filled
+    by :meth:`remember`, e.g. with the vectors the embedding worker produced for stored questions
+    and for the incoming query) and are computed in one batch for texts it lacks. Thread-safe:
+    ``ResponseCache`` calls :meth:`select` from worker threads.
+    """
+
+    cheap = False
+
+    def __init__(
+        self,
+        verifier: Verifier,
+        *,
+        threshold: float | None = None,
+        cutoff: float | None = None,
+        remembered: int = 4096,
+    ) -> None:
+        self.verifier = verifier
+        self.threshold = verifier.threshold if threshold is None else threshold
+        self.cutoff = verifier.cutoff if cutoff is None else cutoff
+        self._capacity = remembered
+        self._vectors: OrderedDict[str, Vector] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, text: str, vector: Vector) -> None:
+        """Keep a text's verifier vector (most recent last; the oldest is dropped when full)."""
+        with self._lock:
+            self._vectors[text] = vector
+            self._vectors.move_to_end(text)
+            while len(self._vectors) > self._capacity:
+                self._vectors.popitem(last=False)
+
+    def vectors(self, texts: Sequence[str]) -> list[Vector]:
+        """Verifier vectors for texts: remembered ones, the rest in one batched pass."""
+        with self._lock:
+            missing = sorted({t for t in texts if t not in self._vectors})
+            if missing:
+                computed = self.verifier.verifier_vectors(missing)
+                for i, text in enumerate(missing):
+                    self._vectors[text] = computed[i]
+            found = []
+            for text in texts:
+                self._vectors.move_to_end(text)
+                found.append(self._vectors[text])
+            while len(self._vectors) > self._capacity:
+                self._vectors.popitem(last=False)
+            return found
+
+    def select(self, query: str, candidates: Sequence[SemanticCandidate]) -> Verdict | None:
+        """The accepted candidate with the best verifier score, or None."""
+        from proxy.cache.service import Verdict
+
+        if not candidates:
+            return None
+        vectors = self.vectors([query, *(c.text for c in candidates)])
+        pairs = [
+            CandidatePair(
+                query_text=query,
+                query_embedding=None,
+                candidate_text=c.text,
+                candidate_embedding=None,
+                cosine=c.similarity,
+                query_vector=vectors[0],
+                candidate_vector=vectors[i + 1],
+            )
+            for i, c in enumerate(candidates)
+        ]
+        scores, comparisons = self.verifier.score_and_compare(pairs)
+        best: Verdict | None = None
+        for index, (pair, score, comparison) in enumerate(
+            zip(pairs, scores, comparisons, strict=True)
+        ):
+            decision = accept(
+                cosine=pair.cosine,
+                score=score,
+                vetoes=comparison.vetoes,
+                threshold=self.threshold,
+                cutoff=self.cutoff,
+            )
+            if decision.accepted and (best is None or score > best.score):
+                best = Verdict(index, score)
+        return best

@@ -241,3 +241,73 @@ def test_module_defaults_match_the_shipped_artifact(shipped: verifier.Verifier) 
     # The constants are what the config defaults use; they must not drift from the artifact.
     assert shipped.threshold == verifier.DEFAULT_SIMILARITY_THRESHOLD
     assert shipped.cutoff == verifier.DEFAULT_VERIFIER_CUTOFF
+
+
+# -------------------------------------------------------------------------------------------------
+# CacheVerifier: the adapter for ResponseCache's verifier seam
+
+
+class CountingEncoder:
+    """Stands in for MiniLMEncoder: deterministic unit vectors per text, counts texts encoded."""
+
+    def __init__(self) -> None:
+        self.encoded: list[str] = []
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> verifier.EncodedBatch:
+        self.encoded.extend(texts)
+        rows = []
+        for text in texts:
+            v = np.random.default_rng(abs(hash(text)) % 2**32).normal(size=verifier.HIDDEN)
+            rows.append(v / np.linalg.norm(v))
+        out = np.asarray(rows, dtype=np.float32).reshape(len(texts), verifier.HIDDEN)
+        return verifier.EncodedBatch(out, out)
+
+
+def _fake_verifier() -> tuple[verifier.Verifier, CountingEncoder]:
+    encoder = CountingEncoder()
+    # Score rises with the base cosine only: sigmoid(10 * (cos - 0.9)).
+    head = _head([0.0, 0.0, 10.0], bias=-9.0)
+    return verifier.Verifier(encoder=encoder, head=head, threshold=0.5, cutoff=0.5), encoder  # type: ignore[arg-type]
+
+
+def _candidate(text: str, similarity: float) -> object:
+    from proxy.cache.service import SemanticCandidate
+
+    return SemanticCandidate(text, similarity, 1.0)
+
+
+def test_cache_verifier_picks_the_best_accepted_candidate() -> None:
+    model, _ = _fake_verifier()
+    adapter = verifier.CacheVerifier(model)
+    candidates = [
+        _candidate("how to sort a list", 0.95),
+        _candidate("how to sort a list quickly", 0.97),
+        _candidate("unrelated", 0.3),
+    ]
+    verdict = adapter.select("how do I sort a list", candidates)  # type: ignore[arg-type]
+    assert verdict is not None
+    assert verdict.index == 1
+    assert verdict.score == pytest.approx(1 / (1 + math.exp(-(10 * 0.97 - 9))))
+
+
+def test_cache_verifier_returns_none_when_nothing_passes() -> None:
+    model, _ = _fake_verifier()
+    adapter = verifier.CacheVerifier(model, cutoff=0.99)
+    assert adapter.select("q", [_candidate("close", 0.9)]) is None  # type: ignore[list-item]
+    assert adapter.select("q", []) is None
+    # a veto wins even when the score would pass
+    vetoed = [_candidate("Why doesn't my laptop turn on?", 0.99)]
+    assert verifier.CacheVerifier(model).select("Why does my laptop turn on?", vetoed) is None  # type: ignore[arg-type]
+
+
+def test_cache_verifier_reuses_remembered_vectors_and_stays_bounded() -> None:
+    model, encoder = _fake_verifier()
+    adapter = verifier.CacheVerifier(model, remembered=3)
+    adapter.remember("a", np.ones(verifier.HIDDEN, dtype=np.float32))
+    adapter.vectors(["a", "b"])
+    assert encoder.encoded == ["b"]
+    adapter.vectors(["a", "b"])
+    assert encoder.encoded == ["b"]  # both remembered now
+    adapter.vectors(["c", "d"])  # capacity 3: the least recently used ("a") goes
+    adapter.vectors(["a"])
+    assert encoder.encoded == ["b", "c", "d", "a"]
