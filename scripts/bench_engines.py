@@ -62,10 +62,16 @@ class Phase:
     requests: int = 0
     errors: int = 0
     wall_s: float = 0.0
+    # Steady-state throughput: content chunks that arrived inside [window_start, window_end].
+    # Counting whole requests instead quantises by waves of `concurrency` requests.
+    window_start: float = 0.0
+    window_end: float = 0.0
+    window_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s else 0.0
+        window = self.window_end - self.window_start
+        return self.window_tokens / window if window > 0 else 0.0
 
 
 async def one_stream(
@@ -98,6 +104,9 @@ async def one_stream(
                     for choice in event.get("choices") or ():
                         if (choice.get("delta") or {}).get("content"):
                             counted += 1
+                            now = time.perf_counter()
+                            if phase.window_start <= now <= phase.window_end:
+                                phase.window_tokens += 1
                             if first is None:
                                 first = time.perf_counter()
     except (TimeoutError, aiohttp.ClientError):
@@ -118,7 +127,10 @@ async def run_phase(
 ) -> Phase:
     phase = Phase()
     prompts = itertools.cycle(PROMPTS)
-    deadline = time.perf_counter() + args.duration_s
+    begin = time.perf_counter()
+    deadline = begin + args.duration_s
+    # Skip the first quarter: all workers start at once, so it is one big prefill burst.
+    phase.window_start, phase.window_end = begin + args.duration_s / 4, deadline
 
     async def worker() -> None:
         while time.perf_counter() < deadline:
