@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import numpy as np
 import structlog
 from aiohttp import web
 
@@ -250,16 +251,18 @@ async def _redis_limits(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _embedder(app: web.Application) -> AsyncIterator[None]:
-    """The embedding model on its own thread, batching concurrent requests."""
+    """The embedding model on its own thread, batching concurrent requests.
+
+    With the semantic cache on, one fused MiniLM pass yields both the base embedding (router,
+    ANN index) and the verifier's vector (its tuned top layers), which the cache's verifier keeps
+    for the candidates it will compare."""
     services = app[SERVICES]
     settings = services.settings.embeddings
     encode = app.get(ENCODE)
     if encode is None and settings.enabled:
         try:
-            from proxy.embeddings.minilm import load_minilm
-
-            encode = await asyncio.to_thread(load_minilm)
-        except (ImportError, OSError, RuntimeError) as exc:
+            encode = await asyncio.to_thread(_load_encoder, services)
+        except (ImportError, OSError, RuntimeError, ValueError, KeyError) as exc:
             log.warning("embedding model unavailable: no semantic cache, no difficulty scores",
                         error=str(exc))  # fmt: skip
     if encode is None:
@@ -297,11 +300,12 @@ async def _response_cache(app: web.Application) -> AsyncIterator[None]:
             DiskStore, directory, size_limit=int(settings.cache.size_limit_gb * 2**30)
         )
     ttl = {scope: settings.cache.ttl_seconds for scope in Scope}
+    verifier, floor = _verifier(services)
     cache = ResponseCache(
         store,
-        config=CacheConfig(ttl_seconds=ttl),
+        config=CacheConfig(ttl_seconds=ttl, semantic_floor=floor),
         index=SemanticIndex(),
-        verifier=_verifier(settings),
+        verifier=verifier,
         observer=metrics,
     )
     async with cache:
@@ -310,9 +314,41 @@ async def _response_cache(app: web.Application) -> AsyncIterator[None]:
         services.cache = None
 
 
-def _verifier(settings: Settings) -> SemanticVerifier:
-    threshold = settings.cache.similarity_threshold
-    return CosineVerifier(threshold=threshold if threshold is not None else 0.92)
+def _load_encoder(services: Services) -> Encode:
+    """The embedding function: fused with the verifier when the semantic cache needs it."""
+    cache = services.settings.cache
+    if not (cache.enabled and cache.semantic):
+        from proxy.embeddings.minilm import load_minilm
+
+        return load_minilm()
+    import torch
+
+    from proxy.cache.verifier import CacheVerifier, Verifier
+
+    torch.set_num_threads(1)  # one embedding thread; the event loop keeps the other core
+    verifier = Verifier.load()
+    cache_verifier = CacheVerifier(
+        verifier, threshold=cache.similarity_threshold, cutoff=cache.verifier_cutoff
+    )
+    services.verifier = cache_verifier
+
+    def encode(texts: list[str]) -> np.ndarray:
+        batch = verifier.encoder.encode(texts)
+        for text, vector in zip(texts, batch.verifier, strict=True):
+            cache_verifier.remember(text, vector)
+        return batch.base
+
+    return encode
+
+
+def _verifier(services: Services) -> tuple[SemanticVerifier, float]:
+    """The cache's verifier and the cosine below which no candidate is shown to it."""
+    if services.verifier is not None:
+        return services.verifier, services.verifier.threshold
+    # No trained verifier (no ML extra, or a test's stand-in embedder): a strict cosine.
+    threshold = services.settings.cache.similarity_threshold
+    threshold = threshold if threshold is not None else 0.92
+    return CosineVerifier(threshold=threshold), threshold
 
 
 async def _engine_versions(app: web.Application) -> AsyncIterator[None]:

@@ -270,3 +270,50 @@ async def test_semantic_hit_on_a_paraphrase_and_miss_on_another_question(
     }
     resp = await client.post("/v1/chat/completions", json=context)
     assert resp.headers["x-frugal-cache"] == "miss"
+
+
+async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
+    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """The real path: fused MiniLM embedding, ANN search, guards and the trained verifier."""
+    from proxy.app import SERVICES, create_app
+    from proxy.settings import Settings
+
+    engine = await start_fake("m")
+    settings = Settings.model_validate(
+        {
+            "engines": [engine_config("e", "m", [engine.url])],
+            "policies": None,
+            "data_dir": str(tmp_path / "data"),
+            "cache": {"enabled": True, "semantic": True},
+            "routing": {"enabled": False},
+            "logging": {"level": "warning", "format": "console"},
+        }
+    )
+    client = await aiohttp_client(create_app(settings, access_log=False))
+    assert client.server.app is not None
+    services = client.server.app[SERVICES]
+    assert services.verifier is not None
+    cache = services.cache
+    assert cache is not None
+
+    def ask(text: str) -> dict[str, Any]:
+        return {**GREEDY, "messages": [{"role": "user", "content": text}]}
+
+    first = await client.post(
+        "/v1/chat/completions", json=ask("How do I reverse a list in Python?")
+    )
+    assert first.headers["x-frugal-cache"] == "miss"
+    await cache.drain()
+    same = await client.post(
+        "/v1/chat/completions", json=ask("How can I reverse a list in Python?")
+    )
+    assert same.headers["x-frugal-cache"] == "hit-semantic"
+    other_language = await client.post(
+        "/v1/chat/completions", json=ask("How do I reverse a list in Java?")
+    )
+    assert other_language.headers["x-frugal-cache"] == "miss"
+    negated = await client.post(
+        "/v1/chat/completions", json=ask("How do I not reverse a list in Python?")
+    )
+    assert negated.headers["x-frugal-cache"] == "miss"
