@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.cache.keys import Scope
+from proxy.cache.keys import Endpoint, Partition, Scope
 from proxy.cache.service import InvalidationFilter
 from proxy.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, ServiceUnavailable
 from proxy.policy.keys import bearer_token, verify_key
@@ -40,6 +40,45 @@ def add_routes(app: web.Application, services: Services) -> None:
         where = _invalidation_filter(await _json_body(request))
         removed = await cache.invalidate(where)
         return _json({"invalidated": removed})
+
+    async def cache_import(request: web.Request) -> web.Response:
+        cache = _cache(services)
+        body = await _json_body(request)
+        engine = services.by_name.get(str(body.get("engine")))
+        if engine is None:
+            raise InvalidRequest(
+                f"engine must be one of {sorted(services.by_name)}", param="engine"
+            )
+        version = body.get("version") or engine.version
+        if not isinstance(version, str):
+            raise ServiceUnavailable(f"engine {engine.name!r} has no known version yet")
+        scope = body.get("scope", "global")
+        owner = body.get("owner") or []
+        if scope not in {s.value for s in Scope} or not isinstance(owner, list):
+            raise InvalidRequest("scope must be a cache scope and owner a list", param="scope")
+        endpoint = Endpoint.COMPLETIONS if body.get("endpoint") == "completions" else Endpoint.CHAT
+        rows = body.get("rows")
+        if not isinstance(rows, list):
+            raise InvalidRequest("rows must be a list of import rows", param="rows")
+        for i, row in enumerate(rows):
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("answer"), str)
+                or not (isinstance(row.get("prompt"), str) or "messages" in row or "request" in row)
+            ):
+                raise InvalidRequest(
+                    f"rows[{i}] needs an 'answer' and a 'prompt' (or 'messages' or 'request')",
+                    param=f"rows[{i}]",
+                )
+        stored = await cache.import_rows(
+            rows,
+            engine=engine.name,
+            version=version,
+            partition=Partition(Scope(scope), tuple(str(o) for o in owner)),
+            endpoint=endpoint,
+            encode=services.encode,
+        )
+        return _json({"stored": stored, "rows": len(rows), "version": version})
 
     async def policies_reload(request: web.Request) -> web.Response:
         errors = services.policies.reload()
@@ -75,6 +114,7 @@ def add_routes(app: web.Application, services: Services) -> None:
 
     app.router.add_get("/admin/cache/stats", guarded(cache_stats))
     app.router.add_post("/admin/cache/invalidate", guarded(cache_invalidate))
+    app.router.add_post("/admin/cache/import", guarded(cache_import))
     app.router.add_post("/admin/policies/reload", guarded(policies_reload))
     app.router.add_get("/admin/engines", guarded(engines))
 

@@ -277,9 +277,9 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
         on_batch=lambda size, seconds: metrics.embedding_batch(size=size, encode_s=seconds),
     )
     async with worker:
-        services.embedder = worker
+        services.embedder, services.encode = worker, encode  # type: ignore[assignment]
         yield
-        services.embedder = None
+        services.embedder = services.encode = None
 
 
 async def _response_cache(app: web.Application) -> AsyncIterator[None]:

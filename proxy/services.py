@@ -14,7 +14,7 @@ from typing import Protocol
 from proxy.cache.service import ResponseCache
 from proxy.cache.singleflight import SingleFlight
 from proxy.cache.verifier import CacheVerifier
-from proxy.embeddings.worker import EmbeddingWorker
+from proxy.embeddings.worker import EmbeddingWorker, Encode
 from proxy.engines.client import EngineCaller
 from proxy.engines.pool import Engine
 from proxy.observability.access import AccessLog
@@ -59,6 +59,7 @@ class Services:
     admissions: dict[str, EngineAdmission]
     cache: ResponseCache | None = None
     embedder: EmbeddingWorker | None = None
+    encode: Encode | None = None  # the raw embedding function, for batch jobs (cache import)
     verifier: CacheVerifier | None = None  # the semantic cache's trained verifier, when loaded
     flights: SingleFlight[bytes, bytes] = field(default_factory=SingleFlight)
     request_ids: RequestIds = field(default_factory=RequestIds)

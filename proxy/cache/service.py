@@ -688,35 +688,59 @@ class ResponseCache:
         """
         from tqdm import tqdm
 
-        base = dict(template) if template is not None else {"temperature": 0}
         text = await asyncio.to_thread(path.read_text)
         lines = [line for line in text.splitlines() if line.strip()]
         stored = 0
         with tqdm(total=len(lines), disable=not progress, unit="pair") as bar:
             for start in range(0, len(lines), batch_size):
                 rows = [orjson.loads(line) for line in lines[start : start + batch_size]]
-                items = [
-                    (
-                        make_keys(
-                            endpoint,
-                            _import_request(row, endpoint, base),
-                            engine=engine,
-                            version=version,
-                            partition=partition,
-                        ),
-                        _import_response(row, endpoint, engine),
-                    )
-                    for row in rows
-                ]
-                vectors: np.ndarray | None = None
-                if encode is not None:
-                    texts = [k.query_text or "" for k, _ in items]
-                    vectors = await asyncio.to_thread(encode, texts)
-                for i, (keys, response) in enumerate(items):
-                    vector = vectors[i] if vectors is not None and keys.query_text else None
-                    if await self.store_response(keys, response, embedding=vector):
-                        stored += 1
+                stored += await self.import_rows(
+                    rows,
+                    engine=engine,
+                    version=version,
+                    partition=partition,
+                    endpoint=endpoint,
+                    template=template,
+                    encode=encode,
+                )
                 bar.update(len(rows))
+        return stored
+
+    async def import_rows(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        engine: str,
+        version: str,
+        partition: Partition,
+        endpoint: Endpoint = Endpoint.CHAT,
+        template: Mapping[str, Any] | None = None,
+        encode: Encode | None = None,
+    ) -> int:
+        """Store one batch of import rows (the format of :meth:`import_jsonl`); entries stored."""
+        base = dict(template) if template is not None else {"temperature": 0}
+        items = [
+            (
+                make_keys(
+                    endpoint,
+                    _import_request(row, endpoint, base),
+                    engine=engine,
+                    version=version,
+                    partition=partition,
+                ),
+                _import_response(row, endpoint, engine),
+            )
+            for row in rows
+        ]
+        vectors: np.ndarray | None = None
+        if encode is not None:
+            texts = [k.query_text or "" for k, _ in items]
+            vectors = await asyncio.to_thread(encode, texts)
+        stored = 0
+        for i, (keys, response) in enumerate(items):
+            vector = vectors[i] if vectors is not None and keys.query_text else None
+            if await self.store_response(keys, response, embedding=vector):
+                stored += 1
         return stored
 
     # -- backend health -------------------------------------------------------------------------

@@ -317,3 +317,42 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
         "/v1/chat/completions", json=ask("How do I not reverse a list in Python?")
     )
     assert negated.headers["x-frugal-cache"] == "miss"
+
+
+async def test_import_warms_and_invalidate_clears_through_the_cli(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, capsys: Any
+) -> None:
+    from proxy.cli import main
+
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "global"})
+    url = str(proxy.client.make_url("")).rstrip("/")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        '{"prompt": "What is the capital of France?", "answer": "Paris."}\n'
+        '{"prompt": "What is 2+2?", "answer": "4"}\n'
+    )
+    code = await asyncio.to_thread(
+        main, ["cache", "import", str(pairs), "--url", url, "--engine", "e"]
+    )
+    assert code == 0
+    assert '"stored": 2' in capsys.readouterr().out
+    warm = {"model": "m", "messages": QUESTION, "temperature": 0}
+    resp = await proxy.client.post("/v1/chat/completions", json=warm)
+    assert resp.headers["x-frugal-cache"] == "hit-exact"
+    assert (await resp.json())["choices"][0]["message"]["content"] == "Paris."
+    assert engine.state.counters.requests == 0
+
+    code = await asyncio.to_thread(main, ["cache", "invalidate", "--url", url, "--engine", "e"])
+    assert code == 0
+    assert '"invalidated": 2' in capsys.readouterr().out
+    resp = await proxy.client.post("/v1/chat/completions", json=warm)
+    assert resp.headers["x-frugal-cache"] == "miss"
+    code = await asyncio.to_thread(main, ["cache", "stats", "--url", url])
+    assert code == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "no answer"}\n')
+    code = await asyncio.to_thread(
+        main, ["cache", "import", str(bad), "--url", url, "--engine", "e"]
+    )
+    assert code == 1
+    assert "rows[0]" in capsys.readouterr().err
