@@ -189,7 +189,7 @@ def _router(settings: Settings, engines: list[Engine]) -> Router:
 
 
 def _approximate_tokens(text: str) -> int:
-    # Byte-level BPE tokenizers average about four characters a token on English text.
+    # Until the tokenizer loads: byte-level BPE averages about four characters a token.
     return max(1, len(text) // 4)
 
 
@@ -316,6 +316,11 @@ async def _response_cache(app: web.Application) -> AsyncIterator[None]:
 
 def _load_encoder(services: Services) -> Encode:
     """The embedding function: fused with the verifier when the semantic cache needs it."""
+    if services.router.classifier is not None:
+        from proxy.routing.commands import load_count_tokens
+
+        # The head was trained with MiniLM's tokenizer counts: score with the same ones.
+        services.router.count_tokens = load_count_tokens()
     cache = services.settings.cache
     if not (cache.enabled and cache.semantic):
         from proxy.embeddings.minilm import load_minilm
