@@ -1,0 +1,116 @@
+"""Difficulty routing in the request path: the shipped classifier on the real MiniLM embedding,
+thresholds, headers, stickiness and load shedding, against fake engines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from proxy.app import SERVICES, create_app
+from proxy.settings import Settings
+from tests.integration.conftest import StartFake, engine_config
+
+EASY = "hi, how are you?"
+HARD = (
+    "Prove that for every prime p > 3, p^2 - 1 is divisible by 24. Then write a Python function "
+    "that checks this for all primes below 10^6 and explain its complexity step by step."
+)
+
+
+async def routed_proxy(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path, **routing: Any
+) -> tuple[Any, Any, TestClient[Any, Any]]:
+    small = await start_fake("small-model")
+    large = await start_fake("large-model")
+    settings = Settings.model_validate(
+        {
+            "engines": [
+                engine_config("small", "small-model", [small.url]),
+                {
+                    **engine_config("large", "large-model", [large.url]),
+                    "cost": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+                },
+            ],
+            "policies": None,
+            "data_dir": str(tmp_path / "data"),
+            "cache": {"enabled": False},
+            "routing": routing,
+            "health": {"interval_s": 0.1},
+            "logging": {"level": "warning", "format": "console"},
+        }
+    )
+    client = await aiohttp_client(create_app(settings, access_log=False))
+    return small, large, client
+
+
+def ask(*turns: str) -> dict[str, Any]:
+    messages = []
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": turn})
+        if i < len(turns) - 1:
+            messages.append({"role": "assistant", "content": "ok"})
+    return {"model": "auto", "messages": messages, "max_tokens": 4}
+
+
+async def test_scores_route_by_threshold_and_say_why(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    _, _, client = await routed_proxy(start_fake, aiohttp_client, tmp_path, threshold=0.5)
+    scores = {}
+    for prompt in (EASY, HARD):
+        resp = await client.post("/v1/chat/completions", json=ask(prompt))
+        assert resp.status == 200
+        assert resp.headers["x-frugal-route-reason"] == "difficulty"
+        score = float(resp.headers["x-frugal-route-score"])
+        assert 0.0 <= score <= 1.0
+        expected = "large" if score >= 0.5 else "small"
+        assert resp.headers["x-frugal-route"] == expected
+        scores[prompt] = score
+    assert scores[HARD] > scores[EASY]
+    metrics = await (await client.get("/metrics")).text()
+    assert "frugal_route_decisions_total{" in metrics and 'reason="difficulty"' in metrics
+
+
+async def test_extreme_thresholds_send_everything_one_way(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    small, large, client = await routed_proxy(start_fake, aiohttp_client, tmp_path, threshold=1.0)
+    for prompt in (EASY, HARD):
+        resp = await client.post("/v1/chat/completions", json=ask(prompt))
+        assert resp.headers["x-frugal-route"] == "small"
+    assert large.state.counters.requests == 0
+    _, large2, client2 = await routed_proxy(
+        start_fake, aiohttp_client, tmp_path / "2", threshold=0.0
+    )
+    for prompt in (EASY, HARD):
+        resp = await client2.post("/v1/chat/completions", json=ask(prompt))
+        assert resp.headers["x-frugal-route"] == "large"
+    assert large2.state.counters.requests == 2
+
+
+async def test_conversation_stays_on_its_engine(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    _, _, client = await routed_proxy(start_fake, aiohttp_client, tmp_path, threshold=0.5)
+    first = await client.post("/v1/chat/completions", json=ask(HARD))
+    engine = first.headers["x-frugal-route"]
+    follow = await client.post("/v1/chat/completions", json=ask(HARD, EASY))
+    assert follow.headers["x-frugal-route"] == engine
+    if engine == "large":
+        # An easy follow-up never moves a conversation down: the prefix cache stays warm.
+        assert follow.headers["x-frugal-route-reason"] == "sticky"
+
+
+async def test_slow_engine_sheds_load_to_the_other(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    small, large, client = await routed_proxy(start_fake, aiohttp_client, tmp_path, threshold=0.0)
+    services = client.server.app[SERVICES]  # type: ignore[index]
+    # The large engine has been answering slowly: its expected time to first token breaks the
+    # open tier's latency target (60 s), while the small engine meets it.
+    services.router.observe_ttft("large", 90.0)
+    resp = await client.post("/v1/chat/completions", json=ask(HARD))
+    assert resp.headers["x-frugal-route-reason"] == "load"
+    assert resp.headers["x-frugal-route"] == "small"
