@@ -76,7 +76,7 @@ async def test_scores_route_by_threshold_and_say_why(
 async def test_extreme_thresholds_send_everything_one_way(
     start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
 ) -> None:
-    small, large, client = await routed_proxy(start_fake, aiohttp_client, tmp_path, threshold=1.0)
+    _, large, client = await routed_proxy(start_fake, aiohttp_client, tmp_path, threshold=1.0)
     for prompt in (EASY, HARD):
         resp = await client.post("/v1/chat/completions", json=ask(prompt))
         assert resp.headers["x-frugal-route"] == "small"
@@ -106,7 +106,7 @@ async def test_conversation_stays_on_its_engine(
 async def test_slow_engine_sheds_load_to_the_other(
     start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
 ) -> None:
-    small, large, client = await routed_proxy(start_fake, aiohttp_client, tmp_path, threshold=0.0)
+    _, _, client = await routed_proxy(start_fake, aiohttp_client, tmp_path, threshold=0.0)
     services = client.server.app[SERVICES]  # type: ignore[index]
     # The large engine has been answering slowly: its expected time to first token breaks the
     # open tier's latency target (60 s), while the small engine meets it.
