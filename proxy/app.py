@@ -307,6 +307,9 @@ async def _response_cache(app: web.Application) -> AsyncIterator[None]:
         index=SemanticIndex(),
         verifier=verifier,
         observer=metrics,
+        # The ANN graph is saved at shutdown and reloaded at start, so a restart does not
+        # rebuild it from every stored embedding (minutes at a million entries).
+        snapshot_dir=settings.resolved_data_dir() / "cache-index",
     )
     async with cache:
         services.cache = cache
