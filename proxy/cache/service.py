@@ -620,15 +620,29 @@ class ResponseCache:
 
     async def _follow(self, store: FollowableStore) -> None:
         first = True
-        async for event in store.follow():
-            if isinstance(event, Resync):
-                await self.rebuild_index(use_snapshot=first)
-                if first:
-                    first = False
-                    self._ready.set()
-            elif isinstance(event, EntryAdded) and event.entry.meta.label not in self._labels:
-                # (our own writes come back through the stream too)
-                self._index_entry(event.entry)
+        while True:
+            try:
+                async for event in store.follow():
+                    if isinstance(event, Resync):
+                        await self.rebuild_index(use_snapshot=first)
+                        if first:
+                            first = False
+                            self._ready.set()
+                    elif (
+                        isinstance(event, EntryAdded)
+                        and event.entry.meta.label not in self._labels
+                    ):
+                        # (our own writes come back through the stream too)
+                        self._index_entry(event.entry)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # A failed rebuild (a timeout on a busy or flaky backend) must not end the
+                # follower: lookups would wait on ready() forever and the index would go
+                # stale. Count it, release the waiters, and start over with a fresh resync.
+                self._backend_error("follow", exc)
+                self._ready.set()
+                await asyncio.sleep(1.0)
 
     # -- invalidation ---------------------------------------------------------------------------
 
