@@ -6,15 +6,18 @@ and writes proxy/cache/artifacts/verifier_top_layers.safetensors + verifier_head
 Split (shared with scripts/bench_cache_quality.py): every pair gets u = sha256(seed|source|a|b) in
 [0, 1); u < 0.5 is the *tune* part, the rest the *report* part, so the split is fixed, seeded,
 independent of file order and balanced within each source. The tune part is divided again by a
-second hash: 80% train the top layers ("fit"), 20% fit the head and pick the defaults ("calib"), so
-the head never sees cosines of pairs the layers were trained on.
+second hash: "fit" (80% of qqp/apt, 50% of redis_chatgpt) trains the top layers, "calib" fits the
+head and picks the defaults (from 5-fold out-of-fold scores), so the head never sees cosines of
+pairs the layers were trained on.
 
 Stages (token states of the frozen lower layers are cached on disk, so re-runs are cheap):
   1. encode every needed text once through the frozen lower 4 layers (cache: --cache-dir)
   2. fine-tune the top 2 layers on "fit" pairs: BCE on scaled cosine + in-batch ranking on positives
-  3. fit the logistic head on "calib" pairs; choose threshold / cut-off; write the artifacts
+  3. fit the head on "calib" pairs; choose threshold / cut-off; write the artifacts
 
-Usage: .venv/bin/python scripts/train_verifier.py [--epochs 2] [--qqp-limit 12000]
+The shipped artifact came from two runs (one epoch each, the second continuing the first):
+  .venv/bin/python scripts/train_verifier.py --seed 13 --lr 5e-5 --out out/verifier_run1
+  .venv/bin/python scripts/train_verifier.py --seed 14 --lr 3e-5 --init-from out/verifier_run1
 """
 
 from __future__ import annotations
@@ -416,9 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=verifier.ARTIFACT_DIR)
     parser.add_argument("--cache-dir", type=Path, default=REPO / "out" / "verifier_cache")
     parser.add_argument("--qqp-limit", type=int, default=12000, help="qqp pairs used per part")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=4e-5)
+    parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("TRAIN_THREADS", "2")))
     parser.add_argument("--head", choices=("logistic", "mlp"), default="logistic")

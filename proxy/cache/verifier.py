@@ -61,7 +61,7 @@ LAYER_NORM_EPS = 1e-12
 # Defaults for the tier settings (the lead puts these into the config defaults), chosen on the
 # tuning part of cache_pairs_dev.csv.gz; see proxy/cache/artifacts/README.md and docs/benchmarks.md.
 DEFAULT_SIMILARITY_THRESHOLD = 0.50
-DEFAULT_VERIFIER_CUTOFF = 0.82
+DEFAULT_VERIFIER_CUTOFF = 0.81
 
 Vector = NDArray[np.float32]
 
