@@ -145,13 +145,18 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
 
         async with services.limiter.admit(principal, prompt_tokens=prompt_bound) as ticket:
             plan = _cache_plan(request, req, principal, services)
+            exchange.baseline = allowed[-1]
+            # The cheapest hit first: an exact answer from the strongest engine this request may
+            # use is good enough whatever the router would say, and it needs no embedding.
+            hit = await _exact_lookup(services, plan, req, principal, allowed[-1])
+            if hit is not None:
+                return _respond_from_cache(request, req, hit, exchange, services)
             text = last_user_text(req)
             embedding = await _embed(services, req, requested, allowed, plan, text)
             decision = _route(services, req, requested, allowed, principal, embedding)
             engine = services.by_name[decision.engine]
             exchange.routed = exchange.engine = engine
             exchange.route_reason, exchange.route_score = decision.reason, decision.score
-            exchange.baseline = allowed[-1] if requested == VIRTUAL_MODEL else engine
             services.metrics.route_decision(
                 tier=principal.tier, engine=engine.name, reason=decision.reason
             )
@@ -400,6 +405,29 @@ def _plan_keys(
     if not plan.lookups or plan.lookups[0].engine != engines[0].name:
         plan.lookups.clear()
         plan.mode = CacheMode.OFF
+
+
+async def _exact_lookup(
+    services: Services,
+    plan: CachePlan,
+    req: CompletionRequest,
+    principal: Principal,
+    engine: Engine,
+) -> CacheHit | None:
+    cache = services.cache
+    if cache is None or not plan.mode.read or engine.version is None:
+        return None
+    partition = Partition.for_request(
+        plan.scope, tier=principal.tier, tenant=principal.tenant, user=req.user
+    )
+    keys = make_keys(
+        ENDPOINTS[req.kind], req.body, engine=engine.name, version=engine.version,
+        partition=partition,
+    )  # fmt: skip
+    hit = await cache.lookup(keys, embedding=None, mode=plan.mode, semantic=False)
+    if hit is not None:
+        services.metrics.cache_lookup(kind="exact", scope=plan.scope.value, hit=True)
+    return hit
 
 
 async def _lookup(
