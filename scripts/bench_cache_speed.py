@@ -1,0 +1,266 @@
+"""Cache speed through the proxy, on loopback, against a zero-delay fake engine.
+
+    .venv/bin/python scripts/bench_cache_speed.py [--out out/cache_speed]
+
+Measures (targets from the cache issue):
+  * exact hit: p50 <= 0.3 ms and p99 <= 1 ms at concurrency 1 (wrk, one cached request)
+  * semantic path (embedding + ANN search + guards + verifier): p99 <= 10 ms at concurrency 1,
+    for lookups that hit (a paraphrase of a stored question) and that miss (a new question;
+    the zero-delay engine's answer time is subtracted by measuring the same request with the
+    cache off)
+  * semantic lookups/s at concurrency 64 (>= 400 on a 2-core machine)
+
+Questions come from ../shared/data/cache_paraphrases_mock.json.gz (read at run time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data" / "cache_paraphrases_mock.json.gz"
+CONFIG = """\
+server: {{host: 127.0.0.1, port: {port}}}
+engines:
+  - name: bench
+    model: bench-model
+    urls: ["http://127.0.0.1:{engine_port}"]
+cache: {{enabled: {cache}, semantic: true, scope: global}}
+routing: {{enabled: false}}
+policies: null
+data_dir: {data_dir}
+logging: {{format: json, level: warning}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        command, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def wait_ready(url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url + "/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} never became ready")
+
+
+def body(text: str) -> dict[str, Any]:
+    return {
+        "model": "bench-model",
+        "messages": [{"role": "user", "content": text}],
+        "temperature": 0,
+        "max_tokens": 16,
+    }
+
+
+async def timed_posts(
+    session: aiohttp.ClientSession, url: str, texts: list[str], concurrency: int
+) -> tuple[list[float], dict[str, int], float]:
+    latencies: list[float] = []
+    outcomes: dict[str, int] = {}
+    queue = list(reversed(texts))
+
+    async def worker() -> None:
+        while queue:
+            text = queue.pop()
+            t0 = time.perf_counter()
+            async with session.post(url + "/v1/chat/completions", json=body(text)) as resp:
+                await resp.read()
+                outcome = resp.headers.get("x-frugal-cache", "?")
+            latencies.append(time.perf_counter() - t0)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, outcomes, time.perf_counter() - started
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def wrk_latency(url: str, text: str, seconds: int) -> dict[str, float]:
+    lua = Path(tempfile.mkstemp(suffix=".lua")[1])
+    payload = json.dumps(body(text)).replace("'", "\\'")
+    lua.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = '{payload}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        "done = function(summary, latency, requests)\n"
+        '  io.write(string.format("P50 %f\\nP99 %f\\n", latency:percentile(50), '
+        "latency:percentile(99)))\nend\n"
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", "-c1", f"-d{seconds}s", "-s", str(lua), url + "/v1/chat/completions"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    values = dict(line.split() for line in out.splitlines() if line.startswith(("P50", "P99")))
+    return {"p50_ms": float(values["P50"]) / 1000, "p99_ms": float(values["P99"]) / 1000}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    with gzip.open(DATA, "rt") as f:
+        pairs = json.load(f)
+    pairs = [(p["origin"], p["similar"]) for p in pairs if p.get("origin") and p.get("similar")]
+    pairs = pairs[: args.pairs]
+    work = Path(tempfile.mkdtemp(prefix="frugal-cache-speed-"))
+    engine_port = free_port()
+    procs = [
+        start(
+            [sys.executable, "-m", "proxy", "fake-engine", "--port", str(engine_port),
+             "--model", "bench-model"],
+            work / "engine.log",
+        )
+    ]  # fmt: skip
+    results: dict[str, Any] = {"pairs": len(pairs), "load_avg_before": os.getloadavg()}
+    try:
+        urls = {}
+        for name, cache in (("cached", "true"), ("uncached", "false")):
+            port = free_port()
+            config = work / f"{name}.yaml"
+            config.write_text(
+                CONFIG.format(
+                    port=port, engine_port=engine_port, cache=cache, data_dir=work / f"data-{name}"
+                )  # fmt: skip
+            )
+            procs.append(
+                start(
+                    [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+                    work / f"{name}.log",
+                )  # fmt: skip
+            )
+            urls[name] = f"http://127.0.0.1:{port}"
+        for url in urls.values():
+            await wait_ready(url)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            cached, uncached = urls["cached"], urls["uncached"]
+            # Warm both (model load, connections), then store the originals one by one.
+            await timed_posts(session, cached, ["warm-up question one"], 1)
+            await timed_posts(session, uncached, ["warm-up question one"], 1)
+            base, _, _ = await timed_posts(session, uncached, [o for o, _ in pairs], 1)
+            miss, miss_outcomes, _ = await timed_posts(session, cached, [o for o, _ in pairs], 1)
+            await asyncio.sleep(1.0)  # background stores land
+            hit, hit_outcomes, _ = await timed_posts(session, cached, [s for _, s in pairs], 1)
+            results["uncached_request"] = {"p50_ms": pct(base, 0.5), "p99_ms": pct(base, 0.99)}
+            results["semantic_miss_c1"] = {
+                "p50_ms": pct(miss, 0.5),
+                "p99_ms": pct(miss, 0.99),
+                "added_p99_ms": pct(miss, 0.99) - pct(base, 0.99),
+                "outcomes": miss_outcomes,
+            }
+            hits_only = [lat for lat in hit]
+            results["semantic_lookup_c1"] = {
+                "p50_ms": pct(hits_only, 0.5),
+                "p99_ms": pct(hits_only, 0.99),
+                "outcomes": hit_outcomes,
+            }
+            # Throughput: fresh paraphrase-like questions (semantic lookups that miss) and the
+            # paraphrases again (exact hits now) are not mixed: new texts only.
+            fresh = [f"{s} (variant {i})" for i, (_, s) in enumerate(pairs)] * args.repeat
+            lat64, out64, wall = await timed_posts(session, cached, fresh, 64)
+            results["semantic_lookups_c64"] = {
+                "per_s": len(fresh) / wall,
+                "p99_ms": pct(lat64, 0.99),
+                "outcomes": out64,
+            }
+            # Exact hits: the first original is stored; wrk at concurrency 1.
+        results["exact_hit_c1"] = wrk_latency(urls["cached"], pairs[0][0], args.wrk_seconds)
+        results["uncached_c1_wrk"] = wrk_latency(urls["uncached"], pairs[0][0], args.wrk_seconds)
+    finally:
+        for proc in procs:
+            stop(proc)
+        results["load_avg_after"] = os.getloadavg()
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def report(results: dict[str, Any], command: str) -> str:
+    day = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    e, s, m, t = (
+        results["exact_hit_c1"],
+        results["semantic_lookup_c1"],
+        results["semantic_miss_c1"],
+        results["semantic_lookups_c64"],
+    )
+    lines = [
+        f"# Cache speed through the proxy ({day})",
+        "",
+        f"Command: `{command}`; {results['pairs']} paraphrase pairs; load average before "
+        f"{[round(x, 1) for x in results['load_avg_before']]}, after "
+        f"{[round(x, 1) for x in results['load_avg_after']]}.",
+        "",
+        "| measure | figure | target |",
+        "| --- | --- | --- |",
+        f"| exact hit, c=1 (wrk) | p50 {e['p50_ms']:.3f} ms, p99 {e['p99_ms']:.3f} ms | "
+        "p50 <= 0.3 ms, p99 <= 1 ms |",
+        f"| uncached request, c=1 (wrk, for scale) | p50 {results['uncached_c1_wrk']['p50_ms']:.3f}"
+        f" ms, p99 {results['uncached_c1_wrk']['p99_ms']:.3f} ms | |",
+        f"| semantic lookup of a paraphrase, c=1 | p50 {s['p50_ms']:.1f} ms, p99 "
+        f"{s['p99_ms']:.1f} ms; outcomes {s['outcomes']} | p99 <= 10 ms |",
+        f"| semantic miss, c=1 (whole request) | p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f}"
+        f" ms (+{m['added_p99_ms']:.1f} ms over no cache) | p99 <= 10 ms |",
+        f"| semantic lookups, c=64 | {t['per_s']:.0f}/s, p99 {t['p99_ms']:.0f} ms | >= 400/s |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--wrk-seconds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "cache_speed")
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    text = report(results, "python scripts/bench_cache_speed.py " + " ".join(sys.argv[1:]))
+    (args.out / "report.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
