@@ -55,18 +55,9 @@ def build_parser(*, operator_tools: bool = True) -> argparse.ArgumentParser:
     up.set_defaults(run=_up)
 
     fake = sub.add_parser("fake-engine", help="an OpenAI/vLLM-shaped fake engine for tests")
-    fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, required=True)
-    fake.add_argument("--model", required=True)
-    fake.add_argument("--ttft-ms", type=float, default=0.0)
-    fake.add_argument("--tokens-per-s", type=float, default=0.0, help="0 = no delay")
-    fake.add_argument("--completion-tokens", type=int, default=16)
-    fake.add_argument(
-        "--fail",
-        default="",
-        help="failure modes, comma-separated: 500, 503:0.25 (status:fraction), hang, "
-        "abort:K (cut the stream after K chunks), health",
-    )
+    from proxy.engines.fake import add_cli_arguments
+
+    add_cli_arguments(fake)
     fake.set_defaults(run=_fake_engine)
 
     if operator_tools:
@@ -111,25 +102,13 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _fake_engine(args: argparse.Namespace) -> int:
-    from proxy.engines.fake import (
-        FakeEngineOptions,
-        apply_overrides,
-        parse_fail_spec,
-        run_fake_engine,
-    )
+    from proxy.engines.fake import options_from_cli, run_fake_engine
 
-    options = FakeEngineOptions(
-        model=args.model,
-        ttft_ms=args.ttft_ms,
-        tokens_per_s=args.tokens_per_s,
-        completion_tokens=args.completion_tokens,
-    )
-    if args.fail:
-        try:
-            options = apply_overrides(options, parse_fail_spec(args.fail))
-        except ValueError as exc:
-            print(f"frugal fake-engine: --fail: {exc}", file=sys.stderr)
-            return 2
+    try:
+        options = options_from_cli(args)
+    except ValueError as exc:
+        print(f"frugal fake-engine: {exc}", file=sys.stderr)
+        return 2
     run_fake_engine(options, host=args.host, port=args.port)
     return 0
 
