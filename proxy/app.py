@@ -274,7 +274,9 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
         encode,  # type: ignore[arg-type]
         max_batch=settings.max_batch,
         max_wait_ms=settings.max_wait_ms,
-        on_batch=lambda size, seconds: metrics.embedding_batch(size=size, encode_s=seconds),
+        on_batch=lambda size, seconds, waited: metrics.embedding_batch(
+            size=size, encode_s=seconds, wait_s=waited
+        ),
     )
     async with worker:
         services.embedder, services.encode = worker, encode  # type: ignore[assignment]

@@ -24,7 +24,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 Encode = Callable[[list[str]], np.ndarray]
-OnBatch = Callable[[int, float], None]
+# (texts encoded, seconds encoding, seconds the batch's first text waited for the flush)
+OnBatch = Callable[[int, float, float], None]
 
 
 class WorkerClosed(RuntimeError):
@@ -45,6 +46,7 @@ class EmbeddingWorker:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self._on_batch = on_batch
+        self._first_arrival = 0.0
         self._queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -96,6 +98,7 @@ class EmbeddingWorker:
         self, queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]]
     ) -> list[tuple[str, asyncio.Future[np.ndarray]]]:
         batch = [await queue.get()]
+        self._first_arrival = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self.max_wait
         while len(batch) < self.max_batch:
             if not queue.empty():
@@ -128,6 +131,7 @@ class EmbeddingWorker:
         # identical texts in one batch (a burst of the same question) are encoded once
         unique = list(dict.fromkeys(text for text, _ in batch))
         started = time.perf_counter()
+        waited = started - self._first_arrival
         try:
             vectors = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._encode, unique
@@ -145,7 +149,7 @@ class EmbeddingWorker:
                 future.set_result(rows[text])
         if self._on_batch is not None:
             try:
-                self._on_batch(len(unique), elapsed)
+                self._on_batch(len(unique), elapsed, waited)
             except Exception:
                 log.warning("embeddings.on_batch_failed", exc_info=True)
 

@@ -26,7 +26,7 @@ async def test_concurrent_calls_share_a_batch_on_the_model_thread() -> None:
     model = FakeModel()
     seen: list[tuple[int, float]] = []
     async with EmbeddingWorker(
-        model, max_batch=32, max_wait_ms=200, on_batch=lambda n, s: seen.append((n, s))
+        model, max_batch=32, max_wait_ms=200, on_batch=lambda n, s, w: seen.append((n, s))
     ) as worker:
         texts = [f"text number {i}" + "x" * i for i in range(10)]
         vectors = await asyncio.gather(*(worker.embed(t) for t in texts))
