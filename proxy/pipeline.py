@@ -218,7 +218,13 @@ async def _read_body(request: web.Request, services: Services) -> bytes:
     limit = services.settings.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    body = await request.content.read(limit + 1)
+    try:
+        # The whole body (a chunked one too); the app's client_max_size stops it past the limit.
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(
+            f"The request body is larger than the limit of {limit} bytes."
+        ) from None
     if len(body) > limit:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
     if not body:

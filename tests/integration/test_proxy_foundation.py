@@ -344,3 +344,40 @@ async def test_conversation_sticks_to_one_replica(
         assert sorted(grew) == [0, 0, 3], grew
     # Different conversations spread over the replicas.
     assert sum(1 for r in replicas if r.state.counters.requests) >= 2
+
+
+async def test_large_and_chunked_bodies_arrive_whole(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    small, _, p = await _two_engines(start_fake, start_proxy)
+    text = "word " * 200_000  # ~1 MB: many TCP segments
+    body = {**CHAT, "messages": [{"role": "user", "content": text}]}
+    resp = await p.client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200, await resp.text()
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        raw = orjson.dumps(body)
+        for i in range(0, len(raw), 65536):
+            yield raw[i : i + 65536]
+
+    resp = await p.client.post(
+        "/v1/chat/completions", data=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 200, await resp.text()
+    assert orjson.loads(small.state.log[-1].body)["messages"][0]["content"] == text
+
+
+async def test_chunked_body_over_the_limit_is_413(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    _, _, p = await _two_engines(start_fake, start_proxy, server={"max_body_bytes": 1000})
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(10):
+            yield b" " * 500
+
+    resp = await p.client.post(
+        "/v1/chat/completions", data=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == "payload_too_large"
