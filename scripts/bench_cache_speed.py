@@ -163,13 +163,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             config.write_text(
                 CONFIG.format(
                     port=port, engine_port=engine_port, cache=cache, data_dir=work / f"data-{name}"
-                )  # fmt: skip
+                )
             )
             procs.append(
                 start(
                     [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
                     work / f"{name}.log",
-                )  # fmt: skip
+                )
             )
             urls[name] = f"http://127.0.0.1:{port}"
         for url in urls.values():

@@ -629,8 +629,7 @@ class ResponseCache:
                             first = False
                             self._ready.set()
                     elif (
-                        isinstance(event, EntryAdded)
-                        and event.entry.meta.label not in self._labels
+                        isinstance(event, EntryAdded) and event.entry.meta.label not in self._labels
                     ):
                         # (our own writes come back through the stream too)
                         self._index_entry(event.entry)
