@@ -195,7 +195,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
                 )
                 spend.record(engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out))
             ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
-            if req.kind == "chat" and len(req.body["messages"]) > 1:
+            if req.kind == "chat":
                 services.router.remember(
                     conversation_prefix(req), engine.name, exchange.route_score
                 )
@@ -324,7 +324,9 @@ def _route(
     threshold = router.threshold(
         principal.tier, share=routing.strong_share, fixed=routing.score_threshold
     )
-    follow_up = req.kind == "chat" and len(req.body["messages"]) > 2
+    follow_up = req.kind == "chat" and any(
+        m.get("role") == "assistant" for m in req.body["messages"]
+    )
     return router.decide(
         requested=VIRTUAL_MODEL,
         allowed=allowed,

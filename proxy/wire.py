@@ -213,12 +213,14 @@ def last_user_text(request: CompletionRequest) -> str | None:
 
 
 def conversation_prefix(request: CompletionRequest) -> bytes:
-    """What identifies a conversation for replica affinity: its first two messages.
+    """What identifies a conversation: its messages up to and including the first user turn.
 
-    Later turns of the same conversation share them, so they hash to the same replica and
-    reuse vLLM's prefix cache there.
+    Every later turn of the same conversation starts with them, so all its requests hash to the
+    same replica (reusing vLLM's prefix cache there) and find the engine that served it before.
     """
     if request.kind == "completion":
         prompt = request.body.get("prompt")
         return orjson.dumps(prompt)[:512]
-    return orjson.dumps(request.body["messages"][:2])
+    messages = request.body["messages"]
+    end = next((i for i, m in enumerate(messages) if m.get("role") == "user"), 0)
+    return orjson.dumps(messages[: end + 1])

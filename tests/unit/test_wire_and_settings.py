@@ -108,3 +108,23 @@ def test_relative_policies_resolve_next_to_the_config(tmp_path: Path) -> None:
     assert load_settings(path).policies == tmp_path / "tiers"
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "missing.yaml")
+
+
+def test_a_conversation_keeps_its_prefix_across_turns() -> None:
+    from proxy.wire import conversation_prefix
+
+    def prefix(messages: list[dict[str, str]]) -> bytes:
+        return conversation_prefix(
+            parse_request(orjson.dumps({"model": "m", "messages": messages}), "chat")
+        )
+
+    for opening in ([], [{"role": "system", "content": "be brief"}]):
+        first = [*opening, {"role": "user", "content": "hello"}]
+        later = [
+            *first,
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "more"},
+        ]
+        assert prefix(first) == prefix(later)
+        other = [*opening, {"role": "user", "content": "another conversation"}]
+        assert prefix(other) != prefix(first)
