@@ -117,10 +117,28 @@ class CachePlan:
     semantic: bool = False
     ttl_s: float | None = None
     scope: Scope = Scope.TENANT
+    partition: Partition | None = None
+    _keys: dict[str, CacheKeys] = field(default_factory=dict)
 
     @property
     def keys(self) -> CacheKeys | None:
         return self.lookups[0] if self.lookups else None
+
+    def keys_for(self, req: CompletionRequest, engine: Engine) -> CacheKeys | None:
+        """The request's keys for one engine version, hashed once per request and engine."""
+        if self.partition is None or engine.version is None:
+            return None  # an engine whose weights are unknown can neither serve nor store
+        keys = self._keys.get(engine.name)
+        if keys is None:
+            keys = make_keys(
+                ENDPOINTS[req.kind],
+                req.body,
+                engine=engine.name,
+                version=engine.version,
+                partition=self.partition,
+            )
+            self._keys[engine.name] = keys
+        return keys
 
 
 async def complete(request: web.Request, kind: Kind, services: Services) -> web.StreamResponse:
@@ -148,7 +166,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
             exchange.baseline = allowed[-1]
             # The cheapest hit first: an exact answer from the strongest engine this request may
             # use is good enough whatever the router would say, and it needs no embedding.
-            hit = await _exact_lookup(services, plan, req, principal, allowed[-1])
+            hit = await _exact_lookup(services, plan, req, allowed[-1])
             if hit is not None:
                 return _respond_from_cache(request, req, hit, exchange, services)
             text = last_user_text(req)
@@ -163,7 +181,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
             _prepare_upstream_body(req, engine)
 
             stronger = allowed[allowed.index(engine) + 1 :] if requested == VIRTUAL_MODEL else []
-            _plan_keys(plan, req, principal, [engine, *stronger], services)
+            _plan_keys(plan, req, [engine, *stronger])
             hit = await _lookup(services, plan, embedding, exchange)
             if hit is not None:
                 return _respond_from_cache(request, req, hit, exchange, services)
@@ -248,7 +266,7 @@ def _allowed_engines(services: Services, requested: str) -> list[Engine]:
         return [services.by_model[requested]]
     # `auto` may reach every engine: the tier's routing settings (strong_share or threshold)
     # decide how much of it goes to the stronger ones, not its list of nameable models.
-    return services.router.weak_to_strong(services.engines)
+    return services.router.weak_to_strong
 
 
 def _cap_max_tokens(req: CompletionRequest, policy: TierPolicy, exchange: Exchange) -> None:
@@ -378,60 +396,37 @@ def _cache_plan(
         body=req.body,
         allow_sampled=policy.cache_sampled,
     )
+    scope = Scope(policy.scope)
     return CachePlan(
         mode,
         semantic=policy.semantic and services.settings.cache.semantic,
         ttl_s=float(policy.ttl_seconds),
-        scope=Scope(policy.scope),
+        scope=scope,
+        partition=Partition.for_request(
+            scope, tier=principal.tier, tenant=principal.tenant, user=req.user
+        ),
     )
 
 
-def _plan_keys(
-    plan: CachePlan,
-    req: CompletionRequest,
-    principal: Principal,
-    engines: list[Engine],
-    services: Services,
-) -> None:
+def _plan_keys(plan: CachePlan, req: CompletionRequest, engines: list[Engine]) -> None:
     if plan.mode is CacheMode.OFF:
         return
-    partition = Partition.for_request(
-        plan.scope, tier=principal.tier, tenant=principal.tenant, user=req.user
-    )
     for engine in engines if plan.mode.read else engines[:1]:
-        if engine.version is None:
-            continue  # an engine whose weights are unknown can neither serve nor store answers
-        plan.lookups.append(
-            make_keys(
-                ENDPOINTS[req.kind],
-                req.body,
-                engine=engine.name,
-                version=engine.version,
-                partition=partition,
-            )
-        )
+        keys = plan.keys_for(req, engine)
+        if keys is not None:
+            plan.lookups.append(keys)
     if not plan.lookups or plan.lookups[0].engine != engines[0].name:
         plan.lookups.clear()
         plan.mode = CacheMode.OFF
 
 
 async def _exact_lookup(
-    services: Services,
-    plan: CachePlan,
-    req: CompletionRequest,
-    principal: Principal,
-    engine: Engine,
+    services: Services, plan: CachePlan, req: CompletionRequest, engine: Engine
 ) -> CacheHit | None:
     cache = services.cache
-    if cache is None or not plan.mode.read or engine.version is None:
+    keys = plan.keys_for(req, engine) if plan.mode.read else None
+    if cache is None or keys is None:
         return None
-    partition = Partition.for_request(
-        plan.scope, tier=principal.tier, tenant=principal.tenant, user=req.user
-    )
-    keys = make_keys(
-        ENDPOINTS[req.kind], req.body, engine=engine.name, version=engine.version,
-        partition=partition,
-    )  # fmt: skip
     hit = await cache.lookup(keys, embedding=None, mode=plan.mode, semantic=False)
     if hit is not None:
         services.metrics.cache_lookup(kind="exact", scope=plan.scope.value, hit=True)

@@ -48,10 +48,11 @@ class Router:
     _trackers: dict[tuple[str, float], ShareTracker] = field(default_factory=dict)
     _sticky: OrderedDict[bytes, tuple[str, float | None]] = field(default_factory=OrderedDict)
     _ttft: dict[str, _TtftEstimate] = field(default_factory=dict)
-    _order: dict[str, int] = field(init=False)
+    weak_to_strong: list[Engine] = field(init=False)
 
     def __post_init__(self) -> None:
-        # Weak to strong: by price, then by the order of the config.
+        # What `auto` may choose from, weak to strong: by price, then by the config's order.
+        # Fixed for the app's lifetime, so ordered once here rather than per request.
         ranked = sorted(
             enumerate(self.engines),
             key=lambda ie: (
@@ -60,16 +61,7 @@ class Router:
                 ie[0],
             ),
         )
-        self._order = {engine.name: rank for rank, (_, engine) in enumerate(ranked)}
-
-    # -- what a tier may use ----------------------------------------------------------------
-
-    def weak_to_strong(self, engines: Sequence[Engine]) -> list[Engine]:
-        return sorted(engines, key=lambda e: self._order[e.name])
-
-    @property
-    def strongest(self) -> Engine:
-        return max(self.engines, key=lambda e: self._order[e.name])
+        self.weak_to_strong = [engine for _, engine in ranked]
 
     # -- scoring ----------------------------------------------------------------------------
 
