@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,20 @@ class FakeEngine:
 
 
 StartFake = Callable[..., Awaitable[FakeEngine]]
+
+
+async def wait_until(
+    check: Callable[[], bool | Awaitable[bool]], *, timeout_s: float = 5.0, step_s: float = 0.05
+) -> None:
+    """Poll ``check`` (sync or async) until it holds or the time is up; the caller asserts."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(step_s)
 
 
 @pytest.fixture

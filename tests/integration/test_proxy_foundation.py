@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from proxy.sse import parse_all
-from tests.integration.conftest import StartFake, StartProxy, engine_config
+from tests.integration.conftest import StartFake, StartProxy, engine_config, wait_until
 
 CHAT = {"model": "small-model", "messages": [{"role": "user", "content": "Say hi"}]}
 
@@ -132,23 +132,21 @@ async def test_models_lists_every_engine_and_auto(
     assert ids == ["auto", "small-model", "large-model"]
 
 
+async def _status_is(p: Any, path: str, status: int) -> bool:
+    return (await p.client.get(path)).status == status
+
+
 async def test_health_ready_and_metrics(start_fake: StartFake, start_proxy: StartProxy) -> None:
     small, _, p = await _two_engines(start_fake, start_proxy)
     assert (await p.client.get("/healthz")).status == 200
-    for _ in range(50):
-        if (await p.client.get("/readyz")).status == 200:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: _status_is(p, "/readyz", 200))
     assert (await p.client.get("/readyz")).status == 200
     await p.client.post("/v1/chat/completions", json=CHAT)
     text = await (await p.client.get("/metrics")).text()
     assert "frugal_requests_total" in text
     assert "vllm:" not in text
     small.configure(health_fail=True)
-    for _ in range(50):
-        if (await p.client.get("/readyz")).status == 503:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: _status_is(p, "/readyz", 503))
     ready = await p.client.get("/readyz")
     assert ready.status == 503
     assert (await ready.json())["engines"]["small"]["ready"] is False
@@ -251,10 +249,7 @@ async def test_dead_replica_is_retried_then_503_when_all_down(
 async def test_no_healthy_replica_is_503(start_fake: StartFake, start_proxy: StartProxy) -> None:
     sick = await start_fake("m", health_fail=True)
     p = await start_proxy([engine_config("e", "m", [sick.url])])
-    for _ in range(50):
-        if p.services.engines[0].replicas[0].healthy is False:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: p.services.engines[0].replicas[0].healthy is False)
     resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
     assert resp.status == 503
     assert (await resp.json())["error"]["code"] == "no_healthy_replica"
@@ -296,10 +291,7 @@ async def test_client_disconnect_aborts_the_engine_request(
     assert resp.status == 200
     await resp.content.readany()  # the stream has begun
     resp.close()  # the client leaves
-    for _ in range(100):
-        if slow.state.counters.aborted == 1:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: slow.state.counters.aborted == 1)
     assert slow.state.counters.aborted == 1
     assert p.services.engines[0].replicas[0].inflight == 0
 
@@ -310,15 +302,9 @@ async def test_client_disconnect_before_first_token_aborts_too(
     slow = await start_fake("m", ttft_ms=3000)
     p = await start_proxy([engine_config("e", "m", [slow.url])])
     task = asyncio.create_task(p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"}))
-    for _ in range(100):
-        if slow.state.in_flight == 1:
-            break
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: slow.state.in_flight == 1)
     task.cancel()
-    for _ in range(100):
-        if slow.state.counters.aborted == 1:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: slow.state.counters.aborted == 1)
     assert slow.state.counters.aborted == 1
     assert p.services.engines[0].replicas[0].inflight == 0
 
