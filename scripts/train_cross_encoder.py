@@ -54,11 +54,13 @@ from train_verifier import (  # noqa: E402
     out_of_fold_scores,
     part,
     recall_at_precision,
+    tuned_vectors,
 )
 
 from proxy.cache import cross_encoder, guards, verifier  # noqa: E402
 
 CHECKPOINT = "checkpoint.safetensors"
+MIN_THRESHOLD = 0.50  # the lowest similarity threshold choose_defaults considers
 # Small sources are repeated so qqp does not drown them.
 REPEAT = {"qqp": 1, "apt": 2, "redis_chatgpt": 8}
 
@@ -127,6 +129,13 @@ def train(args: argparse.Namespace) -> None:
         1, 3 * verifier.HIDDEN, requires_grad=True
     )
     params[cross_encoder.CLASSIFIER_BIAS] = torch.zeros(1, requires_grad=True)
+    if args.resume is not None:
+        # Continue an earlier run (its checkpoint holds every trained tensor).
+        params = {
+            k: v.float().clone().requires_grad_(True)
+            for k, v in load_file(str(args.resume)).items()
+        }
+        log(f"continuing from {args.resume}")
 
     fit = part(load_pairs(args.data), "fit", args.qqp_limit)
     examples: list[tuple[str, str, int]] = []
@@ -193,6 +202,7 @@ def save(params: dict[str, object], args: argparse.Namespace, path: Path, step: 
         str(path),
         metadata={
             "init_layers": str(args.init_layers.name),
+            "resumed_from": str(args.resume) if args.resume else "",
             "steps": str(step),
             "seed": str(args.seed),
             "lr": str(args.lr),
@@ -211,20 +221,27 @@ def head(args: argparse.Namespace) -> None:
     model = verifier.Verifier.load(args.out, cross=False)
     cross = cross_encoder.CrossEncoder.load(args.work / CHECKPOINT, model.encoder)
     calib: list[Pair] = part(load_pairs(args.data), "calib", args.qqp_limit // 4)
-    texts = sorted({t for p in calib for t in (p.a, p.b)})
-    log(f"{len(calib)} calib pairs, {len(texts)} texts: encoding")
-    encoded = model.encoder.encode(texts)
-    row = {t: i for i, t in enumerate(texts)}
-    # Cache protocol: the cache holds a, b is looked up (query = b, candidate = a).
-    qi = np.array([row[p.b] for p in calib])
-    ci = np.array([row[p.a] for p in calib])
-    cosines = (encoded.base[qi] * encoded.base[ci]).sum(axis=1)
-    vcos = (encoded.verifier[qi] * encoded.verifier[ci]).sum(axis=1)
+    # Lower-layer states come from the token cache (as in training): only the top layers run.
+    cache = token_cache(args, model.encoder)
+    qa, ca = [p.b for p in calib], [p.a for p in calib]
+    log(f"{len(calib)} calib pairs: tuned vectors")
+    cosines = (
+        cache.base[[cache.index[t] for t in qa]] * cache.base[[cache.index[t] for t in ca]]
+    ).sum(axis=1)
+    tuned = dict(model.encoder.tuned)
+    vcos = (
+        tuned_vectors(model.encoder, cache, qa, tuned)
+        * tuned_vectors(model.encoder, cache, ca, tuned)
+    ).sum(axis=1)
     comparisons = [guards.compare(guards.parse(p.b), guards.parse(p.a)) for p in calib]
     vetoed = np.array([bool(c.vetoes) for c in comparisons])
+    # The head only ever sees pairs past the lowest threshold and the guards: fit it on those.
+    eligible = (cosines >= MIN_THRESHOLD) & ~vetoed
+    idx = np.flatnonzero(eligible)
     started = time.time()
-    logits = cross.logits([(p.b, p.a) for p in calib])
-    log(f"cross-encoder scored {len(calib)} pairs in {time.time() - started:.0f}s")
+    logits = np.full(len(calib), -10.0)
+    logits[idx] = cached_logits(cross, cache, [(calib[i].b, calib[i].a) for i in idx])
+    log(f"cross-encoder scored {len(idx)} eligible pairs in {time.time() - started:.0f}s")
     rows = np.asarray(
         [
             verifier.cross_pair_features(float(v), float(c), comp.features, float(x))
@@ -234,8 +251,11 @@ def head(args: argparse.Namespace) -> None:
     )
     labels = np.array([p.label for p in calib])
     sources = [p.source for p in calib]
-    scores = out_of_fold_scores(rows, labels, sources, args.seed, "logistic")
-    fitted = fit_head(rows, labels, sources, args.seed, "logistic")
+    scores = np.zeros(len(calib))
+    scores[idx] = out_of_fold_scores(
+        rows[idx], labels[idx], [sources[i] for i in idx], args.seed, "logistic"
+    )
+    fitted = fit_head(rows[idx], labels[idx], [sources[i] for i in idx], args.seed, "logistic")
     fitted = verifier.Head(
         weights=fitted.weights,
         bias=fitted.bias,
@@ -285,6 +305,24 @@ def head(args: argparse.Namespace) -> None:
     log(f"wrote {args.out / verifier.CROSS_FILE} and the cross section of {head_path}")
 
 
+def cached_logits(
+    cross: cross_encoder.CrossEncoder, cache: TokenCache, pairs: Sequence[tuple[str, str]]
+) -> np.ndarray:
+    """Cross-encoder logits from cached lower-layer states (the top layers only)."""
+    import torch
+
+    out = np.zeros(len(pairs))
+    with torch.inference_mode():
+        for start in range(0, len(pairs), 64):
+            chunk = pairs[start : start + 64]
+            hq, mq = padded_batch(cache, [q for q, _ in chunk], 128)
+            hc, mc = padded_batch(cache, [c for _, c in chunk], 128)
+            out[start : start + len(chunk)] = (
+                cross_encoder.joint_forward(hq, mq, hc, mc, cross.tuned).double().numpy()
+            )
+    return out
+
+
 def choose_gate(labels: np.ndarray, accepted: np.ndarray, bi: np.ndarray) -> float:
     """The highest bi-encoder score gate that keeps >= 99% of the correct calib hits: pairs
     below it are rejected without a cross-encoder pass (cheaper lookups, same answers)."""
@@ -312,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="top layers to start from (default: the bi-encoder verifier's)",
     )
     parser.add_argument("--max-tokens", type=int, default=48, help="per question, training")
+    parser.add_argument("--resume", type=Path, default=None, help="checkpoint to continue")
     parser.add_argument("--cache-dir", type=Path, default=REPO / "out" / "verifier_cache")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=0, help="0: whole epochs")
