@@ -109,9 +109,9 @@ class CacheSettings(StrictModel):
         None, ge=0, le=1, description="default: the verifier's own"
     )
     cross_encoder: bool = Field(
-        True,
-        description="verifier reads query and candidate together (best candidate only; about "
-        "one more embedding pass on lookups that reach it); off: bi-encoder head only",
+        False,
+        description="verifier also reads query and candidate together (best candidate only; "
+        "about one more embedding pass on lookups that reach it); off: bi-encoder head only",
     )
     cache_sampled: bool = False
     size_limit_gb: float = Field(4.0, gt=0, description="disk backend: evicts beyond it")

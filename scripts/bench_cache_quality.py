@@ -11,11 +11,12 @@ true paraphrases) checks that the verifier generalises beyond the dev sources.
 
 Writes to --out (default out/cache_quality/): pr_<source>.png, pr_handwritten.png, results.md,
 results.json. With --speed it also times the verification path (fused embedding pass, usearch ANN
-search, guards + head, cross-encoder on the best candidate) at batch 1 and batch 64. --no-cross
-measures the bi-encoder head alone (the setting cache.cross_encoder: false).
+search, guards + head, and with --cross the cross-encoder on the best candidate) at batch 1 and
+batch 64. --cross measures the verifier with its cross-encoder (the setting cache.cross_encoder:
+true); without it, the bi-encoder head alone (the default).
 
 Usage:
-  .venv/bin/python scripts/bench_cache_quality.py [--out out/cache_quality] [--speed] [--no-cross]
+  .venv/bin/python scripts/bench_cache_quality.py [--out out/cache_quality] [--speed] [--cross]
 """
 
 from __future__ import annotations
@@ -523,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--speed", action="store_true", help="also time the lookup path")
     parser.add_argument(
-        "--no-cross", action="store_true", help="bi-encoder head only (cache.cross_encoder: false)"
+        "--cross", action="store_true", help="with the cross-encoder (cache.cross_encoder: true)"
     )
     args = parser.parse_args(argv)
 
@@ -531,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = verifier.Verifier.load(args.artifacts, cross=not args.no_cross)
+    model = verifier.Verifier.load(args.artifacts, cross=args.cross)
     threshold = args.threshold if args.threshold is not None else model.threshold
     cutoff = args.cutoff if args.cutoff is not None else model.cutoff
     log(f"threshold {threshold:.2f} cut-off {cutoff:.2f} cross-encoder {model.cross is not None}")

@@ -10,12 +10,13 @@ same question as the incoming one. It has three parts:
   embedding cost.
 * **Head.** A logistic regression over the verifier cosine, the base cosine, lexical overlap and the
   guard features (:mod:`proxy.cache.guards`), giving a same-question probability.
-* **Cross-encoder (optional, on by default).** :mod:`proxy.cache.cross_encoder` reads the query
+* **Cross-encoder (optional, off by default: not yet better on the dev pairs, see
+  docs/benchmarks.md section 3).** :mod:`proxy.cache.cross_encoder` reads the query
   and the candidate together; a second head adds its logit to the features above. It costs about
   one embedding pass per pair, so it runs only on candidates that pass the cosine threshold, the
   guards and a low bi-encoder gate (:attr:`Verifier.cross_gate`), and :class:`CacheVerifier` shows
-  it only its best ``cross_top_k`` candidates. Without it (setting ``cache.cross_encoder: false``
-  or no artifact) the bi-encoder head and its own defaults decide, as before.
+  it only its best ``cross_top_k`` candidates. Without it (setting ``cache.cross_encoder: false``,
+  the default, or no artifact) the bi-encoder head and its own defaults decide.
 * **Decision.** :func:`accept` (pure): base cosine threshold, then hard guard vetoes, then the
   verifier cut-off.
 
@@ -422,7 +423,7 @@ class Verifier:
 
     @classmethod
     def load(
-        cls, path: Path | None = None, model_folder: Path | None = None, *, cross: bool = True
+        cls, path: Path | None = None, model_folder: Path | None = None, *, cross: bool = False
     ) -> Verifier:
         """Load from an artifact folder (default: the one shipped in the package).
 

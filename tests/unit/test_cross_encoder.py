@@ -205,7 +205,7 @@ def test_shipped_cross_encoder_is_small_and_separates_obvious_cases(
     if not path.exists():
         pytest.skip("no cross-encoder artifact")
     assert path.stat().st_size < 10_000_000
-    model = verifier.Verifier.load()
+    model = verifier.Verifier.load(cross=True)
     assert model.cross is not None and model.cross_head is not None
     paraphrase, unrelated = model.cross.logits(
         [
@@ -214,5 +214,9 @@ def test_shipped_cross_encoder_is_small_and_separates_obvious_cases(
         ]
     )
     assert paraphrase > unrelated
-    off = verifier.Verifier.load(cross=False)
+    off = verifier.Verifier.load()  # the default: bi-encoder head only
     assert off.cross is None
+    assert (off.threshold, off.cutoff) == (
+        verifier.DEFAULT_SIMILARITY_THRESHOLD,
+        verifier.DEFAULT_VERIFIER_CUTOFF,
+    )
