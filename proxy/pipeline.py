@@ -655,10 +655,18 @@ async def _relay_stream(
         await _write_quietly(response, err.to_sse())
         if store.flight is not None:
             store.flight.fail(err)
-    except (*_CLIENT_GONE, asyncio.CancelledError):
+    except asyncio.CancelledError:
         upstream.finish(ok=False, aborted=True)
         exchange.status = 499
         raise
+    except _CLIENT_GONE:
+        # The client left mid-stream: the engine is aborted above; nothing is left to write, and
+        # raising would only make aiohttp log a traceback for an ordinary disconnect.
+        upstream.finish(ok=False, aborted=True)
+        exchange.status = 499
+        if store.flight is not None:
+            store.flight.fail(FrugalError("the client left before the stream ended"))
+        return response
     else:
         if assembler is not None and relay.done and assembler.complete:
             store.complete(200, orjson.dumps(assembler.result()))
