@@ -779,6 +779,8 @@ def _finish(exchange: Exchange, services: Services) -> None:
     latency = time.perf_counter() - exchange.started
     engine = exchange.engine
     ok = exchange.status < 400
+    if ok and engine is not None and exchange.upstream_s > 0:
+        services.router.observe_service(engine.name, exchange.upstream_s)
     from_cache = exchange.cache.startswith("hit")
     routed_usd = (
         engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out) if engine else 0.0

@@ -48,6 +48,7 @@ class Router:
     _trackers: dict[tuple[str, float], ShareTracker] = field(default_factory=dict)
     _sticky: OrderedDict[bytes, tuple[str, float | None]] = field(default_factory=OrderedDict)
     _ttft: dict[str, _TtftEstimate] = field(default_factory=dict)
+    _service: dict[str, _TtftEstimate] = field(default_factory=dict)
     weak_to_strong: list[Engine] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -102,15 +103,21 @@ class Router:
     def observe_ttft(self, engine: str, seconds: float) -> None:
         self._ttft.setdefault(engine, _TtftEstimate()).observe(seconds * 1000)
 
+    def observe_service(self, engine: str, seconds: float) -> None:
+        """How long an answer held one of the engine's slots (first byte sent to last received)."""
+        self._service.setdefault(engine, _TtftEstimate()).observe(seconds * 1000)
+
     def load(self, engine: Engine, queued: int, admitted: int) -> EngineLoad:
         """The engine's expected time to first token if a request joined it now."""
         replica_load = engine.load()
         running = max(admitted, int(replica_load.running))
         waiting = queued + int(replica_load.waiting)
         base = self._ttft.get(engine.name, _TtftEstimate()).ms
-        # Queued requests wait for running ones to make room: roughly one base TTFT per
-        # batch-worth of queue ahead.
-        est = base * (1.0 + waiting / max(1, running))
+        # A queued request waits for running ones to finish and make room: one answer's service
+        # time per batch-worth of queue ahead of it (long answers make long queues), then its own
+        # first token. Until an answer has been timed, a TTFT stands in for the service time.
+        service = max(base, self._service.get(engine.name, _TtftEstimate(ms=base)).ms)
+        est = base + service * waiting / max(1, running)
         return EngineLoad(queue_length=waiting, running=running, est_ttft_ms=est)
 
     # -- conversations ----------------------------------------------------------------------
