@@ -11,7 +11,8 @@ Example (``policies/free.yaml``)::
     budget: {usd_per_day: 1.00}
     routing: {strong_share: 0.10}
     latency: {ttft_p95_ms: 3000}
-    cache: {scope: tenant, ttl_seconds: 86400, semantic: true, allow_no_cache: false}
+    cache: {scope: tenant, ttl_seconds: 86400, semantic: true, allow_no_cache: false,
+            audit: {share: 0.02, target: 0.02}, tune: {enabled: true, min: 0.7, max: 0.99}}
     queue: {max_wait_ms: 2000}
     priority: 1
 
@@ -108,6 +109,39 @@ class Latency(StrictModel):
     total_p95_ms: int | None = Field(default=None, gt=0, description="optional whole-answer target")
 
 
+class CacheAudit(StrictModel):
+    """Shadow checks of semantic hits: a share is asked of the engine again and compared."""
+
+    share: float | None = Field(
+        default=None, ge=0, le=1, description="share of semantic hits audited; default: config"
+    )
+    target: float = Field(
+        default=0.02, gt=0, lt=1, description="acceptable disagreement (false-hit) rate"
+    )
+
+
+class CacheTune(StrictModel):
+    """Bounds of the automatic verifier cut-off (the semantic cache's effective threshold)."""
+
+    enabled: bool = Field(default=False, description="move the cut-off from the audits")
+    min: float = Field(default=0.5, ge=0, le=1, description="never looser than this")
+    max: float = Field(default=0.99, ge=0, le=1, description="never stricter than this")
+    step: float = Field(default=0.02, gt=0, le=0.5, description="one move")
+    min_audits: int = Field(default=30, ge=1, description="audits between two moves")
+    relax_below: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="relax when the rate's upper bound is under target x this",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CacheTune:
+        if self.min > self.max:
+            raise ValueError("tune.min cannot exceed tune.max")
+        return self
+
+
 class Cache(StrictModel):
     mode: Literal["on", "off", "read_only", "write_only"] = "on"
     scope: Literal["global", "tier", "tenant", "user"] = Field(
@@ -126,6 +160,8 @@ class Cache(StrictModel):
         default=None, ge=-1, le=1, description="default: config"
     )
     verifier_cutoff: float | None = Field(default=None, ge=0, le=1, description="default: config")
+    audit: CacheAudit = Field(default_factory=CacheAudit)
+    tune: CacheTune = Field(default_factory=CacheTune)
 
     @property
     def reads(self) -> bool:
