@@ -322,18 +322,22 @@ async def _response_cache(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _shadow_checks(app: web.Application) -> AsyncIterator[None]:
-    """Per-tier cut-offs (fixed or self-tuned) and background audits of semantic hits."""
-    services = app[SERVICES]
-    cache = services.cache
-    if cache is None:
-        yield
-        return
+    """Per-tier cut-offs (fixed or self-tuned), background audits of semantic hits, and the
+    metrics of every automatic threshold (the routing budget follower's too)."""
     from proxy.shadow.audit import CacheAuditor
     from proxy.shadow.metrics import ShadowMetrics
     from proxy.shadow.tuner import CacheTuner
 
-    audit = services.settings.cache.audit
+    services = app[SERVICES]
     metrics = ShadowMetrics(services.metrics.registry)
+    services.router.budget.observer = metrics  # strong-share moves show beside cut-off moves
+    cache = services.cache
+    if cache is None:
+        yield
+        for collector in metrics.collectors():
+            services.metrics.registry.unregister(collector)
+        return
+    audit = services.settings.cache.audit
     base = cache.verifier
     tuner = CacheTuner(
         base_cutoff=base.cutoff if isinstance(base, CacheVerifier) else _cosine_threshold(base),

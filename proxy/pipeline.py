@@ -350,8 +350,11 @@ def _route(
     if embedding is not None and router.scores and req.kind == "chat" and len(allowed) > 1:
         score = router.score(req.body["messages"], embedding)
         router.observe_score(principal.tier, routing.strong_share, score)
+    target = router.budget.share(
+        principal.tier, routing, principal.policy.budget.usd_per_day, time.monotonic()
+    )
     threshold = router.threshold(
-        principal.tier, share=routing.strong_share, fixed=routing.score_threshold
+        principal.tier, share=routing.strong_share, fixed=routing.score_threshold, target=target
     )
     follow_up = req.kind == "chat" and any(
         m.get("role") == "assistant" for m in req.body["messages"]
@@ -809,6 +812,8 @@ def _finish(exchange: Exchange, services: Services) -> None:
         served_from_cache=from_cache,
         ok=ok,
     )
+    if money.cost_usd:
+        services.router.budget.observe(exchange.tier, money.cost_usd, time.monotonic())
     services.metrics.request_done(
         tier=exchange.tier,
         model=exchange.model if engine is not None else "",

@@ -87,6 +87,18 @@ class Budget(StrictModel):
         return self
 
 
+class FollowBudget(StrictModel):
+    """Lower the strong share while the tier's spend rate would overrun its daily budget."""
+
+    enabled: bool = Field(default=False, description="needs strong_share and budget.usd_per_day")
+    min_share: float = Field(default=0.0, ge=0, le=1, description="never below this share")
+    step: float = Field(default=0.02, gt=0, le=1, description="one move of the share")
+    window_s: float = Field(default=600.0, gt=0, description="spend rate measured over this")
+    headroom: float = Field(
+        default=0.8, gt=0, le=1, description="raise again when the projection is under this share"
+    )
+
+
 class Routing(StrictModel):
     """How much of this tier's auto traffic may go to the strong engine: a share or a score."""
 
@@ -96,11 +108,16 @@ class Routing(StrictModel):
     score_threshold: float | None = Field(
         default=None, ge=0, le=1, description="score >= it goes strong"
     )
+    follow_budget: FollowBudget = Field(default_factory=FollowBudget)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Routing:
         if (self.strong_share is None) == (self.score_threshold is None):
             raise ValueError("set exactly one of strong_share or score_threshold")
+        if self.follow_budget.enabled and self.strong_share is None:
+            raise ValueError("follow_budget moves strong_share: set strong_share")
+        if self.strong_share is not None and self.follow_budget.min_share > self.strong_share:
+            raise ValueError("follow_budget.min_share cannot exceed strong_share")
         return self
 
 
@@ -192,6 +209,12 @@ class TierPolicy(StrictModel):
         default=False,
         description="serve keyless requests with this tier when no tier defines a key",
     )
+
+    @model_validator(mode="after")
+    def _budget_to_follow(self) -> TierPolicy:
+        if self.routing.follow_budget.enabled and self.budget.usd_per_day is None:
+            raise ValueError("routing.follow_budget needs budget.usd_per_day")
+        return self
 
     @field_validator("keys", mode="before")
     @classmethod
