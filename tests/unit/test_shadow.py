@@ -247,3 +247,23 @@ def test_policy_tune_bounds_are_checked() -> None:
     with pytest.raises(ValidationError):
         Cache(audit={"target": 0})
     assert math.isclose(Cache().audit.target, 0.02)
+
+
+def test_audit_series_reach_the_dashboard_snapshot() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from proxy.observability.metrics import iter_samples
+    from proxy.observability.snapshot import build_snapshot
+    from proxy.shadow.metrics import ShadowMetrics
+
+    registry = CollectorRegistry()
+    metrics = ShadowMetrics(registry)
+    metrics.audit_rate("free", wilson_interval(3, 40), 40)
+    metrics.threshold("free", "cache_cutoff", 0.87)
+    snapshot = build_snapshot(
+        samples=iter_samples(registry), recent=[], window_s=60, now_unix=0, uptime_s=1
+    )
+    row = snapshot["tiers"]["free"]
+    assert row["audits"] == 40 and row["audit_rate"] == pytest.approx(3 / 40)
+    assert row["audit_low"] < 3 / 40 < row["audit_high"]
+    assert row["cache_cutoff"] == 0.87
