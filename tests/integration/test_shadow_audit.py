@@ -273,3 +273,40 @@ async def test_audits_beyond_the_concurrency_bound_are_dropped(
     engine.configure(hang=False)
     await services.auditor.drain()
     assert engine.state.counters.requests == 2
+
+
+async def test_strong_share_follows_an_overrun_budget(
+    start_fake: StartFake, start_proxy: Any, tmp_path: Path
+) -> None:
+    from tests.integration.test_policy_pipeline import proxy_with
+
+    folder = write_policies(
+        tmp_path / "p",
+        tier(
+            "free",
+            [FREE_KEY],
+            budget={"usd_per_day": 0.01},
+            routing={
+                "score_threshold": None,
+                "strong_share": 0.3,
+                "follow_budget": {"enabled": True, "window_s": 0.3, "min_share": 0.1, "step": 0.1},
+            },
+        ),
+    )
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    proxy.services.router.budget.every_s = 0.0  # re-evaluate on every request
+
+    async def share_moved() -> bool:
+        body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+        resp = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
+        assert resp.status == 200
+        text = await (await proxy.client.get("/metrics")).text()
+        return metric(text, "frugal_threshold", tier="free", kind="strong_share") is not None
+
+    # A few answers a second is thousands of times this budget's pace: the share must drop.
+    await wait_until(share_moved)
+    text = await (await proxy.client.get("/metrics")).text()
+    share = metric(text, "frugal_threshold", tier="free", kind="strong_share")
+    assert share is not None and 0.1 <= share < 0.3
+    reason = "spend_above_budget"
+    assert metric(text, "frugal_threshold_changes_total", tier="free", reason=reason)
