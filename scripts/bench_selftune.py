@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max", type=float, default=0.99, dest="high")
     parser.add_argument("--step", type=float, default=0.03)
     parser.add_argument("--min-audits", type=int, default=20)
+    parser.add_argument("--strict", action="store_true", help="raise on the observed rate")
     parser.add_argument("--window", type=int, default=2000, help="lookups per report window")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             "max": args.high,
             "step": args.step,
             "min_audits": args.min_audits,
+            "strict": args.strict,
         },
     )
     rng = random.Random(args.seed)
@@ -256,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "bounds": [args.low, args.high],
         "step": args.step,
         "min_audits": args.min_audits,
+        "strict": args.strict,
         "similarity_threshold": threshold,
         "final_cutoff": final,
         "moves": [{"lookup": i, "from": a, "to": b} for i, a, b in moves],
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         f"lookups {len(order)} ({len(scored)} pairs x {args.passes} passes), "
         f"audit share {args.audit_share}, target {args.target}, "
         f"start {args.start}, bounds [{args.low}, {args.high}], step {args.step}, "
-        f"min audits {args.min_audits}",
+        f"min audits {args.min_audits}, strict {args.strict}",
         "",
         "| lookups | cut-off at end | hit rate | false-hit share (labels) | audits | audited "
         "disagreement [95% CI] |",

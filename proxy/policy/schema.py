@@ -151,6 +151,10 @@ class CacheTune(StrictModel):
         le=1,
         description="relax when the rate's upper bound is under target x this",
     )
+    strict: bool = Field(
+        default=False,
+        description="raise whenever the observed rate exceeds target (default: its lower bound)",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> CacheTune:

@@ -15,6 +15,10 @@ The controller (:func:`next_cutoff`) reads the audits made since its last move:
 - looser, one step, when the upper bound is under ``target * relax_below`` (we are sure there
   are far fewer than allowed: the cache could serve more);
 - otherwise it holds; it never leaves [min, max] and never moves on fewer than ``min_audits``.
+
+So by default the rate settles around the target (it rises only when surely above it). With
+``strict`` it rises whenever the observed rate is above the target, which keeps the rate under
+the target at the price of more paraphrase hits refused.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class TuneBounds:
     min_audits: int
     target: float
     relax_below: float = 0.5
+    strict: bool = False  # raise on the observed rate, not only on the lower bound
 
     @classmethod
     def from_policy(cls, cache: Cache) -> TuneBounds:
@@ -51,6 +56,7 @@ class TuneBounds:
             min_audits=tune.min_audits,
             target=cache.audit.target,
             relax_below=tune.relax_below,
+            strict=tune.strict,
         )
 
 
@@ -70,10 +76,11 @@ def next_cutoff(current: float, counts: AuditCounts, bounds: TuneBounds) -> Move
         return Move(bounds.high, "above_max", interval)
     if counts.audits < bounds.min_audits:
         return Move(current, "too_few_audits", interval)
-    if interval.low > bounds.target:
+    too_many = interval.rate if bounds.strict else interval.low
+    if too_many > bounds.target:
         if current >= bounds.high:
             return Move(current, "at_max", interval)
-        boost = min(MAX_BOOST, interval.low / bounds.target)
+        boost = min(MAX_BOOST, max(1.0, interval.low / bounds.target))
         return Move(
             min(bounds.high, _round(current + bounds.step * boost)),
             "disagreement_above_target",

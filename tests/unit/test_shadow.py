@@ -132,6 +132,17 @@ def test_relaxes_one_step_when_the_upper_bound_is_well_under_target() -> None:
     assert next_cutoff(0.8, AuditCounts(200, 0), BOUNDS).reason == "within_target"
 
 
+def test_strict_mode_raises_on_the_observed_rate() -> None:
+    # 1 of 30 (3.3 %): the interval straddles the 2 % target; only strict mode moves.
+    assert next_cutoff(0.8, AuditCounts(30, 1), BOUNDS).reason == "within_target"
+    strict = TuneBounds(
+        low=0.6, high=0.95, step=0.02, min_audits=30, target=0.02, relax_below=0.5, strict=True
+    )
+    move = next_cutoff(0.8, AuditCounts(30, 1), strict)
+    assert (move.value, move.reason) == (pytest.approx(0.82), "disagreement_above_target")
+    assert next_cutoff(0.8, AuditCounts(50, 1), strict).reason == "within_target"  # 2 %: not above
+
+
 def test_out_of_bounds_values_are_brought_back_first() -> None:
     assert next_cutoff(0.3, AuditCounts(), BOUNDS).value == 0.6
     assert next_cutoff(0.99, AuditCounts(), BOUNDS).value == 0.95
