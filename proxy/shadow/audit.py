@@ -156,32 +156,35 @@ class CacheAuditor:
     async def _run(self, job: _Job) -> None:
         try:
             fresh = await self._ask(job)
+            if fresh is None:
+                self.metrics.audit(job.tier, "error")
+                return
+            agreed = await self._agree(job.cached_text, fresh)
         except asyncio.CancelledError:
             raise
         except (FrugalError, ValueError) as exc:
             self.metrics.audit(job.tier, "error")
             log.info("cache audit failed", tier=job.tier, engine=job.engine.name, error=str(exc))
             return
-        if fresh is None:
+        except Exception:
+            # A background task has nobody to raise to: count and log, never crash the loop.
             self.metrics.audit(job.tier, "error")
+            log.warning("cache audit crashed", tier=job.tier, engine=job.engine.name, exc_info=True)
             return
+        self.metrics.audit(job.tier, "agree" if agreed else "disagree")
+        self.tuner.record(job.tier, job.cache_policy, disagreed=not agreed, cutoff_used=job.cutoff)
+
+    async def _agree(self, cached: str, fresh: str) -> bool:
         similarity = None
         mode = CompareMode(self.settings.compare)
         embed = self._embedder()
-        if mode is CompareMode.EMBEDDING and embed is not None:
-            cached_vec, fresh_vec = await asyncio.gather(embed(job.cached_text), embed(fresh))
+        if mode is CompareMode.EMBEDDING and embed is not None and cached.strip() != fresh.strip():
+            cached_vec, fresh_vec = await asyncio.gather(embed(cached), embed(fresh))
             similarity = cosine(cached_vec, fresh_vec)
         verdict = judge(
-            job.cached_text,
-            fresh,
-            mode=mode,
-            similarity=similarity,
-            bound=self.settings.similarity_bound,
+            cached, fresh, mode=mode, similarity=similarity, bound=self.settings.similarity_bound
         )
-        self.metrics.audit(job.tier, "agree" if verdict.agreed else "disagree")
-        self.tuner.record(
-            job.tier, job.cache_policy, disagreed=not verdict.agreed, cutoff_used=job.cutoff
-        )
+        return verdict.agreed
 
     async def _ask(self, job: _Job) -> str | None:
         """The engine's answer to the user's own wording, or None if it gave no text."""

@@ -310,3 +310,27 @@ async def test_strong_share_follows_an_overrun_budget(
     assert share is not None and 0.1 <= share < 0.3
     reason = "spend_above_budget"
     assert metric(text, "frugal_threshold_changes_total", tier="free", reason=reason)
+
+
+async def test_a_failing_audit_is_counted_and_moves_nothing(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    engine = await start_fake("m")
+    client = await start(
+        aiohttp_client,
+        tmp_path,
+        engine.url,
+        audit={"share": 1.0},
+        cache={"scope": "tier", "tune": {"enabled": True, "min_audits": 1}},
+    )
+    services = services_of(client)
+    assert services.auditor is not None and services.tuner is not None
+    await store(client)
+    engine.configure(fail_fraction=1.0, fail_status=500)
+    before = services.tuner.report()
+    hit = await post(client, PARAPHRASES[0])
+    assert hit.headers["x-frugal-cache"] == "hit-semantic"
+    await services.auditor.drain()
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "frugal_cache_audit_total", tier="free", outcome="error") == 1
+    assert services.tuner.report() == before  # no outcome, no move
