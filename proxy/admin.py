@@ -33,6 +33,8 @@ def add_routes(app: web.Application, services: Services) -> None:
     async def cache_stats(request: web.Request) -> web.Response:
         cache = _cache(services)
         stats = (await cache.stats()).to_json()
+        if services.tuner is not None:
+            stats["audits"] = services.tuner.report()  # per tier: rate, bounds, tuned cut-off
         return _json(stats)
 
     async def cache_invalidate(request: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ from proxy.cache.index import SemanticIndex
 from proxy.cache.keys import Scope
 from proxy.cache.service import CacheConfig, CosineVerifier, ResponseCache, SemanticVerifier
 from proxy.cache.store import CacheStore, DiskStore
+from proxy.cache.verifier import CacheVerifier
 from proxy.embeddings.worker import EmbeddingWorker, Encode
 from proxy.engines.client import AiohttpTransport, EngineCaller, Transport
 from proxy.engines.health import poll_forever
@@ -104,6 +105,7 @@ def create_app(
     app.cleanup_ctx.append(_redis_limits)
     app.cleanup_ctx.append(_embedder)
     app.cleanup_ctx.append(_response_cache)
+    app.cleanup_ctx.append(_shadow_checks)
     app.cleanup_ctx.append(_engine_versions)
     app.cleanup_ctx.append(_health_poller)
     app.cleanup_ctx.append(_policy_watcher)
@@ -317,6 +319,49 @@ async def _response_cache(app: web.Application) -> AsyncIterator[None]:
         services.cache = cache
         yield
         services.cache = None
+
+
+async def _shadow_checks(app: web.Application) -> AsyncIterator[None]:
+    """Per-tier cut-offs (fixed or self-tuned), background audits of semantic hits, and the
+    metrics of every automatic threshold (the routing budget follower's too)."""
+    from proxy.shadow.audit import CacheAuditor
+    from proxy.shadow.metrics import ShadowMetrics
+    from proxy.shadow.tuner import CacheTuner
+
+    services = app[SERVICES]
+    metrics = ShadowMetrics(services.metrics.registry)
+    services.router.budget.observer = metrics  # strong-share moves show beside cut-off moves
+    cache = services.cache
+    if cache is None:
+        yield
+        for collector in metrics.collectors():
+            services.metrics.registry.unregister(collector)
+        return
+    audit = services.settings.cache.audit
+    base = cache.verifier
+    tuner = CacheTuner(
+        base_cutoff=base.cutoff if isinstance(base, CacheVerifier) else _cosine_threshold(base),
+        observer=metrics,
+        window=audit.window,
+    )
+    auditor = CacheAuditor(
+        audit,
+        caller=services.caller,
+        tuner=tuner,
+        metrics=metrics,
+        admissions=services.admissions,
+        embedder=lambda: services.embedder.embed if services.embedder is not None else None,
+    )
+    services.tuner, services.auditor = tuner, auditor
+    yield
+    services.tuner = services.auditor = None
+    await auditor.aclose()
+    for collector in metrics.collectors():
+        services.metrics.registry.unregister(collector)
+
+
+def _cosine_threshold(verifier: SemanticVerifier) -> float:
+    return verifier.threshold if isinstance(verifier, CosineVerifier) else 0.92
 
 
 def _load_encoder(services: Services) -> Encode:

@@ -182,8 +182,19 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
 
             stronger = allowed[allowed.index(engine) + 1 :] if requested == VIRTUAL_MODEL else []
             _plan_keys(plan, req, [engine, *stronger])
-            hit = await _lookup(services, plan, embedding, exchange)
+            cutoff = _cutoff(services, plan, principal)
+            hit = await _lookup(services, plan, embedding, exchange, cutoff)
             if hit is not None:
+                if hit.kind == "semantic" and services.auditor is not None:
+                    services.auditor.consider(
+                        tier=principal.tier,
+                        cache_policy=policy.cache,
+                        engine=services.by_name.get(hit.meta.engine),
+                        kind=req.kind,
+                        body=req.body,
+                        hit=hit,
+                        cutoff=cutoff,
+                    )
                 return _respond_from_cache(request, req, hit, exchange, services)
 
             flight = (
@@ -339,8 +350,11 @@ def _route(
     if embedding is not None and router.scores and req.kind == "chat" and len(allowed) > 1:
         score = router.score(req.body["messages"], embedding)
         router.observe_score(principal.tier, routing.strong_share, score)
+    target = router.budget.share(
+        principal.tier, routing, principal.policy.budget.usd_per_day, time.monotonic()
+    )
     threshold = router.threshold(
-        principal.tier, share=routing.strong_share, fixed=routing.score_threshold
+        principal.tier, share=routing.strong_share, fixed=routing.score_threshold, target=target
     )
     follow_up = req.kind == "chat" and any(
         m.get("role") == "assistant" for m in req.body["messages"]
@@ -433,8 +447,19 @@ async def _exact_lookup(
     return hit
 
 
+def _cutoff(services: Services, plan: CachePlan, principal: Principal) -> float | None:
+    """The tier's verifier cut-off for semantic lookups (its policy's, or the tuned one)."""
+    if services.tuner is None or not plan.semantic:
+        return None
+    return services.tuner.cutoff(principal.tier, principal.policy.cache)
+
+
 async def _lookup(
-    services: Services, plan: CachePlan, embedding: np.ndarray | None, exchange: Exchange
+    services: Services,
+    plan: CachePlan,
+    embedding: np.ndarray | None,
+    exchange: Exchange,
+    cutoff: float | None = None,
 ) -> CacheHit | None:
     cache = services.cache
     if cache is None or plan.mode is CacheMode.OFF:
@@ -444,7 +469,9 @@ async def _lookup(
     if not plan.mode.read:
         return None
     for keys in plan.lookups:
-        hit = await cache.lookup(keys, embedding=embedding, mode=plan.mode, semantic=plan.semantic)
+        hit = await cache.lookup(
+            keys, embedding=embedding, mode=plan.mode, semantic=plan.semantic, cutoff=cutoff
+        )
         if hit is not None:
             services.metrics.cache_lookup(
                 kind=hit.kind, scope=plan.scope.value, hit=True, similarity=hit.similarity
@@ -795,6 +822,8 @@ def _finish(exchange: Exchange, services: Services) -> None:
         served_from_cache=from_cache,
         ok=ok,
     )
+    if money.cost_usd:
+        services.router.budget.observe(exchange.tier, money.cost_usd, time.monotonic())
     services.metrics.request_done(
         tier=exchange.tier,
         model=exchange.model if engine is not None else "",

@@ -24,6 +24,8 @@ from proxy.policy.limits import Limiter
 from proxy.policy.policyset import PolicySet
 from proxy.routing.router import Router
 from proxy.settings import Settings
+from proxy.shadow.audit import CacheAuditor
+from proxy.shadow.tuner import CacheTuner
 
 
 class RequestIds:
@@ -61,6 +63,8 @@ class Services:
     embedder: EmbeddingWorker | None = None
     encode: Encode | None = None  # the raw embedding function, for batch jobs (cache import)
     verifier: CacheVerifier | None = None  # the semantic cache's trained verifier, when loaded
+    tuner: CacheTuner | None = None  # each tier's verifier cut-off (fixed or self-tuned)
+    auditor: CacheAuditor | None = None  # background audits of semantic hits
     flights: SingleFlight[bytes, bytes] = field(default_factory=SingleFlight)
     request_ids: RequestIds = field(default_factory=RequestIds)
     access_log: AccessLog | None = None

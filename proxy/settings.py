@@ -93,6 +93,18 @@ class EngineSettings(StrictModel):
         return out
 
 
+class CacheAuditSettings(StrictModel):
+    """Shadow checks of semantic hits (see proxy/shadow/); a tier's policy may set its share."""
+
+    share: float = Field(0.02, ge=0, le=1, description="share of semantic hits re-asked")
+    max_concurrent: int = Field(2, ge=1, description="audits in flight; more are dropped")
+    compare: Literal["exact", "embedding"] = Field(
+        "embedding", description="exact text only, or also answers with close embeddings"
+    )
+    similarity_bound: float = Field(0.9, ge=-1, le=1, description="embedding cosine that agrees")
+    window: int = Field(500, ge=1, description="latest audits the published rate is measured on")
+
+
 class CacheSettings(StrictModel):
     """Defaults; a tier's policy overrides scope, TTL, semantic and thresholds."""
 
@@ -110,6 +122,7 @@ class CacheSettings(StrictModel):
     )
     cache_sampled: bool = False
     size_limit_gb: float = Field(4.0, gt=0, description="disk backend: evicts beyond it")
+    audit: CacheAuditSettings = CacheAuditSettings()
 
 
 class RoutingSettings(StrictModel):

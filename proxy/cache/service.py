@@ -17,6 +17,7 @@ logged, never an error for the client.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import sys
@@ -77,24 +78,40 @@ class SemanticVerifier(Protocol):
 
     Called with candidates best-cosine first; returns the accepted one or None. It may be slow
     (a model): ``ResponseCache`` calls it off the event loop unless ``cheap`` is True.
+    ``cutoff`` replaces the verifier's own acceptance cut-off for this call (a tier's fixed or
+    self-tuned value, see proxy/shadow/tuner.py); None keeps its own.
     """
 
     @property
     def cheap(self) -> bool: ...
 
-    def select(self, query: str, candidates: Sequence[SemanticCandidate]) -> Verdict | None: ...
+    def select(
+        self,
+        query: str,
+        candidates: Sequence[SemanticCandidate],
+        *,
+        cutoff: float | None = None,
+    ) -> Verdict | None: ...
 
 
 @dataclass(frozen=True, slots=True)
 class CosineVerifier:
-    """Default verifier: the most similar candidate if its cosine reaches ``threshold``."""
+    """Default verifier: the most similar candidate if its cosine reaches ``threshold`` (its only
+    cut-off, so a ``cutoff`` given per call replaces it)."""
 
     threshold: float = 0.92
     cheap: bool = True
 
-    def select(self, query: str, candidates: Sequence[SemanticCandidate]) -> Verdict | None:
+    def select(
+        self,
+        query: str,
+        candidates: Sequence[SemanticCandidate],
+        *,
+        cutoff: float | None = None,
+    ) -> Verdict | None:
+        threshold = self.threshold if cutoff is None else cutoff
         best = max(range(len(candidates)), key=lambda i: candidates[i].similarity, default=None)
-        if best is None or candidates[best].similarity < self.threshold:
+        if best is None or candidates[best].similarity < threshold:
             return None
         return Verdict(best, candidates[best].similarity)
 
@@ -316,10 +333,12 @@ class ResponseCache:
         embedding: np.ndarray | None = None,
         mode: CacheMode = CacheMode.ON,
         semantic: bool = True,
+        cutoff: float | None = None,
     ) -> CacheHit | None:
         """Exact hit, else a verified semantic hit, else None (a miss; also on backend errors).
 
         ``embedding`` is the last user turn's embedding; without it only exact lookup runs.
+        ``cutoff`` overrides the verifier's acceptance cut-off for this lookup (per tier).
         """
         started = time.perf_counter()
         outcome: LookupOutcome = "miss"
@@ -346,7 +365,7 @@ class ResponseCache:
                 outcome = "exact"
                 return hit
             if semantic and embedding is not None and self._semantic_ok(keys):
-                hit = await self._semantic(keys, embedding, now)
+                hit = await self._semantic(keys, embedding, now, cutoff)
                 if hit is not None:
                     outcome = "semantic"
             return hit
@@ -373,7 +392,7 @@ class ResponseCache:
         )
 
     async def _semantic(
-        self, keys: CacheKeys, embedding: np.ndarray, now: float
+        self, keys: CacheKeys, embedding: np.ndarray, now: float, cutoff: float | None = None
     ) -> CacheHit | None:
         assert keys.context is not None and keys.query_text is not None
         query = np.asarray(embedding, dtype=np.float32).reshape(-1)
@@ -409,9 +428,11 @@ class ResponseCache:
             for e, cos in candidates
         ]
         if self.verifier.cheap:
-            verdict = self.verifier.select(keys.query_text, shown)
+            verdict = self.verifier.select(keys.query_text, shown, cutoff=cutoff)
         else:
-            verdict = await asyncio.to_thread(self.verifier.select, keys.query_text, shown)
+            verdict = await asyncio.to_thread(
+                functools.partial(self.verifier.select, cutoff=cutoff), keys.query_text, shown
+            )
         if verdict is None or not 0 <= verdict.index < len(candidates):
             return None
         entry, cos = candidates[verdict.index]

@@ -512,8 +512,15 @@ class CacheVerifier:
                 self._vectors.popitem(last=False)
             return found
 
-    def select(self, query: str, candidates: Sequence[SemanticCandidate]) -> Verdict | None:
-        """The accepted candidate with the best verifier score, or None."""
+    def select(
+        self,
+        query: str,
+        candidates: Sequence[SemanticCandidate],
+        *,
+        cutoff: float | None = None,
+    ) -> Verdict | None:
+        """The accepted candidate with the best verifier score, or None (``cutoff``: this call's
+        cut-off instead of the verifier's own)."""
         from proxy.cache.service import Verdict
 
         if not candidates:
@@ -541,7 +548,7 @@ class CacheVerifier:
                 score=score,
                 vetoes=comparison.vetoes,
                 threshold=self.threshold,
-                cutoff=self.cutoff,
+                cutoff=self.cutoff if cutoff is None else cutoff,
             )
             if decision.accepted and (best is None or score > best.score):
                 best = Verdict(index, score)

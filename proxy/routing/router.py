@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from proxy.engines.pool import Engine
+from proxy.routing.budget import BudgetFollower
 from proxy.routing.calibrate import ShareTracker
 from proxy.routing.classifier import DifficultyClassifier
 from proxy.routing.decision import EngineLoad, RouteDecision, decide_route
@@ -45,6 +46,7 @@ class Router:
     count_tokens: Callable[[str], int]
     default_threshold: float = 0.5
     sticky_margin: float = 0.1
+    budget: BudgetFollower = field(default_factory=BudgetFollower)
     _trackers: dict[tuple[str, float], ShareTracker] = field(default_factory=dict)
     _sticky: OrderedDict[bytes, tuple[str, float | None]] = field(default_factory=OrderedDict)
     _ttft: dict[str, _TtftEstimate] = field(default_factory=dict)
@@ -74,7 +76,11 @@ class Router:
         assert self.classifier is not None
         return self.classifier.score(extract_features(messages, embedding, self.count_tokens))
 
-    def threshold(self, tier: str, *, share: float | None, fixed: float | None) -> float:
+    def threshold(
+        self, tier: str, *, share: float | None, fixed: float | None, target: float | None = None
+    ) -> float:
+        """``share`` is the policy's strong share (it names the tracker); ``target`` the share
+        aimed for now when the budget follower lowered it."""
         if fixed is not None:
             return fixed
         if share is None:
@@ -83,6 +89,7 @@ class Router:
         if tracker is None:
             tracker = ShareTracker(share, self._initial_threshold(share))
             self._trackers[(tier, share)] = tracker
+        tracker.retarget(share if target is None else target)
         return tracker.threshold
 
     def observe_score(self, tier: str, share: float | None, score: float) -> None:

@@ -203,7 +203,9 @@ class PickSecond:
         self.seen: list[tuple[str, list[SemanticCandidate]]] = []
         self.threads: list[int] = []
 
-    def select(self, query: str, candidates: Sequence[SemanticCandidate]) -> Verdict | None:
+    def select(
+        self, query: str, candidates: Sequence[SemanticCandidate], *, cutoff: float | None = None
+    ) -> Verdict | None:
         self.seen.append((query, list(candidates)))
         self.threads.append(threading.get_ident())
         return Verdict(1, 0.77) if len(candidates) > 1 else None

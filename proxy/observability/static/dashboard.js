@@ -386,6 +386,15 @@
     for (const c of cards) drawSpark(c.spark, c.history);
   }
 
+  // Shadow checks: the audited disagreement rate, its Wilson bounds, the tuned cut-off.
+  function audited(t) {
+    const parts = [];
+    if (t.audits) parts.push(`${fmtPct(t.audit_rate)} [${fmtPct(t.audit_low)}–${fmtPct(t.audit_high)}] of ${fmtCount(t.audits)}`);
+    if (t.cache_cutoff != null) parts.push(`cut-off ${t.cache_cutoff.toFixed(2)}`);
+    if (t.strong_share != null) parts.push(`strong ${fmtPct(t.strong_share)}`);
+    return parts.length ? parts.join(" · ") : "–";
+  }
+
   function renderTiers(tiers) {
     const names = sortedKeys(tiers);
     if (!names.length) return;
@@ -405,7 +414,8 @@
         el("td", {}, fmtUsd(t.cost_usd)),
         el("td", {}, fmtUsd(t.saved_cache_usd)),
         el("td", {}, fmtUsd(t.saved_routing_usd)),
-        el("td", {}, budget));
+        el("td", {}, budget),
+        el("td", { "data-audits": t.audits ?? "", "data-audit-rate": t.audit_rate ?? "" }, audited(t)));
       }),
     );
   }
