@@ -86,6 +86,7 @@ class Exchange:
     upstream_s: float = 0.0  # time spent waiting on the engine, for the proxy's own overhead
     baseline: Engine | None = None  # what the request would have used with no routing
     error: str | None = None
+    latency_s: float = 0.0  # set when the handler returns
 
     def headers(self) -> dict[str, str]:
         headers = {"x-request-id": self.request_id, "x-frugal-cache": self.cache}
@@ -159,7 +160,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
         requested = resolve_model(policy, req.model)
         allowed = _allowed_engines(services, requested)
         _cap_max_tokens(req, policy, exchange)
-        prompt_bound = prompt_token_bound(_prompt_texts(req))
+        prompt_bound = _prompt_bound(req, policy)
 
         async with services.limiter.admit(principal, prompt_tokens=prompt_bound) as ticket:
             plan = _cache_plan(request, req, principal, services)
@@ -169,8 +170,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
             hit = await _exact_lookup(services, plan, req, allowed[-1])
             if hit is not None:
                 return _respond_from_cache(request, req, hit, exchange, services)
-            text = last_user_text(req)
-            embedding = await _embed(services, req, requested, allowed, plan, text)
+            embedding = await _embed(services, req, requested, allowed, plan)
             decision = _route(services, req, requested, allowed, principal, embedding)
             engine = services.by_name[decision.engine]
             exchange.routed = exchange.engine = engine
@@ -226,7 +226,10 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
         exchange.status = 499  # the client closed the connection
         raise
     finally:
-        _finish(exchange, services)
+        # Metrics and the access line run just after the response is written (the next turn of
+        # the loop), so their cost is not added to every answer's latency.
+        exchange.latency_s = time.perf_counter() - exchange.started
+        asyncio.get_running_loop().call_soon(_finish, exchange, services)
 
 
 # -- admission and policy ---------------------------------------------------------------------
@@ -282,6 +285,19 @@ def _cap_max_tokens(req: CompletionRequest, policy: TierPolicy, exchange: Exchan
         req.max_tokens = capped.value
 
 
+def _prompt_bound(req: CompletionRequest, policy: TierPolicy) -> int:
+    """The prompt's token bound, for the limits that count tokens (0 when none does: the
+    bound serialises every message, a cost the open path need not pay)."""
+    budget = policy.budget
+    if (
+        policy.limits.tokens_per_minute is None
+        and budget.usd_per_day is None
+        and budget.usd_per_day_per_tenant is None
+    ):
+        return 0
+    return prompt_token_bound(_prompt_texts(req))
+
+
 def _prompt_texts(req: CompletionRequest) -> list[str]:
     if req.kind == "completion":
         prompt = req.body["prompt"]
@@ -304,13 +320,15 @@ async def _embed(
     requested: str,
     allowed: list[Engine],
     plan: CachePlan,
-    text: str | None,
 ) -> np.ndarray | None:
     """One embedding of the last user turn serves both the router and the semantic cache."""
-    if services.embedder is None or not text:
+    if services.embedder is None:
         return None
     routing = requested == VIRTUAL_MODEL and len(allowed) > 1 and services.router.scores
     if not (routing or (plan.semantic and plan.mode.read)):
+        return None
+    text = last_user_text(req)
+    if not text:
         return None
     return await services.embedder.embed(text)
 
@@ -560,7 +578,8 @@ async def _call_engine(
             PATHS[req.kind],
             req.encoded(),
             headers,
-            affinity=conversation_prefix(req),
+            # Affinity only matters with a choice of replicas; it serialises the messages.
+            affinity=conversation_prefix(req) if len(engine.replicas) > 1 else None,
             stream=req.stream,
         )
     finally:
@@ -768,7 +787,7 @@ async def _write_eof_quietly(response: web.StreamResponse) -> None:
 
 
 def _finish(exchange: Exchange, services: Services) -> None:
-    latency = time.perf_counter() - exchange.started
+    latency = exchange.latency_s
     engine = exchange.engine
     ok = exchange.status < 400
     from_cache = exchange.cache.startswith("hit")
