@@ -87,6 +87,7 @@ class Exchange:
     baseline: Engine | None = None  # what the request would have used with no routing
     error: str | None = None
     latency_s: float = 0.0  # set when the handler returns
+    conversation: CompletionRequest | None = None  # a chat answered by the routed engine
 
     def headers(self) -> dict[str, str]:
         headers = {"x-request-id": self.request_id, "x-frugal-cache": self.cache}
@@ -214,9 +215,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
                 spend.record(engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out))
             ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
             if req.kind == "chat":
-                services.router.remember(
-                    conversation_prefix(req), engine.name, exchange.route_score
-                )
+                exchange.conversation = req  # the router remembers it once the answer is out
             return response
     except EngineNotAllowedError as err:
         raise _refusal(exchange, PermissionDenied(str(err), param="model")) from None
@@ -789,6 +788,12 @@ async def _write_eof_quietly(response: web.StreamResponse) -> None:
 def _finish(exchange: Exchange, services: Services) -> None:
     latency = exchange.latency_s
     engine = exchange.engine
+    if exchange.conversation is not None and exchange.routed is not None:
+        # Its next turn cannot arrive before the client has this answer: remembering it now,
+        # off the latency path, is in time for stickiness.
+        services.router.remember(
+            conversation_prefix(exchange.conversation), exchange.routed.name, exchange.route_score
+        )
     ok = exchange.status < 400
     from_cache = exchange.cache.startswith("hit")
     routed_usd = (
