@@ -121,6 +121,7 @@ class CachePlan:
     scope: Scope = Scope.TENANT
     partition: Partition | None = None
     _keys: dict[str, CacheKeys] = field(default_factory=dict)
+    exact_missed: str | None = None  # an exact key already looked up without a hit
 
     @property
     def keys(self) -> CacheKeys | None:
@@ -447,6 +448,8 @@ async def _exact_lookup(
     hit = await cache.lookup(keys, embedding=None, mode=plan.mode, semantic=False)
     if hit is not None:
         services.metrics.cache_lookup(kind="exact", scope=plan.scope.value, hit=True)
+    else:
+        plan.exact_missed = keys.exact
     return hit
 
 
@@ -460,7 +463,10 @@ async def _lookup(
     exchange.cache = "miss" if plan.mode.read else "bypass"
     if not plan.mode.read:
         return None
+    semantic = plan.semantic and embedding is not None
     for keys in plan.lookups:
+        if keys.exact == plan.exact_missed and not semantic:
+            continue  # looked up before routing, a moment ago: one store read per key is enough
         hit = await cache.lookup(keys, embedding=embedding, mode=plan.mode, semantic=plan.semantic)
         if hit is not None:
             services.metrics.cache_lookup(
