@@ -331,7 +331,7 @@ def stop(process: subprocess.Popen[bytes] | None) -> None:
 def body_for(target: Target, *, unique: bool) -> dict[str, Any]:
     """The posted body: the same for every target but its model field (and, when unique, a
     marker in the user message that the wrk script replaces per request)."""
-    body = json.loads(json.dumps(BODY))
+    body: dict[str, Any] = json.loads(json.dumps(BODY))  # a deep copy
     body["model"] = target.model
     if unique:
         body["messages"][-1]["content"] += f" {NONCE}"
