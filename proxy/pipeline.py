@@ -86,6 +86,8 @@ class Exchange:
     upstream_s: float = 0.0  # time spent waiting on the engine, for the proxy's own overhead
     baseline: Engine | None = None  # what the request would have used with no routing
     error: str | None = None
+    latency_s: float = 0.0  # set when the handler returns
+    conversation: CompletionRequest | None = None  # a chat answered by the routed engine
 
     def headers(self) -> dict[str, str]:
         headers = {"x-request-id": self.request_id, "x-frugal-cache": self.cache}
@@ -119,6 +121,7 @@ class CachePlan:
     scope: Scope = Scope.TENANT
     partition: Partition | None = None
     _keys: dict[str, CacheKeys] = field(default_factory=dict)
+    exact_missed: str | None = None  # an exact key already looked up without a hit
 
     @property
     def keys(self) -> CacheKeys | None:
@@ -159,7 +162,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
         requested = resolve_model(policy, req.model)
         allowed = _allowed_engines(services, requested)
         _cap_max_tokens(req, policy, exchange)
-        prompt_bound = prompt_token_bound(_prompt_texts(req))
+        prompt_bound = _prompt_bound(req, policy)
 
         async with services.limiter.admit(principal, prompt_tokens=prompt_bound) as ticket:
             plan = _cache_plan(request, req, principal, services)
@@ -169,8 +172,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
             hit = await _exact_lookup(services, plan, req, allowed[-1])
             if hit is not None:
                 return _respond_from_cache(request, req, hit, exchange, services)
-            text = last_user_text(req)
-            embedding = await _embed(services, req, requested, allowed, plan, text)
+            embedding = await _embed(services, req, requested, allowed, plan)
             decision = _route(services, req, requested, allowed, principal, embedding)
             engine = services.by_name[decision.engine]
             exchange.routed = exchange.engine = engine
@@ -225,9 +227,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
                 spend.record(engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out))
             ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
             if req.kind == "chat":
-                services.router.remember(
-                    conversation_prefix(req), engine.name, exchange.route_score
-                )
+                exchange.conversation = req  # the router remembers it once the answer is out
             return response
     except EngineNotAllowedError as err:
         raise _refusal(exchange, PermissionDenied(str(err), param="model")) from None
@@ -237,7 +237,10 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
         exchange.status = 499  # the client closed the connection
         raise
     finally:
-        _finish(exchange, services)
+        # Metrics and the access line run just after the response is written (the next turn of
+        # the loop), so their cost is not added to every answer's latency.
+        exchange.latency_s = time.perf_counter() - exchange.started
+        asyncio.get_running_loop().call_soon(_finish, exchange, services)
 
 
 # -- admission and policy ---------------------------------------------------------------------
@@ -293,6 +296,19 @@ def _cap_max_tokens(req: CompletionRequest, policy: TierPolicy, exchange: Exchan
         req.max_tokens = capped.value
 
 
+def _prompt_bound(req: CompletionRequest, policy: TierPolicy) -> int:
+    """The prompt's token bound, for the limits that count tokens (0 when none does: the
+    bound serialises every message, a cost the open path need not pay)."""
+    budget = policy.budget
+    if (
+        policy.limits.tokens_per_minute is None
+        and budget.usd_per_day is None
+        and budget.usd_per_day_per_tenant is None
+    ):
+        return 0
+    return prompt_token_bound(_prompt_texts(req))
+
+
 def _prompt_texts(req: CompletionRequest) -> list[str]:
     if req.kind == "completion":
         prompt = req.body["prompt"]
@@ -315,13 +331,15 @@ async def _embed(
     requested: str,
     allowed: list[Engine],
     plan: CachePlan,
-    text: str | None,
 ) -> np.ndarray | None:
     """One embedding of the last user turn serves both the router and the semantic cache."""
-    if services.embedder is None or not text:
+    if services.embedder is None:
         return None
     routing = requested == VIRTUAL_MODEL and len(allowed) > 1 and services.router.scores
     if not (routing or (plan.semantic and plan.mode.read)):
+        return None
+    text = last_user_text(req)
+    if not text:
         return None
     return await services.embedder.embed(text)
 
@@ -444,6 +462,8 @@ async def _exact_lookup(
     hit = await cache.lookup(keys, embedding=None, mode=plan.mode, semantic=False)
     if hit is not None:
         services.metrics.cache_lookup(kind="exact", scope=plan.scope.value, hit=True)
+    else:
+        plan.exact_missed = keys.exact
     return hit
 
 
@@ -468,7 +488,10 @@ async def _lookup(
     exchange.cache = "miss" if plan.mode.read else "bypass"
     if not plan.mode.read:
         return None
+    semantic = plan.semantic and embedding is not None
     for keys in plan.lookups:
+        if keys.exact == plan.exact_missed and not semantic:
+            continue  # looked up before routing, a moment ago: one store read per key is enough
         hit = await cache.lookup(
             keys, embedding=embedding, mode=plan.mode, semantic=plan.semantic, cutoff=cutoff
         )
@@ -587,7 +610,8 @@ async def _call_engine(
             PATHS[req.kind],
             req.encoded(),
             headers,
-            affinity=conversation_prefix(req),
+            # Affinity only matters with a choice of replicas; it serialises the messages.
+            affinity=conversation_prefix(req) if len(engine.replicas) > 1 else None,
             stream=req.stream,
         )
     finally:
@@ -803,8 +827,14 @@ async def _write_eof_quietly(response: web.StreamResponse) -> None:
 
 
 def _finish(exchange: Exchange, services: Services) -> None:
-    latency = time.perf_counter() - exchange.started
+    latency = exchange.latency_s
     engine = exchange.engine
+    if exchange.conversation is not None and exchange.routed is not None:
+        # Its next turn cannot arrive before the client has this answer: remembering it now,
+        # off the latency path, is in time for stickiness.
+        services.router.remember(
+            conversation_prefix(exchange.conversation), exchange.routed.name, exchange.route_score
+        )
     ok = exchange.status < 400
     if ok and engine is not None and exchange.upstream_s > 0:
         services.router.observe_service(engine.name, exchange.upstream_s)
