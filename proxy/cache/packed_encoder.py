@@ -65,12 +65,15 @@ def layer_indices(weights: Mapping[str, object]) -> list[int]:
     return sorted({int(m.group(1)) for key in weights if (m := _LAYER_KEY.match(key))})
 
 
+# One attention group of a packed, length-sorted batch: (first token, end token, texts, padded
+# length, scatter index of the tokens into the padded layout or None when the group's texts all
+# have the same length, additive key mask (texts * heads or 1, 1, length)).
+_Group = tuple[int, int, int, int, "torch.Tensor | None", "torch.Tensor"]
+
+
 @dataclass(frozen=True, slots=True)
 class _Groups:
-    """Attention layout of a packed, length-sorted batch: one entry per group of texts."""
-
-    # (first token, end token, texts, padded length, scatter index or None, additive mask or None)
-    items: tuple[tuple[int, int, int, int, torch.Tensor | None, torch.Tensor | None], ...]
+    items: tuple[_Group, ...]
 
 
 class _Linear:
@@ -122,6 +125,7 @@ class _Layer:
 
         qkv = self.qkv(x).float()
         head_dim = HIDDEN // HEADS
+        scale = head_dim**-0.5
         attended = []
         for start, end, texts, length, scatter, mask in groups.items:
             chunk = qkv[start:end]
@@ -129,9 +133,17 @@ class _Layer:
                 padded = chunk.new_zeros(texts * length, 3 * HIDDEN)
                 padded[scatter] = chunk
                 chunk = padded
-            q, k, v = chunk.view(texts, length, 3, HEADS, head_dim).permute(2, 0, 3, 1, 4)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            out = out.transpose(1, 2).reshape(texts * length, HIDDEN)
+            # (3, texts * heads, length, head_dim); plain batched products measured 2x faster
+            # than scaled_dot_product_attention's CPU kernel at these small shapes.
+            q, k, v = (
+                chunk.view(texts, length, 3, HEADS, head_dim)
+                .permute(2, 0, 3, 1, 4)
+                .reshape(3, texts * HEADS, length, head_dim)
+            )
+            scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale)
+            out = torch.bmm(torch.softmax(scores, dim=-1), v)
+            out = out.view(texts, HEADS, length, head_dim).transpose(1, 2)
+            out = out.reshape(texts * length, HIDDEN)
             attended.append(out if scatter is None else out[scatter])
         merged = attended[0] if len(attended) == 1 else torch.cat(attended)
         x = F.layer_norm(
@@ -149,7 +161,7 @@ class PackedEncoder(MiniLMEncoder):
     verifier retrained with more or fewer tuned layers loads unchanged.
     """
 
-    __slots__ = ("dtype", "_embed", "_lower", "_top_base", "_top_tuned", "_tokens")
+    __slots__ = ("_embed", "_lower", "_tokens", "_top_base", "_top_tuned", "dtype")
 
     def __init__(self, encoder: MiniLMEncoder, *, precision: Precision = "auto") -> None:
         import torch
@@ -222,9 +234,7 @@ class PackedEncoder(MiniLMEncoder):
             + F.embedding(positions, e["position_embeddings.weight"])
             + e["token_type_embeddings.weight"][0]
         )
-        x = F.layer_norm(
-            x, (HIDDEN,), e["LayerNorm.weight"], e["LayerNorm.bias"], LAYER_NORM_EPS
-        )
+        x = F.layer_norm(x, (HIDDEN,), e["LayerNorm.weight"], e["LayerNorm.bias"], LAYER_NORM_EPS)
         for layer in self._lower:
             x = layer(x, groups)
         pool = _mean_pool(lengths, order)
@@ -243,18 +253,21 @@ def _attention_groups(lengths: Sequence[int]) -> _Groups:
     """Groups of ``ATTENTION_GROUP`` consecutive (length-sorted) texts with their padding."""
     import torch
 
-    items = []
+    items: list[_Group] = []
     start = 0
     for first in range(0, len(lengths), ATTENTION_GROUP):
         group = lengths[first : first + ATTENTION_GROUP]
         longest, total = max(group), sum(group)
         if all(n == longest for n in group):
-            items.append((start, start + total, len(group), longest, None, None))
+            items.append(
+                (start, start + total, len(group), longest, None, torch.zeros(1, 1, longest))
+            )
         else:
             present = torch.arange(longest)[None, :] < torch.tensor(group)[:, None]
             scatter = present.flatten().nonzero().squeeze(1)
-            mask = torch.zeros(len(group), 1, 1, longest)
-            mask.masked_fill_(~present[:, None, None, :], torch.finfo(torch.float32).min)
+            mask = torch.zeros(len(group), 1, longest)
+            mask.masked_fill_(~present[:, None, :], torch.finfo(torch.float32).min)
+            mask = mask.repeat_interleave(HEADS, dim=0)  # rows follow (text, head)
             items.append((start, start + total, len(group), longest, scatter, mask))
         start += total
     return _Groups(tuple(items))
