@@ -196,7 +196,7 @@ class EmbeddingWorker:
         if self._capacity <= 0:
             return
         for text, vector in rows.items():
-            self._recent[text] = vector
+            self._recent[text] = vector.copy()  # not a view pinning its whole batch
             self._recent.move_to_end(text)
         while len(self._recent) > self._capacity:
             self._recent.popitem(last=False)
