@@ -155,7 +155,8 @@ class _Layer:
 
 
 class PackedEncoder(MiniLMEncoder):
-    """Drop-in :class:`MiniLMEncoder` for inference: same weights, same outputs, faster ``encode``.
+    """Drop-in :class:`MiniLMEncoder` for inference: same weights, faster ``encode``; its outputs
+    equal the reference's in float32 and stay within about 3e-5 in cosine in bfloat16.
 
     The split between shared and tuned layers is read from the tuned checkpoint's keys, so a
     verifier retrained with more or fewer tuned layers loads unchanged.
