@@ -279,6 +279,8 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
         on_batch=lambda size, seconds, waited: metrics.embedding_batch(
             size=size, encode_s=seconds, wait_s=waited
         ),
+        threads=settings.threads,
+        remembered=settings.remembered,
     )
     async with worker:
         services.embedder, services.encode = worker, encode  # type: ignore[assignment]
@@ -378,10 +380,15 @@ def _load_encoder(services: Services) -> Encode:
         return load_minilm()
     import torch
 
+    from proxy.cache.packed_encoder import PackedEncoder
     from proxy.cache.verifier import CacheVerifier, Verifier
 
-    torch.set_num_threads(1)  # one embedding thread; the event loop keeps the other core
+    # One torch thread per call: the worker splits large batches across its threads itself.
+    torch.set_num_threads(1)
     verifier = Verifier.load()
+    verifier.encoder = PackedEncoder(
+        verifier.encoder, precision=services.settings.embeddings.precision
+    )
     cache_verifier = CacheVerifier(
         verifier, threshold=cache.similarity_threshold, cutoff=cache.verifier_cutoff
     )

