@@ -236,10 +236,16 @@ class Rollouts:
             await self._commit(rollout, state, action="promote")
             return state
 
-    async def rollback(self, engine: str, *, reason: str = "admin") -> RolloutState:
+    async def rollback(
+        self, engine: str, *, reason: str = "admin", judged: str | None = None
+    ) -> RolloutState:
+        """Remove the canary; ``judged`` is the judge's reason when the proxy decided it."""
         async with self._lock:
             rollout = self._rollout(engine)
             state = rollout.state.rollback(now=self.wall_clock(), reason=reason)
+            if judged is not None:
+                self.metrics.auto_rollbacks.labels(engine, judged).inc()
+                log.warning("canary rolled back automatically", engine=engine, reason=reason)
             await self._commit(rollout, state, action="rollback")
             return state
 
@@ -284,14 +290,13 @@ class Rollouts:
             rollout.canary = None
         elif rollout.canary is None or not _describes(state.canary, rollout.canary):
             rollout.canary = self._engine_for(rollout, state.canary)
+        retired = rollout.state.canary
+        if retired is not None and (state.canary is None or state.canary != retired):
+            self.metrics.set_share(engine=engine.name, version=retired.version, share=0.0)
         rollout.state = state
-        if rollout.canary is not None:
-            share = state.share if state.status == "canary" else 0.0
-            self.metrics.set_share(
-                engine=engine.name,
-                version=state.canary.version if state.canary else "",
-                share=share,
-            )
+        if state.canary is not None:
+            self.metrics.set_share(engine=engine.name, version=state.canary.version,
+                                   share=state.share if state.status == "canary" else 0.0)  # fmt: skip
         self._refresh_polled()
 
     def _engine_for(self, rollout: EngineRollout, replicas: ReplicaSet) -> Engine:
@@ -435,13 +440,10 @@ class Rollouts:
                 continue
             reason, detail = verdict
             try:
-                await self.rollback(name, reason=f"auto: {reason}: {detail}")
+                await self.rollback(name, reason=f"auto: {reason}: {detail}", judged=reason)
             except RolloutConflict as exc:  # an admin acted first
                 log.info("automatic rollback skipped", engine=name, error=str(exc))
                 continue
-            self.metrics.auto_rollbacks.labels(name, reason).inc()
-            log.warning("canary rolled back automatically", engine=name, reason=reason,
-                        detail=detail)  # fmt: skip
             tripped.append((name, reason))
         return tripped
 
