@@ -295,8 +295,8 @@ class Rollouts:
             self.metrics.set_share(engine=engine.name, version=retired.version, share=0.0)
         rollout.state = state
         if state.canary is not None:
-            self.metrics.set_share(engine=engine.name, version=state.canary.version,
-                                   share=state.share if state.status == "canary" else 0.0)  # fmt: skip
+            share = state.share if state.status == "canary" else 0.0
+            self.metrics.set_share(engine=engine.name, version=state.canary.version, share=share)
         self._refresh_polled()
 
     def _engine_for(self, rollout: EngineRollout, replicas: ReplicaSet) -> Engine:

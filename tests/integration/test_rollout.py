@@ -151,7 +151,7 @@ async def traffic(proxy: Proxy, stop: asyncio.Event, out: list[tuple[int, str, s
 async def test_promote_under_traffic_loses_no_request_and_retires_v1_entries(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
-    stable, canary, proxy = await start_pair(
+    stable, _, proxy = await start_pair(
         start_fake, start_proxy, tmp_path, share=0.3, canary_options={"ttft_ms": 5}
     )
     stable.configure(ttft_ms=5)
@@ -192,7 +192,7 @@ async def test_promote_under_traffic_loses_no_request_and_retires_v1_entries(
 async def test_rollback_under_traffic_loses_no_request(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
-    stable, canary, proxy = await start_pair(
+    _, canary, proxy = await start_pair(
         start_fake, start_proxy, tmp_path, share=0.5, canary_options={"ttft_ms": 5}
     )
     results: list[tuple[int, str, str]] = []
@@ -213,6 +213,10 @@ async def test_rollback_under_traffic_loses_no_request(
     assert cache is not None
     await cache.drain()
     assert await cache.invalidate(InvalidationFilter(engine="small", version="v2")) == 0
+    served = canary.state.counters.requests
+    for i in range(1000, 1030):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
+    assert canary.state.counters.requests == served
     # Nothing left to promote or roll back.
     again = await proxy.client.post("/admin/rollout/small/rollback")
     assert again.status == 409
@@ -225,7 +229,7 @@ FAST_JUDGE = {"min_requests": 40, "check_interval_s": 0.05, "window_s": 60}
 async def test_automatic_rollback_fires_on_an_erroring_canary(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
-    _, canary, proxy = await start_pair(
+    _, _, proxy = await start_pair(
         start_fake, start_proxy, tmp_path, share=0.5, cache=False,
         canary_options={"fail_status": 500, "fail_fraction": 0.6, "rng_seed": 1},
         auto_rollback=FAST_JUDGE,
