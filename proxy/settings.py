@@ -103,6 +103,9 @@ class CanarySettings(StrictModel):
     cost: CostSettings | None = Field(None, description="default: the engine's")
     auto_rollback: AutoRollbackSettings = AutoRollbackSettings()
     quality: CanaryQualitySettings = CanaryQualitySettings()
+    launch_env: dict[str, str] = Field(
+        default_factory=dict, description="`frugal up`: env over the engine's launch.env"
+    )
 
     @field_validator("version")
     @classmethod
