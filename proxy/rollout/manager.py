@@ -169,9 +169,11 @@ class Rollouts:
         # An engine error is a 5xx: 4xx are the client's (or the policy's) doing.
         error = status >= 500
         self.metrics.request(
-            engine=engine, version=version, from_cache=from_cache, error=error,
+            engine=engine, version=version, from_cache=from_cache, status=status,
             latency_s=latency_s, tokens_out=tokens_out, cost_usd=cost_usd,
         )  # fmt: skip
+        if 400 <= status < 500:
+            return  # refused (policy, admission, bad request): says nothing about the version
         self._window(engine, version).record(
             at=self.clock(), from_cache=from_cache, error=error, latency_s=latency_s,
             tokens_out=tokens_out if not error else 0, cost_usd=cost_usd,

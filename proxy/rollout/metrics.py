@@ -4,7 +4,8 @@ Every series carries ``engine`` and ``version``; versions come from the config a
 state (a handful per engine over the proxy's life), never from requests, so cardinality stays
 bounded.
 
-    frugal_version_requests_total{engine,version,outcome}   outcome: ok | error | cache_hit
+    frugal_version_requests_total{engine,version,outcome}   ok | error (5xx) | client_error
+                                                            (4xx) | cache_hit
     frugal_version_latency_seconds{engine,version}          engine answers only
     frugal_version_tokens_out_total{engine,version}         with ..._answers_total: tokens/answer
     frugal_version_answers_total{engine,version}
@@ -30,7 +31,7 @@ class RolloutMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.requests = CounterFamily(
             "frugal_version_requests",
-            "Finished requests per engine version: ok, error (engine answers) or cache_hit.",
+            "Finished requests per version: ok, error (5xx), client_error (4xx) or cache_hit.",
             ["engine", "version", "outcome"],
         )
         self.latency = HistogramFamily(
@@ -99,17 +100,17 @@ class RolloutMetrics:
         engine: str,
         version: str,
         from_cache: bool,
-        error: bool,
+        status: int,
         latency_s: float,
         tokens_out: int,
         cost_usd: float,
     ) -> None:
-        outcome = "cache_hit" if from_cache else ("error" if error else "ok")
+        outcome = _outcome(from_cache, status)
         self.requests.labels(engine, version, outcome).inc()
-        if from_cache:
+        if from_cache or outcome == "client_error":
             return
         self.latency.labels(engine, version).observe(latency_s)
-        if not error:
+        if outcome == "ok":
             self.answers.labels(engine, version).inc()
             if tokens_out:
                 self.tokens_out.labels(engine, version).inc(tokens_out)
@@ -118,3 +119,11 @@ class RolloutMetrics:
 
     def set_share(self, *, engine: str, version: str, share: float) -> None:
         self.share.labels(engine, version).set(share)
+
+
+def _outcome(from_cache: bool, status: int) -> str:
+    if from_cache:
+        return "cache_hit"
+    if status >= 500:
+        return "error"
+    return "client_error" if status >= 400 else "ok"

@@ -61,7 +61,9 @@ async def start_pair(
 ) -> tuple[FakeEngine, FakeEngine, Proxy]:
     stable = await start_fake("m")
     canary = await start_fake("m-canary", **(canary_options or {}))
-    sections: dict[str, Any] = {}
+    # A generous health timeout: on a loaded test machine a slow /health must not mark a replica
+    # down mid-test (these tests count every non-200).
+    sections: dict[str, Any] = {"health": {"interval_s": 0.2, "timeout_s": 10.0}}
     if cache:
         sections["cache"] = {"enabled": True, "data_dir": str(tmp_path / "cache")}
     proxy = await start_proxy([canary_engine(stable, canary, share, **canary_extra)], **sections)
@@ -100,11 +102,11 @@ async def test_canary_share_is_within_two_points_over_5000_conversations(
         start_fake, start_proxy, tmp_path, share=0.2, cache=False
     )
     versions: list[str] = []
-    for start in range(0, 5000, 100):
+    for start in range(0, 5000, 25):
         results = await asyncio.gather(
-            *(ask(proxy, conversation(i)) for i in range(start, start + 100))
+            *(ask(proxy, conversation(i)) for i in range(start, start + 25))
         )
-        assert all(status == 200 for status, _, _ in results)
+        assert [r for r in results if r[0] != 200] == []
         versions += [v for _, v, _ in results]
     share = versions.count("v2") / len(versions)
     assert abs(share - 0.2) <= 0.02, share

@@ -275,3 +275,53 @@ def test_canary_config_errors_name_the_field(canary: str, field: str, message: s
         parse_settings(ENGINE + f"    canary: {canary}\n", source="c.yaml")
     text = str(info.value)
     assert field in text and message in text and "c.yaml:" in text
+
+
+# -- per-version window -----------------------------------------------------------------------
+
+
+def test_window_figures_count_engine_answers_and_forget_old_samples() -> None:
+    from proxy.rollout.stats import VersionWindow
+
+    window = VersionWindow(window_s=60)
+    for i in range(100):
+        window.record(at=float(i), from_cache=False, error=i % 10 == 0, latency_s=i / 100,
+                      tokens_out=10, cost_usd=0.001)  # fmt: skip
+    window.record(at=99.0, from_cache=True, error=False, latency_s=0.0, tokens_out=10, cost_usd=0)
+    figures = window.figures(now=100.0)  # samples at 40..99 are inside the last 60 s
+    assert figures["requests"] == 61 and figures["cache_hits"] == 1
+    assert figures["engine_answers"] == 60 and figures["errors"] == 6
+    assert figures["error_rate"] == pytest.approx(0.1)
+    assert figures["latency_ms"]["p50"] == pytest.approx(700.0)  # between 0.69 and 0.71
+    assert figures["tokens_per_answer"] == 10.0
+    judged = window.judged(now=100.0, window_s=30)
+    assert (judged.requests, judged.errors, len(judged.latencies)) == (30, 3, 27)
+    assert list(judged.latencies) == sorted(judged.latencies)
+
+
+def test_status_report_has_one_row_per_version() -> None:
+    from proxy.rollout.commands import format_status
+
+    figures = {"request_rate_per_s": 2.0, "error_rate": 0.05, "tokens_per_answer": 12.0,
+               "latency_ms": {"p50": 10.0, "p95": 20.0, "p99": 30.0}, "cost_usd": 0.5,
+               "shadow_agreement": 0.9}  # fmt: skip
+    text = format_status(
+        {
+            "engine": "small",
+            "status": "canary",
+            "share": 0.1,
+            "reason": "configured",
+            "stable_version": "v1",
+            "canary_version": "v2",
+            "previous": None,
+            "versions": {
+                "v1": {"role": "stable", "figures": figures},
+                "v2": {"role": "canary", "figures": None},
+            },
+        }
+    )
+    lines = text.splitlines()
+    assert lines[0] == "engine small: canary (canary share 10.0%), reason: configured"
+    v1 = next(line for line in lines if line.startswith("v1"))
+    assert "5.0" in v1 and "20.0" in v1 and "90%" in v1
+    assert next(line for line in lines if line.startswith("v2")).split()[2] == "-"
