@@ -367,6 +367,8 @@ class Rollouts:
         now = self.wall_clock()
         for name, rollout in self.by_name.items():
             state = resolve_at_startup(rollout.config, persisted.get(name), now=now)
+            if self._redis is not None and persisted.get(name) not in (None, state):
+                await self._persist_redis(state)  # this config changed it: tell the fleet
             if state != rollout.state:
                 self._apply(rollout, state)
                 if state.status != "canary" or state.rev:
@@ -394,6 +396,9 @@ class Rollouts:
     async def _persist(self, state: RolloutState) -> None:
         if self._file is not None:
             await self._file.save({n: r.state for n, r in self.by_name.items()})
+        await self._persist_redis(state)
+
+    async def _persist_redis(self, state: RolloutState) -> None:
         if self._redis is not None:
             try:
                 await self._redis.save(state)
@@ -411,7 +416,11 @@ class Rollouts:
                 continue
             for name, state in remote.items():
                 rollout = self.by_name[name]
-                if state.rev > rollout.state.rev:
+                mine = rollout.state
+                # Newer wins; two replicas changing it at once (same rev): the later change wins.
+                if state.rev > mine.rev or (
+                    state.rev == mine.rev and state != mine and state.changed_at > mine.changed_at
+                ):
                     async with self._lock:
                         before = self.served()
                         self._apply(rollout, state)
