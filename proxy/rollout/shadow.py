@@ -144,6 +144,11 @@ class ShadowComparer:
         )
         report("agree" if same else "disagree")
 
+    async def drain(self) -> None:
+        """Wait for the comparisons in flight (tests, reports)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()

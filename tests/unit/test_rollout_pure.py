@@ -325,3 +325,52 @@ def test_status_report_has_one_row_per_version() -> None:
     v1 = next(line for line in lines if line.startswith("v1"))
     assert "5.0" in v1 and "20.0" in v1 and "90%" in v1
     assert next(line for line in lines if line.startswith("v2")).split()[2] == "-"
+
+
+async def test_shadow_calls_are_dropped_when_busy_or_at_the_concurrency_cap() -> None:
+    import asyncio
+
+    from proxy.engines.client import EngineCaller, UpstreamRequest
+    from proxy.engines.pool import Engine
+    from proxy.rollout.shadow import ShadowComparer
+    from proxy.settings import CanaryQualitySettings, EngineSettings
+
+    release = asyncio.Event()
+    sent: list[UpstreamRequest] = []
+
+    class Answer:
+        status = 200
+        headers: dict[str, str] = {}
+
+        async def read(self) -> bytes:
+            return b'{"choices":[{"message":{"content":"same"}}]}'
+
+        def release(self) -> None: ...
+
+        def close(self) -> None: ...
+
+    async def transport(request: UpstreamRequest) -> Answer:
+        sent.append(request)
+        await release.wait()
+        return Answer()
+
+    other = Engine.from_settings(EngineSettings(name="e", model="m", urls=["http://b:1"]))
+    other.upstream_model = "m2"
+    shadow = ShadowComparer(EngineCaller(transport))  # type: ignore[arg-type]
+    quality = CanaryQualitySettings(share=1.0, max_concurrency=2)
+    outcomes: list[str] = []
+    primary = b'{"choices":[{"message":{"content":"same"}}]}'
+
+    def start(busy: bool) -> None:
+        shadow.start(other=other, path="/v1/chat/completions", body={"model": "m", "stream": True},
+                     affinity=None, primary_answer=primary, quality=quality, busy=busy,
+                     report=outcomes.append)  # fmt: skip
+
+    start(busy=True)
+    for _ in range(3):
+        start(busy=False)
+    assert outcomes == ["dropped", "dropped"]  # busy, then the third over the cap of 2
+    release.set()
+    await shadow.drain()
+    assert outcomes == ["dropped", "dropped", "agree", "agree"]
+    assert all(b'"model":"m2"' in r.body and b"stream" not in r.body for r in sent)
