@@ -9,6 +9,7 @@ Example::
         version: auto
         urls: [http://127.0.0.1:8101]
         cost: {input_per_mtok: 0.05, output_per_mtok: 0.10}
+        canary: {version: v2, urls: [http://127.0.0.1:8103], share: 0.05}   # optional
 
 ``load_settings(path)`` raises :class:`ConfigError` whose message names the file, the line where
 the YAML node is, the field path and what is wrong.
