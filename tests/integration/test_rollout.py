@@ -251,6 +251,27 @@ async def test_automatic_rollback_fires_on_an_erroring_canary(
         assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
 
 
+async def test_automatic_rollback_fires_on_a_slow_canary(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # 400 ms to the canary's first token, ~0 to the stable's: far beyond twice as slow, with a
+    # margin for a loaded test machine (small batches keep the proxy's own queueing low).
+    _, _, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.5, cache=False,
+        canary_options={"ttft_ms": 400}, auto_rollback={**FAST_JUDGE, "max_latency_ratio": 2},
+    )  # fmt: skip
+    rollouts = proxy.services.rollouts
+    sent = 0
+    while rollouts.by_name["small"].state.status == "canary" and sent < 400:
+        await asyncio.gather(*(ask(proxy, conversation(sent + i)) for i in range(10)))
+        sent += 10
+    await wait_until(lambda: rollouts.by_name["small"].state.status == "rolled_back")
+    state = rollouts.by_name["small"].state
+    assert state.status == "rolled_back", rollouts.status("small")["versions"]
+    assert state.reason.startswith("auto: latency")
+    assert rollouts.metrics.auto_rollbacks.labels("small", "latency").value == 1
+
+
 async def test_no_automatic_rollback_on_a_healthy_canary(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
