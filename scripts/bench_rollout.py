@@ -242,7 +242,7 @@ def main() -> None:
     where.add_argument("--launch", action="store_true", help="start engines + proxy here")
     parser.add_argument("--config", type=Path, default=CONFIG, help="with --launch")
     parser.add_argument("--engine", default="small")
-    parser.add_argument("--conversations", type=int, default=200)
+    parser.add_argument("--conversations", type=int, default=120)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--out", type=Path, default=REPO / "out")
