@@ -362,3 +362,21 @@ async def test_shadow_check_measures_agreement(
     assert rollouts.metrics.shadow.labels("small", "v2", "disagree").value == 20
     status = await (await proxy.client.get("/admin/rollout/small")).json()
     assert status["versions"]["v2"]["figures"]["shadow_agreement"] == pytest.approx(41 / 61)
+
+
+async def test_a_restart_keeps_both_versions_cache_entries(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    stable, canary, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=0.5)
+    first = {i: (await ask(proxy, conversation(i)))[1] for i in range(30)}
+    assert set(first.values()) == {"v1", "v2"}
+    assert proxy.services.cache is not None
+    await proxy.services.cache.drain()
+    await proxy.client.close()
+    # The start-up purge of unserved versions must keep the canary's entries too.
+    again = await start_proxy(
+        [canary_engine(stable, canary, 0.5)],
+        cache={"enabled": True, "data_dir": str(tmp_path / "cache")},
+    )
+    for i, version in first.items():
+        assert (await ask(again, conversation(i)))[1:] == (version, "hit-exact")
