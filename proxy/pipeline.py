@@ -70,6 +70,7 @@ class Exchange:
     tier: str = "-"
     model: str = ""
     engine: Engine | None = None  # the engine whose answer the client got
+    version: str | None = None  # the version that answered (stable, canary, or a cache entry's)
     routed: Engine | None = None  # the engine the router chose
     cache: str = "bypass"
     cache_similarity: float | None = None
@@ -93,7 +94,7 @@ class Exchange:
         headers = {"x-request-id": self.request_id, "x-frugal-cache": self.cache}
         if self.engine is not None:
             headers["x-frugal-engine"] = self.engine.name
-            headers["x-frugal-model-version"] = self.engine.version or "unknown"
+            headers["x-frugal-model-version"] = self.version or self.engine.version or "unknown"
         if self.routed is not None:
             headers["x-frugal-route"] = self.routed.name
             headers["x-frugal-route-reason"] = self.route_reason
@@ -131,7 +132,8 @@ class CachePlan:
         """The request's keys for one engine version, hashed once per request and engine."""
         if self.partition is None or engine.version is None:
             return None  # an engine whose weights are unknown can neither serve nor store
-        keys = self._keys.get(engine.name)
+        memo = f"{engine.name}\0{engine.version}"  # a canary shares its engine's name
+        keys = self._keys.get(memo)
         if keys is None:
             keys = make_keys(
                 ENDPOINTS[req.kind],
@@ -140,7 +142,7 @@ class CachePlan:
                 version=engine.version,
                 partition=self.partition,
             )
-            self._keys[engine.name] = keys
+            self._keys[memo] = keys
         return keys
 
 
@@ -169,20 +171,29 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
             exchange.baseline = allowed[-1]
             # The cheapest hit first: an exact answer from the strongest engine this request may
             # use is good enough whatever the router would say, and it needs no embedding.
-            hit = await _exact_lookup(services, plan, req, allowed[-1])
+            prefix = _memo(lambda: conversation_prefix(req))
+            rollouts = services.rollouts
+            hit = await _exact_lookup(services, plan, req, rollouts.select(allowed[-1], prefix))
             if hit is not None:
                 return _respond_from_cache(request, req, hit, exchange, services)
             embedding = await _embed(services, req, requested, allowed, plan)
             decision = _route(services, req, requested, allowed, principal, embedding)
-            engine = services.by_name[decision.engine]
+            # The engine's canary answers the conversations in its share (sticky per conversation).
+            engine = rollouts.select(services.by_name[decision.engine], prefix)
             exchange.routed = exchange.engine = engine
+            exchange.version = engine.version
             exchange.route_reason, exchange.route_score = decision.reason, decision.score
             services.metrics.route_decision(
                 tier=principal.tier, engine=engine.name, reason=decision.reason
             )
             _prepare_upstream_body(req, engine)
 
-            stronger = allowed[allowed.index(engine) + 1 :] if requested == VIRTUAL_MODEL else []
+            stable = rollouts.stable_of(engine)
+            stronger = (
+                [rollouts.select(e, prefix) for e in allowed[allowed.index(stable) + 1 :]]
+                if requested == VIRTUAL_MODEL
+                else []
+            )
             _plan_keys(plan, req, [engine, *stronger])
             cutoff = _cutoff(services, plan, principal)
             hit = await _lookup(services, plan, embedding, exchange, cutoff)
@@ -316,6 +327,18 @@ def _prompt_texts(req: CompletionRequest) -> list[str]:
     return [orjson.dumps(m.get("content")).decode() for m in req.body["messages"]]
 
 
+def _memo(compute: Callable[[], bytes]) -> Callable[[], bytes]:
+    """``compute`` run at most once (the conversation prefix, only if a canary asks for it)."""
+    cell: list[bytes] = []
+
+    def get() -> bytes:
+        if not cell:
+            cell.append(compute())
+        return cell[0]
+
+    return get
+
+
 def _refusal(exchange: Exchange, err: FrugalError) -> FrugalError:
     exchange.status, exchange.error = err.status, err.code
     err.headers.update(exchange.headers())
@@ -398,8 +421,8 @@ def _loads(services: Services, allowed: list[Engine]) -> dict[str, EngineLoad]:
 
 
 def _prepare_upstream_body(req: CompletionRequest, engine: Engine) -> None:
-    if req.model != engine.model:
-        req.set("model", engine.model)
+    if req.model != engine.wire_model:
+        req.set("model", engine.wire_model)
     if req.stream and not req.include_usage:
         # Ask the engine for usage so tokens and cost are counted (and a cached stream can replay
         # it); the client, who did not ask for it, never sees that chunk.
@@ -515,6 +538,7 @@ def _respond_from_cache(
 ) -> web.StreamResponse:
     exchange.cache = f"hit-{hit.kind}"
     exchange.engine = services.by_name.get(hit.meta.engine, exchange.engine)
+    exchange.version = hit.meta.version  # the version that stored the answer
     exchange.cache_age_s = hit.age_seconds
     if hit.kind == "semantic":
         exchange.cache_similarity = hit.similarity
@@ -591,7 +615,10 @@ async def _answer_from_engine(
     upstream = await _call_engine(req, engine, exchange, services)
     if exchange.ttft_s is not None and upstream.status == 200:
         services.router.observe_ttft(engine.name, exchange.ttft_s)
-    store = _Store(services, plan, embedding, exchange, flight)
+    shadow = services.rollouts.shadow_hook(
+        engine, PATHS[req.kind], req.body, lambda: conversation_prefix(req)
+    )
+    store = _Store(services, plan, embedding, exchange, flight, shadow)
     if req.stream and upstream.status == 200:
         return await _relay_stream(request, req, upstream, exchange, store)
     return _relay_body(upstream, exchange, store)
@@ -628,10 +655,11 @@ class _Store:
     embedding: np.ndarray | None
     exchange: Exchange
     flight: Leader[bytes, bytes] | None
+    shadow: Callable[[bytes], None] | None = None  # the canary quality check, when sampled
 
     @property
     def wanted(self) -> bool:
-        return self.flight is not None or self.plan.mode.write
+        return self.flight is not None or self.plan.mode.write or self.shadow is not None
 
     def publish(self, payload: bytes) -> None:
         if self.flight is not None:
@@ -640,8 +668,17 @@ class _Store:
     def complete(self, status: int, body: bytes) -> None:
         if self.flight is not None:
             self.flight.finish(body)
+        if self.shadow is not None and status == 200:
+            self.shadow(body)
         cache, keys = self.services.cache, self.plan.keys
-        if cache is not None and keys is not None and self.plan.mode.write and status == 200:
+        if (
+            cache is not None
+            and keys is not None
+            and self.plan.mode.write
+            and status == 200
+            # A promote or rollback while this answer was on its way retired its version.
+            and self.services.rollouts.serves(keys.engine, keys.version)
+        ):
             cache.store_in_background(
                 keys,
                 body,
@@ -870,6 +907,17 @@ def _finish(exchange: Exchange, services: Services) -> None:
         saved_routing_usd=money.saved_routing_usd,
         stream=exchange.stream,
     )
+    version = exchange.version or (engine.version if engine is not None else None)
+    if engine is not None and version is not None:
+        services.rollouts.record(
+            engine=engine.name,
+            version=version,
+            from_cache=from_cache,
+            status=exchange.status,
+            latency_s=latency,
+            tokens_out=exchange.tokens_out,
+            cost_usd=money.cost_usd,
+        )
     if services.access_log is not None:
         services.access_log.write(
             dict(
@@ -877,7 +925,7 @@ def _finish(exchange: Exchange, services: Services) -> None:
                 tier=exchange.tier,
                 model=exchange.model,
                 engine=engine.name if engine else None,
-                model_version=engine.version if engine else None,
+                model_version=version,
                 cache=exchange.cache,
                 route=exchange.routed.name if exchange.routed else None,
                 route_reason=exchange.route_reason,
