@@ -202,7 +202,8 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
                     services.auditor.consider(
                         tier=principal.tier,
                         cache_policy=policy.cache,
-                        engine=services.by_name.get(hit.meta.engine),
+                        # The version that stored the answer is the one to ask again.
+                        engine=rollouts.replica_set(hit.meta.engine, hit.meta.version),
                         kind=req.kind,
                         body=req.body,
                         hit=hit,

@@ -146,6 +146,16 @@ class Rollouts:
             current.add(rollout.canary.version)
         return version in current
 
+    def replica_set(self, engine: str, version: str) -> Engine | None:
+        """The replica set serving ``version`` of ``engine`` (stable or canary), if one does."""
+        rollout = self.by_name.get(engine)
+        if rollout is None:
+            return None
+        for candidate in (rollout.engine, rollout.canary):
+            if candidate is not None and candidate.version == version:
+                return candidate
+        return None
+
     def served(self) -> set[tuple[str, str]]:
         """Every (engine, version) some replica set serves (versions not yet known left out)."""
         out = set()

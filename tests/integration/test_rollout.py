@@ -142,6 +142,19 @@ async def test_cache_hits_carry_the_version_that_stored_them(
     assert stable.state.counters.requests + canary.state.counters.requests == calls
 
 
+async def test_a_stored_version_names_the_replica_set_to_ask_again(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # Cache audits re-ask the version that stored an answer, canary or stable.
+    stable, canary, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=0.5)
+    rollouts = proxy.services.rollouts
+    v1, v2 = rollouts.replica_set("small", "v1"), rollouts.replica_set("small", "v2")
+    assert v1 is not None and [r.url for r in v1.replicas] == [stable.url]
+    assert v2 is not None and [r.url for r in v2.replicas] == [canary.url]
+    assert rollouts.replica_set("small", "v0") is None
+    assert rollouts.replica_set("other", "v1") is None
+
+
 async def traffic(proxy: Proxy, stop: asyncio.Event, out: list[tuple[int, str, str]]) -> None:
     """One client sending fresh and repeated questions, streamed and not, until told to stop."""
     while not stop.is_set():
