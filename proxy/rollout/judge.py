@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
+from proxy.stats import wilson_interval
+
 
 @dataclass(frozen=True, slots=True)
 class Window:
@@ -48,17 +50,6 @@ def z_score(confidence: float) -> float:
     return NormalDist().inv_cdf(confidence)
 
 
-def wilson_interval(errors: int, n: int, z: float) -> tuple[float, float]:
-    """Wilson score interval of a proportion; (0, 1) when there is no observation."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = errors / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def quantile_bounds(sorted_values: Sequence[float], q: float, z: float) -> tuple[float, float]:
     """Order-statistic confidence bounds of the ``q`` quantile of the values' distribution."""
     n = len(sorted_values)
@@ -75,8 +66,8 @@ def judge(canary: Window, stable: Window, bounds: Bounds) -> Verdict | None:
     if canary.requests < bounds.min_requests or stable.requests < bounds.min_requests:
         return None
     z = z_score(bounds.confidence)
-    canary_low, _ = wilson_interval(canary.errors, canary.requests, z)
-    _, stable_high = wilson_interval(stable.errors, stable.requests, z)
+    canary_low = wilson_interval(canary.errors, canary.requests, z).low
+    stable_high = wilson_interval(stable.errors, stable.requests, z).high
     if canary_low > stable_high + bounds.max_error_rate_delta:
         return Verdict(
             "error_rate",

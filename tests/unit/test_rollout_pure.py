@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.rollout.judge import Bounds, Window, judge, quantile_bounds, wilson_interval, z_score
+from proxy.rollout.judge import Bounds, Window, judge, quantile_bounds, z_score
 from proxy.rollout.shadow import agree, answer_text, is_deterministic, shadow_body, token_overlap
 from proxy.rollout.split import goes_to_canary, split_bucket
 from proxy.rollout.state import (
@@ -23,6 +23,7 @@ from proxy.rollout.state import (
     resolve_at_startup,
 )
 from proxy.settings import ConfigError, parse_settings
+from proxy.stats import wilson_interval
 
 # -- split ------------------------------------------------------------------------------------
 
@@ -160,19 +161,18 @@ def test_startup_drops_a_canary_removed_from_the_config() -> None:
 
 def test_wilson_interval_contains_the_rate_and_narrows_with_n() -> None:
     z = z_score(0.99)
-    low, high = wilson_interval(5, 100, z)
-    assert low < 0.05 < high
-    low2, high2 = wilson_interval(50, 1000, z)
-    assert high2 - low2 < high - low
-    assert wilson_interval(0, 0, z) == (0.0, 1.0)
+    wide, narrow = wilson_interval(5, 100, z), wilson_interval(50, 1000, z)
+    assert wide.low < 0.05 < wide.high
+    assert narrow.high - narrow.low < wide.high - wide.low
+    assert (wilson_interval(0, 0, z).low, wilson_interval(0, 0, z).high) == (0.0, 1.0)
 
 
 @given(st.integers(0, 500), st.integers(1, 500))
 def test_wilson_bounds_are_ordered_and_in_range(errors: int, n: int) -> None:
     errors = min(errors, n)
-    low, high = wilson_interval(errors, n, z_score(0.95))
-    assert 0.0 <= low <= errors / n + 1e-12
-    assert errors / n - 1e-12 <= high <= 1.0
+    interval = wilson_interval(errors, n, z_score(0.95))
+    assert 0.0 <= interval.low <= errors / n + 1e-12
+    assert errors / n - 1e-12 <= interval.high <= 1.0
 
 
 def test_quantile_bounds_bracket_the_sample_quantile() -> None:
