@@ -3,11 +3,9 @@ confidence interval honest about how few audits there are.
 
     window = AuditWindow(size=500)
     window.add(disagreed=False)
-    low, high = window.interval()          # Wilson score interval, 95 %
+    interval = window.interval()          # Wilson score interval, 95 %: .rate, .low, .high
 
-The Wilson interval (not the normal approximation) because the rates of interest are small (a few
-percent) and the counts modest: the normal interval collapses to [0, 0] at zero disagreements and
-leaves [0, 1] at either end; Wilson's stays inside [0, 1] and is sensible at any count.
+Why Wilson: see proxy/stats.py.
 """
 
 from __future__ import annotations
