@@ -413,12 +413,11 @@ def _route(
 
 
 def _loads(services: Services, allowed: list[Engine]) -> dict[str, EngineLoad]:
-    return {
-        e.name: services.router.load(
-            e, services.admissions[e.name].waiting, services.admissions[e.name].active
-        )
-        for e in allowed
-    }
+    loads = {}
+    for e in allowed:
+        gate = services.admissions[e.name]
+        loads[e.name] = services.router.load(e, gate.waiting, gate.active, gate.queue_delay())
+    return loads
 
 
 def _prepare_upstream_body(req: CompletionRequest, engine: Engine) -> None:
