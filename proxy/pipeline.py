@@ -183,7 +183,12 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
             stronger = allowed[allowed.index(engine) + 1 :] if requested == VIRTUAL_MODEL else []
             _plan_keys(plan, req, [engine, *stronger])
             cutoff = _cutoff(services, plan, principal)
-            hit = await _lookup(services, plan, embedding, exchange, cutoff)
+            refused: list[CacheHit] | None = (
+                []
+                if services.tuner is not None and services.tuner.wants_counterfactual(policy.cache)
+                else None
+            )
+            hit = await _lookup(services, plan, embedding, exchange, cutoff, refused)
             if hit is not None:
                 if hit.kind == "semantic" and services.auditor is not None:
                     services.auditor.consider(
@@ -219,8 +224,19 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
                     tier=principal.tier,
                 ),
             ):
+                answered = (
+                    services.auditor.counterfactual(
+                        tier=principal.tier,
+                        cache_policy=policy.cache,
+                        engine=engine,
+                        refused=refused,
+                        cutoff=cutoff,
+                    )
+                    if refused and services.auditor is not None
+                    else None
+                )
                 response = await _answer_from_engine(
-                    request, req, engine, exchange, services, plan, embedding, flight
+                    request, req, engine, exchange, services, plan, embedding, flight, answered
                 )
                 spend.record(engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out))
             ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
@@ -460,6 +476,7 @@ async def _lookup(
     embedding: np.ndarray | None,
     exchange: Exchange,
     cutoff: float | None = None,
+    refused: list[CacheHit] | None = None,
 ) -> CacheHit | None:
     cache = services.cache
     if cache is None or plan.mode is CacheMode.OFF:
@@ -470,7 +487,12 @@ async def _lookup(
         return None
     for keys in plan.lookups:
         hit = await cache.lookup(
-            keys, embedding=embedding, mode=plan.mode, semantic=plan.semantic, cutoff=cutoff
+            keys,
+            embedding=embedding,
+            mode=plan.mode,
+            semantic=plan.semantic,
+            cutoff=cutoff,
+            refused=refused,
         )
         if hit is not None:
             services.metrics.cache_lookup(
@@ -564,11 +586,12 @@ async def _answer_from_engine(
     plan: CachePlan,
     embedding: np.ndarray | None,
     flight: Leader[bytes, bytes] | None,
+    answered: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
     upstream = await _call_engine(req, engine, exchange, services)
     if exchange.ttft_s is not None and upstream.status == 200:
         services.router.observe_ttft(engine.name, exchange.ttft_s)
-    store = _Store(services, plan, embedding, exchange, flight)
+    store = _Store(services, plan, embedding, exchange, flight, answered)
     if req.stream and upstream.status == 200:
         return await _relay_stream(request, req, upstream, exchange, store)
     return _relay_body(upstream, exchange, store)
@@ -604,10 +627,11 @@ class _Store:
     embedding: np.ndarray | None
     exchange: Exchange
     flight: Leader[bytes, bytes] | None
+    answered: Callable[[bytes], None] | None = None  # a counterfactual cache audit's callback
 
     @property
     def wanted(self) -> bool:
-        return self.flight is not None or self.plan.mode.write
+        return self.flight is not None or self.plan.mode.write or self.answered is not None
 
     def publish(self, payload: bytes) -> None:
         if self.flight is not None:
@@ -616,6 +640,8 @@ class _Store:
     def complete(self, status: int, body: bytes) -> None:
         if self.flight is not None:
             self.flight.finish(body)
+        if self.answered is not None and status == 200:
+            self.answered(body)
         cache, keys = self.services.cache, self.plan.keys
         if cache is not None and keys is not None and self.plan.mode.write and status == 200:
             cache.store_in_background(
