@@ -14,8 +14,10 @@ reused), every source, in a seeded shuffled order: the cache holds ``query_a``, 
 
 - true paraphrases: the 999 pairs of cache_paraphrases_mock.json.gz (``origin`` cached,
   ``similar`` asked) and the redis_chatgpt report pairs labelled 1;
-- near-miss negatives: the redis_chatgpt and apt report pairs labelled 0 (same topic and words,
-  another question; cached ``query_a``, asked ``query_b``);
+- near-miss negatives: the redis_chatgpt report pairs labelled 0 (cache-style queries on the same
+  topic asking another thing; cached ``query_a``, asked ``query_b``); ``--near-miss
+  redis_chatgpt,apt`` adds the apt ones (adversarial word swaps built to fool paraphrase
+  detectors: a harder, less cache-like mix);
 - unrelated new questions: ``--unrelated`` qqp report ``query_b``s (general Quora questions),
   each looked up against its nearest cached question by base cosine among all the cached texts
   above (mock origins, redis and apt ``query_a``s); labelled 0. qqp texts are left out of the
@@ -242,10 +244,9 @@ def cache_trace(args: argparse.Namespace, model: verifier.Verifier) -> list[Item
         for p in report
         if p.source == "redis_chatgpt" and p.label == 1
     ]
+    near = set(args.near_miss.split(",")) if args.near_miss else set()
     items += [
-        (f"near_miss_{p.source}", p.a, p.b, 0)
-        for p in report
-        if p.source in ("redis_chatgpt", "apt") and p.label == 0
+        (f"near_miss_{p.source}", p.a, p.b, 0) for p in report if p.source in near and p.label == 0
     ]
     pool = sorted({a for _, a, _, _ in items})
     rng = random.Random(args.seed)
@@ -269,7 +270,7 @@ def cache_trace(args: argparse.Namespace, model: verifier.Verifier) -> list[Item
 
 
 def run(trace: str, args: argparse.Namespace, model: verifier.Verifier) -> dict[str, object]:
-    out = args.out / trace
+    out = args.out / (trace if args.tag is None else f"{trace}-{args.tag}")
     out.mkdir(parents=True, exist_ok=True)
     items = pairs_trace(args) if trace == "pairs" else cache_trace(args, model)
     kinds: dict[str, int] = {}
@@ -419,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qqp-limit", type=int, default=None, help="pairs: qqp report pairs")
     parser.add_argument("--sources", default="qqp,apt,redis_chatgpt", help="pairs: sources")
     parser.add_argument("--unrelated", type=int, default=1500, help="cache: unrelated questions")
+    parser.add_argument(
+        "--near-miss",
+        default="redis_chatgpt",
+        help="cache: sources of the near-miss negatives (redis_chatgpt, apt; comma-separated)",
+    )
     parser.add_argument("--rule", choices=["evidence", "step"], default="evidence")
     parser.add_argument(
         "--no-counterfactual", dest="counterfactual", action="store_false", default=True
@@ -435,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-audits", type=int, default=20)
     parser.add_argument("--window", type=int, default=None, help="lookups per report window")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--tag", default=None, help="output folder suffix: out/selftune/TRACE-TAG")
     parser.add_argument("--passes", type=int, default=1, help="replay this many times (new order)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", type=Path, default=REPO / "out" / "verifier_cache")

@@ -18,11 +18,16 @@ the same events, so the latest ``tune.samples`` (score, disagreed) pairs are a u
 the candidates the cache could serve at any cut-off. The false-hit share at a cut-off ``c`` is
 then estimated by the disagreements among samples scored ``>= c``, and the rule picks the lowest
 ``c`` in [min, max] where at least ``min_audits`` samples lie and the one-sided Wilson upper bound
-(``tune.confidence``, 90 % by default) of that share is at most ``audit.target``; when no cut-off
-qualifies it goes to ``max``. Requiring the *upper* bound under target is what keeps the served
-share under the target rather than around it, and the lowest qualifying cut-off is what keeps as
-many hits as the evidence allows. It decides every ``min_audits`` new samples, jumping straight to
-the chosen value: the choice rests on evidence at that value, not on a blind step.
+(``tune.confidence``, 90 % by default) of that share is at most ``audit.target`` (a *proven*
+cut-off). It relaxes only to a proven value; it raises (to the lowest proven value, or by steps
+when none is) only when the observed share at the current value is above the target; in between
+it holds (the dead band, which keeps the cut-off from flapping with the sampling noise). With no
+proven value it raises by steps as the step rule does (a jump to ``max`` would stop every hit until
+the evidence to come back accrued: the cold start from a loose value is the usual case). Relaxing
+only to values whose *upper* bound is under target is what keeps the served share under the
+target rather than around it, and the lowest proven value is what keeps as many hits as the
+evidence allows. It decides every ``min_audits`` new samples and jumps straight to the chosen
+value: the choice rests on evidence at that value, not on a blind step.
 
 ``step`` (:func:`next_cutoff`). Reads only the audits made at the current cut-off: stricter when
 the observed rate is above ``target * set_point`` (0.5 by default: aim under the target, not at
@@ -134,10 +139,22 @@ def next_cutoff(current: float, counts: AuditCounts, bounds: TuneBounds) -> Move
     return Move(current, "within_target", interval)
 
 
-def choose_cutoff(current: float, samples: Iterable[Sample], bounds: TuneBounds) -> Move:
-    """The evidence rule (pure): the lowest cut-off in [low, high] whose samples at or above it
-    number at least ``min_audits`` and show a disagreement share whose one-sided upper bound is
-    at most the target; ``high`` when none does; ``current`` while there are too few samples."""
+def choose_cutoff(
+    current: float, samples: Iterable[Sample], bounds: TuneBounds, *, covered_from: float = 0.0
+) -> Move:
+    """The evidence rule (pure).
+
+    A cut-off is *proven* when at least ``min_audits`` samples score at or above it and the
+    one-sided upper bound of their disagreement share is at most the target. The rule moves to
+    the lowest proven cut-off in [low, high] when that is at or below ``current`` (relax or hold);
+    otherwise it holds while the observed share at ``current`` is at most the target (the dead
+    band: not proven, not shown to be over), and else raises to the lowest proven cut-off, or by
+    up to four logit steps when none is proven. With fewer than ``min_audits`` samples it holds.
+
+    ``covered_from``: the samples are a uniform sample of the candidates scored at or above it
+    only (without counterfactual audits, only hits are audited: nothing below the current value).
+    Below it the rule has no evidence, so it relaxes past it by one step at most (a probe).
+    """
     ranked = sorted((s for s in samples if s.score >= bounds.low), key=lambda s: -s.score)
     if len(ranked) < bounds.min_audits:
         return Move(current, "too_few_audits", wilson_interval(0, 0))
@@ -156,15 +173,24 @@ def choose_cutoff(current: float, samples: Iterable[Sample], bounds: TuneBounds)
             # The last sample: nothing lower was refused by the evidence, so the floor.
             value = bounds.low if i + 1 == len(ranked) else _round(sample.score)
             chosen = (value, interval)
-    if chosen is None:
-        everything = wilson_interval(disagreements, n, z)
-        return Move(bounds.high, "no_safe_cutoff", everything)
-    value, interval = chosen
-    if value > current:
-        return Move(value, "raised_on_evidence", interval)
-    if value < current:
-        return Move(value, "relaxed_on_evidence", interval)
-    return Move(value, "held_on_evidence", interval)
+    if chosen is not None and chosen[0] <= current:
+        value, interval = chosen
+        if value < covered_from:
+            value = max(value, min(current, stepped(covered_from, -1.0, bounds)))
+        reason = "relaxed_on_evidence" if value < current else "held_on_evidence"
+        return Move(value, reason, interval)
+    above = [s for s in ranked if s.score >= current]
+    here = wilson_interval(sum(s.disagreed for s in above), len(above), z)
+    if len(above) >= bounds.min_audits and here.rate <= bounds.target and current <= bounds.high:
+        return Move(current, "within_target", here)
+    if chosen is not None:
+        return Move(chosen[0], "raised_on_evidence", chosen[1])
+    # Over the target and nothing proven (yet): step up as the step rule does, in logit space;
+    # a blind jump to ``high`` would stop every hit until the evidence to come back accrues.
+    if current >= bounds.high:
+        return Move(current, "at_max", here)
+    boost = min(MAX_BOOST, max(1.0, here.rate / bounds.target))
+    return Move(stepped(current, boost, bounds), "no_proven_cutoff", here)
 
 
 def _round(value: float) -> float:
@@ -253,7 +279,8 @@ class CacheTuner:
             if state.since_decision < cache.tune.min_audits:
                 return None
             state.since_decision = 0
-            move = choose_cutoff(current, state.samples, bounds)
+            covered = 0.0 if cache.tune.counterfactual else current
+            move = choose_cutoff(current, state.samples, bounds, covered_from=covered)
             evidence = AuditCounts(len(state.samples), sum(s.disagreed for s in state.samples))
         else:
             if counterfactual:
