@@ -149,7 +149,8 @@ def choose_cutoff(
     the lowest proven cut-off in [low, high] when that is at or below ``current`` (relax or hold);
     otherwise it holds while the observed share at ``current`` is at most the target (the dead
     band: not proven, not shown to be over), and else raises to the lowest proven cut-off, or by
-    up to four logit steps when none is proven. With fewer than ``min_audits`` samples it holds.
+    up to four logit steps when none is proven. With fewer than ``min_audits`` samples in all it
+    holds; with fewer at or above the current value, the best-scored ``min_audits`` judge it.
 
     ``covered_from``: the samples are a uniform sample of the candidates scored at or above it
     only (without counterfactual audits, only hits are audited: nothing below the current value).
@@ -185,6 +186,14 @@ def choose_cutoff(
         return Move(current, "within_target", here)
     if chosen is not None:
         return Move(chosen[0], "raised_on_evidence", chosen[1])
+    if len(above) < bounds.min_audits:
+        # Too few samples at the current value to judge it: judge it by the best-scored
+        # ``min_audits`` (disagreement falls with the score, so this errs on the strict side).
+        # Clean: wait for evidence to relax; not clean: tighten.
+        top = ranked[: bounds.min_audits]
+        here = wilson_interval(sum(s.disagreed for s in top), len(top), z)
+        if here.rate <= bounds.target:
+            return Move(current, "too_few_at_cutoff", here)
     # Over the target and nothing proven (yet): step up as the step rule does, in logit space;
     # a blind jump to ``high`` would stop every hit until the evidence to come back accrues.
     if current >= bounds.high:

@@ -202,16 +202,30 @@ def test_all_agreeing_samples_relax_to_the_minimum(values: list[float], current:
 def test_disagreement_above_target_everywhere_goes_to_the_max(
     values: list[float], current: float
 ) -> None:
-    # Every tenth sample disagrees, starting with the best scored: 10 % above every cut-off.
-    ranked = sorted(values, reverse=True)
+    # Every tenth sample disagrees, starting with the best scored: 10 % above every cut-off;
+    # 20 more samples (one disagreeing) at the top keep the maximum judged.
+    ranked = sorted([*values, *([0.995] * 20)], reverse=True)
     samples = [Sample(v, i % 10 == 0) for i, v in enumerate(ranked)]
     for _ in range(100):
         move = choose_cutoff(current, samples, EVIDENCE)
-        assert move.value >= current and move.reason in {"no_proven_cutoff", "at_max"}
+        assert move.value >= current
+        assert move.reason in {"no_proven_cutoff", "at_max", "too_few_at_cutoff"}
         # By steps in logit space, never a jump: at most four steps of ``step`` at 0.5.
         assert logit(move.value) - logit(current) <= 4 * 4 * EVIDENCE.step + 1e-3
         current = move.value
     assert current == EVIDENCE.high
+
+
+def test_a_tight_cutoff_with_few_samples_above_is_judged_by_the_best_scored() -> None:
+    # At 0.97 nothing scores above the cut-off. The 20 best-scored samples (0.69-0.9) are clean:
+    # no reason to tighten, and 30 samples prove nothing lower yet: it waits.
+    samples = [Sample(0.6 + 0.3 * i / 30, i in (0, 5)) for i in range(30)]
+    held = choose_cutoff(0.97, samples, EVIDENCE)
+    assert (held.value, held.reason) == (0.97, "too_few_at_cutoff")
+    # The best-scored disagree (3 of 20): it tightens, by steps.
+    dirty = [Sample(0.6 + 0.3 * i / 30, i in (29, 27, 25)) for i in range(30)]
+    raised = choose_cutoff(0.97, dirty, EVIDENCE)
+    assert raised.reason == "no_proven_cutoff" and 0.97 < raised.value <= EVIDENCE.high
 
 
 def test_the_lowest_cutoff_with_enough_clean_evidence_is_chosen() -> None:
