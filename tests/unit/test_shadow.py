@@ -168,8 +168,9 @@ def test_moves_stay_within_bounds(
     bounds = TuneBounds(low=low, high=high, step=0.05, min_audits=1, target=0.02)
     move = next_cutoff(current, AuditCounts(kn[1], kn[0]), bounds)
     assert low <= move.value <= high
-    if low <= current <= high:
-        assert abs(logit(move.value) - logit(current)) <= 4 * 4 * bounds.step + 1e-3
+    if low <= current <= high and 1e-3 <= current <= 1 - 1e-3:
+        # Values are rounded to 1e-6, which only matters in logit terms right at 0 and 1.
+        assert abs(logit(move.value) - logit(current)) <= 4 * 4 * bounds.step + 1e-2
 
 
 # -- evidence rule --------------------------------------------------------------------------
