@@ -38,6 +38,7 @@ from proxy.policy.admission import EngineAdmission, Outcome
 from proxy.policy.default import StaticPolicies, open_policies
 from proxy.policy.limits import Limiter, LocalCounters
 from proxy.policy.store import PolicyStore
+from proxy.rollout.manager import Rollouts
 from proxy.routing.classifier import DifficultyClassifier
 from proxy.routing.router import Router
 from proxy.services import PolicySource, Services
@@ -91,6 +92,7 @@ def create_app(
             )
             for e in engines
         },
+        rollouts=Rollouts.build(settings, engines, metrics, caller),
         access_log=_access_log(settings) if access_log else None,
     )
     app[SERVICES] = services
@@ -106,12 +108,16 @@ def create_app(
     app.cleanup_ctx.append(_embedder)
     app.cleanup_ctx.append(_response_cache)
     app.cleanup_ctx.append(_shadow_checks)
+    app.cleanup_ctx.append(_rollouts)
     app.cleanup_ctx.append(_engine_versions)
     app.cleanup_ctx.append(_health_poller)
     app.cleanup_ctx.append(_policy_watcher)
     handlers.add_routes(app, services)
     admin.add_routes(app, services)
-    app.add_routes(dashboard_routes(metrics.snapshot))
+    rollouts = services.rollouts
+    app.add_routes(
+        dashboard_routes(lambda: {**metrics.snapshot(), "rollout": rollouts.dashboard()})
+    )
     return app
 
 
@@ -279,6 +285,8 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
         on_batch=lambda size, seconds, waited: metrics.embedding_batch(
             size=size, encode_s=seconds, wait_s=waited
         ),
+        threads=settings.threads,
+        remembered=settings.remembered,
     )
     async with worker:
         services.embedder, services.encode = worker, encode  # type: ignore[assignment]
@@ -378,10 +386,15 @@ def _load_encoder(services: Services) -> Encode:
         return load_minilm()
     import torch
 
+    from proxy.cache.packed_encoder import PackedEncoder
     from proxy.cache.verifier import CacheVerifier, Verifier
 
-    torch.set_num_threads(1)  # one embedding thread; the event loop keeps the other core
+    # One torch thread per call: the worker splits large batches across its threads itself.
+    torch.set_num_threads(1)
     verifier = Verifier.load()
+    verifier.encoder = PackedEncoder(
+        verifier.encoder, precision=services.settings.embeddings.precision
+    )
     cache_verifier = CacheVerifier(
         verifier, threshold=cache.similarity_threshold, cutoff=cache.verifier_cutoff
     )
@@ -404,6 +417,16 @@ def _verifier(services: Services) -> tuple[SemanticVerifier, float]:
     threshold = services.settings.cache.similarity_threshold
     threshold = threshold if threshold is not None else 0.92
     return CosineVerifier(threshold=threshold), threshold
+
+
+async def _rollouts(app: web.Application) -> AsyncIterator[None]:
+    """Canary rollouts: persisted state applied before versions resolve; judge and sync loops."""
+    services = app[SERVICES]
+    rollouts = services.rollouts
+    rollouts.busy = lambda name: services.admissions[name].waiting > 0
+    await rollouts.start(services.cache)
+    yield
+    await rollouts.stop()
 
 
 async def _engine_versions(app: web.Application) -> AsyncIterator[None]:
@@ -438,7 +461,7 @@ async def _resolve_versions(
                     engine.version = await resolve_version(
                         session,
                         replica.url,
-                        engine.model,
+                        engine.wire_model,
                         model_dir=engine.settings.model_dir,
                         headers=_auth(engine),
                     )
@@ -451,7 +474,7 @@ async def _resolve_versions(
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     if services.cache is not None:
-        keep = {(e.name, e.version) for e in services.engines if e.version is not None}
+        keep = services.rollouts.served()  # stable and canary versions alike
         purged = await services.cache.purge_versions(keep)
         if purged:
             log.info("purged cache entries of versions no engine serves", entries=purged)
@@ -486,7 +509,7 @@ async def _health_poller(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(
         poll_forever(
             session,
-            services.engines,
+            services.rollouts.polled,  # stable and canary replica sets, kept current
             interval_s=health.interval_s,
             timeout_s=health.timeout_s,
             observe=observe,

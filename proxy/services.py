@@ -22,6 +22,7 @@ from proxy.observability.metrics import Metrics
 from proxy.policy.admission import EngineAdmission
 from proxy.policy.limits import Limiter
 from proxy.policy.policyset import PolicySet
+from proxy.rollout.manager import Rollouts
 from proxy.routing.router import Router
 from proxy.settings import Settings
 from proxy.shadow.audit import CacheAuditor
@@ -59,6 +60,7 @@ class Services:
     policies: PolicySource
     limiter: Limiter
     admissions: dict[str, EngineAdmission]
+    rollouts: Rollouts  # canary replica sets, their split, state and figures
     cache: ResponseCache | None = None
     embedder: EmbeddingWorker | None = None
     encode: Encode | None = None  # the raw embedding function, for batch jobs (cache import)

@@ -10,6 +10,10 @@ Measures (targets from the cache issue):
     cache off)
   * semantic lookups/s at concurrency 64 (>= 400 on a 2-core machine)
 
+On a shared, busy machine the wall-clock figures measure the share of the CPU the run got, so the
+CPU time each process spent per request is reported too (proxy, fake engine, this client): on an
+otherwise idle 2-core machine the c=64 rate is bounded by 2 cores / (their sum).
+
 Questions come from ../shared/data/cache_paraphrases_mock.json.gz (read at run time).
 """
 
@@ -114,6 +118,31 @@ async def timed_posts(
     return latencies, outcomes, time.perf_counter() - started
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU milliseconds per request of the proxy, the fake engine and this client over a phase."""
+
+    def __init__(self, proxy: int, engine: int) -> None:
+        self.pids = {"proxy": proxy, "engine": engine}
+
+    def __enter__(self) -> CpuMeter:
+        self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.client = time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.spent = {name: cpu_seconds(pid) - self.start[name] for name, pid in self.pids.items()}
+        self.spent["client"] = time.process_time() - self.client
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        return {name: 1000 * seconds / requests for name, seconds in self.spent.items()}
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
@@ -181,30 +210,45 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await timed_posts(session, cached, ["warm-up question one"], 1)
             await timed_posts(session, uncached, ["warm-up question one"], 1)
             base, _, _ = await timed_posts(session, uncached, [o for o, _ in pairs], 1)
-            miss, miss_outcomes, _ = await timed_posts(session, cached, [o for o, _ in pairs], 1)
-            await asyncio.sleep(1.0)  # background stores land
-            hit, hit_outcomes, _ = await timed_posts(session, cached, [s for _, s in pairs], 1)
+            engine_pid, cached_pid = procs[0].pid, procs[1].pid
+            with CpuMeter(cached_pid, engine_pid) as miss_cpu:
+                miss, miss_outcomes, _ = await timed_posts(
+                    session, cached, [o for o, _ in pairs], 1
+                )
+                await asyncio.sleep(1.0)  # background stores land
+            with CpuMeter(cached_pid, engine_pid) as hit_cpu:
+                hit, hit_outcomes, _ = await timed_posts(session, cached, [s for _, s in pairs], 1)
             results["uncached_request"] = {"p50_ms": pct(base, 0.5), "p99_ms": pct(base, 0.99)}
             results["semantic_miss_c1"] = {
                 "p50_ms": pct(miss, 0.5),
                 "p99_ms": pct(miss, 0.99),
                 "added_p99_ms": pct(miss, 0.99) - pct(base, 0.99),
                 "outcomes": miss_outcomes,
+                "cpu_ms_per_request": miss_cpu.per_request(len(miss)),
             }
             hits_only = [lat for lat in hit]
             results["semantic_lookup_c1"] = {
                 "p50_ms": pct(hits_only, 0.5),
                 "p99_ms": pct(hits_only, 0.99),
                 "outcomes": hit_outcomes,
+                "cpu_ms_per_request": hit_cpu.per_request(len(hit)),
             }
-            # Throughput: fresh paraphrase-like questions (semantic lookups that miss) and the
-            # paraphrases again (exact hits now) are not mixed: new texts only.
-            fresh = [f"{s} (variant {i})" for i, (_, s) in enumerate(pairs)] * args.repeat
-            lat64, out64, wall = await timed_posts(session, cached, fresh, 64)
+            # Throughput: new texts only (each one a semantic lookup: no exact hit, and no text
+            # the embedding worker has seen before), close to stored questions.
+            fresh = [
+                f"{s} (variant {r}-{i})"
+                for r in range(args.repeat)
+                for i, (_, s) in enumerate(pairs)
+            ]
+            with CpuMeter(cached_pid, engine_pid) as c64_cpu:
+                lat64, out64, wall = await timed_posts(session, cached, fresh, 64)
+            cpu = c64_cpu.per_request(len(fresh))
             results["semantic_lookups_c64"] = {
                 "per_s": len(fresh) / wall,
                 "p99_ms": pct(lat64, 0.99),
                 "outcomes": out64,
+                "cpu_ms_per_request": cpu,
+                "idle_2_core_bound_per_s": 2000 / sum(cpu.values()),
             }
             # Exact hits: the first original is stored; wrk at concurrency 1.
         results["exact_hit_c1"] = wrk_latency(urls["cached"], pairs[0][0], args.wrk_seconds)
@@ -242,9 +286,19 @@ def report(results: dict[str, Any], command: str) -> str:
         f"{s['p99_ms']:.1f} ms; outcomes {s['outcomes']} | p99 <= 10 ms |",
         f"| semantic miss, c=1 (whole request) | p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f}"
         f" ms (+{m['added_p99_ms']:.1f} ms over no cache) | p99 <= 10 ms |",
-        f"| semantic lookups, c=64 | {t['per_s']:.0f}/s, p99 {t['p99_ms']:.0f} ms | >= 400/s |",
+        f"| semantic lookups, c=64 | {t['per_s']:.0f}/s, p99 {t['p99_ms']:.0f} ms; outcomes "
+        f"{t['outcomes']} | >= 400/s |",
+        "",
+        "CPU time per request (ms; proxy / fake engine / client), load-independent: "
+        f"hit c=1 {_cpu(s)}; miss c=1 {_cpu(m)}; c=64 {_cpu(t)}, so on an idle 2-core machine "
+        f"c=64 could reach at most {t['idle_2_core_bound_per_s']:.0f}/s.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _cpu(phase: dict[str, Any]) -> str:
+    c = phase["cpu_ms_per_request"]
+    return f"{c['proxy']:.2f} / {c['engine']:.2f} / {c['client']:.2f}"
 
 
 def main() -> None:

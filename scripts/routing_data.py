@@ -35,6 +35,39 @@ class RoutingDevData:
     strong: npt.NDArray[np.float64]
     embeddings: npt.NDArray[np.float32]
     cheap: npt.NDArray[np.float32]
+    groups: npt.NDArray[np.int64]  # near-duplicate groups (near_duplicate_groups): one fold each
+
+
+def near_duplicate_groups(
+    embeddings: npt.NDArray[np.float32], prompts: list[str], *, min_cosine: float = 0.95
+) -> npt.NDArray[np.int64]:
+    """A group id per prompt, so that cross-validation keeps near-duplicates in one fold.
+
+    Prompts whose embeddings have cosine >= min_cosine are joined (transitively): MMLU holds
+    exact duplicates filed under two subjects and template variants that differ in one symbol.
+    The turn-1 and turn-2 rows of one MT-Bench question share their first turn and are joined too.
+    """
+    parent = np.arange(len(prompts))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    def join(a: int, b: int) -> None:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    for start in range(0, len(prompts), 1024):
+        similarity = embeddings[start : start + 1024] @ embeddings.T
+        for a, b in zip(*np.nonzero(similarity >= min_cosine), strict=True):
+            join(start + int(a), int(b))
+    first_turns: dict[str, int] = {}
+    for i, prompt in enumerate(prompts):
+        join(i, first_turns.setdefault(TURN_SEPARATOR.split(prompt)[0], i))
+    return np.array([root(i) for i in range(len(prompts))], dtype=np.int64)
 
 
 def dev_prompt_messages(prompt: str) -> list[dict[str, object]]:
@@ -79,12 +112,14 @@ def load_dev_data(
     # purge. Training counts tokens with MiniLM's WordPiece tokenizer.
     count_tokens = load_count_tokens()
     cheap = np.stack([cheap_features(m, count_tokens) for m in messages])
+    prompts = [r["prompt"] for r in rows]
     return RoutingDevData(
         benchmark=np.array([r["benchmark"] for r in rows]),
         subset=np.array([r["subset"] for r in rows]),
-        prompts=[r["prompt"] for r in rows],
+        prompts=prompts,
         weak=np.array([float(r["weak_score"]) for r in rows]),
         strong=np.array([float(r["strong_score"]) for r in rows]),
         embeddings=embeddings,
         cheap=cheap,
+        groups=near_duplicate_groups(embeddings, prompts),
     )

@@ -3,11 +3,22 @@
     .venv/bin/python scripts/train_router.py [--data ../shared/data/routing_dev.csv.gz]
         [--out proxy/routing/artifacts/difficulty_head.npz] [--seed 0]
 
-Label: 1 when the strong model's score beats the weak model's (strong_score > weak_score), else 0.
-For GSM8K/MMLU that is "GPT-4 right and Mixtral wrong"; for MT-Bench "GPT-4 judged higher".
+Target: the strong model's win with ties counted half, (1 + sign(strong_score - weak_score)) / 2,
+as RouteLLM's routers estimate the strong model's win rate: 1 when the strong answer is better,
+1/2 when both are equally good (or bad), 0 when the weak one is better. Ranking prompts by its
+expectation ranks them by the expected quality gained by a strong call, which is what APGR
+rewards; a 0/1 "strong better" label would rank a subject where the weak model often wins as if
+the strong one merely tied there.
+
 The head (see proxy/routing/classifier.py) = logistic regression on [MiniLM embedding, cheap
-features] + a k-nearest-neighbour vote in a PCA-reduced embedding space + a stacker fitted on
-out-of-fold outputs of both. Deterministic for a given seed and data file.
+features] for the 0/1 label strong_score > weak_score + a similarity-weighted vote of the target
+over all training prompts in a PCA-reduced embedding space + a stacker fitted on out-of-fold
+outputs of both. The stacker is then recalibrated (one slope and one offset, which keeps the order
+of scores) to the 0/1 label, so the score stays P(the small engine's answer is worse). The linear
+part keeps the 0/1 label because on prompts unlike the dev data (scripts/routing_own_prompts.jsonl)
+it judges hard maths as hard, where the win target learns the dev file's maths subjects, in which
+the weak model often beats the strong one. Out-of-fold splits keep near-duplicate prompts in one
+fold (scripts/routing_data.near_duplicate_groups). Deterministic for a seed and data file.
 Token counts in training come from MiniLM's WordPiece tokenizer (no special tokens).
 """
 
@@ -37,37 +48,56 @@ from proxy.routing.classifier import (
 from proxy.routing.features import CHEAP_FEATURE_NAMES
 from scripts.routing_data import DEFAULT_DEV_FILE, RoutingDevData, load_dev_data
 
+TARGET_DEFINITION = (
+    "(1 + sign(strong_score - weak_score)) / 2: the strong model's win, ties counted half"
+)
 LABEL_DEFINITION = "strong_score > weak_score (the small/weak answer is worse than the strong one)"
 STRONG_SHARES = (0.1, 0.2, 0.3, 0.5)
-# Chosen by 5-fold APGR on the dev data (exploration notes in docs/benchmarks.md).
+# Chosen by grouped 5-fold APGR on the dev data (exploration notes in docs/benchmarks.md).
 DEFAULT_C = 0.003  # inverse L2 strength of the linear part: strong, the labels are noisy
 DEFAULT_DIMS = 64  # PCA dimensions of the neighbour keys (int8: n * 64 bytes)
-DEFAULT_K = 50  # neighbours per vote
+DEFAULT_BANDWIDTH = 7.0  # neighbour weight exp(bandwidth * (cosine - best cosine))
 INNER_FOLDS = 5
 
 Arrays = dict[str, npt.NDArray[Any]]
+F64 = npt.NDArray[np.float64]
+
+
+def win_target(data: RoutingDevData) -> F64:
+    return np.asarray((1.0 + np.sign(data.strong - data.weak)) / 2.0, dtype=np.float64)
 
 
 def labels(data: RoutingDevData) -> npt.NDArray[np.int64]:
     return (data.strong > data.weak).astype(np.int64)
 
 
-def stratified_folds(
-    strata: npt.NDArray[Any], y: npt.NDArray[np.int64], folds: int, seed: int
+def grouped_folds(
+    strata: npt.NDArray[Any], groups: npt.NDArray[np.int64], folds: int, seed: int
 ) -> npt.NDArray[np.int64]:
-    """Fold number per row; each (stratum, label) group is dealt round-robin after a shuffle."""
+    """Fold number per row; whole groups are dealt round-robin per stratum after a shuffle.
+
+    A group's stratum is that of its first row (groups rarely cross strata: near-duplicates
+    share a benchmark).
+    """
     rng = np.random.default_rng(seed)
-    fold_of = np.empty(len(y), dtype=np.int64)
-    for key in sorted(set(zip(strata.tolist(), y.tolist(), strict=True))):
-        members = np.flatnonzero((strata == key[0]) & (y == key[1]))
-        fold_of[rng.permutation(members)] = np.arange(members.size) % folds
-    return fold_of
+    group_ids, first_row, row_group = np.unique(groups, return_index=True, return_inverse=True)
+    group_stratum = np.asarray(strata)[first_row]
+    fold_of_group = np.empty(group_ids.size, dtype=np.int64)
+    for stratum in sorted(set(group_stratum.tolist())):
+        members = np.flatnonzero(group_stratum == stratum)
+        fold_of_group[rng.permutation(members)] = np.arange(members.size) % folds
+    return fold_of_group[row_group]
+
+
+def fold_strata(benchmark: npt.NDArray[Any], y: npt.NDArray[np.int64]) -> npt.NDArray[np.str_]:
+    """Stratum per row: benchmark and label, so each fold holds every benchmark's share of both."""
+    return np.char.add(np.char.add(benchmark.astype(str), ":"), y.astype(str))
 
 
 def fit_linear(
     embeddings: npt.NDArray[np.float32],
     cheap: npt.NDArray[np.float32],
-    y: npt.NDArray[np.int64],
+    strong_better: npt.NDArray[np.int64],
     *,
     c: float,
     seed: int,
@@ -77,7 +107,7 @@ def fit_linear(
     scale = x.std(axis=0)
     scale[scale < 1e-6] = 1.0  # a constant column carries no information; keep it finite
     model = LogisticRegression(C=c, max_iter=5000, random_state=seed)
-    model.fit((x - mean) / scale, y)
+    model.fit((x - mean) / scale, strong_better)
     return {
         "feature_names": np.array(CHEAP_FEATURE_NAMES),
         "input_mean": mean.astype(np.float32),
@@ -88,7 +118,7 @@ def fit_linear(
 
 
 def fit_neighbours(
-    embeddings: npt.NDArray[np.float32], y: npt.NDArray[np.int64], *, dims: int, k: int
+    embeddings: npt.NDArray[np.float32], target: F64, *, dims: int, bandwidth: float
 ) -> Arrays:
     centre = embeddings.mean(axis=0)
     # PCA by SVD: deterministic up to the sign of each axis, which cosine similarity ignores.
@@ -103,33 +133,50 @@ def fit_neighbours(
         "knn_projection": projection.astype(np.float16),
         "knn_keys": keys,
         "knn_key_scale": key_scale.astype(np.float32),
-        "knn_labels": y.astype(np.uint8),
-        "knn_k": np.array(k),
+        "knn_labels": target.astype(np.float16),  # 0, 1/2, 1: exact in float16
+        "knn_k": np.array(len(target)),
+        "knn_bandwidth": np.array(bandwidth, dtype=np.float32),
     }
+
+
+def fit_soft_logistic(x: F64, target: F64, *, seed: int) -> LogisticRegression:
+    """Logistic regression on targets in [0, 1]: each row once as 1 (weight t), once as 0 (1-t)."""
+    rows = np.concatenate([x, x])
+    outcome = np.concatenate([np.ones(len(x)), np.zeros(len(x))])
+    weight = np.concatenate([target, 1.0 - target])
+    keep = weight > 0
+    model = LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
+    return model.fit(rows[keep], outcome[keep], sample_weight=weight[keep])
 
 
 def train_head(
     embeddings: npt.NDArray[np.float32],
     cheap: npt.NDArray[np.float32],
-    y: npt.NDArray[np.int64],
+    target: F64,
     strata: npt.NDArray[Any],
+    groups: npt.NDArray[np.int64],
     *,
     c: float = DEFAULT_C,
     dims: int = DEFAULT_DIMS,
-    k: int = DEFAULT_K,
+    bandwidth: float = DEFAULT_BANDWIDTH,
     seed: int = 0,
-) -> tuple[Arrays, npt.NDArray[np.float64]]:
-    """The head's arrays (no metadata) and the training rows' out-of-fold scores."""
+) -> tuple[Arrays, F64]:
+    """The head's arrays (no metadata) and the training rows' out-of-fold scores.
+
+    `target` is the win target (win_target); the linear part learns its 0/1 part (strong
+    better or not), the neighbour vote and the stacker the target itself.
+    """
+    strong_better = (target == 1.0).astype(np.int64)
     # Out-of-fold outputs of both parts, so the stacker weighs them as on unseen prompts.
-    fold_of = stratified_folds(strata, y, INNER_FOLDS, seed + 1)
-    linear_oof = np.zeros(len(y))
-    share_oof = np.zeros(len(y))
+    fold_of = grouped_folds(strata, groups, INNER_FOLDS, seed + 1)
+    linear_oof = np.zeros(len(target))
+    share_oof = np.zeros(len(target))
     for fold in range(INNER_FOLDS):
         test = fold_of == fold
         train = ~test
         part = DifficultyClassifier.from_arrays(
-            fit_linear(embeddings[train], cheap[train], y[train], c=c, seed=seed)
-            | fit_neighbours(embeddings[train], y[train], dims=dims, k=k)
+            fit_linear(embeddings[train], cheap[train], strong_better[train], c=c, seed=seed)
+            | fit_neighbours(embeddings[train], target[train], dims=dims, bandwidth=bandwidth)
             | {"stack_w": np.zeros(3, dtype=np.float32), "stack_b": np.array(0.0)}
         )
         assert part.neighbours is not None
@@ -139,16 +186,35 @@ def train_head(
         [linear_oof, neighbour_logit(share_oof), cheap[:, TOKENS_FEATURE].astype(np.float64)],
         axis=1,
     )
-    stacker = LogisticRegression(C=1.0, max_iter=1000, random_state=seed).fit(stack_x, y)
+    stacker = fit_soft_logistic(stack_x, target, seed=seed)
+    stacked = stacker.decision_function(stack_x)
+    # One slope and offset, fitted to the 0/1 label: the order of scores (all that routing by
+    # share uses) stays, and a score reads as P(the small answer is worse).
+    calibration = LogisticRegression(C=1e6, max_iter=1000, random_state=seed)
+    calibration.fit(stacked[:, None], strong_better)
+    slope, offset = float(calibration.coef_[0, 0]), float(calibration.intercept_[0])
     arrays = (
-        fit_linear(embeddings, cheap, y, c=c, seed=seed)
-        | fit_neighbours(embeddings, y, dims=dims, k=k)
+        fit_linear(embeddings, cheap, strong_better, c=c, seed=seed)
+        | fit_neighbours(embeddings, target, dims=dims, bandwidth=bandwidth)
         | {
-            "stack_w": stacker.coef_[0].astype(np.float32),
-            "stack_b": np.array(stacker.intercept_[0], dtype=np.float32),
+            "stack_w": (slope * stacker.coef_[0]).astype(np.float32),
+            "stack_b": np.array(slope * stacker.intercept_[0] + offset, dtype=np.float32),
         }
     )
-    return arrays, stacker.predict_proba(stack_x)[:, 1].astype(np.float64)
+    oof_scores = 1.0 / (1.0 + np.exp(-(slope * stacked + offset)))
+    return arrays, np.asarray(oof_scores, dtype=np.float64)
+
+
+def train_on(data: RoutingDevData, rows: npt.NDArray[np.bool_], seed: int) -> tuple[Arrays, F64]:
+    """train_head on a subset of the dev rows (all of them for the shipped head)."""
+    return train_head(
+        data.embeddings[rows],
+        data.cheap[rows],
+        win_target(data)[rows],
+        fold_strata(data.benchmark, labels(data))[rows],
+        data.groups[rows],
+        seed=seed,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,9 +226,14 @@ def main(argv: list[str] | None = None) -> int:
 
     data = load_dev_data(args.data)
     y = labels(data)
-    arrays, oof_scores = train_head(data.embeddings, data.cheap, y, data.benchmark, seed=args.seed)
+    arrays, oof_scores = train_on(data, np.ones(len(y), dtype=bool), args.seed)
     metadata: dict[str, Any] = {
-        "model": "logistic regression + 50-NN vote (PCA-64, int8 keys) + stacker",
+        "model": (
+            "logistic regression + similarity-weighted vote over all prompts "
+            f"(PCA-{DEFAULT_DIMS}, int8 keys, bandwidth {DEFAULT_BANDWIDTH:g}) + stacker, "
+            "recalibrated to the 0/1 label"
+        ),
+        "target": TARGET_DEFINITION,
         "label": LABEL_DEFINITION,
         "training_data": {
             "file": args.data.name,
@@ -175,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         "token_counter": "all-MiniLM-L6-v2 WordPiece tokenizer (no special tokens)",
         "embedding": "all-MiniLM-L6-v2, L2-normalised, last user turn",
         "seed": args.seed,
-        "hyperparameters": {"c": DEFAULT_C, "pca_dims": DEFAULT_DIMS, "k": DEFAULT_K},
+        "hyperparameters": {
+            "linear_c": DEFAULT_C,
+            "pca_dims": DEFAULT_DIMS,
+            "bandwidth": DEFAULT_BANDWIDTH,
+        },
         "sklearn": sklearn.__version__,
         # Out-of-fold scores: the shipped head's in-sample scores would be inflated by the
         # neighbour vote finding each training prompt itself.

@@ -8,7 +8,6 @@ replica; after the first byte the caller owns the stream and failures end it.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Protocol
 import aiohttp
 
 from proxy.engines.pool import Engine, Replica, choose_replica
+from proxy.engines.timelimit import TimeLimit
 from proxy.errors import FrugalError, NoHealthyReplica, UpstreamError, UpstreamTimeout
 
 
@@ -80,13 +80,17 @@ class AiohttpTransport:
 
     def __init__(self, session: aiohttp.ClientSession | None = None) -> None:
         self.session = session
+        # One ClientTimeout per connect timeout (a handful of engines), not one per request.
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
         if self.session is None:
             raise RuntimeError("the HTTP client session is not started")
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=request.connect_timeout_s, sock_connect=request.connect_timeout_s
-        )
+        timeout = self._timeouts.get(request.connect_timeout_s)
+        if timeout is None:
+            connect = request.connect_timeout_s
+            timeout = aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect)
+            self._timeouts[connect] = timeout
         resp = await self.session.post(
             request.url, data=request.body, headers=request.headers, timeout=timeout
         )
@@ -121,7 +125,7 @@ class Upstream:
             if remaining <= 0:
                 raise UpstreamTimeout(f"engine {self.engine.name} exceeded its request timeout")
             try:
-                async with asyncio.timeout(remaining):
+                async with TimeLimit(remaining):
                     chunk = await anext(iterator)
             except StopAsyncIteration:
                 return
@@ -215,7 +219,7 @@ class EngineCaller:
         wait = min(timeouts.first_token_s, timeouts.total_s) if stream else timeouts.total_s
         response: UpstreamResponse | None = None
         try:
-            async with asyncio.timeout(wait):
+            async with TimeLimit(wait):
                 response = await self._transport(
                     UpstreamRequest(replica.url + path, body, headers, timeouts.connect_s)
                 )

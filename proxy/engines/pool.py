@@ -49,6 +49,9 @@ class Engine:
     settings: EngineSettings
     replicas: list[Replica]
     version: str | None = None  # resolved at start-up when settings say "auto"
+    # The model name these replicas serve, when it differs from the name clients ask for (a
+    # canary, or a promoted canary, launched under another served-model name).
+    upstream_model: str | None = None
 
     @property
     def name(self) -> str:
@@ -57,6 +60,11 @@ class Engine:
     @property
     def model(self) -> str:
         return self.settings.model
+
+    @property
+    def wire_model(self) -> str:
+        """The model name sent to the replicas."""
+        return self.upstream_model or self.settings.model
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> Engine:

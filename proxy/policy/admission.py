@@ -80,6 +80,10 @@ class EngineAdmission:
         self._active = 0
         self._queue: list[_Waiter] = []
         self._arrivals = itertools.count()
+        # The queue length last told to the observer: it hears of changes only, not of every
+        # request that passed an empty queue.
+        self._reported = 0
+        self._observer.queue_length(engine, 0)
 
     @property
     def cap(self) -> int | None:
@@ -110,7 +114,13 @@ class EngineAdmission:
                 continue
             waiter.future.set_result(None)
             self._active += 1  # the slot belongs to the waiter from this moment
-        self._observer.queue_length(self.engine, len(self._queue))
+        self._report_length()
+
+    def _report_length(self) -> None:
+        length = len(self._queue)
+        if length != self._reported:
+            self._reported = length
+            self._observer.queue_length(self.engine, length)
 
     def _release(self) -> None:
         self._active -= 1
@@ -122,7 +132,7 @@ class EngineAdmission:
         except ValueError:
             return
         heapq.heapify(self._queue)
-        self._observer.queue_length(self.engine, len(self._queue))
+        self._report_length()
 
     async def _acquire(self, priority: int, max_wait_s: float, tier: str) -> None:
         if not self._queue and self._has_room():
@@ -139,7 +149,7 @@ class EngineAdmission:
         loop = asyncio.get_running_loop()
         waiter = _Waiter((-priority, next(self._arrivals)), loop.create_future())
         heapq.heappush(self._queue, waiter)
-        self._observer.queue_length(self.engine, len(self._queue))
+        self._report_length()
         try:
             async with asyncio.timeout(max_wait_s):
                 await waiter.future

@@ -40,9 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import math
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -344,6 +345,13 @@ class Limiter:
         self._lease_ttl_s = lease_ttl_s
         self._reservation_ttl_s = reservation_ttl_s
         self._wall_clock = wall_clock
+        # Lease and reservation ids: a random per-limiter prefix and a counter, unique across
+        # replicas like uuid4 but without a getrandom() call on every request.
+        self._id_prefix = os.urandom(8).hex()
+        self._ids = itertools.count(1)
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):x}"
 
     # keys: the tier name is a Redis Cluster hash tag, so one tier's keys share a slot.
     def _tenant_key(self, p: Principal, what: str) -> str:
@@ -411,7 +419,7 @@ class Limiter:
             yield
             return
         key = self._tenant_key(principal, "inflight")
-        lease_id = uuid.uuid4().hex
+        lease_id = self._new_id()
         acquire = self.backend.acquire_lease(key, lease_id, limit, self._lease_ttl_s)
         if not await self._guard(acquire, True):
             raise ConcurrencyLimitExceeded(
@@ -460,7 +468,7 @@ class Limiter:
         budget = principal.policy.budget
         keys = self.budget_keys(principal, now.date())
         ceilings = (ceiling_nano(budget.usd_per_day), ceiling_nano(budget.usd_per_day_per_tenant))
-        res_id = uuid.uuid4().hex
+        res_id = self._new_id()
         amount = max(0, to_nano(worst_case))
         outcome = await self._guard(
             self.backend.reserve(

@@ -3,18 +3,22 @@
 Scoring is numpy only (no sklearn on the hot path). Three parts, all in one .npz written by
 scripts/train_router.py:
 
-- a linear part: logistic regression on standardised [embedding (384), cheap features];
-- a neighbour vote: the share of "strong was better" among the k most similar training prompts,
-  compared in a PCA-reduced embedding space (keys stored as int8 to keep the file small);
-- a stacker: a logistic regression over [linear logit, neighbour logit, log tokens of the last
+- a linear part: a linear model on standardised [embedding (384), cheap features];
+- a neighbour vote over the training prompts, compared by cosine in a PCA-reduced embedding
+  space (keys stored as int8 to keep the file small): either the mean label of the k nearest
+  (`knn_k`), or, when the head has a `knn_bandwidth`, a similarity-weighted mean over *all*
+  training prompts with weights exp(bandwidth * (similarity - best similarity)), the way
+  RouteLLM's similarity-weighted router weighs its preference data;
+- a stacker: a logistic regression over [linear output, neighbour logit, log tokens of the last
   turn], fitted on out-of-fold outputs of the other two so that it weighs them as they do on
   prompts they have not seen.
 
 A head without the neighbour arrays is a plain logistic regression (the stacker is then unused).
 
 Arrays: feature_names, input_mean, input_scale, out_w, out_b; optionally knn_centre (384,),
-knn_projection (384, d), knn_keys (n, d) int8, knn_key_scale (d,), knn_labels (n,), knn_k,
-stack_w (3,), stack_b; metadata (JSON text: label, training data, seed, default thresholds).
+knn_projection (384, d), knn_keys (n, d) int8, knn_key_scale (d,), knn_labels (n,) in [0, 1],
+knn_k, knn_bandwidth, stack_w (3,), stack_b; metadata (JSON text: label, training data, seed,
+default thresholds).
 """
 
 from __future__ import annotations
@@ -53,13 +57,18 @@ def neighbour_logit(share: npt.ArrayLike) -> F64:
 
 @dataclass(frozen=True, slots=True)
 class NeighbourVote:
-    """Share of positive labels among the k nearest training prompts (cosine, PCA space)."""
+    """Mean label of the training prompts near a prompt (cosine, PCA space).
+
+    Without a bandwidth: the plain mean over the k nearest. With one: a weighted mean over all
+    keys, weight exp(bandwidth * (similarity - best similarity)); k is then unused.
+    """
 
     centre: F32
     projection: F32
     keys: F32
     labels: F32
     k: int
+    bandwidth: float | None = None
 
     def project(self, embeddings: npt.ArrayLike) -> F32:
         reduced = (np.asarray(embeddings, dtype=np.float32) - self.centre) @ self.projection
@@ -70,6 +79,11 @@ class NeighbourVote:
         # einsum, not `@`: BLAS would split this matrix-vector product over threads, and on a
         # busy host the wait for the second thread costs milliseconds; one core takes ~0.1 ms.
         similarity = np.einsum("qd,kd->qk", self.project(embeddings), self.keys)
+        if self.bandwidth is not None:
+            # Relative to the best match, so the largest weight is 1 and exp never overflows.
+            weights = np.exp(self.bandwidth * (similarity - similarity.max(axis=1, keepdims=True)))
+            voted = np.einsum("qk,k->q", weights, self.labels) / weights.sum(axis=1)
+            return np.asarray(voted, dtype=np.float64)
         k = min(self.k, self.keys.shape[0])
         nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
         return np.asarray(self.labels[nearest].mean(axis=1), dtype=np.float64)
@@ -126,6 +140,7 @@ class DifficultyClassifier:
                 keys=arrays["knn_keys"].astype(np.float32) * key_scale,
                 labels=arrays["knn_labels"].astype(np.float32),
                 k=int(arrays["knn_k"]),
+                bandwidth=float(arrays["knn_bandwidth"]) if "knn_bandwidth" in arrays else None,
             )
             stack_w = arrays["stack_w"].astype(np.float32)
         metadata = json.loads(str(arrays["metadata"])) if "metadata" in arrays else {}

@@ -367,3 +367,19 @@ async def test_chunked_body_over_the_limit_is_413(
     )
     assert resp.status == 413
     assert (await resp.json())["error"]["code"] == "payload_too_large"
+
+
+async def test_engine_slower_than_its_whole_request_timeout_mid_stream_ends_the_stream(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    slow = await start_fake("m", tokens_per_s=5, completion_tokens=50)
+    timeouts = {"connect_s": 1, "first_token_s": 1, "total_s": 0.6}
+    p = await start_proxy([engine_config("e", "m", [slow.url], timeouts=timeouts)])
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    assert resp.status == 200
+    payloads = parse_all(await asyncio.wait_for(resp.read(), 5))
+    assert payloads[-1] == b"[DONE]"
+    error = orjson.loads(payloads[-2])["error"]
+    assert error["code"] == "upstream_timeout"
+    await wait_until(lambda: slow.state.counters.aborted == 1)  # the engine was told to stop
+    assert p.services.engines[0].replicas[0].inflight == 0

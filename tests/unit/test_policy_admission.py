@@ -202,3 +202,23 @@ def test_adaptive_cap_grows_while_flat_and_shrinks_past_the_bend() -> None:
     for _ in range(100):
         idle = next_cap(idle, 0.1, in_flight=0, min_cap=2, max_cap=64)
     assert idle.cap == 4.0  # an unused cap is not raised on faith
+
+
+async def test_the_observer_hears_queue_length_changes_not_every_request() -> None:
+    recorder = Recorder()
+    gate = EngineAdmission("small", 1, observer=recorder)
+    for _ in range(3):  # an empty queue passed three times: nothing new to report
+        async with gate.slot(priority=0, max_wait_s=1):
+            pass
+    assert recorder.lengths == [0]  # the series exists from the start
+    async with gate.slot(priority=0, max_wait_s=1):
+        waiter = asyncio.create_task(_hold(gate))
+        await settle()
+        assert recorder.lengths == [0, 1]
+    await waiter
+    assert recorder.lengths == [0, 1, 0]
+
+
+async def _hold(gate: EngineAdmission) -> None:
+    async with gate.slot(priority=0, max_wait_s=1):
+        pass

@@ -116,6 +116,34 @@ def test_k_larger_than_the_keys_uses_all_keys() -> None:
     np.testing.assert_allclose(head.neighbours.share(axis_features(0).embedding[None, :]), [0.5])
 
 
+def kernel_head(labels: list[float], bandwidth: float) -> DifficultyClassifier:
+    arrays = neighbour_arrays(np.eye(len(labels)) * 100, np.zeros(len(labels)), k=len(labels))
+    arrays["knn_labels"] = np.array(labels, dtype=np.float16)
+    arrays["knn_key_scale"] = np.full(len(labels), 0.01, dtype=np.float32)  # unit-length keys
+    arrays["knn_bandwidth"] = np.array(bandwidth, dtype=np.float32)
+    return DifficultyClassifier.from_arrays(linear_arrays() | arrays)
+
+
+def test_similarity_weighted_vote_matches_the_formula() -> None:
+    # Keys along axes 0..2; a query between axes 0 and 1 has cosine 0.8 and 0.6 with them.
+    head = kernel_head([1.0, 0.5, 0.0], bandwidth=5.0)
+    assert head.neighbours is not None
+    query = np.zeros((1, EMBEDDING_DIM), dtype=np.float32)
+    query[0, :2] = [0.8, 0.6]
+    weights = np.exp(5.0 * (np.array([0.8, 0.6, 0.0]) - 0.8))
+    expected = (weights @ np.array([1.0, 0.5, 0.0])) / weights.sum()
+    np.testing.assert_allclose(head.neighbours.share(query), [expected], rtol=1e-5)
+
+
+def test_bandwidth_moves_the_vote_from_the_mean_to_the_nearest() -> None:
+    query = axis_features(0).embedding[None, :]
+    flat = kernel_head([1.0, 0.0, 0.0, 0.5], bandwidth=0.0)
+    sharp = kernel_head([1.0, 0.0, 0.0, 0.5], bandwidth=200.0)
+    assert flat.neighbours is not None and sharp.neighbours is not None
+    np.testing.assert_allclose(flat.neighbours.share(query), [0.375], rtol=1e-5)
+    np.testing.assert_allclose(sharp.neighbours.share(query), [1.0], rtol=1e-5)
+
+
 def test_batch_equals_single_scores() -> None:
     head = DifficultyClassifier.from_arrays(
         linear_arrays() | neighbour_arrays(np.eye(4) * 100, np.array([1, 0, 1, 0]), k=2)
@@ -164,4 +192,5 @@ def test_shipped_head_loads_and_has_default_thresholds() -> None:
     assert thresholds[0.1] > thresholds[0.3]  # a smaller strong share needs a higher threshold
     assert "strong_score > weak_score" in head.metadata["label"]
     assert head.neighbours is not None
+    assert head.neighbours.bandwidth is not None  # the similarity-weighted vote
     assert 0.0 <= head.score(random_features(3)) <= 1.0

@@ -420,6 +420,40 @@
     );
   }
 
+  function renderRollout(rollout) {
+    const names = sortedKeys(rollout);
+    const panel = document.getElementById("rollout-panel");
+    panel.hidden = !names.length;
+    if (!names.length) return;
+    const rows = [];
+    const states = [];
+    const ms = (v) => (v == null ? DASH : fmtSeconds(v / 1000));
+    for (const name of names) {
+      const r = rollout[name];
+      states.push(`${name}: ${r.status}` + (r.status === "canary" ? ` at ${fmtPct(r.share)}` : "") +
+        (r.reason ? ` (${r.reason})` : ""));
+      for (const [version, v] of Object.entries(r.versions)) {
+        const f = v.figures || {};
+        const lat = f.latency_ms || {};
+        rows.push(el("tr", { "data-engine": name, "data-version": version, "data-role": v.role,
+          "data-requests": f.requests ?? 0, "data-errors": f.errors ?? 0 },
+        el("td", {}, name),
+        el("td", {}, version),
+        el("td", {}, v.role),
+        el("td", {}, fmtRate(f.request_rate_per_s ?? null)),
+        el("td", {}, fmtPct(f.error_rate ?? null)),
+        el("td", {}, ms(lat.p50)),
+        el("td", {}, ms(lat.p95)),
+        el("td", {}, ms(lat.p99)),
+        el("td", {}, f.tokens_per_answer == null ? DASH : f.tokens_per_answer.toFixed(1)),
+        el("td", {}, fmtUsd(f.cost_usd ?? 0)),
+        el("td", {}, fmtPct(f.shadow_agreement ?? null))));
+      }
+    }
+    document.querySelector("#rollout-table tbody").replaceChildren(...rows);
+    document.getElementById("rollout-state").textContent = states.join(" · ");
+  }
+
   // ---- update loop -----------------------------------------------------------------------
 
   function rates(prev, snap) {
@@ -486,6 +520,7 @@
     }
     renderEngines(snap.engines);
     renderTiers(snap.tiers);
+    renderRollout(snap.rollout);
     body.dataset.polls = String(state.polls);
   }
 
