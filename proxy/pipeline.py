@@ -77,6 +77,7 @@ class Exchange:
     cache_age_s: float | None = None
     coalesced: bool = False
     route_reason: str = ""
+    route_detail: str = ""  # the decision's own words, e.g. the load estimate that moved it
     route_score: float | None = None
     max_tokens_clamped: int | None = None
     status: int = 200
@@ -98,6 +99,8 @@ class Exchange:
         if self.routed is not None:
             headers["x-frugal-route"] = self.routed.name
             headers["x-frugal-route-reason"] = self.route_reason
+            if self.route_detail:
+                headers["x-frugal-route-detail"] = self.route_detail
             if self.route_score is not None:
                 headers["x-frugal-route-score"] = f"{self.route_score:.4f}"
         if self.cache_similarity is not None:
@@ -183,6 +186,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
             exchange.routed = exchange.engine = engine
             exchange.version = engine.version
             exchange.route_reason, exchange.route_score = decision.reason, decision.score
+            exchange.route_detail = decision.detail
             services.metrics.route_decision(
                 tier=principal.tier, engine=engine.name, reason=decision.reason
             )
@@ -429,12 +433,11 @@ def _route(
 
 
 def _loads(services: Services, allowed: list[Engine]) -> dict[str, EngineLoad]:
-    return {
-        e.name: services.router.load(
-            e, services.admissions[e.name].waiting, services.admissions[e.name].active
-        )
-        for e in allowed
-    }
+    loads = {}
+    for e in allowed:
+        gate = services.admissions[e.name]
+        loads[e.name] = services.router.load(e, gate.waiting, gate.active, gate.queue_delay())
+    return loads
 
 
 def _prepare_upstream_body(req: CompletionRequest, engine: Engine) -> None:

@@ -154,8 +154,12 @@ async def _chat(
     headers = {"Authorization": f"Bearer {KEYS[tier]}"}
     start = time.perf_counter()
     async with session.post(f"{base}/v1/chat/completions", json=body, headers=headers) as resp:
-        await resp.read()
-        return resp.status, dict(resp.headers), time.perf_counter() - start
+        raw = await resp.read()
+        out = dict(resp.headers)
+        if resp.status != 200:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                out["error-code"] = json.loads(raw)["error"]["code"]
+        return resp.status, out, time.perf_counter() - start
 
 
 async def part_share(
@@ -235,18 +239,25 @@ async def _probe(
     """Requests of each tier, one at a time: where they went, why, and how long they took."""
     routes: dict[str, collections.Counter[str]] = {t: collections.Counter() for t in tiers}
     elapsed_ms: dict[str, list[float]] = {t: [] for t in tiers}
+    details: dict[str, list[str]] = {t: [] for t in tiers}
     for i in range(rounds):
         for tier in tiers:
             status, headers, elapsed = await _chat(session, base, tier, HARD_PROMPTS[i % 5], 1)
             elapsed_ms[tier].append(elapsed * 1000)
+            details[tier].append(headers.get("x-frugal-route-detail", ""))
             if status != 200:
-                routes[tier][f"error {status}"] += 1
+                routes[tier][f"error {status} {headers.get('error-code', '')}".strip()] += 1
                 continue
             reason = headers.get("x-frugal-route-reason", "?")
             routes[tier][f"{headers.get('x-frugal-route')} ({reason})"] += 1
         await asyncio.sleep(0.2)
     return {
-        t: {"routes": dict(routes[t]), "median_ms": statistics.median(elapsed_ms[t])} for t in tiers
+        t: {
+            "routes": dict(routes[t]),
+            "median_ms": statistics.median(elapsed_ms[t]),
+            "details": details[t],
+        }
+        for t in tiers
     }
 
 

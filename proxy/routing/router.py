@@ -114,17 +114,26 @@ class Router:
         """How long an answer held one of the engine's slots (first byte sent to last received)."""
         self._service.setdefault(engine, _TtftEstimate()).observe(seconds * 1000)
 
-    def load(self, engine: Engine, queued: int, admitted: int) -> EngineLoad:
-        """The engine's expected time to first token if a request joined it now."""
+    def load(
+        self, engine: Engine, queued: int, admitted: int, queue_delay_s: float = 0.0
+    ) -> EngineLoad:
+        """The engine's expected time to first token if a request joined it now.
+
+        ``queue_delay_s``: the wait the proxy's admission queue in front of the engine has
+        observed (its sojourn time), when it has one.
+        """
         replica_load = engine.load()
         running = max(admitted, int(replica_load.running))
         waiting = queued + int(replica_load.waiting)
         base = self._ttft.get(engine.name, _TtftEstimate()).ms
         # A queued request waits for running ones to finish and make room: one answer's service
         # time per batch-worth of queue ahead of it (long answers make long queues), then its own
-        # first token. Until an answer has been timed, a TTFT stands in for the service time.
+        # first token. Until an answer has been timed, a TTFT stands in for the service time;
+        # while long answers are still running, none has been timed yet, so the wait the queue
+        # has actually shown counts too.
         service = max(base, self._service.get(engine.name, _TtftEstimate(ms=base)).ms)
-        est = base + service * waiting / max(1, running)
+        wait = max(service * waiting / max(1, running), queue_delay_s * 1000) if waiting else 0.0
+        est = base + wait
         return EngineLoad(queue_length=waiting, running=running, est_ttft_ms=est)
 
     # -- conversations ----------------------------------------------------------------------

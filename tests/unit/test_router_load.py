@@ -53,3 +53,13 @@ def test_more_queue_never_means_less_wait(
     shorter = router.load(engine, queued=queued, admitted=admitted).est_ttft_ms
     longer = router.load(engine, queued=queued + 1, admitted=admitted).est_ttft_ms
     assert longer > shorter >= ttft * 1000 - 1e-6
+
+
+def test_a_queue_that_has_made_requests_wait_counts_that_wait() -> None:
+    router, engine = _router()
+    router.observe_ttft("large", 0.1)
+    router.observe_service("large", 0.15)  # only short answers timed so far
+    # Long answers fill the slots and none has finished yet, but the queue's head has waited 4 s.
+    assert router.load(engine, queued=8, admitted=8, queue_delay_s=4.0).est_ttft_ms == 4100.0
+    # Without a queue the observed delay of an earlier one does not count.
+    assert router.load(engine, queued=0, admitted=8, queue_delay_s=4.0).est_ttft_ms == 100.0
