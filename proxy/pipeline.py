@@ -200,7 +200,12 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
             )
             _plan_keys(plan, req, [engine, *stronger])
             cutoff = _cutoff(services, plan, principal)
-            hit = await _lookup(services, plan, embedding, exchange, cutoff)
+            refused: list[CacheHit] | None = (
+                []
+                if services.tuner is not None and services.tuner.wants_counterfactual(policy.cache)
+                else None
+            )
+            hit = await _lookup(services, plan, embedding, exchange, cutoff, refused)
             if hit is not None:
                 if hit.kind == "semantic" and services.auditor is not None:
                     services.auditor.consider(
@@ -237,8 +242,19 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
                     tier=principal.tier,
                 ),
             ):
+                answered = (
+                    services.auditor.counterfactual(
+                        tier=principal.tier,
+                        cache_policy=policy.cache,
+                        engine=engine,
+                        refused=refused,
+                        cutoff=cutoff,
+                    )
+                    if refused and services.auditor is not None
+                    else None
+                )
                 response = await _answer_from_engine(
-                    request, req, engine, exchange, services, plan, embedding, flight
+                    request, req, engine, exchange, services, plan, embedding, flight, answered
                 )
                 spend.record(engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out))
             ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
@@ -507,6 +523,7 @@ async def _lookup(
     embedding: np.ndarray | None,
     exchange: Exchange,
     cutoff: float | None = None,
+    refused: list[CacheHit] | None = None,
 ) -> CacheHit | None:
     cache = services.cache
     if cache is None or plan.mode is CacheMode.OFF:
@@ -520,7 +537,12 @@ async def _lookup(
         if keys.exact == plan.exact_missed and not semantic:
             continue  # looked up before routing, a moment ago: one store read per key is enough
         hit = await cache.lookup(
-            keys, embedding=embedding, mode=plan.mode, semantic=plan.semantic, cutoff=cutoff
+            keys,
+            embedding=embedding,
+            mode=plan.mode,
+            semantic=plan.semantic,
+            cutoff=cutoff,
+            refused=refused,
         )
         if hit is not None:
             services.metrics.cache_lookup(
@@ -615,6 +637,7 @@ async def _answer_from_engine(
     plan: CachePlan,
     embedding: np.ndarray | None,
     flight: Leader[bytes, bytes] | None,
+    answered: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
     upstream = await _call_engine(req, engine, exchange, services)
     if exchange.ttft_s is not None and upstream.status == 200:
@@ -622,7 +645,7 @@ async def _answer_from_engine(
     shadow = services.rollouts.shadow_hook(
         engine, PATHS[req.kind], req.body, lambda: conversation_prefix(req)
     )
-    store = _Store(services, plan, embedding, exchange, flight, shadow)
+    store = _Store(services, plan, embedding, exchange, flight, shadow, answered)
     if req.stream and upstream.status == 200:
         return await _relay_stream(request, req, upstream, exchange, store)
     return _relay_body(upstream, exchange, store)
@@ -660,10 +683,16 @@ class _Store:
     exchange: Exchange
     flight: Leader[bytes, bytes] | None
     shadow: Callable[[bytes], None] | None = None  # the canary quality check, when sampled
+    answered: Callable[[bytes], None] | None = None  # a counterfactual cache audit's callback
 
     @property
     def wanted(self) -> bool:
-        return self.flight is not None or self.plan.mode.write or self.shadow is not None
+        return (
+            self.flight is not None
+            or self.plan.mode.write
+            or self.shadow is not None
+            or self.answered is not None
+        )
 
     def publish(self, payload: bytes) -> None:
         if self.flight is not None:
@@ -674,6 +703,8 @@ class _Store:
             self.flight.finish(body)
         if self.shadow is not None and status == 200:
             self.shadow(body)
+        if self.answered is not None and status == 200:
+            self.answered(body)
         cache, keys = self.services.cache, self.plan.keys
         if (
             cache is not None

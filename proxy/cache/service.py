@@ -334,11 +334,15 @@ class ResponseCache:
         mode: CacheMode = CacheMode.ON,
         semantic: bool = True,
         cutoff: float | None = None,
+        refused: list[CacheHit] | None = None,
     ) -> CacheHit | None:
         """Exact hit, else a verified semantic hit, else None (a miss; also on backend errors).
 
         ``embedding`` is the last user turn's embedding; without it only exact lookup runs.
         ``cutoff`` overrides the verifier's acceptance cut-off for this lookup (per tier).
+        ``refused``, when given, receives the best candidate of a semantic miss that passed the
+        cosine gate and the guards and was refused only by the cut-off (never served: it feeds
+        counterfactual audits, see proxy/shadow/tuner.py).
         """
         started = time.perf_counter()
         outcome: LookupOutcome = "miss"
@@ -365,7 +369,7 @@ class ResponseCache:
                 outcome = "exact"
                 return hit
             if semantic and embedding is not None and self._semantic_ok(keys):
-                hit = await self._semantic(keys, embedding, now, cutoff)
+                hit = await self._semantic(keys, embedding, now, cutoff, refused)
                 if hit is not None:
                     outcome = "semantic"
             return hit
@@ -392,7 +396,12 @@ class ResponseCache:
         )
 
     async def _semantic(
-        self, keys: CacheKeys, embedding: np.ndarray, now: float, cutoff: float | None = None
+        self,
+        keys: CacheKeys,
+        embedding: np.ndarray,
+        now: float,
+        cutoff: float | None = None,
+        refused: list[CacheHit] | None = None,
     ) -> CacheHit | None:
         assert keys.context is not None and keys.query_text is not None
         query = np.asarray(embedding, dtype=np.float32).reshape(-1)
@@ -427,17 +436,37 @@ class ResponseCache:
             SemanticCandidate(e.meta.query_text or "", cos, now - e.meta.created_at)
             for e, cos in candidates
         ]
-        if self.verifier.cheap:
-            verdict = self.verifier.select(keys.query_text, shown, cutoff=cutoff)
-        else:
-            verdict = await asyncio.to_thread(
-                functools.partial(self.verifier.select, cutoff=cutoff), keys.query_text, shown
-            )
+        verdict = await self._select(keys.query_text, shown, cutoff)
         if verdict is None or not 0 <= verdict.index < len(candidates):
+            if refused is not None:
+                # The same choice with no cut-off: the candidate the cut-off alone refused.
+                # (The verifier's vectors are remembered by now, so this is the cheap part.)
+                best = await self._select(keys.query_text, shown, 0.0)
+                if best is not None and 0 <= best.index < len(candidates):
+                    entry, cos = candidates[best.index]
+                    refused.append(
+                        CacheHit(
+                            "semantic",
+                            entry.response,
+                            cos,
+                            best.score,
+                            now - entry.meta.created_at,
+                            entry.meta,
+                        )
+                    )
             return None
         entry, cos = candidates[verdict.index]
         return CacheHit(
             "semantic", entry.response, cos, verdict.score, now - entry.meta.created_at, entry.meta
+        )
+
+    async def _select(
+        self, query: str, shown: list[SemanticCandidate], cutoff: float | None
+    ) -> Verdict | None:
+        if self.verifier.cheap:
+            return self.verifier.select(query, shown, cutoff=cutoff)
+        return await asyncio.to_thread(
+            functools.partial(self.verifier.select, cutoff=cutoff), query, shown
         )
 
     # -- store ----------------------------------------------------------------------------------

@@ -138,22 +138,56 @@ class CacheAudit(StrictModel):
 
 
 class CacheTune(StrictModel):
-    """Bounds of the automatic verifier cut-off (the semantic cache's effective threshold)."""
+    """Bounds and rule of the automatic verifier cut-off (the semantic cache's effective threshold).
+
+    ``rule: evidence`` (default) picks the lowest cut-off whose audited disagreement, among the
+    audited candidates scored at or above it, is under ``audit.target`` with ``confidence``;
+    counterfactual audits of misses refused only by the cut-off supply the evidence below the
+    current value. ``rule: step`` moves one step at a time from the audits at the current value.
+    See proxy/shadow/tuner.py.
+    """
 
     enabled: bool = Field(default=False, description="move the cut-off from the audits")
+    rule: Literal["evidence", "step"] = Field(
+        default="evidence", description="choose from scored audits, or step up and down"
+    )
     min: float = Field(default=0.5, ge=0, le=1, description="never looser than this")
     max: float = Field(default=0.99, ge=0, le=1, description="never stricter than this")
-    step: float = Field(default=0.02, gt=0, le=0.5, description="one move")
-    min_audits: int = Field(default=30, ge=1, description="audits between two moves")
+    min_audits: int = Field(
+        default=30,
+        ge=1,
+        description="audits between two decisions (evidence: also the least above a cut-off)",
+    )
+    confidence: float = Field(
+        default=0.9,
+        gt=0.5,
+        lt=1,
+        description="evidence rule: one-sided confidence that a chosen cut-off is under target",
+    )
+    samples: int = Field(
+        default=2000, ge=10, description="evidence rule: latest scored audits it chooses from"
+    )
+    counterfactual: bool = Field(
+        default=True,
+        description="evidence rule: audit misses refused only by the cut-off (no engine call)",
+    )
+    step: float = Field(
+        default=0.02,
+        gt=0,
+        le=0.5,
+        description="step rule: one move at cut-off 0.5; moves are made in logit space",
+    )
+    set_point: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="step rule: raise when the observed rate is above target x this",
+    )
     relax_below: float = Field(
         default=0.5,
         gt=0,
         le=1,
-        description="relax when the rate's upper bound is under target x this",
-    )
-    strict: bool = Field(
-        default=False,
-        description="raise whenever the observed rate exceeds target (default: its lower bound)",
+        description="step rule: relax when the rate's upper bound is under target x this",
     )
 
     @model_validator(mode="after")

@@ -15,6 +15,13 @@ The user already has the cached answer; the audit is a fire-and-forget task that
   disagreement rate and may move the tier's cut-off;
 - is cancelled at shutdown (``aclose`` from the app's cleanup context).
 
+Counterfactual audits (tiers tuned by the evidence rule): on a semantic *miss* whose best
+candidate was refused only by the cut-off, :meth:`CacheAuditor.counterfactual` returns a callback
+the pipeline calls with the engine's fresh answer once the user has it; the refused candidate's
+stored answer is compared with it (no extra engine call) and the tuner records "would have
+agreed / disagreed at score s". They draw on the same per-tier sampler as hit audits, so the
+scored audits are a uniform sample of everything the cache could serve at any cut-off.
+
 Which hits: systematic sampling per tier (every ``1/share``-th semantic hit), not a random draw,
 so the audited share is exact over any stretch of traffic and tests are deterministic.
 """
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +86,7 @@ class _Job:
     body: bytes
     cached_text: str
     cutoff: float | None
+    score: float | None
 
 
 class CacheAuditor:
@@ -139,7 +147,14 @@ class CacheAuditor:
         fresh["stream"] = False
         fresh.pop("stream_options", None)
         job = _Job(
-            tier, cache_policy, engine, PATHS[kind], orjson.dumps(fresh), cached_text, cutoff
+            tier,
+            cache_policy,
+            engine,
+            PATHS[kind],
+            orjson.dumps(fresh),
+            cached_text,
+            cutoff,
+            hit.score,
         )
         task = asyncio.get_running_loop().create_task(self._run(job), name="cache-audit")
         self._tasks.add(task)
@@ -172,7 +187,95 @@ class CacheAuditor:
             log.warning("cache audit crashed", tier=job.tier, engine=job.engine.name, exc_info=True)
             return
         self.metrics.audit(job.tier, "agree" if agreed else "disagree")
-        self.tuner.record(job.tier, job.cache_policy, disagreed=not agreed, cutoff_used=job.cutoff)
+        self.tuner.record(
+            job.tier,
+            job.cache_policy,
+            disagreed=not agreed,
+            cutoff_used=job.cutoff,
+            score=job.score,
+        )
+
+    def counterfactual(
+        self,
+        *,
+        tier: str,
+        cache_policy: Cache,
+        engine: Engine,
+        refused: Sequence[CacheHit],
+        cutoff: float | None,
+    ) -> Callable[[bytes], None] | None:
+        """Maybe audit a miss's refused candidate against the answer the engine is about to give.
+
+        Returns the callback to call with that answer's body (JSON bytes), or None when this miss
+        is not audited. Only a candidate the same engine version answered is compared.
+        """
+        if self._closed or not self.tuner.wants_counterfactual(cache_policy):
+            return None
+        same = [
+            h
+            for h in refused
+            if h.meta.engine == engine.name
+            and h.meta.version == engine.version
+            and h.score is not None
+            and h.score >= cache_policy.tune.min  # below the bound it could never be served
+        ]
+        if not same:
+            return None
+        best = max(same, key=lambda h: h.score or 0.0)
+        if not self.sampler.take(tier, self.share(cache_policy)):
+            return None
+        cached_text = answer_text(best.json())
+        if cached_text is None:
+            return None
+        score = best.score
+
+        def answered(body: bytes) -> None:
+            if self._closed:
+                return
+            if len(self._tasks) >= self.settings.max_concurrent:
+                self.metrics.audit(tier, "dropped")
+                return
+            task = asyncio.get_running_loop().create_task(
+                self._compare_refused(tier, cache_policy, cached_text, body, cutoff, score),
+                name="cache-counterfactual-audit",
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return answered
+
+    async def _compare_refused(
+        self,
+        tier: str,
+        cache_policy: Cache,
+        cached_text: str,
+        body: bytes,
+        cutoff: float | None,
+        score: float | None,
+    ) -> None:
+        try:
+            parsed = orjson.loads(body)
+            fresh = answer_text(parsed) if isinstance(parsed, dict) else None
+            if fresh is None:
+                self.metrics.audit(tier, "error")
+                return
+            agreed = await self._agree(cached_text, fresh)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A background task has nobody to raise to: count and log, never crash the loop.
+            self.metrics.audit(tier, "error")
+            log.warning("counterfactual cache audit failed", tier=tier, exc_info=True)
+            return
+        self.metrics.audit(tier, "would_agree" if agreed else "would_disagree")
+        self.tuner.record(
+            tier,
+            cache_policy,
+            disagreed=not agreed,
+            cutoff_used=cutoff,
+            score=score,
+            counterfactual=True,
+        )
 
     async def _agree(self, cached: str, fresh: str) -> bool:
         similarity = None

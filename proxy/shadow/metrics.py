@@ -1,6 +1,9 @@
 """The shadow checks' Prometheus series, registered on the proxy's own registry.
 
     frugal_cache_audit_total{tier,outcome}              agree | disagree | error | dropped
+                                                        | would_agree | would_disagree
+                                                        (counterfactual audits of refused
+                                                        candidates, see proxy/shadow/tuner.py)
     frugal_cache_audit_disagreement_rate{tier}          over the latest audits (a window)
     frugal_cache_audit_disagreement_rate_low{tier}      Wilson 95 % bounds of that rate
     frugal_cache_audit_disagreement_rate_high{tier}
@@ -20,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proxy.shadow.stats import Interval
 
-AUDIT_OUTCOMES = ("agree", "disagree", "error", "dropped")
+AUDIT_OUTCOMES = ("agree", "disagree", "error", "dropped", "would_agree", "would_disagree")
 
 
 class ShadowMetrics:

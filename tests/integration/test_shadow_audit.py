@@ -175,7 +175,14 @@ async def test_the_tuner_raises_a_tier_cutoff_when_audits_disagree(
             "scope": "tier",
             "verifier_cutoff": 0.92,
             "audit": {"target": 0.02},
-            "tune": {"enabled": True, "min": 0.92, "max": 0.99, "step": 0.02, "min_audits": 3},
+            "tune": {
+                "enabled": True,
+                "rule": "step",
+                "min": 0.92,
+                "max": 0.99,
+                "step": 0.05,
+                "min_audits": 3,
+            },
         },
     )
     services = services_of(client)
@@ -192,9 +199,10 @@ async def test_the_tuner_raises_a_tier_cutoff_when_audits_disagree(
     moves = [e for e in logs if e["event"] == "cache cut-off tuned"]
     assert len(moves) == 1
     assert moves[0]["tier"] == "free" and moves[0]["reason"] == "disagreement_above_target"
-    assert (moves[0]["old"], moves[0]["new"]) == (0.92, 0.99)
+    raised = moves[0]["new"]
+    assert moves[0]["old"] == 0.92 and 0.95 < raised < 0.99  # 4 steps in logit space
     text = await (await client.get("/metrics")).text()
-    assert metric(text, "frugal_threshold", tier="free", kind="cache_cutoff") == 0.99
+    assert metric(text, "frugal_threshold", tier="free", kind="cache_cutoff") == raised
     changes = metric(
         text,
         "frugal_threshold_changes_total",
@@ -334,3 +342,100 @@ async def test_a_failing_audit_is_counted_and_moves_nothing(
     text = await (await client.get("/metrics")).text()
     assert metric(text, "frugal_cache_audit_total", tier="free", outcome="error") == 1
     assert services.tuner.report() == before  # no outcome, no move
+
+
+def counterfactual_policy(**audit: Any) -> dict[str, Any]:
+    """A tier tightened to its max (0.99): paraphrases at cosine 0.976 are refused by the cut-off
+    alone, so every such miss is a counterfactual audit (share 1)."""
+    return {
+        "scope": "tier",
+        "verifier_cutoff": 0.99,
+        "audit": {"target": 0.5, **audit},
+        "tune": {"enabled": True, "rule": "evidence", "min": 0.9, "max": 0.99, "min_audits": 3},
+    }
+
+
+async def test_counterfactual_audits_relax_a_tier_that_serves_nothing(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    engine = await start_fake("m")
+    # Every answer "agrees" (embedding cosine >= -1): the refused paraphrases would have been
+    # right, and the evidence rule must come down from its maximum on that alone.
+    client = await start(
+        aiohttp_client,
+        tmp_path,
+        engine.url,
+        audit={"share": 1.0, "compare": "embedding", "similarity_bound": -1.0},
+        cache=counterfactual_policy(),
+    )
+    services = services_of(client)
+    assert services.auditor is not None and services.tuner is not None
+    await store(client)
+    with structlog.testing.capture_logs() as logs:
+        for paraphrase in PARAPHRASES[:2]:
+            assert (await post(client, paraphrase)).headers["x-frugal-cache"] == "miss"
+            await services.auditor.drain()
+        # A streamed miss is audited from its assembled answer.
+        body = {**ask(PARAPHRASES[2]), "stream": True}
+        resp = await client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
+        assert resp.status == 200 and resp.headers["x-frugal-cache"] == "miss"
+        assert "[DONE]" in await resp.text()
+        await wait_until(lambda: services.auditor is not None and services.auditor.in_flight == 0)
+        await services.auditor.drain()
+    # No extra engine call: one answer per user request, the audits compared stored answers.
+    assert engine.state.counters.requests == 4
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "frugal_cache_audit_total", tier="free", outcome="would_agree") == 3
+    assert metric(text, "frugal_cache_audit_total", tier="free", outcome="agree") is None
+    moves = [e for e in logs if e["event"] == "cache cut-off tuned"]
+    assert [(m["old"], m["new"], m["reason"]) for m in moves] == [
+        (0.99, 0.9, "relaxed_on_evidence")
+    ]
+    # The published hit-audit estimate is untouched: these were not hits.
+    assert services.tuner.report()["free"]["audits"] == 0
+    # The relaxed cut-off serves the next paraphrase.
+    assert (await post(client, PARAPHRASES[3])).headers["x-frugal-cache"] == "hit-semantic"
+
+
+async def test_counterfactual_audits_that_disagree_keep_the_tier_tight(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    engine = await start_fake("m")
+    # The fake's answer depends on the prompt: exact comparison says every paraphrase disagrees.
+    client = await start(
+        aiohttp_client,
+        tmp_path,
+        engine.url,
+        audit={"share": 1.0, "compare": "exact"},
+        cache=counterfactual_policy(),
+    )
+    services = services_of(client)
+    assert services.auditor is not None and services.tuner is not None
+    await store(client)
+    for paraphrase in PARAPHRASES[:4]:
+        assert (await post(client, paraphrase)).headers["x-frugal-cache"] == "miss"
+        await services.auditor.drain()
+    assert engine.state.counters.requests == 5
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "frugal_cache_audit_total", tier="free", outcome="would_disagree") == 4
+    policy = services.policies.current.authenticate(FREE_KEY).policy
+    assert services.tuner.cutoff("free", policy.cache) == 0.99
+    assert (await post(client, PARAPHRASES[4])).headers["x-frugal-cache"] == "miss"
+
+
+async def test_no_counterfactual_audits_without_the_evidence_rule(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    engine = await start_fake("m")
+    policy = counterfactual_policy()
+    policy["tune"] = {**policy["tune"], "counterfactual": False}
+    client = await start(aiohttp_client, tmp_path, engine.url, audit={"share": 1.0}, cache=policy)
+    services = services_of(client)
+    assert services.auditor is not None
+    await store(client)
+    for paraphrase in PARAPHRASES[:3]:
+        assert (await post(client, paraphrase)).headers["x-frugal-cache"] == "miss"
+    await services.auditor.drain()
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "frugal_cache_audit_total", tier="free", outcome="would_disagree") is None
+    assert metric(text, "frugal_cache_audit_total", tier="free", outcome="would_agree") is None
