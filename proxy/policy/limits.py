@@ -229,6 +229,9 @@ class LocalCounters:
         return None
 
 
+_NO_WAIT_S = 1e-9
+
+
 def gcra(
     tat: float, now: float, cost: float, per_minute: int, *, debt: bool = False
 ) -> tuple[float, float]:
@@ -244,7 +247,8 @@ def gcra(
         return 0.0, max(new_tat, now)  # a refund empties the counter at most
     # A charge larger than a whole minute's allowance goes through only on an idle counter.
     wait = start - now if increment > WINDOW_S else new_tat - now - WINDOW_S
-    if wait > 0:
+    # (now + 60) - now - 60 is not always 0.0 in floating point: a nanosecond is no wait.
+    if wait > _NO_WAIT_S:
         return wait, tat
     return 0.0, new_tat
 

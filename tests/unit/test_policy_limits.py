@@ -97,6 +97,12 @@ def test_gcra_bounds_any_window_and_retry_after_is_exact(
             assert j - i + 1 <= per_minute + window * per_minute / WINDOW_S + 1e-6
 
 
+def test_gcra_rounding_never_refuses_an_idle_counter() -> None:
+    # (1.0919748153562105 + 60) - 1.0919748153562105 - 60 == 7.1e-15 in floating point.
+    wait, _ = gcra(0.0, 1.0919748153562105, 1, 1)
+    assert wait == 0
+
+
 def test_gcra_steady_client_at_the_rate_is_never_refused() -> None:
     tat = 0.0
     for step in range(1000):
