@@ -512,6 +512,7 @@ async def _health_poller(app: web.Application) -> AsyncIterator[None]:
             services.rollouts.polled,  # stable and canary replica sets, kept current
             interval_s=health.interval_s,
             timeout_s=health.timeout_s,
+            unhealthy_after=health.unhealthy_after,
             observe=observe,
         )
     )

@@ -229,6 +229,9 @@ class EmbeddingSettings(StrictModel):
 class HealthSettings(StrictModel):
     interval_s: float = Field(2.0, gt=0)
     timeout_s: float = Field(2.0, gt=0)
+    unhealthy_after: int = Field(
+        2, ge=1, description="failed polls in a row that mark a healthy replica down"
+    )
 
 
 class LoggingSettings(StrictModel):

@@ -34,6 +34,7 @@ class Replica:
     url: str
     breaker: CircuitBreaker
     healthy: bool | None = None  # None until the first health poll answers
+    failed_polls: int = 0  # health polls failed in a row
     load: ReplicaLoad = field(default_factory=ReplicaLoad)
     inflight: int = 0  # requests this proxy has open on it right now
 
