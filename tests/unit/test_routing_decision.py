@@ -201,4 +201,4 @@ def test_a_load_move_lands_within_the_target_or_at_least_twice_as_fast(
         unloaded = {**situation, "loads": None}
         before = decide_route(requested_model=AUTO_MODEL, score=score, **unloaded)  # type: ignore[arg-type]
         moved_to, came_from = loads[decision.engine].est_ttft_ms, loads[before.engine].est_ttft_ms
-        assert moved_to <= situation["ttft_target_ms"] or 2 * moved_to <= came_from  # type: ignore[operator]
+        assert moved_to <= situation["ttft_target_ms"] or 2 * moved_to <= came_from
