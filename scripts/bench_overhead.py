@@ -409,6 +409,23 @@ def cpu_seconds(target: Target) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def skipped_stores(target: Target) -> int | None:
+    """Answers a Frugal target did not store because its cache's write queue was full (the
+    ``frugal_cache_errors_total{op="put"}`` counter); None when it has no such metric."""
+    if not target.name.startswith("frugal"):
+        return None
+    url = f"http://127.0.0.1:{target.port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            text = answer.read().decode()
+    except (OSError, urllib.error.URLError):
+        return None
+    lines = [
+        x for x in text.splitlines() if x.startswith("frugal_cache_errors") and 'op="put"' in x
+    ]
+    return sum(int(float(x.rsplit(" ", 1)[1])) for x in lines)
+
+
 def listen_overflows() -> int:
     """TcpExt ListenOverflows from /proc/net/netstat (0 where it cannot be read)."""
     try:
@@ -676,6 +693,10 @@ def main() -> None:
                     flush=True,
                 )
             rounds.append({t.name: results[t.name] for t in targets})
+        for target in targets:
+            skipped = skipped_stores(target)
+            if skipped is not None:
+                print(f"[{target.name}] answers not stored (write queue full): {skipped}")
 
         stress: dict[str, dict[str, Any]] = {}
         if not args.no_stress:

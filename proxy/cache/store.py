@@ -16,7 +16,8 @@ Two things keep the disk off a miss's path (``DiskStore``):
   semantic index already assumes); fleets share Redis, which has no filter.
 - write-behind: ``put`` queues the entry (visible to ``get`` at once through the pending map) and
   a writer task stores the queue in batches, one SQLite transaction per batch, on the store's
-  thread. ``put`` waits only when ``max_pending`` entries are queued; ``flush`` (called by
+  thread. With ``max_pending`` entries queued ``put`` refuses (``StoreBusy``: that answer is
+  not stored) instead of queueing without bound; ``flush`` (called by
   ``close``, ``delete``, ``delete_where``, ``scan`` and ``count``) writes everything queued first,
   so a clean shutdown loses nothing and an admin operation sees every entry put before it.
 """
@@ -45,6 +46,11 @@ _T = TypeVar("_T")
 
 class CacheBackendError(ConnectionError):
     """The store is unreachable; the cache treats the operation as a miss / skipped write."""
+
+
+class StoreBusy(CacheBackendError):
+    """The store's write queue is full: this answer is not stored (the disk is slower than the
+    answers come; the cache counts a failed store, the backend is not down)."""
 
 
 @runtime_checkable
@@ -99,7 +105,7 @@ class DiskStore:
         *,
         size_limit: int = 4 * 2**30,
         batch_size: int = 256,
-        max_pending: int = 4096,
+        max_pending: int = 10_000,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._cache = diskcache.Cache(str(directory), size_limit=size_limit)
@@ -165,8 +171,10 @@ class DiskStore:
         self._count(entry.meta.key, 1)
 
     async def put(self, entry: CacheEntry) -> None:
-        while len(self._queue) >= self._max_pending:
-            await self.flush()  # back-pressure: the disk is slower than the answers
+        if len(self._queue) >= self._max_pending:
+            # Dropped rather than waited for: a waiting put per answer would pile up without
+            # bound (they run in background tasks), and a cache may skip a write.
+            raise StoreBusy(f"{len(self._queue)} answers already queued for the disk")
         key = entry.meta.key
         self._count(key, 1)
         self._pending[key] = (entry, time.time() + entry.meta.ttl)

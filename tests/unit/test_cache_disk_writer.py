@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.cache.store import DiskStore
+from proxy.cache.store import DiskStore, StoreBusy
 from tests.unit.test_cache_store import entry
 
 
@@ -95,8 +95,8 @@ async def test_delete_removes_a_put_still_queued(tmp_path: Path) -> None:
 
 
 async def test_a_clean_shutdown_writes_everything_queued(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path, batch_size=7, max_pending=20)
-    for n in range(100):  # more than max_pending: put waits for the writer now and then
+    store = DiskStore(tmp_path, batch_size=7)
+    for n in range(100):
         await store.put(entry(n))
     await store.close()
     reopened = DiskStore(tmp_path)
@@ -123,6 +123,20 @@ async def test_a_failed_batch_is_dropped_not_served(
     await store.close()
 
 
+async def test_a_full_queue_refuses_a_put(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, max_pending=3)
+    for n in range(3):
+        await store.put(entry(n))
+    with pytest.raises(StoreBusy):
+        await store.put(entry(3))
+    assert await store.get(entry(3).meta.key) is None
+    assert not store.may_contain(entry(3).meta.key)
+    await store.flush()
+    await store.put(entry(3))  # room again once the writer caught up
+    assert await store.get(entry(3).meta.key) is not None
+    await store.close()
+
+
 _ops = st.lists(
     st.tuples(st.sampled_from(["put", "delete", "flush", "get", "reopen"]), st.integers(0, 5)),
     max_size=30,
@@ -137,7 +151,7 @@ def test_the_store_answers_like_a_dictionary(tmp_path_factory: Any, ops: Any) ->
     folder = tmp_path_factory.mktemp("d")
 
     async def run() -> None:
-        store = DiskStore(folder, batch_size=2, max_pending=3)
+        store = DiskStore(folder, batch_size=2)
         model: dict[str, bytes] = {}
         for op, n in ops:
             key = entry(n).meta.key
@@ -150,7 +164,7 @@ def test_the_store_answers_like_a_dictionary(tmp_path_factory: Any, ops: Any) ->
                 await store.flush()
             elif op == "reopen":
                 await store.close()
-                store = DiskStore(folder, batch_size=2, max_pending=3)
+                store = DiskStore(folder, batch_size=2)
             found = await store.get(key)
             assert (found.response if found else None) == model.get(key)
             if found is not None:
