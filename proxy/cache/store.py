@@ -15,16 +15,18 @@ Two things keep the disk off a miss's path (``DiskStore``):
   knows this process's writes: a diskcache directory belongs to one proxy process (as the
   semantic index already assumes); fleets share Redis, which has no filter.
 - write-behind: ``put`` queues the entry (visible to ``get`` at once through the pending map) and
-  a writer task stores the queue in batches, one SQLite transaction per batch, on the store's
-  thread. With ``max_pending`` entries queued ``put`` refuses (``StoreBusy``: that answer is
-  not stored) instead of queueing without bound; ``flush`` (called by
-  ``close``, ``delete``, ``delete_where``, ``scan`` and ``count``) writes everything queued first,
-  so a clean shutdown loses nothing and an admin operation sees every entry put before it.
+  a writer task stores the queue in batches (a batch is written when full or ``linger_s`` after
+  its first entry), one SQLite transaction per batch, on the store's thread. With
+  ``max_pending`` entries queued ``put`` refuses (``StoreBusy``: that answer is not stored)
+  instead of queueing without bound; ``flush`` (called by ``close``, ``delete``,
+  ``delete_where``, ``scan`` and ``count``) writes everything queued first, so a clean shutdown
+  loses nothing and an admin operation sees every entry put before it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -106,6 +108,7 @@ class DiskStore:
         size_limit: int = 4 * 2**30,
         batch_size: int = 256,
         max_pending: int = 10_000,
+        linger_s: float = 0.05,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._cache = diskcache.Cache(str(directory), size_limit=size_limit)
@@ -117,6 +120,10 @@ class DiskStore:
         self._pending: dict[str, tuple[CacheEntry, float]] = {}
         self._queue: deque[CacheEntry] = deque()
         self._flushing: asyncio.Task[None] | None = None
+        # The writer waits up to linger_s for a batch to fill: one thread wake-up and one commit
+        # per many answers, so the writer rarely competes with the event loop for the GIL.
+        self._linger_s = linger_s
+        self._hurry = asyncio.Event()  # a full batch or a flush: write now
         # entries queued / written (or dropped) so far; a flush waits for the count at its call
         self._queued = 0
         self._written = 0
@@ -180,12 +187,19 @@ class DiskStore:
         self._pending[key] = (entry, time.time() + entry.meta.ttl)
         self._queue.append(entry)
         self._queued += 1
+        if len(self._queue) >= self._batch_size:
+            self._hurry.set()
         if self._flushing is None:
             self._flushing = asyncio.get_running_loop().create_task(self._write_queue())
 
     async def _write_queue(self) -> None:
         try:
             while self._queue:
+                if len(self._queue) < self._batch_size and not self._hurry.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._linger_s):
+                            await self._hurry.wait()
+                self._hurry.clear()
                 batch = [
                     self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))
                 ]
@@ -227,6 +241,7 @@ class DiskStore:
         queued: a steady stream of answers cannot hold a flush up)."""
         target = self._queued
         while self._written < target and self._flushing is not None:
+            self._hurry.set()
             if self._progress is None:
                 self._progress = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._progress)
