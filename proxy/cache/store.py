@@ -111,7 +111,9 @@ class DiskStore:
         linger_s: float = 0.05,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self._cache = diskcache.Cache(str(directory), size_limit=size_limit)
+        # No culling inside each set (an expired-entry query per write): the writer culls once
+        # per batch instead, so the size limit may be exceeded by one batch for a moment.
+        self._cache = diskcache.Cache(str(directory), size_limit=size_limit, cull_limit=0)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
         self._batch_size = batch_size
         self._max_pending = max_pending
@@ -235,6 +237,7 @@ class DiskStore:
         with self._cache.transact():
             for key, blob, ttl in blobs:
                 self._cache.set(key, blob, expire=ttl)
+        self._cache.cull()
 
     async def flush(self) -> None:
         """Wait until every entry put before this call is written (later puts may still be
