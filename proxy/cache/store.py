@@ -120,7 +120,7 @@ class DiskStore:
         # key -> (entry queued for the writer, when it expires on the store's clock as diskcache
         # would count it): the newest put of each key; lookups read it first
         self._pending: dict[str, tuple[CacheEntry, float]] = {}
-        self._queue: deque[CacheEntry] = deque()
+        self._queue: deque[tuple[CacheEntry, float]] = deque()  # (entry, expiry time)
         self._flushing: asyncio.Task[None] | None = None
         # The writer waits up to linger_s for a batch to fill: one thread wake-up and one commit
         # per many answers, so the writer rarely competes with the event loop for the GIL.
@@ -186,8 +186,9 @@ class DiskStore:
             raise StoreBusy(f"{len(self._queue)} answers already queued for the disk")
         key = entry.meta.key
         self._count(key, 1)
-        self._pending[key] = (entry, time.time() + entry.meta.ttl)
-        self._queue.append(entry)
+        queued = (entry, time.time() + entry.meta.ttl)
+        self._pending[key] = queued
+        self._queue.append(queued)
         self._queued += 1
         if len(self._queue) >= self._batch_size:
             self._hurry.set()
@@ -214,10 +215,10 @@ class DiskStore:
                     log.warning(
                         "cache.disk.write_failed", extra={"entries": len(batch)}, exc_info=True
                     )
-                    for entry in batch:
+                    for entry, _ in batch:
                         self._count(entry.meta.key, -1)
                 finally:
-                    for entry in batch:
+                    for entry, _ in batch:
                         queued = self._pending.get(entry.meta.key)
                         if queued is not None and queued[0] is entry:
                             del self._pending[entry.meta.key]
@@ -232,11 +233,13 @@ class DiskStore:
         if progress is not None and not progress.done():
             progress.set_result(None)
 
-    def _write_batch(self, batch: list[CacheEntry]) -> None:
-        blobs = [(e.meta.key, encode_entry(e), e.meta.ttl) for e in batch]
+    def _write_batch(self, batch: list[tuple[CacheEntry, float]]) -> None:
+        blobs = [(e.meta.key, encode_entry(e), expires) for e, expires in batch]
         with self._cache.transact():
-            for key, blob, ttl in blobs:
-                self._cache.set(key, blob, expire=ttl)
+            now = time.time()
+            for key, blob, expires in blobs:
+                # the TTL runs from the put, not from this later write
+                self._cache.set(key, blob, expire=expires - now)
         self._cache.cull()
 
     async def flush(self) -> None:

@@ -185,3 +185,13 @@ async def test_a_lone_entry_is_written_after_the_linger(tmp_path: Path) -> None:
     assert isinstance(store._cache.get(entry(1).meta.key), bytes)
     assert store._pending == {}
     await store.close()
+
+
+async def test_the_ttl_runs_from_the_put_not_from_the_write(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, linger_s=10.0)
+    await store.put(entry(1, ttl=0.3))
+    await asyncio.sleep(0.2)
+    await store.flush()  # written 0.2 s after the put
+    await asyncio.sleep(0.15)  # past the put's TTL, not past the write's
+    assert await store.get(entry(1).meta.key) is None
+    await store.close()
