@@ -28,7 +28,15 @@ import structlog
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
-from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, make_keys
+from proxy.cache.keys import (
+    CacheKeys,
+    Endpoint,
+    KeyMaterial,
+    Partition,
+    Scope,
+    key_material,
+    keys_from_material,
+)
 from proxy.cache.modes import CacheMode, request_mode
 from proxy.cache.service import CacheHit, follow_as_sse
 from proxy.cache.singleflight import Follower, Leader, LeaderFailed
@@ -125,6 +133,9 @@ class CachePlan:
     scope: Scope = Scope.TENANT
     partition: Partition | None = None
     _keys: dict[str, CacheKeys] = field(default_factory=dict)
+    # the body's canonical form, serialised once for every engine (routing and the upstream body
+    # change only fields the keys exclude: model, stream_options)
+    _material: KeyMaterial | None = None
     exact_missed: str | None = None  # an exact key already looked up without a hit
 
     @property
@@ -138,9 +149,10 @@ class CachePlan:
         memo = f"{engine.name}\0{engine.version}"  # a canary shares its engine's name
         keys = self._keys.get(memo)
         if keys is None:
-            keys = make_keys(
-                ENDPOINTS[req.kind],
-                req.body,
+            if self._material is None:
+                self._material = key_material(ENDPOINTS[req.kind], req.body)
+            keys = keys_from_material(
+                self._material,
                 engine=engine.name,
                 version=engine.version,
                 partition=self.partition,

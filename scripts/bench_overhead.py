@@ -401,6 +401,31 @@ def run_wrk(
     return result
 
 
+def cpu_seconds(target: Target) -> float | None:
+    """User + system CPU time of the target's process so far (None for the engine itself)."""
+    if target.process is None:
+        return None
+    fields = Path(f"/proc/{target.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def skipped_stores(target: Target) -> int | None:
+    """Answers a Frugal target did not store because its cache's write queue was full (the
+    ``frugal_cache_errors_total{op="put"}`` counter); None when it has no such metric."""
+    if not target.name.startswith("frugal"):
+        return None
+    url = f"http://127.0.0.1:{target.port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            text = answer.read().decode()
+    except (OSError, urllib.error.URLError):
+        return None
+    lines = [
+        x for x in text.splitlines() if x.startswith("frugal_cache_errors") and 'op="put"' in x
+    ]
+    return sum(int(float(x.rsplit(" ", 1)[1])) for x in lines)
+
+
 def listen_overflows() -> int:
     """TcpExt ListenOverflows from /proc/net/netstat (0 where it cannot be read)."""
     try:
@@ -432,6 +457,9 @@ def summarise(
             "rps_64": median([r[name]["throughput"]["rps"] for r in rounds]),
             "errors_64": float(sum(r[name]["throughput"]["error_total"] for r in rounds)),
         }
+        cpu = [r[name]["throughput"].get("cpu_us_per_request") for r in rounds]
+        if all(c is not None for c in cpu):
+            row["cpu_us_per_request"] = median([float(c) for c in cpu if c is not None])
         if "direct" in names:
             for q in ("p50", "p99"):
                 added = [
@@ -502,8 +530,9 @@ def render_markdown(meta: dict[str, Any], summary: dict[str, dict[str, float]]) 
         f" after {meta['load_after']} (shared with other jobs: numbers are noisy).",
         "",
         "| target | p50 ms | added p50 ms | x relay | p99 ms | added p99 ms | x relay |"
-        " req/s @64 | x relay | errors @64 | @1000: errors / >10 s (of answered) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        " req/s @64 | x relay | CPU µs/req @64 | errors @64 |"
+        " @1000: errors / >10 s (of answered) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, row in summary.items():
         stress = (
@@ -516,7 +545,7 @@ def render_markdown(meta: dict[str, Any], summary: dict[str, dict[str, float]]) 
             f" {f(row, 'added_p50_vs_relay', '.2f')} | {row['p99_ms']:.3f} |"
             f" {f(row, 'added_p99_ms', '+.3f')} | {f(row, 'added_p99_vs_relay', '.2f')} |"
             f" {row['rps_64']:,.0f} | {f(row, 'rps_vs_relay', '.2f')} |"
-            f" {row['errors_64']:.0f} | {stress} |"
+            f" {f(row, 'cpu_us_per_request', '.0f')} | {row['errors_64']:.0f} | {stress} |"
         )
     lines += [
         "",
@@ -643,7 +672,15 @@ def main() -> None:
             for target in order:
                 body_file = bodies[target.name]
                 latency = run_wrk(target, body_file, 1, args.latency_s, load_cpus, lua=lua)
+                cpu_before = cpu_seconds(target)
                 throughput = run_wrk(target, body_file, 64, args.throughput_s, load_cpus, lua=lua)
+                cpu_after = cpu_seconds(target)
+                # The steadier figure on a shared machine: the proxy's CPU per answered request.
+                throughput["cpu_us_per_request"] = (
+                    (cpu_after - cpu_before) * 1e6 / max(1, throughput["requests"])
+                    if cpu_before is not None and cpu_after is not None
+                    else None
+                )
                 # A slow target may still be working through requests wrk abandoned at the end;
                 # one fresh answer means its queue has drained before the next target runs.
                 wait_ready(target, 60, None)
@@ -651,10 +688,15 @@ def main() -> None:
                 print(
                     f"round {index + 1} {target.name}: p50 {latency['latency_us']['p50']} us,"
                     f" p99 {latency['latency_us']['p99']} us, {throughput['rps']:.0f} req/s @64,"
-                    f" errors {throughput['error_total']}",
+                    f" errors {throughput['error_total']},"
+                    f" cpu/request {throughput['cpu_us_per_request'] or 0:.0f} us",
                     flush=True,
                 )
             rounds.append({t.name: results[t.name] for t in targets})
+        for target in targets:
+            skipped = skipped_stores(target)
+            if skipped is not None:
+                print(f"[{target.name}] answers not stored (write queue full): {skipped}")
 
         stress: dict[str, dict[str, Any]] = {}
         if not args.no_stress:

@@ -284,6 +284,40 @@ def split_query(endpoint: Endpoint, fields: Mapping[str, Any]) -> tuple[dict[str
     return {**fields, "prompt": None}, prompt
 
 
+@dataclass(frozen=True, slots=True)
+class KeyMaterial:
+    """What a request's keys hash apart from the engine, version and partition: its canonical
+    fields (and with the query text blanked), serialised once however many engines it is keyed
+    for."""
+
+    endpoint: Endpoint
+    fields_json: bytes
+    context_json: bytes | None
+    query_text: str | None
+
+
+def key_material(endpoint: Endpoint, body: Mapping[str, Any]) -> KeyMaterial:
+    fields = keyed_fields(body)
+    split = split_query(endpoint, fields)
+    if split is None:
+        return KeyMaterial(endpoint, canonical_json(fields), None, None)
+    blanked, query = split
+    return KeyMaterial(endpoint, canonical_json(fields), canonical_json(blanked), query)
+
+
+def keys_from_material(
+    material: KeyMaterial, *, engine: str, version: str, partition: Partition
+) -> CacheKeys:
+    endpoint = material.endpoint
+    exact = digest(_parts(b"exact", endpoint, engine, version, partition, material.fields_json))
+    context: str | None = None
+    if material.context_json is not None:
+        context = digest(
+            _parts(b"context", endpoint, engine, version, partition, material.context_json)
+        )
+    return CacheKeys(endpoint, engine, version, partition, exact, context, material.query_text)
+
+
 def make_keys(
     endpoint: Endpoint,
     body: Mapping[str, Any],
@@ -293,17 +327,9 @@ def make_keys(
     partition: Partition,
 ) -> CacheKeys:
     """Exact key, context key and query text of one request for one engine version."""
-    fields = keyed_fields(body)
-    exact = digest(_parts(b"exact", endpoint, engine, version, partition, canonical_json(fields)))
-    split = split_query(endpoint, fields)
-    context: str | None = None
-    query: str | None = None
-    if split is not None:
-        blanked, query = split
-        context = digest(
-            _parts(b"context", endpoint, engine, version, partition, canonical_json(blanked))
-        )
-    return CacheKeys(endpoint, engine, version, partition, exact, context, query)
+    return keys_from_material(
+        key_material(endpoint, body), engine=engine, version=version, partition=partition
+    )
 
 
 def is_deterministic(body: Mapping[str, Any]) -> bool:

@@ -40,7 +40,7 @@ from proxy.cache.index import SemanticIndex
 from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, is_storable_response, make_keys
 from proxy.cache.modes import CacheMode
 from proxy.cache.singleflight import Follower, SingleFlight
-from proxy.cache.store import CacheStore, EntryAdded, FollowableStore, Resync
+from proxy.cache.store import CacheStore, EntryAdded, FollowableStore, Resync, StoreBusy
 from proxy.cache.stream_codec import replay_sse, wants_usage
 from proxy.sse import DONE_EVENT, frame
 
@@ -513,6 +513,9 @@ class ResponseCache:
             return False
         try:
             await self.store.put(entry)
+        except StoreBusy:
+            self._count_store("failed")  # overloaded, not down: no backend-down warning
+            return False
         except Exception as exc:
             self._backend_error("put", exc)
             self._count_store("failed")

@@ -433,7 +433,9 @@ class Limiter:
         try:
             yield
         finally:
-            await _finish(self.backend.release_lease(key, lease_id), "release a concurrency lease")
+            await self._release(
+                self.backend.release_lease(key, lease_id), "release a concurrency lease"
+            )
 
     def admit(
         self, principal: Principal, *, prompt_tokens: int
@@ -460,7 +462,7 @@ class Limiter:
                 yield ticket
             finally:
                 if ticket.extra_tokens != 0:
-                    await _finish(
+                    await self._release(
                         self.charge_tokens(principal, ticket.extra_tokens), "charge tokens"
                     )
 
@@ -491,7 +493,20 @@ class Limiter:
             yield spend
         finally:
             actual = to_nano(spend.actual_usd) if spend.actual_usd is not None else 0
-            await _finish(self.backend.settle(keys, res_id, actual), "settle a budget reservation")
+            await self._release(
+                self.backend.settle(keys, res_id, actual), "settle a budget reservation"
+            )
+
+    async def _release(self, release: Coroutine[Any, Any, None], what: str) -> None:
+        if isinstance(self.backend, LocalCounters):
+            # Its methods never suspend, so a cancellation cannot cut a release short: no
+            # shielded task (and the extra turn of the loop it costs) is needed.
+            try:
+                await release
+            except Exception:
+                log.warning("policy_release_failed", what=what, exc_info=True)
+            return
+        await _finish(release, what)
 
     async def budget_status(self, principal: Principal) -> tuple[BudgetStatus, BudgetStatus]:
         """Today's (tier, tenant) spend, for metrics and the admin API."""
