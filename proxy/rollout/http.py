@@ -45,21 +45,21 @@ def add_rollout_routes(
     async def status(request: web.Request) -> web.Response:
         return _json(rollouts.status(engine_of(request)))
 
-    async def promote(request: web.Request) -> web.Response:
+    async def transition(
+        request: web.Request, change: Callable[[str], Awaitable[object]]
+    ) -> web.Response:
         name = engine_of(request)
         try:
-            await rollouts.promote(name)
+            await change(name)
         except RolloutConflict as exc:
             raise RolloutConflictError(str(exc)) from None
         return _json(rollouts.status(name))
 
+    async def promote(request: web.Request) -> web.Response:
+        return await transition(request, rollouts.promote)
+
     async def rollback(request: web.Request) -> web.Response:
-        name = engine_of(request)
-        try:
-            await rollouts.rollback(name)
-        except RolloutConflict as exc:
-            raise RolloutConflictError(str(exc)) from None
-        return _json(rollouts.status(name))
+        return await transition(request, rollouts.rollback)
 
     async def share(request: web.Request) -> web.Response:
         name = engine_of(request)

@@ -138,13 +138,7 @@ class Rollouts:
         return rollout.engine if rollout is not None else engine
 
     def serves(self, engine: str, version: str) -> bool:
-        rollout = self.by_name.get(engine)
-        if rollout is None:
-            return False
-        current = {rollout.engine.version}
-        if rollout.canary is not None:
-            current.add(rollout.canary.version)
-        return version in current
+        return self.replica_set(engine, version) is not None
 
     def replica_set(self, engine: str, version: str) -> Engine | None:
         """The replica set serving ``version`` of ``engine`` (stable or canary), if one does."""
