@@ -30,7 +30,9 @@ _STICKY_CONVERSATIONS = 100_000
 
 
 @dataclass(slots=True)
-class _TtftEstimate:
+class _MovingMs:
+    """Moving average of a duration in ms: an engine's TTFT, or how long an answer holds a slot."""
+
     ms: float = _INITIAL_TTFT_MS
     seen: bool = False
 
@@ -49,8 +51,8 @@ class Router:
     budget: BudgetFollower = field(default_factory=BudgetFollower)
     _trackers: dict[tuple[str, float], ShareTracker] = field(default_factory=dict)
     _sticky: OrderedDict[bytes, tuple[str, float | None]] = field(default_factory=OrderedDict)
-    _ttft: dict[str, _TtftEstimate] = field(default_factory=dict)
-    _service: dict[str, _TtftEstimate] = field(default_factory=dict)
+    _ttft: dict[str, _MovingMs] = field(default_factory=dict)
+    _service: dict[str, _MovingMs] = field(default_factory=dict)
     weak_to_strong: list[Engine] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -108,11 +110,11 @@ class Router:
     # -- load -------------------------------------------------------------------------------
 
     def observe_ttft(self, engine: str, seconds: float) -> None:
-        self._ttft.setdefault(engine, _TtftEstimate()).observe(seconds * 1000)
+        self._ttft.setdefault(engine, _MovingMs()).observe(seconds * 1000)
 
     def observe_service(self, engine: str, seconds: float) -> None:
         """How long an answer held one of the engine's slots (first byte sent to last received)."""
-        self._service.setdefault(engine, _TtftEstimate()).observe(seconds * 1000)
+        self._service.setdefault(engine, _MovingMs()).observe(seconds * 1000)
 
     def load(
         self, engine: Engine, queued: int, admitted: int, queue_delay_s: float = 0.0
@@ -125,13 +127,13 @@ class Router:
         replica_load = engine.load()
         running = max(admitted, int(replica_load.running))
         waiting = queued + int(replica_load.waiting)
-        base = self._ttft.get(engine.name, _TtftEstimate()).ms
+        base = self._ttft.get(engine.name, _MovingMs()).ms
         # A queued request waits for running ones to finish and make room: one answer's service
         # time per batch-worth of queue ahead of it (long answers make long queues), then its own
         # first token. Until an answer has been timed, a TTFT stands in for the service time;
         # while long answers are still running, none has been timed yet, so the wait the queue
         # has actually shown counts too.
-        service = max(base, self._service.get(engine.name, _TtftEstimate(ms=base)).ms)
+        service = max(base, self._service.get(engine.name, _MovingMs(ms=base)).ms)
         wait = max(service * waiting / max(1, running), queue_delay_s * 1000) if waiting else 0.0
         est = base + wait
         return EngineLoad(queue_length=waiting, running=running, est_ttft_ms=est)
