@@ -292,6 +292,8 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
         services.embedder, services.encode = worker, encode  # type: ignore[assignment]
         yield
         services.embedder = services.encode = None
+    if services.verifier is not None:
+        await asyncio.to_thread(services.verifier.close)
 
 
 async def _response_cache(app: web.Application) -> AsyncIterator[None]:
@@ -393,7 +395,10 @@ def _load_encoder(services: Services) -> Encode:
     torch.set_num_threads(1)
     verifier = Verifier.load()
     verifier.encoder = PackedEncoder(
-        verifier.encoder, precision=services.settings.embeddings.precision
+        verifier.encoder,
+        precision=services.settings.embeddings.precision,
+        # a lone text's two top stacks on two threads: only with a second core for the model
+        split_single=services.settings.embeddings.threads > 1,
     )
     cache_verifier = CacheVerifier(
         verifier, threshold=cache.similarity_threshold, cutoff=cache.verifier_cutoff

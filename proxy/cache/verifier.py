@@ -322,6 +322,9 @@ class MiniLMEncoder:
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask
 
+    def close(self) -> None:
+        """Release what a runtime holds besides weights (threads); the reference holds nothing."""
+
     def lower(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Token states after the shared (untuned) layers."""
         import torch
@@ -487,6 +490,10 @@ class CacheVerifier:
         self._capacity = remembered
         self._vectors: OrderedDict[str, Vector] = OrderedDict()
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release the encoder's threads (the proxy's shutdown)."""
+        self.verifier.encoder.close()
 
     def remember(self, text: str, vector: Vector) -> None:
         """Keep a text's verifier vector (most recent last; the oldest is dropped when full)."""

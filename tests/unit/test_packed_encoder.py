@@ -112,3 +112,80 @@ def test_tuned_layers_that_are_not_the_top_are_refused(reference: verifier.MiniL
     broken = verifier.MiniLMEncoder(reference.tokenizer, reference.weights, middle)
     with pytest.raises(ValueError, match="not the top"):
         PackedEncoder(broken, precision="float32")
+
+
+def test_a_lone_text_split_over_two_threads_gives_the_same_rows(
+    reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.cache import packed_encoder
+
+    ran_on: list[str] = []
+    run_top = packed_encoder._run_top
+
+    def spy(*args: object, **kwargs: object) -> np.ndarray:
+        ran_on.append(threading.current_thread().name)
+        return run_top(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed_encoder, "_run_top", spy)
+    plain = packed_encoder.PackedEncoder(reference, precision="float32")
+    split = packed_encoder.PackedEncoder(reference, precision="float32", split_single=True)
+    try:
+        for text in TEXTS:
+            expected, got = plain.encode([text]), split.encode([text])
+            np.testing.assert_array_equal(got.base, expected.base)
+            np.testing.assert_array_equal(got.verifier, expected.verifier)
+        assert ran_on and all(name.startswith("encoder-top") for name in ran_on)
+        assert len(ran_on) == len(TEXTS)
+        together = split.encode(TEXTS)  # a batch is not split
+        assert len(ran_on) == len(TEXTS)
+        np.testing.assert_allclose(together.verifier, plain.encode(TEXTS).verifier, atol=1e-6)
+    finally:
+        split.close()
+    after = split.encode([TEXTS[0]])  # closed: still encodes, on one thread
+    np.testing.assert_array_equal(after.verifier, plain.encode([TEXTS[0]]).verifier)
+    assert len(ran_on) == len(TEXTS)
+
+
+def test_attention_text_by_text_matches_masked_padded_attention() -> None:
+    torch = pytest.importorskip("torch")
+    from proxy.cache.packed_encoder import HEAD_DIM, _attend
+
+    lengths = [3, 1, 7, 7, 12]
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(sum(lengths), 3 * verifier.HIDDEN, generator=generator)
+    ends = np.cumsum(lengths).tolist()
+    spans = [(end - n, end) for n, end in zip(lengths, ends, strict=True)]
+    got = _attend(qkv, spans)
+    # Independent reference: all texts padded to the longest, padding masked out of the keys.
+    longest = max(lengths)
+    padded = torch.zeros(len(lengths), longest, 3 * verifier.HIDDEN)
+    for i, (start, end) in enumerate(spans):
+        padded[i, : end - start] = qkv[start:end]
+    q, k, v = padded.view(len(lengths), longest, 3, verifier.HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+    keep = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=keep[:, None, None, :]
+    )
+    out = out.transpose(1, 2).reshape(len(lengths), longest, verifier.HIDDEN)
+    expected = torch.cat([out[i, :n] for i, n in enumerate(lengths)])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prepacked_bfloat16_products_equal_plain_ones() -> None:
+    torch = pytest.importorskip("torch")
+    from proxy.cache.packed_encoder import _Linear, bfloat16_is_native
+
+    if not bfloat16_is_native():
+        pytest.skip("no native bfloat16 on this CPU")
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(96, 64, generator=generator)
+    bias = torch.randn(96, generator=generator)
+    x = torch.randn(9, 64, generator=generator)
+    plain = torch.nn.functional.linear(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
+    linear = _Linear(weight, bias, torch.bfloat16)
+    assert linear.packed is not None
+    torch.testing.assert_close(linear(x), plain, atol=0, rtol=0)
+    # GELU fused on the float32 accumulator: at most one bfloat16 rounding from the unfused one.
+    fused = _Linear(weight, bias, torch.bfloat16, gelu=True)(x).float()
+    unfused = torch.nn.functional.gelu(plain).float()
+    assert (fused - unfused).abs().max() <= 2**-7 * unfused.abs().max()
