@@ -148,6 +148,23 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
+def by_length(texts: list[str], latencies: list[float]) -> list[dict[str, float]]:
+    """p50/p99 of a c=1 phase for the shortest, middle and longest third of its texts (the tail
+    at c=1 is the longest questions' encoder pass)."""
+    ranked = sorted(zip(texts, latencies, strict=True), key=lambda pair: len(pair[0]))
+    size = -(-len(ranked) // 3)
+    thirds = [ranked[i : i + size] for i in range(0, len(ranked), size)]
+    return [
+        {
+            "chars_min": len(part[0][0]),
+            "chars_max": len(part[-1][0]),
+            "p50_ms": pct([lat for _, lat in part], 0.5),
+            "p99_ms": pct([lat for _, lat in part], 0.99),
+        }
+        for part in thirds
+    ]
+
+
 def wrk_latency(url: str, text: str, seconds: int) -> dict[str, float]:
     lua = Path(tempfile.mkstemp(suffix=".lua")[1])
     payload = json.dumps(body(text)).replace("'", "\\'")
@@ -225,6 +242,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "added_p99_ms": pct(miss, 0.99) - pct(base, 0.99),
                 "outcomes": miss_outcomes,
                 "cpu_ms_per_request": miss_cpu.per_request(len(miss)),
+                "by_length": by_length([o for o, _ in pairs], miss),
             }
             hits_only = [lat for lat in hit]
             results["semantic_lookup_c1"] = {
@@ -232,6 +250,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "p99_ms": pct(hits_only, 0.99),
                 "outcomes": hit_outcomes,
                 "cpu_ms_per_request": hit_cpu.per_request(len(hit)),
+                "by_length": by_length([s for _, s in pairs], hit),
             }
             # Throughput: new texts only (each one a semantic lookup: no exact hit, and no text
             # the embedding worker has seen before), close to stored questions.
@@ -292,8 +311,18 @@ def report(results: dict[str, Any], command: str) -> str:
         "CPU time per request (ms; proxy / fake engine / client), load-independent: "
         f"hit c=1 {_cpu(s)}; miss c=1 {_cpu(m)}; c=64 {_cpu(t)}, so on an idle 2-core machine "
         f"c=64 could reach at most {t['idle_2_core_bound_per_s']:.0f}/s.",
+        "",
+        "c=1 by question length (thirds, shortest first; p50 / p99 ms): paraphrase lookups "
+        f"{_thirds(s)}; misses {_thirds(m)}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _thirds(phase: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{t['chars_min']}-{t['chars_max']} chars {t['p50_ms']:.1f} / {t['p99_ms']:.1f}"
+        for t in phase["by_length"]
+    )
 
 
 def _cpu(phase: dict[str, Any]) -> str:
