@@ -86,8 +86,13 @@ def test_the_reference_tokenizer_keeps_padding(reference: verifier.MiniLMEncoder
     assert ids.shape[0] == 2 and int(mask[0].sum()) < ids.shape[1]
 
 
-def test_threads_may_encode_at_once(reference: verifier.MiniLMEncoder) -> None:
-    packed = _packed(reference, "float32")
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_threads_may_encode_at_once(reference: verifier.MiniLMEncoder, precision: str) -> None:
+    from proxy.cache.packed_encoder import bfloat16_is_native
+
+    if precision == "bfloat16" and not bfloat16_is_native():
+        pytest.skip("no native bfloat16 on this CPU")
+    packed = _packed(reference, precision)  # bfloat16: the prepacked weights are shared
     expected = packed.encode(TEXTS).base
     results: dict[int, np.ndarray] = {}
 
