@@ -265,7 +265,8 @@ class PackedEncoder(MiniLMEncoder):
 
     def close(self) -> None:
         """End the helper thread of ``split_single`` (encode still works, unsplit)."""
-        helper, self._helper = self._helper, None
+        with self._helper_free:  # not while a lone text is using it
+            helper, self._helper = self._helper, None
         if helper is not None:
             helper.shutdown(wait=True)
 
@@ -310,12 +311,13 @@ class PackedEncoder(MiniLMEncoder):
         for layer in self._lower:
             x = layer(x, spans)
         pool = _mean_pool(lengths)
-        helper = self._helper
-        if helper is not None and len(texts) == 1 and self._helper_free.acquire(blocking=False):
+        if len(texts) == 1 and self._helper is not None and self._helper_free.acquire(False):
             try:
-                tuned_future = helper.submit(_run_top, self._top_tuned, x, spans, pool)
-                base = pool(_run(self._top_base, x, spans))
-                return base, tuned_future.result()
+                helper = self._helper  # read under the lock: close() may have ended it
+                if helper is not None:
+                    tuned_future = helper.submit(_run_top, self._top_tuned, x, spans, pool)
+                    base = pool(_run(self._top_base, x, spans))
+                    return base, tuned_future.result()
             finally:
                 self._helper_free.release()
         base = pool(_run(self._top_base, x, spans))
