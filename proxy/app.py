@@ -383,6 +383,14 @@ def _load_encoder(services: Services) -> Encode:
     if not (cache.enabled and cache.semantic):
         from proxy.embeddings.minilm import load_minilm
 
+        classifier = services.router.classifier
+        if classifier is not None and classifier.shallow_neighbours is not None:
+            from proxy.routing.views import load_encoder_with_views
+
+            # The head's second vote reads the encoder's shallow view: the fused one is off.
+            return load_encoder_with_views(
+                services.router.views, services.settings.embeddings.precision
+            )
         return load_minilm()
     import torch
 
@@ -404,6 +412,7 @@ def _load_encoder(services: Services) -> Encode:
         batch = verifier.encoder.encode(texts)
         for text, vector in zip(texts, batch.verifier, strict=True):
             cache_verifier.remember(text, vector)
+        services.router.views.remember(batch.base, batch.shallow)
         return batch.base
 
     return encode

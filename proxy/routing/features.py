@@ -70,10 +70,12 @@ _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 
 @dataclass(frozen=True, slots=True)
 class RoutingFeatures:
-    """Inputs of the difficulty head: the shared embedding and the cheap feature vector."""
+    """Inputs of the difficulty head: the shared embedding, the cheap feature vector and the
+    encoder's shallow view of the same text (None when the encoder does not compute it)."""
 
     embedding: FloatArray
     cheap: FloatArray
+    shallow: FloatArray | None = None
 
 
 def message_text(message: Mapping[str, object]) -> str:
@@ -143,9 +145,18 @@ def extract_features(
     messages: Sequence[Mapping[str, object]],
     embedding: npt.ArrayLike,
     count_tokens: Callable[[str], int],
+    shallow: npt.ArrayLike | None = None,
 ) -> RoutingFeatures:
-    """Features of one request; `embedding` is the shared 384-d embedding of the last user turn."""
+    """Features of one request; `embedding` is the shared 384-d embedding of the last user turn,
+    `shallow` the encoder's shallow view of it (proxy.cache.verifier.EncodedBatch.shallow)."""
     vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
     if vector.shape != (EMBEDDING_DIM,):
         raise ValueError(f"embedding must have {EMBEDDING_DIM} values, got {vector.shape[0]}")
-    return RoutingFeatures(embedding=vector, cheap=cheap_features(messages, count_tokens))
+    view = None
+    if shallow is not None:
+        view = np.asarray(shallow, dtype=np.float32).reshape(-1)
+        if view.shape != (EMBEDDING_DIM,):
+            raise ValueError(f"shallow view must have {EMBEDDING_DIM} values, got {view.shape[0]}")
+    return RoutingFeatures(
+        embedding=vector, cheap=cheap_features(messages, count_tokens), shallow=view
+    )
