@@ -193,6 +193,9 @@ def test_shipped_head_loads_and_has_default_thresholds() -> None:
     assert "strong_score > weak_score" in head.metadata["label"]
     assert head.neighbours is not None
     assert head.neighbours.bandwidth is not None  # the similarity-weighted vote
+    assert head.shallow_neighbours is not None  # the second vote, in the shallow view
+    assert head.shallow_neighbours.prior_weight is not None
+    assert head.metadata["hyperparameters"]["shallow_prior_weight"] > 0
     assert 0.0 <= head.score(random_features(3)) <= 1.0
 
 
