@@ -37,7 +37,8 @@ def _key(embedding: npt.NDArray[np.float32]) -> bytes:
 
 
 class ShallowViews:
-    """A bounded map from a base embedding to the shallow view of the same pass (oldest out)."""
+    """A bounded map from a base embedding to the shallow view of the same pass (least recently
+    used out)."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity < 1:
@@ -66,9 +67,14 @@ class ShallowViews:
                 self._views.popitem(last=False)
 
     def get(self, embedding: npt.ArrayLike) -> npt.NDArray[np.float32] | None:
+        """The view remembered for `embedding`, now the most recent (as the embedding worker's
+        own memory keeps a repeated text's vector), or None."""
         key = _key(np.asarray(embedding, dtype=np.float32).reshape(-1))
         with self._lock:
-            return self._views.get(key)
+            view = self._views.get(key)
+            if view is not None:
+                self._views.move_to_end(key)
+            return view
 
 
 def load_encoder_with_views(

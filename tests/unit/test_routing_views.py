@@ -25,6 +25,16 @@ def test_a_view_is_found_by_its_embedding() -> None:
     assert views.get(rows(2, 1)[0]) is None
 
 
+def test_a_view_read_again_stays_longest() -> None:
+    views = ShallowViews(capacity=2)
+    base, shallow = rows(0, 3), rows(1, 3)
+    views.remember(base[:2], shallow[:2])
+    assert views.get(base[0]) is not None  # row 0 is now the most recent
+    views.remember(base[2:], shallow[2:])
+    assert views.get(base[0]) is not None
+    assert views.get(base[1]) is None
+
+
 def test_an_encoder_without_views_remembers_nothing() -> None:
     views = ShallowViews()
     views.remember(rows(0, 2), None)
