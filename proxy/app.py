@@ -376,9 +376,15 @@ def _load_encoder(services: Services) -> Encode:
     """The embedding function: fused with the verifier when the semantic cache needs it."""
     if services.router.classifier is not None:
         from proxy.routing.commands import load_count_tokens
+        from proxy.routing.views import DEFAULT_CAPACITY, ShallowViews
 
         # The head was trained with MiniLM's tokenizer counts: score with the same ones.
         services.router.count_tokens = load_count_tokens()
+        # Views must outlive the worker's remembered vectors (a repeated text skips the encoder).
+        embeddings = services.settings.embeddings
+        services.router.views = ShallowViews(
+            max(DEFAULT_CAPACITY, embeddings.remembered + embeddings.max_batch)
+        )
     cache = services.settings.cache
     if not (cache.enabled and cache.semantic):
         from proxy.embeddings.minilm import load_minilm
