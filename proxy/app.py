@@ -373,7 +373,8 @@ def _cosine_threshold(verifier: SemanticVerifier) -> float:
 
 
 def _load_encoder(services: Services) -> Encode:
-    """The embedding function: fused with the verifier when the semantic cache needs it."""
+    """The embedding function: fused with the verifier when the semantic cache needs it; else,
+    for a difficulty head that reads the shallow view, the base encoder that also computes it."""
     if services.router.classifier is not None:
         from proxy.routing.commands import load_count_tokens
         from proxy.routing.views import DEFAULT_CAPACITY, ShallowViews

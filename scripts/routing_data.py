@@ -1,7 +1,8 @@
 """The routing dev data (RouteLLM eval data, Apache-2.0) as features and labels, for the scripts.
 
 Shared by train_router.py and bench_routing.py. Reads /work/shared/data at run time (never copied
-into the repo); caches the MiniLM embeddings under out/routing/cache/ by text hash.
+into the repo); caches the MiniLM embeddings and the encoder's shallow views (the difficulty head's
+second vote) under out/routing/cache/ by text hash.
 """
 
 from __future__ import annotations

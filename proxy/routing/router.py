@@ -50,10 +50,10 @@ class Router:
     default_threshold: float = 0.5
     sticky_margin: float = 0.1
     budget: BudgetFollower = field(default_factory=BudgetFollower)
-    _trackers: dict[tuple[str, float], ShareTracker] = field(default_factory=dict)
-    _sticky: OrderedDict[bytes, tuple[str, float | None]] = field(default_factory=OrderedDict)
     # The encoder's shallow views by embedding (filled by the encode function; see views.py).
     views: ShallowViews = field(default_factory=ShallowViews)
+    _trackers: dict[tuple[str, float], ShareTracker] = field(default_factory=dict)
+    _sticky: OrderedDict[bytes, tuple[str, float | None]] = field(default_factory=OrderedDict)
     _ttft: dict[str, _MovingMs] = field(default_factory=dict)
     _service: dict[str, _MovingMs] = field(default_factory=dict)
     weak_to_strong: list[Engine] = field(init=False)
