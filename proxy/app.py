@@ -375,16 +375,31 @@ def _cosine_threshold(verifier: SemanticVerifier) -> float:
 
 
 def _load_encoder(services: Services) -> Encode:
-    """The embedding function: fused with the verifier when the semantic cache needs it."""
+    """The embedding function: fused with the verifier when the semantic cache needs it; else,
+    for a difficulty head that reads the shallow view, the base encoder that also computes it."""
     if services.router.classifier is not None:
         from proxy.routing.commands import load_count_tokens
+        from proxy.routing.views import DEFAULT_CAPACITY, ShallowViews
 
         # The head was trained with MiniLM's tokenizer counts: score with the same ones.
         services.router.count_tokens = load_count_tokens()
+        # Views must outlive the worker's remembered vectors (a repeated text skips the encoder).
+        embeddings = services.settings.embeddings
+        services.router.views = ShallowViews(
+            max(DEFAULT_CAPACITY, embeddings.remembered + embeddings.max_batch)
+        )
     cache = services.settings.cache
     if not (cache.enabled and cache.semantic):
         from proxy.embeddings.minilm import load_minilm
 
+        classifier = services.router.classifier
+        if classifier is not None and classifier.shallow_neighbours is not None:
+            from proxy.routing.views import load_encoder_with_views
+
+            # The head's second vote reads the encoder's shallow view: the fused one is off.
+            return load_encoder_with_views(
+                services.router.views, services.settings.embeddings.precision
+            )
         return load_minilm()
     import torch
 
@@ -409,6 +424,7 @@ def _load_encoder(services: Services) -> Encode:
         batch = verifier.encoder.encode(texts)
         for text, vector in zip(texts, batch.verifier, strict=True):
             cache_verifier.remember(text, vector)
+        services.router.views.remember(batch.base, batch.shallow)
         return batch.base
 
     return encode

@@ -32,7 +32,7 @@ import numpy.typing as npt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.routing.classifier import DEFAULT_HEAD_PATH, DifficultyClassifier
-from proxy.routing.commands import embed_texts, load_count_tokens, load_embedder
+from proxy.routing.commands import embed_texts, load_count_tokens, load_embedder, shallow_views
 from proxy.routing.evaluation import GapCurve, apgr, cpt, pgr_curve, routellm_curve
 from proxy.routing.features import extract_features, last_user_text
 from scripts.routing_data import DEFAULT_DEV_FILE, RoutingDevData, load_dev_data
@@ -59,7 +59,9 @@ def out_of_fold_scores(
     for fold in range(int(fold_of.max()) + 1):
         test = fold_of == fold
         head = fit(~test)
-        scores[test] = head.score_arrays(data.embeddings[test], data.cheap[test])
+        scores[test] = head.score_arrays(
+            data.embeddings[test], data.cheap[test], data.shallow[test]
+        )
         print(f"  fold {fold + 1} done", flush=True)
     return scores
 
@@ -135,10 +137,11 @@ def auc(scores: F64, positive: npt.NDArray[np.bool_]) -> float:
 def own_prompts_section(head: DifficultyClassifier) -> tuple[list[str], dict[str, float]]:
     rows = [json.loads(line) for line in OWN_PROMPTS.read_text().splitlines() if line.strip()]
     count_tokens = load_count_tokens()
-    embeddings = embed_texts(load_embedder(), [last_user_text(r["messages"]) for r in rows])
+    texts = [last_user_text(r["messages"]) for r in rows]
+    embeddings = embed_texts(load_embedder(), texts)
     feats = [
-        extract_features(r["messages"], e, count_tokens)
-        for r, e in zip(rows, embeddings, strict=True)
+        extract_features(r["messages"], e, count_tokens, v)
+        for r, e, v in zip(rows, embeddings, shallow_views(texts), strict=True)
     ]
     scores = head.score_batch(feats)
     hard = np.array([bool(r["hard"]) for r in rows])
@@ -179,7 +182,7 @@ def latency_section(head: DifficultyClassifier, data: RoutingDevData) -> list[st
     timings: dict[str, list[float]] = {"wall": [], "cpu": [], "head_wall": [], "head_cpu": []}
     for i, m in zip(picks, messages, strict=True):
         wall, cpu = time.perf_counter(), time.thread_time()
-        feats = extract_features(m, data.embeddings[i], count_tokens)
+        feats = extract_features(m, data.embeddings[i], count_tokens, data.shallow[i])
         mid_wall, mid_cpu = time.perf_counter(), time.thread_time()
         head.score(feats)
         end_wall, end_cpu = time.perf_counter(), time.thread_time()

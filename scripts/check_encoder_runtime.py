@@ -115,8 +115,8 @@ def main() -> int:
     cheap = np.stack(
         [cheap_features([{"role": "user", "content": p}], count_tokens) for p in prompts]
     )
-    before = head.score_arrays(ref.base, cheap)
-    after = head.score_arrays(new.base, cheap)
+    before = head.score_arrays(ref.base, cheap, ref.shallow)
+    after = head.score_arrays(new.base, cheap, new.shallow)
     flips = {
         share: int(np.sum((before >= t) != (after >= t)))
         for share, t in sorted(head.default_thresholds.items())
@@ -129,6 +129,9 @@ def main() -> int:
         f"base embedding cosine to reference: min {base_cos.min():.6f}, mean {base_cos.mean():.6f}"
     )
     print(f"verifier vector cosine to reference: min {verifier_cos.min():.6f}")
+    if ref.shallow is not None and new.shallow is not None:
+        shallow_cos = (ref.shallow * new.shallow).sum(axis=1)
+        print(f"router's shallow view cosine to reference: min {shallow_cos.min():.6f}")
     print(
         f"router score: correlation {np.corrcoef(before, after)[0, 1]:.6f}, "
         f"largest change {np.abs(before - after).max():.5f}, "

@@ -12,13 +12,16 @@ the strong one merely tied there.
 
 The head (see proxy/routing/classifier.py) = logistic regression on [MiniLM embedding, cheap
 features] for the 0/1 label strong_score > weak_score + a similarity-weighted vote of the target
-over all training prompts in a PCA-reduced embedding space + a stacker fitted on out-of-fold
-outputs of both. The stacker is then recalibrated (one slope and one offset, which keeps the order
-of scores) to the 0/1 label, so the score stays P(the small engine's answer is worse). The linear
-part keeps the 0/1 label because on prompts unlike the dev data (scripts/routing_own_prompts.jsonl)
-it judges hard maths as hard, where the win target learns the dev file's maths subjects, in which
-the weak model often beats the strong one. Out-of-fold splits keep near-duplicate prompts in one
-fold (scripts/routing_data.near_duplicate_groups). Deterministic for a seed and data file.
+over all training prompts in a PCA-reduced embedding space + a second vote in a PCA-reduced space
+of the encoder's shallow view (pooled states after MiniLM layer 2: more of the wording), with
+absolute weights and a prior so that it only speaks for prompts with a close training prompt +
+a stacker fitted on out-of-fold outputs of all three. The stacker is then recalibrated (one slope
+and one offset, which keeps the order of scores) to the 0/1 label, so the score stays P(the small
+engine's answer is worse). The linear part keeps the 0/1 label because on prompts unlike the dev
+data (scripts/routing_own_prompts.jsonl) it judges hard maths as hard, where the win target learns
+the dev file's maths subjects, in which the weak model often beats the strong one. Out-of-fold
+splits keep near-duplicate prompts in one fold (scripts/routing_data.near_duplicate_groups).
+Deterministic for a seed and data file.
 Token counts in training come from MiniLM's WordPiece tokenizer (no special tokens).
 """
 
@@ -38,6 +41,7 @@ from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from proxy.cache.verifier import SHALLOW_LAYER
 from proxy.routing.calibrate import threshold_for_share
 from proxy.routing.classifier import (
     DEFAULT_HEAD_PATH,
@@ -57,6 +61,11 @@ STRONG_SHARES = (0.1, 0.2, 0.3, 0.5)
 DEFAULT_C = 0.003  # inverse L2 strength of the linear part: strong, the labels are noisy
 DEFAULT_DIMS = 64  # PCA dimensions of the neighbour keys (int8: n * 64 bytes)
 DEFAULT_BANDWIDTH = 7.0  # neighbour weight exp(bandwidth * (cosine - best cosine))
+# The shallow-view vote: weight exp(bandwidth * (cosine - 1)), the mean target as this many extra
+# neighbours. A stronger vote (lower bandwidth or prior) scores higher on the dev file and lower
+# on mt_bench and the own prompts (docs/benchmarks.md section 5).
+SHALLOW_BANDWIDTH = 20.0
+SHALLOW_PRIOR_WEIGHT = 1.0
 INNER_FOLDS = 5
 
 Arrays = dict[str, npt.NDArray[Any]]
@@ -117,9 +126,8 @@ def fit_linear(
     }
 
 
-def fit_neighbours(
-    embeddings: npt.NDArray[np.float32], target: F64, *, dims: int, bandwidth: float
-) -> Arrays:
+def neighbour_keys(embeddings: npt.NDArray[np.float32], *, dims: int, prefix: str) -> Arrays:
+    """PCA projection and int8 keys (unit length before quantising) of a vote's training rows."""
     centre = embeddings.mean(axis=0)
     # PCA by SVD: deterministic up to the sign of each axis, which cosine similarity ignores.
     _, _, vt = np.linalg.svd(embeddings - centre, full_matrices=False)
@@ -129,10 +137,25 @@ def fit_neighbours(
     key_scale = np.abs(reduced).max(axis=0) / 127.0
     keys = np.round(reduced / key_scale).astype(np.int8)
     return {
-        "knn_centre": centre.astype(np.float32),
-        "knn_projection": projection.astype(np.float16),
-        "knn_keys": keys,
-        "knn_key_scale": key_scale.astype(np.float32),
+        f"{prefix}_centre": centre.astype(np.float32),
+        f"{prefix}_projection": projection.astype(np.float16),
+        f"{prefix}_keys": keys,
+        f"{prefix}_key_scale": key_scale.astype(np.float32),
+    }
+
+
+def fit_shallow_neighbours(shallow: npt.NDArray[np.float32], *, dims: int) -> Arrays:
+    """The second vote's arrays (its labels are the first vote's knn_labels)."""
+    return neighbour_keys(shallow, dims=dims, prefix="shallow") | {
+        "shallow_bandwidth": np.array(SHALLOW_BANDWIDTH, dtype=np.float32),
+        "shallow_prior_weight": np.array(SHALLOW_PRIOR_WEIGHT, dtype=np.float32),
+    }
+
+
+def fit_neighbours(
+    embeddings: npt.NDArray[np.float32], target: F64, *, dims: int, bandwidth: float
+) -> Arrays:
+    return neighbour_keys(embeddings, dims=dims, prefix="knn") | {
         "knn_labels": target.astype(np.float16),  # 0, 1/2, 1: exact in float16
         "knn_k": np.array(len(target)),
         "knn_bandwidth": np.array(bandwidth, dtype=np.float32),
@@ -155,6 +178,7 @@ def train_head(
     target: F64,
     strata: npt.NDArray[Any],
     groups: npt.NDArray[np.int64],
+    shallow: npt.NDArray[np.float32] | None = None,
     *,
     c: float = DEFAULT_C,
     dims: int = DEFAULT_DIMS,
@@ -164,28 +188,31 @@ def train_head(
     """The head's arrays (no metadata) and the training rows' out-of-fold scores.
 
     `target` is the win target (win_target); the linear part learns its 0/1 part (strong
-    better or not), the neighbour vote and the stacker the target itself.
+    better or not), the neighbour votes and the stacker the target itself. Without `shallow`
+    (the encoder's shallow views) the head has no second vote.
     """
     strong_better = (target == 1.0).astype(np.int64)
-    # Out-of-fold outputs of both parts, so the stacker weighs them as on unseen prompts.
+    inputs = 3 if shallow is None else 4
+    # Out-of-fold outputs of all parts, so the stacker weighs them as on unseen prompts.
     fold_of = grouped_folds(strata, groups, INNER_FOLDS, seed + 1)
-    linear_oof = np.zeros(len(target))
-    share_oof = np.zeros(len(target))
+    stack_x = np.zeros((len(target), inputs))
+    stack_x[:, 2] = cheap[:, TOKENS_FEATURE]
     for fold in range(INNER_FOLDS):
         test = fold_of == fold
         train = ~test
-        part = DifficultyClassifier.from_arrays(
+        arrays = (
             fit_linear(embeddings[train], cheap[train], strong_better[train], c=c, seed=seed)
             | fit_neighbours(embeddings[train], target[train], dims=dims, bandwidth=bandwidth)
-            | {"stack_w": np.zeros(3, dtype=np.float32), "stack_b": np.array(0.0)}
+            | {"stack_w": np.zeros(inputs, dtype=np.float32), "stack_b": np.array(0.0)}
         )
+        if shallow is not None:
+            arrays |= fit_shallow_neighbours(shallow[train], dims=dims)
+        part = DifficultyClassifier.from_arrays(arrays)
         assert part.neighbours is not None
-        linear_oof[test] = part.linear_logits(embeddings[test], cheap[test])
-        share_oof[test] = part.neighbours.share(embeddings[test])
-    stack_x = np.stack(
-        [linear_oof, neighbour_logit(share_oof), cheap[:, TOKENS_FEATURE].astype(np.float64)],
-        axis=1,
-    )
+        stack_x[test, 0] = part.linear_logits(embeddings[test], cheap[test])
+        stack_x[test, 1] = neighbour_logit(part.neighbours.share(embeddings[test]))
+        if shallow is not None:
+            stack_x[test, 3] = neighbour_logit(part.shallow_share(shallow[test], int(test.sum())))
     stacker = fit_soft_logistic(stack_x, target, seed=seed)
     stacked = stacker.decision_function(stack_x)
     # One slope and offset, fitted to the 0/1 label: the order of scores (all that routing by
@@ -201,6 +228,8 @@ def train_head(
             "stack_b": np.array(slope * stacker.intercept_[0] + offset, dtype=np.float32),
         }
     )
+    if shallow is not None:
+        arrays |= fit_shallow_neighbours(shallow, dims=dims)
     oof_scores = 1.0 / (1.0 + np.exp(-(slope * stacked + offset)))
     return arrays, np.asarray(oof_scores, dtype=np.float64)
 
@@ -213,6 +242,7 @@ def train_on(data: RoutingDevData, rows: npt.NDArray[np.bool_], seed: int) -> tu
         win_target(data)[rows],
         fold_strata(data.benchmark, labels(data))[rows],
         data.groups[rows],
+        data.shallow[rows],
         seed=seed,
     )
 
@@ -230,8 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     metadata: dict[str, Any] = {
         "model": (
             "logistic regression + similarity-weighted vote over all prompts "
-            f"(PCA-{DEFAULT_DIMS}, int8 keys, bandwidth {DEFAULT_BANDWIDTH:g}) + stacker, "
-            "recalibrated to the 0/1 label"
+            f"(PCA-{DEFAULT_DIMS}, int8 keys, bandwidth {DEFAULT_BANDWIDTH:g}) + a second vote "
+            f"in the shallow view (layer {SHALLOW_LAYER}, PCA-{DEFAULT_DIMS}, absolute weights "
+            f"exp({SHALLOW_BANDWIDTH:g} * (cosine - 1)), prior weight {SHALLOW_PRIOR_WEIGHT:g}) "
+            "+ stacker, recalibrated to the 0/1 label"
         ),
         "target": TARGET_DEFINITION,
         "label": LABEL_DEFINITION,
@@ -245,11 +277,17 @@ def main(argv: list[str] | None = None) -> int:
         },
         "token_counter": "all-MiniLM-L6-v2 WordPiece tokenizer (no special tokens)",
         "embedding": "all-MiniLM-L6-v2, L2-normalised, last user turn",
+        "shallow_view": (
+            f"all-MiniLM-L6-v2 token states after encoder layer {SHALLOW_LAYER}, mean-pooled, "
+            "L2-normalised (float32 reference encoder, 128 tokens)"
+        ),
         "seed": args.seed,
         "hyperparameters": {
             "linear_c": DEFAULT_C,
             "pca_dims": DEFAULT_DIMS,
             "bandwidth": DEFAULT_BANDWIDTH,
+            "shallow_bandwidth": SHALLOW_BANDWIDTH,
+            "shallow_prior_weight": SHALLOW_PRIOR_WEIGHT,
         },
         "sklearn": sklearn.__version__,
         # Out-of-fold scores: the shipped head's in-sample scores would be inflated by the

@@ -36,7 +36,14 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from proxy.cache.verifier import HEADS, HIDDEN, LAYER_NORM_EPS, EncodedBatch, MiniLMEncoder
+from proxy.cache.verifier import (
+    HEADS,
+    HIDDEN,
+    LAYER_NORM_EPS,
+    SHALLOW_LAYER,
+    EncodedBatch,
+    MiniLMEncoder,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -230,6 +237,8 @@ class PackedEncoder(MiniLMEncoder):
         first_tuned = tuned[0] if tuned else len(all_layers)
         if tuned and tuned != all_layers[first_tuned:]:
             raise ValueError(f"tuned layers {tuned} are not the top of {all_layers}")
+        if first_tuned <= SHALLOW_LAYER:
+            raise ValueError(f"the router's shallow layer {SHALLOW_LAYER} must be a shared layer")
         self._embed = {
             name: weights[f"embeddings.{name}"].float()
             for name in (
@@ -279,19 +288,21 @@ class PackedEncoder(MiniLMEncoder):
 
         if not texts:
             empty = np.zeros((0, HIDDEN), dtype=np.float32)
-            return EncodedBatch(empty, empty)
+            return EncodedBatch(empty, empty, empty)
         base = np.zeros((len(texts), HIDDEN), dtype=np.float32)
         tuned = np.zeros((len(texts), HIDDEN), dtype=np.float32) if self._top_tuned else base
+        shallow = np.zeros((len(texts), HIDDEN), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 end = min(start + batch_size, len(texts))
-                b, t = self._encode_packed(texts[start:end])
+                b, t, s = self._encode_packed(texts[start:end])
                 base[start:end] = b
+                shallow[start:end] = s
                 if self._top_tuned:
                     tuned[start:end] = t
-        return EncodedBatch(base, tuned)
+        return EncodedBatch(base, tuned, shallow)
 
-    def _encode_packed(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _encode_packed(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import torch
         import torch.nn.functional as F
 
@@ -308,21 +319,25 @@ class PackedEncoder(MiniLMEncoder):
             + e["token_type_embeddings.weight"][0]
         )
         x = F.layer_norm(x, (HIDDEN,), e["LayerNorm.weight"], e["LayerNorm.bias"], LAYER_NORM_EPS)
-        for layer in self._lower:
-            x = layer(x, spans)
         pool = _mean_pool(lengths)
+        shallow = None
+        for index, layer in enumerate(self._lower):
+            x = layer(x, spans)
+            if index == SHALLOW_LAYER:
+                shallow = pool(x)
+        assert shallow is not None  # __init__ checked that the shallow layer is a shared one
         if len(texts) == 1 and self._helper is not None and self._helper_free.acquire(False):
             try:
                 helper = self._helper  # read under the lock: close() may have ended it
                 if helper is not None:
                     tuned_future = helper.submit(_run_top, self._top_tuned, x, spans, pool)
                     base = pool(_run(self._top_base, x, spans))
-                    return base, tuned_future.result()
+                    return base, tuned_future.result(), shallow
             finally:
                 self._helper_free.release()
         base = pool(_run(self._top_base, x, spans))
         tuned = pool(_run(self._top_tuned, x, spans)) if self._top_tuned else base
-        return base, tuned
+        return base, tuned, shallow
 
 
 def _run(layers: Sequence[_Layer], x: torch.Tensor, spans: Sequence[_Span]) -> torch.Tensor:

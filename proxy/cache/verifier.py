@@ -56,6 +56,9 @@ TUNED_LAYERS = 2
 HIDDEN = 384
 HEADS = 12
 MAX_TOKENS = 128
+# The router's second view of the pass: token states after encoder layer 2 (of the shared lower
+# layers), mean-pooled. Shallower layers keep more of the wording than the final embedding.
+SHALLOW_LAYER = 2
 LAYER_NORM_EPS = 1e-12
 
 # Defaults for the tier settings (the lead puts these into the config defaults), chosen on the
@@ -278,10 +281,13 @@ def top_layer_prefix(index: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class EncodedBatch:
-    """One fused pass: ``base`` for the router and the ANN index, ``verifier`` for the head."""
+    """One fused pass: ``base`` for the router and the ANN index, ``verifier`` for the head,
+    ``shallow`` (pooled states after ``SHALLOW_LAYER``, L2-normalised) for the router's second
+    vote; ``None`` from encoders that do not compute it."""
 
     base: Vector
     verifier: Vector
+    shallow: Vector | None = None
 
 
 @dataclass(slots=True)
@@ -325,8 +331,11 @@ class MiniLMEncoder:
     def close(self) -> None:
         """Release what a runtime holds besides weights (threads); the reference holds nothing."""
 
-    def lower(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Token states after the shared (untuned) layers."""
+    def lower(
+        self, ids: torch.Tensor, mask: torch.Tensor, states: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Token states after the shared (untuned) layers; ``states`` (if given) receives those
+        after ``SHALLOW_LAYER``."""
         import torch
         import torch.nn.functional as F
 
@@ -347,6 +356,8 @@ class MiniLMEncoder:
         bias = mask_bias_for(mask, x.dtype)
         for index in range(NUM_LAYERS - TUNED_LAYERS):
             x = layer_forward(x, bias, w, top_layer_prefix(index))
+            if index == SHALLOW_LAYER and states is not None:
+                states.append(x)
         return x
 
     def upper(
@@ -360,25 +371,29 @@ class MiniLMEncoder:
         return mean_pool(x, mask)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> EncodedBatch:
-        """Base embeddings and verifier vectors (float32, L2-normalised), in input order."""
+        """Base embeddings, verifier vectors and shallow views (float32, L2-normalised), in input
+        order."""
         import torch
 
         if not texts:
             empty = np.zeros((0, HIDDEN), dtype=np.float32)
-            return EncodedBatch(empty, empty)
+            return EncodedBatch(empty, empty, empty)
         # Length-sorted mini-batches keep padding small.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         base = np.zeros((len(texts), HIDDEN), dtype=np.float32)
         tuned = np.zeros((len(texts), HIDDEN), dtype=np.float32)
+        shallow = np.zeros((len(texts), HIDDEN), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 ids, mask = self.tokenize([texts[i] for i in chunk])
-                hidden = self.lower(ids, mask)
+                states: list[torch.Tensor] = []
+                hidden = self.lower(ids, mask, states)
+                shallow[chunk] = mean_pool(states[0], mask).numpy()
                 base[chunk] = self.upper(hidden, mask, self.weights).numpy()
                 if self.tuned:
                     tuned[chunk] = self.upper(hidden, mask, self.tuned).numpy()
-        return EncodedBatch(base, tuned if self.tuned else base)
+        return EncodedBatch(base, tuned if self.tuned else base, shallow)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from proxy.routing.calibrate import ShareTracker
 from proxy.routing.classifier import DifficultyClassifier
 from proxy.routing.decision import EngineLoad, RouteDecision, decide_route
 from proxy.routing.features import extract_features
+from proxy.routing.views import ShallowViews
 
 # Until an engine has answered, assume this time to first token (ms): optimistic, so an idle
 # fleet routes by difficulty alone.
@@ -49,6 +50,8 @@ class Router:
     default_threshold: float = 0.5
     sticky_margin: float = 0.1
     budget: BudgetFollower = field(default_factory=BudgetFollower)
+    # The encoder's shallow views by embedding (filled by the encode function; see views.py).
+    views: ShallowViews = field(default_factory=ShallowViews)
     _trackers: dict[tuple[str, float], ShareTracker] = field(default_factory=dict)
     _sticky: OrderedDict[bytes, tuple[str, float | None]] = field(default_factory=OrderedDict)
     _ttft: dict[str, _MovingMs] = field(default_factory=dict)
@@ -76,7 +79,10 @@ class Router:
 
     def score(self, messages: Sequence[Mapping[str, object]], embedding: np.ndarray) -> float:
         assert self.classifier is not None
-        return self.classifier.score(extract_features(messages, embedding, self.count_tokens))
+        shallow = self.views.get(embedding)
+        return self.classifier.score(
+            extract_features(messages, embedding, self.count_tokens, shallow)
+        )
 
     def threshold(
         self, tier: str, *, share: float | None, fixed: float | None, target: float | None = None

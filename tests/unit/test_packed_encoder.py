@@ -48,6 +48,8 @@ def test_float32_matches_the_reference_pass(reference: verifier.MiniLMEncoder) -
     assert np.abs(got.base - expected.base).max() < 1e-5
     assert np.abs(got.verifier - expected.verifier).max() < 1e-5
     assert not np.allclose(got.base, got.verifier)  # the tuned layers did run
+    assert got.shallow is not None and expected.shallow is not None
+    assert np.abs(got.shallow - expected.shallow).max() < 1e-5
 
 
 def test_bfloat16_stays_within_a_hair_of_the_reference(reference: verifier.MiniLMEncoder) -> None:
@@ -57,7 +59,12 @@ def test_bfloat16_stays_within_a_hair_of_the_reference(reference: verifier.MiniL
         pytest.skip("no native bfloat16 on this CPU")
     expected = reference.encode(TEXTS)
     got = _packed(reference, "bfloat16").encode(TEXTS)
-    for ours, theirs in ((got.base, expected.base), (got.verifier, expected.verifier)):
+    assert got.shallow is not None and expected.shallow is not None
+    for ours, theirs in (
+        (got.base, expected.base),
+        (got.verifier, expected.verifier),
+        (got.shallow, expected.shallow),
+    ):
         assert np.linalg.norm(ours, axis=1) == pytest.approx(np.ones(len(TEXTS)), abs=1e-5)
         assert (ours * theirs).sum(axis=1).min() > 0.9995
 
@@ -195,3 +202,33 @@ def test_prepacked_bfloat16_products_equal_plain_ones() -> None:
     fused = _Linear(weight, bias, torch.bfloat16, gelu=True)(x).float()
     unfused = torch.nn.functional.gelu(plain).float()
     assert (fused - unfused).abs().max() <= 2**-7 * unfused.abs().max()
+
+
+def test_the_shallow_view_is_the_pooled_state_after_the_shallow_layer(
+    reference: verifier.MiniLMEncoder,
+) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    texts = TEXTS[:3]
+    ids, mask = reference.tokenize(texts)
+    w = reference.weights
+    with torch.inference_mode():
+        x = F.layer_norm(
+            F.embedding(ids, w["embeddings.word_embeddings.weight"])
+            + w["embeddings.position_embeddings.weight"][: ids.shape[1]]
+            + w["embeddings.token_type_embeddings.weight"][0],
+            (verifier.HIDDEN,),
+            w["embeddings.LayerNorm.weight"],
+            w["embeddings.LayerNorm.bias"],
+            verifier.LAYER_NORM_EPS,
+        )
+        bias = verifier.mask_bias_for(mask, x.dtype)
+        for index in range(verifier.SHALLOW_LAYER + 1):
+            x = verifier.layer_forward(x, bias, w, verifier.top_layer_prefix(index))
+        expected = verifier.mean_pool(x, mask).numpy()
+    for encoder in (reference, _packed(reference, "float32")):
+        out = encoder.encode(texts)
+        assert out.shallow is not None
+        assert np.abs(out.shallow - expected).max() < 1e-5
+        assert not np.allclose(out.shallow, out.base)  # the layers above it ran after it

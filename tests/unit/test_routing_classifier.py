@@ -193,4 +193,82 @@ def test_shipped_head_loads_and_has_default_thresholds() -> None:
     assert "strong_score > weak_score" in head.metadata["label"]
     assert head.neighbours is not None
     assert head.neighbours.bandwidth is not None  # the similarity-weighted vote
+    assert head.shallow_neighbours is not None  # the second vote, in the shallow view
+    assert head.shallow_neighbours.prior_weight is not None
+    assert head.metadata["hyperparameters"]["shallow_prior_weight"] > 0
     assert 0.0 <= head.score(random_features(3)) <= 1.0
+
+
+def shallow_head(
+    labels: list[float], bandwidth: float, prior_weight: float
+) -> DifficultyClassifier:
+    """kernel_head plus a second vote over the same unit keys in the shallow view; the stacker
+    reads only that vote's logit."""
+    n = len(labels)
+    projection = np.zeros((EMBEDDING_DIM, n), dtype=np.float32)
+    projection[np.arange(n), np.arange(n)] = 1.0
+    full = (
+        linear_arrays()
+        | neighbour_arrays(np.eye(n) * 100, np.zeros(n), k=n)
+        | {
+            "knn_labels": np.array(labels, dtype=np.float16),
+            "knn_key_scale": np.full(n, 0.01, dtype=np.float32),
+            "knn_bandwidth": np.array(1.0, dtype=np.float32),
+            "shallow_centre": np.zeros(EMBEDDING_DIM, dtype=np.float32),
+            "shallow_projection": projection,
+            "shallow_keys": (np.eye(n) * 100).astype(np.int8),
+            "shallow_key_scale": np.full(n, 0.01, dtype=np.float32),
+            "shallow_bandwidth": np.array(bandwidth, dtype=np.float32),
+            "shallow_prior_weight": np.array(prior_weight, dtype=np.float32),
+            "stack_w": np.array([0.0, 0.0, 0.0, 1.0], dtype=np.float32),
+        }
+    )
+    return DifficultyClassifier.from_arrays(full)
+
+
+def test_shallow_vote_matches_the_formula_with_its_prior() -> None:
+    labels = [1.0, 0.5, 0.0]
+    head = shallow_head(labels, bandwidth=4.0, prior_weight=2.0)
+    query = np.zeros((1, EMBEDDING_DIM), dtype=np.float32)
+    query[0, :2] = [0.8, 0.6]
+    weights = np.exp(4.0 * (np.array([0.8, 0.6, 0.0]) - 1.0))
+    expected = (weights @ np.array(labels) + 2.0 * np.mean(labels)) / (weights.sum() + 2.0)
+    np.testing.assert_allclose(head.shallow_share(query, 1), [expected], rtol=1e-5)
+
+
+def test_shallow_vote_falls_back_to_the_mean_without_a_near_key_or_a_view() -> None:
+    head = shallow_head([1.0, 1.0, 0.0, 1.0], bandwidth=60.0, prior_weight=1.0)
+    far = np.zeros((1, EMBEDDING_DIM), dtype=np.float32)
+    far[0, :4] = 0.5  # cosine 0.5 with every key: weights exp(-30), nothing is near
+    np.testing.assert_allclose(head.shallow_share(far, 1), [0.75], rtol=1e-4)
+    near = axis_features(3).embedding[None, :]  # on key 3 (label 1): weight 1 against prior 1
+    np.testing.assert_allclose(head.shallow_share(near, 1), [(1.0 + 0.75) / 2], rtol=1e-4)
+    np.testing.assert_allclose(head.shallow_share(None, 2), [0.75, 0.75])
+    # Scoring: the stacker reads the second vote's logit only.
+    feats = axis_features(0)
+    without = head.score(feats)
+    assert without == pytest.approx(1 / (1 + np.exp(-neighbour_logit(0.75))), rel=1e-5)
+    with_view = head.score(
+        RoutingFeatures(feats.embedding, feats.cheap, shallow=near[0].astype(np.float32))
+    )
+    assert with_view > without
+
+
+def test_batch_with_and_without_shallow_views_equals_single_scores() -> None:
+    head = shallow_head([1.0, 0.0, 1.0, 0.0], bandwidth=10.0, prior_weight=0.5)
+    feats = [random_features(i) for i in range(4)]
+    views = [
+        RoutingFeatures(f.embedding, f.cheap, shallow=random_features(10 + i).embedding)
+        for i, f in enumerate(feats)
+    ]
+    for batch in (views, feats, views[:2] + feats[2:]):
+        np.testing.assert_allclose(
+            head.score_batch(batch), [head.score(f) for f in batch], rtol=1e-5
+        )
+
+
+def test_stacker_width_must_match_the_votes() -> None:
+    bad = linear_arrays() | neighbour_arrays(np.eye(2) * 100, np.zeros(2), k=2)
+    bad["stack_w"] = np.zeros(4, dtype=np.float32)
+    with pytest.raises(ClassifierArtifactError, match="stacker has 4 weights for 3 inputs"):
+        DifficultyClassifier.from_arrays(bad)
