@@ -338,7 +338,12 @@ class LeanClient:
             connection = await self._connect(host, port, idle, connect_timeout_s)
         lines = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
         request = b"".join(
-            (start, lines.encode("latin-1"), b"Content-Length: %d\r\n\r\n" % len(body), body)
+            (
+                start,
+                lines.encode("utf-8", "surrogateescape"),
+                b"Content-Length: %d\r\n\r\n" % len(body),
+                body,
+            )
         )
         try:
             status, head, answer = await connection.exchange(request)
