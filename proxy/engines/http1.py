@@ -44,6 +44,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_body_end",
         "_buffer",
+        "_chunk_at",
         "_chunked",
         "_head_end",
         "_length",
@@ -64,6 +65,7 @@ class _Connection(asyncio.Protocol):
         self._length = -1  # body length; -1 chunked or until close
         self._chunked = False
         self._body_end = -1
+        self._chunk_at = -1  # where the next unread chunk-size line starts (chunked bodies)
         self.head: bytes = b""
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -88,8 +90,8 @@ class _Connection(asyncio.Protocol):
             self._pool.remove(self)  # an idle connection the engine closed
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            if self._head_end >= 0 and self._length < 0 and not self._chunked:
-                waiter.set_result(None)  # an answer delimited by the end of the connection
+            if exc is None and self._head_end >= 0 and self._length < 0 and not self._chunked:
+                waiter.set_result(None)  # an answer delimited by the (clean) end of the connection
             else:
                 waiter.set_exception(
                     ConnectionResetError("the engine closed the connection before answering")
@@ -151,6 +153,7 @@ class _Connection(asyncio.Protocol):
             encoding = _header(self.head, b"transfer-encoding")
             if encoding is not None and encoding.strip().lower() == b"chunked":
                 self._chunked = True
+                self._chunk_at = self._head_end
             else:
                 length = _header(self.head, b"content-length")
                 if length is not None:
@@ -161,7 +164,7 @@ class _Connection(asyncio.Protocol):
                 elif status in (204, 304):
                     self._length = 0
         if self._chunked:
-            end = _chunked_end(buffer, self._head_end)
+            end, self._chunk_at = _chunked_end(buffer, self._chunk_at)
             if end < 0:
                 return False
             self._body_end = end
@@ -200,26 +203,28 @@ def _headers(head: bytes) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(headers)
 
 
-def _chunked_end(buffer: bytearray, start: int) -> int:
-    """Where a complete chunked body starting at ``start`` ends (after its trailers), or -1."""
+def _chunked_end(buffer: bytearray, start: int) -> tuple[int, int]:
+    """(where a complete chunked body ends, after its trailers, or -1; where to resume the scan
+    when more bytes arrive), scanning chunks from ``start``."""
     at = start
     while True:
         line_end = buffer.find(b"\r\n", at)
         if line_end < 0:
-            return -1
+            return -1, at
         size_text = bytes(buffer[at:line_end]).split(b";", 1)[0].strip()
         try:
             size = int(size_text, 16)
         except ValueError:
             raise MalformedAnswer("bad chunk size from the engine") from None
         if size == 0:
-            trailers_end = buffer.find(b"\r\n\r\n", line_end)
             if buffer[line_end : line_end + 4] == b"\r\n\r\n":
-                return line_end + 4  # no trailers
-            return -1 if trailers_end < 0 else trailers_end + 4
-        at = line_end + 2 + size + 2
-        if len(buffer) < at:
-            return -1
+                return line_end + 4, at  # no trailers
+            trailers_end = buffer.find(b"\r\n\r\n", line_end)
+            return (-1 if trailers_end < 0 else trailers_end + 4), at
+        following = line_end + 2 + size + 2
+        if len(buffer) < following:
+            return -1, at
+        at = following
 
 
 def _dechunk(buffer: bytearray, start: int, end: int) -> bytes:

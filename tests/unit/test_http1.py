@@ -283,9 +283,15 @@ def test_handles_plain_http_only_and_clean_headers() -> None:
 def test_chunked_framing_round_trips(pieces: list[bytes], cut: int) -> None:
     encoded = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
     buffer = bytearray(b"HEAD" + encoded)
-    end = _chunked_end(buffer, 4)
+    end, _ = _chunked_end(buffer, 4)
     assert end == len(buffer)
     assert _dechunk(buffer, 4, end) == b"".join(pieces)
-    # Any proper prefix is incomplete, never mis-framed.
+    # Any proper prefix is incomplete, never mis-framed; scanning on from where a prefix
+    # stopped, as bytes arrive, finds the same end.
+    resume = 4
     for at in range(4, len(buffer), cut):
-        assert _chunked_end(bytearray(buffer[:at]), 4) == -1
+        partial = bytearray(buffer[:at])
+        assert _chunked_end(partial, 4)[0] == -1
+        found, resume = _chunked_end(partial, resume)
+        assert found == -1
+    assert _chunked_end(buffer, resume)[0] == len(buffer)
