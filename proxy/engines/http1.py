@@ -18,13 +18,14 @@ maps aiohttp's errors.
 Framing: ``Content-Length``, ``Transfer-Encoding: chunked`` (trailers skipped) or, for an answer
 with neither, read until the engine closes. A connection is reused only after a complete framed
 answer without ``Connection: close`` on HTTP/1.1; idle connections the engine closes are dropped
-when it closes them.
+when it closes them, and one idle for over ``MAX_IDLE_S`` is closed rather than reused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import cast
 from urllib.parse import urlsplit
@@ -32,6 +33,9 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDict, CIMultiDictProxy
 
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers together
+# An idle connection older than this is closed, not reused: uvicorn (vLLM's server) closes idle
+# keep-alive connections after 5 s, and a request sent just as it does would fail the replica.
+MAX_IDLE_S = 4.0
 
 
 class MalformedAnswer(ConnectionError):
@@ -52,6 +56,7 @@ class _Connection(asyncio.Protocol):
         "_waiter",
         "closed",
         "head",
+        "idle_since",
         "transport",
     )
 
@@ -67,6 +72,7 @@ class _Connection(asyncio.Protocol):
         self._body_end = -1
         self._chunk_at = -1  # where the next unread chunk-size line starts (chunked bodies)
         self.head: bytes = b""
+        self.idle_since = 0.0  # monotonic time it was given back
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -281,6 +287,7 @@ class LeanResponse:
         if connection is None:
             return
         if connection.reusable():
+            connection.idle_since = time.monotonic()
             self._pool.append(connection)
         else:
             connection.close()
@@ -333,12 +340,15 @@ class LeanClient:
         if idle is None:
             idle = self._idle[(host, port)] = []
         connection = None
-        while idle:
-            candidate = idle.pop()
-            if candidate.reusable():  # not closed meanwhile, nothing unasked-for received
-                connection = candidate
-                break
-            candidate.close()
+        if idle:
+            fresh = time.monotonic() - MAX_IDLE_S
+            while idle:
+                candidate = idle.pop()
+                # Not closed meanwhile, nothing unasked-for received, not about to be closed.
+                if candidate.idle_since >= fresh and candidate.reusable():
+                    connection = candidate
+                    break
+                candidate.close()
         if connection is None:
             connection = await self._connect(host, port, idle, connect_timeout_s)
         lines = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])

@@ -189,6 +189,24 @@ async def test_engine_closing_an_idle_connection_is_not_an_error(serve: Serve) -
     client.close()
 
 
+async def test_a_connection_idle_too_long_is_not_reused(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("proxy.engines.http1.MAX_IDLE_S", 0.05)
+    server, url = await serve(lambda r, w: echo_keepalive(server, r, w))
+    client = LeanClient()
+    first = await client.post(url, b"1", {}, 1.0)
+    first.release()
+    second = await client.post(url, b"2", {}, 1.0)  # at once: the same connection
+    second.release()
+    assert server.connections == 1
+    await asyncio.sleep(0.1)  # past the idle limit: the engine might be closing it
+    third = await client.post(url, b"3", {}, 1.0)
+    third.release()
+    assert server.connections == 2
+    client.close()
+
+
 async def test_close_before_the_whole_answer_is_a_connection_error(serve: Serve) -> None:
     async def script(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await read_request(server, reader)
