@@ -241,7 +241,7 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     app[TRANSPORT].session = session
     yield
-    await session.close()
+    await app[TRANSPORT].aclose()  # the session and the lean client's connections
 
 
 async def _redis_limits(app: web.Application) -> AsyncIterator[None]:

@@ -913,10 +913,15 @@ async def _write_eof_quietly(response: web.StreamResponse) -> None:
 def _finish(exchange: Exchange, services: Services) -> None:
     latency = exchange.latency_s
     engine = exchange.engine
-    if exchange.conversation is not None and exchange.routed is not None:
+    router = services.router
+    if (
+        exchange.conversation is not None
+        and exchange.routed is not None
+        and len(router.weak_to_strong) > 1  # with one engine there is nothing to stick to
+    ):
         # Its next turn cannot arrive before the client has this answer: remembering it now,
         # off the latency path, is in time for stickiness.
-        services.router.remember(
+        router.remember(
             conversation_prefix(exchange.conversation), exchange.routed.name, exchange.route_score
         )
     ok = exchange.status < 400
@@ -928,7 +933,9 @@ def _finish(exchange: Exchange, services: Services) -> None:
     )
     baseline = exchange.baseline or engine
     baseline_usd = (
-        baseline.settings.cost.usd(exchange.tokens_in, exchange.tokens_out) if baseline else 0.0
+        baseline.settings.cost.usd(exchange.tokens_in, exchange.tokens_out)
+        if baseline is not None and baseline is not engine
+        else routed_usd
     )
     money = split_savings(
         baseline_usd=max(baseline_usd, routed_usd),

@@ -190,6 +190,14 @@ _U64_MAX: Final = 2**64 - 1
 
 def canonical(value: Any) -> Any:
     """The value with integral floats as ints (``1.0`` and ``1`` mean the same in JSON)."""
+    kind = type(value)
+    # The common shapes first, by exact type (an ABC isinstance check costs far more).
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is dict:
+        return {str(k): canonical(v) for k, v in value.items()}
+    if kind is list:
+        return [canonical(v) for v in value]
     if isinstance(value, float):
         # only where int and float agree exactly (and orjson can write the int)
         if math.isfinite(value) and value.is_integer() and abs(value) <= _EXACT_FLOAT_INT:
@@ -226,15 +234,12 @@ def digest(parts: Sequence[bytes]) -> str:
 def _parts(
     kind: bytes, endpoint: Endpoint, engine: str, version: str, partition: Partition, body: bytes
 ) -> list[bytes]:
-    return [
-        KEY_FORMAT_VERSION,
-        kind,
-        endpoint.value.encode(),
-        engine.encode(),
-        version.encode(),
-        partition.id.encode(),
-        body,
-    ]
+    return [KEY_FORMAT_VERSION, kind, *_head(endpoint, engine, version, partition), body]
+
+
+def _head(endpoint: Endpoint, engine: str, version: str, partition: Partition) -> list[bytes]:
+    """The parts every key of one request for one engine version shares."""
+    return [endpoint.value.encode(), engine.encode(), version.encode(), partition.id.encode()]
 
 
 def last_user_index(messages: Sequence[Any]) -> int | None:
@@ -309,12 +314,11 @@ def keys_from_material(
     material: KeyMaterial, *, engine: str, version: str, partition: Partition
 ) -> CacheKeys:
     endpoint = material.endpoint
-    exact = digest(_parts(b"exact", endpoint, engine, version, partition, material.fields_json))
+    head = _head(endpoint, engine, version, partition)  # made once for both keys
+    exact = digest([KEY_FORMAT_VERSION, b"exact", *head, material.fields_json])
     context: str | None = None
     if material.context_json is not None:
-        context = digest(
-            _parts(b"context", endpoint, engine, version, partition, material.context_json)
-        )
+        context = digest([KEY_FORMAT_VERSION, b"context", *head, material.context_json])
     return CacheKeys(endpoint, engine, version, partition, exact, context, material.query_text)
 
 

@@ -18,17 +18,33 @@ bounded.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
 
-from proxy.observability.families import CounterFamily, FamiliesCollector, HistogramFamily
+from proxy.observability.families import (
+    CounterChild,
+    CounterFamily,
+    FamiliesCollector,
+    HistogramChild,
+    HistogramFamily,
+)
 from proxy.observability.metrics import LATENCY_BUCKETS
 
 log = structlog.get_logger("frugal.rollout")
 
 
+@dataclass(frozen=True, slots=True)
+class _VersionSeries:
+    requests: CounterChild
+    latency: HistogramChild | None  # None: the outcome does not count there
+    answers: CounterChild | None
+
+
 class RolloutMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
+        self._series: dict[tuple[str, str, str], _VersionSeries] = {}
         self.requests = CounterFamily(
             "frugal_version_requests",
             "Finished requests per version: ok, error (5xx), client_error (4xx) or cache_hit.",
@@ -106,16 +122,32 @@ class RolloutMetrics:
         cost_usd: float,
     ) -> None:
         outcome = _outcome(from_cache, status)
-        self.requests.labels(engine, version, outcome).inc()
-        if from_cache or outcome == "client_error":
-            return
-        self.latency.labels(engine, version).observe(latency_s)
-        if outcome == "ok":
-            self.answers.labels(engine, version).inc()
-            if tokens_out:
-                self.tokens_out.labels(engine, version).inc(tokens_out)
-        if cost_usd:
+        series = self._series.get((engine, version, outcome))
+        if series is None:
+            series = self._bind(engine, version, outcome)
+        series.requests.inc()
+        if series.latency is not None:
+            series.latency.observe(latency_s)
+        if series.answers is not None:
+            series.answers.inc()
+        if tokens_out and series.answers is not None:
+            # Bound at the first tokens, so a version with none shows no zero series.
+            self.tokens_out.labels(engine, version).inc(tokens_out)
+        if cost_usd and series.latency is not None:
             self.cost.labels(engine, version).inc(cost_usd)
+
+    def _bind(self, engine: str, version: str, outcome: str) -> _VersionSeries:
+        # Every request records here: its series are looked up once per (engine, version,
+        # outcome), not on each request. Only an outcome's own series are made, so a version
+        # with cache hits alone shows no latency or answers.
+        answer = outcome in ("ok", "error")  # engine answers: latency (and cost)
+        ok = outcome == "ok"
+        series = self._series[(engine, version, outcome)] = _VersionSeries(
+            requests=self.requests.labels(engine, version, outcome),
+            latency=self.latency.labels(engine, version) if answer else None,
+            answers=self.answers.labels(engine, version) if ok else None,
+        )
+        return series
 
     def set_share(self, *, engine: str, version: str, share: float) -> None:
         self.share.labels(engine, version).set(share)

@@ -133,13 +133,15 @@ class Router:
         replica_load = engine.load()
         running = max(admitted, int(replica_load.running))
         waiting = queued + int(replica_load.waiting)
-        base = self._ttft.get(engine.name, _MovingMs()).ms
+        ttft = self._ttft.get(engine.name)
+        base = ttft.ms if ttft is not None else _INITIAL_TTFT_MS
         # A queued request waits for running ones to finish and make room: one answer's service
         # time per batch-worth of queue ahead of it (long answers make long queues), then its own
         # first token. Until an answer has been timed, a TTFT stands in for the service time;
         # while long answers are still running, none has been timed yet, so the wait the queue
         # has actually shown counts too.
-        service = max(base, self._service.get(engine.name, _MovingMs(ms=base)).ms)
+        timed = self._service.get(engine.name)
+        service = max(base, timed.ms) if timed is not None else base
         wait = max(service * waiting / max(1, running), queue_delay_s * 1000) if waiting else 0.0
         est = base + wait
         return EngineLoad(queue_length=waiting, running=running, est_ttft_ms=est)
