@@ -27,19 +27,32 @@ from proxy.routing.views import ShallowViews
 # fleet routes by difficulty alone.
 _INITIAL_TTFT_MS = 200.0
 _EWMA_ALPHA = 0.2
+# How fast the idle floor follows answers slower than it (per observation): slow, so a burst of
+# loaded answers does not lift it, yet an engine that really got slower is learnt in ~100 answers.
+_FLOOR_DRIFT = 0.02
 _STICKY_CONVERSATIONS = 100_000
 
 
 @dataclass(slots=True)
 class _MovingMs:
-    """Moving average of a duration in ms: an engine's TTFT, or how long an answer holds a slot."""
+    """Moving average of a duration in ms: an engine's TTFT, or how long an answer holds a slot.
+
+    ``floor`` follows the quickest recent answers (down at once, up slowly): what the engine
+    does with nothing else to do. Answers timed under load lift the average for a while after the
+    load is gone; an idle engine is estimated by its floor instead.
+    """
 
     ms: float = _INITIAL_TTFT_MS
+    floor: float = _INITIAL_TTFT_MS
     seen: bool = False
 
     def observe(self, ms: float) -> None:
-        self.ms = ms if not self.seen else (1 - _EWMA_ALPHA) * self.ms + _EWMA_ALPHA * ms
-        self.seen = True
+        if not self.seen:
+            self.ms = self.floor = ms
+            self.seen = True
+            return
+        self.ms = (1 - _EWMA_ALPHA) * self.ms + _EWMA_ALPHA * ms
+        self.floor = ms if ms < self.floor else self.floor + _FLOOR_DRIFT * (ms - self.floor)
 
 
 @dataclass(eq=False)
@@ -134,7 +147,12 @@ class Router:
         running = max(admitted, int(replica_load.running))
         waiting = queued + int(replica_load.waiting)
         ttft = self._ttft.get(engine.name)
-        base = ttft.ms if ttft is not None else _INITIAL_TTFT_MS
+        if ttft is None:
+            base = _INITIAL_TTFT_MS
+        elif running == 0 and waiting == 0:
+            base = min(ttft.floor, ttft.ms)  # idle: the TTFTs learnt under load no longer apply
+        else:
+            base = ttft.ms
         # A queued request waits for running ones to finish and make room: one answer's service
         # time per batch-worth of queue ahead of it (long answers make long queues), then its own
         # first token. Until an answer has been timed, a TTFT stands in for the service time;

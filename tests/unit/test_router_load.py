@@ -63,3 +63,33 @@ def test_a_queue_that_has_made_requests_wait_counts_that_wait() -> None:
     assert router.load(engine, queued=8, admitted=8, queue_delay_s=4.0).est_ttft_ms == 4100.0
     # Without a queue the observed delay of an earlier one does not count.
     assert router.load(engine, queued=0, admitted=8, queue_delay_s=4.0).est_ttft_ms == 100.0
+
+
+def test_an_idle_engine_is_estimated_by_its_quickest_recent_answers() -> None:
+    router, engine = _router()
+    router.observe_ttft("large", 0.2)
+    for _ in range(10):
+        router.observe_ttft("large", 2.0)  # answers timed while the engine was busy
+    busy = router.load(engine, queued=0, admitted=3).est_ttft_ms
+    idle = router.load(engine, queued=0, admitted=0).est_ttft_ms
+    assert busy > 1500.0  # the moving average has learnt the load
+    assert 200.0 < idle < 600.0  # the floor rose a little, not to the loaded level
+
+
+def test_the_idle_floor_follows_an_engine_that_really_got_slower() -> None:
+    router, engine = _router()
+    router.observe_ttft("large", 0.2)
+    for _ in range(300):
+        router.observe_ttft("large", 1.0)  # every answer slower, for a long time
+    assert router.load(engine, queued=0, admitted=0).est_ttft_ms > 950.0
+
+
+@given(observed=st.lists(st.floats(0.001, 10), min_size=1, max_size=50))
+def test_idle_is_never_estimated_slower_than_busy(observed: list[float]) -> None:
+    router, engine = _router()
+    for seconds in observed:
+        router.observe_ttft("large", seconds)
+    idle = router.load(engine, queued=0, admitted=0).est_ttft_ms
+    busy = router.load(engine, queued=0, admitted=1).est_ttft_ms
+    assert idle <= busy
+    assert idle >= min(observed) * 1000 - 1e-6
