@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from proxy.routing.classifier import DEFAULT_HEAD_PATH, DifficultyClassifier
 from proxy.routing.commands import embed_texts, load_count_tokens, load_embedder, shallow_views
 from proxy.routing.evaluation import GapCurve, apgr, cpt, pgr_curve, routellm_curve
-from proxy.routing.features import extract_features, last_user_text
+from proxy.routing.features import cheap_features, extract_features, last_user_text
 from scripts.routing_data import DEFAULT_DEV_FILE, RoutingDevData, load_dev_data
 from scripts.routing_nested import (
     DEFAULT_GRID,
+    ShallowSetting,
     evaluate_fold_seed,
     parse_grid,
     parse_seeds,
+    scores_of_other_prompts,
     summary_lines,
 )
 from scripts.train_router import (
@@ -248,6 +250,25 @@ def plot(curves: dict[str, dict[str, GapCurve]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def own_prompt_aucs(
+    data: RoutingDevData, settings: Sequence[ShallowSetting], seed: int
+) -> dict[ShallowSetting, float]:
+    """AUC hard vs easy on the own prompts of each setting's head trained on all dev prompts."""
+    rows = [json.loads(line) for line in OWN_PROMPTS.read_text().splitlines() if line.strip()]
+    texts = [last_user_text(r["messages"]) for r in rows]
+    count_tokens = load_count_tokens()
+    scores = scores_of_other_prompts(
+        data,
+        embed_texts(load_embedder(), texts, progress=False),
+        np.stack([cheap_features(r["messages"], count_tokens) for r in rows]),
+        shallow_views(texts),
+        settings,
+        seed,
+    )
+    hard = np.array([bool(r["hard"]) for r in rows])
+    return {s: auc(v, hard) for s, v in scores.items()}
+
+
 def multiseed_main(args: argparse.Namespace, command: str) -> int:
     """The held-out figures over several fold seeds (and nested), for every setting in the grid."""
     data = load_dev_data(args.data)
@@ -264,6 +285,7 @@ def multiseed_main(args: argparse.Namespace, command: str) -> int:
             )
         )
         loads.append(os.getloadavg()[0])
+    own_auc = own_prompt_aucs(data, settings, args.seed)
     lines = [
         "# Routing benchmark: several fold splits"
         + (" and nested selection" if args.nested else ""),
@@ -277,7 +299,7 @@ def multiseed_main(args: argparse.Namespace, command: str) -> int:
         f"{args.folds}-fold inner CV of the outer training part (grouped, its own seed), then "
         "scored on the outer fold.",
         "",
-        *summary_lines(results, settings),
+        *summary_lines(results, settings, own_auc),
         "",
     ]
     (args.out / "routing_multiseed.md").write_text("\n".join(lines))
@@ -291,7 +313,8 @@ def multiseed_main(args: argparse.Namespace, command: str) -> int:
                     "picks": [p.label for p in r.picks],
                 }
                 for r in results
-            ],
+            ]
+            + [{"own_prompt_auc": {s.label: a for s, a in own_auc.items()}}],
             indent=1,
         )
     )

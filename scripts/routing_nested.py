@@ -200,6 +200,31 @@ def head_scores_by_setting(
     return scores
 
 
+def scores_of_other_prompts(
+    data: RoutingDevData,
+    embeddings: F32,
+    cheap: F32,
+    shallow: F32,
+    settings: Sequence[ShallowSetting],
+    seed: int,
+) -> dict[ShallowSetting, F64]:
+    """Scores of prompts outside the dev file by heads trained on all dev prompts, per setting."""
+    n, extra = len(data.prompts), len(embeddings)
+    combined = RoutingDevData(
+        benchmark=np.concatenate([data.benchmark, np.full(extra, "other")]),
+        subset=np.concatenate([data.subset, np.full(extra, "other")]),
+        prompts=[*data.prompts, *[""] * extra],
+        weak=np.concatenate([data.weak, np.zeros(extra)]),
+        strong=np.concatenate([data.strong, np.zeros(extra)]),
+        embeddings=np.concatenate([data.embeddings, embeddings]),
+        cheap=np.concatenate([data.cheap, cheap]),
+        groups=np.concatenate([data.groups, data.groups.max() + 1 + np.arange(extra)]),
+        shallow=np.concatenate([data.shallow, shallow]),
+    )
+    dev = np.arange(n + extra) < n
+    return head_scores_by_setting(combined, dev, ~dev, settings, seed)
+
+
 def metrics(data: RoutingDevData, scores: F64, rows: Mask | None = None) -> dict[str, float]:
     """APGR overall and per benchmark, CPT(50%) and CPT(80%) overall, on `rows` (default all)."""
     rows = np.ones(len(scores), dtype=bool) if rows is None else rows
@@ -292,8 +317,13 @@ def meets_targets(row: dict[str, float]) -> bool:
     )
 
 
-def summary_lines(results: Sequence[SeedResult], settings: Sequence[ShallowSetting]) -> list[str]:
-    """Markdown: per seed, then mean ± sd and min over seeds, for each setting and nested."""
+def summary_lines(
+    results: Sequence[SeedResult],
+    settings: Sequence[ShallowSetting],
+    own_auc: dict[ShallowSetting, float] | None = None,
+) -> list[str]:
+    """Markdown: per seed, then mean ± sd and min over seeds, for each setting and nested; the
+    own prompts' AUC of each setting's head trained on all dev prompts, if given."""
     seeds = ", ".join(str(r.fold_seed) for r in results)
     lines = [
         f"Fold seeds {seeds}; each row's figures are out-of-fold over all dev prompts for one fold "
@@ -337,6 +367,14 @@ def summary_lines(results: Sequence[SeedResult], settings: Sequence[ShallowSetti
             "",
             "Settings picked by inner CV (outer folds, all seeds): "
             + ", ".join(f"{label} x{n}" for label, n in sorted(counts.items(), key=lambda x: -x[1]))
+            + ".",
+        ]
+    if own_auc:
+        lines += [
+            "",
+            "Own prompts (scripts/routing_own_prompts.jsonl), AUC hard vs easy of each setting's "
+            "head trained on all dev prompts: "
+            + ", ".join(f"{s.label} {auc:.3f}" for s, auc in own_auc.items())
             + ".",
         ]
     return lines
