@@ -58,12 +58,14 @@ class ShallowSetting:
 
     bandwidth: float | None
     prior_weight: float = 0.0
+    min_similarity: float | None = None  # keys less similar than this get no weight
 
     @property
     def label(self) -> str:
         if self.bandwidth is None:
             return "no shallow vote"
-        return f"b={self.bandwidth:g}, a={self.prior_weight:g}"
+        cutoff = "" if self.min_similarity is None else f", s>={self.min_similarity:g}"
+        return f"b={self.bandwidth:g}, a={self.prior_weight:g}{cutoff}"
 
 
 SHIPPED = ShallowSetting(SHALLOW_BANDWIDTH, SHALLOW_PRIOR_WEIGHT)
@@ -86,11 +88,20 @@ def parse_grid(text: str) -> tuple[ShallowSetting, ...]:
         if item == "none":
             settings.append(ShallowSetting(None))
             continue
-        bandwidth, _, prior = item.partition(":")
+        bandwidth, _, rest = item.partition(":")
+        prior, _, cutoff = rest.partition(":")
         try:
-            settings.append(ShallowSetting(float(bandwidth), float(prior or SHALLOW_PRIOR_WEIGHT)))
+            settings.append(
+                ShallowSetting(
+                    float(bandwidth),
+                    float(prior or SHALLOW_PRIOR_WEIGHT),
+                    float(cutoff) if cutoff else None,
+                )
+            )
         except ValueError as exc:
-            raise ValueError(f"grid item {item!r}: expected 'none' or BANDWIDTH:PRIOR") from exc
+            raise ValueError(
+                f"grid item {item!r}: expected 'none' or BANDWIDTH:PRIOR[:MIN_SIMILARITY]"
+            ) from exc
     if not settings:
         raise ValueError("empty grid")
     return tuple(dict.fromkeys(settings))
@@ -103,9 +114,17 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def absolute_vote(similarity: F32, labels_: F32, bandwidth: float, prior_weight: float) -> F64:
+def absolute_vote(
+    similarity: F32,
+    labels_: F32,
+    bandwidth: float,
+    prior_weight: float,
+    min_similarity: float | None = None,
+) -> F64:
     """NeighbourVote.share with absolute weights, from a precomputed similarity matrix."""
     weights = np.exp(bandwidth * (similarity - 1.0))
+    if min_similarity is not None:
+        weights = np.where(similarity >= min_similarity, weights, 0.0)
     prior = float(labels_.mean())
     voted = (weights @ labels_ + prior_weight * prior) / (weights.sum(axis=1) + prior_weight)
     return np.asarray(voted, dtype=np.float64)
@@ -129,6 +148,7 @@ class PartOutputs:
                 self.shallow_labels,
                 setting.bandwidth,
                 setting.prior_weight,
+                setting.min_similarity,
             )
             columns.append(neighbour_logit(share))
         return np.stack(columns, axis=1)

@@ -64,6 +64,7 @@ def test_grid_parsing() -> None:
         ShallowSetting(15.0, 0.5),
     )
     assert parse_grid("25") == (ShallowSetting(25.0, SHIPPED.prior_weight),)
+    assert parse_grid("15:2:0.8") == (ShallowSetting(15.0, 2.0, 0.8),)
     with pytest.raises(ValueError, match="'x:1'"):
         parse_grid("x:1")
 
@@ -155,3 +156,14 @@ def test_targets() -> None:
     assert not meets_targets(row | {"gsm8k": 0.59})
     assert not meets_targets(row | {"overall": 0.679})
     assert not meets_targets(row | {"cpt50": 0.31})
+
+
+def test_a_similarity_cutoff_leaves_far_prompts_at_the_prior() -> None:
+    similarity = np.array([[0.95, 0.5, 0.2], [0.6, 0.5, 0.2]], dtype=np.float32)
+    labels_ = np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    cut = absolute_vote(similarity, labels_, 10.0, 1.0, min_similarity=0.9)
+    uncut = absolute_vote(similarity, labels_, 10.0, 1.0)
+    prior = float(labels_.mean())
+    assert cut[1] == pytest.approx(prior)  # no key at 0.9 or above: the mean label
+    assert uncut[1] != pytest.approx(prior)
+    assert cut[0] == pytest.approx((np.exp(-0.5) + prior) / (np.exp(-0.5) + 1.0))
