@@ -274,7 +274,7 @@ def multiseed_main(args: argparse.Namespace, command: str) -> int:
     data = load_dev_data(args.data)
     settings = parse_grid(args.grid) if args.grid else DEFAULT_GRID
     results = []
-    started = time.time()
+    started, started_at = time.time(), dt.datetime.now(dt.UTC)
     loads = [os.getloadavg()[0]]
     for fold_seed in parse_seeds(args.fold_seeds):
         print(f"fold seed {fold_seed}", flush=True)
@@ -290,7 +290,7 @@ def multiseed_main(args: argparse.Namespace, command: str) -> int:
         "# Routing benchmark: several fold splits"
         + (" and nested selection" if args.nested else ""),
         "",
-        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC: `{command}` "
+        f"Run {started_at:%Y-%m-%d %H:%M} UTC: `{command}` "
         f"({(time.time() - started) / 60:.1f} min; "
         f"load average {min(loads):.1f}-{max(loads):.1f}). "
         f"{args.folds}-fold grouped splits as in the main benchmark (seed 0 is its split); heads "
