@@ -1,6 +1,7 @@
 """Routing benchmark: RouteLLM's APGR / CPT on held-out dev prompts, own prompts, scoring latency.
 
     .venv/bin/python scripts/bench_routing.py [--out out/routing] [--folds 5] [--seed 0]
+    .venv/bin/python scripts/bench_routing.py --fold-seeds 0,1,2,3,4 --nested [--grid none,20:1]
 
 1. k-fold over routing_dev.csv.gz: every prompt is scored by a head trained without it (same model
    and settings as train_router.py). Folds are stratified by benchmark and label and keep
@@ -13,6 +14,12 @@
 3. Scoring latency of the shipped head with the embedding given (features + score, per request).
 
 Writes routing_benchmark.md and routing_pgr.png into --out.
+
+With --fold-seeds, only the held-out figures, repeated over folds dealt with each seed: mean,
+spread and worst seed of APGR (overall, per benchmark) and CPT for every setting of the
+shallow-view vote in --grid, and with --nested the figures of a head whose setting inner
+cross-validation on each outer training part picks (scripts/routing_nested.py). Writes
+routing_multiseed.md and routing_multiseed.json into --out.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +41,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from proxy.routing.classifier import DEFAULT_HEAD_PATH, DifficultyClassifier
 from proxy.routing.commands import embed_texts, load_count_tokens, load_embedder, shallow_views
 from proxy.routing.evaluation import GapCurve, apgr, cpt, pgr_curve, routellm_curve
-from proxy.routing.features import extract_features, last_user_text
+from proxy.routing.features import cheap_features, extract_features, last_user_text
 from scripts.routing_data import DEFAULT_DEV_FILE, RoutingDevData, load_dev_data
+from scripts.routing_nested import (
+    DEFAULT_GRID,
+    ShallowSetting,
+    evaluate_fold_seed,
+    parse_grid,
+    parse_seeds,
+    scores_of_other_prompts,
+    summary_lines,
+)
 from scripts.train_router import (
     DEFAULT_C,
     fit_linear,
@@ -234,6 +250,78 @@ def plot(curves: dict[str, dict[str, GapCurve]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def own_prompt_aucs(
+    data: RoutingDevData, settings: Sequence[ShallowSetting], seed: int
+) -> dict[ShallowSetting, float]:
+    """AUC hard vs easy on the own prompts of each setting's head trained on all dev prompts."""
+    rows = [json.loads(line) for line in OWN_PROMPTS.read_text().splitlines() if line.strip()]
+    texts = [last_user_text(r["messages"]) for r in rows]
+    count_tokens = load_count_tokens()
+    scores = scores_of_other_prompts(
+        data,
+        embed_texts(load_embedder(), texts, progress=False),
+        np.stack([cheap_features(r["messages"], count_tokens) for r in rows]),
+        shallow_views(texts),
+        settings,
+        seed,
+    )
+    hard = np.array([bool(r["hard"]) for r in rows])
+    return {s: auc(v, hard) for s, v in scores.items()}
+
+
+def multiseed_main(args: argparse.Namespace, command: str) -> int:
+    """The held-out figures over several fold seeds (and nested), for every setting in the grid."""
+    data = load_dev_data(args.data)
+    settings = parse_grid(args.grid) if args.grid else DEFAULT_GRID
+    results = []
+    started, started_at = time.time(), dt.datetime.now(dt.UTC)
+    loads = [os.getloadavg()[0]]
+    for fold_seed in parse_seeds(args.fold_seeds):
+        print(f"fold seed {fold_seed}", flush=True)
+        fold_of = dev_folds(data, args.folds, fold_seed)
+        results.append(
+            evaluate_fold_seed(
+                data, fold_of, fold_seed, settings, seed=args.seed, nested=args.nested
+            )
+        )
+        loads.append(os.getloadavg()[0])
+    own_auc = own_prompt_aucs(data, settings, args.seed)
+    lines = [
+        "# Routing benchmark: several fold splits"
+        + (" and nested selection" if args.nested else ""),
+        "",
+        f"Run {started_at:%Y-%m-%d %H:%M} UTC: `{command}` "
+        f"({(time.time() - started) / 60:.1f} min; "
+        f"load average {min(loads):.1f}-{max(loads):.1f}). "
+        f"{args.folds}-fold grouped splits as in the main benchmark (seed 0 is its split); heads "
+        f"trained with model seed {args.seed}. Settings: the shallow-view vote's bandwidth b and "
+        "prior weight a. Nested: for each outer fold, the setting with the best overall APGR in a "
+        f"{args.folds}-fold inner CV of the outer training part (grouped, its own seed), then "
+        "scored on the outer fold.",
+        "",
+        *summary_lines(results, settings, own_auc),
+        "",
+    ]
+    (args.out / "routing_multiseed.md").write_text("\n".join(lines))
+    (args.out / "routing_multiseed.json").write_text(
+        json.dumps(
+            [
+                {
+                    "fold_seed": r.fold_seed,
+                    "by_setting": {s.label: m for s, m in r.by_setting.items()},
+                    "nested": r.nested,
+                    "picks": [p.label for p in r.picks],
+                }
+                for r in results
+            ]
+            + [{"own_prompt_auc": {s.label: a for s, a in own_auc.items()}}],
+            indent=1,
+        )
+    )
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DEV_FILE)
@@ -242,8 +330,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--c", type=float, default=DEFAULT_C, help="linear-part ablation")
     parser.add_argument("--head", type=Path, default=None, help="shipped head to test (default)")
+    parser.add_argument(
+        "--fold-seeds", default=None, help="e.g. 0,1,2,3,4: only the held-out figures, per seed"
+    )
+    parser.add_argument(
+        "--nested", action="store_true", help="with --fold-seeds: settings picked by inner CV"
+    )
+    parser.add_argument(
+        "--grid", default=None, help="with --fold-seeds: shallow-vote settings, e.g. none,20:1"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    command = "python scripts/bench_routing.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    if args.fold_seeds:
+        return multiseed_main(args, command.strip())
 
     data = load_dev_data(args.data)
     rng = np.random.default_rng(args.seed)

@@ -144,11 +144,17 @@ def neighbour_keys(embeddings: npt.NDArray[np.float32], *, dims: int, prefix: st
     }
 
 
-def fit_shallow_neighbours(shallow: npt.NDArray[np.float32], *, dims: int) -> Arrays:
+def fit_shallow_neighbours(
+    shallow: npt.NDArray[np.float32],
+    *,
+    dims: int,
+    bandwidth: float = SHALLOW_BANDWIDTH,
+    prior_weight: float = SHALLOW_PRIOR_WEIGHT,
+) -> Arrays:
     """The second vote's arrays (its labels are the first vote's knn_labels)."""
     return neighbour_keys(shallow, dims=dims, prefix="shallow") | {
-        "shallow_bandwidth": np.array(SHALLOW_BANDWIDTH, dtype=np.float32),
-        "shallow_prior_weight": np.array(SHALLOW_PRIOR_WEIGHT, dtype=np.float32),
+        "shallow_bandwidth": np.array(bandwidth, dtype=np.float32),
+        "shallow_prior_weight": np.array(prior_weight, dtype=np.float32),
     }
 
 
