@@ -164,6 +164,78 @@ async def test_a_small_batch_stays_whole() -> None:
     assert [len(b) for b in model.batches] == [7]
 
 
+async def test_a_free_thread_takes_the_next_batch_while_another_part_encodes() -> None:
+    # One thread is stuck in a batch: the other serves new texts meanwhile (the worker does not
+    # wait for a whole batch before collecting the next).
+    stuck, release = threading.Event(), threading.Event()
+    model = FakeModel()
+
+    def encode(texts: list[str]) -> np.ndarray:
+        if "slow" in texts:
+            stuck.set()
+            release.wait(10)
+        return model(texts)
+
+    async with EmbeddingWorker(encode, max_wait_ms=1, threads=2) as worker:
+        slow = asyncio.create_task(worker.embed("slow"))
+        await asyncio.to_thread(stuck.wait, 10)
+        fast = await asyncio.wait_for(worker.embed("fast"), timeout=10)
+        assert not slow.done()
+        release.set()
+        assert (await slow)[0] == 4
+    assert fast[0] == 4
+    assert model.batches == [["fast"], ["slow"]]
+
+
+async def test_each_part_answers_its_callers_when_it_is_done() -> None:
+    # A batch split in two: the callers of the finished part are answered while the other part
+    # is still encoding, and on_batch reports the batch once, when both are done.
+    stuck, release = threading.Event(), threading.Event()
+    seen: list[int] = []
+    texts = [f"q{i}" for i in range(7)] + ["slow"]
+
+    def encode(part: list[str]) -> np.ndarray:
+        if "slow" in part:
+            stuck.set()
+            release.wait(10)
+        return np.array([[len(t), 0] for t in part], dtype=np.float32)
+
+    async with EmbeddingWorker(
+        encode, max_batch=64, max_wait_ms=200, threads=2, on_batch=lambda n, s, w: seen.append(n)
+    ) as worker:
+        calls = {t: asyncio.create_task(worker.embed(t)) for t in texts}
+        await asyncio.to_thread(stuck.wait, 10)
+        done, _ = await asyncio.wait(
+            calls.values(), timeout=10, return_when=asyncio.FIRST_COMPLETED
+        )
+        assert done and not calls["slow"].done()
+        assert seen == []
+        release.set()
+        vectors = await asyncio.gather(*calls.values())
+    assert [v[0] for v in vectors] == [len(t) for t in texts]
+    assert seen == [8]
+
+
+async def test_stopping_releases_the_callers_of_every_part() -> None:
+    stuck, release = threading.Event(), threading.Event()
+
+    def encode(texts: list[str]) -> np.ndarray:
+        stuck.set()
+        release.wait(10)
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    worker = EmbeddingWorker(encode, max_batch=64, max_wait_ms=50, threads=2)
+    await worker.start()
+    calls = [asyncio.create_task(worker.embed(f"text {i}")) for i in range(8)]
+    await asyncio.to_thread(stuck.wait, 10)
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0.01)
+    release.set()
+    await stopping
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, WorkerClosed) for r in results)
+
+
 async def test_recent_texts_are_answered_without_the_model() -> None:
     model = FakeModel()
     async with EmbeddingWorker(model, remembered=2) as worker:
