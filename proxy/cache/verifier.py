@@ -526,6 +526,11 @@ class CacheVerifier:
                 self._vectors.popitem(last=False)
             return found
 
+    def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
+        """Whether :meth:`select` needs no model pass now (every text's vector is remembered)."""
+        with self._lock:
+            return query in self._vectors and all(c.text in self._vectors for c in candidates)
+
     def parsed(self, text: str) -> guards.Parsed:
         """``guards.parse(text)``, remembered for the most recent texts."""
         with self._lock:

@@ -362,3 +362,17 @@ def test_cache_verifier_parse_memo_stays_bounded() -> None:
     adapter.parsed("third one")  # capacity 2: "a question" goes
     assert adapter.parsed("a question") is not first
     assert adapter.parsed("a question") == first
+
+
+def test_cache_verifier_is_ready_only_with_every_vector_remembered() -> None:
+    model, encoder = _fake_verifier()
+    adapter = verifier.CacheVerifier(model)
+    shown = [_candidate("stored one", 0.95), _candidate("stored two", 0.93)]
+    adapter.remember("query", np.ones(verifier.HIDDEN, dtype=np.float32))
+    adapter.remember("stored one", np.ones(verifier.HIDDEN, dtype=np.float32))
+    assert not adapter.ready("query", shown)  # type: ignore[arg-type]
+    assert not adapter.ready("other query", shown[:1])  # type: ignore[arg-type]
+    assert adapter.ready("query", shown[:1])  # type: ignore[arg-type]
+    adapter.select("query", shown)  # type: ignore[arg-type]
+    assert encoder.encoded == ["stored two"]
+    assert adapter.ready("query", shown)  # type: ignore[arg-type]
