@@ -7,11 +7,9 @@ lone text (low load: waiting would only add latency), else up to ``max_wait_ms``
 text arrived (under load a short wait merges the next arrivals into the batch). The model never
 runs on the event loop.
 
-With ``threads`` > 1 a large batch is split into parts of similar total length, one per free
-thread, encoded at the same time (``encode`` must then be thread-safe; each call should use one
-torch thread, so a preempted thread delays only its own part). Each part answers its callers when
-it is done, and a thread that finishes its part takes the next batch at once: under saturation the
-threads work on different batches instead of waiting for each other. ``remembered`` keeps the
+With ``threads`` > 1 a large batch is split into that many parts of similar total length, encoded
+at the same time on separate threads (``encode`` must then be thread-safe; each call should use
+one torch thread, so a preempted thread delays only its own part). ``remembered`` keeps the
 vectors of that many recent texts: a repeated question is answered without the model.
 
     async with EmbeddingWorker(encode, threads=2) as worker:
@@ -72,15 +70,11 @@ class EmbeddingWorker:
         self._queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._idle = threads  # model threads not encoding a part
-        self._freed: asyncio.Event | None = None  # set when a part finishes: a thread is free
-        self._parts: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         if self._task is not None:
             return
         self._queue = asyncio.Queue()
-        self._idle, self._freed = self.threads, asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="embed")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="embedding-worker")
 
@@ -90,10 +84,6 @@ class EmbeddingWorker:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        parts = list(self._parts)
-        for part in parts:
-            part.cancel()  # its callers get WorkerClosed; the thread finishes the part below
-        await asyncio.gather(*parts, return_exceptions=True)
         queue, self._queue = self._queue, None
         while queue is not None and not queue.empty():
             _, future = queue.get_nowait()
@@ -149,79 +139,58 @@ class EmbeddingWorker:
         return batch
 
     async def _run(self) -> None:
-        assert self._queue is not None and self._freed is not None
-        queue, freed = self._queue, self._freed
+        assert self._queue is not None
+        queue = self._queue
         while True:
-            # The next batch is collected as soon as one thread is free (not when the whole
-            # previous batch is done): at saturation each thread takes its own batch, so a core
-            # never idles waiting for the other thread's part.
-            while self._idle == 0:
-                freed.clear()
-                await freed.wait()
             batch = [(t, f) for t, f in await self._collect(queue) if not f.cancelled()]
-            if batch:
-                self._start_batch(batch)
+            if not batch:
+                continue
+            try:
+                await self._encode_batch(batch)
+            except asyncio.CancelledError:
+                _fail(batch, WorkerClosed("embedding worker stopped"))
+                raise
 
-    def _start_batch(self, batch: list[tuple[str, asyncio.Future[np.ndarray]]]) -> None:
-        callers: dict[str, list[asyncio.Future[np.ndarray]]] = {}
-        for text, future in batch:
-            # identical texts in one batch (a burst of the same question) are encoded once
-            callers.setdefault(text, []).append(future)
-        unique = list(callers)
+    async def _encode_batch(self, batch: list[tuple[str, asyncio.Future[np.ndarray]]]) -> None:
+        assert self._executor is not None
+        # identical texts in one batch (a burst of the same question) are encoded once
+        unique = list(dict.fromkeys(text for text, _ in batch))
         self._last_batch = len(unique)
-        # split across the threads that are free now, into parts of at least MIN_PART texts
-        parts = split_by_length(unique, min(self._idle, len(unique) // MIN_PART))
-        self._idle -= len(parts)
         started = time.perf_counter()
-        state = _Batch(len(unique), len(parts), started, started - self._first_arrival)
-        loop = asyncio.get_running_loop()
-        for part in parts:
-            task = loop.create_task(self._encode_part(part, callers, state))
-            self._parts.add(task)
-            task.add_done_callback(self._parts.discard)
-
-    async def _encode_part(
-        self,
-        texts: list[str],
-        callers: dict[str, list[asyncio.Future[np.ndarray]]],
-        batch: _Batch,
-    ) -> None:
-        """Encode one part on a model thread and answer its callers as soon as it is done."""
-        futures = [f for text in texts for f in callers[text]]
+        waited = started - self._first_arrival
         try:
-            vectors = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._encode, texts
-            )
-            if len(vectors) != len(texts):
-                raise ValueError(f"encode returned {len(vectors)} rows for {len(texts)} texts")
-        except asyncio.CancelledError:
-            _fail(futures, WorkerClosed("embedding worker stopped"))
-            raise
+            vectors = await self._encode_split(unique)
         except Exception as exc:
             log.warning("embeddings.batch_failed", exc_info=True)
-            _fail(futures, exc)
-        else:
-            rows = {text: vectors[i] for i, text in enumerate(texts)}
-            self._remember(rows)
-            for text in texts:
-                for future in callers[text]:
-                    if not future.done():
-                        future.set_result(rows[text])
-        finally:
-            self._idle += 1
-            if self._freed is not None:
-                self._freed.set()
-            batch.parts -= 1
-            if batch.parts == 0:
-                self._batch_done(batch)
-
-    def _batch_done(self, batch: _Batch) -> None:
-        if self._on_batch is None:
+            _fail(batch, exc)
             return
-        try:
-            self._on_batch(batch.size, time.perf_counter() - batch.started, batch.waited)
-        except Exception:
-            log.warning("embeddings.on_batch_failed", exc_info=True)
+        elapsed = time.perf_counter() - started
+        rows = {text: vectors[i] for i, text in enumerate(unique)}
+        self._remember(rows)
+        for text, future in batch:
+            if not future.done():
+                future.set_result(rows[text])
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(unique), elapsed, waited)
+            except Exception:
+                log.warning("embeddings.on_batch_failed", exc_info=True)
+
+    async def _encode_split(self, texts: list[str]) -> np.ndarray:
+        """``encode(texts)``, split across the worker's threads when the batch is large."""
+        loop = asyncio.get_running_loop()
+        parts = split_by_length(texts, min(self.threads, len(texts) // MIN_PART))
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self._executor, self._encode, part) for part in parts)
+        )
+        for part, vectors in zip(parts, results, strict=True):
+            if len(vectors) != len(part):
+                raise ValueError(f"encode returned {len(vectors)} rows for {len(part)} texts")
+        if len(parts) == 1:
+            return np.asarray(results[0])
+        rows = {text: vectors[i] for part, vectors in zip(parts, results, strict=True)
+                for i, text in enumerate(part)}  # fmt: skip
+        return np.stack([rows[text] for text in texts])
 
     def _remember(self, rows: dict[str, np.ndarray]) -> None:
         if self._capacity <= 0:
@@ -249,16 +218,7 @@ def split_by_length(texts: list[str], parts: int) -> list[list[str]]:
     return [[t for t, o in zip(texts, owner, strict=True) if o == p] for p in range(parts)]
 
 
-class _Batch:
-    """A batch whose parts are encoding: reported to ``on_batch`` when its last part is done."""
-
-    __slots__ = ("parts", "size", "started", "waited")
-
-    def __init__(self, size: int, parts: int, started: float, waited: float) -> None:
-        self.size, self.parts, self.started, self.waited = size, parts, started, waited
-
-
-def _fail(futures: list[asyncio.Future[np.ndarray]], error: BaseException) -> None:
-    for future in futures:
+def _fail(batch: list[tuple[str, asyncio.Future[np.ndarray]]], error: BaseException) -> None:
+    for _, future in batch:
         if not future.done():
             future.set_exception(error)
