@@ -77,13 +77,17 @@ class SemanticVerifier(Protocol):
     """Decides whether a cached question asks the same thing as the query.
 
     Called with candidates best-cosine first; returns the accepted one or None. It may be slow
-    (a model): ``ResponseCache`` calls it off the event loop unless ``cheap`` is True.
+    (a model): ``ResponseCache`` calls it off the event loop unless ``cheap`` is True or
+    ``ready`` says this call needs no model work (its inputs are prepared: then the call is a
+    fraction of a millisecond, less than the two thread hand-offs it would otherwise cost).
     ``cutoff`` replaces the verifier's own acceptance cut-off for this call (a tier's fixed or
     self-tuned value, see proxy/shadow/tuner.py); None keeps its own.
     """
 
     @property
     def cheap(self) -> bool: ...
+
+    def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool: ...
 
     def select(
         self,
@@ -101,6 +105,9 @@ class CosineVerifier:
 
     threshold: float = 0.92
     cheap: bool = True
+
+    def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
+        return True
 
     def select(
         self,
@@ -463,7 +470,7 @@ class ResponseCache:
     async def _select(
         self, query: str, shown: list[SemanticCandidate], cutoff: float | None
     ) -> Verdict | None:
-        if self.verifier.cheap:
+        if self.verifier.cheap or self.verifier.ready(query, shown):
             return self.verifier.select(query, shown, cutoff=cutoff)
         return await asyncio.to_thread(
             functools.partial(self.verifier.select, cutoff=cutoff), query, shown

@@ -32,7 +32,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -448,9 +448,13 @@ class Verifier:
         ]
 
     def score_and_compare(
-        self, pairs: Sequence[CandidatePair]
+        self,
+        pairs: Sequence[CandidatePair],
+        parse: Callable[[str], guards.Parsed] = guards.parse,
     ) -> tuple[list[float], list[guards.Comparison]]:
-        """Verifier scores and guard comparisons (features + vetoes) of the pairs, batched."""
+        """Verifier scores and guard comparisons (features + vetoes) of the pairs, batched.
+
+        ``parse`` is ``guards.parse`` or a memo of it (the cache's adapter keeps one)."""
         if not pairs:
             return [], []
         missing = sorted(
@@ -463,7 +467,7 @@ class Verifier:
             computed = {text: vectors[i] for i, text in enumerate(missing)}
         # Each distinct text is parsed once: a query usually meets several candidates.
         texts = {t for p in pairs for t in (p.query_text, p.candidate_text)}
-        parsed = {t: guards.parse(t) for t in texts}
+        parsed = {t: parse(t) for t in texts}
         comparisons = []
         rows = []
         for pair in pairs:
@@ -504,6 +508,9 @@ class CacheVerifier:
         self.cutoff = verifier.cutoff if cutoff is None else cutoff
         self._capacity = remembered
         self._vectors: OrderedDict[str, Vector] = OrderedDict()
+        # Guard parses of recent texts: a stored question is a candidate for many lookups, and
+        # parsing was over half of a lookup's verifier time (the parse is pure, Parsed frozen).
+        self._parsed: OrderedDict[str, guards.Parsed] = OrderedDict()
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -534,6 +541,25 @@ class CacheVerifier:
                 self._vectors.popitem(last=False)
             return found
 
+    def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
+        """Whether :meth:`select` needs no model pass now (every text's vector is remembered)."""
+        with self._lock:
+            return query in self._vectors and all(c.text in self._vectors for c in candidates)
+
+    def parsed(self, text: str) -> guards.Parsed:
+        """``guards.parse(text)``, remembered for the most recent texts."""
+        with self._lock:
+            found = self._parsed.get(text)
+            if found is not None:
+                self._parsed.move_to_end(text)
+                return found
+        found = guards.parse(text)  # outside the lock: other threads need not wait for it
+        with self._lock:
+            self._parsed[text] = found
+            while len(self._parsed) > self._capacity:
+                self._parsed.popitem(last=False)
+        return found
+
     def select(
         self,
         query: str,
@@ -560,7 +586,7 @@ class CacheVerifier:
             )
             for i, c in enumerate(candidates)
         ]
-        scores, comparisons = self.verifier.score_and_compare(pairs)
+        scores, comparisons = self.verifier.score_and_compare(pairs, self.parsed)
         best: Verdict | None = None
         for index, (pair, score, comparison) in enumerate(
             zip(pairs, scores, comparisons, strict=True)
