@@ -22,7 +22,6 @@ import asyncio
 import gzip
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from bench_cache_speed import (  # noqa: E402
     body,
     cpu_seconds,
     free_port,
+    stop,
     timed_posts,
     wait_ready,
 )
@@ -62,15 +62,6 @@ def launch(command: list[str], repo: Path, log: Path) -> subprocess.Popen[bytes]
         command, cwd=repo, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def run(variants: list[tuple[str, Path, int]], pairs: int, c64_rounds: int = 0) -> str:
