@@ -72,7 +72,7 @@ def create_app(
     )
     metrics = metrics or Metrics()
     engines = [Engine.from_settings(e) for e in settings.engines]
-    http_transport = AiohttpTransport()
+    http_transport = AiohttpTransport(lean=settings.server.lean_engine_client)
     caller = EngineCaller(
         transport or http_transport,
         on_retry=lambda engine, reason: metrics.upstream_retry(engine=engine.name, reason=reason),

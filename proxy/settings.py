@@ -38,6 +38,11 @@ class ServerSettings(StrictModel):
     allow_open: bool = Field(
         False, description="serve without API keys on a non-loopback address (not advised)"
     )
+    lean_engine_client: bool = Field(
+        True,
+        description="non-streamed calls to plain-http engines through the proxy's own HTTP/1.1"
+        " client (a third of aiohttp's CPU per call); false: everything through aiohttp",
+    )
 
 
 class CostSettings(StrictModel):

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.app import TRANSPORT
 from proxy.sse import parse_all
 from tests.integration.conftest import StartFake, StartProxy, engine_config, wait_until
 
@@ -39,6 +40,23 @@ async def test_chat_non_streamed_carries_engine_and_version(
     assert resp.headers["x-frugal-engine"] == "small"
     assert resp.headers["x-frugal-model-version"].startswith("small-model@")
     assert resp.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("lean", [True, False])
+async def test_the_lean_engine_client_can_be_switched_off(
+    start_fake: StartFake, start_proxy: StartProxy, lean: bool
+) -> None:
+    _, _, p = await _two_engines(start_fake, start_proxy, server={"lean_engine_client": lean})
+    for stream in (False, True):
+        resp = await p.client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        assert resp.status == 200 and await resp.read()
+    lean_client = p.client.server.app[TRANSPORT].lean
+    if lean:
+        assert lean_client is not None
+        # the non-streamed call went through it and left its connection open for the next one
+        assert sum(len(idle) for idle in lean_client._idle.values()) == 1
+    else:
+        assert lean_client is None
 
 
 async def test_auto_goes_to_first_engine_and_model_is_rewritten(
