@@ -43,6 +43,7 @@ from proxy.routing.classifier import DifficultyClassifier
 from proxy.routing.router import Router
 from proxy.services import PolicySource, Services
 from proxy.settings import VIRTUAL_MODEL, ConfigError, Settings
+from proxy.tasks import cancelling, stop
 
 SERVICES = web.AppKey("services", Services)
 TRANSPORT = web.AppKey("transport", AiohttpTransport)
@@ -464,10 +465,7 @@ async def _engine_versions(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(task), timeout=2.0)
     yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await stop(task)
 
 
 async def _resolve_versions(
@@ -486,7 +484,9 @@ async def _resolve_versions(
                         model_dir=engine.settings.model_dir,
                         headers=_auth(engine),
                     )
-                except (aiohttp.ClientError, OSError, TimeoutError, LookupError, ValueError):
+                except (aiohttp.ClientError, OSError, TimeoutError, LookupError, ValueError) as exc:
+                    if cancelling():
+                        raise asyncio.CancelledError from exc
                     continue
                 log.info("engine version", engine=engine.name, version=engine.version)
                 engines.remove(engine)
@@ -538,9 +538,7 @@ async def _health_poller(app: web.Application) -> AsyncIterator[None]:
         )
     )
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop(task)
 
 
 async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
@@ -550,9 +548,7 @@ async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
         return
     task = asyncio.create_task(source.watch())
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop(task)
 
 
 # -- errors -----------------------------------------------------------------------------------

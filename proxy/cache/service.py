@@ -43,6 +43,7 @@ from proxy.cache.singleflight import Follower, SingleFlight
 from proxy.cache.store import CacheStore, EntryAdded, FollowableStore, Resync, StoreBusy
 from proxy.cache.stream_codec import replay_sse, wants_usage
 from proxy.sse import DONE_EVENT, frame
+from proxy.tasks import cancelling, stop
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +293,7 @@ class ResponseCache:
         await self._ready.wait()
 
     async def aclose(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            await asyncio.gather(self._follower, return_exceptions=True)
+        await stop(self._follower)
         await self.drain()
         await self.index.wait_idle()
         await self.save_snapshot()
@@ -696,6 +695,8 @@ class ResponseCache:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if cancelling():
+                    raise asyncio.CancelledError from exc  # a stop that surfaced as a timeout
                 # A failed rebuild (a timeout on a busy or flaky backend) must not end the
                 # follower: lookups would wait on ready() forever and the index would go
                 # stale. Count it, release the waiters, and start over with a fresh resync.

@@ -14,6 +14,7 @@ import aiohttp
 import structlog
 
 from proxy.engines.pool import Engine, Replica, ReplicaLoad
+from proxy.tasks import cancelling
 
 log = structlog.get_logger("frugal.health")
 
@@ -71,7 +72,9 @@ async def poll_replica(
     try:
         async with session.get(replica.url + "/health", timeout=timeout) as resp:
             ok = resp.status == 200
-    except (aiohttp.ClientError, TimeoutError, OSError):
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        if cancelling():
+            raise asyncio.CancelledError from exc  # a stop that surfaced as a timeout
         ok = False
     if ok:
         replica.failed_polls = 0
