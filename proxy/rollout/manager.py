@@ -13,7 +13,6 @@ version, and their cache keys carry it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +41,8 @@ from proxy.rollout.state import (
 from proxy.rollout.stats import VersionWindow
 from proxy.rollout.store import FileStateStore, RedisStateStore
 from proxy.settings import CanarySettings, EngineSettings, Settings
+from proxy.tasks import cancelling
+from proxy.tasks import stop as stop_task
 
 log = structlog.get_logger("frugal.rollout")
 
@@ -388,10 +389,7 @@ class Rollouts:
 
     async def stop(self) -> None:
         for task in self._loops:
-            task.cancel()
-        for task in self._loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
         await self.shadow.aclose()
         await self.drain()
         if self._redis is not None:
@@ -416,7 +414,9 @@ class Rollouts:
             await asyncio.sleep(REDIS_POLL_S)
             try:
                 remote = await self._redis.load(list(self.by_name))
-            except _REDIS_DOWN:  # try again next tick
+            except _REDIS_DOWN as exc:  # try again next tick
+                if cancelling():
+                    raise asyncio.CancelledError from exc  # a stop that surfaced as a timeout
                 continue
             for name, state in remote.items():
                 rollout = self.by_name[name]
