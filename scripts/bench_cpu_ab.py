@@ -67,9 +67,7 @@ def main() -> None:
             (work / f"body-{target.name}.json").write_text(
                 json.dumps(bench.body_for(target, unique=True))
             )
-            bench.run_wrk(
-                target, work / f"body-{target.name}.json", 8, 3, None, lua=bench.LUA_UNIQUE
-            )
+            bench.run_wrk(target, work / f"body-{target.name}.json", 8, 3, None)
         cpu: dict[str, list[float]] = {t.name: [] for t in targets}
         rps: dict[str, list[float]] = {t.name: [] for t in targets}
         for index in range(args.rounds):
@@ -77,7 +75,7 @@ def main() -> None:
             for target in targets[shift:] + targets[:shift]:
                 body = work / f"body-{target.name}.json"
                 before = bench.cpu_seconds(target)
-                result = bench.run_wrk(target, body, 64, args.seconds, None, lua=bench.LUA_UNIQUE)
+                result = bench.run_wrk(target, body, 64, args.seconds, None)
                 after = bench.cpu_seconds(target)
                 assert before is not None and after is not None
                 cpu[target.name].append((after - before) * 1e6 / max(1, result["requests"]))
