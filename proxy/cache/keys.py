@@ -231,12 +231,6 @@ def digest(parts: Sequence[bytes]) -> str:
     return h.hexdigest()
 
 
-def _parts(
-    kind: bytes, endpoint: Endpoint, engine: str, version: str, partition: Partition, body: bytes
-) -> list[bytes]:
-    return [KEY_FORMAT_VERSION, kind, *_head(endpoint, engine, version, partition), body]
-
-
 def _head(endpoint: Endpoint, engine: str, version: str, partition: Partition) -> list[bytes]:
     """The parts every key of one request for one engine version shares."""
     return [endpoint.value.encode(), engine.encode(), version.encode(), partition.id.encode()]
