@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +78,11 @@ class NeighbourVote:
     k: int
     bandwidth: float | None = None
     prior_weight: float | None = None
+    # The vote of a prompt with no training prompt near: the mean label (fixed with the labels).
+    prior: float = field(init=False)
 
-    @property
-    def prior(self) -> float:
-        """The vote of a prompt with no training prompt near: the mean label."""
-        return float(self.labels.mean())
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prior", float(self.labels.mean()))
 
     def project(self, embeddings: npt.ArrayLike) -> F32:
         reduced = (np.asarray(embeddings, dtype=np.float32) - self.centre) @ self.projection
