@@ -41,6 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from proxy.cache import guards
+from proxy.recent import Recent
 
 if TYPE_CHECKING:
     import torch
@@ -510,7 +511,7 @@ class CacheVerifier:
         self._vectors: OrderedDict[str, Vector] = OrderedDict()
         # Guard parses of recent texts: a stored question is a candidate for many lookups, and
         # parsing was over half of a lookup's verifier time (the parse is pure, Parsed frozen).
-        self._parsed: OrderedDict[str, guards.Parsed] = OrderedDict()
+        self._parsed: Recent[str, guards.Parsed] = Recent(remembered)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -548,16 +549,10 @@ class CacheVerifier:
 
     def parsed(self, text: str) -> guards.Parsed:
         """``guards.parse(text)``, remembered for the most recent texts."""
-        with self._lock:
-            found = self._parsed.get(text)
-            if found is not None:
-                self._parsed.move_to_end(text)
-                return found
-        found = guards.parse(text)  # outside the lock: other threads need not wait for it
-        with self._lock:
-            self._parsed[text] = found
-            while len(self._parsed) > self._capacity:
-                self._parsed.popitem(last=False)
+        found = self._parsed.get(text)
+        if found is None:
+            found = guards.parse(text)
+            self._parsed.put(text, found)
         return found
 
     def select(

@@ -18,13 +18,13 @@ Thread-safe: the encoder remembers from the worker's threads, the router reads o
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+
+from proxy.recent import Recent
 
 if TYPE_CHECKING:
     from proxy.cache.packed_encoder import Precision
@@ -41,11 +41,7 @@ class ShallowViews:
     used out)."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be at least 1")
-        self._capacity = capacity
-        self._views: OrderedDict[bytes, npt.NDArray[np.float32]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._views: Recent[bytes, npt.NDArray[np.float32]] = Recent(capacity)
 
     def __len__(self) -> int:
         return len(self._views)
@@ -58,23 +54,12 @@ class ShallowViews:
             return
         if embeddings.shape != views.shape:
             raise ValueError(f"{embeddings.shape[0]} embeddings but views of shape {views.shape}")
-        keys = [_key(row) for row in embeddings]
-        with self._lock:
-            for key, view in zip(keys, views, strict=True):
-                self._views[key] = view
-                self._views.move_to_end(key)
-            while len(self._views) > self._capacity:
-                self._views.popitem(last=False)
+        self._views.put_all(zip([_key(row) for row in embeddings], views, strict=True))
 
     def get(self, embedding: npt.ArrayLike) -> npt.NDArray[np.float32] | None:
         """The view remembered for `embedding`, now the most recent (as the embedding worker's
         own memory keeps a repeated text's vector), or None."""
-        key = _key(np.asarray(embedding, dtype=np.float32).reshape(-1))
-        with self._lock:
-            view = self._views.get(key)
-            if view is not None:
-                self._views.move_to_end(key)
-            return view
+        return self._views.get(_key(np.asarray(embedding, dtype=np.float32).reshape(-1)))
 
 
 def load_encoder_with_views(
