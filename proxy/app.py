@@ -421,11 +421,20 @@ def _load_encoder(services: Services) -> Encode:
     )
     services.verifier = cache_verifier
 
+    classifier = services.router.classifier
+    # Only a head with the second vote reads the views: otherwise keeping them is wasted work.
+    views = (
+        services.router.views
+        if classifier is not None and classifier.shallow_neighbours is not None
+        else None
+    )
+
     def encode(texts: list[str]) -> np.ndarray:
         batch = verifier.encoder.encode(texts)
         for text, vector in zip(texts, batch.verifier, strict=True):
             cache_verifier.remember(text, vector)
-        services.router.views.remember(batch.base, batch.shallow)
+        if views is not None:
+            views.remember(batch.base, batch.shallow)
         return batch.base
 
     return encode
