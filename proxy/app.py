@@ -312,7 +312,10 @@ async def _response_cache(app: web.Application) -> AsyncIterator[None]:
     else:
         directory = settings.cache.data_dir or settings.resolved_data_dir() / "cache"
         store = await asyncio.to_thread(
-            DiskStore, directory, size_limit=int(settings.cache.size_limit_gb * 2**30)
+            DiskStore,
+            directory,
+            size_limit=int(settings.cache.size_limit_gb * 2**30),
+            writer=settings.cache.disk_writer,
         )
     ttl = {scope: settings.cache.ttl_seconds for scope in Scope}
     verifier, floor = _verifier(services)

@@ -196,6 +196,9 @@ class CacheSettings(StrictModel):
     )
     cache_sampled: bool = False
     size_limit_gb: float = Field(4.0, gt=0, description="disk backend: evicts beyond it")
+    disk_writer: Literal["process", "thread"] = Field(
+        "process", description="disk backend: where batches are written (process: off the GIL)"
+    )
     audit: CacheAuditSettings = CacheAuditSettings()
 
 

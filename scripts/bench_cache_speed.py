@@ -37,6 +37,10 @@ from typing import Any
 import aiohttp
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from proc_cpu import cpu_seconds  # noqa: E402  (a sibling module: the proxy's process tree)
+
 DATA = REPO.parent / "shared" / "data" / "cache_paraphrases_mock.json.gz"
 CONFIG = """\
 server: {{host: 127.0.0.1, port: {port}}}
@@ -116,12 +120,6 @@ async def timed_posts(
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies, outcomes, time.perf_counter() - started
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:

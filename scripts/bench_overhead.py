@@ -64,6 +64,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import proc_cpu  # noqa: E402  (a sibling module: CPU of the proxy's process tree)
+
 LUA = REPO / "scripts" / "wrk" / "post_json.lua"
 MODEL = "bench-model"
 LITELLM_KEY = "sk-frugalbench-9f4c2a7d1e8b3c6f5a0d9e2b7c4f1a8d"  # local-only master key
@@ -400,11 +404,10 @@ def run_wrk(
 
 
 def cpu_seconds(target: Target) -> float | None:
-    """User + system CPU time of the target's process so far (None for the engine itself)."""
+    """CPU time of the target's process and its children so far (None for the engine itself)."""
     if target.process is None:
         return None
-    fields = Path(f"/proc/{target.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return proc_cpu.cpu_seconds(target.process.pid)
 
 
 def skipped_stores(target: Target) -> int | None:

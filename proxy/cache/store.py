@@ -16,7 +16,8 @@ Two things keep the disk off a miss's path (``DiskStore``):
   semantic index already assumes); fleets share Redis, which has no filter.
 - write-behind: ``put`` queues the entry (visible to ``get`` at once through the pending map) and
   a writer task stores the queue in batches (a batch is written when full or ``linger_s`` after
-  its first entry), one SQLite transaction per batch, on the store's thread. With
+  its first entry), one SQLite transaction per batch, on the store's thread or in a writer
+  process (``writer="process"``, the proxy's default: disk_writer.py says why). With
   ``max_pending`` entries queued ``put`` refuses (``StoreBusy``: that answer is not stored)
   instead of queueing without bound; ``flush`` (called by ``close``, ``delete``,
   ``delete_where``, ``scan`` and ``count``) writes everything queued first, so a clean shutdown
@@ -34,10 +35,11 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import diskcache
 
+from proxy.cache.disk_writer import BatchWriter, ProcessWriter, ThreadWriter
 from proxy.cache.entry import CacheEntry, EntryDecodeError, EntryMeta, decode_entry, encode_entry
 
 log = logging.getLogger(__name__)
@@ -109,12 +111,18 @@ class DiskStore:
         batch_size: int = 256,
         max_pending: int = 10_000,
         linger_s: float = 0.05,
+        writer: Literal["thread", "process"] = "thread",
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         # No culling inside each set (an expired-entry query per write): the writer culls once
         # per batch instead, so the size limit may be exceeded by one batch for a moment.
         self._cache = diskcache.Cache(str(directory), size_limit=size_limit, cull_limit=0)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
+        self._batches: BatchWriter = (
+            ProcessWriter(directory, size_limit, fallback=self._thread_writer)
+            if writer == "process"
+            else self._thread_writer()
+        )
         self._batch_size = batch_size
         self._max_pending = max_pending
         # key -> (entry queued for the writer, when it expires on the store's clock as diskcache
@@ -136,6 +144,9 @@ class DiskStore:
         for key in self._cache.iterkeys():
             if isinstance(key, str):
                 self._count(key, 1)
+
+    def _thread_writer(self) -> BatchWriter:
+        return ThreadWriter(self._cache, self._writer)
 
     def _count(self, key: str, step: int) -> None:
         h = hash(key)
@@ -207,9 +218,7 @@ class DiskStore:
                     self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))
                 ]
                 try:
-                    await asyncio.get_running_loop().run_in_executor(
-                        self._writer, self._write_batch, batch
-                    )
+                    await self._batches.write(batch)
                 except Exception:
                     # Dropped like a failed write before: those answers are simply not cached.
                     log.warning(
@@ -232,15 +241,6 @@ class DiskStore:
         progress, self._progress = self._progress, None
         if progress is not None and not progress.done():
             progress.set_result(None)
-
-    def _write_batch(self, batch: list[tuple[CacheEntry, float]]) -> None:
-        blobs = [(e.meta.key, encode_entry(e), expires) for e, expires in batch]
-        with self._cache.transact():
-            now = time.time()
-            for key, blob, expires in blobs:
-                # the TTL runs from the put, not from this later write
-                self._cache.set(key, blob, expire=expires - now)
-        self._cache.cull()
 
     async def flush(self) -> None:
         """Wait until every entry put before this call is written (later puts may still be
@@ -318,6 +318,7 @@ class DiskStore:
 
     async def close(self) -> None:
         await self.flush()  # answers stored just before a clean shutdown survive it
+        await self._batches.close()
         await self._run(self._cache.close)
         self._writer.shutdown(wait=True)
 

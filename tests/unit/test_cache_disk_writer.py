@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.cache import disk_writer
 from proxy.cache.store import DiskStore, StoreBusy
 from tests.unit.test_cache_store import entry
 
@@ -112,10 +113,10 @@ async def test_a_failed_batch_is_dropped_not_served(
 ) -> None:
     store = DiskStore(tmp_path)
 
-    def broken(batch: Any) -> None:
+    def broken(cache: Any, items: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(store, "_write_batch", broken)
+    monkeypatch.setattr(disk_writer, "write_batch", broken)
     await store.put(entry(1))
     await store.flush()
     assert await store.get(entry(1).meta.key) is None
