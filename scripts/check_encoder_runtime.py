@@ -82,7 +82,9 @@ def speed(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=400)
-    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto")
+    parser.add_argument(
+        "--precision", choices=("auto", "float32", "bfloat16", "int8"), default="auto"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speed", action="store_true", help="also time the encoders alone")
     args = parser.parse_args()
