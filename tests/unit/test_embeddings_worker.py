@@ -253,3 +253,22 @@ async def test_background_texts_are_remembered_and_need_a_running_worker() -> No
     assert model.batches == [["answer"]]
     with pytest.raises(WorkerClosed):
         await worker.embed_background("x")
+
+
+async def test_background_texts_are_encoded_one_at_a_time() -> None:
+    lock = threading.Lock()
+    running = peak = 0
+
+    def counting(texts: list[str]) -> np.ndarray:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        threading.Event().wait(0.02)  # long enough for a second call to overlap if it could
+        with lock:
+            running -= 1
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    async with EmbeddingWorker(counting, threads=3) as worker:
+        await asyncio.gather(*(worker.embed_background(f"answer {i}") for i in range(4)))
+    assert peak == 1  # three free threads, but background work never takes more than one
