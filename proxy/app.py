@@ -364,7 +364,10 @@ async def _shadow_checks(app: web.Application) -> AsyncIterator[None]:
         tuner=tuner,
         metrics=metrics,
         admissions=services.admissions,
-        embedder=lambda: services.embedder.embed if services.embedder is not None else None,
+        # audits embed off the batching queue: a user's text never waits behind an audit's
+        embedder=lambda: (
+            services.embedder.embed_background if services.embedder is not None else None
+        ),
     )
     services.tuner, services.auditor = tuner, auditor
     yield

@@ -229,8 +229,10 @@ class EmbeddingSettings(StrictModel):
     max_wait_ms: float = Field(2.0, ge=0, description="under load only; a lone text goes at once")
     threads: int = Field(2, ge=1, description="a large batch is split across this many threads")
     remembered: int = Field(4096, ge=0, description="recent texts whose vectors are kept")
-    precision: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="matrix products of the fused encoder; auto: bfloat16 if native"
+    precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+        "auto",
+        description="matrix products of the fused encoder; auto: bfloat16 if native; int8: "
+        "faster, but moves cache decisions (docs/benchmarks.md section 4)",
     )
 
 

@@ -3,8 +3,9 @@
     .venv/bin/python scripts/bench_cache_ab.py \
         --variant before=/tmp/main-export:2 --variant after=.:2 --variant one-thread=.:1 [--c64 4]
 
-Each variant is ``name=REPO:THREADS``: a proxy started from that source tree (``python -m proxy
-serve`` with ``PYTHONPATH=REPO``) with ``embeddings.threads: THREADS``, all in front of one
+Each variant is ``name=REPO:THREADS[:PRECISION]``: a proxy started from that source tree (``python
+-m proxy serve`` with ``PYTHONPATH=REPO``) with ``embeddings.threads: THREADS`` (and
+``embeddings.precision: PRECISION``, e.g. ``int8``, when given), all in front of one
 zero-delay fake engine. The originals of ../shared/data/cache_paraphrases_mock.json.gz are sent
 (misses: stored), then their paraphrases (semantic lookups), each text to every proxy in rotating
 order. With ``--c64 ROUNDS``, new texts (semantic lookups, as in bench_cache_speed's c=64 phase)
@@ -48,12 +49,13 @@ from bench_cache_speed import (  # noqa: E402
 C64_ROUND = 128  # texts per variant per round of the c=64 phase
 
 
-def parse_variant(text: str) -> tuple[str, Path, int]:
+def parse_variant(text: str) -> tuple[str, Path, int, str | None]:
     name, _, rest = text.partition("=")
-    repo, _, threads = rest.rpartition(":")
+    repo, _, tail = rest.partition(":")
+    threads, _, precision = tail.partition(":")
     if not name or not repo or not threads.isdigit():
-        raise argparse.ArgumentTypeError(f"expected NAME=REPO:THREADS, got {text!r}")
-    return name, Path(repo).resolve(), int(threads)
+        raise argparse.ArgumentTypeError(f"expected NAME=REPO:THREADS[:PRECISION], got {text!r}")
+    return name, Path(repo).resolve(), int(threads), precision or None
 
 
 def launch(command: list[str], repo: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -64,7 +66,9 @@ def launch(command: list[str], repo: Path, log: Path) -> subprocess.Popen[bytes]
     )  # fmt: skip
 
 
-async def run(variants: list[tuple[str, Path, int]], pairs: int, c64_rounds: int = 0) -> str:
+async def run(
+    variants: list[tuple[str, Path, int, str | None]], pairs: int, c64_rounds: int = 0
+) -> str:
     with gzip.open(DATA, "rt") as f:
         rows = json.load(f)
     chosen = [(r["origin"], r["similar"]) for r in rows if r.get("origin") and r.get("similar")]
@@ -82,14 +86,16 @@ async def run(variants: list[tuple[str, Path, int]], pairs: int, c64_rounds: int
     urls: dict[str, str] = {}
     pids: dict[str, int] = {}
     try:
-        for name, repo, threads in variants:
+        for name, repo, threads, precision in variants:
             port = free_port()
             config = work / f"{name}.yaml"
             config.write_text(
                 CONFIG.format(
                     port=port, engine_port=engine_port, cache="true", data_dir=work / f"data-{name}"
                 )
-                + f"embeddings: {{threads: {threads}}}\n"
+                + f"embeddings: {{threads: {threads}"
+                + (f", precision: {precision}" if precision else "")
+                + "}\n"
             )
             command = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
             procs.append(launch(command, repo, work / f"{name}.log"))

@@ -226,7 +226,7 @@ def encode_cached(
 ) -> verifier.EncodedBatch:
     """The fused pass over all texts, cached on disk by (texts, tuned layers)."""
     key = hashlib.sha256("\n".join(texts).encode("utf-8"))
-    key.update(str(getattr(model.encoder, "dtype", "reference")).encode())
+    key.update(str(getattr(model.encoder, "precision", "reference")).encode())
     for name in sorted(model.encoder.tuned):
         key.update(model.encoder.tuned[name].numpy().tobytes())
     file = cache_dir / f"encoded-{key.hexdigest()[:16]}.npz" if cache_dir else None
@@ -484,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--speed", action="store_true", help="also time the lookup path")
     parser.add_argument(
         "--runtime",
-        choices=("reference", "float32", "bfloat16", "auto"),
+        choices=("reference", "float32", "bfloat16", "int8", "auto"),
         default="reference",
         help="reference: MiniLMEncoder's padded float32 pass; else the proxy's PackedEncoder "
         "with that precision (to check that the faster runtime moves no decision)",

@@ -1,6 +1,6 @@
 """Cache speed through the proxy, on loopback, against a zero-delay fake engine.
 
-    .venv/bin/python scripts/bench_cache_speed.py [--out out/cache_speed]
+    .venv/bin/python scripts/bench_cache_speed.py [--out out/cache_speed] [--precision int8]
 
 Measures (targets from the cache issue):
   * exact hit: p50 <= 0.3 ms and p99 <= 1 ms at concurrency 1 (wrk, one cached request)
@@ -208,6 +208,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 CONFIG.format(
                     port=port, engine_port=engine_port, cache=cache, data_dir=work / f"data-{name}"
                 )
+                + (f"embeddings: {{precision: {args.precision}}}\n" if args.precision else "")
             )
             procs.append(
                 start(
@@ -334,6 +335,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--wrk-seconds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "out" / "cache_speed")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16", "int8"),
+        help="embeddings.precision of the proxies (default: the config default, auto)",
+    )
     args = parser.parse_args()
     results = asyncio.run(run(args))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,10 @@ router's difficulty scores move (correlation, largest change, routes flipped at 
 thresholds). The cache side is checked decision by decision with
 ``scripts/bench_cache_quality.py --runtime``.
 
-``--speed`` also times the encoders alone (thread CPU per text, one torch thread) at batch 1 and
-64 on the paraphrase questions of ../shared/data/cache_paraphrases_mock.json.gz, and each question
-encoded alone with and without the proxy's split of the two top stacks over two threads.
+``--speed`` also times the encoders alone (thread CPU per text, one torch thread; with
+``--precision int8`` bfloat16 too) at batch 1 and 64 on the paraphrase questions of
+../shared/data/cache_paraphrases_mock.json.gz, and each question encoded alone with and without
+the proxy's split of the two top stacks over two threads.
 """
 
 from __future__ import annotations
@@ -82,14 +83,16 @@ def speed(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=400)
-    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto")
+    parser.add_argument(
+        "--precision", choices=("auto", "float32", "bfloat16", "int8"), default="auto"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speed", action="store_true", help="also time the encoders alone")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from proxy.cache.packed_encoder import PackedEncoder
+    from proxy.cache.packed_encoder import PackedEncoder, bfloat16_is_native
     from proxy.cache.verifier import ARTIFACT_DIR, LAYERS_FILE, MiniLMEncoder
     from proxy.routing.classifier import DifficultyClassifier
     from proxy.routing.commands import load_count_tokens
@@ -140,17 +143,19 @@ def main() -> int:
     print("routes flipped at the head's thresholds (strong share: count): " + str(flips))
     if args.speed:
         split = PackedEncoder(reference, precision=args.precision, split_single=True)
-        speed(
-            {
-                "reference (padded float32)": reference.encode,
-                "packed float32": PackedEncoder(reference, precision="float32").encode,
-                f"packed {packed.precision}": packed.encode,
-            },
-            {
-                f"packed {packed.precision}": packed.encode,
-                f"packed {packed.precision}, top stacks on two threads": split.encode,
-            },
-        )
+        encoders = {
+            "reference (padded float32)": reference.encode,
+            "packed float32": PackedEncoder(reference, precision="float32").encode,
+        }
+        lone = {}
+        if packed.precision == "int8" and bfloat16_is_native():
+            # int8 is judged against the default runtime on this CPU
+            bf16 = PackedEncoder(reference, precision="bfloat16")
+            encoders["packed bfloat16"] = lone["packed bfloat16"] = bf16.encode
+        encoders[f"packed {packed.precision}"] = packed.encode
+        lone[f"packed {packed.precision}"] = packed.encode
+        lone[f"packed {packed.precision}, top stacks on two threads"] = split.encode
+        speed(encoders, lone)
         split.close()
     return 0
 

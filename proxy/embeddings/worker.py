@@ -12,6 +12,11 @@ at the same time on separate threads (``encode`` must then be thread-safe; each 
 one torch thread, so a preempted thread delays only its own part). ``remembered`` keeps the
 vectors of that many recent texts: a repeated question is answered without the model.
 
+``embed_background`` is for work nobody waits on (cache audits): its text goes straight to a free
+model thread, never into the queue, so a user's text neither waits behind it nor gets batched
+with it (at concurrency 1 an audit's two answers used to delay the next request by their encode);
+background texts are encoded one at a time, so they never hold more than one core.
+
     async with EmbeddingWorker(encode, threads=2) as worker:
         vector = await worker.embed("what is the capital of France?")
 """
@@ -70,11 +75,14 @@ class EmbeddingWorker:
         self._queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        # background encodes run one at a time: they never take more than one core from users
+        self._background_slot: asyncio.Semaphore | None = None
 
     async def start(self) -> None:
         if self._task is not None:
             return
         self._queue = asyncio.Queue()
+        self._background_slot = asyncio.Semaphore(1)
         self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="embed")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="embedding-worker")
 
@@ -117,6 +125,29 @@ class EmbeddingWorker:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((text, future))
         return await future
+
+    async def embed_background(self, text: str) -> np.ndarray:
+        """The text's embedding, encoded outside the batching queue on one of the worker's
+        threads (so at most ``threads`` encodes still run at once), one background text at a
+        time; for background work."""
+        slot = self._background_slot
+        if self._queue is None or slot is None:
+            raise WorkerClosed("embedding worker is not running")
+        vector = self._recent.get(text)
+        if vector is not None:
+            return vector
+        async with slot:
+            executor = self._executor  # read after the wait: the worker may have stopped
+            if executor is None:
+                raise WorkerClosed("embedding worker stopped")
+            vectors = await asyncio.get_running_loop().run_in_executor(
+                executor, self._encode, [text]
+            )
+        if len(vectors) != 1:
+            raise ValueError(f"encode returned {len(vectors)} rows for 1 text")
+        row: np.ndarray = np.asarray(vectors)[0].copy()  # not a view pinning its batch
+        self._remember({text: row})
+        return row
 
     async def _collect(
         self, queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]]

@@ -208,3 +208,67 @@ def test_split_by_length_balances_the_work(lengths: list[int]) -> None:
     loads = [sum(len(t) + 8 for t in part) for part in split_by_length(texts, 2)]
     # greedy longest-first: the parts differ by at most the longest text's cost
     assert abs(loads[0] - loads[1]) <= max(lengths) + 8
+
+
+async def test_a_background_text_does_not_wait_behind_a_batch_in_progress() -> None:
+    started, release = threading.Event(), threading.Event()
+    model = FakeModel()
+
+    def gated(texts: list[str]) -> np.ndarray:
+        if "user question" in texts:
+            started.set()
+            assert release.wait(10)
+        return model(texts)
+
+    async with EmbeddingWorker(gated, threads=2) as worker:
+        user = asyncio.create_task(worker.embed("user question"))
+        assert await asyncio.to_thread(started.wait, 10)  # the user's batch is being encoded
+        audit = await asyncio.wait_for(worker.embed_background("an audit's answer"), timeout=10)
+        assert not user.done()  # the background text finished first, on the other thread
+        release.set()
+        await user
+    assert audit[0] == len("an audit's answer")
+    assert sorted(model.batches) == [["an audit's answer"], ["user question"]]
+
+
+async def test_background_texts_leave_the_next_lone_text_unbatched_and_unwaited() -> None:
+    # Through embed() an audit's two answers would make a batch of two, and the next lone text
+    # would then wait max_wait_ms (an hour here) for company.
+    model = FakeModel()
+    async with EmbeddingWorker(model, max_batch=32, max_wait_ms=3_600_000, threads=2) as worker:
+        await asyncio.gather(worker.embed_background("cached"), worker.embed_background("fresh"))
+        await asyncio.wait_for(worker.embed("next user text"), timeout=10)
+    assert sorted(model.batches) == [["cached"], ["fresh"], ["next user text"]]
+
+
+async def test_background_texts_are_remembered_and_need_a_running_worker() -> None:
+    model = FakeModel()
+    worker = EmbeddingWorker(model, remembered=8)
+    with pytest.raises(WorkerClosed):
+        await worker.embed_background("x")
+    async with worker:
+        first = await worker.embed_background("answer")
+        again = await worker.embed("answer")
+    np.testing.assert_array_equal(first, again)
+    assert model.batches == [["answer"]]
+    with pytest.raises(WorkerClosed):
+        await worker.embed_background("x")
+
+
+async def test_background_texts_are_encoded_one_at_a_time() -> None:
+    lock = threading.Lock()
+    running = peak = 0
+
+    def counting(texts: list[str]) -> np.ndarray:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        threading.Event().wait(0.02)  # long enough for a second call to overlap if it could
+        with lock:
+            running -= 1
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    async with EmbeddingWorker(counting, threads=3) as worker:
+        await asyncio.gather(*(worker.embed_background(f"answer {i}") for i in range(4)))
+    assert peak == 1  # three free threads, but background work never takes more than one

@@ -132,17 +132,29 @@ def test_a_lone_text_split_over_two_threads_gives_the_same_rows(
     from proxy.cache import packed_encoder
 
     ran_on: list[str] = []
-    run_top = packed_encoder._run_top
+    helper_started = threading.Event()
+    run_top, run = packed_encoder._run_top, packed_encoder._run
 
     def spy(*args: object, **kwargs: object) -> np.ndarray:
         ran_on.append(threading.current_thread().name)
+        helper_started.set()
         return run_top(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(packed_encoder, "_run_top", spy)
-    plain = packed_encoder.PackedEncoder(reference, precision="float32")
     split = packed_encoder.PackedEncoder(reference, precision="float32", split_single=True)
+
+    def base_after_the_helper_started(layers: list[object], *args: object) -> object:
+        # The caller's base stack waits until the helper has taken the tuned stack, so the
+        # split really happens however busy the machine is (else the caller may take it back).
+        if layers is split._top_base and threading.current_thread() is threading.main_thread():
+            assert helper_started.wait(10)
+        return run(layers, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed_encoder, "_run_top", spy)
+    monkeypatch.setattr(packed_encoder, "_run", base_after_the_helper_started)
+    plain = packed_encoder.PackedEncoder(reference, precision="float32")
     try:
         for text in TEXTS:
+            helper_started.clear()
             # (float32 products may round differently on another thread: same to ~1e-7)
             expected, got = plain.encode([text]), split.encode([text])
             np.testing.assert_allclose(got.base, expected.base, atol=1e-6)
@@ -157,6 +169,51 @@ def test_a_lone_text_split_over_two_threads_gives_the_same_rows(
     after = split.encode([TEXTS[0]])  # closed: still encodes, on one thread
     np.testing.assert_allclose(after.verifier, plain.encode([TEXTS[0]]).verifier, atol=1e-6)
     assert len(ran_on) == len(TEXTS)
+
+
+def test_a_lone_text_does_not_wait_for_a_helper_that_never_started(
+    reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.cache import packed_encoder
+
+    ran_on: list[str] = []
+    run_top = packed_encoder._run_top
+
+    def spy(*args: object, **kwargs: object) -> np.ndarray:
+        ran_on.append(threading.current_thread().name)
+        return run_top(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed_encoder, "_run_top", spy)
+    plain = packed_encoder.PackedEncoder(reference, precision="float32")
+    split = packed_encoder.PackedEncoder(reference, precision="float32", split_single=True)
+    release = threading.Event()
+    try:
+        assert split._helper is not None
+        busy = split._helper.submit(release.wait, 30)  # the helper has no time for the stack
+        got = split.encode([TEXTS[2]])
+        assert not busy.done()  # the encode finished while the helper was still busy
+        expected = plain.encode([TEXTS[2]])
+        np.testing.assert_allclose(got.verifier, expected.verifier, atol=1e-6)
+        np.testing.assert_allclose(got.base, expected.base, atol=1e-6)
+        assert ran_on == []  # the caller ran the tuned stack itself
+    finally:
+        release.set()
+        split.close()
+
+
+def test_int8_stays_close_to_the_reference(
+    reference: verifier.MiniLMEncoder,
+) -> None:
+    pytest.importorskip("torch")
+    expected = reference.encode(TEXTS)
+    packed = _packed(reference, "int8")
+    assert packed.precision == "int8"  # type: ignore[attr-defined]
+    got = packed.encode(TEXTS)
+    # int8 moves the embeddings far more than bfloat16 (~1e-5): about 1e-2 in cosine at worst.
+    assert (got.base * expected.base).sum(axis=1).min() > 0.95
+    assert (got.verifier * expected.verifier).sum(axis=1).min() > 0.95
+    assert np.abs(got.base - expected.base).max() > 1e-4  # the products did run in int8
+    np.testing.assert_allclose(got.base[0], got.base[3], atol=1e-6)  # same text, same row
 
 
 def test_attention_text_by_text_matches_masked_padded_attention() -> None:
@@ -195,13 +252,31 @@ def test_prepacked_bfloat16_products_equal_plain_ones() -> None:
     bias = torch.randn(96, generator=generator)
     x = torch.randn(9, 64, generator=generator)
     plain = torch.nn.functional.linear(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
-    linear = _Linear(weight, bias, torch.bfloat16)
+    linear = _Linear(weight, bias, "bfloat16")
     assert linear.packed is not None
     torch.testing.assert_close(linear(x), plain, atol=0, rtol=0)
     # GELU fused on the float32 accumulator: at most one bfloat16 rounding from the unfused one.
-    fused = _Linear(weight, bias, torch.bfloat16, gelu=True)(x).float()
+    fused = _Linear(weight, bias, "bfloat16", gelu=True)(x).float()
     unfused = torch.nn.functional.gelu(plain).float()
     assert (fused - unfused).abs().max() <= 2**-7 * unfused.abs().max()
+
+
+def test_int8_products_stay_near_the_float32_ones() -> None:
+    torch = pytest.importorskip("torch")
+    from proxy.cache.packed_encoder import _Linear
+
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(96, 64, generator=generator)
+    bias = torch.randn(96, generator=generator)
+    x = torch.randn(9, 64, generator=generator)
+    exact = torch.nn.functional.linear(x, weight, bias)
+    linear = _Linear(weight, bias, "int8", gelu=True)
+    assert linear.quantized is not None and linear.packed is None
+    got = linear(x)
+    assert got.dtype == torch.float32
+    error = (got - torch.nn.functional.gelu(exact)).abs().max()
+    # 8-bit inputs and weights: a few percent of the output's range, never exact.
+    assert 0 < error <= 0.03 * exact.abs().max()
 
 
 def test_the_shallow_view_is_the_pooled_state_after_the_shallow_layer(
