@@ -326,12 +326,25 @@ def metrics(data: RoutingDevData, scores: F64, rows: Mask | None = None) -> dict
 
 
 def select_setting(
-    data: RoutingDevData, scores: dict[ShallowSetting, F64], rows: Mask
+    data: RoutingDevData,
+    scores: dict[ShallowSetting, F64],
+    rows: Mask,
+    per_benchmark_floor: float | None = None,
 ) -> ShallowSetting:
     """The setting with the best overall APGR of out-of-fold `scores` over `rows` (the first of
-    the grid on a tie)."""
-    best = max(scores.values(), key=lambda s: metrics(data, s, rows)["overall"])
-    return next(setting for setting, s in scores.items() if s is best)
+    the grid on a tie); with `per_benchmark_floor`, among the settings whose APGR on every
+    benchmark reaches it (all settings if none does)."""
+    by_setting = {setting: metrics(data, s, rows) for setting, s in scores.items()}
+    candidates = list(by_setting)
+    if per_benchmark_floor is not None:
+        benchmarks = sorted(set(data.benchmark[rows].tolist()))
+        meeting = [
+            setting
+            for setting in candidates
+            if all(by_setting[setting][b] >= per_benchmark_floor for b in benchmarks)
+        ]
+        candidates = meeting or candidates
+    return max(candidates, key=lambda setting: by_setting[setting]["overall"])
 
 
 @dataclass
@@ -350,10 +363,12 @@ def evaluate_fold_seed(
     *,
     seed: int,
     nested: bool,
+    per_benchmark_floor: float | None = None,
     log: Callable[[str], None] = print,
 ) -> SeedResult:
     """Out-of-fold scores of every setting on the outer folds `fold_of`; with `nested`, also of
-    the setting that inner cross-validation on each outer training part picks."""
+    the setting that inner cross-validation on each outer training part picks (select_setting,
+    with `per_benchmark_floor`)."""
     n = len(data.prompts)
     scores = {s: np.zeros(n) for s in settings}
     nested_scores = np.zeros(n)
@@ -380,7 +395,7 @@ def evaluate_fold_seed(
                 got = head_scores_by_setting(data, inner_train, inner_test, settings, seed)
                 for setting, s in got.items():
                     inner_scores[setting][inner_test] = s
-            pick = select_setting(data, inner_scores, ~test)
+            pick = select_setting(data, inner_scores, ~test, per_benchmark_floor)
             picks.append(pick)
             nested_scores[test] = outer[pick]
             log(f"  fold seed {fold_seed}, outer fold {fold + 1}: inner CV picks {pick.label}")

@@ -319,7 +319,14 @@ def main(argv: list[str] | None = None) -> int:
             f"(PCA-{DEFAULT_DIMS}, int8 keys, bandwidth {DEFAULT_BANDWIDTH:g}) + a second vote "
             f"in the shallow view (layer {SHALLOW_LAYER}, PCA-{DEFAULT_DIMS}, absolute weights "
             f"exp({SHALLOW_BANDWIDTH:g} * (cosine - 1)), prior weight {SHALLOW_PRIOR_WEIGHT:g}) "
-            "+ stacker, recalibrated to the 0/1 label"
+            + (
+                ""
+                if RESIDUAL is None
+                else "+ a residual vote over the shallow keys (the linear part's training "
+                f"residuals, weights exp({RESIDUAL[0]:g} * (cosine - 1)), prior 0 with weight "
+                f"{RESIDUAL[1]:g}) "
+            )
+            + "+ stacker, recalibrated to the 0/1 label"
         ),
         "target": TARGET_DEFINITION,
         "label": LABEL_DEFINITION,
@@ -344,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             "bandwidth": DEFAULT_BANDWIDTH,
             "shallow_bandwidth": SHALLOW_BANDWIDTH,
             "shallow_prior_weight": SHALLOW_PRIOR_WEIGHT,
+            "residual_bandwidth": None if RESIDUAL is None else RESIDUAL[0],
+            "residual_prior_weight": None if RESIDUAL is None else RESIDUAL[1],
         },
         "sklearn": sklearn.__version__,
         # Out-of-fold scores: the shipped head's in-sample scores would be inflated by the

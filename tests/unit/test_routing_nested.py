@@ -157,6 +157,27 @@ def test_selection_picks_the_setting_that_ranks_best() -> None:
     assert metrics(data, scores[good])["overall"] > metrics(data, scores[noisy])["overall"]
 
 
+def test_selection_with_a_floor_passes_over_a_setting_that_fails_a_benchmark() -> None:
+    data = synthetic_data()
+    gain = data.strong - data.weak
+    gsm8k = data.benchmark == "gsm8k"
+    rows = np.ones(gain.size, dtype=bool)
+    best, safe = ShallowSetting(15.0, 1.0), ShallowSetting(20.0, 1.0)
+    # `best` ranks MMLU perfectly and GSM8K backwards; `safe` ranks both through much noise.
+    # Overall `best` wins (MMLU is most rows), but its GSM8K APGR is far below `safe`'s.
+    scores = {
+        best: np.where(gsm8k, -gain, gain) + 1e-3 * np.random.default_rng(2).normal(size=gain.size),
+        safe: gain + 1.5 * np.random.default_rng(3).normal(size=gain.size),
+    }
+    by = {s: metrics(data, v) for s, v in scores.items()}
+    assert by[best]["overall"] > by[safe]["overall"]
+    assert by[best]["gsm8k"] < 0.4 <= by[safe]["gsm8k"]
+    assert select_setting(data, scores, rows) == best
+    assert select_setting(data, scores, rows, per_benchmark_floor=0.4) == safe
+    # No setting reaches the floor: the best overall, as without one.
+    assert select_setting(data, scores, rows, per_benchmark_floor=0.9) == best
+
+
 def test_nested_with_one_candidate_scores_as_that_setting() -> None:
     data = synthetic_data()
     fold_of = grouped_folds(fold_strata(data.benchmark, labels(data)), data.groups, 3, 0)
