@@ -94,15 +94,6 @@ SHIPPED = ShallowSetting(
     residual_bandwidth=None if RESIDUAL is None else RESIDUAL[0],
     residual_prior_weight=1.0 if RESIDUAL is None else RESIDUAL[1],
 )
-# Candidates for the nested check: around the shipped point along both axes, and no vote at all.
-DEFAULT_GRID = (
-    ShallowSetting(None),
-    ShallowSetting(15.0, 1.0),
-    ShallowSetting(20.0, 0.5),
-    ShallowSetting(20.0, 1.0),
-    ShallowSetting(20.0, 2.0),
-    ShallowSetting(25.0, 1.0),
-)
 
 
 def parse_grid(text: str) -> tuple[ShallowSetting, ...]:
@@ -140,6 +131,16 @@ def parse_grid(text: str) -> tuple[ShallowSetting, ...]:
     if not settings:
         raise ValueError("empty grid")
     return tuple(dict.fromkeys(settings))
+
+
+# Candidates for the nested check (run with --nested-floor 0.6): the head shipped before the
+# residual vote (C 0.003, b 20, a 1) and settings with the residual vote whose heads trained on
+# all dev prompts keep the own-prompt AUC at least that head's (0.741).
+DEFAULT_GRID = parse_grid(
+    "20:1@0.003,20:1+r30:0.5@0.001,20:0.5+r30:0.5@0.001,20:0.5+r25:1@0.001,"
+    "17.5:1+r30:0.5@0.001,17.5:1+r25:1@0.001,15:2+r25:1@0.001,15:2+r30:0.5@0.001,"
+    "15:4+r30:1@0.001"
+)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:

@@ -58,16 +58,19 @@ TARGET_DEFINITION = (
 LABEL_DEFINITION = "strong_score > weak_score (the small/weak answer is worse than the strong one)"
 STRONG_SHARES = (0.1, 0.2, 0.3, 0.5)
 # Chosen by grouped 5-fold APGR on the dev data (exploration notes in docs/benchmarks.md).
-DEFAULT_C = 0.003  # inverse L2 strength of the linear part: strong, the labels are noisy
+DEFAULT_C = 0.001  # inverse L2 strength of the linear part: strong, the labels are noisy
 DEFAULT_DIMS = 64  # PCA dimensions of the neighbour keys (int8: n * 64 bytes)
 DEFAULT_BANDWIDTH = 7.0  # neighbour weight exp(bandwidth * (cosine - best cosine))
 # The shallow-view vote: weight exp(bandwidth * (cosine - 1)), the mean target as this many extra
 # neighbours. A stronger vote (lower bandwidth or prior) scores higher on the dev file and lower
 # on mt_bench and the own prompts (docs/benchmarks.md section 5).
-SHALLOW_BANDWIDTH = 20.0
+SHALLOW_BANDWIDTH = 17.5
 SHALLOW_PRIOR_WEIGHT = 1.0
 # The residual vote over the shallow keys (bandwidth, prior weight of "no correction"), or None.
-RESIDUAL: tuple[float, float] | None = None
+# C, both votes' settings: the best mean APGR over five grouped 5-fold splits of the dev file
+# among own-prompt-safe settings with APGR >= 0.60 on every benchmark of every split
+# (docs/benchmarks.md section 5; the nested check estimates that choice).
+RESIDUAL: tuple[float, float] | None = (25.0, 1.0)
 INNER_FOLDS = 5
 
 Arrays = dict[str, npt.NDArray[Any]]

@@ -196,6 +196,9 @@ def test_shipped_head_loads_and_has_default_thresholds() -> None:
     assert head.shallow_neighbours is not None  # the second vote, in the shallow view
     assert head.shallow_neighbours.prior_weight is not None
     assert head.metadata["hyperparameters"]["shallow_prior_weight"] > 0
+    assert head.residual_vote is not None  # the linear part's residuals, over the shallow keys
+    assert head.residual_vote.residuals.shape == head.shallow_neighbours.labels.shape
+    assert head.stack_w is not None and head.stack_w.shape == (5,)
     assert 0.0 <= head.score(random_features(3)) <= 1.0
 
 

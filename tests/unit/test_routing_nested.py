@@ -60,9 +60,10 @@ def synthetic_data(n: int = 240, seed: int = 0) -> RoutingDevData:
 def test_grid_parsing() -> None:
     assert parse_grid("none, 20:1,15:0.5,20:1") == (
         ShallowSetting(None),
-        SHIPPED,
+        ShallowSetting(20.0, 1.0),
         ShallowSetting(15.0, 0.5),
     )
+    assert parse_grid("17.5:1+r25:1") == (SHIPPED,)
     assert parse_grid("25") == (ShallowSetting(25.0, SHIPPED.prior_weight),)
     assert parse_grid("15:2:0.8") == (ShallowSetting(15.0, 2.0, 0.8),)
     assert parse_grid("20:0.5+r25:1@0.001, none@0.01") == (
