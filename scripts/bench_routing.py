@@ -281,7 +281,13 @@ def multiseed_main(args: argparse.Namespace, command: str) -> int:
         fold_of = dev_folds(data, args.folds, fold_seed)
         results.append(
             evaluate_fold_seed(
-                data, fold_of, fold_seed, settings, seed=args.seed, nested=args.nested
+                data,
+                fold_of,
+                fold_seed,
+                settings,
+                seed=args.seed,
+                nested=args.nested,
+                per_benchmark_floor=args.nested_floor,
             )
         )
         loads.append(os.getloadavg()[0])
@@ -295,9 +301,15 @@ def multiseed_main(args: argparse.Namespace, command: str) -> int:
         f"load average {min(loads):.1f}-{max(loads):.1f}). "
         f"{args.folds}-fold grouped splits as in the main benchmark (seed 0 is its split); heads "
         f"trained with model seed {args.seed}. Settings: the shallow-view vote's bandwidth b and "
-        "prior weight a. Nested: for each outer fold, the setting with the best overall APGR in a "
-        f"{args.folds}-fold inner CV of the outer training part (grouped, its own seed), then "
-        "scored on the outer fold.",
+        "prior weight a; residual r: the residual vote's bandwidth:prior weight; C: the linear "
+        "part's. Nested: for each outer fold, the setting with the best overall APGR in a "
+        f"{args.folds}-fold inner CV of the outer training part (grouped, its own seed)"
+        + (
+            ""
+            if args.nested_floor is None
+            else f" among those with APGR >= {args.nested_floor:g} on every benchmark there"
+        )
+        + ", then scored on the outer fold.",
         "",
         *summary_lines(results, settings, own_auc),
         "",
@@ -335,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--nested", action="store_true", help="with --fold-seeds: settings picked by inner CV"
+    )
+    parser.add_argument(
+        "--nested-floor",
+        type=float,
+        default=None,
+        help="with --nested: inner CV picks among the settings whose APGR on every benchmark "
+        "reaches this (e.g. 0.6, the per-benchmark target), if any does",
     )
     parser.add_argument(
         "--grid", default=None, help="with --fold-seeds: shallow-vote settings, e.g. none,20:1"

@@ -14,17 +14,22 @@ scripts/train_router.py:
   absolute weights exp(bandwidth * (similarity - 1)) and a prior: the mean label counts as
   ``shallow_prior_weight`` extra neighbours, so a prompt with no close training prompt gets the
   mean (the shallow layers keep much of the wording: far neighbours there say little);
+- optionally a residual vote over the same shallow keys (``residual_*`` arrays): the training
+  prompts' residuals (target minus the linear part's probability) weighed as in the second vote,
+  with 0 (no correction) as its prior, so near wordings say how far the linear part was off;
 - a stacker: a logistic regression over [linear output, neighbour logit, log tokens of the last
-  turn, and the second vote's logit if present], fitted on out-of-fold outputs of the other parts
-  so that it weighs them as they do on prompts they have not seen.
+  turn, the second vote's logit and the residual vote if present], fitted on out-of-fold outputs
+  of the other parts so that it weighs them as they do on prompts they have not seen.
 
 A head without the neighbour arrays is a plain logistic regression (the stacker is then unused).
 
 Arrays: feature_names, input_mean, input_scale, out_w, out_b; optionally knn_centre (384,),
 knn_projection (384, d), knn_keys (n, d) int8, knn_key_scale (d,), knn_labels (n,) in [0, 1],
-knn_k, knn_bandwidth, stack_w (3,) or (4,), stack_b; optionally shallow_centre, shallow_projection,
-shallow_keys, shallow_key_scale, shallow_bandwidth, shallow_prior_weight (the second vote; its
-labels are knn_labels); metadata (JSON text: label, training data, seed, default thresholds).
+knn_k, knn_bandwidth, stack_w (3,), (4,) or (5,), stack_b; optionally shallow_centre,
+shallow_projection, shallow_keys, shallow_key_scale, shallow_bandwidth, shallow_prior_weight (the
+second vote; its labels are knn_labels); optionally residual_labels (n,), residual_bandwidth,
+residual_prior_weight (the residual vote, over the shallow keys); metadata (JSON text: label,
+training data, seed, default thresholds).
 """
 
 from __future__ import annotations
@@ -89,10 +94,18 @@ class NeighbourVote:
         norms = np.linalg.norm(reduced, axis=1, keepdims=True)
         return np.asarray(reduced / np.maximum(norms, 1e-12), dtype=np.float32)
 
-    def share(self, embeddings: npt.ArrayLike) -> F64:
+    def similarity(self, embeddings: npt.ArrayLike) -> F32:
+        """Cosine of each row with each key, in the vote's PCA space: (rows, keys)."""
         # einsum, not `@`: BLAS would split this matrix-vector product over threads, and on a
         # busy host the wait for the second thread costs milliseconds; one core takes ~0.1 ms.
-        similarity = np.einsum("qd,kd->qk", self.project(embeddings), self.keys)
+        return np.asarray(np.einsum("qd,kd->qk", self.project(embeddings), self.keys))
+
+    def share(self, embeddings: npt.ArrayLike) -> F64:
+        return self.share_of(self.similarity(embeddings))
+
+    def share_of(self, similarity: F32) -> F64:
+        """The vote from a similarity matrix (`similarity`), so two votes over the same keys
+        compute it once."""
         if self.bandwidth is not None and self.prior_weight is not None:
             weights = np.exp(self.bandwidth * (similarity - 1.0))
             voted = (
@@ -110,6 +123,25 @@ class NeighbourVote:
 
 
 @dataclass(frozen=True, slots=True)
+class ResidualVote:
+    """How far the linear part was off on the training prompts near a prompt: their residuals
+    (target minus the linear part's probability), weights exp(bandwidth * (similarity - 1)) over
+    the shallow vote's keys, and 0 counted as `prior_weight` extra neighbours, so a prompt with no
+    near training prompt gets no correction."""
+
+    residuals: F32
+    bandwidth: float
+    prior_weight: float
+
+    def vote(self, similarity: F32) -> F64:
+        weights = np.exp(self.bandwidth * (similarity - 1.0))
+        voted = np.einsum("qk,k->q", weights, self.residuals) / (
+            weights.sum(axis=1) + self.prior_weight
+        )
+        return np.asarray(voted, dtype=np.float64)
+
+
+@dataclass(frozen=True, slots=True)
 class DifficultyClassifier:
     input_mean: F32
     input_scale: F32
@@ -120,6 +152,7 @@ class DifficultyClassifier:
     stack_w: F32 | None = None
     stack_b: float = 0.0
     shallow_neighbours: NeighbourVote | None = None
+    residual_vote: ResidualVote | None = None
 
     @classmethod
     def load(cls, path: Path | None = None) -> DifficultyClassifier:
@@ -179,10 +212,23 @@ class DifficultyClassifier:
                 bandwidth=float(arrays["shallow_bandwidth"]),
                 prior_weight=float(arrays["shallow_prior_weight"]),
             )
-        if stack_w is not None and stack_w.shape != (3 + (shallow_neighbours is not None),):
+        residual_vote = None
+        if shallow_neighbours is not None and "residual_labels" in arrays:
+            residuals = arrays["residual_labels"].astype(np.float32)
+            if residuals.shape != shallow_neighbours.labels.shape:
+                raise ClassifierArtifactError(
+                    f"{source}: residual_labels has shape {residuals.shape}, the shallow keys "
+                    f"{shallow_neighbours.labels.shape}"
+                )
+            residual_vote = ResidualVote(
+                residuals=residuals,
+                bandwidth=float(arrays["residual_bandwidth"]),
+                prior_weight=float(arrays["residual_prior_weight"]),
+            )
+        inputs = 3 + (shallow_neighbours is not None) + (residual_vote is not None)
+        if stack_w is not None and stack_w.shape != (inputs,):
             raise ClassifierArtifactError(
-                f"{source}: stacker has {stack_w.shape[0]} weights for "
-                f"{3 + (shallow_neighbours is not None)} inputs"
+                f"{source}: stacker has {stack_w.shape[0]} weights for {inputs} inputs"
             )
         metadata = json.loads(str(arrays["metadata"])) if "metadata" in arrays else {}
         return cls(
@@ -195,6 +241,7 @@ class DifficultyClassifier:
             stack_w=stack_w,
             stack_b=float(arrays["stack_b"]) if "stack_b" in arrays else 0.0,
             shallow_neighbours=shallow_neighbours,
+            residual_vote=residual_vote,
         )
 
     @property
@@ -230,10 +277,22 @@ class DifficultyClassifier:
     def shallow_share(self, shallow: npt.ArrayLike | None, rows: int) -> F64:
         """The second vote; without the shallow view (an encoder that does not compute it) every
         row gets the vote of a prompt with no near neighbour, the mean label."""
+        return self.shallow_votes(shallow, rows)[0]
+
+    def shallow_votes(self, shallow: npt.ArrayLike | None, rows: int) -> tuple[F64, F64 | None]:
+        """The second vote and the residual vote (None if the head has none), from one
+        similarity matrix; without the shallow view, those of a prompt with no near neighbour
+        (the mean label, no correction)."""
         assert self.shallow_neighbours is not None
         if shallow is None:
-            return np.full(rows, self.shallow_neighbours.prior, dtype=np.float64)
-        return self.shallow_neighbours.share(shallow)
+            share = np.full(rows, self.shallow_neighbours.prior, dtype=np.float64)
+            residual = None if self.residual_vote is None else np.zeros(rows, dtype=np.float64)
+            return share, residual
+        similarity = self.shallow_neighbours.similarity(shallow)
+        share = self.shallow_neighbours.share_of(similarity)
+        if self.residual_vote is None:
+            return share, None
+        return share, self.residual_vote.vote(similarity)
 
     def score_arrays(
         self, embeddings: npt.ArrayLike, cheap: npt.ArrayLike, shallow: npt.ArrayLike | None = None
@@ -248,7 +307,10 @@ class DifficultyClassifier:
                 np.asarray(cheap, dtype=np.float64)[:, TOKENS_FEATURE],
             ]
             if self.shallow_neighbours is not None:
-                columns.append(neighbour_logit(self.shallow_share(shallow, len(logits))))
+                share, residual = self.shallow_votes(shallow, len(logits))
+                columns.append(neighbour_logit(share))
+                if residual is not None:
+                    columns.append(residual)
             stacked = np.stack(columns, axis=1)
             logits = stacked @ self.stack_w.astype(np.float64) + self.stack_b
         # Clipped so exp never overflows; beyond +-40 the probability is 0 or 1 anyway.

@@ -196,18 +196,21 @@ def test_shipped_head_loads_and_has_default_thresholds() -> None:
     assert head.shallow_neighbours is not None  # the second vote, in the shallow view
     assert head.shallow_neighbours.prior_weight is not None
     assert head.metadata["hyperparameters"]["shallow_prior_weight"] > 0
+    assert head.residual_vote is not None  # the linear part's residuals, over the shallow keys
+    assert head.residual_vote.residuals.shape == head.shallow_neighbours.labels.shape
+    assert head.stack_w is not None and head.stack_w.shape == (5,)
     assert 0.0 <= head.score(random_features(3)) <= 1.0
 
 
-def shallow_head(
+def shallow_arrays(
     labels: list[float], bandwidth: float, prior_weight: float
-) -> DifficultyClassifier:
-    """kernel_head plus a second vote over the same unit keys in the shallow view; the stacker
-    reads only that vote's logit."""
+) -> dict[str, np.ndarray]:
+    """kernel_head's arrays plus a second vote over the same unit keys in the shallow view; the
+    stacker reads only that vote's logit."""
     n = len(labels)
     projection = np.zeros((EMBEDDING_DIM, n), dtype=np.float32)
     projection[np.arange(n), np.arange(n)] = 1.0
-    full = (
+    return (
         linear_arrays()
         | neighbour_arrays(np.eye(n) * 100, np.zeros(n), k=n)
         | {
@@ -223,7 +226,12 @@ def shallow_head(
             "stack_w": np.array([0.0, 0.0, 0.0, 1.0], dtype=np.float32),
         }
     )
-    return DifficultyClassifier.from_arrays(full)
+
+
+def shallow_head(
+    labels: list[float], bandwidth: float, prior_weight: float
+) -> DifficultyClassifier:
+    return DifficultyClassifier.from_arrays(shallow_arrays(labels, bandwidth, prior_weight))
 
 
 def test_shallow_vote_matches_the_formula_with_its_prior() -> None:
@@ -272,3 +280,62 @@ def test_stacker_width_must_match_the_votes() -> None:
     bad["stack_w"] = np.zeros(4, dtype=np.float32)
     with pytest.raises(ClassifierArtifactError, match="stacker has 4 weights for 3 inputs"):
         DifficultyClassifier.from_arrays(bad)
+
+
+def residual_arrays(
+    residuals: list[float], bandwidth: float, prior_weight: float
+) -> dict[str, np.ndarray]:
+    """A residual vote over shallow_arrays' keys; the stacker reads only that vote."""
+    return {
+        "residual_labels": np.array(residuals, dtype=np.float16),
+        "residual_bandwidth": np.array(bandwidth, dtype=np.float32),
+        "residual_prior_weight": np.array(prior_weight, dtype=np.float32),
+        "stack_w": np.array([0.0, 0.0, 0.0, 0.0, 1.0], dtype=np.float32),
+    }
+
+
+def residual_head(
+    labels: list[float], residuals: list[float], bandwidth: float, prior_weight: float
+) -> DifficultyClassifier:
+    return DifficultyClassifier.from_arrays(
+        shallow_arrays(labels, bandwidth=20.0, prior_weight=1.0)
+        | residual_arrays(residuals, bandwidth, prior_weight)
+    )
+
+
+def test_residual_vote_matches_the_formula_with_no_correction_as_its_prior() -> None:
+    residuals = [0.5, -0.25, 0.75]
+    head = residual_head([1.0, 0.5, 0.0], residuals, bandwidth=4.0, prior_weight=2.0)
+    query = np.zeros((1, EMBEDDING_DIM), dtype=np.float32)
+    query[0, :2] = [0.8, 0.6]
+    weights = np.exp(4.0 * (np.array([0.8, 0.6, 0.0]) - 1.0))
+    expected = (weights @ np.array(residuals)) / (weights.sum() + 2.0)
+    share, residual = head.shallow_votes(query, 1)
+    assert residual is not None
+    np.testing.assert_allclose(residual, [expected], rtol=1e-4)
+    np.testing.assert_allclose(share, head.shallow_share(query, 1))
+    # The stacker reads the residual vote itself (it is not a share, so no logit).
+    feats = RoutingFeatures(query[0], random_features(0).cheap, shallow=query[0])
+    assert head.score(feats) == pytest.approx(1 / (1 + np.exp(-expected)), rel=1e-5)
+
+
+def test_residual_vote_is_no_correction_without_a_near_key_or_a_view() -> None:
+    head = residual_head([1.0, 0.0], [0.9, 0.9], bandwidth=60.0, prior_weight=1.0)
+    far = np.zeros((1, EMBEDDING_DIM), dtype=np.float32)
+    far[0, :2] = 0.7  # cosine 0.7 with both keys: weights exp(-18), nothing is near
+    assert abs(float(head.shallow_votes(far, 1)[1][0])) < 1e-6  # type: ignore[index]
+    share, residual = head.shallow_votes(None, 3)
+    np.testing.assert_allclose(share, [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(residual, [0.0, 0.0, 0.0])  # type: ignore[arg-type]
+    assert head.score(random_features(1)) == pytest.approx(0.5)
+
+
+def test_residual_labels_must_match_the_shallow_keys_and_the_stacker_its_inputs() -> None:
+    with pytest.raises(ClassifierArtifactError, match="residual_labels has shape"):
+        residual_head([1.0, 0.0, 1.0], [0.1, 0.2], bandwidth=4.0, prior_weight=1.0)
+    four_weights = shallow_arrays([1.0, 0.0], bandwidth=4.0, prior_weight=1.0) | residual_arrays(
+        [0.1, 0.2], bandwidth=4.0, prior_weight=1.0
+    )
+    four_weights["stack_w"] = np.zeros(4, dtype=np.float32)
+    with pytest.raises(ClassifierArtifactError, match="stacker has 4 weights for 5 inputs"):
+        DifficultyClassifier.from_arrays(four_weights)

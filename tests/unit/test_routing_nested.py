@@ -60,11 +60,20 @@ def synthetic_data(n: int = 240, seed: int = 0) -> RoutingDevData:
 def test_grid_parsing() -> None:
     assert parse_grid("none, 20:1,15:0.5,20:1") == (
         ShallowSetting(None),
-        SHIPPED,
+        ShallowSetting(20.0, 1.0),
         ShallowSetting(15.0, 0.5),
     )
+    assert parse_grid("17.5:1+r25:1") == (SHIPPED,)
     assert parse_grid("25") == (ShallowSetting(25.0, SHIPPED.prior_weight),)
     assert parse_grid("15:2:0.8") == (ShallowSetting(15.0, 2.0, 0.8),)
+    assert parse_grid("20:0.5+r25:1@0.001, none@0.01") == (
+        ShallowSetting(
+            20.0, 0.5, residual_bandwidth=25.0, residual_prior_weight=1.0, linear_c=0.001
+        ),
+        ShallowSetting(None, linear_c=0.01),
+    )
+    with pytest.raises(ValueError, match="residual vote"):
+        parse_grid("20:1+rx")
     with pytest.raises(ValueError, match="'x:1'"):
         parse_grid("x:1")
 
@@ -96,11 +105,27 @@ def test_absolute_vote_is_the_classifiers_vote(
     np.testing.assert_allclose(got, vote.share(queries), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("setting", [SHIPPED, ShallowSetting(None)])
+RESIDUAL_SETTING = ShallowSetting(20.0, 0.5, residual_bandwidth=25.0, residual_prior_weight=1.0)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        SHIPPED,
+        ShallowSetting(None),
+        RESIDUAL_SETTING,
+        ShallowSetting(
+            15.0, 2.0, residual_bandwidth=30.0, residual_prior_weight=0.5, linear_c=0.01
+        ),
+    ],
+)
 def test_scores_by_setting_are_those_of_a_trained_head(setting: ShallowSetting) -> None:
     data = synthetic_data()
     test = np.arange(len(data.prompts)) % 5 == 0
-    got = head_scores_by_setting(data, ~test, test, [setting], seed=0)[setting]
+    # Scored beside other settings, as in the nested check: parts shared between settings (and
+    # linear parts of another C) must not leak into this setting's scores.
+    grid = [setting, ShallowSetting(20.0, 1.0, linear_c=0.1), RESIDUAL_SETTING]
+    got = head_scores_by_setting(data, ~test, test, grid, seed=0)[setting]
     train = ~test
     arrays, _ = train_head(
         data.embeddings[train],
@@ -109,9 +134,14 @@ def test_scores_by_setting_are_those_of_a_trained_head(setting: ShallowSetting) 
         fold_strata(data.benchmark, labels(data))[train],
         data.groups[train],
         None if setting.bandwidth is None else data.shallow[train],
+        c=setting.linear_c,
+        shallow_bandwidth=SHIPPED.bandwidth if setting.bandwidth is None else setting.bandwidth,
+        shallow_prior_weight=setting.prior_weight,
+        residual=setting.residual,
         seed=0,
     )
     head = DifficultyClassifier.from_arrays(arrays)
+    assert (head.residual_vote is not None) == (setting.residual is not None)
     shallow = None if setting.bandwidth is None else data.shallow[test]
     expected = head.score_arrays(data.embeddings[test], data.cheap[test], shallow)
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -126,6 +156,27 @@ def test_selection_picks_the_setting_that_ranks_best() -> None:
     rows = np.ones(gain.size, dtype=bool)
     assert select_setting(data, scores, rows) == good
     assert metrics(data, scores[good])["overall"] > metrics(data, scores[noisy])["overall"]
+
+
+def test_selection_with_a_floor_passes_over_a_setting_that_fails_a_benchmark() -> None:
+    data = synthetic_data()
+    gain = data.strong - data.weak
+    gsm8k = data.benchmark == "gsm8k"
+    rows = np.ones(gain.size, dtype=bool)
+    best, safe = ShallowSetting(15.0, 1.0), ShallowSetting(20.0, 1.0)
+    # `best` ranks MMLU perfectly and GSM8K backwards; `safe` ranks both through much noise.
+    # Overall `best` wins (MMLU is most rows), but its GSM8K APGR is far below `safe`'s.
+    scores = {
+        best: np.where(gsm8k, -gain, gain) + 1e-3 * np.random.default_rng(2).normal(size=gain.size),
+        safe: gain + 1.5 * np.random.default_rng(3).normal(size=gain.size),
+    }
+    by = {s: metrics(data, v) for s, v in scores.items()}
+    assert by[best]["overall"] > by[safe]["overall"]
+    assert by[best]["gsm8k"] < 0.4 <= by[safe]["gsm8k"]
+    assert select_setting(data, scores, rows) == best
+    assert select_setting(data, scores, rows, per_benchmark_floor=0.4) == safe
+    # No setting reaches the floor: the best overall, as without one.
+    assert select_setting(data, scores, rows, per_benchmark_floor=0.9) == best
 
 
 def test_nested_with_one_candidate_scores_as_that_setting() -> None:
