@@ -156,6 +156,11 @@ class ProcessWriter:
             child.stdin.write(frame(items))
             await child.stdin.drain()
             count, status = ACK.unpack(await child.stdout.readexactly(ACK.size))
+        except asyncio.CancelledError:
+            # This batch's acknowledgement is still on its way: a later batch must not read it
+            # as its own. That child is let go; the next batch starts another.
+            self._abandon()
+            raise
         except (OSError, asyncio.IncompleteReadError) as exc:
             log.warning(
                 "cache.disk.writer_process_gone",
@@ -166,6 +171,11 @@ class ProcessWriter:
             raise WriterGone("the cache's writer process is gone") from exc
         if status != OK or count != len(items):
             raise OSError(f"the writer process did not commit the batch (status {status})")
+
+    def _abandon(self) -> None:
+        child, self._process = self._process, None
+        if child is not None and child.returncode is None:
+            child.kill()  # asyncio's child watcher reaps it
 
     async def _stop(self) -> None:
         child, self._process = self._process, None

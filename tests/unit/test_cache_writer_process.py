@@ -125,6 +125,26 @@ async def test_a_dead_writer_process_leaves_the_store_writing_on_a_thread(
     await store.close()
 
 
+async def test_a_write_cancelled_in_flight_does_not_leave_its_answer_for_the_next(
+    tmp_path: Path,
+) -> None:
+    """A cancelled batch's acknowledgement must not be read as the next batch's."""
+    writer = ProcessWriter(tmp_path, 2**30, fallback=lambda: pytest.fail("no fallback wanted"))
+    await writer.write([(entry(1), time.time() + 60)])  # the child is up
+    first = writer._process
+    task = asyncio.ensure_future(writer.write([(entry(n), time.time() + 60) for n in (2, 3)]))
+    await asyncio.sleep(0)  # the frame is written; its acknowledgement not yet read
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert writer._process is None
+    await writer.write([(entry(4), time.time() + 60)])  # a new child, its own acknowledgement
+    assert writer._process is not None and writer._process is not first
+    await writer.close()
+    with diskcache.Cache(str(tmp_path)) as cache:
+        assert {entry(1).meta.key, entry(4).meta.key} <= set(cache.iterkeys())
+
+
 PROXY = textwrap.dedent(
     """
     import asyncio, os, sys
