@@ -66,6 +66,12 @@ def launch(command: list[str], repo: Path, log: Path) -> subprocess.Popen[bytes]
     )  # fmt: skip
 
 
+def launch_fake_engine(port: int, work: Path) -> subprocess.Popen[bytes]:
+    """The zero-delay fake engine every variant talks to (this checkout's), its log in ``work``."""
+    command = [sys.executable, "-m", "proxy", "fake-engine", "--port", str(port)]
+    return launch([*command, "--model", "bench-model"], REPO, work / "engine.log")
+
+
 async def run(
     variants: list[tuple[str, Path, int, str | None]], pairs: int, c64_rounds: int = 0
 ) -> str:
@@ -75,14 +81,7 @@ async def run(
     chosen = chosen[:pairs]
     work = Path(tempfile.mkdtemp(prefix="frugal-cache-ab-"))
     engine_port = free_port()
-    procs = [
-        launch(
-            [sys.executable, "-m", "proxy", "fake-engine", "--port", str(engine_port),
-             "--model", "bench-model"],
-            REPO,
-            work / "engine.log",
-        )
-    ]  # fmt: skip
+    procs = [launch_fake_engine(engine_port, work)]
     urls: dict[str, str] = {}
     pids: dict[str, int] = {}
     try:

@@ -33,7 +33,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_cache_ab import launch  # noqa: E402
+from bench_cache_ab import launch, launch_fake_engine  # noqa: E402
 from bench_cache_speed import CONFIG, DATA, body, free_port, pct, stop, wait_ready  # noqa: E402
 
 Row = tuple[float, int, str]  # latency ms, characters, x-frugal-cache
@@ -54,12 +54,7 @@ async def one_run(repo: Path, pairs: list[tuple[str, str]]) -> dict[str, list[Ro
         CONFIG.format(port=port, engine_port=engine_port, cache="true", data_dir=work / "data")
     )
     procs = [
-        launch(
-            [sys.executable, "-m", "proxy", "fake-engine", "--port", str(engine_port),
-             "--model", "bench-model"],
-            REPO,
-            work / "engine.log",
-        ),
+        launch_fake_engine(engine_port, work),
         launch(
             [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
             repo,

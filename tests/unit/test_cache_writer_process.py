@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -22,7 +19,7 @@ from hypothesis import strategies as st
 from proxy.cache import disk_writer
 from proxy.cache.disk_writer import ACK, FAILED, OK, ProcessWriter, frame, serve, unframe
 from proxy.cache.store import DiskStore
-from tests.unit.test_cache_store import entries_intact, entry
+from tests.unit.test_cache_store import ROOT, entries_intact, entry, kill_when
 
 _items = st.lists(
     st.tuples(
@@ -150,7 +147,7 @@ PROXY = textwrap.dedent(
     import asyncio, os, sys
     from pathlib import Path
     sys.path.insert(0, {root!r})
-    from tests.unit.test_cache_store import entries_intact, entry
+    from tests.unit.test_cache_store import ROOT, entries_intact, entry, kill_when
     from proxy.cache.store import DiskStore
 
     async def main() -> None:
@@ -175,18 +172,8 @@ PROXY = textwrap.dedent(
 
 def test_the_writer_outlives_a_killed_proxy_only_to_commit_and_exit(tmp_path: Path) -> None:
     folder, progress = tmp_path / "cache", tmp_path / "progress"
-    root = str(Path(__file__).resolve().parents[2])
-    script = PROXY.format(root=root, folder=str(folder), progress=str(progress))
-    proxy = subprocess.Popen([sys.executable, "-c", script], cwd=root)
-    try:
-        deadline = time.monotonic() + 60
-        while _progress(progress)[0] < 640:
-            assert proxy.poll() is None, "the proxy script died"
-            assert time.monotonic() < deadline, "the proxy script is too slow"
-            time.sleep(0.05)
-    finally:
-        os.kill(proxy.pid, signal.SIGKILL)
-        proxy.wait()
+    script = PROXY.format(root=ROOT, folder=str(folder), progress=str(progress))
+    kill_when(script, lambda: _progress(progress)[0] >= 640)
     flushed, writer_pid = _progress(progress)
     deadline = time.monotonic() + 30
     while Path(f"/proc/{writer_pid}").exists() and "Z" not in _state(writer_pid):
