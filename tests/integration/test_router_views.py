@@ -12,9 +12,8 @@ import pytest
 
 from proxy.app import SERVICES, create_app
 from proxy.routing.classifier import DifficultyClassifier
-from proxy.settings import Settings
-from tests.integration.conftest import StartFake, engine_config
-from tests.integration.test_policy_pipeline import tier, write_policies
+from tests.integration.conftest import StartFake
+from tests.integration.test_strong_share import routed_tier_settings
 
 PROMPT = "Prove that there are infinitely many primes of the form 4k + 3."
 
@@ -26,24 +25,12 @@ async def test_the_router_finds_the_shallow_view_of_the_request(
     pytest.importorskip("torch")
     small = await start_fake("small-model")
     large = await start_fake("large-model")
-    policy = tier("pro", [], models=["auto"], limits={"max_tokens": 4})
-    policy["routing"] = {"strong_share": 0.3}
-    folder = write_policies(tmp_path / "policies", policy)
-    settings = Settings.model_validate(
-        {
-            "engines": [
-                engine_config("small", "small-model", [small.url]),
-                {
-                    **engine_config("large", "large-model", [large.url]),
-                    "cost": {"input_per_mtok": 1.0, "output_per_mtok": 3.0},
-                },
-            ],
-            "policies": str(folder),
-            "data_dir": str(tmp_path / "data"),
-            "cache": {"enabled": semantic, "semantic": semantic},
-            "embeddings": {"precision": "float32"},
-            "logging": {"level": "warning", "format": "console"},
-        }
+    settings = routed_tier_settings(
+        tmp_path,
+        small.url,
+        large.url,
+        cache={"enabled": semantic, "semantic": semantic},
+        embeddings={"precision": "float32"},
     )
     app = create_app(settings, access_log=False)
     client = await aiohttp_client(app)

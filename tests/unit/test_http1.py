@@ -145,13 +145,20 @@ async def test_chunked_answer_in_pieces(serve: Serve) -> None:
                 await asyncio.sleep(0.01)
 
     server, url = await serve(script)
+    assert await post_twice(url) == [b"hello world"] * 2
+    assert server.connections == 1
+
+
+async def post_twice(url: str) -> list[bytes]:
+    """Two requests in turn through one client (the second may reuse the first's connection)."""
     client = LeanClient()
+    bodies: list[bytes] = []
     for _ in range(2):
         response = await client.post(url, b"{}", {}, 1.0)
-        assert await response.read() == b"hello world"
+        bodies.append(await response.read())
         response.release()
-    assert server.connections == 1
     client.close()
+    return bodies
 
 
 async def test_answer_delimited_by_close_and_connection_close(serve: Serve) -> None:
@@ -161,13 +168,8 @@ async def test_answer_delimited_by_close_and_connection_close(serve: Serve) -> N
         await w.drain()
 
     server, url = await serve(script)
-    client = LeanClient()
-    for _ in range(2):
-        response = await client.post(url, b"{}", {}, 1.0)
-        assert await response.read() == b"until the end"
-        response.release()  # not reusable: a new connection next time
-    assert server.connections == 2
-    client.close()
+    assert await post_twice(url) == [b"until the end"] * 2
+    assert server.connections == 2  # not reusable: a new connection the second time
 
 
 async def test_engine_closing_an_idle_connection_is_not_an_error(serve: Serve) -> None:
