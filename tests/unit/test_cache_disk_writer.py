@@ -5,9 +5,11 @@ the store answer differently from a plain dictionary."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
+import diskcache
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -196,3 +198,50 @@ async def test_the_ttl_runs_from_the_put_not_from_the_write(tmp_path: Path) -> N
     await asyncio.sleep(0.15)  # past the put's TTL, not past the write's
     assert await store.get(entry(1).meta.key) is None
     await store.close()
+
+
+# -- write_batch writes diskcache's own rows --------------------------------------------------
+
+_SIZES = st.sampled_from([0, 1, 700, 32_767, 32_768, 40_000])  # both sides of min_file_size
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    batches=st.lists(
+        st.lists(st.tuples(st.sampled_from("abcdef"), _SIZES, st.integers(0, 255)), max_size=6),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_batches_read_back_as_if_set_one_by_one(tmp_path_factory: Any, batches: Any) -> None:
+    """Inline rows by upsert, file-sized ones by ``set``, replacements either way: diskcache's
+    public reads, its count and size totals and its own consistency check all agree with a
+    dictionary of the last value of each key, and no replaced file is left behind."""
+    directory = tmp_path_factory.mktemp("batches")
+    cache = diskcache.Cache(str(directory), size_limit=2**30, cull_limit=0)
+    expected: dict[str, bytes] = {}
+    for batch in batches:
+        items = []
+        for key, size, fill in batch:
+            blob = bytes([fill]) * size
+            items.append((key, blob, time.time() + 3600))
+            expected[key] = blob
+        disk_writer.write_batch(cache, items)
+    assert {key: cache.get(key) for key in expected} == expected
+    assert len(cache) == len(expected)
+    assert cache.check() == []  # files, the count and the size totals as diskcache keeps them
+    files = [p for p in directory.rglob("*.val")]
+    assert len(files) == sum(len(v) >= cache.disk.min_file_size for v in expected.values())
+    cache.close()
+
+
+def test_a_batch_keeps_the_expiry_of_each_put(tmp_path: Path) -> None:
+    cache = diskcache.Cache(str(tmp_path), cull_limit=0)
+    now = time.time()
+    disk_writer.write_batch(cache, [("gone", b"x", now - 1), ("kept", b"y", now + 60)])
+    assert cache.get("gone") is None and cache.get("kept") == b"y"
+    _, expire_time = cache.get("kept", expire_time=True)
+    assert abs(expire_time - (now + 60)) < 1e-3
+    cache.close()
