@@ -148,6 +148,14 @@ priority: 5
 queue: {{max_wait_ms: 10000}}
 """
 
+# --background-cpu: a busy loop at the lowest scheduling class, using only CPU nobody else wants.
+BACKGROUND_CPU = """\
+import os
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+while True:
+    pass
+"""
+
 LITELLM_CONFIG = """\
 model_list:
   - model_name: {model}
@@ -524,6 +532,7 @@ def render_markdown(meta: dict[str, Any], summary: dict[str, dict[str, float]]) 
         "",
         f"Load generator: wrk {meta['wrk']} (1 thread, Lua POST of a non-streamed chat body,"
         f" max_tokens 16, {meta['bodies']}). Pinning: {meta['pinning']}."
+        f" Background CPU: {meta.get('background_cpu', 'none')}."
         f" Rounds: {meta['rounds']} (interleaved, medians); latency {meta['latency_s']} s at 1"
         f" connection, throughput"
         f" {meta['throughput_s']} s at 64, stress {meta['stress_s']} s at 1,000.",
@@ -623,6 +632,13 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=int, default=3)
     parser.add_argument("--no-stress", action="store_true")
     parser.add_argument(
+        "--background-cpu",
+        action="store_true",
+        # A control for the one-connection tail: how much a process that only uses spare CPU
+        # (a writer child, a log shipper) moves every target's p99 on this machine.
+        help="run a lowest-priority (SCHED_IDLE) busy loop throughout the measurements",
+    )
+    parser.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -647,13 +663,18 @@ def main() -> None:
         bodies[target.name] = work / f"body-{target.name}.json"
         bodies[target.name].write_text(json.dumps(body_for(target, unique=not args.same_body)))
     load_before = os.getloadavg()
+    background: list[Target] = []
 
-    with running(targets, engine):
+    with running(targets, engine), running(background, Target("none", 0, None)):
         engine_cmd = [sys.executable, "-m", "proxy.engines.fake", "--port", str(engine_port)]
         engine_cmd += ["--model", MODEL]
         engine.process = start(pinned(engine_cmd, load_cpus), work / "engine.log", {}, REPO)
         direct = Target("direct", engine_port, None)
         wait_ready(direct, 30, work / "engine.log")
+        if args.background_cpu:
+            burner = Target("background-cpu", 0, [sys.executable, "-c", BACKGROUND_CPU])
+            burner.process = start(burner.command or [], work / "burner.log", {}, REPO)
+            background.append(burner)
         for target in targets:
             if target.command is not None:
                 log = work / f"{target.name}.log"
@@ -724,6 +745,7 @@ def main() -> None:
         "wrk": (wrk_version.stdout + wrk_version.stderr).split()[1],
         "pinning": "engine + wrk on CPU 0, proxy on CPU 1" if args.pin else "none",
         "bodies": "one body throughout" if args.same_body else "a unique body per request",
+        "background_cpu": "a SCHED_IDLE busy loop" if args.background_cpu else "none",
         "rounds": args.rounds,
         "latency_s": args.latency_s,
         "throughput_s": args.throughput_s,
