@@ -163,6 +163,17 @@ def by_length(texts: list[str], latencies: list[float]) -> list[dict[str, float]
     ]
 
 
+def slowest(texts: list[str], latencies: list[float], count: int = 4) -> list[dict[str, float]]:
+    """The slowest requests of a c=1 phase (sent one by one, so in the texts' order): with a few
+    hundred questions the p99 is one of these, and their lengths and places show whether it is
+    the encoder on a long question or an event of the proxy (the first lookup, say)."""
+    ranked = sorted(enumerate(zip(texts, latencies, strict=True)), key=lambda r: -r[1][1])
+    return [
+        {"ms": lat * 1000, "chars": len(text), "position": index}
+        for index, (text, lat) in ranked[:count]
+    ]
+
+
 def wrk_latency(url: str, text: str, seconds: int) -> dict[str, float]:
     lua = Path(tempfile.mkstemp(suffix=".lua")[1])
     payload = json.dumps(body(text)).replace("'", "\\'")
@@ -242,6 +253,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "outcomes": miss_outcomes,
                 "cpu_ms_per_request": miss_cpu.per_request(len(miss)),
                 "by_length": by_length([o for o, _ in pairs], miss),
+                "slowest": slowest([o for o, _ in pairs], miss),
             }
             hits_only = [lat for lat in hit]
             results["semantic_lookup_c1"] = {
@@ -250,6 +262,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "outcomes": hit_outcomes,
                 "cpu_ms_per_request": hit_cpu.per_request(len(hit)),
                 "by_length": by_length([s for _, s in pairs], hit),
+                "slowest": slowest([s for _, s in pairs], hit),
             }
             # Throughput: new texts only (each one a semantic lookup: no exact hit, and no text
             # the embedding worker has seen before), close to stored questions.
@@ -313,6 +326,9 @@ def report(results: dict[str, Any], command: str) -> str:
         "",
         "c=1 by question length (thirds, shortest first; p50 / p99 ms): paraphrase lookups "
         f"{_thirds(s)}; misses {_thirds(m)}.",
+        "",
+        f"c=1 slowest requests (ms, characters, place in the phase): paraphrase lookups "
+        f"{_slowest(s)}; misses {_slowest(m)}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -321,6 +337,12 @@ def _thirds(phase: dict[str, Any]) -> str:
     return ", ".join(
         f"{t['chars_min']}-{t['chars_max']} chars {t['p50_ms']:.1f} / {t['p99_ms']:.1f}"
         for t in phase["by_length"]
+    )
+
+
+def _slowest(phase: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{r['ms']:.1f} ms / {r['chars']} / #{r['position']}" for r in phase.get("slowest", [])
     )
 
 
