@@ -17,6 +17,7 @@ from proxy.cache.keys import Endpoint, Partition, Scope
 from proxy.cache.service import InvalidationFilter
 from proxy.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, ServiceUnavailable
 from proxy.policy.keys import bearer_token, verify_key
+from proxy.rollout.http import add_rollout_routes
 from proxy.services import Services
 
 AdminHandler = Callable[[web.Request], Awaitable[web.Response]]
@@ -33,6 +34,8 @@ def add_routes(app: web.Application, services: Services) -> None:
     async def cache_stats(request: web.Request) -> web.Response:
         cache = _cache(services)
         stats = (await cache.stats()).to_json()
+        if services.tuner is not None:
+            stats["audits"] = services.tuner.report()  # per tier: rate, bounds, tuned cut-off
         return _json(stats)
 
     async def cache_invalidate(request: web.Request) -> web.Response:
@@ -117,6 +120,7 @@ def add_routes(app: web.Application, services: Services) -> None:
     app.router.add_post("/admin/cache/import", guarded(cache_import))
     app.router.add_post("/admin/policies/reload", guarded(policies_reload))
     app.router.add_get("/admin/engines", guarded(engines))
+    add_rollout_routes(app, services.rollouts, guarded)
 
 
 def _authorize(request: web.Request, services: Services) -> None:

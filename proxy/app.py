@@ -24,6 +24,7 @@ from proxy.cache.index import SemanticIndex
 from proxy.cache.keys import Scope
 from proxy.cache.service import CacheConfig, CosineVerifier, ResponseCache, SemanticVerifier
 from proxy.cache.store import CacheStore, DiskStore
+from proxy.cache.verifier import CacheVerifier
 from proxy.embeddings.worker import EmbeddingWorker, Encode
 from proxy.engines.client import AiohttpTransport, EngineCaller, Transport
 from proxy.engines.health import poll_forever
@@ -37,10 +38,12 @@ from proxy.policy.admission import EngineAdmission, Outcome
 from proxy.policy.default import StaticPolicies, open_policies
 from proxy.policy.limits import Limiter, LocalCounters
 from proxy.policy.store import PolicyStore
+from proxy.rollout.manager import Rollouts
 from proxy.routing.classifier import DifficultyClassifier
 from proxy.routing.router import Router
 from proxy.services import PolicySource, Services
 from proxy.settings import VIRTUAL_MODEL, ConfigError, Settings
+from proxy.tasks import cancelling, stop
 
 SERVICES = web.AppKey("services", Services)
 TRANSPORT = web.AppKey("transport", AiohttpTransport)
@@ -70,7 +73,7 @@ def create_app(
     )
     metrics = metrics or Metrics()
     engines = [Engine.from_settings(e) for e in settings.engines]
-    http_transport = AiohttpTransport()
+    http_transport = AiohttpTransport(lean=settings.server.lean_engine_client)
     caller = EngineCaller(
         transport or http_transport,
         on_retry=lambda engine, reason: metrics.upstream_retry(engine=engine.name, reason=reason),
@@ -90,6 +93,7 @@ def create_app(
             )
             for e in engines
         },
+        rollouts=Rollouts.build(settings, engines, metrics, caller),
         access_log=_access_log(settings) if access_log else None,
     )
     app[SERVICES] = services
@@ -104,12 +108,17 @@ def create_app(
     app.cleanup_ctx.append(_redis_limits)
     app.cleanup_ctx.append(_embedder)
     app.cleanup_ctx.append(_response_cache)
+    app.cleanup_ctx.append(_shadow_checks)
+    app.cleanup_ctx.append(_rollouts)
     app.cleanup_ctx.append(_engine_versions)
     app.cleanup_ctx.append(_health_poller)
     app.cleanup_ctx.append(_policy_watcher)
     handlers.add_routes(app, services)
     admin.add_routes(app, services)
-    app.add_routes(dashboard_routes(metrics.snapshot))
+    rollouts = services.rollouts
+    app.add_routes(
+        dashboard_routes(lambda: {**metrics.snapshot(), "rollout": rollouts.dashboard()})
+    )
     return app
 
 
@@ -233,7 +242,7 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     app[TRANSPORT].session = session
     yield
-    await session.close()
+    await app[TRANSPORT].aclose()  # the session and the lean client's connections
 
 
 async def _redis_limits(app: web.Application) -> AsyncIterator[None]:
@@ -277,11 +286,15 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
         on_batch=lambda size, seconds, waited: metrics.embedding_batch(
             size=size, encode_s=seconds, wait_s=waited
         ),
+        threads=settings.threads,
+        remembered=settings.remembered,
     )
     async with worker:
         services.embedder, services.encode = worker, encode  # type: ignore[assignment]
         yield
         services.embedder = services.encode = None
+    if services.verifier is not None:
+        await asyncio.to_thread(services.verifier.close)
 
 
 async def _response_cache(app: web.Application) -> AsyncIterator[None]:
@@ -299,7 +312,10 @@ async def _response_cache(app: web.Application) -> AsyncIterator[None]:
     else:
         directory = settings.cache.data_dir or settings.resolved_data_dir() / "cache"
         store = await asyncio.to_thread(
-            DiskStore, directory, size_limit=int(settings.cache.size_limit_gb * 2**30)
+            DiskStore,
+            directory,
+            size_limit=int(settings.cache.size_limit_gb * 2**30),
+            writer=settings.cache.disk_writer,
         )
     ttl = {scope: settings.cache.ttl_seconds for scope in Scope}
     verifier, floor = _verifier(services)
@@ -319,33 +335,112 @@ async def _response_cache(app: web.Application) -> AsyncIterator[None]:
         services.cache = None
 
 
+async def _shadow_checks(app: web.Application) -> AsyncIterator[None]:
+    """Per-tier cut-offs (fixed or self-tuned), background audits of semantic hits, and the
+    metrics of every automatic threshold (the routing budget follower's too)."""
+    from proxy.shadow.audit import CacheAuditor
+    from proxy.shadow.metrics import ShadowMetrics
+    from proxy.shadow.tuner import CacheTuner
+
+    services = app[SERVICES]
+    metrics = ShadowMetrics(services.metrics.registry)
+    services.router.budget.observer = metrics  # strong-share moves show beside cut-off moves
+    cache = services.cache
+    if cache is None:
+        yield
+        for collector in metrics.collectors():
+            services.metrics.registry.unregister(collector)
+        return
+    audit = services.settings.cache.audit
+    base = cache.verifier
+    tuner = CacheTuner(
+        base_cutoff=base.cutoff if isinstance(base, CacheVerifier) else _cosine_threshold(base),
+        observer=metrics,
+        window=audit.window,
+    )
+    auditor = CacheAuditor(
+        audit,
+        caller=services.caller,
+        tuner=tuner,
+        metrics=metrics,
+        admissions=services.admissions,
+        # audits embed off the batching queue: a user's text never waits behind an audit's
+        embedder=lambda: (
+            services.embedder.embed_background if services.embedder is not None else None
+        ),
+    )
+    services.tuner, services.auditor = tuner, auditor
+    yield
+    services.tuner = services.auditor = None
+    await auditor.aclose()
+    for collector in metrics.collectors():
+        services.metrics.registry.unregister(collector)
+
+
+def _cosine_threshold(verifier: SemanticVerifier) -> float:
+    return verifier.threshold if isinstance(verifier, CosineVerifier) else 0.92
+
+
 def _load_encoder(services: Services) -> Encode:
-    """The embedding function: fused with the verifier when the semantic cache needs it."""
+    """The embedding function: fused with the verifier when the semantic cache needs it; else,
+    for a difficulty head that reads the shallow view, the base encoder that also computes it."""
     if services.router.classifier is not None:
         from proxy.routing.commands import load_count_tokens
+        from proxy.routing.views import DEFAULT_CAPACITY, ShallowViews
 
         # The head was trained with MiniLM's tokenizer counts: score with the same ones.
         services.router.count_tokens = load_count_tokens()
+        # Views must outlive the worker's remembered vectors (a repeated text skips the encoder).
+        embeddings = services.settings.embeddings
+        services.router.views = ShallowViews(
+            max(DEFAULT_CAPACITY, embeddings.remembered + embeddings.max_batch)
+        )
     cache = services.settings.cache
     if not (cache.enabled and cache.semantic):
         from proxy.embeddings.minilm import load_minilm
 
+        classifier = services.router.classifier
+        if classifier is not None and classifier.shallow_neighbours is not None:
+            from proxy.routing.views import load_encoder_with_views
+
+            # The head's second vote reads the encoder's shallow view: the fused one is off.
+            return load_encoder_with_views(
+                services.router.views, services.settings.embeddings.precision
+            )
         return load_minilm()
     import torch
 
+    from proxy.cache.packed_encoder import PackedEncoder
     from proxy.cache.verifier import CacheVerifier, Verifier
 
-    torch.set_num_threads(1)  # one embedding thread; the event loop keeps the other core
+    # One torch thread per call: the worker splits large batches across its threads itself.
+    torch.set_num_threads(1)
     verifier = Verifier.load(cross=cache.cross_encoder)
+    verifier.encoder = PackedEncoder(
+        verifier.encoder,
+        precision=services.settings.embeddings.precision,
+        # a lone text's two top stacks on two threads: only with a second core for the model
+        split_single=services.settings.embeddings.threads > 1,
+    )
     cache_verifier = CacheVerifier(
         verifier, threshold=cache.similarity_threshold, cutoff=cache.verifier_cutoff
     )
     services.verifier = cache_verifier
 
+    classifier = services.router.classifier
+    # Only a head with the second vote reads the views: otherwise keeping them is wasted work.
+    views = (
+        services.router.views
+        if classifier is not None and classifier.shallow_neighbours is not None
+        else None
+    )
+
     def encode(texts: list[str]) -> np.ndarray:
         batch = verifier.encoder.encode(texts)
         for text, vector in zip(texts, batch.verifier, strict=True):
             cache_verifier.remember(text, vector)
+        if views is not None:
+            views.remember(batch.base, batch.shallow)
         return batch.base
 
     return encode
@@ -359,6 +454,16 @@ def _verifier(services: Services) -> tuple[SemanticVerifier, float]:
     threshold = services.settings.cache.similarity_threshold
     threshold = threshold if threshold is not None else 0.92
     return CosineVerifier(threshold=threshold), threshold
+
+
+async def _rollouts(app: web.Application) -> AsyncIterator[None]:
+    """Canary rollouts: persisted state applied before versions resolve; judge and sync loops."""
+    services = app[SERVICES]
+    rollouts = services.rollouts
+    rollouts.busy = lambda name: services.admissions[name].waiting > 0
+    await rollouts.start(services.cache)
+    yield
+    await rollouts.stop()
 
 
 async def _engine_versions(app: web.Application) -> AsyncIterator[None]:
@@ -375,10 +480,7 @@ async def _engine_versions(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(task), timeout=2.0)
     yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await stop(task)
 
 
 async def _resolve_versions(
@@ -393,11 +495,13 @@ async def _resolve_versions(
                     engine.version = await resolve_version(
                         session,
                         replica.url,
-                        engine.model,
+                        engine.wire_model,
                         model_dir=engine.settings.model_dir,
                         headers=_auth(engine),
                     )
-                except (aiohttp.ClientError, OSError, TimeoutError, LookupError, ValueError):
+                except (aiohttp.ClientError, OSError, TimeoutError, LookupError, ValueError) as exc:
+                    if cancelling():
+                        raise asyncio.CancelledError from exc
                     continue
                 log.info("engine version", engine=engine.name, version=engine.version)
                 engines.remove(engine)
@@ -406,7 +510,7 @@ async def _resolve_versions(
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     if services.cache is not None:
-        keep = {(e.name, e.version) for e in services.engines if e.version is not None}
+        keep = services.rollouts.served()  # stable and canary versions alike
         purged = await services.cache.purge_versions(keep)
         if purged:
             log.info("purged cache entries of versions no engine serves", entries=purged)
@@ -441,16 +545,15 @@ async def _health_poller(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(
         poll_forever(
             session,
-            services.engines,
+            services.rollouts.polled,  # stable and canary replica sets, kept current
             interval_s=health.interval_s,
             timeout_s=health.timeout_s,
+            unhealthy_after=health.unhealthy_after,
             observe=observe,
         )
     )
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop(task)
 
 
 async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
@@ -460,9 +563,7 @@ async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
         return
     task = asyncio.create_task(source.watch())
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop(task)
 
 
 # -- errors -----------------------------------------------------------------------------------

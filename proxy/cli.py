@@ -64,6 +64,7 @@ def build_parser(*, operator_tools: bool = True) -> argparse.ArgumentParser:
         _add_optional(sub, "proxy.admin_cli", "add_parsers")
         _add_optional(sub, "proxy.policy.commands", "add_policy_parsers")
         _add_optional(sub, "proxy.bench.cli", "add_bench_parser")
+        _add_optional(sub, "proxy.rollout.commands", "add_rollout_parsers")
     return parser
 
 

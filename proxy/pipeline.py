@@ -28,7 +28,15 @@ import structlog
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
-from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, make_keys
+from proxy.cache.keys import (
+    CacheKeys,
+    Endpoint,
+    KeyMaterial,
+    Partition,
+    Scope,
+    key_material,
+    keys_from_material,
+)
 from proxy.cache.modes import CacheMode, request_mode
 from proxy.cache.service import CacheHit, follow_as_sse
 from proxy.cache.singleflight import Follower, Leader, LeaderFailed
@@ -70,12 +78,14 @@ class Exchange:
     tier: str = "-"
     model: str = ""
     engine: Engine | None = None  # the engine whose answer the client got
+    version: str | None = None  # the version that answered (stable, canary, or a cache entry's)
     routed: Engine | None = None  # the engine the router chose
     cache: str = "bypass"
     cache_similarity: float | None = None
     cache_age_s: float | None = None
     coalesced: bool = False
     route_reason: str = ""
+    route_detail: str = ""  # the decision's own words, e.g. the load estimate that moved it
     route_score: float | None = None
     max_tokens_clamped: int | None = None
     status: int = 200
@@ -86,15 +96,19 @@ class Exchange:
     upstream_s: float = 0.0  # time spent waiting on the engine, for the proxy's own overhead
     baseline: Engine | None = None  # what the request would have used with no routing
     error: str | None = None
+    latency_s: float = 0.0  # set when the handler returns
+    conversation: CompletionRequest | None = None  # a chat answered by the routed engine
 
     def headers(self) -> dict[str, str]:
         headers = {"x-request-id": self.request_id, "x-frugal-cache": self.cache}
         if self.engine is not None:
             headers["x-frugal-engine"] = self.engine.name
-            headers["x-frugal-model-version"] = self.engine.version or "unknown"
+            headers["x-frugal-model-version"] = self.version or self.engine.version or "unknown"
         if self.routed is not None:
             headers["x-frugal-route"] = self.routed.name
             headers["x-frugal-route-reason"] = self.route_reason
+            if self.route_detail:
+                headers["x-frugal-route-detail"] = self.route_detail
             if self.route_score is not None:
                 headers["x-frugal-route-score"] = f"{self.route_score:.4f}"
         if self.cache_similarity is not None:
@@ -119,6 +133,10 @@ class CachePlan:
     scope: Scope = Scope.TENANT
     partition: Partition | None = None
     _keys: dict[str, CacheKeys] = field(default_factory=dict)
+    # the body's canonical form, serialised once for every engine (routing and the upstream body
+    # change only fields the keys exclude: model, stream_options)
+    _material: KeyMaterial | None = None
+    exact_missed: str | None = None  # an exact key already looked up without a hit
 
     @property
     def keys(self) -> CacheKeys | None:
@@ -128,16 +146,18 @@ class CachePlan:
         """The request's keys for one engine version, hashed once per request and engine."""
         if self.partition is None or engine.version is None:
             return None  # an engine whose weights are unknown can neither serve nor store
-        keys = self._keys.get(engine.name)
+        memo = f"{engine.name}\0{engine.version}"  # a canary shares its engine's name
+        keys = self._keys.get(memo)
         if keys is None:
-            keys = make_keys(
-                ENDPOINTS[req.kind],
-                req.body,
+            if self._material is None:
+                self._material = key_material(ENDPOINTS[req.kind], req.body)
+            keys = keys_from_material(
+                self._material,
                 engine=engine.name,
                 version=engine.version,
                 partition=self.partition,
             )
-            self._keys[engine.name] = keys
+            self._keys[memo] = keys
         return keys
 
 
@@ -159,31 +179,57 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
         requested = resolve_model(policy, req.model)
         allowed = _allowed_engines(services, requested)
         _cap_max_tokens(req, policy, exchange)
-        prompt_bound = prompt_token_bound(_prompt_texts(req))
+        prompt_bound = _prompt_bound(req, policy)
 
         async with services.limiter.admit(principal, prompt_tokens=prompt_bound) as ticket:
             plan = _cache_plan(request, req, principal, services)
             exchange.baseline = allowed[-1]
             # The cheapest hit first: an exact answer from the strongest engine this request may
             # use is good enough whatever the router would say, and it needs no embedding.
-            hit = await _exact_lookup(services, plan, req, allowed[-1])
+            prefix = _memo(lambda: conversation_prefix(req))
+            rollouts = services.rollouts
+            hit = await _exact_lookup(services, plan, req, rollouts.select(allowed[-1], prefix))
             if hit is not None:
                 return _respond_from_cache(request, req, hit, exchange, services)
-            text = last_user_text(req)
-            embedding = await _embed(services, req, requested, allowed, plan, text)
+            embedding = await _embed(services, req, requested, allowed, plan)
             decision = _route(services, req, requested, allowed, principal, embedding)
-            engine = services.by_name[decision.engine]
+            # The engine's canary answers the conversations in its share (sticky per conversation).
+            engine = rollouts.select(services.by_name[decision.engine], prefix)
             exchange.routed = exchange.engine = engine
+            exchange.version = engine.version
             exchange.route_reason, exchange.route_score = decision.reason, decision.score
+            exchange.route_detail = decision.detail
             services.metrics.route_decision(
                 tier=principal.tier, engine=engine.name, reason=decision.reason
             )
             _prepare_upstream_body(req, engine)
 
-            stronger = allowed[allowed.index(engine) + 1 :] if requested == VIRTUAL_MODEL else []
+            stable = rollouts.stable_of(engine)
+            stronger = (
+                [rollouts.select(e, prefix) for e in allowed[allowed.index(stable) + 1 :]]
+                if requested == VIRTUAL_MODEL
+                else []
+            )
             _plan_keys(plan, req, [engine, *stronger])
-            hit = await _lookup(services, plan, embedding, exchange)
+            cutoff = _cutoff(services, plan, principal)
+            refused: list[CacheHit] | None = (
+                []
+                if services.tuner is not None and services.tuner.wants_counterfactual(policy.cache)
+                else None
+            )
+            hit = await _lookup(services, plan, embedding, exchange, cutoff, refused)
             if hit is not None:
+                if hit.kind == "semantic" and services.auditor is not None:
+                    services.auditor.consider(
+                        tier=principal.tier,
+                        cache_policy=policy.cache,
+                        # The version that stored the answer is the one to ask again.
+                        engine=rollouts.replica_set(hit.meta.engine, hit.meta.version),
+                        kind=req.kind,
+                        body=req.body,
+                        hit=hit,
+                        cutoff=cutoff,
+                    )
                 return _respond_from_cache(request, req, hit, exchange, services)
 
             flight = (
@@ -208,15 +254,24 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
                     tier=principal.tier,
                 ),
             ):
+                answered = (
+                    services.auditor.counterfactual(
+                        tier=principal.tier,
+                        cache_policy=policy.cache,
+                        engine=engine,
+                        refused=refused,
+                        cutoff=cutoff,
+                    )
+                    if refused and services.auditor is not None
+                    else None
+                )
                 response = await _answer_from_engine(
-                    request, req, engine, exchange, services, plan, embedding, flight
+                    request, req, engine, exchange, services, plan, embedding, flight, answered
                 )
                 spend.record(engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out))
             ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
             if req.kind == "chat":
-                services.router.remember(
-                    conversation_prefix(req), engine.name, exchange.route_score
-                )
+                exchange.conversation = req  # the router remembers it once the answer is out
             return response
     except EngineNotAllowedError as err:
         raise _refusal(exchange, PermissionDenied(str(err), param="model")) from None
@@ -226,7 +281,10 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
         exchange.status = 499  # the client closed the connection
         raise
     finally:
-        _finish(exchange, services)
+        # Metrics and the access line run just after the response is written (the next turn of
+        # the loop), so their cost is not added to every answer's latency.
+        exchange.latency_s = time.perf_counter() - exchange.started
+        asyncio.get_running_loop().call_soon(_finish, exchange, services)
 
 
 # -- admission and policy ---------------------------------------------------------------------
@@ -282,11 +340,36 @@ def _cap_max_tokens(req: CompletionRequest, policy: TierPolicy, exchange: Exchan
         req.max_tokens = capped.value
 
 
+def _prompt_bound(req: CompletionRequest, policy: TierPolicy) -> int:
+    """The prompt's token bound, for the limits that count tokens (0 when none does: the
+    bound serialises every message, a cost the open path need not pay)."""
+    budget = policy.budget
+    if (
+        policy.limits.tokens_per_minute is None
+        and budget.usd_per_day is None
+        and budget.usd_per_day_per_tenant is None
+    ):
+        return 0
+    return prompt_token_bound(_prompt_texts(req))
+
+
 def _prompt_texts(req: CompletionRequest) -> list[str]:
     if req.kind == "completion":
         prompt = req.body["prompt"]
         return [prompt] if isinstance(prompt, str) else [orjson.dumps(prompt).decode()]
     return [orjson.dumps(m.get("content")).decode() for m in req.body["messages"]]
+
+
+def _memo(compute: Callable[[], bytes]) -> Callable[[], bytes]:
+    """``compute`` run at most once (the conversation prefix, only if a canary asks for it)."""
+    cell: list[bytes] = []
+
+    def get() -> bytes:
+        if not cell:
+            cell.append(compute())
+        return cell[0]
+
+    return get
 
 
 def _refusal(exchange: Exchange, err: FrugalError) -> FrugalError:
@@ -304,13 +387,15 @@ async def _embed(
     requested: str,
     allowed: list[Engine],
     plan: CachePlan,
-    text: str | None,
 ) -> np.ndarray | None:
     """One embedding of the last user turn serves both the router and the semantic cache."""
-    if services.embedder is None or not text:
+    if services.embedder is None:
         return None
     routing = requested == VIRTUAL_MODEL and len(allowed) > 1 and services.router.scores
     if not (routing or (plan.semantic and plan.mode.read)):
+        return None
+    text = last_user_text(req)
+    if not text:
         return None
     return await services.embedder.embed(text)
 
@@ -339,8 +424,11 @@ def _route(
     if embedding is not None and router.scores and req.kind == "chat" and len(allowed) > 1:
         score = router.score(req.body["messages"], embedding)
         router.observe_score(principal.tier, routing.strong_share, score)
+    target = router.budget.share(
+        principal.tier, routing, principal.policy.budget.usd_per_day, time.monotonic()
+    )
     threshold = router.threshold(
-        principal.tier, share=routing.strong_share, fixed=routing.score_threshold
+        principal.tier, share=routing.strong_share, fixed=routing.score_threshold, target=target
     )
     follow_up = req.kind == "chat" and any(
         m.get("role") == "assistant" for m in req.body["messages"]
@@ -357,17 +445,16 @@ def _route(
 
 
 def _loads(services: Services, allowed: list[Engine]) -> dict[str, EngineLoad]:
-    return {
-        e.name: services.router.load(
-            e, services.admissions[e.name].waiting, services.admissions[e.name].active
-        )
-        for e in allowed
-    }
+    loads = {}
+    for e in allowed:
+        gate = services.admissions[e.name]
+        loads[e.name] = services.router.load(e, gate.waiting, gate.active, gate.queue_delay())
+    return loads
 
 
 def _prepare_upstream_body(req: CompletionRequest, engine: Engine) -> None:
-    if req.model != engine.model:
-        req.set("model", engine.model)
+    if req.model != engine.wire_model:
+        req.set("model", engine.wire_model)
     if req.stream and not req.include_usage:
         # Ask the engine for usage so tokens and cost are counted (and a cached stream can replay
         # it); the client, who did not ask for it, never sees that chunk.
@@ -430,11 +517,25 @@ async def _exact_lookup(
     hit = await cache.lookup(keys, embedding=None, mode=plan.mode, semantic=False)
     if hit is not None:
         services.metrics.cache_lookup(kind="exact", scope=plan.scope.value, hit=True)
+    else:
+        plan.exact_missed = keys.exact
     return hit
 
 
+def _cutoff(services: Services, plan: CachePlan, principal: Principal) -> float | None:
+    """The tier's verifier cut-off for semantic lookups (its policy's, or the tuned one)."""
+    if services.tuner is None or not plan.semantic:
+        return None
+    return services.tuner.cutoff(principal.tier, principal.policy.cache)
+
+
 async def _lookup(
-    services: Services, plan: CachePlan, embedding: np.ndarray | None, exchange: Exchange
+    services: Services,
+    plan: CachePlan,
+    embedding: np.ndarray | None,
+    exchange: Exchange,
+    cutoff: float | None = None,
+    refused: list[CacheHit] | None = None,
 ) -> CacheHit | None:
     cache = services.cache
     if cache is None or plan.mode is CacheMode.OFF:
@@ -443,8 +544,18 @@ async def _lookup(
     exchange.cache = "miss" if plan.mode.read else "bypass"
     if not plan.mode.read:
         return None
+    semantic = plan.semantic and embedding is not None
     for keys in plan.lookups:
-        hit = await cache.lookup(keys, embedding=embedding, mode=plan.mode, semantic=plan.semantic)
+        if keys.exact == plan.exact_missed and not semantic:
+            continue  # looked up before routing, a moment ago: one store read per key is enough
+        hit = await cache.lookup(
+            keys,
+            embedding=embedding,
+            mode=plan.mode,
+            semantic=plan.semantic,
+            cutoff=cutoff,
+            refused=refused,
+        )
         if hit is not None:
             services.metrics.cache_lookup(
                 kind=hit.kind, scope=plan.scope.value, hit=True, similarity=hit.similarity
@@ -465,6 +576,7 @@ def _respond_from_cache(
 ) -> web.StreamResponse:
     exchange.cache = f"hit-{hit.kind}"
     exchange.engine = services.by_name.get(hit.meta.engine, exchange.engine)
+    exchange.version = hit.meta.version  # the version that stored the answer
     exchange.cache_age_s = hit.age_seconds
     if hit.kind == "semantic":
         exchange.cache_similarity = hit.similarity
@@ -537,11 +649,15 @@ async def _answer_from_engine(
     plan: CachePlan,
     embedding: np.ndarray | None,
     flight: Leader[bytes, bytes] | None,
+    answered: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
     upstream = await _call_engine(req, engine, exchange, services)
     if exchange.ttft_s is not None and upstream.status == 200:
         services.router.observe_ttft(engine.name, exchange.ttft_s)
-    store = _Store(services, plan, embedding, exchange, flight)
+    shadow = services.rollouts.shadow_hook(
+        engine, PATHS[req.kind], req.body, lambda: conversation_prefix(req)
+    )
+    store = _Store(services, plan, embedding, exchange, flight, shadow, answered)
     if req.stream and upstream.status == 200:
         return await _relay_stream(request, req, upstream, exchange, store)
     return _relay_body(upstream, exchange, store)
@@ -560,7 +676,8 @@ async def _call_engine(
             PATHS[req.kind],
             req.encoded(),
             headers,
-            affinity=conversation_prefix(req),
+            # Affinity only matters with a choice of replicas; it serialises the messages.
+            affinity=conversation_prefix(req) if len(engine.replicas) > 1 else None,
             stream=req.stream,
         )
     finally:
@@ -577,10 +694,17 @@ class _Store:
     embedding: np.ndarray | None
     exchange: Exchange
     flight: Leader[bytes, bytes] | None
+    shadow: Callable[[bytes], None] | None = None  # the canary quality check, when sampled
+    answered: Callable[[bytes], None] | None = None  # a counterfactual cache audit's callback
 
     @property
     def wanted(self) -> bool:
-        return self.flight is not None or self.plan.mode.write
+        return (
+            self.flight is not None
+            or self.plan.mode.write
+            or self.shadow is not None
+            or self.answered is not None
+        )
 
     def publish(self, payload: bytes) -> None:
         if self.flight is not None:
@@ -589,8 +713,19 @@ class _Store:
     def complete(self, status: int, body: bytes) -> None:
         if self.flight is not None:
             self.flight.finish(body)
+        if self.shadow is not None and status == 200:
+            self.shadow(body)
+        if self.answered is not None and status == 200:
+            self.answered(body)
         cache, keys = self.services.cache, self.plan.keys
-        if cache is not None and keys is not None and self.plan.mode.write and status == 200:
+        if (
+            cache is not None
+            and keys is not None
+            and self.plan.mode.write
+            and status == 200
+            # A promote or rollback while this answer was on its way retired its version.
+            and self.services.rollouts.serves(keys.engine, keys.version)
+        ):
             cache.store_in_background(
                 keys,
                 body,
@@ -655,10 +790,18 @@ async def _relay_stream(
         await _write_quietly(response, err.to_sse())
         if store.flight is not None:
             store.flight.fail(err)
-    except (*_CLIENT_GONE, asyncio.CancelledError):
+    except asyncio.CancelledError:
         upstream.finish(ok=False, aborted=True)
         exchange.status = 499
         raise
+    except _CLIENT_GONE:
+        # The client left mid-stream: the engine is aborted above; nothing is left to write, and
+        # raising would only make aiohttp log a traceback for an ordinary disconnect.
+        upstream.finish(ok=False, aborted=True)
+        exchange.status = 499
+        if store.flight is not None:
+            store.flight.fail(FrugalError("the client left before the stream ended"))
+        return response
     else:
         if assembler is not None and relay.done and assembler.complete:
             store.complete(200, orjson.dumps(assembler.result()))
@@ -768,16 +911,31 @@ async def _write_eof_quietly(response: web.StreamResponse) -> None:
 
 
 def _finish(exchange: Exchange, services: Services) -> None:
-    latency = time.perf_counter() - exchange.started
+    latency = exchange.latency_s
     engine = exchange.engine
+    router = services.router
+    if (
+        exchange.conversation is not None
+        and exchange.routed is not None
+        and len(router.weak_to_strong) > 1  # with one engine there is nothing to stick to
+    ):
+        # Its next turn cannot arrive before the client has this answer: remembering it now,
+        # off the latency path, is in time for stickiness.
+        router.remember(
+            conversation_prefix(exchange.conversation), exchange.routed.name, exchange.route_score
+        )
     ok = exchange.status < 400
+    if ok and engine is not None and exchange.upstream_s > 0:
+        services.router.observe_service(engine.name, exchange.upstream_s)
     from_cache = exchange.cache.startswith("hit")
     routed_usd = (
         engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out) if engine else 0.0
     )
     baseline = exchange.baseline or engine
     baseline_usd = (
-        baseline.settings.cost.usd(exchange.tokens_in, exchange.tokens_out) if baseline else 0.0
+        baseline.settings.cost.usd(exchange.tokens_in, exchange.tokens_out)
+        if baseline is not None and baseline is not engine
+        else routed_usd
     )
     money = split_savings(
         baseline_usd=max(baseline_usd, routed_usd),
@@ -785,6 +943,8 @@ def _finish(exchange: Exchange, services: Services) -> None:
         served_from_cache=from_cache,
         ok=ok,
     )
+    if money.cost_usd:
+        services.router.budget.observe(exchange.tier, money.cost_usd, time.monotonic())
     services.metrics.request_done(
         tier=exchange.tier,
         model=exchange.model if engine is not None else "",
@@ -801,6 +961,17 @@ def _finish(exchange: Exchange, services: Services) -> None:
         saved_routing_usd=money.saved_routing_usd,
         stream=exchange.stream,
     )
+    version = exchange.version or (engine.version if engine is not None else None)
+    if engine is not None and version is not None:
+        services.rollouts.record(
+            engine=engine.name,
+            version=version,
+            from_cache=from_cache,
+            status=exchange.status,
+            latency_s=latency,
+            tokens_out=exchange.tokens_out,
+            cost_usd=money.cost_usd,
+        )
     if services.access_log is not None:
         services.access_log.write(
             dict(
@@ -808,7 +979,7 @@ def _finish(exchange: Exchange, services: Services) -> None:
                 tier=exchange.tier,
                 model=exchange.model,
                 engine=engine.name if engine else None,
-                model_version=engine.version if engine else None,
+                model_version=version,
                 cache=exchange.cache,
                 route=exchange.routed.name if exchange.routed else None,
                 route_reason=exchange.route_reason,

@@ -22,8 +22,11 @@ from proxy.observability.metrics import Metrics
 from proxy.policy.admission import EngineAdmission
 from proxy.policy.limits import Limiter
 from proxy.policy.policyset import PolicySet
+from proxy.rollout.manager import Rollouts
 from proxy.routing.router import Router
 from proxy.settings import Settings
+from proxy.shadow.audit import CacheAuditor
+from proxy.shadow.tuner import CacheTuner
 
 
 class RequestIds:
@@ -57,10 +60,13 @@ class Services:
     policies: PolicySource
     limiter: Limiter
     admissions: dict[str, EngineAdmission]
+    rollouts: Rollouts  # canary replica sets, their split, state and figures
     cache: ResponseCache | None = None
     embedder: EmbeddingWorker | None = None
     encode: Encode | None = None  # the raw embedding function, for batch jobs (cache import)
     verifier: CacheVerifier | None = None  # the semantic cache's trained verifier, when loaded
+    tuner: CacheTuner | None = None  # each tier's verifier cut-off (fixed or self-tuned)
+    auditor: CacheAuditor | None = None  # background audits of semantic hits
     flights: SingleFlight[bytes, bytes] = field(default_factory=SingleFlight)
     request_ids: RequestIds = field(default_factory=RequestIds)
     access_log: AccessLog | None = None

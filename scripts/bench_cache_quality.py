@@ -229,6 +229,7 @@ def encode_cached(
 ) -> verifier.EncodedBatch:
     """The fused pass over all texts, cached on disk by (texts, tuned layers)."""
     key = hashlib.sha256("\n".join(texts).encode("utf-8"))
+    key.update(str(getattr(model.encoder, "precision", "reference")).encode())
     for name in sorted(model.encoder.tuned):
         key.update(model.encoder.tuned[name].numpy().tobytes())
     file = cache_dir / f"encoded-{key.hexdigest()[:16]}.npz" if cache_dir else None
@@ -270,7 +271,7 @@ def score_pairs(
             )
         )
     started = time.time()
-    scores = model.score_and_compare(candidates, threshold)[0]
+    scores = model.score_and_compare(candidates, threshold=threshold)[0]
     log(f"scored {len(candidates)} pairs in {time.time() - started:.0f}s")
     scored = [
         Scored(
@@ -526,6 +527,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--cross", action="store_true", help="with the cross-encoder (cache.cross_encoder: true)"
     )
+    parser.add_argument(
+        "--runtime",
+        choices=("reference", "float32", "bfloat16", "int8", "auto"),
+        default="reference",
+        help="reference: MiniLMEncoder's padded float32 pass; else the proxy's PackedEncoder "
+        "with that precision (to check that the faster runtime moves no decision)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -533,6 +541,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     model = verifier.Verifier.load(args.artifacts, cross=args.cross)
+    if args.runtime != "reference":
+        from proxy.cache.packed_encoder import PackedEncoder
+
+        model.encoder = PackedEncoder(model.encoder, precision=args.runtime)
+        log(f"runtime: packed, {model.encoder.precision}")
     threshold = args.threshold if args.threshold is not None else model.threshold
     cutoff = args.cutoff if args.cutoff is not None else model.cutoff
     log(f"threshold {threshold:.2f} cut-off {cutoff:.2f} cross-encoder {model.cross is not None}")
@@ -593,6 +606,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             *speed(model, texts, encoded, 5000, 20),
         ]
     (args.out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # Per-pair outputs, to compare two runs decision by decision (e.g. two runtimes).
+    np.savez(
+        args.out / "scores.npz",
+        cosine=np.array([s.cosine for s in scored]),
+        score=np.array([s.score for s in scored]),
+        vetoed=np.array([s.vetoed for s in scored]),
+        label=np.array([s.label for s in scored]),
+    )
     (args.out / "results.json").write_text(
         json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8"
     )

@@ -1,6 +1,6 @@
 """Cache speed through the proxy, on loopback, against a zero-delay fake engine.
 
-    .venv/bin/python scripts/bench_cache_speed.py [--out out/cache_speed]
+    .venv/bin/python scripts/bench_cache_speed.py [--out out/cache_speed] [--precision int8]
 
 Measures (targets from the cache issue):
   * exact hit: p50 <= 0.3 ms and p99 <= 1 ms at concurrency 1 (wrk, one cached request)
@@ -9,6 +9,10 @@ Measures (targets from the cache issue):
     the zero-delay engine's answer time is subtracted by measuring the same request with the
     cache off)
   * semantic lookups/s at concurrency 64 (>= 400 on a 2-core machine)
+
+On a shared, busy machine the wall-clock figures measure the share of the CPU the run got, so the
+CPU time each process spent per request is reported too (proxy, fake engine, this client): on an
+otherwise idle 2-core machine the c=64 rate is bounded by 2 cores / (their sum).
 
 Questions come from ../shared/data/cache_paraphrases_mock.json.gz (read at run time).
 """
@@ -33,6 +37,10 @@ from typing import Any
 import aiohttp
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from proc_cpu import cpu_seconds  # noqa: E402  (a sibling module: the proxy's process tree)
+
 DATA = REPO.parent / "shared" / "data" / "cache_paraphrases_mock.json.gz"
 CONFIG = """\
 server: {{host: 127.0.0.1, port: {port}}}
@@ -114,9 +122,56 @@ async def timed_posts(
     return latencies, outcomes, time.perf_counter() - started
 
 
+class CpuMeter:
+    """CPU milliseconds per request of the proxy, the fake engine and this client over a phase."""
+
+    def __init__(self, proxy: int, engine: int) -> None:
+        self.pids = {"proxy": proxy, "engine": engine}
+
+    def __enter__(self) -> CpuMeter:
+        self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.client = time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.spent = {name: cpu_seconds(pid) - self.start[name] for name, pid in self.pids.items()}
+        self.spent["client"] = time.process_time() - self.client
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        return {name: 1000 * seconds / requests for name, seconds in self.spent.items()}
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def by_length(texts: list[str], latencies: list[float]) -> list[dict[str, float]]:
+    """p50/p99 of a c=1 phase for the shortest, middle and longest third of its texts (the tail
+    at c=1 is the longest questions' encoder pass)."""
+    ranked = sorted(zip(texts, latencies, strict=True), key=lambda pair: len(pair[0]))
+    size = -(-len(ranked) // 3)
+    thirds = [ranked[i : i + size] for i in range(0, len(ranked), size)]
+    return [
+        {
+            "chars_min": len(part[0][0]),
+            "chars_max": len(part[-1][0]),
+            "p50_ms": pct([lat for _, lat in part], 0.5),
+            "p99_ms": pct([lat for _, lat in part], 0.99),
+        }
+        for part in thirds
+    ]
+
+
+def slowest(texts: list[str], latencies: list[float], count: int = 4) -> list[dict[str, float]]:
+    """The slowest requests of a c=1 phase (sent one by one, so in the texts' order): with a few
+    hundred questions the p99 is one of these, and their lengths and places show whether it is
+    the encoder on a long question or an event of the proxy (the first lookup, say)."""
+    ranked = sorted(enumerate(zip(texts, latencies, strict=True)), key=lambda r: -r[1][1])
+    return [
+        {"ms": lat * 1000, "chars": len(text), "position": index}
+        for index, (text, lat) in ranked[:count]
+    ]
 
 
 def wrk_latency(url: str, text: str, seconds: int) -> dict[str, float]:
@@ -164,6 +219,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 CONFIG.format(
                     port=port, engine_port=engine_port, cache=cache, data_dir=work / f"data-{name}"
                 )
+                + (f"embeddings: {{precision: {args.precision}}}\n" if args.precision else "")
             )
             procs.append(
                 start(
@@ -181,30 +237,49 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await timed_posts(session, cached, ["warm-up question one"], 1)
             await timed_posts(session, uncached, ["warm-up question one"], 1)
             base, _, _ = await timed_posts(session, uncached, [o for o, _ in pairs], 1)
-            miss, miss_outcomes, _ = await timed_posts(session, cached, [o for o, _ in pairs], 1)
-            await asyncio.sleep(1.0)  # background stores land
-            hit, hit_outcomes, _ = await timed_posts(session, cached, [s for _, s in pairs], 1)
+            engine_pid, cached_pid = procs[0].pid, procs[1].pid
+            with CpuMeter(cached_pid, engine_pid) as miss_cpu:
+                miss, miss_outcomes, _ = await timed_posts(
+                    session, cached, [o for o, _ in pairs], 1
+                )
+                await asyncio.sleep(1.0)  # background stores land
+            with CpuMeter(cached_pid, engine_pid) as hit_cpu:
+                hit, hit_outcomes, _ = await timed_posts(session, cached, [s for _, s in pairs], 1)
             results["uncached_request"] = {"p50_ms": pct(base, 0.5), "p99_ms": pct(base, 0.99)}
             results["semantic_miss_c1"] = {
                 "p50_ms": pct(miss, 0.5),
                 "p99_ms": pct(miss, 0.99),
                 "added_p99_ms": pct(miss, 0.99) - pct(base, 0.99),
                 "outcomes": miss_outcomes,
+                "cpu_ms_per_request": miss_cpu.per_request(len(miss)),
+                "by_length": by_length([o for o, _ in pairs], miss),
+                "slowest": slowest([o for o, _ in pairs], miss),
             }
             hits_only = [lat for lat in hit]
             results["semantic_lookup_c1"] = {
                 "p50_ms": pct(hits_only, 0.5),
                 "p99_ms": pct(hits_only, 0.99),
                 "outcomes": hit_outcomes,
+                "cpu_ms_per_request": hit_cpu.per_request(len(hit)),
+                "by_length": by_length([s for _, s in pairs], hit),
+                "slowest": slowest([s for _, s in pairs], hit),
             }
-            # Throughput: fresh paraphrase-like questions (semantic lookups that miss) and the
-            # paraphrases again (exact hits now) are not mixed: new texts only.
-            fresh = [f"{s} (variant {i})" for i, (_, s) in enumerate(pairs)] * args.repeat
-            lat64, out64, wall = await timed_posts(session, cached, fresh, 64)
+            # Throughput: new texts only (each one a semantic lookup: no exact hit, and no text
+            # the embedding worker has seen before), close to stored questions.
+            fresh = [
+                f"{s} (variant {r}-{i})"
+                for r in range(args.repeat)
+                for i, (_, s) in enumerate(pairs)
+            ]
+            with CpuMeter(cached_pid, engine_pid) as c64_cpu:
+                lat64, out64, wall = await timed_posts(session, cached, fresh, 64)
+            cpu = c64_cpu.per_request(len(fresh))
             results["semantic_lookups_c64"] = {
                 "per_s": len(fresh) / wall,
                 "p99_ms": pct(lat64, 0.99),
                 "outcomes": out64,
+                "cpu_ms_per_request": cpu,
+                "idle_2_core_bound_per_s": 2000 / sum(cpu.values()),
             }
             # Exact hits: the first original is stored; wrk at concurrency 1.
         results["exact_hit_c1"] = wrk_latency(urls["cached"], pairs[0][0], args.wrk_seconds)
@@ -242,9 +317,38 @@ def report(results: dict[str, Any], command: str) -> str:
         f"{s['p99_ms']:.1f} ms; outcomes {s['outcomes']} | p99 <= 10 ms |",
         f"| semantic miss, c=1 (whole request) | p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f}"
         f" ms (+{m['added_p99_ms']:.1f} ms over no cache) | p99 <= 10 ms |",
-        f"| semantic lookups, c=64 | {t['per_s']:.0f}/s, p99 {t['p99_ms']:.0f} ms | >= 400/s |",
+        f"| semantic lookups, c=64 | {t['per_s']:.0f}/s, p99 {t['p99_ms']:.0f} ms; outcomes "
+        f"{t['outcomes']} | >= 400/s |",
+        "",
+        "CPU time per request (ms; proxy / fake engine / client), load-independent: "
+        f"hit c=1 {_cpu(s)}; miss c=1 {_cpu(m)}; c=64 {_cpu(t)}, so on an idle 2-core machine "
+        f"c=64 could reach at most {t['idle_2_core_bound_per_s']:.0f}/s.",
+        "",
+        "c=1 by question length (thirds, shortest first; p50 / p99 ms): paraphrase lookups "
+        f"{_thirds(s)}; misses {_thirds(m)}.",
+        "",
+        f"c=1 slowest requests (ms, characters, place in the phase): paraphrase lookups "
+        f"{_slowest(s)}; misses {_slowest(m)}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _thirds(phase: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{t['chars_min']}-{t['chars_max']} chars {t['p50_ms']:.1f} / {t['p99_ms']:.1f}"
+        for t in phase["by_length"]
+    )
+
+
+def _slowest(phase: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{r['ms']:.1f} ms / {r['chars']} / #{r['position']}" for r in phase.get("slowest", [])
+    )
+
+
+def _cpu(phase: dict[str, Any]) -> str:
+    c = phase["cpu_ms_per_request"]
+    return f"{c['proxy']:.2f} / {c['engine']:.2f} / {c['client']:.2f}"
 
 
 def main() -> None:
@@ -253,6 +357,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--wrk-seconds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "out" / "cache_speed")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16", "int8"),
+        help="embeddings.precision of the proxies (default: the config default, auto)",
+    )
     args = parser.parse_args()
     results = asyncio.run(run(args))
     args.out.mkdir(parents=True, exist_ok=True)

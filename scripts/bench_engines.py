@@ -9,7 +9,10 @@ requests run for ``--duration-s``, once straight to the engine and once through 
 for ``--rounds`` rounds; medians are reported.
 
 Every request samples (temperature 0.7, no seed) so a caching proxy cannot answer from its cache,
-and asks vLLM for exactly ``--max-tokens`` tokens (``ignore_eos``), so both sides generate the
+or with ``--misses`` is greedy (temperature 0) with a run-unique counter at the end of its prompt,
+so a caching proxy looks each one up, misses, and stores the answer once the stream has ended (the
+cache's cost on the streaming path, measured); both sides send the same prompts. Each request asks
+vLLM for exactly ``--max-tokens`` tokens (``ignore_eos``), so both sides generate the
 same amount. Tokens come from the usage chunk (``stream_options.include_usage``). TTFT is the time
 from sending the request to the first non-empty content delta.
 
@@ -134,13 +137,16 @@ async def run_phase(
 
     async def worker() -> None:
         while time.perf_counter() < deadline:
+            prompt = next(prompts)
+            if args.misses:
+                prompt = f"{prompt} (request {args.run_id}-{next(args.unique)})"
             body = {
                 "model": model,
-                "messages": [{"role": "user", "content": next(prompts)}],
+                "messages": [{"role": "user", "content": prompt}],
                 "stream": True,
                 "stream_options": {"include_usage": True},
                 "max_tokens": args.max_tokens,
-                "temperature": 0.7,
+                "temperature": 0 if args.misses else 0.7,
                 "ignore_eos": True,  # vLLM: always generate max_tokens, on both sides
             }
             await one_stream(session, url, body, headers, phase)
@@ -167,6 +173,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    # --misses: prompts unique to this run, so a cache kept from an earlier run misses too
+    args.run_id, args.unique = os.urandom(4).hex(), itertools.count()
     headers = dict(h.split(":", 1) for h in args.header)
     headers = {k.strip(): v.strip() for k, v in headers.items()}
     connector = aiohttp.TCPConnector(limit=0)
@@ -261,6 +269,11 @@ def main() -> None:
     parser.add_argument("--proxy", required=True, help="proxy base URL")
     parser.add_argument("--header", action="append", default=[], help="'Name: value' to proxy")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--misses",
+        action="store_true",
+        help="greedy, run-unique prompts: a caching proxy misses and stores every answer",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--warmup-s", type=float, default=5.0)

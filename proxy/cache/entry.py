@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Final
 
 import numpy as np
@@ -61,8 +61,13 @@ def key_label(key: str) -> int:
     return int(key[:16], 16)
 
 
+_META_FIELDS: Final = tuple(f.name for f in fields(EntryMeta))
+
+
 def encode_entry(entry: CacheEntry) -> bytes:
-    header = asdict(entry.meta)
+    # (every field is a str/float/None: no deep copy needed, which asdict would make)
+    meta = entry.meta
+    header: dict[str, object] = {name: getattr(meta, name) for name in _META_FIELDS}
     vector = b""
     if entry.embedding is not None:
         header["dim"] = int(entry.embedding.shape[0])

@@ -190,6 +190,14 @@ _U64_MAX: Final = 2**64 - 1
 
 def canonical(value: Any) -> Any:
     """The value with integral floats as ints (``1.0`` and ``1`` mean the same in JSON)."""
+    kind = type(value)
+    # The common shapes first, by exact type (an ABC isinstance check costs far more).
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is dict:
+        return {str(k): canonical(v) for k, v in value.items()}
+    if kind is list:
+        return [canonical(v) for v in value]
     if isinstance(value, float):
         # only where int and float agree exactly (and orjson can write the int)
         if math.isfinite(value) and value.is_integer() and abs(value) <= _EXACT_FLOAT_INT:
@@ -223,18 +231,9 @@ def digest(parts: Sequence[bytes]) -> str:
     return h.hexdigest()
 
 
-def _parts(
-    kind: bytes, endpoint: Endpoint, engine: str, version: str, partition: Partition, body: bytes
-) -> list[bytes]:
-    return [
-        KEY_FORMAT_VERSION,
-        kind,
-        endpoint.value.encode(),
-        engine.encode(),
-        version.encode(),
-        partition.id.encode(),
-        body,
-    ]
+def _head(endpoint: Endpoint, engine: str, version: str, partition: Partition) -> list[bytes]:
+    """The parts every key of one request for one engine version shares."""
+    return [endpoint.value.encode(), engine.encode(), version.encode(), partition.id.encode()]
 
 
 def last_user_index(messages: Sequence[Any]) -> int | None:
@@ -284,6 +283,39 @@ def split_query(endpoint: Endpoint, fields: Mapping[str, Any]) -> tuple[dict[str
     return {**fields, "prompt": None}, prompt
 
 
+@dataclass(frozen=True, slots=True)
+class KeyMaterial:
+    """What a request's keys hash apart from the engine, version and partition: its canonical
+    fields (and with the query text blanked), serialised once however many engines it is keyed
+    for."""
+
+    endpoint: Endpoint
+    fields_json: bytes
+    context_json: bytes | None
+    query_text: str | None
+
+
+def key_material(endpoint: Endpoint, body: Mapping[str, Any]) -> KeyMaterial:
+    fields = keyed_fields(body)
+    split = split_query(endpoint, fields)
+    if split is None:
+        return KeyMaterial(endpoint, canonical_json(fields), None, None)
+    blanked, query = split
+    return KeyMaterial(endpoint, canonical_json(fields), canonical_json(blanked), query)
+
+
+def keys_from_material(
+    material: KeyMaterial, *, engine: str, version: str, partition: Partition
+) -> CacheKeys:
+    endpoint = material.endpoint
+    head = _head(endpoint, engine, version, partition)  # made once for both keys
+    exact = digest([KEY_FORMAT_VERSION, b"exact", *head, material.fields_json])
+    context: str | None = None
+    if material.context_json is not None:
+        context = digest([KEY_FORMAT_VERSION, b"context", *head, material.context_json])
+    return CacheKeys(endpoint, engine, version, partition, exact, context, material.query_text)
+
+
 def make_keys(
     endpoint: Endpoint,
     body: Mapping[str, Any],
@@ -293,17 +325,9 @@ def make_keys(
     partition: Partition,
 ) -> CacheKeys:
     """Exact key, context key and query text of one request for one engine version."""
-    fields = keyed_fields(body)
-    exact = digest(_parts(b"exact", endpoint, engine, version, partition, canonical_json(fields)))
-    split = split_query(endpoint, fields)
-    context: str | None = None
-    query: str | None = None
-    if split is not None:
-        blanked, query = split
-        context = digest(
-            _parts(b"context", endpoint, engine, version, partition, canonical_json(blanked))
-        )
-    return CacheKeys(endpoint, engine, version, partition, exact, context, query)
+    return keys_from_material(
+        key_material(endpoint, body), engine=engine, version=version, partition=partition
+    )
 
 
 def is_deterministic(body: Mapping[str, Any]) -> bool:

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from proxy.cache.entry import CacheEntry, EntryDecodeError, EntryMeta, decode_entry, encode_entry
 from proxy.cache.store import CacheBackendError, EntryAdded, Resync
+from proxy.tasks import cancelling
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,8 @@ class RedisStore:
                     if entry is not None:
                         yield EntryAdded(entry)
             except _FAILURES as exc:
+                if cancelling():
+                    raise asyncio.CancelledError from exc  # a stop that surfaced as a timeout
                 if self._on_error is not None:
                     self._on_error("follow", exc)
                 log.warning("cache.redis.follow_failed", extra={"error": str(exc)})

@@ -17,6 +17,7 @@ logged, never an error for the client.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import sys
@@ -39,9 +40,10 @@ from proxy.cache.index import SemanticIndex
 from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, is_storable_response, make_keys
 from proxy.cache.modes import CacheMode
 from proxy.cache.singleflight import Follower, SingleFlight
-from proxy.cache.store import CacheStore, EntryAdded, FollowableStore, Resync
+from proxy.cache.store import CacheStore, EntryAdded, FollowableStore, Resync, StoreBusy
 from proxy.cache.stream_codec import replay_sse, wants_usage
 from proxy.sse import DONE_EVENT, frame
+from proxy.tasks import cancelling, stop
 
 log = logging.getLogger(__name__)
 
@@ -76,25 +78,48 @@ class SemanticVerifier(Protocol):
     """Decides whether a cached question asks the same thing as the query.
 
     Called with candidates best-cosine first; returns the accepted one or None. It may be slow
-    (a model): ``ResponseCache`` calls it off the event loop unless ``cheap`` is True.
+    (a model): ``ResponseCache`` calls it off the event loop unless ``cheap`` is True or
+    ``ready`` says this call needs no model work (its inputs are prepared: then the call is a
+    fraction of a millisecond, less than the two thread hand-offs it would otherwise cost).
+    ``cutoff`` replaces the verifier's own acceptance cut-off for this call (a tier's fixed or
+    self-tuned value, see proxy/shadow/tuner.py); None keeps its own.
     """
 
     @property
     def cheap(self) -> bool: ...
 
-    def select(self, query: str, candidates: Sequence[SemanticCandidate]) -> Verdict | None: ...
+    def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool: ...
+
+    def select(
+        self,
+        query: str,
+        candidates: Sequence[SemanticCandidate],
+        *,
+        cutoff: float | None = None,
+    ) -> Verdict | None: ...
 
 
 @dataclass(frozen=True, slots=True)
 class CosineVerifier:
-    """Default verifier: the most similar candidate if its cosine reaches ``threshold``."""
+    """Default verifier: the most similar candidate if its cosine reaches ``threshold`` (its only
+    cut-off, so a ``cutoff`` given per call replaces it)."""
 
     threshold: float = 0.92
     cheap: bool = True
 
-    def select(self, query: str, candidates: Sequence[SemanticCandidate]) -> Verdict | None:
+    def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
+        return True
+
+    def select(
+        self,
+        query: str,
+        candidates: Sequence[SemanticCandidate],
+        *,
+        cutoff: float | None = None,
+    ) -> Verdict | None:
+        threshold = self.threshold if cutoff is None else cutoff
         best = max(range(len(candidates)), key=lambda i: candidates[i].similarity, default=None)
-        if best is None or candidates[best].similarity < self.threshold:
+        if best is None or candidates[best].similarity < threshold:
             return None
         return Verdict(best, candidates[best].similarity)
 
@@ -268,9 +293,7 @@ class ResponseCache:
         await self._ready.wait()
 
     async def aclose(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            await asyncio.gather(self._follower, return_exceptions=True)
+        await stop(self._follower)
         await self.drain()
         await self.index.wait_idle()
         await self.save_snapshot()
@@ -316,10 +339,16 @@ class ResponseCache:
         embedding: np.ndarray | None = None,
         mode: CacheMode = CacheMode.ON,
         semantic: bool = True,
+        cutoff: float | None = None,
+        refused: list[CacheHit] | None = None,
     ) -> CacheHit | None:
         """Exact hit, else a verified semantic hit, else None (a miss; also on backend errors).
 
         ``embedding`` is the last user turn's embedding; without it only exact lookup runs.
+        ``cutoff`` overrides the verifier's acceptance cut-off for this lookup (per tier).
+        ``refused``, when given, receives the best candidate of a semantic miss that passed the
+        cosine gate and the guards and was refused only by the cut-off (never served: it feeds
+        counterfactual audits, see proxy/shadow/tuner.py).
         """
         started = time.perf_counter()
         outcome: LookupOutcome = "miss"
@@ -346,7 +375,7 @@ class ResponseCache:
                 outcome = "exact"
                 return hit
             if semantic and embedding is not None and self._semantic_ok(keys):
-                hit = await self._semantic(keys, embedding, now)
+                hit = await self._semantic(keys, embedding, now, cutoff, refused)
                 if hit is not None:
                     outcome = "semantic"
             return hit
@@ -373,7 +402,12 @@ class ResponseCache:
         )
 
     async def _semantic(
-        self, keys: CacheKeys, embedding: np.ndarray, now: float
+        self,
+        keys: CacheKeys,
+        embedding: np.ndarray,
+        now: float,
+        cutoff: float | None = None,
+        refused: list[CacheHit] | None = None,
     ) -> CacheHit | None:
         assert keys.context is not None and keys.query_text is not None
         query = np.asarray(embedding, dtype=np.float32).reshape(-1)
@@ -408,15 +442,37 @@ class ResponseCache:
             SemanticCandidate(e.meta.query_text or "", cos, now - e.meta.created_at)
             for e, cos in candidates
         ]
-        if self.verifier.cheap:
-            verdict = self.verifier.select(keys.query_text, shown)
-        else:
-            verdict = await asyncio.to_thread(self.verifier.select, keys.query_text, shown)
+        verdict = await self._select(keys.query_text, shown, cutoff)
         if verdict is None or not 0 <= verdict.index < len(candidates):
+            if refused is not None:
+                # The same choice with no cut-off: the candidate the cut-off alone refused.
+                # (The verifier's vectors are remembered by now, so this is the cheap part.)
+                best = await self._select(keys.query_text, shown, 0.0)
+                if best is not None and 0 <= best.index < len(candidates):
+                    entry, cos = candidates[best.index]
+                    refused.append(
+                        CacheHit(
+                            "semantic",
+                            entry.response,
+                            cos,
+                            best.score,
+                            now - entry.meta.created_at,
+                            entry.meta,
+                        )
+                    )
             return None
         entry, cos = candidates[verdict.index]
         return CacheHit(
             "semantic", entry.response, cos, verdict.score, now - entry.meta.created_at, entry.meta
+        )
+
+    async def _select(
+        self, query: str, shown: list[SemanticCandidate], cutoff: float | None
+    ) -> Verdict | None:
+        if self.verifier.cheap or self.verifier.ready(query, shown):
+            return self.verifier.select(query, shown, cutoff=cutoff)
+        return await asyncio.to_thread(
+            functools.partial(self.verifier.select, cutoff=cutoff), query, shown
         )
 
     # -- store ----------------------------------------------------------------------------------
@@ -463,6 +519,9 @@ class ResponseCache:
             return False
         try:
             await self.store.put(entry)
+        except StoreBusy:
+            self._count_store("failed")  # overloaded, not down: no backend-down warning
+            return False
         except Exception as exc:
             self._backend_error("put", exc)
             self._count_store("failed")
@@ -636,6 +695,8 @@ class ResponseCache:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if cancelling():
+                    raise asyncio.CancelledError from exc  # a stop that surfaced as a timeout
                 # A failed rebuild (a timeout on a busy or flaky backend) must not end the
                 # follower: lookups would wait on ready() forever and the index would go
                 # stale. Count it, release the waiters, and start over with a fresh resync.

@@ -39,7 +39,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -48,6 +48,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from proxy.cache import guards
+from proxy.recent import Recent
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +65,9 @@ TUNED_LAYERS = 2
 HIDDEN = 384
 HEADS = 12
 MAX_TOKENS = 128
+# The router's second view of the pass: token states after encoder layer 2 (of the shared lower
+# layers), mean-pooled. Shallower layers keep more of the wording than the final embedding.
+SHALLOW_LAYER = 2
 LAYER_NORM_EPS = 1e-12
 
 # Defaults for the tier settings (the lead puts these into the config defaults), chosen on the
@@ -295,10 +299,13 @@ def top_layer_prefix(index: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class EncodedBatch:
-    """One fused pass: ``base`` for the router and the ANN index, ``verifier`` for the head."""
+    """One fused pass: ``base`` for the router and the ANN index, ``verifier`` for the head,
+    ``shallow`` (pooled states after ``SHALLOW_LAYER``, L2-normalised) for the router's second
+    vote; ``None`` from encoders that do not compute it."""
 
     base: Vector
     verifier: Vector
+    shallow: Vector | None = None
 
 
 @dataclass(slots=True)
@@ -339,8 +346,14 @@ class MiniLMEncoder:
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask
 
-    def lower(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Token states after the shared (untuned) layers."""
+    def close(self) -> None:
+        """Release what a runtime holds besides weights (threads); the reference holds nothing."""
+
+    def lower(
+        self, ids: torch.Tensor, mask: torch.Tensor, states: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Token states after the shared (untuned) layers; ``states`` (if given) receives those
+        after ``SHALLOW_LAYER``."""
         import torch
         import torch.nn.functional as F
 
@@ -361,6 +374,8 @@ class MiniLMEncoder:
         bias = mask_bias_for(mask, x.dtype)
         for index in range(NUM_LAYERS - TUNED_LAYERS):
             x = layer_forward(x, bias, w, top_layer_prefix(index))
+            if index == SHALLOW_LAYER and states is not None:
+                states.append(x)
         return x
 
     def upper(
@@ -374,25 +389,29 @@ class MiniLMEncoder:
         return mean_pool(x, mask)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> EncodedBatch:
-        """Base embeddings and verifier vectors (float32, L2-normalised), in input order."""
+        """Base embeddings, verifier vectors and shallow views (float32, L2-normalised), in input
+        order."""
         import torch
 
         if not texts:
             empty = np.zeros((0, HIDDEN), dtype=np.float32)
-            return EncodedBatch(empty, empty)
+            return EncodedBatch(empty, empty, empty)
         # Length-sorted mini-batches keep padding small.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         base = np.zeros((len(texts), HIDDEN), dtype=np.float32)
         tuned = np.zeros((len(texts), HIDDEN), dtype=np.float32)
+        shallow = np.zeros((len(texts), HIDDEN), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 ids, mask = self.tokenize([texts[i] for i in chunk])
-                hidden = self.lower(ids, mask)
+                states: list[torch.Tensor] = []
+                hidden = self.lower(ids, mask, states)
+                shallow[chunk] = mean_pool(states[0], mask).numpy()
                 base[chunk] = self.upper(hidden, mask, self.weights).numpy()
                 if self.tuned:
                     tuned[chunk] = self.upper(hidden, mask, self.tuned).numpy()
-        return EncodedBatch(base, tuned if self.tuned else base)
+        return EncodedBatch(base, tuned if self.tuned else base, shallow)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -475,14 +494,18 @@ class Verifier:
         ]
 
     def score_and_compare(
-        self, pairs: Sequence[CandidatePair], threshold: float | None = None
+        self,
+        pairs: Sequence[CandidatePair],
+        parse: Callable[[str], guards.Parsed] = guards.parse,
+        threshold: float | None = None,
     ) -> tuple[list[float], list[guards.Comparison]]:
         """Verifier scores and guard comparisons (features + vetoes) of the pairs, batched.
 
-        With a cross-encoder, it scores the pairs that pass ``threshold`` (default: this
-        verifier's), the guards and :attr:`cross_gate`; the other pairs score 0 (rejected).
+        ``parse`` is ``guards.parse`` or a memo of it (the cache's adapter keeps one). With a
+        cross-encoder, it scores the pairs that pass ``threshold`` (default: this verifier's),
+        the guards and :attr:`cross_gate`; the other pairs score 0 (rejected).
         """
-        scores, comparisons, rows = self.bi_scores(pairs)
+        scores, comparisons, rows = self.bi_scores(pairs, parse)
         if self.cross is None:
             return scores, comparisons
         floor = self.threshold if threshold is None else threshold
@@ -514,7 +537,9 @@ class Verifier:
         return [float(s) if math.isfinite(s) else 0.0 for s in scores]
 
     def bi_scores(
-        self, pairs: Sequence[CandidatePair]
+        self,
+        pairs: Sequence[CandidatePair],
+        parse: Callable[[str], guards.Parsed] = guards.parse,
     ) -> tuple[list[float], list[guards.Comparison], list[list[float]]]:
         """Bi-encoder head scores, guard comparisons and feature rows of the pairs (cheap)."""
         if not pairs:
@@ -529,7 +554,7 @@ class Verifier:
             computed = {text: vectors[i] for i, text in enumerate(missing)}
         # Each distinct text is parsed once: a query usually meets several candidates.
         texts = {t for p in pairs for t in (p.query_text, p.candidate_text)}
-        parsed = {t: guards.parse(t) for t in texts}
+        parsed = {t: parse(t) for t in texts}
         comparisons = []
         rows = []
         for pair in pairs:
@@ -573,7 +598,14 @@ class CacheVerifier:
         self.cross_top_k = cross_top_k
         self._capacity = remembered
         self._vectors: OrderedDict[str, Vector] = OrderedDict()
+        # Guard parses of recent texts: a stored question is a candidate for many lookups, and
+        # parsing was over half of a lookup's verifier time (the parse is pure, Parsed frozen).
+        self._parsed: Recent[str, guards.Parsed] = Recent(remembered)
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release the encoder's threads (the proxy's shutdown)."""
+        self.verifier.encoder.close()
 
     def remember(self, text: str, vector: Vector) -> None:
         """Keep a text's verifier vector (most recent last; the oldest is dropped when full)."""
@@ -599,8 +631,28 @@ class CacheVerifier:
                 self._vectors.popitem(last=False)
             return found
 
-    def select(self, query: str, candidates: Sequence[SemanticCandidate]) -> Verdict | None:
-        """The accepted candidate with the best verifier score, or None."""
+    def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
+        """Whether :meth:`select` needs no model pass now (every text's vector is remembered)."""
+        with self._lock:
+            return query in self._vectors and all(c.text in self._vectors for c in candidates)
+
+    def parsed(self, text: str) -> guards.Parsed:
+        """``guards.parse(text)``, remembered for the most recent texts."""
+        found = self._parsed.get(text)
+        if found is None:
+            found = guards.parse(text)
+            self._parsed.put(text, found)
+        return found
+
+    def select(
+        self,
+        query: str,
+        candidates: Sequence[SemanticCandidate],
+        *,
+        cutoff: float | None = None,
+    ) -> Verdict | None:
+        """The accepted candidate with the best verifier score, or None (``cutoff``: this call's
+        cut-off instead of the verifier's own)."""
         from proxy.cache.service import Verdict
 
         if not candidates:
@@ -618,7 +670,7 @@ class CacheVerifier:
             )
             for i, c in enumerate(candidates)
         ]
-        scores, comparisons, rows = self.verifier.bi_scores(pairs)
+        scores, comparisons, rows = self.verifier.bi_scores(pairs, self.parsed)
         if self.verifier.cross is not None:
             scores = self._cross_scores(pairs, scores, comparisons, rows)
         best: Verdict | None = None
@@ -630,7 +682,7 @@ class CacheVerifier:
                 score=score,
                 vetoes=comparison.vetoes,
                 threshold=self.threshold,
-                cutoff=self.cutoff,
+                cutoff=self.cutoff if cutoff is None else cutoff,
             )
             if decision.accepted and (best is None or score > best.score):
                 best = Verdict(index, score)

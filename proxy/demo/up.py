@@ -68,31 +68,39 @@ def resolve_model_dir(engine: EngineSettings, demo_dirs: Mapping[str, Path]) -> 
 def launch_specs(
     settings: Settings, *, python: Path, demo_dirs: Mapping[str, Path]
 ) -> list[EngineSpec]:
-    """One EngineSpec per engine with a `launch` section, placeholders filled in."""
+    """One EngineSpec per engine with a `launch` section, placeholders filled in. An engine's
+    canary is launched the same way, on its own first URL under its own served model name."""
     specs = []
     for engine in settings.engines:
         if engine.launch is None:
             continue
-        host, port = engine_port(engine)
         values = {
             "python": str(python),
             "model_dir": str(resolve_model_dir(engine, demo_dirs)),
         }
-        try:
-            specs.append(
-                build_spec(
-                    name=engine.name,
-                    served_model=engine.model,
-                    port=port,
-                    host=host,
-                    command=engine.launch.command,
-                    env=engine.launch.env,
-                    values=values,
-                    startup_timeout_s=engine.launch.startup_timeout_s,
+        targets = [(engine.name, engine.model, engine, engine.launch.env)]
+        if engine.canary is not None:
+            canary = engine.model_copy(update={"urls": engine.canary.urls})
+            env = {**engine.launch.env, **engine.canary.launch_env}
+            served = engine.canary.model or engine.model
+            targets.append((f"{engine.name}-canary", served, canary, env))
+        for name, served_model, where, env in targets:
+            host, port = engine_port(where)
+            try:
+                specs.append(
+                    build_spec(
+                        name=name,
+                        served_model=served_model,
+                        port=port,
+                        host=host,
+                        command=engine.launch.command,
+                        env=env,
+                        values=values,
+                        startup_timeout_s=engine.launch.startup_timeout_s,
+                    )
                 )
-            )
-        except ValueError as exc:
-            raise DemoError(f"engine {engine.name!r}: launch: {exc}") from exc
+            except ValueError as exc:
+                raise DemoError(f"engine {name!r}: launch: {exc}") from exc
     return specs
 
 

@@ -1,11 +1,23 @@
-"""Batch concurrent embedding requests onto one dedicated model thread.
+"""Batch concurrent embedding requests onto dedicated model threads.
 
-Requests arriving close together are encoded in one model call: a batch is flushed when it holds
-``max_batch`` texts or ``max_wait_ms`` after its first text arrived, whichever comes first. While
-the model thread encodes one batch, the next fills up, so under load batches grow by themselves and
-at low load a lone request waits at most ``max_wait_ms``. The model never runs on the event loop.
+Requests arriving close together are encoded in one model call. While the model encodes one
+batch, the next fills up, so under load batches grow by themselves. A batch is flushed when it
+holds ``max_batch`` texts, or when nothing more is queued: at once if the previous batch was a
+lone text (low load: waiting would only add latency), else up to ``max_wait_ms`` after its first
+text arrived (under load a short wait merges the next arrivals into the batch). The model never
+runs on the event loop.
 
-    async with EmbeddingWorker(encode) as worker:
+With ``threads`` > 1 a large batch is split into that many parts of similar total length, encoded
+at the same time on separate threads (``encode`` must then be thread-safe; each call should use
+one torch thread, so a preempted thread delays only its own part). ``remembered`` keeps the
+vectors of that many recent texts: a repeated question is answered without the model.
+
+``embed_background`` is for work nobody waits on (cache audits): its text goes straight to a free
+model thread, never into the queue, so a user's text neither waits behind it nor gets batched
+with it (at concurrency 1 an audit's two answers used to delay the next request by their encode);
+background texts are encoded one at a time, so they never hold more than one core.
+
+    async with EmbeddingWorker(encode, threads=2) as worker:
         vector = await worker.embed("what is the capital of France?")
 """
 
@@ -15,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -26,6 +39,9 @@ log = logging.getLogger(__name__)
 Encode = Callable[[list[str]], np.ndarray]
 # (texts encoded, seconds encoding, seconds the batch's first text waited for the flush)
 OnBatch = Callable[[int, float, float], None]
+# A batch is split across threads only into parts of at least this many texts: smaller parts cost
+# more per text and leave the event loop no core.
+MIN_PART = 4
 
 
 class WorkerClosed(RuntimeError):
@@ -39,23 +55,35 @@ class EmbeddingWorker:
         max_batch: int = 32,
         max_wait_ms: float = 2.0,
         on_batch: OnBatch | None = None,
+        *,
+        threads: int = 1,
+        remembered: int = 0,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
         self._encode = encode
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
+        self.threads = threads
         self._on_batch = on_batch
         self._first_arrival = 0.0
+        self._last_batch = 0
+        self._capacity = remembered
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         self._queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        # background encodes run one at a time: they never take more than one core from users
+        self._background_slot: asyncio.Semaphore | None = None
 
     async def start(self) -> None:
         if self._task is not None:
             return
         self._queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._background_slot = asyncio.Semaphore(1)
+        self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="embed")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="embedding-worker")
 
     async def stop(self) -> None:
@@ -87,19 +115,47 @@ class EmbeddingWorker:
         await self.stop()
 
     async def embed(self, text: str) -> np.ndarray:
-        """The text's embedding (one row of ``encode``'s output)."""
+        """The text's embedding (one row of ``encode``'s output; do not modify it)."""
         if self._queue is None:
             raise WorkerClosed("embedding worker is not running")
+        vector = self._recent.get(text)
+        if vector is not None:
+            self._recent.move_to_end(text)
+            return vector
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((text, future))
         return await future
+
+    async def embed_background(self, text: str) -> np.ndarray:
+        """The text's embedding, encoded outside the batching queue on one of the worker's
+        threads (so at most ``threads`` encodes still run at once), one background text at a
+        time; for background work."""
+        slot = self._background_slot
+        if self._queue is None or slot is None:
+            raise WorkerClosed("embedding worker is not running")
+        vector = self._recent.get(text)
+        if vector is not None:
+            return vector
+        async with slot:
+            executor = self._executor  # read after the wait: the worker may have stopped
+            if executor is None:
+                raise WorkerClosed("embedding worker stopped")
+            vectors = await asyncio.get_running_loop().run_in_executor(
+                executor, self._encode, [text]
+            )
+        if len(vectors) != 1:
+            raise ValueError(f"encode returned {len(vectors)} rows for 1 text")
+        row: np.ndarray = np.asarray(vectors)[0].copy()  # not a view pinning its batch
+        self._remember({text: row})
+        return row
 
     async def _collect(
         self, queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]]
     ) -> list[tuple[str, asyncio.Future[np.ndarray]]]:
         batch = [await queue.get()]
         self._first_arrival = time.perf_counter()
-        deadline = asyncio.get_running_loop().time() + self.max_wait
+        wait = self.max_wait if self._last_batch > 1 else 0.0
+        deadline = asyncio.get_running_loop().time() + wait
         while len(batch) < self.max_batch:
             if not queue.empty():
                 batch.append(queue.get_nowait())
@@ -130,20 +186,18 @@ class EmbeddingWorker:
         assert self._executor is not None
         # identical texts in one batch (a burst of the same question) are encoded once
         unique = list(dict.fromkeys(text for text, _ in batch))
+        self._last_batch = len(unique)
         started = time.perf_counter()
         waited = started - self._first_arrival
         try:
-            vectors = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._encode, unique
-            )
-            if len(vectors) != len(unique):
-                raise ValueError(f"encode returned {len(vectors)} rows for {len(unique)} texts")
+            vectors = await self._encode_split(unique)
         except Exception as exc:
             log.warning("embeddings.batch_failed", exc_info=True)
             _fail(batch, exc)
             return
         elapsed = time.perf_counter() - started
         rows = {text: vectors[i] for i, text in enumerate(unique)}
+        self._remember(rows)
         for text, future in batch:
             if not future.done():
                 future.set_result(rows[text])
@@ -152,6 +206,47 @@ class EmbeddingWorker:
                 self._on_batch(len(unique), elapsed, waited)
             except Exception:
                 log.warning("embeddings.on_batch_failed", exc_info=True)
+
+    async def _encode_split(self, texts: list[str]) -> np.ndarray:
+        """``encode(texts)``, split across the worker's threads when the batch is large."""
+        loop = asyncio.get_running_loop()
+        parts = split_by_length(texts, min(self.threads, len(texts) // MIN_PART))
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self._executor, self._encode, part) for part in parts)
+        )
+        for part, vectors in zip(parts, results, strict=True):
+            if len(vectors) != len(part):
+                raise ValueError(f"encode returned {len(vectors)} rows for {len(part)} texts")
+        if len(parts) == 1:
+            return np.asarray(results[0])
+        rows = {text: vectors[i] for part, vectors in zip(parts, results, strict=True)
+                for i, text in enumerate(part)}  # fmt: skip
+        return np.stack([rows[text] for text in texts])
+
+    def _remember(self, rows: dict[str, np.ndarray]) -> None:
+        if self._capacity <= 0:
+            return
+        for text, vector in rows.items():
+            self._recent[text] = vector.copy()  # not a view pinning its whole batch
+            self._recent.move_to_end(text)
+        while len(self._recent) > self._capacity:
+            self._recent.popitem(last=False)
+
+
+def split_by_length(texts: list[str], parts: int) -> list[list[str]]:
+    """Texts dealt into ``parts`` lists (at least one) of similar total length, order kept within.
+
+    Longest first, each to the lightest part so far: the parts finish at about the same time.
+    """
+    if parts <= 1:
+        return [texts]
+    loads = [0] * parts
+    owner = [0] * len(texts)
+    for i in sorted(range(len(texts)), key=lambda i: -len(texts[i])):
+        lightest = loads.index(min(loads))
+        owner[i] = lightest
+        loads[lightest] += len(texts[i]) + 8  # + per-text overhead (special tokens, pooling)
+    return [[t for t, o in zip(texts, owner, strict=True) if o == p] for p in range(parts)]
 
 
 def _fail(batch: list[tuple[str, asyncio.Future[np.ndarray]]], error: BaseException) -> None:

@@ -8,7 +8,6 @@ replica; after the first byte the caller owns the stream and failures end it.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +15,9 @@ from typing import Protocol
 
 import aiohttp
 
+from proxy.engines.http1 import LeanClient
 from proxy.engines.pool import Engine, Replica, choose_replica
+from proxy.engines.timelimit import TimeLimit
 from proxy.errors import FrugalError, NoHealthyReplica, UpstreamError, UpstreamTimeout
 
 
@@ -26,6 +27,7 @@ class UpstreamRequest:
     body: bytes
     headers: Mapping[str, str]
     connect_timeout_s: float
+    stream: bool = False  # the answer is read as it comes (SSE), not whole
 
 
 class UpstreamResponse(Protocol):
@@ -73,20 +75,38 @@ class _AiohttpResponse:
 
 
 class AiohttpTransport:
-    """The production transport: one shared ClientSession for the whole application.
+    """The production transport: one shared ClientSession for the whole application, and
+    :class:`~proxy.engines.http1.LeanClient` for the non-streamed calls to plain-http engines
+    (a third of aiohttp's CPU per call; see that module).
 
     The session is attached when the application starts (it must be made inside the loop).
     """
 
-    def __init__(self, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(self, session: aiohttp.ClientSession | None = None, *, lean: bool = True) -> None:
         self.session = session
+        self.lean = LeanClient() if lean else None
+        # One ClientTimeout per connect timeout (a handful of engines), not one per request.
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+
+    async def aclose(self) -> None:
+        if self.lean is not None:
+            self.lean.close()
+        if self.session is not None:
+            await self.session.close()
 
     async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
         if self.session is None:
             raise RuntimeError("the HTTP client session is not started")
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=request.connect_timeout_s, sock_connect=request.connect_timeout_s
-        )
+        lean = self.lean
+        if not request.stream and lean is not None and lean.handles(request.url, request.headers):
+            return await lean.post(
+                request.url, request.body, request.headers, request.connect_timeout_s
+            )
+        timeout = self._timeouts.get(request.connect_timeout_s)
+        if timeout is None:
+            connect = request.connect_timeout_s
+            timeout = aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect)
+            self._timeouts[connect] = timeout
         resp = await self.session.post(
             request.url, data=request.body, headers=request.headers, timeout=timeout
         )
@@ -121,7 +141,7 @@ class Upstream:
             if remaining <= 0:
                 raise UpstreamTimeout(f"engine {self.engine.name} exceeded its request timeout")
             try:
-                async with asyncio.timeout(remaining):
+                async with TimeLimit(remaining):
                     chunk = await anext(iterator)
             except StopAsyncIteration:
                 return
@@ -215,9 +235,11 @@ class EngineCaller:
         wait = min(timeouts.first_token_s, timeouts.total_s) if stream else timeouts.total_s
         response: UpstreamResponse | None = None
         try:
-            async with asyncio.timeout(wait):
+            async with TimeLimit(wait):
                 response = await self._transport(
-                    UpstreamRequest(replica.url + path, body, headers, timeouts.connect_s)
+                    UpstreamRequest(
+                        replica.url + path, body, headers, timeouts.connect_s, stream=stream
+                    )
                 )
                 if response.status >= 500:
                     detail = (await response.read())[:200].decode(errors="replace")

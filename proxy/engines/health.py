@@ -6,6 +6,7 @@ The Prometheus text parser is pure; the poller is the thin I/O shell around it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 
@@ -13,6 +14,7 @@ import aiohttp
 import structlog
 
 from proxy.engines.pool import Engine, Replica, ReplicaLoad
+from proxy.tasks import cancelling
 
 log = structlog.get_logger("frugal.health")
 
@@ -55,20 +57,36 @@ def parse_vllm_metrics(text: str) -> ReplicaLoad:
 ReplicaObserver = Callable[[Engine, Replica], None]
 
 
-async def poll_replica(session: aiohttp.ClientSession, replica: Replica, timeout_s: float) -> None:
+async def poll_replica(
+    session: aiohttp.ClientSession, replica: Replica, timeout_s: float, unhealthy_after: int = 1
+) -> None:
+    """Poll one replica's /health (and, when healthy, its /metrics for load).
+
+    A replica known to be healthy is marked down only after ``unhealthy_after`` failed polls in a
+    row: a CPU-saturated engine can miss one poll's deadline while it serves fine, and marking it
+    down would refuse requests it could take. A replica never seen healthy goes down at once.
+    A failed /metrics read keeps the last load figures; it says nothing about health.
+    """
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     was = replica.healthy
     try:
         async with session.get(replica.url + "/health", timeout=timeout) as resp:
-            healthy = resp.status == 200
-        if healthy:
+            ok = resp.status == 200
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        if cancelling():
+            raise asyncio.CancelledError from exc  # a stop that surfaced as a timeout
+        ok = False
+    if ok:
+        replica.failed_polls = 0
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
             async with session.get(replica.url + "/metrics", timeout=timeout) as resp:
                 if resp.status == 200:
                     replica.load = parse_vllm_metrics(await resp.text())
-    except (aiohttp.ClientError, TimeoutError, OSError):
-        healthy = False
+    else:
+        replica.failed_polls += 1
+    healthy = ok or (was is True and replica.failed_polls < unhealthy_after)
     replica.healthy = healthy
-    if healthy and replica.breaker.state == "open":
+    if ok and replica.breaker.state == "open":
         # The engine says it is back: let the next request be the half-open probe right away.
         replica.breaker.opened_at = time.monotonic() - replica.breaker.open_s
     if was is not None and was != healthy:
@@ -81,10 +99,13 @@ async def poll_forever(
     *,
     interval_s: float,
     timeout_s: float,
+    unhealthy_after: int = 1,
     observe: ReplicaObserver | None = None,
 ) -> None:
     while True:
-        await poll_once(session, engines, timeout_s=timeout_s, observe=observe)
+        await poll_once(
+            session, engines, timeout_s=timeout_s, unhealthy_after=unhealthy_after, observe=observe
+        )
         await asyncio.sleep(interval_s)
 
 
@@ -93,10 +114,11 @@ async def poll_once(
     engines: Sequence[Engine],
     *,
     timeout_s: float,
+    unhealthy_after: int = 1,
     observe: ReplicaObserver | None = None,
 ) -> None:
     pairs = [(e, r) for e in engines for r in e.replicas]
-    await asyncio.gather(*(poll_replica(session, r, timeout_s) for _, r in pairs))
+    await asyncio.gather(*(poll_replica(session, r, timeout_s, unhealthy_after) for _, r in pairs))
     if observe is not None:
         for engine, replica in pairs:
             observe(engine, replica)

@@ -34,6 +34,7 @@ class Replica:
     url: str
     breaker: CircuitBreaker
     healthy: bool | None = None  # None until the first health poll answers
+    failed_polls: int = 0  # health polls failed in a row
     load: ReplicaLoad = field(default_factory=ReplicaLoad)
     inflight: int = 0  # requests this proxy has open on it right now
 
@@ -49,6 +50,9 @@ class Engine:
     settings: EngineSettings
     replicas: list[Replica]
     version: str | None = None  # resolved at start-up when settings say "auto"
+    # The model name these replicas serve, when it differs from the name clients ask for (a
+    # canary, or a promoted canary, launched under another served-model name).
+    upstream_model: str | None = None
 
     @property
     def name(self) -> str:
@@ -57,6 +61,11 @@ class Engine:
     @property
     def model(self) -> str:
         return self.settings.model
+
+    @property
+    def wire_model(self) -> str:
+        """The model name sent to the replicas."""
+        return self.upstream_model or self.settings.model
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> Engine:

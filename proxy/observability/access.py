@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import IO, Any
 
@@ -30,6 +30,18 @@ class AccessLog:
         self._json = json
         self._stream = stream
         self._log = structlog.get_logger("frugal.access")
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self) -> str:
+        """ISO 8601 UTC with microseconds, as the other JSON lines; the date and time up to the
+        second are formatted once a second (datetime.isoformat costs ~1.5 µs a line)."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((now - second) * 1_000_000):06d}Z"
 
     def write(self, fields: dict[str, Any]) -> None:
         if not self._json:
@@ -37,7 +49,7 @@ class AccessLog:
             return
         fields["event"] = "request"
         fields["level"] = "info"
-        fields["timestamp"] = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+        fields["timestamp"] = self._timestamp()
         stream = self._stream if self._stream is not None else sys.stdout.buffer
         stream.write(orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE))
 

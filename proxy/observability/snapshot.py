@@ -53,6 +53,15 @@ def _add(table: dict[str, float], key: str, value: float) -> None:
     table[key] = table.get(key, 0.0) + value
 
 
+# Shadow checks per tier (proxy/shadow/metrics.py): the audited false-hit rate and its bounds.
+_AUDIT_FIELDS = {
+    "frugal_cache_audit_disagreement_rate": "audit_rate",
+    "frugal_cache_audit_disagreement_rate_low": "audit_low",
+    "frugal_cache_audit_disagreement_rate_high": "audit_high",
+    "frugal_cache_audit_window": "audits",
+}
+
+
 def _tier_row() -> dict[str, float]:
     return {
         "requests": 0.0,
@@ -88,7 +97,8 @@ def build_snapshot(
         engines: {<engine>: {running, waiting, queue_length, healthy_replicas, replicas:
                   {<replica>: {healthy, running, waiting, kv_usage, breaker}}}},
         tiers: {<tier>: {requests, cost_usd, saved_cache_usd, saved_routing_usd, budget_spent_usd,
-                         budget_limit_usd?}},
+                         budget_limit_usd?, audits?, audit_rate?, audit_low?, audit_high?,
+                         cache_cutoff?, strong_share?}},
         totals: {cost_usd, saved_cache_usd, saved_routing_usd},
         rejections: {admission, policy, upstream_retries}
     """
@@ -166,6 +176,10 @@ def build_snapshot(
             replica(labels)["kv_usage"] = value
         elif name == "frugal_breaker_state" and value >= 1.0:
             replica(labels)["breaker"] = labels["state"]
+        elif name in _AUDIT_FIELDS:
+            tier(labels["tier"])[_AUDIT_FIELDS[name]] = value
+        elif name == "frugal_threshold":
+            tier(labels["tier"])[labels["kind"]] = value
 
     for row in engines.values():
         replicas = row["replicas"].values()

@@ -34,6 +34,7 @@ from typing import Literal, Protocol
 from proxy.policy.errors import EngineOverloaded
 
 Outcome = Literal["admitted", "timeout", "full", "cancelled"]
+_WAIT_EWMA_ALPHA = 0.2
 
 
 class AdmissionObserver(Protocol):
@@ -56,6 +57,7 @@ class NullObserver:
 class _Waiter:
     sort_key: tuple[int, int]  # (-priority, arrival number): heapq pops the smallest
     future: asyncio.Future[None] = field(compare=False)
+    since: float = field(compare=False, default=0.0)  # when it joined the queue
 
 
 class EngineAdmission:
@@ -80,6 +82,11 @@ class EngineAdmission:
         self._active = 0
         self._queue: list[_Waiter] = []
         self._arrivals = itertools.count()
+        self._recent_wait_s = 0.0  # moving average of how long admitted requests queued
+        # The queue length last told to the observer: it hears of changes only, not of every
+        # request that passed an empty queue.
+        self._reported = 0
+        self._observer.queue_length(engine, 0)
 
     @property
     def cap(self) -> int | None:
@@ -92,6 +99,19 @@ class EngineAdmission:
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+    def queue_delay(self) -> float:
+        """Seconds a request joining the queue now can expect to wait, from what is observed:
+        the longer of how long the oldest waiter has already waited and how long recently
+        admitted requests waited (the queue's sojourn time, as CoDel measures it). 0 when
+        nothing waits."""
+        if not self._queue:
+            return 0.0
+        oldest = min(w.since for w in self._queue)
+        return max(self._clock() - oldest, self._recent_wait_s)
+
+    def _admitted_after(self, waited_s: float) -> None:
+        self._recent_wait_s += _WAIT_EWMA_ALPHA * (waited_s - self._recent_wait_s)
 
     def set_cap(self, cap: int | None) -> None:
         """Change the cap; a raise admits waiters at once, a cut takes effect as slots free."""
@@ -110,7 +130,13 @@ class EngineAdmission:
                 continue
             waiter.future.set_result(None)
             self._active += 1  # the slot belongs to the waiter from this moment
-        self._observer.queue_length(self.engine, len(self._queue))
+        self._report_length()
+
+    def _report_length(self) -> None:
+        length = len(self._queue)
+        if length != self._reported:
+            self._reported = length
+            self._observer.queue_length(self.engine, length)
 
     def _release(self) -> None:
         self._active -= 1
@@ -122,11 +148,12 @@ class EngineAdmission:
         except ValueError:
             return
         heapq.heapify(self._queue)
-        self._observer.queue_length(self.engine, len(self._queue))
+        self._report_length()
 
     async def _acquire(self, priority: int, max_wait_s: float, tier: str) -> None:
         if not self._queue and self._has_room():
             self._active += 1
+            self._admitted_after(0.0)
             self._observer.waited(self.engine, tier, 0.0, "admitted")
             return
         if len(self._queue) >= self._max_queue:
@@ -137,9 +164,9 @@ class EngineAdmission:
             )
         started = self._clock()
         loop = asyncio.get_running_loop()
-        waiter = _Waiter((-priority, next(self._arrivals)), loop.create_future())
+        waiter = _Waiter((-priority, next(self._arrivals)), loop.create_future(), started)
         heapq.heappush(self._queue, waiter)
-        self._observer.queue_length(self.engine, len(self._queue))
+        self._report_length()
         try:
             async with asyncio.timeout(max_wait_s):
                 await waiter.future
@@ -147,7 +174,9 @@ class EngineAdmission:
             granted = waiter.future.done() and not waiter.future.cancelled()
             if isinstance(exc, TimeoutError) and granted:
                 # The slot arrived just as the wait ran out: keep it rather than waste it.
-                self._observer.waited(self.engine, tier, self._clock() - started, "admitted")
+                waited = self._clock() - started
+                self._admitted_after(waited)
+                self._observer.waited(self.engine, tier, waited, "admitted")
                 return
             if granted:
                 self._release()  # handed over, but the client is gone: pass it on
@@ -163,7 +192,9 @@ class EngineAdmission:
                 ) from None
             self._observer.waited(self.engine, tier, waited, "cancelled")
             raise
-        self._observer.waited(self.engine, tier, self._clock() - started, "admitted")
+        waited = self._clock() - started
+        self._admitted_after(waited)
+        self._observer.waited(self.engine, tier, waited, "admitted")
 
     def slot(self, *, priority: int, max_wait_s: float, tier: str = "") -> _Slot:
         """Hold one engine slot for the block; 503 EngineOverloaded past ``max_wait_s``."""

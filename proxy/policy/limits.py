@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import math
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
@@ -145,19 +146,57 @@ class CounterBackend(Protocol):
 # --- in-process backend -----------------------------------------------------------------------
 
 
-@dataclass
 class _Budget:
-    spent: int = 0
-    reservations: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (nano, exp)
+    """One budget key: spend so far and open reservations. The reserved total is kept as a
+    running sum and expired reservations are swept only once the earliest may have expired, so
+    a reservation costs the same with 1 or 1,000 others open."""
+
+    __slots__ = ("_next_expiry", "reservations", "reserved", "spent")
+
+    def __init__(self) -> None:
+        self.spent = 0
+        self.reservations: dict[str, tuple[int, float]] = {}  # id -> (nano, expiry)
+        self.reserved = 0  # the sum of the reservations' amounts
+        self._next_expiry = math.inf  # no reservation expires before this
 
     def purge(self, now: float) -> None:
-        expired = [r for r, (_, exp) in self.reservations.items() if exp <= now]
-        for r in expired:
-            del self.reservations[r]
+        if now < self._next_expiry:
+            return
+        for r in [r for r, (_, exp) in self.reservations.items() if exp <= now]:
+            self.reserved -= self.reservations.pop(r)[0]
+        self._next_expiry = min((exp for _, exp in self.reservations.values()), default=math.inf)
 
-    @property
-    def reserved(self) -> int:
-        return sum(amount for amount, _ in self.reservations.values())
+    def add(self, res_id: str, amount: int, expiry: float) -> None:
+        self.drop(res_id)
+        self.reservations[res_id] = (amount, expiry)
+        self.reserved += amount
+        self._next_expiry = min(self._next_expiry, expiry)
+
+    def drop(self, res_id: str) -> None:
+        held = self.reservations.pop(res_id, None)
+        if held is not None:
+            self.reserved -= held[0]
+
+
+class _Leases:
+    """One concurrency key's leases (id -> expiry), swept like :class:`_Budget`."""
+
+    __slots__ = ("_next_expiry", "held")
+
+    def __init__(self) -> None:
+        self.held: dict[str, float] = {}
+        self._next_expiry = math.inf
+
+    def purge(self, now: float) -> None:
+        if now < self._next_expiry:
+            return
+        for expired in [lid for lid, exp in self.held.items() if exp <= now]:
+            del self.held[expired]
+        self._next_expiry = min(self.held.values(), default=math.inf)
+
+    def add(self, lease_id: str, expiry: float) -> None:
+        self.held[lease_id] = expiry
+        self._next_expiry = min(self._next_expiry, expiry)
 
 
 class LocalCounters:
@@ -167,7 +206,7 @@ class LocalCounters:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._tat: dict[str, float] = {}
-        self._leases: dict[str, dict[str, float]] = {}
+        self._leases: dict[str, _Leases] = {}
         self._budgets: dict[str, _Budget] = {}
 
     async def rate(self, key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
@@ -179,19 +218,20 @@ class LocalCounters:
 
     async def acquire_lease(self, key: str, lease_id: str, limit: int, ttl_s: float) -> bool:
         now = self._clock()
-        leases = self._leases.setdefault(key, {})
-        for expired in [lid for lid, exp in leases.items() if exp <= now]:
-            del leases[expired]
-        if lease_id not in leases and len(leases) >= limit:
+        leases = self._leases.get(key)
+        if leases is None:
+            leases = self._leases[key] = _Leases()
+        leases.purge(now)
+        if lease_id not in leases.held and len(leases.held) >= limit:
             return False
-        leases[lease_id] = now + ttl_s
+        leases.add(lease_id, now + ttl_s)
         return True
 
     async def release_lease(self, key: str, lease_id: str) -> None:
         leases = self._leases.get(key)
         if leases is not None:
-            leases.pop(lease_id, None)
-            if not leases:
+            leases.held.pop(lease_id, None)
+            if not leases.held:
                 del self._leases[key]
 
     async def reserve(
@@ -200,21 +240,25 @@ class LocalCounters:
         now = self._clock()
         states = []
         for key, ceiling in budgets:
-            state = self._budgets.setdefault(key, _Budget())
+            state = self._budgets.get(key)
+            if state is None:
+                state = self._budgets[key] = _Budget()
             state.purge(now)
             reserved = state.reserved
             if ceiling != UNLIMITED and state.spent + reserved + amount_nano > ceiling:
                 return ReserveOutcome(False, key, state.spent, reserved)
             states.append(state)
         for state in states:
-            state.reservations[res_id] = (amount_nano, now + ttl_s)
+            state.add(res_id, amount_nano, now + ttl_s)
         first = states[0] if states else _Budget()
         return ReserveOutcome(True, None, first.spent, first.reserved - amount_nano)
 
     async def settle(self, keys: Sequence[str], res_id: str, actual_nano: int) -> None:
         for key in keys:
-            state = self._budgets.setdefault(key, _Budget())
-            state.reservations.pop(res_id, None)
+            state = self._budgets.get(key)
+            if state is None:
+                state = self._budgets[key] = _Budget()
+            state.drop(res_id)
             state.spent += actual_nano
 
     async def budget_status(self, key: str) -> tuple[int, int]:
@@ -226,6 +270,9 @@ class LocalCounters:
 
     async def aclose(self) -> None:
         return None
+
+
+_NO_WAIT_S = 1e-9
 
 
 def gcra(
@@ -243,7 +290,8 @@ def gcra(
         return 0.0, max(new_tat, now)  # a refund empties the counter at most
     # A charge larger than a whole minute's allowance goes through only on an idle counter.
     wait = start - now if increment > WINDOW_S else new_tat - now - WINDOW_S
-    if wait > 0:
+    # (now + 60) - now - 60 is not always 0.0 in floating point: a nanosecond is no wait.
+    if wait > _NO_WAIT_S:
         return wait, tat
     return 0.0, new_tat
 
@@ -344,6 +392,14 @@ class Limiter:
         self._lease_ttl_s = lease_ttl_s
         self._reservation_ttl_s = reservation_ttl_s
         self._wall_clock = wall_clock
+        # Lease and reservation ids: a random per-limiter prefix and a counter, unique across
+        # replicas like uuid4 but without a getrandom() call on every request.
+        self._id_prefix = os.urandom(8).hex()
+        self._ids = itertools.count(1)
+        self._keys_memo: dict[tuple[str, str, dt.date], tuple[str, str]] = {}
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):x}"
 
     # keys: the tier name is a Redis Cluster hash tag, so one tier's keys share a slot.
     def _tenant_key(self, p: Principal, what: str) -> str:
@@ -403,31 +459,40 @@ class Limiter:
                 self._tenant_key(principal, "tpm"), tokens, per_minute, debt=True
             )
 
-    @asynccontextmanager
-    async def concurrency(self, principal: Principal) -> AsyncIterator[None]:
-        """Hold one of the tenant's concurrent slots for the block; 429 when all are taken."""
+    async def _take_lease(self, principal: Principal) -> tuple[str, str] | None:
+        """One of the tenant's concurrent slots: (key, lease id), or None when the tier sets no
+        limit; 429 when all are taken."""
         limit = principal.policy.limits.concurrent
         if limit is None:
-            yield
-            return
+            return None
         key = self._tenant_key(principal, "inflight")
-        lease_id = uuid.uuid4().hex
+        lease_id = self._new_id()
         acquire = self.backend.acquire_lease(key, lease_id, limit, self._lease_ttl_s)
         if not await self._guard(acquire, True):
             raise ConcurrencyLimitExceeded(
                 f"{limit} concurrent requests already in flight for tier {principal.tier!r}",
                 retry_after=1.0,
             )
+        return key, lease_id
+
+    async def _give_back(self, lease: tuple[str, str] | None) -> None:
+        if lease is not None:
+            await self._release(self.backend.release_lease(*lease), "release a concurrency lease")
+
+    @asynccontextmanager
+    async def concurrency(self, principal: Principal) -> AsyncIterator[None]:
+        """Hold one of the tenant's concurrent slots for the block; 429 when all are taken."""
+        lease = await self._take_lease(principal)
         try:
             yield
         finally:
-            await _finish(self.backend.release_lease(key, lease_id), "release a concurrency lease")
+            await self._give_back(lease)
 
     def admit(
         self, principal: Principal, *, prompt_tokens: int
     ) -> AbstractAsyncContextManager[Ticket]:
-        """Rates then a concurrency slot; on exit the slot is released and the usage found out
-        after the answer is charged to tokens/minute."""
+        """Rates then a concurrency slot; on exit the usage found out after the answer is
+        charged to tokens/minute and the slot is released."""
         limits = principal.policy.limits
         if (
             limits.requests_per_minute is None
@@ -435,51 +500,35 @@ class Limiter:
             and limits.concurrent is None
         ):
             return _Ready(Ticket(self, principal, prompt_tokens))
-        return self._admit(principal, prompt_tokens=prompt_tokens)
+        return _Admission(self, principal, prompt_tokens)
 
-    @asynccontextmanager
-    async def _admit(self, principal: Principal, *, prompt_tokens: int) -> AsyncIterator[Ticket]:
-        """Rates then a concurrency slot; on exit the slot is released and the usage found out
-        after the answer is charged to tokens/minute."""
-        await self.check_rate(principal, prompt_tokens)
-        ticket = Ticket(self, principal, prompt_tokens)
-        async with self.concurrency(principal):
-            try:
-                yield ticket
-            finally:
-                if ticket.extra_tokens != 0:
-                    await _finish(
-                        self.charge_tokens(principal, ticket.extra_tokens), "charge tokens"
-                    )
-
-    @asynccontextmanager
-    async def reserve_budget(self, principal: Principal, worst_case: float) -> AsyncIterator[Spend]:
+    def reserve_budget(
+        self, principal: Principal, worst_case: float
+    ) -> AbstractAsyncContextManager[Spend]:
         """Reserve the worst case against today's budgets for the block; 429 insufficient_quota
         when it does not fit. On exit the reservation becomes the recorded actual cost."""
-        now = self._wall_clock()
-        budget = principal.policy.budget
-        keys = self.budget_keys(principal, now.date())
-        ceilings = (ceiling_nano(budget.usd_per_day), ceiling_nano(budget.usd_per_day_per_tenant))
-        res_id = uuid.uuid4().hex
-        amount = max(0, to_nano(worst_case))
-        outcome = await self._guard(
-            self.backend.reserve(
-                list(zip(keys, ceilings, strict=True)), res_id, amount, self._reservation_ttl_s
-            ),
-            ReserveOutcome(True),
-        )
-        if not outcome.granted:
-            whose = "tenant's" if outcome.refused_key == keys[1] else "tier's"
-            raise BudgetExhausted(
-                f"the {principal.tier!r} {whose} daily budget is spent; it resets at 00:00 UTC",
-                retry_after=seconds_to_utc_midnight(now),
-            )
-        spend = Spend(worst_case)
-        try:
-            yield spend
-        finally:
-            actual = to_nano(spend.actual_usd) if spend.actual_usd is not None else 0
-            await _finish(self.backend.settle(keys, res_id, actual), "settle a budget reservation")
+        return _Reservation(self, principal, worst_case)
+
+    def _budget_keys_today(self, principal: Principal, day: dt.date) -> tuple[str, str]:
+        # Formatted once per (tier, tenant, day), not on every request.
+        memo = (principal.tier, principal.tenant, day)
+        keys = self._keys_memo.get(memo)
+        if keys is None:
+            if len(self._keys_memo) > 10_000:
+                self._keys_memo.clear()  # yesterday's keys and departed tenants
+            keys = self._keys_memo[memo] = self.budget_keys(principal, day)
+        return keys
+
+    async def _release(self, release: Coroutine[Any, Any, None], what: str) -> None:
+        if isinstance(self.backend, LocalCounters):
+            # Its methods never suspend, so a cancellation cannot cut a release short: no
+            # shielded task (and the extra turn of the loop it costs) is needed.
+            try:
+                await release
+            except Exception:
+                log.warning("policy_release_failed", what=what, exc_info=True)
+            return
+        await _finish(release, what)
 
     async def budget_status(self, principal: Principal) -> tuple[BudgetStatus, BudgetStatus]:
         """Today's (tier, tenant) spend, for metrics and the admin API."""
@@ -492,6 +541,85 @@ class Limiter:
             spent, reserved = await self.backend.budget_status(key)
             out.append(BudgetStatus(spent / NANO, reserved / NANO, ceiling))
         return out[0], out[1]
+
+
+class _Admission(AbstractAsyncContextManager[Ticket]):
+    """``Limiter.admit`` for a tier with limits: rates, then a concurrency slot; on exit the
+    extra tokens are charged, then the slot is released. A class, not a generator: this runs on
+    every request of a limited tier, and a generator-based context costs several µs more."""
+
+    __slots__ = ("_lease", "_limiter", "_principal", "_prompt_tokens", "_ticket")
+
+    def __init__(self, limiter: Limiter, principal: Principal, prompt_tokens: int) -> None:
+        self._limiter = limiter
+        self._principal = principal
+        self._prompt_tokens = prompt_tokens
+        self._ticket: Ticket | None = None
+        self._lease: tuple[str, str] | None = None
+
+    async def __aenter__(self) -> Ticket:
+        limiter, principal = self._limiter, self._principal
+        await limiter.check_rate(principal, self._prompt_tokens)
+        self._lease = await limiter._take_lease(principal)
+        self._ticket = Ticket(limiter, principal, self._prompt_tokens)
+        return self._ticket
+
+    async def __aexit__(self, *exc: object) -> None:
+        limiter, ticket = self._limiter, self._ticket
+        try:
+            if ticket is not None and ticket.extra_tokens != 0:
+                await limiter._release(
+                    limiter.charge_tokens(self._principal, ticket.extra_tokens), "charge tokens"
+                )
+        finally:
+            await limiter._give_back(self._lease)
+
+
+class _Reservation(AbstractAsyncContextManager[Spend]):
+    """``Limiter.reserve_budget``: the worst case reserved on entry, settled to the recorded
+    actual cost on exit (a class for the same reason as :class:`_Admission`)."""
+
+    __slots__ = ("_keys", "_limiter", "_principal", "_res_id", "_spend", "_worst_case")
+
+    def __init__(self, limiter: Limiter, principal: Principal, worst_case: float) -> None:
+        self._limiter = limiter
+        self._principal = principal
+        self._worst_case = worst_case
+        self._keys: tuple[str, str] = ("", "")
+        self._res_id = ""
+        self._spend: Spend | None = None
+
+    async def __aenter__(self) -> Spend:
+        limiter, principal = self._limiter, self._principal
+        now = limiter._wall_clock()
+        budget = principal.policy.budget
+        keys = self._keys = limiter._budget_keys_today(principal, now.date())
+        ceilings = (ceiling_nano(budget.usd_per_day), ceiling_nano(budget.usd_per_day_per_tenant))
+        res_id = self._res_id = limiter._new_id()
+        amount = max(0, to_nano(self._worst_case))
+        outcome = await limiter._guard(
+            limiter.backend.reserve(
+                list(zip(keys, ceilings, strict=True)), res_id, amount, limiter._reservation_ttl_s
+            ),
+            ReserveOutcome(True),
+        )
+        if not outcome.granted:
+            whose = "tenant's" if outcome.refused_key == keys[1] else "tier's"
+            raise BudgetExhausted(
+                f"the {principal.tier!r} {whose} daily budget is spent; it resets at 00:00 UTC",
+                retry_after=seconds_to_utc_midnight(now),
+            )
+        self._spend = Spend(self._worst_case)
+        return self._spend
+
+    async def __aexit__(self, *exc: object) -> None:
+        spend, limiter = self._spend, self._limiter
+        actual = (
+            to_nano(spend.actual_usd) if spend is not None and spend.actual_usd is not None else 0
+        )
+        await limiter._release(
+            limiter.backend.settle(self._keys, self._res_id, actual), "settle a budget reservation"
+        )
 
 
 async def _finish(release: Coroutine[Any, Any, None], what: str) -> None:

@@ -11,7 +11,8 @@ Example (``policies/free.yaml``)::
     budget: {usd_per_day: 1.00}
     routing: {strong_share: 0.10}
     latency: {ttft_p95_ms: 3000}
-    cache: {scope: tenant, ttl_seconds: 86400, semantic: true, allow_no_cache: false}
+    cache: {scope: tenant, ttl_seconds: 86400, semantic: true, allow_no_cache: false,
+            audit: {share: 0.02, target: 0.02}, tune: {enabled: true, min: 0.7, max: 0.99}}
     queue: {max_wait_ms: 2000}
     priority: 1
 
@@ -86,6 +87,18 @@ class Budget(StrictModel):
         return self
 
 
+class FollowBudget(StrictModel):
+    """Lower the strong share while the tier's spend rate would overrun its daily budget."""
+
+    enabled: bool = Field(default=False, description="needs strong_share and budget.usd_per_day")
+    min_share: float = Field(default=0.0, ge=0, le=1, description="never below this share")
+    step: float = Field(default=0.02, gt=0, le=1, description="one move of the share")
+    window_s: float = Field(default=600.0, gt=0, description="spend rate measured over this")
+    headroom: float = Field(
+        default=0.8, gt=0, le=1, description="raise again when the projection is under this share"
+    )
+
+
 class Routing(StrictModel):
     """How much of this tier's auto traffic may go to the strong engine: a share or a score."""
 
@@ -95,17 +108,93 @@ class Routing(StrictModel):
     score_threshold: float | None = Field(
         default=None, ge=0, le=1, description="score >= it goes strong"
     )
+    follow_budget: FollowBudget = Field(default_factory=FollowBudget)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Routing:
         if (self.strong_share is None) == (self.score_threshold is None):
             raise ValueError("set exactly one of strong_share or score_threshold")
+        if self.follow_budget.enabled and self.strong_share is None:
+            raise ValueError("follow_budget moves strong_share: set strong_share")
+        if self.strong_share is not None and self.follow_budget.min_share > self.strong_share:
+            raise ValueError("follow_budget.min_share cannot exceed strong_share")
         return self
 
 
 class Latency(StrictModel):
     ttft_p95_ms: int = Field(gt=0, description="target time to first token, 95th percentile")
     total_p95_ms: int | None = Field(default=None, gt=0, description="optional whole-answer target")
+
+
+class CacheAudit(StrictModel):
+    """Shadow checks of semantic hits: a share is asked of the engine again and compared."""
+
+    share: float | None = Field(
+        default=None, ge=0, le=1, description="share of semantic hits audited; default: config"
+    )
+    target: float = Field(
+        default=0.02, gt=0, lt=1, description="acceptable disagreement (false-hit) rate"
+    )
+
+
+class CacheTune(StrictModel):
+    """Bounds and rule of the automatic verifier cut-off (the semantic cache's effective threshold).
+
+    ``rule: evidence`` (default) picks the lowest cut-off whose audited disagreement, among the
+    audited candidates scored at or above it, is under ``audit.target`` with ``confidence``;
+    counterfactual audits of misses refused only by the cut-off supply the evidence below the
+    current value. ``rule: step`` moves one step at a time from the audits at the current value.
+    See proxy/shadow/tuner.py.
+    """
+
+    enabled: bool = Field(default=False, description="move the cut-off from the audits")
+    rule: Literal["evidence", "step"] = Field(
+        default="evidence", description="choose from scored audits, or step up and down"
+    )
+    min: float = Field(default=0.5, ge=0, le=1, description="never looser than this")
+    max: float = Field(default=0.99, ge=0, le=1, description="never stricter than this")
+    min_audits: int = Field(
+        default=30,
+        ge=1,
+        description="audits between two decisions (evidence: also the least above a cut-off)",
+    )
+    confidence: float = Field(
+        default=0.9,
+        gt=0.5,
+        lt=1,
+        description="evidence rule: one-sided confidence that a chosen cut-off is under target",
+    )
+    samples: int = Field(
+        default=2000, ge=10, description="evidence rule: latest scored audits it chooses from"
+    )
+    counterfactual: bool = Field(
+        default=True,
+        description="evidence rule: audit misses refused only by the cut-off (no engine call)",
+    )
+    step: float = Field(
+        default=0.02,
+        gt=0,
+        le=0.5,
+        description="step rule: one move at cut-off 0.5; moves are made in logit space",
+    )
+    set_point: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="step rule: raise when the observed rate is above target x this",
+    )
+    relax_below: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="step rule: relax when the rate's upper bound is under target x this",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CacheTune:
+        if self.min > self.max:
+            raise ValueError("tune.min cannot exceed tune.max")
+        return self
 
 
 class Cache(StrictModel):
@@ -126,6 +215,8 @@ class Cache(StrictModel):
         default=None, ge=-1, le=1, description="default: config"
     )
     verifier_cutoff: float | None = Field(default=None, ge=0, le=1, description="default: config")
+    audit: CacheAudit = Field(default_factory=CacheAudit)
+    tune: CacheTune = Field(default_factory=CacheTune)
 
     @property
     def reads(self) -> bool:
@@ -156,6 +247,12 @@ class TierPolicy(StrictModel):
         default=False,
         description="serve keyless requests with this tier when no tier defines a key",
     )
+
+    @model_validator(mode="after")
+    def _budget_to_follow(self) -> TierPolicy:
+        if self.routing.follow_budget.enabled and self.budget.usd_per_day is None:
+            raise ValueError("routing.follow_budget needs budget.usd_per_day")
+        return self
 
     @field_validator("keys", mode="before")
     @classmethod

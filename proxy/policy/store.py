@@ -29,6 +29,7 @@ import structlog
 
 from proxy.policy.loader import POLICY_SUFFIXES, load_policy_dir
 from proxy.policy.policyset import PolicyIssue, PolicySet
+from proxy.tasks import cancelling
 
 log = structlog.get_logger("frugal.policy")
 
@@ -131,6 +132,8 @@ class PolicyStore:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(interval_s):
                         await hangup.wait()
+                if cancelling():  # a stop that landed as the wait timed out
+                    raise asyncio.CancelledError
                 if hangup.is_set():
                     hangup.clear()
                     log.info("policy_reload_requested", by="SIGHUP")

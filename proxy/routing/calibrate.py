@@ -69,6 +69,12 @@ class ShareTracker:
         self._since_recompute = 0
         self._calibrated = False
 
+    def retarget(self, strong_share: float) -> None:
+        """Aim for another share (the budget follower moved it); recomputed at the next read."""
+        if strong_share != self.strong_share:
+            self.strong_share = strong_share
+            self._calibrated = False
+
     def observe(self, score: float) -> None:
         self._scores.append(float(score))
         self._since_recompute += 1

@@ -82,6 +82,19 @@ def load_count_tokens(tokenizer_folder: Path | None = None) -> Callable[[str], i
     return count_tokens
 
 
+def shallow_views(texts: Sequence[str]) -> npt.NDArray[np.float32]:
+    """The encoder's shallow view of each text (proxy.cache.verifier.EncodedBatch.shallow) from
+    the float32 reference encoder, one torch thread (a few minutes for thousands of prompts)."""
+    import torch
+
+    from proxy.cache.verifier import MiniLMEncoder
+
+    torch.set_num_threads(1)
+    batch = MiniLMEncoder.load().encode(list(texts))
+    assert batch.shallow is not None  # the reference encoder always computes it
+    return batch.shallow
+
+
 def embed_texts(
     embedder: Embedder, texts: Sequence[str], *, batch_size: int = 64, progress: bool = True
 ) -> npt.NDArray[np.float32]:
@@ -152,9 +165,12 @@ def score_prompts(
     progress: bool = True,
 ) -> npt.NDArray[np.float64]:
     messages: list[Sequence[Mapping[str, object]]] = [p.messages for p in prompts]
-    embeddings = embed_texts(embedder, [last_user_text(m) for m in messages], progress=progress)
+    texts = [last_user_text(m) for m in messages]
+    embeddings = embed_texts(embedder, texts, progress=progress)
     cheap = np.stack([cheap_features(m, count_tokens) for m in messages])
-    return classifier.score_arrays(embeddings, cheap)
+    # The proxy scores with the shallow view its encoder computes; so does this.
+    shallow = shallow_views(texts) if classifier.shallow_neighbours is not None else None
+    return classifier.score_arrays(embeddings, cheap, shallow)
 
 
 def score_command(

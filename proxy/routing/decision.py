@@ -13,7 +13,9 @@ Rules, in order:
    down by load or by a different tier, not by its difficulty).
 5. Load: if the chosen engine's estimated TTFT breaks the tier's latency target and another allowed
    engine meets it, the request moves to the nearest such engine in strength, preferring the
-   stronger of two equally near ones (reason ``load``).
+   stronger of two equally near ones (reason ``load``). When none meets it, the request moves to
+   the fastest other engine if that one is expected at least twice as fast: late, but much less
+   late (a busy box slows every engine; the target still says which way to err).
 
 Example::
 
@@ -129,6 +131,9 @@ def _apply_stickiness(
     )
 
 
+_CLEARLY_FASTER = 2.0  # when no engine meets the target, move only to one at least this much faster
+
+
 def _shed_load(
     allowed: Sequence[str], engine: str, loads: Mapping[str, EngineLoad], target_ms: float
 ) -> tuple[str, str] | None:
@@ -142,11 +147,19 @@ def _shed_load(
         (i for i, name in enumerate(allowed) if i != position),
         key=lambda i: (abs(i - position), -i),
     )
-    for i in candidates:
-        load = loads.get(allowed[i])
-        if load is not None and load.est_ttft_ms <= target_ms:
+    known = [(i, load) for i in candidates if (load := loads.get(allowed[i])) is not None]
+    for i, load in known:
+        if load.est_ttft_ms <= target_ms:
             return allowed[i], (
                 f"{engine} est. TTFT {current.est_ttft_ms:.0f} ms > target {target_ms:.0f} ms; "
                 f"{allowed[i]} est. {load.est_ttft_ms:.0f} ms"
             )
-    return None
+    if not known:
+        return None
+    i, fastest = min(known, key=lambda pair: pair[1].est_ttft_ms)
+    if fastest.est_ttft_ms * _CLEARLY_FASTER > current.est_ttft_ms:
+        return None
+    return allowed[i], (
+        f"{engine} est. TTFT {current.est_ttft_ms:.0f} ms > target {target_ms:.0f} ms; none meets "
+        f"it, {allowed[i]} is the fastest at est. {fastest.est_ttft_ms:.0f} ms"
+    )

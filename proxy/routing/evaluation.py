@@ -8,6 +8,12 @@ which PGR reaches p.
 
 Tied scores cannot be split by any threshold, so the curve only has points at tie boundaries and
 the straight segment between two of them is the expected value under a random tie break.
+
+`pgr_curve` cuts at every score, so its area is the exact integral. RouteLLM's own evaluation
+(routellm/evals: benchmarks.py and evaluate.py, `--num-results 10`) samples the curve at 11
+thresholds only, the deciles of the scores, and takes trapezoids between them; `routellm_curve`
+reproduces that sampling. On a concave curve the coarse trapezoids lie a little below the exact
+area, so RouteLLM's figure is usually a few thousandths lower.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ class GapCurve:
     pgr: npt.NDArray[np.float64]
 
 
-def pgr_curve(
+F64 = npt.NDArray[np.float64]
+
+
+def _checked(
     scores: npt.ArrayLike, weak_scores: npt.ArrayLike, strong_scores: npt.ArrayLike
-) -> GapCurve:
-    """The PGR curve of a router; needs a positive gap (strong better than weak on average)."""
+) -> tuple[F64, F64, F64, float]:
     s = np.asarray(scores, dtype=np.float64)
     weak = np.asarray(weak_scores, dtype=np.float64)
     strong = np.asarray(strong_scores, dtype=np.float64)
@@ -38,6 +46,14 @@ def pgr_curve(
     gap = float(strong.sum() - weak.sum())
     if gap <= 0:
         raise ValueError("the strong model is not better than the weak one: no gap to recover")
+    return s, weak, strong, gap
+
+
+def pgr_curve(
+    scores: npt.ArrayLike, weak_scores: npt.ArrayLike, strong_scores: npt.ArrayLike
+) -> GapCurve:
+    """The PGR curve of a router; needs a positive gap (strong better than weak on average)."""
+    s, weak, strong, gap = _checked(scores, weak_scores, strong_scores)
     order = np.argsort(-s, kind="stable")
     gain = np.concatenate(([0.0], np.cumsum((strong - weak)[order])))
     sorted_scores = s[order]
@@ -47,6 +63,25 @@ def pgr_curve(
     pgr = gain[cuts] / gap
     pgr[-1] = 1.0  # exact by definition; the cumulative sum may round a hair off
     return GapCurve(strong_share=cuts / s.size, pgr=pgr)
+
+
+def routellm_curve(
+    scores: npt.ArrayLike, weak_scores: npt.ArrayLike, strong_scores: npt.ArrayLike, bins: int = 10
+) -> GapCurve:
+    """The PGR curve at RouteLLM's thresholds: the score quantiles 0, 1/bins, ..., 1.
+
+    As in RouteLLM, a prompt goes strong when its score is >= the threshold, except at the top
+    threshold, where it must be > (so that point is all-weak).
+    """
+    s, weak, strong, gap = _checked(scores, weak_scores, strong_scores)
+    thresholds = np.quantile(s, np.linspace(0.0, 1.0, bins + 1))
+    shares, pgrs = [], []
+    for i, threshold in enumerate(thresholds):
+        strong_call = s > threshold if i == bins else s >= threshold
+        shares.append(float(strong_call.mean()))
+        pgrs.append(float((strong - weak)[strong_call].sum()) / gap)
+    order = np.argsort(shares, kind="stable")
+    return GapCurve(strong_share=np.asarray(shares)[order], pgr=np.asarray(pgrs)[order])
 
 
 def apgr(curve: GapCurve) -> float:

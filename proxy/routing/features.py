@@ -42,16 +42,19 @@ CHEAP_FEATURE_NAMES: tuple[str, ...] = (
     "creative_words",
 )
 
+# The word alternatives share one leading \b: at a position that is not a word boundary the
+# search fails at once instead of trying each alternative (3-4x faster on long prompts; the
+# matches are the same, tests/unit/test_routing_features.py checks against the flat patterns).
 _CODE_PATTERN = re.compile(
-    r"```|\bdef\s+\w+\s*\(|\bclass\s+\w+|\bfunction\b|\bimport\s+\w+|#include|\breturn\b"
-    r"|\bSELECT\b|=>|::|\bconsole\.|\bprintf\b|\bpublic\s+static\b|\bpython\b|\bjava(script)?\b"
-    r"|\bc\+\+|\bcode\b|\balgorithm\b|\bregex\b|\bsql\b|\bbash\b|\bcompile",
+    r"```|#include|=>|::|\b(?:def\s+\w+\s*\(|class\s+\w+|function\b|import\s+\w+|return\b|SELECT\b"
+    r"|console\.|printf\b|public\s+static\b|python\b|java(?:script)?\b|c\+\+|code\b|algorithm\b"
+    r"|regex\b|sql\b|bash\b|compile)",
     re.IGNORECASE,
 )
 _MATH_PATTERN = re.compile(
-    r"\\frac|\\sqrt|\\int|\$[^$]+\$|\d\s*[-+*/^=]\s*\d|\bsolve\b|\bequation\b|\bintegral\b"
-    r"|\bderivative\b|\bprove\b|\bcalculate\b|\bcompute\b|\bhow (many|much)\b|\bprobability\b"
-    r"|\bpercent|\bsum of\b|\bproduct of\b|\bprime\b|\bmatrix\b|\bpolynomial\b|\bx\s*=",
+    r"\\(?:frac|sqrt|int)|\$[^$]+\$|\d\s*[-+*/^=]\s*\d|\b(?:solve\b|equation\b|integral\b"
+    r"|derivative\b|prove\b|calculate\b|compute\b|how (?:many|much)\b|probability\b|percent"
+    r"|sum of\b|product of\b|prime\b|matrix\b|polynomial\b|x\s*=)",
     re.IGNORECASE,
 )
 _REASONING_PATTERN = re.compile(
@@ -70,10 +73,12 @@ _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 
 @dataclass(frozen=True, slots=True)
 class RoutingFeatures:
-    """Inputs of the difficulty head: the shared embedding and the cheap feature vector."""
+    """Inputs of the difficulty head: the shared embedding, the cheap feature vector and the
+    encoder's shallow view of the same text (None when the encoder does not compute it)."""
 
     embedding: FloatArray
     cheap: FloatArray
+    shallow: FloatArray | None = None
 
 
 def message_text(message: Mapping[str, object]) -> str:
@@ -143,9 +148,18 @@ def extract_features(
     messages: Sequence[Mapping[str, object]],
     embedding: npt.ArrayLike,
     count_tokens: Callable[[str], int],
+    shallow: npt.ArrayLike | None = None,
 ) -> RoutingFeatures:
-    """Features of one request; `embedding` is the shared 384-d embedding of the last user turn."""
+    """Features of one request; `embedding` is the shared 384-d embedding of the last user turn,
+    `shallow` the encoder's shallow view of it (proxy.cache.verifier.EncodedBatch.shallow)."""
     vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
     if vector.shape != (EMBEDDING_DIM,):
         raise ValueError(f"embedding must have {EMBEDDING_DIM} values, got {vector.shape[0]}")
-    return RoutingFeatures(embedding=vector, cheap=cheap_features(messages, count_tokens))
+    view = None
+    if shallow is not None:
+        view = np.asarray(shallow, dtype=np.float32).reshape(-1)
+        if view.shape != (EMBEDDING_DIM,):
+            raise ValueError(f"shallow view must have {EMBEDDING_DIM} values, got {view.shape[0]}")
+    return RoutingFeatures(
+        embedding=vector, cheap=cheap_features(messages, count_tokens), shallow=view
+    )

@@ -16,26 +16,43 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from proxy.engines.pool import Engine
+from proxy.routing.budget import BudgetFollower
 from proxy.routing.calibrate import ShareTracker
 from proxy.routing.classifier import DifficultyClassifier
 from proxy.routing.decision import EngineLoad, RouteDecision, decide_route
 from proxy.routing.features import extract_features
+from proxy.routing.views import ShallowViews
 
 # Until an engine has answered, assume this time to first token (ms): optimistic, so an idle
 # fleet routes by difficulty alone.
 _INITIAL_TTFT_MS = 200.0
 _EWMA_ALPHA = 0.2
+# How fast the idle floor follows answers slower than it (per observation): slow, so a burst of
+# loaded answers does not lift it, yet an engine that really got slower is learnt in ~100 answers.
+_FLOOR_DRIFT = 0.02
 _STICKY_CONVERSATIONS = 100_000
 
 
 @dataclass(slots=True)
-class _TtftEstimate:
+class _MovingMs:
+    """Moving average of a duration in ms: an engine's TTFT, or how long an answer holds a slot.
+
+    ``floor`` follows the quickest recent answers (down at once, up slowly): what the engine
+    does with nothing else to do. Answers timed under load lift the average for a while after the
+    load is gone; an idle engine is estimated by its floor instead.
+    """
+
     ms: float = _INITIAL_TTFT_MS
+    floor: float = _INITIAL_TTFT_MS
     seen: bool = False
 
     def observe(self, ms: float) -> None:
-        self.ms = ms if not self.seen else (1 - _EWMA_ALPHA) * self.ms + _EWMA_ALPHA * ms
-        self.seen = True
+        if not self.seen:
+            self.ms = self.floor = ms
+            self.seen = True
+            return
+        self.ms = (1 - _EWMA_ALPHA) * self.ms + _EWMA_ALPHA * ms
+        self.floor = ms if ms < self.floor else self.floor + _FLOOR_DRIFT * (ms - self.floor)
 
 
 @dataclass(eq=False)
@@ -45,9 +62,13 @@ class Router:
     count_tokens: Callable[[str], int]
     default_threshold: float = 0.5
     sticky_margin: float = 0.1
+    budget: BudgetFollower = field(default_factory=BudgetFollower)
+    # The encoder's shallow views by embedding (filled by the encode function; see views.py).
+    views: ShallowViews = field(default_factory=ShallowViews)
     _trackers: dict[tuple[str, float], ShareTracker] = field(default_factory=dict)
     _sticky: OrderedDict[bytes, tuple[str, float | None]] = field(default_factory=OrderedDict)
-    _ttft: dict[str, _TtftEstimate] = field(default_factory=dict)
+    _ttft: dict[str, _MovingMs] = field(default_factory=dict)
+    _service: dict[str, _MovingMs] = field(default_factory=dict)
     weak_to_strong: list[Engine] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,9 +92,16 @@ class Router:
 
     def score(self, messages: Sequence[Mapping[str, object]], embedding: np.ndarray) -> float:
         assert self.classifier is not None
-        return self.classifier.score(extract_features(messages, embedding, self.count_tokens))
+        shallow = self.views.get(embedding)
+        return self.classifier.score(
+            extract_features(messages, embedding, self.count_tokens, shallow)
+        )
 
-    def threshold(self, tier: str, *, share: float | None, fixed: float | None) -> float:
+    def threshold(
+        self, tier: str, *, share: float | None, fixed: float | None, target: float | None = None
+    ) -> float:
+        """``share`` is the policy's strong share (it names the tracker); ``target`` the share
+        aimed for now when the budget follower lowered it."""
         if fixed is not None:
             return fixed
         if share is None:
@@ -82,6 +110,7 @@ class Router:
         if tracker is None:
             tracker = ShareTracker(share, self._initial_threshold(share))
             self._trackers[(tier, share)] = tracker
+        tracker.retarget(share if target is None else target)
         return tracker.threshold
 
     def observe_score(self, tier: str, share: float | None, score: float) -> None:
@@ -100,17 +129,39 @@ class Router:
     # -- load -------------------------------------------------------------------------------
 
     def observe_ttft(self, engine: str, seconds: float) -> None:
-        self._ttft.setdefault(engine, _TtftEstimate()).observe(seconds * 1000)
+        self._ttft.setdefault(engine, _MovingMs()).observe(seconds * 1000)
 
-    def load(self, engine: Engine, queued: int, admitted: int) -> EngineLoad:
-        """The engine's expected time to first token if a request joined it now."""
+    def observe_service(self, engine: str, seconds: float) -> None:
+        """How long an answer held one of the engine's slots (first byte sent to last received)."""
+        self._service.setdefault(engine, _MovingMs()).observe(seconds * 1000)
+
+    def load(
+        self, engine: Engine, queued: int, admitted: int, queue_delay_s: float = 0.0
+    ) -> EngineLoad:
+        """The engine's expected time to first token if a request joined it now.
+
+        ``queue_delay_s``: the wait the proxy's admission queue in front of the engine has
+        observed (its sojourn time), when it has one.
+        """
         replica_load = engine.load()
         running = max(admitted, int(replica_load.running))
         waiting = queued + int(replica_load.waiting)
-        base = self._ttft.get(engine.name, _TtftEstimate()).ms
-        # Queued requests wait for running ones to make room: roughly one base TTFT per
-        # batch-worth of queue ahead.
-        est = base * (1.0 + waiting / max(1, running))
+        ttft = self._ttft.get(engine.name)
+        if ttft is None:
+            base = _INITIAL_TTFT_MS
+        elif running == 0 and waiting == 0:
+            base = min(ttft.floor, ttft.ms)  # idle: the TTFTs learnt under load no longer apply
+        else:
+            base = ttft.ms
+        # A queued request waits for running ones to finish and make room: one answer's service
+        # time per batch-worth of queue ahead of it (long answers make long queues), then its own
+        # first token. Until an answer has been timed, a TTFT stands in for the service time;
+        # while long answers are still running, none has been timed yet, so the wait the queue
+        # has actually shown counts too.
+        timed = self._service.get(engine.name)
+        service = max(base, timed.ms) if timed is not None else base
+        wait = max(service * waiting / max(1, running), queue_delay_s * 1000) if waiting else 0.0
+        est = base + wait
         return EngineLoad(queue_length=waiting, running=running, est_ttft_ms=est)
 
     # -- conversations ----------------------------------------------------------------------

@@ -162,7 +162,8 @@ async def test_identical_concurrent_misses_make_one_engine_call(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
     engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
-    engine.configure(ttft_ms=300, tokens_per_s=200)
+    # Long enough that every follower arrives while the leader waits, even on a loaded machine.
+    engine.configure(ttft_ms=1500, tokens_per_s=200)
     plain = [proxy.client.post("/v1/chat/completions", json=GREEDY) for _ in range(4)]
     streamed = [
         proxy.client.post("/v1/chat/completions", json={**GREEDY, "stream": True}) for _ in range(4)

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from tests.conftest_redis import RedisServer
 
 pytest_plugins = ["tests.conftest_redis"]
-pytestmark = pytest.mark.redis
+# A stuck Redis call must fail its test in minutes, not after the suite-wide 15 minutes.
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
 DIM = 8
 GLOBAL = Partition(Scope.GLOBAL)

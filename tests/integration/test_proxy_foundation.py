@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.app import TRANSPORT
 from proxy.sse import parse_all
 from tests.integration.conftest import StartFake, StartProxy, engine_config, wait_until
 
@@ -39,6 +40,23 @@ async def test_chat_non_streamed_carries_engine_and_version(
     assert resp.headers["x-frugal-engine"] == "small"
     assert resp.headers["x-frugal-model-version"].startswith("small-model@")
     assert resp.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("lean", [True, False])
+async def test_the_lean_engine_client_can_be_switched_off(
+    start_fake: StartFake, start_proxy: StartProxy, lean: bool
+) -> None:
+    _, _, p = await _two_engines(start_fake, start_proxy, server={"lean_engine_client": lean})
+    for stream in (False, True):
+        resp = await p.client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        assert resp.status == 200 and await resp.read()
+    lean_client = p.client.server.app[TRANSPORT].lean
+    if lean:
+        assert lean_client is not None
+        # the non-streamed call went through it and left its connection open for the next one
+        assert sum(len(idle) for idle in lean_client._idle.values()) == 1
+    else:
+        assert lean_client is None
 
 
 async def test_auto_goes_to_first_engine_and_model_is_rewritten(
@@ -367,3 +385,19 @@ async def test_chunked_body_over_the_limit_is_413(
     )
     assert resp.status == 413
     assert (await resp.json())["error"]["code"] == "payload_too_large"
+
+
+async def test_engine_slower_than_its_whole_request_timeout_mid_stream_ends_the_stream(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    slow = await start_fake("m", tokens_per_s=5, completion_tokens=50)
+    timeouts = {"connect_s": 1, "first_token_s": 1, "total_s": 0.6}
+    p = await start_proxy([engine_config("e", "m", [slow.url], timeouts=timeouts)])
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    assert resp.status == 200
+    payloads = parse_all(await asyncio.wait_for(resp.read(), 5))
+    assert payloads[-1] == b"[DONE]"
+    error = orjson.loads(payloads[-2])["error"]
+    assert error["code"] == "upstream_timeout"
+    await wait_until(lambda: slow.state.counters.aborted == 1)  # the engine was told to stop
+    assert p.services.engines[0].replicas[0].inflight == 0

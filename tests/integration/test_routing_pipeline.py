@@ -113,4 +113,6 @@ async def test_slow_engine_sheds_load_to_the_other(
     services.router.observe_ttft("large", 90.0)
     resp = await client.post("/v1/chat/completions", json=ask(HARD))
     assert resp.headers["x-frugal-route-reason"] == "load"
+    # The detail names the estimate that broke the target.
+    assert "est. TTFT" in resp.headers["x-frugal-route-detail"]
     assert resp.headers["x-frugal-route"] == "small"

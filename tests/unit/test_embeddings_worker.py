@@ -7,8 +7,10 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from proxy.embeddings.worker import EmbeddingWorker, WorkerClosed
+from proxy.embeddings.worker import EmbeddingWorker, WorkerClosed, split_by_length
 
 
 class FakeModel:
@@ -123,3 +125,150 @@ async def test_a_wrong_row_count_is_an_error_not_a_dead_worker() -> None:
             await worker.embed("x")
         with pytest.raises(ValueError):
             await worker.embed("y")  # the worker is still serving
+
+
+async def test_a_lone_text_after_a_lone_text_does_not_wait() -> None:
+    # max_wait_ms applies only under load (the previous batch held several texts); a lone
+    # request is flushed at once. An hour-long wait would hang the test if it applied.
+    model = FakeModel()
+    async with EmbeddingWorker(model, max_batch=32, max_wait_ms=3_600_000) as worker:
+        await asyncio.wait_for(worker.embed("alone"), timeout=10)
+        await asyncio.wait_for(worker.embed("again"), timeout=10)
+    assert model.batches == [["alone"], ["again"]]
+
+
+async def test_under_load_the_next_batch_waits_for_more_texts() -> None:
+    model = FakeModel()
+    async with EmbeddingWorker(model, max_batch=32, max_wait_ms=200) as worker:
+        await asyncio.gather(worker.embed("a"), worker.embed("b"))
+        first = asyncio.create_task(worker.embed("c"))
+        await asyncio.sleep(0.02)  # well inside the wait: joins c's batch
+        await asyncio.gather(first, worker.embed("d"))
+    assert model.batches == [["a", "b"], ["c", "d"]]
+
+
+async def test_a_large_batch_is_split_across_threads_in_order() -> None:
+    model = FakeModel()
+    texts = [f"question {i} " + "x" * (i * 7 % 23) for i in range(24)]
+    async with EmbeddingWorker(model, max_batch=64, threads=3) as worker:
+        vectors = await asyncio.gather(*(worker.embed(t) for t in texts))
+    assert sorted(len(b) for b in model.batches) == [8, 8, 8]
+    assert sorted(t for b in model.batches for t in b) == sorted(texts)
+    assert [v[0] for v in vectors] == [len(t) for t in texts]
+
+
+async def test_a_small_batch_stays_whole() -> None:
+    model = FakeModel()
+    async with EmbeddingWorker(model, max_batch=64, threads=2) as worker:
+        await asyncio.gather(*(worker.embed(str(i)) for i in range(7)))
+    assert [len(b) for b in model.batches] == [7]
+
+
+async def test_recent_texts_are_answered_without_the_model() -> None:
+    model = FakeModel()
+    async with EmbeddingWorker(model, remembered=2) as worker:
+        first = await worker.embed("one")
+        again = await worker.embed("one")
+        await worker.embed("two")
+        await worker.embed("three")  # evicts "one", the least recently used
+        await worker.embed("one")
+    np.testing.assert_array_equal(first, again)
+    assert model.batches == [["one"], ["two"], ["three"], ["one"]]
+
+
+async def test_nothing_is_remembered_by_default() -> None:
+    model = FakeModel()
+    async with EmbeddingWorker(model) as worker:
+        await worker.embed("one")
+        await worker.embed("one")
+    assert model.batches == [["one"], ["one"]]
+
+
+def test_threads_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        EmbeddingWorker(FakeModel(), threads=0)
+
+
+@given(
+    st.lists(st.text(max_size=40), max_size=60),
+    st.integers(min_value=1, max_value=5),
+)
+def test_split_by_length_keeps_every_text_once_in_order(texts: list[str], parts: int) -> None:
+    split = split_by_length(texts, parts)
+    assert len(split) == (parts if parts > 1 else 1)
+    assert sorted(t for part in split for t in part) == sorted(texts)
+    for part in split:  # order within a part is the input order
+        positions = iter(range(len(texts)))
+        assert all(any(texts[i] == t for i in positions) for t in part)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=120), min_size=2, max_size=60))
+def test_split_by_length_balances_the_work(lengths: list[int]) -> None:
+    texts = ["x" * n for n in lengths]
+    loads = [sum(len(t) + 8 for t in part) for part in split_by_length(texts, 2)]
+    # greedy longest-first: the parts differ by at most the longest text's cost
+    assert abs(loads[0] - loads[1]) <= max(lengths) + 8
+
+
+async def test_a_background_text_does_not_wait_behind_a_batch_in_progress() -> None:
+    started, release = threading.Event(), threading.Event()
+    model = FakeModel()
+
+    def gated(texts: list[str]) -> np.ndarray:
+        if "user question" in texts:
+            started.set()
+            assert release.wait(10)
+        return model(texts)
+
+    async with EmbeddingWorker(gated, threads=2) as worker:
+        user = asyncio.create_task(worker.embed("user question"))
+        assert await asyncio.to_thread(started.wait, 10)  # the user's batch is being encoded
+        audit = await asyncio.wait_for(worker.embed_background("an audit's answer"), timeout=10)
+        assert not user.done()  # the background text finished first, on the other thread
+        release.set()
+        await user
+    assert audit[0] == len("an audit's answer")
+    assert sorted(model.batches) == [["an audit's answer"], ["user question"]]
+
+
+async def test_background_texts_leave_the_next_lone_text_unbatched_and_unwaited() -> None:
+    # Through embed() an audit's two answers would make a batch of two, and the next lone text
+    # would then wait max_wait_ms (an hour here) for company.
+    model = FakeModel()
+    async with EmbeddingWorker(model, max_batch=32, max_wait_ms=3_600_000, threads=2) as worker:
+        await asyncio.gather(worker.embed_background("cached"), worker.embed_background("fresh"))
+        await asyncio.wait_for(worker.embed("next user text"), timeout=10)
+    assert sorted(model.batches) == [["cached"], ["fresh"], ["next user text"]]
+
+
+async def test_background_texts_are_remembered_and_need_a_running_worker() -> None:
+    model = FakeModel()
+    worker = EmbeddingWorker(model, remembered=8)
+    with pytest.raises(WorkerClosed):
+        await worker.embed_background("x")
+    async with worker:
+        first = await worker.embed_background("answer")
+        again = await worker.embed("answer")
+    np.testing.assert_array_equal(first, again)
+    assert model.batches == [["answer"]]
+    with pytest.raises(WorkerClosed):
+        await worker.embed_background("x")
+
+
+async def test_background_texts_are_encoded_one_at_a_time() -> None:
+    lock = threading.Lock()
+    running = peak = 0
+
+    def counting(texts: list[str]) -> np.ndarray:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        threading.Event().wait(0.02)  # long enough for a second call to overlap if it could
+        with lock:
+            running -= 1
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    async with EmbeddingWorker(counting, threads=3) as worker:
+        await asyncio.gather(*(worker.embed_background(f"answer {i}") for i in range(4)))
+    assert peak == 1  # three free threads, but background work never takes more than one

@@ -156,3 +156,24 @@ def test_drop_content_leaves_no_content_key_at_any_depth(event: dict[str, Any]) 
 @given(st.dictionaries(key, json_tree, max_size=5))
 def test_drop_content_passes_debug_untouched(event: dict[str, Any]) -> None:
     assert DropContent()(None, "debug", dict(event)) == event
+
+
+def test_json_access_line_timestamp_is_utc_iso_with_microseconds() -> None:
+    import datetime as dt
+    import time
+
+    from proxy.observability.access import AccessLog
+
+    out = io.BytesIO()
+    access = AccessLog(json=True, stream=out)
+    before = time.time()
+    access.write({"request_id": "a"})
+    access.write({"request_id": "b"})  # the cached second is reused
+    after = time.time()
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["request_id"] for line in lines] == ["a", "b"]
+    for line in lines:
+        stamp = line["timestamp"]
+        assert stamp.endswith("Z") and len(stamp.split(".")[1]) == 7  # 6 digits + Z
+        parsed = dt.datetime.fromisoformat(stamp[:-1]).replace(tzinfo=dt.UTC).timestamp()
+        assert before - 1e-6 <= parsed <= after + 1e-6

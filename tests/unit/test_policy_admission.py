@@ -202,3 +202,46 @@ def test_adaptive_cap_grows_while_flat_and_shrinks_past_the_bend() -> None:
     for _ in range(100):
         idle = next_cap(idle, 0.1, in_flight=0, min_cap=2, max_cap=64)
     assert idle.cap == 4.0  # an unused cap is not raised on faith
+
+
+async def test_the_observer_hears_queue_length_changes_not_every_request() -> None:
+    recorder = Recorder()
+    gate = EngineAdmission("small", 1, observer=recorder)
+    for _ in range(3):  # an empty queue passed three times: nothing new to report
+        async with gate.slot(priority=0, max_wait_s=1):
+            pass
+    assert recorder.lengths == [0]  # the series exists from the start
+    async with gate.slot(priority=0, max_wait_s=1):
+        waiter = asyncio.create_task(_hold(gate))
+        await settle()
+        assert recorder.lengths == [0, 1]
+    await waiter
+    assert recorder.lengths == [0, 1, 0]
+
+
+async def _hold(gate: EngineAdmission) -> None:
+    async with gate.slot(priority=0, max_wait_s=1):
+        pass
+
+
+async def test_queue_delay_is_what_the_queue_has_shown() -> None:
+    now = [100.0]
+    gate = EngineAdmission("large", 1, clock=lambda: now[0])
+    assert gate.queue_delay() == 0.0  # nothing waits
+    held = gate.slot(priority=1, max_wait_s=60)
+    await held.__aenter__()
+    waiter = asyncio.create_task(gate.slot(priority=1, max_wait_s=60).__aenter__())
+    await settle()
+    now[0] += 3.0
+    # The oldest waiter has waited 3 s: a newcomer can expect at least that.
+    assert gate.queue_delay() == 3.0
+    await held.__aexit__(None, None, None)
+    await waiter
+    assert gate.queue_delay() == 0.0  # the queue is empty again
+    # Admitted after 3 s: the next queue starts from that experience, not from zero.
+    late = asyncio.create_task(gate.slot(priority=1, max_wait_s=60).__aenter__())
+    await settle()
+    assert 0.0 < gate.queue_delay() < 3.0
+    late.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await late

@@ -97,6 +97,16 @@ def test_gcra_bounds_any_window_and_retry_after_is_exact(
             assert j - i + 1 <= per_minute + window * per_minute / WINDOW_S + 1e-6
 
 
+def test_gcra_retry_after_the_wait_is_not_refused_by_rounding() -> None:
+    # Found by Hypothesis: the retry's wait came out as 7.1e-15 s instead of 0.
+    now = 1.0919748153562105
+    _, tat = gcra(0.0, now, 1, 1)
+    wait, _ = gcra(tat, now, 1, 1)
+    assert wait == 60.0
+    retry_wait, _ = gcra(tat, now + wait + 1e-9, 1, 1)
+    assert retry_wait == 0
+
+
 def test_gcra_steady_client_at_the_rate_is_never_refused() -> None:
     tat = 0.0
     for step in range(1000):

@@ -116,6 +116,34 @@ def test_k_larger_than_the_keys_uses_all_keys() -> None:
     np.testing.assert_allclose(head.neighbours.share(axis_features(0).embedding[None, :]), [0.5])
 
 
+def kernel_head(labels: list[float], bandwidth: float) -> DifficultyClassifier:
+    arrays = neighbour_arrays(np.eye(len(labels)) * 100, np.zeros(len(labels)), k=len(labels))
+    arrays["knn_labels"] = np.array(labels, dtype=np.float16)
+    arrays["knn_key_scale"] = np.full(len(labels), 0.01, dtype=np.float32)  # unit-length keys
+    arrays["knn_bandwidth"] = np.array(bandwidth, dtype=np.float32)
+    return DifficultyClassifier.from_arrays(linear_arrays() | arrays)
+
+
+def test_similarity_weighted_vote_matches_the_formula() -> None:
+    # Keys along axes 0..2; a query between axes 0 and 1 has cosine 0.8 and 0.6 with them.
+    head = kernel_head([1.0, 0.5, 0.0], bandwidth=5.0)
+    assert head.neighbours is not None
+    query = np.zeros((1, EMBEDDING_DIM), dtype=np.float32)
+    query[0, :2] = [0.8, 0.6]
+    weights = np.exp(5.0 * (np.array([0.8, 0.6, 0.0]) - 0.8))
+    expected = (weights @ np.array([1.0, 0.5, 0.0])) / weights.sum()
+    np.testing.assert_allclose(head.neighbours.share(query), [expected], rtol=1e-5)
+
+
+def test_bandwidth_moves_the_vote_from_the_mean_to_the_nearest() -> None:
+    query = axis_features(0).embedding[None, :]
+    flat = kernel_head([1.0, 0.0, 0.0, 0.5], bandwidth=0.0)
+    sharp = kernel_head([1.0, 0.0, 0.0, 0.5], bandwidth=200.0)
+    assert flat.neighbours is not None and sharp.neighbours is not None
+    np.testing.assert_allclose(flat.neighbours.share(query), [0.375], rtol=1e-5)
+    np.testing.assert_allclose(sharp.neighbours.share(query), [1.0], rtol=1e-5)
+
+
 def test_batch_equals_single_scores() -> None:
     head = DifficultyClassifier.from_arrays(
         linear_arrays() | neighbour_arrays(np.eye(4) * 100, np.array([1, 0, 1, 0]), k=2)
@@ -164,4 +192,150 @@ def test_shipped_head_loads_and_has_default_thresholds() -> None:
     assert thresholds[0.1] > thresholds[0.3]  # a smaller strong share needs a higher threshold
     assert "strong_score > weak_score" in head.metadata["label"]
     assert head.neighbours is not None
+    assert head.neighbours.bandwidth is not None  # the similarity-weighted vote
+    assert head.shallow_neighbours is not None  # the second vote, in the shallow view
+    assert head.shallow_neighbours.prior_weight is not None
+    assert head.metadata["hyperparameters"]["shallow_prior_weight"] > 0
+    assert head.residual_vote is not None  # the linear part's residuals, over the shallow keys
+    assert head.residual_vote.residuals.shape == head.shallow_neighbours.labels.shape
+    assert head.stack_w is not None and head.stack_w.shape == (5,)
     assert 0.0 <= head.score(random_features(3)) <= 1.0
+
+
+def shallow_arrays(
+    labels: list[float], bandwidth: float, prior_weight: float
+) -> dict[str, np.ndarray]:
+    """kernel_head's arrays plus a second vote over the same unit keys in the shallow view; the
+    stacker reads only that vote's logit."""
+    n = len(labels)
+    projection = np.zeros((EMBEDDING_DIM, n), dtype=np.float32)
+    projection[np.arange(n), np.arange(n)] = 1.0
+    return (
+        linear_arrays()
+        | neighbour_arrays(np.eye(n) * 100, np.zeros(n), k=n)
+        | {
+            "knn_labels": np.array(labels, dtype=np.float16),
+            "knn_key_scale": np.full(n, 0.01, dtype=np.float32),
+            "knn_bandwidth": np.array(1.0, dtype=np.float32),
+            "shallow_centre": np.zeros(EMBEDDING_DIM, dtype=np.float32),
+            "shallow_projection": projection,
+            "shallow_keys": (np.eye(n) * 100).astype(np.int8),
+            "shallow_key_scale": np.full(n, 0.01, dtype=np.float32),
+            "shallow_bandwidth": np.array(bandwidth, dtype=np.float32),
+            "shallow_prior_weight": np.array(prior_weight, dtype=np.float32),
+            "stack_w": np.array([0.0, 0.0, 0.0, 1.0], dtype=np.float32),
+        }
+    )
+
+
+def shallow_head(
+    labels: list[float], bandwidth: float, prior_weight: float
+) -> DifficultyClassifier:
+    return DifficultyClassifier.from_arrays(shallow_arrays(labels, bandwidth, prior_weight))
+
+
+def test_shallow_vote_matches_the_formula_with_its_prior() -> None:
+    labels = [1.0, 0.5, 0.0]
+    head = shallow_head(labels, bandwidth=4.0, prior_weight=2.0)
+    query = np.zeros((1, EMBEDDING_DIM), dtype=np.float32)
+    query[0, :2] = [0.8, 0.6]
+    weights = np.exp(4.0 * (np.array([0.8, 0.6, 0.0]) - 1.0))
+    expected = (weights @ np.array(labels) + 2.0 * np.mean(labels)) / (weights.sum() + 2.0)
+    np.testing.assert_allclose(head.shallow_share(query, 1), [expected], rtol=1e-5)
+
+
+def test_shallow_vote_falls_back_to_the_mean_without_a_near_key_or_a_view() -> None:
+    head = shallow_head([1.0, 1.0, 0.0, 1.0], bandwidth=60.0, prior_weight=1.0)
+    far = np.zeros((1, EMBEDDING_DIM), dtype=np.float32)
+    far[0, :4] = 0.5  # cosine 0.5 with every key: weights exp(-30), nothing is near
+    np.testing.assert_allclose(head.shallow_share(far, 1), [0.75], rtol=1e-4)
+    near = axis_features(3).embedding[None, :]  # on key 3 (label 1): weight 1 against prior 1
+    np.testing.assert_allclose(head.shallow_share(near, 1), [(1.0 + 0.75) / 2], rtol=1e-4)
+    np.testing.assert_allclose(head.shallow_share(None, 2), [0.75, 0.75])
+    # Scoring: the stacker reads the second vote's logit only.
+    feats = axis_features(0)
+    without = head.score(feats)
+    assert without == pytest.approx(1 / (1 + np.exp(-neighbour_logit(0.75))), rel=1e-5)
+    with_view = head.score(
+        RoutingFeatures(feats.embedding, feats.cheap, shallow=near[0].astype(np.float32))
+    )
+    assert with_view > without
+
+
+def test_batch_with_and_without_shallow_views_equals_single_scores() -> None:
+    head = shallow_head([1.0, 0.0, 1.0, 0.0], bandwidth=10.0, prior_weight=0.5)
+    feats = [random_features(i) for i in range(4)]
+    views = [
+        RoutingFeatures(f.embedding, f.cheap, shallow=random_features(10 + i).embedding)
+        for i, f in enumerate(feats)
+    ]
+    for batch in (views, feats, views[:2] + feats[2:]):
+        np.testing.assert_allclose(
+            head.score_batch(batch), [head.score(f) for f in batch], rtol=1e-5
+        )
+
+
+def test_stacker_width_must_match_the_votes() -> None:
+    bad = linear_arrays() | neighbour_arrays(np.eye(2) * 100, np.zeros(2), k=2)
+    bad["stack_w"] = np.zeros(4, dtype=np.float32)
+    with pytest.raises(ClassifierArtifactError, match="stacker has 4 weights for 3 inputs"):
+        DifficultyClassifier.from_arrays(bad)
+
+
+def residual_arrays(
+    residuals: list[float], bandwidth: float, prior_weight: float
+) -> dict[str, np.ndarray]:
+    """A residual vote over shallow_arrays' keys; the stacker reads only that vote."""
+    return {
+        "residual_labels": np.array(residuals, dtype=np.float16),
+        "residual_bandwidth": np.array(bandwidth, dtype=np.float32),
+        "residual_prior_weight": np.array(prior_weight, dtype=np.float32),
+        "stack_w": np.array([0.0, 0.0, 0.0, 0.0, 1.0], dtype=np.float32),
+    }
+
+
+def residual_head(
+    labels: list[float], residuals: list[float], bandwidth: float, prior_weight: float
+) -> DifficultyClassifier:
+    return DifficultyClassifier.from_arrays(
+        shallow_arrays(labels, bandwidth=20.0, prior_weight=1.0)
+        | residual_arrays(residuals, bandwidth, prior_weight)
+    )
+
+
+def test_residual_vote_matches_the_formula_with_no_correction_as_its_prior() -> None:
+    residuals = [0.5, -0.25, 0.75]
+    head = residual_head([1.0, 0.5, 0.0], residuals, bandwidth=4.0, prior_weight=2.0)
+    query = np.zeros((1, EMBEDDING_DIM), dtype=np.float32)
+    query[0, :2] = [0.8, 0.6]
+    weights = np.exp(4.0 * (np.array([0.8, 0.6, 0.0]) - 1.0))
+    expected = (weights @ np.array(residuals)) / (weights.sum() + 2.0)
+    share, residual = head.shallow_votes(query, 1)
+    assert residual is not None
+    np.testing.assert_allclose(residual, [expected], rtol=1e-4)
+    np.testing.assert_allclose(share, head.shallow_share(query, 1))
+    # The stacker reads the residual vote itself (it is not a share, so no logit).
+    feats = RoutingFeatures(query[0], random_features(0).cheap, shallow=query[0])
+    assert head.score(feats) == pytest.approx(1 / (1 + np.exp(-expected)), rel=1e-5)
+
+
+def test_residual_vote_is_no_correction_without_a_near_key_or_a_view() -> None:
+    head = residual_head([1.0, 0.0], [0.9, 0.9], bandwidth=60.0, prior_weight=1.0)
+    far = np.zeros((1, EMBEDDING_DIM), dtype=np.float32)
+    far[0, :2] = 0.7  # cosine 0.7 with both keys: weights exp(-18), nothing is near
+    assert abs(float(head.shallow_votes(far, 1)[1][0])) < 1e-6  # type: ignore[index]
+    share, residual = head.shallow_votes(None, 3)
+    np.testing.assert_allclose(share, [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(residual, [0.0, 0.0, 0.0])  # type: ignore[arg-type]
+    assert head.score(random_features(1)) == pytest.approx(0.5)
+
+
+def test_residual_labels_must_match_the_shallow_keys_and_the_stacker_its_inputs() -> None:
+    with pytest.raises(ClassifierArtifactError, match="residual_labels has shape"):
+        residual_head([1.0, 0.0, 1.0], [0.1, 0.2], bandwidth=4.0, prior_weight=1.0)
+    four_weights = shallow_arrays([1.0, 0.0], bandwidth=4.0, prior_weight=1.0) | residual_arrays(
+        [0.1, 0.2], bandwidth=4.0, prior_weight=1.0
+    )
+    four_weights["stack_w"] = np.zeros(4, dtype=np.float32)
+    with pytest.raises(ClassifierArtifactError, match="stacker has 4 weights for 5 inputs"):
+        DifficultyClassifier.from_arrays(four_weights)

@@ -104,13 +104,23 @@ def test_overloaded_choice_moves_to_an_engine_meeting_the_target() -> None:
     assert "4000" in decision.detail
 
 
-def test_no_move_when_no_other_engine_meets_the_target() -> None:
-    loads = {"large": EngineLoad(12, 8, 4000.0), "small": EngineLoad(9, 9, 1500.0)}
+def test_no_move_when_no_other_engine_meets_the_target_or_is_clearly_faster() -> None:
+    loads = {"large": EngineLoad(12, 8, 4000.0), "small": EngineLoad(9, 9, 2500.0)}
     decision = decide_route(
         requested_model=AUTO_MODEL, allowed_engines=TWO, score=0.9, threshold=0.5,
         loads=loads, ttft_target_ms=1000.0,
     )  # fmt: skip
     assert (decision.engine, decision.reason) == ("large", "difficulty")
+
+
+def test_when_none_meets_the_target_a_much_faster_engine_still_takes_it() -> None:
+    loads = {"large": EngineLoad(12, 8, 4000.0), "small": EngineLoad(9, 9, 1500.0)}
+    decision = decide_route(
+        requested_model=AUTO_MODEL, allowed_engines=TWO, score=0.9, threshold=0.5,
+        loads=loads, ttft_target_ms=1000.0,
+    )  # fmt: skip
+    assert (decision.engine, decision.reason) == ("small", "load")
+    assert "none meets" in decision.detail
 
 
 def test_unknown_load_is_not_a_reason_to_move() -> None:
@@ -181,11 +191,14 @@ def test_raising_the_score_never_moves_to_a_weaker_engine(
 
 
 @given(situations, unit)
-def test_a_load_move_always_lands_within_the_target(
+def test_a_load_move_lands_within_the_target_or_at_least_twice_as_fast(
     situation: dict[str, object], score: float
 ) -> None:
     decision = decide_route(requested_model=AUTO_MODEL, score=score, **situation)  # type: ignore[arg-type]
     if decision.reason == "load":
         loads = situation["loads"]
         assert isinstance(loads, dict)
-        assert loads[decision.engine].est_ttft_ms <= situation["ttft_target_ms"]  # type: ignore[operator]
+        unloaded = {**situation, "loads": None}
+        before = decide_route(requested_model=AUTO_MODEL, score=score, **unloaded)  # type: ignore[arg-type]
+        moved_to, came_from = loads[decision.engine].est_ttft_ms, loads[before.engine].est_ttft_ms
+        assert moved_to <= situation["ttft_target_ms"] or 2 * moved_to <= came_from

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.routing.evaluation import apgr, cpt, pgr_curve
+from proxy.routing.evaluation import apgr, cpt, pgr_curve, routellm_curve
 
 
 def test_perfect_router_on_two_prompts() -> None:
@@ -55,3 +55,25 @@ def test_random_scores_average_to_about_a_half(n: int, seed: int) -> None:
     forward = apgr(pgr_curve(scores, weak, strong))
     backward = apgr(pgr_curve(-scores, weak, strong))
     assert (forward + backward) / 2 == pytest.approx(0.5)
+
+
+def test_routellm_sampling_of_a_perfect_router() -> None:
+    curve = routellm_curve([0.9, 0.1], weak_scores=[0, 1], strong_scores=[1, 1])
+    assert curve.strong_share.size == 11
+    assert apgr(curve) == pytest.approx(0.75)
+    assert cpt(curve, 0.5) == pytest.approx(0.25)
+
+
+@given(st.integers(12, 80), st.integers(0, 10_000))
+def test_routellm_points_lie_on_the_exact_curve(n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    weak = rng.integers(0, 2, n).astype(float)
+    strong = np.maximum(weak, rng.integers(0, 2, n))
+    strong[0], weak[0] = 1.0, 0.0  # a positive gap
+    scores = rng.permutation(n).astype(float)  # distinct: every cut is a vertex of the curve
+    exact = pgr_curve(scores, weak, strong)
+    coarse = routellm_curve(scores, weak, strong)
+    assert coarse.strong_share[0] == 0.0 and coarse.strong_share[-1] == 1.0
+    vertices = dict(zip(exact.strong_share.tolist(), exact.pgr.tolist(), strict=True))
+    for x, y in zip(coarse.strong_share.tolist(), coarse.pgr.tolist(), strict=True):
+        assert y == pytest.approx(vertices[x])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.routing.features import (
+    _CODE_PATTERN,
+    _MATH_PATTERN,
     CHEAP_FEATURE_NAMES,
     EMBEDDING_DIM,
     cheap_features,
@@ -94,3 +98,32 @@ def test_cheap_features_are_finite_for_any_conversation(turns: list[tuple[str, s
     values = cheap_features(messages, words)
     assert values.shape == (len(CHEAP_FEATURE_NAMES),)
     assert np.all(np.isfinite(values))
+
+
+# The patterns as first written (one \b per alternative): the grouped ones must match the same.
+_FLAT_CODE = re.compile(
+    r"```|\bdef\s+\w+\s*\(|\bclass\s+\w+|\bfunction\b|\bimport\s+\w+|#include|\breturn\b"
+    r"|\bSELECT\b|=>|::|\bconsole\.|\bprintf\b|\bpublic\s+static\b|\bpython\b|\bjava(script)?\b"
+    r"|\bc\+\+|\bcode\b|\balgorithm\b|\bregex\b|\bsql\b|\bbash\b|\bcompile",
+    re.IGNORECASE,
+)
+_FLAT_MATH = re.compile(
+    r"\\frac|\\sqrt|\\int|\$[^$]+\$|\d\s*[-+*/^=]\s*\d|\bsolve\b|\bequation\b|\bintegral\b"
+    r"|\bderivative\b|\bprove\b|\bcalculate\b|\bcompute\b|\bhow (many|much)\b|\bprobability\b"
+    r"|\bpercent|\bsum of\b|\bproduct of\b|\bprime\b|\bmatrix\b|\bpolynomial\b|\bx\s*=",
+    re.IGNORECASE,
+)
+_WORDS = (
+    "def f( class A import os return SELECT => :: console. printf public static python java "
+    "javascript c++ code algorithm regex sql bash compiler #include ``` \\frac \\sqrt \\int "
+    "$x$ 3+4 2 = 5 solve equation integral derivative prove calculate compute how many much "
+    "probability percentage sum product of prime matrix polynomial x X= a _ 1 ( ) . xcode recode "
+    "Python3 re-turn"
+)
+_PIECES = st.sampled_from([*_WORDS.split(), " ", "\n", ""])
+
+
+@given(st.lists(_PIECES, max_size=30).map("".join))
+def test_grouped_patterns_match_what_the_flat_ones_matched(text: str) -> None:
+    for grouped, flat in ((_CODE_PATTERN, _FLAT_CODE), (_MATH_PATTERN, _FLAT_MATH)):
+        assert [m.span() for m in grouped.finditer(text)] == [m.span() for m in flat.finditer(text)]

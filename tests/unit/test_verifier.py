@@ -311,3 +311,68 @@ def test_cache_verifier_reuses_remembered_vectors_and_stays_bounded() -> None:
     adapter.vectors(["c", "d"])  # capacity 3: the least recently used ("a") goes
     adapter.vectors(["a"])
     assert encoder.encoded == ["b", "c", "d", "a"]
+
+
+def test_cache_verifier_parses_each_text_once_and_decides_as_without_the_memo(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, _ = _fake_verifier()
+    adapter = verifier.CacheVerifier(model, remembered=8)
+    queries = ["Why does my laptop turn on?", "how do I sort 3 lists", "how do I sort a list"]
+    candidates = [
+        _candidate("Why doesn't my laptop turn on?", 0.99),
+        _candidate("how do I sort 4 lists", 0.97),
+        _candidate("how to sort a list", 0.95),
+    ]
+    fresh = [
+        model.score_and_compare(
+            [verifier.CandidatePair(q, None, c.text, None, c.similarity) for c in candidates]  # type: ignore[attr-defined]
+        )
+        for q in queries
+    ]
+    parsed: list[str] = []
+    original = guards.parse
+
+    def counting(text: str) -> guards.Parsed:
+        parsed.append(text)
+        return original(text)
+
+    monkeypatch.setattr(guards, "parse", counting)
+    for _ in range(3):
+        for query, (scores, comparisons) in zip(queries, fresh, strict=True):
+            verdict = adapter.select(query, candidates)  # type: ignore[arg-type]
+            accepted = [
+                i
+                for i, (s, c) in enumerate(zip(scores, comparisons, strict=True))
+                if not c.vetoes
+                and s >= model.cutoff
+                and candidates[i].similarity >= model.threshold  # type: ignore[attr-defined]
+            ]
+            best = max(accepted, key=lambda i: scores[i]) if accepted else None
+            assert (verdict.index if verdict is not None else None) == best
+    assert sorted(parsed) == sorted(set(queries) | {c.text for c in candidates})  # type: ignore[attr-defined]
+
+
+def test_cache_verifier_parse_memo_stays_bounded() -> None:
+    model, _ = _fake_verifier()
+    adapter = verifier.CacheVerifier(model, remembered=2)
+    first = adapter.parsed("a question")
+    assert adapter.parsed("a question") is first
+    adapter.parsed("second one")
+    adapter.parsed("third one")  # capacity 2: "a question" goes
+    assert adapter.parsed("a question") is not first
+    assert adapter.parsed("a question") == first
+
+
+def test_cache_verifier_is_ready_only_with_every_vector_remembered() -> None:
+    model, encoder = _fake_verifier()
+    adapter = verifier.CacheVerifier(model)
+    shown = [_candidate("stored one", 0.95), _candidate("stored two", 0.93)]
+    adapter.remember("query", np.ones(verifier.HIDDEN, dtype=np.float32))
+    adapter.remember("stored one", np.ones(verifier.HIDDEN, dtype=np.float32))
+    assert not adapter.ready("query", shown)  # type: ignore[arg-type]
+    assert not adapter.ready("other query", shown[:1])  # type: ignore[arg-type]
+    assert adapter.ready("query", shown[:1])  # type: ignore[arg-type]
+    adapter.select("query", shown)  # type: ignore[arg-type]
+    assert encoder.encoded == ["stored two"]
+    assert adapter.ready("query", shown)  # type: ignore[arg-type]

@@ -386,6 +386,15 @@
     for (const c of cards) drawSpark(c.spark, c.history);
   }
 
+  // Shadow checks: the audited disagreement rate, its Wilson bounds, the tuned cut-off.
+  function audited(t) {
+    const parts = [];
+    if (t.audits) parts.push(`${fmtPct(t.audit_rate)} [${fmtPct(t.audit_low)}–${fmtPct(t.audit_high)}] of ${fmtCount(t.audits)}`);
+    if (t.cache_cutoff != null) parts.push(`cut-off ${t.cache_cutoff.toFixed(2)}`);
+    if (t.strong_share != null) parts.push(`strong ${fmtPct(t.strong_share)}`);
+    return parts.length ? parts.join(" · ") : "–";
+  }
+
   function renderTiers(tiers) {
     const names = sortedKeys(tiers);
     if (!names.length) return;
@@ -405,9 +414,44 @@
         el("td", {}, fmtUsd(t.cost_usd)),
         el("td", {}, fmtUsd(t.saved_cache_usd)),
         el("td", {}, fmtUsd(t.saved_routing_usd)),
-        el("td", {}, budget));
+        el("td", {}, budget),
+        el("td", { "data-audits": t.audits ?? "", "data-audit-rate": t.audit_rate ?? "" }, audited(t)));
       }),
     );
+  }
+
+  function renderRollout(rollout) {
+    const names = sortedKeys(rollout);
+    const panel = document.getElementById("rollout-panel");
+    panel.hidden = !names.length;
+    if (!names.length) return;
+    const rows = [];
+    const states = [];
+    const ms = (v) => (v == null ? DASH : fmtSeconds(v / 1000));
+    for (const name of names) {
+      const r = rollout[name];
+      states.push(`${name}: ${r.status}` + (r.status === "canary" ? ` at ${fmtPct(r.share)}` : "") +
+        (r.reason ? ` (${r.reason})` : ""));
+      for (const [version, v] of Object.entries(r.versions)) {
+        const f = v.figures || {};
+        const lat = f.latency_ms || {};
+        rows.push(el("tr", { "data-engine": name, "data-version": version, "data-role": v.role,
+          "data-requests": f.requests ?? 0, "data-errors": f.errors ?? 0 },
+        el("td", {}, name),
+        el("td", {}, version),
+        el("td", {}, v.role),
+        el("td", {}, fmtRate(f.request_rate_per_s ?? null)),
+        el("td", {}, fmtPct(f.error_rate ?? null)),
+        el("td", {}, ms(lat.p50)),
+        el("td", {}, ms(lat.p95)),
+        el("td", {}, ms(lat.p99)),
+        el("td", {}, f.tokens_per_answer == null ? DASH : f.tokens_per_answer.toFixed(1)),
+        el("td", {}, fmtUsd(f.cost_usd ?? 0)),
+        el("td", {}, fmtPct(f.shadow_agreement ?? null))));
+      }
+    }
+    document.querySelector("#rollout-table tbody").replaceChildren(...rows);
+    document.getElementById("rollout-state").textContent = states.join(" · ");
   }
 
   // ---- update loop -----------------------------------------------------------------------
@@ -476,6 +520,7 @@
     }
     renderEngines(snap.engines);
     renderTiers(snap.tiers);
+    renderRollout(snap.rollout);
     body.dataset.polls = String(state.polls);
   }
 

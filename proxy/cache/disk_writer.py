@@ -1,0 +1,289 @@
+"""Where the disk store's batches are written: on a thread of the proxy, or in a writer process.
+
+``DiskStore`` queues answers and hands them over in batches (write-behind, see store.py). A
+batch is one SQLite transaction (``write_batch``: one upsert for the entries stored inline, as
+diskcache's own ``set`` would store them, ``set`` for file-sized ones): ~20 µs per entry with
+SQLite's own work, and on a thread of the proxy the Python part competes with the event loop
+for the GIL. Under load the loop then waits for the writer at every hand-over (in
+``scripts/bench_cpu_ab.py --config frugal-full`` the writes cost the proxy ~60 µs of CPU per
+answer, four times their own cost, and the answers that meet a batch make the one-connection
+p99). ``ProcessWriter`` moves the writes into a child process that owns no other work: the proxy
+only encodes each entry and writes one framed batch to a pipe, and reads a short acknowledgement
+once it is committed.
+
+Both writers keep the store's contract: ``write`` returns once the batch is committed (a
+``flush`` that waits for it sees it on disk), and raises if it was not. A writer process that
+dies is reported once and the store carries on with a thread writer.
+
+The pipe protocol (little-endian): a batch is ``<II`` (payload bytes, entries) and then per entry
+``<IId`` (key bytes, blob bytes, expiry as a Unix time) followed by the key (UTF-8) and the blob;
+the child answers ``<Ii`` (entries, status): status 0 committed, 1 failed (the child logged why
+on its stderr, which is the proxy's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import struct
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import diskcache
+
+from proxy.cache.entry import CacheEntry, encode_entry
+
+log = logging.getLogger(__name__)
+
+Batch = list[tuple[CacheEntry, float]]  # (entry, expiry as a Unix time)
+BATCH = struct.Struct("<II")
+_ITEM = struct.Struct("<IId")
+ACK = struct.Struct("<Ii")
+OK, FAILED = 0, 1
+
+
+class BatchWriter(Protocol):
+    async def write(self, batch: Batch) -> None:
+        """Commit ``batch`` to the store's directory; raises if it was not committed."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# One statement for a whole batch of inline entries, writing the row ``Cache.set`` would write
+# for a str key and a bytes value below ``min_file_size`` (diskcache 5.6's table: raw key, value
+# inline in MODE_RAW, size 0). An upsert, not INSERT OR REPLACE: diskcache keeps its count and
+# size totals with triggers, and REPLACE's implicit delete fires none (its insert would count a
+# replaced key twice); the upsert's UPDATE fires the size trigger as ``set``'s own UPDATE does.
+# In a store of 10,000 entries with hashed keys, batches of 11: 20 µs of CPU an entry against
+# 26 through ``set``, whose Python runs per entry (scripts/bench_disk_writer.py).
+# On this 2-core machine every µs the writer spends slows whichever request shares its core.
+_UPSERT_INLINE = (
+    "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag, size,"
+    " mode, filename, value) VALUES (?, 1, ?, ?, ?, 0, NULL, 0, ?, NULL, ?)"
+    " ON CONFLICT(key, raw) DO UPDATE SET store_time = excluded.store_time,"
+    " expire_time = excluded.expire_time, access_time = excluded.access_time, access_count = 0,"
+    " tag = NULL, size = 0, mode = excluded.mode, filename = NULL, value = excluded.value"
+)
+_FILES_OF = "SELECT filename FROM Cache WHERE raw = 1 AND filename IS NOT NULL AND key IN ({})"
+
+
+def write_batch(cache: diskcache.Cache, items: list[tuple[str, bytes, float]]) -> None:
+    """One transaction for the batch, then one cull (the store opens diskcache with
+    ``cull_limit=0``: no expired-entry query inside every write).
+
+    Entries small enough to live in the database row go in with one upsert; larger ones, which
+    diskcache keeps in files, through ``Cache.set``. A file that an inline entry replaces is
+    removed after the commit, as ``set`` would."""
+    limit = cache.disk.min_file_size
+    now = time.time()
+    # A key put twice in one batch: its last put wins, as it would one ``set`` after another.
+    last = {key: (blob, expires) for key, blob, expires in items}
+    # the TTL runs from the put, not from this later write: the expiry is the put's
+    inline = [
+        (key, now, expires, now, diskcache.core.MODE_RAW, blob)
+        for key, (blob, expires) in last.items()
+        if len(blob) < limit
+    ]
+    with cache.transact():
+        replaced_files = []
+        if inline:
+            keys = [row[0] for row in inline]
+            query = _FILES_OF.format(",".join("?" * len(keys)))
+            replaced_files = [name for (name,) in cache._sql(query, keys)]
+            cache._con.executemany(_UPSERT_INLINE, inline)
+        for key, (blob, expires) in last.items():
+            if len(blob) >= limit:
+                cache.set(key, blob, expire=expires - now)
+    for name in replaced_files:
+        cache.disk.remove(name)  # a relative path, as diskcache stores it
+    cache.cull()
+
+
+def _encoded(batch: Batch) -> list[tuple[str, bytes, float]]:
+    return [(entry.meta.key, encode_entry(entry), expires) for entry, expires in batch]
+
+
+class ThreadWriter:
+    """Writes on the store's own thread with the store's diskcache handle."""
+
+    def __init__(self, cache: diskcache.Cache, executor: ThreadPoolExecutor) -> None:
+        self._cache = cache
+        self._executor = executor
+
+    def _write(self, batch: Batch) -> None:
+        write_batch(self._cache, _encoded(batch))
+
+    async def write(self, batch: Batch) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._write, batch)
+
+    async def close(self) -> None:
+        pass
+
+
+def frame(items: list[tuple[str, bytes, float]]) -> bytes:
+    parts: list[bytes] = []
+    for key, blob, expires in items:
+        raw = key.encode()
+        parts += (_ITEM.pack(len(raw), len(blob), expires), raw, blob)
+    payload = b"".join(parts)
+    return BATCH.pack(len(payload), len(items)) + payload
+
+
+def unframe(payload: bytes, count: int) -> list[tuple[str, bytes, float]]:
+    items: list[tuple[str, bytes, float]] = []
+    at = 0
+    for _ in range(count):
+        key_len, blob_len, expires = _ITEM.unpack_from(payload, at)
+        at += _ITEM.size
+        key = payload[at : at + key_len].decode()
+        at += key_len
+        items.append((key, payload[at : at + blob_len], expires))
+        at += blob_len
+    if at != len(payload):
+        raise ValueError(f"batch frame of {len(payload)} bytes holds {at} bytes of entries")
+    return items
+
+
+class WriterGone(ConnectionError):
+    """The writer process exited or closed its pipe."""
+
+
+class ProcessWriter:
+    """Writes in a child process (``python -m proxy.cache.disk_writer DIR SIZE_LIMIT``), one
+    batch in flight at a time; started with the first batch. When the child is gone, this batch
+    fails and later ones go to ``fallback`` (a thread writer), once logged."""
+
+    def __init__(
+        self, directory: Path, size_limit: int, fallback: Callable[[], BatchWriter]
+    ) -> None:
+        self._directory = directory
+        self._size_limit = size_limit
+        self._fallback_factory = fallback
+        self._fallback: BatchWriter | None = None
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def _child(self) -> asyncio.subprocess.Process:
+        if self._process is None:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "proxy.cache.disk_writer",
+                str(self._directory),
+                str(self._size_limit),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                # Out of the terminal's process group: a Ctrl-C meant for the proxy must not
+                # stop the writer before the proxy's last flush reaches it.
+                start_new_session=True,
+            )
+        return self._process
+
+    async def write(self, batch: Batch) -> None:
+        if self._fallback is not None:
+            await self._fallback.write(batch)
+            return
+        items = _encoded(batch)
+        try:
+            child = await self._child()
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write(frame(items))
+            await child.stdin.drain()
+            count, status = ACK.unpack(await child.stdout.readexactly(ACK.size))
+        except asyncio.CancelledError:
+            # This batch's acknowledgement is still on its way: a later batch must not read it
+            # as its own. That child is let go; the next batch starts another.
+            self._abandon()
+            raise
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            log.warning(
+                "cache.disk.writer_process_gone",
+                extra={"pid": self._process.pid if self._process else None, "error": repr(exc)},
+            )
+            self._fallback = self._fallback_factory()
+            await self._stop()
+            raise WriterGone("the cache's writer process is gone") from exc
+        if status != OK or count != len(items):
+            raise OSError(f"the writer process did not commit the batch (status {status})")
+
+    def _abandon(self) -> None:
+        child, self._process = self._process, None
+        if child is not None and child.returncode is None:
+            child.kill()  # asyncio's child watcher reaps it
+
+    async def _stop(self) -> None:
+        child, self._process = self._process, None
+        if child is None:
+            return
+        if child.stdin is not None:
+            child.stdin.close()
+            with contextlib.suppress(OSError):
+                await child.stdin.wait_closed()
+        try:
+            async with asyncio.timeout(30):
+                await child.wait()  # it commits what it has read, then exits on end of input
+        except TimeoutError:
+            child.kill()
+            await child.wait()
+
+    async def close(self) -> None:
+        await self._stop()
+        if self._fallback is not None:
+            await self._fallback.close()
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
+    """``size`` bytes, or None at a clean end of input between batches."""
+    data = stream.read(size)
+    if not data:
+        return None
+    while len(data) < size:
+        more = stream.read(size - len(data))
+        if not more:
+            raise EOFError(f"input ended inside a batch ({len(data)} of {size} bytes)")
+        data += more
+    return data
+
+
+def serve(directory: Path, size_limit: int, source: BinaryIO, sink: BinaryIO) -> int:
+    """The writer process: commit each batch read from ``source``, acknowledge it on ``sink``;
+    return at the end of input (the proxy closed the pipe, or died)."""
+    cache = diskcache.Cache(str(directory), size_limit=size_limit, cull_limit=0)
+    try:
+        while (head := _read_exactly(source, BATCH.size)) is not None:
+            size, count = BATCH.unpack(head)
+            payload = _read_exactly(source, size) if size else b""
+            if payload is None:
+                raise EOFError("input ended inside a batch")
+            status = OK
+            try:
+                write_batch(cache, unframe(payload, count))
+            except Exception:
+                log.exception("cache.disk.writer_batch_failed")
+                status = FAILED
+            sink.write(ACK.pack(count, status))
+            sink.flush()
+    finally:
+        cache.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    # The proxy decides when the writer stops (by closing the pipe); signals for the proxy's
+    # group are not for it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="frugal disk writer %(process)d: %(message)s")
+    directory, size_limit = Path(argv[0]), int(argv[1])
+    with os.fdopen(0, "rb", buffering=1 << 16) as source, os.fdopen(1, "wb") as sink:
+        return serve(directory, size_limit, source, sink)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

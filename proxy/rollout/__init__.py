@@ -1,0 +1,1 @@
+"""Model rollout: canary replica sets, their traffic split, state, judge and shadow checks."""

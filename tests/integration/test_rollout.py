@@ -1,0 +1,395 @@
+"""Canary rollouts against fake engines: the split and its stickiness, promote and rollback under
+traffic, automatic rollback, the shadow quality check, restarts, and that no answer of one version
+is ever served for another.
+
+The stable engine serves model ``m`` under version v1; the canary serves ``m-canary`` under v2.
+The fakes echo the model name they were asked for, so every answer's body says which replica set
+produced it, whatever the headers claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.cache.service import InvalidationFilter
+from proxy.cli import main
+from tests.integration.conftest import (
+    FakeEngine,
+    Proxy,
+    StartFake,
+    StartProxy,
+    engine_config,
+    wait_until,
+)
+
+BODY_MODEL = {"v1": "m", "v2": "m-canary"}
+_ids = itertools.count()
+
+
+def canary_engine(
+    stable: FakeEngine, canary: FakeEngine, share: float, **canary_extra: Any
+) -> dict[str, Any]:
+    return engine_config(
+        "small",
+        "m",
+        [stable.url],
+        version="v1",
+        canary={
+            "version": "v2",
+            "urls": [canary.url],
+            "share": share,
+            "model": "m-canary",
+            **canary_extra,
+        },
+    )
+
+
+async def start_pair(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    *,
+    share: float,
+    cache: bool = True,
+    canary_options: dict[str, Any] | None = None,
+    **canary_extra: Any,
+) -> tuple[FakeEngine, FakeEngine, Proxy]:
+    stable = await start_fake("m")
+    canary = await start_fake("m-canary", **(canary_options or {}))
+    # A generous health timeout: on a loaded test machine a slow /health must not mark a replica
+    # down mid-test (these tests count every non-200).
+    sections: dict[str, Any] = {"health": {"interval_s": 0.2, "timeout_s": 10.0}}
+    if cache:
+        sections["cache"] = {"enabled": True, "data_dir": str(tmp_path / "cache")}
+    proxy = await start_proxy([canary_engine(stable, canary, share, **canary_extra)], **sections)
+    return stable, canary, proxy
+
+
+def conversation(i: int, turns: int = 1) -> list[dict[str, str]]:
+    messages = [{"role": "user", "content": f"conversation {i}: what is {i} squared?"}]
+    for t in range(1, turns):
+        messages += [
+            {"role": "assistant", "content": f"answer {t}"},
+            {"role": "user", "content": f"and turn {t}?"},
+        ]
+    return messages
+
+
+async def ask(proxy: Proxy, messages: list[dict[str, str]], **extra: Any) -> tuple[int, str, str]:
+    """(status, version header, cache header); checks the body came from that version."""
+    body = {"model": "m", "messages": messages, "temperature": 0, "max_tokens": 8, **extra}
+    resp = await proxy.client.post("/v1/chat/completions", json=body)
+    version = resp.headers.get("x-frugal-model-version", "")
+    cache = resp.headers.get("x-frugal-cache", "")
+    if resp.status == 200 and not extra.get("stream"):
+        answer = await resp.json()
+        # The answer's own model field says which replica set produced it: never another's.
+        assert answer["model"] == BODY_MODEL[version], (version, cache, answer["model"])
+    else:
+        await resp.read()
+    return resp.status, version, cache
+
+
+async def test_canary_share_is_within_two_points_over_5000_conversations(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.2, cache=False
+    )
+    versions: list[str] = []
+    for start in range(0, 5000, 25):
+        results = await asyncio.gather(
+            *(ask(proxy, conversation(i)) for i in range(start, start + 25))
+        )
+        assert [r for r in results if r[0] != 200] == []
+        versions += [v for _, v, _ in results]
+    share = versions.count("v2") / len(versions)
+    assert abs(share - 0.2) <= 0.02, share
+    assert set(versions) == {"v1", "v2"}
+    assert canary.state.counters.requests == versions.count("v2")
+    assert stable.state.counters.requests == versions.count("v1")
+
+
+async def test_a_conversation_keeps_its_version_on_every_turn(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    _, _, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=0.5, cache=False)
+    seen: dict[int, set[str]] = {}
+    for i in range(60):
+        for turns in (1, 2, 3):
+            _, version, _ = await ask(proxy, conversation(i, turns))
+            seen.setdefault(i, set()).add(version)
+    assert all(len(v) == 1 for v in seen.values())
+    assert {v for vs in seen.values() for v in vs} == {"v1", "v2"}
+
+
+async def test_cache_hits_carry_the_version_that_stored_them(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    stable, canary, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=0.5)
+    first = {i: await ask(proxy, conversation(i)) for i in range(40)}
+    assert proxy.services.cache is not None
+    await proxy.services.cache.drain()
+    calls = stable.state.counters.requests + canary.state.counters.requests
+    for i in range(40):
+        status, version, cache = await ask(proxy, conversation(i))
+        assert (status, cache, version) == (200, "hit-exact", first[i][1])
+    assert stable.state.counters.requests + canary.state.counters.requests == calls
+
+
+async def test_a_stored_version_names_the_replica_set_to_ask_again(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # Cache audits re-ask the version that stored an answer, canary or stable.
+    stable, canary, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=0.5)
+    rollouts = proxy.services.rollouts
+    v1, v2 = rollouts.replica_set("small", "v1"), rollouts.replica_set("small", "v2")
+    assert v1 is not None and [r.url for r in v1.replicas] == [stable.url]
+    assert v2 is not None and [r.url for r in v2.replicas] == [canary.url]
+    assert rollouts.replica_set("small", "v0") is None
+    assert rollouts.replica_set("other", "v1") is None
+
+
+async def traffic(proxy: Proxy, stop: asyncio.Event, out: list[tuple[int, str, str]]) -> None:
+    """One client sending fresh and repeated questions, streamed and not, until told to stop."""
+    while not stop.is_set():
+        i = next(_ids) % 300
+        stream = i % 3 == 0
+        out.append(await ask(proxy, conversation(i), **({"stream": True} if stream else {})))
+
+
+async def test_promote_under_traffic_loses_no_request_and_retires_v1_entries(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    stable, _, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.3, canary_options={"ttft_ms": 5}
+    )
+    stable.configure(ttft_ms=5)
+    results: list[tuple[int, str, str]] = []
+    stop = asyncio.Event()
+    workers = [asyncio.create_task(traffic(proxy, stop, results)) for _ in range(8)]
+    await wait_until(lambda: len(results) >= 200)
+    resp = await proxy.client.post("/admin/rollout/small/promote")
+    assert resp.status == 200
+    status = await resp.json()
+    assert (status["status"], status["stable_version"], status["canary_version"]) == (
+        "promoted", "v2", None,
+    )  # fmt: skip
+    promoted_at = len(results)
+    await wait_until(lambda: len(results) >= promoted_at + 300)
+    stop.set()
+    await asyncio.gather(*workers)
+    assert all(code == 200 for code, _, _ in results), [r for r in results if r[0] != 200][:5]
+    before = {v for _, v, _ in results[:promoted_at]}
+    assert before == {"v1", "v2"}
+    # Requests in flight at the promotion may still finish on v1; a few later none may.
+    assert {v for _, v, _ in results[promoted_at + 50 :]} == {"v2"}
+    assert any(c == "hit-exact" for _, _, c in results[promoted_at + 50 :])
+    # v1's entries are gone from the store, v2's stay.
+    await proxy.services.rollouts.drain()
+    cache = proxy.services.cache
+    assert cache is not None
+    await cache.drain()
+    assert await cache.invalidate(InvalidationFilter(engine="small", version="v1")) == 0
+    assert await cache.invalidate(InvalidationFilter(engine="small", version="v2")) > 0
+    # The stable fake gets nothing new.
+    served = stable.state.counters.requests
+    for i in range(1000, 1030):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v2")
+    assert stable.state.counters.requests == served
+
+
+async def test_rollback_under_traffic_loses_no_request(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    _, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.5, canary_options={"ttft_ms": 5}
+    )
+    results: list[tuple[int, str, str]] = []
+    stop = asyncio.Event()
+    workers = [asyncio.create_task(traffic(proxy, stop, results)) for _ in range(8)]
+    await wait_until(lambda: len(results) >= 200)
+    resp = await proxy.client.post("/admin/rollout/small/rollback")
+    assert resp.status == 200
+    assert (await resp.json())["status"] == "rolled_back"
+    rolled_at = len(results)
+    await wait_until(lambda: len(results) >= rolled_at + 300)
+    stop.set()
+    await asyncio.gather(*workers)
+    assert all(code == 200 for code, _, _ in results)
+    assert {v for _, v, _ in results[rolled_at + 50 :]} == {"v1"}
+    await proxy.services.rollouts.drain()
+    cache = proxy.services.cache
+    assert cache is not None
+    await cache.drain()
+    assert await cache.invalidate(InvalidationFilter(engine="small", version="v2")) == 0
+    served = canary.state.counters.requests
+    for i in range(1000, 1030):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
+    assert canary.state.counters.requests == served
+    # Nothing left to promote or roll back.
+    again = await proxy.client.post("/admin/rollout/small/rollback")
+    assert again.status == 409
+    assert (await again.json())["error"]["code"] == "rollout_conflict"
+
+
+FAST_JUDGE = {"min_requests": 40, "check_interval_s": 0.05, "window_s": 60}
+
+
+async def test_automatic_rollback_fires_on_an_erroring_canary(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    _, _, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.5, cache=False,
+        canary_options={"fail_status": 500, "fail_fraction": 0.6, "rng_seed": 1},
+        auto_rollback=FAST_JUDGE,
+    )  # fmt: skip
+    rollouts = proxy.services.rollouts
+    for i in range(400):
+        await ask(proxy, conversation(i))
+        if rollouts.by_name["small"].state.status != "canary":
+            break
+    await wait_until(lambda: rollouts.by_name["small"].state.status == "rolled_back")
+    state = rollouts.by_name["small"].state
+    assert state.status == "rolled_back" and state.reason.startswith("auto: error_rate")
+    metrics = await (await proxy.client.get("/metrics")).text()
+    assert 'frugal_rollout_auto_rollbacks_total{engine="small",reason="error_rate"} 1.0' in metrics
+    # Afterwards every conversation is served by the stable version, successfully.
+    for i in range(50):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
+
+
+async def test_automatic_rollback_fires_on_a_slow_canary(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # 400 ms to the canary's first token, ~0 to the stable's: far beyond twice as slow, with a
+    # margin for a loaded test machine (small batches keep the proxy's own queueing low).
+    _, _, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.5, cache=False,
+        canary_options={"ttft_ms": 400}, auto_rollback={**FAST_JUDGE, "max_latency_ratio": 2},
+    )  # fmt: skip
+    rollouts = proxy.services.rollouts
+    sent = 0
+    while rollouts.by_name["small"].state.status == "canary" and sent < 400:
+        await asyncio.gather(*(ask(proxy, conversation(sent + i)) for i in range(10)))
+        sent += 10
+    await wait_until(lambda: rollouts.by_name["small"].state.status == "rolled_back")
+    state = rollouts.by_name["small"].state
+    assert state.status == "rolled_back", rollouts.status("small")["versions"]
+    assert state.reason.startswith("auto: latency")
+    assert rollouts.metrics.auto_rollbacks.labels("small", "latency").value == 1
+
+
+async def test_no_automatic_rollback_on_a_healthy_canary(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    _, _, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.5, cache=False, auto_rollback=FAST_JUDGE
+    )
+    rollouts = proxy.services.rollouts
+    for i in range(300):
+        assert (await ask(proxy, conversation(i)))[0] == 200
+    judged = rollouts.by_name["small"]
+    assert await rollouts.check_now() == []
+    assert judged.state.status == "canary"
+    status = await (await proxy.client.get("/admin/rollout/small")).json()
+    figures = {v: row["figures"] for v, row in status["versions"].items()}
+    assert figures["v1"]["engine_answers"] >= 40 and figures["v2"]["engine_answers"] >= 40
+    assert figures["v2"]["error_rate"] == 0.0
+
+
+async def test_state_survives_a_restart_with_the_old_config(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    stable, canary, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=0.3)
+    assert (await proxy.client.post("/admin/rollout/small/promote")).status == 200
+    await proxy.services.rollouts.drain()
+    await proxy.client.close()
+    # A fresh app on the same data directory, with the very same config (canary v2 at 30%).
+    again = await start_proxy(
+        [canary_engine(stable, canary, 0.3)],
+        cache={"enabled": True, "data_dir": str(tmp_path / "cache")},
+    )
+    status = await (await again.client.get("/admin/rollout/small")).json()
+    assert (status["status"], status["stable_version"]) == ("promoted", "v2")
+    for i in range(20):
+        assert (await ask(again, conversation(i)))[:2] == (200, "v2")
+
+
+async def test_share_endpoint_and_cli(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, _, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=0.0, cache=False)
+    for i in range(20):
+        assert (await ask(proxy, conversation(i)))[1] == "v1"
+    url = str(proxy.client.make_url("")).rstrip("/")
+    code = await asyncio.to_thread(main, ["rollout", "share", "small", "1", "--url", url])
+    assert code == 0
+    for i in range(20):
+        assert (await ask(proxy, conversation(i)))[1] == "v2"
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["rollout", "status", "small", "--url", url])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "engine small: canary (canary share 100.0%)" in out
+    assert any(line.startswith("v2") and "canary" in line for line in out.splitlines())
+    bad = await proxy.client.post("/admin/rollout/small/share", json={"share": 2})
+    assert bad.status == 400
+    missing = await proxy.client.get("/admin/rollout/nope")
+    assert missing.status == 404
+    metrics = await (await proxy.client.get("/metrics")).text()
+    assert 'frugal_version_requests_total{engine="small",outcome="ok",version="v2"} 20.0' in metrics
+    assert 'frugal_rollout_canary_share{engine="small",version="v2"} 1.0' in metrics
+
+
+async def test_shadow_check_measures_agreement(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    _, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.5, cache=False,
+        quality={"share": 1.0, "max_concurrency": 64},
+    )  # fmt: skip
+    for i in range(40):
+        await ask(proxy, conversation(i))
+    rollouts = proxy.services.rollouts
+    await rollouts.shadow.drain()
+    agreed = rollouts.metrics.shadow.labels("small", "v2", "agree").value
+    assert agreed == 40  # the same fake text for the same greedy prompt
+    # A streamed answer is compared once whole (the user's stream is not held up for it).
+    await ask(proxy, conversation(0), stream=True)
+    await rollouts.shadow.drain()
+    assert rollouts.metrics.shadow.labels("small", "v2", "agree").value == 41
+    # A canary that answers shorter disagrees on every greedy request.
+    canary.configure(completion_tokens=4)
+    for i in range(40, 60):
+        await ask(proxy, conversation(i))
+    await rollouts.shadow.drain()
+    assert rollouts.metrics.shadow.labels("small", "v2", "disagree").value == 20
+    status = await (await proxy.client.get("/admin/rollout/small")).json()
+    assert status["versions"]["v2"]["figures"]["shadow_agreement"] == pytest.approx(41 / 61)
+
+
+async def test_a_restart_keeps_both_versions_cache_entries(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    stable, canary, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=0.5)
+    first = {i: (await ask(proxy, conversation(i)))[1] for i in range(30)}
+    assert set(first.values()) == {"v1", "v2"}
+    assert proxy.services.cache is not None
+    await proxy.services.cache.drain()
+    await proxy.client.close()
+    # The start-up purge of unserved versions must keep the canary's entries too.
+    again = await start_proxy(
+        [canary_engine(stable, canary, 0.5)],
+        cache={"enabled": True, "data_dir": str(tmp_path / "cache")},
+    )
+    for i, version in first.items():
+        assert (await ask(again, conversation(i)))[1:] == (version, "hit-exact")

@@ -1,0 +1,247 @@
+"""DiskStore's membership filter and write-behind queue: a miss reads no SQLite, a queued put is
+visible at once, deletes and shutdowns see every earlier put, and no sequence of operations makes
+the store answer differently from a plain dictionary."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.cache import disk_writer
+from proxy.cache.store import DiskStore, StoreBusy
+from tests.unit.test_cache_store import entry
+
+
+def _forbid_reads(store: DiskStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every SQLite read the store makes."""
+    reads: list[str] = []
+    original = store._cache.get
+
+    def get(key: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(key)
+        return original(key, *args, **kwargs)
+
+    monkeypatch.setattr(store._cache, "get", get)
+    return reads
+
+
+async def test_a_miss_reads_nothing_from_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DiskStore(tmp_path)
+    await store.put(entry(1))
+    await store.flush()
+    reads = _forbid_reads(store, monkeypatch)
+    assert await store.get(entry(2).meta.key) is None
+    assert await store.get_many([entry(3).meta.key, entry(4).meta.key]) == {}
+    assert reads == []
+    found = await store.get(entry(1).meta.key)  # a stored key is read from disk
+    assert found is not None and found.response == b'{"n": 1}'
+    assert reads == [entry(1).meta.key]
+    await store.close()
+
+
+async def test_the_filter_is_loaded_from_the_directory(tmp_path: Path) -> None:
+    first = DiskStore(tmp_path)
+    first.put_sync(entry(1))
+    await first.put(entry(2))
+    await first.close()
+    second = DiskStore(tmp_path)
+    assert second.may_contain(entry(1).meta.key) and second.may_contain(entry(2).meta.key)
+    assert not second.may_contain(entry(3).meta.key)
+    assert (await second.get(entry(2).meta.key)) is not None
+    await second.close()
+
+
+async def test_a_queued_put_is_visible_before_it_is_written(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    await store.put(entry(1))
+    assert store._cache.get(entry(1).meta.key) is None  # not on disk yet (no await since)
+    found = await store.get(entry(1).meta.key)
+    assert found is not None and found.response == b'{"n": 1}'
+    await store.flush()
+    assert isinstance(store._cache.get(entry(1).meta.key), bytes)
+    await store.close()
+
+
+async def test_a_queued_put_expires_with_its_ttl(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    await store.put(entry(1, ttl=0.0))
+    assert await store.get(entry(1).meta.key) is None
+    await store.close()
+
+
+async def test_delete_removes_a_put_still_queued(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    await store.put(entry(1))
+    await store.put(entry(2))
+    assert await store.delete([entry(1).meta.key]) == 1
+    assert await store.get(entry(1).meta.key) is None
+    assert not store.may_contain(entry(1).meta.key)
+    await store.put(entry(3, engine="gone"))
+    assert [m.key for m in await store.delete_where(lambda m: m.engine == "gone")] == [
+        entry(3).meta.key
+    ]
+    assert await store.get(entry(3).meta.key) is None
+    await store.close()
+    reopened = DiskStore(tmp_path)
+    assert await reopened.get(entry(1).meta.key) is None
+    assert await reopened.get(entry(2).meta.key) is not None
+    await reopened.close()
+
+
+async def test_a_clean_shutdown_writes_everything_queued(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, batch_size=7)
+    for n in range(100):
+        await store.put(entry(n))
+    await store.close()
+    reopened = DiskStore(tmp_path)
+    assert await reopened.count() == 100
+    for n in range(100):
+        found = await reopened.get(entry(n).meta.key)
+        assert found is not None and found.response == b'{"n": %d}' % n
+    await reopened.close()
+
+
+async def test_a_failed_batch_is_dropped_not_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DiskStore(tmp_path)
+
+    def broken(cache: Any, items: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(disk_writer, "write_batch", broken)
+    await store.put(entry(1))
+    await store.flush()
+    assert await store.get(entry(1).meta.key) is None
+    assert not store.may_contain(entry(1).meta.key)
+    await store.close()
+
+
+async def test_a_full_queue_refuses_a_put(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, max_pending=3)
+    for n in range(3):
+        await store.put(entry(n))
+    with pytest.raises(StoreBusy):
+        await store.put(entry(3))
+    assert await store.get(entry(3).meta.key) is None
+    assert not store.may_contain(entry(3).meta.key)
+    await store.flush()
+    await store.put(entry(3))  # room again once the writer caught up
+    assert await store.get(entry(3).meta.key) is not None
+    await store.close()
+
+
+_ops = st.lists(
+    st.tuples(st.sampled_from(["put", "delete", "flush", "get", "reopen"]), st.integers(0, 5)),
+    max_size=30,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=_ops)
+def test_the_store_answers_like_a_dictionary(tmp_path_factory: Any, ops: Any) -> None:
+    folder = tmp_path_factory.mktemp("d")
+
+    async def run() -> None:
+        store = DiskStore(folder, batch_size=2)
+        model: dict[str, bytes] = {}
+        for op, n in ops:
+            key = entry(n).meta.key
+            if op == "put":
+                await store.put(entry(n))
+                model[key] = entry(n).response
+            elif op == "delete":
+                assert await store.delete([key]) == (1 if model.pop(key, None) else 0)
+            elif op == "flush":
+                await store.flush()
+            elif op == "reopen":
+                await store.close()
+                store = DiskStore(folder, batch_size=2)
+            found = await store.get(key)
+            assert (found.response if found else None) == model.get(key)
+            if found is not None:
+                assert store.may_contain(key)
+        assert await store.count() == len(model)
+        await store.close()
+
+    asyncio.run(run())
+
+
+async def test_a_lone_entry_is_written_after_the_linger(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, linger_s=0.01)
+    await store.put(entry(1))
+    for _ in range(200):  # no flush: the writer must get there on its own
+        if isinstance(store._cache.get(entry(1).meta.key), bytes):
+            break
+        await asyncio.sleep(0.01)
+    assert isinstance(store._cache.get(entry(1).meta.key), bytes)
+    assert store._pending == {}
+    await store.close()
+
+
+async def test_the_ttl_runs_from_the_put_not_from_the_write(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, linger_s=10.0)
+    await store.put(entry(1, ttl=0.3))
+    await asyncio.sleep(0.2)
+    await store.flush()  # written 0.2 s after the put
+    await asyncio.sleep(0.15)  # past the put's TTL, not past the write's
+    assert await store.get(entry(1).meta.key) is None
+    await store.close()
+
+
+# -- write_batch writes diskcache's own rows --------------------------------------------------
+
+_SIZES = st.sampled_from([0, 1, 700, 32_767, 32_768, 40_000])  # both sides of min_file_size
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    batches=st.lists(
+        st.lists(st.tuples(st.sampled_from("abcdef"), _SIZES, st.integers(0, 255)), max_size=6),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_batches_read_back_as_if_set_one_by_one(tmp_path_factory: Any, batches: Any) -> None:
+    """Inline rows by upsert, file-sized ones by ``set``, replacements either way: diskcache's
+    public reads, its count and size totals and its own consistency check all agree with a
+    dictionary of the last value of each key, and no replaced file is left behind."""
+    directory = tmp_path_factory.mktemp("batches")
+    cache = diskcache.Cache(str(directory), size_limit=2**30, cull_limit=0)
+    expected: dict[str, bytes] = {}
+    for batch in batches:
+        items = []
+        for key, size, fill in batch:
+            blob = bytes([fill]) * size
+            items.append((key, blob, time.time() + 3600))
+            expected[key] = blob
+        disk_writer.write_batch(cache, items)
+    assert {key: cache.get(key) for key in expected} == expected
+    assert len(cache) == len(expected)
+    assert cache.check() == []  # files, the count and the size totals as diskcache keeps them
+    files = [p for p in directory.rglob("*.val")]
+    assert len(files) == sum(len(v) >= cache.disk.min_file_size for v in expected.values())
+    cache.close()
+
+
+def test_a_batch_keeps_the_expiry_of_each_put(tmp_path: Path) -> None:
+    cache = diskcache.Cache(str(tmp_path), cull_limit=0)
+    now = time.time()
+    disk_writer.write_batch(cache, [("gone", b"x", now - 1), ("kept", b"y", now + 60)])
+    assert cache.get("gone") is None and cache.get("kept") == b"y"
+    _, expire_time = cache.get("kept", expire_time=True)
+    assert abs(expire_time - (now + 60)) < 1e-3
+    cache.close()

