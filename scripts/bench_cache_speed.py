@@ -218,6 +218,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             config.write_text(
                 CONFIG.format(
                     port=port, engine_port=engine_port, cache=cache, data_dir=work / f"data-{name}"
+                ).replace(
+                    "semantic: true,", f"semantic: true, cross_encoder: {str(args.cross).lower()},"
                 )
                 + (f"embeddings: {{precision: {args.precision}}}\n" if args.precision else "")
             )
@@ -361,6 +363,11 @@ def main() -> None:
         "--precision",
         choices=("auto", "float32", "bfloat16", "int8"),
         help="embeddings.precision of the proxies (default: the config default, auto)",
+    )
+    parser.add_argument(
+        "--cross",
+        action="store_true",
+        help="cache.cross_encoder: true (the verifier's optional cross-encoder stage)",
     )
     args = parser.parse_args()
     results = asyncio.run(run(args))
