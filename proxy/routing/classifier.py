@@ -66,6 +66,18 @@ def neighbour_logit(share: npt.ArrayLike) -> F64:
     )
 
 
+def kernel_vote(
+    similarity: F32, values: F32, bandwidth: float, prior_weight: float, prior: float
+) -> F64:
+    """Weighted mean of ``values`` (one per key), weights exp(bandwidth * (similarity - 1)), with
+    ``prior`` joining as ``prior_weight`` extra neighbours: (rows,) from (rows, keys)."""
+    weights = np.exp(bandwidth * (similarity - 1.0))
+    voted = (np.einsum("qk,k->q", weights, values) + prior_weight * prior) / (
+        weights.sum(axis=1) + prior_weight
+    )
+    return np.asarray(voted, dtype=np.float64)
+
+
 @dataclass(frozen=True, slots=True)
 class NeighbourVote:
     """Mean label of the training prompts near a prompt (cosine, PCA space).
@@ -107,11 +119,9 @@ class NeighbourVote:
         """The vote from a similarity matrix (`similarity`), so two votes over the same keys
         compute it once."""
         if self.bandwidth is not None and self.prior_weight is not None:
-            weights = np.exp(self.bandwidth * (similarity - 1.0))
-            voted = (
-                np.einsum("qk,k->q", weights, self.labels) + self.prior_weight * self.prior
-            ) / (weights.sum(axis=1) + self.prior_weight)
-            return np.asarray(voted, dtype=np.float64)
+            return kernel_vote(
+                similarity, self.labels, self.bandwidth, self.prior_weight, self.prior
+            )
         if self.bandwidth is not None:
             # Relative to the best match, so the largest weight is 1 and exp never overflows.
             weights = np.exp(self.bandwidth * (similarity - similarity.max(axis=1, keepdims=True)))
@@ -134,11 +144,7 @@ class ResidualVote:
     prior_weight: float
 
     def vote(self, similarity: F32) -> F64:
-        weights = np.exp(self.bandwidth * (similarity - 1.0))
-        voted = np.einsum("qk,k->q", weights, self.residuals) / (
-            weights.sum(axis=1) + self.prior_weight
-        )
-        return np.asarray(voted, dtype=np.float64)
+        return kernel_vote(similarity, self.residuals, self.bandwidth, self.prior_weight, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
