@@ -197,7 +197,7 @@ class CacheSettings(StrictModel):
     cross_encoder: bool = Field(
         False,
         description="verifier also reads query and candidate together (best candidate only; "
-        "about one more embedding pass on lookups that reach it); off: bi-encoder head only",
+        "costly: docs/benchmarks.md section 3); off: bi-encoder head only",
     )
     cache_sampled: bool = False
     size_limit_gb: float = Field(4.0, gt=0, description="disk backend: evicts beyond it")

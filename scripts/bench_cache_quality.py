@@ -443,14 +443,12 @@ def speed(
         if model.cross is not None:
             chosen = []
             for row in range(len(batch)):
-                eligible = [
-                    i
-                    for i in range(row * 4, row * 4 + len(keys[row]))
-                    if pairs[i].cosine >= model.threshold
-                    and not comparisons[i].vetoes
-                    and scores[i] >= model.cross_gate
-                ]
-                chosen += sorted(eligible, key=lambda i: -scores[i])[:1]
+                # each lookup's own best candidate, as CacheVerifier picks it (cross_top_k 1)
+                first, end = row * 4, row * 4 + len(keys[row])
+                picked = model.cross_candidates(
+                    pairs[first:end], scores[first:end], comparisons[first:end], model.threshold, 1
+                )
+                chosen += [first + i for i in picked]
             crossed += len(chosen)
             model.cross_scores(pairs, rows, chosen)
         done = time.perf_counter()

@@ -10,12 +10,13 @@ same question as the incoming one. It has three parts:
   embedding cost.
 * **Head.** A logistic regression over the verifier cosine, the base cosine, lexical overlap and the
   guard features (:mod:`proxy.cache.guards`), giving a same-question probability.
-* **Cross-encoder (optional, off by default: not yet better on the dev pairs, see
-  docs/benchmarks.md section 3).** :mod:`proxy.cache.cross_encoder` reads the query
-  and the candidate together; a second head adds its logit to the features above. It costs about
-  one embedding pass per pair, so it runs only on candidates that pass the cosine threshold, the
-  guards and a low bi-encoder gate (:attr:`Verifier.cross_gate`), and :class:`CacheVerifier` shows
-  it only its best ``cross_top_k`` candidates. Without it (setting ``cache.cross_encoder: false``,
+* **Cross-encoder (optional, off by default: its curves beat the bi-encoder's on the dev pairs,
+  but no one default setting meets every target yet, and it is costly; docs/benchmarks.md
+  section 3).** :mod:`proxy.cache.cross_encoder` reads the query and the candidate together; a
+  second head adds its logit to the features above. It costs at least one embedding pass per
+  pair, so it runs only on candidates that pass the cosine threshold, the guards and a low
+  bi-encoder gate (:attr:`Verifier.cross_gate`), and :class:`CacheVerifier` shows it only its
+  best ``cross_top_k`` candidates. Without it (setting ``cache.cross_encoder: false``,
   the default, or no artifact) the bi-encoder head and its own defaults decide.
 * **Decision.** :func:`accept` (pure): base cosine threshold, then hard guard vetoes, then the
   verifier cut-off.
@@ -509,32 +510,47 @@ class Verifier:
         if self.cross is None:
             return scores, comparisons
         floor = self.threshold if threshold is None else threshold
+        chosen = self.cross_candidates(pairs, scores, comparisons, floor)
+        return self.cross_scores(pairs, rows, chosen), comparisons
+
+    def cross_candidates(
+        self,
+        pairs: Sequence[CandidatePair],
+        cheap: Sequence[float],
+        comparisons: Sequence[guards.Comparison],
+        threshold: float,
+        top_k: int | None = None,
+    ) -> list[int]:
+        """Indices of the pairs the cross-encoder reads: those past ``threshold``, the guards and
+        :attr:`cross_gate` (``cheap`` and ``comparisons`` from :meth:`bi_scores`), only the
+        ``top_k`` best by the cheap score if given."""
         chosen = [
             i
-            for i, (p, s, c) in enumerate(zip(pairs, scores, comparisons, strict=True))
-            if p.cosine >= floor and not c.vetoes and s >= self.cross_gate
+            for i, (p, c) in enumerate(zip(pairs, comparisons, strict=True))
+            if p.cosine >= threshold and not c.vetoes and cheap[i] >= self.cross_gate
         ]
-        crossed = self.cross_scores(pairs, rows, chosen)
-        out = [0.0] * len(pairs)
-        for i, s in zip(chosen, crossed, strict=True):
-            out[i] = s
-        return out, comparisons
+        if top_k is not None:
+            chosen = sorted(chosen, key=lambda i: -cheap[i])[:top_k]
+        return chosen
 
     def cross_scores(
         self, pairs: Sequence[CandidatePair], rows: Sequence[Sequence[float]], chosen: Sequence[int]
     ) -> list[float]:
-        """Cross-encoder head scores of ``pairs[i]`` for i in ``chosen`` (``rows`` from
-        :meth:`bi_scores`): one cross-encoder pass per chosen pair, batched."""
+        """Cross-encoder head scores, one per pair: the ``chosen`` ones (one cross-encoder pass
+        each, batched; ``rows`` from :meth:`bi_scores`), 0 (rejected) for the others, which cost
+        nothing more."""
         if self.cross is None or self.cross_head is None:
             raise RuntimeError("no cross-encoder loaded")
+        out = [0.0] * len(pairs)
         if not chosen:
-            return []
+            return out
         logits = self.cross.logits([(pairs[i].query_text, pairs[i].candidate_text) for i in chosen])
         features = np.asarray(
             [[*rows[i], float(x)] for i, x in zip(chosen, logits, strict=True)], dtype=np.float64
         )
-        scores = self.cross_head.predict(features)
-        return [float(s) if math.isfinite(s) else 0.0 for s in scores]
+        for i, s in zip(chosen, self.cross_head.predict(features), strict=True):
+            out[i] = float(s) if math.isfinite(s) else 0.0
+        return out
 
     def bi_scores(
         self,
@@ -672,7 +688,10 @@ class CacheVerifier:
         ]
         scores, comparisons, rows = self.verifier.bi_scores(pairs, self.parsed)
         if self.verifier.cross is not None:
-            scores = self._cross_scores(pairs, scores, comparisons, rows)
+            chosen = self.verifier.cross_candidates(
+                pairs, scores, comparisons, self.threshold, self.cross_top_k
+            )
+            scores = self.verifier.cross_scores(pairs, rows, chosen)
         best: Verdict | None = None
         for index, (pair, score, comparison) in enumerate(
             zip(pairs, scores, comparisons, strict=True)
@@ -687,23 +706,3 @@ class CacheVerifier:
             if decision.accepted and (best is None or score > best.score):
                 best = Verdict(index, score)
         return best
-
-    def _cross_scores(
-        self,
-        pairs: Sequence[CandidatePair],
-        cheap: Sequence[float],
-        comparisons: Sequence[guards.Comparison],
-        rows: Sequence[Sequence[float]],
-    ) -> list[float]:
-        """Cross-encoder scores for the best ``cross_top_k`` candidates that pass the threshold,
-        the guards and the gate; 0 (rejected) for the others, which cost nothing more."""
-        eligible = [
-            i
-            for i, (p, c) in enumerate(zip(pairs, comparisons, strict=True))
-            if p.cosine >= self.threshold and not c.vetoes and cheap[i] >= self.verifier.cross_gate
-        ]
-        chosen = sorted(eligible, key=lambda i: -cheap[i])[: self.cross_top_k]
-        out = [0.0] * len(pairs)
-        for i, s in zip(chosen, self.verifier.cross_scores(pairs, rows, chosen), strict=True):
-            out[i] = s
-        return out
