@@ -311,12 +311,14 @@ async def _response_cache(app: web.Application) -> AsyncIterator[None]:
         store = RedisStore(settings.redis.url, on_error=metrics.on_backend_error)
     else:
         directory = settings.cache.data_dir or settings.resolved_data_dir() / "cache"
-        store = await asyncio.to_thread(
+        disk = await asyncio.to_thread(
             DiskStore,
             directory,
             size_limit=int(settings.cache.size_limit_gb * 2**30),
             writer=settings.cache.disk_writer,
         )
+        await disk.start_writer()
+        store = disk
     ttl = {scope: settings.cache.ttl_seconds for scope in Scope}
     verifier, floor = _verifier(services)
     cache = ResponseCache(
@@ -416,12 +418,14 @@ def _load_encoder(services: Services) -> Encode:
     # One torch thread per call: the worker splits large batches across its threads itself.
     torch.set_num_threads(1)
     verifier = Verifier.load(cross=cache.cross_encoder)
-    verifier.encoder = PackedEncoder(
+    packed = PackedEncoder(
         verifier.encoder,
         precision=services.settings.embeddings.precision,
         # a lone text's two top stacks on two threads: only with a second core for the model
         split_single=services.settings.embeddings.threads > 1,
     )
+    packed.warm_shapes()  # here at start-up, not in the first request of each length
+    verifier.encoder = packed
     cache_verifier = CacheVerifier(
         verifier, threshold=cache.similarity_threshold, cutoff=cache.verifier_cutoff
     )

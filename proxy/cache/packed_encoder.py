@@ -16,6 +16,11 @@ from the same weights, in less CPU time; it changes how the numbers are computed
 * **Fused projections.** Query, key and value are one matrix product; bfloat16 weights are
   prepacked in oneDNN's layout once (not reordered on every call) and GELU is fused into the
   intermediate product.
+* **Few distinct shapes.** oneDNN builds a kernel for each new row count of a product (0.3-0.6 ms
+  each, four per row count), and keeps the last 1,024 it built. A batch's rows are rounded up to a
+  multiple of ``ROW_BUCKET`` (zero rows, cut before pooling), so batches reuse a few dozen shapes
+  instead of evicting the ones lone texts use, and :meth:`PackedEncoder.warm_shapes` builds every
+  lone text's shapes (1 to ``MAX_TOKENS`` rows) once at start-up, not in a user's request.
 * **int8, opt-in** (``precision="int8"``): weights int8 with one scale per output channel, inputs
   quantized on the fly with one scale per product (fbgemm's dynamic linear; VNNI). About a quarter
   less CPU than bfloat16, but it moves the embeddings by ~6e-3 in cosine, enough to cost the
@@ -45,6 +50,7 @@ from proxy.cache.verifier import (
     HEADS,
     HIDDEN,
     LAYER_NORM_EPS,
+    MAX_TOKENS,
     SHALLOW_LAYER,
     EncodedBatch,
     MiniLMEncoder,
@@ -84,6 +90,16 @@ def layer_indices(weights: Mapping[str, object]) -> list[int]:
 # The tokens of one text in a packed batch: rows [start, end).
 _Span = tuple[int, int]
 HEAD_DIM = HIDDEN // HEADS
+# A batch's rows beyond one text's maximum are rounded up to a multiple of this (see module doc).
+ROW_BUCKET = 8
+
+
+def padded_rows(rows: int) -> int:
+    """The row count a packed batch of ``rows`` tokens is computed with: exact up to one text's
+    maximum (those shapes are warmed), else rounded up to a multiple of ``ROW_BUCKET``."""
+    if rows <= MAX_TOKENS:
+        return rows
+    return -(-rows // ROW_BUCKET) * ROW_BUCKET
 
 
 def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -209,6 +225,8 @@ def _attend(qkv: torch.Tensor, spans: Sequence[_Span]) -> torch.Tensor:
     import torch
 
     out = qkv.new_empty(qkv.shape[0], HIDDEN)
+    if spans and spans[-1][1] < qkv.shape[0]:
+        out[spans[-1][1] :].zero_()  # a batch's padding rows: keep them finite
     scale = HEAD_DIM**-0.5
     for start, end in spans:
         n = end - start
@@ -301,6 +319,23 @@ class PackedEncoder(MiniLMEncoder):
     def precision(self) -> str:
         return self.compute
 
+    def warm_shapes(self) -> None:
+        """Build oneDNN's kernels for every row count a lone text can have (bfloat16 only: the
+        float32 and int8 products need no per-shape build). A text of a length not seen before
+        otherwise pays 2-3 ms for them inside its request. All layers share the four product
+        shapes, so one layer's products cover them; about half a second, once."""
+        import torch
+
+        if self.compute != "bfloat16":
+            return
+        layer = self._lower[0]
+        with torch.inference_mode():
+            for rows in range(1, MAX_TOKENS + 1):
+                hidden = torch.zeros(rows, HIDDEN)
+                layer.qkv(hidden)
+                layer.attention_out(hidden)
+                layer.output(layer.intermediate(hidden))
+
     def close(self) -> None:
         """End the helper thread of ``split_single`` (encode still works, unsplit)."""
         with self._helper_free:  # not while a lone text is using it
@@ -348,6 +383,10 @@ class PackedEncoder(MiniLMEncoder):
             + e["token_type_embeddings.weight"][0]
         )
         x = F.layer_norm(x, (HIDDEN,), e["LayerNorm.weight"], e["LayerNorm.bias"], LAYER_NORM_EPS)
+        rows = padded_rows(ends[-1])
+        if rows > ends[-1]:
+            # Zero rows belong to no text: attention skips them, pooling cuts them off.
+            x = torch.cat([x, x.new_zeros(rows - ends[-1], HIDDEN)])
         pool = _mean_pool(lengths)
         shallow = None
         for index, layer in enumerate(self._lower):
@@ -398,10 +437,12 @@ def _mean_pool(lengths: Sequence[int]) -> Callable[[torch.Tensor], np.ndarray]:
     import torch.nn.functional as F
 
     count = len(lengths)
+    rows = sum(lengths)
     sizes = torch.tensor(lengths)
     segment = torch.repeat_interleave(torch.arange(count), sizes) if count > 1 else None
 
     def pool(hidden: torch.Tensor) -> np.ndarray:
+        hidden = hidden[:rows]  # without a batch's padding rows
         if segment is None:
             summed = hidden.float().sum(dim=0, keepdim=True)
         else:

@@ -192,6 +192,16 @@ class DiskStore:
         self._cache.set(entry.meta.key, encode_entry(entry), expire=entry.meta.ttl)
         self._count(entry.meta.key, 1)
 
+    async def start_writer(self) -> None:
+        """Start the writer now (with ``writer="process"``: the child, until it answers) rather
+        than with the first answer to store: a child starting up (an interpreter and its
+        imports, ~0.2 s of CPU) inside the first requests took a core from them, and one stalled
+        30 ms. A writer that cannot start falls back as in :meth:`put`."""
+        try:
+            await self._batches.write([])
+        except Exception:
+            log.warning("cache.disk.writer_start_failed", exc_info=True)
+
     async def put(self, entry: CacheEntry) -> None:
         if len(self._queue) >= self._max_pending:
             # Dropped rather than waited for: a waiting put per answer would pile up without

@@ -101,6 +101,34 @@ async def test_a_store_writes_through_its_writer_process(tmp_path: Path) -> None
     await reopened.close()
 
 
+async def test_the_writer_process_can_start_before_the_first_answer(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, writer="process")
+    await store.start_writer()
+    child = _child(store)  # running, and it has answered an empty batch
+    assert child.returncode is None
+    await store.put(entry(1))
+    await store.flush()
+    assert _child(store) is child  # the first answer went to the same child
+    assert await store.count() == 1
+    await store.close()
+    assert child.returncode == 0
+
+
+async def test_a_writer_process_that_cannot_start_leaves_the_store_writing_on_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_child(*args: object, **kwargs: object) -> None:
+        raise OSError("no such interpreter")
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", no_child)
+    store = DiskStore(tmp_path, writer="process")
+    await store.start_writer()  # logged, not raised
+    await store.put(entry(1))
+    await store.flush()
+    assert await store.count() == 1
+    await store.close()
+
+
 async def test_a_dead_writer_process_leaves_the_store_writing_on_a_thread(
     tmp_path: Path,
 ) -> None:

@@ -307,3 +307,51 @@ def test_the_shallow_view_is_the_pooled_state_after_the_shallow_layer(
         assert out.shallow is not None
         assert np.abs(out.shallow - expected).max() < 1e-5
         assert not np.allclose(out.shallow, out.base)  # the layers above it ran after it
+
+
+def test_a_batch_padded_to_its_row_bucket_gives_the_rows_of_each_text_alone(
+    reference: verifier.MiniLMEncoder,
+) -> None:
+    from proxy.cache.packed_encoder import ROW_BUCKET, padded_rows
+
+    packed = _packed(reference, "float32")
+    texts = [f"question number {i} about reversing a list of {i} items in Python" for i in range(9)]
+    while True:
+        encodings = packed._tokens.encode_batch(texts)  # type: ignore[attr-defined]
+        rows = sum(len(e.ids) for e in encodings)
+        if padded_rows(rows) > rows:
+            break
+        texts.append("and one more")  # until the batch needs padding rows
+    assert rows > verifier.MAX_TOKENS
+    together = packed.encode(texts)
+    alone = [packed.encode([t]) for t in texts]
+    for name in ("base", "verifier", "shallow"):
+        stacked = np.stack([getattr(a, name)[0] for a in alone])
+        assert np.abs(getattr(together, name) - stacked).max() < 1e-5
+    assert padded_rows(ROW_BUCKET * 7) == ROW_BUCKET * 7
+
+
+def test_padded_rows_are_exact_up_to_one_text_then_bucketed() -> None:
+    from proxy.cache.packed_encoder import ROW_BUCKET, padded_rows
+
+    for rows in range(1, verifier.MAX_TOKENS + 1):
+        assert padded_rows(rows) == rows
+    for rows in range(verifier.MAX_TOKENS + 1, 2_000):
+        padded = padded_rows(rows)
+        assert padded % ROW_BUCKET == 0 and rows <= padded < rows + ROW_BUCKET
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_warming_the_shapes_changes_no_output(
+    reference: verifier.MiniLMEncoder, precision: str
+) -> None:
+    from proxy.cache.packed_encoder import bfloat16_is_native
+
+    if precision == "bfloat16" and not bfloat16_is_native():
+        pytest.skip("no native bfloat16 on this CPU")
+    packed = _packed(reference, precision)
+    before = packed.encode(TEXTS)
+    packed.warm_shapes()  # type: ignore[attr-defined]
+    after = packed.encode(TEXTS)
+    np.testing.assert_array_equal(before.base, after.base)
+    np.testing.assert_array_equal(before.verifier, after.verifier)
