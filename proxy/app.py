@@ -412,20 +412,19 @@ def _load_encoder(services: Services) -> Encode:
         return load_minilm()
     import torch
 
-    from proxy.cache.packed_encoder import PackedEncoder
+    from proxy.cache.packed_encoder import pack_verifier
     from proxy.cache.verifier import CacheVerifier, Verifier
 
     # One torch thread per call: the worker splits large batches across its threads itself.
     torch.set_num_threads(1)
     verifier = Verifier.load(cross=cache.cross_encoder)
-    packed = PackedEncoder(
-        verifier.encoder,
+    packed = pack_verifier(
+        verifier,
         precision=services.settings.embeddings.precision,
         # a lone text's two top stacks on two threads: only with a second core for the model
         split_single=services.settings.embeddings.threads > 1,
     )
     packed.warm_shapes()  # here at start-up, not in the first request of each length
-    verifier.encoder = packed
     cache_verifier = CacheVerifier(
         verifier, threshold=cache.similarity_threshold, cutoff=cache.verifier_cutoff
     )

@@ -540,10 +540,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model = verifier.Verifier.load(args.artifacts, cross=args.cross)
     if args.runtime != "reference":
-        from proxy.cache.packed_encoder import PackedEncoder
+        from proxy.cache.packed_encoder import pack_verifier
 
-        model.encoder = PackedEncoder(model.encoder, precision=args.runtime)
-        log(f"runtime: packed, {model.encoder.precision}")
+        packed = pack_verifier(model, precision=args.runtime)
+        log(f"runtime: packed, {packed.precision} (the cross-encoder too, when loaded)")
     threshold = args.threshold if args.threshold is not None else model.threshold
     cutoff = args.cutoff if args.cutoff is not None else model.cutoff
     log(f"threshold {threshold:.2f} cut-off {cutoff:.2f} cross-encoder {model.cross is not None}")

