@@ -278,6 +278,7 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
         services.router.classifier = None
         yield
         return
+    _one_blas_thread()
     metrics = services.metrics
     worker = EmbeddingWorker(
         encode,  # type: ignore[arg-type]
@@ -381,6 +382,19 @@ async def _shadow_checks(app: web.Application) -> AsyncIterator[None]:
 
 def _cosine_threshold(verifier: SemanticVerifier) -> float:
     return verifier.threshold if isinstance(verifier, CosineVerifier) else 0.92
+
+
+def _one_blas_thread() -> None:
+    """numpy's BLAS on one thread. The proxy spreads its work over its own threads, and
+    OpenBLAS's helper threads spin between products (the semantic index's flat search over a few
+    thousand rows, on the event loop): on two cores that spinning took a core from the encoder
+    (c=64 lookups 238-265/s against 329-356/s with 1,000 stored questions,
+    ``scripts/bench_cache_speed.py --pairs 1000``). Called on the event loop's thread, after the
+    models load (they bring their own BLAS copies): OpenBLAS did not take a limit set from the
+    loader's thread."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
 
 
 def _load_encoder(services: Services) -> Encode:

@@ -277,9 +277,14 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
     start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
 ) -> None:
     """The real path: fused MiniLM embedding, ANN search, guards and the trained verifier."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
     from proxy.app import SERVICES, create_app
     from proxy.settings import Settings
 
+    # The proxy runs numpy's BLAS on one thread (its helper threads spin on two cores): start
+    # from two so the app's own limit is what is checked.
+    before = threadpool_limits(2, user_api="blas")
     engine = await start_fake("m")
     settings = Settings.model_validate(
         {
@@ -297,6 +302,9 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
     assert services.verifier is not None
     cache = services.cache
     assert cache is not None
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    before.restore_original_limits()
+    assert blas and all(pool["num_threads"] == 1 for pool in blas)
 
     def ask(text: str) -> dict[str, Any]:
         return {**GREEDY, "messages": [{"role": "user", "content": text}]}
