@@ -15,7 +15,9 @@ on the tune half of the dev pairs, starting from the bi-encoder verifier's tuned
 Cost: one lower-layer pass over both questions plus the top layers over the joined pair, about one
 embedding pass per (query, candidate); the verifier runs it only on candidates that already passed
 the cheap checks (see :class:`proxy.cache.verifier.Verifier`). Synchronous; call it from a worker
-thread.
+thread. This class is the reference (float32, padded; training shares :func:`joint_forward`); the
+proxy serves with :class:`proxy.cache.packed_encoder.PackedCrossEncoder`, the same function on the
+packed runtime, which reuses the query's lower states from its embedding pass.
 
 Usage::
 
