@@ -18,9 +18,10 @@ from the same weights, in less CPU time; it changes how the numbers are computed
   intermediate product.
 * **Few distinct shapes.** oneDNN builds a kernel for each new row count of a product (0.3-0.6 ms
   each, four per row count), and keeps the last 1,024 it built. A batch's rows are rounded up to a
-  multiple of ``ROW_BUCKET`` (zero rows, cut before pooling), so batches reuse a few dozen shapes
-  instead of evicting the ones lone texts use, and :meth:`PackedEncoder.warm_shapes` builds every
-  lone text's shapes (1 to ``MAX_TOKENS`` rows) once at start-up, not in a user's request.
+  multiple of ``ROW_BUCKET`` (zero rows, cut before pooling), so batches reuse a bounded set of
+  shapes instead of evicting the ones lone texts use, and :meth:`PackedEncoder.warm_shapes`
+  builds every lone text's shapes (1 to ``MAX_TOKENS`` rows) once at start-up, not in a user's
+  request.
 * **int8, opt-in** (``precision="int8"``): weights int8 with one scale per output channel, inputs
   quantized on the fly with one scale per product (fbgemm's dynamic linear; VNNI). About a quarter
   less CPU than bfloat16, but it moves the embeddings by ~6e-3 in cosine, enough to cost the
