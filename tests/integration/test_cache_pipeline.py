@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pytest
 
 from proxy.sse import parse_all
 from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config
@@ -322,6 +323,56 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
         "/v1/chat/completions", json=ask("How do I reverse a list in Java?")
     )
     assert other_language.headers["x-frugal-cache"] == "miss"
+    negated = await client.post(
+        "/v1/chat/completions", json=ask("How do I not reverse a list in Python?")
+    )
+    assert negated.headers["x-frugal-cache"] == "miss"
+
+
+async def test_the_cross_encoder_runs_packed_in_the_proxy(
+    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """``cache.cross_encoder: true``: the verifier's second stage on the packed runtime, off the
+    event loop, serving a paraphrase and refusing a negation."""
+    from proxy.app import SERVICES, create_app
+    from proxy.cache import verifier as verifier_module
+    from proxy.cache.packed_encoder import PackedCrossEncoder
+    from proxy.settings import Settings
+
+    if not (verifier_module.ARTIFACT_DIR / verifier_module.CROSS_FILE).exists():
+        pytest.skip("no cross-encoder artifact")
+    engine = await start_fake("m")
+    settings = Settings.model_validate(
+        {
+            "engines": [engine_config("e", "m", [engine.url])],
+            "policies": None,
+            "data_dir": str(tmp_path / "data"),
+            "cache": {"enabled": True, "semantic": True, "cross_encoder": True},
+            "routing": {"enabled": False},
+            "logging": {"level": "warning", "format": "console"},
+        }
+    )
+    client = await aiohttp_client(create_app(settings, access_log=False))
+    assert client.server.app is not None
+    services = client.server.app[SERVICES]
+    cache_verifier = services.verifier
+    assert isinstance(cache_verifier, verifier_module.CacheVerifier)
+    assert isinstance(cache_verifier.verifier.cross, PackedCrossEncoder)
+    cache = services.cache
+    assert cache is not None
+
+    def ask(text: str) -> dict[str, Any]:
+        return {**GREEDY, "messages": [{"role": "user", "content": text}]}
+
+    first = await client.post(
+        "/v1/chat/completions", json=ask("How do I reverse a list in Python?")
+    )
+    assert first.headers["x-frugal-cache"] == "miss"
+    await cache.drain()
+    same = await client.post(
+        "/v1/chat/completions", json=ask("How can I reverse a list in Python?")
+    )
+    assert same.headers["x-frugal-cache"] == "hit-semantic"
     negated = await client.post(
         "/v1/chat/completions", json=ask("How do I not reverse a list in Python?")
     )
