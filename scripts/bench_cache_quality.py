@@ -214,6 +214,77 @@ HANDWRITTEN_BLIND: tuple[tuple[str, str, int], ...] = (
     ("What are good exercises for lower back pain?", "What are good exercises for neck pain?", 0),
 )
 
+# A third set, written on 2026-11-29 before the word-order and prefix vetoes existed and never
+# used to change them. Its author knew which kinds of pair those vetoes would target: 5 of its 20
+# different-question pairs are of those kinds (operands swapped around "to"/"than"/"from", a
+# negating prefix), the other 15 are not.
+HANDWRITTEN_BLIND_2: tuple[tuple[str, str, int], ...] = (
+    ("How do I undo a git rebase?", "revert a git rebase I just did", 1),
+    ("How can I sort a dictionary by value in Python?", "python sort dict by its values", 1),
+    ("What does HTTP status 404 mean?", "meaning of a 404 error", 1),
+    ("How do I install Node.js on Ubuntu?", "install nodejs ubuntu", 1),
+    ("How to remove duplicates from an array in JavaScript?", "javascript dedupe array", 1),
+    ("How do I set an environment variable in Windows?", "windows set env variable", 1),
+    ("What is the difference between TCP and UDP?", "tcp vs udp differences", 1),
+    ("How do I cancel my subscription?", "stop my subscription from renewing", 1),
+    ("How long does shipping take to Canada?", "delivery time to Canada", 1),
+    ("How many ounces are in a pound?", "pound to ounces", 1),
+    ("What is the speed of light?", "how fast does light travel", 1),
+    ("Who discovered penicillin?", "penicillin discoverer", 1),
+    ("How do I reset my password?", "forgot my password, how to reset it", 1),
+    ("How do I convert Celsius to Fahrenheit?", "celsius to fahrenheit formula", 1),
+    ("What is the largest ocean on Earth?", "biggest ocean in the world", 1),
+    ("How do I get a stain out of a carpet?", "remove carpet stains", 1),
+    ("How do I make my laptop battery last longer?", "extend laptop battery life", 1),
+    ("How can I check which Python version I have?", "find my python version", 1),
+    ("What time zone is Tokyo in?", "Tokyo time zone", 1),
+    ("How do I split a string by commas in Java?", "java split string on comma", 1),
+    ("How do I convert Celsius to Fahrenheit?", "How do I convert Fahrenheit to Celsius?", 0),
+    ("Is Python faster than Java?", "Is Java faster than Python?", 0),
+    (
+        "How do I copy files from my phone to my laptop?",
+        "How do I copy files from my laptop to my phone?",
+        0,
+    ),
+    ("How do I install Docker on Mac?", "How do I uninstall Docker on Mac?", 0),
+    (
+        "Is it possible to run Windows apps on Linux?",
+        "Is it impossible to run Windows apps on Linux?",
+        0,
+    ),
+    (
+        "How do I enable two-factor authentication?",
+        "How do I disable two-factor authentication?",
+        0,
+    ),
+    ("Why is my code so slow?", "Why is my code so fast?", 0),
+    ("How do I undo a git rebase?", "How do I continue a git rebase?", 0),
+    ("What is the capital of Canada?", "What is the largest city in Canada?", 0),
+    ("How many ounces are in a pound?", "How many ounces are in a cup?", 0),
+    ("How do I reset my password?", "How do I change my username?", 0),
+    ("Who discovered penicillin?", "Who discovered insulin?", 0),
+    ("How long does shipping take to Canada?", "How much does shipping cost to Canada?", 0),
+    (
+        "How do I split a string by commas in Java?",
+        "How do I join a list of strings with commas in Java?",
+        0,
+    ),
+    (
+        "What is the difference between TCP and UDP?",
+        "What is the difference between HTTP and HTTPS?",
+        0,
+    ),
+    ("How can I check which Python version I have?", "How can I upgrade my Python version?", 0),
+    (
+        "How do I make my laptop battery last longer?",
+        "How do I make my phone battery last longer?",
+        0,
+    ),
+    ("What is the largest ocean on Earth?", "What is the smallest ocean on Earth?", 0),
+    ("How do I get a stain out of a carpet?", "How do I get a stain out of a shirt?", 0),
+    ("What time zone is Tokyo in?", "What time is it in Tokyo?", 0),
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Scored:
@@ -552,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     items = [(p.source, p.a, p.b, p.label) for p in pairs]
     items += [("handwritten", a, b, label) for a, b, label in HANDWRITTEN]
     items += [("handwritten_blind", a, b, label) for a, b, label in HANDWRITTEN_BLIND]
+    items += [("handwritten_blind_2", a, b, label) for a, b, label in HANDWRITTEN_BLIND_2]
     scored, texts, encoded = score_pairs(model, items, args.cache_dir, threshold)
 
     lines = [
@@ -565,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     summary: dict[str, object] = {"threshold": threshold, "cutoff": cutoff, "sources": {}}
-    for source in (*SOURCES, "handwritten", "handwritten_blind"):
+    for source in (*SOURCES, "handwritten", "handwritten_blind", "handwritten_blind_2"):
         subset = [s for s in scored if s.source == source]
         result = evaluate(subset, threshold, cutoff)
         target = TARGETS.get(source)
@@ -583,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary["sources"][source] = {  # type: ignore[index]
             k: v for k, v in result.items() if k not in ("_arrays", "baseline")
         } | {"baseline": {str(t): v for t, v in base.items()}}
-    for name in ("handwritten", "handwritten_blind"):
+    for name in ("handwritten", "handwritten_blind", "handwritten_blind_2"):
         served_wrong, missed = [], []
         for (src, a, b, label), sc in zip(items, scored, strict=True):
             if src != name:
