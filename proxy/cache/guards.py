@@ -157,6 +157,15 @@ _SLOTS: Mapping[str, frozenset[tuple[int, int]]] = MappingProxyType(
     }
 )
 
+# Words after which the next content word is one end of an ordered relation: "convert X to Y",
+# "X faster than Y", "copy from X to Y". Swapping the two ends keeps every word and the embedding
+# but reverses the question.
+DIRECTIONAL = frozenset({"to", "into", "onto", "from", "than", "over", "toward", "towards"})
+# A word and the same word behind one of these is usually its opposite: safe / unsafe,
+# possible / impossible, install / uninstall, connect / disconnect.
+NEGATING_PREFIXES = ("un", "non", "in", "im", "il", "ir", "dis")
+_MIN_PREFIXED_STEM = 3
+
 # Capitalised words that are not names (sentence-initial question words, pronouns).
 NOT_ENTITIES = frozenset(
     {
@@ -350,6 +359,41 @@ def _opposite_swap(a: Parsed, b: Parsed) -> bool:
     )
 
 
+def _after_directional(p: Parsed) -> tuple[tuple[str, str], ...]:
+    """(directional word, the first content word after it) for each directional word."""
+    out = []
+    for i, word in enumerate(p.words):
+        if word in DIRECTIONAL:
+            following = next((w for w in p.words[i + 1 :] if w in p.content), None)
+            if following is not None:
+                out.append((word, following))
+    return tuple(out)
+
+
+def reversed_order(a: Parsed, b: Parsed) -> bool:
+    """True if the texts use the same content words but a directional word leads to a different
+    one: "Celsius to Fahrenheit" / "Fahrenheit to Celsius", "Python faster than Java" / "Java
+    faster than Python". Not "from A, how do I get to B" / "how do I get to B from A" (each
+    directional word still leads to the same word)."""
+    if a.content != b.content or a.words == b.words:
+        return False
+    after_a, after_b = _after_directional(a), _after_directional(b)
+    return bool(after_a) and len(after_a) == len(after_b) and sorted(after_a) != sorted(after_b)
+
+
+def prefixed_opposite(a: Parsed, b: Parsed) -> tuple[str, str] | None:
+    """A word of one text that the other has behind a negating prefix (safe / unsafe), or None."""
+    for shorter, longer in ((a.content - b.content, b.content - a.content),
+                            (b.content - a.content, a.content - b.content)):  # fmt: skip
+        for stem in shorter:
+            if len(stem) < _MIN_PREFIXED_STEM:
+                continue
+            for prefix in NEGATING_PREFIXES:
+                if prefix + stem in longer:
+                    return stem, prefix + stem
+    return None
+
+
 def rest_overlap(a: Parsed, b: Parsed) -> float:
     """Jaccard overlap of the content words once negations, numbers and entities are set aside.
 
@@ -357,6 +401,10 @@ def rest_overlap(a: Parsed, b: Parsed) -> float:
     the embedding is least able to tell them apart and a veto is most likely right.
     """
 
+    return _overlap(a, b, frozenset())
+
+
+def _overlap(a: Parsed, b: Parsed, aside: frozenset[str]) -> float:
     def rest(p: Parsed) -> set[str]:
         return {
             w
@@ -364,6 +412,7 @@ def rest_overlap(a: Parsed, b: Parsed) -> float:
             if w not in NEGATIONS
             and w not in NUMBER_WORDS
             and w not in p.entities
+            and w not in aside
             and not _NUMBER.fullmatch(w)
         }
 
@@ -383,9 +432,11 @@ class Comparison:
 def compare(a: Parsed, b: Parsed, min_overlap: float = VETO_MIN_OVERLAP) -> Comparison:
     """Features and vetoes of two parsed texts (symmetric). Parse each text once, compare often.
 
-    Negation, number and entity vetoes fire only on minimal pairs (:func:`rest_overlap` at least
-    ``min_overlap``): on loosely worded paraphrases these details differ too often for a hard rule,
-    and the verifier head weighs them instead. An opposite swap vetoes on its own.
+    Negation, number, entity and negating-prefix vetoes fire only on minimal pairs
+    (:func:`rest_overlap` at least ``min_overlap``): on loosely worded paraphrases these details
+    differ too often for a hard rule, and the verifier head weighs them instead. An opposite swap
+    and a reversed order (:func:`reversed_order`: the same words) veto on their own. The order and
+    prefix vetoes add no head feature: the head was fitted without them.
     """
     negation = a.negated != b.negated
     number_mismatch = bool(a.numbers and b.numbers and a.numbers != b.numbers)
@@ -418,6 +469,12 @@ def compare(a: Parsed, b: Parsed, min_overlap: float = VETO_MIN_OVERLAP) -> Comp
         found.append("entity")
     if opposite:
         found.append("opposite")
+    if reversed_order(a, b):
+        found.append("order")
+    prefixed = prefixed_opposite(a, b)
+    # A minimal pair once the two words are set aside ("is it safe to swim" / "... unsafe ...").
+    if prefixed is not None and _overlap(a, b, frozenset(prefixed)) >= min_overlap:
+        found.append("prefix")
     return Comparison(features, tuple(found))
 
 

@@ -36,6 +36,12 @@ questions = st.sampled_from(
         ("How do I sort a list in python", "How do I reverse a list in python", "opposite"),
         ("set up cron daily on ubuntu", "set up cron weekly on ubuntu", "opposite"),
         ("How do I enable 2FA?", "How do I disable 2FA?", "opposite"),
+        ("Convert Celsius to Kelvin", "Convert Kelvin to Celsius", "order"),
+        ("Is Rust faster than Go?", "Is Go faster than Rust?", "order"),
+        ("copy files from a server to my pc", "copy files from my pc to a server", "order"),
+        ("Is this mushroom safe to eat?", "Is this mushroom unsafe to eat?", "prefix"),
+        ("How do I install Node on Windows?", "How do I uninstall Node on Windows?", "prefix"),
+        ("Is it possible to undo a merge?", "Is it impossible to undo a merge?", "prefix"),
     ],
 )
 def test_vetoes_fire_on_minimal_pairs(query: str, candidate: str, veto: str) -> None:
@@ -57,6 +63,11 @@ def test_vetoes_fire_on_minimal_pairs(query: str, candidate: str, veto: str) -> 
             "Do Christians in Kerala have Jewish ancestry?",
             "Do Syrian Christians in Kerala have Jewish ancestry?",
         ),
+        # the same words, each directional word still leading to the same one
+        ("From Paris, how do I get to Lyon?", "How do I get to Lyon from Paris?"),
+        ("In Python, how do I reverse a list?", "How do I reverse a list in Python?"),
+        # a prefixed opposite, but not a minimal pair: the head decides
+        ("Is it safe to swim after eating?", "swimming right after a big meal: unsafe or fine?"),
     ],
 )
 def test_no_veto_on_paraphrases(query: str, candidate: str) -> None:
@@ -96,3 +107,27 @@ def test_identical_texts_never_veto(text: str) -> None:
     assert named["number_mismatch"] == 0.0
     assert named["entity_mismatch"] == 0.0
     assert named["content_jaccard"] == 1.0
+
+
+undirected_words = st.lists(
+    st.sampled_from(["reverse", "list", "python", "sort", "dict", "fast", "copy", "file", "how"]),
+    min_size=2,
+    max_size=8,
+)
+
+
+@given(undirected_words, st.randoms(use_true_random=False))
+def test_word_order_alone_never_vetoes_without_a_directional_word(
+    words: list[str], rng: object
+) -> None:
+    shuffled = list(words)
+    rng.shuffle(shuffled)  # type: ignore[attr-defined]
+    assert "order" not in guards.vetoes(" ".join(words), " ".join(shuffled))
+
+
+@given(st.sampled_from(sorted(guards.DIRECTIONAL)), st.sampled_from(["celsius", "java", "phone"]))
+def test_swapping_the_ends_of_a_directional_word_vetoes(word: str, other: str) -> None:
+    query = f"convert kelvin {word} {other}"
+    candidate = f"convert {other} {word} kelvin"
+    assert "order" in guards.vetoes(query, candidate)
+    assert "order" not in guards.vetoes(query, query)
