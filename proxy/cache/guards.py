@@ -160,7 +160,18 @@ _SLOTS: Mapping[str, frozenset[tuple[int, int]]] = MappingProxyType(
 # Words after which the next content word is one end of an ordered relation: "convert X to Y",
 # "X faster than Y", "copy from X to Y". Swapping the two ends keeps every word and the embedding
 # but reverses the question.
-DIRECTIONAL = frozenset({"to", "into", "onto", "from", "than", "over", "toward", "towards"})
+DIRECTIONAL: Mapping[str, str] = MappingProxyType(
+    {
+        "to": "to",
+        "into": "to",
+        "onto": "to",
+        "toward": "to",
+        "towards": "to",
+        "from": "from",
+        "than": "than",
+        "over": "over",
+    }
+)  # word -> its direction ("convert X to Y" and "convert X into Y" point the same way)
 # A word and the same word behind one of these is usually its opposite: safe / unsafe,
 # possible / impossible, install / uninstall, connect / disconnect.
 NEGATING_PREFIXES = ("un", "non", "in", "im", "il", "ir", "dis")
@@ -360,13 +371,14 @@ def _opposite_swap(a: Parsed, b: Parsed) -> bool:
 
 
 def _after_directional(p: Parsed) -> tuple[tuple[str, str], ...]:
-    """(directional word, the first content word after it) for each directional word."""
+    """(direction, the first content word after it) for each directional word."""
     out = []
     for i, word in enumerate(p.words):
-        if word in DIRECTIONAL:
+        direction = DIRECTIONAL.get(word)
+        if direction is not None:
             following = next((w for w in p.words[i + 1 :] if w in p.content), None)
             if following is not None:
-                out.append((word, following))
+                out.append((direction, following))
     return tuple(out)
 
 
@@ -374,7 +386,7 @@ def reversed_order(a: Parsed, b: Parsed) -> bool:
     """True if the texts use the same content words but a directional word leads to a different
     one: "Celsius to Fahrenheit" / "Fahrenheit to Celsius", "Python faster than Java" / "Java
     faster than Python". Not "from A, how do I get to B" / "how do I get to B from A" (each
-    directional word still leads to the same word)."""
+    direction still leads to the same word), nor "X to Y" / "X into Y"."""
     if a.content != b.content or a.words == b.words:
         return False
     after_a, after_b = _after_directional(a), _after_directional(b)

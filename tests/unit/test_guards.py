@@ -66,6 +66,7 @@ def test_vetoes_fire_on_minimal_pairs(query: str, candidate: str, veto: str) -> 
         # the same words, each directional word still leading to the same one
         ("From Paris, how do I get to Lyon?", "How do I get to Lyon from Paris?"),
         ("In Python, how do I reverse a list?", "How do I reverse a list in Python?"),
+        ("How do I convert Celsius to Fahrenheit?", "how do i convert celsius into fahrenheit"),
         # a prefixed opposite, but not a minimal pair: the head decides
         ("Is it safe to swim after eating?", "swimming right after a big meal: unsafe or fine?"),
     ],
