@@ -231,6 +231,9 @@ class _CacheMetrics:
     def on_backend_error(self, operation: str, error: BaseException) -> None:
         self._metrics.cache_error(backend=self._backend, op=operation)
 
+    def on_semantic_refusal(self, reason: str) -> None:
+        self._metrics.cache_refusal(reason)
+
 
 # -- lifetimes --------------------------------------------------------------------------------
 

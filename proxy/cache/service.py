@@ -74,10 +74,20 @@ class Verdict:
     score: float
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The verifier served none of the candidates; ``reason`` is why it refused the most similar
+    one (:func:`proxy.cache.verifier.accept`'s reasons: ``below_threshold``, ``veto_<guard>``,
+    ``verifier_reject``), counted on ``/metrics`` so an operator sees what keeps hits away."""
+
+    reason: str
+
+
 class SemanticVerifier(Protocol):
     """Decides whether a cached question asks the same thing as the query.
 
-    Called with candidates best-cosine first; returns the accepted one or None. It may be slow
+    Called with candidates best-cosine first; returns the accepted one, or a :class:`Refusal`
+    (None: refused, no reason given). It may be slow
     (a model): ``ResponseCache`` calls it off the event loop unless ``cheap`` is True or
     ``ready`` says this call needs no model work (its inputs are prepared: then the call is a
     fraction of a millisecond, less than the two thread hand-offs it would otherwise cost).
@@ -96,7 +106,7 @@ class SemanticVerifier(Protocol):
         candidates: Sequence[SemanticCandidate],
         *,
         cutoff: float | None = None,
-    ) -> Verdict | None: ...
+    ) -> Verdict | Refusal | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +126,13 @@ class CosineVerifier:
         candidates: Sequence[SemanticCandidate],
         *,
         cutoff: float | None = None,
-    ) -> Verdict | None:
+    ) -> Verdict | Refusal | None:
         threshold = self.threshold if cutoff is None else cutoff
         best = max(range(len(candidates)), key=lambda i: candidates[i].similarity, default=None)
-        if best is None or candidates[best].similarity < threshold:
+        if best is None:
             return None
+        if candidates[best].similarity < threshold:
+            return Refusal("below_threshold")
         return Verdict(best, candidates[best].similarity)
 
 
@@ -133,6 +145,8 @@ class CacheObserver(Protocol):
 
     def on_backend_error(self, operation: str, error: BaseException) -> None: ...
 
+    def on_semantic_refusal(self, reason: str) -> None: ...
+
 
 class NullObserver:
     def on_lookup(self, outcome: LookupOutcome, seconds: float) -> None:
@@ -142,6 +156,9 @@ class NullObserver:
         pass
 
     def on_backend_error(self, operation: str, error: BaseException) -> None:
+        pass
+
+    def on_semantic_refusal(self, reason: str) -> None:
         pass
 
 
@@ -443,12 +460,14 @@ class ResponseCache:
             for e, cos in candidates
         ]
         verdict = await self._select(keys.query_text, shown, cutoff)
-        if verdict is None or not 0 <= verdict.index < len(candidates):
+        if isinstance(verdict, Refusal):
+            self.observer.on_semantic_refusal(verdict.reason)
+        if not isinstance(verdict, Verdict) or not 0 <= verdict.index < len(candidates):
             if refused is not None:
                 # The same choice with no cut-off: the candidate the cut-off alone refused.
                 # (The verifier's vectors are remembered by now, so this is the cheap part.)
                 best = await self._select(keys.query_text, shown, 0.0)
-                if best is not None and 0 <= best.index < len(candidates):
+                if isinstance(best, Verdict) and 0 <= best.index < len(candidates):
                     entry, cos = candidates[best.index]
                     refused.append(
                         CacheHit(
@@ -468,7 +487,7 @@ class ResponseCache:
 
     async def _select(
         self, query: str, shown: list[SemanticCandidate], cutoff: float | None
-    ) -> Verdict | None:
+    ) -> Verdict | Refusal | None:
         if self.verifier.cheap or self.verifier.ready(query, shown):
             return self.verifier.select(query, shown, cutoff=cutoff)
         return await asyncio.to_thread(

@@ -54,7 +54,7 @@ from proxy.recent import Recent
 if TYPE_CHECKING:
     import torch
 
-    from proxy.cache.service import SemanticCandidate, Verdict
+    from proxy.cache.service import Refusal, SemanticCandidate, Verdict
 
 ARTIFACT_DIR = Path(__file__).parent / "artifacts"
 HEAD_FILE = "verifier_head.json"
@@ -669,10 +669,10 @@ class CacheVerifier:
         candidates: Sequence[SemanticCandidate],
         *,
         cutoff: float | None = None,
-    ) -> Verdict | None:
-        """The accepted candidate with the best verifier score, or None (``cutoff``: this call's
-        cut-off instead of the verifier's own)."""
-        from proxy.cache.service import Verdict
+    ) -> Verdict | Refusal | None:
+        """The accepted candidate with the best verifier score, else why the most similar one was
+        refused (``cutoff``: this call's cut-off instead of the verifier's own)."""
+        from proxy.cache.service import Refusal, Verdict
 
         if not candidates:
             return None
@@ -696,6 +696,7 @@ class CacheVerifier:
             )
             scores = self.verifier.cross_scores(pairs, rows, chosen)
         best: Verdict | None = None
+        refusal: Refusal | None = None
         for index, (pair, score, comparison) in enumerate(
             zip(pairs, scores, comparisons, strict=True)
         ):
@@ -708,4 +709,6 @@ class CacheVerifier:
             )
             if decision.accepted and (best is None or score > best.score):
                 best = Verdict(index, score)
-        return best
+            elif not decision.accepted and refusal is None:
+                refusal = Refusal(decision.reason)  # the most similar refused candidate's reason
+        return best if best is not None else refusal

@@ -182,6 +182,12 @@ class Metrics:
             "Cache-store operations that failed (the request went on without the cache).",
             ["backend", "op"],
         )
+        self.cache_refusals = CounterFamily(
+            "frugal_cache_semantic_refusals",
+            "Semantic lookups with candidates where none was served, by why the most similar one "
+            "was refused (below_threshold, veto_<guard>, verifier_reject).",
+            ["reason"],
+        )
 
         # Routing, admission, queues.
         self.route_decisions = CounterFamily(
@@ -293,6 +299,7 @@ class Metrics:
                     self.cache_hits,
                     self.cache_similarity,
                     self.cache_errors,
+                    self.cache_refusals,
                     self.route_decisions,
                     self.queue_wait_hist,
                     self.admission_rejections,
@@ -395,6 +402,10 @@ class Metrics:
     def cache_error(self, *, backend: str, op: str) -> None:
         """Record a failed cache-store operation (``op``: get/set/delete/index/...)."""
         self.cache_errors.labels(backend, op).inc()
+
+    def cache_refusal(self, reason: str) -> None:
+        """A semantic lookup refused all its candidates (``reason``: the most similar one's)."""
+        self.cache_refusals.labels(reason).inc()
 
     def route_decision(self, *, tier: str, engine: str, reason: str) -> None:
         self.route_decisions.labels(tier, engine, reason).inc()

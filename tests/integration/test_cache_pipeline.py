@@ -327,6 +327,15 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
         "/v1/chat/completions", json=ask("How do I not reverse a list in Python?")
     )
     assert negated.headers["x-frugal-cache"] == "miss"
+    # /metrics says why: the guards refused the most similar stored question
+    metrics = await (await client.get("/metrics")).text()
+    refusals = {
+        line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("frugal_cache_semantic_refusals_total{")
+    }
+    assert refusals.get("veto_negation", 0) >= 1
+    assert refusals.get("veto_entity", 0) >= 1  # "in Java" against "in Python"
 
 
 async def test_the_cross_encoder_runs_packed_in_the_proxy(

@@ -20,6 +20,7 @@ from proxy.cache.modes import CacheMode
 from proxy.cache.service import (
     CosineVerifier,
     InvalidationFilter,
+    Refusal,
     ResponseCache,
     SemanticCandidate,
     Verdict,
@@ -91,6 +92,7 @@ class Recorder:
         self.lookups: list[str] = []
         self.stores: list[str] = []
         self.errors: list[str] = []
+        self.refusals: list[str] = []
 
     def on_lookup(self, outcome: str, seconds: float) -> None:
         self.lookups.append(outcome)
@@ -100,6 +102,9 @@ class Recorder:
 
     def on_backend_error(self, operation: str, error: BaseException) -> None:
         self.errors.append(operation)
+
+    def on_semantic_refusal(self, reason: str) -> None:
+        self.refusals.append(reason)
 
 
 @pytest.fixture
@@ -231,6 +236,34 @@ async def test_a_custom_verifier_decides_off_the_event_loop(
     assert shown[0].age_seconds == 10
     assert hit.meta.query_text == "b"
     assert picker.threads[0] != threading.get_ident()
+
+
+class RefuseAll:
+    """A verifier that refuses every candidate, saying why."""
+
+    cheap = True
+
+    def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
+        return True
+
+    def select(
+        self, query: str, candidates: Sequence[SemanticCandidate], *, cutoff: float | None = None
+    ) -> Refusal | None:
+        return Refusal("veto_order") if candidates else None
+
+
+async def test_a_refusal_is_a_miss_and_its_reason_reaches_the_observer(
+    cache: ResponseCache,
+) -> None:
+    recorder = cache.observer
+    assert isinstance(recorder, Recorder)
+    await cache.store_response(keys_for("a"), answer("A"), embedding=vec(1, 0.0))
+    cache.verifier = RefuseAll()
+    assert await cache.lookup(keys_for("c"), embedding=vec(1, 0.01)) is None
+    assert recorder.refusals == ["veto_order"]
+    # no candidate near enough: nothing was refused, nothing is counted
+    assert await cache.lookup(keys_for("d"), embedding=vec(0.0, 1)) is None
+    assert recorder.refusals == ["veto_order"]
 
 
 async def test_a_verifier_with_its_inputs_prepared_decides_on_the_event_loop(

@@ -15,7 +15,7 @@ import pytest
 from numpy.typing import NDArray
 
 from proxy.cache import verifier
-from proxy.cache.service import SemanticCandidate
+from proxy.cache.service import Refusal, SemanticCandidate
 
 
 class CountingScorer:
@@ -106,17 +106,19 @@ def test_cross_encoder_rejection_wins_over_a_confident_bi_encoder() -> None:
     verdict = verifier.CacheVerifier(model).select(
         "print my list", [SemanticCandidate("show my list", 0.99, 1.0)]
     )
-    assert verdict is None
+    assert verdict == Refusal("verifier_reject")
     assert len(scorer.seen) == 1
 
 
 def test_misses_and_vetoes_never_reach_the_cross_encoder() -> None:
     model, scorer = _crossed(gate=0.5)
     adapter = verifier.CacheVerifier(model, cross_top_k=2)
-    assert adapter.select("q", [SemanticCandidate("q other", 0.4, 1.0)]) is None  # threshold
-    assert adapter.select("q", [SemanticCandidate("q other", 0.85, 1.0)]) is None  # gate
+    below = adapter.select("q", [SemanticCandidate("q other", 0.4, 1.0)])
+    assert below == Refusal("below_threshold")
+    gated = adapter.select("q", [SemanticCandidate("q other", 0.85, 1.0)])
+    assert gated == Refusal("verifier_reject")  # the gate scores it 0
     vetoed = [SemanticCandidate("Why doesn't my laptop turn on?", 0.99, 1.0)]
-    assert adapter.select("Why does my laptop turn on?", vetoed) is None
+    assert adapter.select("Why does my laptop turn on?", vetoed) == Refusal("veto_negation")
     assert scorer.seen == []
 
 

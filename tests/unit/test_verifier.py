@@ -283,14 +283,22 @@ def test_cache_verifier_picks_the_best_accepted_candidate() -> None:
     assert verdict.score == pytest.approx(1 / (1 + math.exp(-(10 * 0.97 - 9))))
 
 
-def test_cache_verifier_returns_none_when_nothing_passes() -> None:
+def test_cache_verifier_says_why_nothing_passes() -> None:
+    from proxy.cache.service import Refusal
+
     model, _ = _fake_verifier()
     adapter = verifier.CacheVerifier(model, cutoff=0.99)
-    assert adapter.select("q", [_candidate("close", 0.9)]) is None  # type: ignore[list-item]
+    assert adapter.select("q", [_candidate("close", 0.9)]) == Refusal("verifier_reject")  # type: ignore[list-item]
+    assert adapter.select("q", [_candidate("far", 0.1)]) == Refusal("below_threshold")  # type: ignore[list-item]
     assert adapter.select("q", []) is None
     # a veto wins even when the score would pass
     vetoed = [_candidate("Why doesn't my laptop turn on?", 0.99)]
-    assert verifier.CacheVerifier(model).select("Why does my laptop turn on?", vetoed) is None  # type: ignore[arg-type]
+    refusal = verifier.CacheVerifier(model).select("Why does my laptop turn on?", vetoed)  # type: ignore[arg-type]
+    assert refusal == Refusal("veto_negation")
+    # the reason is the most similar candidate's (candidates come best-cosine first)
+    swapped = [_candidate("Convert Kelvin to Celsius", 0.99), _candidate("far", 0.1)]
+    refusal = verifier.CacheVerifier(model).select("Convert Celsius to Kelvin", swapped)  # type: ignore[arg-type]
+    assert refusal == Refusal("veto_order")
 
 
 def test_cache_verifier_reuses_remembered_vectors_and_stays_bounded() -> None:
