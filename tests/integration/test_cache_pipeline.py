@@ -274,42 +274,37 @@ async def test_semantic_hit_on_a_paraphrase_and_miss_on_another_question(
     assert resp.headers["x-frugal-cache"] == "miss"
 
 
-async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
-    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
-) -> None:
-    """The real path: fused MiniLM embedding, ANN search, guards and the trained verifier."""
-    from threadpoolctl import threadpool_info, threadpool_limits
+def ask(text: str) -> dict[str, Any]:
+    return {**GREEDY, "messages": [{"role": "user", "content": text}]}
 
+
+async def semantic_app(
+    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any, **cache: Any
+) -> tuple[Any, Any]:
+    """A test client for an app with the real semantic cache (and ``cache`` settings), and its
+    services."""
     from proxy.app import SERVICES, create_app
     from proxy.settings import Settings
 
-    # The proxy runs numpy's BLAS on one thread (its helper threads spin on two cores): start
-    # from two so the app's own limit is what is checked.
-    before = threadpool_limits(2, user_api="blas")
     engine = await start_fake("m")
     settings = Settings.model_validate(
         {
             "engines": [engine_config("e", "m", [engine.url])],
             "policies": None,
             "data_dir": str(tmp_path / "data"),
-            "cache": {"enabled": True, "semantic": True},
+            "cache": {"enabled": True, "semantic": True, **cache},
             "routing": {"enabled": False},
             "logging": {"level": "warning", "format": "console"},
         }
     )
     client = await aiohttp_client(create_app(settings, access_log=False))
     assert client.server.app is not None
-    services = client.server.app[SERVICES]
-    assert services.verifier is not None
+    return client, client.server.app[SERVICES]
+
+
+async def serves_a_paraphrase_and_refuses_a_negation(client: Any, services: Any) -> None:
     cache = services.cache
     assert cache is not None
-    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
-    before.restore_original_limits()
-    assert blas and all(pool["num_threads"] == 1 for pool in blas)
-
-    def ask(text: str) -> dict[str, Any]:
-        return {**GREEDY, "messages": [{"role": "user", "content": text}]}
-
     first = await client.post(
         "/v1/chat/completions", json=ask("How do I reverse a list in Python?")
     )
@@ -319,14 +314,32 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
         "/v1/chat/completions", json=ask("How can I reverse a list in Python?")
     )
     assert same.headers["x-frugal-cache"] == "hit-semantic"
-    other_language = await client.post(
-        "/v1/chat/completions", json=ask("How do I reverse a list in Java?")
-    )
-    assert other_language.headers["x-frugal-cache"] == "miss"
     negated = await client.post(
         "/v1/chat/completions", json=ask("How do I not reverse a list in Python?")
     )
     assert negated.headers["x-frugal-cache"] == "miss"
+
+
+async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
+    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """The real path: fused MiniLM embedding, ANN search, guards and the trained verifier."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    # The proxy runs numpy's BLAS on one thread (its helper threads spin on two cores): start
+    # from two so the app's own limit is what is checked.
+    before = threadpool_limits(2, user_api="blas")
+    client, services = await semantic_app(start_fake, tmp_path, aiohttp_client)
+    assert services.verifier is not None
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    before.restore_original_limits()
+    assert blas and all(pool["num_threads"] == 1 for pool in blas)
+
+    await serves_a_paraphrase_and_refuses_a_negation(client, services)
+    other_language = await client.post(
+        "/v1/chat/completions", json=ask("How do I reverse a list in Java?")
+    )
+    assert other_language.headers["x-frugal-cache"] == "miss"
     # /metrics says why: the guards refused the most similar stored question
     metrics = await (await client.get("/metrics")).text()
     refusals = {
@@ -343,49 +356,16 @@ async def test_the_cross_encoder_runs_packed_in_the_proxy(
 ) -> None:
     """``cache.cross_encoder: true``: the verifier's second stage on the packed runtime, off the
     event loop, serving a paraphrase and refusing a negation."""
-    from proxy.app import SERVICES, create_app
     from proxy.cache import verifier as verifier_module
     from proxy.cache.packed_encoder import PackedCrossEncoder
-    from proxy.settings import Settings
 
     if not (verifier_module.ARTIFACT_DIR / verifier_module.CROSS_FILE).exists():
         pytest.skip("no cross-encoder artifact")
-    engine = await start_fake("m")
-    settings = Settings.model_validate(
-        {
-            "engines": [engine_config("e", "m", [engine.url])],
-            "policies": None,
-            "data_dir": str(tmp_path / "data"),
-            "cache": {"enabled": True, "semantic": True, "cross_encoder": True},
-            "routing": {"enabled": False},
-            "logging": {"level": "warning", "format": "console"},
-        }
-    )
-    client = await aiohttp_client(create_app(settings, access_log=False))
-    assert client.server.app is not None
-    services = client.server.app[SERVICES]
+    client, services = await semantic_app(start_fake, tmp_path, aiohttp_client, cross_encoder=True)
     cache_verifier = services.verifier
     assert isinstance(cache_verifier, verifier_module.CacheVerifier)
     assert isinstance(cache_verifier.verifier.cross, PackedCrossEncoder)
-    cache = services.cache
-    assert cache is not None
-
-    def ask(text: str) -> dict[str, Any]:
-        return {**GREEDY, "messages": [{"role": "user", "content": text}]}
-
-    first = await client.post(
-        "/v1/chat/completions", json=ask("How do I reverse a list in Python?")
-    )
-    assert first.headers["x-frugal-cache"] == "miss"
-    await cache.drain()
-    same = await client.post(
-        "/v1/chat/completions", json=ask("How can I reverse a list in Python?")
-    )
-    assert same.headers["x-frugal-cache"] == "hit-semantic"
-    negated = await client.post(
-        "/v1/chat/completions", json=ask("How do I not reverse a list in Python?")
-    )
-    assert negated.headers["x-frugal-cache"] == "miss"
+    await serves_a_paraphrase_and_refuses_a_negation(client, services)
 
 
 async def test_import_warms_and_invalidate_clears_through_the_cli(
