@@ -292,7 +292,7 @@ class Scored:
     label: int
     cosine: float
     score: float
-    vetoed: bool
+    vetoed: bool  # by a guard, or a question past the encoder's window (matched exactly only)
 
 
 def encode_cached(
@@ -344,13 +344,16 @@ def score_pairs(
     started = time.time()
     scores = model.score_and_compare(candidates, threshold=threshold)[0]
     log(f"scored {len(candidates)} pairs in {time.time() - started:.0f}s")
+    # As in the proxy: a question past the encoder's window is matched exactly only.
+    whole = verifier.CacheVerifier(model).reads_whole
     scored = [
         Scored(
             source=src,
             label=label,
             cosine=c.cosine,
             score=s,
-            vetoed=bool(guards.vetoes(c.query_text, c.candidate_text)),
+            vetoed=bool(guards.vetoes(c.query_text, c.candidate_text))
+            or not (whole(c.query_text) and whole(c.candidate_text)),
         )
         for (src, _, _, label), c, s in zip(items, candidates, scores, strict=True)
     ]

@@ -100,6 +100,11 @@ class SemanticVerifier(Protocol):
 
     def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool: ...
 
+    def reads_whole(self, text: str) -> bool:
+        """Whether the embedding model reads all of ``text`` (a text past its window embeds like
+        any other with the same start: such a question is matched exactly only)."""
+        ...
+
     def select(
         self,
         query: str,
@@ -119,6 +124,9 @@ class CosineVerifier:
 
     def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
         return True
+
+    def reads_whole(self, text: str) -> bool:
+        return True  # no model of its own: the caller's embedder is trusted to read every text
 
     def select(
         self,
@@ -181,8 +189,8 @@ class CacheConfig:
     # How many nearest questions the verifier sees, and the cosine below which none is shown.
     semantic_candidates: int = 4
     semantic_floor: float = 0.7
-    # MiniLM reads only the first 256 word pieces: two long prompts that differ further on
-    # embed identically. Longer questions are matched exactly only.
+    # Longer questions are matched exactly only, without asking the verifier whether its model
+    # reads them whole (MiniLM reads 128 word pieces: far fewer than 1,000 characters of text).
     semantic_max_chars: int = 1000
 
     def ttl(self, scope: Scope) -> float:
@@ -400,11 +408,17 @@ class ResponseCache:
             self._lookups[outcome] += 1
             self.observer.on_lookup(outcome, time.perf_counter() - started)
 
+    def semantic_fits(self, text: str) -> bool:
+        """Whether a question of this text may be matched by meaning: short enough, and read
+        whole by the embedding model (else two questions after the same long context would
+        embed alike and one would be served the other's answer)."""
+        return len(text) <= self.config.semantic_max_chars and self.verifier.reads_whole(text)
+
     def _semantic_ok(self, keys: CacheKeys) -> bool:
         return (
             keys.context is not None
             and keys.query_text is not None
-            and len(keys.query_text) <= self.config.semantic_max_chars
+            and self.semantic_fits(keys.query_text)
         )
 
     @staticmethod
@@ -664,9 +678,7 @@ class ResponseCache:
         return len(self.index)
 
     def _semantic_ok_meta(self, meta: EntryMeta) -> bool:
-        return (
-            meta.query_text is not None and len(meta.query_text) <= self.config.semantic_max_chars
-        )
+        return meta.query_text is not None and self.semantic_fits(meta.query_text)
 
     async def _load_snapshot(self) -> SemanticIndex | None:
         folder = self.snapshot_dir

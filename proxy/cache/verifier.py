@@ -618,10 +618,32 @@ class CacheVerifier:
         # parsing was over half of a lookup's verifier time (the parse is pure, Parsed frozen).
         self._parsed: Recent[str, guards.Parsed] = Recent(remembered)
         self._lock = threading.Lock()
+        # Counts a text's word pieces without the encoder's cut (event loop only). A stand-in
+        # encoder without a tokenizer (tests) reads every text whole.
+        tokenizer = getattr(verifier.encoder, "tokenizer", None)
+        self._counting = None
+        if tokenizer is not None:
+            self._counting = type(tokenizer).from_str(tokenizer.to_str())
+            self._counting.no_truncation()
+            self._counting.no_padding()
+        self._whole: Recent[str, bool] = Recent(remembered)
 
     def close(self) -> None:
         """Release the encoder's threads (the proxy's shutdown)."""
         self.verifier.encoder.close()
+
+    def reads_whole(self, text: str) -> bool:
+        """Whether the encoder reads all of ``text``. It reads the first ``MAX_TOKENS`` word
+        pieces only, so a longer text embeds like every text with the same start (a long pasted
+        context followed by different questions: cosine 1.0); the cache matches those exactly
+        only. Tokenizes on the caller's thread (~10-60 µs), once per recent text."""
+        if self._counting is None or (text.isascii() and len(text) <= MAX_TOKENS - 2):
+            return True  # an ASCII character is never more than one word piece (+ [CLS], [SEP])
+        whole = self._whole.get(text)
+        if whole is None:
+            whole = len(self._counting.encode(text).ids) <= MAX_TOKENS
+            self._whole.put(text, whole)
+        return whole
 
     def remember(self, text: str, vector: Vector) -> None:
         """Keep a text's verifier vector (most recent last; the oldest is dropped when full)."""

@@ -350,6 +350,21 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
     assert refusals.get("veto_negation", 0) >= 1
     assert refusals.get("veto_entity", 0) >= 1  # "in Java" against "in Python"
 
+    # Past MiniLM's 128 word pieces two questions after the same pasted context embed alike
+    # (cosine 1.0, and the head accepts): they are matched exactly only, without an encoder pass.
+    context = "We run a Flask service behind gunicorn with a pool of ten connections. " * 8
+    batches = []
+    worker = services.embedder
+    worker._on_batch = lambda size, *_: batches.append(size)
+    first = await client.post("/v1/chat/completions", json=ask(context + "What causes the jump?"))
+    assert first.headers["x-frugal-cache"] == "miss"
+    await services.cache.drain()
+    other = await client.post("/v1/chat/completions", json=ask(context + "How big is the pool?"))
+    assert other.headers["x-frugal-cache"] == "miss"
+    again = await client.post("/v1/chat/completions", json=ask(context + "What causes the jump?"))
+    assert again.headers["x-frugal-cache"] == "hit-exact"
+    assert batches == []
+
 
 async def test_the_cross_encoder_runs_packed_in_the_proxy(
     start_fake: StartFake, tmp_path: Path, aiohttp_client: Any

@@ -212,6 +212,9 @@ class PickSecond:
     def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
         return self.prepared
 
+    def reads_whole(self, text: str) -> bool:
+        return True
+
     def select(
         self, query: str, candidates: Sequence[SemanticCandidate], *, cutoff: float | None = None
     ) -> Verdict | None:
@@ -246,6 +249,9 @@ class RefuseAll:
     def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
         return True
 
+    def reads_whole(self, text: str) -> bool:
+        return True
+
     def select(
         self, query: str, candidates: Sequence[SemanticCandidate], *, cutoff: float | None = None
     ) -> Refusal | None:
@@ -264,6 +270,34 @@ async def test_a_refusal_is_a_miss_and_its_reason_reaches_the_observer(
     # no candidate near enough: nothing was refused, nothing is counted
     assert await cache.lookup(keys_for("d"), embedding=vec(0.0, 1)) is None
     assert recorder.refusals == ["veto_order"]
+
+
+class ShortWindow(CosineVerifier):
+    """A cosine verifier whose model reads only texts of up to 10 characters whole."""
+
+    def reads_whole(self, text: str) -> bool:
+        return len(text) <= 10
+
+
+async def test_a_question_the_model_cannot_read_whole_is_matched_exactly_only(
+    cache: ResponseCache,
+) -> None:
+    cache.verifier = ShortWindow(threshold=0.9)
+    long_a, long_b = "context ... what then?", "context ... why not?"
+    assert not cache.semantic_fits(long_a) and cache.semantic_fits("short")
+    # stored with an embedding, but not indexed: it could never be a candidate
+    await cache.store_response(keys_for(long_a), answer("A"), embedding=vec(1, 0.0))
+    assert len(cache.index) == 0
+    # the same vector (its window read alike) finds nothing by meaning...
+    assert await cache.lookup(keys_for(long_b), embedding=vec(1, 0.0)) is None
+    # ...and a long query is not looked up by meaning either, even against a short entry
+    await cache.store_response(keys_for("short"), answer("S"), embedding=vec(1, 0.0))
+    assert len(cache.index) == 1
+    assert await cache.lookup(keys_for(long_b), embedding=vec(1, 0.0)) is None
+    hit = await cache.lookup(keys_for(long_a), embedding=vec(1, 0.0))
+    assert hit is not None and hit.kind == "exact"
+    # a rebuild from the store leaves it out too
+    assert await cache.rebuild_index() == 1
 
 
 async def test_a_verifier_with_its_inputs_prepared_decides_on_the_event_loop(

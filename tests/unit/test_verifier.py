@@ -301,6 +301,31 @@ def test_cache_verifier_says_why_nothing_passes() -> None:
     assert refusal == Refusal("veto_order")
 
 
+def test_cache_verifier_knows_which_texts_its_encoder_reads_whole(
+    encoder: verifier.MiniLMEncoder,
+) -> None:
+    model = verifier.Verifier(
+        encoder=encoder, head=_head([0.0, 0.0, 1.0]), threshold=0.5, cutoff=0.5
+    )
+    adapter = verifier.CacheVerifier(model)
+    context = "We run a Flask service behind gunicorn with a pool of ten connections. " * 8
+    first, second = (
+        context + "What causes the latency jump?",
+        context + "How big should the pool be?",
+    )
+    # past the window the encoder cuts both texts to the same word pieces: they embed alike
+    assert len(encoder.tokenizer.encode(context).ids) == verifier.MAX_TOKENS
+    assert not adapter.reads_whole(first) and not adapter.reads_whole(second)
+    assert adapter.reads_whole("What causes the latency jump?")
+    # under 126 characters, but each Hangul syllable is split into its letters (three pieces)
+    hangul = "한국어 " * 25
+    assert len(hangul) < verifier.MAX_TOKENS - 2
+    assert not adapter.reads_whole(hangul)
+    assert adapter.reads_whole("한국어 " * 10)
+    exactly = "a " * (verifier.MAX_TOKENS - 2)  # 126 pieces + [CLS] and [SEP]: the whole window
+    assert adapter.reads_whole(exactly.strip()) and not adapter.reads_whole(exactly + "a")
+
+
 def test_cache_verifier_reuses_remembered_vectors_and_stays_bounded() -> None:
     model, encoder = _fake_verifier()
     adapter = verifier.CacheVerifier(model, remembered=3)
