@@ -397,7 +397,9 @@ async def _embed(
     text = last_user_text(req)
     if not text:
         return None
-    if not routing and (services.cache is None or not services.cache.semantic_fits(text)):
+    if not routing and (
+        services.cache is None or not services.cache.semantic_fits(text, count=False)
+    ):
         return None  # matched exactly only: a pass over it would serve nothing
     return await services.embedder.embed(text)
 

@@ -372,19 +372,21 @@ class PackedEncoder(MiniLMEncoder):
 
         if not texts:
             empty = np.zeros((0, HIDDEN), dtype=np.float32)
-            return EncodedBatch(empty, empty, empty)
+            return EncodedBatch(empty, empty, empty, np.zeros(0, dtype=bool))
         base = np.zeros((len(texts), HIDDEN), dtype=np.float32)
         tuned = np.zeros((len(texts), HIDDEN), dtype=np.float32) if self._top_tuned else base
         shallow = np.zeros((len(texts), HIDDEN), dtype=np.float32)
+        whole = np.zeros(len(texts), dtype=bool)
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 end = min(start + batch_size, len(texts))
-                b, t, s = self._encode_packed(texts[start:end])
+                b, t, s, w = self._encode_packed(texts[start:end])
                 base[start:end] = b
                 shallow[start:end] = s
+                whole[start:end] = w
                 if self._top_tuned:
                     tuned[start:end] = t
-        return EncodedBatch(base, tuned, shallow)
+        return EncodedBatch(base, tuned, shallow, whole)
 
     def lower_states(self, texts: Sequence[str]) -> list[torch.Tensor]:
         """Each text's token states (tokens, hidden; float32) after the shared lower layers: the
@@ -394,13 +396,16 @@ class PackedEncoder(MiniLMEncoder):
         if not texts:
             return []
         with torch.inference_mode():
-            x, spans, _ = self._embedded(texts)
+            x, spans, _, _ = self._embedded(texts)
             for layer in self._lower:
                 x = layer(x, spans)
             return [x[start:end].clone() for start, end in spans]
 
-    def _embedded(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[_Span], list[int]]:
-        """The texts' packed input rows (padded to :func:`padded_rows`), spans and lengths."""
+    def _embedded(
+        self, texts: Sequence[str]
+    ) -> tuple[torch.Tensor, list[_Span], list[int], list[bool]]:
+        """The texts' packed input rows (padded to :func:`padded_rows`), spans, lengths, and
+        whether each text fit the window (False: cut at ``MAX_TOKENS`` word pieces)."""
         import torch
         import torch.nn.functional as F
 
@@ -417,10 +422,12 @@ class PackedEncoder(MiniLMEncoder):
             + e["token_type_embeddings.weight"][0]
         )
         x = F.layer_norm(x, (HIDDEN,), e["LayerNorm.weight"], e["LayerNorm.bias"], LAYER_NORM_EPS)
-        return _pad_rows(x), spans, lengths
+        return _pad_rows(x), spans, lengths, [not e.overflowing for e in encodings]
 
-    def _encode_packed(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x, spans, lengths = self._embedded(texts)
+    def _encode_packed(
+        self, texts: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[bool]]:
+        x, spans, lengths, whole = self._embedded(texts)
         pool = _mean_pool(lengths)
         shallow = None
         for index, layer in enumerate(self._lower):
@@ -439,13 +446,13 @@ class PackedEncoder(MiniLMEncoder):
                     if tuned_future.cancel():
                         # The helper got no core while this thread ran the base stack (a busy
                         # machine): run the tuned stack here instead of waiting for a core.
-                        return base, pool(_run(self._top_tuned, x, spans)), shallow
-                    return base, tuned_future.result(), shallow
+                        return base, pool(_run(self._top_tuned, x, spans)), shallow, whole
+                    return base, tuned_future.result(), shallow, whole
             finally:
                 self._helper_free.release()
         base = pool(_run(self._top_base, x, spans))
         tuned = pool(_run(self._top_tuned, x, spans)) if self._top_tuned else base
-        return base, tuned, shallow
+        return base, tuned, shallow, whole
 
 
 def _pad_rows(x: torch.Tensor) -> torch.Tensor:

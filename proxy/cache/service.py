@@ -100,9 +100,10 @@ class SemanticVerifier(Protocol):
 
     def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool: ...
 
-    def reads_whole(self, text: str) -> bool:
+    def reads_whole(self, text: str, *, count: bool = True) -> bool:
         """Whether the embedding model reads all of ``text`` (a text past its window embeds like
-        any other with the same start: such a question is matched exactly only)."""
+        any other with the same start: such a question is matched exactly only). ``count=False``
+        asks for a quick answer, without tokenizing a text the model has not reported on."""
         ...
 
     def select(
@@ -125,7 +126,7 @@ class CosineVerifier:
     def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
         return True
 
-    def reads_whole(self, text: str) -> bool:
+    def reads_whole(self, text: str, *, count: bool = True) -> bool:
         return True  # no model of its own: the caller's embedder is trusted to read every text
 
     def select(
@@ -408,11 +409,14 @@ class ResponseCache:
             self._lookups[outcome] += 1
             self.observer.on_lookup(outcome, time.perf_counter() - started)
 
-    def semantic_fits(self, text: str) -> bool:
+    def semantic_fits(self, text: str, *, count: bool = True) -> bool:
         """Whether a question of this text may be matched by meaning: short enough, and read
         whole by the embedding model (else two questions after the same long context would
-        embed alike and one would be served the other's answer)."""
-        return len(text) <= self.config.semantic_max_chars and self.verifier.reads_whole(text)
+        embed alike and one would be served the other's answer). ``count=False``: a quick
+        answer that may still say yes to a text the model turns out not to read whole."""
+        return len(text) <= self.config.semantic_max_chars and self.verifier.reads_whole(
+            text, count=count
+        )
 
     def _semantic_ok(self, keys: CacheKeys) -> bool:
         return (

@@ -302,11 +302,13 @@ def top_layer_prefix(index: int) -> str:
 class EncodedBatch:
     """One fused pass: ``base`` for the router and the ANN index, ``verifier`` for the head,
     ``shallow`` (pooled states after ``SHALLOW_LAYER``, L2-normalised) for the router's second
-    vote; ``None`` from encoders that do not compute it."""
+    vote, ``whole`` (False for a text cut at the ``MAX_TOKENS`` window); ``None`` from encoders
+    that do not compute it."""
 
     base: Vector
     verifier: Vector
     shallow: Vector | None = None
+    whole: NDArray[np.bool_] | None = None
 
 
 @dataclass(slots=True)
@@ -618,8 +620,9 @@ class CacheVerifier:
         # parsing was over half of a lookup's verifier time (the parse is pure, Parsed frozen).
         self._parsed: Recent[str, guards.Parsed] = Recent(remembered)
         self._lock = threading.Lock()
-        # Counts a text's word pieces without the encoder's cut (event loop only). A stand-in
-        # encoder without a tokenizer (tests) reads every text whole.
+        # Counts a text's word pieces without the encoder's cut, for texts the encoder has not
+        # reported on (:meth:`remember`). A stand-in encoder without a tokenizer (tests) reads
+        # every text whole.
         tokenizer = getattr(verifier.encoder, "tokenizer", None)
         self._counting = None
         if tokenizer is not None:
@@ -632,21 +635,28 @@ class CacheVerifier:
         """Release the encoder's threads (the proxy's shutdown)."""
         self.verifier.encoder.close()
 
-    def reads_whole(self, text: str) -> bool:
+    def reads_whole(self, text: str, *, count: bool = True) -> bool:
         """Whether the encoder reads all of ``text``. It reads the first ``MAX_TOKENS`` word
         pieces only, so a longer text embeds like every text with the same start (a long pasted
         context followed by different questions: cosine 1.0); the cache matches those exactly
-        only. Tokenizes on the caller's thread (~10-60 µs), once per recent text."""
+        only. A text the encoder has encoded lately is known; another is tokenized here (~50 µs
+        at 200 characters), or with ``count=False`` judged by its words alone (it may fit
+        unless it has more words than the window has pieces)."""
         if self._counting is None or (text.isascii() and len(text) <= MAX_TOKENS - 2):
             return True  # an ASCII character is never more than one word piece (+ [CLS], [SEP])
         whole = self._whole.get(text)
         if whole is None:
+            if not count:
+                return len(text.split()) + 2 <= MAX_TOKENS  # a word is at least one piece
             whole = len(self._counting.encode(text).ids) <= MAX_TOKENS
             self._whole.put(text, whole)
         return whole
 
-    def remember(self, text: str, vector: Vector) -> None:
-        """Keep a text's verifier vector (most recent last; the oldest is dropped when full)."""
+    def remember(self, text: str, vector: Vector, *, whole: bool | None = None) -> None:
+        """Keep a text's verifier vector (most recent last; the oldest is dropped when full) and,
+        when the encoder says, whether it read the text whole."""
+        if whole is not None:
+            self._whole.put(text, whole)
         with self._lock:
             self._vectors[text] = vector
             self._vectors.move_to_end(text)

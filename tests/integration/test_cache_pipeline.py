@@ -351,19 +351,20 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
     assert refusals.get("veto_entity", 0) >= 1  # "in Java" against "in Python"
 
     # Past MiniLM's 128 word pieces two questions after the same pasted context embed alike
-    # (cosine 1.0, and the head accepts): they are matched exactly only, without an encoder pass.
-    context = "We run a Flask service behind gunicorn with a pool of ten connections. " * 8
-    batches = []
-    worker = services.embedder
-    worker._on_batch = lambda size, *_: batches.append(size)
-    first = await client.post("/v1/chat/completions", json=ask(context + "What causes the jump?"))
-    assert first.headers["x-frugal-cache"] == "miss"
-    await services.cache.drain()
-    other = await client.post("/v1/chat/completions", json=ask(context + "How big is the pool?"))
-    assert other.headers["x-frugal-cache"] == "miss"
-    again = await client.post("/v1/chat/completions", json=ask(context + "What causes the jump?"))
-    assert again.headers["x-frugal-cache"] == "hit-exact"
-    assert batches == []
+    # (cosine 1.0, and the head accepts): they are matched exactly only.
+    batches: list[int] = []
+    services.embedder._on_batch = lambda size, *_: batches.append(size)
+    for copies, passes in ((8, 1), (16, 0)):  # 16 copies: more words than pieces, no pass at all
+        context = "We run a Flask service behind gunicorn with a pool of ten connections. " * copies
+        batches.clear()
+        first = await client.post("/v1/chat/completions", json=ask(context + "What's the cause?"))
+        assert first.headers["x-frugal-cache"] == "miss"
+        await services.cache.drain()
+        other = await client.post("/v1/chat/completions", json=ask(context + "How big a pool?"))
+        assert other.headers["x-frugal-cache"] == "miss"
+        again = await client.post("/v1/chat/completions", json=ask(context + "What's the cause?"))
+        assert again.headers["x-frugal-cache"] == "hit-exact"
+        assert len(batches) == 2 * passes  # the two questions; the exact hit needs none
 
 
 async def test_the_cross_encoder_runs_packed_in_the_proxy(

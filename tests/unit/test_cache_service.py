@@ -212,7 +212,7 @@ class PickSecond:
     def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
         return self.prepared
 
-    def reads_whole(self, text: str) -> bool:
+    def reads_whole(self, text: str, *, count: bool = True) -> bool:
         return True
 
     def select(
@@ -249,7 +249,7 @@ class RefuseAll:
     def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
         return True
 
-    def reads_whole(self, text: str) -> bool:
+    def reads_whole(self, text: str, *, count: bool = True) -> bool:
         return True
 
     def select(
@@ -275,7 +275,7 @@ async def test_a_refusal_is_a_miss_and_its_reason_reaches_the_observer(
 class ShortWindow(CosineVerifier):
     """A cosine verifier whose model reads only texts of up to 10 characters whole."""
 
-    def reads_whole(self, text: str) -> bool:
+    def reads_whole(self, text: str, *, count: bool = True) -> bool:
         return len(text) <= 10
 
 

@@ -109,6 +109,16 @@ def test_threads_may_encode_at_once(reference: verifier.MiniLMEncoder, precision
         np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+def test_the_pass_says_which_texts_it_cut_at_its_window(reference: verifier.MiniLMEncoder) -> None:
+    from proxy.cache.packed_encoder import PackedEncoder
+
+    packed = PackedEncoder(reference, precision="float32")
+    long = "We run a Flask service behind gunicorn with a pool of ten connections. " * 8
+    batch = packed.encode([TEXTS[0], long + "Why?", long[:400]])
+    assert batch.whole is not None and batch.whole.tolist() == [True, False, True]
+    assert packed.encode([long]).whole.tolist() == [False]  # type: ignore[union-attr]
+
+
 def test_tuned_layers_that_are_not_the_top_are_refused(reference: verifier.MiniLMEncoder) -> None:
     from proxy.cache.packed_encoder import PackedEncoder
 

@@ -326,6 +326,28 @@ def test_cache_verifier_knows_which_texts_its_encoder_reads_whole(
     assert adapter.reads_whole(exactly.strip()) and not adapter.reads_whole(exactly + "a")
 
 
+class NoCounting:
+    def encode(self, text: str) -> object:
+        raise AssertionError("tokenized a text the encoder had reported on")
+
+
+def test_cache_verifier_takes_the_encoders_word_on_a_text_and_guesses_quickly_without_it(
+    encoder: verifier.MiniLMEncoder,
+) -> None:
+    model = verifier.Verifier(
+        encoder=encoder, head=_head([0.0, 0.0, 1.0]), threshold=0.5, cutoff=0.5
+    )
+    adapter = verifier.CacheVerifier(model)
+    cut, fits = "word " * 200, "é " * 60
+    adapter._counting = NoCounting()
+    adapter.remember(cut, np.zeros(verifier.HIDDEN, dtype=np.float32), whole=False)
+    adapter.remember(fits, np.zeros(verifier.HIDDEN, dtype=np.float32), whole=True)
+    assert not adapter.reads_whole(cut) and adapter.reads_whole(fits)
+    # a quick answer on texts it has not seen: by their words, no tokenizing
+    assert not adapter.reads_whole("word " * 127, count=False)
+    assert adapter.reads_whole("한국어 " * 25, count=False)  # may fit: the pass will say
+
+
 def test_cache_verifier_reuses_remembered_vectors_and_stays_bounded() -> None:
     model, encoder = _fake_verifier()
     adapter = verifier.CacheVerifier(model, remembered=3)
