@@ -6,10 +6,11 @@
 Each variant is ``name=REPO:THREADS[:PRECISION]``: a proxy started from that source tree (``python
 -m proxy serve`` with ``PYTHONPATH=REPO``) with ``embeddings.threads: THREADS`` (and
 ``embeddings.precision: PRECISION``, e.g. ``int8``, when given), all in front of one
-zero-delay fake engine. The originals of ../shared/data/cache_paraphrases_mock.json.gz are sent
-(misses: stored), then their paraphrases (semantic lookups), each text to every proxy in rotating
-order. With ``--c64 ROUNDS``, new texts (semantic lookups, as in bench_cache_speed's c=64 phase)
-are then sent at concurrency 64 in rounds of 128 per variant, the variants taking turns. Each
+zero-delay fake engine. The originals of ../shared/data/cache_paraphrases_mock.json.gz (those
+the proxy looks up by meaning: bench_cache_speed.semantic_pairs) are sent (misses: stored), then
+their paraphrases (semantic lookups), each text to every proxy in rotating order. With ``--c64
+ROUNDS``, new texts (semantic lookups, as in bench_cache_speed's c=64 phase) are then sent at
+concurrency 64 in rounds of 128 per variant, the variants taking turns. Each
 phase reports every proxy's CPU time per request (from ``/proc``), which depends far less on the
 machine's load than wall-clock figures. On a shared, busy machine the variants then see the same
 load, which back-to-back runs of scripts/bench_cache_speed.py do not: use this for A/B latency
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
-import json
 import os
 import subprocess
 import sys
@@ -37,10 +36,10 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_cache_speed import (  # noqa: E402
     CONFIG,
-    DATA,
     body,
     cpu_seconds,
     free_port,
+    semantic_pairs,
     stop,
     timed_posts,
     wait_ready,
@@ -75,10 +74,7 @@ def launch_fake_engine(port: int, work: Path) -> subprocess.Popen[bytes]:
 async def run(
     variants: list[tuple[str, Path, int, str | None]], pairs: int, c64_rounds: int = 0
 ) -> str:
-    with gzip.open(DATA, "rt") as f:
-        rows = json.load(f)
-    chosen = [(r["origin"], r["similar"]) for r in rows if r.get("origin") and r.get("similar")]
-    chosen = chosen[:pairs]
+    chosen, _ = semantic_pairs(pairs)
     work = Path(tempfile.mkdtemp(prefix="frugal-cache-ab-"))
     engine_port = free_port()
     procs = [launch_fake_engine(engine_port, work)]
