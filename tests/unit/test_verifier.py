@@ -301,13 +301,18 @@ def test_cache_verifier_says_why_nothing_passes() -> None:
     assert refusal == Refusal("veto_order")
 
 
+def _window_adapter(encoder: verifier.MiniLMEncoder) -> verifier.CacheVerifier:
+    """A cache verifier over the real encoder (its tokenizer is what the window check reads)."""
+    head = _head([0.0, 0.0, 1.0])
+    return verifier.CacheVerifier(
+        verifier.Verifier(encoder=encoder, head=head, threshold=0.5, cutoff=0.5)
+    )
+
+
 def test_cache_verifier_knows_which_texts_its_encoder_reads_whole(
     encoder: verifier.MiniLMEncoder,
 ) -> None:
-    model = verifier.Verifier(
-        encoder=encoder, head=_head([0.0, 0.0, 1.0]), threshold=0.5, cutoff=0.5
-    )
-    adapter = verifier.CacheVerifier(model)
+    adapter = _window_adapter(encoder)
     context = "We run a Flask service behind gunicorn with a pool of ten connections. " * 8
     first, second = (
         context + "What causes the latency jump?",
@@ -334,10 +339,7 @@ class NoCounting:
 def test_cache_verifier_takes_the_encoders_word_on_a_text_and_guesses_quickly_without_it(
     encoder: verifier.MiniLMEncoder,
 ) -> None:
-    model = verifier.Verifier(
-        encoder=encoder, head=_head([0.0, 0.0, 1.0]), threshold=0.5, cutoff=0.5
-    )
-    adapter = verifier.CacheVerifier(model)
+    adapter = _window_adapter(encoder)
     cut, fits = "word " * 200, "é " * 60
     adapter._counting = NoCounting()
     adapter.remember(cut, np.zeros(verifier.HIDDEN, dtype=np.float32), whole=False)
