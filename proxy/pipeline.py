@@ -568,6 +568,11 @@ async def _lookup(
     services.metrics.cache_lookup(kind="exact", scope=plan.scope.value, hit=False)
     if plan.semantic and embedding is not None:
         services.metrics.cache_lookup(kind="semantic", scope=plan.scope.value, hit=False)
+    if plan.semantic and services.embedder is not None and plan.lookups:
+        text = plan.lookups[0].query_text
+        reason = cache.exact_only_reason(text) if text is not None else None
+        if reason is not None:
+            services.metrics.cache_exact_only(reason)
     return None
 
 

@@ -414,9 +414,17 @@ class ResponseCache:
         whole by the embedding model (else two questions after the same long context would
         embed alike and one would be served the other's answer). ``count=False``: a quick
         answer that may still say yes to a text the model turns out not to read whole."""
-        return len(text) <= self.config.semantic_max_chars and self.verifier.reads_whole(
-            text, count=count
-        )
+        return self.exact_only_reason(text, count=count) is None
+
+    def exact_only_reason(self, text: str, *, count: bool = True) -> str | None:
+        """Why a question of this text is matched exactly only (``too_long``: over
+        ``semantic_max_chars``; ``past_window``: the embedding model does not read it whole),
+        or None when it may be matched by meaning."""
+        if len(text) > self.config.semantic_max_chars:
+            return "too_long"
+        if not self.verifier.reads_whole(text, count=count):
+            return "past_window"
+        return None
 
     def _semantic_ok(self, keys: CacheKeys) -> bool:
         return (

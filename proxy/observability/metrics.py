@@ -188,6 +188,13 @@ class Metrics:
             "was refused (below_threshold, veto_<guard>, verifier_reject).",
             ["reason"],
         )
+        self.exact_only_counts = CounterFamily(
+            "frugal_cache_exact_only",
+            "Exact-key misses whose question could not be matched by meaning though the tier "
+            "allows it: too_long (over the length limit) or past_window (longer than the "
+            "embedding model reads).",
+            ["reason"],
+        )
 
         # Routing, admission, queues.
         self.route_decisions = CounterFamily(
@@ -300,6 +307,7 @@ class Metrics:
                     self.cache_similarity,
                     self.cache_errors,
                     self.cache_refusals,
+                    self.exact_only_counts,
                     self.route_decisions,
                     self.queue_wait_hist,
                     self.admission_rejections,
@@ -406,6 +414,10 @@ class Metrics:
     def cache_refusal(self, reason: str) -> None:
         """A semantic lookup refused all its candidates (``reason``: the most similar one's)."""
         self.cache_refusals.labels(reason).inc()
+
+    def cache_exact_only(self, reason: str) -> None:
+        """An exact-key miss matched exactly only (see ``ResponseCache.exact_only_reason``)."""
+        self.exact_only_counts.labels(reason).inc()
 
     def route_decision(self, *, tier: str, engine: str, reason: str) -> None:
         self.route_decisions.labels(tier, engine, reason).inc()

@@ -354,8 +354,13 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
     # (cosine 1.0, and the head accepts): they are matched exactly only.
     batches: list[int] = []
     services.embedder._on_batch = lambda size, *_: batches.append(size)
-    for copies, passes in ((8, 1), (16, 0)):  # 16 copies: more words than pieces, no pass at all
-        context = "We run a Flask service behind gunicorn with a pool of ten connections. " * copies
+    flask = "We run a Flask service behind gunicorn with a pool of ten connections. "
+    cases = (
+        (flask * 8, 1),  # 576 characters: only the pass can tell it is cut
+        ("Check these flags: " + "ok " * 140, 0),  # more words than pieces: no pass
+        (flask * 16, 0),  # over the 1,000-character limit: no pass
+    )
+    for context, passes in cases:
         batches.clear()
         first = await client.post("/v1/chat/completions", json=ask(context + "What's the cause?"))
         assert first.headers["x-frugal-cache"] == "miss"
@@ -365,6 +370,10 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
         again = await client.post("/v1/chat/completions", json=ask(context + "What's the cause?"))
         assert again.headers["x-frugal-cache"] == "hit-exact"
         assert len(batches) == 2 * passes  # the two questions; the exact hit needs none
+    # /metrics says why those misses were matched exactly only
+    metrics = (await (await client.get("/metrics")).text()).splitlines()
+    assert 'frugal_cache_exact_only_total{reason="past_window"} 4.0' in metrics
+    assert 'frugal_cache_exact_only_total{reason="too_long"} 2.0' in metrics
 
 
 async def test_the_cross_encoder_runs_packed_in_the_proxy(

@@ -285,6 +285,9 @@ async def test_a_question_the_model_cannot_read_whole_is_matched_exactly_only(
     cache.verifier = ShortWindow(threshold=0.9)
     long_a, long_b = "context ... what then?", "context ... why not?"
     assert not cache.semantic_fits(long_a) and cache.semantic_fits("short")
+    assert cache.exact_only_reason(long_a) == "past_window"
+    assert cache.exact_only_reason("x" * (cache.config.semantic_max_chars + 1)) == "too_long"
+    assert cache.exact_only_reason("short") is None
     # stored with an embedding, but not indexed: it could never be a candidate
     await cache.store_response(keys_for(long_a), answer("A"), embedding=vec(1, 0.0))
     assert len(cache.index) == 0
