@@ -177,6 +177,43 @@ DIRECTIONAL: Mapping[str, str] = MappingProxyType(
 NEGATING_PREFIXES = ("un", "non", "in", "im", "il", "ir", "dis")
 _MIN_PREFIXED_STEM = 3
 
+# How the answer should look, apart from what it is about: "explain TCP" and "explain TCP in
+# detail" ask the same thing but want different answers (so do "... as JSON" / "... as CSV", and
+# "... step by step"). Narrow phrases of instruction, not topic words: "table" or "sentence" alone
+# are often what the question is about.
+_LANGUAGES = (
+    "english|spanish|french|german|italian|portuguese|chinese|mandarin|japanese|korean|russian|"
+    "arabic|hindi|dutch|turkish|polish|swedish|greek|hebrew|vietnamese|thai|indonesian"
+)
+_FEW = r"(?:one|two|three|four|five|a few|few|\d+)"
+INSTRUCTIONS: Mapping[str, re.Pattern[str]] = MappingProxyType(
+    {
+        "brief": re.compile(
+            r"\b(?:briefly|in brief|in short|concisely|be concise|tl;?dr|one[- ]word|one[- ]line"
+            rf"|{_FEW}[- ]sentences?|in {_FEW} (?:words?|sentences?|lines?|paragraphs?))\b"
+        ),
+        "detailed": re.compile(r"\b(?:in (?:great |more |full )?detail|in[- ]depth|thoroughly)\b"),
+        "examples": re.compile(r"\b(?:with (?:an |some |a few )?(?:code )?examples?)\b"),
+        "steps": re.compile(r"\bstep[- ]by[- ]step\b"),
+        "code_only": re.compile(
+            r"\b(?:code only|only (?:the )?code|just the code|(?:no|without) explanations?)\b"
+        ),
+    }
+)
+# All of them in one pattern: one scan of the text (a group per name).
+_INSTRUCTION = re.compile(
+    "|".join(f"(?P<{name}>{pattern.pattern})" for name, pattern in INSTRUCTIONS.items())
+)
+# A named output format anywhere ("as JSON", "JSON: ...", "return CSV"), or a list/table asked for.
+_FORMAT = re.compile(
+    r"\b(json|yaml|xml|csv|markdown|bullet(?:ed)? (?:points?|list)|numbered list"
+    r"|(?:as|in) (?:a )?table)\b"
+)
+_REPLY_LANGUAGE = re.compile(
+    rf"\b(?:reply|answer|respond|write(?: it)?|explain(?: it)?|say it|output)(?: only)? in "
+    rf"({_LANGUAGES})\b"
+)
+
 # Capitalised words that are not names (sentence-initial question words, pronouns).
 NOT_ENTITIES = frozenset(
     {
@@ -316,6 +353,8 @@ class Parsed:
     entities: frozenset[str]
     content: frozenset[str]
     slots: frozenset[tuple[int, int]]  # (opposite group, alternative) pairs the words fill
+    instructions: frozenset[str] = frozenset()  # how the answer should look (see INSTRUCTIONS)
+    instruction_words: frozenset[str] = frozenset()  # the words those phrases use
 
 
 def _normalise(text: str) -> str:
@@ -351,7 +390,38 @@ def parse(text: str) -> Parsed:
     entities |= {m.group(0).strip("`").lower() for m in _CODE_TOKEN.finditer(norm)}
     content = frozenset(w for w in words if w not in STOPWORDS)
     slots = frozenset(slot for w in set(words) for slot in _SLOTS.get(w, ()))
-    return Parsed(words, negated, frozenset(numbers), frozenset(entities), content, slots)
+    instructions, instruction_words = _instructions(lower)
+    return Parsed(
+        words,
+        negated,
+        frozenset(numbers),
+        frozenset(entities),
+        content,
+        slots,
+        instructions,
+        instruction_words,
+    )
+
+
+def _instructions(lower: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The answer-shaping instructions in a lower-cased text, and the words they use."""
+    found: set[str] = set()
+    used: set[str] = set()
+    matches = [(m.lastgroup or "", m) for m in _INSTRUCTION.finditer(lower)]
+    matches += [(f"format:{m.group(1).split()[-1]}", m) for m in _FORMAT.finditer(lower)]
+    matches += [(f"language:{m.group(1)}", m) for m in _REPLY_LANGUAGE.finditer(lower)]
+    for name, match in matches:
+        found.add(name)
+        used.update(_WORD.findall(match.group(0)))
+    return frozenset(found), frozenset(used)
+
+
+def different_instructions(a: Parsed, b: Parsed, min_overlap: float = VETO_MIN_OVERLAP) -> bool:
+    """True if the texts ask for differently shaped answers (briefly / in detail / as JSON /
+    step by step / in Spanish ...) and are a minimal pair once those words are set aside."""
+    if a.instructions == b.instructions:
+        return False
+    return _overlap(a, b, a.instruction_words | b.instruction_words) >= min_overlap
 
 
 def _opposite_swap(a: Parsed, b: Parsed) -> bool:
@@ -447,8 +517,9 @@ def compare(a: Parsed, b: Parsed, min_overlap: float = VETO_MIN_OVERLAP) -> Comp
     Negation, number, entity and negating-prefix vetoes fire only on minimal pairs
     (:func:`rest_overlap` at least ``min_overlap``): on loosely worded paraphrases these details
     differ too often for a hard rule, and the verifier head weighs them instead. An opposite swap
-    and a reversed order (:func:`reversed_order`: the same words) veto on their own. The order and
-    prefix vetoes add no head feature: the head was fitted without them.
+    and a reversed order (:func:`reversed_order`: the same words) veto on their own; different
+    answer instructions (:func:`different_instructions`) on a minimal pair. The order, prefix and
+    instruction vetoes add no head feature: the head was fitted without them.
     """
     negation = a.negated != b.negated
     number_mismatch = bool(a.numbers and b.numbers and a.numbers != b.numbers)
@@ -487,6 +558,8 @@ def compare(a: Parsed, b: Parsed, min_overlap: float = VETO_MIN_OVERLAP) -> Comp
     # A minimal pair once the two words are set aside ("is it safe to swim" / "... unsafe ...").
     if prefixed is not None and _overlap(a, b, frozenset(prefixed)) >= min_overlap:
         found.append("prefix")
+    if different_instructions(a, b, min_overlap):
+        found.append("instruction")
     return Comparison(features, tuple(found))
 
 

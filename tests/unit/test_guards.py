@@ -42,6 +42,21 @@ questions = st.sampled_from(
         ("Is this mushroom safe to eat?", "Is this mushroom unsafe to eat?", "prefix"),
         ("How do I install Node on Windows?", "How do I uninstall Node on Windows?", "prefix"),
         ("Is it possible to undo a merge?", "Is it impossible to undo a merge?", "prefix"),
+        ("Explain how TCP works.", "Explain how TCP works in detail.", "instruction"),
+        ("Explain how TCP works briefly", "Explain how TCP works in great detail", "instruction"),
+        ("How do I set up a VPN?", "How do I set up a VPN, step by step?", "instruction"),
+        (
+            "List the planets of the solar system",
+            "List the planets of the solar system as JSON",
+            "instruction",
+        ),
+        ("What does HTTP 418 mean?", "What does HTTP 418 mean? Reply in Spanish.", "instruction"),
+        ("Return the users table as CSV", "Return the users table as JSON", "instruction"),
+        (
+            "Explain closures in JavaScript",
+            "Explain closures in JavaScript with examples",
+            "instruction",
+        ),
     ],
 )
 def test_vetoes_fire_on_minimal_pairs(query: str, candidate: str, veto: str) -> None:
@@ -73,6 +88,23 @@ def test_vetoes_fire_on_minimal_pairs(query: str, candidate: str, veto: str) -> 
 )
 def test_no_veto_on_paraphrases(query: str, candidate: str) -> None:
     assert guards.vetoes(query, candidate) == ()
+
+
+@pytest.mark.parametrize(
+    ("query", "candidate"),
+    [
+        # the same instruction in other words
+        ("Explain RSA in two sentences", "two-sentence explanation of RSA"),
+        ("JSON: return fields id and url only", "Return only id and url as JSON"),
+        ("Describe photosynthesis in detail", "Give an in-depth description of photosynthesis"),
+        # words of instructions used as the topic, not as an instruction
+        ("Should I use who or whom in this sentence?", "How can we use who or whom in a sentence?"),
+        ("How do I make a table in Word?", "How can I insert a table in Word?"),
+        ("What is the longest word in English?", "What's the longest English word?"),
+    ],
+)
+def test_answer_instructions_in_other_words_do_not_veto(query: str, candidate: str) -> None:
+    assert "instruction" not in guards.vetoes(query, candidate)
 
 
 def test_numbers_are_canonical() -> None:
