@@ -189,8 +189,8 @@ _FEW = r"(?:one|two|three|four|five|a few|few|\d+)"
 INSTRUCTIONS: Mapping[str, re.Pattern[str]] = MappingProxyType(
     {
         "brief": re.compile(
-            r"\b(?:briefly|in brief|in short|concisely|be concise|tl;?dr|one[- ]word|one[- ]line"
-            rf"|{_FEW}[- ]sentences?|in {_FEW} (?:words?|sentences?|lines?|paragraphs?))\b"
+            r"\b(?:briefly|in brief|in short|concisely|be concise|tl;?dr|one-word"
+            rf"|{_FEW}-sentence|in {_FEW} (?:words?|sentences?|lines?|paragraphs?))\b"
         ),
         "detailed": re.compile(r"\b(?:in (?:great |more |full )?detail|in[- ]depth|thoroughly)\b"),
         "examples": re.compile(r"\b(?:with (?:an |some |a few )?(?:code )?examples?)\b"),

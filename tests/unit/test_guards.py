@@ -101,6 +101,8 @@ def test_no_veto_on_paraphrases(query: str, candidate: str) -> None:
         ("Should I use who or whom in this sentence?", "How can we use who or whom in a sentence?"),
         ("How do I make a table in Word?", "How can I insert a table in Word?"),
         ("What is the longest word in English?", "What's the longest English word?"),
+        ("Are these two sentences grammatically correct?", "Are these sentences grammatical?"),
+        ("python one line if statement", "python if statement on one line"),
     ],
 )
 def test_answer_instructions_in_other_words_do_not_veto(query: str, candidate: str) -> None:
