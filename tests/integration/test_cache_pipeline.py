@@ -340,6 +340,10 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
         "/v1/chat/completions", json=ask("How do I reverse a list in Java?")
     )
     assert other_language.headers["x-frugal-cache"] == "miss"
+    shaped = await client.post(
+        "/v1/chat/completions", json=ask("How do I reverse a list in Python, step by step?")
+    )
+    assert shaped.headers["x-frugal-cache"] == "miss"
     # /metrics says why: the guards refused the most similar stored question
     metrics = await (await client.get("/metrics")).text()
     refusals = {
@@ -349,6 +353,7 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
     }
     assert refusals.get("veto_negation", 0) >= 1
     assert refusals.get("veto_entity", 0) >= 1  # "in Java" against "in Python"
+    assert refusals.get("veto_instruction", 0) >= 1  # "step by step" asks for another answer
 
     # Past MiniLM's 128 word pieces two questions after the same pasted context embed alike
     # (cosine 1.0, and the head accepts): they are matched exactly only.
