@@ -138,6 +138,20 @@ _OPPOSITES = (
     "username | password",
     "upgrade upgrading | downgrade downgrading",
     "create creating | drop dropping | delete deleting remove removing",
+    # Added after probing pairs of other kinds ("why is my code slow" / "... fast" was served);
+    # none of these vetoes a pair labelled the same question in the dev file.
+    "slow slower | fast faster quick quicker",
+    "uppercase upper | lowercase lower",
+    "cheap cheaper | expensive",
+    "hot hotter | cold colder",
+    "big bigger large larger | small smaller",
+    "long longer | short shorter",
+    "high higher | low lower",
+    "more | less fewer",
+    "open opening | close closing",
+    "win winning | lose losing",
+    "add adding | remove removing",
+    "left | right",
 )
 OPPOSITE_GROUPS: tuple[tuple[frozenset[str], ...], ...] = tuple(
     tuple(frozenset(alt.split()) for alt in line.split("|")) for line in _OPPOSITES
