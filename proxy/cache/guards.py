@@ -152,6 +152,26 @@ _OPPOSITES = (
     "win winning | lose losing",
     "add adding | remove removing",
     "left | right",
+    # Technical alternatives. The dev pairs hardly ask about them: kept where none is a pair
+    # labelled the same question there (date / time and get / post were, and are left out).
+    "push pushing | pull pulling",
+    "key keys | value values",
+    "hard harder | soft softer",
+    "hard harder difficult | easy easier",
+    "input inputs | output outputs",
+    "client clients | server servers",
+    "frontend | backend",
+    "public | private",
+    "local locally | remote remotely",
+    "absolute | relative",
+    "sync synchronous synchronously | async asynchronous asynchronously",
+    "static | dynamic",
+    "inner | outer",
+    "row rows | column columns",
+    "stack stacks | queue queues | heap heaps",
+    "tcp | udp",
+    "ipv4 | ipv6",
+    "merge merging | rebase rebasing",
 )
 OPPOSITE_GROUPS: tuple[tuple[frozenset[str], ...], ...] = tuple(
     tuple(frozenset(alt.split()) for alt in line.split("|")) for line in _OPPOSITES
@@ -355,6 +375,9 @@ _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _CAPITALISED = re.compile(r"(?<![\w'])([A-Z][\w+#.-]*[\w+#]|[A-Z])")
 _CODE_TOKEN = re.compile(r"\b[a-zA-Z]\w*(?:[._][a-zA-Z]\w*)+\b|\b[a-z]+[A-Z]\w*\b|`[^`]+`")
+# An operator standing alone ("==" / "===", "->" / "=>", "~" / "%"): the word pattern drops it.
+_OPERATOR = re.compile(r"(?<![\w=!<>&|^~%*+/-])([=!<>&|^~%*+/-]{1,3})(?![\w=!<>&|^~%*+/-])")
+_NOT_OPERATORS = frozenset({"-", "/", "--", "*", "+"})  # mostly punctuation or emphasis in prose
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +392,7 @@ class Parsed:
     slots: frozenset[tuple[int, int]]  # (opposite group, alternative) pairs the words fill
     instructions: frozenset[str] = frozenset()  # how the answer should look (see INSTRUCTIONS)
     instruction_words: frozenset[str] = frozenset()  # the words those phrases use
+    operators: frozenset[str] = frozenset()  # operators standing alone ("==", "=>", "%")
 
 
 def _normalise(text: str) -> str:
@@ -414,6 +438,7 @@ def parse(text: str) -> Parsed:
         slots,
         instructions,
         instruction_words,
+        frozenset(o for o in _OPERATOR.findall(norm) if o not in _NOT_OPERATORS),
     )
 
 
@@ -532,8 +557,9 @@ def compare(a: Parsed, b: Parsed, min_overlap: float = VETO_MIN_OVERLAP) -> Comp
     (:func:`rest_overlap` at least ``min_overlap``): on loosely worded paraphrases these details
     differ too often for a hard rule, and the verifier head weighs them instead. An opposite swap
     and a reversed order (:func:`reversed_order`: the same words) veto on their own; different
-    answer instructions (:func:`different_instructions`) on a minimal pair. The order, prefix and
-    instruction vetoes add no head feature: the head was fitted without them.
+    answer instructions (:func:`different_instructions`) and different operators ("==" / "===")
+    on a minimal pair. The order, prefix, instruction and operator vetoes add no head feature: the
+    head was fitted without them.
     """
     negation = a.negated != b.negated
     number_mismatch = bool(a.numbers and b.numbers and a.numbers != b.numbers)
@@ -564,6 +590,8 @@ def compare(a: Parsed, b: Parsed, min_overlap: float = VETO_MIN_OVERLAP) -> Comp
         found.append("number")
     if minimal and both_unique:
         found.append("entity")
+    if minimal and a.operators and b.operators and a.operators != b.operators:
+        found.append("operator")
     if opposite:
         found.append("opposite")
     if reversed_order(a, b):

@@ -39,6 +39,19 @@ questions = st.sampled_from(
         ("Why is my code slow?", "Why is my code fast?", "opposite"),
         ("How do I uppercase a string in Go?", "How do I lowercase a string in Go?", "opposite"),
         ("How can I sleep more?", "How can I sleep less?", "opposite"),
+        ("How do I push to a remote branch?", "How do I pull from a remote branch?", "opposite"),
+        ("What does git reset --hard do?", "What does git reset --soft do?", "opposite"),
+        (
+            "How to check if a key exists in a map",
+            "How to check if a value exists in a map",
+            "opposite",
+        ),
+        (
+            "What's the difference between == and === in JS?",
+            "What's the difference between = and == in JS?",
+            "operator",
+        ),
+        ("What does ~ mean in C++?", "What does % mean in C++?", "operator"),
         ("Convert Celsius to Kelvin", "Convert Kelvin to Celsius", "order"),
         ("Is Rust faster than Go?", "Is Go faster than Rust?", "order"),
         ("copy files from a server to my pc", "copy files from my pc to a server", "order"),
@@ -110,6 +123,11 @@ def test_no_veto_on_paraphrases(query: str, candidate: str) -> None:
 )
 def test_answer_instructions_in_other_words_do_not_veto(query: str, candidate: str) -> None:
     assert "instruction" not in guards.vetoes(query, candidate)
+
+
+def test_punctuation_is_not_an_operator() -> None:
+    assert guards.vetoes("Python - how to reverse a list", "Python: how to reverse a list") == ()
+    assert guards.parse("x += 1 if a != b, 2 * 3").operators == frozenset({"+=", "!="})
 
 
 def test_numbers_are_canonical() -> None:
