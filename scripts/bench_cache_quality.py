@@ -285,6 +285,126 @@ HANDWRITTEN_BLIND_2: tuple[tuple[str, str, int], ...] = (
     ("What time zone is Tokyo in?", "What time is it in Tokyo?", 0),
 )
 
+# Probes of kinds the dev file hardly has (chat instructions, everyday and technical near-misses,
+# and paraphrases of those kinds), written on 2026-11-29 while adding the instruction and operator
+# vetoes and the new opposite groups: the near-misses before those changes, the paraphrases after
+# (a check that the new guards cost no right hit). Not blind to those guards.
+HANDWRITTEN_PROBES: tuple[tuple[str, str, int], ...] = (
+    ("How do I reverse a list in Python?", "¿Cómo invierto una lista en Python?", 0),
+    ("What is the capital of France?", "Quelle est la capitale de la France ?", 0),
+    ("What is the capital of France?", "What is the capital of France? Answer in one word.", 0),
+    ("Explain how TCP works.", "Explain how TCP works in one sentence.", 0),
+    ("Explain how TCP works.", "Explain how TCP works in detail, with examples.", 0),
+    ("Write a haiku about autumn.", "Write a haiku about autumn in French.", 0),
+    ("Summarize the plot of Hamlet.", "Summarize the plot of Hamlet in 3 bullet points.", 0),
+    ("Translate 'good morning' to Spanish.", "Translate 'good morning' to German.", 0),
+    ("What is 2+2?", "What is 2+3?", 0),
+    ("List the planets of the solar system.", "List the planets of the solar system in JSON.", 0),
+    (
+        "How do I sort a dict by value in Python?",
+        "How do I sort a dict by value in Python? Reply in Spanish.",
+        0,
+    ),
+    ("What's the weather in Paris today?", "What's the weather in Paris tomorrow?", 0),
+    ("What happened in the stock market yesterday?", "What happened in the stock market today?", 0),
+    (
+        "How do I get the first element of a list in Python?",
+        "How do I get the last element of a list in Python?",
+        0,
+    ),
+    (
+        "What is the maximum value of an int in Java?",
+        "What is the minimum value of an int in Java?",
+        0,
+    ),
+    (
+        "How do I remove duplicates from a list in Python?",
+        "How do I find duplicates in a list in Python?",
+        0,
+    ),
+    (
+        "How do I convert a string to an int in Python?",
+        "How do I convert an int to a string in Python?",
+        0,
+    ),
+    ("What are the advantages of remote work?", "What are the disadvantages of remote work?", 0),
+    ("How do I lose weight fast?", "How do I gain weight fast?", 0),
+    ("Who was the first president of the USA?", "Who was the second president of the USA?", 0),
+    ("How do I merge two dicts in Python 3?", "How do I merge two dicts in Python 2?", 0),
+    (
+        "How do I read a file line by line in Python?",
+        "How do I write a file line by line in Python?",
+        0,
+    ),
+    ("Best laptop for programming under $1000", "Best laptop for gaming under $1000", 0),
+    ("How to center a div horizontally?", "How to center a div vertically?", 0),
+    (
+        "What is the time complexity of quicksort in the worst case?",
+        "What is the time complexity of quicksort in the average case?",
+        0,
+    ),
+    ("How do I uppercase a string in JavaScript?", "How do I lowercase a string in JavaScript?", 0),
+    ("Why is my code slow?", "Why is my code fast?", 0),
+    (
+        "What is the difference between a list and a tuple?",
+        "What is the difference between a tuple and a list?",
+        1,
+    ),
+    ("How do I install Docker on Ubuntu?", "How do I install Docker on Ubuntu 22.04?", 0),
+    ("What does git reset --hard do?", "What does git reset --soft do?", 0),
+    (
+        "What's the difference between == and === in JavaScript?",
+        "What's the difference between = and == in JavaScript?",
+        0,
+    ),
+    (
+        "How do I check if a key exists in a dict in Python?",
+        "How do I check if a value exists in a dict in Python?",
+        0,
+    ),
+    ("How do I get the current date in Python?", "How do I get the current time in Python?", 0),
+    ("How to exit vim?", "How to exit nano?", 0),
+    ("How many calories are in an apple?", "How many calories are in a banana?", 0),
+    (
+        "What is the time complexity of O(n log n) sorting?",
+        "What is the time complexity of O(n^2) sorting?",
+        0,
+    ),
+    ("How do I make an http request in node?", "How do I make an http request in deno?", 0),
+    ("How to kill a process on port 3000?", "How to find a process on port 3000?", 0),
+    ("What does the -r flag do in rm?", "What does the -f flag do in rm?", 0),
+    ("How do I center text in css?", "How do I justify text in css?", 0),
+    ("Is it safe to eat raw eggs?", "Is it safe to eat raw chicken?", 0),
+    ("how to compile c code with gcc", "how to compile c++ code with g++", 0),
+    ("What is the capital of australia?", "What is the capital of austria?", 0),
+    ("convert png to jpg", "convert jpg to png", 0),
+    ("How do I push to a remote branch?", "How do I pull from a remote branch?", 0),
+    ("How do I push my changes to GitHub?", "how can i push my code to github", 1),
+    (
+        "Explain how a hash map works in detail.",
+        "Give a detailed explanation of how hash maps work, in detail.",
+        1,
+    ),
+    ("What is the fastest way to learn Python?", "How can I learn Python fast?", 1),
+    ("How do I make my website load faster?", "How can I speed up my website's loading time?", 1),
+    ("Is it hard to learn Rust?", "Is Rust difficult to learn?", 1),
+    ("How do I connect to a remote server with SSH?", "How to SSH into a remote server?", 1),
+    ("What's the difference between TCP and UDP?", "TCP vs UDP: what's the difference?", 1),
+    ("How do I convert a list to a set in Python?", "python: list to set conversion", 1),
+    ("How do I check if a key exists in a Python dict?", "python check whether dict has a key", 1),
+    (
+        "Summarize the causes of World War I briefly.",
+        "Briefly summarize what caused World War 1.",
+        1,
+    ),
+    ("How do I read a CSV file with pandas?", "pandas read csv file", 1),
+    ("What does === mean in JavaScript?", "What is the === operator in JavaScript?", 1),
+    ("How can I lower my cholesterol?", "How do I reduce my cholesterol levels?", 1),
+    ("Return the top 10 rows as JSON", "Give me the first 10 rows in JSON", 1),
+    ("What are the pros and cons of remote work?", "Remote work: advantages and disadvantages?", 1),
+    ("How do I make a static website with Hugo?", "Building a static site with Hugo", 1),
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Scored:
@@ -627,6 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     items += [("handwritten", a, b, label) for a, b, label in HANDWRITTEN]
     items += [("handwritten_blind", a, b, label) for a, b, label in HANDWRITTEN_BLIND]
     items += [("handwritten_blind_2", a, b, label) for a, b, label in HANDWRITTEN_BLIND_2]
+    items += [("probes", a, b, label) for a, b, label in HANDWRITTEN_PROBES]
     scored, texts, encoded = score_pairs(model, items, args.cache_dir, threshold)
 
     lines = [
@@ -640,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     summary: dict[str, object] = {"threshold": threshold, "cutoff": cutoff, "sources": {}}
-    for source in (*SOURCES, "handwritten", "handwritten_blind", "handwritten_blind_2"):
+    for source in (*SOURCES, "handwritten", "handwritten_blind", "handwritten_blind_2", "probes"):
         subset = [s for s in scored if s.source == source]
         result = evaluate(subset, threshold, cutoff)
         target = TARGETS.get(source)
@@ -658,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary["sources"][source] = {  # type: ignore[index]
             k: v for k, v in result.items() if k not in ("_arrays", "baseline")
         } | {"baseline": {str(t): v for t, v in base.items()}}
-    for name in ("handwritten", "handwritten_blind", "handwritten_blind_2"):
+    for name in ("handwritten", "handwritten_blind", "handwritten_blind_2", "probes"):
         served_wrong, missed = [], []
         for (src, a, b, label), sc in zip(items, scored, strict=True):
             if src != name:
