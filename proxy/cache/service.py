@@ -608,7 +608,8 @@ class ResponseCache:
 
     def _index_entry(self, entry: CacheEntry) -> None:
         meta = entry.meta
-        if entry.embedding is None or meta.context is None:
+        # (another replica's entry too: one of an older version may carry a cut-off embedding)
+        if entry.embedding is None or meta.context is None or not self._semantic_ok_meta(meta):
             return
         if self._rebuilding is not None:
             self._rebuilding.append(entry)

@@ -27,7 +27,7 @@ from proxy.cache.service import (
     follow_as_sse,
 )
 from proxy.cache.singleflight import Follower, Leader, SingleFlight
-from proxy.cache.store import DiskStore
+from proxy.cache.store import DiskStore, EntryAdded, Resync
 from proxy.cache.stream_codec import assemble, normalise_response, replay
 from proxy.sse import parse_all
 
@@ -301,6 +301,52 @@ async def test_a_question_the_model_cannot_read_whole_is_matched_exactly_only(
     assert hit is not None and hit.kind == "exact"
     # a rebuild from the store leaves it out too
     assert await cache.rebuild_index() == 1
+
+
+class FollowedDiskStore(DiskStore):
+    """A disk store that also streams entries "another replica" stored, as the Redis store does."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.added: asyncio.Queue[EntryAdded] = asyncio.Queue()
+
+    async def follow(self) -> AsyncIterator[EntryAdded | Resync]:
+        yield Resync()
+        while True:
+            yield await self.added.get()
+
+
+async def test_another_replicas_entry_past_the_window_is_not_indexed(
+    tmp_path: Path,
+) -> None:
+    # (the real clock: the store's own expiry checks read it, and the entries cross stores here)
+    from proxy.cache.index import SemanticIndex
+
+    store = FollowedDiskStore(tmp_path / "shared")  # one store, as replicas share Redis
+    follower = ResponseCache(store, index=SemanticIndex(DIM), verifier=ShortWindow(0.9))
+    async with follower:
+        await follower.ready()  # resynced from the empty store
+        # "Another replica" (an older version, reading every text whole) stores two questions.
+        other = ResponseCache(DiskStore(tmp_path / "shared"), index=SemanticIndex(DIM))
+        texts = ("context ... what then?", "short")
+        async with other:
+            for text, x in zip(texts, (0.0, 1.0), strict=True):
+                await other.store_response(keys_for(text), answer(text), embedding=vec(1, x))
+            await other.drain()
+            entries = [await other.store.get(keys_for(t).exact) for t in texts]
+        for entry in entries:
+            assert entry is not None and entry.embedding is not None
+            store.added.put_nowait(EntryAdded(entry))
+        for _ in range(200):  # until the follower has taken both (it indexes each as it takes it)
+            if store.added.empty():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)
+        context = keys_for("short").context
+        assert context is not None
+        # "short" only: the cut-off one is never a candidate
+        assert follower.index.labels(context) == {entries[1].meta.label}  # type: ignore[union-attr]
+        assert await follower.lookup(keys_for("context ... why?"), embedding=vec(1, 0.0)) is None
 
 
 async def test_a_verifier_with_its_inputs_prepared_decides_on_the_event_loop(
