@@ -288,7 +288,8 @@ HANDWRITTEN_BLIND_2: tuple[tuple[str, str, int], ...] = (
 # Probes of kinds the dev file hardly has (chat instructions, everyday and technical near-misses,
 # and paraphrases of those kinds), written on 2026-11-29 while adding the instruction and operator
 # vetoes and the new opposite groups: the near-misses before those changes, the paraphrases after
-# (a check that the new guards cost no right hit). Not blind to those guards.
+# (a check that the new guards cost no right hit), then 8 audience/tone/length requests before
+# those instruction kinds were added. Not blind to those guards.
 HANDWRITTEN_PROBES: tuple[tuple[str, str, int], ...] = (
     ("How do I reverse a list in Python?", "¿Cómo invierto una lista en Python?", 0),
     ("What is the capital of France?", "Quelle est la capitale de la France ?", 0),
@@ -403,6 +404,18 @@ HANDWRITTEN_PROBES: tuple[tuple[str, str, int], ...] = (
     ("Return the top 10 rows as JSON", "Give me the first 10 rows in JSON", 1),
     ("What are the pros and cons of remote work?", "Remote work: advantages and disadvantages?", 1),
     ("How do I make a static website with Hugo?", "Building a static site with Hugo", 1),
+    ("Explain quantum computing.", "Explain quantum computing like I'm five.", 0),
+    ("Explain recursion.", "Explain recursion to a 10 year old.", 0),
+    ("What is machine learning?", "What is machine learning? Explain it for beginners.", 0),
+    ("Write an email asking for a day off.", "Write a formal email asking for a day off.", 0),
+    ("Write an email asking for a day off.", "Write a funny email asking for a day off.", 0),
+    ("Describe the water cycle.", "Describe the water cycle for kids.", 0),
+    ("Tell me about black holes.", "Tell me about black holes in simple terms.", 0),
+    (
+        "Write a cover letter for a software job.",
+        "Write a short cover letter for a software job.",
+        0,
+    ),
 )
 
 

@@ -220,13 +220,34 @@ _LANGUAGES = (
     "arabic|hindi|dutch|turkish|polish|swedish|greek|hebrew|vietnamese|thai|indonesian"
 )
 _FEW = r"(?:one|two|three|four|five|a few|few|\d+)"
+# What is written (a short email, a long essay): length adjectives count only before these.
+_PIECE = (
+    r"(?:answer|reply|email|(?:cover )?letter|poem|essay|summary|paragraph|description|note|message"
+    r"|post|bio|intro|introduction|explanation|speech|article|review|report|caption|tweet)"
+)
 INSTRUCTIONS: Mapping[str, re.Pattern[str]] = MappingProxyType(
     {
         "brief": re.compile(
             r"\b(?:briefly|in brief|in short|concisely|be concise|tl;?dr|one-word"
-            rf"|{_FEW}-sentence|in {_FEW} (?:words?|sentences?|lines?|paragraphs?))\b"
+            rf"|{_FEW}-sentence|in {_FEW} (?:words?|sentences?|lines?|paragraphs?)"
+            rf"|(?:short|brief|concise) {_PIECE})\b"
         ),
-        "detailed": re.compile(r"\b(?:in (?:great |more |full )?detail|in[- ]depth|thoroughly)\b"),
+        "detailed": re.compile(
+            r"\b(?:in (?:great |more |full )?detail|in[- ]depth|thoroughly"
+            rf"|(?:long|lengthy|detailed) {_PIECE})\b"
+        ),
+        # who the answer is for ("for beginners" is left out: questions about beginners' books
+        # and courses are usually the same question without it)
+        "audience": re.compile(
+            r"\b(?:like i'?m (?:five|5|a child)|eli5|to an? (?:\d+|five|ten|six|seven|eight)"
+            r"[- ]year[- ]old|to an? (?:teenager|child|kid)|in (?:simple|plain|layman'?s)"
+            r" (?:terms|english|language|words))\b"
+        ),
+        # the tone of a piece to write (the adjective alone is often the topic)
+        "tone": re.compile(
+            r"\b(?:formal|informal|casual|polite|funny|humorous|sarcastic|friendly"
+            rf"|angry|romantic|persuasive) {_PIECE}\b"
+        ),
         "examples": re.compile(r"\b(?:with (?:an |some |a few )?(?:code )?examples?)\b"),
         "steps": re.compile(r"\bstep[- ]by[- ]step\b"),
         "code_only": re.compile(

@@ -73,6 +73,18 @@ questions = st.sampled_from(
             "Explain closures in JavaScript with examples",
             "instruction",
         ),
+        ("Explain quantum computing.", "Explain quantum computing like I'm five.", "instruction"),
+        ("Tell me about black holes.", "Tell me about black holes in simple terms.", "instruction"),
+        (
+            "Write an email asking for a day off.",
+            "Write a formal email asking for a day off.",
+            "instruction",
+        ),
+        (
+            "Write a cover letter for a data job.",
+            "Write a short cover letter for a data job.",
+            "instruction",
+        ),
     ],
 )
 def test_vetoes_fire_on_minimal_pairs(query: str, candidate: str, veto: str) -> None:
@@ -119,6 +131,10 @@ def test_no_veto_on_paraphrases(query: str, candidate: str) -> None:
         ("What is the longest word in English?", "What's the longest English word?"),
         ("Are these two sentences grammatically correct?", "Are these sentences grammatical?"),
         ("python one line if statement", "python if statement on one line"),
+        # tone and length words that are the topic, not an instruction
+        ("What is the best short story about love?", "What is the best story about love?"),
+        ("How do I improve professional email writing?", "How do I improve email writing?"),
+        ("What is the best book for beginners to learn Java?", "best book to learn Java"),
     ],
 )
 def test_answer_instructions_in_other_words_do_not_veto(query: str, candidate: str) -> None:
