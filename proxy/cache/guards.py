@@ -152,6 +152,12 @@ _OPPOSITES = (
     "win winning | lose losing",
     "add adding | remove removing",
     "left | right",
+    "success successful | failure fail failed",
+    "accept accepted | reject rejected",
+    "positive | negative",
+    "early earlier | late later",
+    "rich | poor",
+    "strong stronger | weak weaker",
     # Technical alternatives. The dev pairs hardly ask about them: kept where none is a pair
     # labelled the same question there (date / time and get / post were, and are left out).
     "push pushing | pull pulling",

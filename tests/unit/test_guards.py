@@ -39,6 +39,12 @@ questions = st.sampled_from(
         ("Why is my code slow?", "Why is my code fast?", "opposite"),
         ("How do I uppercase a string in Go?", "How do I lowercase a string in Go?", "opposite"),
         ("How can I sleep more?", "How can I sleep less?", "opposite"),
+        (
+            "Why was my visa application accepted?",
+            "Why was my visa application rejected?",
+            "opposite",
+        ),
+        ("Is it better to wake up early?", "Is it better to wake up late?", "opposite"),
         ("How do I push to a remote branch?", "How do I pull from a remote branch?", "opposite"),
         ("What does git reset --hard do?", "What does git reset --soft do?", "opposite"),
         (
