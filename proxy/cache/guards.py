@@ -2,7 +2,8 @@
 
 Sentence embeddings blur exactly the details that change an answer: a negation ("does X work" /
 "why doesn't X work"), a number ("5% of 80" / "15% of 80"), a named thing ("visa for Spain" /
-"visa for Japan"), or an opposite ("increase" / "decrease"). These functions look at the two texts
+"visa for Japan"), an opposite ("increase" / "decrease"), an instruction about the answer ("... in
+detail", "... as JSON") or an operator ("==" / "==="). These functions look at the two texts
 only; they are pure and fast (a few regexes), so they run on every candidate.
 
 * :func:`features` gives numeric mismatch features for the verifier head.
@@ -138,8 +139,9 @@ _OPPOSITES = (
     "username | password",
     "upgrade upgrading | downgrade downgrading",
     "create creating | drop dropping | delete deleting remove removing",
-    # Added after probing pairs of other kinds ("why is my code slow" / "... fast" was served);
-    # none of these vetoes a pair labelled the same question in the dev file.
+    # Added after probing pairs of other kinds ("why is my code slow" / "... fast" was served)
+    # and reading the calibration half's wrong hits; none of these vetoes a pair labelled the
+    # same question in the dev file (right / wrong, good / bad and first / last would have).
     "slow slower | fast faster quick quicker",
     "uppercase upper | lowercase lower",
     "cheap cheaper | expensive",
@@ -437,7 +439,8 @@ def _canonical_number(raw: str) -> str:
 
 
 def parse(text: str) -> Parsed:
-    """Extract words, negation, numbers, named entities and content words from a text."""
+    """Extract words, negation, numbers, named entities, content words, answer instructions and
+    operators from a text."""
     norm = _normalise(text)
     lower = norm.lower()
     words = tuple(_WORD.findall(lower))
