@@ -457,10 +457,10 @@ def _load_encoder(services: Services) -> Encode:
 
     def encode(texts: list[str]) -> np.ndarray:
         batch = verifier.encoder.encode(texts)
-        whole = batch.whole if batch.whole is not None else [None] * len(texts)
-        for text, vector, read in zip(texts, batch.verifier, whole, strict=True):
+        for i, text in enumerate(texts):
             # what the pass saw: the cache's window check on this text then needs no tokenizing
-            cache_verifier.remember(text, vector, whole=None if read is None else bool(read))
+            whole = None if batch.whole is None else bool(batch.whole[i])
+            cache_verifier.remember(text, batch.verifier[i], whole=whole)
         if views is not None:
             views.remember(batch.base, batch.shallow)
         return batch.base

@@ -233,39 +233,39 @@ _PIECE = (
     r"(?:answer|reply|email|(?:cover )?letter|poem|essay|summary|paragraph|description|note|message"
     r"|post|bio|intro|introduction|explanation|speech|article|review|report|caption|tweet)"
 )
-INSTRUCTIONS: Mapping[str, re.Pattern[str]] = MappingProxyType(
+INSTRUCTIONS: Mapping[str, str] = MappingProxyType(
     {
-        "brief": re.compile(
+        "brief": (
             r"\b(?:briefly|in brief|in short|concisely|be concise|tl;?dr|one-word"
             rf"|{_FEW}-sentence|in {_FEW} (?:words?|sentences?|lines?|paragraphs?)"
             rf"|(?:short|brief|concise) {_PIECE})\b"
         ),
-        "detailed": re.compile(
+        "detailed": (
             r"\b(?:in (?:great |more |full )?detail|in[- ]depth|thoroughly"
             rf"|(?:long|lengthy|detailed) {_PIECE})\b"
         ),
         # who the answer is for ("for beginners" is left out: questions about beginners' books
         # and courses are usually the same question without it)
-        "audience": re.compile(
+        "audience": (
             r"\b(?:like i'?m (?:five|5|a child)|eli5|to an? (?:\d+|five|ten|six|seven|eight)"
             r"[- ]year[- ]old|to an? (?:teenager|child|kid)|in (?:simple|plain|layman'?s)"
             r" (?:terms|english|language|words))\b"
         ),
         # the tone of a piece to write (the adjective alone is often the topic)
-        "tone": re.compile(
+        "tone": (
             r"\b(?:formal|informal|casual|polite|funny|humorous|sarcastic|friendly"
             rf"|angry|romantic|persuasive) {_PIECE}\b"
         ),
-        "examples": re.compile(r"\b(?:with (?:an |some |a few )?(?:code )?examples?)\b"),
-        "steps": re.compile(r"\bstep[- ]by[- ]step\b"),
-        "code_only": re.compile(
+        "examples": r"\b(?:with (?:an |some |a few )?(?:code )?examples?)\b",
+        "steps": r"\bstep[- ]by[- ]step\b",
+        "code_only": (
             r"\b(?:code only|only (?:the )?code|just the code|(?:no|without) explanations?)\b"
         ),
     }
 )
-# All of them in one pattern: one scan of the text (a group per name).
+# All of them compiled as one pattern: one scan of the text (a group per name).
 _INSTRUCTION = re.compile(
-    "|".join(f"(?P<{name}>{pattern.pattern})" for name, pattern in INSTRUCTIONS.items())
+    "|".join(f"(?P<{name}>{pattern})" for name, pattern in INSTRUCTIONS.items())
 )
 # A named output format anywhere ("as JSON", "JSON: ...", "return CSV"), or a list/table asked for.
 _FORMAT = re.compile(
