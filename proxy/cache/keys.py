@@ -9,8 +9,12 @@ fields that are hashed; a unit test fails when a known OpenAI/vLLM field is in n
 Keys are sha256 digests over length-prefixed parts (a version tag, the key kind, the endpoint, the
 engine, its model version, the partition id, then the canonical body), so the encoding is
 prefix-free: no two different part lists give the same byte string. The body is canonical orjson
-with sorted keys: key order and whitespace of the client's JSON never change a key, and neither do
-``null`` top-level fields (OpenAI treats them as absent) or ``1.0`` vs ``1``.
+with sorted keys: key order and whitespace of the client's JSON never change a key, and neither does
+``1.0`` vs ``1`` in a top-level field (``temperature``, ``max_tokens``: the engine parses both to
+the same number). Deeper down the two stay apart: a tool schema or a response format is written
+into the prompt or the grammar as the client wrote it (``"minimum": 0.0`` is not ``0``). A
+``null`` field is not the same as an absent one either: vLLM defaults some fields only when they
+are absent (``tool_choice`` becomes ``auto`` beside ``tools``, but stays unset when ``null``).
 
 The *context key* hashes the same parts except the text of the last user turn (for
 ``/v1/completions``: the prompt). Two requests with equal context keys differ at most in that text,
@@ -189,20 +193,16 @@ _U64_MAX: Final = 2**64 - 1
 
 
 def canonical(value: Any) -> Any:
-    """The value with integral floats as ints (``1.0`` and ``1`` mean the same in JSON)."""
+    """The value as orjson can write it for a key: string keys, lists for tuples, integers beyond
+    64 bits as ``{"$bigint": "..."}``. Numbers keep their type (see the module doc)."""
     kind = type(value)
     # The common shapes first, by exact type (an ABC isinstance check costs far more).
-    if kind is str or kind is bool or value is None:
+    if kind is str or kind is bool or kind is float or value is None:
         return value
     if kind is dict:
         return {str(k): canonical(v) for k, v in value.items()}
     if kind is list:
         return [canonical(v) for v in value]
-    if isinstance(value, float):
-        # only where int and float agree exactly (and orjson can write the int)
-        if math.isfinite(value) and value.is_integer() and abs(value) <= _EXACT_FLOAT_INT:
-            return int(value)
-        return value
     if isinstance(value, int) and not isinstance(value, bool) and not _I64_MIN <= value <= _U64_MAX:
         return {"$bigint": str(value)}  # orjson writes 64-bit integers only
     if isinstance(value, Mapping):
@@ -212,9 +212,19 @@ def canonical(value: Any) -> Any:
     return value
 
 
+def canonical_field(value: Any) -> Any:
+    """A top-level field's value: an integral float as the int (``"max_tokens": 16.0`` is 16 to
+    the engine), anything else as :func:`canonical` writes it."""
+    if type(value) is float and math.isfinite(value) and value.is_integer():
+        if abs(value) <= _EXACT_FLOAT_INT:  # only where int and float agree exactly
+            return int(value)
+    return canonical(value)
+
+
 def keyed_fields(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The body's fields that go into the key: not excluded, not ``null``."""
-    return {k: canonical(v) for k, v in body.items() if k not in EXCLUDED_FIELDS and v is not None}
+    """The body's fields that go into the key: every one that is not excluded (``null`` ones
+    too: see the module doc)."""
+    return {k: canonical_field(v) for k, v in body.items() if k not in EXCLUDED_FIELDS}
 
 
 def canonical_json(value: Any) -> bytes:
@@ -263,8 +273,22 @@ def message_text(content: Any) -> str | None:
     return None
 
 
+def echoes_prompt(fields: Mapping[str, Any]) -> bool:
+    """Whether the answer carries the prompt itself (``echo``, the prompt's log-probabilities or
+    token ids): such an answer belongs to its exact prompt, never to one that means the same."""
+    # prompt_logprobs is a count: 0 still returns the prompt tokens' own log-probabilities
+    return (
+        bool(fields.get("echo"))
+        or bool(fields.get("return_token_ids"))
+        or fields.get("prompt_logprobs") is not None
+    )
+
+
 def split_query(endpoint: Endpoint, fields: Mapping[str, Any]) -> tuple[dict[str, Any], str] | None:
-    """(fields with the query text blanked, the query text), or None when there is none."""
+    """(fields with the query text blanked, the query text), or None when there is none or the
+    answer repeats the prompt (matched exactly only)."""
+    if echoes_prompt(fields):
+        return None
     if endpoint is Endpoint.CHAT:
         messages = fields.get("messages")
         if not isinstance(messages, list):

@@ -136,10 +136,60 @@ def test_excluded_fields_do_not_change_the_key(field: str) -> None:
     assert chat_keys({**BASE, field: {"anything": 1}}) == chat_keys(BASE)
 
 
-def test_nulls_and_integral_floats_are_canonical() -> None:
-    assert chat_keys({**BASE, "stop": None}) == chat_keys(BASE)
+def test_integral_floats_are_canonical_in_top_level_fields() -> None:
     assert chat_keys({**BASE, "temperature": 0.0, "max_tokens": 64.0}) == chat_keys(BASE)
     assert chat_keys({**BASE, "temperature": True}) != chat_keys({**BASE, "temperature": 1})
+
+
+@pytest.mark.parametrize(
+    "field,as_int,as_float",
+    [
+        # written into the prompt by the chat template's tojson, as the client wrote them
+        (
+            "tools",
+            [{"type": "function", "function": {"name": "f", "parameters": {"minimum": 0}}}],
+            [{"type": "function", "function": {"name": "f", "parameters": {"minimum": 0.0}}}],
+        ),
+        # a grammar that allows 1 is not one that allows 1.0
+        (
+            "response_format",
+            {"type": "json_schema", "json_schema": {"schema": {"enum": [1]}}},
+            {"type": "json_schema", "json_schema": {"schema": {"enum": [1.0]}}},
+        ),
+        ("guided_choice", [1], [1.0]),
+    ],
+)
+def test_nested_numbers_keep_their_type(field: str, as_int: Any, as_float: Any) -> None:
+    assert chat_keys({**BASE, field: as_int}).exact != chat_keys({**BASE, field: as_float}).exact
+
+
+def test_a_null_field_is_not_an_absent_one() -> None:
+    # vLLM makes tool_choice "auto" beside tools only when it is absent; null leaves it unset
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    absent = chat_keys({**BASE, "tools": tools})
+    assert chat_keys({**BASE, "tools": tools, "tool_choice": None}).exact != absent.exact
+    assert chat_keys({**BASE, "stop": None}).exact != chat_keys(BASE).exact
+
+
+@pytest.mark.parametrize(
+    "endpoint,extra",
+    [
+        (Endpoint.COMPLETIONS, {"echo": True}),
+        (Endpoint.COMPLETIONS, {"prompt_logprobs": 0}),
+        (Endpoint.CHAT, {"prompt_logprobs": 1}),
+        (Endpoint.CHAT, {"return_token_ids": True}),
+        (Endpoint.CHAT, {"echo": True}),
+    ],
+)
+def test_answers_that_repeat_the_prompt_are_matched_exactly_only(
+    endpoint: Endpoint, extra: dict[str, Any]
+) -> None:
+    body = {**BASE, "prompt": "capital city of France"} if endpoint is Endpoint.COMPLETIONS else BASE
+    assert make_keys(endpoint, body, **ENGINE).context is not None
+    keys = make_keys(endpoint, {**body, **extra}, **ENGINE)
+    assert keys.context is None and keys.query_text is None
+    off = {k: False if v is True else None for k, v in extra.items()}
+    assert make_keys(endpoint, {**body, **off}, **ENGINE).context is not None
 
 
 def test_engine_and_version_are_key_parts() -> None:
