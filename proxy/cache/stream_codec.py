@@ -13,6 +13,7 @@ Merge rules (the same for every field, so unknown vLLM extras survive):
 - ``tool_calls`` merge by ``index``: ``function.arguments`` concatenates, other fields are set;
 - ``logprobs`` dicts merge by concatenating their lists (chat ``content``, completions
   ``tokens``/``token_logprobs``/...);
+- list-valued extra choice fields concatenate (vLLM's ``token_ids``: each chunk's own tokens);
 - other choice and top-level fields keep their last non-null value.
 
 Round trip: ``assemble(replay(x, include_usage=True)) == normalise_response(x)``.
@@ -115,7 +116,12 @@ class _Choice:
         if choice.get("finish_reason") is not None:
             self.finish_reason = choice["finish_reason"]
         for key, value in choice.items():
-            if key not in _CHOICE_CORE and (value is not None or key not in self.extras):
+            if key in _CHOICE_CORE:
+                continue
+            prev = self.extras.get(key)
+            if isinstance(prev, list) and isinstance(value, list):
+                self.extras[key] = prev + value
+            elif value is not None or key not in self.extras:
                 self.extras[key] = value
 
     def build(self, endpoint: Endpoint) -> dict[str, Any]:

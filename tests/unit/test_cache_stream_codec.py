@@ -86,6 +86,8 @@ def responses(draw: st.DrawFn, endpoint: Endpoint) -> dict[str, Any]:
         choice["finish_reason"] = draw(finish)
         if draw(st.booleans()):
             choice["stop_reason"] = draw(st.none() | st.integers(0, 50_000) | texts)
+        if draw(st.booleans()):
+            choice["token_ids"] = draw(st.lists(st.integers(0, 50_000), max_size=4))
         choices.append(choice)
     body: dict[str, Any] = {
         "id": draw(st.text(min_size=1, max_size=10)),
@@ -282,6 +284,21 @@ def test_vllm_stream_with_tool_call_and_usage() -> None:
         ],
         "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21},
     }
+
+
+@pytest.mark.parametrize("endpoint", [Endpoint.CHAT, Endpoint.COMPLETIONS])
+def test_streamed_token_ids_are_concatenated(endpoint: Endpoint) -> None:
+    # vLLM's return_token_ids: every chunk carries its own tokens' ids
+    def piece(text: str, ids: list[int], finish: str | None = None) -> dict[str, Any]:
+        body = {"delta": {"content": text}} if endpoint is Endpoint.CHAT else {"text": text}
+        return {"index": 0, **body, "token_ids": ids, "finish_reason": finish}
+
+    chunks = [
+        {"id": "x", "created": 1, "model": "m", "choices": [piece("Hel", [9, 8])]},
+        {"id": "x", "created": 1, "model": "m", "choices": [piece("lo", [7])]},
+        {"id": "x", "created": 1, "model": "m", "choices": [piece("", [6], "stop")]},
+    ]
+    assert assemble(endpoint, chunks)["choices"][0]["token_ids"] == [9, 8, 7, 6]
 
 
 def test_interleaved_choices_of_n_2() -> None:
