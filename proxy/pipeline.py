@@ -240,7 +240,10 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
             if flight is not None and not isinstance(flight, Leader):
                 with contextlib.suppress(LeaderFailed):
                     return await _follow(request, req, flight, exchange, services)
-                flight = None  # the leader failed before a byte was sent: ask the engine ourselves
+                # The leader failed before this request was sent a byte: ask the engine ourselves
+                # (and say so: this answer is not a shared one).
+                flight = None
+                exchange.coalesced, exchange.cache = False, "miss"
 
             worst_case = worst_case_usd(
                 engine.settings.cost, prompt_bound, req.max_tokens or policy.limits.max_tokens
@@ -639,6 +642,14 @@ async def _follow(
     return response
 
 
+def _leader_failed(err: FrugalError) -> LeaderFailed:
+    """A leader's failure as its followers see it: one that has sent a follower nothing yet
+    asks the engine itself; one that is mid-stream ends with this error as its last event."""
+    failure = LeaderFailed(err.message)
+    failure.__cause__ = err
+    return failure
+
+
 def _upstream_failed(err: BaseException) -> FrugalError:
     cause = err.__cause__
     if isinstance(cause, FrugalError):
@@ -798,7 +809,7 @@ async def _relay_stream(
         exchange.status, exchange.error = err.status, err.code
         await _write_quietly(response, err.to_sse())
         if store.flight is not None:
-            store.flight.fail(err)
+            store.flight.fail(_leader_failed(err))
     except asyncio.CancelledError:
         upstream.finish(ok=False, aborted=True)
         exchange.status = 499
@@ -809,13 +820,13 @@ async def _relay_stream(
         upstream.finish(ok=False, aborted=True)
         exchange.status = 499
         if store.flight is not None:
-            store.flight.fail(FrugalError("the client left before the stream ended"))
+            store.flight.fail(_leader_failed(FrugalError("the client left before the stream ended")))
         return response
     else:
         if assembler is not None and relay.done and assembler.complete:
             store.complete(200, orjson.dumps(assembler.result()))
         elif store.flight is not None:
-            store.flight.fail(FrugalError("the engine's stream ended early"))
+            store.flight.fail(_leader_failed(FrugalError("the engine's stream ended early")))
     if relay.usage is not None:
         exchange.tokens_in, exchange.tokens_out = relay.usage
     await _write_eof_quietly(response)

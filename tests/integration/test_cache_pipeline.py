@@ -196,6 +196,32 @@ async def test_failed_leader_does_not_leave_followers_hanging(
         assert "error" in await r.json()
 
 
+async def test_a_leader_failing_mid_stream_ends_or_frees_its_followers(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    engine.configure(abort_after_chunks=4, completion_tokens=30, ttft_ms=600)
+    streamed = {**GREEDY, "max_tokens": 30, "stream": True}
+    leader = asyncio.create_task(proxy.client.post("/v1/chat/completions", json=streamed))
+    await asyncio.sleep(0.2)  # the leader is waiting for its first token
+    plain = asyncio.create_task(
+        proxy.client.post("/v1/chat/completions", json={**GREEDY, "max_tokens": 30})
+    )
+    follower = asyncio.create_task(proxy.client.post("/v1/chat/completions", json=streamed))
+    for task in (leader, follower):
+        resp = await asyncio.wait_for(task, timeout=10)
+        events = parse_all(await resp.read())
+        # the stream broke after it began: its last events are an error, then [DONE]
+        assert events[-1] == b"[DONE]"
+        assert "error" in orjson.loads(events[-2])
+    resp = await asyncio.wait_for(plain, timeout=10)
+    # Not streamed, so it had been sent nothing: it asked the engine itself instead of failing
+    # with the leader (the engine cuts that request too, and says so as its own failure).
+    assert resp.headers["x-frugal-cache"] == "miss"
+    assert "error" in await resp.json()
+    assert engine.state.counters.requests >= 2  # the leader's and the follower's own
+
+
 async def test_a_new_model_version_never_sees_old_entries(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
