@@ -820,7 +820,8 @@ async def _relay_stream(
         upstream.finish(ok=False, aborted=True)
         exchange.status = 499
         if store.flight is not None:
-            store.flight.fail(_leader_failed(FrugalError("the client left before the stream ended")))
+            left = FrugalError("the client left before the stream ended")
+            store.flight.fail(_leader_failed(left))
         return response
     else:
         if assembler is not None and relay.done and assembler.complete:

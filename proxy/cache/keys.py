@@ -215,9 +215,9 @@ def canonical(value: Any) -> Any:
 def canonical_field(value: Any) -> Any:
     """A top-level field's value: an integral float as the int (``"max_tokens": 16.0`` is 16 to
     the engine), anything else as :func:`canonical` writes it."""
-    if type(value) is float and math.isfinite(value) and value.is_integer():
-        if abs(value) <= _EXACT_FLOAT_INT:  # only where int and float agree exactly
-            return int(value)
+    # only where int and float agree exactly
+    if type(value) is float and value.is_integer() and abs(value) <= _EXACT_FLOAT_INT:
+        return int(value)
     return canonical(value)
 
 

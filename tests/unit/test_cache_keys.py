@@ -184,7 +184,8 @@ def test_a_null_field_is_not_an_absent_one() -> None:
 def test_answers_that_repeat_the_prompt_are_matched_exactly_only(
     endpoint: Endpoint, extra: dict[str, Any]
 ) -> None:
-    body = {**BASE, "prompt": "capital city of France"} if endpoint is Endpoint.COMPLETIONS else BASE
+    prompt = {"prompt": "capital city of France"} if endpoint is Endpoint.COMPLETIONS else {}
+    body = {**BASE, **prompt}
     assert make_keys(endpoint, body, **ENGINE).context is not None
     keys = make_keys(endpoint, {**body, **extra}, **ENGINE)
     assert keys.context is None and keys.query_text is None

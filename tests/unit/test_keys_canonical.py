@@ -60,8 +60,12 @@ def test_big_ints_and_nested_floats() -> None:
 @given(values)
 def test_canonical_field_folds_only_a_top_level_integral_float(value: Any) -> None:
     folded = canonical_field(value)
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        if abs(value) <= 2**53:
-            assert folded == value and type(folded) is int
-            return
+    if (
+        isinstance(value, float)
+        and math.isfinite(value)
+        and value.is_integer()
+        and abs(value) <= 2**53
+    ):
+        assert folded == value and type(folded) is int
+        return
     assert folded == reference(value)
