@@ -24,7 +24,6 @@ so a semantic hit between them is only a question of whether the two texts ask t
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
