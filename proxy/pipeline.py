@@ -521,7 +521,9 @@ async def _exact_lookup(
     keys = plan.keys_for(req, engine) if plan.mode.read else None
     if cache is None or keys is None:
         return None
-    hit = await cache.lookup(keys, embedding=None, mode=plan.mode, semantic=False)
+    hit = await cache.lookup(
+        keys, embedding=None, mode=plan.mode, semantic=False, max_age=plan.ttl_s
+    )
     if hit is not None:
         services.metrics.cache_lookup(kind="exact", scope=plan.scope.value, hit=True)
     else:
@@ -562,6 +564,7 @@ async def _lookup(
             semantic=plan.semantic,
             cutoff=cutoff,
             refused=refused,
+            max_age=plan.ttl_s,
         )
         if hit is not None:
             services.metrics.cache_lookup(

@@ -127,14 +127,26 @@ def decode_entry(blob: bytes, *, with_embedding: bool = True) -> CacheEntry:
     return CacheEntry(_meta(header), response, embedding)
 
 
-def is_expired(meta: EntryMeta, now: float) -> bool:
-    return now >= meta.expires_at
+def expires_for(meta: EntryMeta, max_age: float | None = None) -> float:
+    """When the entry expires for a reader whose own TTL is ``max_age``: an entry is as old for
+    every reader, and one written under a longer TTL (another tier sharing its scope) must not
+    outlive the reader's."""
+    if max_age is None:
+        return meta.expires_at
+    return min(meta.expires_at, meta.created_at + max_age)
 
 
-def refresh_early(meta: EntryMeta, now: float, *, beta: float, uniform: float) -> bool:
+def is_expired(meta: EntryMeta, now: float, max_age: float | None = None) -> bool:
+    return now >= expires_for(meta, max_age)
+
+
+def refresh_early(
+    meta: EntryMeta, now: float, *, beta: float, uniform: float, max_age: float | None = None
+) -> bool:
     """XFetch (Vattani et al.): treat a live entry as expired with probability rising as expiry
     nears, scaled by how long it took to compute, so one request refreshes a hot entry before it
     expires for everyone at once. ``uniform`` is a random number in (0, 1]."""
     if beta <= 0 or meta.compute_seconds <= 0:
         return False
-    return now - meta.compute_seconds * beta * math.log(max(uniform, 1e-300)) >= meta.expires_at
+    expiry = expires_for(meta, max_age)
+    return now - meta.compute_seconds * beta * math.log(max(uniform, 1e-300)) >= expiry

@@ -367,6 +367,7 @@ class ResponseCache:
         semantic: bool = True,
         cutoff: float | None = None,
         refused: list[CacheHit] | None = None,
+        max_age: float | None = None,
     ) -> CacheHit | None:
         """Exact hit, else a verified semantic hit, else None (a miss; also on backend errors).
 
@@ -375,6 +376,8 @@ class ResponseCache:
         ``refused``, when given, receives the best candidate of a semantic miss that passed the
         cosine gate and the guards and was refused only by the cut-off (never served: it feeds
         counterfactual audits, see proxy/shadow/tuner.py).
+        ``max_age`` is the reader's own TTL: no entry older than it is served, whatever TTL it
+        was stored with (a scope shared by tiers with different TTLs).
         """
         started = time.perf_counter()
         outcome: LookupOutcome = "miss"
@@ -388,10 +391,14 @@ class ResponseCache:
             if (
                 entry is not None
                 and self._belongs(entry.meta, keys)
-                and not is_expired(entry.meta, now)
+                and not is_expired(entry.meta, now, max_age)
             ):
                 if refresh_early(
-                    entry.meta, now, beta=self.config.xfetch_beta, uniform=self._uniform()
+                    entry.meta,
+                    now,
+                    beta=self.config.xfetch_beta,
+                    uniform=self._uniform(),
+                    max_age=max_age,
                 ):
                     outcome = "refresh"
                     return None
@@ -401,7 +408,7 @@ class ResponseCache:
                 outcome = "exact"
                 return hit
             if semantic and embedding is not None and self._semantic_ok(keys):
-                hit = await self._semantic(keys, embedding, now, cutoff, refused)
+                hit = await self._semantic(keys, embedding, now, cutoff, refused, max_age)
                 if hit is not None:
                     outcome = "semantic"
             return hit
@@ -451,6 +458,7 @@ class ResponseCache:
         now: float,
         cutoff: float | None = None,
         refused: list[CacheHit] | None = None,
+        max_age: float | None = None,
     ) -> CacheHit | None:
         assert keys.context is not None and keys.query_text is not None
         query = np.asarray(embedding, dtype=np.float32).reshape(-1)
@@ -475,7 +483,7 @@ class ResponseCache:
                 self._belongs(meta, keys)
                 and meta.context == keys.context
                 and meta.query_text is not None
-                and not is_expired(meta, now)
+                and not is_expired(meta, now, max_age)
             ):
                 candidates.append((entry, _exact_cosine(query, entry.embedding, cos)))
         if not candidates:

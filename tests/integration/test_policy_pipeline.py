@@ -241,3 +241,31 @@ async def test_invalid_policy_folder_stops_start_up(tmp_path: Path) -> None:
         create_app(settings)
     assert "free.yaml:3" in str(err.value)
     assert "priority" in str(err.value)
+
+
+async def test_a_tier_is_never_served_an_entry_older_than_its_own_ttl(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # Both tiers share the global scope; pro keeps answers a day, free only a second.
+    folder = write_policies(
+        tmp_path / "p",
+        tier("free", [FREE_KEY], cache={"scope": "global", "ttl_seconds": 1}),
+        tier("pro", [PRO_KEY], cache={"scope": "global", "ttl_seconds": 86400}),
+    )
+    proxy = await proxy_with(
+        start_fake, start_proxy, folder, cache={"enabled": True, "data_dir": str(tmp_path / "c")}
+    )
+    body = chat(temperature=0)
+    first = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(PRO_KEY))
+    assert first.headers["x-frugal-cache"] == "miss"
+    for _ in range(50):  # the store is written behind the answer
+        again = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
+        if again.headers["x-frugal-cache"] == "hit-exact":
+            break
+        await asyncio.sleep(0.02)
+    assert again.headers["x-frugal-cache"] == "hit-exact"  # shared while young enough for both
+    await asyncio.sleep(1.1)
+    pro = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(PRO_KEY))
+    assert pro.headers["x-frugal-cache"] == "hit-exact"
+    free = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
+    assert free.headers["x-frugal-cache"] == "miss"

@@ -12,6 +12,7 @@ from proxy.cache.entry import (
     decode_entry,
     decode_meta,
     encode_entry,
+    expires_for,
     is_expired,
     refresh_early,
 )
@@ -76,6 +77,28 @@ def test_expiry() -> None:
     meta = _meta()
     assert not is_expired(meta, 1099.9)
     assert is_expired(meta, 1100.0)
+
+
+@given(metas, st.none() | st.floats(0, 1e8), st.floats(0, 3e9))
+def test_a_readers_ttl_only_shortens_an_entrys_life(
+    meta: EntryMeta, max_age: float | None, now: float
+) -> None:
+    expiry = expires_for(meta, max_age)
+    assert expiry <= meta.expires_at
+    if max_age is None or max_age >= meta.ttl:
+        assert expiry == meta.expires_at
+    else:
+        assert expiry == meta.created_at + max_age
+    if is_expired(meta, now):
+        assert is_expired(meta, now, max_age)
+
+
+def test_a_shorter_reader_ttl_expires_a_long_lived_entry() -> None:
+    meta = _meta()  # created at 1000 with a TTL of 100
+    assert not is_expired(meta, 1050.0)
+    assert is_expired(meta, 1050.0, max_age=30.0)
+    assert not is_expired(meta, 1050.0, max_age=3600.0)
+    assert refresh_early(meta, 1029.9, beta=1.0, uniform=1e-9, max_age=30.0)
 
 
 @given(st.floats(1000, 1100), st.floats(1000, 1100), st.floats(1e-9, 1.0))

@@ -374,6 +374,21 @@ async def test_ttl_and_xfetch(cache: ResponseCache, clock: Clock) -> None:
     assert await cache.lookup(keys) is None  # expired for everyone
 
 
+async def test_a_reader_with_a_shorter_ttl_is_not_served_older_entries(
+    cache: ResponseCache, clock: Clock
+) -> None:
+    # one tier stores with a week's TTL; another, sharing the scope, reads with an hour's
+    keys = keys_for("capital of France?")
+    await cache.store_response(keys, answer("Paris"), embedding=vec(1, 0.1), ttl=7 * 86400)
+    clock.now += 2 * 3600
+    assert await cache.lookup(keys, max_age=3600) is None
+    paraphrase = keys_for("France's capital?")
+    assert await cache.lookup(paraphrase, embedding=vec(1, 0.12), max_age=3600) is None
+    assert await cache.lookup(keys, max_age=7 * 86400) is not None
+    hit = await cache.lookup(paraphrase, embedding=vec(1, 0.12), max_age=3 * 3600)
+    assert hit is not None and hit.kind == "semantic"
+
+
 async def test_invalidation(cache: ResponseCache, clock: Clock) -> None:
     tenant = Partition(Scope.TENANT, ("acme",))
     await cache.store_response(keys_for("old"), answer("a"), embedding=vec(1))
