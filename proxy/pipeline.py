@@ -807,12 +807,7 @@ async def _relay_stream(
             await response.write(tail)
         upstream.finish(ok=True)
     except FrugalError as err:
-        # Headers are gone: the failure becomes the stream's last event, never a hang.
-        upstream.finish(ok=False)
-        exchange.status, exchange.error = err.status, err.code
-        await _write_quietly(response, err.to_sse())
-        if store.flight is not None:
-            store.flight.fail(_leader_failed(err))
+        await _end_broken_stream(response, upstream, exchange, store, err)
     except asyncio.CancelledError:
         upstream.finish(ok=False, aborted=True)
         exchange.status = 499
@@ -826,6 +821,12 @@ async def _relay_stream(
             left = FrugalError("the client left before the stream ended")
             store.flight.fail(_leader_failed(left))
         return response
+    except Exception:
+        # A bug, or an engine stream this relay cannot read: still end the stream with an error
+        # event and free the replica (its in-flight count, a half-open probe) and the followers.
+        log.exception("stream relay failed", request_id=exchange.request_id)
+        broken = FrugalError("the answer's stream could not be relayed", code="relay_failed")
+        await _end_broken_stream(response, upstream, exchange, store, broken)
     else:
         if assembler is not None and relay.done and assembler.complete:
             store.complete(200, orjson.dumps(assembler.result()))
@@ -835,6 +836,21 @@ async def _relay_stream(
         exchange.tokens_in, exchange.tokens_out = relay.usage
     await _write_eof_quietly(response)
     return response
+
+
+async def _end_broken_stream(
+    response: web.StreamResponse,
+    upstream: Upstream,
+    exchange: Exchange,
+    store: _Store,
+    err: FrugalError,
+) -> None:
+    """Headers are gone: the failure becomes the stream's last event, never a hang."""
+    upstream.finish(ok=False)
+    exchange.status, exchange.error = err.status, err.code
+    await _write_quietly(response, err.to_sse())
+    if store.flight is not None:
+        store.flight.fail(_leader_failed(err))
 
 
 class _StreamRelay:
@@ -873,10 +889,13 @@ class _StreamRelay:
         usage = event.get("usage") if isinstance(event, dict) else None
         if not isinstance(usage, dict):
             return False
-        self.usage = (
-            int(usage.get("prompt_tokens") or 0),
-            int(usage.get("completion_tokens") or 0),
-        )
+        try:
+            self.usage = (
+                int(usage.get("prompt_tokens") or 0),
+                int(usage.get("completion_tokens") or 0),
+            )
+        except (TypeError, ValueError):
+            return False  # counts that are not numbers: relayed as they came, not counted
         return not self.include_usage and not event.get("choices")
 
     def close(self) -> bytes:

@@ -180,7 +180,12 @@ class StreamAssembler:
         """One SSE ``data`` payload (JSON bytes); ``[DONE]`` is ignored."""
         if payload.strip() == b"[DONE]":
             return
-        chunk = orjson.loads(payload)
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            # an engine event that is not JSON: relayed as it came, but never stored
+            self.error = {"message": "an event of the stream was not JSON"}
+            return
         if isinstance(chunk, Mapping):
             self.add(chunk)
 

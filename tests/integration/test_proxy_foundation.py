@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy import pipeline
 from proxy.app import TRANSPORT
 from proxy.sse import parse_all
 from tests.integration.conftest import StartFake, StartProxy, engine_config, wait_until
@@ -298,6 +299,31 @@ async def test_failure_mid_stream_ends_with_error_event_and_done(
     error = orjson.loads(payloads[-2])["error"]
     assert error["type"] == "upstream_error"
     assert len(payloads) >= 4  # chunks before the cut were relayed
+
+
+async def test_a_relay_failure_mid_stream_ends_the_stream_and_frees_the_replica(
+    start_fake: StartFake, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = await start_fake("m", completion_tokens=20, tokens_per_s=400)  # chunk by chunk
+    p = await start_proxy([engine_config("e", "m", [engine.url])])
+    calls = 0
+    feed = pipeline._StreamRelay.feed
+
+    def broken_feed(self: pipeline._StreamRelay, chunk: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RuntimeError("a bug in the relay")
+        return feed(self, chunk)
+
+    # A bug (or an engine stream the relay cannot read) after the first chunk was sent.
+    monkeypatch.setattr(pipeline._StreamRelay, "feed", broken_feed)
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    payloads = parse_all(await asyncio.wait_for(resp.read(), 5))
+    assert payloads[-1] == b"[DONE]"
+    assert orjson.loads(payloads[-2])["error"]["code"] == "relay_failed"
+    replica = p.services.engines[0].replicas[0]
+    assert replica.inflight == 0  # the replica was released, not leaked
 
 
 async def test_client_disconnect_aborts_the_engine_request(

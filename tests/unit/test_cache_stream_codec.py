@@ -336,6 +336,11 @@ def test_incomplete_streams_are_refused() -> None:
         errored.result()
     with pytest.raises(IncompleteStream):
         assemble(Endpoint.CHAT, [])
+    garbled = StreamAssembler(Endpoint.COMPLETIONS)
+    garbled.add({**head, "choices": [{"index": 0, "text": "x", "finish_reason": None}]})
+    garbled.add_payload(b"{not json")
+    garbled.add({**head, "choices": [{"index": 0, "text": "y", "finish_reason": "stop"}]})
+    assert not garbled.complete  # a stream with an unreadable event is never stored
 
 
 def test_normalise_drops_vllm_nulls() -> None:
