@@ -136,12 +136,24 @@ def _check_messages(messages: Any) -> None:
             raise InvalidRequest(
                 f"messages[{i}].role must be a string.", param=f"messages[{i}].role"
             )
-        content = message.get("content")
-        if content is not None and not isinstance(content, str | list):
-            raise InvalidRequest(
-                f"messages[{i}].content must be a string or an array of content parts.",
-                param=f"messages[{i}].content",
-            )
+        _check_content(message.get("content"), f"messages[{i}].content")
+
+
+def _check_content(content: Any, where: str) -> None:
+    """A string, or content parts each naming its type; a text part's text is a string (the
+    proxy reads it). Other parts (images, audio, ...) are the engine's to judge."""
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where} must be a string or an array of content parts.", param=where)
+    for j, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise InvalidRequest(f"{where}[{j}] must be an object.", param=f"{where}[{j}]")
+        kind = part.get("type")
+        if not isinstance(kind, str):
+            raise InvalidRequest(f"{where}[{j}].type must be a string.", param=f"{where}[{j}].type")
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"{where}[{j}].text must be a string.", param=f"{where}[{j}].text")
 
 
 def _check_prompt(prompt: Any) -> None:
@@ -189,10 +201,13 @@ def text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
+        # Only string texts: parse_request rejects others, but this must not be what breaks.
         return "\n".join(
-            part.get("text", "")
+            part["text"]
             for part in content
-            if isinstance(part, dict) and part.get("type") == "text"
+            if isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
         )
     return ""
 

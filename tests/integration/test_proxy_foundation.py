@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
-from proxy.app import TRANSPORT
+from proxy.app import TRANSPORT, create_app
+from proxy.settings import Settings
 from proxy.sse import parse_all
 from tests.integration.conftest import StartFake, StartProxy, engine_config, wait_until
 
@@ -401,3 +404,45 @@ async def test_engine_slower_than_its_whole_request_timeout_mid_stream_ends_the_
     assert error["code"] == "upstream_timeout"
     await wait_until(lambda: slow.state.counters.aborted == 1)  # the engine was told to stop
     assert p.services.engines[0].replicas[0].inflight == 0
+
+
+def _constant_encoder(texts: list[str]) -> np.ndarray:
+    """A stand-in embedding model: the same unit vector for every text."""
+    out = np.zeros((len(texts), 384), dtype=np.float32)
+    out[:, 0] = 1.0
+    return out
+
+
+async def _proxy_with_embedder(start_fake: StartFake, aiohttp_client: Any, tmp_path: Path) -> Any:
+    """The proxy with the semantic cache and a stand-in embedder: the last user turn is read."""
+    engine = await start_fake("small-model")
+    settings = Settings.model_validate(
+        {
+            "engines": [engine_config("small", "small-model", [engine.url])],
+            "policies": None,
+            "data_dir": str(tmp_path / "data"),
+            "cache": {"enabled": True, "semantic": True},
+            "routing": {"enabled": False},
+            "logging": {"level": "warning", "format": "console"},
+        }
+    )
+    return engine, await aiohttp_client(
+        create_app(settings, encode=_constant_encoder, access_log=False)
+    )
+
+
+@pytest.mark.parametrize("text", [5, None])
+async def test_a_text_part_that_is_not_a_string_is_a_400(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path, text: object
+) -> None:
+    engine, client = await _proxy_with_embedder(start_fake, aiohttp_client, tmp_path)
+    content = [{"type": "text", "text": text}]
+    body = {**CHAT, "messages": [{"role": "user", "content": content}], "temperature": 0}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == "messages[0].content[0].text"
+    assert engine.state.counters.requests == 0
+    metrics = await (await client.get("/metrics")).text()
+    assert 'status="400"' in metrics and 'status="200"' not in metrics

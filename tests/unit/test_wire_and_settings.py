@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest, QuotaExceeded, RateLimited
 from proxy.settings import ConfigError, load_settings, parse_settings
-from proxy.wire import last_user_text, parse_request
+from proxy.wire import last_user_text, parse_request, text_of
 
 
 def test_parse_keeps_raw_bytes_until_modified() -> None:
@@ -38,6 +38,39 @@ def test_last_user_text_reads_content_parts() -> None:
         ],
     }
     assert last_user_text(parse_request(orjson.dumps(body), "chat")) == "second"
+
+
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        ([{"type": "text", "text": 5}], "messages[0].content[0].text"),
+        ([{"type": "text", "text": None}], "messages[0].content[0].text"),
+        ([{"type": "text"}], "messages[0].content[0].text"),
+        (["hello"], "messages[0].content[0]"),
+        ([{"text": "hi"}], "messages[0].content[0].type"),
+        ([{"type": 3, "text": "hi"}], "messages[0].content[0].type"),
+        (7, "messages[0].content"),
+    ],
+)
+def test_content_parts_are_checked(content: object, param: str) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": content}]}
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(orjson.dumps(body), "chat")
+    assert err.value.param == param
+
+
+def test_content_parts_the_proxy_does_not_read_pass_through() -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    parts = [{"type": "text", "text": "what is this?"}, image, {"type": "input_audio"}]
+    body = {"model": "m", "messages": [{"role": "user", "content": parts}]}
+    req = parse_request(orjson.dumps(body), "chat")
+    assert req.body["messages"][0]["content"] == parts
+    assert last_user_text(req) == "what is this?"
+
+
+def test_text_of_skips_text_that_is_not_a_string() -> None:
+    parts = [{"type": "text", "text": 5}, {"type": "text", "text": None}, {"type": "text"}]
+    assert text_of([*parts, {"type": "text", "text": "ok"}]) == "ok"
 
 
 def test_stream_options_need_stream() -> None:
