@@ -45,6 +45,7 @@ from proxy.engines.client import Upstream
 from proxy.engines.pool import Engine
 from proxy.errors import (
     FrugalError,
+    InternalError,
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
@@ -280,6 +281,13 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
     except asyncio.CancelledError:
         exchange.status = 499  # the client closed the connection
         raise
+    except _CLIENT_GONE:
+        exchange.status = 499
+        raise
+    except Exception as exc:
+        # A bug: the error middleware logs it and answers 500; metrics and the access line
+        # record that 500, not the 200 the exchange started with.
+        raise _refusal(exchange, InternalError()) from exc
     finally:
         # Metrics and the access line run just after the response is written (the next turn of
         # the loop), so their cost is not added to every answer's latency.

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
+import structlog
 
+from proxy import pipeline
 from proxy.app import TRANSPORT, create_app
+from proxy.observability.access import AccessLog
 from proxy.settings import Settings
 from proxy.sse import parse_all
 from tests.integration.conftest import StartFake, StartProxy, engine_config, wait_until
@@ -446,3 +450,49 @@ async def test_a_text_part_that_is_not_a_string_is_a_400(
     assert engine.state.counters.requests == 0
     metrics = await (await client.get("/metrics")).text()
     assert 'status="400"' in metrics and 'status="200"' not in metrics
+
+
+def _access_lines(p: Any) -> io.BytesIO:
+    """Send the proxy's access lines (JSON) to a buffer the test reads."""
+    buffer = io.BytesIO()
+    p.services.access_log = AccessLog(json=True, stream=buffer)
+    return buffer
+
+
+async def test_an_unexpected_error_is_an_openai_500_logged_once_and_counted(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, _, p = await _two_engines(start_fake, start_proxy)
+    access = _access_lines(p)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pipeline, "_route", broken)
+    with structlog.testing.capture_logs() as logs:
+        resp = await p.client.post(
+            "/v1/chat/completions", json=CHAT, headers={"x-request-id": "req-bug"}
+        )
+    assert resp.status == 500
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert resp.headers["x-request-id"] == "req-bug"
+    error = (await resp.json())["error"]
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    assert "a bug" not in error["message"]  # the details are for the log, not the client
+    (logged,) = [e for e in logs if e["event"] == "unexpected error"]
+    assert logged["request_id"] == "req-bug"
+    assert isinstance(logged["exc_info"], RuntimeError)
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp")]  # not twice
+    await asyncio.sleep(0)  # the access line is written a loop turn after the response
+    assert orjson.loads(access.getvalue())["status"] == 500
+    metrics = await (await p.client.get("/metrics")).text()
+    assert 'status="500"' in metrics and 'status="200"' not in metrics
+
+    # Outside the completion path too (here /metrics itself), a bug is an OpenAI-shaped 500.
+    monkeypatch.setattr(p.services.metrics, "render", broken)
+    resp = await p.client.get("/metrics")
+    assert resp.status == 500
+    assert (await resp.json())["error"]["code"] == "internal_error"
