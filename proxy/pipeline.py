@@ -309,6 +309,9 @@ async def _read_body(request: web.Request, services: Services) -> bytes:
         raise PayloadTooLarge(
             f"The request body is larger than the limit of {limit} bytes."
         ) from None
+    except web.RequestPayloadError as exc:
+        # e.g. Content-Encoding: gzip on a body that is not gzip
+        raise InvalidRequest(f"The request body could not be decoded: {exc}") from None
     if len(body) > limit:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
     if not body:

@@ -496,3 +496,19 @@ async def test_an_unexpected_error_is_an_openai_500_logged_once_and_counted(
     resp = await p.client.get("/metrics")
     assert resp.status == 500
     assert (await resp.json())["error"]["code"] == "internal_error"
+
+
+async def test_a_body_that_cannot_be_decoded_is_a_400(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    small, _, p = await _two_engines(start_fake, start_proxy)
+    resp = await p.client.post(
+        "/v1/chat/completions",
+        data=b'{"model": "small-model"}',
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "could not be decoded" in error["message"]
+    assert small.state.counters.requests == 0
