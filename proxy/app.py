@@ -149,16 +149,16 @@ def _policy_source(settings: Settings) -> PolicySource:
             source = PolicyStore.open(folder)
         except PolicyLoadError as exc:
             issues = "\n".join(f"  {issue}" for issue in exc.issues)
-            raise ConfigError(f"{folder}: invalid tier policies\n{issues}") from exc
+            raise ConfigError(f"policies: {folder}: invalid tier policies\n{issues}") from exc
         for issue in source.current.check_models(set(served)):
             log.warning("policy names a model no engine serves", issue=str(issue))
     current = source.current
     if current.is_open:
         if not _loopback(settings.server.host) and not settings.server.allow_open:
             raise ConfigError(
-                "no policy file defines an API key, so the proxy would serve anyone; on "
-                f"{settings.server.host} that is refused. Add keys (frugal keys add --tier T) "
-                "or set server.allow_open: true"
+                f"server.host: {settings.server.host} is not a loopback address and no policy "
+                "file defines an API key, so the proxy would serve anyone: refused. Add keys "
+                "(frugal keys add --tier T) or set server.allow_open: true"
             )
         log.warning("running open: no API key is required", tier=current.open_tier)
     return source
