@@ -164,7 +164,7 @@ class CachePlan:
 
 async def complete(request: web.Request, kind: Kind, services: Services) -> web.StreamResponse:
     exchange = Exchange(
-        request_id=request.headers.get("x-request-id") or services.request_ids.next(),
+        request_id=services.request_ids.accept(request.headers.get("x-request-id")),
         started=time.perf_counter(),
     )
     try:

@@ -512,3 +512,39 @@ async def test_a_body_that_cannot_be_decoded_is_a_400(
     assert error["type"] == "invalid_request_error"
     assert "could not be decoded" in error["message"]
     assert small.state.counters.requests == 0
+
+
+async def _raw_post(p: Any, path: str, body: bytes, headers: bytes) -> bytes:
+    """A request written byte for byte: header values no HTTP client library would send."""
+    server = p.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\n" + headers
+        + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )  # fmt: skip
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    return response
+
+
+@pytest.mark.parametrize(
+    "request_id", [b"caf\xe9", b"\xff\xfe", b"tab\there", b"x" * 500, "caf\u00e9".encode()]
+)
+async def test_a_request_id_that_is_not_printable_ascii_is_replaced(
+    start_fake: StartFake, start_proxy: StartProxy, request_id: bytes
+) -> None:
+    small, _, p = await _two_engines(start_fake, start_proxy)
+    access = _access_lines(p)
+    response = await _raw_post(
+        p, "/v1/chat/completions", orjson.dumps(CHAT), b"x-request-id: " + request_id + b"\r\n"
+    )
+    head, _, _ = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    [sent] = [line for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id:")]
+    generated = sent.split(b":", 1)[1].strip().decode("ascii")
+    assert generated and generated.isprintable() and len(generated) <= 128
+    assert dict((k.lower(), v) for k, v in small.state.log[-1].headers)["x-request-id"] == generated
+    await asyncio.sleep(0)  # the access line is written a loop turn after the response
+    assert orjson.loads(access.getvalue())["request_id"] == generated
