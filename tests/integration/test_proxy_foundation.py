@@ -157,6 +157,23 @@ async def test_models_lists_every_engine_and_auto(
     assert ids == ["auto", "small-model", "large-model"]
 
 
+async def test_a_model_is_retrieved_by_id_like_its_card_in_the_list(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    _, _, p = await _two_engines(start_fake, start_proxy)
+    listed = {m["id"]: m for m in (await (await p.client.get("/v1/models")).json())["data"]}
+    assert "root" in listed["small-model"]  # the engine's version
+    for name in ("auto", "small-model", "large-model"):
+        resp = await p.client.get(f"/v1/models/{name}")
+        assert resp.status == 200
+        assert await resp.json() == listed[name]
+    resp = await p.client.get("/v1/models/gpt-17")
+    assert resp.status == 404
+    error = (await resp.json())["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert error["type"] == "invalid_request_error"
+
+
 async def _status_is(p: Any, path: str, status: int) -> bool:
     return (await p.client.get(path)).status == status
 
