@@ -80,6 +80,42 @@ def test_stream_options_need_stream() -> None:
     assert err.value.param == "stream_options"
 
 
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, {}])
+def test_include_usage_must_be_a_boolean(value: object) -> None:
+    body = {"model": "m", "prompt": "p", "stream": True, "stream_options": {"include_usage": value}}
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(orjson.dumps(body), "completion")
+    assert err.value.param == "stream_options.include_usage"
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, True), (False, False), (None, False)])
+def test_include_usage_as_a_boolean_or_null(value: object, expected: bool) -> None:
+    body = {"model": "m", "prompt": "p", "stream": True, "stream_options": {"include_usage": value}}
+    assert parse_request(orjson.dumps(body), "completion").include_usage is expected
+
+
+@pytest.mark.parametrize("bad", [-1, 0, "10", 1.5, True])
+def test_max_tokens_is_checked_beside_max_completion_tokens(bad: object) -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(orjson.dumps({**chat, "max_completion_tokens": 5, "max_tokens": bad}), "chat")
+    assert err.value.param == "max_tokens"
+    req = parse_request(orjson.dumps({**chat, "max_completion_tokens": 5, "max_tokens": 9}), "chat")
+    assert req.max_tokens == 5  # the newer name is the one read
+
+
+@pytest.mark.parametrize("prompt", [[[1, "a"]], [[1, 2], [True]], [[1], []], [[1], "a"], [1, "a"]])
+def test_token_id_prompts_hold_only_integers(prompt: object) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(orjson.dumps({"model": "m", "prompt": prompt}), "completion")
+    assert err.value.param == "prompt"
+
+
+@pytest.mark.parametrize("prompt", ["p", ["a", "b"], [1, 2], [[1, 2], [3]]])
+def test_prompt_shapes_that_pass(prompt: object) -> None:
+    assert parse_request(orjson.dumps({"model": "m", "prompt": prompt}), "completion")
+
+
 @given(
     st.dictionaries(
         st.text(max_size=5), st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5), max_size=4
