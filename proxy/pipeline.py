@@ -284,6 +284,9 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
     except _CLIENT_GONE:
         exchange.status = 499
         raise
+    except web.HTTPException as exc:
+        exchange.status = exc.status  # aiohttp's own refusal; the middleware renders it
+        raise
     except Exception as exc:
         # A bug: the error middleware logs it and answers 500; metrics and the access line
         # record that 500, not the 200 the exchange started with.
