@@ -30,7 +30,7 @@ from proxy.engines.client import AiohttpTransport, EngineCaller, Transport
 from proxy.engines.health import poll_forever
 from proxy.engines.pool import Engine, Replica
 from proxy.engines.version import resolve_version
-from proxy.errors import FrugalError, InvalidRequest, NotFound, PayloadTooLarge
+from proxy.errors import FrugalError, InternalError, InvalidRequest, NotFound, PayloadTooLarge
 from proxy.observability.access import AccessLog
 from proxy.observability.dashboard import dashboard_routes
 from proxy.observability.metrics import Metrics
@@ -149,16 +149,16 @@ def _policy_source(settings: Settings) -> PolicySource:
             source = PolicyStore.open(folder)
         except PolicyLoadError as exc:
             issues = "\n".join(f"  {issue}" for issue in exc.issues)
-            raise ConfigError(f"{folder}: invalid tier policies\n{issues}") from exc
+            raise ConfigError(f"policies: {folder}: invalid tier policies\n{issues}") from exc
         for issue in source.current.check_models(set(served)):
             log.warning("policy names a model no engine serves", issue=str(issue))
     current = source.current
     if current.is_open:
         if not _loopback(settings.server.host) and not settings.server.allow_open:
             raise ConfigError(
-                "no policy file defines an API key, so the proxy would serve anyone; on "
-                f"{settings.server.host} that is refused. Add keys (frugal keys add --tier T) "
-                "or set server.allow_open: true"
+                f"server.host: {settings.server.host} is not a loopback address and no policy "
+                "file defines an API key, so the proxy would serve anyone: refused. Add keys "
+                "(frugal keys add --tier T) or set server.allow_open: true"
             )
         log.warning("running open: no API key is required", tier=current.open_tier)
     return source
@@ -596,12 +596,32 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """The one place errors become responses: OpenAI-shaped JSON with the right status."""
     try:
         return await handler(request)
+    except InternalError as err:
+        # The pipeline's own bugs arrive wrapped (carrying the request's id and headers).
+        return _internal_error(request, err, err.__cause__ or err)
     except FrugalError as err:
         return _error_response(err)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return _error_response(_from_http_exception(exc))
+    except Exception as exc:
+        return _internal_error(request, InternalError(), exc)
+
+
+def _internal_error(request: web.Request, err: InternalError, bug: BaseException) -> web.Response:
+    if request.writer.output_size > 0:
+        # Part of a response is out: no error response can follow it. aiohttp logs the
+        # exception and closes the connection.
+        raise bug from None
+    log.error(
+        "unexpected error",
+        method=request.method,
+        path=request.path,
+        request_id=err.headers.get("x-request-id"),
+        exc_info=bug,
+    )
+    return _error_response(err)
 
 
 def _error_response(err: FrugalError) -> web.Response:

@@ -90,7 +90,13 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    run_proxy(settings, port=args.port)
+    try:
+        run_proxy(settings, port=args.port)
+    except ConfigError as exc:
+        # Checked as the app is built (the policy folder, open access): the message names the
+        # field; the file is the config's.
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,6 +3,7 @@
 ::
 
     FrugalError                      500 server_error
+    ├── InternalError                500 server_error               code=internal_error
     ├── InvalidRequest               400 invalid_request_error      (also ValueError)
     │   └── PayloadTooLarge          413 invalid_request_error      code=payload_too_large
     ├── AuthenticationFailed         401 authentication_error       code=invalid_api_key
@@ -70,6 +71,16 @@ class FrugalError(Exception):
     def to_sse(self) -> bytes:
         """The closing events of a stream that broke after it began: an error event, then DONE."""
         return frame(self.to_json()) + DONE_EVENT
+
+
+class InternalError(FrugalError):
+    """An exception the proxy did not expect (a bug): the client learns only that it happened;
+    the traceback goes to the log."""
+
+    default_code = "internal_error"
+
+    def __init__(self, message: str = "The server had an error processing your request.") -> None:
+        super().__init__(message)
 
 
 class InvalidRequest(FrugalError, ValueError):

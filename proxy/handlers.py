@@ -8,6 +8,7 @@ import orjson
 from aiohttp import web
 
 from proxy import pipeline
+from proxy.errors import ModelNotFound
 from proxy.services import Services
 from proxy.settings import VIRTUAL_MODEL
 
@@ -25,6 +26,15 @@ def add_routes(app: web.Application, services: Services) -> None:
         data = [_model_card(VIRTUAL_MODEL, created, root=None)]
         data += [_model_card(e.model, created, root=e.version) for e in services.engines]
         return _json({"object": "list", "data": data})
+
+    async def model(request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name == VIRTUAL_MODEL:
+            return _json(_model_card(VIRTUAL_MODEL, created, root=None))
+        engine = services.by_model.get(name)
+        if engine is None:
+            raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
+        return _json(_model_card(engine.model, created, root=engine.version))
 
     async def healthz(request: web.Request) -> web.Response:
         return _json({"status": "ok"})
@@ -49,6 +59,7 @@ def add_routes(app: web.Application, services: Services) -> None:
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

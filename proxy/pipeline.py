@@ -45,6 +45,7 @@ from proxy.engines.client import Upstream
 from proxy.engines.pool import Engine
 from proxy.errors import (
     FrugalError,
+    InternalError,
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
@@ -163,7 +164,7 @@ class CachePlan:
 
 async def complete(request: web.Request, kind: Kind, services: Services) -> web.StreamResponse:
     exchange = Exchange(
-        request_id=request.headers.get("x-request-id") or services.request_ids.next(),
+        request_id=services.request_ids.accept(request.headers.get("x-request-id")),
         started=time.perf_counter(),
     )
     try:
@@ -283,6 +284,16 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
     except asyncio.CancelledError:
         exchange.status = 499  # the client closed the connection
         raise
+    except _CLIENT_GONE:
+        exchange.status = 499
+        raise
+    except web.HTTPException as exc:
+        exchange.status = exc.status  # aiohttp's own refusal; the middleware renders it
+        raise
+    except Exception as exc:
+        # A bug: the error middleware logs it and answers 500; metrics and the access line
+        # record that 500, not the 200 the exchange started with.
+        raise _refusal(exchange, InternalError()) from exc
     finally:
         # Metrics and the access line run just after the response is written (the next turn of
         # the loop), so their cost is not added to every answer's latency.
@@ -304,6 +315,9 @@ async def _read_body(request: web.Request, services: Services) -> bytes:
         raise PayloadTooLarge(
             f"The request body is larger than the limit of {limit} bytes."
         ) from None
+    except web.RequestPayloadError as exc:
+        # e.g. Content-Encoding: gzip on a body that is not gzip
+        raise InvalidRequest(f"The request body could not be decoded: {exc}") from None
     if len(body) > limit:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
     if not body:

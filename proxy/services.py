@@ -28,6 +28,8 @@ from proxy.settings import Settings
 from proxy.shadow.audit import CacheAuditor
 from proxy.shadow.tuner import CacheTuner
 
+MAX_REQUEST_ID = 128
+
 
 class RequestIds:
     """Unique request ids without uuid4's cost on every request: a random per-process prefix
@@ -41,6 +43,14 @@ class RequestIds:
 
     def next(self) -> str:
         return f"{self._prefix}{next(self._counter):010x}"
+
+    def accept(self, value: str | None) -> str:
+        """The client's ``x-request-id`` if it is short printable ASCII, else a new id. Any other
+        value (a non-UTF-8 header arrives with surrogates) would break the engine call's headers,
+        the response's and the access line's JSON."""
+        if value and len(value) <= MAX_REQUEST_ID and value.isascii() and value.isprintable():
+            return value
+        return self.next()
 
 
 class PolicySource(Protocol):

@@ -84,7 +84,14 @@ def parse_request(raw: bytes, kind: Kind) -> CompletionRequest:
             raise InvalidRequest(
                 "stream_options is only allowed when stream is true.", param="stream_options"
             )
-        include_usage = bool(options.get("include_usage", False))
+        usage = options.get("include_usage")
+        if usage is not None and not isinstance(usage, bool):
+            # bool("false") is True: a string must not turn usage on.
+            raise InvalidRequest(
+                "stream_options.include_usage must be a boolean.",
+                param="stream_options.include_usage",
+            )
+        include_usage = bool(usage)
 
     max_tokens = _max_tokens(body, kind)
     _check_number(body, "temperature", 0.0, 2.0)
@@ -136,12 +143,24 @@ def _check_messages(messages: Any) -> None:
             raise InvalidRequest(
                 f"messages[{i}].role must be a string.", param=f"messages[{i}].role"
             )
-        content = message.get("content")
-        if content is not None and not isinstance(content, str | list):
-            raise InvalidRequest(
-                f"messages[{i}].content must be a string or an array of content parts.",
-                param=f"messages[{i}].content",
-            )
+        _check_content(message.get("content"), f"messages[{i}].content")
+
+
+def _check_content(content: Any, where: str) -> None:
+    """A string, or content parts each naming its type; a text part's text is a string (the
+    proxy reads it). Other parts (images, audio, ...) are the engine's to judge."""
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where} must be a string or an array of content parts.", param=where)
+    for j, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise InvalidRequest(f"{where}[{j}] must be an object.", param=f"{where}[{j}]")
+        kind = part.get("type")
+        if not isinstance(kind, str):
+            raise InvalidRequest(f"{where}[{j}].type must be a string.", param=f"{where}[{j}].type")
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"{where}[{j}].text must be a string.", param=f"{where}[{j}].text")
 
 
 def _check_prompt(prompt: Any) -> None:
@@ -150,28 +169,35 @@ def _check_prompt(prompt: Any) -> None:
     if isinstance(prompt, str):
         return
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt) or all(
-            isinstance(p, int) and not isinstance(p, bool) for p in prompt
-        ):
+        if all(isinstance(p, str) for p in prompt) or _token_ids(prompt):
             return
-        if all(isinstance(p, list) for p in prompt):
+        if all(isinstance(p, list) and p and _token_ids(p) for p in prompt):
             return
     raise InvalidRequest(
-        "'prompt' must be a string, an array of strings, or an array of token ids.",
+        "'prompt' must be a string, an array of strings, an array of token ids, or an array "
+        "of arrays of token ids.",
         param="prompt",
     )
 
 
+def _token_ids(values: list[Any]) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
 def _max_tokens(body: dict[str, Any], kind: Kind) -> int | None:
+    """The output cap: chat's max_completion_tokens before its older name max_tokens. Both are
+    checked, the one not read too (the engine reads it)."""
     keys = ("max_completion_tokens", "max_tokens") if kind == "chat" else ("max_tokens",)
+    cap = None
     for key in keys:
         value = body.get(key)
         if value is None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InvalidRequest(f"'{key}' must be a positive integer.", param=key)
-        return value
-    return None
+        if cap is None:
+            cap = value
+    return cap
 
 
 def _check_number(body: dict[str, Any], key: str, low: float, high: float) -> None:
@@ -189,10 +215,13 @@ def text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
+        # Only string texts: parse_request rejects others, but this must not be what breaks.
         return "\n".join(
-            part.get("text", "")
+            part["text"]
             for part in content
-            if isinstance(part, dict) and part.get("type") == "text"
+            if isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
         )
     return ""
 

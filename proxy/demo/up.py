@@ -184,6 +184,9 @@ def _run_up(*, data_dir: Path, config: Path | None, port: int) -> int:
     except DemoError as exc:
         _say(f"frugal up: {exc}")
         return 1
+    except ConfigError as exc:  # the policy folder and open access, checked as the app is built
+        _say(f"frugal up: {exc}")
+        return 2
     except KeyboardInterrupt:
         _say("frugal up: stopped")
         return 130

@@ -124,12 +124,18 @@ def configure_logging(
     if json:
         out = stream if stream is not None else sys.stdout.buffer
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
-        tail: list[Processor] = [structlog.processors.dict_tracebacks, renderer]
+        # Tracebacks without each frame's local variables: those hold prompts and answers.
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        tail: list[Processor] = [tracebacks, renderer]
         logger_factory = structlog.BytesLoggerFactory(cast(BinaryIO, out))
     else:
         out = stream if stream is not None else sys.stderr
         colors = bool(getattr(out, "isatty", lambda: False)())
-        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=colors, exception_formatter=structlog.dev.plain_traceback
+        )
         tail = [renderer]
         logger_factory = structlog.PrintLoggerFactory(cast(TextIO, out))
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import io
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
+import structlog
 
 from proxy import pipeline
-from proxy.app import TRANSPORT
+from proxy.app import TRANSPORT, create_app
+from proxy.observability.access import AccessLog
+from proxy.settings import Settings
 from proxy.sse import parse_all
 from tests.integration.conftest import StartFake, StartProxy, engine_config, wait_until
 
@@ -149,6 +155,23 @@ async def test_models_lists_every_engine_and_auto(
     resp = await p.client.get("/v1/models")
     ids = [m["id"] for m in (await resp.json())["data"]]
     assert ids == ["auto", "small-model", "large-model"]
+
+
+async def test_a_model_is_retrieved_by_id_like_its_card_in_the_list(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    _, _, p = await _two_engines(start_fake, start_proxy)
+    listed = {m["id"]: m for m in (await (await p.client.get("/v1/models")).json())["data"]}
+    assert "root" in listed["small-model"]  # the engine's version
+    for name in ("auto", "small-model", "large-model"):
+        resp = await p.client.get(f"/v1/models/{name}")
+        assert resp.status == 200
+        assert await resp.json() == listed[name]
+    resp = await p.client.get("/v1/models/gpt-17")
+    assert resp.status == 404
+    error = (await resp.json())["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert error["type"] == "invalid_request_error"
 
 
 async def _status_is(p: Any, path: str, status: int) -> bool:
@@ -427,3 +450,143 @@ async def test_engine_slower_than_its_whole_request_timeout_mid_stream_ends_the_
     assert error["code"] == "upstream_timeout"
     await wait_until(lambda: slow.state.counters.aborted == 1)  # the engine was told to stop
     assert p.services.engines[0].replicas[0].inflight == 0
+
+
+def _constant_encoder(texts: list[str]) -> np.ndarray:
+    """A stand-in embedding model: the same unit vector for every text."""
+    out = np.zeros((len(texts), 384), dtype=np.float32)
+    out[:, 0] = 1.0
+    return out
+
+
+async def _proxy_with_embedder(start_fake: StartFake, aiohttp_client: Any, tmp_path: Path) -> Any:
+    """The proxy with the semantic cache and a stand-in embedder: the last user turn is read."""
+    engine = await start_fake("small-model")
+    settings = Settings.model_validate(
+        {
+            "engines": [engine_config("small", "small-model", [engine.url])],
+            "policies": None,
+            "data_dir": str(tmp_path / "data"),
+            "cache": {"enabled": True, "semantic": True},
+            "routing": {"enabled": False},
+            "logging": {"level": "warning", "format": "console"},
+        }
+    )
+    return engine, await aiohttp_client(
+        create_app(settings, encode=_constant_encoder, access_log=False)
+    )
+
+
+@pytest.mark.parametrize("text", [5, None])
+async def test_a_text_part_that_is_not_a_string_is_a_400(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path, text: object
+) -> None:
+    engine, client = await _proxy_with_embedder(start_fake, aiohttp_client, tmp_path)
+    content = [{"type": "text", "text": text}]
+    body = {**CHAT, "messages": [{"role": "user", "content": content}], "temperature": 0}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == "messages[0].content[0].text"
+    assert engine.state.counters.requests == 0
+    metrics = await (await client.get("/metrics")).text()
+    assert 'status="400"' in metrics and 'status="200"' not in metrics
+
+
+def _access_lines(p: Any) -> io.BytesIO:
+    """Send the proxy's access lines (JSON) to a buffer the test reads."""
+    buffer = io.BytesIO()
+    p.services.access_log = AccessLog(json=True, stream=buffer)
+    return buffer
+
+
+async def test_an_unexpected_error_is_an_openai_500_logged_once_and_counted(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, _, p = await _two_engines(start_fake, start_proxy)
+    access = _access_lines(p)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pipeline, "_route", broken)
+    with structlog.testing.capture_logs() as logs:
+        resp = await p.client.post(
+            "/v1/chat/completions", json=CHAT, headers={"x-request-id": "req-bug"}
+        )
+    assert resp.status == 500
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert resp.headers["x-request-id"] == "req-bug"
+    error = (await resp.json())["error"]
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    assert "a bug" not in error["message"]  # the details are for the log, not the client
+    (logged,) = [e for e in logs if e["event"] == "unexpected error"]
+    assert logged["request_id"] == "req-bug"
+    assert isinstance(logged["exc_info"], RuntimeError)
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp")]  # not twice
+    await asyncio.sleep(0)  # the access line is written a loop turn after the response
+    assert orjson.loads(access.getvalue())["status"] == 500
+    metrics = await (await p.client.get("/metrics")).text()
+    assert 'status="500"' in metrics and 'status="200"' not in metrics
+
+    # Outside the completion path too (here /metrics itself), a bug is an OpenAI-shaped 500.
+    monkeypatch.setattr(p.services.metrics, "render", broken)
+    resp = await p.client.get("/metrics")
+    assert resp.status == 500
+    assert (await resp.json())["error"]["code"] == "internal_error"
+
+
+async def test_a_body_that_cannot_be_decoded_is_a_400(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    small, _, p = await _two_engines(start_fake, start_proxy)
+    resp = await p.client.post(
+        "/v1/chat/completions",
+        data=b'{"model": "small-model"}',
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "could not be decoded" in error["message"]
+    assert small.state.counters.requests == 0
+
+
+async def _raw_post(p: Any, path: str, body: bytes, headers: bytes) -> bytes:
+    """A request written byte for byte: header values no HTTP client library would send."""
+    server = p.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\n" + headers
+        + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )  # fmt: skip
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    return response
+
+
+@pytest.mark.parametrize(
+    "request_id", [b"caf\xe9", b"\xff\xfe", b"tab\there", b"x" * 500, "caf\u00e9".encode()]
+)
+async def test_a_request_id_that_is_not_printable_ascii_is_replaced(
+    start_fake: StartFake, start_proxy: StartProxy, request_id: bytes
+) -> None:
+    small, _, p = await _two_engines(start_fake, start_proxy)
+    access = _access_lines(p)
+    response = await _raw_post(
+        p, "/v1/chat/completions", orjson.dumps(CHAT), b"x-request-id: " + request_id + b"\r\n"
+    )
+    head, _, _ = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    [sent] = [line for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id:")]
+    generated = sent.split(b":", 1)[1].strip().decode("ascii")
+    assert generated and generated.isprintable() and len(generated) <= 128
+    assert dict((k.lower(), v) for k, v in small.state.log[-1].headers)["x-request-id"] == generated
+    await asyncio.sleep(0)  # the access line is written a loop turn after the response
+    assert orjson.loads(access.getvalue())["request_id"] == generated

