@@ -527,7 +527,8 @@ async def test_an_unexpected_error_is_an_openai_500_logged_once_and_counted(
     (logged,) = [e for e in logs if e["event"] == "unexpected error"]
     assert logged["request_id"] == "req-bug"
     assert isinstance(logged["exc_info"], RuntimeError)
-    assert not [r for r in caplog.records if r.name.startswith("aiohttp")]  # not twice
+    # not logged twice (aiohttp's own "Error handling request"); its access lines may show
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelno >= 30]
     await asyncio.sleep(0)  # the access line is written a loop turn after the response
     assert orjson.loads(access.getvalue())["status"] == 500
     metrics = await (await p.client.get("/metrics")).text()
