@@ -55,8 +55,13 @@ class CostSettings(StrictModel):
 
 class TimeoutSettings(StrictModel):
     connect_s: float = Field(3.0, gt=0)
-    first_token_s: float = Field(60.0, gt=0, description="until the first byte of the answer")
-    total_s: float = Field(600.0, gt=0, description="the whole request")
+    first_token_s: float = Field(
+        60.0,
+        gt=0,
+        description="streamed: until the first token, then the retry gets what total_s has left"
+        " (a non-streamed answer's first byte is its end: only total_s bounds it)",
+    )
+    total_s: float = Field(600.0, gt=0, description="the whole request, its retry included")
 
 
 class BreakerSettings(StrictModel):
