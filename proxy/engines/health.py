@@ -86,8 +86,10 @@ async def poll_replica(
         replica.failed_polls += 1
     healthy = ok or (was is True and replica.failed_polls < unhealthy_after)
     replica.healthy = healthy
-    if ok and replica.breaker.state == "open":
-        # The engine says it is back: let the next request be the half-open probe right away.
+    if ok and was is False and replica.breaker.state == "open":
+        # It was down and is back: let the next request be the half-open probe right away. Not
+        # when it stayed healthy: its breaker opened on failed completions that /health does
+        # not see, and the open period must run its course.
         replica.breaker.opened_at = time.monotonic() - replica.breaker.open_s
     if was is not None and was != healthy:
         log.warning("replica health changed", replica=replica.url, healthy=healthy)
