@@ -252,6 +252,12 @@ class HealthSettings(StrictModel):
     unhealthy_after: int = Field(
         2, ge=1, description="failed polls in a row that mark a healthy replica down"
     )
+    version_interval_s: float = Field(
+        30.0,
+        gt=0,
+        description="version: auto: how often each replica is asked again what it serves (also"
+        " whenever it comes back from down)",
+    )
 
 
 class LoggingSettings(StrictModel):

@@ -197,7 +197,13 @@ class EngineCaller:
             now = time.monotonic()
             if now >= deadline:
                 break  # the failed attempt used the whole request's time: no retry
-            replica = choose_replica(engine.replicas, affinity=affinity, now=now, exclude=tried)
+            replica = choose_replica(
+                engine.replicas,
+                affinity=affinity,
+                now=now,
+                exclude=tried,
+                version=engine.required_version,
+            )
             if replica is None:
                 break
             tried.append(replica)
