@@ -23,9 +23,10 @@ from proxy import admin, handlers
 from proxy.cache.index import SemanticIndex
 from proxy.cache.keys import Scope
 from proxy.cache.service import CacheConfig, CosineVerifier, ResponseCache, SemanticVerifier
-from proxy.cache.store import CacheStore, DiskStore
+from proxy.cache.store import CacheBackendError, CacheStore, DiskStore
 from proxy.cache.verifier import CacheVerifier
 from proxy.embeddings.worker import EmbeddingWorker, Encode
+from proxy.engines.autoversion import RESOLVE_ERRORS, VersionWatch, auth_headers
 from proxy.engines.client import AiohttpTransport, EngineCaller, Transport
 from proxy.engines.health import poll_forever
 from proxy.engines.pool import Engine, Replica
@@ -491,7 +492,8 @@ async def _rollouts(app: web.Application) -> AsyncIterator[None]:
 async def _engine_versions(app: web.Application) -> AsyncIterator[None]:
     """Resolve ``version: auto`` from the engines; keep trying in the background until each
     answers (an engine may still be loading its weights when the proxy starts). Cache entries
-    of versions no engine serves any more are purged once every version is known."""
+    of versions no engine serves any more are purged once every version is known. From then on
+    the health poller keeps the versions current (``proxy/engines/autoversion.py``)."""
     services = app[SERVICES]
     session = app[TRANSPORT].session
     pending = [e for e in services.engines if e.version is None]
@@ -512,35 +514,55 @@ async def _resolve_versions(
     engines = list(engines)
     while engines:
         for engine in list(engines):
-            for replica in engine.replicas:
-                try:
-                    engine.version = await resolve_version(
-                        session,
-                        replica.url,
-                        engine.wire_model,
-                        model_dir=engine.settings.model_dir,
-                        headers=_auth(engine),
-                    )
-                except (aiohttp.ClientError, OSError, TimeoutError, LookupError, ValueError) as exc:
-                    if cancelling():
-                        raise asyncio.CancelledError from exc
-                    continue
-                log.info("engine version", engine=engine.name, version=engine.version)
+            if engine.version is None:
+                # Every replica is asked (one that reports another version stays out of
+                # rotation); the first in the config's order that answers sets the version.
+                versions = await asyncio.gather(*(_ask_version(engine, r, session)
+                                                  for r in engine.replicas))  # fmt: skip
+                known = [v for v in versions if v is not None]
+                if engine.version is None and known:  # (the health poller may have set it)
+                    engine.version = known[0]
+                    log.info("engine version", engine=engine.name, version=engine.version)
+            if engine.version is not None:
                 engines.remove(engine)
-                break
         if engines:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-    if services.cache is not None:
-        keep = services.rollouts.served()  # stable and canary versions alike
+    await _purge_unserved(services)
+
+
+async def _ask_version(
+    engine: Engine, replica: Replica, session: aiohttp.ClientSession
+) -> str | None:
+    now = time.monotonic()
+    try:
+        version = await resolve_version(
+            session,
+            replica.url,
+            engine.wire_model,
+            model_dir=engine.settings.model_dir,
+            headers=auth_headers(engine),
+        )
+    except RESOLVE_ERRORS as exc:
+        if cancelling():
+            raise asyncio.CancelledError from exc
+        return None
+    replica.version, replica.version_at = version, now
+    return version
+
+
+async def _purge_unserved(services: Services) -> None:
+    """Delete the cache entries of versions no engine (stable or canary) serves."""
+    if services.cache is None:
+        return
+    keep = services.rollouts.served()
+    try:
         purged = await services.cache.purge_versions(keep)
-        if purged:
-            log.info("purged cache entries of versions no engine serves", entries=purged)
-
-
-def _auth(engine: Engine) -> dict[str, str] | None:
-    key = engine.settings.api_key
-    return {"Authorization": f"Bearer {key}"} if key else None
+    except (CacheBackendError, OSError) as exc:  # cleanup only: the next purge retries
+        log.warning("could not purge versions no engine serves", error=str(exc))
+        return
+    if purged:
+        log.info("purged cache entries of versions no engine serves", entries=purged)
 
 
 async def _health_poller(app: web.Application) -> AsyncIterator[None]:
@@ -563,7 +585,28 @@ async def _health_poller(app: web.Application) -> AsyncIterator[None]:
             state = "half_open"
         metrics.breaker_state(engine=engine.name, replica=replica.url, state=state)
 
+    purges: set[asyncio.Task[None]] = set()
+
+    def switched(engine: Engine, old: str | None, new: str) -> None:
+        if old is None:
+            return  # first resolution: the start-up resolution purges once all are known
+        metrics.engine_version_changed(engine=engine.name)
+        if all(e.version is not None for e in services.engines):
+            # In the background: a purge scans the whole store, and polling must go on.
+            purge = asyncio.create_task(_purge_unserved(services))
+            purges.add(purge)
+            purge.add_done_callback(purges.discard)
+
     health = services.settings.health
+    watch = VersionWatch(
+        session,
+        services.engines,
+        interval_s=health.version_interval_s,
+        timeout_s=health.timeout_s,
+        frozen=lambda engine: services.rollouts.rolling_out(engine.name),
+        on_switch=switched,
+        on_held_out=lambda engine, _: metrics.replica_held_out(engine=engine.name),
+    )
     task = asyncio.create_task(
         poll_forever(
             session,
@@ -572,10 +615,13 @@ async def _health_poller(app: web.Application) -> AsyncIterator[None]:
             timeout_s=health.timeout_s,
             unhealthy_after=health.unhealthy_after,
             observe=observe,
+            after=watch.check,
         )
     )
     yield
     await stop(task)
+    for purge in list(purges):
+        await stop(purge)
 
 
 async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:

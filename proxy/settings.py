@@ -55,8 +55,13 @@ class CostSettings(StrictModel):
 
 class TimeoutSettings(StrictModel):
     connect_s: float = Field(3.0, gt=0)
-    first_token_s: float = Field(60.0, gt=0, description="until the first byte of the answer")
-    total_s: float = Field(600.0, gt=0, description="the whole request")
+    first_token_s: float = Field(
+        60.0,
+        gt=0,
+        description="streamed: until the first token, then the retry gets what total_s has left"
+        " (a non-streamed answer's first byte is its end: only total_s bounds it)",
+    )
+    total_s: float = Field(600.0, gt=0, description="the whole request, its retry included")
 
 
 class BreakerSettings(StrictModel):
@@ -246,6 +251,12 @@ class HealthSettings(StrictModel):
     timeout_s: float = Field(2.0, gt=0)
     unhealthy_after: int = Field(
         2, ge=1, description="failed polls in a row that mark a healthy replica down"
+    )
+    version_interval_s: float = Field(
+        30.0,
+        gt=0,
+        description="version: auto: how often each replica is asked again what it serves (also"
+        " whenever it comes back from down)",
     )
 
 

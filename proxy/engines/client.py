@@ -3,7 +3,8 @@
 The transport is the only place that opens sockets; tests can pass a plain async function.
 ``EngineCaller.open`` picks a replica, sends, and waits for the first byte of the answer. A
 replica that fails before that byte (connect error, 5xx, timeout) is retried once on another
-replica; after the first byte the caller owns the stream and failures end it.
+replica; after the first byte the caller owns the stream and failures end it. ``total_s`` is one
+deadline for the whole request, retry included.
 """
 
 from __future__ import annotations
@@ -188,12 +189,21 @@ class EngineCaller:
         affinity: bytes | None,
         stream: bool,
     ) -> Upstream:
-        timeouts = engine.settings.timeouts
+        # One deadline for the whole request: a retry spends what the first attempt left.
+        deadline = time.monotonic() + engine.settings.timeouts.total_s
         tried: list[Replica] = []
         error: FrugalError | None = None
         while len(tried) < 2:
             now = time.monotonic()
-            replica = choose_replica(engine.replicas, affinity=affinity, now=now, exclude=tried)
+            if now >= deadline:
+                break  # the failed attempt used the whole request's time: no retry
+            replica = choose_replica(
+                engine.replicas,
+                affinity=affinity,
+                now=now,
+                exclude=tried,
+                version=engine.required_version,
+            )
             if replica is None:
                 break
             tried.append(replica)
@@ -201,7 +211,6 @@ class EngineCaller:
                 continue
             if error is not None and self._on_retry is not None:
                 self._on_retry(engine, error.code or "error")
-            deadline = now + timeouts.total_s
             replica.inflight += 1
             try:
                 return await self._attempt(
@@ -232,7 +241,12 @@ class EngineCaller:
         attempts: int,
     ) -> Upstream:
         timeouts = engine.settings.timeouts
-        wait = min(timeouts.first_token_s, timeouts.total_s) if stream else timeouts.total_s
+        # A stream's first byte is the first token, so first_token_s bounds it and a silent
+        # replica is left in time for the retry. A non-streamed answer's first byte comes only
+        # once the whole answer is done: only the request's deadline bounds it.
+        wait = deadline - time.monotonic()
+        if stream:
+            wait = min(timeouts.first_token_s, wait)
         response: UpstreamResponse | None = None
         try:
             async with TimeLimit(wait):
@@ -260,7 +274,7 @@ class EngineCaller:
                 response.close()
             if isinstance(exc, TimeoutError):
                 raise _ReplicaFailed(
-                    UpstreamTimeout(f"engine {engine.name} did not answer within {wait:g}s")
+                    UpstreamTimeout(f"engine {engine.name} did not answer within {wait:.3g}s")
                 ) from None
             if isinstance(exc, aiohttp.ClientError | OSError):
                 raise _ReplicaFailed(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 import structlog
@@ -55,6 +55,7 @@ def parse_vllm_metrics(text: str) -> ReplicaLoad:
 
 
 ReplicaObserver = Callable[[Engine, Replica], None]
+AfterPoll = Callable[[], Awaitable[None]]
 
 
 async def poll_replica(
@@ -86,8 +87,14 @@ async def poll_replica(
         replica.failed_polls += 1
     healthy = ok or (was is True and replica.failed_polls < unhealthy_after)
     replica.healthy = healthy
-    if ok and replica.breaker.state == "open":
-        # The engine says it is back: let the next request be the half-open probe right away.
+    if ok and was is False:
+        # A restart may be a redeploy: what it serves is unknown until it is asked again (an
+        # engine with version: auto keeps it out of rotation until then).
+        replica.version = None
+    if ok and was is False and replica.breaker.state == "open":
+        # It was down and is back: let the next request be the half-open probe right away. Not
+        # when it stayed healthy: its breaker opened on failed completions that /health does
+        # not see, and the open period must run its course.
         replica.breaker.opened_at = time.monotonic() - replica.breaker.open_s
     if was is not None and was != healthy:
         log.warning("replica health changed", replica=replica.url, healthy=healthy)
@@ -101,11 +108,15 @@ async def poll_forever(
     timeout_s: float,
     unhealthy_after: int = 1,
     observe: ReplicaObserver | None = None,
+    after: AfterPoll | None = None,
 ) -> None:
+    """Poll every ``interval_s``; ``after`` runs after each round (it sees its results)."""
     while True:
         await poll_once(
             session, engines, timeout_s=timeout_s, unhealthy_after=unhealthy_after, observe=observe
         )
+        if after is not None:
+            await after()
         await asyncio.sleep(interval_s)
 
 

@@ -37,6 +37,12 @@ class Replica:
     failed_polls: int = 0  # health polls failed in a row
     load: ReplicaLoad = field(default_factory=ReplicaLoad)
     inflight: int = 0  # requests this proxy has open on it right now
+    # version: auto: the version it last reported (None: not asked yet, or back from down and
+    # not asked again), when it was last asked (monotonic), and the other version it was last
+    # reported held out for (so that is logged once).
+    version: str | None = None
+    version_at: float | None = None
+    held_out_for: str | None = None
 
     @property
     def pressure(self) -> float:
@@ -49,7 +55,7 @@ class Replica:
 class Engine:
     settings: EngineSettings
     replicas: list[Replica]
-    version: str | None = None  # resolved at start-up when settings say "auto"
+    version: str | None = None  # with settings' "auto": what the replicas report, kept current
     # The model name these replicas serve, when it differs from the name clients ask for (a
     # canary, or a promoted canary, launched under another served-model name).
     upstream_model: str | None = None
@@ -83,14 +89,30 @@ class Engine:
         return cls(settings=settings, replicas=replicas, version=version)
 
     @property
+    def auto(self) -> bool:
+        """The version is discovered from the replicas (and followed across redeploys)."""
+        return self.settings.version == "auto"
+
+    @property
+    def required_version(self) -> str | None:
+        """The version a replica must have reported to take this engine's requests; None: any
+        (a fixed version, or one not known yet, when nothing is cached or served from cache)."""
+        return self.version if self.auto else None
+
+    def in_rotation(self, replica: Replica) -> bool:
+        """Whether ``replica`` serves this engine's version (healthy or not)."""
+        required = self.required_version
+        return required is None or replica.version == required
+
+    @property
     def ready(self) -> bool:
-        return any(r.healthy for r in self.replicas)
+        return any(r.healthy and self.in_rotation(r) for r in self.replicas)
 
     def load(self) -> ReplicaLoad:
         """Summed load of the healthy replicas (for routing by load)."""
         total = ReplicaLoad()
         for r in self.replicas:
-            if r.healthy is not False:
+            if r.healthy is not False and self.in_rotation(r):
                 total.running += max(r.load.running, float(r.inflight))
                 total.waiting += r.load.waiting
         return total
@@ -106,13 +128,18 @@ def choose_replica(
     affinity: bytes | None,
     now: float,
     exclude: Iterable[Replica] = (),
+    version: str | None = None,
 ) -> Replica | None:
-    """The replica to send to, or None when none can take a request."""
+    """The replica to send to, or None when none can take a request. ``version``: only replicas
+    that last reported it (an engine's answers are cached under its version)."""
     excluded = set(map(id, exclude))
     candidates = [
         r
         for r in replicas
-        if id(r) not in excluded and r.healthy is not False and r.breaker.available(now)
+        if id(r) not in excluded
+        and r.healthy is not False
+        and (version is None or r.version == version)
+        and r.breaker.available(now)
     ]
     if not candidates:
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,20 @@ def derive_version(
     parts = [model, root or "", str(max_model_len or ""), folder_digest or ""]
     digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
     return f"{model}@{digest[:12]}"
+
+
+def next_version(current: str | None, reported: Iterable[str | None]) -> str | None:
+    """The version an engine serves, from what its healthy replicas report (None: not known).
+
+    The current version stands while any healthy replica still serves it: during a rolling
+    redeploy the redeployed replicas wait, out of rotation, until the last old one goes. Then,
+    when the replicas that reported agree on one version, it is the engine's; while they disagree
+    (or none reported) nothing changes.
+    """
+    known = {v for v in reported if v is not None}
+    if current in known or len(known) != 1:
+        return current
+    return known.pop()
 
 
 def folder_digest(folder: Path) -> str | None:

@@ -284,6 +284,16 @@ class Metrics:
             "Engine calls retried, by engine and reason.",
             ["engine", "reason"],
         )
+        self.version_changes = CounterFamily(
+            "frugal_engine_version_changes",
+            "Engines with version: auto that switched to a new version (redeployed in place).",
+            ["engine"],
+        )
+        self.replicas_held_out = CounterFamily(
+            "frugal_replicas_held_out",
+            "Replicas taken out of rotation for reporting another version than their engine's.",
+            ["engine"],
+        )
         self.breaker = Gauge(
             "frugal_breaker_state",
             "Circuit breaker state per replica: 1 for the current state, 0 for the others.",
@@ -316,6 +326,8 @@ class Metrics:
                     self.embedding_batch_wait,
                     self.embedding_encode,
                     self.upstream_retries,
+                    self.version_changes,
+                    self.replicas_held_out,
                 ]
             )
         )
@@ -459,6 +471,12 @@ class Metrics:
 
     def upstream_retry(self, *, engine: str, reason: str) -> None:
         self.upstream_retries.labels(engine, reason).inc()
+
+    def engine_version_changed(self, *, engine: str) -> None:
+        self.version_changes.labels(engine).inc()
+
+    def replica_held_out(self, *, engine: str) -> None:
+        self.replicas_held_out.labels(engine).inc()
 
     def breaker_state(self, *, engine: str, replica: str, state: str) -> None:
         """Set the replica's breaker state; the other states' series drop to 0."""

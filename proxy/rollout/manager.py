@@ -134,6 +134,11 @@ class Rollouts:
             return rollout.canary
         return rollout.engine
 
+    def rolling_out(self, engine: str) -> bool:
+        """Whether a canary of ``engine`` is in progress (its versions are the rollout's)."""
+        rollout = self.by_name.get(engine)
+        return rollout is not None and rollout.active
+
     def stable_of(self, engine: Engine) -> Engine:
         rollout = self.by_name.get(engine.name)
         return rollout.engine if rollout is not None else engine

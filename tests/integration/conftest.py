@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ class FakeEngine:
         from proxy.engines.fake import apply_overrides
 
         self.state.reconfigure(apply_overrides(self.state.options, overrides))
+
+    def redeploy(self, **identity: Any) -> None:
+        """Change what it reports serving (``root``, ``max_model_len``): a redeploy in place."""
+        self.state.reconfigure(dataclasses.replace(self.state.options, **identity))
 
 
 StartFake = Callable[..., Awaitable[FakeEngine]]

@@ -1,4 +1,5 @@
-"""Health polling: one missed poll does not take a serving replica out; a dead one goes."""
+"""Health polling: one missed poll does not take a serving replica out; a dead one goes; the
+version watch that runs after each round."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy.engines.autoversion import VersionWatch
 from proxy.engines.breaker import CircuitBreaker
 from proxy.engines.health import poll_replica
-from proxy.engines.pool import Replica
+from proxy.engines.pool import Engine, Replica
+from proxy.settings import EngineSettings
+from tests.integration.conftest import StartFake
 
 
 def _state(replica: Replica) -> bool | None:
@@ -55,3 +59,34 @@ async def test_a_replica_never_seen_healthy_is_down_at_once(aiohttp_server: Any)
     async with aiohttp.ClientSession() as session:
         await poll_replica(session, replica, 0.2, unhealthy_after=3)
     assert _state(replica) is False
+
+
+async def test_the_version_watch_holds_an_odd_replica_out_and_switches_outside_rollouts(
+    start_fake: StartFake,
+) -> None:
+    # The watch the proxy runs after each poll round, on its own; ``frozen``: a rollout is under
+    # way for the engine, whose version is then the rollout's to change.
+    fake = await start_fake("m")
+    engine = Engine.from_settings(EngineSettings(name="e", model="m", urls=[fake.url]))
+    replica = engine.replicas[0]
+    replica.healthy = True
+    frozen = False
+    switches: list[tuple[str | None, str]] = []
+    async with aiohttp.ClientSession() as session:
+        watch = VersionWatch(
+            session, [engine], interval_s=0.0, timeout_s=1.0, frozen=lambda _: frozen,
+            on_switch=lambda _, old, new: switches.append((old, new)),
+        )  # fmt: skip
+        await watch.check()
+        first = engine.version
+        assert first is not None and replica.version == first and engine.ready
+        assert switches == [(None, first)]
+        fake.redeploy(root="/models/m-v2")
+        frozen = True
+        await watch.check()
+        assert engine.version == first and replica.version != first
+        assert not engine.ready  # held out: nothing serves the engine's version now
+        frozen = False
+        await watch.check()
+        assert engine.version == replica.version != first and engine.ready
+        assert switches[-1] == (first, engine.version)

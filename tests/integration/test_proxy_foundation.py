@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -591,3 +592,44 @@ async def test_a_request_id_that_is_not_printable_ascii_is_replaced(
     assert dict((k.lower(), v) for k, v in small.state.log[-1].headers)["x-request-id"] == generated
     await asyncio.sleep(0)  # the access line is written a loop turn after the response
     assert orjson.loads(access.getvalue())["request_id"] == generated
+
+
+async def test_a_retry_does_not_restart_the_total_timeout(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    # Both replicas hang: a non-streamed call has only total_s, whichever replica it tries.
+    hung = [await start_fake("m", hang=True) for _ in range(2)]
+    timeouts = {"connect_s": 1, "first_token_s": 1.0, "total_s": 1.0}
+    p = await start_proxy([engine_config("e", "m", [h.url for h in hung], timeouts=timeouts)])
+    started = time.monotonic()
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    took = time.monotonic() - started
+    assert resp.status == 504
+    assert took < 1.6, f"{took:.2f}s: the retry started a second total_s"
+
+
+async def test_a_streamed_retry_ends_at_the_first_attempts_deadline(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    # Both replicas hang, so the first attempt waits first_token_s; then the hang is lifted and
+    # the retry's replica streams slowly. The stream must end at total_s from the request's
+    # start, not first_token_s + total_s.
+    replicas = [await start_fake("m", hang=True, tokens_per_s=10, completion_tokens=100)
+                for _ in range(2)]  # fmt: skip
+    timeouts = {"connect_s": 1, "first_token_s": 0.8, "total_s": 1.6}
+    p = await start_proxy([engine_config("e", "m", [r.url for r in replicas], timeouts=timeouts)])
+    started = time.monotonic()
+    task = asyncio.create_task(
+        p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    )
+    # the first attempt gave up and the retry is on its way
+    await wait_until(lambda: sum(r.state.counters.aborted for r in replicas) == 1)
+    await wait_until(lambda: sum(r.state.counters.requests for r in replicas) == 2)
+    for r in replicas:
+        r.configure(hang=False)
+    resp = await task
+    assert resp.status == 200
+    payloads = parse_all(await asyncio.wait_for(resp.read(), 5))
+    took = time.monotonic() - started
+    assert orjson.loads(payloads[-2])["error"]["code"] == "upstream_timeout"
+    assert took < 2.1, f"{took:.2f}s: the retry had a total_s of its own"

@@ -3,10 +3,12 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.engines.autoversion import version_due
 from proxy.engines.breaker import CircuitBreaker
 from proxy.engines.health import parse_vllm_metrics
-from proxy.engines.pool import Replica, ReplicaLoad, choose_replica
-from proxy.engines.version import derive_version, folder_digest, model_card
+from proxy.engines.pool import Engine, Replica, ReplicaLoad, choose_replica
+from proxy.engines.version import derive_version, folder_digest, model_card, next_version
+from proxy.settings import EngineSettings
 
 
 def replica(url: str, inflight: int = 0, healthy: bool | None = True) -> Replica:
@@ -123,3 +125,63 @@ def test_model_card() -> None:
     assert model_card(payload, "b") == {"id": "b", "root": "/w"}
     assert model_card(payload, "c") is None
     assert model_card({}, "a") is None
+
+
+# ---- version: auto followed across redeploys -------------------------------------------------
+
+
+def test_the_current_version_stands_while_a_healthy_replica_serves_it() -> None:
+    assert next_version("v1", ["v1", "v2"]) == "v1"  # a rolling redeploy, half done
+    assert next_version("v1", ["v1", None]) == "v1"
+    assert next_version("v1", []) == "v1"  # nothing healthy: nothing to go by
+    assert next_version("v1", [None, None]) == "v1"
+
+
+def test_the_engine_moves_when_the_healthy_replicas_agree_on_a_new_version() -> None:
+    assert next_version("v1", ["v2", "v2"]) == "v2"
+    assert next_version("v1", ["v2", None]) == "v2"  # one not asked yet is out of rotation anyway
+    assert next_version(None, ["v1"]) == "v1"  # the first version known
+    assert next_version("v1", ["v2", "v3"]) == "v1"  # no agreement: no move
+    assert next_version(None, ["v2", "v3"]) is None
+
+
+def _engine(version: str, *reported: str | None) -> Engine:
+    urls = [f"http://r{i}" for i in range(len(reported))]
+    engine = Engine.from_settings(EngineSettings(name="e", model="m", version=version, urls=urls))
+    for replica, seen in zip(engine.replicas, reported, strict=True):
+        replica.healthy, replica.version = True, seen
+    return engine
+
+
+def test_an_auto_engine_takes_only_replicas_that_reported_its_version() -> None:
+    engine = _engine("auto", "v1", "v2", None)
+    engine.version = "v1"
+    first, odd, unknown = engine.replicas
+    assert engine.required_version == "v1"
+    assert [engine.in_rotation(r) for r in engine.replicas] == [True, False, False]
+    for key in (bytes([i]) for i in range(32)):
+        chosen = choose_replica(engine.replicas, affinity=key, now=0, version="v1")
+        assert chosen is first
+    assert choose_replica([odd, unknown], affinity=None, now=0, version="v1") is None
+    assert engine.ready
+    first.healthy = False
+    assert not engine.ready  # healthy replicas, but none serves the engine's version
+
+
+def test_an_auto_engine_of_unknown_version_and_a_fixed_one_take_any_replica() -> None:
+    unknown = _engine("auto", "v1", None)
+    assert unknown.required_version is None
+    assert all(unknown.in_rotation(r) for r in unknown.replicas)
+    fixed = _engine("2024-06", "v1", "v2")
+    assert fixed.version == "2024-06" and fixed.required_version is None
+    assert all(fixed.in_rotation(r) for r in fixed.replicas) and fixed.ready
+
+
+def test_a_replica_is_asked_its_version_when_unknown_else_periodically() -> None:
+    r = replica("http://r")
+    assert version_due(r, now=100, interval_s=30)  # never asked
+    r.version, r.version_at = "v1", 100.0
+    assert not version_due(r, now=129, interval_s=30)
+    assert version_due(r, now=130, interval_s=30)
+    r.version = None  # back from down: asked again at once
+    assert version_due(r, now=101, interval_s=30)

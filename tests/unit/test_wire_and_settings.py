@@ -146,6 +146,7 @@ def test_minimal_config_and_defaults() -> None:
     settings = parse_settings(MINIMAL)
     assert settings.server.port == 8000
     assert settings.engines[0].version == "auto"
+    assert settings.health.version_interval_s == 30.0
     assert settings.cache.enabled
 
 
@@ -162,6 +163,10 @@ def test_minimal_config_and_defaults() -> None:
         ("- a\n", "the top level must be a mapping"),
         ("engines: [\n", "not valid YAML"),
         (MINIMAL.replace("model: m", "model: auto"), "virtual routed model"),
+        (
+            MINIMAL + "health: {version_interval_s: 0}\n",
+            "c.yaml:3: health.version_interval_s: Input should be greater than 0",
+        ),
     ],
 )
 def test_config_errors_name_file_line_and_field(text: str, expected: str) -> None:
