@@ -823,17 +823,14 @@ async def _relay_stream(
     except FrugalError as err:
         await _end_broken_stream(response, upstream, exchange, store, err)
     except asyncio.CancelledError:
-        upstream.finish(ok=False, aborted=True)
+        _client_left(upstream, relay, assembler, store)
         exchange.status = 499
         raise
     except _CLIENT_GONE:
-        # The client left mid-stream: the engine is aborted above; nothing is left to write, and
-        # raising would only make aiohttp log a traceback for an ordinary disconnect.
-        upstream.finish(ok=False, aborted=True)
+        # Nothing is left to write, and raising would only make aiohttp log a traceback for an
+        # ordinary disconnect.
+        _client_left(upstream, relay, assembler, store)
         exchange.status = 499
-        if store.flight is not None:
-            left = FrugalError("the client left before the stream ended")
-            store.flight.fail(_leader_failed(left))
         return response
     except Exception:
         # A bug, or an engine stream this relay cannot read: still end the stream with an error
@@ -850,6 +847,53 @@ async def _relay_stream(
         exchange.tokens_in, exchange.tokens_out = relay.usage
     await _write_eof_quietly(response)
     return response
+
+
+def _client_left(
+    upstream: Upstream,
+    relay: _StreamRelay,
+    assembler: StreamAssembler | None,
+    store: _Store,
+) -> None:
+    """The streaming client went away. Alone, its engine request is aborted (vLLM stops
+    generating); when other requests follow this one's flight, the answer is read to its end
+    for them (and the cache) instead of failing them all for one client's disconnect."""
+    flight, cache = store.flight, store.services.cache
+    if flight is None or not flight.followers or cache is None:
+        upstream.finish(ok=False, aborted=True)
+        if flight is not None:
+            flight.fail(_leader_failed(FrugalError("the client left before the stream ended")))
+        return
+    flight.hand_off()
+    cache.run_in_background(_finish_for_followers(upstream, relay, assembler, store, flight))
+
+
+async def _finish_for_followers(
+    upstream: Upstream,
+    relay: _StreamRelay,
+    assembler: StreamAssembler | None,
+    store: _Store,
+    flight: Leader[bytes, bytes],
+) -> None:
+    """The rest of a stream whose client left, read for the requests following it: its events
+    reach them (and the assembler) through the relay's sink."""
+    try:
+        async for chunk in upstream.rest():
+            relay.feed(chunk)
+        relay.close()
+    except FrugalError as err:
+        upstream.finish(ok=False)
+        flight.fail(_leader_failed(err))
+        return
+    except BaseException:  # stopped at shutdown, or a bug: never leave the followers waiting
+        upstream.finish(ok=False, aborted=True)
+        flight.fail(_leader_failed(FrugalError("the shared upstream request was stopped")))
+        raise
+    upstream.finish(ok=True)
+    if assembler is not None and relay.done and assembler.complete:
+        store.complete(200, orjson.dumps(assembler.result()))
+    else:
+        flight.fail(_leader_failed(FrugalError("the engine's stream ended early")))
 
 
 async def _end_broken_stream(

@@ -22,7 +22,15 @@ import logging
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -336,6 +344,10 @@ class ResponseCache:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+    def run_in_background(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run work that feeds the cache beyond its request (kept alive; ``drain`` awaits it)."""
+        return self._spawn(coro)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

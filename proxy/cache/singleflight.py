@@ -61,11 +61,17 @@ class _Flight(Generic[C, R]):
 class Leader(Generic[C, R]):
     """The one request doing the work for a key."""
 
-    __slots__ = ("_flight", "_release")
+    __slots__ = ("_flight", "_handed_off", "_release")
 
     def __init__(self, flight: _Flight[C, R], release: Callable[[], None]) -> None:
         self._flight = flight
         self._release = release
+        self._handed_off = False
+
+    def hand_off(self) -> None:
+        """Someone else (a background task) now ends this flight: leaving the ``async with``
+        block no longer fails it. The new owner must call ``finish`` or ``fail``."""
+        self._handed_off = True
 
     @property
     def followers(self) -> int:
@@ -103,7 +109,7 @@ class Leader(Generic[C, R]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._flight.done:
+        if not self._flight.done and not self._handed_off:
             cause = exc if exc is not None else RuntimeError("leader ended without a result")
             failure = LeaderFailed(str(cause) or type(cause).__name__)
             failure.__cause__ = cause

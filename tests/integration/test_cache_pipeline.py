@@ -222,6 +222,33 @@ async def test_a_leader_failing_mid_stream_ends_or_frees_its_followers(
     assert engine.state.counters.requests >= 2  # the leader's and the follower's own
 
 
+async def test_a_streaming_leader_that_leaves_does_not_take_its_followers_down(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    engine.configure(tokens_per_s=100, completion_tokens=30)
+    streamed = {**GREEDY, "max_tokens": 30, "stream": True}
+    leader = await proxy.client.post("/v1/chat/completions", json=streamed)
+    await leader.content.readany()  # the leader's stream has begun
+    follower = asyncio.create_task(proxy.client.post("/v1/chat/completions", json=streamed))
+    await asyncio.sleep(0.05)  # the follower has joined the flight
+    leader.close()  # the leader's client leaves mid-stream
+    resp = await asyncio.wait_for(follower, timeout=10)
+    events = parse_all(await asyncio.wait_for(resp.read(), timeout=10))
+    assert resp.headers["x-frugal-cache"] == "hit-exact"  # it shared the leader's answer
+    assert events[-1] == b"[DONE]"
+    assert not any(b'"error"' in e for e in events)
+    finishes = [
+        c["choices"][0]["finish_reason"] for c in map(orjson.loads, events[:-1]) if c.get("choices")
+    ]
+    assert finishes[-1] in ("stop", "length")  # the whole answer, to its end
+    assert engine.state.counters.aborted == 0 and engine.state.counters.requests == 1
+    # ... and the answer read for the follower was stored for everyone
+    again = await post_until(proxy, {**GREEDY, "max_tokens": 30}, "hit-exact")
+    assert again.status == 200
+    assert proxy.services.engines[0].replicas[0].inflight == 0
+
+
 async def test_a_new_model_version_never_sees_old_entries(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:

@@ -153,3 +153,23 @@ async def test_follower_cancellation_does_not_disturb_others() -> None:
     leader.finish("done")
     assert await tb == "done"
     assert ta.cancelled()
+
+
+async def test_a_handed_off_flight_outlives_its_leaders_block() -> None:
+    flights: SingleFlight[bytes, bytes] = SingleFlight()
+    leader = flights.join("k", streaming=True)
+    assert isinstance(leader, Leader)
+    follower = flights.join("k")
+    assert isinstance(follower, Follower)
+    with pytest.raises(asyncio.CancelledError):
+        async with leader:
+            leader.publish(b"a")
+            leader.hand_off()  # a background task reads the rest for the follower
+            raise asyncio.CancelledError  # the leader's own client went away
+    result = asyncio.ensure_future(follower.result())
+    await asyncio.sleep(0)
+    assert not result.done()  # leaving the block did not fail the flight
+    leader.publish(b"b")
+    leader.finish(b"ab")
+    assert await result == b"ab"
+    assert [c async for c in follower.chunks()] == [b"a", b"b"]
