@@ -569,8 +569,10 @@ async def _lookup(
         return None
     semantic = plan.semantic and embedding is not None
     for keys in plan.lookups:
-        if keys.exact == plan.exact_missed and not semantic:
-            continue  # looked up before routing, a moment ago: one store read per key is enough
+        # Looked up before routing, a moment ago: one store read per key is enough.
+        exact = keys.exact != plan.exact_missed
+        if not exact and not semantic:
+            continue
         hit = await cache.lookup(
             keys,
             embedding=embedding,
@@ -579,6 +581,7 @@ async def _lookup(
             cutoff=cutoff,
             refused=refused,
             max_age=plan.ttl_s,
+            exact=exact,
         )
         if hit is not None:
             services.metrics.cache_lookup(

@@ -380,6 +380,7 @@ class ResponseCache:
         cutoff: float | None = None,
         refused: list[CacheHit] | None = None,
         max_age: float | None = None,
+        exact: bool = True,
     ) -> CacheHit | None:
         """Exact hit, else a verified semantic hit, else None (a miss; also on backend errors).
 
@@ -389,7 +390,8 @@ class ResponseCache:
         cosine gate and the guards and was refused only by the cut-off (never served: it feeds
         counterfactual audits, see proxy/shadow/tuner.py).
         ``max_age`` is the reader's own TTL: no entry older than it is served, whatever TTL it
-        was stored with (a scope shared by tiers with different TTLs).
+        was stored with (a scope shared by tiers with different TTLs). ``exact=False`` skips the
+        exact read (the caller has just made it; a second draw could undo an early refresh).
         """
         started = time.perf_counter()
         outcome: LookupOutcome = "miss"
@@ -399,7 +401,7 @@ class ResponseCache:
                 outcome = "bypass"
                 return None
             now = self._clock()
-            entry = await self._guarded("get", self.store.get(keys.exact))
+            entry = await self._guarded("get", self.store.get(keys.exact)) if exact else None
             if (
                 entry is not None
                 and self._belongs(entry.meta, keys)
@@ -492,7 +494,10 @@ class ResponseCache:
                 continue
             meta = entry.meta
             if (
-                self._belongs(meta, keys)
+                # this very request's entry is the exact lookup's to serve or refuse (expired,
+                # or refreshed early): never served again as a paraphrase of itself
+                meta.key != keys.exact
+                and self._belongs(meta, keys)
                 and meta.context == keys.context
                 and meta.query_text is not None
                 and not is_expired(meta, now, max_age)

@@ -374,6 +374,23 @@ async def test_ttl_and_xfetch(cache: ResponseCache, clock: Clock) -> None:
     assert await cache.lookup(keys) is None  # expired for everyone
 
 
+async def test_an_early_refresh_is_not_undone_by_the_semantic_path(
+    cache: ResponseCache, clock: Clock
+) -> None:
+    keys = keys_for("capital of France?")
+    await cache.store_response(
+        keys, answer("Paris"), embedding=vec(1, 0.1), compute_seconds=2.0, ttl=100
+    )
+    clock.now += 99  # close to expiry
+    cache._uniform = lambda: 1e-6  # this request is the one that refreshes
+    # the entry is this request's own: not served as a paraphrase of itself either
+    assert await cache.lookup(keys, embedding=vec(1, 0.1)) is None
+    assert await cache.lookup(keys, embedding=vec(1, 0.1), exact=False) is None
+    # a paraphrase may still be served it (it is not the one refreshing)
+    hit = await cache.lookup(keys_for("France's capital?"), embedding=vec(1, 0.12))
+    assert hit is not None and hit.kind == "semantic"
+
+
 async def test_a_reader_with_a_shorter_ttl_is_not_served_older_entries(
     cache: ResponseCache, clock: Clock
 ) -> None:
