@@ -59,7 +59,7 @@ def add_routes(app: web.Application, services: Services) -> None:
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
-    app.router.add_get("/v1/models/{model}", model)
+    app.router.add_get("/v1/models/{model:.+}", model)  # a Hugging Face id has a slash
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -133,7 +133,8 @@ class CanarySettings(StrictModel):
 
 class EngineSettings(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    model: str = Field(min_length=1)
+    # as the engine serves it (a Hugging Face id too); policies allow models by this name
+    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
     version: str = Field("auto", min_length=1)
     urls: list[str] = Field(min_length=1)
     cost: CostSettings = CostSettings()

@@ -34,6 +34,10 @@ _KEY_HASH_RE = re.compile(KEY_HASH_PATTERN)
 
 KeyHash = Annotated[str, Field(pattern=KEY_HASH_PATTERN)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+# Model names as engines serve them: also Hugging Face ids ("Qwen/Qwen2.5-0.5B-Instruct", vLLM's
+# default served name) and tags ("llama3:8b").
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$"
+ModelName = Annotated[str, Field(pattern=MODEL_PATTERN)]
 
 
 class StrictModel(BaseModel):
@@ -235,7 +239,9 @@ class TierPolicy(StrictModel):
     tier: Name
     description: str | None = Field(default=None, max_length=500)
     keys: list[KeyEntry] = Field(default_factory=list, description="a hash string or an entry")
-    models: list[Name] = Field(min_length=1, description="allowed models; the first is the default")
+    models: list[ModelName] = Field(
+        min_length=1, description="allowed models; the first is the default"
+    )
     limits: Limits
     budget: Budget = Field(default_factory=Budget)
     routing: Routing

@@ -633,3 +633,15 @@ async def test_a_streamed_retry_ends_at_the_first_attempts_deadline(
     took = time.monotonic() - started
     assert orjson.loads(payloads[-2])["error"]["code"] == "upstream_timeout"
     assert took < 2.1, f"{took:.2f}s: the retry had a total_s of its own"
+
+
+async def test_an_engine_serving_a_hugging_face_id(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    name = "Qwen/Qwen2.5-0.5B-Instruct"  # vLLM's default served-model name
+    engine = await start_fake(name)
+    p = await start_proxy([engine_config("e", name, [engine.url])])  # open mode: no policies
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": name})
+    assert resp.status == 200
+    card = await (await p.client.get(f"/v1/models/{name}")).json()
+    assert card["id"] == name

@@ -163,6 +163,7 @@ def test_minimal_config_and_defaults() -> None:
         ("- a\n", "the top level must be a mapping"),
         ("engines: [\n", "not valid YAML"),
         (MINIMAL.replace("model: m", "model: auto"), "virtual routed model"),
+        (MINIMAL.replace("model: m", "model: 'my model'"), "engines.0.model: String should"),
         (
             MINIMAL + "health: {version_interval_s: 0}\n",
             "c.yaml:3: health.version_interval_s: Input should be greater than 0",
@@ -202,3 +203,9 @@ def test_a_conversation_keeps_its_prefix_across_turns() -> None:
         assert prefix(first) == prefix(later)
         other = [*opening, {"role": "user", "content": "another conversation"}]
         assert prefix(other) != prefix(first)
+
+
+def test_a_hugging_face_model_id_is_a_model_name() -> None:
+    # vLLM serves a model under its Hugging Face id unless told otherwise
+    settings = parse_settings(MINIMAL.replace("model: m", "model: Qwen/Qwen2.5-0.5B-Instruct"))
+    assert settings.engines[0].model == "Qwen/Qwen2.5-0.5B-Instruct"
