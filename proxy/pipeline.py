@@ -645,7 +645,8 @@ async def _follow(
         exchange.ttft_s = time.perf_counter() - exchange.started
         _count_usage(exchange, body)
         return web.Response(body=body, content_type="application/json", headers=exchange.headers())
-    events = follow_as_sse(follower, ENDPOINTS[req.kind], req.body)
+    # the client's own wish: req.body now asks the engine for usage whatever the client said
+    events = follow_as_sse(follower, ENDPOINTS[req.kind], include_usage=req.include_usage)
     first = await anext(events)  # LeaderFailed here means nothing was sent: the caller retries
     response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **exchange.headers()})
     await response.prepare(request)

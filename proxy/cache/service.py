@@ -49,7 +49,7 @@ from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, is_storable_
 from proxy.cache.modes import CacheMode
 from proxy.cache.singleflight import Follower, SingleFlight
 from proxy.cache.store import CacheStore, EntryAdded, FollowableStore, Resync, StoreBusy
-from proxy.cache.stream_codec import replay_sse, wants_usage
+from proxy.cache.stream_codec import replay_sse
 from proxy.sse import DONE_EVENT, frame
 from proxy.tasks import cancelling, stop
 
@@ -962,16 +962,15 @@ def _import_response(row: Mapping[str, Any], endpoint: Endpoint, engine: str) ->
 
 
 async def follow_as_sse(
-    follower: Follower[bytes, bytes], endpoint: Endpoint, body: Mapping[str, Any]
+    follower: Follower[bytes, bytes], endpoint: Endpoint, *, include_usage: bool
 ) -> AsyncIterator[bytes]:
     """SSE events for a streamed request that follows another request's flight.
 
     A streaming leader's chunks are relayed as they come (from the first one); the usage chunk
-    is dropped when this request did not ask for it (the pipeline should always ask upstream
-    for usage, so a follower that wants it gets it). A non-streaming leader's result is replayed.
-    Raises ``LeaderFailed`` if the leader fails (after the chunks already relayed).
+    is dropped unless this request's client asked for it (``include_usage``, read before the
+    pipeline asks the engine for usage on every stream). A non-streaming leader's result is
+    replayed. Raises ``LeaderFailed`` if the leader fails (after the chunks already relayed).
     """
-    include_usage = wants_usage(body)
     if follower.streaming:
         async for payload in follower.chunks():
             if not include_usage and _is_usage_only(payload):

@@ -249,6 +249,21 @@ async def test_a_streaming_leader_that_leaves_does_not_take_its_followers_down(
     assert proxy.services.engines[0].replicas[0].inflight == 0
 
 
+async def test_a_coalesced_stream_gets_usage_only_when_its_client_asked(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    engine.configure(ttft_ms=300)
+    streamed = {**GREEDY, "stream": True}  # no stream_options: no usage chunk wanted
+    leader = asyncio.create_task(proxy.client.post("/v1/chat/completions", json=streamed))
+    await asyncio.sleep(0.1)
+    follower = await proxy.client.post("/v1/chat/completions", json=streamed)
+    assert follower.headers.get("x-frugal-cache-coalesced") == "1"
+    for resp in (await leader, follower):
+        chunks = [orjson.loads(p) for p in parse_all(await resp.read())[:-1]]
+        assert chunks and not [c for c in chunks if c.get("usage")]
+
+
 async def test_a_new_model_version_never_sees_old_entries(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:

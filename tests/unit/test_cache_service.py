@@ -28,7 +28,7 @@ from proxy.cache.service import (
 )
 from proxy.cache.singleflight import Follower, Leader, SingleFlight
 from proxy.cache.store import DiskStore, EntryAdded, Resync
-from proxy.cache.stream_codec import assemble, normalise_response, replay
+from proxy.cache.stream_codec import assemble, normalise_response, replay, wants_usage
 from proxy.sse import parse_all
 
 DIM = 8
@@ -582,7 +582,9 @@ async def test_streamed_followers_of_a_streaming_leader() -> None:
     chunks = replay(Endpoint.CHAT, answer("one two three"), include_usage=True)
 
     async def collect(follower: Follower[bytes, bytes], request: dict[str, Any]) -> bytes:
-        return b"".join([e async for e in follow_as_sse(follower, Endpoint.CHAT, request)])
+        usage = wants_usage(request)
+        events = follow_as_sse(follower, Endpoint.CHAT, include_usage=usage)
+        return b"".join([e async for e in events])
 
     tasks = [
         asyncio.create_task(collect(plain, body("q"))),
@@ -618,7 +620,8 @@ async def test_streamed_follower_of_a_plain_leader_gets_a_replay() -> None:
 
 
 async def _collect_sse(follower: Follower[bytes, bytes], request: dict[str, Any]) -> bytes:
-    return b"".join([e async for e in follow_as_sse(follower, Endpoint.CHAT, request)])
+    events = follow_as_sse(follower, Endpoint.CHAT, include_usage=wants_usage(request))
+    return b"".join([e async for e in events])
 
 
 async def test_long_questions_are_matched_exactly_only(cache: ResponseCache) -> None:
