@@ -929,8 +929,13 @@ class _StreamRelay:
         self.done = False
 
     def feed(self, chunk: bytes) -> bytes:
+        return self._relay(self.parser.feed(chunk))
+
+    def _relay(self, payloads: list[bytes]) -> bytes:
         out = []
-        for payload in self.parser.feed(chunk):
+        for payload in payloads:
+            if self.done:
+                continue  # nothing follows [DONE]: an engine's stray event is dropped
             if payload == DONE_PAYLOAD:
                 self.done = True
                 out.append(frame(payload))
@@ -961,7 +966,9 @@ class _StreamRelay:
         return not self.include_usage and not event.get("choices")
 
     def close(self) -> bytes:
-        rest = b"".join(frame(p) for p in self.parser.flush() if p != DONE_PAYLOAD)
+        # A last event the engine did not close with a blank line is still an event: it goes
+        # through the same hold-back, sink and [DONE] bookkeeping as the others.
+        rest = self._relay(self.parser.flush())
         if not self.done:
             rest += frame(DONE_PAYLOAD)
         return rest

@@ -14,7 +14,10 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def frame(payload: bytes) -> bytes:
-    """One SSE event carrying ``payload`` (a JSON document, or ``[DONE]``)."""
+    """One SSE event carrying ``payload`` (a JSON document, or ``[DONE]``). A payload of several
+    lines (an engine's multi-line ``data``, joined by the parser) gets a ``data:`` per line."""
+    if b"\n" in payload:
+        payload = payload.replace(b"\n", b"\ndata: ")
     return b"data: " + payload + b"\n\n"
 
 
@@ -33,16 +36,20 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         data = self._buffer + chunk
+        held = b""
         if b"\r" in data:
+            if data.endswith(b"\r"):
+                # maybe the first half of a \r\n split across reads: decide with the next read
+                data, held = data[:-1], b"\r"
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         events = data.split(b"\n\n")
-        self._buffer = events.pop()
+        self._buffer = events.pop() + held
         return [p for p in (_payload(e) for e in events) if p is not None]
 
     def flush(self) -> list[bytes]:
         """Payload of a last event that was not closed by a blank line (a truncated stream)."""
         rest, self._buffer = self._buffer, b""
-        payload = _payload(rest.strip(b"\n"))
+        payload = _payload(rest.replace(b"\r", b"\n").strip(b"\n"))
         return [payload] if payload is not None else []
 
     @property

@@ -24,6 +24,27 @@ def test_any_chunking_yields_the_same_payloads(payloads: list[bytes], data: st.D
     assert parser.pending == b""
 
 
+line = st.binary(max_size=12).filter(lambda b: b"\n" not in b and b"\r" not in b)
+multiline = st.lists(line, min_size=1, max_size=3).map(b"\n".join)
+
+
+@given(st.lists(multiline, max_size=8), st.booleans(), st.data())
+def test_framed_multiline_payloads_survive_any_chunking_and_line_endings(
+    payloads: list[bytes], crlf: bool, data: st.DataObject
+) -> None:
+    raw = encode_all(payloads) + DONE_EVENT
+    if crlf:
+        raw = raw.replace(b"\n", b"\r\n")  # a \r\n may now be cut between two reads
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=10)))
+    parser = SSEParser()
+    out: list[bytes] = []
+    start = 0
+    for cut in [*cuts, len(raw)]:
+        out += parser.feed(raw[start:cut])
+        start = cut
+    assert out + parser.flush() == [*payloads, b"[DONE]"]
+
+
 def test_crlf_comments_and_other_fields() -> None:
     raw = b': keep-alive\r\n\r\nevent: x\r\ndata: {"a":1}\r\n\r\nid: 3\ndata: [DONE]\n\n'
     assert parse_all(raw) == [b'{"a":1}', b"[DONE]"]
@@ -37,3 +58,4 @@ def test_multiline_data_is_joined_and_unterminated_event_flushed() -> None:
 
 def test_frame() -> None:
     assert frame(b"{}") == b"data: {}\n\n"
+    assert frame(b'{"a":\n1}') == b'data: {"a":\ndata: 1}\n\n'  # one data line per line
