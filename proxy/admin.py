@@ -59,26 +59,21 @@ def add_routes(app: web.Application, services: Services) -> None:
         owner = body.get("owner") or []
         if scope not in {s.value for s in Scope} or not isinstance(owner, list):
             raise InvalidRequest("scope must be a cache scope and owner a list", param="scope")
-        endpoint = Endpoint.COMPLETIONS if body.get("endpoint") == "completions" else Endpoint.CHAT
+        endpoint = body.get("endpoint", Endpoint.CHAT.value)
+        if endpoint not in {e.value for e in Endpoint}:
+            raise InvalidRequest(
+                f"endpoint must be one of {[e.value for e in Endpoint]}", param="endpoint"
+            )
         rows = body.get("rows")
         if not isinstance(rows, list):
             raise InvalidRequest("rows must be a list of import rows", param="rows")
-        for i, row in enumerate(rows):
-            if (
-                not isinstance(row, dict)
-                or not isinstance(row.get("answer"), str)
-                or not (isinstance(row.get("prompt"), str) or "messages" in row or "request" in row)
-            ):
-                raise InvalidRequest(
-                    f"rows[{i}] needs an 'answer' and a 'prompt' (or 'messages' or 'request')",
-                    param=f"rows[{i}]",
-                )
+        # import_rows checks every row (400 naming the row and field) before it stores any
         stored = await cache.import_rows(
             rows,
             engine=engine.name,
             version=version,
             partition=Partition(Scope(scope), tuple(str(o) for o in owner)),
-            endpoint=endpoint,
+            endpoint=Endpoint(endpoint),
             encode=services.encode,
         )
         return _json({"stored": stored, "rows": len(rows), "version": version})

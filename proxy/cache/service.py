@@ -33,7 +33,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import numpy as np
 import orjson
@@ -50,8 +50,10 @@ from proxy.cache.modes import CacheMode
 from proxy.cache.singleflight import Follower, SingleFlight
 from proxy.cache.store import CacheStore, EntryAdded, FollowableStore, Resync, StoreBusy
 from proxy.cache.stream_codec import replay_sse, wants_usage
+from proxy.errors import InvalidRequest
 from proxy.sse import DONE_EVENT, frame
 from proxy.tasks import cancelling, stop
+from proxy.wire import Kind, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -823,22 +825,33 @@ class ResponseCache:
     ) -> int:
         """Warm the cache from JSONL prompt/answer pairs for one engine version.
 
-        Each line: ``{"prompt": str, "answer": str}`` plus optionally ``"messages"`` (the full
-        conversation instead of a single user turn), ``"request"`` (a complete request body;
-        wins over both) and ``"usage"``. Other request fields come from ``template`` (default
-        ``{"temperature": 0}``): an entry is only hit by requests with the same fields. With
-        ``encode`` the questions are embedded for semantic hits. Returns entries stored.
+        Each line: ``{"prompt": str, "answer": str}`` plus optionally ``"messages"`` (chat only:
+        the full conversation instead of a single user turn), ``"request"`` (a complete request
+        body; wins over both) and ``"usage"`` (token counts, non-negative integers). Other
+        request fields come from ``template`` (default ``{"temperature": 0}``): an entry is only
+        hit by requests with the same fields. With ``encode`` the questions are embedded for
+        semantic hits. Every line is checked before any is stored (``InvalidRequest`` naming
+        the first bad line). Returns entries stored.
         """
         from tqdm import tqdm
 
         text = await asyncio.to_thread(path.read_text)
-        lines = [line for line in text.splitlines() if line.strip()]
+        rows: list[Any] = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidRequest(f"{path}:{number}: not JSON: {exc}") from None
+            check_import_row(row, endpoint, f"{path}:{number}")
+            rows.append(row)
         stored = 0
-        with tqdm(total=len(lines), disable=not progress, unit="pair") as bar:
-            for start in range(0, len(lines), batch_size):
-                rows = [orjson.loads(line) for line in lines[start : start + batch_size]]
+        with tqdm(total=len(rows), disable=not progress, unit="pair") as bar:
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
                 stored += await self.import_rows(
-                    rows,
+                    batch,
                     engine=engine,
                     version=version,
                     partition=partition,
@@ -846,7 +859,7 @@ class ResponseCache:
                     template=template,
                     encode=encode,
                 )
-                bar.update(len(rows))
+                bar.update(len(batch))
         return stored
 
     async def import_rows(
@@ -860,7 +873,13 @@ class ResponseCache:
         template: Mapping[str, Any] | None = None,
         encode: Encode | None = None,
     ) -> int:
-        """Store one batch of import rows (the format of :meth:`import_jsonl`); entries stored."""
+        """Store one batch of import rows (the format of :meth:`import_jsonl`); entries stored.
+
+        Every row is checked first: one that cannot become an entry a request hits and the
+        proxy serves raises ``InvalidRequest`` naming ``rows[i]`` and the field, and nothing of
+        the batch is stored."""
+        for i, row in enumerate(rows):
+            check_import_row(row, endpoint, f"rows[{i}]")
         base = dict(template) if template is not None else {"temperature": 0}
         items = [
             (
@@ -922,13 +941,84 @@ def _exact_cosine(query: np.ndarray, stored: np.ndarray | None, approximate: flo
     return float(stored @ query) / norm if norm > 0 else approximate
 
 
+# The fields of an import row (``ResponseCache.import_jsonl`` says what each holds).
+IMPORT_FIELDS: Final = ("prompt", "messages", "request", "answer", "usage")
+
+
+def import_row_problem(row: Any, endpoint: Endpoint) -> tuple[str, str] | None:
+    """Why ``row`` cannot be imported, as (field path, problem; the path is empty for the row
+    itself), or None when it can.
+
+    A row is imported only if it makes an entry that some request can hit and that the proxy
+    can serve: a stored ``"usage": "x"`` failed every later request for its prompt, and a row
+    whose question no request can ask (``"prompt": 5``) was stored for nothing. The question is
+    checked as the proxy checks a request (``parse_request``), built as ``_import_request``
+    builds it.
+    """
+    if not isinstance(row, Mapping):
+        return "", "must be a JSON object"
+    unknown = sorted(str(k) for k in row if k not in IMPORT_FIELDS)
+    if unknown:
+        # (a misspelt "mesages" would otherwise be dropped silently and the prompt keyed)
+        return unknown[0], f"unknown field; a row holds {', '.join(IMPORT_FIELDS)}"
+    if not isinstance(row.get("answer"), str):
+        return "answer", "must be a string (the answer's text)"
+    usage = row.get("usage")
+    if usage is not None:
+        if not isinstance(usage, Mapping):
+            return "usage", "must be an object of token counts"
+        for name, count in usage.items():
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                return f"usage.{name}", f"must be a non-negative integer, not {count!r}"
+    kind: Kind = "chat" if endpoint is Endpoint.CHAT else "completion"
+    request, messages = row.get("request"), row.get("messages")
+    if request is not None:
+        if not isinstance(request, Mapping):
+            return "request", "must be an object (a complete request body)"
+        return _request_problem(request, kind, "request")
+    if messages is not None:
+        if endpoint is Endpoint.COMPLETIONS:
+            return "messages", "is for chat imports; a completions row has a prompt string"
+        return _request_problem({"messages": messages}, kind, "")
+    if not isinstance(row.get("prompt"), str):
+        other = "a request" if endpoint is Endpoint.COMPLETIONS else "messages or a request"
+        return "prompt", f"must be a string (or give {other})"
+    return None
+
+
+def check_import_row(row: Any, endpoint: Endpoint, where: str) -> None:
+    """Raise ``InvalidRequest`` naming ``where`` (``rows[3]``, ``file:12``) and the field when
+    ``row`` cannot be imported (see :func:`import_row_problem`)."""
+    problem = import_row_problem(row, endpoint)
+    if problem is not None:
+        field, what = problem
+        name = f"{where}.{field}" if field else where
+        raise InvalidRequest(f"{name}: {what}", param=name)
+
+
+def _request_problem(body: Mapping[str, Any], kind: Kind, prefix: str) -> tuple[str, str] | None:
+    # The model is not part of the key (the engine is): a placeholder if the row has none.
+    probe = {**body, "model": body.get("model", "import")}
+    try:
+        parse_request(orjson.dumps(probe), kind)
+    except orjson.JSONEncodeError as exc:
+        return prefix, f"cannot be written as JSON: {exc}"
+    except InvalidRequest as err:
+        field = ".".join(p for p in (prefix, err.param) if p)
+        return field, err.message
+    return None
+
+
 def _import_request(row: Mapping[str, Any], endpoint: Endpoint, base: Mapping[str, Any]) -> Any:
+    # (as import_row_problem checks it: a null request or messages counts as absent)
     request = row.get("request")
-    if isinstance(request, Mapping):
+    if request is not None:
         return request
     if endpoint is Endpoint.COMPLETIONS:
         return {**base, "prompt": row["prompt"]}
-    messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+    messages = row.get("messages")
+    if messages is None:
+        messages = [{"role": "user", "content": row["prompt"]}]
     return {**base, "messages": messages}
 
 

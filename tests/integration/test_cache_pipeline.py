@@ -488,3 +488,34 @@ async def test_import_warms_and_invalidate_clears_through_the_cli(
     )
     assert code == 1
     assert "rows[0]" in capsys.readouterr().err
+
+
+async def test_a_bad_import_row_is_refused_and_never_poisons_its_prompt(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "global"})
+    question = QUESTION[0]["content"]
+    for row, param in [
+        ({"prompt": question, "answer": "Paris.", "usage": "x"}, "rows[1].usage"),
+        (
+            {"prompt": question, "answer": "Paris.", "usage": {"prompt_tokens": "ten"}},
+            "rows[1].usage.prompt_tokens",
+        ),
+        ({"request": "str", "answer": "Paris."}, "rows[1].request"),
+        ({"messages": [], "answer": "Paris."}, "rows[1].messages"),
+    ]:
+        rows = [{"prompt": "Another question?", "answer": "Yes."}, row]
+        resp = await proxy.client.post(
+            "/admin/cache/import", json={"engine": "e", "scope": "global", "rows": rows}
+        )
+        assert resp.status == 400, await resp.text()
+        error = (await resp.json())["error"]
+        assert error["param"] == param
+        assert error["message"].startswith(error["param"])
+    # (before: stored, then every request for the prompt failed with a 500)
+    resp = await proxy.client.post("/v1/chat/completions", json=GREEDY)
+    assert resp.status == 200 and resp.headers["x-frugal-cache"] == "miss"
+    assert proxy.services.cache is not None
+    await proxy.services.cache.drain()
+    stats = await (await proxy.client.get("/admin/cache/stats")).json()
+    assert stats["stored_entries"] == 1  # the engine's answer: no row of a refused batch
