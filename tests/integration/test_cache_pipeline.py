@@ -486,8 +486,59 @@ async def test_import_warms_and_invalidate_clears_through_the_cli(
     code = await asyncio.to_thread(
         main, ["cache", "import", str(bad), "--url", url, "--engine", "e"]
     )
-    assert code == 1
-    assert "rows[0]" in capsys.readouterr().err
+    assert code == 2
+    assert "bad.jsonl:1: answer: must be a string" in capsys.readouterr().err
+
+
+async def test_cli_import_reports_every_bad_line_by_file_line_and_stores_nothing(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    capsys: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy import admin_cli
+    from proxy.cli import main
+
+    monkeypatch.setattr(admin_cli, "IMPORT_BATCH", 4)  # the bad lines fall in later batches
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "global"})
+    url = str(proxy.client.make_url("")).rstrip("/")
+    lines = [orjson.dumps({"prompt": f"q{i}", "answer": f"a{i}"}).decode() for i in range(12)]
+    lines[6] = '{"prompt": "q6", "answer": "a6", "usage": "x"}'
+    lines[9] = "not json"
+    lines.insert(2, "")  # a blank line still counts in the numbering
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(lines) + "\n")
+    code = await asyncio.to_thread(
+        main, ["cache", "import", str(pairs), "--url", url, "--engine", "e"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    # (before: rows[2] of the second batch was reported, the first batch stayed stored)
+    assert "pairs.jsonl:8: usage: must be an object" in err
+    assert "pairs.jsonl:11: not JSON" in err
+    assert "2 bad line(s)" in err and "nothing was imported" in err
+    stats = await (await proxy.client.get("/admin/cache/stats")).json()
+    assert stats["stored_entries"] == 0
+
+    del lines[10], lines[7]
+    pairs.write_text("\n".join(lines) + "\n")
+    code = await asyncio.to_thread(
+        main, ["cache", "import", str(pairs), "--url", url, "--engine", "e"]
+    )
+    assert code == 0
+    assert '"stored": 10' in capsys.readouterr().out
+
+
+def test_cli_names_the_file_line_of_a_row_the_proxy_refuses(tmp_path: Path) -> None:
+    from proxy.admin_cli import _in_file_terms
+
+    body = {"error": {"message": "rows[1].usage: must be an object", "param": "rows[1].usage"}}
+    named = _in_file_terms(body, Path("f.jsonl"), [7, 9, 10])
+    assert named["error"]["message"] == "f.jsonl:9: usage: must be an object"
+    assert _in_file_terms({"error": {"message": "m", "param": "scope"}}, Path("f"), [1]) == {
+        "error": {"message": "m", "param": "scope"}
+    }
 
 
 async def test_a_bad_import_row_is_refused_and_never_poisons_its_prompt(
