@@ -2,7 +2,7 @@
 
     frugal cache stats --url http://127.0.0.1:8000
     frugal cache invalidate --url URL [--engine E] [--version V] [--scope S] [--older-than SECONDS]
-    frugal cache import FILE.jsonl --url URL --engine E [--scope global] [--owner NAME ...]
+    frugal cache import FILE.jsonl --url URL --engine E [--scope S] [--owner NAME ...]
     frugal router score --input prompts.jsonl --output scores.jsonl
     frugal router calibrate --input prompts.jsonl --strong-share 0.3
 
@@ -54,8 +54,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _url(imp)
     imp.add_argument("--engine", required=True, help="engine name; its current version is used")
     imp.add_argument("--version", help="a specific version (default: the engine's current one)")
-    imp.add_argument("--scope", choices=["global", "tier", "tenant", "user"], default="global")
-    imp.add_argument("--owner", nargs="*", default=[], help="tier / tenant / tenant user")
+    _partition_arguments(imp, SCOPE_HELP, OWNER_HELP)
     imp.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     imp.set_defaults(run=_cache_import)
 
@@ -71,6 +70,22 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     cal.add_argument("--strong-share", type=float, required=True)
     cal.add_argument("--classifier", type=Path, help="a difficulty head .npz")
     cal.set_defaults(run=_router_calibrate)
+
+
+SCOPE_HELP = (
+    "the partition the entries go to, who may hit them (default: the proxy's cache.scope, "
+    "tenant unless configured; a tier policy may set another)"
+)
+OWNER_HELP = (
+    "the partition's owner: none for global, TIER for tier, TENANT for tenant, TENANT USER for "
+    "user (USER \"\" for requests without a 'user' field). Without API keys every request is "
+    "tenant 'anonymous', and without policy files tier 'open'"
+)
+
+
+def _partition_arguments(parser: argparse.ArgumentParser, scope: str, owner: str) -> None:
+    parser.add_argument("--scope", choices=["global", "tier", "tenant", "user"], help=scope)
+    parser.add_argument("--owner", nargs="+", metavar="NAME", help=owner)
 
 
 def _url(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +188,7 @@ def _cache_import(args: argparse.Namespace) -> int:
         print(f"frugal: {bad} bad line(s) in {args.file}; nothing was imported", file=sys.stderr)
         return 2
     stored = 0
+    partition: dict[str, Any] = {}  # where the proxy put them (its default scope when not given)
     with tqdm(total=len(rows), unit="pair", desc="import") as bar:
         for start in range(0, len(rows), IMPORT_BATCH):
             batch = rows[start : start + IMPORT_BATCH]
@@ -194,8 +210,9 @@ def _cache_import(args: argparse.Namespace) -> int:
                 )
                 return 1
             stored += int(body.get("stored", 0))
+            partition = {"scope": body.get("scope"), "owner": body.get("owner")}
             bar.update(len(batch))
-    print(json.dumps({"rows": len(rows), "stored": stored}))
+    print(json.dumps({"rows": len(rows), "stored": stored, **partition}))
     return 0
 
 

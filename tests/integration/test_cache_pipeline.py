@@ -570,3 +570,72 @@ async def test_a_bad_import_row_is_refused_and_never_poisons_its_prompt(
     await proxy.services.cache.drain()
     stats = await (await proxy.client.get("/admin/cache/stats")).json()
     assert stats["stored_entries"] == 1  # the engine's answer: no row of a refused batch
+
+
+async def test_cli_import_defaults_to_the_proxys_scope_and_needs_its_owner(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, capsys: Any
+) -> None:
+    from proxy.cli import main
+
+    # the default config: cache.scope tenant, no API keys (every request is tenant anonymous)
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    url = str(proxy.client.make_url("")).rstrip("/")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "What is the capital of France?", "answer": "Paris."}\n')
+    command = ["cache", "import", str(pairs), "--url", url, "--engine", "e"]
+    # (before: stored under global, which no request of this proxy ever looks in)
+    assert await asyncio.to_thread(main, command) == 1
+    err = capsys.readouterr().err
+    assert "scope 'tenant' takes owner [TENANT]" in err and "'anonymous'" in err
+    assert await asyncio.to_thread(main, [*command, "--owner", "anonymous"]) == 0
+    assert '"scope": "tenant"' in capsys.readouterr().out
+    warm = {"model": "m", "messages": QUESTION, "temperature": 0}  # as imported: no max_tokens
+    resp = await proxy.client.post("/v1/chat/completions", json=warm)
+    assert resp.headers["x-frugal-cache"] == "hit-exact"
+    assert engine.state.counters.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("scope", "owner", "param"),
+    [
+        ("tenant", None, "owner"),
+        ("tenant", [""], "owner"),
+        ("user", ["alice"], "owner"),  # a user partition is [tenant, user]
+        ("global", ["acme"], "owner"),
+        ("tier", ["a", "b"], "owner"),
+        ("tier", [1], "owner"),
+        ("tier", "open", "owner"),
+        ("team", ["a"], "scope"),
+    ],
+)
+async def test_import_refuses_a_partition_no_request_is_in(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    scope: str,
+    owner: Any,
+    param: str,
+) -> None:
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    rows = [{"prompt": "q", "answer": "a"}]
+    body = {"engine": "e", "scope": scope, "owner": owner, "rows": rows}
+    resp = await proxy.client.post("/admin/cache/import", json=body)
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["error"]["param"] == param
+    stats = await (await proxy.client.get("/admin/cache/stats")).json()
+    assert stats["stored_entries"] == 0
+
+
+async def test_an_import_to_one_users_partition_is_hit_by_that_user_only(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "user"})
+    rows = [{"prompt": QUESTION[0]["content"], "answer": "Paris."}]
+    body = {"engine": "e", "owner": ["anonymous", "alice"], "rows": rows}
+    resp = await proxy.client.post("/admin/cache/import", json=body)
+    assert (await resp.json())["stored"] == 1
+    warm = {"model": "m", "messages": QUESTION, "temperature": 0}
+    alice = await proxy.client.post("/v1/chat/completions", json={**warm, "user": "alice"})
+    assert alice.headers["x-frugal-cache"] == "hit-exact"
+    bob = await proxy.client.post("/v1/chat/completions", json={**warm, "user": "bob"})
+    assert bob.headers["x-frugal-cache"] == "miss"
