@@ -198,7 +198,7 @@ def _partition(scope: Any, owner: Any) -> Partition:
     return Partition(kind, tuple(owner))
 
 
-_FILTER_FIELDS = {"engine", "version", "scope", "older_than_seconds"}
+_FILTER_FIELDS = {"engine", "version", "scope", "owner", "older_than_seconds"}
 
 
 def _invalidation_filter(body: dict[str, Any]) -> InvalidationFilter:
@@ -211,6 +211,12 @@ def _invalidation_filter(body: dict[str, Any]) -> InvalidationFilter:
     scope = body.get("scope")
     if scope is not None and scope not in {s.value for s in Scope}:
         raise InvalidRequest(f"scope must be one of {[s.value for s in Scope]}", param="scope")
+    # A scope alone is every partition of it (every tenant's); an owner narrows it to one.
+    partition = None
+    if body.get("owner") is not None:
+        if scope is None:
+            raise InvalidRequest("owner needs a scope: whose partition of which", param="owner")
+        partition = _partition(scope, body["owner"])
     age = body.get("older_than_seconds")
     if age is not None and (not isinstance(age, int | float) or isinstance(age, bool) or age < 0):
         raise InvalidRequest("older_than_seconds must be a number >= 0", param="older_than_seconds")
@@ -221,6 +227,7 @@ def _invalidation_filter(body: dict[str, Any]) -> InvalidationFilter:
         engine=body.get("engine"),
         version=body.get("version"),
         scope=Scope(scope) if scope is not None else None,
+        partition=partition,
         older_than_seconds=float(age) if age is not None else None,
     )
 

@@ -1,7 +1,8 @@
 """Operator commands that talk to a running proxy's admin API, and the router's offline tools.
 
     frugal cache stats --url http://127.0.0.1:8000
-    frugal cache invalidate --url URL [--engine E] [--version V] [--scope S] [--older-than SECONDS]
+    frugal cache invalidate --url URL [--engine E] [--version V] [--scope S [--owner NAME ...]]
+                            [--older-than SECONDS]
     frugal cache import FILE.jsonl --url URL --engine E [--scope S] [--owner NAME ...]
     frugal router score --input prompts.jsonl --output scores.jsonl
     frugal router calibrate --input prompts.jsonl --strong-share 0.3
@@ -24,6 +25,16 @@ from typing import Any
 DEFAULT_URL = "http://127.0.0.1:8000"
 IMPORT_BATCH = 256
 
+SCOPE_HELP = (
+    "the partition the entries go to, who may hit them (default: the proxy's cache.scope, "
+    "tenant unless configured; a tier policy may set another)"
+)
+OWNERS = (
+    'none for global, TIER for tier, TENANT for tenant, TENANT USER for user (USER "" for '
+    "requests without a 'user' field). Without API keys every request is tenant 'anonymous', "
+    "and without policy files tier 'open'"
+)
+
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cache = sub.add_parser("cache", help="the response cache of a running proxy")
@@ -37,7 +48,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _url(inval)
     inval.add_argument("--engine")
     inval.add_argument("--version")
-    inval.add_argument("--scope", choices=["global", "tier", "tenant", "user"])
+    _partition_arguments(
+        inval,
+        "only entries of this scope (every owner's, e.g. every tenant's, unless --owner)",
+        f"only the partition of this owner (with --scope): {OWNERS}",
+    )
     inval.add_argument("--older-than", type=float, metavar="SECONDS")
     inval.add_argument("--all", action="store_true", help="needed to invalidate with no filter")
     inval.set_defaults(run=_cache_invalidate)
@@ -54,7 +69,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _url(imp)
     imp.add_argument("--engine", required=True, help="engine name; its current version is used")
     imp.add_argument("--version", help="a specific version (default: the engine's current one)")
-    _partition_arguments(imp, SCOPE_HELP, OWNER_HELP)
+    _partition_arguments(imp, SCOPE_HELP, f"the partition's owner: {OWNERS}")
     imp.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     imp.set_defaults(run=_cache_import)
 
@@ -70,17 +85,6 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     cal.add_argument("--strong-share", type=float, required=True)
     cal.add_argument("--classifier", type=Path, help="a difficulty head .npz")
     cal.set_defaults(run=_router_calibrate)
-
-
-SCOPE_HELP = (
-    "the partition the entries go to, who may hit them (default: the proxy's cache.scope, "
-    "tenant unless configured; a tier policy may set another)"
-)
-OWNER_HELP = (
-    "the partition's owner: none for global, TIER for tier, TENANT for tenant, TENANT USER for "
-    "user (USER \"\" for requests without a 'user' field). Without API keys every request is "
-    "tenant 'anonymous', and without policy files tier 'open'"
-)
 
 
 def _partition_arguments(parser: argparse.ArgumentParser, scope: str, owner: str) -> None:
@@ -138,6 +142,7 @@ def _cache_invalidate(args: argparse.Namespace) -> int:
             "engine": args.engine,
             "version": args.version,
             "scope": args.scope,
+            "owner": args.owner,
             "older_than_seconds": args.older_than,
         }.items()
         if v is not None

@@ -639,3 +639,26 @@ async def test_an_import_to_one_users_partition_is_hit_by_that_user_only(
     assert alice.headers["x-frugal-cache"] == "hit-exact"
     bob = await proxy.client.post("/v1/chat/completions", json={**warm, "user": "bob"})
     assert bob.headers["x-frugal-cache"] == "miss"
+
+
+async def test_invalidate_clears_one_tenants_partition_only(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, capsys: Any
+) -> None:
+    from proxy.cli import main
+
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)  # scope: tenant
+    url = str(proxy.client.make_url("")).rstrip("/")
+    rows = [{"prompt": QUESTION[0]["content"], "answer": "Paris."}]
+    for tenant in ("acme", "anonymous"):
+        body = {"engine": "e", "owner": [tenant], "rows": rows}
+        assert (await proxy.client.post("/admin/cache/import", json=body)).status == 200
+    for where in ({"owner": ["acme"]}, {"scope": "user", "owner": ["acme"]}):
+        resp = await proxy.client.post("/admin/cache/invalidate", json=where)
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == "owner"
+    command = ["cache", "invalidate", "--url", url, "--scope", "tenant", "--owner", "acme"]
+    # (before: no --owner; {"scope": "tenant"} cleared every tenant's entries)
+    assert await asyncio.to_thread(main, command) == 0
+    assert '"invalidated": 1' in capsys.readouterr().out
+    warm = {"model": "m", "messages": QUESTION, "temperature": 0}
+    resp = await proxy.client.post("/v1/chat/completions", json=warm)
+    assert resp.headers["x-frugal-cache"] == "hit-exact"  # the anonymous tenant's entry stays
