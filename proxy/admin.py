@@ -54,8 +54,11 @@ def add_routes(app: web.Application, services: Services) -> None:
             raise InvalidRequest(
                 f"engine must be one of {sorted(services.by_name)}", param="engine"
             )
-        version = body.get("version") or engine.version
-        if not isinstance(version, str):
+        version = body.get("version")
+        if version is not None and not (isinstance(version, str) and version):
+            raise InvalidRequest("version must be a non-empty string", param="version")
+        version = version or engine.version
+        if version is None:
             raise ServiceUnavailable(f"engine {engine.name!r} has no known version yet")
         # Entries land in one partition; with no scope given, the one requests use by default.
         scope = body.get("scope")

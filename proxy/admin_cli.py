@@ -209,8 +209,8 @@ def _cache_import(args: argparse.Namespace) -> int:
             if status >= 400:
                 _report(status, _in_file_terms(body, args.file, numbers[start:]))
                 print(
-                    f"frugal: stopped at the batch from line {numbers[start]}: the {stored} rows "
-                    "before it were stored, the rest of the file was not imported",
+                    f"frugal: the import stopped in the batch from line {numbers[start]}; the "
+                    f"{stored} rows before that batch were stored, none after it",
                     file=sys.stderr,
                 )
                 return 1

@@ -11,7 +11,8 @@ Lookups are exact first (the sha256 key of every answer-shaping field, see ``key
 semantic: the nearest cached questions under the same context key (same engine version, same
 partition, same everything except the last user turn's text) are fetched and handed to the
 verifier, which picks one or none. A backend failure is a miss or a skipped write, counted and
-logged, never an error for the client.
+logged, never an error for the client; admin operations (invalidate, import) fail with
+``ServiceUnavailable`` instead.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from proxy.cache.modes import CacheMode
 from proxy.cache.singleflight import Follower, SingleFlight
 from proxy.cache.store import CacheStore, EntryAdded, FollowableStore, Resync, StoreBusy
 from proxy.cache.stream_codec import replay_sse, wants_usage
-from proxy.errors import InvalidRequest
+from proxy.errors import InvalidRequest, ServiceUnavailable
 from proxy.sse import DONE_EVENT, frame
 from proxy.tasks import cancelling, stop
 from proxy.wire import Kind, parse_request
@@ -778,10 +779,17 @@ class ResponseCache:
     # -- invalidation ---------------------------------------------------------------------------
 
     async def invalidate(self, where: InvalidationFilter) -> int:
-        """Delete every entry matching ``where``; returns how many. Raises on backend errors
-        (an admin operation should say it failed)."""
+        """Delete every entry matching ``where``; returns how many. A backend error raises
+        ``ServiceUnavailable`` (an admin operation should say it failed, and why)."""
         now = self._clock()
-        deleted = await self.store.delete_where(lambda meta: where.matches(meta, now))
+        try:
+            deleted = await self.store.delete_where(lambda meta: where.matches(meta, now))
+        except Exception as exc:
+            self._backend_error("invalidate", exc)
+            raise ServiceUnavailable(
+                f"the cache store is unavailable: {type(exc).__name__}: {exc}",
+                code="cache_unavailable",
+            ) from exc
         for meta in deleted:
             self._forget(meta.label)
         return len(deleted)
@@ -901,8 +909,19 @@ class ResponseCache:
         stored = 0
         for i, (keys, response) in enumerate(items):
             vector = vectors[i] if vectors is not None and keys.query_text else None
-            if await self.store_response(keys, response, embedding=vector):
-                stored += 1
+            if not await self.store_response(keys, response, embedding=vector):
+                # A checked row is only refused by the store: say so rather than report fewer
+                # stored (an outage "imported" a file as 0 entries and exit 0).
+                why = (
+                    "is unavailable" if self._backend_down else "is busy (its write queue is full)"
+                )
+                raise ServiceUnavailable(
+                    f"the cache store {why}: rows[{i}] and the rows after it were not stored "
+                    f"(the {stored} before it were)",
+                    param=f"rows[{i}]",
+                    code="cache_unavailable",
+                )
+            stored += 1
         return stored
 
     # -- backend health -------------------------------------------------------------------------

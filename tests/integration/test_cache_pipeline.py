@@ -662,3 +662,15 @@ async def test_invalidate_clears_one_tenants_partition_only(
     warm = {"model": "m", "messages": QUESTION, "temperature": 0}
     resp = await proxy.client.post("/v1/chat/completions", json=warm)
     assert resp.headers["x-frugal-cache"] == "hit-exact"  # the anonymous tenant's entry stays
+
+
+async def test_import_refuses_a_version_that_is_not_a_string(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "global"})
+    rows = [{"prompt": "q", "answer": "a"}]
+    for version in (5, ["v1"], ""):
+        body = {"engine": "e", "version": version, "rows": rows}
+        resp = await proxy.client.post("/admin/cache/import", json=body)
+        # (before: 503 "engine 'e' has no known version yet")
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == "version"

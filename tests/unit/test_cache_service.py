@@ -507,6 +507,24 @@ async def test_backend_failures_are_misses_not_errors() -> None:
     await cache.aclose()
 
 
+async def test_admin_operations_fail_clearly_when_the_backend_is_down() -> None:
+    from proxy.errors import ServiceUnavailable
+
+    cache = ResponseCache(BrokenStore())
+    await cache.start()
+    await cache.ready()
+    # (before: the store's ConnectionError escaped, a 500 "unexpected error" at the endpoint)
+    with pytest.raises(ServiceUnavailable, match="cache store is unavailable: ConnectionError"):
+        await cache.invalidate(InvalidationFilter(engine="large"))
+    rows = [{"prompt": "q", "answer": "a"}]
+    # (before: 0 stored, reported as a successful import)
+    with pytest.raises(ServiceUnavailable, match="unavailable: rows\\[0\\]") as err:
+        await cache.import_rows(rows, engine="large", version="v1", partition=GLOBAL)
+    assert err.value.status == 503 and err.value.code == "cache_unavailable"
+    assert (await cache.stats()).backend_errors >= 2
+    await cache.aclose()
+
+
 async def test_import_jsonl(cache: ResponseCache, tmp_path: Path) -> None:
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"question {i}", "answer": f"answer {i}"} for i in range(5)]
