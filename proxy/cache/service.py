@@ -49,7 +49,14 @@ from proxy.cache.index import SemanticIndex
 from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, is_storable_response, make_keys
 from proxy.cache.modes import CacheMode
 from proxy.cache.singleflight import Follower, SingleFlight
-from proxy.cache.store import CacheStore, EntryAdded, FollowableStore, Resync, StoreBusy
+from proxy.cache.store import (
+    CacheStore,
+    DiskStore,
+    EntryAdded,
+    FollowableStore,
+    Resync,
+    StoreBusy,
+)
 from proxy.cache.stream_codec import replay_sse, wants_usage
 from proxy.errors import InvalidRequest, ServiceUnavailable
 from proxy.sse import DONE_EVENT, frame
@@ -909,7 +916,13 @@ class ResponseCache:
         stored = 0
         for i, (keys, response) in enumerate(items):
             vector = vectors[i] if vectors is not None and keys.query_text else None
-            if not await self.store_response(keys, response, embedding=vector):
+            ok = await self.store_response(keys, response, embedding=vector)
+            if not ok and not self._backend_down and isinstance(self.store, DiskStore):
+                # The disk's write queue is full (this import outruns the disk): an import can
+                # wait for it, where a live answer is dropped.
+                await self.store.flush()
+                ok = await self.store_response(keys, response, embedding=vector)
+            if not ok:
                 # A checked row is only refused by the store: say so rather than report fewer
                 # stored (an outage "imported" a file as 0 entries and exit 0).
                 why = (

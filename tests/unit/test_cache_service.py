@@ -525,6 +525,19 @@ async def test_admin_operations_fail_clearly_when_the_backend_is_down() -> None:
     await cache.aclose()
 
 
+async def test_an_import_waits_for_a_full_disk_queue_instead_of_dropping_rows(
+    tmp_path: Path,
+) -> None:
+    cache = ResponseCache(DiskStore(tmp_path / "cache", max_pending=2))
+    await cache.start()
+    await cache.ready()
+    rows = [{"prompt": f"q{i}", "answer": f"a{i}"} for i in range(10)]
+    # (without waiting: StoreBusy from the third row on, a 503 for a healthy disk)
+    assert await cache.import_rows(rows, engine="large", version="v1", partition=GLOBAL) == 10
+    assert await cache.store.count() == 10
+    await cache.aclose()
+
+
 async def test_import_jsonl(cache: ResponseCache, tmp_path: Path) -> None:
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"question {i}", "answer": f"answer {i}"} for i in range(5)]
