@@ -16,7 +16,9 @@ from aiohttp import web
 from proxy.cache.keys import Endpoint, Partition, Scope
 from proxy.cache.service import InvalidationFilter
 from proxy.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, ServiceUnavailable
+from proxy.policy.default import OPEN_TIER
 from proxy.policy.keys import bearer_token, verify_key
+from proxy.policy.policyset import ANONYMOUS_TENANT
 from proxy.rollout.http import add_rollout_routes
 from proxy.services import Services
 
@@ -52,36 +54,43 @@ def add_routes(app: web.Application, services: Services) -> None:
             raise InvalidRequest(
                 f"engine must be one of {sorted(services.by_name)}", param="engine"
             )
-        version = body.get("version") or engine.version
-        if not isinstance(version, str):
+        version = body.get("version")
+        if version is not None and not (isinstance(version, str) and version):
+            raise InvalidRequest("version must be a non-empty string", param="version")
+        version = version or engine.version
+        if version is None:
             raise ServiceUnavailable(f"engine {engine.name!r} has no known version yet")
-        scope = body.get("scope", "global")
-        owner = body.get("owner") or []
-        if scope not in {s.value for s in Scope} or not isinstance(owner, list):
-            raise InvalidRequest("scope must be a cache scope and owner a list", param="scope")
-        endpoint = Endpoint.COMPLETIONS if body.get("endpoint") == "completions" else Endpoint.CHAT
+        # Entries land in one partition; with no scope given, the one requests use by default.
+        scope = body.get("scope")
+        partition = _partition(
+            services.settings.cache.scope if scope is None else scope, body.get("owner")
+        )
+        endpoint = body.get("endpoint", Endpoint.CHAT.value)
+        if endpoint not in {e.value for e in Endpoint}:
+            raise InvalidRequest(
+                f"endpoint must be one of {[e.value for e in Endpoint]}", param="endpoint"
+            )
         rows = body.get("rows")
         if not isinstance(rows, list):
             raise InvalidRequest("rows must be a list of import rows", param="rows")
-        for i, row in enumerate(rows):
-            if (
-                not isinstance(row, dict)
-                or not isinstance(row.get("answer"), str)
-                or not (isinstance(row.get("prompt"), str) or "messages" in row or "request" in row)
-            ):
-                raise InvalidRequest(
-                    f"rows[{i}] needs an 'answer' and a 'prompt' (or 'messages' or 'request')",
-                    param=f"rows[{i}]",
-                )
+        # import_rows checks every row (400 naming the row and field) before it stores any
         stored = await cache.import_rows(
             rows,
             engine=engine.name,
             version=version,
-            partition=Partition(Scope(scope), tuple(str(o) for o in owner)),
-            endpoint=endpoint,
+            partition=partition,
+            endpoint=Endpoint(endpoint),
             encode=services.encode,
         )
-        return _json({"stored": stored, "rows": len(rows), "version": version})
+        return _json(
+            {
+                "stored": stored,
+                "rows": len(rows),
+                "version": version,
+                "scope": partition.scope.value,
+                "owner": list(partition.owner),
+            }
+        )
 
     async def policies_reload(request: web.Request) -> web.Response:
         errors = services.policies.reload()
@@ -166,7 +175,33 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-_FILTER_FIELDS = {"engine", "version", "scope", "older_than_seconds"}
+# Who owns a partition under each scope, as Partition.for_request names it for a request.
+_OWNERS: dict[Scope, str] = {
+    Scope.GLOBAL: "no owner",
+    Scope.TIER: f"owner [TIER] (the tier is {OPEN_TIER!r} without policy files)",
+    Scope.TENANT: f"owner [TENANT] (every request is tenant {ANONYMOUS_TENANT!r} without API keys)",
+    Scope.USER: "owner [TENANT, USER]: a request's user partition is its tenant and its 'user' "
+    f'field ("" for requests without one; the tenant is {ANONYMOUS_TENANT!r} without API keys)',
+}
+_OWNER_SIZES = {Scope.GLOBAL: 0, Scope.TIER: 1, Scope.TENANT: 1, Scope.USER: 2}
+
+
+def _partition(scope: Any, owner: Any) -> Partition:
+    """The partition ``scope`` and ``owner`` name; 400 unless a request can be in it (an import
+    to ``tenant`` with no tenant was stored where no request ever looks)."""
+    if scope not in {s.value for s in Scope}:
+        raise InvalidRequest(f"scope must be one of {[s.value for s in Scope]}", param="scope")
+    kind = Scope(scope)
+    owner = [] if owner is None else owner
+    if not isinstance(owner, list) or not all(isinstance(o, str) for o in owner):
+        raise InvalidRequest("owner must be a list of strings", param="owner")
+    # (a tier or tenant name is never empty; a user name is, for requests without a 'user')
+    if len(owner) != _OWNER_SIZES[kind] or (owner and not owner[0]):
+        raise InvalidRequest(f"scope {scope!r} takes {_OWNERS[kind]}, not {owner}", param="owner")
+    return Partition(kind, tuple(owner))
+
+
+_FILTER_FIELDS = {"engine", "version", "scope", "owner", "older_than_seconds"}
 
 
 def _invalidation_filter(body: dict[str, Any]) -> InvalidationFilter:
@@ -179,6 +214,12 @@ def _invalidation_filter(body: dict[str, Any]) -> InvalidationFilter:
     scope = body.get("scope")
     if scope is not None and scope not in {s.value for s in Scope}:
         raise InvalidRequest(f"scope must be one of {[s.value for s in Scope]}", param="scope")
+    # A scope alone is every partition of it (every tenant's); an owner narrows it to one.
+    partition = None
+    if body.get("owner") is not None:
+        if scope is None:
+            raise InvalidRequest("owner needs a scope: whose partition of which", param="owner")
+        partition = _partition(scope, body["owner"])
     age = body.get("older_than_seconds")
     if age is not None and (not isinstance(age, int | float) or isinstance(age, bool) or age < 0):
         raise InvalidRequest("older_than_seconds must be a number >= 0", param="older_than_seconds")
@@ -189,6 +230,7 @@ def _invalidation_filter(body: dict[str, Any]) -> InvalidationFilter:
         engine=body.get("engine"),
         version=body.get("version"),
         scope=Scope(scope) if scope is not None else None,
+        partition=partition,
         older_than_seconds=float(age) if age is not None else None,
     )
 

@@ -1,8 +1,9 @@
 """Operator commands that talk to a running proxy's admin API, and the router's offline tools.
 
     frugal cache stats --url http://127.0.0.1:8000
-    frugal cache invalidate --url URL [--engine E] [--version V] [--scope S] [--older-than SECONDS]
-    frugal cache import FILE.jsonl --url URL --engine E [--scope global] [--owner NAME ...]
+    frugal cache invalidate --url URL [--engine E] [--version V] [--scope S [--owner NAME ...]]
+                            [--older-than SECONDS]
+    frugal cache import FILE.jsonl --url URL --engine E [--scope S] [--owner NAME ...]
     frugal router score --input prompts.jsonl --output scores.jsonl
     frugal router calibrate --input prompts.jsonl --strong-share 0.3
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -22,6 +24,16 @@ from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 IMPORT_BATCH = 256
+
+SCOPE_HELP = (
+    "the partition the entries go to, who may hit them (default: the proxy's cache.scope, "
+    "tenant unless configured; a tier policy may set another)"
+)
+OWNERS = (
+    'none for global, TIER for tier, TENANT for tenant, TENANT USER for user (USER "" for '
+    "requests without a 'user' field). Without API keys every request is tenant 'anonymous', "
+    "and without policy files tier 'open'"
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,18 +48,28 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _url(inval)
     inval.add_argument("--engine")
     inval.add_argument("--version")
-    inval.add_argument("--scope", choices=["global", "tier", "tenant", "user"])
+    _partition_arguments(
+        inval,
+        "only entries of this scope (every owner's, e.g. every tenant's, unless --owner)",
+        f"only the partition of this owner (with --scope): {OWNERS}",
+    )
     inval.add_argument("--older-than", type=float, metavar="SECONDS")
     inval.add_argument("--all", action="store_true", help="needed to invalidate with no filter")
     inval.set_defaults(run=_cache_invalidate)
 
-    imp = cache_sub.add_parser("import", help="warm the cache from prompt/answer pairs (JSONL)")
+    imp = cache_sub.add_parser(
+        "import",
+        help="warm the cache from prompt/answer pairs (JSONL)",
+        description='Each line: {"prompt": str, "answer": str}, or "messages" (chat) or '
+        '"request" (a whole request body) instead of the prompt, and optionally "usage" '
+        "(token counts). Every line is checked before any is sent: with a bad line all bad "
+        "lines are listed by line number and nothing is imported (exit 2).",
+    )
     imp.add_argument("file", type=Path)
     _url(imp)
     imp.add_argument("--engine", required=True, help="engine name; its current version is used")
     imp.add_argument("--version", help="a specific version (default: the engine's current one)")
-    imp.add_argument("--scope", choices=["global", "tier", "tenant", "user"], default="global")
-    imp.add_argument("--owner", nargs="*", default=[], help="tier / tenant / tenant user")
+    _partition_arguments(imp, SCOPE_HELP, f"the partition's owner: {OWNERS}")
     imp.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     imp.set_defaults(run=_cache_import)
 
@@ -63,6 +85,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     cal.add_argument("--strong-share", type=float, required=True)
     cal.add_argument("--classifier", type=Path, help="a difficulty head .npz")
     cal.set_defaults(run=_router_calibrate)
+
+
+def _partition_arguments(parser: argparse.ArgumentParser, scope: str, owner: str) -> None:
+    parser.add_argument("--scope", choices=["global", "tier", "tenant", "user"], help=scope)
+    parser.add_argument("--owner", nargs="+", metavar="NAME", help=owner)
 
 
 def _url(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +142,7 @@ def _cache_invalidate(args: argparse.Namespace) -> int:
             "engine": args.engine,
             "version": args.version,
             "scope": args.scope,
+            "owner": args.owner,
             "older_than_seconds": args.older_than,
         }.items()
         if v is not None
@@ -126,25 +154,46 @@ def _cache_invalidate(args: argparse.Namespace) -> int:
 
 
 def _cache_import(args: argparse.Namespace) -> int:
+    """Every line is checked here first (JSON, then the proxy's own row check): with any bad
+    line, every bad one is listed and nothing is sent, so a bad line 5,000 cannot leave half a
+    file imported. The rows then go in batches; a batch the proxy refuses stops the import,
+    and what was stored before it is reported."""
     from tqdm import tqdm
 
+    from proxy.cache.keys import Endpoint
+    from proxy.cache.service import import_row_problem
+
     try:
-        lines = [line for line in args.file.read_text().splitlines() if line.strip()]
+        text = args.file.read_text()
     except OSError as exc:
         print(f"frugal: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
-    rows = []
-    for number, line in enumerate(lines, 1):
+    endpoint = Endpoint(args.endpoint)
+    rows: list[Any] = []
+    numbers: list[int] = []  # each row's line in the file (blank lines are skipped)
+    bad = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except ValueError as exc:
-            print(f"frugal: {args.file}:{number}: not JSON: {exc}", file=sys.stderr)
-            return 2
-        if not isinstance(row, dict):
-            print(f"frugal: {args.file}:{number}: each line must be an object", file=sys.stderr)
-            return 2
+            problem: tuple[str, str] | None = ("", f"not JSON: {exc}")
+        else:
+            problem = import_row_problem(row, endpoint)
+        if problem is not None:
+            field, what = problem
+            where = f"{args.file}:{number}" + (f": {field}" if field else "")
+            print(f"frugal: {where}: {what}", file=sys.stderr)
+            bad += 1
+            continue
         rows.append(row)
+        numbers.append(number)
+    if bad:
+        print(f"frugal: {bad} bad line(s) in {args.file}; nothing was imported", file=sys.stderr)
+        return 2
     stored = 0
+    partition: dict[str, Any] = {}  # where the proxy put them (its default scope when not given)
     with tqdm(total=len(rows), unit="pair", desc="import") as bar:
         for start in range(0, len(rows), IMPORT_BATCH):
             batch = rows[start : start + IMPORT_BATCH]
@@ -158,11 +207,33 @@ def _cache_import(args: argparse.Namespace) -> int:
             }
             status, body = _call(args.url, "POST", "/admin/cache/import", payload)
             if status >= 400:
-                return _report(status, body)
+                _report(status, _in_file_terms(body, args.file, numbers[start:]))
+                print(
+                    f"frugal: the import stopped in the batch from line {numbers[start]}; the "
+                    f"{stored} rows before that batch were stored, none after it",
+                    file=sys.stderr,
+                )
+                return 1
             stored += int(body.get("stored", 0))
+            partition = {"scope": body.get("scope"), "owner": body.get("owner")}
             bar.update(len(batch))
-    print(json.dumps({"rows": len(rows), "stored": stored}))
+    print(json.dumps({"rows": len(rows), "stored": stored, **partition}))
     return 0
+
+
+def _in_file_terms(body: Any, file: Path, numbers: list[int]) -> Any:
+    """The proxy names a bad row by its index in the batch (``rows[3].usage``): name its line
+    in the file instead."""
+    error = body.get("error") if isinstance(body, dict) else None
+    param = error.get("param") if isinstance(error, dict) else None
+    found = re.match(r"rows\[(\d+)\]", param) if isinstance(param, str) else None
+    if error is None or found is None or int(found[1]) >= len(numbers):
+        return body
+    where = f"{file}:{numbers[int(found[1])]}"
+    message = str(error.get("message", ""))
+    # "rows[3].usage: ..." as the local check words it: "f.jsonl:12: usage: ..."
+    message = message.replace(f"{found[0]}.", f"{where}: ", 1).replace(found[0], where, 1)
+    return {**body, "error": {**error, "message": message, "param": where}}
 
 
 def _router_score(args: argparse.Namespace) -> int:

@@ -11,7 +11,8 @@ Lookups are exact first (the sha256 key of every answer-shaping field, see ``key
 semantic: the nearest cached questions under the same context key (same engine version, same
 partition, same everything except the last user turn's text) are fetched and handed to the
 verifier, which picks one or none. A backend failure is a miss or a skipped write, counted and
-logged, never an error for the client.
+logged, never an error for the client; admin operations (invalidate, import) fail with
+``ServiceUnavailable`` instead.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import numpy as np
 import orjson
@@ -48,10 +49,19 @@ from proxy.cache.index import SemanticIndex
 from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, is_storable_response, make_keys
 from proxy.cache.modes import CacheMode
 from proxy.cache.singleflight import Follower, SingleFlight
-from proxy.cache.store import CacheStore, EntryAdded, FollowableStore, Resync, StoreBusy
+from proxy.cache.store import (
+    CacheStore,
+    DiskStore,
+    EntryAdded,
+    FollowableStore,
+    Resync,
+    StoreBusy,
+)
 from proxy.cache.stream_codec import replay_sse
+from proxy.errors import InvalidRequest, ServiceUnavailable
 from proxy.sse import DONE_EVENT, frame
 from proxy.tasks import cancelling, stop
+from proxy.wire import Kind, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -776,10 +786,17 @@ class ResponseCache:
     # -- invalidation ---------------------------------------------------------------------------
 
     async def invalidate(self, where: InvalidationFilter) -> int:
-        """Delete every entry matching ``where``; returns how many. Raises on backend errors
-        (an admin operation should say it failed)."""
+        """Delete every entry matching ``where``; returns how many. A backend error raises
+        ``ServiceUnavailable`` (an admin operation should say it failed, and why)."""
         now = self._clock()
-        deleted = await self.store.delete_where(lambda meta: where.matches(meta, now))
+        try:
+            deleted = await self.store.delete_where(lambda meta: where.matches(meta, now))
+        except Exception as exc:
+            self._backend_error("invalidate", exc)
+            raise ServiceUnavailable(
+                f"the cache store is unavailable: {type(exc).__name__}: {exc}",
+                code="cache_unavailable",
+            ) from exc
         for meta in deleted:
             self._forget(meta.label)
         return len(deleted)
@@ -823,22 +840,33 @@ class ResponseCache:
     ) -> int:
         """Warm the cache from JSONL prompt/answer pairs for one engine version.
 
-        Each line: ``{"prompt": str, "answer": str}`` plus optionally ``"messages"`` (the full
-        conversation instead of a single user turn), ``"request"`` (a complete request body;
-        wins over both) and ``"usage"``. Other request fields come from ``template`` (default
-        ``{"temperature": 0}``): an entry is only hit by requests with the same fields. With
-        ``encode`` the questions are embedded for semantic hits. Returns entries stored.
+        Each line: ``{"prompt": str, "answer": str}`` plus optionally ``"messages"`` (chat only:
+        the full conversation instead of a single user turn), ``"request"`` (a complete request
+        body; wins over both) and ``"usage"`` (token counts, non-negative integers). Other
+        request fields come from ``template`` (default ``{"temperature": 0}``): an entry is only
+        hit by requests with the same fields. With ``encode`` the questions are embedded for
+        semantic hits. Every line is checked before any is stored (``InvalidRequest`` naming
+        the first bad line). Returns entries stored.
         """
         from tqdm import tqdm
 
         text = await asyncio.to_thread(path.read_text)
-        lines = [line for line in text.splitlines() if line.strip()]
+        rows: list[Any] = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidRequest(f"{path}:{number}: not JSON: {exc}") from None
+            check_import_row(row, endpoint, f"{path}:{number}")
+            rows.append(row)
         stored = 0
-        with tqdm(total=len(lines), disable=not progress, unit="pair") as bar:
-            for start in range(0, len(lines), batch_size):
-                rows = [orjson.loads(line) for line in lines[start : start + batch_size]]
+        with tqdm(total=len(rows), disable=not progress, unit="pair") as bar:
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
                 stored += await self.import_rows(
-                    rows,
+                    batch,
                     engine=engine,
                     version=version,
                     partition=partition,
@@ -846,7 +874,7 @@ class ResponseCache:
                     template=template,
                     encode=encode,
                 )
-                bar.update(len(rows))
+                bar.update(len(batch))
         return stored
 
     async def import_rows(
@@ -860,7 +888,13 @@ class ResponseCache:
         template: Mapping[str, Any] | None = None,
         encode: Encode | None = None,
     ) -> int:
-        """Store one batch of import rows (the format of :meth:`import_jsonl`); entries stored."""
+        """Store one batch of import rows (the format of :meth:`import_jsonl`); entries stored.
+
+        Every row is checked first: one that cannot become an entry a request hits and the
+        proxy serves raises ``InvalidRequest`` naming ``rows[i]`` and the field, and nothing of
+        the batch is stored."""
+        for i, row in enumerate(rows):
+            check_import_row(row, endpoint, f"rows[{i}]")
         base = dict(template) if template is not None else {"temperature": 0}
         items = [
             (
@@ -882,8 +916,25 @@ class ResponseCache:
         stored = 0
         for i, (keys, response) in enumerate(items):
             vector = vectors[i] if vectors is not None and keys.query_text else None
-            if await self.store_response(keys, response, embedding=vector):
-                stored += 1
+            ok = await self.store_response(keys, response, embedding=vector)
+            if not ok and not self._backend_down and isinstance(self.store, DiskStore):
+                # The disk's write queue is full (this import outruns the disk): an import can
+                # wait for it, where a live answer is dropped.
+                await self.store.flush()
+                ok = await self.store_response(keys, response, embedding=vector)
+            if not ok:
+                # A checked row is only refused by the store: say so rather than report fewer
+                # stored (an outage "imported" a file as 0 entries and exit 0).
+                why = (
+                    "is unavailable" if self._backend_down else "is busy (its write queue is full)"
+                )
+                raise ServiceUnavailable(
+                    f"the cache store {why}: rows[{i}] and the rows after it were not stored "
+                    f"(the {stored} before it were)",
+                    param=f"rows[{i}]",
+                    code="cache_unavailable",
+                )
+            stored += 1
         return stored
 
     # -- backend health -------------------------------------------------------------------------
@@ -922,13 +973,84 @@ def _exact_cosine(query: np.ndarray, stored: np.ndarray | None, approximate: flo
     return float(stored @ query) / norm if norm > 0 else approximate
 
 
+# The fields of an import row (``ResponseCache.import_jsonl`` says what each holds).
+IMPORT_FIELDS: Final = ("prompt", "messages", "request", "answer", "usage")
+
+
+def import_row_problem(row: Any, endpoint: Endpoint) -> tuple[str, str] | None:
+    """Why ``row`` cannot be imported, as (field path, problem; the path is empty for the row
+    itself), or None when it can.
+
+    A row is imported only if it makes an entry that some request can hit and that the proxy
+    can serve: a stored ``"usage": "x"`` failed every later request for its prompt, and a row
+    whose question no request can ask (``"prompt": 5``) was stored for nothing. The question is
+    checked as the proxy checks a request (``parse_request``), built as ``_import_request``
+    builds it.
+    """
+    if not isinstance(row, Mapping):
+        return "", "must be a JSON object"
+    unknown = sorted(str(k) for k in row if k not in IMPORT_FIELDS)
+    if unknown:
+        # (a misspelt "mesages" would otherwise be dropped silently and the prompt keyed)
+        return unknown[0], f"unknown field; a row holds {', '.join(IMPORT_FIELDS)}"
+    if not isinstance(row.get("answer"), str):
+        return "answer", "must be a string (the answer's text)"
+    usage = row.get("usage")
+    if usage is not None:
+        if not isinstance(usage, Mapping):
+            return "usage", "must be an object of token counts"
+        for name, count in usage.items():
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                return f"usage.{name}", f"must be a non-negative integer, not {count!r}"
+    kind: Kind = "chat" if endpoint is Endpoint.CHAT else "completion"
+    request, messages = row.get("request"), row.get("messages")
+    if request is not None:
+        if not isinstance(request, Mapping):
+            return "request", "must be an object (a complete request body)"
+        return _request_problem(request, kind, "request")
+    if messages is not None:
+        if endpoint is Endpoint.COMPLETIONS:
+            return "messages", "is for chat imports; a completions row has a prompt string"
+        return _request_problem({"messages": messages}, kind, "")
+    if not isinstance(row.get("prompt"), str):
+        other = "a request" if endpoint is Endpoint.COMPLETIONS else "messages or a request"
+        return "prompt", f"must be a string (or give {other})"
+    return None
+
+
+def check_import_row(row: Any, endpoint: Endpoint, where: str) -> None:
+    """Raise ``InvalidRequest`` naming ``where`` (``rows[3]``, ``file:12``) and the field when
+    ``row`` cannot be imported (see :func:`import_row_problem`)."""
+    problem = import_row_problem(row, endpoint)
+    if problem is not None:
+        field, what = problem
+        name = f"{where}.{field}" if field else where
+        raise InvalidRequest(f"{name}: {what}", param=name)
+
+
+def _request_problem(body: Mapping[str, Any], kind: Kind, prefix: str) -> tuple[str, str] | None:
+    # The model is not part of the key (the engine is): a placeholder if the row has none.
+    probe = {**body, "model": body.get("model", "import")}
+    try:
+        parse_request(orjson.dumps(probe), kind)
+    except orjson.JSONEncodeError as exc:
+        return prefix, f"cannot be written as JSON: {exc}"
+    except InvalidRequest as err:
+        field = ".".join(p for p in (prefix, err.param) if p)
+        return field, err.message
+    return None
+
+
 def _import_request(row: Mapping[str, Any], endpoint: Endpoint, base: Mapping[str, Any]) -> Any:
+    # (as import_row_problem checks it: a null request or messages counts as absent)
     request = row.get("request")
-    if isinstance(request, Mapping):
+    if request is not None:
         return request
     if endpoint is Endpoint.COMPLETIONS:
         return {**base, "prompt": row["prompt"]}
-    messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+    messages = row.get("messages")
+    if messages is None:
+        messages = [{"role": "user", "content": row["prompt"]}]
     return {**base, "messages": messages}
 
 

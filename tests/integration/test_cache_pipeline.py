@@ -501,5 +501,191 @@ async def test_import_warms_and_invalidate_clears_through_the_cli(
     code = await asyncio.to_thread(
         main, ["cache", "import", str(bad), "--url", url, "--engine", "e"]
     )
-    assert code == 1
-    assert "rows[0]" in capsys.readouterr().err
+    assert code == 2
+    assert "bad.jsonl:1: answer: must be a string" in capsys.readouterr().err
+
+
+async def test_cli_import_reports_every_bad_line_by_file_line_and_stores_nothing(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    capsys: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy import admin_cli
+    from proxy.cli import main
+
+    monkeypatch.setattr(admin_cli, "IMPORT_BATCH", 4)  # the bad lines fall in later batches
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "global"})
+    url = str(proxy.client.make_url("")).rstrip("/")
+    lines = [orjson.dumps({"prompt": f"q{i}", "answer": f"a{i}"}).decode() for i in range(12)]
+    lines[6] = '{"prompt": "q6", "answer": "a6", "usage": "x"}'
+    lines[9] = "not json"
+    lines.insert(2, "")  # a blank line still counts in the numbering
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(lines) + "\n")
+    code = await asyncio.to_thread(
+        main, ["cache", "import", str(pairs), "--url", url, "--engine", "e"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    # (before: rows[2] of the second batch was reported, the first batch stayed stored)
+    assert "pairs.jsonl:8: usage: must be an object" in err
+    assert "pairs.jsonl:11: not JSON" in err
+    assert "2 bad line(s)" in err and "nothing was imported" in err
+    stats = await (await proxy.client.get("/admin/cache/stats")).json()
+    assert stats["stored_entries"] == 0
+
+    del lines[10], lines[7]
+    pairs.write_text("\n".join(lines) + "\n")
+    code = await asyncio.to_thread(
+        main, ["cache", "import", str(pairs), "--url", url, "--engine", "e"]
+    )
+    assert code == 0
+    assert '"stored": 10' in capsys.readouterr().out
+
+
+def test_cli_names_the_file_line_of_a_row_the_proxy_refuses(tmp_path: Path) -> None:
+    from proxy.admin_cli import _in_file_terms
+
+    body = {"error": {"message": "rows[1].usage: must be an object", "param": "rows[1].usage"}}
+    named = _in_file_terms(body, Path("f.jsonl"), [7, 9, 10])
+    assert named["error"]["message"] == "f.jsonl:9: usage: must be an object"
+    assert _in_file_terms({"error": {"message": "m", "param": "scope"}}, Path("f"), [1]) == {
+        "error": {"message": "m", "param": "scope"}
+    }
+
+
+async def test_a_bad_import_row_is_refused_and_never_poisons_its_prompt(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "global"})
+    question = QUESTION[0]["content"]
+    for row, param in [
+        ({"prompt": question, "answer": "Paris.", "usage": "x"}, "rows[1].usage"),
+        (
+            {"prompt": question, "answer": "Paris.", "usage": {"prompt_tokens": "ten"}},
+            "rows[1].usage.prompt_tokens",
+        ),
+        ({"request": "str", "answer": "Paris."}, "rows[1].request"),
+        ({"messages": [], "answer": "Paris."}, "rows[1].messages"),
+    ]:
+        rows = [{"prompt": "Another question?", "answer": "Yes."}, row]
+        resp = await proxy.client.post(
+            "/admin/cache/import", json={"engine": "e", "scope": "global", "rows": rows}
+        )
+        assert resp.status == 400, await resp.text()
+        error = (await resp.json())["error"]
+        assert error["param"] == param
+        assert error["message"].startswith(error["param"])
+    # (before: stored, then every request for the prompt failed with a 500)
+    resp = await proxy.client.post("/v1/chat/completions", json=GREEDY)
+    assert resp.status == 200 and resp.headers["x-frugal-cache"] == "miss"
+    assert proxy.services.cache is not None
+    await proxy.services.cache.drain()
+    stats = await (await proxy.client.get("/admin/cache/stats")).json()
+    assert stats["stored_entries"] == 1  # the engine's answer: no row of a refused batch
+
+
+async def test_cli_import_defaults_to_the_proxys_scope_and_needs_its_owner(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, capsys: Any
+) -> None:
+    from proxy.cli import main
+
+    # the default config: cache.scope tenant, no API keys (every request is tenant anonymous)
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    url = str(proxy.client.make_url("")).rstrip("/")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "What is the capital of France?", "answer": "Paris."}\n')
+    command = ["cache", "import", str(pairs), "--url", url, "--engine", "e"]
+    # (before: stored under global, which no request of this proxy ever looks in)
+    assert await asyncio.to_thread(main, command) == 1
+    err = capsys.readouterr().err
+    assert "scope 'tenant' takes owner [TENANT]" in err and "'anonymous'" in err
+    assert await asyncio.to_thread(main, [*command, "--owner", "anonymous"]) == 0
+    assert '"scope": "tenant"' in capsys.readouterr().out
+    warm = {"model": "m", "messages": QUESTION, "temperature": 0}  # as imported: no max_tokens
+    resp = await proxy.client.post("/v1/chat/completions", json=warm)
+    assert resp.headers["x-frugal-cache"] == "hit-exact"
+    assert engine.state.counters.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("scope", "owner", "param"),
+    [
+        ("tenant", None, "owner"),
+        ("tenant", [""], "owner"),
+        ("user", ["alice"], "owner"),  # a user partition is [tenant, user]
+        ("global", ["acme"], "owner"),
+        ("tier", ["a", "b"], "owner"),
+        ("tier", [1], "owner"),
+        ("tier", "open", "owner"),
+        ("team", ["a"], "scope"),
+    ],
+)
+async def test_import_refuses_a_partition_no_request_is_in(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    scope: str,
+    owner: Any,
+    param: str,
+) -> None:
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    rows = [{"prompt": "q", "answer": "a"}]
+    body = {"engine": "e", "scope": scope, "owner": owner, "rows": rows}
+    resp = await proxy.client.post("/admin/cache/import", json=body)
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["error"]["param"] == param
+    stats = await (await proxy.client.get("/admin/cache/stats")).json()
+    assert stats["stored_entries"] == 0
+
+
+async def test_an_import_to_one_users_partition_is_hit_by_that_user_only(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "user"})
+    rows = [{"prompt": QUESTION[0]["content"], "answer": "Paris."}]
+    body = {"engine": "e", "owner": ["anonymous", "alice"], "rows": rows}
+    resp = await proxy.client.post("/admin/cache/import", json=body)
+    assert (await resp.json())["stored"] == 1
+    warm = {"model": "m", "messages": QUESTION, "temperature": 0}
+    alice = await proxy.client.post("/v1/chat/completions", json={**warm, "user": "alice"})
+    assert alice.headers["x-frugal-cache"] == "hit-exact"
+    bob = await proxy.client.post("/v1/chat/completions", json={**warm, "user": "bob"})
+    assert bob.headers["x-frugal-cache"] == "miss"
+
+
+async def test_invalidate_clears_one_tenants_partition_only(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, capsys: Any
+) -> None:
+    from proxy.cli import main
+
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)  # scope: tenant
+    url = str(proxy.client.make_url("")).rstrip("/")
+    rows = [{"prompt": QUESTION[0]["content"], "answer": "Paris."}]
+    for tenant in ("acme", "anonymous"):
+        body = {"engine": "e", "owner": [tenant], "rows": rows}
+        assert (await proxy.client.post("/admin/cache/import", json=body)).status == 200
+    for where in ({"owner": ["acme"]}, {"scope": "user", "owner": ["acme"]}):
+        resp = await proxy.client.post("/admin/cache/invalidate", json=where)
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == "owner"
+    command = ["cache", "invalidate", "--url", url, "--scope", "tenant", "--owner", "acme"]
+    # (before: no --owner; {"scope": "tenant"} cleared every tenant's entries)
+    assert await asyncio.to_thread(main, command) == 0
+    assert '"invalidated": 1' in capsys.readouterr().out
+    warm = {"model": "m", "messages": QUESTION, "temperature": 0}
+    resp = await proxy.client.post("/v1/chat/completions", json=warm)
+    assert resp.headers["x-frugal-cache"] == "hit-exact"  # the anonymous tenant's entry stays
+
+
+async def test_import_refuses_a_version_that_is_not_a_string(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "global"})
+    rows = [{"prompt": "q", "answer": "a"}]
+    for version in (5, ["v1"], ""):
+        body = {"engine": "e", "version": version, "rows": rows}
+        resp = await proxy.client.post("/admin/cache/import", json=body)
+        # (before: 503 "engine 'e' has no known version yet")
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == "version"

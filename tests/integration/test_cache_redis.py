@@ -17,7 +17,10 @@ from proxy.cache.service import CosineVerifier, ResponseCache
 from proxy.cache.store import CacheBackendError, FollowableStore
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tests.conftest_redis import RedisServer
+    from tests.integration.conftest import StartFake, StartProxy
 
 pytest_plugins = ["tests.conftest_redis"]
 # A stuck Redis call must fail its test in minutes, not after the suite-wide 15 minutes.
@@ -177,3 +180,42 @@ async def test_outage_degrades_to_misses_and_recovers(redis_server: RedisServer)
 
     await eventually(resynced)
     await cache.aclose()
+
+
+async def test_admin_invalidate_and_import_fail_clearly_during_an_outage(
+    redis_server: RedisServer,
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    capsys: Any,
+) -> None:
+    from proxy.cli import main
+    from tests.integration.conftest import engine_config
+
+    engine = await start_fake("m")
+    proxy = await start_proxy(
+        [engine_config("e", "m", [engine.url])],
+        cache={"enabled": True, "backend": "redis", "scope": "global"},
+        redis={"url": redis_server.url},
+    )
+    url = str(proxy.client.make_url("")).rstrip("/")
+    rows = [{"prompt": "q", "answer": "a"}]
+    resp = await proxy.client.post("/admin/cache/import", json={"engine": "e", "rows": rows})
+    assert (await resp.json())["stored"] == 1
+
+    redis_server.stop()
+    # (before: 500 internal_error, "unexpected error" and a traceback in the log)
+    resp = await proxy.client.post("/admin/cache/invalidate", json={"engine": "e"})
+    error = (await resp.json())["error"]
+    assert resp.status == 503 and error["code"] == "cache_unavailable"
+    assert "cache store is unavailable" in error["message"]
+    # (before: 200 {"stored": 0} and the CLI exited 0)
+    resp = await proxy.client.post("/admin/cache/import", json={"engine": "e", "rows": rows})
+    assert resp.status == 503 and (await resp.json())["error"]["code"] == "cache_unavailable"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "q", "answer": "a"}\n')
+    command = ["cache", "import", str(pairs), "--url", url, "--engine", "e"]
+    assert await asyncio.to_thread(main, command) == 1
+    err = capsys.readouterr().err
+    assert "answered 503: the cache store is unavailable: " in err
+    assert f"{pairs}:1 and the rows after it were not stored" in err

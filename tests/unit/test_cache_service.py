@@ -507,6 +507,37 @@ async def test_backend_failures_are_misses_not_errors() -> None:
     await cache.aclose()
 
 
+async def test_admin_operations_fail_clearly_when_the_backend_is_down() -> None:
+    from proxy.errors import ServiceUnavailable
+
+    cache = ResponseCache(BrokenStore())
+    await cache.start()
+    await cache.ready()
+    # (before: the store's ConnectionError escaped, a 500 "unexpected error" at the endpoint)
+    with pytest.raises(ServiceUnavailable, match="cache store is unavailable: ConnectionError"):
+        await cache.invalidate(InvalidationFilter(engine="large"))
+    rows = [{"prompt": "q", "answer": "a"}]
+    # (before: 0 stored, reported as a successful import)
+    with pytest.raises(ServiceUnavailable, match="unavailable: rows\\[0\\]") as err:
+        await cache.import_rows(rows, engine="large", version="v1", partition=GLOBAL)
+    assert err.value.status == 503 and err.value.code == "cache_unavailable"
+    assert (await cache.stats()).backend_errors >= 2
+    await cache.aclose()
+
+
+async def test_an_import_waits_for_a_full_disk_queue_instead_of_dropping_rows(
+    tmp_path: Path,
+) -> None:
+    cache = ResponseCache(DiskStore(tmp_path / "cache", max_pending=2))
+    await cache.start()
+    await cache.ready()
+    rows = [{"prompt": f"q{i}", "answer": f"a{i}"} for i in range(10)]
+    # (without waiting: StoreBusy from the third row on, a 503 for a healthy disk)
+    assert await cache.import_rows(rows, engine="large", version="v1", partition=GLOBAL) == 10
+    assert await cache.store.count() == 10
+    await cache.aclose()
+
+
 async def test_import_jsonl(cache: ResponseCache, tmp_path: Path) -> None:
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"question {i}", "answer": f"answer {i}"} for i in range(5)]
@@ -537,6 +568,112 @@ async def test_import_jsonl(cache: ResponseCache, tmp_path: Path) -> None:
     hit = await cache.lookup(keys)
     assert hit is not None and hit.json()["choices"][0]["message"]["content"] == "answer 3"
     assert len(cache.index) == 6
+
+
+USER_P = [{"role": "user", "content": "p"}]
+LARGE_V1: dict[str, Any] = {"engine": "large", "version": "v1", "partition": GLOBAL}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "row", "param"),
+    [
+        # stored as given, these failed every later request for "p" (usage.get, int("ten"))
+        (Endpoint.CHAT, {"prompt": "p", "answer": "a", "usage": "x"}, "rows[1].usage"),
+        (
+            Endpoint.CHAT,
+            {"prompt": "p", "answer": "a", "usage": {"prompt_tokens": "ten"}},
+            "rows[1].usage.prompt_tokens",
+        ),
+        (
+            Endpoint.CHAT,
+            {"prompt": "p", "answer": "a", "usage": {"completion_tokens": -1}},
+            "rows[1].usage.completion_tokens",
+        ),
+        # these raised KeyError 'prompt' after passing the admin endpoint's check
+        (Endpoint.CHAT, {"request": "str", "answer": "a"}, "rows[1].request"),
+        (Endpoint.CHAT, {"messages": [], "answer": "a"}, "rows[1].messages"),
+        (Endpoint.COMPLETIONS, {"messages": USER_P, "answer": "a"}, "rows[1].messages"),
+        # stored under a key no request can have
+        (Endpoint.CHAT, {"prompt": 5, "messages": None, "answer": "a"}, "rows[1].prompt"),
+        (Endpoint.COMPLETIONS, {"prompt": ["p"], "answer": "a"}, "rows[1].prompt"),
+        (
+            Endpoint.CHAT,
+            {"messages": [{"role": "user", "content": 5}], "answer": "a"},
+            "rows[1].messages[0].content",
+        ),
+        (
+            Endpoint.CHAT,
+            {"request": {"messages": USER_P, "temperature": 9}, "answer": "a"},
+            "rows[1].request.temperature",
+        ),
+        (
+            Endpoint.COMPLETIONS,
+            {"request": {"messages": USER_P}, "answer": "a"},
+            "rows[1].request.prompt",
+        ),
+        (Endpoint.CHAT, {"prompt": "p", "answer": 5}, "rows[1].answer"),
+        (Endpoint.CHAT, {"prompt": "p"}, "rows[1].answer"),
+        (Endpoint.CHAT, {"prompt": "p", "answer": "a", "mesages": USER_P}, "rows[1].mesages"),
+        (Endpoint.CHAT, ["p", "a"], "rows[1]"),
+    ],
+)
+async def test_import_rejects_a_bad_row_by_index_and_field_and_stores_nothing(
+    cache: ResponseCache, endpoint: Endpoint, row: Any, param: str
+) -> None:
+    from proxy.errors import InvalidRequest
+
+    good = {"prompt": "q", "answer": "a"}
+    with pytest.raises(InvalidRequest) as err:
+        await cache.import_rows(
+            [good, row], engine="large", version="v1", partition=GLOBAL, endpoint=endpoint
+        )
+    assert err.value.param == param and err.value.message.startswith(f"{param}: ")
+    assert await cache.store.count() == 0  # the good row before it is not stored either
+
+
+async def test_imported_rows_of_every_shape_are_hit_by_their_request(
+    cache: ResponseCache,
+) -> None:
+    chat = [
+        {"prompt": "p1", "answer": "a1", "usage": {"prompt_tokens": 3, "completion_tokens": 1}},
+        {"messages": USER_P, "prompt": "ignored", "answer": "a2"},
+        {"request": {"messages": [{"role": "user", "content": "p3"}]}, "answer": "a3"},
+        {"prompt": "p4", "messages": None, "request": None, "usage": None, "answer": "a4"},
+    ]
+    stored = await cache.import_rows(chat, engine="large", version="v1", partition=GLOBAL)
+    assert stored == 4
+    for question, text in [("p1", "a1"), ("p", "a2"), ("p4", "a4")]:
+        request = {"temperature": 0, "messages": [{"role": "user", "content": question}]}
+        hit = await cache.lookup(cache.keys(Endpoint.CHAT, request, **LARGE_V1))
+        assert hit is not None and hit.json()["choices"][0]["message"]["content"] == text
+    request = {"messages": [{"role": "user", "content": "p3"}]}
+    assert await cache.lookup(cache.keys(Endpoint.CHAT, request, **LARGE_V1)) is not None
+    completion = [{"prompt": "c", "answer": "d"}]
+    assert await cache.import_rows(
+        completion, engine="large", version="v1", partition=GLOBAL, endpoint=Endpoint.COMPLETIONS
+    )
+    request = {"temperature": 0, "prompt": "c"}
+    hit = await cache.lookup(cache.keys(Endpoint.COMPLETIONS, request, **LARGE_V1))
+    assert hit is not None and hit.json()["choices"][0]["text"] == "d"
+
+
+async def test_import_jsonl_names_the_bad_line_and_stores_nothing(
+    cache: ResponseCache, tmp_path: Path
+) -> None:
+    from proxy.errors import InvalidRequest
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "q", "answer": "a"}\n\n{"prompt": "p", "answer": 1}\n')
+    with pytest.raises(InvalidRequest, match=r"pairs.jsonl:3.answer: "):
+        await cache.import_jsonl(
+            pairs, engine="large", version="v1", partition=GLOBAL, progress=False
+        )
+    assert await cache.store.count() == 0
+    pairs.write_text("".join(f'{{"prompt": "q{i}", "answer": "a"}}\n' for i in range(5)))
+    stored = await cache.import_jsonl(
+        pairs, engine="large", version="v1", partition=GLOBAL, batch_size=2, progress=False
+    )
+    assert stored == 5 and await cache.store.count() == 5
 
 
 partitions = st.builds(
