@@ -683,3 +683,32 @@ async def test_restart_from_a_snapshot_reconciles_with_the_store(
     hit = await second.lookup(keys_for("Q5"), embedding=one_hot(5))
     assert hit is not None and hit.meta.query_text == "q5"
     await second.aclose()
+
+
+async def test_a_truncated_snapshot_is_rebuilt_from_the_store(tmp_path: Path, clock: Clock) -> None:
+    from proxy.cache.index import SemanticIndex
+
+    def make() -> ResponseCache:
+        return ResponseCache(
+            DiskStore(tmp_path / "c"),
+            index=SemanticIndex(DIM),
+            verifier=CosineVerifier(0.9),
+            clock=clock,
+            snapshot_dir=tmp_path / "snap",
+        )
+
+    first = make()
+    await first.start()
+    await first.ready()
+    await first.store_response(keys_for("capital of France?"), answer("Paris"), embedding=vec(1))
+    await first.aclose()  # saves the snapshot
+    flat = tmp_path / "snap" / "flat.npz"
+    flat.write_bytes(flat.read_bytes()[:100])  # a crash or a full disk while it was written
+
+    second = make()
+    await second.start()
+    await second.ready()
+    assert len(second.index) == 1
+    hit = await second.lookup(keys_for("France's capital?"), embedding=vec(1, 0.05))
+    assert hit is not None and hit.kind == "semantic"
+    await second.aclose()
