@@ -201,6 +201,10 @@ class CacheConfig:
     # Longer questions are matched exactly only, without asking the verifier whether its model
     # reads them whole (MiniLM reads 128 word pieces: far fewer than 1,000 characters of text).
     semantic_max_chars: int = 1000
+    # A failed index rebuild is tried again after this many seconds, doubling up to the maximum
+    # (the semantic index stays as it was meanwhile: exact hits and entries stored since).
+    rebuild_retry_s: float = 1.0
+    rebuild_retry_max_s: float = 30.0
 
     def ttl(self, scope: Scope) -> float:
         return float(self.ttl_seconds.get(scope, DEFAULT_TTLS[scope]))
@@ -302,8 +306,11 @@ class ResponseCache:
         self._backend_errors = 0
         self._backend_down = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._follower: asyncio.Task[None] | None = None
+        # the task keeping the index in step with the store: the start-up rebuild (retried until it
+        # succeeds) and, for a shared store, following other replicas' entries
+        self._indexer: asyncio.Task[None] | None = None
         self._rebuilding: list[CacheEntry] | None = None
+        self._rebuilt = False  # a rebuild has succeeded: the index holds the whole store
         self._ready = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -312,22 +319,32 @@ class ResponseCache:
         """Rebuild the semantic index from the store (in the background) and, for a shared
         store, follow entries other replicas add. Lookups work meanwhile (exact only)."""
         if isinstance(self.store, FollowableStore):
-            self._follower = asyncio.create_task(self._follow(self.store), name="cache-follow")
+            self._indexer = asyncio.create_task(self._follow(self.store), name="cache-follow")
         else:
-            self._spawn(self._initial_rebuild())
+            self._indexer = asyncio.create_task(self._initial_rebuild(), name="cache-rebuild")
 
     async def _initial_rebuild(self) -> None:
-        try:
-            await self.rebuild_index(use_snapshot=True)
-        finally:
-            self._ready.set()
+        failures = 0
+        while True:
+            try:
+                await self.rebuild_index(use_snapshot=True)
+                return
+            except Exception as exc:
+                if cancelling():
+                    raise asyncio.CancelledError from exc  # a stop that surfaced as a timeout
+                failures += 1
+                delay = self._rebuild_failed("rebuild", exc, failures)
+            finally:
+                self._ready.set()  # lookups go on meanwhile (exact, and entries stored since)
+            await asyncio.sleep(delay)
 
     async def ready(self) -> None:
-        """Wait until the start-up index rebuild finished."""
+        """Wait until the start-up index rebuild has finished (or failed once: it is tried
+        again in the background)."""
         await self._ready.wait()
 
     async def aclose(self) -> None:
-        await stop(self._follower)
+        await stop(self._indexer)
         await self.drain()
         await self.index.wait_idle()
         await self.save_snapshot()
@@ -659,6 +676,9 @@ class ResponseCache:
         loaded and reconciled with the store (entries gone are removed, entries the snapshot
         lacks are added) instead of building every graph again. The new index is built on a
         worker thread and swapped in; entries stored meanwhile are added after the swap.
+
+        Raises if the store could not be read (or the index not built): the index then stays as
+        it was, with the entries stored meanwhile, and the caller decides when to try again.
         """
         self._rebuilding = []
         try:
@@ -679,8 +699,13 @@ class ResponseCache:
                 ):
                     continue
                 context = sys.intern(meta.context)  # shared by many entries
+                in_context = seen.setdefault(context, set())
+                if meta.label in in_context:
+                    # Redis's SCAN may return a key twice; usearch's bulk add (a context past
+                    # flat_limit) refuses a batch with a label in it twice.
+                    continue
+                in_context.add(meta.label)
                 labels[meta.label] = (meta.key, context)
-                seen.setdefault(context, set()).add(meta.label)
                 if meta.label in known.get(context, ()):
                     continue  # already in the snapshot's graph
                 ids, vectors = groups.setdefault(context, ([], []))
@@ -698,14 +723,15 @@ class ResponseCache:
                     fresh.add_many(context, ids, np.stack(vectors))
 
             await asyncio.to_thread(build)
-        except Exception as exc:
-            self._backend_error("rebuild", exc)
+        except BaseException:
+            # (a cancelled rebuild too: later entries must not pile up in the list unindexed)
             pending, self._rebuilding = self._rebuilding, None
             for entry in pending or []:
                 self._index_entry(entry)
-            return len(self.index)
+            raise
         await self.index.wait_idle()
         self.index, self._labels = fresh, labels
+        self._rebuilt = True
         pending, self._rebuilding = self._rebuilding, None
         for entry in pending:
             self._index_entry(entry)
@@ -735,8 +761,11 @@ class ResponseCache:
         return snapshot if snapshot.ndim == self.index.ndim else None
 
     async def save_snapshot(self) -> bool:
-        """Save the semantic index to ``snapshot_dir`` (done by ``aclose``); False on failure."""
-        if self.snapshot_dir is None or self._rebuilding is not None:
+        """Save the semantic index to ``snapshot_dir`` (done by ``aclose``); False on failure.
+
+        Not before a rebuild has succeeded: the index then holds only the entries stored since
+        start-up, and would replace a whole snapshot with a partial one."""
+        if self.snapshot_dir is None or self._rebuilding is not None or not self._rebuilt:
             return False
         await self.index.wait_idle()
         try:
@@ -747,15 +776,17 @@ class ResponseCache:
         return True
 
     async def _follow(self, store: FollowableStore) -> None:
-        first = True
+        first = True  # until a rebuild succeeds, it starts from the saved snapshot
+        failures = 0
         while True:
+            operation = "follow"
             try:
                 async for event in store.follow():
                     if isinstance(event, Resync):
+                        operation = "rebuild"
                         await self.rebuild_index(use_snapshot=first)
-                        if first:
-                            first = False
-                            self._ready.set()
+                        operation, first, failures = "follow", False, 0
+                        self._ready.set()
                     elif (
                         isinstance(event, EntryAdded) and event.entry.meta.label not in self._labels
                     ):
@@ -766,12 +797,30 @@ class ResponseCache:
             except Exception as exc:
                 if cancelling():
                     raise asyncio.CancelledError from exc  # a stop that surfaced as a timeout
-                # A failed rebuild (a timeout on a busy or flaky backend) must not end the
-                # follower: lookups would wait on ready() forever and the index would go
-                # stale. Count it, release the waiters, and start over with a fresh resync.
-                self._backend_error("follow", exc)
+                # A failed rebuild (a timeout on a busy or flaky backend, or Redis's back-off
+                # after a failed request) must not end the follower or leave the index without
+                # the store's entries until the next outage: release the waiters, and start
+                # over after a back-off with a fresh resync (a new stream position, then a scan).
                 self._ready.set()
-                await asyncio.sleep(1.0)
+                failures += 1
+                await asyncio.sleep(self._rebuild_failed(operation, exc, failures))
+
+    def _rebuild_failed(self, operation: str, error: Exception, failures: int) -> float:
+        """Count and log a failed rebuild (or follow); returns how long to wait before the next
+        try: ``rebuild_retry_s``, doubling with each failure in a row up to the maximum."""
+        self._backend_error(operation, error)
+        config = self.config
+        delay = min(config.rebuild_retry_s * 2.0 ** (failures - 1), config.rebuild_retry_max_s)
+        log.warning(
+            "cache.index.rebuild_failed",
+            extra={
+                "operation": operation,
+                "failures": failures,
+                "retry_in_s": delay,
+                "error": f"{type(error).__name__}: {error}",
+            },
+        )
+        return delay
 
     # -- invalidation ---------------------------------------------------------------------------
 

@@ -177,3 +177,31 @@ async def test_outage_degrades_to_misses_and_recovers(redis_server: RedisServer)
 
     await eventually(resynced)
     await cache.aclose()
+
+
+async def test_a_rebuild_failed_by_the_back_off_is_tried_again(redis_server: RedisServer) -> None:
+    first = replica(redis_server.url)
+    await first.start()
+    await first.ready()
+    assert await first.store_response(
+        keys_for("capital of France?"), answer("Paris"), embedding=vec(1)
+    )
+    await first.aclose()
+
+    second = replica(redis_server.url)
+    store = second.store
+    assert isinstance(store, RedisStore)
+    # A request failed a moment ago (Redis paused at start-up): the client backs off, and the
+    # start-up rebuild's scan fails at once.
+    store._down_until = store._clock() + 0.5
+    await second.start()
+    await second.ready()
+
+    async def rebuilt() -> bool:
+        return len(second.index) == 1
+
+    await eventually(rebuilt)
+    hit = await second.lookup(keys_for("France's capital?"), embedding=vec(1, 0.12))
+    assert hit is not None and hit.kind == "semantic"
+    assert (await second.stats()).backend_errors >= 1
+    await second.aclose()

@@ -15,9 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.cache.entry import CacheEntry, EntryMeta
+from proxy.cache.index import SemanticIndex
 from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, make_keys
 from proxy.cache.modes import CacheMode
 from proxy.cache.service import (
+    CacheConfig,
     CosineVerifier,
     InvalidationFilter,
     Refusal,
@@ -27,7 +29,7 @@ from proxy.cache.service import (
     follow_as_sse,
 )
 from proxy.cache.singleflight import Follower, Leader, SingleFlight
-from proxy.cache.store import DiskStore, EntryAdded, Resync
+from proxy.cache.store import CacheBackendError, DiskStore, EntryAdded, Resync
 from proxy.cache.stream_codec import assemble, normalise_response, replay
 from proxy.sse import parse_all
 
@@ -712,3 +714,86 @@ async def test_a_truncated_snapshot_is_rebuilt_from_the_store(tmp_path: Path, cl
     hit = await second.lookup(keys_for("France's capital?"), embedding=vec(1, 0.05))
     assert hit is not None and hit.kind == "semantic"
     await second.aclose()
+
+
+class FlakyScans(DiskStore):
+    """A disk store whose first ``failures`` scans fail (a backend in trouble at start-up: Redis
+    paused, or its client backing off after a failed request)."""
+
+    def __init__(self, directory: Path, failures: int = 1) -> None:
+        super().__init__(directory)
+        self.failures = failures
+        self.scans = 0
+
+    async def scan(self, *, with_embedding: bool = True) -> AsyncIterator[CacheEntry]:
+        self.scans += 1
+        if self.scans <= self.failures:
+            raise CacheBackendError("redis unavailable (retrying after back-off): scan")
+        async for entry in super().scan(with_embedding=with_embedding):
+            yield entry
+
+
+class FollowedFlakyScans(FlakyScans):
+    async def follow(self) -> AsyncIterator[EntryAdded | Resync]:
+        yield Resync()
+        await asyncio.Event().wait()  # nothing more from other replicas
+
+
+async def _store_one(directory: Path) -> None:
+    other = ResponseCache(DiskStore(directory), index=SemanticIndex(DIM))
+    async with other:
+        await other.ready()
+        await other.store_response(
+            keys_for("capital of France?"), answer("Paris"), embedding=vec(1)
+        )
+
+
+@pytest.mark.parametrize("store_class", [FlakyScans, FollowedFlakyScans])
+async def test_a_failed_index_rebuild_is_tried_again(
+    tmp_path: Path, store_class: type[FlakyScans]
+) -> None:
+    await _store_one(tmp_path / "c")
+    recorder = Recorder()
+    store = store_class(tmp_path / "c", failures=2)
+    cache = ResponseCache(
+        store,
+        config=CacheConfig(rebuild_retry_s=0.01),
+        index=SemanticIndex(DIM),
+        verifier=CosineVerifier(0.9),
+        observer=recorder,
+    )
+    async with cache:
+        await cache.ready()  # after the first try, failed: lookups need not wait for the rest
+        for _ in range(300):
+            if len(cache.index) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert store.scans == 3 and len(cache.index) == 1
+        assert recorder.errors == ["rebuild", "rebuild"]  # counted, each time
+        hit = await cache.lookup(keys_for("France's capital?"), embedding=vec(1, 0.05))
+        assert hit is not None and hit.kind == "semantic"
+
+
+class DuplicateScans(DiskStore):
+    """Redis's SCAN guarantees every key at least once, not exactly once."""
+
+    async def scan(self, *, with_embedding: bool = True) -> AsyncIterator[CacheEntry]:
+        async for entry in super().scan(with_embedding=with_embedding):
+            yield entry
+            yield entry
+
+
+async def test_a_rebuild_takes_a_key_scanned_twice_once(tmp_path: Path) -> None:
+    first = ResponseCache(DiskStore(tmp_path / "c"), index=SemanticIndex(DIM))
+    rng = np.random.default_rng(1)
+    async with first:
+        await first.ready()
+        for i in range(10):
+            vector = rng.normal(size=DIM)
+            await first.store_response(keys_for(f"q{i}"), answer(str(i)), embedding=vector)
+    # past flat_limit a context is bulk-added into a graph, which refuses a label twice
+    second = ResponseCache(DuplicateScans(tmp_path / "c"), index=SemanticIndex(DIM, flat_limit=4))
+    async with second:
+        await second.ready()
+        context = keys_for("q0").context
+        assert context is not None and len(second.index.labels(context)) == 10
