@@ -210,6 +210,38 @@ class CacheConfig:
         return float(self.ttl_seconds.get(scope, DEFAULT_TTLS[scope]))
 
 
+# A request's outcome when it looked up more than once: its hit, else an early refresh, else a
+# miss (bypass: it did not read the cache at all).
+_PRECEDENCE: dict[LookupOutcome, int] = {
+    "bypass": 0,
+    "miss": 1,
+    "refresh": 2,
+    "exact": 3,
+    "semantic": 3,
+}
+
+
+@dataclass(slots=True)
+class LookupTally:
+    """One request's lookups, counted as one outcome.
+
+    A request may look up more than once: the pipeline reads the strongest engine's exact key
+    before routing, then the routed engines' keys (exact and by meaning) after. Counted per call,
+    each missing request would count two misses or more. ``lookup(tally=...)`` notes each call's
+    outcome here instead, and :meth:`ResponseCache.count_lookups` counts the request once, when
+    its lookups are done: its hit, else ``refresh`` if one lookup refreshed early, else
+    ``miss``; the time is that of all its lookups. (A request that fails between its lookups,
+    e.g. refused by routing, is not counted, as the pipeline's own lookup metrics are not.)"""
+
+    outcome: LookupOutcome | None = None
+    seconds: float = 0.0
+
+    def note(self, outcome: LookupOutcome, seconds: float) -> None:
+        self.seconds += seconds
+        if self.outcome is None or _PRECEDENCE[outcome] > _PRECEDENCE[self.outcome]:
+            self.outcome = outcome
+
+
 @dataclass(frozen=True, slots=True)
 class CacheHit:
     kind: Literal["exact", "semantic"]
@@ -398,6 +430,7 @@ class ResponseCache:
         refused: list[CacheHit] | None = None,
         max_age: float | None = None,
         exact: bool = True,
+        tally: LookupTally | None = None,
     ) -> CacheHit | None:
         """Exact hit, else a verified semantic hit, else None (a miss; also on backend errors).
 
@@ -409,6 +442,8 @@ class ResponseCache:
         ``max_age`` is the reader's own TTL: no entry older than it is served, whatever TTL it
         was stored with (a scope shared by tiers with different TTLs). ``exact=False`` skips the
         exact read (the caller has just made it; a second draw could undo an early refresh).
+        ``tally``: this lookup is one of a request's several, counted together by
+        :meth:`count_lookups` (without it, it is counted as the request's only lookup).
         """
         started = time.perf_counter()
         outcome: LookupOutcome = "miss"
@@ -444,8 +479,22 @@ class ResponseCache:
                     outcome = "semantic"
             return hit
         finally:
-            self._lookups[outcome] += 1
-            self.observer.on_lookup(outcome, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            if tally is None:
+                self._count_lookup(outcome, seconds)
+            else:
+                tally.note(outcome, seconds)
+
+    def count_lookups(self, tally: LookupTally) -> None:
+        """Count a request's lookups as one outcome (see :class:`LookupTally`): once, however
+        often this is called; nothing if it made none."""
+        if tally.outcome is not None:
+            self._count_lookup(tally.outcome, tally.seconds)
+            tally.outcome, tally.seconds = None, 0.0
+
+    def _count_lookup(self, outcome: LookupOutcome, seconds: float) -> None:
+        self._lookups[outcome] += 1
+        self.observer.on_lookup(outcome, seconds)
 
     def semantic_fits(self, text: str, *, count: bool = True) -> bool:
         """Whether a question of this text may be matched by meaning: short enough, and read

@@ -20,8 +20,10 @@ from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, make_keys
 from proxy.cache.modes import CacheMode
 from proxy.cache.service import (
     CacheConfig,
+    CacheHit,
     CosineVerifier,
     InvalidationFilter,
+    LookupTally,
     Refusal,
     ResponseCache,
     SemanticCandidate,
@@ -507,6 +509,53 @@ async def test_backend_failures_are_misses_not_errors() -> None:
     assert recorder.stores == ["failed", "failed"]
     assert "get" in recorder.errors and "put" in recorder.errors
     await cache.aclose()
+
+
+async def test_a_request_looking_up_twice_is_counted_once(cache: ResponseCache) -> None:
+    """The pipeline's lookups: the exact key before routing, then by meaning after."""
+    recorder = cache.observer
+    assert isinstance(recorder, Recorder)
+
+    async def request(question: str, vector: np.ndarray) -> CacheHit | None:
+        tally = LookupTally()
+        keys = keys_for(question)
+        hit = await cache.lookup(keys, semantic=False, tally=tally)
+        if hit is None:
+            hit = await cache.lookup(keys, embedding=vector, exact=False, tally=tally)
+        cache.count_lookups(tally)
+        cache.count_lookups(tally)  # (once, however often it is asked)
+        return hit
+
+    assert await request("capital of France?", vec(1, 0.1)) is None
+    await cache.store_response(keys_for("capital of France?"), answer("Paris"), embedding=vec(1))
+    assert await request("largest river in Brazil?", vec(0, 1)) is None
+    assert await request("capital of Spain?", vec(0, 0, 1)) is None
+    semantic = await request("France's capital?", vec(1, 0.12))
+    assert semantic is not None and semantic.kind == "semantic"
+    exact = await request("capital of France?", vec(1, 0.1))
+    assert exact is not None and exact.kind == "exact"
+    assert recorder.lookups == ["miss", "miss", "miss", "semantic", "exact"]
+    assert (await cache.stats()).lookups == {
+        "exact": 1,
+        "semantic": 1,
+        "miss": 3,
+        "refresh": 0,
+        "bypass": 0,
+    }
+
+
+async def test_a_request_that_refreshes_early_is_counted_as_a_refresh(
+    cache: ResponseCache, clock: Clock
+) -> None:
+    keys = keys_for("capital of France?")
+    await cache.store_response(keys, answer("Paris"), embedding=vec(1), compute_seconds=2, ttl=100)
+    clock.now += 99
+    cache._uniform = lambda: 1e-6  # this request refreshes the entry
+    tally = LookupTally()
+    assert await cache.lookup(keys, semantic=False, tally=tally) is None
+    assert await cache.lookup(keys, embedding=vec(1), exact=False, tally=tally) is None
+    cache.count_lookups(tally)
+    assert cache.observer.lookups == ["refresh"]  # type: ignore[attr-defined]
 
 
 async def test_import_jsonl(cache: ResponseCache, tmp_path: Path) -> None:
