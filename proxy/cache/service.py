@@ -154,7 +154,10 @@ class CosineVerifier:
 
 
 class CacheObserver(Protocol):
-    """Metrics hooks (the metrics module implements this; the cache does not import it)."""
+    """Metrics hooks (the metrics module implements this; the cache does not import it).
+
+    Each failure is reported once: a put that failed (the backend's failure or ``StoreBusy``)
+    as ``on_store("failed")``, a failure of any other operation as ``on_backend_error``."""
 
     def on_lookup(self, outcome: LookupOutcome, seconds: float) -> None: ...
 
@@ -659,7 +662,7 @@ class ResponseCache:
             self._count_store("failed")  # overloaded, not down: no backend-down warning
             return False
         except Exception as exc:
-            self._backend_error("put", exc)
+            self._backend_error("put", exc, observe=False)  # on_store("failed") reports it
             self._count_store("failed")
             return False
         self._backend_ok()
@@ -995,9 +998,10 @@ class ResponseCache:
         self._backend_ok()
         return result
 
-    def _backend_error(self, operation: str, error: BaseException) -> None:
+    def _backend_error(self, operation: str, error: BaseException, *, observe: bool = True) -> None:
         self._backend_errors += 1
-        self.observer.on_backend_error(operation, error)
+        if observe:
+            self.observer.on_backend_error(operation, error)
         if not self._backend_down:
             self._backend_down = True
             log.warning(

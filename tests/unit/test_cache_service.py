@@ -507,8 +507,24 @@ async def test_backend_failures_are_misses_not_errors() -> None:
     stats = await cache.stats()
     assert stats.backend_errors >= 4 and stats.stored_entries is None
     assert recorder.stores == ["failed", "failed"]
-    assert "get" in recorder.errors and "put" in recorder.errors
+    # a failed put is reported once, as a failed store; other operations as backend errors
+    assert "get" in recorder.errors and "put" not in recorder.errors
     await cache.aclose()
+
+
+async def test_a_failed_put_is_one_cache_error_on_metrics() -> None:
+    from proxy.app import _CacheMetrics
+    from proxy.observability.metrics import Metrics
+
+    metrics = Metrics()
+    cache = ResponseCache(BrokenStore(), observer=_CacheMetrics(metrics, "disk"))
+    assert not await cache.store_response(keys_for("q"), answer("a"))
+    assert await cache.lookup(keys_for("q")) is None
+    errors = {"backend": "disk", "op": "put"}
+    assert metrics.registry.get_sample_value("frugal_cache_errors_total", errors) == 1
+    errors["op"] = "get"
+    assert metrics.registry.get_sample_value("frugal_cache_errors_total", errors) == 1
+    assert (await cache.stats()).stores["failed"] == 1
 
 
 async def test_a_request_looking_up_twice_is_counted_once(cache: ResponseCache) -> None:
