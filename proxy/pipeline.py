@@ -38,7 +38,7 @@ from proxy.cache.keys import (
     keys_from_material,
 )
 from proxy.cache.modes import CacheMode, request_mode
-from proxy.cache.service import CacheHit, follow_as_sse
+from proxy.cache.service import CacheHit, LookupTally, follow_as_sse
 from proxy.cache.singleflight import Follower, Leader, LeaderFailed
 from proxy.cache.stream_codec import StreamAssembler, replay_sse
 from proxy.engines.client import Upstream
@@ -138,6 +138,8 @@ class CachePlan:
     # change only fields the keys exclude: model, stream_options)
     _material: KeyMaterial | None = None
     exact_missed: str | None = None  # an exact key already looked up without a hit
+    # the lookups before and after routing, counted in the cache's stats as one outcome
+    tally: LookupTally = field(default_factory=LookupTally)
 
     @property
     def keys(self) -> CacheKeys | None:
@@ -536,9 +538,10 @@ async def _exact_lookup(
     if cache is None or keys is None:
         return None
     hit = await cache.lookup(
-        keys, embedding=None, mode=plan.mode, semantic=False, max_age=plan.ttl_s
+        keys, embedding=None, mode=plan.mode, semantic=False, max_age=plan.ttl_s, tally=plan.tally
     )
     if hit is not None:
+        cache.count_lookups(plan.tally)
         services.metrics.cache_lookup(kind="exact", scope=plan.scope.value, hit=True)
     else:
         plan.exact_missed = keys.exact
@@ -561,8 +564,12 @@ async def _lookup(
     refused: list[CacheHit] | None = None,
 ) -> CacheHit | None:
     cache = services.cache
-    if cache is None or plan.mode is CacheMode.OFF:
+    if cache is None:
         exchange.cache = "bypass"
+        return None
+    if plan.mode is CacheMode.OFF:
+        exchange.cache = "bypass"
+        cache.count_lookups(plan.tally)  # the lookup before routing, if it made one, missed
         return None
     exchange.cache = "miss" if plan.mode.read else "bypass"
     if not plan.mode.read:
@@ -582,12 +589,15 @@ async def _lookup(
             refused=refused,
             max_age=plan.ttl_s,
             exact=exact,
+            tally=plan.tally,
         )
         if hit is not None:
+            cache.count_lookups(plan.tally)
             services.metrics.cache_lookup(
                 kind=hit.kind, scope=plan.scope.value, hit=True, similarity=hit.similarity
             )
             return hit
+    cache.count_lookups(plan.tally)
     services.metrics.cache_lookup(kind="exact", scope=plan.scope.value, hit=False)
     if plan.semantic and embedding is not None:
         services.metrics.cache_lookup(kind="semantic", scope=plan.scope.value, hit=False)

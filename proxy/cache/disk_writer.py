@@ -13,7 +13,8 @@ once it is committed.
 
 Both writers keep the store's contract: ``write`` returns once the batch is committed (a
 ``flush`` that waits for it sees it on disk), and raises if it was not. A writer process that
-dies is reported once and the store carries on with a thread writer.
+dies is reported once and the store carries on with a thread writer, starting with the batch
+that found the process gone (the cache has counted those answers stored).
 
 The pipe protocol (little-endian): a batch is ``<II`` (payload bytes, entries) and then per entry
 ``<IId`` (key bytes, blob bytes, expiry as a Unix time) followed by the key (UTF-8) and the blob;
@@ -152,14 +153,10 @@ def unframe(payload: bytes, count: int) -> list[tuple[str, bytes, float]]:
     return items
 
 
-class WriterGone(ConnectionError):
-    """The writer process exited or closed its pipe."""
-
-
 class ProcessWriter:
     """Writes in a child process (``python -m proxy.cache.disk_writer DIR SIZE_LIMIT``), one
-    batch in flight at a time; started with the first batch. When the child is gone, this batch
-    fails and later ones go to ``fallback`` (a thread writer), once logged."""
+    batch in flight at a time; started with the first batch. When the child is gone (or cannot
+    start), this batch and every later one go to ``fallback`` (a thread writer), once logged."""
 
     def __init__(
         self, directory: Path, size_limit: int, fallback: Callable[[], BatchWriter]
@@ -209,7 +206,11 @@ class ProcessWriter:
             )
             self._fallback = self._fallback_factory()
             await self._stop()
-            raise WriterGone("the cache's writer process is gone") from exc
+            # Written again on the thread: the child may have committed it before dying, but
+            # an upsert of the same entries is harmless, and a batch dropped here would be
+            # answers the cache counted stored yet never served.
+            await self._fallback.write(batch)
+            return
         if status != OK or count != len(items):
             raise OSError(f"the writer process did not commit the batch (status {status})")
 

@@ -367,8 +367,12 @@ class SemanticIndex:
                 graph.index.expansion_search = params.expansion_search  # type: ignore[misc]
                 part = index._partitions[name] = _Partition(index.ndim)
                 part.flat, part.hnsw = None, graph
-        except (OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"unusable index snapshot in {folder}: {exc}") from exc
+        except Exception as exc:
+            # Any failure: a torn or truncated file fails in numpy's zip reader (EOFError,
+            # BadZipFile), its header parser (SyntaxError) or usearch (RuntimeError), and which
+            # one is the libraries' business. The store is the source of truth: the caller
+            # rebuilds from it.
+            raise ValueError(f"unusable index snapshot in {folder}: {exc!r}") from exc
         return index
 
     async def wait_idle(self) -> None:

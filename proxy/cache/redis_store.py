@@ -14,6 +14,9 @@ When Redis is unreachable every operation fails fast with ``CacheBackendError`` 
 timeouts, no client retries, and for ``retry_after`` seconds after a failure no attempt at all, so
 requests do not each pay a connect timeout); the cache turns that into misses. Recovery is
 automatic: the next attempt after ``retry_after`` reconnects.
+
+A failed operation is reported (counted, logged) by whoever called it, as the cache does with
+every store; ``on_error`` hears only of what no caller sees: the follower's failures.
 """
 
 from __future__ import annotations
@@ -84,8 +87,6 @@ class RedisStore:
             return await call()
         except _FAILURES as exc:
             self._down_until = self._clock() + self._retry_after
-            if self._on_error is not None:
-                self._on_error(operation, exc)
             raise CacheBackendError(f"redis {operation} failed: {exc}") from exc
 
     @staticmethod

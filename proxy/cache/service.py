@@ -164,7 +164,10 @@ class CosineVerifier:
 
 
 class CacheObserver(Protocol):
-    """Metrics hooks (the metrics module implements this; the cache does not import it)."""
+    """Metrics hooks (the metrics module implements this; the cache does not import it).
+
+    Each failure is reported once: a put that failed (the backend's failure or ``StoreBusy``)
+    as ``on_store("failed")``, a failure of any other operation as ``on_backend_error``."""
 
     def on_lookup(self, outcome: LookupOutcome, seconds: float) -> None: ...
 
@@ -211,9 +214,45 @@ class CacheConfig:
     # Longer questions are matched exactly only, without asking the verifier whether its model
     # reads them whole (MiniLM reads 128 word pieces: far fewer than 1,000 characters of text).
     semantic_max_chars: int = 1000
+    # A failed index rebuild is tried again after this many seconds, doubling up to the maximum
+    # (the semantic index stays as it was meanwhile: exact hits and entries stored since).
+    rebuild_retry_s: float = 1.0
+    rebuild_retry_max_s: float = 30.0
 
     def ttl(self, scope: Scope) -> float:
         return float(self.ttl_seconds.get(scope, DEFAULT_TTLS[scope]))
+
+
+# A request's outcome when it looked up more than once: its hit, else an early refresh, else a
+# miss (bypass: it did not read the cache at all).
+_PRECEDENCE: dict[LookupOutcome, int] = {
+    "bypass": 0,
+    "miss": 1,
+    "refresh": 2,
+    "exact": 3,
+    "semantic": 3,
+}
+
+
+@dataclass(slots=True)
+class LookupTally:
+    """One request's lookups, counted as one outcome.
+
+    A request may look up more than once: the pipeline reads the strongest engine's exact key
+    before routing, then the routed engines' keys (exact and by meaning) after. Counted per call,
+    each missing request would count two misses or more. ``lookup(tally=...)`` notes each call's
+    outcome here instead, and :meth:`ResponseCache.count_lookups` counts the request once, when
+    its lookups are done: its hit, else ``refresh`` if one lookup refreshed early, else
+    ``miss``; the time is that of all its lookups. (A request that fails between its lookups,
+    e.g. refused by routing, is not counted, as the pipeline's own lookup metrics are not.)"""
+
+    outcome: LookupOutcome | None = None
+    seconds: float = 0.0
+
+    def note(self, outcome: LookupOutcome, seconds: float) -> None:
+        self.seconds += seconds
+        if self.outcome is None or _PRECEDENCE[outcome] > _PRECEDENCE[self.outcome]:
+            self.outcome = outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,8 +351,11 @@ class ResponseCache:
         self._backend_errors = 0
         self._backend_down = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._follower: asyncio.Task[None] | None = None
+        # the task keeping the index in step with the store: the start-up rebuild (retried until it
+        # succeeds) and, for a shared store, following other replicas' entries
+        self._indexer: asyncio.Task[None] | None = None
         self._rebuilding: list[CacheEntry] | None = None
+        self._rebuilt = False  # a rebuild has succeeded: the index holds the whole store
         self._ready = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -322,22 +364,32 @@ class ResponseCache:
         """Rebuild the semantic index from the store (in the background) and, for a shared
         store, follow entries other replicas add. Lookups work meanwhile (exact only)."""
         if isinstance(self.store, FollowableStore):
-            self._follower = asyncio.create_task(self._follow(self.store), name="cache-follow")
+            self._indexer = asyncio.create_task(self._follow(self.store), name="cache-follow")
         else:
-            self._spawn(self._initial_rebuild())
+            self._indexer = asyncio.create_task(self._initial_rebuild(), name="cache-rebuild")
 
     async def _initial_rebuild(self) -> None:
-        try:
-            await self.rebuild_index(use_snapshot=True)
-        finally:
-            self._ready.set()
+        failures = 0
+        while True:
+            try:
+                await self.rebuild_index(use_snapshot=True)
+                return
+            except Exception as exc:
+                if cancelling():
+                    raise asyncio.CancelledError from exc  # a stop that surfaced as a timeout
+                failures += 1
+                delay = self._rebuild_failed("rebuild", exc, failures)
+            finally:
+                self._ready.set()  # lookups go on meanwhile (exact, and entries stored since)
+            await asyncio.sleep(delay)
 
     async def ready(self) -> None:
-        """Wait until the start-up index rebuild finished."""
+        """Wait until the start-up index rebuild has finished (or failed once: it is tried
+        again in the background)."""
         await self._ready.wait()
 
     async def aclose(self) -> None:
-        await stop(self._follower)
+        await stop(self._indexer)
         await self.drain()
         await self.index.wait_idle()
         await self.save_snapshot()
@@ -391,6 +443,7 @@ class ResponseCache:
         refused: list[CacheHit] | None = None,
         max_age: float | None = None,
         exact: bool = True,
+        tally: LookupTally | None = None,
     ) -> CacheHit | None:
         """Exact hit, else a verified semantic hit, else None (a miss; also on backend errors).
 
@@ -402,6 +455,8 @@ class ResponseCache:
         ``max_age`` is the reader's own TTL: no entry older than it is served, whatever TTL it
         was stored with (a scope shared by tiers with different TTLs). ``exact=False`` skips the
         exact read (the caller has just made it; a second draw could undo an early refresh).
+        ``tally``: this lookup is one of a request's several, counted together by
+        :meth:`count_lookups` (without it, it is counted as the request's only lookup).
         """
         started = time.perf_counter()
         outcome: LookupOutcome = "miss"
@@ -437,8 +492,22 @@ class ResponseCache:
                     outcome = "semantic"
             return hit
         finally:
-            self._lookups[outcome] += 1
-            self.observer.on_lookup(outcome, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            if tally is None:
+                self._count_lookup(outcome, seconds)
+            else:
+                tally.note(outcome, seconds)
+
+    def count_lookups(self, tally: LookupTally) -> None:
+        """Count a request's lookups as one outcome (see :class:`LookupTally`): once, however
+        often this is called; nothing if it made none."""
+        if tally.outcome is not None:
+            self._count_lookup(tally.outcome, tally.seconds)
+            tally.outcome, tally.seconds = None, 0.0
+
+    def _count_lookup(self, outcome: LookupOutcome, seconds: float) -> None:
+        self._lookups[outcome] += 1
+        self.observer.on_lookup(outcome, seconds)
 
     def semantic_fits(self, text: str, *, count: bool = True) -> bool:
         """Whether a question of this text may be matched by meaning: short enough, and read
@@ -603,7 +672,7 @@ class ResponseCache:
             self._count_store("failed")  # overloaded, not down: no backend-down warning
             return False
         except Exception as exc:
-            self._backend_error("put", exc)
+            self._backend_error("put", exc, observe=False)  # on_store("failed") reports it
             self._count_store("failed")
             return False
         self._backend_ok()
@@ -669,6 +738,9 @@ class ResponseCache:
         loaded and reconciled with the store (entries gone are removed, entries the snapshot
         lacks are added) instead of building every graph again. The new index is built on a
         worker thread and swapped in; entries stored meanwhile are added after the swap.
+
+        Raises if the store could not be read (or the index not built): the index then stays as
+        it was, with the entries stored meanwhile, and the caller decides when to try again.
         """
         self._rebuilding = []
         try:
@@ -689,8 +761,13 @@ class ResponseCache:
                 ):
                     continue
                 context = sys.intern(meta.context)  # shared by many entries
+                in_context = seen.setdefault(context, set())
+                if meta.label in in_context:
+                    # Redis's SCAN may return a key twice; usearch's bulk add (a context past
+                    # flat_limit) refuses a batch with a label in it twice.
+                    continue
+                in_context.add(meta.label)
                 labels[meta.label] = (meta.key, context)
-                seen.setdefault(context, set()).add(meta.label)
                 if meta.label in known.get(context, ()):
                     continue  # already in the snapshot's graph
                 ids, vectors = groups.setdefault(context, ([], []))
@@ -708,14 +785,15 @@ class ResponseCache:
                     fresh.add_many(context, ids, np.stack(vectors))
 
             await asyncio.to_thread(build)
-        except Exception as exc:
-            self._backend_error("rebuild", exc)
+        except BaseException:
+            # (a cancelled rebuild too: later entries must not pile up in the list unindexed)
             pending, self._rebuilding = self._rebuilding, None
             for entry in pending or []:
                 self._index_entry(entry)
-            return len(self.index)
+            raise
         await self.index.wait_idle()
         self.index, self._labels = fresh, labels
+        self._rebuilt = True
         pending, self._rebuilding = self._rebuilding, None
         for entry in pending:
             self._index_entry(entry)
@@ -745,8 +823,11 @@ class ResponseCache:
         return snapshot if snapshot.ndim == self.index.ndim else None
 
     async def save_snapshot(self) -> bool:
-        """Save the semantic index to ``snapshot_dir`` (done by ``aclose``); False on failure."""
-        if self.snapshot_dir is None or self._rebuilding is not None:
+        """Save the semantic index to ``snapshot_dir`` (done by ``aclose``); False on failure.
+
+        Not before a rebuild has succeeded: the index then holds only the entries stored since
+        start-up, and would replace a whole snapshot with a partial one."""
+        if self.snapshot_dir is None or self._rebuilding is not None or not self._rebuilt:
             return False
         await self.index.wait_idle()
         try:
@@ -757,15 +838,17 @@ class ResponseCache:
         return True
 
     async def _follow(self, store: FollowableStore) -> None:
-        first = True
+        first = True  # until a rebuild succeeds, it starts from the saved snapshot
+        failures = 0
         while True:
+            operation = "follow"
             try:
                 async for event in store.follow():
                     if isinstance(event, Resync):
+                        operation = "rebuild"
                         await self.rebuild_index(use_snapshot=first)
-                        if first:
-                            first = False
-                            self._ready.set()
+                        operation, first, failures = "follow", False, 0
+                        self._ready.set()
                     elif (
                         isinstance(event, EntryAdded) and event.entry.meta.label not in self._labels
                     ):
@@ -776,12 +859,30 @@ class ResponseCache:
             except Exception as exc:
                 if cancelling():
                     raise asyncio.CancelledError from exc  # a stop that surfaced as a timeout
-                # A failed rebuild (a timeout on a busy or flaky backend) must not end the
-                # follower: lookups would wait on ready() forever and the index would go
-                # stale. Count it, release the waiters, and start over with a fresh resync.
-                self._backend_error("follow", exc)
+                # A failed rebuild (a timeout on a busy or flaky backend, or Redis's back-off
+                # after a failed request) must not end the follower or leave the index without
+                # the store's entries until the next outage: release the waiters, and start
+                # over after a back-off with a fresh resync (a new stream position, then a scan).
                 self._ready.set()
-                await asyncio.sleep(1.0)
+                failures += 1
+                await asyncio.sleep(self._rebuild_failed(operation, exc, failures))
+
+    def _rebuild_failed(self, operation: str, error: Exception, failures: int) -> float:
+        """Count and log a failed rebuild (or follow); returns how long to wait before the next
+        try: ``rebuild_retry_s``, doubling with each failure in a row up to the maximum."""
+        self._backend_error(operation, error)
+        config = self.config
+        delay = min(config.rebuild_retry_s * 2.0 ** (failures - 1), config.rebuild_retry_max_s)
+        log.warning(
+            "cache.index.rebuild_failed",
+            extra={
+                "operation": operation,
+                "failures": failures,
+                "retry_in_s": delay,
+                "error": f"{type(error).__name__}: {error}",
+            },
+        )
+        return delay
 
     # -- invalidation ---------------------------------------------------------------------------
 
@@ -948,9 +1049,10 @@ class ResponseCache:
         self._backend_ok()
         return result
 
-    def _backend_error(self, operation: str, error: BaseException) -> None:
+    def _backend_error(self, operation: str, error: BaseException, *, observe: bool = True) -> None:
         self._backend_errors += 1
-        self.observer.on_backend_error(operation, error)
+        if observe:
+            self.observer.on_backend_error(operation, error)
         if not self._backend_down:
             self._backend_down = True
             log.warning(

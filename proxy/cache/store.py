@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
@@ -40,11 +42,37 @@ from typing import Literal, Protocol, TypeVar, runtime_checkable
 import diskcache
 
 from proxy.cache.disk_writer import BatchWriter, ProcessWriter, ThreadWriter
-from proxy.cache.entry import CacheEntry, EntryDecodeError, EntryMeta, decode_entry, encode_entry
+from proxy.cache.entry import (
+    CacheEntry,
+    EntryDecodeError,
+    EntryMeta,
+    decode_entry,
+    decode_meta,
+    encode_entry,
+)
 
 log = logging.getLogger(__name__)
 
 SCAN_BATCH = 512
+# ``delete_where`` reads this many rows at a time, and of each entry only its first HEAD_BYTES
+# (the header, i.e. the metadata, comes first: see entry.py); an entry whose header is longer
+# (a long question) is read again whole. So its memory stays near SWEEP_BATCH * HEAD_BYTES
+# whatever the store holds (reading every entry whole at once added 167 MB of RSS for a
+# 200 MB store).
+SWEEP_BATCH = 256
+HEAD_BYTES = 2048
+# Live entries with a str key and a bytes value: inline (MODE_RAW, a blob) or in a file
+# (MODE_BINARY), as diskcache 5.6 stores them (disk_writer.py writes the same rows). An entry
+# past its expiry is skipped, as ``Cache.get`` would.
+_SWEEP = (
+    "SELECT rowid, key, store_time, filename, length(value), substr(value, 1, ?) FROM Cache"
+    " WHERE rowid > ? AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)"
+    f" AND (mode = {diskcache.core.MODE_RAW} AND typeof(value) = 'blob'"
+    f" OR mode = {diskcache.core.MODE_BINARY}) ORDER BY rowid LIMIT ?"
+)
+# Only the row as it was read: a put that replaced it since (same key, same rowid, a new
+# store_time) is not deleted on the old entry's metadata.
+_DELETE_ROW = "DELETE FROM Cache WHERE rowid = ? AND store_time = ?"
 _T = TypeVar("_T")
 
 
@@ -301,28 +329,95 @@ class DiskStore:
                 yield entry
 
     async def delete_where(self, predicate: Callable[[EntryMeta], bool]) -> list[EntryMeta]:
+        """Delete the entries whose metadata matches (and those whose header is unreadable).
+
+        Streamed in batches of ``SWEEP_BATCH`` rows, each one job on the store's thread (its
+        other work, a thread writer's batches, goes between them) that reads only each entry's
+        header and deletes the batch's matches in one transaction; SQLite's own work releases
+        the GIL, so what holds it beside the requests is the headers' decoding and
+        ``predicate``, which runs on that thread."""
         await self.flush()
+        deleted: list[EntryMeta] = []
+        after = 0
+        while True:
+            batch = await self._run(functools.partial(self._sweep, after, predicate))
+            if batch is None:
+                return deleted
+            after, matched, gone = batch
+            for key in gone:
+                self._count(key, -1)
+            deleted += matched
 
-        def sweep() -> list[EntryMeta]:
-            deleted: list[EntryMeta] = []
-            for key, blob in list(self._iter_blobs()):
-                try:
-                    meta = decode_entry(blob, with_embedding=False).meta
-                except EntryDecodeError:
-                    if self._cache.delete(key):
-                        corrupt.append(key)
-                    continue
-                if predicate(meta) and self._cache.delete(key):
-                    deleted.append(meta)
-            return deleted
+    def _sweep(
+        self, after: int, predicate: Callable[[EntryMeta], bool]
+    ) -> tuple[int, list[EntryMeta], list[str]] | None:
+        """One batch of ``delete_where``: the rows after rowid ``after``. Returns the last rowid
+        read, the metadata of the entries deleted and every key deleted (corrupt ones too), or
+        None past the last row. Blocking: runs on the store's thread."""
+        cache = self._cache
+        rows = cache._sql(_SWEEP, (HEAD_BYTES, after, time.time(), SWEEP_BATCH)).fetchall()
+        if not rows:
+            return None
+        doomed: list[tuple[int, float, str | None, str, EntryMeta | None]] = []
+        for rowid, key, stored, filename, size, head in rows:
+            if not isinstance(key, str):
+                continue
+            try:
+                meta = self._meta_of(rowid, filename, size, head)
+            except EntryDecodeError:
+                doomed.append((rowid, stored, filename, key, None))  # not an entry: dropped
+                continue
+            if meta is not None and predicate(meta):
+                doomed.append((rowid, stored, filename, key, meta))
+        matched: list[EntryMeta] = []
+        gone: list[str] = []
+        files: list[str] = []
+        if doomed:
+            with cache.transact():
+                for rowid, stored, filename, key, meta in doomed:
+                    if cache._sql(_DELETE_ROW, (rowid, stored)).rowcount:
+                        gone.append(key)
+                        if meta is not None:
+                            matched.append(meta)
+                        if filename is not None:
+                            files.append(filename)
+            for name in files:
+                cache.disk.remove(name)  # after the commit, as diskcache's own delete does
+        return rows[-1][0], matched, gone
 
-        corrupt: list[str] = []
-        deleted = await self._run(sweep)
-        for key in corrupt:
-            self._count(key, -1)
-        for meta in deleted:
-            self._count(meta.key, -1)
-        return deleted
+    def _meta_of(
+        self, rowid: int, filename: str | None, size: int | None, head: bytes | None
+    ) -> EntryMeta | None:
+        """An entry's metadata from the first ``HEAD_BYTES`` of its blob, read whole only when
+        the header is longer; None if it is gone meanwhile. Raises ``EntryDecodeError`` for a
+        blob that is not an entry."""
+        if filename is not None:  # stored in a file (a large answer)
+            path = os.path.join(self._cache.directory, filename)
+            try:
+                with open(path, "rb") as file:
+                    head = file.read(HEAD_BYTES)
+                    size = os.fstat(file.fileno()).st_size
+            except OSError:
+                return None  # replaced or evicted since the row was read
+        if head is None or size is None:
+            return None
+        try:
+            return decode_meta(head)
+        except EntryDecodeError:
+            if len(head) >= size:
+                raise  # that was the whole blob
+        whole = self._whole_blob(rowid, filename)
+        return None if whole is None else decode_meta(whole)
+
+    def _whole_blob(self, rowid: int, filename: str | None) -> bytes | None:
+        if filename is not None:
+            try:
+                with open(os.path.join(self._cache.directory, filename), "rb") as file:
+                    return file.read()
+            except OSError:
+                return None
+        row = self._cache._sql("SELECT value FROM Cache WHERE rowid = ?", (rowid,)).fetchone()
+        return bytes(row[0]) if row is not None and isinstance(row[0], bytes) else None
 
     async def count(self) -> int:
         await self.flush()

@@ -340,6 +340,9 @@ async def test_semantic_hit_on_a_paraphrase_and_miss_on_another_question(
     }
     resp = await client.post("/v1/chat/completions", json=context)
     assert resp.headers["x-frugal-cache"] == "miss"
+    # One outcome a request, though each miss looked up twice (before and after routing).
+    lookups = (await cache.stats()).lookups
+    assert (lookups["miss"], lookups["semantic"], lookups["exact"]) == (3, 1, 0)
 
 
 def ask(text: str) -> dict[str, Any]:

@@ -161,7 +161,11 @@ async def test_outage_degrades_to_misses_and_recovers(redis_server: RedisServer)
     assert not await cache.store_response(keys_for("other"), answer("b"))
     stats = await cache.stats()
     assert stats.backend_errors >= 3 and stats.stores["failed"] == 1
-    assert errors  # the callback saw it
+
+    async def follower_failed() -> bool:
+        return "follow" in errors
+
+    await eventually(follower_failed)  # the callback heard of what the cache cannot see
     with pytest.raises(CacheBackendError):
         await cache.store.get(keys.exact)
 
@@ -219,3 +223,53 @@ async def test_admin_invalidate_and_import_fail_clearly_during_an_outage(
     err = capsys.readouterr().err
     assert "answered 503: the cache store is unavailable: " in err
     assert f"{pairs}:1 and the rows after it were not stored" in err
+
+
+async def test_a_rebuild_failed_by_the_back_off_is_tried_again(redis_server: RedisServer) -> None:
+    first = replica(redis_server.url)
+    await first.start()
+    await first.ready()
+    assert await first.store_response(
+        keys_for("capital of France?"), answer("Paris"), embedding=vec(1)
+    )
+    await first.aclose()
+
+    second = replica(redis_server.url)
+    store = second.store
+    assert isinstance(store, RedisStore)
+    # A request failed a moment ago (Redis paused at start-up): the client backs off, and the
+    # start-up rebuild's scan fails at once.
+    store._down_until = store._clock() + 0.5
+    await second.start()
+    await second.ready()
+
+    async def rebuilt() -> bool:
+        return len(second.index) == 1
+
+    await eventually(rebuilt)
+    hit = await second.lookup(keys_for("France's capital?"), embedding=vec(1, 0.12))
+    assert hit is not None and hit.kind == "semantic"
+    assert (await second.stats()).backend_errors >= 1
+    await second.aclose()
+
+
+async def test_each_failure_is_one_cache_error_on_metrics(redis_server: RedisServer) -> None:
+    from proxy.app import _CacheMetrics
+    from proxy.observability.metrics import Metrics
+
+    metrics = Metrics()
+    observer = _CacheMetrics(metrics, "redis")
+    # wired as the app wires it
+    store = RedisStore(redis_server.url, prefix="t", on_error=observer.on_backend_error)
+    cache = ResponseCache(store, index=SemanticIndex(DIM), observer=observer)
+    redis_server.stop()
+    assert not await cache.store_response(keys_for("q"), answer("a"))  # a failed call
+    store._down_until = 0.0  # (past the back-off: the get fails on the socket too)
+    assert await cache.lookup(keys_for("q")) is None
+
+    def errors(op: str) -> float | None:
+        labels = {"backend": "redis", "op": op}
+        return metrics.registry.get_sample_value("frugal_cache_errors_total", labels)
+
+    assert (errors("put"), errors("get")) == (1, 1)
+    await store.close()

@@ -118,3 +118,22 @@ def test_a_broken_snapshot_is_refused(tmp_path: Path) -> None:
     (tmp_path / "snap" / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError):
         SemanticIndex.load(tmp_path / "snap")
+
+
+@pytest.mark.parametrize("file", ["flat.npz", "hnsw-0.usearch"])
+@pytest.mark.parametrize("keep", [0.0, 0.5, 0.99])
+def test_a_truncated_snapshot_file_is_refused_as_unusable(
+    tmp_path: Path, file: str, keep: float
+) -> None:
+    # (a crash or a full disk while saving; callers handle ValueError by rebuilding)
+    vectors = unit_vectors(120, 16, 5)
+    index = SemanticIndex(16, flat_limit=50)
+    index.add_many("big", list(range(100)), vectors[:100])
+    for label in range(100, 110):
+        index.add("small", label, vectors[label])
+    index.save(tmp_path / "snap")
+    path = tmp_path / "snap" / file
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ValueError, match="unusable index snapshot"):
+        SemanticIndex.load(tmp_path / "snap")

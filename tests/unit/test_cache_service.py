@@ -15,11 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.cache.entry import CacheEntry, EntryMeta
+from proxy.cache.index import SemanticIndex
 from proxy.cache.keys import CacheKeys, Endpoint, Partition, Scope, make_keys
 from proxy.cache.modes import CacheMode
 from proxy.cache.service import (
+    CacheConfig,
+    CacheHit,
     CosineVerifier,
     InvalidationFilter,
+    LookupTally,
     Refusal,
     ResponseCache,
     SemanticCandidate,
@@ -27,7 +31,7 @@ from proxy.cache.service import (
     follow_as_sse,
 )
 from proxy.cache.singleflight import Follower, Leader, SingleFlight
-from proxy.cache.store import DiskStore, EntryAdded, Resync
+from proxy.cache.store import CacheBackendError, DiskStore, EntryAdded, Resync
 from proxy.cache.stream_codec import assemble, normalise_response, replay, wants_usage
 from proxy.sse import parse_all
 
@@ -503,7 +507,8 @@ async def test_backend_failures_are_misses_not_errors() -> None:
     stats = await cache.stats()
     assert stats.backend_errors >= 4 and stats.stored_entries is None
     assert recorder.stores == ["failed", "failed"]
-    assert "get" in recorder.errors and "put" in recorder.errors
+    # a failed put is reported once, as a failed store; other operations as backend errors
+    assert "get" in recorder.errors and "put" not in recorder.errors
     await cache.aclose()
 
 
@@ -536,6 +541,68 @@ async def test_an_import_waits_for_a_full_disk_queue_instead_of_dropping_rows(
     assert await cache.import_rows(rows, engine="large", version="v1", partition=GLOBAL) == 10
     assert await cache.store.count() == 10
     await cache.aclose()
+
+
+async def test_a_failed_put_is_one_cache_error_on_metrics() -> None:
+    from proxy.app import _CacheMetrics
+    from proxy.observability.metrics import Metrics
+
+    metrics = Metrics()
+    cache = ResponseCache(BrokenStore(), observer=_CacheMetrics(metrics, "disk"))
+    assert not await cache.store_response(keys_for("q"), answer("a"))
+    assert await cache.lookup(keys_for("q")) is None
+    errors = {"backend": "disk", "op": "put"}
+    assert metrics.registry.get_sample_value("frugal_cache_errors_total", errors) == 1
+    errors["op"] = "get"
+    assert metrics.registry.get_sample_value("frugal_cache_errors_total", errors) == 1
+    assert (await cache.stats()).stores["failed"] == 1
+
+
+async def test_a_request_looking_up_twice_is_counted_once(cache: ResponseCache) -> None:
+    """The pipeline's lookups: the exact key before routing, then by meaning after."""
+    recorder = cache.observer
+    assert isinstance(recorder, Recorder)
+
+    async def request(question: str, vector: np.ndarray) -> CacheHit | None:
+        tally = LookupTally()
+        keys = keys_for(question)
+        hit = await cache.lookup(keys, semantic=False, tally=tally)
+        if hit is None:
+            hit = await cache.lookup(keys, embedding=vector, exact=False, tally=tally)
+        cache.count_lookups(tally)
+        cache.count_lookups(tally)  # (once, however often it is asked)
+        return hit
+
+    assert await request("capital of France?", vec(1, 0.1)) is None
+    await cache.store_response(keys_for("capital of France?"), answer("Paris"), embedding=vec(1))
+    assert await request("largest river in Brazil?", vec(0, 1)) is None
+    assert await request("capital of Spain?", vec(0, 0, 1)) is None
+    semantic = await request("France's capital?", vec(1, 0.12))
+    assert semantic is not None and semantic.kind == "semantic"
+    exact = await request("capital of France?", vec(1, 0.1))
+    assert exact is not None and exact.kind == "exact"
+    assert recorder.lookups == ["miss", "miss", "miss", "semantic", "exact"]
+    assert (await cache.stats()).lookups == {
+        "exact": 1,
+        "semantic": 1,
+        "miss": 3,
+        "refresh": 0,
+        "bypass": 0,
+    }
+
+
+async def test_a_request_that_refreshes_early_is_counted_as_a_refresh(
+    cache: ResponseCache, clock: Clock
+) -> None:
+    keys = keys_for("capital of France?")
+    await cache.store_response(keys, answer("Paris"), embedding=vec(1), compute_seconds=2, ttl=100)
+    clock.now += 99
+    cache._uniform = lambda: 1e-6  # this request refreshes the entry
+    tally = LookupTally()
+    assert await cache.lookup(keys, semantic=False, tally=tally) is None
+    assert await cache.lookup(keys, embedding=vec(1), exact=False, tally=tally) is None
+    cache.count_lookups(tally)
+    assert cache.observer.lookups == ["refresh"]  # type: ignore[attr-defined]
 
 
 async def test_import_jsonl(cache: ResponseCache, tmp_path: Path) -> None:
@@ -823,3 +890,115 @@ async def test_restart_from_a_snapshot_reconciles_with_the_store(
     hit = await second.lookup(keys_for("Q5"), embedding=one_hot(5))
     assert hit is not None and hit.meta.query_text == "q5"
     await second.aclose()
+
+
+async def test_a_truncated_snapshot_is_rebuilt_from_the_store(tmp_path: Path, clock: Clock) -> None:
+    from proxy.cache.index import SemanticIndex
+
+    def make() -> ResponseCache:
+        return ResponseCache(
+            DiskStore(tmp_path / "c"),
+            index=SemanticIndex(DIM),
+            verifier=CosineVerifier(0.9),
+            clock=clock,
+            snapshot_dir=tmp_path / "snap",
+        )
+
+    first = make()
+    await first.start()
+    await first.ready()
+    await first.store_response(keys_for("capital of France?"), answer("Paris"), embedding=vec(1))
+    await first.aclose()  # saves the snapshot
+    flat = tmp_path / "snap" / "flat.npz"
+    flat.write_bytes(flat.read_bytes()[:100])  # a crash or a full disk while it was written
+
+    second = make()
+    await second.start()
+    await second.ready()
+    assert len(second.index) == 1
+    hit = await second.lookup(keys_for("France's capital?"), embedding=vec(1, 0.05))
+    assert hit is not None and hit.kind == "semantic"
+    await second.aclose()
+
+
+class FlakyScans(DiskStore):
+    """A disk store whose first ``failures`` scans fail (a backend in trouble at start-up: Redis
+    paused, or its client backing off after a failed request)."""
+
+    def __init__(self, directory: Path, failures: int = 1) -> None:
+        super().__init__(directory)
+        self.failures = failures
+        self.scans = 0
+
+    async def scan(self, *, with_embedding: bool = True) -> AsyncIterator[CacheEntry]:
+        self.scans += 1
+        if self.scans <= self.failures:
+            raise CacheBackendError("redis unavailable (retrying after back-off): scan")
+        async for entry in super().scan(with_embedding=with_embedding):
+            yield entry
+
+
+class FollowedFlakyScans(FlakyScans):
+    async def follow(self) -> AsyncIterator[EntryAdded | Resync]:
+        yield Resync()
+        await asyncio.Event().wait()  # nothing more from other replicas
+
+
+async def _store_one(directory: Path) -> None:
+    other = ResponseCache(DiskStore(directory), index=SemanticIndex(DIM))
+    async with other:
+        await other.ready()
+        await other.store_response(
+            keys_for("capital of France?"), answer("Paris"), embedding=vec(1)
+        )
+
+
+@pytest.mark.parametrize("store_class", [FlakyScans, FollowedFlakyScans])
+async def test_a_failed_index_rebuild_is_tried_again(
+    tmp_path: Path, store_class: type[FlakyScans]
+) -> None:
+    await _store_one(tmp_path / "c")
+    recorder = Recorder()
+    store = store_class(tmp_path / "c", failures=2)
+    cache = ResponseCache(
+        store,
+        config=CacheConfig(rebuild_retry_s=0.01),
+        index=SemanticIndex(DIM),
+        verifier=CosineVerifier(0.9),
+        observer=recorder,
+    )
+    async with cache:
+        await cache.ready()  # after the first try, failed: lookups need not wait for the rest
+        for _ in range(300):
+            if len(cache.index) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert store.scans == 3 and len(cache.index) == 1
+        assert recorder.errors == ["rebuild", "rebuild"]  # counted, each time
+        hit = await cache.lookup(keys_for("France's capital?"), embedding=vec(1, 0.05))
+        assert hit is not None and hit.kind == "semantic"
+
+
+class DuplicateScans(DiskStore):
+    """Redis's SCAN guarantees every key at least once, not exactly once."""
+
+    async def scan(self, *, with_embedding: bool = True) -> AsyncIterator[CacheEntry]:
+        async for entry in super().scan(with_embedding=with_embedding):
+            yield entry
+            yield entry
+
+
+async def test_a_rebuild_takes_a_key_scanned_twice_once(tmp_path: Path) -> None:
+    first = ResponseCache(DiskStore(tmp_path / "c"), index=SemanticIndex(DIM))
+    rng = np.random.default_rng(1)
+    async with first:
+        await first.ready()
+        for i in range(10):
+            vector = rng.normal(size=DIM)
+            await first.store_response(keys_for(f"q{i}"), answer(str(i)), embedding=vector)
+    # past flat_limit a context is bulk-added into a graph, which refuses a label twice
+    second = ResponseCache(DuplicateScans(tmp_path / "c"), index=SemanticIndex(DIM, flat_limit=4))
+    async with second:
+        await second.ready()
+        context = keys_for("q0").context
+        assert context is not None and len(second.index.labels(context)) == 10

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
+from proxy.cache import store as store_module
 from proxy.cache.entry import CacheEntry, EntryMeta
 from proxy.cache.store import CacheStore, DiskStore
 
@@ -134,3 +139,96 @@ def entries_intact(store: DiskStore) -> int:
         assert found is not None, "a torn entry after the crash"
         assert found.response == b'{"n": %d}' % int(key, 16)
     return len(keys)
+
+
+def big_entry(n: int, *, size: int, engine: str = "e", question: str | None = None) -> CacheEntry:
+    small = entry(n, engine=engine)
+    meta = dataclasses.replace(small.meta, query_text=question or small.meta.query_text)
+    return CacheEntry(meta, b'{"n": %d, "pad": "%s"}' % (n, b"x" * size), small.embedding)
+
+
+async def test_delete_where_reads_the_store_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "SWEEP_BATCH", 3)
+    store = DiskStore(tmp_path)
+    for n in range(20):
+        await store.put(entry(n, engine="a" if n % 2 else "b"))
+    await store.flush()
+    batches: list[int] = []  # how many entries the predicate had seen when each batch started
+    seen: list[str] = []
+    sweep = store._sweep
+
+    def counted(after: int, predicate: Callable[[EntryMeta], bool]) -> Any:
+        batches.append(len(seen))
+        return sweep(after, predicate)
+
+    monkeypatch.setattr(store, "_sweep", counted)
+
+    def matches(meta: EntryMeta) -> bool:
+        seen.append(meta.key)
+        return meta.engine == "a"
+
+    deleted = await store.delete_where(matches)
+    assert sorted(m.key for m in deleted) == sorted(entry(n).meta.key for n in range(1, 20, 2))
+    assert sorted(seen) == sorted(entry(n).meta.key for n in range(20))  # each once
+    # 7 batches of at most 3 (and one that found the end), each decided before the next read
+    assert batches == [0, 3, 6, 9, 12, 15, 18, 20]
+    assert await store.count() == 10
+    for n in range(20):
+        assert (await store.get(entry(n).meta.key) is None) == (n % 2 == 1)
+    await store.close()
+
+
+async def test_delete_where_holds_a_batch_of_headers_not_the_store(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    for n in range(300):  # ~6 MB of answers, each stored inline (under diskcache's file size)
+        await store.put(big_entry(n, size=20_000, engine="a" if n % 2 else "b"))
+    await store.flush()
+    tracemalloc.start()
+    try:
+        deleted = await store.delete_where(lambda meta: meta.engine == "a")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(deleted) == 150 and await store.count() == 150
+    assert peak < 2_000_000, f"{peak} bytes traced while sweeping a 6 MB store"
+    await store.close()
+
+
+async def test_delete_where_reads_long_headers_files_and_corrupt_entries(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    long_question = "why " * 2000  # its header is longer than the bytes first read
+    await store.put(big_entry(1, size=10, question=long_question))
+    await store.put(big_entry(2, size=100_000))  # stored in a file of its own
+    await store.put(big_entry(3, size=100_000, engine="keep"))
+    await store.put(entry(4, engine="keep"))
+    await store.put(entry(5, ttl=0.01))  # expired by the sweep: not shown to the predicate
+    await store.flush()
+    store._cache.set("f" * 64, b"not an entry")  # a corrupt one: deleted, not returned
+    files = _value_files(tmp_path)
+    assert len(files) == 2
+    await asyncio.sleep(0.05)
+    seen: list[str] = []
+
+    def matches(meta: EntryMeta) -> bool:
+        seen.append(meta.key)
+        return meta.engine != "keep"
+
+    deleted = await store.delete_where(matches)
+    assert sorted(m.key for m in deleted) == [entry(1).meta.key, entry(2).meta.key]
+    assert next(m for m in deleted if m.key == entry(1).meta.key).query_text == long_question
+    assert entry(5).meta.key not in seen
+    assert store._cache.get("f" * 64) is None
+    left = _value_files(tmp_path)  # the deleted entry's file is gone, the kept one's is not
+    assert len(left) == 1 and left < files
+    kept = await store.get(entry(3).meta.key)
+    assert kept is not None and kept.response.startswith(b'{"n": 3')
+    assert await store.get(entry(4).meta.key) is not None
+    assert await store.get(entry(1).meta.key) is None and await store.get(entry(2).meta.key) is None
+    await store.close()
+
+
+def _value_files(folder: Path) -> set[Path]:
+    """The files diskcache keeps large values in."""
+    return set(folder.rglob("*.val"))
