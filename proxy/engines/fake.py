@@ -4,7 +4,8 @@ It speaks the parts of vLLM's OpenAI server that Frugal uses, with the same wire
 
 - ``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed (SSE) or not, honouring
   ``max_tokens`` / ``max_completion_tokens``, ``n``, ``stop``, ``seed``, ``temperature`` and
-  ``stream_options.include_usage``;
+  ``stream_options.include_usage``, and answering 400 for any of them of the wrong type; errors
+  have vLLM's shape, ``{"error": {"message", "type", "param", "code"}}``;
 - ``GET /v1/models`` (with ``root`` and ``max_model_len``), ``GET /health``, ``GET /metrics``
   (``vllm:num_requests_running`` / ``_waiting``, ``vllm:gpu_cache_usage_perc``,
   ``vllm:kv_cache_usage_perc``, token and request counters, labelled ``model_name``).
@@ -229,10 +230,13 @@ class Choice:
 def plan_choices(
     body: dict[str, Any], prompt: str, options: FakeEngineOptions, rng: random.Random
 ) -> list[Choice]:
-    """The answers to produce for one request (pure except for the ``rng`` of random answers)."""
-    n = _int_field(body, "n", 1, minimum=1)
-    requested = body.get("max_completion_tokens", body.get("max_tokens"))
-    limit = _int_field({"v": requested}, "v", options.completion_tokens, minimum=1)
+    """The answers to produce for one request (pure except for the ``rng`` of random answers).
+
+    ``body`` has passed :func:`check_request`.
+    """
+    n = body.get("n") or 1
+    # vLLM: max_completion_tokens wins, max_tokens is the older name.
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or options.completion_tokens
     length = min(limit, options.completion_tokens)
     natural_end = limit >= options.completion_tokens
     stop_field = body.get("stop")
@@ -241,7 +245,7 @@ def plan_choices(
     choices = []
     for index in range(n):
         if is_deterministic(body):
-            tokens = generate_tokens(prompt, seed if isinstance(seed, int) else None, index, length)
+            tokens = generate_tokens(prompt, seed, index, length)
         else:
             tokens = rng.choices(_VOCAB, k=length)
         tokens, stopped = apply_stop(tokens, stop)
@@ -249,17 +253,64 @@ def plan_choices(
     return choices
 
 
-def _int_field(body: dict[str, Any], name: str, default: int, minimum: int) -> int:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise BadRequest(f"'{name}' must be an integer >= {minimum}")
-    return value
-
-
 class BadRequest(ValueError):
-    """A request the fake rejects with 400, like vLLM's validation errors."""
+    """A request the fake rejects with 400, like vLLM's validation errors; ``param`` names the
+    field at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_request(endpoint: Endpoint, body: Any) -> dict[str, Any]:
+    """``body`` if every field the fake reads has a usable type, else :class:`BadRequest`.
+
+    vLLM validates the request before generating and answers 400; a value of the wrong type must
+    not reach generation and come back as a 500 (through the proxy, a 502 that counts against the
+    replica). Stricter than vLLM's pydantic models, which also take ``"5"`` for an integer.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise BadRequest("'messages' is required and must be a list of objects", "messages")
+    elif not isinstance(body.get("prompt"), (str, list)):
+        raise BadRequest("'prompt' is required and must be a string or a list", "prompt")
+    for name in ("n", "max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise BadRequest(f"'{name}' must be an integer >= 1", name)
+    if body.get("seed") is not None and not _is_int(body["seed"]):
+        raise BadRequest("'seed' must be an integer", "seed")
+    temperature = body.get("temperature")
+    if temperature is not None and (not _is_number(temperature) or temperature < 0):
+        raise BadRequest("'temperature' must be a number >= 0", "temperature")
+    stop = body.get("stop")
+    if not (
+        stop is None
+        or isinstance(stop, str)
+        or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise BadRequest("'stop' must be a string or a list of strings", "stop")
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise BadRequest("'stream' must be a boolean", "stream")
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not (
+        isinstance(stream_options, dict)
+        and isinstance(stream_options.get("include_usage", False), (bool, type(None)))
+    ):
+        message = "'stream_options' must be an object like {\"include_usage\": true}"
+        raise BadRequest(message, "stream_options")
+    return body
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,11 +417,11 @@ def render_stream_events(
     return events
 
 
-def error_body(message: str, kind: str, status: int) -> bytes:
-    # vLLM's ErrorResponse shape.
-    return orjson.dumps(
-        {"object": "error", "message": message, "type": kind, "param": None, "code": status}
-    )
+def error_body(message: str, kind: str, status: int, param: str | None = None) -> bytes:
+    # vLLM 0.11's ErrorResponse: OpenAI's nesting, with vLLM's ``code`` (the HTTP status). Older
+    # vLLM sent the fields flat; the proxy nests those itself (pipeline.openai_error_body).
+    error = {"message": message, "type": kind, "param": param, "code": status}
+    return orjson.dumps({"error": error})
 
 
 def render_metrics(
@@ -506,16 +557,13 @@ async def _answer(
     entry: LoggedRequest,
 ) -> web.StreamResponse:
     try:
-        body = orjson.loads(raw)
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
-        if endpoint == "chat" and not isinstance(body.get("messages"), list):
-            raise BadRequest("'messages' is required and must be a list")
-        if endpoint == "completions" and "prompt" not in body:
-            raise BadRequest("'prompt' is required")
-    except (orjson.JSONDecodeError, BadRequest) as exc:
+        body = check_request(endpoint, orjson.loads(raw))
+    except orjson.JSONDecodeError as exc:
         entry.outcome = "bad_request"
-        return _error(str(exc), "BadRequestError", 400)
+        return _error(f"invalid JSON: {exc}", "BadRequestError", 400)
+    except BadRequest as exc:
+        entry.outcome = "bad_request"
+        return _error(str(exc), "BadRequestError", 400, exc.param)
     if options.check_model and body.get("model") != options.model:
         entry.outcome = "bad_request"
         message = f"The model `{body.get('model')}` does not exist."
@@ -529,11 +577,7 @@ async def _answer(
         return _error("injected failure", "InternalServerError", options.fail_status)
 
     prompt = prompt_text(endpoint, body)
-    try:
-        choices = plan_choices(body, prompt, options, state.rng)
-    except BadRequest as exc:
-        entry.outcome = "bad_request"
-        return _error(str(exc), "BadRequestError", 400)
+    choices = plan_choices(body, prompt, options, state.rng)
     prompt_tokens = count_prompt_tokens(prompt)
     used = usage(prompt_tokens, choices)
     prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
@@ -607,8 +651,9 @@ def _cut(request: web.Request, state: FakeEngineState, entry: LoggedRequest) -> 
         transport.abort()
 
 
-def _error(message: str, kind: str, status: int) -> web.Response:
-    return web.Response(status=status, body=error_body(message, kind, status), content_type=_JSON)
+def _error(message: str, kind: str, status: int, param: str | None = None) -> web.Response:
+    body = error_body(message, kind, status, param)
+    return web.Response(status=status, body=body, content_type=_JSON)
 
 
 async def models(request: web.Request) -> web.Response:

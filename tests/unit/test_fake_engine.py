@@ -1,0 +1,70 @@
+"""The fake engine's pure parts: request checks and error bodies (its HTTP behaviour is in
+tests/integration/test_fake_engine.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.engines.fake import BadRequest, check_request, error_body
+from proxy.pipeline import openai_error_body
+
+
+def test_check_request_accepts_what_vllm_accepts() -> None:
+    chat: dict[str, Any] = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "n": 2,
+        "max_tokens": 5,
+        "max_completion_tokens": None,
+        "stop": ["\n", "."],
+        "seed": 3,
+        "temperature": 0.7,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    assert check_request("chat", chat) is chat
+    completion = {"model": "m", "prompt": [1, 2, 3], "stop": "x", "temperature": 0}
+    assert check_request("completions", completion) is completion
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("stop", 5, "'stop' must be a string or a list of strings"),
+        ("stop", [1], "'stop' must be a string or a list of strings"),
+        ("max_tokens", "x", "'max_tokens' must be an integer >= 1"),
+        ("max_tokens", True, "'max_tokens' must be an integer >= 1"),
+        ("max_completion_tokens", 0, "'max_completion_tokens' must be an integer >= 1"),
+        ("n", 1.5, "'n' must be an integer >= 1"),
+        ("seed", "1", "'seed' must be an integer"),
+        ("temperature", -1, "'temperature' must be a number >= 0"),
+        ("stream", "yes", "'stream' must be a boolean"),
+    ],
+)
+def test_check_request_names_the_bad_field(field: str, value: Any, message: str) -> None:
+    body = {"model": "m", "messages": [], field: value}
+    with pytest.raises(BadRequest) as err:
+        check_request("chat", body)
+    assert str(err.value) == message
+    assert err.value.param == field
+
+
+def test_error_body_is_vllm_openai_shape_and_the_proxy_relays_it_unchanged() -> None:
+    body = error_body("'stop' must be a string", "BadRequestError", 400, "stop")
+    assert orjson.loads(body) == {
+        "error": {
+            "message": "'stop' must be a string",
+            "type": "BadRequestError",
+            "param": "stop",
+            "code": 400,
+        }
+    }
+    assert openai_error_body(body, 400) == body
+    # Older vLLM sends the flat shape; the proxy still nests it.
+    flat = b'{"object":"error","message":"m","type":"BadRequestError","param":null,"code":400}'
+    assert orjson.loads(openai_error_body(flat, 400)) == {
+        "error": {"message": "m", "type": "BadRequestError", "param": None, "code": "400"}
+    }
