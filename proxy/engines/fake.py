@@ -17,7 +17,8 @@ random.
 Knobs for tests, settable at start (:class:`FakeEngineOptions`) and at run time with
 ``POST /fake/config`` (a JSON object of option fields; ``GET /fake/config`` reads them back):
 
-- ``ttft_ms`` / ``tokens_per_s``: latency before the first token and between tokens;
+- ``ttft_ms`` / ``tokens_per_s``: latency before the first token and between tokens, per
+  choice (the ``n`` choices decode side by side), streamed or not;
 - ``fail_status`` + ``fail_fraction``: answer that status (500/503, ...) to that fraction of
   completion requests;
 - ``hang``: accept the request and send nothing until the client leaves or ``hang`` is turned off;
@@ -101,7 +102,7 @@ class FakeEngineOptions:
     max_model_len: int = 4096
     completion_tokens: int = 16  # natural answer length when max_tokens allows it
     ttft_ms: float = 0.0
-    tokens_per_s: float = 0.0  # 0 means no delay between tokens
+    tokens_per_s: float = 0.0  # per choice; 0 means no delay between tokens
     fail_status: int = 500
     fail_fraction: float = 0.0  # 1.0 fails every completion request
     hang: bool = False
@@ -417,6 +418,23 @@ def render_stream_events(
     return events
 
 
+def token_steps(endpoint: Endpoint, choices: Sequence[Choice]) -> dict[int, int]:
+    """Where :func:`render_stream_events` moves to the next token: event index -> token position,
+    for positions after the first.
+
+    A stream is paced by these alone: the choices' tokens at one position come out together (as
+    from one decoding step), and role, finish and usage events add no wait, so a streamed answer
+    takes as long as the non-streamed one.
+    """
+    sent = len(choices) if endpoint == "chat" else 0  # the role chunks
+    steps: dict[int, int] = {}
+    for position in range(max((len(c.tokens) for c in choices), default=0)):
+        if position:
+            steps[sent] = position
+        sent += sum(1 for c in choices if position < len(c.tokens))
+    return steps
+
+
 def error_body(message: str, kind: str, status: int, param: str | None = None) -> bytes:
     # vLLM 0.11's ErrorResponse: OpenAI's nesting, with vLLM's ``code`` (the HTTP status). Older
     # vLLM sent the fields flat; the proxy nests those itself (pipeline.openai_error_body).
@@ -593,7 +611,8 @@ async def _answer(
         events = render_stream_events(
             endpoint, rid, created, model, choices, used if include_usage else None
         )
-        response = await _stream(request, events, state, options, entry)
+        steps = token_steps(endpoint, choices) if options.tokens_per_s else {}
+        response = await _stream(request, events, steps, state, options, entry)
     else:
         if options.abort_after_chunks is not None:
             _cut(request, state, entry)
@@ -601,6 +620,7 @@ async def _answer(
         if options.ttft_ms:
             await asyncio.sleep(options.ttft_ms / 1000)
         if options.tokens_per_s:
+            # As streamed: the first token at ttft, each later decoding step 1/tokens_per_s after.
             longest = max(len(c.tokens) for c in choices)
             await asyncio.sleep(max(0, longest - 1) / options.tokens_per_s)
         answer = render_response(endpoint, rid, created, model, choices, used)
@@ -616,10 +636,12 @@ async def _answer(
 async def _stream(
     request: web.Request,
     events: list[bytes],
+    steps: dict[int, int],
     state: FakeEngineState,
     options: FakeEngineOptions,
     entry: LoggedRequest,
 ) -> web.StreamResponse:
+    """Write ``events``; the ones in ``steps`` (see :func:`token_steps`) wait for their token."""
     response = web.StreamResponse(headers=_SSE_HEADERS)
     await response.prepare(request)
     cut_at = options.abort_after_chunks
@@ -627,16 +649,20 @@ async def _stream(
         await response.write(b"".join(events))  # one write: the benchmark's fast path
         await response.write_eof()
         return response
-    token_delay = 1 / options.tokens_per_s if options.tokens_per_s else 0.0
     if options.ttft_ms:
         await asyncio.sleep(options.ttft_ms / 1000)
+    loop = asyncio.get_running_loop()
+    first_token_at = loop.time()
     for sent, event in enumerate(events):
         if cut_at is not None and sent >= cut_at:
             _cut(request, state, entry)
             return response
-        # The first content token follows the role chunk at once; later tokens are spaced.
-        if token_delay and sent > 1 and event is not DONE_EVENT:
-            await asyncio.sleep(token_delay)
+        position = steps.get(sent)
+        if position:
+            # Against the first token's time, so time spent writing does not add up per token.
+            delay = first_token_at + position / options.tokens_per_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
         await response.write(event)
     await response.write_eof()
     return response

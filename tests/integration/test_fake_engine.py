@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
@@ -187,6 +188,22 @@ async def test_slow_mode_streams_the_same_answer(client: Client) -> None:
     await configure(client, ttft_ms=5, tokens_per_s=2000)
     slow = await stream_payloads(client, "/v1/chat/completions", chat(temperature=0))
     assert [c["choices"] for c in slow] == [c["choices"] for c in fast]
+
+
+async def test_streamed_and_non_streamed_take_the_same_time(client: Client) -> None:
+    # n=2, 6 tokens each at 10 tokens/s: 5 waits of 0.1 s either way. Pacing per SSE event made
+    # the stream wait for every choice's chunk, finish chunk and usage chunk (1.5 s).
+    await configure(client, tokens_per_s=10)
+    body = chat(n=2, max_tokens=6, stream_options={"include_usage": True})
+    elapsed = {}
+    for stream in (False, True):
+        start = time.perf_counter()
+        async with client.post("/v1/chat/completions", json={**body, "stream": stream}) as resp:
+            assert resp.status == 200
+            await resp.read()
+        elapsed[stream] = time.perf_counter() - start
+    assert 0.5 <= elapsed[False] < 0.9
+    assert 0.5 <= elapsed[True] < 0.9
 
 
 async def test_models_health_and_metrics(client: Client) -> None:

@@ -8,7 +8,14 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.engines.fake import BadRequest, check_request, error_body
+from proxy.engines.fake import (
+    BadRequest,
+    Choice,
+    check_request,
+    error_body,
+    render_stream_events,
+    token_steps,
+)
 from proxy.pipeline import openai_error_body
 
 
@@ -68,3 +75,16 @@ def test_error_body_is_vllm_openai_shape_and_the_proxy_relays_it_unchanged() -> 
     assert orjson.loads(openai_error_body(flat, 400)) == {
         "error": {"message": "m", "type": "BadRequestError", "param": None, "code": "400"}
     }
+
+
+def test_a_stream_waits_once_per_token_position_not_per_event() -> None:
+    choices = [Choice([" a", " b", " c"], "length"), Choice([" d"], "stop")]
+    used = {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}
+    chat = render_stream_events("chat", "id", 0, "m", choices, used)
+    # 2 role chunks, then positions 0 (2 tokens), 1 and 2 (1 each), 2 finish chunks, usage, DONE.
+    steps = token_steps("chat", choices)
+    assert steps == {4: 1, 5: 2}
+    assert all(b'"content":" ' in chat[i] for i in steps)
+    assert max(steps.values()) == 2  # the longest answer's last token: (3 - 1) waits in all
+    assert token_steps("completions", choices) == {2: 1, 3: 2}
+    assert token_steps("chat", [Choice([], "stop")]) == {}
