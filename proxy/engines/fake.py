@@ -442,10 +442,17 @@ def error_body(message: str, kind: str, status: int, param: str | None = None) -
     return orjson.dumps({"error": error})
 
 
+def escape_label_value(value: str) -> str:
+    """``value`` as the text format wants it between a label's quotes: a model name may hold any
+    character, and a bare quote or newline made the whole exposition unparseable."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def render_metrics(
     model: str, running: int, waiting: int, max_num_seqs: int, counters: FakeCounters
 ) -> str:
     """Prometheus text with the vLLM series Frugal's health poller reads."""
+    model = escape_label_value(model)
     label = f'{{model_name="{model}"}}'
     cache_usage = min(1.0, running / max_num_seqs)
     series = [

@@ -7,12 +7,15 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.engines.fake import (
     BadRequest,
     Choice,
+    FakeCounters,
     check_request,
     error_body,
+    render_metrics,
     render_stream_events,
     token_steps,
 )
@@ -88,3 +91,13 @@ def test_a_stream_waits_once_per_token_position_not_per_event() -> None:
     assert max(steps.values()) == 2  # the longest answer's last token: (3 - 1) waits in all
     assert token_steps("completions", choices) == {2: 1, 3: 2}
     assert token_steps("chat", [Choice([], "stop")]) == {}
+
+
+def test_metrics_escape_the_model_label() -> None:
+    model = 'a"b\\c\nd'
+    text = render_metrics(model, 1, 0, 4, FakeCounters(finished={"stop": 2}))
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    assert {s.labels["model_name"] for s in samples} == {model}
+    running = next(s for s in samples if s.name == "vllm:num_requests_running")
+    assert running.value == 1.0
+    assert 'model_name="a\\"b\\\\c\\nd"' in text
