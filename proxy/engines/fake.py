@@ -839,15 +839,43 @@ def run_fake_engine(options: FakeEngineOptions, host: str = "127.0.0.1", port: i
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``frugal fake-engine`` flags (shared by ``python -m proxy.engines.fake``)."""
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model", default="fake-model")
+    """The ``frugal fake-engine`` flags (shared by ``python -m proxy.engines.fake``). The latency
+    and failure knobs can also change at run time: ``POST /fake/config``."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (%(default)s)")
+    parser.add_argument(
+        "--model", default="fake-model", help="model served; others get 404 (%(default)s)"
+    )
     parser.add_argument("--root", default=None, help="/v1/models root (default: the model name)")
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--completion-tokens", type=int, default=16)
-    parser.add_argument("--ttft-ms", type=float, default=0.0)
-    parser.add_argument("--tokens-per-s", type=float, default=0.0)
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=4096,
+        help="context length reported by /v1/models, not enforced (%(default)s)",
+    )
+    parser.add_argument(
+        "--completion-tokens",
+        type=int,
+        default=16,
+        metavar="N",
+        help="natural answer length in tokens, finish_reason stop; a smaller max_tokens cuts "
+        "the answer with finish_reason length (%(default)s)",
+    )
+    parser.add_argument(
+        "--ttft-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="wait before the first token (%(default)s)",
+    )
+    parser.add_argument(
+        "--tokens-per-s",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="tokens per second per choice after the first, streamed or not; 0 = no wait "
+        "(%(default)s)",
+    )
     parser.add_argument(
         "--fail",
         action="append",
@@ -855,7 +883,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="STATUS[:FRACTION], hang, abort:K or health (comma-separated or repeated)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="seed for failure draws")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seeds the --fail FRACTION draws and the random answers to requests with no seed "
+        "and a temperature other than 0 (default: unseeded)",
+    )
 
 
 def options_from_cli(args: argparse.Namespace) -> FakeEngineOptions:

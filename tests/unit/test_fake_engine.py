@@ -3,6 +3,7 @@ tests/integration/test_fake_engine.py)."""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import orjson
@@ -13,6 +14,7 @@ from proxy.engines.fake import (
     BadRequest,
     Choice,
     FakeCounters,
+    add_cli_arguments,
     check_request,
     error_body,
     render_metrics,
@@ -101,3 +103,12 @@ def test_metrics_escape_the_model_label() -> None:
     running = next(s for s in samples if s.name == "vllm:num_requests_running")
     assert running.value == 1.0
     assert 'model_name="a\\"b\\\\c\\nd"' in text
+
+
+def test_every_cli_flag_has_help_and_seed_says_it_seeds_the_text() -> None:
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    flags = {action.option_strings[-1]: action.help for action in parser._actions}
+    assert [flag for flag, text in flags.items() if not text] == []
+    assert "random answers" in str(flags["--seed"])
+    assert "per choice" in str(flags["--tokens-per-s"])
