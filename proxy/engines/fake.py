@@ -59,6 +59,7 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
+from proxy.cli import EXIT_RUNTIME, SERVER_EPILOG, ListenError, port_number
 from proxy.sse import DONE_EVENT, frame
 
 Endpoint = Literal["chat", "completions"]
@@ -815,7 +816,12 @@ async def serve_fake_engine(options: FakeEngineOptions, host: str, port: int) ->
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(host, port, exc) from None
+    port = runner.addresses[0][1]  # the one the system chose for port 0
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -824,6 +830,8 @@ async def serve_fake_engine(options: FakeEngineOptions, host: str, port: int) ->
     try:
         await stop.wait()
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         await runner.cleanup()
 
 
@@ -842,7 +850,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``frugal fake-engine`` flags (shared by ``python -m proxy.engines.fake``). The latency
     and failure knobs can also change at run time: ``POST /fake/config``."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (%(default)s)")
+    parser.add_argument(
+        "--port",
+        type=port_number,
+        default=8000,
+        help="port to listen on, 0: any free (%(default)s)",
+    )
     parser.add_argument(
         "--model", default="fake-model", help="model served; others get 404 (%(default)s)"
     )
@@ -909,14 +922,19 @@ def options_from_cli(args: argparse.Namespace) -> FakeEngineOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fake-engine", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="fake-engine", description=__doc__.split("\n")[0], epilog=SERVER_EPILOG
+    )
     add_cli_arguments(parser)
     args = parser.parse_args(argv)
     try:
         options = options_from_cli(args)
     except ValueError as exc:
         parser.error(str(exc))
-    run_fake_engine(options, args.host, args.port)
+    try:
+        run_fake_engine(options, args.host, args.port)
+    except ListenError as exc:
+        parser.exit(EXIT_RUNTIME, f"{parser.prog}: {exc}\n")
 
 
 if __name__ == "__main__":
