@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,30 @@ def _partition_arguments(parser: argparse.ArgumentParser, scope: str, owner: str
 
 
 def _url(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("FRUGAL_URL", DEFAULT_URL))
+    parser.add_argument(
+        "--url",
+        type=http_url,  # argparse checks the FRUGAL_URL default with it too
+        default=os.environ.get("FRUGAL_URL", DEFAULT_URL),
+        help=f"the proxy (default: $FRUGAL_URL or {DEFAULT_URL})",
+    )
+
+
+def http_url(text: str) -> str:
+    """argparse type for the proxy's address: an http(s) URL with a host. urllib raises
+    ValueError (not URLError) for some malformed ones, which came out as a traceback."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or any(c.isspace() or not c.isprintable() for c in text)
+    ):
+        raise argparse.ArgumentTypeError(f"not an http(s) URL like {DEFAULT_URL}: {text!r}")
+    return text
 
 
 def _admin(url: str, method: str, path: str, payload: Any | None = None) -> tuple[int, Any]:

@@ -7,6 +7,7 @@ proxy does not load ML libraries for commands that do not use them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,36 @@ Command = Callable[[argparse.Namespace], int]
 
 
 CORE_COMMANDS = frozenset({"serve", "up", "fake-engine"})
+
+# Exit statuses of the server commands (and the operator commands' convention).
+EXIT_RUNTIME = 1  # could not do the job: the address is taken, the proxy is unreachable
+EXIT_USAGE = 2  # a bad flag or configuration
+
+SERVER_EPILOG = (
+    f"exit status: 0 after Ctrl-C or SIGTERM, {EXIT_RUNTIME} if the address cannot be taken "
+    f"(in use, not permitted), {EXIT_USAGE} for a bad flag or configuration"
+)
+
+
+class ListenError(Exception):
+    """A server could not take its address: in use, not permitted, or an unknown host."""
+
+    def __init__(self, host: str, port: int, error: OSError) -> None:
+        # asyncio's bind error repeats the address in strerror; the errno's own text is enough.
+        errno = error.errno or 0
+        reason = os.strerror(errno) if errno > 0 else error.strerror or str(error)
+        super().__init__(f"cannot listen on {host}:{port}: {reason}")
+
+
+def port_number(text: str) -> int:
+    """argparse type for a TCP port; 0 asks the system for a free one (the server says which)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (0-65535): {text!r}")
+    return port
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return command(args)
+    except ListenError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
 
@@ -39,9 +73,11 @@ def build_parser(*, operator_tools: bool = True) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the proxy in front of running engines")
+    serve = sub.add_parser(
+        "serve", help="run the proxy in front of running engines", epilog=SERVER_EPILOG
+    )
     serve.add_argument("--config", type=Path, required=True, help="YAML config file")
-    serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--port", type=port_number, help="override server.port (0: any free port)")
     serve.set_defaults(run=_serve)
 
     up = sub.add_parser(
@@ -54,7 +90,9 @@ def build_parser(*, operator_tools: bool = True) -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.set_defaults(run=_up)
 
-    fake = sub.add_parser("fake-engine", help="an OpenAI/vLLM-shaped fake engine for tests")
+    fake = sub.add_parser(
+        "fake-engine", help="an OpenAI/vLLM-shaped fake engine for tests", epilog=SERVER_EPILOG
+    )
     from proxy.engines.fake import add_cli_arguments
 
     add_cli_arguments(fake)
@@ -89,14 +127,14 @@ def _serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         run_proxy(settings, port=args.port)
     except ConfigError as exc:
         # Checked as the app is built (the policy folder, open access): the message names the
         # field; the file is the config's.
         print(f"{args.config}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
 
 
@@ -115,7 +153,7 @@ def _fake_engine(args: argparse.Namespace) -> int:
         options = options_from_cli(args)
     except ValueError as exc:
         print(f"frugal fake-engine: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     run_fake_engine(options, host=args.host, port=args.port)
     return 0
 

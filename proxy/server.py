@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 
 from proxy.app import create_app
+from proxy.cli import ListenError
 from proxy.observability.logging import configure_logging
 from proxy.settings import Settings
 
@@ -51,7 +52,12 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
     tune_gc()
     # A backlog of 4096: benchmarks open 1,000 connections at once.
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()  # the app has started (health polling, cache writer): stop it
+        raise ListenError(host, port, exc) from None
+    port = runner.addresses[0][1]  # the one the system chose for port 0
     log.info(
         "frugal listening", url=f"http://{host}:{port}", engines=[e.name for e in settings.engines]
     )

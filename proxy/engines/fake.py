@@ -4,7 +4,8 @@ It speaks the parts of vLLM's OpenAI server that Frugal uses, with the same wire
 
 - ``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed (SSE) or not, honouring
   ``max_tokens`` / ``max_completion_tokens``, ``n``, ``stop``, ``seed``, ``temperature`` and
-  ``stream_options.include_usage``;
+  ``stream_options.include_usage``, and answering 400 for any of them of the wrong type; errors
+  have vLLM's shape, ``{"error": {"message", "type", "param", "code"}}``;
 - ``GET /v1/models`` (with ``root`` and ``max_model_len``), ``GET /health``, ``GET /metrics``
   (``vllm:num_requests_running`` / ``_waiting``, ``vllm:gpu_cache_usage_perc``,
   ``vllm:kv_cache_usage_perc``, token and request counters, labelled ``model_name``).
@@ -16,7 +17,8 @@ random.
 Knobs for tests, settable at start (:class:`FakeEngineOptions`) and at run time with
 ``POST /fake/config`` (a JSON object of option fields; ``GET /fake/config`` reads them back):
 
-- ``ttft_ms`` / ``tokens_per_s``: latency before the first token and between tokens;
+- ``ttft_ms`` / ``tokens_per_s``: latency before the first token and between tokens, per
+  choice (the ``n`` choices decode side by side), streamed or not;
 - ``fail_status`` + ``fail_fraction``: answer that status (500/503, ...) to that fraction of
   completion requests;
 - ``hang``: accept the request and send nothing until the client leaves or ``hang`` is turned off;
@@ -57,6 +59,7 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
+from proxy.cli import EXIT_RUNTIME, SERVER_EPILOG, ListenError, port_number
 from proxy.sse import DONE_EVENT, frame
 
 Endpoint = Literal["chat", "completions"]
@@ -100,7 +103,7 @@ class FakeEngineOptions:
     max_model_len: int = 4096
     completion_tokens: int = 16  # natural answer length when max_tokens allows it
     ttft_ms: float = 0.0
-    tokens_per_s: float = 0.0  # 0 means no delay between tokens
+    tokens_per_s: float = 0.0  # per choice; 0 means no delay between tokens
     fail_status: int = 500
     fail_fraction: float = 0.0  # 1.0 fails every completion request
     hang: bool = False
@@ -229,10 +232,13 @@ class Choice:
 def plan_choices(
     body: dict[str, Any], prompt: str, options: FakeEngineOptions, rng: random.Random
 ) -> list[Choice]:
-    """The answers to produce for one request (pure except for the ``rng`` of random answers)."""
-    n = _int_field(body, "n", 1, minimum=1)
-    requested = body.get("max_completion_tokens", body.get("max_tokens"))
-    limit = _int_field({"v": requested}, "v", options.completion_tokens, minimum=1)
+    """The answers to produce for one request (pure except for the ``rng`` of random answers).
+
+    ``body`` has passed :func:`check_request`.
+    """
+    n = body.get("n") or 1
+    # vLLM: max_completion_tokens wins, max_tokens is the older name.
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or options.completion_tokens
     length = min(limit, options.completion_tokens)
     natural_end = limit >= options.completion_tokens
     stop_field = body.get("stop")
@@ -241,7 +247,7 @@ def plan_choices(
     choices = []
     for index in range(n):
         if is_deterministic(body):
-            tokens = generate_tokens(prompt, seed if isinstance(seed, int) else None, index, length)
+            tokens = generate_tokens(prompt, seed, index, length)
         else:
             tokens = rng.choices(_VOCAB, k=length)
         tokens, stopped = apply_stop(tokens, stop)
@@ -249,17 +255,64 @@ def plan_choices(
     return choices
 
 
-def _int_field(body: dict[str, Any], name: str, default: int, minimum: int) -> int:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise BadRequest(f"'{name}' must be an integer >= {minimum}")
-    return value
-
-
 class BadRequest(ValueError):
-    """A request the fake rejects with 400, like vLLM's validation errors."""
+    """A request the fake rejects with 400, like vLLM's validation errors; ``param`` names the
+    field at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_request(endpoint: Endpoint, body: Any) -> dict[str, Any]:
+    """``body`` if every field the fake reads has a usable type, else :class:`BadRequest`.
+
+    vLLM validates the request before generating and answers 400; a value of the wrong type must
+    not reach generation and come back as a 500 (through the proxy, a 502 that counts against the
+    replica). Stricter than vLLM's pydantic models, which also take ``"5"`` for an integer.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise BadRequest("'messages' is required and must be a list of objects", "messages")
+    elif not isinstance(body.get("prompt"), (str, list)):
+        raise BadRequest("'prompt' is required and must be a string or a list", "prompt")
+    for name in ("n", "max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise BadRequest(f"'{name}' must be an integer >= 1", name)
+    if body.get("seed") is not None and not _is_int(body["seed"]):
+        raise BadRequest("'seed' must be an integer", "seed")
+    temperature = body.get("temperature")
+    if temperature is not None and (not _is_number(temperature) or temperature < 0):
+        raise BadRequest("'temperature' must be a number >= 0", "temperature")
+    stop = body.get("stop")
+    if not (
+        stop is None
+        or isinstance(stop, str)
+        or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise BadRequest("'stop' must be a string or a list of strings", "stop")
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise BadRequest("'stream' must be a boolean", "stream")
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not (
+        isinstance(stream_options, dict)
+        and isinstance(stream_options.get("include_usage", False), (bool, type(None)))
+    ):
+        message = "'stream_options' must be an object like {\"include_usage\": true}"
+        raise BadRequest(message, "stream_options")
+    return body
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,17 +419,41 @@ def render_stream_events(
     return events
 
 
-def error_body(message: str, kind: str, status: int) -> bytes:
-    # vLLM's ErrorResponse shape.
-    return orjson.dumps(
-        {"object": "error", "message": message, "type": kind, "param": None, "code": status}
-    )
+def token_steps(endpoint: Endpoint, choices: Sequence[Choice]) -> dict[int, int]:
+    """Where :func:`render_stream_events` moves to the next token: event index -> token position,
+    for positions after the first.
+
+    A stream is paced by these alone: the choices' tokens at one position come out together (as
+    from one decoding step), and role, finish and usage events add no wait, so a streamed answer
+    takes as long as the non-streamed one.
+    """
+    sent = len(choices) if endpoint == "chat" else 0  # the role chunks
+    steps: dict[int, int] = {}
+    for position in range(max((len(c.tokens) for c in choices), default=0)):
+        if position:
+            steps[sent] = position
+        sent += sum(1 for c in choices if position < len(c.tokens))
+    return steps
+
+
+def error_body(message: str, kind: str, status: int, param: str | None = None) -> bytes:
+    # vLLM 0.11's ErrorResponse: OpenAI's nesting, with vLLM's ``code`` (the HTTP status). Older
+    # vLLM sent the fields flat; the proxy nests those itself (pipeline.openai_error_body).
+    error = {"message": message, "type": kind, "param": param, "code": status}
+    return orjson.dumps({"error": error})
+
+
+def escape_label_value(value: str) -> str:
+    """``value`` as the text format wants it between a label's quotes: a model name may hold any
+    character, and a bare quote or newline made the whole exposition unparseable."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def render_metrics(
     model: str, running: int, waiting: int, max_num_seqs: int, counters: FakeCounters
 ) -> str:
     """Prometheus text with the vLLM series Frugal's health poller reads."""
+    model = escape_label_value(model)
     label = f'{{model_name="{model}"}}'
     cache_usage = min(1.0, running / max_num_seqs)
     series = [
@@ -506,16 +583,13 @@ async def _answer(
     entry: LoggedRequest,
 ) -> web.StreamResponse:
     try:
-        body = orjson.loads(raw)
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
-        if endpoint == "chat" and not isinstance(body.get("messages"), list):
-            raise BadRequest("'messages' is required and must be a list")
-        if endpoint == "completions" and "prompt" not in body:
-            raise BadRequest("'prompt' is required")
-    except (orjson.JSONDecodeError, BadRequest) as exc:
+        body = check_request(endpoint, orjson.loads(raw))
+    except orjson.JSONDecodeError as exc:
         entry.outcome = "bad_request"
-        return _error(str(exc), "BadRequestError", 400)
+        return _error(f"invalid JSON: {exc}", "BadRequestError", 400)
+    except BadRequest as exc:
+        entry.outcome = "bad_request"
+        return _error(str(exc), "BadRequestError", 400, exc.param)
     if options.check_model and body.get("model") != options.model:
         entry.outcome = "bad_request"
         message = f"The model `{body.get('model')}` does not exist."
@@ -529,11 +603,7 @@ async def _answer(
         return _error("injected failure", "InternalServerError", options.fail_status)
 
     prompt = prompt_text(endpoint, body)
-    try:
-        choices = plan_choices(body, prompt, options, state.rng)
-    except BadRequest as exc:
-        entry.outcome = "bad_request"
-        return _error(str(exc), "BadRequestError", 400)
+    choices = plan_choices(body, prompt, options, state.rng)
     prompt_tokens = count_prompt_tokens(prompt)
     used = usage(prompt_tokens, choices)
     prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
@@ -549,7 +619,8 @@ async def _answer(
         events = render_stream_events(
             endpoint, rid, created, model, choices, used if include_usage else None
         )
-        response = await _stream(request, events, state, options, entry)
+        steps = token_steps(endpoint, choices) if options.tokens_per_s else {}
+        response = await _stream(request, events, steps, state, options, entry)
     else:
         if options.abort_after_chunks is not None:
             _cut(request, state, entry)
@@ -557,6 +628,7 @@ async def _answer(
         if options.ttft_ms:
             await asyncio.sleep(options.ttft_ms / 1000)
         if options.tokens_per_s:
+            # As streamed: the first token at ttft, each later decoding step 1/tokens_per_s after.
             longest = max(len(c.tokens) for c in choices)
             await asyncio.sleep(max(0, longest - 1) / options.tokens_per_s)
         answer = render_response(endpoint, rid, created, model, choices, used)
@@ -572,10 +644,12 @@ async def _answer(
 async def _stream(
     request: web.Request,
     events: list[bytes],
+    steps: dict[int, int],
     state: FakeEngineState,
     options: FakeEngineOptions,
     entry: LoggedRequest,
 ) -> web.StreamResponse:
+    """Write ``events``; the ones in ``steps`` (see :func:`token_steps`) wait for their token."""
     response = web.StreamResponse(headers=_SSE_HEADERS)
     await response.prepare(request)
     cut_at = options.abort_after_chunks
@@ -583,16 +657,20 @@ async def _stream(
         await response.write(b"".join(events))  # one write: the benchmark's fast path
         await response.write_eof()
         return response
-    token_delay = 1 / options.tokens_per_s if options.tokens_per_s else 0.0
     if options.ttft_ms:
         await asyncio.sleep(options.ttft_ms / 1000)
+    loop = asyncio.get_running_loop()
+    first_token_at = loop.time()
     for sent, event in enumerate(events):
         if cut_at is not None and sent >= cut_at:
             _cut(request, state, entry)
             return response
-        # The first content token follows the role chunk at once; later tokens are spaced.
-        if token_delay and sent > 1 and event is not DONE_EVENT:
-            await asyncio.sleep(token_delay)
+        position = steps.get(sent)
+        if position:
+            # Against the first token's time, so time spent writing does not add up per token.
+            delay = first_token_at + position / options.tokens_per_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
         await response.write(event)
     await response.write_eof()
     return response
@@ -607,8 +685,9 @@ def _cut(request: web.Request, state: FakeEngineState, entry: LoggedRequest) -> 
         transport.abort()
 
 
-def _error(message: str, kind: str, status: int) -> web.Response:
-    return web.Response(status=status, body=error_body(message, kind, status), content_type=_JSON)
+def _error(message: str, kind: str, status: int, param: str | None = None) -> web.Response:
+    body = error_body(message, kind, status, param)
+    return web.Response(status=status, body=body, content_type=_JSON)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -737,7 +816,12 @@ async def serve_fake_engine(options: FakeEngineOptions, host: str, port: int) ->
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(host, port, exc) from None
+    port = runner.addresses[0][1]  # the one the system chose for port 0
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -746,6 +830,8 @@ async def serve_fake_engine(options: FakeEngineOptions, host: str, port: int) ->
     try:
         await stop.wait()
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         await runner.cleanup()
 
 
@@ -761,15 +847,48 @@ def run_fake_engine(options: FakeEngineOptions, host: str = "127.0.0.1", port: i
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``frugal fake-engine`` flags (shared by ``python -m proxy.engines.fake``)."""
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model", default="fake-model")
+    """The ``frugal fake-engine`` flags (shared by ``python -m proxy.engines.fake``). The latency
+    and failure knobs can also change at run time: ``POST /fake/config``."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    parser.add_argument(
+        "--port",
+        type=port_number,
+        default=8000,
+        help="port to listen on, 0: any free (%(default)s)",
+    )
+    parser.add_argument(
+        "--model", default="fake-model", help="model served; others get 404 (%(default)s)"
+    )
     parser.add_argument("--root", default=None, help="/v1/models root (default: the model name)")
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--completion-tokens", type=int, default=16)
-    parser.add_argument("--ttft-ms", type=float, default=0.0)
-    parser.add_argument("--tokens-per-s", type=float, default=0.0)
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=4096,
+        help="context length reported by /v1/models, not enforced (%(default)s)",
+    )
+    parser.add_argument(
+        "--completion-tokens",
+        type=int,
+        default=16,
+        metavar="N",
+        help="natural answer length in tokens, finish_reason stop; a smaller max_tokens cuts "
+        "the answer with finish_reason length (%(default)s)",
+    )
+    parser.add_argument(
+        "--ttft-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="wait before the first token (%(default)s)",
+    )
+    parser.add_argument(
+        "--tokens-per-s",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="tokens per second per choice after the first, streamed or not; 0 = no wait "
+        "(%(default)s)",
+    )
     parser.add_argument(
         "--fail",
         action="append",
@@ -777,7 +896,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="STATUS[:FRACTION], hang, abort:K or health (comma-separated or repeated)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="seed for failure draws")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seeds the --fail FRACTION draws and the random answers to requests with no seed "
+        "and a temperature other than 0 (default: unseeded)",
+    )
 
 
 def options_from_cli(args: argparse.Namespace) -> FakeEngineOptions:
@@ -797,14 +922,19 @@ def options_from_cli(args: argparse.Namespace) -> FakeEngineOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fake-engine", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="fake-engine", description=__doc__.split("\n")[0], epilog=SERVER_EPILOG
+    )
     add_cli_arguments(parser)
     args = parser.parse_args(argv)
     try:
         options = options_from_cli(args)
     except ValueError as exc:
         parser.error(str(exc))
-    run_fake_engine(options, args.host, args.port)
+    try:
+        run_fake_engine(options, args.host, args.port)
+    except ListenError as exc:
+        parser.exit(EXIT_RUNTIME, f"{parser.prog}: {exc}\n")
 
 
 if __name__ == "__main__":

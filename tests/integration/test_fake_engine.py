@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,7 @@ from proxy.engines.fake import (
     parse_fail_spec,
 )
 from proxy.sse import parse_all
+from tests.integration.conftest import StartFake, StartProxy, engine_config
 
 Client = TestClient[Any, Any]
 MODEL = "fake-small"
@@ -188,6 +190,22 @@ async def test_slow_mode_streams_the_same_answer(client: Client) -> None:
     assert [c["choices"] for c in slow] == [c["choices"] for c in fast]
 
 
+async def test_streamed_and_non_streamed_take_the_same_time(client: Client) -> None:
+    # n=2, 6 tokens each at 10 tokens/s: 5 waits of 0.1 s either way. Pacing per SSE event made
+    # the stream wait for every choice's chunk, finish chunk and usage chunk (1.5 s).
+    await configure(client, tokens_per_s=10)
+    body = chat(n=2, max_tokens=6, stream_options={"include_usage": True})
+    elapsed = {}
+    for stream in (False, True):
+        start = time.perf_counter()
+        async with client.post("/v1/chat/completions", json={**body, "stream": stream}) as resp:
+            assert resp.status == 200
+            await resp.read()
+        elapsed[stream] = time.perf_counter() - start
+    assert 0.5 <= elapsed[False] < 0.9
+    assert 0.5 <= elapsed[True] < 0.9
+
+
 async def test_models_health_and_metrics(client: Client) -> None:
     async with client.get("/v1/models") as resp:
         models = await resp.json()
@@ -231,14 +249,61 @@ async def test_metrics_reflect_in_flight_requests(client: Client) -> None:
 async def test_bad_requests(client: Client) -> None:
     async with client.post("/v1/chat/completions", data=b"{not json") as resp:
         assert resp.status == 400
-        assert (await resp.json())["object"] == "error"
+        assert (await resp.json())["error"]["type"] == "BadRequestError"
     status, data = await post_json(client, "/v1/chat/completions", {"model": MODEL})
     assert status == 400
     status, data = await post_json(client, "/v1/chat/completions", chat(model="other"))
     assert status == 404
-    assert data["type"] == "NotFoundError"
+    assert data["error"]["type"] == "NotFoundError"
     status, _ = await post_json(client, "/v1/chat/completions", chat(n=0))
     assert status == 400
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/chat/completions", "stop", 5),
+        ("/v1/chat/completions", "stop", [1]),
+        ("/v1/completions", "stop", [" a", None]),
+        ("/v1/chat/completions", "max_tokens", "x"),
+        ("/v1/completions", "max_completion_tokens", 0),
+        ("/v1/chat/completions", "seed", "s"),
+        ("/v1/chat/completions", "temperature", "hot"),
+        ("/v1/chat/completions", "stream_options", {"include_usage": "yes"}),
+        ("/v1/chat/completions", "messages", ["hi"]),
+        ("/v1/completions", "prompt", {"text": "hi"}),
+    ],
+)
+async def test_a_field_of_the_wrong_type_is_a_400_naming_it(
+    client: Client, path: str, field: str, value: Any
+) -> None:
+    # vLLM answers these 400; a 500 here became a 502 and a breaker failure behind the proxy.
+    base = chat() if path.endswith("chat/completions") else {"model": MODEL, "prompt": "hi"}
+    for stream in (False, True):
+        status, data = await post_json(client, path, {**base, "stream": stream, field: value})
+        assert status == 400
+        assert data == {
+            "error": {
+                "message": data["error"]["message"],
+                "type": "BadRequestError",
+                "param": field,
+                "code": 400,
+            }
+        }
+        assert f"'{field}'" in data["error"]["message"]
+    assert (await fake_log(client))["requests"][-1]["outcome"] == "bad_request"
+
+
+async def test_a_bad_field_reaches_a_client_of_the_proxy_as_the_engines_400(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    engine = await start_fake("m")
+    proxy = await start_proxy([engine_config("e", "m", [engine.url])])
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": 5}
+    resp = await proxy.client.post("/v1/chat/completions", json=body)
+    assert resp.status == 400  # was a 502: the fake crashed with a plain-text 500
+    error = (await resp.json())["error"]
+    assert (error["type"], error["param"]) == ("BadRequestError", "stop")
 
 
 async def test_fail_every_request(client: Client) -> None:
@@ -246,11 +311,12 @@ async def test_fail_every_request(client: Client) -> None:
     status, data = await post_json(client, "/v1/chat/completions", chat())
     assert status == 503
     assert data == {
-        "object": "error",
-        "message": "injected failure",
-        "type": "InternalServerError",
-        "param": None,
-        "code": 503,
+        "error": {
+            "message": "injected failure",
+            "type": "InternalServerError",
+            "param": None,
+            "code": 503,
+        }
     }
     assert (await fake_log(client))["failed"] == 1
 

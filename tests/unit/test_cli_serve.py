@@ -1,13 +1,20 @@
-"""``frugal serve`` with a config that only building the app finds wrong: exit 2, no traceback."""
+"""``frugal serve`` and ``frugal fake-engine`` failing to start: a config that only building
+the app finds wrong, a bad --port (exit 2), a port in use (exit 1); one line, no traceback."""
 
 from __future__ import annotations
 
+import asyncio
+import re
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from proxy import server
 from proxy.cli import main
+from proxy.engines import fake
 
 ENGINE = "engines:\n  - {name: small, model: m, urls: ['http://127.0.0.1:9']}\n"
 OFF = "cache: {enabled: false}\nembeddings: {enabled: false}\n"
@@ -19,10 +26,12 @@ def no_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server, "configure_logging", lambda **_: None)
 
 
-def _serve(tmp_path: Path, config: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+def _serve(
+    tmp_path: Path, config: str, capsys: pytest.CaptureFixture[str], port: int = 0
+) -> tuple[int, str]:
     path = tmp_path / "frugal.yaml"
     path.write_text(config)
-    code = main(["serve", "--config", str(path), "--port", "0"])
+    code = main(["serve", "--config", str(path), "--port", str(port)])
     return code, capsys.readouterr().err
 
 
@@ -48,3 +57,72 @@ def test_an_invalid_policy_folder_exits_2_naming_the_file(
     first, *issues = err.splitlines()
     assert first.endswith(f"policies: {tmp_path / 'tiers'}: invalid tier policies")
     assert any("free.yaml:2 bogus" in issue for issue in issues)
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["serve", "fake-engine"])
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_port_outside_0_to_65535_is_a_usage_error(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    port: str,
+) -> None:
+    def started(*_: object, **__: object) -> None:
+        raise AssertionError("started a server")  # 99999 used to bind some free port instead
+
+    monkeypatch.setattr(server, "run_proxy", started)
+    monkeypatch.setattr(fake, "run_fake_engine", started)
+    config = tmp_path / "frugal.yaml"
+    config.write_text(ENGINE + OFF)
+    argv = [command, "--port", port] + (["--config", str(config)] if command == "serve" else [])
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert f"argument --port: not a port number (0-65535): '{port}'" in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_exits_1_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], taken_port: int
+) -> None:
+    code, err = _serve(tmp_path, ENGINE + OFF, capsys, taken_port)
+    assert code == 1
+    assert err == f"frugal: cannot listen on 127.0.0.1:{taken_port}: Address already in use\n"
+
+
+def test_fake_engine_on_a_port_in_use_exits_1_with_one_line(
+    capsys: pytest.CaptureFixture[str], taken_port: int
+) -> None:
+    assert main(["fake-engine", "--port", str(taken_port)]) == 1
+    message = f"cannot listen on 127.0.0.1:{taken_port}: Address already in use\n"
+    assert capsys.readouterr().err == f"frugal: {message}"
+    with pytest.raises(SystemExit) as exit_:  # python -m proxy.engines.fake
+        fake.main(["--port", str(taken_port)])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == f"fake-engine: {message}"
+
+
+async def test_fake_engine_on_port_0_says_the_port_it_took(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    task = asyncio.create_task(fake.serve_fake_engine(fake.FakeEngineOptions(), "127.0.0.1", 0))
+    try:
+        for _ in range(200):
+            if found := re.search(r"http://127\.0\.0\.1:(\d+)", capsys.readouterr().out):
+                break
+            await asyncio.sleep(0.01)
+        assert found and found[1] != "0"
+        async with aiohttp.ClientSession() as session, session.get(f"{found[0]}/health") as resp:
+            assert resp.status == 200
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

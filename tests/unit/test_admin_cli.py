@@ -1,0 +1,67 @@
+"""The operator commands' --url: a malformed one is a usage error naming it (exit 2), never a
+traceback from urllib."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from proxy import admin_cli
+from proxy.cli import main
+
+
+@pytest.fixture(autouse=True)
+def no_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: object) -> tuple[int, object]:
+        raise AssertionError("a request was sent")
+
+    monkeypatch.setattr(admin_cli, "_admin", refuse)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["cache", "stats"],
+        ["cache", "invalidate", "--all"],
+        ["rollout", "status", "small"],
+        ["rollout", "share", "small", "0.2"],
+    ],
+)
+@pytest.mark.parametrize("url", ["notaurl", "localhost:8000", "http://", "http://h:port"])
+def test_a_malformed_url_exits_2_naming_it(
+    argv: list[str], url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--url", url])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].endswith(
+        f"argument --url: not an http(s) URL like {admin_cli.DEFAULT_URL}: {url!r}"
+    )
+
+
+def test_a_malformed_frugal_url_is_caught_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FRUGAL_URL", "notaurl")
+    with pytest.raises(SystemExit) as exit_:
+        main(["cache", "stats"])
+    assert exit_.value.code == 2
+    assert "'notaurl'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8000", "https://proxy.example/", "http://[::1]:8000/base"]
+)
+def test_http_urls_pass_unchanged(url: str) -> None:
+    assert admin_cli.http_url(url) == url
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://h", "http://h:99999", "http://[::1", "http://h/a b", "http://h\n"]
+)
+def test_other_urls_are_refused(url: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        admin_cli.http_url(url)
