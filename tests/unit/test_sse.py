@@ -13,15 +13,20 @@ payload = st.binary(min_size=1, max_size=40).filter(
 @given(st.lists(payload, max_size=20), st.data())
 def test_any_chunking_yields_the_same_payloads(payloads: list[bytes], data: st.DataObject) -> None:
     raw = encode_all(payloads) + DONE_EVENT
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=10)))
     parser = SSEParser()
+    assert fed_in_pieces(parser, raw, data) == [*payloads, b"[DONE]"]
+    assert parser.pending == b""
+
+
+def fed_in_pieces(parser: SSEParser, raw: bytes, data: st.DataObject) -> list[bytes]:
+    """The payloads ``parser`` gives for ``raw`` cut into reads at drawn places."""
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=10)))
     out: list[bytes] = []
     start = 0
     for cut in [*cuts, len(raw)]:
         out += parser.feed(raw[start:cut])
         start = cut
-    assert out == [*payloads, b"[DONE]"]
-    assert parser.pending == b""
+    return out
 
 
 line = st.binary(max_size=12).filter(lambda b: b"\n" not in b and b"\r" not in b)
@@ -35,14 +40,8 @@ def test_framed_multiline_payloads_survive_any_chunking_and_line_endings(
     raw = encode_all(payloads) + DONE_EVENT
     if crlf:
         raw = raw.replace(b"\n", b"\r\n")  # a \r\n may now be cut between two reads
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=10)))
     parser = SSEParser()
-    out: list[bytes] = []
-    start = 0
-    for cut in [*cuts, len(raw)]:
-        out += parser.feed(raw[start:cut])
-        start = cut
-    assert out + parser.flush() == [*payloads, b"[DONE]"]
+    assert fed_in_pieces(parser, raw, data) + parser.flush() == [*payloads, b"[DONE]"]
 
 
 def test_crlf_comments_and_other_fields() -> None:
