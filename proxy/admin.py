@@ -73,6 +73,14 @@ def add_routes(app: web.Application, services: Services) -> None:
         rows = body.get("rows")
         if not isinstance(rows, list):
             raise InvalidRequest("rows must be a list of import rows", param="rows")
+        # The request fields the entries are keyed with: greedy, and the max_tokens the requests
+        # to hit will carry (a budgeted tier's cap reaches the engine, and so the key).
+        template: dict[str, Any] = {"temperature": 0}
+        max_tokens = body.get("max_tokens")
+        if max_tokens is not None:
+            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+                raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
+            template["max_tokens"] = max_tokens
         # import_rows checks every row (400 naming the row and field) before it stores any
         stored = await cache.import_rows(
             rows,
@@ -80,6 +88,7 @@ def add_routes(app: web.Application, services: Services) -> None:
             version=version,
             partition=partition,
             endpoint=Endpoint(endpoint),
+            template=template,
             encode=services.encode,
         )
         return _json(

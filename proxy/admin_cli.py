@@ -72,6 +72,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     imp.add_argument("--version", help="a specific version (default: the engine's current one)")
     _partition_arguments(imp, SCOPE_HELP, f"the partition's owner: {OWNERS}")
     imp.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    imp.add_argument(
+        "--max-tokens",
+        type=int,
+        help="the max_tokens the requests to hit carry (it is part of the key): a tier with a "
+        "daily budget sends its max_tokens cap to the engine on every request that sets none, "
+        "so import for such a tier with --max-tokens CAP",
+    )
     imp.set_defaults(run=_cache_import)
 
     router = sub.add_parser("router", help="the difficulty classifier, offline")
@@ -227,6 +234,7 @@ def _cache_import(args: argparse.Namespace) -> int:
                 "scope": args.scope,
                 "owner": args.owner,
                 "endpoint": args.endpoint,
+                "max_tokens": args.max_tokens,
                 "rows": batch,
             }
             status, body = _call(args.url, "POST", "/admin/cache/import", payload)

@@ -62,6 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ListenError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+    except BrokenPipeError:
+        # Whoever read the output left early (`frugal cache stats | head`): not our error. Point
+        # stdout at /dev/null so the interpreter's final flush does not raise it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 130
 

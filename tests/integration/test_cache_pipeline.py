@@ -613,6 +613,26 @@ async def test_cli_import_defaults_to_the_proxys_scope_and_needs_its_owner(
     assert engine.state.counters.requests == 0
 
 
+async def test_cli_import_with_the_max_tokens_the_requests_carry(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, capsys: Any
+) -> None:
+    from proxy.cli import main
+
+    # (as a budgeted tier's requests carry its max_tokens cap: it is part of the key)
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    url = str(proxy.client.make_url("")).rstrip("/")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "What is the capital of France?", "answer": "Paris."}\n')
+    command = ["cache", "import", str(pairs), "--url", url, "--engine", "e", "--owner", "anonymous"]
+    assert await asyncio.to_thread(main, [*command, "--max-tokens", "8"]) == 0
+    capsys.readouterr()
+    resp = await proxy.client.post("/v1/chat/completions", json=GREEDY)  # max_tokens 8
+    assert resp.headers["x-frugal-cache"] == "hit-exact"
+    assert engine.state.counters.requests == 0
+    assert await asyncio.to_thread(main, [*command, "--max-tokens", "0"]) == 1
+    assert "max_tokens must be a positive integer" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("scope", "owner", "param"),
     [

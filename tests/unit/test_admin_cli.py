@@ -65,3 +65,16 @@ def test_http_urls_pass_unchanged(url: str) -> None:
 def test_other_urls_are_refused(url: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         admin_cli.http_url(url)
+
+
+def test_a_reader_leaving_early_is_not_an_error(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # `frugal cache stats | head`: the pipe closes while the report is written
+    def closed_pipe(*args: object) -> int:
+        raise BrokenPipeError
+
+    monkeypatch.setattr(admin_cli, "_call", lambda *args, **kwargs: (200, {"lookups": {}}))
+    monkeypatch.setattr(admin_cli, "_report", closed_pipe)
+    assert main(["cache", "stats", "--url", "http://127.0.0.1:9"]) == 0
+    assert "Traceback" not in capfd.readouterr().err
