@@ -283,11 +283,8 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
         raise _refusal(exchange, PermissionDenied(str(err), param="model")) from None
     except FrugalError as err:
         raise _refusal(exchange, err) from None
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, *_CLIENT_GONE):
         exchange.status = 499  # the client closed the connection
-        raise
-    except _CLIENT_GONE:
-        exchange.status = 499
         raise
     except web.HTTPException as exc:
         exchange.status = exc.status  # aiohttp's own refusal; the middleware renders it
@@ -853,10 +850,7 @@ async def _relay_stream(
         broken = FrugalError("the answer's stream could not be relayed", code="relay_failed")
         await _end_broken_stream(response, upstream, exchange, store, broken)
     else:
-        if assembler is not None and relay.done and assembler.complete:
-            store.complete(200, orjson.dumps(assembler.result()))
-        elif store.flight is not None:
-            store.flight.fail(_leader_failed(FrugalError("the engine's stream ended early")))
+        _stream_ended(relay, assembler, store)
     if relay.usage is not None:
         exchange.tokens_in, exchange.tokens_out = relay.usage
     await _write_eof_quietly(response)
@@ -904,10 +898,16 @@ async def _finish_for_followers(
         flight.fail(_leader_failed(FrugalError("the shared upstream request was stopped")))
         raise
     upstream.finish(ok=True)
+    _stream_ended(relay, assembler, store)
+
+
+def _stream_ended(relay: _StreamRelay, assembler: StreamAssembler | None, store: _Store) -> None:
+    """The engine's stream is over: a clean, complete answer is stored and given to the
+    followers; anything else fails their flight."""
     if assembler is not None and relay.done and assembler.complete:
         store.complete(200, orjson.dumps(assembler.result()))
-    else:
-        flight.fail(_leader_failed(FrugalError("the engine's stream ended early")))
+    elif store.flight is not None:
+        store.flight.fail(_leader_failed(FrugalError("the engine's stream ended early")))
 
 
 async def _end_broken_stream(

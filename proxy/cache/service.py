@@ -966,7 +966,7 @@ class ResponseCache:
         with tqdm(total=len(rows), disable=not progress, unit="pair") as bar:
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]
-                stored += await self.import_rows(
+                stored += await self._store_rows(
                     batch,
                     engine=engine,
                     version=version,
@@ -996,6 +996,28 @@ class ResponseCache:
         the batch is stored."""
         for i, row in enumerate(rows):
             check_import_row(row, endpoint, f"rows[{i}]")
+        return await self._store_rows(
+            rows,
+            engine=engine,
+            version=version,
+            partition=partition,
+            endpoint=endpoint,
+            template=template,
+            encode=encode,
+        )
+
+    async def _store_rows(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        engine: str,
+        version: str,
+        partition: Partition,
+        endpoint: Endpoint,
+        template: Mapping[str, Any] | None,
+        encode: Encode | None,
+    ) -> int:
+        """Store rows already checked (``import_jsonl`` checks a whole file first)."""
         base = dict(template) if template is not None else {"temperature": 0}
         items = [
             (

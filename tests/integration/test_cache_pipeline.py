@@ -590,17 +590,24 @@ async def test_a_bad_import_row_is_refused_and_never_poisons_its_prompt(
     assert stats["stored_entries"] == 1  # the engine's answer: no row of a refused batch
 
 
+async def _proxy_and_import_command(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> tuple[Any, Proxy, list[str]]:
+    """A cached proxy, and `frugal cache import` of one pair to it (engine e, no partition)."""
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    url = str(proxy.client.make_url("")).rstrip("/")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "What is the capital of France?", "answer": "Paris."}\n')
+    return engine, proxy, ["cache", "import", str(pairs), "--url", url, "--engine", "e"]
+
+
 async def test_cli_import_defaults_to_the_proxys_scope_and_needs_its_owner(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, capsys: Any
 ) -> None:
     from proxy.cli import main
 
     # the default config: cache.scope tenant, no API keys (every request is tenant anonymous)
-    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
-    url = str(proxy.client.make_url("")).rstrip("/")
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text('{"prompt": "What is the capital of France?", "answer": "Paris."}\n')
-    command = ["cache", "import", str(pairs), "--url", url, "--engine", "e"]
+    engine, proxy, command = await _proxy_and_import_command(start_fake, start_proxy, tmp_path)
     # (before: stored under global, which no request of this proxy ever looks in)
     assert await asyncio.to_thread(main, command) == 1
     err = capsys.readouterr().err
@@ -619,11 +626,8 @@ async def test_cli_import_with_the_max_tokens_the_requests_carry(
     from proxy.cli import main
 
     # (as a budgeted tier's requests carry its max_tokens cap: it is part of the key)
-    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
-    url = str(proxy.client.make_url("")).rstrip("/")
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text('{"prompt": "What is the capital of France?", "answer": "Paris."}\n')
-    command = ["cache", "import", str(pairs), "--url", url, "--engine", "e", "--owner", "anonymous"]
+    engine, proxy, base = await _proxy_and_import_command(start_fake, start_proxy, tmp_path)
+    command = [*base, "--owner", "anonymous"]
     assert await asyncio.to_thread(main, [*command, "--max-tokens", "8"]) == 0
     capsys.readouterr()
     resp = await proxy.client.post("/v1/chat/completions", json=GREEDY)  # max_tokens 8
