@@ -30,7 +30,8 @@ from the same weights, in less CPU time; it changes how the numbers are computed
 
 Thread-safe: no state changes after construction, so several threads may encode different batches
 at once (the embedding worker splits a large batch that way, one torch thread each). With
-``split_single`` a lone text also uses a helper thread for its tuned stack.
+``split_single`` a lone text also uses a helper thread for its tuned stack (and, when long, for half
+of its shared layers' rows).
 
     encoder = PackedEncoder(MiniLMEncoder.load(...))     # or Verifier.load().encoder
     batch = encoder.encode(["how do I reverse a list in python"])   # EncodedBatch(base, verifier)
@@ -104,6 +105,13 @@ _Span = tuple[int, int]
 HEAD_DIM = HIDDEN // HEADS
 # A batch's rows beyond one text's maximum are rounded up to a multiple of this (see module doc).
 ROW_BUCKET = 8
+# A lone text of at least this many tokens has its shared layers' rows split over two threads
+# (one barrier a layer). Measured alone (scripts/bench_lone_split.py): 0.5 ms saved at 64-79
+# tokens, 1.0 at 80-95, 1.9 at 112-128; none at 48-63, and below that the barriers cost more
+# than the halved products save.
+SPLIT_ROWS = 64
+# A barrier waits at most this long for the other thread (a bug must not hang the encoder).
+_BARRIER_TIMEOUT_S = 30.0
 
 
 def padded_rows(rows: int) -> int:
@@ -213,10 +221,17 @@ class _Layer:
         self.norm2 = (w("output.LayerNorm.weight"), w("output.LayerNorm.bias"))
 
     def __call__(self, x: torch.Tensor, spans: Sequence[_Span]) -> torch.Tensor:
+        return self.finish(x, _attend(self.project(x), spans))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Query, key and value of each row (float32)."""
+        return self.qkv(x).float()
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer after attention; row by row, so any rows may go alone."""
         import torch
         import torch.nn.functional as F
 
-        attended = _attend(self.qkv(x).float(), spans)
         # torch.add promotes the bfloat16 product to float32 in the same pass (exact).
         x = F.layer_norm(
             torch.add(x, self.attention_out(attended)), (HIDDEN,), *self.norm1, LAYER_NORM_EPS
@@ -249,6 +264,20 @@ def _attend(qkv: torch.Tensor, spans: Sequence[_Span]) -> torch.Tensor:
     return out
 
 
+def _attend_rows(qkv: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Attention of one text's rows ``[start, end)`` over all of its rows (``qkv`` holds that
+    one text): the same numbers as :func:`_attend` gives those rows."""
+    import torch
+
+    n, rows = qkv.shape[0], end - start
+    q = qkv[start:end].view(rows, 3, HEADS, HEAD_DIM)[:, 0].transpose(0, 1)
+    keys_values = qkv.view(n, 3, HEADS, HEAD_DIM)
+    k, v = keys_values[:, 1].transpose(0, 1), keys_values[:, 2].transpose(0, 1)
+    scores = torch.bmm(q, k.transpose(1, 2)).mul_(HEAD_DIM**-0.5)  # (heads, rows, n)
+    context = torch.bmm(torch.softmax(scores, dim=-1), v)  # (heads, rows, head_dim)
+    return context.transpose(0, 1).reshape(rows, HIDDEN)
+
+
 class PackedEncoder(MiniLMEncoder):
     """Drop-in :class:`MiniLMEncoder` for inference: same weights, faster ``encode``; its outputs
     equal the reference's in float32 and stay within about 3e-5 in cosine in bfloat16.
@@ -259,6 +288,8 @@ class PackedEncoder(MiniLMEncoder):
     ``split_single=True`` runs a lone text's two top stacks (base and tuned) at the same time on
     two threads after the shared layers: its latency drops by the stacks' share (a quarter of the
     pass) when a second core is free, at the cost of one helper thread (:meth:`close` ends it).
+    A lone text of ``SPLIT_ROWS`` tokens or more also has the shared layers' rows split between
+    the two threads (the long questions are a lone lookup's slowest).
     Batches of several texts are not split here: the embedding worker spreads those already.
     """
 
@@ -429,30 +460,122 @@ class PackedEncoder(MiniLMEncoder):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[bool]]:
         x, spans, lengths, whole = self._embedded(texts)
         pool = _mean_pool(lengths)
-        shallow = None
-        for index, layer in enumerate(self._lower):
-            x = layer(x, spans)
-            if index == SHALLOW_LAYER:
-                shallow = pool(x)
-        assert shallow is not None  # __init__ checked that the shallow layer is a shared one
-        if self.on_lower is not None:
-            self.on_lower((t, x[a:b].clone()) for t, (a, b) in zip(texts, spans, strict=True))
         if len(texts) == 1 and self._helper is not None and self._helper_free.acquire(False):
             try:
                 helper = self._helper  # read under the lock: close() may have ended it
                 if helper is not None:
-                    tuned_future = helper.submit(_run_top, self._top_tuned, x, spans, pool)
-                    base = pool(_run(self._top_base, x, spans))
-                    if tuned_future.cancel():
-                        # The helper got no core while this thread ran the base stack (a busy
-                        # machine): run the tuned stack here instead of waiting for a core.
-                        return base, pool(_run(self._top_tuned, x, spans)), shallow, whole
-                    return base, tuned_future.result(), shallow, whole
+                    return (*self._encode_lone(helper, texts[0], x, spans, pool), whole)
             finally:
                 self._helper_free.release()
+        x, shallow = self._run_lower(texts, x, spans, pool)
         base = pool(_run(self._top_base, x, spans))
         tuned = pool(_run(self._top_tuned, x, spans)) if self._top_tuned else base
         return base, tuned, shallow, whole
+
+    def _run_lower(
+        self,
+        texts: Sequence[str],
+        x: torch.Tensor,
+        spans: Sequence[_Span],
+        pool: Callable[[torch.Tensor], np.ndarray],
+        split: ThreadPoolExecutor | None = None,
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """The shared layers: their output and the shallow view. With ``split`` (a lone text of
+        at least ``SPLIT_ROWS`` tokens) its rows are shared with that helper thread."""
+        layers = self._lower
+        states = _lower_rows_split(split, layers, x) if split is not None else None
+        if states is None:  # not split, or the helper never started
+            states = []
+            for layer in layers:
+                x = layer(x, spans)
+                states.append(x)
+        x = states[-1]
+        if self.on_lower is not None:
+            self.on_lower((t, x[a:b].clone()) for t, (a, b) in zip(texts, spans, strict=True))
+        # __init__ checked that the shallow layer is a shared one
+        return x, pool(states[SHALLOW_LAYER])
+
+    def _encode_lone(
+        self,
+        helper: ThreadPoolExecutor,
+        text: str,
+        x: torch.Tensor,
+        spans: Sequence[_Span],
+        pool: Callable[[torch.Tensor], np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A lone text on this thread and the helper: the shared layers' rows split between them
+        when the text is long enough, then one top stack each."""
+        split = helper if x.shape[0] >= SPLIT_ROWS else None
+        x, shallow = self._run_lower([text], x, spans, pool, split)
+        tuned_future = helper.submit(_run_top, self._top_tuned, x, spans, pool)
+        base = pool(_run(self._top_base, x, spans))
+        if tuned_future.cancel():
+            # The helper got no core while this thread ran the base stack (a busy machine):
+            # run the tuned stack here instead of waiting for a core.
+            return base, pool(_run(self._top_tuned, x, spans)), shallow
+        return base, tuned_future.result(), shallow
+
+
+def _lower_rows_split(
+    helper: ThreadPoolExecutor, layers: Sequence[_Layer], x: torch.Tensor
+) -> list[torch.Tensor] | None:
+    """Each layer's output for one text, its rows split between this thread and ``helper``;
+    None when the helper had not started by the first barrier (a busy machine: the caller runs
+    the layers alone rather than wait for a core)."""
+    rows = x.shape[0]
+    half = rows // 2
+    projected = [x.new_empty(rows, 3 * HIDDEN) for _ in layers]
+    states = [x.new_empty(rows, HIDDEN) for _ in layers]
+    barrier = threading.Barrier(2, timeout=_BARRIER_TIMEOUT_S)
+    future = helper.submit(_rows_pass, layers, x, projected, states, (half, rows), barrier, None)
+    # However the helper's task ends in error (even before its pass began), this thread must
+    # not wait at a barrier for it.
+    future.add_done_callback(
+        lambda done: barrier.abort() if not done.cancelled() and done.exception() else None
+    )
+    try:
+        done = _rows_pass(
+            layers, x, projected, states, (0, half), barrier, lambda: not future.cancel()
+        )
+    except threading.BrokenBarrierError:
+        future.result()  # the helper's own error, if it failed first
+        raise
+    if not done:
+        return None
+    future.result()
+    return states
+
+
+def _rows_pass(
+    layers: Sequence[_Layer],
+    x: torch.Tensor,
+    projected: Sequence[torch.Tensor],
+    states: Sequence[torch.Tensor],
+    rows: tuple[int, int],
+    barrier: threading.Barrier,
+    partner_started: Callable[[], bool] | None,
+) -> bool:
+    """One thread's share of :func:`_lower_rows_split`: its rows through every layer, meeting
+    the other thread once a layer (attention reads every row's keys and values). False, having
+    written nothing the other thread reads, when ``partner_started`` says the partner never
+    will."""
+    import torch
+
+    start, end = rows
+    try:
+        with torch.inference_mode():
+            mine = x[start:end]
+            for index, layer in enumerate(layers):
+                projected[index][start:end] = layer.project(mine)
+                if index == 0 and partner_started is not None and not partner_started():
+                    return False
+                barrier.wait()
+                mine = layer.finish(mine, _attend_rows(projected[index], start, end))
+                states[index][start:end] = mine
+        return True
+    except BaseException:
+        barrier.abort()  # the other thread must not wait for this one
+        raise
 
 
 def _pad_rows(x: torch.Tensor) -> torch.Tensor:

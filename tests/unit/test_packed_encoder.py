@@ -7,6 +7,7 @@ layers.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -202,6 +203,105 @@ def test_a_lone_text_does_not_wait_for_a_helper_that_never_started(
         assert ran_on == []  # the caller ran the tuned stack itself
     finally:
         release.set()
+        split.close()
+
+
+LONG = (
+    "After upgrading the connection pool, our service's p99 latency jumped from 40 to 900 "
+    "milliseconds under load; what should I check first, how do I size the pool for 200 "
+    "workers, and which metrics tell me whether the database or the pool is the bottleneck? "
+    "We run PostgreSQL 16 behind PgBouncer in transaction mode, with about 3,000 requests a second."
+)
+
+
+def _tokens(encoder: verifier.MiniLMEncoder, text: str) -> int:
+    return len(encoder.tokenizer.encode(text).ids)
+
+
+def test_a_long_lone_text_has_its_rows_split_and_gives_the_same_rows(
+    reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.cache import packed_encoder
+
+    passes: list[tuple[str, tuple[int, int]]] = []
+    rows_pass = packed_encoder._rows_pass
+
+    def spy(layers: object, x: object, projected: object, states: object, rows: tuple[int, int],
+            *rest: object) -> bool:  # fmt: skip
+        passes.append((threading.current_thread().name, rows))
+        return rows_pass(layers, x, projected, states, rows, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed_encoder, "_rows_pass", spy)
+    plain = packed_encoder.PackedEncoder(reference, precision="float32")
+    split = packed_encoder.PackedEncoder(reference, precision="float32", split_single=True)
+    try:
+        for text in (LONG, TEXTS[5]):
+            n = _tokens(split, text)
+            assert n >= packed_encoder.SPLIT_ROWS
+            passes.clear()
+            expected, got = plain.encode([text]), split.encode([text])
+            assert got.shallow is not None and expected.shallow is not None
+            np.testing.assert_allclose(got.base, expected.base, atol=1e-6)
+            np.testing.assert_allclose(got.verifier, expected.verifier, atol=1e-6)
+            np.testing.assert_allclose(got.shallow, expected.shallow, atol=1e-6)
+            assert sorted(rows for _, rows in passes) == [(0, n // 2), (n // 2, n)]
+            assert {name.split("_")[0] for name, _ in passes} == {
+                threading.current_thread().name.split("_")[0],
+                "encoder-top",
+            }
+        passes.clear()
+        split.encode([TEXTS[0]])  # short: the barriers would cost more than the split saves
+        assert passes == []
+    finally:
+        split.close()
+
+
+def test_a_long_lone_text_does_not_wait_for_a_helper_that_never_started(
+    reference: verifier.MiniLMEncoder,
+) -> None:
+    from proxy.cache import packed_encoder
+
+    plain = packed_encoder.PackedEncoder(reference, precision="float32")
+    split = packed_encoder.PackedEncoder(reference, precision="float32", split_single=True)
+    release = threading.Event()
+    try:
+        assert split._helper is not None
+        busy = split._helper.submit(release.wait, 30)  # the helper has no time for the rows
+        got = split.encode([LONG])
+        assert not busy.done()
+        expected = plain.encode([LONG])
+        np.testing.assert_allclose(got.base, expected.base, atol=1e-6)
+        np.testing.assert_allclose(got.verifier, expected.verifier, atol=1e-6)
+    finally:
+        release.set()
+        split.close()
+
+
+def test_a_failing_helper_fails_the_lone_text_instead_of_hanging_it(
+    reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.cache import packed_encoder
+
+    rows_pass = packed_encoder._rows_pass
+
+    def helper_fails(*args: object) -> bool:
+        if threading.current_thread().name.startswith("encoder-top"):
+            raise MemoryError("no room for the helper's rows")
+        return rows_pass(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed_encoder, "_rows_pass", helper_fails)
+    # Without the abort the caller would wait out the barrier's timeout: make that a hang.
+    monkeypatch.setattr(packed_encoder, "_BARRIER_TIMEOUT_S", 3600.0)
+    split = packed_encoder.PackedEncoder(reference, precision="float32", split_single=True)
+    try:
+        caller = ThreadPoolExecutor(1)
+        encoding = caller.submit(split.encode, [LONG])
+        caller.shutdown(wait=False)  # a hung caller must not hang the test run too
+        with pytest.raises(MemoryError, match="helper's rows"):
+            encoding.result(timeout=60)
+        monkeypatch.setattr(packed_encoder, "_rows_pass", rows_pass)
+        split.encode([LONG])  # the encoder still works afterwards
+    finally:
         split.close()
 
 
