@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -272,9 +273,10 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     settings = services.settings.embeddings
     encode = app.get(ENCODE)
+    encode_background: Encode | None = None
     if encode is None and settings.enabled:
         try:
-            encode = await asyncio.to_thread(_load_encoder, services)
+            encode, encode_background = await asyncio.to_thread(_load_encoder, services)
         except (ImportError, OSError, RuntimeError, ValueError, KeyError) as exc:
             log.warning("embedding model unavailable: no semantic cache, no difficulty scores",
                         error=str(exc))  # fmt: skip
@@ -293,6 +295,7 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
         ),
         threads=settings.threads,
         remembered=settings.remembered,
+        encode_background=encode_background,
     )
     async with worker:
         services.embedder, services.encode = worker, encode  # type: ignore[assignment]
@@ -401,9 +404,10 @@ def _one_blas_thread() -> None:
     threadpool_limits(1, user_api="blas")
 
 
-def _load_encoder(services: Services) -> Encode:
+def _load_encoder(services: Services) -> tuple[Encode, Encode | None]:
     """The embedding function: fused with the verifier when the semantic cache needs it; else,
-    for a difficulty head that reads the shallow view, the base encoder that also computes it."""
+    for a difficulty head that reads the shallow view, the base encoder that also computes it.
+    Second, the function for background texts when it differs (a lone text on one thread)."""
     if services.router.classifier is not None:
         from proxy.routing.commands import load_count_tokens
         from proxy.routing.views import DEFAULT_CAPACITY, ShallowViews
@@ -426,8 +430,8 @@ def _load_encoder(services: Services) -> Encode:
             # The head's second vote reads the encoder's shallow view: the fused one is off.
             return load_encoder_with_views(
                 services.router.views, services.settings.embeddings.precision
-            )
-        return load_minilm()
+            ), None
+        return load_minilm(), None
     import torch
 
     from proxy.cache.packed_encoder import pack_verifier
@@ -456,8 +460,8 @@ def _load_encoder(services: Services) -> Encode:
         else None
     )
 
-    def encode(texts: list[str]) -> np.ndarray:
-        batch = verifier.encoder.encode(texts)
+    def encode(texts: list[str], use_helper: bool = True) -> np.ndarray:
+        batch = packed.encode(texts, use_helper=use_helper)
         for i, text in enumerate(texts):
             # what the pass saw: the cache's window check on this text then needs no tokenizing
             whole = None if batch.whole is None else bool(batch.whole[i])
@@ -466,7 +470,9 @@ def _load_encoder(services: Services) -> Encode:
             views.remember(batch.base, batch.shallow)
         return batch.base
 
-    return encode
+    # Background texts (audits) leave the encoder's helper thread, and so the second core, to
+    # the user's text encoded meanwhile.
+    return encode, functools.partial(encode, use_helper=False)
 
 
 def _verifier(services: Services) -> tuple[SemanticVerifier, float]:

@@ -8,7 +8,10 @@ Measures (targets from the cache issue):
     for lookups that hit (a paraphrase of a stored question) and that miss (a new question;
     the zero-delay engine's answer time is subtracted by measuring the same request with the
     cache off)
-  * semantic lookups/s at concurrency 64 (>= 400 on a 2-core machine)
+  * semantic lookups/s at concurrency 64 (>= 400 on a 2-core machine): the c=1 phases' traffic
+    at c=64 (the questions of ``--c64-pairs`` pairs not used at c=1, then their paraphrases),
+    and, to compare with runs before 2026-11-29 07:30 UTC, the earlier workload (the stored
+    paraphrases with a " (variant r-i)" suffix, which made every text ~6 word pieces longer)
 
 On a shared, busy machine the wall-clock figures measure the share of the CPU the run got, so the
 CPU time each process spent per request is reported too (proxy, fake engine, this client): on an
@@ -231,7 +234,8 @@ def wrk_latency(url: str, text: str, seconds: int) -> dict[str, float]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    pairs, left_out = semantic_pairs(args.pairs)
+    chosen, left_out = semantic_pairs(args.pairs + args.c64_pairs)
+    pairs, new_pairs = chosen[: args.pairs], _unseen(chosen[args.pairs :], chosen[: args.pairs])
     work = Path(tempfile.mkdtemp(prefix="frugal-cache-speed-"))
     engine_port = free_port()
     procs = [
@@ -303,22 +307,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "slowest": slowest([s for _, s in pairs], hit),
             }
             # Throughput: new texts only (each one a semantic lookup: no exact hit, and no text
-            # the embedding worker has seen before), close to stored questions.
-            fresh = [
+            # the embedding worker has seen before). The traffic of the c=1 phases at c=64: the
+            # questions of pairs not used above, then their paraphrases (the first half misses
+            # and stores, the second mostly hits).
+            new_texts = [o for o, _ in new_pairs] + [s for _, s in new_pairs]
+            results["semantic_lookups_c64"] = await _c64(
+                session, cached, new_texts, CpuMeter(cached_pid, engine_pid)
+            )
+            # The earlier workload, kept to compare runs across days: the stored paraphrases with
+            # a suffix (" (variant 0-12)", 6 more word pieces, about 18% longer texts).
+            variants = [
                 f"{s} (variant {r}-{i})"
                 for r in range(args.repeat)
                 for i, (_, s) in enumerate(pairs)
             ]
-            with CpuMeter(cached_pid, engine_pid) as c64_cpu:
-                lat64, out64, wall = await timed_posts(session, cached, fresh, 64)
-            cpu = c64_cpu.per_request(len(fresh))
-            results["semantic_lookups_c64"] = {
-                "per_s": len(fresh) / wall,
-                "p99_ms": pct(lat64, 0.99),
-                "outcomes": out64,
-                "cpu_ms_per_request": cpu,
-                "idle_2_core_bound_per_s": 2000 / sum(cpu.values()),
-            }
+            results["semantic_lookups_c64_variants"] = await _c64(
+                session, cached, variants, CpuMeter(cached_pid, engine_pid)
+            )
             # Exact hits: the first original is stored; wrk at concurrency 1.
         results["exact_hit_c1"] = wrk_latency(urls["cached"], pairs[0][0], args.wrk_seconds)
         results["uncached_c1_wrk"] = wrk_latency(urls["uncached"], pairs[0][0], args.wrk_seconds)
@@ -330,13 +335,43 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _unseen(
+    candidates: list[tuple[str, str]], used: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The pairs none of whose texts was sent before (a repeat would be an exact hit)."""
+    seen = {text for pair in used for text in pair}
+    out = []
+    for origin, similar in candidates:
+        if origin not in seen and similar not in seen and origin != similar:
+            out.append((origin, similar))
+            seen.update((origin, similar))
+    return out
+
+
+async def _c64(
+    session: aiohttp.ClientSession, url: str, texts: list[str], meter: CpuMeter
+) -> dict[str, Any]:
+    with meter:
+        latencies, outcomes, wall = await timed_posts(session, url, texts, 64)
+    cpu = meter.per_request(len(texts))
+    return {
+        "requests": len(texts),
+        "per_s": len(texts) / wall,
+        "p99_ms": pct(latencies, 0.99),
+        "outcomes": outcomes,
+        "cpu_ms_per_request": cpu,
+        "idle_2_core_bound_per_s": 2000 / sum(cpu.values()),
+    }
+
+
 def report(results: dict[str, Any], command: str) -> str:
     day = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    e, s, m, t = (
+    e, s, m, t, v = (
         results["exact_hit_c1"],
         results["semantic_lookup_c1"],
         results["semantic_miss_c1"],
         results["semantic_lookups_c64"],
+        results["semantic_lookups_c64_variants"],
     )
     lines = [
         f"# Cache speed through the proxy ({day})",
@@ -358,12 +393,15 @@ def report(results: dict[str, Any], command: str) -> str:
         f"{s['p99_ms']:.1f} ms; outcomes {s['outcomes']} | p99 <= 10 ms |",
         f"| semantic miss, c=1 (whole request) | p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f}"
         f" ms (+{m['added_p99_ms']:.1f} ms over no cache) | p99 <= 10 ms |",
-        f"| semantic lookups, c=64 | {t['per_s']:.0f}/s, p99 {t['p99_ms']:.0f} ms; outcomes "
-        f"{t['outcomes']} | >= 400/s |",
+        f"| semantic lookups, c=64: {t['requests'] // 2} new questions, then their paraphrases |"
+        f" {t['per_s']:.0f}/s, p99 {t['p99_ms']:.0f} ms; outcomes {t['outcomes']} | >= 400/s |",
+        f"| semantic lookups, c=64: stored paraphrases + a variant suffix (earlier workload) | "
+        f"{v['per_s']:.0f}/s, p99 {v['p99_ms']:.0f} ms; outcomes {v['outcomes']} | |",
         "",
         "CPU time per request (ms; proxy / fake engine / client), load-independent: "
-        f"hit c=1 {_cpu(s)}; miss c=1 {_cpu(m)}; c=64 {_cpu(t)}, so on an idle 2-core machine "
-        f"c=64 could reach at most {t['idle_2_core_bound_per_s']:.0f}/s.",
+        f"hit c=1 {_cpu(s)}; miss c=1 {_cpu(m)}; c=64 {_cpu(t)} (variants {_cpu(v)}), so on an "
+        f"idle 2-core machine c=64 could reach at most {t['idle_2_core_bound_per_s']:.0f}/s "
+        f"(variants {v['idle_2_core_bound_per_s']:.0f}/s).",
         "",
         "c=1 by question length (thirds, shortest first; p50 / p99 ms): paraphrase lookups "
         f"{_thirds(s)}; misses {_thirds(m)}.",
@@ -395,7 +433,10 @@ def _cpu(phase: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=300)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2, help="rounds of the variants phase")
+    parser.add_argument(
+        "--c64-pairs", type=int, default=400, help="new pairs for the c=64 phase (2 texts each)"
+    )
     parser.add_argument("--wrk-seconds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "out" / "cache_speed")
     parser.add_argument(

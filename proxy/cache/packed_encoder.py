@@ -394,10 +394,14 @@ class PackedEncoder(MiniLMEncoder):
         if helper is not None:
             helper.shutdown(wait=True)
 
-    def encode(self, texts: Sequence[str], batch_size: int = 256) -> EncodedBatch:
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 256, *, use_helper: bool = True
+    ) -> EncodedBatch:
         """Base embeddings and verifier vectors (float32, L2-normalised), in input order.
 
         ``batch_size`` bounds the texts packed into one pass (memory), not the speed.
+        ``use_helper=False`` keeps a lone text on the calling thread (background work must not
+        take the helper, and with it the second core, from a user's text).
         """
         import torch
 
@@ -411,7 +415,7 @@ class PackedEncoder(MiniLMEncoder):
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 end = min(start + batch_size, len(texts))
-                b, t, s, w = self._encode_packed(texts[start:end])
+                b, t, s, w = self._encode_packed(texts[start:end], use_helper)
                 base[start:end] = b
                 shallow[start:end] = s
                 whole[start:end] = w
@@ -456,11 +460,16 @@ class PackedEncoder(MiniLMEncoder):
         return _pad_rows(x), spans, lengths, [not e.overflowing for e in encodings]
 
     def _encode_packed(
-        self, texts: Sequence[str]
+        self, texts: Sequence[str], use_helper: bool = True
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[bool]]:
         x, spans, lengths, whole = self._embedded(texts)
         pool = _mean_pool(lengths)
-        if len(texts) == 1 and self._helper is not None and self._helper_free.acquire(False):
+        if (
+            len(texts) == 1
+            and use_helper
+            and self._helper is not None
+            and self._helper_free.acquire(False)
+        ):
             try:
                 helper = self._helper  # read under the lock: close() may have ended it
                 if helper is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 
 import numpy as np
@@ -272,3 +274,38 @@ async def test_background_texts_are_encoded_one_at_a_time() -> None:
     async with EmbeddingWorker(counting, threads=3) as worker:
         await asyncio.gather(*(worker.embed_background(f"answer {i}") for i in range(4)))
     assert peak == 1  # three free threads, but background work never takes more than one
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux's")
+async def test_background_texts_run_at_the_lowest_priority_with_their_own_encode() -> None:
+    seen: dict[str, tuple[str, tuple[int, int]]] = {}
+
+    def priority() -> tuple[int, int]:
+        tid = threading.get_native_id()
+        return os.getpriority(os.PRIO_PROCESS, tid), os.sched_getscheduler(tid)
+
+    def users(texts: list[str]) -> np.ndarray:
+        seen[texts[0]] = ("users", priority())
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    def background(texts: list[str]) -> np.ndarray:
+        seen[texts[0]] = ("background", priority())
+        return np.zeros((len(texts), 2), dtype=np.float32)
+
+    before = priority()
+    async with EmbeddingWorker(users, threads=2, encode_background=background) as worker:
+        await worker.embed("user text")
+        await worker.embed_background("audit answer")
+    assert seen == {
+        "user text": ("users", before),
+        "audit answer": ("background", (19, os.SCHED_IDLE)),
+    }
+    assert priority() == before  # the event loop's thread kept its own
+
+
+async def test_a_background_text_after_stop_is_refused() -> None:
+    worker = EmbeddingWorker(FakeModel())
+    async with worker:
+        pass
+    with pytest.raises(WorkerClosed):
+        await worker.embed_background("late audit")

@@ -256,6 +256,37 @@ def test_a_long_lone_text_has_its_rows_split_and_gives_the_same_rows(
         split.close()
 
 
+def test_a_lone_text_kept_off_the_helper_runs_on_the_calling_thread_alone(
+    reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.cache import packed_encoder
+
+    threads: set[str] = set()
+    run_top, rows_pass = packed_encoder._run_top, packed_encoder._rows_pass
+
+    def spy_top(*args: object) -> np.ndarray:
+        threads.add(threading.current_thread().name)
+        return run_top(*args)  # type: ignore[arg-type]
+
+    def spy_rows(*args: object) -> bool:
+        threads.add(threading.current_thread().name)
+        return rows_pass(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed_encoder, "_run_top", spy_top)
+    monkeypatch.setattr(packed_encoder, "_rows_pass", spy_rows)
+    plain = packed_encoder.PackedEncoder(reference, precision="float32")
+    split = packed_encoder.PackedEncoder(reference, precision="float32", split_single=True)
+    try:
+        for text in (LONG, TEXTS[0]):
+            got = split.encode([text], use_helper=False)
+            np.testing.assert_allclose(got.verifier, plain.encode([text]).verifier, atol=1e-6)
+        assert threads == set()  # neither the rows nor a top stack went to the helper
+        split.encode([LONG])
+        assert any(name.startswith("encoder-top") for name in threads)  # (the spies do work)
+    finally:
+        split.close()
+
+
 def test_a_long_lone_text_does_not_wait_for_a_helper_that_never_started(
     reference: verifier.MiniLMEncoder,
 ) -> None:
