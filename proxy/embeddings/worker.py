@@ -248,7 +248,7 @@ def lowest_priority() -> None:
     text): that text took 7.1 ms at normal priority, 5.8 at nice 19, 4.5 in the idle class
     (3.3-3.9 ms with no audit beside it). A thread of this class may be preempted holding the
     GIL, but the threads waiting for the GIL then leave it a core, so it gives the GIL back.
-    (One run each, scripts/bench_cache_speed.py's c=1 paraphrase phase, 2026-11-29.)"""
+    (One run each: a copy timing every encode, over the c=1 paraphrase lookups, 2026-11-29.)"""
     tid = threading.get_native_id()
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, tid, 19)
