@@ -22,16 +22,19 @@ Vectors are L2-normalised on the way in; scores are cosine similarities.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import orjson
-from usearch.index import Index
+
+if TYPE_CHECKING:
+    from usearch.index import Index
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +108,26 @@ class _Flat:
         return [(int(self.labels[i]), float(scores[i])) for i in top]
 
 
+def _usearch_index() -> type[Index]:
+    """usearch's ``Index`` class, imported on first use, after libtorch where torch is installed.
+
+    Why the order: with usearch's extension loaded first, TorchScript's compiler (the encoder's
+    scripted layers, proxy/cache/scripted_layers.py) hangs inside libstdc++ (torch 2.13, usearch
+    2.26.6, which links its own libstdc++ statically); with libtorch loaded first it compiles.
+    """
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401
+    from usearch.index import Index
+
+    return Index
+
+
 class _Hnsw:
     __slots__ = ("index", "params")
 
     def __init__(self, ndim: int, params: HnswParams) -> None:
         self.params = params
-        self.index = Index(
+        self.index = _usearch_index()(
             ndim=ndim,
             metric="cos",
             dtype=params.dtype,

@@ -219,6 +219,23 @@ class _Layer:
         )
         self.output = _Linear(w("output.dense.weight"), w("output.dense.bias"), compute)
         self.norm2 = (w("output.LayerNorm.weight"), w("output.LayerNorm.bias"))
+        # This layer as the arguments of one TorchScript call (proxy/cache/scripted_layers.py):
+        # its tensors and whether they are prepacked bfloat16; None where it cannot run there.
+        self.scripted = self._script_arguments(compute)
+
+    def _script_arguments(self, compute: Compute) -> tuple[list[torch.Tensor], bool] | None:
+        linears = (self.qkv, self.attention_out, self.intermediate, self.output)
+        if compute == "float32":
+            weights = [linear.weight for linear in linears]
+        elif compute == "bfloat16" and all(linear.packed is not None for linear in linears):
+            weights = [linear.packed for linear in linears if linear.packed is not None]
+        else:
+            return None  # int8 (its prepacked weights are no tensors), or no oneDNN prepacking
+        qkv, attention_out, intermediate, output = weights
+        return [
+            qkv, self.qkv.bias, attention_out, self.attention_out.bias, *self.norm1,
+            intermediate, self.intermediate.bias, output, self.output.bias, *self.norm2,
+        ], compute == "bfloat16"  # fmt: skip
 
     def __call__(self, x: torch.Tensor, spans: Sequence[_Span]) -> torch.Tensor:
         return self.finish(x, _attend(self.project(x), spans))
@@ -316,6 +333,8 @@ class PackedEncoder(MiniLMEncoder):
 
         super().__init__(encoder.tokenizer, encoder.weights, encoder.tuned)
         self.compute = resolve_precision(precision)
+        from proxy.cache import scripted_layers  # noqa: F401  (compiled here, not in a request)
+
         # A private copy of the tokenizer without padding: packed batches need none.
         tokens = type(encoder.tokenizer).from_str(encoder.tokenizer.to_str())
         tokens.no_padding()
@@ -494,10 +513,7 @@ class PackedEncoder(MiniLMEncoder):
         layers = self._lower
         states = _lower_rows_split(split, layers, x) if split is not None else None
         if states is None:  # not split, or the helper never started
-            states = []
-            for layer in layers:
-                x = layer(x, spans)
-                states.append(x)
+            states = _run_states(layers, x, spans)
         x = states[-1]
         if self.on_lower is not None:
             self.on_lower((t, x[a:b].clone()) for t, (a, b) in zip(texts, spans, strict=True))
@@ -599,9 +615,29 @@ def _pad_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _run(layers: Sequence[_Layer], x: torch.Tensor, spans: Sequence[_Span]) -> torch.Tensor:
+    """``x`` through ``layers``."""
+    return _run_states(layers, x, spans)[-1] if layers else x
+
+
+def _run_states(
+    layers: Sequence[_Layer], x: torch.Tensor, spans: Sequence[_Span]
+) -> list[torch.Tensor]:
+    """Each layer's output, ``x`` through ``layers``: in one TorchScript call where the layers
+    allow (no GIL held for the whole stack; see proxy/cache/scripted_layers.py), else eagerly."""
+    arguments = [layer.scripted for layer in layers]
+    if arguments and all(a is not None for a in arguments):
+        from proxy.cache import scripted_layers
+
+        tensors = [a[0] for a in arguments if a is not None]
+        packed = arguments[0] is not None and arguments[0][1]
+        return scripted_layers.stack(  # type: ignore[no-any-return]
+            x, list(spans), tensors, packed, HEADS, LAYER_NORM_EPS
+        )
+    states = []
     for layer in layers:
         x = layer(x, spans)
-    return x
+        states.append(x)
+    return states
 
 
 def _run_top(

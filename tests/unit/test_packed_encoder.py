@@ -490,3 +490,22 @@ def test_warming_the_shapes_changes_no_output(
     after = packed.encode(TEXTS)
     np.testing.assert_array_equal(before.base, after.base)
     np.testing.assert_array_equal(before.verifier, after.verifier)
+
+
+def test_the_scripted_layers_compile_after_the_ann_index_is_loaded() -> None:
+    # With usearch's extension loaded before libtorch, TorchScript's compiler hung for good: the
+    # index now loads usearch after torch. A fresh interpreter, as the proxy starts.
+    import subprocess
+    import sys
+
+    script = (
+        "from proxy.cache.index import _usearch_index\n"
+        "_usearch_index()\n"
+        "from proxy.cache import scripted_layers\n"
+        "print('compiled')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "compiled"
