@@ -4,9 +4,9 @@ Why: the eager pass calls a few dozen torch operations a layer, plus six per tex
 and needs the GIL between any two of them. Whenever the event loop's thread runs Python (at c=64
 it answers a finished batch's requests while the next batch encodes), an encoder thread waits
 for the GIL at every one of those boundaries: with a Python thread busy 60% of the time beside
-it, a batch of 30 questions took 126 ms instead of 83 (90%: 231 ms). A scripted stack releases
-the GIL for the whole call: the same batch took 87 ms (90%: 94 ms), with the same numbers to the
-last bit (measured 2026-11-29; ``scripts/bench_gil_contention.py``).
+it, a batch of 30 questions took 131 ms instead of 96 (90%: 241 ms). A scripted stack releases
+the GIL for the whole call: the same batch took 94 ms (90%: 96 ms; idle: 88), with the same
+numbers to the last bit (``scripts/bench_gil_contention.py``, 2026-11-29).
 
 The functions compute exactly what :class:`proxy.cache.packed_encoder._Layer` computes for
 bfloat16 (oneDNN's prepacked weights) and float32 products; int8 products stay eager (their
