@@ -176,8 +176,17 @@ def test_a_lone_text_split_over_two_threads_gives_the_same_rows(
     assert len(ran_on) == len(TEXTS)
 
 
+LONG = (
+    "After upgrading the connection pool, our service's p99 latency jumped from 40 to 900 "
+    "milliseconds under load; what should I check first, how do I size the pool for 200 "
+    "workers, and which metrics tell me whether the database or the pool is the bottleneck? "
+    "We run PostgreSQL 16 behind PgBouncer in transaction mode, with about 3,000 requests a second."
+)
+
+
+@pytest.mark.parametrize("text", [TEXTS[2], LONG], ids=["short", "long: rows split too"])
 def test_a_lone_text_does_not_wait_for_a_helper_that_never_started(
-    reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch
+    reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch, text: str
 ) -> None:
     from proxy.cache import packed_encoder
 
@@ -194,24 +203,16 @@ def test_a_lone_text_does_not_wait_for_a_helper_that_never_started(
     release = threading.Event()
     try:
         assert split._helper is not None
-        busy = split._helper.submit(release.wait, 30)  # the helper has no time for the stack
-        got = split.encode([TEXTS[2]])
+        busy = split._helper.submit(release.wait, 30)  # the helper has no time for us
+        got = split.encode([text])
         assert not busy.done()  # the encode finished while the helper was still busy
-        expected = plain.encode([TEXTS[2]])
+        expected = plain.encode([text])
         np.testing.assert_allclose(got.verifier, expected.verifier, atol=1e-6)
         np.testing.assert_allclose(got.base, expected.base, atol=1e-6)
-        assert ran_on == []  # the caller ran the tuned stack itself
+        assert ran_on == []  # the caller ran the tuned stack (and every row) itself
     finally:
         release.set()
         split.close()
-
-
-LONG = (
-    "After upgrading the connection pool, our service's p99 latency jumped from 40 to 900 "
-    "milliseconds under load; what should I check first, how do I size the pool for 200 "
-    "workers, and which metrics tell me whether the database or the pool is the bottleneck? "
-    "We run PostgreSQL 16 behind PgBouncer in transaction mode, with about 3,000 requests a second."
-)
 
 
 def _tokens(encoder: verifier.MiniLMEncoder, text: str) -> int:
@@ -284,27 +285,6 @@ def test_a_lone_text_kept_off_the_helper_runs_on_the_calling_thread_alone(
         split.encode([LONG])
         assert any(name.startswith("encoder-top") for name in threads)  # (the spies do work)
     finally:
-        split.close()
-
-
-def test_a_long_lone_text_does_not_wait_for_a_helper_that_never_started(
-    reference: verifier.MiniLMEncoder,
-) -> None:
-    from proxy.cache import packed_encoder
-
-    plain = packed_encoder.PackedEncoder(reference, precision="float32")
-    split = packed_encoder.PackedEncoder(reference, precision="float32", split_single=True)
-    release = threading.Event()
-    try:
-        assert split._helper is not None
-        busy = split._helper.submit(release.wait, 30)  # the helper has no time for the rows
-        got = split.encode([LONG])
-        assert not busy.done()
-        expected = plain.encode([LONG])
-        np.testing.assert_allclose(got.base, expected.base, atol=1e-6)
-        np.testing.assert_allclose(got.verifier, expected.verifier, atol=1e-6)
-    finally:
-        release.set()
         split.close()
 
 
