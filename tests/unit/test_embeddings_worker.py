@@ -296,11 +296,26 @@ async def test_background_texts_run_at_the_lowest_priority_with_their_own_encode
     async with EmbeddingWorker(users, threads=2, encode_background=background) as worker:
         await worker.embed("user text")
         await worker.embed_background("audit answer")
-    assert seen == {
-        "user text": ("users", before),
-        "audit answer": ("background", (19, os.SCHED_IDLE)),
-    }
+    # (the idle class where this host lets a thread take it; nice 19 is always allowed)
+    expected = (19, os.SCHED_IDLE if _idle_class_allowed() else before[1])
+    assert seen == {"user text": ("users", before), "audit answer": ("background", expected)}
     assert priority() == before  # the event loop's thread kept its own
+
+
+def _idle_class_allowed() -> bool:
+    allowed: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+            allowed.append(True)
+        except OSError:
+            allowed.append(False)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    return allowed[0]
 
 
 async def test_a_background_text_after_stop_is_refused() -> None:
