@@ -446,7 +446,7 @@ def _load_encoder(services: Services) -> tuple[Encode, Encode | None]:
         # a lone text's two top stacks on two threads: only with a second core for the model
         split_single=services.settings.embeddings.threads > 1,
     )
-    packed.warm_shapes()  # here at start-up, not in the first request of each length
+    packed.warm_up()  # here at start-up, not in the first requests
     cache_verifier = CacheVerifier(
         verifier, threshold=cache.similarity_threshold, cutoff=cache.verifier_cutoff
     )

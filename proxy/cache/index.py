@@ -115,7 +115,7 @@ def _usearch_index() -> type[Index]:
     scripted layers, proxy/cache/scripted_layers.py) hangs inside libstdc++ (torch 2.13, usearch
     2.26.6, which links its own libstdc++ statically); with libtorch loaded first it compiles.
     """
-    with contextlib.suppress(ImportError):
+    with contextlib.suppress(ImportError, OSError):  # (OSError: a torch that cannot load)
         import torch  # noqa: F401
     from usearch.index import Index
 

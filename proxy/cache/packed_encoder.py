@@ -39,6 +39,7 @@ of its shared layers' rows).
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -77,6 +78,7 @@ Precision = Literal["auto", "float32", "bfloat16", "int8"]
 Compute = Literal["float32", "bfloat16", "int8"]
 
 _LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.")
+log = logging.getLogger(__name__)
 
 
 def bfloat16_is_native() -> bool:
@@ -406,6 +408,16 @@ class PackedEncoder(MiniLMEncoder):
                 layer.attention_out(hidden)
                 layer.output(layer.intermediate(hidden))
 
+    def warm_up(self) -> None:
+        """Everything a first request would otherwise pay for, at start-up on the calling
+        thread: every lone text's kernels (:meth:`warm_shapes`), the scripted stacks' first
+        runs (TorchScript profiles and optimises them: ~35 ms), the tokenizer's thread pool
+        (started at normal priority: threads inherit their starter's), and a long lone text's
+        split over the helper thread."""
+        self.warm_shapes()
+        self.encode(["warm up the encoder", "and its batch path"])
+        self.encode([" ".join(["warm up a long lone question"] * 16)])
+
     def close(self) -> None:
         """End the helper thread of ``split_single`` (encode still works, unsplit)."""
         with self._helper_free:  # not while a lone text is using it
@@ -530,7 +542,9 @@ class PackedEncoder(MiniLMEncoder):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A lone text on this thread and the helper: the shared layers' rows split between them
         when the text is long enough, then one top stack each."""
-        split = helper if x.shape[0] >= SPLIT_ROWS else None
+        # (not with int8: its inputs are scaled per product, so each half would be scaled alone
+        # and the text's vector would depend on whether the helper was free)
+        split = helper if x.shape[0] >= SPLIT_ROWS and self.compute != "int8" else None
         x, shallow = self._run_lower([text], x, spans, pool, split)
         tuned_future = helper.submit(_run_top, self._top_tuned, x, spans, pool)
         base = pool(_run(self._top_base, x, spans))
@@ -563,8 +577,11 @@ def _lower_rows_split(
             layers, x, projected, states, (0, half), barrier, lambda: not future.cancel()
         )
     except threading.BrokenBarrierError:
-        future.result()  # the helper's own error, if it failed first
-        raise
+        # The helper failed, or stalled past the barrier's timeout: run the layers alone rather
+        # than fail the text or wait on (the helper's own pass ends at its broken barrier).
+        error = future.exception(timeout=0) if future.done() and not future.cancelled() else None
+        log.warning("encoder.helper_failed", exc_info=error or True)
+        return None
     if not done:
         return None
     future.result()

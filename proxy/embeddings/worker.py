@@ -106,11 +106,15 @@ class EmbeddingWorker:
             _, future = queue.get_nowait()
             if not future.done():
                 future.set_exception(WorkerClosed("embedding worker stopped"))
-        for executor in (self._executor, self._background):
-            if executor is not None:
-                # a batch may still be encoding: wait for the thread without blocking the loop
-                await asyncio.to_thread(executor.shutdown, wait=True)
+        executor, background = self._executor, self._background
         self._executor = self._background = None
+        if background is not None:
+            # background texts still waiting are refused (WorkerClosed), not encoded at shutdown
+            background.shutdown(wait=False, cancel_futures=True)
+        for pool in (executor, background):
+            if pool is not None:
+                # a batch may still be encoding: wait for the thread without blocking the loop
+                await asyncio.to_thread(pool.shutdown, wait=True)
 
     async def __aenter__(self) -> EmbeddingWorker:
         await self.start()
@@ -146,11 +150,15 @@ class EmbeddingWorker:
         if vector is not None:
             return vector
         try:
-            vectors = await asyncio.get_running_loop().run_in_executor(
-                background, self._encode_background, [text]
-            )
-        except RuntimeError as exc:  # the executor shut down while this text waited
+            job = background.submit(self._encode_background, [text])
+        except RuntimeError as exc:  # the executor has shut down
             raise WorkerClosed("embedding worker stopped") from exc
+        try:
+            vectors = await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            if job.cancelled() and not _cancelling():  # stop() refused this text, not our caller
+                raise WorkerClosed("embedding worker stopped") from None
+            raise
         if len(vectors) != 1:
             raise ValueError(f"encode returned {len(vectors)} rows for 1 text")
         row: np.ndarray = np.asarray(vectors)[0].copy()  # not a view pinning its batch
@@ -246,9 +254,13 @@ def lowest_priority() -> None:
     when a core has nothing else to run), and nice 19 where that class is refused; Linux sets
     both per thread. Measured at c=1 (an audit's answers encoded beside the next request's
     text): that text took 7.1 ms at normal priority, 5.8 at nice 19, 4.5 in the idle class
-    (3.3-3.9 ms with no audit beside it). A thread of this class may be preempted holding the
-    GIL, but the threads waiting for the GIL then leave it a core, so it gives the GIL back.
-    (One run each: a copy timing every encode, over the c=1 paraphrase lookups, 2026-11-29.)"""
+    (3.3-3.9 ms with no audit beside it; one run each: a copy timing every encode, over the c=1
+    paraphrase lookups, 2026-11-29). The cost: a thread of this class preempted while it holds
+    the GIL keeps it until a core is free, which stalls the event loop while the encoder threads
+    run GIL-free stacks (tens of ms at worst, measured with a busy core); and threads it starts
+    inherit its class (the tokenizer's pool: the proxy encodes a text at start-up, on a normal
+    thread, before any background text), and under sustained load its work may wait long
+    (audits bound their wait: proxy/shadow/audit.py)."""
     tid = threading.get_native_id()
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, tid, 19)
@@ -270,6 +282,12 @@ def split_by_length(texts: list[str], parts: int) -> list[list[str]]:
         owner[i] = lightest
         loads[lightest] += len(texts[i]) + 8  # + per-text overhead (special tokens, pooling)
     return [[t for t, o in zip(texts, owner, strict=True) if o == p] for p in range(parts)]
+
+
+def _cancelling() -> bool:
+    """Whether the current task itself is being cancelled (not just something it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _fail(batch: list[tuple[str, asyncio.Future[np.ndarray]]], error: BaseException) -> None:

@@ -75,7 +75,7 @@ def load_encoder_with_views(
 
     torch.set_num_threads(1)  # as for the fused encoder: the worker splits large batches itself
     encoder = PackedEncoder(MiniLMEncoder.load(), precision=precision)
-    encoder.warm_shapes()
+    encoder.warm_up()
 
     def encode(texts: list[str]) -> npt.NDArray[np.float32]:
         batch = encoder.encode(texts)

@@ -53,6 +53,10 @@ log = structlog.get_logger("frugal.shadow")
 
 PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 AUDIT_PRIORITY = -1  # below every tier (policies use 0..1000)
+# An audit waits at most this long for its two answers' embeddings. They are encoded at the lowest
+# CPU priority (proxy/embeddings/worker.py), so under sustained load they may not run for a long
+# time: the audit is then dropped rather than holding one of the ``max_concurrent`` slots.
+EMBED_WAIT_S = 10.0
 
 Embed = Callable[[str], Awaitable[np.ndarray]]
 
@@ -175,6 +179,10 @@ class CacheAuditor:
                 self.metrics.audit(job.tier, "error")
                 return
             agreed = await self._agree(job.cached_text, fresh)
+            if agreed is None:
+                self.metrics.audit(job.tier, "dropped")
+                log.info("cache audit dropped: no CPU to compare the answers", tier=job.tier)
+                return
         except asyncio.CancelledError:
             raise
         except (FrugalError, ValueError) as exc:
@@ -260,6 +268,10 @@ class CacheAuditor:
                 self.metrics.audit(tier, "error")
                 return
             agreed = await self._agree(cached_text, fresh)
+            if agreed is None:
+                self.metrics.audit(tier, "dropped")
+                log.info("counterfactual cache audit dropped: no CPU to compare", tier=tier)
+                return
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -277,12 +289,19 @@ class CacheAuditor:
             counterfactual=True,
         )
 
-    async def _agree(self, cached: str, fresh: str) -> bool:
+    async def _agree(self, cached: str, fresh: str) -> bool | None:
+        """Whether the fresh answer agrees with the cached one; None when their embeddings did
+        not come within ``EMBED_WAIT_S`` (the audit is then dropped, not judged on text)."""
         similarity = None
         mode = CompareMode(self.settings.compare)
         embed = self._embedder()
         if mode is CompareMode.EMBEDDING and embed is not None and cached.strip() != fresh.strip():
-            cached_vec, fresh_vec = await asyncio.gather(embed(cached), embed(fresh))
+            try:
+                cached_vec, fresh_vec = await asyncio.wait_for(
+                    asyncio.gather(embed(cached), embed(fresh)), EMBED_WAIT_S
+                )
+            except TimeoutError:
+                return None
             similarity = cosine(cached_vec, fresh_vec)
         verdict = judge(
             cached, fresh, mode=mode, similarity=similarity, bound=self.settings.similarity_bound

@@ -441,3 +441,42 @@ async def test_no_counterfactual_audits_without_the_evidence_rule(
     text = await (await client.get("/metrics")).text()
     assert metric(text, "frugal_cache_audit_total", tier="free", outcome="would_disagree") is None
     assert metric(text, "frugal_cache_audit_total", tier="free", outcome="would_agree") is None
+
+
+async def test_an_audit_whose_answers_cannot_be_embedded_in_time_is_dropped(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    # Audits embed at the lowest CPU priority; under sustained load that may not happen for a
+    # long time: the audit gives up its slot after EMBED_WAIT_S instead of holding it.
+    import asyncio
+
+    import numpy as np
+
+    from proxy.shadow import audit
+
+    monkeypatch.setattr(audit, "EMBED_WAIT_S", 0.05)
+    engine = await start_fake("m")
+    client = await start(
+        aiohttp_client,
+        tmp_path,
+        engine.url,
+        audit={"share": 1.0},
+        cache={"scope": "tier", "tune": {"enabled": True, "min_audits": 1}},
+    )
+    services = services_of(client)
+    assert services.auditor is not None and services.tuner is not None
+    await store(client)
+
+    async def never(text: str) -> np.ndarray:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    services.auditor._embedder = lambda: never
+    before = services.tuner.report()
+    hit = await post(client, PARAPHRASES[0])
+    assert hit.headers["x-frugal-cache"] == "hit-semantic"
+    await asyncio.wait_for(services.auditor.drain(), timeout=10)
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "frugal_cache_audit_total", tier="free", outcome="dropped") == 1
+    assert metric(text, "frugal_cache_audit_total", tier="free", outcome="disagree") is None
+    assert services.tuner.report() == before

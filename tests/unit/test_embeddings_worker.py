@@ -324,3 +324,40 @@ async def test_a_background_text_after_stop_is_refused() -> None:
         pass
     with pytest.raises(WorkerClosed):
         await worker.embed_background("late audit")
+
+
+async def test_stop_refuses_the_background_texts_still_waiting() -> None:
+    started, release = threading.Event(), threading.Event()
+    encoded: list[str] = []
+
+    def slow(texts: list[str]) -> np.ndarray:
+        started.set()
+        release.wait(10)
+        encoded.extend(texts)
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    worker = EmbeddingWorker(FakeModel(), encode_background=slow)
+    await worker.start()
+    running = asyncio.create_task(worker.embed_background("first answer"))
+    assert await asyncio.to_thread(started.wait, 10)
+    waiting = [asyncio.create_task(worker.embed_background(f"answer {i}")) for i in range(5)]
+    await asyncio.sleep(0.01)  # all five queued behind the first
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0.01)
+    release.set()
+    await stopping
+    await running  # the one already encoding finishes
+    for task in waiting:
+        with pytest.raises(WorkerClosed):
+            await task
+    assert encoded == ["first answer"]
+
+
+async def test_a_background_encode_error_keeps_its_type() -> None:
+    def broken(texts: list[str]) -> np.ndarray:
+        raise RuntimeError("oneDNN: out of scratchpad memory")
+
+    async with EmbeddingWorker(FakeModel(), encode_background=broken) as worker:
+        with pytest.raises(RuntimeError, match="scratchpad"):
+            await worker.embed_background("answer")
+        assert (await worker.embed("user text")) is not None  # the worker still serves

@@ -288,32 +288,65 @@ def test_a_lone_text_kept_off_the_helper_runs_on_the_calling_thread_alone(
         split.close()
 
 
-def test_a_failing_helper_fails_the_lone_text_instead_of_hanging_it(
-    reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("stall", [False, True], ids=["helper fails", "helper stalls"])
+def test_a_helper_that_fails_or_stalls_leaves_the_caller_to_run_the_layers_alone(
+    reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch, stall: bool
 ) -> None:
     from proxy.cache import packed_encoder
 
     rows_pass = packed_encoder._rows_pass
+    release = threading.Event()
 
     def helper_fails(*args: object) -> bool:
         if threading.current_thread().name.startswith("encoder-top"):
+            if stall:  # stuck before its first barrier, past the barrier's timeout
+                release.wait(60)
             raise MemoryError("no room for the helper's rows")
         return rows_pass(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(packed_encoder, "_rows_pass", helper_fails)
-    # Without the abort the caller would wait out the barrier's timeout: make that a hang.
-    monkeypatch.setattr(packed_encoder, "_BARRIER_TIMEOUT_S", 3600.0)
+    # A failure must not be waited out: an hour-long timeout for a failing helper; a stalled one
+    # is given up on after the (here short) timeout, without waiting for the helper to return.
+    monkeypatch.setattr(packed_encoder, "_BARRIER_TIMEOUT_S", 0.5 if stall else 3600.0)
+    plain = packed_encoder.PackedEncoder(reference, precision="float32")
     split = packed_encoder.PackedEncoder(reference, precision="float32", split_single=True)
+    caller = ThreadPoolExecutor(1)
     try:
-        caller = ThreadPoolExecutor(1)
         encoding = caller.submit(split.encode, [LONG])
+        got = encoding.result(timeout=30)
+        np.testing.assert_allclose(got.base, plain.encode([LONG]).base, atol=1e-6)
+        np.testing.assert_allclose(got.verifier, plain.encode([LONG]).verifier, atol=1e-6)
+    finally:
+        release.set()
         caller.shutdown(wait=False)  # a hung caller must not hang the test run too
-        with pytest.raises(MemoryError, match="helper's rows"):
-            encoding.result(timeout=60)
-        monkeypatch.setattr(packed_encoder, "_rows_pass", rows_pass)
-        split.encode([LONG])  # the encoder still works afterwards
+        split.close()
+
+
+def test_int8_never_splits_a_lone_texts_rows(
+    reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # int8 scales each product's input as a whole: halves scaled apart would make a text's
+    # vector depend on whether the helper was free.
+    from proxy.cache import packed_encoder
+
+    pytest.importorskip("torch")
+    passes: list[tuple[int, int]] = []
+    rows_pass = packed_encoder._rows_pass
+
+    def spy(*args: object) -> bool:
+        passes.append(args[4])  # type: ignore[arg-type]
+        return rows_pass(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed_encoder, "_rows_pass", spy)
+    split = packed_encoder.PackedEncoder(reference, precision="int8", split_single=True)
+    try:
+        with_helper = split.encode([LONG])
+        alone = split.encode([LONG], use_helper=False)
     finally:
         split.close()
+    assert passes == []
+    np.testing.assert_array_equal(with_helper.base, alone.base)
+    np.testing.assert_array_equal(with_helper.verifier, alone.verifier)
 
 
 def test_int8_stays_close_to_the_reference(
