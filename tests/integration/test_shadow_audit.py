@@ -8,16 +8,20 @@ answer to a paraphrase differs from the cached one: an audit disagrees.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
 import structlog
 from aiohttp.test_utils import TestClient
 
 from proxy.app import SERVICES, create_app
 from proxy.services import Services
 from proxy.settings import Settings
+from proxy.shadow import audit
 from tests.integration.conftest import StartFake, engine_config, wait_until
 from tests.integration.test_cache_pipeline import bag_of_words
 from tests.integration.test_policy_pipeline import FREE_KEY, auth, tier, write_policies
@@ -322,9 +326,21 @@ async def test_strong_share_follows_an_overrun_budget(
     assert metric(text, "frugal_threshold_changes_total", tier="free", reason=reason)
 
 
-async def test_a_failing_audit_is_counted_and_moves_nothing(
-    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+@pytest.mark.parametrize(
+    ("failure", "outcome"),
+    [("engine fails", "error"), ("answers never embedded", "dropped")],
+)
+async def test_an_audit_that_cannot_conclude_is_counted_and_moves_nothing(
+    start_fake: StartFake,
+    aiohttp_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+    outcome: str,
 ) -> None:
+    # Audits embed at the lowest CPU priority; under sustained load that may not happen for a
+    # long time: the audit gives up its slot after EMBED_WAIT_S instead of holding it.
+    monkeypatch.setattr(audit, "EMBED_WAIT_S", 0.05)
     engine = await start_fake("m")
     client = await start(
         aiohttp_client,
@@ -336,13 +352,21 @@ async def test_a_failing_audit_is_counted_and_moves_nothing(
     services = services_of(client)
     assert services.auditor is not None and services.tuner is not None
     await store(client)
-    engine.configure(fail_fraction=1.0, fail_status=500)
+
+    async def never(text: str) -> np.ndarray:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    if failure == "engine fails":
+        engine.configure(fail_fraction=1.0, fail_status=500)
+    else:
+        services.auditor._embedder = lambda: never
     before = services.tuner.report()
     hit = await post(client, PARAPHRASES[0])
     assert hit.headers["x-frugal-cache"] == "hit-semantic"
-    await services.auditor.drain()
+    await asyncio.wait_for(services.auditor.drain(), timeout=10)
     text = await (await client.get("/metrics")).text()
-    assert metric(text, "frugal_cache_audit_total", tier="free", outcome="error") == 1
+    assert metric(text, "frugal_cache_audit_total", tier="free", outcome=outcome) == 1
     assert services.tuner.report() == before  # no outcome, no move
 
 
@@ -441,42 +465,3 @@ async def test_no_counterfactual_audits_without_the_evidence_rule(
     text = await (await client.get("/metrics")).text()
     assert metric(text, "frugal_cache_audit_total", tier="free", outcome="would_disagree") is None
     assert metric(text, "frugal_cache_audit_total", tier="free", outcome="would_agree") is None
-
-
-async def test_an_audit_whose_answers_cannot_be_embedded_in_time_is_dropped(
-    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path, monkeypatch: Any
-) -> None:
-    # Audits embed at the lowest CPU priority; under sustained load that may not happen for a
-    # long time: the audit gives up its slot after EMBED_WAIT_S instead of holding it.
-    import asyncio
-
-    import numpy as np
-
-    from proxy.shadow import audit
-
-    monkeypatch.setattr(audit, "EMBED_WAIT_S", 0.05)
-    engine = await start_fake("m")
-    client = await start(
-        aiohttp_client,
-        tmp_path,
-        engine.url,
-        audit={"share": 1.0},
-        cache={"scope": "tier", "tune": {"enabled": True, "min_audits": 1}},
-    )
-    services = services_of(client)
-    assert services.auditor is not None and services.tuner is not None
-    await store(client)
-
-    async def never(text: str) -> np.ndarray:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    services.auditor._embedder = lambda: never
-    before = services.tuner.report()
-    hit = await post(client, PARAPHRASES[0])
-    assert hit.headers["x-frugal-cache"] == "hit-semantic"
-    await asyncio.wait_for(services.auditor.drain(), timeout=10)
-    text = await (await client.get("/metrics")).text()
-    assert metric(text, "frugal_cache_audit_total", tier="free", outcome="dropped") == 1
-    assert metric(text, "frugal_cache_audit_total", tier="free", outcome="disagree") is None
-    assert services.tuner.report() == before
