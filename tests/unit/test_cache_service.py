@@ -836,19 +836,26 @@ async def test_long_questions_are_matched_exactly_only(cache: ResponseCache) -> 
     assert await cache.lookup(keys_for(prefix + "ending one"), embedding=vec(1)) is not None
 
 
+def _snapshotting(
+    tmp_path: Path, clock: Clock, index: SemanticIndex, *, threshold: float
+) -> ResponseCache:
+    """A cache on the disk store in ``tmp_path/c`` that snapshots its index to ``tmp_path/snap``."""
+    return ResponseCache(
+        DiskStore(tmp_path / "c"),
+        index=index,
+        verifier=CosineVerifier(threshold),
+        clock=clock,
+        snapshot_dir=tmp_path / "snap",
+    )
+
+
 async def test_restart_from_a_snapshot_reconciles_with_the_store(
     tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from proxy.cache.index import SemanticIndex
 
-    def make(index: SemanticIndex | None = None) -> ResponseCache:
-        return ResponseCache(
-            DiskStore(tmp_path / "c"),
-            index=index or SemanticIndex(DIM, flat_limit=4),
-            verifier=CosineVerifier(0.99),
-            clock=clock,
-            snapshot_dir=tmp_path / "snap",
-        )
+    def make() -> ResponseCache:
+        return _snapshotting(tmp_path, clock, SemanticIndex(DIM, flat_limit=4), threshold=0.99)
 
     first = make()
     await first.start()
@@ -896,13 +903,7 @@ async def test_a_truncated_snapshot_is_rebuilt_from_the_store(tmp_path: Path, cl
     from proxy.cache.index import SemanticIndex
 
     def make() -> ResponseCache:
-        return ResponseCache(
-            DiskStore(tmp_path / "c"),
-            index=SemanticIndex(DIM),
-            verifier=CosineVerifier(0.9),
-            clock=clock,
-            snapshot_dir=tmp_path / "snap",
-        )
+        return _snapshotting(tmp_path, clock, SemanticIndex(DIM), threshold=0.9)
 
     first = make()
     await first.start()
