@@ -288,6 +288,38 @@ def test_a_lone_text_kept_off_the_helper_runs_on_the_calling_thread_alone(
         split.close()
 
 
+def test_a_lone_text_after_a_pause_runs_alone_and_one_soon_after_a_pass_uses_the_helper(
+    reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.cache import packed_encoder
+
+    threads: list[str] = []
+    run_top = packed_encoder._run_top
+
+    def spy_top(*args: object) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        return run_top(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed_encoder, "_run_top", spy_top)
+    clock = [100.0]
+    monkeypatch.setattr(packed_encoder.time, "perf_counter", lambda: clock[0])
+    plain = packed_encoder.PackedEncoder(reference, precision="float32")
+    split = packed_encoder.PackedEncoder(
+        reference, precision="float32", split_single=True, helper_idle_s=0.008
+    )
+    try:
+        expected = plain.encode([TEXTS[0]]).verifier
+        for pause, helper in ((None, False), (0.005, True), (0.008, True), (0.009, False)):
+            if pause is not None:
+                clock[0] += pause
+            threads.clear()
+            got = split.encode([TEXTS[0]])  # the first pass ever: after an endless pause
+            np.testing.assert_allclose(got.verifier, expected, atol=1e-6)
+            assert any(n.startswith("encoder-top") for n in threads) is helper, pause
+    finally:
+        split.close()
+
+
 @pytest.mark.parametrize("stall", [False, True], ids=["helper fails", "helper stalls"])
 def test_a_helper_that_fails_or_stalls_leaves_the_caller_to_run_the_layers_alone(
     reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch, stall: bool
