@@ -5,6 +5,7 @@ the store answer differently from a plain dictionary."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ def _forbid_reads(store: DiskStore, monkeypatch: pytest.MonkeyPatch) -> list[str
 async def test_a_miss_reads_nothing_from_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = DiskStore(tmp_path)
+    store = DiskStore(tmp_path, recent_bytes=0)  # nothing remembered: a hit reads the disk
     await store.put(entry(1))
     await store.flush()
     reads = _forbid_reads(store, monkeypatch)
@@ -45,6 +46,97 @@ async def test_a_miss_reads_nothing_from_disk(
     found = await store.get(entry(1).meta.key)  # a stored key is read from disk
     assert found is not None and found.response == b'{"n": 1}'
     assert reads == [entry(1).meta.key]
+    await store.close()
+
+
+async def test_entries_read_or_written_lately_are_served_from_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = DiskStore(tmp_path)
+    await first.put(entry(1))
+    await first.flush()
+    reads = _forbid_reads(first, monkeypatch)
+    found = await first.get(entry(1).meta.key)
+    assert found is not None and found.response == b'{"n": 1}'
+    assert reads == []  # written by this store: remembered as written
+    await first.close()
+    second = DiskStore(tmp_path)
+    reads = _forbid_reads(second, monkeypatch)
+    for _ in range(3):
+        found = await second.get(entry(1).meta.key)
+        assert found is not None and found.response == b'{"n": 1}'
+    assert reads == [entry(1).meta.key]  # read once, then from memory
+    await second.close()
+
+
+async def test_memory_holds_a_bounded_number_of_bytes_most_recent_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = 8 * 4 + len(b'{"n": 1}') + len("question 1") + 512  # one entry's footprint
+    store = DiskStore(tmp_path, recent_bytes=8 * size)
+    for n in range(1, 10):
+        await store.put(entry(n))
+    await store.flush()
+    reads = _forbid_reads(store, monkeypatch)
+    for n in (*range(2, 10), 1):
+        assert await store.get(entry(n).meta.key) is not None
+    assert reads == [entry(1).meta.key]  # the oldest had gone; reading it pushed out 2
+    assert await store.get(entry(2).meta.key) is not None
+    assert reads == [entry(1).meta.key, entry(2).meta.key]
+    assert store._recent_size == 8 * size
+    await store.close()
+
+
+async def test_a_remembered_entry_expires_with_its_ttl(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    await store.put(entry(1, ttl=0.2))
+    await store.flush()
+    assert await store.get(entry(1).meta.key) is not None
+    await asyncio.sleep(0.25)
+    assert await store.get(entry(1).meta.key) is None
+    assert store._recent == {}
+    await store.close()
+
+
+async def test_deletes_and_invalidations_drop_remembered_entries(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    for n, engine in ((1, "e"), (2, "gone"), (3, "e")):
+        await store.put(entry(n, engine=engine))
+    await store.flush()
+    for n in (1, 2, 3):
+        assert await store.get(entry(n).meta.key) is not None
+    assert await store.delete([entry(1).meta.key]) == 1
+    assert [m.key for m in await store.delete_where(lambda m: m.engine == "gone")] == [
+        entry(2).meta.key
+    ]
+    assert await store.get(entry(1).meta.key) is None
+    assert await store.get(entry(2).meta.key) is None
+    assert await store.get(entry(3).meta.key) is not None
+    await store.close()
+
+
+async def test_an_entry_read_while_an_invalidation_sweeps_is_not_remembered(
+    tmp_path: Path,
+) -> None:
+    """The sweep runs on the store's thread: a lookup may read an entry from the disk just before
+    the sweep deletes it, and must not then keep serving it from memory."""
+    store = DiskStore(tmp_path)
+    await store.put(entry(1, engine="gone"))
+    await store.close()
+    store = DiskStore(tmp_path)  # nothing remembered yet
+    sweeping, read = threading.Event(), threading.Event()
+
+    def doomed(meta: Any) -> bool:
+        sweeping.set()
+        assert read.wait(10)  # the lookup below reads the entry before it is deleted
+        return bool(meta.engine == "gone")
+
+    invalidation = asyncio.ensure_future(store.delete_where(doomed))
+    assert await asyncio.to_thread(sweeping.wait, 10)
+    assert await store.get(entry(1).meta.key) is not None  # still on the disk
+    read.set()
+    assert len(await invalidation) == 1
+    assert await store.get(entry(1).meta.key) is None
     await store.close()
 
 
@@ -150,11 +242,12 @@ _ops = st.lists(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(ops=_ops)
-def test_the_store_answers_like_a_dictionary(tmp_path_factory: Any, ops: Any) -> None:
+@pytest.mark.parametrize("memory", [0, 2400, 2**20], ids=["none", "four entries", "ample"])
+def test_the_store_answers_like_a_dictionary(tmp_path_factory: Any, ops: Any, memory: int) -> None:
     folder = tmp_path_factory.mktemp("d")
 
     async def run() -> None:
-        store = DiskStore(folder, batch_size=2)
+        store = DiskStore(folder, batch_size=2, recent_bytes=memory)
         model: dict[str, bytes] = {}
         for op, n in ops:
             key = entry(n).meta.key
@@ -167,7 +260,7 @@ def test_the_store_answers_like_a_dictionary(tmp_path_factory: Any, ops: Any) ->
                 await store.flush()
             elif op == "reopen":
                 await store.close()
-                store = DiskStore(folder, batch_size=2)
+                store = DiskStore(folder, batch_size=2, recent_bytes=memory)
             found = await store.get(key)
             assert (found.response if found else None) == model.get(key)
             if found is not None:
