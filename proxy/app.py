@@ -434,7 +434,7 @@ def _load_encoder(services: Services) -> tuple[Encode, Encode | None]:
         return load_minilm(), None
     import torch
 
-    from proxy.cache.packed_encoder import HELPER_IDLE_S, pack_verifier
+    from proxy.cache.packed_encoder import SPLIT_IDLE_S, pack_verifier
     from proxy.cache.verifier import CacheVerifier, Verifier
 
     # One torch thread per call: the worker splits large batches across its threads itself.
@@ -445,7 +445,7 @@ def _load_encoder(services: Services) -> tuple[Encode, Encode | None]:
         precision=services.settings.embeddings.precision,
         # a lone text's two top stacks on two threads: only with a second core for the model
         split_single=services.settings.embeddings.threads > 1,
-        helper_idle_s=HELPER_IDLE_S,
+        split_idle_s=SPLIT_IDLE_S,
     )
     packed.warm_up()  # here at start-up, not in the first requests
     cache_verifier = CacheVerifier(

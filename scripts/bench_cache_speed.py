@@ -7,7 +7,8 @@ Measures (targets from the cache issue):
   * semantic path (embedding + ANN search + guards + verifier): p99 <= 10 ms at concurrency 1,
     for lookups that hit (a paraphrase of a stored question) and that miss (a new question;
     the zero-delay engine's answer time is subtracted by measuring the same request with the
-    cache off)
+    cache off); requests back to back, or with ``--pause-ms`` a user's think time after each
+    answer (on these VMs a request after an idle pause is slower: docs/benchmarks.md, section 4)
   * semantic lookups/s at concurrency 64 (>= 400 on a 2-core machine): the c=1 phases' traffic
     at c=64 (the questions of ``--c64-pairs`` pairs not used at c=1, then their paraphrases),
     and, to compare with runs before 2026-11-29 07:30 UTC, the earlier workload (the stored
@@ -139,8 +140,14 @@ def body(text: str) -> dict[str, Any]:
 
 
 async def timed_posts(
-    session: aiohttp.ClientSession, url: str, texts: list[str], concurrency: int
+    session: aiohttp.ClientSession,
+    url: str,
+    texts: list[str],
+    concurrency: int,
+    pause_s: float = 0.0,
 ) -> tuple[list[float], dict[str, int], float]:
+    """Post each text (``concurrency`` at a time), each worker pausing ``pause_s`` after each
+    answer; returns the latencies, the ``x-frugal-cache`` outcomes and the wall time."""
     latencies: list[float] = []
     outcomes: dict[str, int] = {}
     queue = list(reversed(texts))
@@ -154,6 +161,8 @@ async def timed_posts(
                 outcome = resp.headers.get("x-frugal-cache", "?")
             latencies.append(time.perf_counter() - t0)
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            if pause_s:
+                await asyncio.sleep(pause_s)
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -278,15 +287,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # Warm both (model load, connections), then store the originals one by one.
             await timed_posts(session, cached, ["warm-up question one"], 1)
             await timed_posts(session, uncached, ["warm-up question one"], 1)
-            base, _, _ = await timed_posts(session, uncached, [o for o, _ in pairs], 1)
+            pause = args.pause_ms / 1000
+            base, _, _ = await timed_posts(session, uncached, [o for o, _ in pairs], 1, pause)
             engine_pid, cached_pid = procs[0].pid, procs[1].pid
             with CpuMeter(cached_pid, engine_pid) as miss_cpu:
                 miss, miss_outcomes, _ = await timed_posts(
-                    session, cached, [o for o, _ in pairs], 1
+                    session, cached, [o for o, _ in pairs], 1, pause
                 )
                 await asyncio.sleep(1.0)  # background stores land
             with CpuMeter(cached_pid, engine_pid) as hit_cpu:
-                hit, hit_outcomes, _ = await timed_posts(session, cached, [s for _, s in pairs], 1)
+                hit, hit_outcomes, _ = await timed_posts(
+                    session, cached, [s for _, s in pairs], 1, pause
+                )
             results["uncached_request"] = {"p50_ms": pct(base, 0.5), "p99_ms": pct(base, 0.99)}
             results["semantic_miss_c1"] = {
                 "p50_ms": pct(miss, 0.5),
@@ -438,6 +450,13 @@ def main() -> None:
         "--c64-pairs", type=int, default=400, help="new pairs for the c=64 phase (2 texts each)"
     )
     parser.add_argument("--wrk-seconds", type=int, default=5)
+    parser.add_argument(
+        "--pause-ms",
+        type=float,
+        default=0.0,
+        help="the c=1 phases' think time: a pause after each answer before the next request "
+        "(default none: back to back)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "out" / "cache_speed")
     parser.add_argument(
         "--precision",

@@ -116,12 +116,15 @@ ROW_BUCKET = 8
 SPLIT_ROWS = 64
 # A barrier waits at most this long for the other thread (a bug must not hang the encoder).
 _BARRIER_TIMEOUT_S = 30.0
-# The proxy's ``helper_idle_s``: after this long without a pass, a lone text runs alone. On these
-# 2-vCPU VMs, two threads that meet several times a pass are slow to meet after the machine has
-# idled (the hand-overs wait on vCPUs that halted): 80-95-token texts alone and with the helper,
-# one pass after each pause (2026-11-29): 0 ms pause 9.1 / 7.1 ms, 10 ms 8.8 / 7.4 ms, 20 ms 9.5 /
-# 11.4 ms, 50 ms 9.8 / 11.4 ms; 30-55 tokens, 10 ms pause: 4.8 / 5.0 ms.
-HELPER_IDLE_S = 0.008
+# The proxy's ``split_idle_s``: after this long without a pass, a long lone text's rows are not
+# split (its two top stacks still are). On these 2-vCPU VMs the row split's two threads, which
+# meet once a layer and hand the GIL back and forth for its eager products, are slow to meet after
+# the machine has idled. 80-95-token texts alone / with the helper, one pass after each pause
+# (encoder alone, 2026-11-29): 0 ms pause 9.1 / 7.1 ms, 10 ms 8.8 / 7.4, 20 ms 9.5 / 11.4, 50 ms
+# 9.8 / 11.4. In the proxy with 50 ms between requests, texts of 64 tokens or more: 10.5-10.9 ms
+# median with the split, 9.6-9.8 without it; shorter texts 4.9 with the top stacks on two
+# threads, 5.3 without (so those stay).
+SPLIT_IDLE_S = 0.008
 
 
 def padded_rows(rows: int) -> int:
@@ -324,9 +327,9 @@ class PackedEncoder(MiniLMEncoder):
         "_embed",
         "_helper",
         "_helper_free",
-        "_helper_idle_s",
         "_last_pass",
         "_lower",
+        "_split_idle_s",
         "_tokens",
         "_top_base",
         "_top_tuned",
@@ -340,7 +343,7 @@ class PackedEncoder(MiniLMEncoder):
         *,
         precision: Precision = "auto",
         split_single: bool = False,
-        helper_idle_s: float | None = None,
+        split_idle_s: float | None = None,
     ) -> None:
         import torch
 
@@ -390,8 +393,9 @@ class PackedEncoder(MiniLMEncoder):
         # Held while the helper runs a stack: a second lone text (another thread) does not queue
         # behind it but runs both stacks itself.
         self._helper_free = threading.Lock()
-        # A lone text skips the helper when no pass has ended for this long (None: never skips).
-        self._helper_idle_s = helper_idle_s
+        # A long lone text's rows are not split when no pass has ended for this long (None:
+        # always split).
+        self._split_idle_s = split_idle_s
         self._last_pass = -math.inf  # when the latest pass ended (perf_counter; any thread)
         # Receives each encoded text's states after the lower layers (the cross-encoder's input).
         self.on_lower: Callable[[Iterable[tuple[str, torch.Tensor]]], None] | None = None
@@ -446,14 +450,12 @@ class PackedEncoder(MiniLMEncoder):
 
         ``batch_size`` bounds the texts packed into one pass (memory), not the speed.
         ``use_helper=False`` keeps a lone text on the calling thread (background work must not
-        take the helper, and with it the second core, from a user's text); so does
-        ``helper_idle_s`` after a pause.
+        take the helper, and with it the second core, from a user's text).
         """
         import torch
 
-        idle = self._helper_idle_s
-        if idle is not None and time.perf_counter() - self._last_pass > idle:
-            use_helper = False
+        idle = self._split_idle_s
+        split_rows = idle is None or time.perf_counter() - self._last_pass <= idle
 
         if not texts:
             empty = np.zeros((0, HIDDEN), dtype=np.float32)
@@ -465,7 +467,7 @@ class PackedEncoder(MiniLMEncoder):
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 end = min(start + batch_size, len(texts))
-                b, t, s, w = self._encode_packed(texts[start:end], use_helper)
+                b, t, s, w = self._encode_packed(texts[start:end], use_helper, split_rows)
                 base[start:end] = b
                 shallow[start:end] = s
                 whole[start:end] = w
@@ -511,7 +513,7 @@ class PackedEncoder(MiniLMEncoder):
         return _pad_rows(x), spans, lengths, [not e.overflowing for e in encodings]
 
     def _encode_packed(
-        self, texts: Sequence[str], use_helper: bool = True
+        self, texts: Sequence[str], use_helper: bool = True, split_rows: bool = True
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[bool]]:
         x, spans, lengths, whole = self._embedded(texts)
         pool = _mean_pool(lengths)
@@ -524,7 +526,8 @@ class PackedEncoder(MiniLMEncoder):
             try:
                 helper = self._helper  # read under the lock: close() may have ended it
                 if helper is not None:
-                    return (*self._encode_lone(helper, texts[0], x, spans, pool), whole)
+                    lone = self._encode_lone(helper, texts[0], x, spans, pool, split_rows)
+                    return (*lone, whole)
             finally:
                 self._helper_free.release()
         x, shallow = self._run_lower(texts, x, spans, pool)
@@ -559,12 +562,14 @@ class PackedEncoder(MiniLMEncoder):
         x: torch.Tensor,
         spans: Sequence[_Span],
         pool: Callable[[torch.Tensor], np.ndarray],
+        split_rows: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A lone text on this thread and the helper: the shared layers' rows split between them
-        when the text is long enough, then one top stack each."""
+        when the text is long enough (and ``split_rows``), then one top stack each."""
         # (not with int8: its inputs are scaled per product, so each half would be scaled alone
         # and the text's vector would depend on whether the helper was free)
-        split = helper if x.shape[0] >= SPLIT_ROWS and self.compute != "int8" else None
+        long_enough = x.shape[0] >= SPLIT_ROWS and self.compute != "int8"
+        split = helper if split_rows and long_enough else None
         x, shallow = self._run_lower([text], x, spans, pool, split)
         tuned_future = helper.submit(_run_top, self._top_tuned, x, spans, pool)
         base = pool(_run(self._top_base, x, spans))
@@ -806,7 +811,7 @@ def pack_verifier(
     *,
     precision: Precision = "auto",
     split_single: bool = False,
-    helper_idle_s: float | None = None,
+    split_idle_s: float | None = None,
 ) -> PackedEncoder:
     """Put the packed runtime under ``verifier``: its encoder and, when it has one, its
     cross-encoder. Returns the packed encoder (``verifier.encoder``)."""
@@ -814,7 +819,7 @@ def pack_verifier(
         verifier.encoder,
         precision=precision,
         split_single=split_single,
-        helper_idle_s=helper_idle_s,
+        split_idle_s=split_idle_s,
     )
     verifier.encoder = packed
     if isinstance(verifier.cross, CrossEncoder):

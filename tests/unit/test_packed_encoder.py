@@ -288,34 +288,44 @@ def test_a_lone_text_kept_off_the_helper_runs_on_the_calling_thread_alone(
         split.close()
 
 
-def test_a_lone_text_after_a_pause_runs_alone_and_one_soon_after_a_pass_uses_the_helper(
+def test_a_long_lone_text_after_a_pause_keeps_its_rows_whole_and_still_uses_the_helper(
     reference: verifier.MiniLMEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from proxy.cache import packed_encoder
 
-    threads: list[str] = []
-    run_top = packed_encoder._run_top
+    tops: list[str] = []
+    splits: list[int] = []
+    run_top, rows_pass = packed_encoder._run_top, packed_encoder._rows_pass
 
     def spy_top(*args: object) -> np.ndarray:
-        threads.append(threading.current_thread().name)
+        tops.append(threading.current_thread().name)
         return run_top(*args)  # type: ignore[arg-type]
 
+    def spy_rows(*args: object) -> bool:
+        splits.append(1)
+        return rows_pass(*args)  # type: ignore[arg-type]
+
     monkeypatch.setattr(packed_encoder, "_run_top", spy_top)
+    monkeypatch.setattr(packed_encoder, "_rows_pass", spy_rows)
     clock = [100.0]
     monkeypatch.setattr(packed_encoder.time, "perf_counter", lambda: clock[0])
     plain = packed_encoder.PackedEncoder(reference, precision="float32")
     split = packed_encoder.PackedEncoder(
-        reference, precision="float32", split_single=True, helper_idle_s=0.008
+        reference, precision="float32", split_single=True, split_idle_s=0.008
     )
     try:
-        expected = plain.encode([TEXTS[0]]).verifier
-        for pause, helper in ((None, False), (0.005, True), (0.008, True), (0.009, False)):
+        expected = plain.encode([LONG])
+        # the first pass ever comes after an endless pause
+        for pause, rows_split in ((None, False), (0.005, True), (0.008, True), (0.009, False)):
             if pause is not None:
                 clock[0] += pause
-            threads.clear()
-            got = split.encode([TEXTS[0]])  # the first pass ever: after an endless pause
-            np.testing.assert_allclose(got.verifier, expected, atol=1e-6)
-            assert any(n.startswith("encoder-top") for n in threads) is helper, pause
+            tops.clear()
+            splits.clear()
+            got = split.encode([LONG])
+            np.testing.assert_allclose(got.verifier, expected.verifier, atol=1e-6)
+            np.testing.assert_allclose(got.base, expected.base, atol=1e-6)
+            assert bool(splits) is rows_split, pause
+            assert [n.split("_")[0] for n in tops] == ["encoder-top"], pause
     finally:
         split.close()
 
