@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import diskcache
+import numpy as np
 
 from proxy.cache.disk_writer import BatchWriter, ProcessWriter, ThreadWriter
 from proxy.cache.entry import (
@@ -75,6 +76,16 @@ _SWEEP = (
 # store_time) is not deleted on the old entry's metadata.
 _DELETE_ROW = "DELETE FROM Cache WHERE rowid = ? AND store_time = ?"
 _T = TypeVar("_T")
+
+
+def _as_stored(entry: CacheEntry) -> CacheEntry:
+    """``entry`` as a read of it from the disk gives it back: the embedding rounded to float16 as
+    stored (so an entry is scored the same whether it is remembered or read), in an array of its
+    own (the worker's rows are views of their whole batch, which memory would keep alive)."""
+    if entry.embedding is None:
+        return entry
+    stored = np.asarray(entry.embedding, dtype="<f2").astype(np.float32)
+    return CacheEntry(entry.meta, entry.response, stored)
 
 
 def _footprint(entry: CacheEntry) -> int:
@@ -245,6 +256,8 @@ class DiskStore:
         size = _footprint(entry)
         if size > self._recent_limit // 4:
             return  # one large answer must not push out many small ones
+        if entry.embedding is not None:
+            entry.embedding.flags.writeable = False  # served to every later lookup as it is
         self._recent[key] = (entry, expires)
         self._recent_size += size
         while self._recent_size > self._recent_limit:
@@ -266,6 +279,7 @@ class DiskStore:
 
     def put_sync(self, entry: CacheEntry) -> None:
         """Write one entry now (no queue; for scripts and tests outside an event loop)."""
+        self._forget_recent((entry.meta.key,))
         self._cache.set(entry.meta.key, encode_entry(entry), expire=entry.meta.ttl)
         self._count(entry.meta.key, 1)
 
@@ -286,6 +300,9 @@ class DiskStore:
             raise StoreBusy(f"{len(self._queue)} answers already queued for the disk")
         key = entry.meta.key
         self._count(key, 1)
+        # an older copy in memory must not outlive this put's failed write (nor be served after a
+        # newer put of the key is written while this one's batch is still in flight)
+        self._forget_recent((key,))
         queued = (entry, time.time() + entry.meta.ttl)
         self._pending[key] = queued
         self._queue.append(queued)
@@ -318,7 +335,7 @@ class DiskStore:
                 else:
                     for entry, expires in batch:
                         if self._pending.get(entry.meta.key, (None,))[0] is entry:
-                            self._remember(entry, expires)  # as read back from the disk
+                            self._remember(_as_stored(entry), expires)
                 finally:
                     for entry, _ in batch:
                         queued = self._pending.get(entry.meta.key)
@@ -397,23 +414,45 @@ class DiskStore:
         await self.flush()
         deleted: list[EntryMeta] = []
         after = 0
+        # Entries in memory that the sweep does not meet (diskcache evicted them for size) are
+        # judged here, once the sweep is done.
+        remembered = frozenset(self._recent)
+        met: set[str] = set()
         while True:
-            batch = await self._run(functools.partial(self._sweep, after, predicate))
+            batch = await self._run(
+                functools.partial(self._sweep, after, predicate, remembered, met)
+            )
             if batch is None:
-                return deleted
+                break
             after, matched, gone = batch
             # (remembered before or while the batch was swept: served until now, as from disk)
             self._forget_recent(gone)
             for key in gone:
                 self._count(key, -1)
             deleted += matched
+        now = time.time()
+        for key in remembered - met:
+            found = self._recent.get(key)
+            if found is None:
+                continue
+            if found[1] <= now:  # expired: gone, as the sweep treats it
+                self._forget_recent((key,))
+            elif predicate(found[0].meta):
+                self._forget_recent((key,))
+                deleted.append(found[0].meta)
+        return deleted
 
     def _sweep(
-        self, after: int, predicate: Callable[[EntryMeta], bool]
+        self,
+        after: int,
+        predicate: Callable[[EntryMeta], bool],
+        remembered: frozenset[str] = frozenset(),
+        met: set[str] | None = None,
     ) -> tuple[int, list[EntryMeta], list[str]] | None:
         """One batch of ``delete_where``: the rows after rowid ``after``. Returns the last rowid
         read, the metadata of the entries deleted and every key deleted (corrupt ones too), or
-        None past the last row. Blocking: runs on the store's thread."""
+        None past the last row; adds the keys of ``remembered`` it reads to ``met``. Blocking:
+        runs on the store's thread."""
         cache = self._cache
         rows = cache._sql(_SWEEP, (HEAD_BYTES, after, time.time(), SWEEP_BATCH)).fetchall()
         if not rows:
@@ -422,6 +461,8 @@ class DiskStore:
         for rowid, key, stored, filename, size, head in rows:
             if not isinstance(key, str):
                 continue
+            if met is not None and key in remembered:
+                met.add(key)
             try:
                 meta = self._meta_of(rowid, filename, size, head)
             except EntryDecodeError:
@@ -486,9 +527,11 @@ class DiskStore:
     async def close(self) -> None:
         await self.flush()  # answers stored just before a clean shutdown survive it
         await self._batches.close()
+        self._forget_recent(list(self._recent))
         await self._run(self._cache.close)
         self._writer.shutdown(wait=True)
 
     def close_sync(self) -> None:
+        self._forget_recent(list(self._recent))
         self._cache.close()
         self._writer.shutdown(wait=True)

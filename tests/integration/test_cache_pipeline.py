@@ -400,11 +400,19 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
     # The proxy runs numpy's BLAS on one thread (its helper threads spin on two cores): start
     # from two so the app's own limit is what is checked.
     before = threadpool_limits(2, user_api="blas")
+    from proxy.cache import packed_encoder
+    from proxy.cache.verifier import CacheVerifier
+
     client, services = await semantic_app(start_fake, tmp_path, aiohttp_client)
     assert services.verifier is not None
     blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
     before.restore_original_limits()
     assert blas and all(pool["num_threads"] == 1 for pool in blas)
+    # the proxy's encoder: the packed runtime, a long lone text unsplit after a pause
+    assert isinstance(services.verifier, CacheVerifier)
+    encoder = services.verifier.verifier.encoder
+    assert isinstance(encoder, packed_encoder.PackedEncoder)
+    assert encoder._split_idle_s == packed_encoder.SPLIT_IDLE_S
 
     await serves_a_paraphrase_and_refuses_a_negation(client, services)
     other_language = await client.post(

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import diskcache
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.cache import disk_writer
+from proxy.cache.entry import CacheEntry
 from proxy.cache.store import DiskStore, StoreBusy
 from tests.unit.test_cache_store import entry
 
@@ -140,6 +142,156 @@ async def test_an_entry_read_while_an_invalidation_sweeps_is_not_remembered(
     await store.close()
 
 
+def _version(n: int, v: int, **kwargs: Any) -> CacheEntry:
+    """Entry ``n`` (same key) with answer version ``v``."""
+    e = entry(n, **kwargs)
+    return CacheEntry(e.meta, b'{"n": %d, "v": %d}' % (n, v), e.embedding)
+
+
+async def test_an_older_copy_in_memory_never_outlives_a_newer_put(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v1 remembered; v2 written while v3 waits for its batch; v3's batch fails: the disk holds
+    v2, and so must a read."""
+    store = DiskStore(tmp_path, batch_size=1)
+    key = entry(1).meta.key
+    await store.put(_version(1, 1))
+    await store.flush()
+    assert (await store.get(key)).response.endswith(b'"v": 1}')  # type: ignore[union-attr]
+    write = disk_writer.write_batch
+    writes = 0
+
+    def second_fails(cache: Any, items: Any) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == 2:
+            raise OSError("disk full")
+        write(cache, items)
+
+    monkeypatch.setattr(disk_writer, "write_batch", second_fails)
+    await store.put(_version(1, 2))
+    await store.put(_version(1, 3))  # queued while v2's batch is written (batches of one)
+    await store.flush()
+    found = await store.get(key)
+    assert found is not None and found.response.endswith(b'"v": 2}')
+    on_disk = store._cache.get(key)
+    assert isinstance(on_disk, bytes) and b'"v": 2}' in on_disk
+    await store.close()
+
+
+async def test_an_invalidation_reaches_entries_the_disk_has_evicted(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, size_limit=1)  # every write culls the disk back to nothing
+    await store.put(entry(1, engine="old"))
+    await store.put(entry(2, engine="kept"))
+    await store.flush()
+    for _ in range(3):  # the writer culls once per batch: a later write evicts the earlier
+        await store.put(entry(3, engine="kept"))
+        await store.flush()
+    assert store._cache.get(entry(1).meta.key) is None  # evicted from the disk ...
+    assert await store.get(entry(1).meta.key) is not None  # ... still served from memory
+    deleted = await store.delete_where(lambda m: m.engine == "old")
+    assert [m.key for m in deleted] == [entry(1).meta.key]
+    assert await store.get(entry(1).meta.key) is None
+    assert await store.get(entry(2).meta.key) is not None  # not matched: kept
+    await store.close()
+
+
+async def test_an_entry_read_from_disk_expires_in_memory_with_its_ttl(tmp_path: Path) -> None:
+    first = DiskStore(tmp_path)
+    await first.put(entry(1, ttl=0.3))
+    await first.close()
+    store = DiskStore(tmp_path)
+    assert await store.get(entry(1).meta.key) is not None  # read from the disk, remembered
+    assert entry(1).meta.key in store._recent
+    await asyncio.sleep(0.35)
+    assert await store.get(entry(1).meta.key) is None
+    await store.close()
+
+
+async def test_memory_keeps_the_most_recently_used_not_the_first_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = 8 * 4 + len(b'{"n": 1}') + len("question 1") + 512
+    store = DiskStore(tmp_path, recent_bytes=4 * size)
+    for n in range(1, 5):
+        await store.put(entry(n))
+    await store.flush()
+    assert await store.get(entry(1).meta.key) is not None  # 1 is now the most recent
+    await store.put(entry(5))
+    await store.flush()  # one must go: 2, the least recently used
+    reads = _forbid_reads(store, monkeypatch)
+    for n in (1, 3, 4, 5):
+        assert await store.get(entry(n).meta.key) is not None
+    assert reads == []
+    assert await store.get(entry(2).meta.key) is not None
+    assert reads == [entry(2).meta.key]
+    await store.delete([entry(n).meta.key for n in range(1, 6)])
+    assert store._recent_size == 0 and not store._recent
+    await store.close()
+
+
+async def test_an_answer_over_a_quarter_of_the_memory_is_not_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DiskStore(tmp_path, recent_bytes=4000)
+    e = entry(1)
+    await store.put(CacheEntry(e.meta, b"x" * 1000, e.embedding))  # 1000 + 562 > 4000 / 4
+    await store.put(entry(2))
+    await store.flush()
+    reads = _forbid_reads(store, monkeypatch)
+    for _ in range(2):
+        assert await store.get(entry(1).meta.key) is not None
+        assert await store.get(entry(2).meta.key) is not None
+    assert reads == [entry(1).meta.key] * 2
+    await store.close()
+
+
+async def test_an_entry_read_while_it_is_deleted_is_not_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DiskStore(tmp_path)
+    await store.put(entry(1))
+    await store.close()
+    store = DiskStore(tmp_path)
+    deleting, read = threading.Event(), threading.Event()
+    delete = store._cache.delete
+
+    def slow_delete(key: str, *args: Any, **kwargs: Any) -> Any:
+        deleting.set()
+        assert read.wait(10)  # the lookup below reads the entry before it is deleted
+        return delete(key, *args, **kwargs)
+
+    monkeypatch.setattr(store._cache, "delete", slow_delete)
+    deletion = asyncio.ensure_future(store.delete([entry(1).meta.key]))
+    assert await asyncio.to_thread(deleting.wait, 10)
+    assert await store.get(entry(1).meta.key) is not None  # still on the disk
+    read.set()
+    assert await deletion == 1
+    assert await store.get(entry(1).meta.key) is None
+    await store.close()
+
+
+async def test_a_remembered_embedding_is_as_stored_and_read_only(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    e = entry(1)
+    precise = np.linspace(0.1, 0.9, 8, dtype=np.float32) + np.float32(1e-4)
+    await store.put(CacheEntry(e.meta, e.response, precise))
+    await store.flush()
+    remembered = await store.get(e.meta.key)
+    await store.close()
+    reopened = DiskStore(tmp_path)
+    read = await reopened.get(e.meta.key)
+    assert remembered is not None and read is not None
+    assert remembered.embedding is not None and read.embedding is not None
+    np.testing.assert_array_equal(remembered.embedding, read.embedding)  # float16, both ways
+    assert not np.array_equal(remembered.embedding, precise)
+    for got in (remembered, read):
+        assert got.embedding is not None
+        with pytest.raises(ValueError):
+            got.embedding[0] = 99.0
+    await reopened.close()
+
+
 async def test_the_filter_is_loaded_from_the_directory(tmp_path: Path) -> None:
     first = DiskStore(tmp_path)
     first.put_sync(entry(1))
@@ -249,11 +401,11 @@ def test_the_store_answers_like_a_dictionary(tmp_path_factory: Any, ops: Any, me
     async def run() -> None:
         store = DiskStore(folder, batch_size=2, recent_bytes=memory)
         model: dict[str, bytes] = {}
-        for op, n in ops:
+        for version, (op, n) in enumerate(ops):
             key = entry(n).meta.key
-            if op == "put":
-                await store.put(entry(n))
-                model[key] = entry(n).response
+            if op == "put":  # each put a new answer: a stale one served would show
+                await store.put(_version(n, version))
+                model[key] = _version(n, version).response
             elif op == "delete":
                 assert await store.delete([key]) == (1 if model.pop(key, None) else 0)
             elif op == "flush":

@@ -159,9 +159,9 @@ async def test_delete_where_reads_the_store_in_batches(
     seen: list[str] = []
     sweep = store._sweep
 
-    def counted(after: int, predicate: Callable[[EntryMeta], bool]) -> Any:
+    def counted(after: int, predicate: Callable[[EntryMeta], bool], *rest: Any) -> Any:
         batches.append(len(seen))
-        return sweep(after, predicate)
+        return sweep(after, predicate, *rest)
 
     monkeypatch.setattr(store, "_sweep", counted)
 
