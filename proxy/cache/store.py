@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import diskcache
-import numpy as np
 
 from proxy.cache.disk_writer import BatchWriter, ProcessWriter, ThreadWriter
 from proxy.cache.entry import (
@@ -76,16 +75,6 @@ _SWEEP = (
 # store_time) is not deleted on the old entry's metadata.
 _DELETE_ROW = "DELETE FROM Cache WHERE rowid = ? AND store_time = ?"
 _T = TypeVar("_T")
-
-
-def _as_stored(entry: CacheEntry) -> CacheEntry:
-    """``entry`` as a read of it from the disk gives it back: the embedding rounded to float16 as
-    stored (so an entry is scored the same whether it is remembered or read), in an array of its
-    own (the worker's rows are views of their whole batch, which memory would keep alive)."""
-    if entry.embedding is None:
-        return entry
-    stored = np.asarray(entry.embedding, dtype="<f2").astype(np.float32)
-    return CacheEntry(entry.meta, entry.response, stored)
 
 
 def _footprint(entry: CacheEntry) -> int:
@@ -196,10 +185,13 @@ class DiskStore:
         # hash(key) -> how many puts of keys with that hash are not yet matched by a delete.
         # Only ever too high (expiry, eviction, re-puts), never too low: see the module doc.
         self._known: dict[int, int] = {}
-        # key -> (entry, expiry time): entries read or written lately, decoded, most recent last,
-        # up to ``recent_bytes`` of answers and embeddings. A semantic lookup reads up to four
+        # key -> (entry, expiry time): entries read lately, decoded, most recent last, up to
+        # ``recent_bytes`` of answers and embeddings. A semantic lookup reads up to four
         # candidates, often the same recent questions, and a popular answer is read again and
-        # again: from here that costs no SQLite read and no decode (~35 µs an entry).
+        # again: from here that costs no SQLite read and no decode (~35 µs an entry). Not the
+        # entries written: with every answer a miss (bench_overhead's frugal-full) memory then
+        # filled with ~35,000 entries nobody read, and the one-connection p99 went from 1.3 to
+        # 2.2-2.5 ms (2026-11-29).
         self._recent: OrderedDict[str, tuple[CacheEntry, float]] = OrderedDict()
         self._recent_size = 0
         self._recent_limit = recent_bytes
@@ -300,8 +292,8 @@ class DiskStore:
             raise StoreBusy(f"{len(self._queue)} answers already queued for the disk")
         key = entry.meta.key
         self._count(key, 1)
-        # an older copy in memory must not outlive this put's failed write (nor be served after a
-        # newer put of the key is written while this one's batch is still in flight)
+        # an older copy in memory must not be served once this put is written (or outlive it
+        # if its write fails: the disk then holds whatever it held)
         self._forget_recent((key,))
         queued = (entry, time.time() + entry.meta.ttl)
         self._pending[key] = queued
@@ -332,10 +324,6 @@ class DiskStore:
                     )
                     for entry, _ in batch:
                         self._count(entry.meta.key, -1)
-                else:
-                    for entry, expires in batch:
-                        if self._pending.get(entry.meta.key, (None,))[0] is entry:
-                            self._remember(_as_stored(entry), expires)
                 finally:
                     for entry, _ in batch:
                         queued = self._pending.get(entry.meta.key)

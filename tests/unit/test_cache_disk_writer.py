@@ -51,24 +51,19 @@ async def test_a_miss_reads_nothing_from_disk(
     await store.close()
 
 
-async def test_entries_read_or_written_lately_are_served_from_memory(
+async def test_entries_read_lately_are_served_from_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = DiskStore(tmp_path)
-    await first.put(entry(1))
-    await first.flush()
-    reads = _forbid_reads(first, monkeypatch)
-    found = await first.get(entry(1).meta.key)
-    assert found is not None and found.response == b'{"n": 1}'
-    assert reads == []  # written by this store: remembered as written
-    await first.close()
-    second = DiskStore(tmp_path)
-    reads = _forbid_reads(second, monkeypatch)
+    store = DiskStore(tmp_path)
+    await store.put(entry(1))
+    await store.flush()
+    assert not store._recent  # written, not read: not kept
+    reads = _forbid_reads(store, monkeypatch)
     for _ in range(3):
-        found = await second.get(entry(1).meta.key)
+        found = await store.get(entry(1).meta.key)
         assert found is not None and found.response == b'{"n": 1}'
     assert reads == [entry(1).meta.key]  # read once, then from memory
-    await second.close()
+    await store.close()
 
 
 async def test_memory_holds_a_bounded_number_of_bytes_most_recent_first(
@@ -80,6 +75,10 @@ async def test_memory_holds_a_bounded_number_of_bytes_most_recent_first(
         await store.put(entry(n))
     await store.flush()
     reads = _forbid_reads(store, monkeypatch)
+    for n in range(1, 10):  # each read from the disk once; the ninth pushes out the first
+        assert await store.get(entry(n).meta.key) is not None
+    assert store._recent_size == 8 * size
+    reads.clear()
     for n in (*range(2, 10), 1):
         assert await store.get(entry(n).meta.key) is not None
     assert reads == [entry(1).meta.key]  # the oldest had gone; reading it pushed out 2
@@ -180,15 +179,14 @@ async def test_an_older_copy_in_memory_never_outlives_a_newer_put(
 
 
 async def test_an_invalidation_reaches_entries_the_disk_has_evicted(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path, size_limit=1)  # every write culls the disk back to nothing
+    store = DiskStore(tmp_path)
     await store.put(entry(1, engine="old"))
     await store.put(entry(2, engine="kept"))
     await store.flush()
-    for _ in range(3):  # the writer culls once per batch: a later write evicts the earlier
-        await store.put(entry(3, engine="kept"))
-        await store.flush()
-    assert store._cache.get(entry(1).meta.key) is None  # evicted from the disk ...
-    assert await store.get(entry(1).meta.key) is not None  # ... still served from memory
+    for n in (1, 2):
+        assert await store.get(entry(n).meta.key) is not None  # read: now in memory
+        store._cache.delete(entry(n).meta.key)  # as diskcache's own eviction (size limit) does
+    assert await store.get(entry(1).meta.key) is not None  # gone from the disk, still served
     deleted = await store.delete_where(lambda m: m.engine == "old")
     assert [m.key for m in deleted] == [entry(1).meta.key]
     assert await store.get(entry(1).meta.key) is None
@@ -208,17 +206,17 @@ async def test_an_entry_read_from_disk_expires_in_memory_with_its_ttl(tmp_path: 
     await store.close()
 
 
-async def test_memory_keeps_the_most_recently_used_not_the_first_written(
+async def test_memory_keeps_the_most_recently_used_not_the_first_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     size = 8 * 4 + len(b'{"n": 1}') + len("question 1") + 512
     store = DiskStore(tmp_path, recent_bytes=4 * size)
-    for n in range(1, 5):
+    for n in range(1, 6):
         await store.put(entry(n))
     await store.flush()
-    assert await store.get(entry(1).meta.key) is not None  # 1 is now the most recent
-    await store.put(entry(5))
-    await store.flush()  # one must go: 2, the least recently used
+    for n in (1, 2, 3, 4, 1):  # 1 read again: now the most recent
+        assert await store.get(entry(n).meta.key) is not None
+    assert await store.get(entry(5).meta.key) is not None  # one must go: 2, the least recent
     reads = _forbid_reads(store, monkeypatch)
     for n in (1, 3, 4, 5):
         assert await store.get(entry(n).meta.key) is not None
@@ -242,7 +240,7 @@ async def test_an_answer_over_a_quarter_of_the_memory_is_not_remembered(
     for _ in range(2):
         assert await store.get(entry(1).meta.key) is not None
         assert await store.get(entry(2).meta.key) is not None
-    assert reads == [entry(1).meta.key] * 2
+    assert reads == [entry(1).meta.key, entry(2).meta.key, entry(1).meta.key]
     await store.close()
 
 
