@@ -22,6 +22,10 @@ Two things keep the disk off a miss's path (``DiskStore``):
   instead of queueing without bound; ``flush`` (called by ``close``, ``delete``,
   ``delete_where``, ``scan`` and ``count``) writes everything queued first, so a clean shutdown
   loses nothing and an admin operation sees every entry put before it.
+
+And one keeps it off a repeated hit's: the entries read lately stay decoded in memory (up to
+``recent_bytes``; a put, a delete or an invalidation of the key drops its copy, and an
+invalidation also judges the copies of entries diskcache has since evicted).
 """
 
 from __future__ import annotations
