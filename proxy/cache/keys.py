@@ -49,6 +49,11 @@ EXCLUDED_FIELDS: Final[Mapping[str, str]] = {
     "prompt_cache_key": "provider prefix-cache routing hint, not generation",
     "safety_identifier": "end-user id for abuse tracking, like `user`",
     "kv_transfer_params": "vLLM disaggregated-prefill plumbing, unique per request",
+    "ec_transfer_params": "vLLM encoder-cache transfer plumbing, like kv_transfer_params",
+    "session_id": "vLLM session identity for routing and cache reuse across related requests, "
+    "not generation",
+    "stream_interval": "vLLM tokens per streamed chunk; a stored answer is replayed in its own "
+    "chunks",
 }
 
 # Known fields that are hashed (documentation and the completeness test; anything not excluded is
@@ -80,6 +85,8 @@ HASHED_FIELDS: Final[Mapping[str, str]] = {
     "mm_processor_kwargs": "vLLM multimodal preprocessing",
     "prompt_embeds": "vLLM completions prompt as embeddings",
     "truncate_prompt_tokens": "vLLM prompt truncation",
+    "truncation_side": "vLLM prompt truncation side",
+    "media_io_kwargs": "vLLM multimodal input loading",
     # sampling
     "temperature": "sampling",
     "top_p": "sampling",
@@ -107,6 +114,8 @@ HASHED_FIELDS: Final[Mapping[str, str]] = {
     "vllm_xargs": "vLLM extension arguments",
     "thinking_token_budget": "vLLM reasoning budget",
     "include_reasoning": "vLLM reasoning output",
+    "watermarking": "vLLM watermarked sampling",
+    "repetition_detection": "vLLM early stop on repeated n-grams",
     # output shape
     "logprobs": "log-probabilities in the answer",
     "top_logprobs": "log-probabilities in the answer",
@@ -115,6 +124,12 @@ HASHED_FIELDS: Final[Mapping[str, str]] = {
     "spaces_between_special_tokens": "vLLM detokenisation",
     "return_tokens_as_token_ids": "vLLM output shape",
     "return_token_ids": "vLLM output shape",
+    "return_prompt_text": "vLLM: the templated prompt in the answer",
+    "return_token_offsets": "vLLM render output shape",
+    "logprob_token_ids": "vLLM log-probabilities of chosen tokens",
+    "routed_experts_prompt_start": "vLLM routed-expert output shape",
+    "mm_payload": "vLLM render output shape",
+    "return_mm_kwargs": "vLLM render output shape (deprecated alias of mm_payload)",
     # structured output
     "guided_json": "vLLM structured output",
     "guided_regex": "vLLM structured output",
@@ -273,12 +288,14 @@ def message_text(content: Any) -> str | None:
 
 
 def echoes_prompt(fields: Mapping[str, Any]) -> bool:
-    """Whether the answer carries the prompt itself (``echo``, the prompt's log-probabilities or
-    token ids): such an answer belongs to its exact prompt, never to one that means the same."""
+    """Whether the answer carries the prompt itself (``echo``, the prompt's log-probabilities,
+    token ids or templated text): such an answer belongs to its exact prompt, never to one that
+    means the same."""
     # prompt_logprobs is a count: 0 still returns the prompt tokens' own log-probabilities
     return (
         bool(fields.get("echo"))
         or bool(fields.get("return_token_ids"))
+        or bool(fields.get("return_prompt_text"))
         or fields.get("prompt_logprobs") is not None
     )
 
