@@ -66,7 +66,7 @@ def add_routes(app: web.Application, services: Services) -> None:
             services.settings.cache.scope if scope is None else scope, body.get("owner")
         )
         endpoint = body.get("endpoint", Endpoint.CHAT.value)
-        if endpoint not in {e.value for e in Endpoint}:
+        if not _names_one(endpoint, Endpoint):
             raise InvalidRequest(
                 f"endpoint must be one of {[e.value for e in Endpoint]}", param="endpoint"
             )
@@ -195,10 +195,16 @@ _OWNERS: dict[Scope, str] = {
 _OWNER_SIZES = {Scope.GLOBAL: 0, Scope.TIER: 1, Scope.TENANT: 1, Scope.USER: 2}
 
 
+def _names_one(value: Any, choices: type[Scope] | type[Endpoint]) -> bool:
+    """Whether ``value`` is the name of one of ``choices`` (a list or an object is not: a set
+    membership test of one would raise, and answer 500)."""
+    return isinstance(value, str) and value in {c.value for c in choices}
+
+
 def _partition(scope: Any, owner: Any) -> Partition:
     """The partition ``scope`` and ``owner`` name; 400 unless a request can be in it (an import
     to ``tenant`` with no tenant was stored where no request ever looks)."""
-    if scope not in {s.value for s in Scope}:
+    if not _names_one(scope, Scope):
         raise InvalidRequest(f"scope must be one of {[s.value for s in Scope]}", param="scope")
     kind = Scope(scope)
     owner = [] if owner is None else owner
@@ -221,7 +227,7 @@ def _invalidation_filter(body: dict[str, Any]) -> InvalidationFilter:
             param=sorted(unknown)[0],
         )
     scope = body.get("scope")
-    if scope is not None and scope not in {s.value for s in Scope}:
+    if scope is not None and not _names_one(scope, Scope):
         raise InvalidRequest(f"scope must be one of {[s.value for s in Scope]}", param="scope")
     # A scope alone is every partition of it (every tenant's); an owner narrows it to one.
     partition = None

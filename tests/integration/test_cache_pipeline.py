@@ -656,6 +656,8 @@ async def test_cli_import_with_the_max_tokens_the_requests_carry(
         ("tier", [1], "owner"),
         ("tier", "open", "owner"),
         ("team", ["a"], "scope"),
+        (["tenant"], ["a"], "scope"),  # (a list or an object here was a 500)
+        ({"a": 1}, ["a"], "scope"),
     ],
 )
 async def test_import_refuses_a_partition_no_request_is_in(
@@ -712,6 +714,24 @@ async def test_invalidate_clears_one_tenants_partition_only(
     warm = {"model": "m", "messages": QUESTION, "temperature": 0}
     resp = await proxy.client.post("/v1/chat/completions", json=warm)
     assert resp.headers["x-frugal-cache"] == "hit-exact"  # the anonymous tenant's entry stays
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/admin/cache/invalidate", {"scope": ["tenant"]}, "scope"),
+        ("/admin/cache/invalidate", {"scope": {"a": 1}}, "scope"),
+        ("/admin/cache/import", {"engine": "e", "endpoint": ["chat"], "rows": []}, "endpoint"),
+        ("/admin/cache/import", {"engine": "e", "endpoint": {"chat": 1}, "rows": []}, "endpoint"),
+    ],
+)
+async def test_admin_fields_of_the_wrong_type_are_400s_naming_them(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, path: str, body: Any, param: str
+) -> None:
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "global"})
+    resp = await proxy.client.post(path, json=body)
+    assert resp.status == 400, await resp.text()  # (before: 500 internal_error)
+    assert (await resp.json())["error"]["param"] == param
 
 
 async def test_import_refuses_a_version_that_is_not_a_string(
