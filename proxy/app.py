@@ -535,7 +535,7 @@ async def _resolve_versions(
         if engines:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-    await _purge_unserved(services)
+    await _purge_unserved(services, at_start=True)
 
 
 async def _ask_version(
@@ -558,13 +558,22 @@ async def _ask_version(
     return version
 
 
-async def _purge_unserved(services: Services) -> None:
-    """Delete the cache entries of versions no engine (stable or canary) serves."""
+async def _purge_unserved(services: Services, *, at_start: bool = False) -> None:
+    """Delete the cache entries of versions no engine (stable or canary) serves.
+
+    A store shared by a fleet (Redis) also holds what other replicas serve: a replica starting
+    during a rolling deploy, or one configured with fewer engines, must not delete those. There
+    only a switch this replica watched its engines make (every replica of them moved on) purges,
+    and only its own engines' entries; the rest expire with their TTL."""
     if services.cache is None:
         return
+    shared = services.cache.shared
+    if shared and at_start:
+        return
     keep = services.rollouts.served()
+    engines = {engine.name for engine in services.engines} if shared else None
     try:
-        purged = await services.cache.purge_versions(keep)
+        purged = await services.cache.purge_versions(keep, engines=engines)
     except (CacheBackendError, OSError) as exc:  # cleanup only: the next purge retries
         log.warning("could not purge versions no engine serves", error=str(exc))
         return

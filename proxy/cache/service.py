@@ -902,10 +902,21 @@ class ResponseCache:
             self._forget(meta.label)
         return len(deleted)
 
-    async def purge_versions(self, keep: Collection[tuple[str, str]]) -> int:
-        """Delete entries of every (engine, version) not in ``keep`` (versions no longer served)."""
+    @property
+    def shared(self) -> bool:
+        """Whether other proxy replicas use this store too (Redis), so it holds what they serve."""
+        return isinstance(self.store, FollowableStore)
+
+    async def purge_versions(
+        self, keep: Collection[tuple[str, str]], *, engines: Collection[str] | None = None
+    ) -> int:
+        """Delete entries of every (engine, version) not in ``keep`` (versions no longer served),
+        of ``engines`` only when given (a shared store holds other replicas' engines too)."""
         served = set(keep)
-        deleted = await self.store.delete_where(lambda m: (m.engine, m.version) not in served)
+        mine = None if engines is None else set(engines)
+        deleted = await self.store.delete_where(
+            lambda m: (m.engine, m.version) not in served and (mine is None or m.engine in mine)
+        )
         for meta in deleted:
             self._forget(meta.label)
         return len(deleted)

@@ -273,3 +273,42 @@ async def test_each_failure_is_one_cache_error_on_metrics(redis_server: RedisSer
 
     assert (errors("put"), errors("get")) == (1, 1)
     await store.close()
+
+
+async def test_a_replica_serving_other_engines_keeps_the_fleets_entries(
+    redis_server: RedisServer, start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    """A replica configured with other engines, starting on the fleet's Redis, must not purge the
+    entries of the engines the running replicas serve. (A new version of the same engine is a
+    rollout the fleet follows through Redis, and each replica then purges the old version
+    itself: tests/integration/test_rollout*.)"""
+    from tests.integration.conftest import engine_config
+
+    engine = await start_fake("m")
+    cache = {"enabled": True, "backend": "redis", "scope": "global"}
+    redis = {"url": redis_server.url}
+    running = await start_proxy(
+        [engine_config("e", "m", [engine.url], version="v1")], cache=cache, redis=redis
+    )
+    rows = [{"prompt": "q", "answer": "a"}]
+    resp = await running.client.post("/admin/cache/import", json={"engine": "e", "rows": rows})
+    assert (await resp.json())["stored"] == 1
+    ask = {"model": "m", "messages": [{"role": "user", "content": "q"}], "temperature": 0}
+    resp = await running.client.post("/v1/chat/completions", json=ask)
+    assert resp.headers["x-frugal-cache"] == "hit-exact"
+
+    starting = await start_proxy(
+        [engine_config("f", "m", [engine.url], version="v1")], cache=cache, redis=redis
+    )
+
+    async def ready() -> bool:
+        return (await starting.client.get("/readyz")).status == 200
+
+    await eventually(ready)
+    # (before: its start-up purge deleted every entry of engines and versions it did not serve
+    # itself, within milliseconds of its versions being known)
+    await asyncio.sleep(0.5)
+    stats = await (await running.client.get("/admin/cache/stats")).json()
+    assert stats["stored_entries"] == 1
+    resp = await running.client.post("/v1/chat/completions", json=ask)
+    assert resp.headers["x-frugal-cache"] == "hit-exact"
