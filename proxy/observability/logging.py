@@ -158,7 +158,13 @@ def _route_stdlib_logging(
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        # ExtraAdder: a stdlib record's ``extra=`` fields (why a backend is down, which engine, the
+        # retry delay) become fields of the line, and drop_content still sees them
+        foreign_pre_chain=[
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.ExtraAdder(),
+            *shared,
+        ],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(_TextView(stream) if json else stream)

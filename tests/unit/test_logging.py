@@ -105,6 +105,19 @@ def test_stdlib_records_go_through_the_same_json_renderer() -> None:
     assert line["level"] == "warning"
 
 
+def test_stdlib_records_keep_their_extra_fields_without_content() -> None:
+    out = io.BytesIO()
+    configure_logging(json=True, level="INFO", stream=out)
+    logging.getLogger("proxy.cache.service").warning(
+        "cache.backend.down",
+        extra={"operation": "get", "error": "ConnectionError: refused", "prompt": "secret"},
+    )
+    [line] = lines(out)
+    assert line["event"] == "cache.backend.down"
+    assert line["operation"] == "get" and line["error"] == "ConnectionError: refused"
+    assert "prompt" not in line  # (before: every extra field was lost, the reason with it)
+
+
 def test_console_renderer_is_readable_text() -> None:
     out = io.StringIO()
     configure_logging(json=False, level="INFO", stream=out)
