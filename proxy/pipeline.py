@@ -99,6 +99,7 @@ class Exchange:
     error: str | None = None
     latency_s: float = 0.0  # set when the handler returns
     conversation: CompletionRequest | None = None  # a chat answered by the routed engine
+    counted_in_flight: bool = False  # in frugal_requests_in_flight (from authentication on)
 
     def headers(self) -> dict[str, str]:
         headers = {"x-request-id": self.request_id, "x-frugal-cache": self.cache}
@@ -177,6 +178,8 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
             bearer_token(request.headers.get("Authorization"))
         )
         exchange.tier = principal.tier
+        services.metrics.in_flight(tier=principal.tier, delta=1)
+        exchange.counted_in_flight = True
         policy = principal.policy
         _check_model_exists(services, req.model)
         requested = resolve_model(policy, req.model)
@@ -1033,6 +1036,8 @@ async def _write_eof_quietly(response: web.StreamResponse) -> None:
 
 
 def _finish(exchange: Exchange, services: Services) -> None:
+    if exchange.counted_in_flight:
+        services.metrics.in_flight(tier=exchange.tier, delta=-1)
     latency = exchange.latency_s
     engine = exchange.engine
     router = services.router

@@ -645,3 +645,34 @@ async def test_an_engine_serving_a_hugging_face_id(
     assert resp.status == 200
     card = await (await p.client.get(f"/v1/models/{name}")).json()
     assert card["id"] == name
+
+
+async def test_requests_in_flight_are_on_metrics_while_they_run(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    slow = await start_fake("m", tokens_per_s=20, completion_tokens=20)
+    p = await start_proxy([engine_config("e", "m", [slow.url])])
+
+    async def in_flight() -> float | None:
+        text = await (await p.client.get("/metrics")).text()
+        for line in text.splitlines():
+            if line.startswith('frugal_requests_in_flight{tier="open"}'):
+                return float(line.split()[-1])
+        return None
+
+    streams = [
+        await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+        for _ in range(2)
+    ]
+    assert [s.status for s in streams] == [200, 200]
+    assert await in_flight() == 2  # (before: the gauge had no samples at all)
+    for stream in streams:
+        await stream.read()
+    bad = await p.client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
+    assert bad.status in (400, 404)
+
+    async def drained() -> bool:
+        return await in_flight() == 0
+
+    await wait_until(drained)  # (decremented just after each response is written)
+    assert await in_flight() == 0
