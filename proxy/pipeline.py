@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from proxy.errors import (
     ModelNotFound,
     PayloadTooLarge,
     PermissionDenied,
+    UpstreamError,
 )
 from proxy.observability.savings import split_savings
 from proxy.policy.keys import bearer_token
@@ -833,6 +835,8 @@ async def _relay_stream(
         tail = relay.close()
         if tail:
             await response.write(tail)
+        if not relay.complete:
+            raise UpstreamError("the engine's stream ended before the answer did")
         upstream.finish(ok=True)
     except FrugalError as err:
         await _end_broken_stream(response, upstream, exchange, store, err)
@@ -892,6 +896,8 @@ async def _finish_for_followers(
         async for chunk in upstream.rest():
             relay.feed(chunk)
         relay.close()
+        if not relay.complete:
+            raise UpstreamError("the engine's stream ended before the answer did")
     except FrugalError as err:
         upstream.finish(ok=False)
         flight.fail(_leader_failed(err))
@@ -928,11 +934,16 @@ async def _end_broken_stream(
         store.flight.fail(_leader_failed(err))
 
 
+# A choice's finish_reason with a value (vLLM's intermediate chunks carry ``null``).
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+
+
 class _StreamRelay:
     """Passes SSE events on as they come, holding back only the usage chunk the client did not
-    ask for, and closes a stream the engine ended without ``[DONE]``."""
+    ask for, and closes a stream the engine ended without ``[DONE]`` after a finished answer
+    (``complete``: false when it ended before either, which the caller reports as a failure)."""
 
-    __slots__ = ("done", "include_usage", "parser", "sink", "usage")
+    __slots__ = ("done", "finished", "include_usage", "parser", "sink", "usage")
 
     def __init__(self, *, include_usage: bool, sink: Callable[[bytes], None] | None) -> None:
         self.parser = SSEParser()
@@ -940,6 +951,12 @@ class _StreamRelay:
         self.sink = sink
         self.usage: tuple[int, int] | None = None
         self.done = False
+        self.finished = False  # an event gave a finish_reason
+
+    @property
+    def complete(self) -> bool:
+        """Whether the engine ended its answer: ``[DONE]``, or a finish_reason before EOF."""
+        return self.done or self.finished
 
     def feed(self, chunk: bytes) -> bytes:
         return self._relay(self.parser.feed(chunk))
@@ -955,6 +972,8 @@ class _StreamRelay:
                 continue
             if self.sink is not None:
                 self.sink(payload)
+            if not self.finished and b'"finish_reason"' in payload:
+                self.finished = _FINISHED.search(payload) is not None
             if b'"usage"' in payload and self._take_usage(payload):
                 continue
             out.append(frame(payload))
@@ -982,8 +1001,8 @@ class _StreamRelay:
         # A last event the engine did not close with a blank line is still an event: it goes
         # through the same hold-back, sink and [DONE] bookkeeping as the others.
         rest = self._relay(self.parser.flush())
-        if not self.done:
-            rest += frame(DONE_PAYLOAD)
+        if not self.done and self.finished:
+            rest += frame(DONE_PAYLOAD)  # a finished answer whose [DONE] the engine left out
         return rest
 
 

@@ -22,6 +22,9 @@ Knobs for tests, settable at start (:class:`FakeEngineOptions`) and at run time 
 - ``fail_status`` + ``fail_fraction``: answer that status (500/503, ...) to that fraction of
   completion requests;
 - ``hang``: accept the request and send nothing until the client leaves or ``hang`` is turned off;
+- ``end_after_chunks``: end a stream cleanly after that many SSE events, with no finish_reason and
+  no ``[DONE]`` (as a load balancer that closes it early would); non-streamed requests are
+  answered whole;
 - ``abort_after_chunks``: close the connection abruptly after that many SSE events (non-streamed
   requests are cut before any byte);
 - ``health_fail``: ``/health`` answers 503.
@@ -75,6 +78,7 @@ RUNTIME_FIELDS = frozenset(
         "fail_fraction",
         "hang",
         "abort_after_chunks",
+        "end_after_chunks",
         "health_fail",
         "max_num_seqs",
     }
@@ -108,6 +112,7 @@ class FakeEngineOptions:
     fail_fraction: float = 0.0  # 1.0 fails every completion request
     hang: bool = False
     abort_after_chunks: int | None = None
+    end_after_chunks: int | None = None
     health_fail: bool = False
     max_num_seqs: int = 256  # requests beyond it count as "waiting" in /metrics
     check_model: bool = True  # 404 for an unknown "model", like vLLM
@@ -121,6 +126,8 @@ class FakeEngineOptions:
             raise ValueError("ttft_ms and tokens_per_s must be >= 0")
         if self.abort_after_chunks is not None and self.abort_after_chunks < 0:
             raise ValueError("abort_after_chunks must be >= 0")
+        if self.end_after_chunks is not None and self.end_after_chunks < 0:
+            raise ValueError("end_after_chunks must be >= 0")
         if self.completion_tokens < 1 or self.max_num_seqs < 1 or self.request_log_size < 0:
             raise ValueError("completion_tokens and max_num_seqs must be >= 1")
 
@@ -136,6 +143,7 @@ def parse_fail_spec(spec: str) -> dict[str, Any]:
       quarter of them;
     - ``hang``: never send the first byte;
     - ``abort:K``: cut the connection after K SSE events;
+    - ``end:K``: end a stream cleanly after K SSE events, unfinished and without ``[DONE]``;
     - ``health``: ``/health`` fails.
     """
     overrides: dict[str, Any] = {}
@@ -150,11 +158,14 @@ def parse_fail_spec(spec: str) -> dict[str, Any]:
             overrides["hang"] = True
         elif head == "abort" and arg.isdigit():
             overrides["abort_after_chunks"] = int(arg)
+        elif head == "end" and arg.isdigit():
+            overrides["end_after_chunks"] = int(arg)
         elif head == "health" and not arg:
             overrides["health_fail"] = True
         else:
             raise ValueError(
-                f"bad --fail item {item!r}: expected STATUS[:FRACTION], hang, abort:K or health"
+                f"bad --fail item {item!r}: expected STATUS[:FRACTION], hang, abort:K, end:K "
+                "or health"
             )
     return overrides
 
@@ -633,7 +644,7 @@ async def _answer(
             await asyncio.sleep(max(0, longest - 1) / options.tokens_per_s)
         answer = render_response(endpoint, rid, created, model, choices, used)
         response = web.Response(body=answer, content_type=_JSON)
-    if entry.outcome != "cut":
+    if entry.outcome not in ("cut", "ended"):
         state.counters.prompt += prompt_tokens
         state.counters.generated += used["completion_tokens"]
         for choice in choices:
@@ -653,7 +664,8 @@ async def _stream(
     response = web.StreamResponse(headers=_SSE_HEADERS)
     await response.prepare(request)
     cut_at = options.abort_after_chunks
-    if options.zero_delay and cut_at is None:
+    end_at = options.end_after_chunks
+    if options.zero_delay and cut_at is None and end_at is None:
         await response.write(b"".join(events))  # one write: the benchmark's fast path
         await response.write_eof()
         return response
@@ -665,6 +677,9 @@ async def _stream(
         if cut_at is not None and sent >= cut_at:
             _cut(request, state, entry)
             return response
+        if end_at is not None and sent >= end_at:
+            entry.outcome = "ended"
+            break
         position = steps.get(sent)
         if position:
             # Against the first token's time, so time spent writing does not add up per token.
@@ -894,7 +909,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="STATUS[:FRACTION], hang, abort:K or health (comma-separated or repeated)",
+        help="STATUS[:FRACTION], hang, abort:K, end:K or health (comma-separated or repeated)",
     )
     parser.add_argument(
         "--seed",

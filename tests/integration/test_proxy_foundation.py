@@ -325,6 +325,28 @@ async def test_failure_mid_stream_ends_with_error_event_and_done(
     assert len(payloads) >= 4  # chunks before the cut were relayed
 
 
+async def test_a_stream_the_engine_ends_early_and_cleanly_is_a_failure_not_an_answer(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    """Two events, then a clean end with no finish_reason and no [DONE] (a load balancer closing
+    the stream early): the client must not take the half answer for a whole one."""
+    cut = await start_fake("m", end_after_chunks=2, completion_tokens=20)
+    p = await start_proxy([engine_config("e", "m", [cut.url])])
+    replica = p.services.engines[0].replicas[0]
+    failures = replica.breaker.failures
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    assert resp.status == 200
+    payloads = parse_all(await asyncio.wait_for(resp.read(), 5))
+    # (before: the two events, then a [DONE] the proxy added, as if the answer were whole)
+    assert payloads[-1] == b"[DONE]"
+    error = orjson.loads(payloads[-2])["error"]
+    assert error["type"] == "upstream_error" and "ended before the answer" in error["message"]
+    assert len(payloads) == 4  # the two events came first
+    assert replica.breaker.failures == failures + 1 and replica.inflight == 0
+    whole = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    assert whole.status == 200  # a non-streamed answer is whole
+
+
 async def test_a_relay_failure_mid_stream_ends_the_stream_and_frees_the_replica(
     start_fake: StartFake, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -37,6 +37,24 @@ def test_nothing_follows_done() -> None:
 
 
 def test_usage_is_relayed_when_asked() -> None:
-    _, out, _ = relay_of(b"data: " + USAGE + b"\n\n", include_usage=True)
-    assert [orjson.loads(p) for p in out[:-1]] == [orjson.loads(USAGE)]
+    relay, out, _ = relay_of(
+        b"data: " + CHUNK + b"\n\ndata: " + USAGE + b"\n\n", include_usage=True
+    )
+    assert [orjson.loads(p) for p in out[:-1]] == [orjson.loads(CHUNK), orjson.loads(USAGE)]
     assert out[-1] == b"[DONE]"  # closed for an engine that did not
+    assert relay.complete
+
+
+def test_a_stream_ended_before_a_finish_reason_is_not_complete_and_not_closed() -> None:
+    unfinished = b'{"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}'
+    relay, out, _ = relay_of(b"data: " + unfinished + b"\n\n")
+    assert out == [unfinished]  # no [DONE]: the caller ends it with an error event
+    assert not relay.complete and not relay.done
+
+
+def test_a_finish_reason_with_spaces_counts_and_null_does_not() -> None:
+    spaced = b'{"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}'
+    relay, out, _ = relay_of(b"data: " + spaced + b"\n\n")
+    assert relay.complete and out[-1] == b"[DONE]"
+    relay, _, _ = relay_of(b'data: {"choices":[{"delta":{},"finish_reason": null}]}\n\n')
+    assert not relay.complete
