@@ -1,7 +1,8 @@
 """Per-replica circuit breaker: a pure state machine; the caller passes the clock in.
 
 closed --(N consecutive failures)--> open --(open_s elapsed)--> half_open
-half_open lets exactly one probe through: success closes, failure opens again.
+half_open lets exactly one probe through: success closes (for a stream, its first token), failure
+opens again.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class CircuitBreaker:
         self.state = "closed"
         self.failures = 0
         self.probe_in_flight = False
+
+    def on_answering(self) -> None:
+        """The replica has begun to answer (a stream's first token arrived): a half-open probe has
+        shown what it was for, and the others need not wait for the whole answer (minutes of
+        generation) behind it."""
+        if self.state == "half_open":
+            self.on_success()
 
     def on_failure(self, now: float) -> None:
         self.probe_in_flight = False

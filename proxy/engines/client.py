@@ -264,6 +264,8 @@ class EngineCaller:
                 if stream and response.status == 200:
                     upstream._chunks = aiter(response.chunks())
                     upstream.first_chunk = await anext(upstream._chunks, b"")
+                    if upstream.first_chunk:
+                        replica.breaker.on_answering()
                 else:
                     upstream.body = await response.read()
                 return upstream

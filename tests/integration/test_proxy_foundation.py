@@ -698,3 +698,21 @@ async def test_requests_in_flight_are_on_metrics_while_they_run(
 
     await wait_until(drained)  # (decremented just after each response is written)
     assert await in_flight() == 0
+
+
+async def test_a_half_open_probe_streaming_a_long_answer_does_not_hold_the_replica_back(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    engine = await start_fake("m", tokens_per_s=10, completion_tokens=30)  # a 3 s answer
+    p = await start_proxy([engine_config("e", "m", [engine.url])])
+    replica = p.services.engines[0].replicas[0]
+    replica.breaker._open(time.monotonic() - replica.breaker.open_s)  # open, and due a probe
+    probe = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    assert probe.status == 200
+    await probe.content.readany()  # its first token: the replica answers
+    other = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    # (before: 503 no_healthy_replica until the probe's whole answer was done)
+    assert other.status == 200
+    assert replica.breaker.state == "closed"
+    other.close()
+    probe.close()

@@ -34,6 +34,20 @@ def test_breaker_opens_after_threshold_and_half_opens_once() -> None:
     assert b.state == "closed" and b.acquire(22) and b.acquire(22)
 
 
+def test_a_stream_answering_closes_a_half_open_breaker_and_nothing_else() -> None:
+    b = CircuitBreaker(failure_threshold=2, open_s=10)
+    b.on_failure(0.0)
+    b.on_answering()  # closed: a stream's first token says nothing about past failures
+    assert b.state == "closed" and b.failures == 1
+    b.on_failure(0.0)
+    assert b.state == "open"
+    b.on_answering()  # open: no probe has answered
+    assert b.state == "open"
+    assert b.acquire(10.0) and b.state == "half_open" and not b.acquire(10.0)
+    b.on_answering()  # the probe's first token
+    assert b.state == "closed" and b.acquire(10.0)
+
+
 def test_breaker_success_resets_the_failure_count() -> None:
     b = CircuitBreaker(failure_threshold=3)
     b.on_failure(0)
