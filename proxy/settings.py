@@ -24,6 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from proxy.yaml_keys import duplicate_keys
+
 VIRTUAL_MODEL = "auto"
 
 
@@ -348,6 +350,13 @@ def parse_settings(
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    repeated = [
+        f"  {source}:{line}: {key}: duplicate key"
+        for line, key in (duplicate_keys(node) if node is not None else ())
+    ]
+    if repeated:
+        # (YAML would keep the last one silently: two `server:` sections, one of them ignored)
+        raise ConfigError("\n".join([f"{source}: invalid configuration", *repeated]))
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from proxy import yaml_keys
 from proxy.policy.policyset import PolicyIssue, PolicySet
 from proxy.policy.schema import TierPolicy
 
@@ -148,20 +149,10 @@ def locate(root: yaml.Node, loc: Sequence[int | str]) -> tuple[int, yaml.Node]:
     return line, node
 
 
-def duplicate_keys(node: yaml.Node, source: str, path: str = "") -> Iterable[PolicyIssue]:
+def duplicate_keys(node: yaml.Node, source: str) -> Iterable[PolicyIssue]:
     """YAML keeps the last of two equal keys silently; a policy file should not."""
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            name = str(key.value)
-            field = f"{path}.{name}" if path else name
-            if name in seen:
-                yield PolicyIssue(source, key.start_mark.line + 1, field, "duplicate key")
-            seen.add(name)
-            yield from duplicate_keys(value, source, field)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            yield from duplicate_keys(item, source, f"{path}.{i}")
+    for line, field in yaml_keys.duplicate_keys(node):
+        yield PolicyIssue(source, line, field, "duplicate key")
 
 
 def cross_check(parsed: Sequence[ParsedFile]) -> list[PolicyIssue]:

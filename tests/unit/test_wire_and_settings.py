@@ -168,6 +168,15 @@ def test_minimal_config_and_defaults() -> None:
             MINIMAL + "health: {version_interval_s: 0}\n",
             "c.yaml:3: health.version_interval_s: Input should be greater than 0",
         ),
+        # (before: the second `server:` silently replaced the first)
+        (
+            "server: {port: 9000}\n" + MINIMAL + "server: {port: 9001}\n",
+            "c.yaml:4: server: duplicate",
+        ),
+        (
+            MINIMAL + "cache: {enabled: true, enabled: false}\n",
+            "c.yaml:3: cache.enabled: duplicate",
+        ),
     ],
 )
 def test_config_errors_name_file_line_and_field(text: str, expected: str) -> None:
