@@ -519,12 +519,13 @@ async def _resolve_versions(
 ) -> None:
     delay = 0.5
     engines = list(engines)
+    reported: set[str] = set()  # each reason a replica gave, logged once
     while engines:
         for engine in list(engines):
             if engine.version is None:
                 # Every replica is asked (one that reports another version stays out of
                 # rotation); the first in the config's order that answers sets the version.
-                versions = await asyncio.gather(*(_ask_version(engine, r, session)
+                versions = await asyncio.gather(*(_ask_version(engine, r, session, reported)
                                                   for r in engine.replicas))  # fmt: skip
                 known = [v for v in versions if v is not None]
                 if engine.version is None and known:  # (the health poller may have set it)
@@ -539,7 +540,10 @@ async def _resolve_versions(
 
 
 async def _ask_version(
-    engine: Engine, replica: Replica, session: aiohttp.ClientSession
+    engine: Engine,
+    replica: Replica,
+    session: aiohttp.ClientSession,
+    reported: set[str] | None = None,
 ) -> str | None:
     now = time.monotonic()
     try:
@@ -553,6 +557,13 @@ async def _ask_version(
     except RESOLVE_ERRORS as exc:
         if cancelling():
             raise asyncio.CancelledError from exc
+        reason = f"{type(exc).__name__}: {exc}"
+        if reported is not None and reason not in reported:
+            # Until it has a version the engine serves nothing and /readyz says 503: say why
+            # (once per reason: the resolution is retried every few seconds).
+            reported.add(reason)
+            log.warning("engine version unknown yet", engine=engine.name, replica=replica.url,
+                        reason=reason)  # fmt: skip
         return None
     replica.version, replica.version_at = version, now
     return version

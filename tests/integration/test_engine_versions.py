@@ -4,6 +4,7 @@ replica serving another version than its engine's is held out of rotation."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,22 @@ async def test_a_replica_on_another_version_is_held_out_until_the_engine_moves_t
         await _ask(proxy, {**GREEDY, "messages": [{"role": "user", "content": f"r{i}"}]})
     assert a.state.counters.requests == served_by_a
     assert engine.version == rb.version
+
+
+async def test_an_engine_whose_version_cannot_be_resolved_says_why_once(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    import structlog
+
+    engine = await start_fake("m")
+    with structlog.testing.capture_logs() as logs:
+        # the config names a model the engine does not serve: no version, so /readyz says 503
+        proxy = await start_proxy([engine_config("e", "wrongname", [engine.url])])
+        assert (await proxy.client.get("/readyz")).status == 503
+        await wait_until(lambda: proxy.services.engines[0].version is None and len(logs) > 0)
+        await asyncio.sleep(1.0)  # retried meanwhile (every 0.5-5 s)
+    unknown = [e for e in logs if e["event"] == "engine version unknown yet"]
+    # (before: nothing at all was logged)
+    assert len(unknown) == 1, logs
+    assert unknown[0]["engine"] == "e" and unknown[0]["replica"] == engine.url
+    assert "does not serve 'wrongname'" in unknown[0]["reason"]
