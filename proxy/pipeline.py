@@ -913,7 +913,7 @@ async def _finish_for_followers(
 def _stream_ended(relay: _StreamRelay, assembler: StreamAssembler | None, store: _Store) -> None:
     """The engine's stream is over: a clean, complete answer is stored and given to the
     followers; anything else fails their flight."""
-    if assembler is not None and relay.done and assembler.complete:
+    if assembler is not None and relay.complete and assembler.complete:
         store.complete(200, orjson.dumps(assembler.result()))
     elif store.flight is not None:
         store.flight.fail(_leader_failed(FrugalError("the engine's stream ended early")))
@@ -1012,8 +1012,13 @@ def openai_error_body(body: bytes, status: int) -> bytes:
         parsed: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
         parsed = None
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-        return body
+    nested = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(nested, dict):
+        code = nested.get("code")
+        if code is None or isinstance(code, str):
+            return body
+        # vLLM's nested errors carry the HTTP status as an integer code; OpenAI's is a string
+        return orjson.dumps({"error": {**nested, "code": str(code)}})
     flat = parsed if isinstance(parsed, dict) else {}
     message = flat.get("message") or body[:500].decode(errors="replace") or f"engine error {status}"
     code = flat.get("code")

@@ -744,3 +744,25 @@ async def test_import_refuses_a_version_that_is_not_a_string(
         resp = await proxy.client.post("/admin/cache/import", json=body)
         # (before: 503 "engine 'e' has no known version yet")
         assert resp.status == 400 and (await resp.json())["error"]["param"] == "version"
+
+
+async def test_a_finished_stream_the_engine_closed_without_done_is_whole_and_stored(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # role, 3 tokens, finish, usage (the proxy asks for it upstream): then the end, no [DONE]
+    engine = await start_fake("m", end_after_chunks=6, completion_tokens=3)
+    proxy = await start_proxy(
+        [engine_config("e", "m", [engine.url])],
+        cache={"enabled": True, "data_dir": str(tmp_path / "cache"), "scope": "global"},
+    )
+    body = {"model": "m", "messages": QUESTION, "temperature": 0, "stream": True}
+    first = await proxy.client.post("/v1/chat/completions", json=body)
+    payloads = parse_all(await first.read())
+    assert payloads[-1] == b"[DONE]" and all(b'"error"' not in p for p in payloads)
+    assert first.headers["x-frugal-cache"] == "miss"
+    assert proxy.services.cache is not None
+    await proxy.services.cache.drain()
+    again = await proxy.client.post("/v1/chat/completions", json=body)
+    # (before: a finished answer without [DONE] was not stored)
+    assert again.headers["x-frugal-cache"] == "hit-exact"
+    assert engine.state.counters.requests == 1

@@ -64,7 +64,7 @@ def test_check_request_names_the_bad_field(field: str, value: Any, message: str)
     assert err.value.param == field
 
 
-def test_error_body_is_vllm_openai_shape_and_the_proxy_relays_it_unchanged() -> None:
+def test_error_body_is_vllm_openai_shape_and_the_proxy_relays_it_with_a_string_code() -> None:
     body = error_body("'stop' must be a string", "BadRequestError", 400, "stop")
     assert orjson.loads(body) == {
         "error": {
@@ -74,7 +74,17 @@ def test_error_body_is_vllm_openai_shape_and_the_proxy_relays_it_unchanged() -> 
             "code": 400,
         }
     }
-    assert openai_error_body(body, 400) == body
+    # vLLM's integer code becomes OpenAI's string code; the rest is relayed as it came
+    assert orjson.loads(openai_error_body(body, 400)) == {
+        "error": {
+            "message": "'stop' must be a string",
+            "type": "BadRequestError",
+            "param": "stop",
+            "code": "400",
+        }
+    }
+    already = b'{"error":{"message":"m","type":"t","param":null,"code":"bad_thing"}}'
+    assert openai_error_body(already, 400) == already
     # Older vLLM sends the flat shape; the proxy still nests it.
     flat = b'{"object":"error","message":"m","type":"BadRequestError","param":null,"code":400}'
     assert orjson.loads(openai_error_body(flat, 400)) == {
