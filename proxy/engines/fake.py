@@ -152,6 +152,8 @@ def parse_fail_spec(spec: str) -> dict[str, Any]:
             continue
         head, _, arg = item.partition(":")
         if head.isdigit():
+            if not 400 <= int(head) <= 599:
+                raise ValueError(f"bad --fail item {item!r}: a failure status is 400-599")
             overrides["fail_status"] = int(head)
             overrides["fail_fraction"] = float(arg) if arg else 1.0
         elif head == "hang" and not arg:

@@ -415,6 +415,9 @@ def test_parse_fail_spec() -> None:
     assert parse_fail_spec("500") == {"fail_status": 500, "fail_fraction": 1.0}
     assert parse_fail_spec("hang, abort:3") == {"hang": True, "abort_after_chunks": 3}
     assert parse_fail_spec("end:2") == {"end_after_chunks": 2}
+    for ok_status in ("200", "399", "600"):  # (200 was taken as a "failure")
+        with pytest.raises(ValueError, match="400-599"):
+            parse_fail_spec(ok_status)
     for bad in ("abort", "abort:x", "sometimes", "hang:1"):
         with pytest.raises(ValueError):
             parse_fail_spec(bad)
