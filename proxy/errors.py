@@ -152,3 +152,8 @@ class UpstreamTimeout(FrugalError, TimeoutError):
     status = 504
     error_type = "timeout"
     default_code = "upstream_timeout"
+
+
+class AnswerOutlastedRequest(UpstreamTimeout):
+    """The request's own time (``total_s``) ran out while the replica was still streaming tokens:
+    a long answer, not a failing replica (the engine is told to stop; its breaker is not)."""

@@ -45,6 +45,7 @@ from proxy.cache.stream_codec import StreamAssembler, replay_sse
 from proxy.engines.client import Upstream
 from proxy.engines.pool import Engine
 from proxy.errors import (
+    AnswerOutlastedRequest,
     FrugalError,
     InternalError,
     InvalidRequest,
@@ -899,7 +900,7 @@ async def _finish_for_followers(
         if not relay.complete:
             raise UpstreamError("the engine's stream ended before the answer did")
     except FrugalError as err:
-        upstream.finish(ok=False)
+        upstream.finish(ok=False, aborted=isinstance(err, AnswerOutlastedRequest))
         flight.fail(_leader_failed(err))
         return
     except BaseException:  # stopped at shutdown, or a bug: never leave the followers waiting
@@ -927,7 +928,8 @@ async def _end_broken_stream(
     err: FrugalError,
 ) -> None:
     """Headers are gone: the failure becomes the stream's last event, never a hang."""
-    upstream.finish(ok=False)
+    # (the request's own time running out on a replica still answering is not its failure)
+    upstream.finish(ok=False, aborted=isinstance(err, AnswerOutlastedRequest))
     exchange.status, exchange.error = err.status, err.code
     await _write_quietly(response, err.to_sse())
     if store.flight is not None:

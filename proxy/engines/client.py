@@ -19,7 +19,13 @@ import aiohttp
 from proxy.engines.http1 import LeanClient
 from proxy.engines.pool import Engine, Replica, choose_replica
 from proxy.engines.timelimit import TimeLimit
-from proxy.errors import FrugalError, NoHealthyReplica, UpstreamError, UpstreamTimeout
+from proxy.errors import (
+    AnswerOutlastedRequest,
+    FrugalError,
+    NoHealthyReplica,
+    UpstreamError,
+    UpstreamTimeout,
+)
 
 
 @dataclass(slots=True)
@@ -127,6 +133,9 @@ class Upstream:
     attempts: int = 1
     _chunks: AsyncIterator[bytes] | None = None
     _finished: bool = field(default=False)
+    # when the latest chunk came (monotonic): a replica that sent one within first_token_s of
+    # the deadline was still answering when the request's time ran out
+    _last_chunk_at: float = field(default_factory=time.monotonic)
 
     @property
     def status(self) -> int:
@@ -140,19 +149,25 @@ class Upstream:
         while True:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
-                raise UpstreamTimeout(f"engine {self.engine.name} exceeded its request timeout")
+                raise self._out_of_time()
             try:
                 async with TimeLimit(remaining):
                     chunk = await anext(iterator)
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                raise UpstreamTimeout(
-                    f"engine {self.engine.name} exceeded its request timeout"
-                ) from None
+                raise self._out_of_time() from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise UpstreamError(f"engine {self.engine.name} failed mid-answer: {exc}") from exc
+            self._last_chunk_at = time.monotonic()
             yield chunk
+
+    def _out_of_time(self) -> UpstreamTimeout:
+        message = f"engine {self.engine.name} exceeded its request timeout"
+        silent_s = time.monotonic() - self._last_chunk_at
+        if silent_s < self.engine.settings.timeouts.first_token_s:
+            return AnswerOutlastedRequest(message)
+        return UpstreamTimeout(message)  # it had stalled: the replica's failure
 
     def finish(self, *, ok: bool, aborted: bool = False) -> None:
         """Give the replica back. ``aborted``: the client left; close so the engine stops."""
@@ -264,6 +279,7 @@ class EngineCaller:
                 if stream and response.status == 200:
                     upstream._chunks = aiter(response.chunks())
                     upstream.first_chunk = await anext(upstream._chunks, b"")
+                    upstream._last_chunk_at = time.monotonic()
                     if upstream.first_chunk:
                         replica.breaker.on_answering()
                 else:

@@ -472,7 +472,26 @@ async def test_engine_slower_than_its_whole_request_timeout_mid_stream_ends_the_
     error = orjson.loads(payloads[-2])["error"]
     assert error["code"] == "upstream_timeout"
     await wait_until(lambda: slow.state.counters.aborted == 1)  # the engine was told to stop
-    assert p.services.engines[0].replicas[0].inflight == 0
+    replica = p.services.engines[0].replicas[0]
+    assert replica.inflight == 0
+    # a token every 0.2 s: the replica was answering, the request's own time ran out
+    # (before: a breaker failure, and three such long answers took the replica out of rotation)
+    assert replica.breaker.failures == 0 and replica.breaker.state == "closed"
+
+
+async def test_a_replica_that_stalls_mid_stream_until_the_deadline_is_a_breaker_failure(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    stalled = await start_fake("m", tokens_per_s=0.5, completion_tokens=50)  # 2 s a token
+    timeouts = {"connect_s": 1, "first_token_s": 0.3, "total_s": 0.8}
+    p = await start_proxy([engine_config("e", "m", [stalled.url], timeouts=timeouts)])
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    assert resp.status == 200
+    payloads = parse_all(await asyncio.wait_for(resp.read(), 5))
+    assert orjson.loads(payloads[-2])["error"]["code"] == "upstream_timeout"
+    await wait_until(lambda: stalled.state.counters.aborted == 1)
+    replica = p.services.engines[0].replicas[0]
+    assert replica.inflight == 0 and replica.breaker.failures == 1  # silent past first_token_s
 
 
 def _constant_encoder(texts: list[str]) -> np.ndarray:
