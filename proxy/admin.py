@@ -90,6 +90,7 @@ def add_routes(app: web.Application, services: Services) -> None:
             endpoint=Endpoint(endpoint),
             template=template,
             encode=services.encode,
+            model=engine.model,  # the name clients ask for and see in answers
         )
         return _json(
             {

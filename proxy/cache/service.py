@@ -949,6 +949,7 @@ class ResponseCache:
         encode: Encode | None = None,
         batch_size: int = 64,
         progress: bool = True,
+        model: str | None = None,
     ) -> int:
         """Warm the cache from JSONL prompt/answer pairs for one engine version.
 
@@ -957,8 +958,9 @@ class ResponseCache:
         body; wins over both) and ``"usage"`` (token counts, non-negative integers). Other
         request fields come from ``template`` (default ``{"temperature": 0}``): an entry is only
         hit by requests with the same fields. With ``encode`` the questions are embedded for
-        semantic hits. Every line is checked before any is stored (``InvalidRequest`` naming
-        the first bad line). Returns entries stored.
+        semantic hits. ``model`` is the answers' ``model`` field: the name the engine serves
+        (default: the engine's name). Every line is checked before any is stored
+        (``InvalidRequest`` naming the first bad line). Returns entries stored.
         """
         from tqdm import tqdm
 
@@ -985,6 +987,7 @@ class ResponseCache:
                     endpoint=endpoint,
                     template=template,
                     encode=encode,
+                    model=model,
                 )
                 bar.update(len(batch))
         return stored
@@ -999,6 +1002,7 @@ class ResponseCache:
         endpoint: Endpoint = Endpoint.CHAT,
         template: Mapping[str, Any] | None = None,
         encode: Encode | None = None,
+        model: str | None = None,
     ) -> int:
         """Store one batch of import rows (the format of :meth:`import_jsonl`); entries stored.
 
@@ -1015,6 +1019,7 @@ class ResponseCache:
             endpoint=endpoint,
             template=template,
             encode=encode,
+            model=model,
         )
 
     async def _store_rows(
@@ -1027,6 +1032,7 @@ class ResponseCache:
         endpoint: Endpoint,
         template: Mapping[str, Any] | None,
         encode: Encode | None,
+        model: str | None = None,
     ) -> int:
         """Store rows already checked (``import_jsonl`` checks a whole file first)."""
         base = dict(template) if template is not None else {"temperature": 0}
@@ -1039,7 +1045,7 @@ class ResponseCache:
                     version=version,
                     partition=partition,
                 ),
-                _import_response(row, endpoint, engine),
+                _import_response(row, endpoint, model or engine),
             )
             for row in rows
         ]
@@ -1189,7 +1195,7 @@ def _import_request(row: Mapping[str, Any], endpoint: Endpoint, base: Mapping[st
     return {**base, "messages": messages}
 
 
-def _import_response(row: Mapping[str, Any], endpoint: Endpoint, engine: str) -> dict[str, Any]:
+def _import_response(row: Mapping[str, Any], endpoint: Endpoint, model: str) -> dict[str, Any]:
     usage = row.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     created = int(time.time())
     if endpoint is Endpoint.COMPLETIONS:
@@ -1212,7 +1218,7 @@ def _import_response(row: Mapping[str, Any], endpoint: Endpoint, engine: str) ->
         "id": f"cache-import-{created}",
         "object": obj,
         "created": created,
-        "model": engine,
+        "model": model,
         "choices": [choice],
         "usage": usage,
     }

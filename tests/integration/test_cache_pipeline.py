@@ -689,6 +689,7 @@ async def test_an_import_to_one_users_partition_is_hit_by_that_user_only(
     warm = {"model": "m", "messages": QUESTION, "temperature": 0}
     alice = await proxy.client.post("/v1/chat/completions", json={**warm, "user": "alice"})
     assert alice.headers["x-frugal-cache"] == "hit-exact"
+    assert (await alice.json())["model"] == "m"  # what the engine serves (was its name, "e")
     bob = await proxy.client.post("/v1/chat/completions", json={**warm, "user": "bob"})
     assert bob.headers["x-frugal-cache"] == "miss"
 
