@@ -38,6 +38,8 @@ from types import TracebackType
 
 import numpy as np
 
+from proxy.tasks import cancelling
+
 log = logging.getLogger(__name__)
 
 Encode = Callable[[list[str]], np.ndarray]
@@ -156,7 +158,7 @@ class EmbeddingWorker:
         try:
             vectors = await asyncio.wrap_future(job)
         except asyncio.CancelledError:
-            if job.cancelled() and not _cancelling():  # stop() refused this text, not our caller
+            if job.cancelled() and not cancelling():  # stop() refused this text, not our caller
                 raise WorkerClosed("embedding worker stopped") from None
             raise
         if len(vectors) != 1:
@@ -282,12 +284,6 @@ def split_by_length(texts: list[str], parts: int) -> list[list[str]]:
         owner[i] = lightest
         loads[lightest] += len(texts[i]) + 8  # + per-text overhead (special tokens, pooling)
     return [[t for t, o in zip(texts, owner, strict=True) if o == p] for p in range(parts)]
-
-
-def _cancelling() -> bool:
-    """Whether the current task itself is being cancelled (not just something it awaited)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 def _fail(batch: list[tuple[str, asyncio.Future[np.ndarray]]], error: BaseException) -> None:
