@@ -264,6 +264,16 @@ async def test_automatic_rollback_fires_on_an_erroring_canary(
         assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
 
 
+def judged_latencies(proxy: Proxy) -> dict[str, Any]:
+    """Each version's answers and slowest latencies in the judged window: why a verdict is late."""
+    rollouts = proxy.services.rollouts
+    out: dict[str, Any] = {}
+    for version in ("v1", "v2"):
+        window = rollouts.windows[("small", version)].judged(rollouts.clock(), 60)
+        out[version] = (window.requests, [round(s, 3) for s in window.latencies[-5:]])
+    return out
+
+
 async def test_automatic_rollback_fires_on_a_slow_canary(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
@@ -275,12 +285,15 @@ async def test_automatic_rollback_fires_on_a_slow_canary(
     )  # fmt: skip
     rollouts = proxy.services.rollouts
     sent = 0
-    while rollouts.by_name["small"].state.status == "canary" and sent < 400:
+    # The judge's stable p95 upper bound is a high order statistic: with 200 answers it is the
+    # second slowest, so two event-loop stalls of a loaded CI machine hold it off. More answers
+    # move the bound away from the tail; usually the verdict comes within the first 100.
+    while rollouts.by_name["small"].state.status == "canary" and sent < 1200:
         await asyncio.gather(*(ask(proxy, conversation(sent + i)) for i in range(10)))
         sent += 10
     await wait_until(lambda: rollouts.by_name["small"].state.status == "rolled_back")
     state = rollouts.by_name["small"].state
-    assert state.status == "rolled_back", rollouts.status("small")["versions"]
+    assert state.status == "rolled_back", judged_latencies(proxy)
     assert state.reason.startswith("auto: latency")
     assert rollouts.metrics.auto_rollbacks.labels("small", "latency").value == 1
 
