@@ -10,8 +10,6 @@
     ├── PermissionDenied             403 permission_error           code=model_not_allowed
     ├── NotFound                     404 invalid_request_error
     │   └── ModelNotFound            404 invalid_request_error      code=model_not_found
-    ├── RateLimited                  429 rate_limit_error           code=rate_limit_exceeded
-    │   └── QuotaExceeded            429 insufficient_quota         code=insufficient_quota
     ├── ServiceUnavailable           503 service_unavailable        (also ConnectionError)
     │   └── NoHealthyReplica         503 service_unavailable        code=no_healthy_replica
     ├── UpstreamError                502 upstream_error             (also ConnectionError)
@@ -113,23 +111,6 @@ class NotFound(FrugalError):
 
 class ModelNotFound(NotFound):
     default_code = "model_not_found"
-
-
-class RateLimited(FrugalError):
-    status = 429
-    error_type = "rate_limit_error"
-    default_code = "rate_limit_exceeded"
-
-    def __init__(self, message: str, *, retry_after_s: float | None = None, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        if retry_after_s is not None:
-            # Retry-After is whole seconds; round up so a client never retries too early.
-            self.headers["Retry-After"] = str(max(1, int(-(-retry_after_s // 1))))
-
-
-class QuotaExceeded(RateLimited):
-    error_type = "insufficient_quota"
-    default_code = "insufficient_quota"
 
 
 class ServiceUnavailable(FrugalError, ConnectionError):

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.errors import InvalidRequest, QuotaExceeded, RateLimited
+from proxy.errors import InvalidRequest
+from proxy.policy.errors import BudgetExhausted, RateLimitExceeded
 from proxy.settings import ConfigError, load_settings, parse_settings
 from proxy.wire import last_user_text, parse_request, text_of
 
@@ -130,10 +131,10 @@ def test_parse_never_crashes_with_anything_but_invalid_request(extra: dict[str, 
 
 
 def test_error_bodies_and_retry_after() -> None:
-    err = RateLimited("slow down", retry_after_s=1.2)
+    err = RateLimitExceeded("slow down", retry_after=1.2)
     assert err.headers["Retry-After"] == "2"
     assert orjson.loads(err.to_json())["error"]["code"] == "rate_limit_exceeded"
-    quota = QuotaExceeded("spent")
+    quota = BudgetExhausted("spent")
     assert quota.status == 429 and quota.body()["error"]["code"] == "insufficient_quota"
     sse = quota.to_sse()
     assert sse.endswith(b"data: [DONE]\n\n") and sse.startswith(b'data: {"error"')
