@@ -63,7 +63,14 @@ from proxy.routing.decision import EngineLoad, EngineNotAllowedError, RouteDecis
 from proxy.services import Services
 from proxy.settings import VIRTUAL_MODEL
 from proxy.sse import DONE_PAYLOAD, SSEParser, frame
-from proxy.wire import CompletionRequest, Kind, conversation_prefix, last_user_text, parse_request
+from proxy.wire import (
+    CompletionRequest,
+    Kind,
+    conversation_prefix,
+    expected_choices,
+    last_user_text,
+    parse_request,
+)
 
 log = structlog.get_logger("frugal.access")
 
@@ -823,7 +830,11 @@ async def _relay_stream(
         if assembler is not None:
             assembler.add_payload(payload)
 
-    relay = _StreamRelay(include_usage=req.include_usage, sink=sink if assembler else None)
+    relay = _StreamRelay(
+        include_usage=req.include_usage,
+        sink=sink if assembler else None,
+        choices=expected_choices(req),
+    )
     try:
         await response.prepare(request)
         await response.write(relay.feed(upstream.first_chunk))
@@ -945,15 +956,34 @@ class _StreamRelay:
     ask for, and closes a stream the engine ended without ``[DONE]`` after a finished answer
     (``complete``: false when it ended before either, which the caller reports as a failure)."""
 
-    __slots__ = ("done", "finished", "include_usage", "parser", "sink", "usage")
+    __slots__ = (
+        "choices",
+        "done",
+        "finished",
+        "finished_choices",
+        "include_usage",
+        "parser",
+        "sink",
+        "usage",
+    )
 
-    def __init__(self, *, include_usage: bool, sink: Callable[[bytes], None] | None) -> None:
+    def __init__(
+        self,
+        *,
+        include_usage: bool,
+        sink: Callable[[bytes], None] | None,
+        choices: int = 1,
+    ) -> None:
         self.parser = SSEParser()
         self.include_usage = include_usage
         self.sink = sink
         self.usage: tuple[int, int] | None = None
         self.done = False
-        self.finished = False  # an event gave a finish_reason
+        # The answer has `choices` choices (n, times the prompts of a completion); it is finished
+        # when each has given a finish_reason, not at the first one.
+        self.choices = choices
+        self.finished_choices: set[int] = set()
+        self.finished = False  # every choice gave a finish_reason
 
     @property
     def complete(self) -> bool:
@@ -975,11 +1005,27 @@ class _StreamRelay:
             if self.sink is not None:
                 self.sink(payload)
             if not self.finished and b'"finish_reason"' in payload:
-                self.finished = _FINISHED.search(payload) is not None
+                self._note_finish(payload)
             if b'"usage"' in payload and self._take_usage(payload):
                 continue
             out.append(frame(payload))
         return b"".join(out)
+
+    def _note_finish(self, payload: bytes) -> None:
+        if _FINISHED.search(payload) is None:
+            return
+        if self.choices == 1:
+            self.finished = True  # one choice: no need to read the event
+            return
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        choices = event.get("choices") if isinstance(event, dict) else None
+        for position, choice in enumerate(choices if isinstance(choices, list) else ()):
+            if isinstance(choice, dict) and choice.get("finish_reason") is not None:
+                self.finished_choices.add(choice.get("index", position))
+        self.finished = len(self.finished_choices) >= self.choices
 
     def _take_usage(self, payload: bytes) -> bool:
         """Record usage; True when the event is the usage-only chunk to hold back."""

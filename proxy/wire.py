@@ -241,6 +241,16 @@ def last_user_text(request: CompletionRequest) -> str | None:
     return None
 
 
+def expected_choices(request: CompletionRequest) -> int:
+    """How many choices the answer has: ``n`` per prompt (a completion may send several)."""
+    n = request.body.get("n") or 1
+    if request.kind == "completion":
+        prompt = request.body.get("prompt")
+        if isinstance(prompt, list) and prompt and not _token_ids(prompt):
+            return int(n) * len(prompt)  # strings, or lists of token ids: one prompt each
+    return int(n)
+
+
 def conversation_prefix(request: CompletionRequest) -> bytes:
     """What identifies a conversation: its messages up to and including the first user turn.
 

@@ -347,6 +347,41 @@ async def test_a_stream_the_engine_ends_early_and_cleanly_is_a_failure_not_an_an
     assert whole.status == 200  # a non-streamed answer is whole
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "events"),
+    [
+        # 2 role events, 3 tokens x 2 choices, then choice 0's finish: choice 1's never comes
+        ("/v1/chat/completions", {**CHAT, "n": 2}, 9),
+        # completions have no role events: 3 tokens x 2 choices, then choice 0's finish
+        ("/v1/completions", {"model": "m", "prompt": "Say hi", "n": 2}, 7),
+    ],
+)
+async def test_a_stream_cut_after_one_of_several_choices_finished_is_an_error(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    path: str,
+    body: dict[str, Any],
+    events: int,
+) -> None:
+    """With several choices, one finish_reason is not the end of the answer: a stream the engine
+    ends there (no [DONE]) leaves the other choices unfinished, which the client must be told."""
+    cut = await start_fake("m", end_after_chunks=events, completion_tokens=3)
+    p = await start_proxy([engine_config("e", "m", [cut.url])])
+    request = {**body, "model": "m", "stream": True, "max_tokens": 3}
+    resp = await p.client.post(path, json=request)
+    assert resp.status == 200
+    payloads = parse_all(await asyncio.wait_for(resp.read(), 5))
+    # (before: a [DONE] the proxy added after choice 0's finish, choice 1 left unfinished)
+    assert payloads[-1] == b"[DONE]"
+    error = orjson.loads(payloads[-2])["error"]
+    assert error["type"] == "upstream_error" and "ended before the answer" in error["message"]
+    # the same stream left whole still ends cleanly
+    cut.configure(end_after_chunks=None)
+    resp = await p.client.post(path, json=request)
+    payloads = parse_all(await resp.read())
+    assert payloads[-1] == b"[DONE]" and not any(b'"error"' in x for x in payloads)
+
+
 async def test_a_relay_failure_mid_stream_ends_the_stream_and_frees_the_replica(
     start_fake: StartFake, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from proxy.errors import InvalidRequest
 from proxy.policy.errors import BudgetExhausted, RateLimitExceeded
 from proxy.settings import ConfigError, load_settings, parse_settings
-from proxy.wire import last_user_text, parse_request, text_of
+from proxy.wire import expected_choices, last_user_text, parse_request, text_of
 
 
 def test_parse_keeps_raw_bytes_until_modified() -> None:
@@ -103,6 +103,24 @@ def test_max_tokens_is_checked_beside_max_completion_tokens(bad: object) -> None
     assert err.value.param == "max_tokens"
     req = parse_request(orjson.dumps({**chat, "max_completion_tokens": 5, "max_tokens": 9}), "chat")
     assert req.max_tokens == 5  # the newer name is the one read
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "choices"),
+    [
+        ("chat", {"messages": [{"role": "user", "content": "hi"}]}, 1),
+        ("chat", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, 3),
+        ("completion", {"prompt": "hi", "n": 2}, 2),
+        ("completion", {"prompt": [1, 2, 3], "n": 2}, 2),  # token ids: one prompt
+        ("completion", {"prompt": ["a", "b"]}, 2),
+        ("completion", {"prompt": [[1], [2], [3]], "n": 2}, 6),
+    ],
+)
+def test_expected_choices_count_n_per_prompt(
+    kind: str, fields: dict[str, object], choices: int
+) -> None:
+    raw = orjson.dumps({"model": "m", **fields})
+    assert expected_choices(parse_request(raw, kind)) == choices  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("prompt", [[[1, "a"]], [[1, 2], [True]], [[1], []], [[1], "a"], [1, "a"]])
