@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 import orjson
 from aiohttp import web
 
 from proxy import pipeline
 from proxy.errors import ModelNotFound
+from proxy.policy.keys import bearer_token
 from proxy.services import Services
 from proxy.settings import VIRTUAL_MODEL
 
@@ -22,18 +24,32 @@ def add_routes(app: web.Application, services: Services) -> None:
     async def completions(request: web.Request) -> web.StreamResponse:
         return await pipeline.complete(request, "completion", services)
 
+    def usable(request: web.Request) -> Collection[str]:
+        """The models the request's key may use (401 without a valid key, as for completions):
+        a client fills its model picker from the list, so it offers none that would be 403."""
+        principal = services.policies.current.authenticate(
+            bearer_token(request.headers.get("Authorization"))
+        )
+        return principal.policy.models
+
     async def models(request: web.Request) -> web.Response:
-        data = [_model_card(VIRTUAL_MODEL, created, root=None)]
-        data += [_model_card(e.model, created, root=e.version) for e in services.engines]
+        allowed = usable(request)
+        data = [_model_card(VIRTUAL_MODEL, created, root=None)] if VIRTUAL_MODEL in allowed else []
+        data += [
+            _model_card(e.model, created, root=e.version)
+            for e in services.engines
+            if e.model in allowed
+        ]
         return _json({"object": "list", "data": data})
 
     async def model(request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if name == VIRTUAL_MODEL:
-            return _json(_model_card(VIRTUAL_MODEL, created, root=None))
+        allowed = usable(request)
         engine = services.by_model.get(name)
-        if engine is None:
+        if name not in allowed or (name != VIRTUAL_MODEL and engine is None):
             raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
+        if engine is None:
+            return _json(_model_card(VIRTUAL_MODEL, created, root=None))
         return _json(_model_card(engine.model, created, root=engine.version))
 
     async def healthz(request: web.Request) -> web.Response:

@@ -269,3 +269,35 @@ async def test_a_tier_is_never_served_an_entry_older_than_its_own_ttl(
     assert pro.headers["x-frugal-cache"] == "hit-exact"
     free = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
     assert free.headers["x-frugal-cache"] == "miss"
+
+
+async def test_the_model_list_shows_the_models_the_key_may_use(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """A chat frontend fills its model picker from /v1/models: a model the key's tier may not
+    use must not be offered there (it would only answer 403)."""
+    folder = write_policies(
+        tmp_path / "p",
+        tier("free", [FREE_KEY]),
+        tier("pro", [PRO_KEY], models=["small-model", "large-model"]),
+    )
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+
+    async def listed(key: str) -> list[str]:
+        resp = await proxy.client.get("/v1/models", headers=auth(key))
+        assert resp.status == 200
+        return [m["id"] for m in (await resp.json())["data"]]
+
+    assert await listed(FREE_KEY) == ["auto", "small-model"]
+    assert await listed(PRO_KEY) == ["small-model", "large-model"]
+    ok = await proxy.client.get("/v1/models/small-model", headers=auth(FREE_KEY))
+    assert ok.status == 200 and (await ok.json())["id"] == "small-model"
+    hidden = await proxy.client.get("/v1/models/large-model", headers=auth(FREE_KEY))
+    assert hidden.status == 404
+    assert (await hidden.json())["error"]["code"] == "model_not_found"
+    # like the completions, the list needs a valid key once keys are configured
+    for headers in ({}, auth("sk-x")):
+        for path in ("/v1/models", "/v1/models/small-model"):
+            resp = await proxy.client.get(path, headers=headers)
+            assert resp.status == 401
+            assert (await resp.json())["error"]["type"] == "authentication_error"
