@@ -189,6 +189,35 @@ async def test_max_tokens_above_the_cap_is_clamped_or_refused(
     assert (await resp.json())["error"]["param"] == "max_tokens"
 
 
+async def test_a_completions_max_tokens_is_clamped_under_its_own_name(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """/v1/completions reads only max_tokens (vLLM's completion request has no
+    max_completion_tokens): the clamp must land there, whatever other field the body carries."""
+    import orjson
+
+    folder = write_policies(
+        tmp_path / "p",
+        tier("free", [FREE_KEY]),
+        tier("budget", [PRO_KEY], budget={"usd_per_day": 10.0}),
+    )
+    small = await start_fake("small-model")
+    proxy = await start_proxy(
+        [engine_config("small", "small-model", [small.url])], policies=str(folder)
+    )
+    body = {"model": "small-model", "prompt": "hi", "max_tokens": 500, "max_completion_tokens": 1}
+    resp = await proxy.client.post("/v1/completions", json=body, headers=auth(FREE_KEY))
+    assert resp.status == 200
+    assert resp.headers["x-frugal-max-tokens-clamped"] == "64"
+    # (before: max_completion_tokens became 64 and the engine read max_tokens 500)
+    assert orjson.loads(small.state.log[-1].body)["max_tokens"] == 64
+    # a budgeted tier's cap sent for a request that sets none goes to max_tokens too
+    del body["max_tokens"]
+    resp = await proxy.client.post("/v1/completions", json=body, headers=auth(PRO_KEY))
+    assert resp.status == 200
+    assert orjson.loads(small.state.log[-1].body)["max_tokens"] == 64
+
+
 async def test_policy_files_reload_on_change_and_bad_edits_are_rejected(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
