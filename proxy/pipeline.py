@@ -261,9 +261,9 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
                 flight = None
                 exchange.coalesced, exchange.cache = False, "miss"
 
-            worst_case = worst_case_usd(
-                engine.settings.cost, prompt_bound, req.max_tokens or policy.limits.max_tokens
-            )
+            # every choice (n of them per prompt) may use all of max_tokens
+            max_output = (req.max_tokens or policy.limits.max_tokens) * expected_choices(req)
+            worst_case = worst_case_usd(engine.settings.cost, prompt_bound, max_output)
             async with (
                 flight if flight is not None else contextlib.nullcontext(),
                 ticket.budget(worst_case) as spend,

@@ -162,6 +162,24 @@ async def test_budget_is_spent_then_insufficient_quota(
     assert statuses[-1] == 429
 
 
+async def test_the_budget_reservation_covers_every_choice(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """n choices can each use max_tokens: the worst case reserved before the engine call is n
+    times the output, or requests running at once could overshoot the budget."""
+    # worst case with n=1: about 30 prompt tokens at $0.1/Mtok + 64 output at $0.2/Mtok = $1.6e-5
+    folder = write_policies(
+        tmp_path / "p", tier("free", [FREE_KEY], budget={"usd_per_day": 0.00003})
+    )
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    many = await proxy.client.post("/v1/chat/completions", json=chat(n=4), headers=auth(FREE_KEY))
+    # (before: $1.6e-5 reserved for a request that may cost $5.4e-5)
+    assert many.status == 429
+    assert (await many.json())["error"]["code"] == "insufficient_quota"
+    one = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))
+    assert one.status == 200
+
+
 async def test_max_tokens_above_the_cap_is_clamped_or_refused(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
