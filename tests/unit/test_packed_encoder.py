@@ -239,12 +239,19 @@ def test_a_long_lone_text_has_its_rows_split_and_gives_the_same_rows(
         for text in (LONG, TEXTS[5]):
             n = _tokens(split, text)
             assert n >= packed_encoder.SPLIT_ROWS
-            passes.clear()
-            expected, got = plain.encode([text]), split.encode([text])
-            assert got.shallow is not None and expected.shallow is not None
-            np.testing.assert_allclose(got.base, expected.base, atol=1e-6)
-            np.testing.assert_allclose(got.verifier, expected.verifier, atol=1e-6)
-            np.testing.assert_allclose(got.shallow, expected.shallow, atol=1e-6)
+            expected = plain.encode([text])
+            # On a loaded machine the helper may not have started by the first barrier, and the
+            # caller then runs the layers alone (by design): the rows must match either way, and
+            # the split must happen within a few tries.
+            for _ in range(20):
+                passes.clear()
+                got = split.encode([text])
+                assert got.shallow is not None and expected.shallow is not None
+                np.testing.assert_allclose(got.base, expected.base, atol=1e-6)
+                np.testing.assert_allclose(got.verifier, expected.verifier, atol=1e-6)
+                np.testing.assert_allclose(got.shallow, expected.shallow, atol=1e-6)
+                if len(passes) == 2:
+                    break
             assert sorted(rows for _, rows in passes) == [(0, n // 2), (n // 2, n)]
             assert {name.split("_")[0] for name, _ in passes} == {
                 threading.current_thread().name.split("_")[0],
@@ -297,22 +304,34 @@ def test_a_long_lone_text_after_a_pause_keeps_its_rows_whole_and_still_uses_the_
     splits: list[int] = []
     run_top, rows_pass = packed_encoder._run_top, packed_encoder._rows_pass
 
+    helper_started = threading.Event()
+    run = packed_encoder._run
+
     def spy_top(*args: object) -> np.ndarray:
         tops.append(threading.current_thread().name)
+        helper_started.set()
         return run_top(*args)  # type: ignore[arg-type]
 
     def spy_rows(*args: object) -> bool:
         splits.append(1)
         return rows_pass(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(packed_encoder, "_run_top", spy_top)
-    monkeypatch.setattr(packed_encoder, "_rows_pass", spy_rows)
-    clock = [100.0]
-    monkeypatch.setattr(packed_encoder.time, "perf_counter", lambda: clock[0])
-    plain = packed_encoder.PackedEncoder(reference, precision="float32")
     split = packed_encoder.PackedEncoder(
         reference, precision="float32", split_single=True, split_idle_s=0.008
     )
+
+    def base_after_the_helper_started(layers: list[object], *args: object) -> object:
+        # As above: however busy the machine, the caller must not take the tuned stack back.
+        if layers is split._top_base and threading.current_thread() is threading.main_thread():
+            assert helper_started.wait(10)
+        return run(layers, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed_encoder, "_run_top", spy_top)
+    monkeypatch.setattr(packed_encoder, "_rows_pass", spy_rows)
+    monkeypatch.setattr(packed_encoder, "_run", base_after_the_helper_started)
+    clock = [100.0]
+    monkeypatch.setattr(packed_encoder.time, "perf_counter", lambda: clock[0])
+    plain = packed_encoder.PackedEncoder(reference, precision="float32")
     try:
         expected = plain.encode([LONG])
         # the first pass ever comes after an endless pause
@@ -321,6 +340,7 @@ def test_a_long_lone_text_after_a_pause_keeps_its_rows_whole_and_still_uses_the_
                 clock[0] += pause
             tops.clear()
             splits.clear()
+            helper_started.clear()
             got = split.encode([LONG])
             np.testing.assert_allclose(got.verifier, expected.verifier, atol=1e-6)
             np.testing.assert_allclose(got.base, expected.base, atol=1e-6)
