@@ -181,9 +181,8 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
         started=time.perf_counter(),
     )
     try:
-        req = parse_request(await _read_body(request, services), kind)
-        exchange.model, exchange.stream = req.model, req.stream
-
+        # The key first: a caller without a valid one learns nothing about its body (and the
+        # proxy reads no body for it).
         principal = services.policies.current.authenticate(
             bearer_token(request.headers.get("Authorization"))
         )
@@ -191,6 +190,9 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
         services.metrics.in_flight(tier=principal.tier, delta=1)
         exchange.counted_in_flight = True
         policy = principal.policy
+
+        req = parse_request(await _read_body(request, services), kind)
+        exchange.model, exchange.stream = req.model, req.stream
         _check_model_exists(services, req.model)
         requested = resolve_model(policy, req.model)
         allowed = _allowed_engines(services, requested)

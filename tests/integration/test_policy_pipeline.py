@@ -76,6 +76,11 @@ async def test_keys_are_required_once_any_tier_has_one(
     assert (await wrong.json())["error"]["code"] == "invalid_api_key"
     ok = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))
     assert ok.status == 200
+    # The key is checked before the body: without a valid one, a malformed body is still a 401
+    # (the caller learns nothing about what the proxy would accept).
+    for headers in ({}, auth("sk-x")):
+        junk = await proxy.client.post("/v1/chat/completions", data=b"{not json", headers=headers)
+        assert junk.status == 401, await junk.text()
 
 
 async def test_models_outside_the_tier_are_forbidden(
