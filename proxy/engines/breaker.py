@@ -30,6 +30,12 @@ class CircuitBreaker:
             return now - self.opened_at >= self.open_s
         return not self.probe_in_flight
 
+    def reopens_in(self, now: float) -> float:
+        """Seconds until an open breaker lets a probe through (0 when it is not open)."""
+        if self.state != "open":
+            return 0.0
+        return max(0.0, self.open_s - (now - self.opened_at))
+
     def acquire(self, now: float) -> bool:
         """Claim the right to send one request; in half-open only one probe at a time."""
         if self.state == "closed":

@@ -17,7 +17,7 @@ from typing import Protocol
 import aiohttp
 
 from proxy.engines.http1 import LeanClient
-from proxy.engines.pool import Engine, Replica, choose_replica
+from proxy.engines.pool import Engine, Replica, choose_replica, retry_after_s
 from proxy.engines.timelimit import TimeLimit
 from proxy.errors import (
     AnswerOutlastedRequest,
@@ -242,7 +242,10 @@ class EngineCaller:
                 raise
         if error is not None:
             raise error
-        raise NoHealthyReplica(f"no healthy replica of engine {engine.name!r} is available")
+        raise NoHealthyReplica(
+            f"no healthy replica of engine {engine.name!r} is available",
+            headers={"Retry-After": str(retry_after_s(engine.replicas, time.monotonic()))},
+        )
 
     async def _attempt(
         self,

@@ -10,6 +10,7 @@ clearly busier than the least-loaded one.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -120,6 +121,15 @@ class Engine:
 
 def _weight(key: bytes, url: str) -> int:
     return int.from_bytes(hashlib.blake2b(key + url.encode(), digest_size=8).digest(), "big")
+
+
+def retry_after_s(replicas: Sequence[Replica], now: float) -> int:
+    """Whole seconds a client should wait before asking again when no replica could take its
+    request (the ``Retry-After`` of a 503): the soonest an open breaker lets a probe through;
+    one second when none is open (a replica down at its last health check, or busy with a
+    probe). Rounded up, so a client never comes back before a replica can answer."""
+    waits = [r.breaker.reopens_in(now) for r in replicas if r.breaker.state == "open"]
+    return max(1, math.ceil(min(waits, default=1.0)))
 
 
 def choose_replica(

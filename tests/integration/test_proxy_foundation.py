@@ -296,6 +296,8 @@ async def test_no_healthy_replica_is_503(start_fake: StartFake, start_proxy: Sta
     resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
     assert resp.status == 503
     assert (await resp.json())["error"]["code"] == "no_healthy_replica"
+    # the SDKs wait this long before their retry (no breaker open: the next health check)
+    assert resp.headers["Retry-After"] == "1"
 
 
 async def test_hanging_engine_times_out_with_504(

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from proxy.engines.autoversion import version_due
 from proxy.engines.breaker import CircuitBreaker
 from proxy.engines.health import parse_vllm_metrics
-from proxy.engines.pool import Engine, Replica, ReplicaLoad, choose_replica
+from proxy.engines.pool import Engine, Replica, ReplicaLoad, choose_replica, retry_after_s
 from proxy.engines.version import derive_version, folder_digest, model_card, next_version
 from proxy.settings import EngineSettings
 
@@ -46,6 +46,30 @@ def test_a_stream_answering_closes_a_half_open_breaker_and_nothing_else() -> Non
     assert b.acquire(10.0) and b.state == "half_open" and not b.acquire(10.0)
     b.on_answering()  # the probe's first token
     assert b.state == "closed" and b.acquire(10.0)
+
+
+@given(
+    opened=st.lists(st.floats(min_value=0, max_value=100), max_size=4),
+    open_s=st.floats(min_value=0.1, max_value=60),
+    now=st.floats(min_value=0, max_value=200),
+    closed=st.integers(min_value=0, max_value=2),
+)
+def test_retry_after_is_the_soonest_reopening_in_whole_seconds(
+    opened: list[float], open_s: float, now: float, closed: int
+) -> None:
+    replicas = [replica(f"http://r{i}") for i in range(len(opened) + closed)]
+    for r, at in zip(replicas, opened, strict=False):
+        r.breaker = CircuitBreaker(open_s=open_s)
+        r.breaker._open(min(at, now))
+    wait = retry_after_s(replicas, now)
+    assert wait >= 1
+    due = [r.breaker.reopens_in(now) for r in replicas if r.breaker.state == "open"]
+    if due:
+        # never before the soonest replica can take a probe, and not a whole second later
+        assert min(due) <= wait < max(1.0, min(due)) + 1
+        assert any(r.breaker.available(now + wait + 1e-9) for r in replicas)
+    else:
+        assert wait == 1
 
 
 def test_breaker_success_resets_the_failure_count() -> None:
