@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
+import structlog
 
 from proxy.engines.http1 import LeanClient
 from proxy.engines.pool import Engine, Replica, choose_replica, retry_after_s
@@ -26,6 +27,8 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+
+log = structlog.get_logger("frugal.engines")
 
 
 @dataclass(slots=True)
@@ -275,16 +278,27 @@ class EngineCaller:
                 )
                 if response.status >= 500:
                     detail = (await response.read())[:200].decode(errors="replace")
+                    # The client hears which engine failed; the replica's address and its own
+                    # words stay in the log (internal topology is not the caller's business).
+                    log.warning("engine.replica_failed", engine=engine.name, replica=replica.url,
+                                status=response.status, detail=detail)  # fmt: skip
                     raise _ReplicaFailed(
-                        UpstreamError(f"engine {engine.name} answered {response.status}: {detail}")
+                        UpstreamError(f"engine {engine.name} answered {response.status}")
                     )
                 upstream = Upstream(engine, replica, response, deadline, attempts=attempts)
                 if stream and response.status == 200:
                     upstream._chunks = aiter(response.chunks())
                     upstream.first_chunk = await anext(upstream._chunks, b"")
                     upstream._last_chunk_at = time.monotonic()
-                    if upstream.first_chunk:
-                        replica.breaker.on_answering()
+                    if not upstream.first_chunk:
+                        # Headers, then the end: nothing was relayed yet, so this is a failure
+                        # before the first byte like any other (retried on another replica).
+                        log.warning("engine.replica_failed", engine=engine.name,
+                                    replica=replica.url, detail="empty stream")  # fmt: skip
+                        raise _ReplicaFailed(
+                            UpstreamError(f"engine {engine.name} ended its stream before a byte")
+                        )
+                    replica.breaker.on_answering()
                 else:
                     upstream.body = await response.read()
                 return upstream
@@ -298,9 +312,9 @@ class EngineCaller:
                     UpstreamTimeout(f"engine {engine.name} did not answer within {wait:.3g}s")
                 ) from None
             if isinstance(exc, aiohttp.ClientError | OSError):
-                raise _ReplicaFailed(
-                    UpstreamError(f"engine {engine.name} unreachable at {replica.url}: {exc}")
-                ) from exc
+                log.warning("engine.replica_failed", engine=engine.name, replica=replica.url,
+                            detail=str(exc) or type(exc).__name__)  # fmt: skip
+                raise _ReplicaFailed(UpstreamError(f"engine {engine.name} is unreachable")) from exc
             raise
 
 

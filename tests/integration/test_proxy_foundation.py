@@ -349,6 +349,60 @@ async def test_a_stream_the_engine_ends_early_and_cleanly_is_a_failure_not_an_an
     assert whole.status == 200  # a non-streamed answer is whole
 
 
+async def test_a_stream_the_engine_ends_before_its_first_byte_is_retried_elsewhere(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    """Headers, then the end with no event: nothing was relayed, so it is a failure before the
+    first byte like a 5xx: retried on another replica, and a 502 (which the SDKs retry) when
+    there is none, not a 200 whose stream is only an error."""
+    empty = await start_fake("m", end_after_chunks=0)
+    good = await start_fake("m")
+    p = await start_proxy([engine_config("e", "m", [empty.url, good.url])])
+    replicas = {r.url: r for r in p.services.engines[0].replicas}
+    breaker = replicas[empty.url].breaker
+    sent = 0
+    # Conversations are spread over the replicas by a hash: send new ones until one was sent to
+    # the empty replica first (each has an even chance).
+    while breaker.failures == 0 and breaker.state == "closed" and sent < 40:
+        messages = [{"role": "user", "content": f"question {sent}"}]
+        body = {**CHAT, "messages": messages, "model": "m", "stream": True}
+        resp = await p.client.post("/v1/chat/completions", json=body)
+        assert resp.status == 200
+        payloads = parse_all(await asyncio.wait_for(resp.read(), 5))
+        assert payloads[-1] == b"[DONE]" and not any(b'"error"' in x for x in payloads)
+        sent += 1
+    assert breaker.failures == 1, sent  # (before: a 200 whose stream was only an error)
+    alone = await start_proxy([engine_config("e", "m", [empty.url])])
+    resp = await alone.client.post(
+        "/v1/chat/completions", json={**CHAT, "model": "m", "stream": True}
+    )
+    assert resp.status == 502
+    error = (await resp.json())["error"]
+    assert error["type"] == "upstream_error" and "before a byte" in error["message"]
+
+
+async def test_engine_failures_do_not_tell_the_client_the_replica_s_address(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    """The client hears which engine failed; the replica's address and the engine's own error
+    body stay in the proxy's log."""
+    failing = await start_fake("m2", fail_status=500, fail_fraction=1.0)
+    p = await start_proxy(
+        [
+            engine_config("down", "m", ["http://127.0.0.1:1"]),
+            engine_config("bad", "m2", [failing.url]),
+        ],
+        health={"interval_s": 3600, "timeout_s": 1.0},
+    )
+    for engine, model in ((p.services.engines[0], "m"), (p.services.engines[1], "m2")):
+        engine.replicas[0].healthy = True  # as if its last health check had passed
+        resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": model})
+        assert resp.status == 502
+        message = (await resp.json())["error"]["message"]
+        assert message.startswith(f"engine {engine.name} "), message
+        assert "127.0.0.1" not in message and "{" not in message, message
+
+
 @pytest.mark.parametrize(
     ("path", "body", "events"),
     [
