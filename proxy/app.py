@@ -20,7 +20,7 @@ import numpy as np
 import structlog
 from aiohttp import web
 
-from proxy import admin, handlers
+from proxy import admin, cors, handlers
 from proxy.cache.index import SemanticIndex
 from proxy.cache.keys import Scope
 from proxy.cache.service import CacheConfig, CosineVerifier, ResponseCache, SemanticVerifier
@@ -115,6 +115,7 @@ def create_app(
     app.cleanup_ctx.append(_engine_versions)
     app.cleanup_ctx.append(_health_poller)
     app.cleanup_ctx.append(_policy_watcher)
+    cors.install(app, settings.server.cors)
     handlers.add_routes(app, services)
     admin.add_routes(app, services)
     rollouts = services.rollouts

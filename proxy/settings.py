@@ -33,6 +33,14 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CorsSettings(StrictModel):
+    allow_origins: list[str] = Field(
+        default_factory=list,
+        description="origins of browser frontends that may call the proxy ('*': any); none: off",
+    )
+    max_age_s: int = Field(600, ge=0, description="how long a browser may reuse a preflight")
+
+
 class ServerSettings(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -40,6 +48,7 @@ class ServerSettings(StrictModel):
     allow_open: bool = Field(
         False, description="serve without API keys on a non-loopback address (not advised)"
     )
+    cors: CorsSettings = Field(default_factory=CorsSettings)
     lean_engine_client: bool = Field(
         True,
         description="non-streamed calls to plain-http engines through the proxy's own HTTP/1.1"
