@@ -147,9 +147,8 @@ def choose_open_tier(policies: Mapping[str, TierPolicy]) -> str | None:
 
 
 def resolve_model(policy: TierPolicy, requested: object) -> str:
-    """The model to serve: the tier's default when none is asked for; 403 if not allowed."""
-    if requested is None or requested == "":
-        return policy.default_model
+    """The model asked for, if the tier may use it; else 403. (A request without a model is a
+    400 before this: the OpenAI API requires one.)"""
     if not isinstance(requested, str) or requested not in policy.models:
         raise ModelNotAllowed(
             f"the {policy.tier!r} tier may not use model {requested!r}; "

@@ -279,10 +279,6 @@ class TierPolicy(StrictModel):
             seen.add(model)
         return models
 
-    @property
-    def default_model(self) -> str:
-        return self.models[0]
-
 
 def is_key_hash(value: str) -> bool:
     return _KEY_HASH_RE.match(value) is not None

@@ -95,7 +95,7 @@ def test_closed_set_requires_a_known_key() -> None:
 
 def test_models_default_and_allow_list() -> None:
     free = policy()
-    assert resolve_model(free, None) == "auto"
+    assert resolve_model(free, "auto") == "auto"
     assert resolve_model(free, "smollm2-135m") == "smollm2-135m"
     with pytest.raises(ModelNotAllowed) as refused:
         resolve_model(free, "qwen2.5-coder-0.5b")
