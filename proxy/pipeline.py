@@ -359,11 +359,11 @@ def _allowed_engines(services: Services, requested: str) -> list[Engine]:
 
 
 def _cap_max_tokens(req: CompletionRequest, policy: TierPolicy, exchange: Exchange) -> None:
-    capped = cap_max_tokens(policy, req.max_tokens)
     # The field the engine reads: chat's newer name when the body has it; a completion has only
     # max_tokens (vLLM's completion request does not know max_completion_tokens).
     newer = req.kind == "chat" and "max_completion_tokens" in req.body
     key = "max_completion_tokens" if newer else "max_tokens"
+    capped = cap_max_tokens(policy, req.max_tokens, key)
     if capped.clamped:
         exchange.max_tokens_clamped = capped.value
         req.set(key, capped.value)

@@ -165,8 +165,11 @@ class MaxTokens:
     defaulted: bool  # the caller did not ask; send value upstream so the worst case is bounded
 
 
-def cap_max_tokens(policy: TierPolicy, requested: int | None) -> MaxTokens:
-    """Apply the tier's max_tokens cap: clamp or refuse (400), as the policy says."""
+def cap_max_tokens(
+    policy: TierPolicy, requested: int | None, field: str = "max_tokens"
+) -> MaxTokens:
+    """Apply the tier's max_tokens cap: clamp or refuse (400, naming ``field``: the name the
+    request gave it), as the policy says."""
     cap = policy.limits.max_tokens
     if requested is None:
         return MaxTokens(cap, clamped=False, defaulted=True)
@@ -174,7 +177,7 @@ def cap_max_tokens(policy: TierPolicy, requested: int | None) -> MaxTokens:
         return MaxTokens(requested, clamped=False, defaulted=False)
     if policy.limits.on_max_tokens == "reject":
         raise MaxTokensTooLarge(
-            f"max_tokens {requested} is above the {policy.tier!r} tier's limit of {cap}",
-            param="max_tokens",
+            f"{field} {requested} is above the {policy.tier!r} tier's limit of {cap}",
+            param=field,
         )
     return MaxTokens(cap, clamped=True, defaulted=False)

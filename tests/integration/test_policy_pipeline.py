@@ -210,6 +210,13 @@ async def test_max_tokens_above_the_cap_is_clamped_or_refused(
     )
     assert resp.status == 400
     assert (await resp.json())["error"]["param"] == "max_tokens"
+    # the refusal names the field the request used
+    resp = await proxy.client.post(
+        "/v1/chat/completions", json=chat(max_completion_tokens=500), headers=auth(PRO_KEY)
+    )
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["param"] == "max_completion_tokens", error
+    assert error["message"].startswith("max_completion_tokens 500 ")
 
 
 async def test_a_completions_max_tokens_is_clamped_under_its_own_name(
