@@ -53,8 +53,13 @@ class CompletionRequest:
 
     @property
     def user(self) -> str | None:
-        value = self.body.get("user")
-        return value if isinstance(value, str) and value else None
+        """The end user the request is for: ``user``, or OpenAI's newer ``safety_identifier``
+        (which replaces it) when the request has no ``user``."""
+        for name in ("user", "safety_identifier"):
+            value = self.body.get(name)
+            if isinstance(value, str) and value:
+                return value
+        return None
 
 
 def parse_request(raw: bytes, kind: Kind) -> CompletionRequest:
@@ -102,9 +107,10 @@ def parse_request(raw: bytes, kind: Kind) -> CompletionRequest:
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise InvalidRequest("'seed' must be an integer.", param="seed")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise InvalidRequest("'user' must be a string.", param="user")
+    for name in ("user", "safety_identifier"):
+        value = body.get(name)
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequest(f"'{name}' must be a string.", param=name)
 
     return CompletionRequest(
         kind=kind,

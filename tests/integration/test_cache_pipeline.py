@@ -294,6 +294,12 @@ async def test_user_scope_partitions_never_share(
     await post_until(proxy, alice, "hit-exact")
     bob = await proxy.client.post("/v1/chat/completions", json={**GREEDY, "user": "bob"})
     assert bob.headers["x-frugal-cache"] == "miss"
+    # OpenAI's newer safety_identifier names the end user when `user` is absent
+    # (before: every such request shared the one user-less partition)
+    for end_user in ("carol", "dave"):
+        await post_until(proxy, {**GREEDY, "safety_identifier": end_user}, "miss")
+    # the same end user as `user: alice`
+    await post_until(proxy, {**GREEDY, "safety_identifier": "alice"}, "hit-exact")
 
 
 async def test_semantic_hit_on_a_paraphrase_and_miss_on_another_question(
