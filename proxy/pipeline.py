@@ -479,7 +479,13 @@ def _route(
         conversation=conversation_prefix(req) if follow_up else None,
         loads=_loads(services, allowed),
         ttft_target_ms=principal.policy.latency.ttft_p95_ms,
+        unavailable=_unavailable(allowed),
     )
+
+
+def _unavailable(allowed: list[Engine]) -> frozenset[str]:
+    now = time.monotonic()
+    return frozenset(e.name for e in allowed if not e.can_take(now))
 
 
 def _loads(services: Services, allowed: list[Engine]) -> dict[str, EngineLoad]:

@@ -109,6 +109,12 @@ class Engine:
     def ready(self) -> bool:
         return any(r.healthy and self.in_rotation(r) for r in self.replicas)
 
+    def can_take(self, now: float) -> bool:
+        """Whether a request sent now would find a replica (what :func:`choose_replica` needs:
+        not down at its last health check, its version, its breaker letting requests through)."""
+        version = self.required_version
+        return any(_may_take(r, now, version) for r in self.replicas)
+
     def load(self) -> ReplicaLoad:
         """Summed load of the healthy replicas (for routing by load)."""
         total = ReplicaLoad()
@@ -132,6 +138,14 @@ def retry_after_s(replicas: Sequence[Replica], now: float) -> int:
     return max(1, math.ceil(min(waits, default=1.0)))
 
 
+def _may_take(replica: Replica, now: float, version: str | None) -> bool:
+    return (
+        replica.healthy is not False
+        and (version is None or replica.version == version)
+        and replica.breaker.available(now)
+    )
+
+
 def choose_replica(
     replicas: Sequence[Replica],
     *,
@@ -143,14 +157,7 @@ def choose_replica(
     """The replica to send to, or None when none can take a request. ``version``: only replicas
     that last reported it (an engine's answers are cached under its version)."""
     excluded = set(map(id, exclude))
-    candidates = [
-        r
-        for r in replicas
-        if id(r) not in excluded
-        and r.healthy is not False
-        and (version is None or r.version == version)
-        and r.breaker.available(now)
-    ]
+    candidates = [r for r in replicas if id(r) not in excluded and _may_take(r, now, version)]
     if not candidates:
         return None
     if len(candidates) == 1:

@@ -11,7 +11,11 @@ Rules, in order:
    never moves down, and moves up only when the new turn is clearly harder: its score reaches
    threshold + margin (just threshold when the earlier turn already scored hard, i.e. it was kept
    down by load or by a different tier, not by its difficulty).
-5. Load: if the chosen engine's estimated TTFT breaks the tier's latency target and another allowed
+5. Availability: when the chosen engine has no replica that can take a request (down at its last
+   health check, or its breakers open) and another allowed engine has one, the request goes
+   where the same rules choose among the engines that can answer (reason ``failover``): a
+   slower or dearer answer beats a 503.
+6. Load: if the chosen engine's estimated TTFT breaks the tier's latency target and another allowed
    engine meets it, the request moves to the nearest such engine in strength, preferring the
    stronger of two equally near ones (reason ``load``). When none meets it, the request moves to
    the fastest other engine if that one is expected at least twice as fast: late, but much less
@@ -33,7 +37,7 @@ from typing import Literal
 AUTO_MODEL = "auto"
 DEFAULT_STICKY_MARGIN = 0.1
 
-RouteReason = Literal["explicit_model", "difficulty", "tier_limit", "load", "sticky"]
+RouteReason = Literal["explicit_model", "difficulty", "tier_limit", "load", "sticky", "failover"]
 
 
 class EngineNotAllowedError(ValueError):
@@ -68,12 +72,46 @@ def decide_route(
     loads: Mapping[str, EngineLoad] | None = None,
     ttft_target_ms: float | None = None,
     sticky_margin: float = DEFAULT_STICKY_MARGIN,
+    unavailable: frozenset[str] = frozenset(),
 ) -> RouteDecision:
-    """Choose the engine for one request; `allowed_engines` is ordered weak to strong.
+    """Choose the engine for one request; `allowed_engines` is ordered weak to strong;
+    `unavailable`: engines with no replica that can take a request now.
 
     Raises EngineNotAllowedError when the tier allows no engine or `requested_model` names an
     engine outside `allowed_engines`.
     """
+    decision = _decide(
+        requested_model, allowed_engines, score, threshold, sticky_engine, sticky_score,
+        loads, ttft_target_ms, sticky_margin,
+    )  # fmt: skip
+    if requested_model != AUTO_MODEL or decision.engine not in unavailable:
+        return decision
+    up = [name for name in allowed_engines if name not in unavailable]
+    if not up:
+        return decision  # nothing can answer: the caller's 503 says so
+    sticky = sticky_engine if sticky_engine in up else None
+    other = _decide(
+        AUTO_MODEL, up, score, threshold, sticky, sticky_score, loads, ttft_target_ms, sticky_margin
+    )
+    return RouteDecision(
+        other.engine,
+        score,
+        "failover",
+        f"{decision.engine} has no replica that can answer; {other.reason}: {other.detail}",
+    )
+
+
+def _decide(
+    requested_model: str,
+    allowed_engines: Sequence[str],
+    score: float | None,
+    threshold: float,
+    sticky_engine: str | None,
+    sticky_score: float | None,
+    loads: Mapping[str, EngineLoad] | None,
+    ttft_target_ms: float | None,
+    sticky_margin: float,
+) -> RouteDecision:
     if not allowed_engines:
         raise EngineNotAllowedError("the tier allows no engine")
     if requested_model != AUTO_MODEL:

@@ -192,6 +192,7 @@ class Router:
         conversation: bytes | None,
         loads: Mapping[str, EngineLoad] | None,
         ttft_target_ms: float | None,
+        unavailable: frozenset[str] = frozenset(),
     ) -> RouteDecision:
         sticky = self.sticky(conversation)
         return decide_route(
@@ -204,6 +205,7 @@ class Router:
             loads=loads,
             ttft_target_ms=ttft_target_ms,
             sticky_margin=self.sticky_margin,
+            unavailable=unavailable,
         )
 
 

@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import SERVICES, create_app
 from proxy.settings import Settings
-from tests.integration.conftest import StartFake, engine_config
+from tests.integration.conftest import StartFake, engine_config, wait_until
 
 EASY = "hi, how are you?"
 HARD = (
@@ -116,3 +116,34 @@ async def test_slow_engine_sheds_load_to_the_other(
     # The detail names the estimate that broke the target.
     assert "est. TTFT" in resp.headers["x-frugal-route-detail"]
     assert resp.headers["x-frugal-route"] == "small"
+
+
+async def test_auto_fails_over_when_the_chosen_engine_cannot_answer(
+    start_fake: StartFake, start_proxy: Any
+) -> None:
+    """No score (no embedder): auto picks the cheap engine; with that one down it goes to the
+    other allowed engine instead of answering 503."""
+    small = await start_fake("small-model", health_fail=True)
+    large = await start_fake("large-model")
+    proxy = await start_proxy(
+        [
+            engine_config("small", "small-model", [small.url]),
+            engine_config("large", "large-model", [large.url]),
+        ],
+        routing={"enabled": True},
+    )
+    await wait_until(lambda: proxy.services.by_name["small"].replicas[0].healthy is False)
+    resp = await proxy.client.post("/v1/chat/completions", json=ask(EASY))
+    assert resp.status == 200, await resp.text()  # (before: 503 no_healthy_replica)
+    assert resp.headers["x-frugal-engine"] == "large"
+    assert resp.headers["x-frugal-route-reason"] == "failover"
+    # an engine named by the request is not swapped for another
+    named = await proxy.client.post(
+        "/v1/chat/completions", json={**ask(EASY), "model": "small-model"}
+    )
+    assert named.status == 503
+    # back up: the cheap engine again
+    small.configure(health_fail=False)
+    await wait_until(lambda: proxy.services.by_name["small"].replicas[0].healthy is True)
+    resp = await proxy.client.post("/v1/chat/completions", json=ask(EASY))
+    assert resp.headers["x-frugal-engine"] == "small"

@@ -202,3 +202,40 @@ def test_a_load_move_lands_within_the_target_or_at_least_twice_as_fast(
         before = decide_route(requested_model=AUTO_MODEL, score=score, **unloaded)  # type: ignore[arg-type]
         moved_to, came_from = loads[decision.engine].est_ttft_ms, loads[before.engine].est_ttft_ms
         assert moved_to <= situation["ttft_target_ms"] or 2 * moved_to <= came_from
+
+
+def test_auto_fails_over_from_an_engine_that_cannot_answer() -> None:
+    hard = {"requested_model": AUTO_MODEL, "allowed_engines": TWO, "threshold": 0.5}
+    decision = decide_route(score=0.9, unavailable=frozenset({"large"}), **hard)  # type: ignore[arg-type]
+    assert (decision.engine, decision.reason) == ("small", "failover")
+    assert decision.detail.startswith("large has no replica")
+    easy = decide_route(score=0.1, unavailable=frozenset({"small"}), **hard)  # type: ignore[arg-type]
+    assert (easy.engine, easy.reason) == ("large", "failover")
+    # nothing else can answer: the choice stands (the engine call's 503 says why)
+    both = decide_route(score=0.9, unavailable=frozenset(TWO), **hard)  # type: ignore[arg-type]
+    assert (both.engine, both.reason) == ("large", "difficulty")
+    # an engine named by the request is that engine, available or not
+    named = decide_route(
+        requested_model="large", allowed_engines=TWO, score=None, threshold=0.5,
+        unavailable=frozenset({"large"}),
+    )  # fmt: skip
+    assert named.engine == "large"
+
+
+@given(situations, st.one_of(st.none(), unit), st.sets(st.sampled_from(["e0", "e1", "e2", "e3"])))
+def test_auto_never_chooses_an_unavailable_engine_while_another_can_answer(
+    situation: dict[str, object], score: float | None, down: set[str]
+) -> None:
+    allowed = list(situation["allowed_engines"])  # type: ignore[call-overload]
+    unavailable = frozenset(down)
+    decision = decide_route(
+        requested_model=AUTO_MODEL,
+        score=score,
+        unavailable=unavailable,
+        **situation,  # type: ignore[arg-type]
+    )
+    assert decision.engine in allowed
+    if any(name not in unavailable for name in allowed):
+        assert decision.engine not in unavailable
+    else:
+        assert decision == decide_route(requested_model=AUTO_MODEL, score=score, **situation)  # type: ignore[arg-type]
