@@ -23,7 +23,8 @@ def _state(replica: Replica) -> bool | None:
 
 def _engine_app(state: dict[str, Any]) -> web.Application:
     async def health(_: web.Request) -> web.Response:
-        await asyncio.sleep(state["delay_s"])
+        if state.get("slow"):
+            await state["slow"].wait()  # busier than any poll's deadline, until released
         return web.Response(status=state["status"])
 
     async def metrics(_: web.Request) -> web.Response:
@@ -36,24 +37,29 @@ def _engine_app(state: dict[str, Any]) -> web.Application:
 
 
 async def test_one_slow_poll_keeps_a_healthy_replica_in(aiohttp_server: Any) -> None:
-    state: dict[str, Any] = {"delay_s": 0.0, "status": 200}
+    # A deadline a loaded machine's event-loop stalls cannot reach: only the slow polls miss it.
+    timeout_s = 1.0
+    state: dict[str, Any] = {"slow": None, "status": 200}
     server = await aiohttp_server(_engine_app(state))
     replica = Replica(url=str(server.make_url("")).rstrip("/"), breaker=CircuitBreaker(3, 5.0))
     async with aiohttp.ClientSession() as session:
-        await poll_replica(session, replica, 0.2, unhealthy_after=2)
+        await poll_replica(session, replica, timeout_s, unhealthy_after=2)
         assert _state(replica) is True and replica.load.running == 3
-        state["delay_s"] = 0.5  # busier than the poll's deadline, once
-        await poll_replica(session, replica, 0.2, unhealthy_after=2)
-        assert _state(replica) is True
-        await poll_replica(session, replica, 0.2, unhealthy_after=2)  # twice in a row: down
-        assert _state(replica) is False
-        state["delay_s"] = 0.0
-        await poll_replica(session, replica, 0.2, unhealthy_after=2)  # one good poll: back
+        state["slow"] = asyncio.Event()  # busier than the poll's deadline, once
+        try:
+            await poll_replica(session, replica, timeout_s, unhealthy_after=2)
+            assert _state(replica) is True
+            await poll_replica(session, replica, timeout_s, unhealthy_after=2)  # twice: down
+            assert _state(replica) is False
+        finally:
+            state["slow"].set()
+        state["slow"] = None
+        await poll_replica(session, replica, timeout_s, unhealthy_after=2)  # one good poll: back
         assert _state(replica) is True and replica.failed_polls == 0
 
 
 async def test_a_replica_never_seen_healthy_is_down_at_once(aiohttp_server: Any) -> None:
-    state: dict[str, Any] = {"delay_s": 0.0, "status": 503}
+    state: dict[str, Any] = {"slow": None, "status": 503}
     server = await aiohttp_server(_engine_app(state))
     replica = Replica(url=str(server.make_url("")).rstrip("/"), breaker=CircuitBreaker(3, 5.0))
     async with aiohttp.ClientSession() as session:
