@@ -305,10 +305,10 @@ async def test_invalid_policy_folder_stops_start_up(tmp_path: Path) -> None:
 async def test_a_tier_is_never_served_an_entry_older_than_its_own_ttl(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
-    # Both tiers share the global scope; pro keeps answers a day, free only a second.
+    # Both tiers share the global scope; pro keeps answers a day, free only two seconds.
     folder = write_policies(
         tmp_path / "p",
-        tier("free", [FREE_KEY], cache={"scope": "global", "ttl_seconds": 1}),
+        tier("free", [FREE_KEY], cache={"scope": "global", "ttl_seconds": 2}),
         tier("pro", [PRO_KEY], cache={"scope": "global", "ttl_seconds": 86400}),
     )
     proxy = await proxy_with(
@@ -317,13 +317,13 @@ async def test_a_tier_is_never_served_an_entry_older_than_its_own_ttl(
     body = chat(temperature=0)
     first = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(PRO_KEY))
     assert first.headers["x-frugal-cache"] == "miss"
-    for _ in range(50):  # the store is written behind the answer
-        again = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
-        if again.headers["x-frugal-cache"] == "hit-exact":
-            break
-        await asyncio.sleep(0.02)
+    # The store is written behind the answer: wait for it. (Asking before it lands would be a
+    # free-tier miss whose answer, stored with free's TTL, replaces pro's entry.)
+    assert proxy.services.cache is not None
+    await proxy.services.cache.drain()
+    again = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
     assert again.headers["x-frugal-cache"] == "hit-exact"  # shared while young enough for both
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(2.1)
     pro = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(PRO_KEY))
     assert pro.headers["x-frugal-cache"] == "hit-exact"
     free = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
