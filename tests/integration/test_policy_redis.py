@@ -208,17 +208,21 @@ async def test_crashed_replica_holdings_expire(
 ) -> None:
     """A replica that reserved and died never settles; the reservation TTL frees the money."""
     principal = _principal(budget={"usd_per_day": 1.0}, limits={"max_tokens": 8, "concurrent": 1})
-    crashed = Limiter(replicas[0], wall_clock=lambda: DAY, reservation_ttl_s=0.2, lease_ttl_s=0.2)
+    # Long enough that the survivor surely asks while they are held, even on a loaded machine.
+    ttl_s = 1.5
+    crashed = Limiter(
+        replicas[0], wall_clock=lambda: DAY, reservation_ttl_s=ttl_s, lease_ttl_s=ttl_s
+    )
     keys = crashed.budget_keys(principal, DAY.date())
-    outcome = await replicas[0].reserve([(keys[0], NANO)], "dead-replica", NANO, 0.2)
+    outcome = await replicas[0].reserve([(keys[0], NANO)], "dead-replica", NANO, ttl_s)
     assert outcome.granted
-    assert await replicas[0].acquire_lease("lease-key", "dead", 1, 0.2)
+    assert await replicas[0].acquire_lease("lease-key", "dead", 1, ttl_s)
     survivor = _limiter(replicas[1])
     with pytest.raises(BudgetExhausted):
         async with survivor.reserve_budget(principal, 0.5):
             pass
     assert not await replicas[1].acquire_lease("lease-key", "alive", 1, 10)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(ttl_s + 0.1)
     async with survivor.reserve_budget(principal, 0.5):
         pass
     assert await replicas[1].acquire_lease("lease-key", "alive", 1, 10)
