@@ -554,7 +554,9 @@ async def test_engine_slower_than_its_whole_request_timeout_mid_stream_ends_the_
     start_fake: StartFake, start_proxy: StartProxy
 ) -> None:
     slow = await start_fake("m", tokens_per_s=5, completion_tokens=50)
-    timeouts = {"connect_s": 1, "first_token_s": 1, "total_s": 0.6}
+    # first_token_s well above the 0.2 s between tokens: an event-loop stall of a loaded machine
+    # must not look like a replica's silence
+    timeouts = {"connect_s": 1, "first_token_s": 3, "total_s": 1.0}
     p = await start_proxy([engine_config("e", "m", [slow.url], timeouts=timeouts)])
     resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
     assert resp.status == 200
@@ -573,8 +575,10 @@ async def test_engine_slower_than_its_whole_request_timeout_mid_stream_ends_the_
 async def test_a_replica_that_stalls_mid_stream_until_the_deadline_is_a_breaker_failure(
     start_fake: StartFake, start_proxy: StartProxy
 ) -> None:
-    stalled = await start_fake("m", tokens_per_s=0.5, completion_tokens=50)  # 2 s a token
-    timeouts = {"connect_s": 1, "first_token_s": 0.3, "total_s": 0.8}
+    stalled = await start_fake("m", tokens_per_s=0.2, completion_tokens=50)  # 5 s a token
+    # The first token comes at once and must beat first_token_s even on a loaded machine; then
+    # the replica is silent (2 s > first_token_s) until the deadline.
+    timeouts = {"connect_s": 1, "first_token_s": 1.0, "total_s": 2.0}
     p = await start_proxy([engine_config("e", "m", [stalled.url], timeouts=timeouts)])
     resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
     assert resp.status == 200
@@ -730,14 +734,16 @@ async def test_a_retry_does_not_restart_the_total_timeout(
     start_fake: StartFake, start_proxy: StartProxy
 ) -> None:
     # Both replicas hang: a non-streamed call has only total_s, whichever replica it tries.
+    # (2 s; a second total_s would make it at least 4 s. Stalls only add time: the bound leaves
+    # them 1.5 s.)
     hung = [await start_fake("m", hang=True) for _ in range(2)]
-    timeouts = {"connect_s": 1, "first_token_s": 1.0, "total_s": 1.0}
+    timeouts = {"connect_s": 1, "first_token_s": 2.0, "total_s": 2.0}
     p = await start_proxy([engine_config("e", "m", [h.url for h in hung], timeouts=timeouts)])
     started = time.monotonic()
     resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
     took = time.monotonic() - started
     assert resp.status == 504
-    assert took < 1.6, f"{took:.2f}s: the retry started a second total_s"
+    assert took < 3.5, f"{took:.2f}s: the retry started a second total_s"
 
 
 async def test_a_streamed_retry_ends_at_the_first_attempts_deadline(
@@ -745,10 +751,11 @@ async def test_a_streamed_retry_ends_at_the_first_attempts_deadline(
 ) -> None:
     # Both replicas hang, so the first attempt waits first_token_s; then the hang is lifted and
     # the retry's replica streams slowly. The stream must end at total_s from the request's
-    # start, not first_token_s + total_s.
+    # start (3 s), not first_token_s + total_s (at least 4.5 s). The retry has first_token_s to
+    # see its first token, and the bound leaves a loaded machine's event-loop stalls 1 s.
     replicas = [await start_fake("m", hang=True, tokens_per_s=10, completion_tokens=100)
                 for _ in range(2)]  # fmt: skip
-    timeouts = {"connect_s": 1, "first_token_s": 0.8, "total_s": 1.6}
+    timeouts = {"connect_s": 1, "first_token_s": 1.5, "total_s": 3.0}
     p = await start_proxy([engine_config("e", "m", [r.url for r in replicas], timeouts=timeouts)])
     started = time.monotonic()
     task = asyncio.create_task(
@@ -764,7 +771,7 @@ async def test_a_streamed_retry_ends_at_the_first_attempts_deadline(
     payloads = parse_all(await asyncio.wait_for(resp.read(), 5))
     took = time.monotonic() - started
     assert orjson.loads(payloads[-2])["error"]["code"] == "upstream_timeout"
-    assert took < 2.1, f"{took:.2f}s: the retry had a total_s of its own"
+    assert took < 4.0, f"{took:.2f}s: the retry had a total_s of its own"
 
 
 async def test_an_engine_serving_a_hugging_face_id(
