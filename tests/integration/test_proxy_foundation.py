@@ -789,7 +789,8 @@ async def test_an_engine_serving_a_hugging_face_id(
 async def test_requests_in_flight_are_on_metrics_while_they_run(
     start_fake: StartFake, start_proxy: StartProxy
 ) -> None:
-    slow = await start_fake("m", tokens_per_s=20, completion_tokens=20)
+    # 3 s answers: both are still streaming when /metrics is read, even on a loaded machine
+    slow = await start_fake("m", tokens_per_s=10, completion_tokens=30)
     p = await start_proxy([engine_config("e", "m", [slow.url])])
 
     async def in_flight() -> float | None:
