@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from proxy.sse import parse_all
-from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config
+from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config, wait_until
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"model": "m", "messages": QUESTION, "temperature": 0, "max_tokens": 8}
@@ -43,6 +43,18 @@ async def cached_proxy(
         **sections,
     )
     return engine, proxy
+
+
+async def in_flight(proxy: Proxy, *, followers: int = 0) -> None:
+    """Wait (bounded) until one single-flight is up with ``followers`` joined: what a fixed sleep
+    only hopes for on a loaded machine."""
+    flights = proxy.services.flights._flights
+
+    def joined() -> bool:
+        return len(flights) == 1 and next(iter(flights.values())).waiters == followers
+
+    await wait_until(joined, timeout_s=10)
+    assert joined(), [f.waiters for f in flights.values()]
 
 
 async def post_until(proxy: Proxy, body: dict[str, Any], cache: str, **kw: Any) -> Any:
@@ -200,10 +212,11 @@ async def test_a_leader_failing_mid_stream_ends_or_frees_its_followers(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
     engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
-    engine.configure(abort_after_chunks=4, completion_tokens=30, ttft_ms=600)
+    # (a first token late enough that both others join while the leader waits for it)
+    engine.configure(abort_after_chunks=4, completion_tokens=30, ttft_ms=1500)
     streamed = {**GREEDY, "max_tokens": 30, "stream": True}
     leader = asyncio.create_task(proxy.client.post("/v1/chat/completions", json=streamed))
-    await asyncio.sleep(0.2)  # the leader is waiting for its first token
+    await in_flight(proxy)  # the leader is waiting for its first token
     plain = asyncio.create_task(
         proxy.client.post("/v1/chat/completions", json={**GREEDY, "max_tokens": 30})
     )
@@ -226,12 +239,13 @@ async def test_a_streaming_leader_that_leaves_does_not_take_its_followers_down(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
     engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
-    engine.configure(tokens_per_s=100, completion_tokens=30)
+    # a 1.5 s stream: the follower joins while it runs, even on a loaded machine
+    engine.configure(tokens_per_s=20, completion_tokens=30)
     streamed = {**GREEDY, "max_tokens": 30, "stream": True}
     leader = await proxy.client.post("/v1/chat/completions", json=streamed)
     await leader.content.readany()  # the leader's stream has begun
     follower = asyncio.create_task(proxy.client.post("/v1/chat/completions", json=streamed))
-    await asyncio.sleep(0.05)  # the follower has joined the flight
+    await in_flight(proxy, followers=1)  # the follower has joined the flight
     leader.close()  # the leader's client leaves mid-stream
     resp = await asyncio.wait_for(follower, timeout=10)
     events = parse_all(await asyncio.wait_for(resp.read(), timeout=10))
@@ -253,10 +267,10 @@ async def test_a_coalesced_stream_gets_usage_only_when_its_client_asked(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
     engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
-    engine.configure(ttft_ms=300)
+    engine.configure(ttft_ms=1500)  # the follower joins while the leader waits
     streamed = {**GREEDY, "stream": True}  # no stream_options: no usage chunk wanted
     leader = asyncio.create_task(proxy.client.post("/v1/chat/completions", json=streamed))
-    await asyncio.sleep(0.1)
+    await in_flight(proxy)
     follower = await proxy.client.post("/v1/chat/completions", json=streamed)
     assert follower.headers.get("x-frugal-cache-coalesced") == "1"
     for resp in (await leader, follower):
