@@ -90,10 +90,11 @@ async def test_memory_holds_a_bounded_number_of_bytes_most_recent_first(
 
 async def test_a_remembered_entry_expires_with_its_ttl(tmp_path: Path) -> None:
     store = DiskStore(tmp_path)
-    await store.put(entry(1, ttl=0.2))
+    # (a TTL a loaded machine's slow write and event-loop stalls cannot use up before the get)
+    await store.put(entry(1, ttl=1.0))
     await store.flush()
     assert await store.get(entry(1).meta.key) is not None
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(1.05)
     assert await store.get(entry(1).meta.key) is None
     assert store._recent == {}
     await store.close()
@@ -196,12 +197,13 @@ async def test_an_invalidation_reaches_entries_the_disk_has_evicted(tmp_path: Pa
 
 async def test_an_entry_read_from_disk_expires_in_memory_with_its_ttl(tmp_path: Path) -> None:
     first = DiskStore(tmp_path)
-    await first.put(entry(1, ttl=0.3))
+    # (a TTL a loaded machine's slow write, close and open cannot use up before the get)
+    await first.put(entry(1, ttl=1.5))
     await first.close()
     store = DiskStore(tmp_path)
     assert await store.get(entry(1).meta.key) is not None  # read from the disk, remembered
     assert entry(1).meta.key in store._recent
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(1.55)
     assert await store.get(entry(1).meta.key) is None
     await store.close()
 
