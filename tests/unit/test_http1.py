@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.engines import http1
 from proxy.engines.http1 import LeanClient, MalformedAnswer, _chunked_end, _dechunk
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -183,7 +185,13 @@ async def test_engine_closing_an_idle_connection_is_not_an_error(serve: Serve) -
     client = LeanClient()
     first = await client.post(url, b"{}", {}, 1.0)
     first.release()
-    await asyncio.sleep(0.05)  # the close arrives
+    # the close arrives (wait for it: a fixed 50 ms sleep was over first on a loaded machine)
+    [idle] = client._idle.values()
+    for _ in range(500):
+        if not idle or idle[0].closed:
+            break
+        await asyncio.sleep(0.01)
+    assert not idle or idle[0].closed
     second = await client.post(url, b"{}", {}, 1.0)
     assert second.status == 200
     second.release()
@@ -194,15 +202,19 @@ async def test_engine_closing_an_idle_connection_is_not_an_error(serve: Serve) -
 async def test_a_connection_idle_too_long_is_not_reused(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("proxy.engines.http1.MAX_IDLE_S", 0.05)
+    # The client's clock, moved by hand: with a real 50 ms limit, a stall of a loaded machine
+    # between two requests "at once" made the second one a new connection.
+    now = [1000.0]
+    monkeypatch.setattr(http1, "time", SimpleNamespace(monotonic=lambda: now[0]))
     server, url = await serve(lambda r, w: echo_keepalive(server, r, w))
     client = LeanClient()
     first = await client.post(url, b"1", {}, 1.0)
     first.release()
-    second = await client.post(url, b"2", {}, 1.0)  # at once: the same connection
+    now[0] += http1.MAX_IDLE_S - 0.01
+    second = await client.post(url, b"2", {}, 1.0)  # just inside the limit: the same connection
     second.release()
     assert server.connections == 1
-    await asyncio.sleep(0.1)  # past the idle limit: the engine might be closing it
+    now[0] += http1.MAX_IDLE_S + 0.01  # past the idle limit: the engine might be closing it
     third = await client.post(url, b"3", {}, 1.0)
     third.release()
     assert server.connections == 2
