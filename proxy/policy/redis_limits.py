@@ -20,6 +20,9 @@ from redis.exceptions import RedisError
 from proxy.policy.limits import WINDOW_S, CounterBackendError, ReserveOutcome
 
 BUDGET_KEEP_MS = 2 * 86_400_000  # a day's budget keys outlive the day, then vanish
+# Connections to Redis per proxy replica: each limit check is one short script call (well under a
+# millisecond), so a few dozen serve thousands of requests a second.
+MAX_CONNECTIONS = 32
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -139,13 +142,23 @@ class RedisCounters:
         self._status = client.register_script(_STATUS)
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = 1.0) -> RedisCounters:
+    def from_url(
+        cls, url: str, *, timeout_s: float = 1.0, max_connections: int = MAX_CONNECTIONS
+    ) -> RedisCounters:
         """A client of its own; a hung Redis costs a request at most ``timeout_s`` per step
-        before the limiter's outage policy applies."""
-        client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        before the limiter's outage policy applies.
+
+        The pool is bounded: a burst of requests waits (up to ``timeout_s``) for one of a few
+        connections rather than opening one each. Hundreds of connects at once time out on a
+        loaded host, and the outage policy then lets requests through unchecked."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
         )
-        return cls(client, owns_client=True)
+        return cls(aioredis.Redis.from_pool(pool), owns_client=True)
 
     async def rate(self, key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
         increment_ms = cost * WINDOW_S * 1000 / per_minute

@@ -123,6 +123,30 @@ async def test_two_replicas_200_clients_never_overspend_exact_costs(
     assert tier.reserved_usd == 0
 
 
+async def test_a_burst_shares_a_few_connections_instead_of_opening_one_each(
+    policy_redis_url: str,
+) -> None:
+    """200 requests at once on one replica: they queue for the pool's connections (before:
+    one connect each, some of which timed out on a loaded host and let requests through
+    unchecked)."""
+    counters = RedisCounters.from_url(policy_redis_url, max_connections=8)
+    principal = _principal(limits={"max_tokens": 512, "requests_per_minute": 1_000_000})
+    limiter = _limiter(counters)
+    try:
+        async with aioredis.Redis.from_url(policy_redis_url) as admin:
+            before = len(await admin.client_list())
+
+            async def one() -> None:
+                async with limiter.admit(principal, prompt_tokens=10):
+                    await asyncio.sleep(0)
+
+            await asyncio.gather(*(one() for _ in range(200)))
+            opened = len(await admin.client_list()) - before
+        assert 1 <= opened <= 8
+    finally:
+        await counters.aclose()
+
+
 async def test_two_replicas_200_clients_stop_within_one_request_of_the_ceiling(
     replicas: tuple[RedisCounters, RedisCounters],
 ) -> None:
