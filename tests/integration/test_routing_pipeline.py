@@ -3,6 +3,7 @@ thresholds, headers, stickiness and load shedding, against fake engines."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,10 @@ async def test_auto_fails_over_when_the_chosen_engine_cannot_answer(
         ],
         routing={"enabled": True},
     )
-    await wait_until(lambda: proxy.services.by_name["small"].replicas[0].healthy is False)
+    small_engine, large_engine = proxy.services.by_name["small"], proxy.services.by_name["large"]
+    # (each replica's version is read at start-up, beside the health polls)
+    await wait_until(lambda: small_engine.replicas[0].healthy is False)
+    await wait_until(lambda: large_engine.can_take(time.monotonic()))
     resp = await proxy.client.post("/v1/chat/completions", json=ask(EASY))
     assert resp.status == 200, await resp.text()  # (before: 503 no_healthy_replica)
     assert resp.headers["x-frugal-engine"] == "large"
@@ -144,6 +148,6 @@ async def test_auto_fails_over_when_the_chosen_engine_cannot_answer(
     assert named.status == 503
     # back up: the cheap engine again
     small.configure(health_fail=False)
-    await wait_until(lambda: proxy.services.by_name["small"].replicas[0].healthy is True)
+    await wait_until(lambda: small_engine.can_take(time.monotonic()))
     resp = await proxy.client.post("/v1/chat/completions", json=ask(EASY))
     assert resp.headers["x-frugal-engine"] == "small"
