@@ -136,7 +136,8 @@ async def test_auto_fails_over_when_the_chosen_engine_cannot_answer(
     small_engine, large_engine = proxy.services.by_name["small"], proxy.services.by_name["large"]
     # (each replica's version is read at start-up, beside the health polls)
     await wait_until(lambda: small_engine.replicas[0].healthy is False)
-    await wait_until(lambda: large_engine.can_take(time.monotonic()))
+    await wait_until(lambda: large_engine.can_take(time.monotonic()), timeout_s=15)
+    assert large_engine.can_take(time.monotonic()), large_engine.replicas
     resp = await proxy.client.post("/v1/chat/completions", json=ask(EASY))
     assert resp.status == 200, await resp.text()  # (before: 503 no_healthy_replica)
     assert resp.headers["x-frugal-engine"] == "large"
@@ -148,6 +149,7 @@ async def test_auto_fails_over_when_the_chosen_engine_cannot_answer(
     assert named.status == 503
     # back up: the cheap engine again
     small.configure(health_fail=False)
-    await wait_until(lambda: small_engine.can_take(time.monotonic()))
+    await wait_until(lambda: small_engine.can_take(time.monotonic()), timeout_s=15)
+    assert small_engine.can_take(time.monotonic()), small_engine.replicas
     resp = await proxy.client.post("/v1/chat/completions", json=ask(EASY))
-    assert resp.headers["x-frugal-engine"] == "small"
+    assert resp.headers["x-frugal-engine"] == "small", dict(resp.headers)
