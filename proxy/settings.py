@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -178,6 +179,14 @@ def _http_urls(urls: list[str]) -> list[str]:
     for url in urls:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"{url!r} is not an http(s) URL")
+        # (a URL with no host, a bad port or a space passed, and every call to it failed)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+        except ValueError as exc:
+            raise ValueError(f"{url!r} is not a valid URL: {exc}") from None
+        if not parts.hostname or any(c.isspace() or not c.isprintable() for c in url):
+            raise ValueError(f"{url!r} is not a valid URL like http://127.0.0.1:8101")
         out.append(url.rstrip("/"))
     if len(set(out)) != len(out):
         raise ValueError("a replica URL is listed twice")
@@ -343,9 +352,12 @@ class ConfigError(Exception):
 
 def load_settings(path: Path) -> Settings:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.start})") from exc
     return parse_settings(text, source=str(path), base_dir=path.parent)
 
 

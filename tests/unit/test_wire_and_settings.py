@@ -174,6 +174,14 @@ def test_minimal_config_and_defaults() -> None:
     [
         (MINIMAL + "cache: {enabeld: true}\n", "c.yaml:3: cache.enabeld: unknown field"),
         (MINIMAL.replace("http://", "ftp://"), "engines.0.urls: Value error"),
+        # (before: accepted, and every call to the replica failed at run time)
+        (MINIMAL.replace("http://127.0.0.1:1", "http://"), "engines.0.urls: Value error"),
+        (MINIMAL.replace("127.0.0.1:1", "127.0.0.1:99999"), "engines.0.urls: Value error"),
+        (MINIMAL.replace("127.0.0.1:1", "gpu a:8000"), "engines.0.urls: Value error"),
+        (
+            MINIMAL.replace("}", ", canary: {version: v2, urls: ['http://:80'], share: 0.1}}"),
+            "engines.0.canary.urls: Value error",
+        ),
         (
             MINIMAL + "  - {name: small, model: x, urls: ['http://h']}\n",
             "name 'small' is used twice",
@@ -211,6 +219,15 @@ def test_relative_policies_resolve_next_to_the_config(tmp_path: Path) -> None:
     assert load_settings(path).policies == tmp_path / "tiers"
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "missing.yaml")
+
+
+def test_a_config_that_is_not_utf8_names_the_file_and_line(tmp_path: Path) -> None:
+    # (before: a UnicodeDecodeError traceback)
+    path = tmp_path / "frugal.yaml"
+    path.write_bytes(MINIMAL.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(err.value).startswith(f"{path}:3: not UTF-8 text")
 
 
 def test_a_conversation_keeps_its_prefix_across_turns() -> None:
