@@ -25,6 +25,10 @@ from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 IMPORT_BATCH = 256
+# A batch's rows stay under this many bytes of JSON: the proxy refuses bodies over its
+# server.max_body_bytes (4 MiB by default) with a 413, which stopped an import half-way (a
+# batch refused so, under a lower limit, is sent again in halves).
+IMPORT_BATCH_BYTES = 1 << 20
 
 SCOPE_HELP = (
     "the partition the entries go to, who may hit them (default: the proxy's cache.scope, "
@@ -195,21 +199,27 @@ def _cache_import(args: argparse.Namespace) -> int:
     from proxy.cache.service import import_row_problem
 
     try:
-        text = args.file.read_text()
+        data = args.file.read_bytes()
     except OSError as exc:
         print(f"frugal: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
     endpoint = Endpoint(args.endpoint)
     rows: list[Any] = []
     numbers: list[int] = []  # each row's line in the file (blank lines are skipped)
+    sizes: list[int] = []  # each row's JSON bytes, to keep a batch under the proxy's body limit
     bad = 0
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    # Lines are split on newlines only: str.splitlines would also split at a U+2028 inside a
+    # JSON string, and a line that is not UTF-8 is one bad line, not a traceback.
+    for number, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
             continue
+        problem: tuple[str, str] | None
         try:
-            row = json.loads(line)
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            problem = ("", f"not UTF-8 text (byte {exc.start} of the line)")
         except ValueError as exc:
-            problem: tuple[str, str] | None = ("", f"not JSON: {exc}")
+            problem = ("", f"not JSON: {exc}")
         else:
             problem = import_row_problem(row, endpoint)
         if problem is not None:
@@ -220,14 +230,17 @@ def _cache_import(args: argparse.Namespace) -> int:
             continue
         rows.append(row)
         numbers.append(number)
+        sizes.append(len(json.dumps(row)))  # as it is sent (non-ASCII escaped)
     if bad:
         print(f"frugal: {bad} bad line(s) in {args.file}; nothing was imported", file=sys.stderr)
         return 2
     stored = 0
     partition: dict[str, Any] = {}  # where the proxy put them (its default scope when not given)
     with tqdm(total=len(rows), unit="pair", desc="import") as bar:
-        for start in range(0, len(rows), IMPORT_BATCH):
-            batch = rows[start : start + IMPORT_BATCH]
+        pending = _batches(sizes)
+        while pending:
+            start, end = pending.pop(0)
+            batch = rows[start:end]
             payload = {
                 "engine": args.engine,
                 "version": args.version,
@@ -238,8 +251,20 @@ def _cache_import(args: argparse.Namespace) -> int:
                 "rows": batch,
             }
             status, body = _call(args.url, "POST", "/admin/cache/import", payload)
-            if status >= 400:
+            if status == 413 and len(batch) > 1:
+                # over the proxy's server.max_body_bytes (refused unread): send it in halves
+                middle = (start + end) // 2
+                pending[:0] = [(start, middle), (middle, end)]
+                continue
+            if status == 413:
+                print(
+                    f"frugal: {args.file}:{numbers[start]}: the row ({sizes[start]} bytes of "
+                    "JSON) is larger than the proxy accepts in a request (server.max_body_bytes)",
+                    file=sys.stderr,
+                )
+            elif status >= 400:
                 _report(status, _in_file_terms(body, args.file, numbers[start:]))
+            if status >= 400:
                 print(
                     f"frugal: the import stopped in the batch from line {numbers[start]}; the "
                     f"{stored} rows before that batch were stored, none after it",
@@ -251,6 +276,21 @@ def _cache_import(args: argparse.Namespace) -> int:
             bar.update(len(batch))
     print(json.dumps({"rows": len(rows), "stored": stored, **partition}))
     return 0
+
+
+def _batches(sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of consecutive rows: at most IMPORT_BATCH rows and IMPORT_BATCH_BYTES
+    bytes each (a larger row goes alone)."""
+    batches: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and (index - start >= IMPORT_BATCH or total + size > IMPORT_BATCH_BYTES):
+            batches.append((start, index))
+            start, total = index, 0
+        total += size
+    if start < len(sizes):
+        batches.append((start, len(sizes)))
+    return batches
 
 
 def _in_file_terms(body: Any, file: Path, numbers: list[int]) -> Any:

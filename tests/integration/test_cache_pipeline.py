@@ -576,6 +576,80 @@ async def test_cli_import_reports_every_bad_line_by_file_line_and_stores_nothing
     assert '"stored": 10' in capsys.readouterr().out
 
 
+async def test_cli_import_keeps_each_batch_under_the_proxys_body_limit(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, capsys: Any
+) -> None:
+    from proxy.cli import main
+
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "global"})
+    url = str(proxy.client.make_url("")).rstrip("/")
+    # 300 valid rows of 20 kB: 256 of them (one batch by count) are over the 4 MiB body limit
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            orjson.dumps({"prompt": f"q{i}", "answer": "a" * 20_000}).decode() + "\n"
+            for i in range(300)
+        )
+    )
+    code = await asyncio.to_thread(
+        main, ["cache", "import", str(pairs), "--url", url, "--engine", "e"]
+    )
+    captured = capsys.readouterr()
+    # (before: 413 on the first batch, the import stopped with nothing stored)
+    assert code == 0, captured.err
+    assert '"stored": 300' in captured.out
+
+
+async def test_cli_import_names_a_row_too_large_for_the_proxy(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, capsys: Any
+) -> None:
+    from proxy.cli import main
+
+    _, proxy = await cached_proxy(
+        start_fake,
+        start_proxy,
+        tmp_path,
+        cache={"scope": "global"},
+        server={"max_body_bytes": 100_000},
+    )
+    url = str(proxy.client.make_url("")).rstrip("/")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        '{"prompt": "q0", "answer": "a"}\n'
+        + orjson.dumps({"prompt": "q1", "answer": "a" * 200_000}).decode()
+        + "\n"
+    )
+    code = await asyncio.to_thread(
+        main, ["cache", "import", str(pairs), "--url", url, "--engine", "e"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"{pairs}:2: the row (" in err and "server.max_body_bytes" in err
+
+
+def test_cli_import_reads_lines_as_utf8_split_at_newlines_only(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy import admin_cli
+    from proxy.cli import main
+
+    sent: list[Any] = []
+    monkeypatch.setattr(
+        admin_cli, "_call", lambda *args: (sent.append(args[3]), (200, {"stored": 1}))[1]
+    )
+    pairs = tmp_path / "pairs.jsonl"
+    # a raw U+2028 inside a JSON string is valid JSON (json.dumps(ensure_ascii=False) writes it)
+    pairs.write_bytes('{"prompt": "a\u2028b", "answer": "c"}\n'.encode())
+    assert main(["cache", "import", str(pairs), "--engine", "e"]) == 0
+    assert sent[0]["rows"] == [{"prompt": "a\u2028b", "answer": "c"}]
+    # (before: a UnicodeDecodeError traceback)
+    pairs.write_bytes(b'{"prompt": "q", "answer": "c"}\n{"prompt": "caf\xe9", "answer": "c"}\n')
+    assert main(["cache", "import", str(pairs), "--engine", "e"]) == 2
+    err = capsys.readouterr().err
+    assert f"{pairs}:2: not UTF-8 text" in err and "Traceback" not in err
+    assert len(sent) == 1
+
+
 def test_cli_names_the_file_line_of_a_row_the_proxy_refuses(tmp_path: Path) -> None:
     from proxy.admin_cli import _in_file_terms
 
