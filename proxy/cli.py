@@ -25,6 +25,11 @@ SERVER_EPILOG = (
     f"exit status: 0 after Ctrl-C or SIGTERM, {EXIT_RUNTIME} if the address cannot be taken "
     f"(in use, not permitted), {EXIT_USAGE} for a bad flag or configuration"
 )
+SERVE_EPILOG = (
+    f"exit status: 0 after Ctrl-C or SIGTERM, {EXIT_RUNTIME} if the address cannot be taken "
+    f"(in use, not permitted) or the data folder cannot be written, {EXIT_USAGE} for a bad flag "
+    "or configuration"
+)
 
 
 class ListenError(Exception):
@@ -35,6 +40,18 @@ class ListenError(Exception):
         errno = error.errno or 0
         reason = os.strerror(errno) if errno > 0 else error.strerror or str(error)
         super().__init__(f"cannot listen on {host}:{port}: {reason}")
+
+
+class DataDirError(Exception):
+    """A folder the proxy writes to (data_dir, cache.data_dir) cannot be created or written."""
+
+    def __init__(self, field: str, path: Path, error: OSError) -> None:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        super().__init__(
+            f"{field}: cannot use {path}: {reason} (set {field} in the config"
+            + (" or $FRUGAL_DATA_DIR" if field == "data_dir" else "")
+            + " to a writable folder)"
+        )
 
 
 def port_number(text: str) -> int:
@@ -59,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return command(args)
-    except ListenError as exc:
+    except (ListenError, DataDirError) as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except BrokenPipeError:
@@ -79,7 +96,7 @@ def build_parser(*, operator_tools: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(metavar="COMMAND")
 
     serve = sub.add_parser(
-        "serve", help="run the proxy in front of running engines", epilog=SERVER_EPILOG
+        "serve", help="run the proxy in front of running engines", epilog=SERVE_EPILOG
     )
     serve.add_argument("--config", type=Path, required=True, help="YAML config file")
     serve.add_argument("--port", type=port_number, help="override server.port (0: any free port)")

@@ -4,7 +4,9 @@ cancellation (so a client that leaves makes the engine stop generating)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import os
 import signal
 from collections.abc import Callable
 
@@ -12,7 +14,7 @@ import structlog
 from aiohttp import web
 
 from proxy.app import create_app
-from proxy.cli import ListenError
+from proxy.cli import DataDirError, ListenError
 from proxy.observability.logging import configure_logging
 from proxy.settings import Settings
 
@@ -44,8 +46,29 @@ def run_proxy(settings: Settings, *, port: int | None = None) -> None:
         runner.run(serve(settings, host=host, port=port))
 
 
+def check_data_dirs(settings: Settings) -> None:
+    """Create the folders the proxy writes to, or raise :class:`DataDirError` saying which and
+    why (before: a traceback from the cache's start-up, after the app had started)."""
+    folders = [("data_dir", settings.resolved_data_dir())]
+    if settings.cache.enabled and settings.cache.backend == "disk":
+        if settings.cache.data_dir is not None:
+            folders.append(("cache.data_dir", settings.cache.data_dir))
+        else:
+            folders.append(("data_dir", settings.resolved_data_dir() / "cache"))
+    for field, folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise DataDirError(field, folder, NotADirectoryError(errno.ENOTDIR, "")) from None
+        except OSError as exc:
+            raise DataDirError(field, folder, exc) from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise DataDirError(field, folder, PermissionError(errno.EACCES, "not writable"))
+
+
 async def serve(settings: Settings, *, host: str, port: int) -> None:
     """Serve until cancelled (Ctrl-C), then shut down cleanly."""
+    check_data_dirs(settings)
     app = create_app(settings)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()

@@ -59,6 +59,30 @@ def test_an_invalid_policy_folder_exits_2_naming_the_file(
     assert any("free.yaml:2 bogus" in issue for issue in issues)
 
 
+@pytest.mark.parametrize("field", ["data_dir", "cache.data_dir"])
+def test_a_data_folder_that_cannot_be_made_exits_1_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    sections = (
+        f"data_dir: {blocker}\ncache: {{semantic: false}}\n"
+        if field == "data_dir"
+        else f"data_dir: {tmp_path / 'data'}\ncache: {{semantic: false, data_dir: {blocker}}}\n"
+    )
+    config = ENGINE + sections + "embeddings: {enabled: false}\npolicies: null\n"
+    # (before: a NotADirectoryError traceback out of the cache's start-up)
+    code, err = _serve(tmp_path, config, capsys)
+    assert code == 1
+    assert "Traceback" not in err
+    [line] = err.splitlines()
+    assert line.startswith(f"frugal: {field}: cannot use {blocker}")
+    assert "Not a directory" in line
+    code, err = _serve(tmp_path, config.replace(str(blocker), str(blocker / "sub")), capsys)
+    assert code == 1
+    assert err.startswith(f"frugal: {field}: cannot use {blocker / 'sub'}: Not a directory")
+
+
 @pytest.fixture
 def taken_port() -> Iterator[int]:
     with socket.socket() as sock:
