@@ -191,14 +191,14 @@ def keys_generate_command(out: TextIO | None = None) -> int:
 
 def add_policy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     policy = sub.add_parser("policy", help="tier policy files")
-    policy_sub = policy.add_subparsers(metavar="ACTION")
+    policy_sub = policy.add_subparsers(metavar="ACTION", required=True)
     check = policy_sub.add_parser("check", help="validate a policy folder (exit 1 on errors)")
     check.add_argument("dir", type=Path, nargs="?", default=DEFAULT_DIR)
     check.add_argument("--config", type=Path, help="also check models against its engines")
     check.set_defaults(run=_run_check)
 
     keys = sub.add_parser("keys", help="API keys")
-    keys_sub = keys.add_subparsers(metavar="ACTION")
+    keys_sub = keys.add_subparsers(metavar="ACTION", required=True)
     add = keys_sub.add_parser("add", help="create a key for a tier; prints it once")
     add.add_argument("--tier", required=True)
     add.add_argument("--tenant", type=_tenant_name, help="the key's owner (default: per key)")

@@ -78,3 +78,16 @@ def test_a_reader_leaving_early_is_not_an_error(
     monkeypatch.setattr(admin_cli, "_report", closed_pipe)
     assert main(["cache", "stats", "--url", "http://127.0.0.1:9"]) == 0
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("group", ["cache", "keys", "policy", "rollout", "router", "bench"])
+def test_a_command_group_without_its_action_is_a_usage_error_naming_it(
+    group: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (before: `frugal keys` and `frugal policy` printed the top-level help instead)
+    with pytest.raises(SystemExit) as exit_:
+        main([group])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: frugal {group} " in err
+    assert "the following arguments are required" in err
