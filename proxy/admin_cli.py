@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "only entries of this scope (every owner's, e.g. every tenant's, unless --owner)",
         f"only the partition of this owner (with --scope): {OWNERS}",
     )
-    inval.add_argument("--older-than", type=float, metavar="SECONDS")
+    inval.add_argument("--older-than", type=finite_float(0, math.inf), metavar="SECONDS")
     inval.add_argument("--all", action="store_true", help="needed to invalidate with no filter")
     inval.set_defaults(run=_cache_invalidate)
 
@@ -129,6 +131,22 @@ def http_url(text: str) -> str:
     ):
         raise argparse.ArgumentTypeError(f"not an http(s) URL like {DEFAULT_URL}: {text!r}")
     return text
+
+
+def finite_float(low: float, high: float) -> Callable[[str], float]:
+    """argparse type for a number in [low, high]: 'nan' and 'inf' parse as floats, and went
+    to the proxy as JSON it cannot read."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"not a number in [{low:g}, {high:g}]: {text!r}")
+        return value
+
+    return parse
 
 
 def _admin(url: str, method: str, path: str, payload: Any | None = None) -> tuple[int, Any]:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import urllib.parse
 from typing import Any
 
-from proxy.admin_cli import _call, _url
+from proxy.admin_cli import _call, _url, finite_float
 
 
 def add_rollout_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,14 +34,15 @@ def add_rollout_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         parser.set_defaults(run=_run, action=action)
     share = rollout_sub.add_parser("share", help="set the canary's traffic share (0..1)")
     share.add_argument("engine")
-    share.add_argument("share", type=float)
+    share.add_argument("share", type=finite_float(0, 1), help="0..1")
     _url(share)
     share.add_argument("--json", action="store_true", help="print the raw JSON")
     share.set_defaults(run=_run, action="share")
 
 
 def _run(args: argparse.Namespace) -> int:
-    path = f"/admin/rollout/{args.engine}"
+    # (quoted: a space in the name made urllib raise, a '/' named another endpoint)
+    path = f"/admin/rollout/{urllib.parse.quote(args.engine, safe='')}"
     if args.action == "status":
         status, body = _call(args.url, "GET", path)
     elif args.action == "share":

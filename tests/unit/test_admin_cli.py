@@ -91,3 +91,36 @@ def test_a_command_group_without_its_action_is_a_usage_error_naming_it(
     err = capsys.readouterr().err
     assert f"usage: frugal {group} " in err
     assert "the following arguments are required" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["rollout", "share", "small", "nan"],
+        ["rollout", "share", "small", "1.5"],
+        ["cache", "invalidate", "--older-than", "nan"],
+        ["cache", "invalidate", "--older-than", "-1"],
+    ],
+)
+def test_numbers_the_proxy_cannot_take_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (before: nan went out as JSON NaN and the proxy answered "not valid JSON")
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--url", "http://127.0.0.1:9"])
+    assert exit_.value.code == 2
+    assert "not a number in [" in capsys.readouterr().err
+
+
+def test_an_engine_name_is_quoted_into_the_admin_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    paths: list[str] = []
+
+    def record(url: str, method: str, path: str, payload: object = None) -> tuple[int, object]:
+        paths.append(path)
+        return 404, {"error": {"message": "no engine"}}
+
+    monkeypatch.setattr(admin_cli, "_admin", record)
+    # (before: a space made urllib raise InvalidURL, a traceback)
+    assert main(["rollout", "status", "x y", "--url", "http://127.0.0.1:9"]) == 1
+    assert main(["rollout", "promote", "a/b", "--url", "http://127.0.0.1:9"]) == 1
+    assert paths == ["/admin/rollout/x%20y", "/admin/rollout/a%2Fb/promote"]
