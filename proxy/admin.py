@@ -105,10 +105,16 @@ def add_routes(app: web.Application, services: Services) -> None:
     async def policies_reload(request: web.Request) -> web.Response:
         errors = services.policies.reload()
         current = services.policies.current
-        return _json(
-            {"applied": not errors, "errors": errors, "tiers": sorted(current.tiers)},
-            status=200 if not errors else 422,
+        result = {"applied": not errors, "errors": errors, "tiers": sorted(current.tiers)}
+        if not errors:
+            return _json(result)
+        # OpenAI-shaped like every other error, with the full list beside it
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        refused = InvalidRequest(
+            f"the policy files are invalid; the previous policies stay in force: {errors[0]}{more}",
+            code="invalid_policies",
         )
+        return _json({**refused.body(), **result}, status=422)
 
     async def engines(request: web.Request) -> web.Response:
         return _json(

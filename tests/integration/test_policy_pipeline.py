@@ -262,8 +262,13 @@ async def test_policy_files_reload_on_change_and_bad_edits_are_rejected(
     (folder / "free.yaml").write_text("tier: free\nkeys: []\nmodels: [auto]\nlimts: {}\n")
     reload = await proxy.client.post("/admin/policies/reload")
     assert reload.status == 422
-    errors = (await reload.json())["errors"]
+    refused = await reload.json()
+    errors = refused["errors"]
     assert any("free.yaml" in e for e in errors)
+    # an admin error is OpenAI-shaped like every other (before: only applied/errors/tiers)
+    assert refused["error"]["type"] == "invalid_request_error"
+    assert refused["error"]["code"] == "invalid_policies"
+    assert errors[0] in refused["error"]["message"]
     # The previous set stays in force.
     resp = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth(new_key))
     assert resp.status == 200
