@@ -70,7 +70,17 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
     """Serve until cancelled (Ctrl-C), then shut down cleanly."""
     check_data_dirs(settings)
     app = create_app(settings)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # aiohttp waits its shutdown_timeout twice for a request in flight (for it to end, then
+    # again after it is told to stop, which one waiting on an engine does not notice) before it
+    # cancels it: with its 60 s default a stop took 2 minutes, past docker's and Kubernetes'
+    # grace periods, and the SIGKILL then lost the cache's queued writes. Half each way keeps
+    # the whole drain within server.shutdown_timeout_s.
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=settings.server.shutdown_timeout_s / 2,
+    )
     await runner.setup()
     tune_gc()
     # A backlog of 4096: benchmarks open 1,000 connections at once.

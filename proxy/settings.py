@@ -50,6 +50,12 @@ class ServerSettings(StrictModel):
         False, description="serve without API keys on a non-loopback address (not advised)"
     )
     cors: CorsSettings = Field(default_factory=CorsSettings)
+    shutdown_timeout_s: float = Field(
+        20.0,
+        ge=0,
+        description="on SIGTERM/SIGINT: how long requests in flight may still finish before they"
+        " are cancelled (their clients see the connection close); then the cache is flushed",
+    )
     lean_engine_client: bool = Field(
         True,
         description="non-streamed calls to plain-http engines through the proxy's own HTTP/1.1"

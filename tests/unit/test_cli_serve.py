@@ -150,3 +150,61 @@ async def test_fake_engine_on_port_0_says_the_port_it_took(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_stop_signal_ends_requests_in_flight_within_the_shutdown_timeout(
+    tmp_path: Path,
+) -> None:
+    import os
+    import signal
+    import time
+
+    from proxy.settings import parse_settings
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        engine_port = sock.getsockname()[1]
+    engine = asyncio.create_task(
+        fake.serve_fake_engine(
+            fake.FakeEngineOptions(model="m", hang=True), "127.0.0.1", engine_port
+        )
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = parse_settings(
+        f"engines:\n  - {{name: small, model: m, version: v1, urls: ['http://127.0.0.1:{engine_port}']}}\n"
+        + OFF
+        + f"policies: null\ndata_dir: {tmp_path / 'data'}\n"
+        + "server: {shutdown_timeout_s: 1}\n"
+    )
+    proxy = asyncio.create_task(server.serve(settings, host="127.0.0.1", port=port))
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)
+
+            async def call() -> None:
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                async with session.post(url, json=body) as resp:
+                    await resp.read()
+
+            calls = [asyncio.create_task(call()) for _ in range(2)]
+            await asyncio.sleep(0.5)  # both wait on the hung engine
+            started = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)  # serve's own handler takes it
+            # (before: aiohttp's 60 s, twice: the stop took 2 minutes)
+            await asyncio.wait_for(proxy, timeout=10)
+            assert time.monotonic() - started < 5
+            await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        proxy.cancel()
+        engine.cancel()
+        await asyncio.gather(proxy, engine, return_exceptions=True)
