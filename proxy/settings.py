@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from proxy.yaml_keys import duplicate_keys
 
@@ -322,19 +323,34 @@ class Settings(StrictModel):
 
     @model_validator(mode="after")
     def _unique_engines(self) -> Settings:
-        names = [e.name for e in self.engines]
-        models = [e.model for e in self.engines]
-        for what, values in (("name", names), ("model", models)):
-            dupes = sorted({v for v in values if values.count(v) > 1})
-            if dupes:
-                raise ValueError(f"engine {what} {dupes[0]!r} is used twice")
+        # (each error carries the field it is about, `at`, so the message names its line, not
+        # the top of the file)
+        for what in ("name", "model"):
+            seen: dict[str, int] = {}
+            for index, engine in enumerate(self.engines):
+                value = getattr(engine, what)
+                if value in seen:
+                    raise PydanticCustomError(
+                        "duplicate_engine",
+                        "engine {what} '{value}' is used twice (also engines.{first}.{what})",
+                        {"what": what, "value": value, "first": seen[value],
+                         "at": ("engines", index, what)},
+                    )  # fmt: skip
+                seen[value] = index
         needs_redis = self.cache.backend == "redis" or self.limits.backend == "redis"
         if needs_redis and self.redis is None:
-            raise ValueError("cache.backend or limits.backend is redis: set redis.url")
-        if VIRTUAL_MODEL in models:
-            raise ValueError(
-                f"{VIRTUAL_MODEL!r} is the virtual routed model; no engine may serve it"
+            raise PydanticCustomError(
+                "redis_needed",
+                "cache.backend or limits.backend is redis: set redis.url",
+                {"at": ("cache" if self.cache.backend == "redis" else "limits", "backend")},
             )
+        for index, engine in enumerate(self.engines):
+            if engine.model == VIRTUAL_MODEL:
+                raise PydanticCustomError(
+                    "virtual_model",
+                    "'{model}' is the virtual routed model; no engine may serve it",
+                    {"model": VIRTUAL_MODEL, "at": ("engines", index, "model")},
+                )
         return self
 
     def resolved_data_dir(self) -> Path:
@@ -397,7 +413,8 @@ def parse_settings(
 def format_validation_error(exc: ValidationError, source: str, root: yaml.Node | None) -> str:
     lines = [f"{source}: invalid configuration"]
     for err in exc.errors():
-        loc = tuple(err["loc"])
+        # a check across fields names the field it is about in its context
+        loc = tuple(err.get("ctx", {}).get("at") or err["loc"])
         field = ".".join(str(p) for p in loc) or "(top level)"
         line = yaml_line(root, loc)
         where = f"{source}:{line}" if line else source

@@ -182,14 +182,23 @@ def test_minimal_config_and_defaults() -> None:
             MINIMAL.replace("}", ", canary: {version: v2, urls: ['http://:80'], share: 0.1}}"),
             "engines.0.canary.urls: Value error",
         ),
+        # (before: "c.yaml:1: (top level): Value error, ...")
         (
             MINIMAL + "  - {name: small, model: x, urls: ['http://h']}\n",
-            "name 'small' is used twice",
+            "c.yaml:3: engines.1.name: engine name 'small' is used twice (also engines.0.name)",
         ),
+        (
+            MINIMAL + "  - {name: other, model: m, urls: ['http://h']}\n",
+            "c.yaml:3: engines.1.model: engine model 'm' is used twice",
+        ),
+        (MINIMAL + "limits: {backend: redis}\n", "c.yaml:3: limits.backend: "),
         ("engines: []\n", "engines: List should have at least 1 item"),
         ("- a\n", "the top level must be a mapping"),
         ("engines: [\n", "not valid YAML"),
-        (MINIMAL.replace("model: m", "model: auto"), "virtual routed model"),
+        (
+            MINIMAL.replace("model: m", "model: auto"),
+            "c.yaml:2: engines.0.model: 'auto' is the virtual routed model",
+        ),
         (MINIMAL.replace("model: m", "model: 'my model'"), "engines.0.model: String should"),
         (
             MINIMAL + "health: {version_interval_s: 0}\n",
