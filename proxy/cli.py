@@ -109,7 +109,7 @@ def build_parser(*, operator_tools: bool = True) -> argparse.ArgumentParser:
     up.add_argument(
         "--data-dir", type=Path, help="default: $FRUGAL_DATA_DIR or ~/.local/share/frugal"
     )
-    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--port", type=port_number, default=8000, help="the proxy's port (8000)")
     up.set_defaults(run=_up)
 
     fake = sub.add_parser(

@@ -14,6 +14,7 @@ import pytest
 
 from proxy import server
 from proxy.cli import main
+from proxy.demo import up
 from proxy.engines import fake
 
 ENGINE = "engines:\n  - {name: small, model: m, urls: ['http://127.0.0.1:9']}\n"
@@ -91,7 +92,7 @@ def taken_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("command", ["serve", "fake-engine"])
+@pytest.mark.parametrize("command", ["serve", "fake-engine", "up"])
 @pytest.mark.parametrize("port", ["99999", "-1", "http"])
 def test_a_port_outside_0_to_65535_is_a_usage_error(
     tmp_path: Path,
@@ -105,6 +106,8 @@ def test_a_port_outside_0_to_65535_is_a_usage_error(
 
     monkeypatch.setattr(server, "run_proxy", started)
     monkeypatch.setattr(fake, "run_fake_engine", started)
+    # (before: `up --port 99999` was taken, and the demo engines started before it failed)
+    monkeypatch.setattr(up, "run_up", started)
     config = tmp_path / "frugal.yaml"
     config.write_text(ENGINE + OFF)
     argv = [command, "--port", port] + (["--config", str(config)] if command == "serve" else [])
