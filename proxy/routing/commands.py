@@ -119,10 +119,14 @@ def embed_texts(
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
+    with path.open("rb") as handle:
+        for number, data in enumerate(handle, start=1):
+            if not data.strip():
                 continue
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as exc:  # (was a traceback)
+                raise PromptFileError(path, number, f"not UTF-8 text (byte {exc.start})") from exc
             try:
                 value = json.loads(raw)
             except json.JSONDecodeError as exc:

@@ -86,6 +86,18 @@ def test_bad_line_is_named_by_number(tmp_path: Path, bad_line: str, problem: str
     assert info.value.line_number == 2
 
 
+def test_a_line_that_is_not_utf8_is_named_by_number(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"messages": [{"role": "user", "content": "ok"}]}\n{"id": "caf\xe9"}\n')
+    # (before: a UnicodeDecodeError traceback from score and calibrate)
+    assert score_command(path, tmp_path / "out.jsonl") == EXIT_BAD_INPUT
+    assert f"{path} line 2: not UTF-8 text" in capsys.readouterr().err
+    assert calibrate_command(path, 0.3) == EXIT_BAD_INPUT
+    assert f"{path} line 2: not UTF-8 text" in capsys.readouterr().err
+
+
 def test_score_command_reports_bad_input_without_loading_models(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
