@@ -132,6 +132,13 @@ def _policy_source(settings: Settings) -> PolicySource:
     served = [VIRTUAL_MODEL, *(e.model for e in settings.engines)]
     folder = settings.policies
     source: PolicySource
+    if folder is not None and not folder.is_dir() and "policies" in settings.model_fields_set:
+        # Named in the config but absent (a typo, a volume not mounted): running open would
+        # serve without keys to whatever reaches the loopback address (a local reverse proxy).
+        raise ConfigError(
+            f"policies: {folder} is not a folder; create it, fix the path, or set policies: null "
+            "to run open (keyless, loopback only)"
+        )
     if folder is None or not folder.is_dir():
         if folder is not None:
             log.warning("policy folder not found; running open", folder=str(folder))

@@ -406,7 +406,10 @@ def parse_settings(
         raise ConfigError(format_validation_error(exc, source, node)) from exc
     if settings.policies is not None and not settings.policies.is_absolute() and base_dir:
         # A relative policies folder is relative to the config file, like any include.
+        named = "policies" in settings.model_fields_set
         settings = settings.model_copy(update={"policies": base_dir / settings.policies})
+        if not named:  # the default folder stays a default (a missing one means: run open)
+            settings.model_fields_set.discard("policies")
     return settings
 
 

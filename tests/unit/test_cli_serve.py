@@ -60,6 +60,16 @@ def test_an_invalid_policy_folder_exits_2_naming_the_file(
     assert any("free.yaml:2 bogus" in issue for issue in issues)
 
 
+def test_a_policy_folder_named_in_the_config_but_missing_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (before: a warning, and the proxy ran open: keyless on loopback)
+    code, err = _serve(tmp_path, "policies: tiers\n" + ENGINE + OFF, capsys)
+    assert code == 2
+    [line] = err.splitlines()
+    assert line.startswith(f"{tmp_path / 'frugal.yaml'}: policies: {tmp_path / 'tiers'} is not a")
+
+
 @pytest.mark.parametrize("field", ["data_dir", "cache.data_dir"])
 def test_a_data_folder_that_cannot_be_made_exits_1_naming_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str
