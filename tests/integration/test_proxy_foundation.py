@@ -494,7 +494,12 @@ async def test_conversation_sticks_to_one_replica(
     start_fake: StartFake, start_proxy: StartProxy
 ) -> None:
     replicas = [await start_fake("m") for _ in range(3)]
-    p = await start_proxy([engine_config("e", "m", [r.url for r in replicas])])
+    # A generous health timeout: on a loaded machine a slow /health must not take a replica out
+    # of rotation mid-conversation (that move is right, but not what this test is about).
+    p = await start_proxy(
+        [engine_config("e", "m", [r.url for r in replicas])],
+        health={"interval_s": 0.2, "timeout_s": 10.0},
+    )
     for convo in range(6):
         first = [
             {"role": "system", "content": "be brief"},
