@@ -45,6 +45,7 @@ from proxy.routing.classifier import DifficultyClassifier
 from proxy.routing.router import Router
 from proxy.services import PolicySource, Services
 from proxy.settings import VIRTUAL_MODEL, ConfigError, Settings
+from proxy.stopping import WAITS
 from proxy.tasks import cancelling, stop
 
 SERVICES = web.AppKey("services", Services)
@@ -103,6 +104,16 @@ def create_app(
     if encode is not None:
         app[ENCODE] = encode
 
+    streams, grace_s = services.streams, settings.server.shutdown_timeout_s / WAITS
+
+    async def end_streams_before_the_deadline(_: web.Application) -> None:
+        streams.arm(grace_s)  # (the shutdown signal runs before aiohttp's first wait)
+
+    async def stop_the_timer(_: web.Application) -> None:
+        streams.disarm()
+
+    app.on_shutdown.append(end_streams_before_the_deadline)
+    app.on_cleanup.append(stop_the_timer)
     access = services.access_log
     if access is not None:
         app.cleanup_ctx.append(lambda _: access.flushing())

@@ -11,6 +11,7 @@
     ├── NotFound                     404 invalid_request_error
     │   └── ModelNotFound            404 invalid_request_error      code=model_not_found
     ├── ServiceUnavailable           503 service_unavailable        (also ConnectionError)
+    │   ├── ProxyStopping            503 service_unavailable        code=shutting_down
     │   └── NoHealthyReplica         503 service_unavailable        code=no_healthy_replica
     ├── UpstreamError                502 upstream_error             (also ConnectionError)
     ├── UpstreamTimeout              504 timeout                    (also TimeoutError)
@@ -117,6 +118,12 @@ class ServiceUnavailable(FrugalError, ConnectionError):
     status = 503
     error_type = "service_unavailable"
     default_code = "service_unavailable"
+
+
+class ProxyStopping(ServiceUnavailable):
+    """The proxy is stopping and a stream outlasted its grace period (proxy/stopping.py)."""
+
+    default_code = "shutting_down"
 
 
 class NoHealthyReplica(ServiceUnavailable):

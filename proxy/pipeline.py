@@ -52,6 +52,7 @@ from proxy.errors import (
     ModelNotFound,
     PayloadTooLarge,
     PermissionDenied,
+    ProxyStopping,
     UpstreamError,
 )
 from proxy.observability.savings import split_savings
@@ -63,6 +64,7 @@ from proxy.routing.decision import EngineLoad, EngineNotAllowedError, RouteDecis
 from proxy.services import Services
 from proxy.settings import VIRTUAL_MODEL
 from proxy.sse import DONE_PAYLOAD, SSEParser, frame
+from proxy.stopping import is_stop
 from proxy.wire import (
     CompletionRequest,
     Kind,
@@ -833,6 +835,17 @@ async def _relay_stream(
     exchange: Exchange,
     store: _Store,
 ) -> web.StreamResponse:
+    with store.services.streams.streaming():  # a stop ends it with an error event
+        return await _relay(request, req, upstream, exchange, store)
+
+
+async def _relay(
+    request: web.Request,
+    req: CompletionRequest,
+    upstream: Upstream,
+    exchange: Exchange,
+    store: _Store,
+) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **exchange.headers()})
     assembler = StreamAssembler(ENDPOINTS[req.kind]) if store.wanted else None
 
@@ -863,10 +876,20 @@ async def _relay_stream(
         upstream.finish(ok=True)
     except FrugalError as err:
         await _end_broken_stream(response, upstream, exchange, store, err)
-    except asyncio.CancelledError:
-        _client_left(upstream, relay, assembler, store)
-        exchange.status = 499
-        raise
+    except asyncio.CancelledError as exc:
+        if not is_stop(exc):
+            _client_left(upstream, relay, assembler, store)
+            exchange.status = 499
+            raise
+        # The proxy is stopping and this stream outlasted the grace period: it ends like any
+        # broken stream, while its connection is still open (proxy/stopping.py).
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        await _end_broken_stream(
+            response, upstream, exchange, store,
+            ProxyStopping("the proxy stopped before the answer ended"),
+        )  # fmt: skip
     except _CLIENT_GONE:
         # Nothing is left to write, and raising would only make aiohttp log a traceback for an
         # ordinary disconnect.
@@ -951,7 +974,8 @@ async def _end_broken_stream(
 ) -> None:
     """Headers are gone: the failure becomes the stream's last event, never a hang."""
     # (the request's own time running out on a replica still answering is not its failure)
-    upstream.finish(ok=False, aborted=isinstance(err, AnswerOutlastedRequest))
+    # (nor is the proxy's own stop)
+    upstream.finish(ok=False, aborted=isinstance(err, AnswerOutlastedRequest | ProxyStopping))
     exchange.status, exchange.error = err.status, err.code
     await _write_quietly(response, err.to_sse())
     if store.flight is not None:

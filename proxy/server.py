@@ -17,6 +17,7 @@ from proxy.app import create_app
 from proxy.cli import DataDirError, ListenError
 from proxy.observability.logging import configure_logging
 from proxy.settings import Settings
+from proxy.stopping import WAITS
 
 log = structlog.get_logger("frugal.server")
 
@@ -79,7 +80,7 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
         app,
         handler_cancellation=True,
         access_log=None,
-        shutdown_timeout=settings.server.shutdown_timeout_s / 2,
+        shutdown_timeout=settings.server.shutdown_timeout_s / WAITS,
     )
     await runner.setup()
     tune_gc()

@@ -27,6 +27,7 @@ from proxy.routing.router import Router
 from proxy.settings import Settings
 from proxy.shadow.audit import CacheAuditor
 from proxy.shadow.tuner import CacheTuner
+from proxy.stopping import StreamCutter
 
 MAX_REQUEST_ID = 128
 
@@ -79,6 +80,7 @@ class Services:
     auditor: CacheAuditor | None = None  # background audits of semantic hits
     flights: SingleFlight[bytes, bytes] = field(default_factory=SingleFlight)
     request_ids: RequestIds = field(default_factory=RequestIds)
+    streams: StreamCutter = field(default_factory=StreamCutter)  # ended cleanly at a stop
     access_log: AccessLog | None = None
     by_name: dict[str, Engine] = field(init=False)
     by_model: dict[str, Engine] = field(init=False)

@@ -221,3 +221,58 @@ async def test_a_stop_signal_ends_requests_in_flight_within_the_shutdown_timeout
         proxy.cancel()
         engine.cancel()
         await asyncio.gather(proxy, engine, return_exceptions=True)
+
+
+async def test_a_stream_cut_by_the_stop_ends_with_an_error_event_and_done(tmp_path: Path) -> None:
+    """A stream still running when the stop's grace period runs out is told it was cut (an
+    error event, then [DONE]) while its connection is open, as any broken stream is."""
+    import os
+    import signal
+    import time
+
+    from proxy.settings import parse_settings
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        engine_port = sock.getsockname()[1]
+    slow = fake.FakeEngineOptions(model="m", completion_tokens=200, tokens_per_s=10)
+    engine = asyncio.create_task(fake.serve_fake_engine(slow, "127.0.0.1", engine_port))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = parse_settings(
+        f"engines:\n  - {{name: small, model: m, version: v1, urls: ['http://127.0.0.1:{engine_port}']}}\n"
+        + OFF
+        + f"policies: null\ndata_dir: {tmp_path / 'data'}\n"
+        + "server: {shutdown_timeout_s: 2}\n"
+    )
+    proxy = asyncio.create_task(server.serve(settings, host="127.0.0.1", port=port))
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            async with session.post(url, json=body) as resp:
+                assert resp.status == 200
+                received = await resp.content.readuntil(b"\n\n")  # streaming has begun
+                started = time.monotonic()
+                os.kill(os.getpid(), signal.SIGTERM)  # serve's own handler takes it
+                # (before: the connection closed mid-stream, a payload error here)
+                received += await asyncio.wait_for(resp.content.read(), 10)
+            await asyncio.wait_for(proxy, timeout=10)
+            assert time.monotonic() - started < 3  # within shutdown_timeout_s, plus a margin
+        events = [e for e in received.split(b"\n\n") if e.strip()]
+        assert events[-1] == b"data: [DONE]"
+        assert b'"code":"shutting_down"' in events[-2], events[-2]
+        assert len(events) > 3  # the answer's tokens came first
+    finally:
+        proxy.cancel()
+        engine.cancel()
+        await asyncio.gather(proxy, engine, return_exceptions=True)
