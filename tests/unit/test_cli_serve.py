@@ -4,9 +4,13 @@ the app finds wrong, a bad --port (exit 2), a port in use (exit 1); one line, no
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import signal
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -165,114 +169,83 @@ async def test_fake_engine_on_port_0_says_the_port_it_took(
             await task
 
 
-async def test_a_stop_signal_ends_requests_in_flight_within_the_shutdown_timeout(
-    tmp_path: Path,
-) -> None:
-    import os
-    import signal
-    import time
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
+
+@contextlib.asynccontextmanager
+async def _serving(
+    tmp_path: Path, engine: fake.FakeEngineOptions, shutdown_timeout_s: float
+) -> AsyncIterator[tuple[asyncio.Task[None], str]]:
+    """``serve`` (the real entry point, with its signal handling) in front of a fake engine:
+    its task and its URL, once it answers /healthz."""
     from proxy.settings import parse_settings
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        engine_port = sock.getsockname()[1]
-    engine = asyncio.create_task(
-        fake.serve_fake_engine(
-            fake.FakeEngineOptions(model="m", hang=True), "127.0.0.1", engine_port
-        )
-    )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    engine_port, port = _free_port(), _free_port()
+    engine_task = asyncio.create_task(fake.serve_fake_engine(engine, "127.0.0.1", engine_port))
     settings = parse_settings(
         f"engines:\n  - {{name: small, model: m, version: v1, urls: ['http://127.0.0.1:{engine_port}']}}\n"
         + OFF
         + f"policies: null\ndata_dir: {tmp_path / 'data'}\n"
-        + "server: {shutdown_timeout_s: 1}\n"
+        + f"server: {{shutdown_timeout_s: {shutdown_timeout_s}}}\n"
     )
     proxy = asyncio.create_task(server.serve(settings, host="127.0.0.1", port=port))
-    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
             for _ in range(200):
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with session.get(f"{url}/healthz") as resp:
                         if resp.status == 200:
                             break
-                except aiohttp.ClientConnectionError:
-                    pass
                 await asyncio.sleep(0.05)
-
-            async def call() -> None:
-                url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                async with session.post(url, json=body) as resp:
-                    await resp.read()
-
-            calls = [asyncio.create_task(call()) for _ in range(2)]
-            await asyncio.sleep(0.5)  # both wait on the hung engine
-            started = time.monotonic()
-            os.kill(os.getpid(), signal.SIGTERM)  # serve's own handler takes it
-            # (before: aiohttp's 60 s, twice: the stop took 2 minutes)
-            await asyncio.wait_for(proxy, timeout=10)
-            assert time.monotonic() - started < 5
-            await asyncio.gather(*calls, return_exceptions=True)
+        yield proxy, url
     finally:
         proxy.cancel()
-        engine.cancel()
-        await asyncio.gather(proxy, engine, return_exceptions=True)
+        engine_task.cancel()
+        await asyncio.gather(proxy, engine_task, return_exceptions=True)
+
+
+STREAM = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_a_stop_signal_ends_requests_in_flight_within_the_shutdown_timeout(
+    tmp_path: Path,
+) -> None:
+    hung = fake.FakeEngineOptions(model="m", hang=True)
+    async with _serving(tmp_path, hung, 1) as (proxy, url), aiohttp.ClientSession() as session:
+
+        async def call() -> None:
+            async with session.post(f"{url}/v1/chat/completions", json=STREAM) as resp:
+                await resp.read()
+
+        calls = [asyncio.create_task(call()) for _ in range(2)]
+        await asyncio.sleep(0.5)  # both wait on the hung engine
+        started = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)  # serve's own handler takes it
+        # (before: aiohttp's 60 s, twice: the stop took 2 minutes)
+        await asyncio.wait_for(proxy, timeout=10)
+        assert time.monotonic() - started < 5
+        await asyncio.gather(*calls, return_exceptions=True)
 
 
 async def test_a_stream_cut_by_the_stop_ends_with_an_error_event_and_done(tmp_path: Path) -> None:
     """A stream still running when the stop's grace period runs out is told it was cut (an
     error event, then [DONE]) while its connection is open, as any broken stream is."""
-    import os
-    import signal
-    import time
-
-    from proxy.settings import parse_settings
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        engine_port = sock.getsockname()[1]
     slow = fake.FakeEngineOptions(model="m", completion_tokens=200, tokens_per_s=10)
-    engine = asyncio.create_task(fake.serve_fake_engine(slow, "127.0.0.1", engine_port))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    settings = parse_settings(
-        f"engines:\n  - {{name: small, model: m, version: v1, urls: ['http://127.0.0.1:{engine_port}']}}\n"
-        + OFF
-        + f"policies: null\ndata_dir: {tmp_path / 'data'}\n"
-        + "server: {shutdown_timeout_s: 2}\n"
-    )
-    proxy = asyncio.create_task(server.serve(settings, host="127.0.0.1", port=port))
-    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            async with session.post(url, json=body) as resp:
-                assert resp.status == 200
-                received = await resp.content.readuntil(b"\n\n")  # streaming has begun
-                started = time.monotonic()
-                os.kill(os.getpid(), signal.SIGTERM)  # serve's own handler takes it
-                # (before: the connection closed mid-stream, a payload error here)
-                received += await asyncio.wait_for(resp.content.read(), 10)
-            await asyncio.wait_for(proxy, timeout=10)
-            assert time.monotonic() - started < 8  # the stop still ends (loose: CI machines stall)
-        events = [e for e in received.split(b"\n\n") if e.strip()]
-        assert events[-1] == b"data: [DONE]"
-        assert b'"code":"shutting_down"' in events[-2], events[-2]
-        assert len(events) > 3  # the answer's tokens came first
-    finally:
-        proxy.cancel()
-        engine.cancel()
-        await asyncio.gather(proxy, engine, return_exceptions=True)
+    async with _serving(tmp_path, slow, 2) as (proxy, url), aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v1/chat/completions", json=STREAM) as resp:
+            assert resp.status == 200
+            received = await resp.content.readuntil(b"\n\n")  # streaming has begun
+            started = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)  # serve's own handler takes it
+            # (before: the connection closed mid-stream, a payload error here)
+            received += await asyncio.wait_for(resp.content.read(), 10)
+        await asyncio.wait_for(proxy, timeout=10)
+        assert time.monotonic() - started < 8  # the stop still ends (loose: CI machines stall)
+    events = [e for e in received.split(b"\n\n") if e.strip()]
+    assert events[-1] == b"data: [DONE]"
+    assert b'"code":"shutting_down"' in events[-2], events[-2]
+    assert len(events) > 3  # the answer's tokens came first
