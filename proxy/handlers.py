@@ -10,7 +10,6 @@ from aiohttp import web
 
 from proxy import pipeline
 from proxy.errors import ModelNotFound
-from proxy.policy.keys import bearer_token
 from proxy.services import Services
 from proxy.settings import VIRTUAL_MODEL
 
@@ -27,10 +26,7 @@ def add_routes(app: web.Application, services: Services) -> None:
     def usable(request: web.Request) -> Collection[str]:
         """The models the request's key may use (401 without a valid key, as for completions):
         a client fills its model picker from the list, so it offers none that would be 403."""
-        principal = services.policies.current.authenticate(
-            bearer_token(request.headers.get("Authorization"))
-        )
-        return principal.policy.models
+        return pipeline.authenticate(request, services).policy.models
 
     async def models(request: web.Request) -> web.Response:
         allowed = usable(request)

@@ -185,9 +185,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
     try:
         # The key first: a caller without a valid one learns nothing about its body (and the
         # proxy reads no body for it).
-        principal = services.policies.current.authenticate(
-            bearer_token(request.headers.get("Authorization"))
-        )
+        principal = authenticate(request, services)
         exchange.tier = principal.tier
         services.metrics.in_flight(tier=principal.tier, delta=1)
         exchange.counted_in_flight = True
@@ -318,6 +316,14 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
 
 
 # -- admission and policy ---------------------------------------------------------------------
+
+
+def authenticate(request: web.Request, services: Services) -> Principal:
+    """The caller behind the request's API key (401 without a valid one; the open tier when no
+    policy defines keys)."""
+    return services.policies.current.authenticate(
+        bearer_token(request.headers.get("Authorization"))
+    )
 
 
 async def _read_body(request: web.Request, services: Services) -> bytes:
@@ -910,6 +916,11 @@ async def _relay(
     return response
 
 
+# Stream endings that say nothing against the replica (its breaker is not told): the request's own
+# time running out while the replica was still answering, and the proxy's own stop.
+_NOT_THE_REPLICAS_FAULT = (AnswerOutlastedRequest, ProxyStopping)
+
+
 def _client_left(
     upstream: Upstream,
     relay: _StreamRelay,
@@ -945,7 +956,7 @@ async def _finish_for_followers(
         if not relay.complete:
             raise UpstreamError("the engine's stream ended before the answer did")
     except FrugalError as err:
-        upstream.finish(ok=False, aborted=isinstance(err, AnswerOutlastedRequest))
+        upstream.finish(ok=False, aborted=isinstance(err, _NOT_THE_REPLICAS_FAULT))
         flight.fail(_leader_failed(err))
         return
     except BaseException:  # stopped at shutdown, or a bug: never leave the followers waiting
@@ -973,9 +984,7 @@ async def _end_broken_stream(
     err: FrugalError,
 ) -> None:
     """Headers are gone: the failure becomes the stream's last event, never a hang."""
-    # (the request's own time running out on a replica still answering is not its failure)
-    # (nor is the proxy's own stop)
-    upstream.finish(ok=False, aborted=isinstance(err, AnswerOutlastedRequest | ProxyStopping))
+    upstream.finish(ok=False, aborted=isinstance(err, _NOT_THE_REPLICAS_FAULT))
     exchange.status, exchange.error = err.status, err.code
     await _write_quietly(response, err.to_sse())
     if store.flight is not None:
