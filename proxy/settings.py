@@ -55,7 +55,8 @@ class ServerSettings(StrictModel):
         20.0,
         ge=0,
         description="on SIGTERM/SIGINT: how long requests in flight may still finish before they"
-        " are cancelled (their clients see the connection close); then the cache is flushed",
+        " are cancelled (a stream still running at half of it ends with an error event and"
+        " [DONE]); then the cache is flushed",
     )
     lean_engine_client: bool = Field(
         True,
