@@ -315,6 +315,7 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
         threads=settings.threads,
         remembered=settings.remembered,
         encode_background=encode_background,
+        max_queue_ms=settings.max_queue_ms,
     )
     async with worker:
         services.embedder, services.encode = worker, encode  # type: ignore[assignment]

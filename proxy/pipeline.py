@@ -42,6 +42,7 @@ from proxy.cache.modes import CacheMode, request_mode
 from proxy.cache.service import CacheHit, LookupTally, follow_as_sse
 from proxy.cache.singleflight import Follower, Leader, LeaderFailed
 from proxy.cache.stream_codec import StreamAssembler, replay_sse
+from proxy.embeddings.worker import EncoderBusy
 from proxy.engines.client import Upstream
 from proxy.engines.pool import Engine
 from proxy.errors import (
@@ -111,6 +112,7 @@ class Exchange:
     error: str | None = None
     latency_s: float = 0.0  # set when the handler returns
     conversation: CompletionRequest | None = None  # a chat answered by the routed engine
+    embedding_shed: bool = False  # the encoder was too far behind: no semantic lookup or score
     counted_in_flight: bool = False  # in frugal_requests_in_flight (from authentication on)
 
     def headers(self) -> dict[str, str]:
@@ -209,7 +211,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
             hit = await _exact_lookup(services, plan, req, rollouts.select(allowed[-1], prefix))
             if hit is not None:
                 return _respond_from_cache(request, req, hit, exchange, services)
-            embedding = await _embed(services, req, requested, allowed, plan)
+            embedding = await _embed(services, req, requested, allowed, plan, exchange)
             decision = _route(services, req, requested, allowed, principal, embedding)
             # The engine's canary answers the conversations in its share (sticky per conversation).
             engine = rollouts.select(services.by_name[decision.engine], prefix)
@@ -217,6 +219,8 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
             exchange.version = engine.version
             exchange.route_reason, exchange.route_score = decision.reason, decision.score
             exchange.route_detail = decision.detail
+            if exchange.embedding_shed and decision.reason == "difficulty":
+                exchange.route_detail = f"encoder busy: {decision.detail}"
             services.metrics.route_decision(
                 tier=principal.tier, engine=engine.name, reason=decision.reason
             )
@@ -429,8 +433,13 @@ async def _embed(
     requested: str,
     allowed: list[Engine],
     plan: CachePlan,
+    exchange: Exchange,
 ) -> np.ndarray | None:
-    """One embedding of the last user turn serves both the router and the semantic cache."""
+    """One embedding of the last user turn serves both the router and the semantic cache.
+
+    None when there is nothing to embed for, or when the encoder is further behind than
+    ``embeddings.max_queue_ms``: the request then goes on as a cache miss routed without a
+    difficulty score, rather than queueing behind the model."""
     if services.embedder is None:
         return None
     routing = requested == VIRTUAL_MODEL and len(allowed) > 1 and services.router.scores
@@ -443,7 +452,12 @@ async def _embed(
         services.cache is None or not services.cache.semantic_fits(text, count=False)
     ):
         return None  # matched exactly only: a pass over it would serve nothing
-    return await services.embedder.embed(text)
+    try:
+        return await services.embedder.embed(text)
+    except EncoderBusy:
+        exchange.embedding_shed = True
+        services.metrics.embedding_shed(purpose="routing" if routing else "cache")
+        return None
 
 
 def _route(
@@ -1227,6 +1241,7 @@ def _finish(exchange: Exchange, services: Services) -> None:
                 route=exchange.routed.name if exchange.routed else None,
                 route_reason=exchange.route_reason,
                 route_score=exchange.route_score,
+                embedding_shed=exchange.embedding_shed,
                 status=exchange.status,
                 stream=exchange.stream,
                 tokens_in=exchange.tokens_in,

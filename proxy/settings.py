@@ -268,6 +268,13 @@ class EmbeddingSettings(StrictModel):
     max_wait_ms: float = Field(2.0, ge=0, description="under load only; a lone text goes at once")
     threads: int = Field(2, ge=1, description="a large batch is split across this many threads")
     remembered: int = Field(4096, ge=0, description="recent texts whose vectors are kept")
+    max_queue_ms: float | None = Field(
+        100.0,
+        gt=0,
+        description="a text that would wait longer for the encoder is not embedded: its request "
+        "skips the semantic lookup and is routed without a difficulty score (counted in "
+        "frugal_embeddings_shed_total); null: always wait",
+    )
     precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
         "auto",
         description="matrix products of the fused encoder; auto: bfloat16 if native; int8: "

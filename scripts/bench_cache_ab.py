@@ -71,6 +71,11 @@ def launch_fake_engine(port: int, work: Path) -> subprocess.Popen[bytes]:
     return launch([*command, "--model", "bench-model"], REPO, work / "engine.log")
 
 
+def _sheds(repo: Path) -> bool:
+    """Whether that checkout's proxy can shed embeddings (``embeddings.max_queue_ms``)."""
+    return "max_queue_ms" in (repo / "proxy" / "settings.py").read_text()
+
+
 async def run(
     variants: list[tuple[str, Path, int, str | None]], pairs: int, c64_rounds: int = 0
 ) -> str:
@@ -90,6 +95,9 @@ async def run(
                 )
                 + f"embeddings: {{threads: {threads}"
                 + (f", precision: {precision}" if precision else "")
+                # no shedding, so every c=64 request is a semantic lookup (older checkouts have
+                # no such setting and never shed)
+                + (", max_queue_ms: null" if _sheds(repo) else "")
                 + "}\n"
             )
             command = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]

@@ -12,6 +12,13 @@ at the same time on separate threads (``encode`` must then be thread-safe; each 
 one torch thread, so a preempted thread delays only its own part). ``remembered`` keeps the
 vectors of that many recent texts: a repeated question is answered without the model.
 
+``max_queue_ms`` sheds load: a text that would wait longer than that for the model (the texts
+ahead of it times the recent cost of a text in a batch) is refused at once with
+:class:`EncoderBusy`, and its request goes on without an embedding. Where the encoder is slower
+than the traffic (a CPU without native bfloat16 does a few dozen lookups a second) the queue
+would otherwise grow without bound and hold every request behind it; a text with nothing ahead
+of it is never refused.
+
 ``embed_background`` is for work nobody waits on (cache audits): its text goes to a thread of its
 own, never into the queue, so a user's text neither waits behind it nor gets batched with it.
 Background texts are encoded one at a time (``encode_background``, default ``encode``), on that
@@ -54,6 +61,18 @@ class WorkerClosed(RuntimeError):
     """``embed`` was called on a worker that is not running."""
 
 
+class EncoderBusy(RuntimeError):
+    """The text would wait longer than ``max_queue_ms`` for the model: it was not queued."""
+
+    def __init__(self, expected_wait_s: float) -> None:
+        super().__init__(f"the encoder is {expected_wait_s * 1000:.0f} ms behind")
+        self.expected_wait_s = expected_wait_s
+
+
+# Weight of the newest batch in the running per-text cost (recent batches count most).
+_COST_WEIGHT = 0.2
+
+
 class EmbeddingWorker:
     def __init__(
         self,
@@ -65,6 +84,7 @@ class EmbeddingWorker:
         threads: int = 1,
         remembered: int = 0,
         encode_background: Encode | None = None,
+        max_queue_ms: float | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -76,6 +96,12 @@ class EmbeddingWorker:
         self.max_wait = max_wait_ms / 1000.0
         self.threads = threads
         self._on_batch = on_batch
+        self.max_queue = None if max_queue_ms is None else max_queue_ms / 1000.0
+        self.shed = 0  # texts refused with EncoderBusy
+        # Seconds of encoder time per text in a batch of two or more (a lone text costs several
+        # times more a text, and a queue is encoded in batches); None until one was measured.
+        self._cost_per_text: float | None = None
+        self._in_batch = 0  # texts in the batch being encoded
         self._first_arrival = 0.0
         self._last_batch = 0
         self._capacity = remembered
@@ -138,9 +164,27 @@ class EmbeddingWorker:
         if vector is not None:
             self._recent.move_to_end(text)
             return vector
+        if self.max_queue is not None:
+            wait = self.expected_wait_s()
+            if wait > self.max_queue:
+                self.shed += 1
+                raise EncoderBusy(wait)
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((text, future))
         return await future
+
+    @property
+    def cost_per_text_s(self) -> float | None:
+        """Recent encoder seconds per text in a batch of two or more (None before the first)."""
+        return self._cost_per_text
+
+    def expected_wait_s(self) -> float:
+        """How long a text queued now would wait for the model: the texts ahead of it (queued
+        and being encoded) at the recent cost of a text in a batch."""
+        ahead = self._in_batch + (self._queue.qsize() if self._queue is not None else 0)
+        if ahead == 0 or self._cost_per_text is None:
+            return 0.0
+        return ahead * self._cost_per_text
 
     async def embed_background(self, text: str) -> np.ndarray:
         """The text's embedding, encoded outside the batching queue on the worker's background
@@ -204,7 +248,7 @@ class EmbeddingWorker:
         assert self._executor is not None
         # identical texts in one batch (a burst of the same question) are encoded once
         unique = list(dict.fromkeys(text for text, _ in batch))
-        self._last_batch = len(unique)
+        self._last_batch = self._in_batch = len(unique)
         started = time.perf_counter()
         waited = started - self._first_arrival
         try:
@@ -213,7 +257,15 @@ class EmbeddingWorker:
             log.warning("embeddings.batch_failed", exc_info=True)
             _fail(batch, exc)
             return
+        finally:
+            self._in_batch = 0
         elapsed = time.perf_counter() - started
+        if len(unique) > 1:
+            cost = elapsed / len(unique)
+            previous = self._cost_per_text
+            self._cost_per_text = (
+                cost if previous is None else previous + _COST_WEIGHT * (cost - previous)
+            )
         rows = {text: vectors[i] for i, text in enumerate(unique)}
         self._remember(rows)
         for text, future in batch:

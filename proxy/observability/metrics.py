@@ -254,6 +254,14 @@ class Metrics:
             buckets=ENCODE_BUCKETS,
         )
 
+        self.embeddings_shed = CounterFamily(
+            "frugal_embeddings_shed",
+            "Texts not embedded because the encoder was further behind than embeddings."
+            "max_queue_ms; the request went on without a semantic lookup (purpose=cache) and, "
+            "if it was routed, without a difficulty score (purpose=routing).",
+            ["purpose"],
+        )
+
         # Engines, as read from each vLLM replica's /health and /metrics.
         self.engine_up = Gauge(
             "frugal_engine_up",
@@ -325,6 +333,7 @@ class Metrics:
                     self.embedding_batch_size,
                     self.embedding_batch_wait,
                     self.embedding_encode,
+                    self.embeddings_shed,
                     self.upstream_retries,
                     self.version_changes,
                     self.replicas_held_out,
@@ -452,6 +461,9 @@ class Metrics:
             self.embedding_batch_wait.labels().observe(wait_s)
         if encode_s is not None:
             self.embedding_encode.labels().observe(encode_s)
+
+    def embedding_shed(self, *, purpose: str) -> None:
+        self.embeddings_shed.labels(purpose).inc()
 
     def engine_replica(
         self,

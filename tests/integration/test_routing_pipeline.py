@@ -3,6 +3,7 @@ thresholds, headers, stickiness and load shedding, against fake engines."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,57 @@ async def test_auto_fails_over_when_the_chosen_engine_cannot_answer(
     assert small_engine.can_take(time.monotonic()), small_engine.replicas
     resp = await proxy.client.post("/v1/chat/completions", json=ask(EASY))
     assert resp.headers["x-frugal-engine"] == "small", dict(resp.headers)
+
+
+def _slow_encoder(texts: list[str]) -> Any:
+    """A stand-in for the model at 50 ms a text: the queue's wait is known in advance."""
+    from tests.integration.test_cache_pipeline import bag_of_words
+
+    time.sleep(0.05 * len(texts))
+    return bag_of_words(texts)
+
+
+async def test_a_backlogged_encoder_is_skipped_not_waited_for(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    small = await start_fake("small-model")
+    large = await start_fake("large-model")
+    settings = Settings.model_validate(
+        {
+            "engines": [
+                engine_config("small", "small-model", [small.url]),
+                engine_config("large", "large-model", [large.url]),
+            ],
+            "policies": None,
+            "data_dir": str(tmp_path / "data"),
+            "cache": {"enabled": True, "semantic": True},
+            "routing": {"threshold": 0.5},
+            "embeddings": {"max_queue_ms": 60, "max_wait_ms": 1},
+            "health": {"interval_s": 0.1},
+            "logging": {"level": "warning", "format": "console"},
+        }
+    )
+    client = await aiohttp_client(create_app(settings, encode=_slow_encoder, access_log=False))
+    services = client.server.app[SERVICES]
+    assert services.router.scores and services.embedder is not None
+
+    async def burst(prefix: str, n: int) -> list[Any]:
+        bodies = [{**ask(f"{prefix} question number {i}"), "temperature": 0} for i in range(n)]
+        replies = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=b) for b in bodies)
+        )
+        assert [r.status for r in replies] == [200] * n
+        return replies
+
+    await burst("warm", 5)  # nothing refused before the encoder's cost is known
+    assert services.embedder.shed == 0 and services.embedder.cost_per_text_s is not None
+    replies = await burst("busy", 8)
+    shed = [r for r in replies if "x-frugal-route-score" not in r.headers]
+    # At 50 ms a text a third arrival waits 100 ms: over the 60 ms allowed.
+    assert 1 <= len(shed) == services.embedder.shed < 8
+    for reply in shed:
+        assert reply.headers["x-frugal-route-detail"].startswith("encoder busy: no score")
+        assert reply.headers["x-frugal-route"] == "small"
+        assert reply.headers["x-frugal-cache"] == "miss"
+    metrics = await (await client.get("/metrics")).text()
+    assert f'frugal_embeddings_shed_total{{purpose="routing"}} {len(shed)}.0' in metrics

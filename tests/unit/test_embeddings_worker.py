@@ -6,13 +6,19 @@ import asyncio
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.embeddings.worker import EmbeddingWorker, WorkerClosed, split_by_length
+from proxy.embeddings.worker import (
+    EmbeddingWorker,
+    EncoderBusy,
+    WorkerClosed,
+    split_by_length,
+)
 
 
 class FakeModel:
@@ -361,3 +367,47 @@ async def test_a_background_encode_error_keeps_its_type() -> None:
         with pytest.raises(RuntimeError, match="scratchpad"):
             await worker.embed_background("answer")
         assert (await worker.embed("user text")) is not None  # the worker still serves
+
+
+class SlowModel(FakeModel):
+    """``seconds`` of model time per text, so a queue's wait is known in advance."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        time.sleep(self.seconds * len(texts))
+        return super().__call__(texts)
+
+
+async def test_texts_that_would_wait_past_max_queue_are_shed() -> None:
+    model = SlowModel(0.03)
+    async with EmbeddingWorker(model, max_batch=4, max_wait_ms=1, max_queue_ms=100) as worker:
+        # No cost measured yet: nothing is refused, and batches of two or more set the cost.
+        await asyncio.gather(*(worker.embed(f"warm {i}") for i in range(5)))
+        cost = worker.cost_per_text_s
+        assert cost is not None and cost >= 0.03
+        results = await asyncio.gather(
+            *(worker.embed(f"burst {i}") for i in range(10)), return_exceptions=True
+        )
+        # The i-th text of the burst finds i texts ahead of it.
+        accepted = sum(1 for i in range(10) if i * cost <= 0.1)
+        assert all(isinstance(r, np.ndarray) for r in results[:accepted])
+        assert all(isinstance(r, EncoderBusy) for r in results[accepted:])
+        assert 1 <= accepted < 10 and worker.shed == 10 - accepted
+        busy = results[-1]
+        assert isinstance(busy, EncoderBusy) and busy.expected_wait_s > 0.1
+        # Once the queue has drained a text is taken again, and a remembered one is never shed.
+        assert worker.expected_wait_s() == 0
+        assert (await worker.embed("after"))[0] == len("after")
+        assert (await worker.embed("burst 0"))[0] == len("burst 0")
+    assert worker.shed == 10 - accepted
+
+
+async def test_without_max_queue_nothing_is_shed() -> None:
+    model = SlowModel(0.005)
+    async with EmbeddingWorker(model, max_batch=4, max_wait_ms=1) as worker:
+        await asyncio.gather(*(worker.embed(f"warm {i}") for i in range(5)))
+        results = await asyncio.gather(*(worker.embed(f"burst {i}") for i in range(20)))
+    assert len(results) == 20 and worker.shed == 0
