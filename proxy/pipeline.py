@@ -112,7 +112,14 @@ class Exchange:
     error: str | None = None
     latency_s: float = 0.0  # set when the handler returns
     conversation: CompletionRequest | None = None  # a chat answered by the routed engine
-    embedding_shed: bool = False  # the encoder was too far behind: no semantic lookup or score
+    # the last user turn, not embedded because the encoder was too far behind: no semantic
+    # lookup or difficulty score; its answer is embedded for the cache later, in the background
+    shed_text: str | None = None
+
+    @property
+    def embedding_shed(self) -> bool:
+        return self.shed_text is not None
+
     counted_in_flight: bool = False  # in frugal_requests_in_flight (from authentication on)
 
     def headers(self) -> dict[str, str]:
@@ -455,7 +462,7 @@ async def _embed(
     try:
         return await services.embedder.embed(text)
     except EncoderBusy:
-        exchange.embedding_shed = True
+        exchange.shed_text = text
         services.metrics.embedding_shed(purpose="routing" if routing else "cache")
         return None
 
@@ -820,15 +827,17 @@ class _Store:
             # A promote or rollback while this answer was on its way retired its version.
             and self.services.rollouts.serves(keys.engine, keys.version)
         ):
-            cache.store_in_background(
-                keys,
-                body,
+            fields: dict[str, Any] = dict(
                 status=status,
-                embedding=self.embedding,
                 compute_seconds=self.exchange.upstream_s,
                 mode=self.plan.mode,
                 ttl=self.plan.ttl_s,
             )
+            embedder, text = self.services.embedder, self.exchange.shed_text
+            if text is not None and embedder is not None and self.plan.semantic:
+                cache.store_when_embedded(keys, body, text, embedder.embed_background, **fields)
+            else:
+                cache.store_in_background(keys, body, embedding=self.embedding, **fields)
 
 
 def _relay_body(upstream: Upstream, exchange: Exchange, store: _Store) -> web.Response:

@@ -69,6 +69,9 @@ LookupOutcome = Literal["exact", "semantic", "miss", "refresh", "bypass"]
 StoreOutcome = Literal["stored", "rejected", "failed", "bypass"]
 Encode = Callable[[list[str]], np.ndarray]
 _T = TypeVar("_T")
+# Answers stored exact-only while the encoder was busy that may wait at once for their
+# question's embedding (encoded at the lowest CPU priority, when the cores are otherwise idle).
+LATE_EMBEDDINGS: Final = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +360,8 @@ class ResponseCache:
         self._rebuilding: list[CacheEntry] | None = None
         self._rebuilt = False  # a rebuild has succeeded: the index holds the whole store
         self._ready = asyncio.Event()
+        self._late_embeddings = 0  # answers waiting for their question's embedding
+        self.late_embeddings_dropped = 0  # answers left exact-only: too many waiting, or failed
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -635,6 +640,45 @@ class ResponseCache:
         """Fire-and-forget ``store`` (the task is kept alive until done; ``drain`` awaits)."""
         task: asyncio.Task[bool] = self._spawn(self.store_response(keys, response, **kwargs))
         return task
+
+    def store_when_embedded(
+        self,
+        keys: CacheKeys,
+        response: bytes,
+        text: str,
+        embed: Callable[[str], Awaitable[np.ndarray]],
+        **kwargs: Any,
+    ) -> None:
+        """Store now for exact lookups, and again with the text's embedding once ``embed`` (a
+        background encoder) has it, so that paraphrases can hit: for an answer whose question
+        was not embedded because the encoder was busy. At most ``LATE_EMBEDDINGS`` wait at once;
+        past that the answer stays exact-only (counted in ``late_embeddings_dropped``)."""
+        self.store_in_background(keys, response, **kwargs)
+        if not self.semantic_fits(text, count=False):
+            return
+        if self._late_embeddings >= LATE_EMBEDDINGS:
+            self.late_embeddings_dropped += 1
+            return
+        self._late_embeddings += 1
+        self._spawn(self._store_embedded(keys, response, text, embed, kwargs))
+
+    async def _store_embedded(
+        self,
+        keys: CacheKeys,
+        response: bytes,
+        text: str,
+        embed: Callable[[str], Awaitable[np.ndarray]],
+        kwargs: dict[str, Any],
+    ) -> None:
+        try:
+            embedding = await embed(text)
+        except Exception:  # the worker stopped or gave up: the exact entry stands
+            self.late_embeddings_dropped += 1
+            log.debug("cache.late_embedding_failed", exc_info=True)
+            return
+        finally:
+            self._late_embeddings -= 1
+        await self.store_response(keys, response, embedding=embedding, **kwargs)
 
     async def store_response(
         self,

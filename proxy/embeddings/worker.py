@@ -99,7 +99,8 @@ class EmbeddingWorker:
         self.max_queue = None if max_queue_ms is None else max_queue_ms / 1000.0
         self.shed = 0  # texts refused with EncoderBusy
         # Seconds of encoder time per text in a batch of two or more (a lone text costs several
-        # times more a text, and a queue is encoded in batches); None until one was measured.
+        # times more a text, and a queue is encoded in batches; it counts only until a batch
+        # is measured); None before the first pass.
         self._cost_per_text: float | None = None
         self._in_batch = 0  # texts in the batch being encoded
         self._first_arrival = 0.0
@@ -175,7 +176,8 @@ class EmbeddingWorker:
 
     @property
     def cost_per_text_s(self) -> float | None:
-        """Recent encoder seconds per text in a batch of two or more (None before the first)."""
+        """Recent encoder seconds per text in a batch of two or more (a lone text's before one;
+        None before the first pass)."""
         return self._cost_per_text
 
     def expected_wait_s(self) -> float:
@@ -260,7 +262,9 @@ class EmbeddingWorker:
         finally:
             self._in_batch = 0
         elapsed = time.perf_counter() - started
-        if len(unique) > 1:
+        if len(unique) > 1 or self._cost_per_text is None:
+            # A lone text's cost (several times a batched text's) stands in until a batch is
+            # measured: the first burst is then shed early rather than queued without bound.
             cost = elapsed / len(unique)
             previous = self._cost_per_text
             self._cost_per_text = (

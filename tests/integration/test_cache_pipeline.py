@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import hashlib
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -861,3 +862,54 @@ async def test_a_finished_stream_the_engine_closed_without_done_is_whole_and_sto
     # (before: a finished answer without [DONE] was not stored)
     assert again.headers["x-frugal-cache"] == "hit-exact"
     assert engine.state.counters.requests == 1
+
+
+def _slow_bag_of_words(texts: list[str]) -> np.ndarray:
+    """bag_of_words at 50 ms a text, so the encoder's queue is easy to overrun."""
+    time.sleep(0.05 * len(texts))
+    return bag_of_words(texts)
+
+
+async def test_answers_to_questions_the_busy_encoder_skipped_are_found_by_meaning_later(
+    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    from proxy.app import SERVICES, create_app
+    from proxy.settings import Settings
+
+    engine = await start_fake("m")
+    settings = Settings.model_validate(
+        {
+            "engines": [engine_config("e", "m", [engine.url])],
+            "policies": None,
+            "data_dir": str(tmp_path / "data"),
+            "health": {"interval_s": 0.1},
+            "cache": {"enabled": True, "semantic": True},
+            "routing": {"enabled": False},
+            "embeddings": {"max_queue_ms": 60, "max_wait_ms": 1},
+            "logging": {"level": "warning", "format": "console"},
+        }
+    )
+    client = await aiohttp_client(create_app(settings, encode=_slow_bag_of_words, access_log=False))
+    services = client.server.app[SERVICES]
+    cache, embedder = services.cache, services.embedder
+    assert cache is not None and embedder is not None
+
+    def ask(text: str) -> dict[str, Any]:
+        return {**GREEDY, "messages": [{"role": "user", "content": text}]}
+
+    async def burst(texts: list[str]) -> None:
+        replies = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=ask(t)) for t in texts)
+        )
+        assert [r.headers["x-frugal-cache"] for r in replies] == ["miss"] * len(texts)
+
+    await burst([f"warm up question {w}" for w in ("one", "two", "three", "four", "five")])
+    topics = ("rivers", "mountains", "deserts", "oceans", "forests", "glaciers", "islands", "lakes")
+    await burst([f"largest {t} of Europe" for t in topics])
+    assert embedder.shed >= 1  # at 50 ms a text the third arrival would wait 100 ms
+    await cache.drain()  # the exact entries, and the skipped questions' embeddings after them
+    assert cache.late_embeddings_dropped == 0
+    for topic in topics:
+        reply = await client.post("/v1/chat/completions", json=ask(f"Europe: largest {topic} of?"))
+        assert reply.headers["x-frugal-cache"] == "hit-semantic", topic
+    assert engine.state.counters.requests == 13

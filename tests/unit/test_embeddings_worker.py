@@ -411,3 +411,16 @@ async def test_without_max_queue_nothing_is_shed() -> None:
         await asyncio.gather(*(worker.embed(f"warm {i}") for i in range(5)))
         results = await asyncio.gather(*(worker.embed(f"burst {i}") for i in range(20)))
     assert len(results) == 20 and worker.shed == 0
+
+
+async def test_a_lone_text_sets_the_cost_until_a_batch_is_measured() -> None:
+    model = SlowModel(0.03)
+    async with EmbeddingWorker(model, max_batch=4, max_wait_ms=1, max_queue_ms=100) as worker:
+        await worker.embed("alone")  # at low load texts go one at a time
+        lone = worker.cost_per_text_s
+        assert lone is not None and lone >= 0.03
+        # A first burst is then shed by the lone text's cost, not queued without bound.
+        results = await asyncio.gather(
+            *(worker.embed(f"burst {i}") for i in range(10)), return_exceptions=True
+        )
+        assert worker.shed == sum(isinstance(r, EncoderBusy) for r in results) >= 6
