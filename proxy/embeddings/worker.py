@@ -103,6 +103,7 @@ class EmbeddingWorker:
         # is measured); None before the first pass.
         self._cost_per_text: float | None = None
         self._in_batch = 0  # texts in the batch being encoded
+        self._batch_measured = False  # _cost_per_text has come from a batch of two or more
         self._first_arrival = 0.0
         self._last_batch = 0
         self._capacity = remembered
@@ -262,13 +263,17 @@ class EmbeddingWorker:
         finally:
             self._in_batch = 0
         elapsed = time.perf_counter() - started
-        if len(unique) > 1 or self._cost_per_text is None:
+        if len(unique) > 1 or not self._batch_measured:
             # A lone text's cost (several times a batched text's) stands in until a batch is
             # measured: the first burst is then shed early rather than queued without bound.
             cost = elapsed / len(unique)
             previous = self._cost_per_text
+            first_batch = len(unique) > 1 and not self._batch_measured
+            self._batch_measured |= len(unique) > 1
             self._cost_per_text = (
-                cost if previous is None else previous + _COST_WEIGHT * (cost - previous)
+                cost
+                if previous is None or first_batch
+                else previous + _COST_WEIGHT * (cost - previous)
             )
         rows = {text: vectors[i] for i, text in enumerate(unique)}
         self._remember(rows)
