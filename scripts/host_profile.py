@@ -12,8 +12,9 @@ kind of host (AMD EPYC with AVX-512 BF16). This prints, for the host it runs on:
 * the floor for an answer from memory: wrk at one connection posting the cache benchmark's body
   to the smallest aiohttp server that reads the body and returns a fixed chat completion (what an
   exact hit does, without the proxy's own work);
-* the encoder alone: one MiniLM pass over a short question, in the precision ``auto`` picks,
-  one torch thread (the proxy's own packed encoder, with the verifier's tuned layers).
+* the encoder alone: one MiniLM pass over a short question, in the precision ``auto`` picks
+  (or each of ``--precisions``), one torch thread (the proxy's own packed encoder, with the
+  verifier's tuned layers).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def answer_floor(seconds: int) -> dict[str, float]:
     return {"p50_ms": float(values["P50"]) / 1000, "p99_ms": float(values["P99"]) / 1000}
 
 
-def encoder_ms() -> tuple[str, float]:
+def encoder_ms(precision: str) -> tuple[str, float]:
     """Wall milliseconds for one lone short question through the proxy's encoder (median)."""
     import torch
 
@@ -140,8 +141,8 @@ def encoder_ms() -> tuple[str, float]:
     reference = verifier.MiniLMEncoder.load(
         tuned_layers=verifier.ARTIFACT_DIR / verifier.LAYERS_FILE
     )
-    precision = resolve_precision("auto")
-    encoder = PackedEncoder(reference, precision=precision)
+    compute = resolve_precision(precision)  # type: ignore[arg-type]
+    encoder = PackedEncoder(reference, precision=compute)
     text = ["How do I convert a list to a set in Python?"]
     for _ in range(5):
         encoder.encode(text)
@@ -150,13 +151,18 @@ def encoder_ms() -> tuple[str, float]:
         start = time.perf_counter()
         encoder.encode(text)
         times.append(time.perf_counter() - start)
-    return precision, sorted(times)[len(times) // 2] * 1000
+    return compute, sorted(times)[len(times) // 2] * 1000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=5, help="wrk's run for the floor")
     parser.add_argument("--no-encoder", action="store_true", help="skip the encoder's timing")
+    parser.add_argument(
+        "--precisions",
+        default="auto",
+        help="comma-separated embeddings.precision values to time (e.g. float32,bfloat16,int8)",
+    )
     args = parser.parse_args()
     flags = cpu_flags()
     print(f"host: {cpu_model()}, {os.cpu_count()} CPUs")
@@ -176,8 +182,9 @@ def main() -> None:
         f"p50 {floor['p50_ms']:.3f} ms, p99 {floor['p99_ms']:.3f} ms"
     )
     if not args.no_encoder:
-        precision, ms = encoder_ms()
-        print(f"encoder, one short question alone ({precision}, 1 thread): {ms:.1f} ms median")
+        for asked in args.precisions.split(","):
+            compute, ms = encoder_ms(asked.strip())
+            print(f"encoder, one short question alone ({compute}, 1 thread): {ms:.1f} ms median")
 
 
 if __name__ == "__main__":

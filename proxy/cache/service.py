@@ -18,6 +18,7 @@ logged, never an error for the client; admin operations (invalidate, import) fai
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import random
@@ -649,26 +650,27 @@ class ResponseCache:
         embed: Callable[[str], Awaitable[np.ndarray]],
         **kwargs: Any,
     ) -> None:
-        """Store now for exact lookups, and again with the text's embedding once ``embed`` (a
-        background encoder) has it, so that paraphrases can hit: for an answer whose question
-        was not embedded because the encoder was busy. At most ``LATE_EMBEDDINGS`` wait at once;
-        past that the answer stays exact-only (counted in ``late_embeddings_dropped``)."""
-        self.store_in_background(keys, response, **kwargs)
+        """Store now for exact lookups, and add the text's embedding to the entry once ``embed``
+        (a background encoder) has it, so that paraphrases can hit: for an answer whose question
+        was not embedded because the encoder was busy. The embedding goes only into the entry
+        as it then stands (one invalidated, evicted or expired meanwhile stays gone). At most
+        ``LATE_EMBEDDINGS`` wait at once; past that the answer stays exact-only (counted in
+        ``late_embeddings_dropped``)."""
+        stored = self.store_in_background(keys, response, **kwargs)
         if not self.semantic_fits(text, count=False):
             return
         if self._late_embeddings >= LATE_EMBEDDINGS:
             self.late_embeddings_dropped += 1
             return
         self._late_embeddings += 1
-        self._spawn(self._store_embedded(keys, response, text, embed, kwargs))
+        self._spawn(self._store_embedded(keys, stored, text, embed))
 
     async def _store_embedded(
         self,
         keys: CacheKeys,
-        response: bytes,
+        stored: asyncio.Task[bool],
         text: str,
         embed: Callable[[str], Awaitable[np.ndarray]],
-        kwargs: dict[str, Any],
     ) -> None:
         try:
             embedding = await embed(text)
@@ -678,7 +680,23 @@ class ResponseCache:
             return
         finally:
             self._late_embeddings -= 1
-        await self.store_response(keys, response, embedding=embedding, **kwargs)
+        if not await stored:  # the exact entry was not stored: nothing to add to
+            return
+        try:
+            entry = await self.store.get(keys.exact)
+            # Only the entry as it still stands: one invalidated, evicted or expired meanwhile
+            # must not come back, and its expiry is kept.
+            if entry is None or entry.embedding is not None or not self._semantic_ok(keys):
+                return
+            entry = dataclasses.replace(
+                entry, embedding=np.asarray(embedding, dtype=np.float32).reshape(-1)
+            )
+            await self.store.put(entry)
+        except Exception as exc:
+            self.late_embeddings_dropped += 1
+            self._backend_error("put", exc, observe=False)
+            return
+        self._index_entry(entry)
 
     async def store_response(
         self,

@@ -15,7 +15,7 @@ vectors of that many recent texts: a repeated question is answered without the m
 ``max_queue_ms`` sheds load: a text that would wait longer than that for the model (the texts
 ahead of it times the recent cost of a text in a batch) is refused at once with
 :class:`EncoderBusy`, and its request goes on without an embedding. Where the encoder is slower
-than the traffic (a CPU without native bfloat16 does a few dozen lookups a second) the queue
+than the traffic (2 cores without native bfloat16 do about 80 lookups a second) the queue
 would otherwise grow without bound and hold every request behind it; a text with nothing ahead
 of it is never refused.
 
@@ -98,9 +98,9 @@ class EmbeddingWorker:
         self._on_batch = on_batch
         self.max_queue = None if max_queue_ms is None else max_queue_ms / 1000.0
         self.shed = 0  # texts refused with EncoderBusy
-        # Seconds of encoder time per text in a batch of two or more (a lone text costs several
-        # times more a text, and a queue is encoded in batches; it counts only until a batch
-        # is measured); None before the first pass.
+        # Encoder seconds per text in a batch of two or more: a queue is encoded in batches,
+        # where a text costs a fraction of a lone one. A lone text's cost stands in until a
+        # batch is measured; None before the first pass.
         self._cost_per_text: float | None = None
         self._in_batch = 0  # texts in the batch being encoded
         self._batch_measured = False  # _cost_per_text has come from a batch of two or more
