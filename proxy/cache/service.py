@@ -285,6 +285,8 @@ class CacheStats:
     index_partitions: int
     stored_entries: int | None
     inflight: int
+    # answers stored exact-only while the encoder was busy: embeddings waiting, added, dropped
+    late_embeddings: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -295,6 +297,7 @@ class CacheStats:
             "index_partitions": self.index_partitions,
             "stored_entries": self.stored_entries,
             "inflight": self.inflight,
+            "late_embeddings": dict(self.late_embeddings),
         }
 
 
@@ -362,6 +365,7 @@ class ResponseCache:
         self._rebuilt = False  # a rebuild has succeeded: the index holds the whole store
         self._ready = asyncio.Event()
         self._late_embeddings = 0  # answers waiting for their question's embedding
+        self.late_embeddings_added = 0
         self.late_embeddings_dropped = 0  # answers left exact-only: too many waiting, or failed
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -696,6 +700,7 @@ class ResponseCache:
             self.late_embeddings_dropped += 1
             self._backend_error("put", exc, observe=False)
             return
+        self.late_embeddings_added += 1
         self._index_entry(entry)
 
     async def store_response(
@@ -995,6 +1000,11 @@ class ResponseCache:
             index_partitions=len(self.index.partition_sizes()),
             stored_entries=count,
             inflight=len(self.flights),
+            late_embeddings={
+                "waiting": self._late_embeddings,
+                "added": self.late_embeddings_added,
+                "dropped": self.late_embeddings_dropped,
+            },
         )
 
     # -- warm-up --------------------------------------------------------------------------------

@@ -1030,7 +1030,8 @@ async def test_an_answer_stored_before_its_embedding_is_found_by_meaning_once_it
     await cache.drain()
     hit = await cache.lookup(keys_for("France's capital?"), embedding=vec(1, 0.12))
     assert hit is not None and hit.kind == "semantic"
-    assert cache.late_embeddings_dropped == 0
+    stats = (await cache.stats()).to_json()
+    assert stats["late_embeddings"] == {"waiting": 0, "added": 1, "dropped": 0}
 
 
 async def test_a_late_embedding_never_brings_back_an_invalidated_entry(
