@@ -236,7 +236,10 @@ class EngineCaller:
                 )
             except _ReplicaFailed as failed:
                 replica.inflight -= 1
-                replica.breaker.on_failure(time.monotonic())
+                if failed.broken:
+                    replica.breaker.on_failure(time.monotonic())
+                else:
+                    replica.breaker.release()
                 error = failed.error
             except BaseException:
                 # Cancelled (client left) or a bug: give the slot back, tell the breaker nothing.
@@ -308,8 +311,19 @@ class EngineCaller:
             if response is not None:
                 response.close()
             if isinstance(exc, TimeoutError):
+                # Slow behind other requests is load, not a fault: a replica whose queue made
+                # it miss first_token_s would otherwise be taken out of rotation just when it
+                # is busiest (seen on a slow CPU host: every request then got a 503 for the
+                # breaker's open time). The request is still retried elsewhere; a replica
+                # that times out with nothing ahead of this request counts as failing.
+                busy = _busy_with_others(replica)
+                if busy:
+                    log.warning("engine.replica_slow", engine=engine.name, replica=replica.url,
+                                running=replica.load.running, waiting=replica.load.waiting,
+                                inflight=replica.inflight)  # fmt: skip
                 raise _ReplicaFailed(
-                    UpstreamTimeout(f"engine {engine.name} did not answer within {wait:.3g}s")
+                    UpstreamTimeout(f"engine {engine.name} did not answer within {wait:.3g}s"),
+                    broken=not busy,
                 ) from None
             if isinstance(exc, aiohttp.ClientError | OSError):
                 log.warning("engine.replica_failed", engine=engine.name, replica=replica.url,
@@ -319,6 +333,16 @@ class EngineCaller:
 
 
 class _ReplicaFailed(Exception):
-    def __init__(self, error: FrugalError) -> None:
+    def __init__(self, error: FrugalError, *, broken: bool = True) -> None:
         super().__init__(error.message)
         self.error = error
+        self.broken = broken  # counts at the replica's breaker
+
+
+def _busy_with_others(replica: Replica) -> bool:
+    """Whether the replica had other requests besides this one: this proxy's own others, or
+    others running or waiting on it at its last poll (which may count this one)."""
+    load = replica.load
+    return replica.healthy is True and (
+        replica.inflight > 1 or load.waiting > 0 or load.running > 1
+    )
