@@ -115,12 +115,11 @@ class Exchange:
     # the last user turn, not embedded because the encoder was too far behind: no semantic
     # lookup or difficulty score; its answer is embedded for the cache later, in the background
     shed_text: str | None = None
+    counted_in_flight: bool = False  # in frugal_requests_in_flight (from authentication on)
 
     @property
     def embedding_shed(self) -> bool:
         return self.shed_text is not None
-
-    counted_in_flight: bool = False  # in frugal_requests_in_flight (from authentication on)
 
     def headers(self) -> dict[str, str]:
         headers = {"x-request-id": self.request_id, "x-frugal-cache": self.cache}
