@@ -265,6 +265,8 @@ class EngineCaller:
         attempts: int,
     ) -> Upstream:
         timeouts = engine.settings.timeouts
+        sent_at = time.monotonic()
+        queued_behind = _busy_with_others(replica)  # others were on it when this one was sent
         # A stream's first byte is the first token, so first_token_s bounds it and a silent
         # replica is left in time for the retry. A non-streamed answer's first byte comes only
         # once the whole answer is done: only the request's deadline bounds it.
@@ -304,6 +306,7 @@ class EngineCaller:
                     replica.breaker.on_answering()
                 else:
                     upstream.body = await response.read()
+                replica.answered_at = time.monotonic()
                 return upstream
         except BaseException as exc:
             # Whatever went wrong (including the client leaving), the half-open response must be
@@ -314,9 +317,13 @@ class EngineCaller:
                 # Slow behind other requests is load, not a fault: a replica whose queue made
                 # it miss first_token_s would otherwise be taken out of rotation just when it
                 # is busiest (seen on a slow CPU host: every request then got a 503 for the
-                # breaker's open time). The request is still retried elsewhere; a replica
-                # that times out with nothing ahead of this request counts as failing.
-                busy = _busy_with_others(replica)
+                # breaker's open time). Slow means: others were on it when this request was
+                # sent or when it timed out, and it began answering someone meanwhile. The
+                # request is still retried elsewhere. Otherwise (idle, or answering nobody: hung)
+                # the timeout counts as a failure.
+                busy = (queued_behind or _busy_with_others(replica)) and (
+                    replica.answered_at >= sent_at  # it answered others meanwhile: not hung
+                )
                 if busy:
                     log.warning("engine.replica_slow", engine=engine.name, replica=replica.url,
                                 running=replica.load.running, waiting=replica.load.waiting,

@@ -38,6 +38,8 @@ class Replica:
     failed_polls: int = 0  # health polls failed in a row
     load: ReplicaLoad = field(default_factory=ReplicaLoad)
     inflight: int = 0  # requests this proxy has open on it right now
+    # when it last began an answer (a stream's first token, or a whole answer): -inf before any
+    answered_at: float = float("-inf")
     # version: auto: the version it last reported (None: not asked yet, or back from down and
     # not asked again), when it was last asked (monotonic), and the other version it was last
     # reported held out for (so that is logged once).

@@ -844,24 +844,38 @@ async def test_a_half_open_probe_streaming_a_long_answer_does_not_hold_the_repli
 async def test_a_replica_too_busy_for_first_token_s_is_not_taken_out_of_rotation(
     start_fake: StartFake, start_proxy: StartProxy
 ) -> None:
-    # Every stream's first token takes 1 s, first_token_s is 0.3 s: an overloaded engine.
-    slow = await start_fake("m", ttft_ms=1000)
-    timeouts = {"connect_s": 1, "first_token_s": 0.3, "total_s": 5}
+    # Every stream's first token takes 3 s, first_token_s is 1 s: an overloaded engine.
+    slow = await start_fake("m", ttft_ms=3000)
+    timeouts = {"connect_s": 1, "first_token_s": 1.0, "total_s": 5}
     breaker = {"failure_threshold": 1, "open_s": 60}
     p = await start_proxy([engine_config("e", "m", [slow.url], timeouts=timeouts, breaker=breaker)])
     replica = p.services.engines[0].replicas[0]
     await wait_until(lambda: replica.healthy is True)
     body = {**CHAT, "model": "m", "stream": True}
-    # Timed out together: each had the others ahead of it on the replica.
-    replies = await asyncio.gather(
-        *(p.client.post("/v1/chat/completions", json=body) for _ in range(4))
-    )
-    assert [r.status for r in replies] == [504] * 4
+
+    async def burst(answering_others: bool) -> list[int]:
+        posts = [
+            asyncio.ensure_future(p.client.post("/v1/chat/completions", json=body))
+            for _ in range(4)
+        ]
+        await wait_until(lambda: replica.inflight == 4)
+        if answering_others:
+            # Another client's answer began while these waited (what a slow, working replica
+            # does; this fake engine answers nobody within first_token_s).
+            replica.answered_at = time.monotonic()
+        return [r.status for r in await asyncio.gather(*posts)]
+
+    # Timed out together, queued behind each other, while the replica answered others: slow.
+    assert await burst(answering_others=True) == [504] * 4
     assert replica.breaker.state == "closed" and replica.breaker.failures == 0
-    # Alone, a timeout is the replica's fault: the breaker opens (threshold 1) ...
-    await wait_until(lambda: replica.load.running == 0)  # polled again since the four left
-    assert (await p.client.post("/v1/chat/completions", json=body)).status == 504
+    # The same, but the replica answered nobody meanwhile: hung, however busy.
+    assert await burst(answering_others=False) == [504] * 4
     assert replica.breaker.state == "open"
-    # ... and the replica is out of rotation until its probe.
     resp = await p.client.post("/v1/chat/completions", json=body)
     assert resp.status == 503 and (await resp.json())["error"]["code"] == "no_healthy_replica"
+    # Alone, a timeout is the replica's fault too (the breaker opens at once: threshold 1).
+    replica.breaker.on_success()
+    await wait_until(lambda: replica.load.running == 0)  # polled again since the others left
+    replica.answered_at = time.monotonic() + 60  # even one that "answers": nobody was ahead
+    assert (await p.client.post("/v1/chat/completions", json=body)).status == 504
+    assert replica.breaker.state == "open"
