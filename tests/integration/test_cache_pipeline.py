@@ -34,6 +34,24 @@ def bag_of_words(texts: list[str]) -> np.ndarray:
     return out
 
 
+def semantic_settings(engine_url: str, tmp_path: Path, **sections: Any) -> Any:
+    """One engine "e" serving "m", the semantic cache on, routing off (for a stand-in encoder)."""
+    from proxy.settings import Settings
+
+    return Settings.model_validate(
+        {
+            "engines": [engine_config("e", "m", [engine_url])],
+            "policies": None,
+            "data_dir": str(tmp_path / "data"),
+            "health": {"interval_s": 0.1},
+            "cache": {"enabled": True, "semantic": True},
+            "routing": {"enabled": False},
+            "logging": {"level": "warning", "format": "console"},
+            **sections,
+        }
+    )
+
+
 async def cached_proxy(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, **sections: Any
 ) -> tuple[Any, Proxy]:
@@ -321,20 +339,9 @@ async def test_semantic_hit_on_a_paraphrase_and_miss_on_another_question(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, aiohttp_client: Any
 ) -> None:
     from proxy.app import SERVICES, create_app
-    from proxy.settings import Settings
 
     engine = await start_fake("m")
-    settings = Settings.model_validate(
-        {
-            "engines": [engine_config("e", "m", [engine.url])],
-            "policies": None,
-            "data_dir": str(tmp_path / "data"),
-            "health": {"interval_s": 0.1},
-            "cache": {"enabled": True, "semantic": True},
-            "routing": {"enabled": False},
-            "logging": {"level": "warning", "format": "console"},
-        }
-    )
+    settings = semantic_settings(engine.url, tmp_path)
     client = await aiohttp_client(create_app(settings, encode=bag_of_words, access_log=False))
     original = {**GREEDY, "messages": [{"role": "user", "content": "capital city of France"}]}
     first = await client.post("/v1/chat/completions", json=original)
@@ -864,8 +871,8 @@ async def test_a_finished_stream_the_engine_closed_without_done_is_whole_and_sto
     assert engine.state.counters.requests == 1
 
 
-def _slow_bag_of_words(texts: list[str]) -> np.ndarray:
-    """bag_of_words at 50 ms a text, so the encoder's queue is easy to overrun."""
+def slow_bag_of_words(texts: list[str]) -> np.ndarray:
+    """bag_of_words at 50 ms a text: the encoder's queue is easy to overrun, and its wait known."""
     time.sleep(0.05 * len(texts))
     return bag_of_words(texts)
 
@@ -874,22 +881,12 @@ async def test_answers_to_questions_the_busy_encoder_skipped_are_found_by_meanin
     start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
 ) -> None:
     from proxy.app import SERVICES, create_app
-    from proxy.settings import Settings
 
     engine = await start_fake("m")
-    settings = Settings.model_validate(
-        {
-            "engines": [engine_config("e", "m", [engine.url])],
-            "policies": None,
-            "data_dir": str(tmp_path / "data"),
-            "health": {"interval_s": 0.1},
-            "cache": {"enabled": True, "semantic": True},
-            "routing": {"enabled": False},
-            "embeddings": {"max_queue_ms": 60, "max_wait_ms": 1},
-            "logging": {"level": "warning", "format": "console"},
-        }
+    settings = semantic_settings(
+        engine.url, tmp_path, embeddings={"max_queue_ms": 60, "max_wait_ms": 1}
     )
-    client = await aiohttp_client(create_app(settings, encode=_slow_bag_of_words, access_log=False))
+    client = await aiohttp_client(create_app(settings, encode=slow_bag_of_words, access_log=False))
     services = client.server.app[SERVICES]
     cache, embedder = services.cache, services.embedder
     assert cache is not None and embedder is not None

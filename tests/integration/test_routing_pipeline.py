@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient
 from proxy.app import SERVICES, create_app
 from proxy.settings import Settings
 from tests.integration.conftest import StartFake, engine_config, wait_until
+from tests.integration.test_cache_pipeline import slow_bag_of_words
 
 EASY = "hi, how are you?"
 HARD = (
@@ -156,14 +157,6 @@ async def test_auto_fails_over_when_the_chosen_engine_cannot_answer(
     assert resp.headers["x-frugal-engine"] == "small", dict(resp.headers)
 
 
-def _slow_encoder(texts: list[str]) -> Any:
-    """A stand-in for the model at 50 ms a text: the queue's wait is known in advance."""
-    from tests.integration.test_cache_pipeline import bag_of_words
-
-    time.sleep(0.05 * len(texts))
-    return bag_of_words(texts)
-
-
 async def test_a_backlogged_encoder_is_skipped_not_waited_for(
     start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
 ) -> None:
@@ -184,7 +177,7 @@ async def test_a_backlogged_encoder_is_skipped_not_waited_for(
             "logging": {"level": "warning", "format": "console"},
         }
     )
-    client = await aiohttp_client(create_app(settings, encode=_slow_encoder, access_log=False))
+    client = await aiohttp_client(create_app(settings, encode=slow_bag_of_words, access_log=False))
     services = client.server.app[SERVICES]
     assert services.router.scores and services.embedder is not None
 

@@ -1005,6 +1005,20 @@ async def test_a_rebuild_takes_a_key_scanned_twice_once(tmp_path: Path) -> None:
         assert context is not None and len(second.index.labels(context)) == 10
 
 
+class HeldEmbedding:
+    """A background encoder that answers (with one fixed vector) only once released."""
+
+    def __init__(self) -> None:
+        self._released = asyncio.Event()
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def embed(self, text: str) -> np.ndarray:
+        await self._released.wait()
+        return vec(1, 0.1)
+
+
 async def until_stored(cache: ResponseCache, keys: CacheKeys) -> None:
     for _ in range(500):
         if await cache.store.get(keys.exact) is not None:
@@ -1016,17 +1030,12 @@ async def until_stored(cache: ResponseCache, keys: CacheKeys) -> None:
 async def test_an_answer_stored_before_its_embedding_is_found_by_meaning_once_it_has_one(
     cache: ResponseCache,
 ) -> None:
-    released = asyncio.Event()
-
-    async def embed_later(text: str) -> np.ndarray:
-        await released.wait()
-        return vec(1, 0.1)
-
+    held = HeldEmbedding()
     keys = keys_for("capital of France?")
-    cache.store_when_embedded(keys, orjson.dumps(answer("Paris")), keys.query_text, embed_later)
+    cache.store_when_embedded(keys, orjson.dumps(answer("Paris")), keys.query_text, held.embed)
     await until_stored(cache, keys)  # exact at once; the embedding is still on its way
     assert await cache.lookup(keys_for("France's capital?"), embedding=vec(1, 0.12)) is None
-    released.set()
+    held.release()
     await cache.drain()
     hit = await cache.lookup(keys_for("France's capital?"), embedding=vec(1, 0.12))
     assert hit is not None and hit.kind == "semantic"
@@ -1037,17 +1046,12 @@ async def test_an_answer_stored_before_its_embedding_is_found_by_meaning_once_it
 async def test_a_late_embedding_never_brings_back_an_invalidated_entry(
     cache: ResponseCache,
 ) -> None:
-    released = asyncio.Event()
-
-    async def embed_later(text: str) -> np.ndarray:
-        await released.wait()
-        return vec(1, 0.1)
-
+    held = HeldEmbedding()
     keys = keys_for("capital of France?")
-    cache.store_when_embedded(keys, orjson.dumps(answer("Paris")), keys.query_text, embed_later)
+    cache.store_when_embedded(keys, orjson.dumps(answer("Paris")), keys.query_text, held.embed)
     await until_stored(cache, keys)
     assert await cache.invalidate(InvalidationFilter(engine="large")) == 1
-    released.set()
+    held.release()
     await cache.drain()
     assert await cache.lookup(keys) is None
     assert await cache.lookup(keys_for("France's capital?"), embedding=vec(1, 0.12)) is None
@@ -1057,17 +1061,12 @@ async def test_a_late_embedding_never_brings_back_an_invalidated_entry(
 async def test_late_embeddings_are_bounded(cache: ResponseCache) -> None:
     from proxy.cache.service import LATE_EMBEDDINGS
 
-    released = asyncio.Event()
-
-    async def embed_later(text: str) -> np.ndarray:
-        await released.wait()
-        return vec(1, 0.1)
-
+    held = HeldEmbedding()
     for i in range(LATE_EMBEDDINGS + 3):
         keys = keys_for(f"question {i}")
-        cache.store_when_embedded(keys, orjson.dumps(answer("a")), keys.query_text, embed_later)
+        cache.store_when_embedded(keys, orjson.dumps(answer("a")), keys.query_text, held.embed)
     assert cache.late_embeddings_dropped == 3
-    released.set()
+    held.release()
     await cache.drain()
     assert await cache.store.count() == LATE_EMBEDDINGS + 3  # every answer stored exactly
     assert cache.late_embeddings_dropped == 3
