@@ -90,7 +90,9 @@ class BreakerSettings(StrictModel):
 
 
 class LaunchSettings(StrictModel):
-    """How `frugal up` starts this engine. Placeholders: {python} {model_dir} {model} {port}."""
+    """How `frugal up` starts this engine. Placeholders: {python} {model_dir} {model} {port}
+    {cpu_dtype} (bfloat16 where the CPU multiplies it natively, else float32: for vLLM's CPU
+    build)."""
 
     command: list[str] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)

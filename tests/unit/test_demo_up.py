@@ -41,10 +41,27 @@ def test_demo_config_launches_both_engines_on_their_ports() -> None:
         assert command[command.index("--port") + 1] == str(spec.port)
         assert command[command.index("--max-model-len") + 1] == "4096"
         assert "--enforce-eager" in command
+        assert command[command.index("--dtype") + 1] == up.cpu_dtype(up.cpu_flags())
         assert {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}.items() <= spec.env.items()
         assert not any("{" in part for part in command)
     # Each engine computes on its own core instead of both on core 0.
     assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in specs] == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "dtype"),
+    [
+        ("fpu avx2 fma avx512f avx512_bf16 avx512_vnni", "bfloat16"),  # Zen 4, Cooper Lake on
+        ("fpu avx2 avx512f amx_bf16 amx_tile", "bfloat16"),  # Sapphire Rapids
+        ("fpu sse4_2 avx2 fma", "float32"),  # Zen 3: vLLM would emulate bfloat16, ~3x slower
+        ("fpu avx2 avx512f avx512_vnni", "float32"),  # AVX-512 without BF16 (Cascade Lake)
+        ("", "float32"),  # unknown
+    ],
+)
+def test_the_demo_engines_run_bfloat16_only_where_the_cpu_multiplies_it(
+    flags: str, dtype: str
+) -> None:
+    assert up.cpu_dtype(flags) == dtype
 
 
 CUSTOM = """
