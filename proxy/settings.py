@@ -165,6 +165,11 @@ class EngineSettings(StrictModel):
     api_key: str | None = Field(None, description="sent to the engine as a bearer token")
     max_concurrency: int | None = Field(None, ge=1, description="admission cap; none = unbounded")
     model_dir: Path | None = Field(None, description="weights folder, hashed into version: auto")
+    version_extra: str | None = Field(
+        None,
+        description="folded into version: auto besides the weights: whatever else shapes the "
+        "answers (frugal up sets the launch command's --dtype)",
+    )
     launch: LaunchSettings | None = None
     canary: CanarySettings | None = Field(None, description="a new version on a traffic share")
 

@@ -65,6 +65,19 @@ def resolve_model_dir(engine: EngineSettings, demo_dirs: Mapping[str, Path]) -> 
     return demo_dirs[name]
 
 
+def launch_dtype(command: list[str]) -> str | None:
+    """The ``--dtype`` a launch command passes, ``{cpu_dtype}`` filled in (None: not given)."""
+    for i, part in enumerate(command):
+        value = None
+        if part == "--dtype" and i + 1 < len(command):
+            value = command[i + 1]
+        elif part.startswith("--dtype="):
+            value = part.removeprefix("--dtype=")
+        if value is not None:
+            return value.replace("{cpu_dtype}", cpu_dtype(cpu_flags()))
+    return None
+
+
 def cpu_flags() -> str:
     """This CPU's feature flags as /proc/cpuinfo lists them ("" where there is no such file)."""
     try:
@@ -128,13 +141,19 @@ def with_launch_results(
     settings: Settings, *, data_dir: Path, port: int, demo_dirs: Mapping[str, Path]
 ) -> Settings:
     """The settings the proxy runs with: our data dir and port, and each launched engine's
-    model folder (so `version: auto` can hash the weights)."""
-    engines = [
-        e.model_copy(update={"model_dir": resolve_model_dir(e, demo_dirs)})
-        if e.launch is not None and e.model_dir is None
-        else e
-        for e in settings.engines
-    ]
+    model folder and dtype (so `version: auto` tells apart the weights and how they are
+    multiplied: a float32 engine's greedy answers can differ from a bfloat16 one's)."""
+    engines = []
+    for e in settings.engines:
+        if e.launch is not None:
+            update: dict[str, object] = {}
+            if e.model_dir is None:
+                update["model_dir"] = resolve_model_dir(e, demo_dirs)
+            dtype = launch_dtype(e.launch.command)
+            if dtype is not None and e.version_extra is None:
+                update["version_extra"] = f"dtype={dtype}"
+            e = e.model_copy(update=update)
+        engines.append(e)
     return settings.model_copy(
         update={
             "data_dir": data_dir,

@@ -86,6 +86,7 @@ class VersionWatch:
                 model_dir=engine.settings.model_dir,
                 timeout_s=self.timeout_s,
                 headers=auth_headers(engine),
+                extra=engine.settings.version_extra,
             )
         except RESOLVE_ERRORS as exc:
             if cancelling():

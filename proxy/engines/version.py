@@ -22,9 +22,16 @@ _SAMPLE_BYTES = 1 << 20
 
 
 def derive_version(
-    *, model: str, root: str | None, max_model_len: int | None, folder_digest: str | None
+    *,
+    model: str,
+    root: str | None,
+    max_model_len: int | None,
+    folder_digest: str | None,
+    extra: str | None = None,
 ) -> str:
     parts = [model, root or "", str(max_model_len or ""), folder_digest or ""]
+    if extra is not None:  # (absent, the versions of earlier releases stand)
+        parts.append(extra)
     digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
     return f"{model}@{digest[:12]}"
 
@@ -84,6 +91,7 @@ async def resolve_version(
     model_dir: Path | None,
     timeout_s: float = 5.0,
     headers: dict[str, str] | None = None,
+    extra: str | None = None,
 ) -> str:
     """Ask one replica what it serves and derive the version; raises if it cannot tell."""
     async with session.get(
@@ -107,4 +115,5 @@ async def resolve_version(
         root=root if isinstance(root, str) else None,
         max_model_len=max_len if isinstance(max_len, int) else None,
         folder_digest=digest,
+        extra=extra,
     )

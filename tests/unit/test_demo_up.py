@@ -109,6 +109,16 @@ def test_proxy_settings_get_the_port_data_dir_and_model_folders(tmp_path: Path) 
         DEMO_DIRS["smollm2-135m"],
         DEMO_DIRS["qwen2.5-coder-0.5b"],
     ]
+    # the dtype the engines are launched with is part of their version
+    dtype = up.cpu_dtype(up.cpu_flags())
+    assert [e.version_extra for e in settings.engines] == [f"dtype={dtype}"] * 2
+
+
+def test_the_launch_dtype_is_read_from_either_form() -> None:
+    assert up.launch_dtype(["vllm", "--dtype", "float16"]) == "float16"
+    assert up.launch_dtype(["vllm", "--dtype=bfloat16"]) == "bfloat16"
+    assert up.launch_dtype(["vllm", "--dtype", "{cpu_dtype}"]) == up.cpu_dtype(up.cpu_flags())
+    assert up.launch_dtype(["vllm", "--model", "x"]) is None
 
 
 def test_run_up_reports_a_bad_config_without_starting_anything(

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -156,6 +158,16 @@ def test_version_changes_with_weights_and_is_stable(tmp_path) -> None:  # type: 
     assert v1 != derive_version(model="m", root="/m", max_model_len=2048, folder_digest=d1)
     assert v1.startswith("m@")
     assert folder_digest(tmp_path / "missing") is None
+
+
+def test_what_else_shapes_the_answers_changes_the_version() -> None:
+    same = dict(model="m", root="/m", max_model_len=4096, folder_digest="d")
+    plain = derive_version(**same)  # type: ignore[arg-type]
+    bf16 = derive_version(**same, extra="dtype=bfloat16")  # type: ignore[arg-type]
+    fp32 = derive_version(**same, extra="dtype=float32")  # type: ignore[arg-type]
+    assert len({plain, bf16, fp32}) == 3
+    # no extra: the version an earlier release derived for the same engine
+    assert plain == "m@" + hashlib.sha256(b"m\x00/m\x004096\x00d").hexdigest()[:12]
 
 
 def test_model_card() -> None:
