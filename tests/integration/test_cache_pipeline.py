@@ -34,24 +34,6 @@ def bag_of_words(texts: list[str]) -> np.ndarray:
     return out
 
 
-def semantic_settings(engine_url: str, tmp_path: Path, **sections: Any) -> Any:
-    """One engine "e" serving "m", the semantic cache on, routing off (for a stand-in encoder)."""
-    from proxy.settings import Settings
-
-    return Settings.model_validate(
-        {
-            "engines": [engine_config("e", "m", [engine_url])],
-            "policies": None,
-            "data_dir": str(tmp_path / "data"),
-            "health": {"interval_s": 0.1},
-            "cache": {"enabled": True, "semantic": True},
-            "routing": {"enabled": False},
-            "logging": {"level": "warning", "format": "console"},
-            **sections,
-        }
-    )
-
-
 async def cached_proxy(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, **sections: Any
 ) -> tuple[Any, Proxy]:
@@ -338,11 +320,7 @@ async def test_user_scope_partitions_never_share(
 async def test_semantic_hit_on_a_paraphrase_and_miss_on_another_question(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, aiohttp_client: Any
 ) -> None:
-    from proxy.app import SERVICES, create_app
-
-    engine = await start_fake("m")
-    settings = semantic_settings(engine.url, tmp_path)
-    client = await aiohttp_client(create_app(settings, encode=bag_of_words, access_log=False))
+    client, services = await semantic_app(start_fake, tmp_path, aiohttp_client, encode=bag_of_words)
     original = {**GREEDY, "messages": [{"role": "user", "content": "capital city of France"}]}
     first = await client.post("/v1/chat/completions", json=original)
     answer = await first.json()
@@ -350,8 +328,7 @@ async def test_semantic_hit_on_a_paraphrase_and_miss_on_another_question(
         **GREEDY,
         "messages": [{"role": "user", "content": "France: capital city of?"}],
     }
-    assert client.server.app is not None
-    cache = client.server.app[SERVICES].cache
+    cache = services.cache
     assert cache is not None
     await cache.drain()
     resp = await client.post("/v1/chat/completions", json=paraphrase)
@@ -378,25 +355,36 @@ def ask(text: str) -> dict[str, Any]:
 
 
 async def semantic_app(
-    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any, **cache: Any
+    start_fake: StartFake,
+    tmp_path: Path,
+    aiohttp_client: Any,
+    *,
+    engine: Any = None,
+    encode: Any = None,
+    embeddings: dict[str, Any] | None = None,
+    **cache: Any,
 ) -> tuple[Any, Any]:
-    """A test client for an app with the real semantic cache (and ``cache`` settings), and its
-    services."""
+    """A test client for an app with the semantic cache (and ``cache`` settings) in front of
+    ``engine`` (default: a new fake engine serving "m"), and its services. ``encode`` stands in
+    for the real model."""
     from proxy.app import SERVICES, create_app
     from proxy.settings import Settings
 
-    engine = await start_fake("m")
+    if engine is None:
+        engine = await start_fake("m")
     settings = Settings.model_validate(
         {
             "engines": [engine_config("e", "m", [engine.url])],
             "policies": None,
             "data_dir": str(tmp_path / "data"),
+            "health": {"interval_s": 0.1},
             "cache": {"enabled": True, "semantic": True, **cache},
             "routing": {"enabled": False},
+            "embeddings": embeddings or {},
             "logging": {"level": "warning", "format": "console"},
         }
     )
-    client = await aiohttp_client(create_app(settings, access_log=False))
+    client = await aiohttp_client(create_app(settings, encode=encode, access_log=False))
     assert client.server.app is not None
     return client, client.server.app[SERVICES]
 
@@ -880,19 +868,17 @@ def slow_bag_of_words(texts: list[str]) -> np.ndarray:
 async def test_answers_to_questions_the_busy_encoder_skipped_are_found_by_meaning_later(
     start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
 ) -> None:
-    from proxy.app import SERVICES, create_app
-
     engine = await start_fake("m")
-    settings = semantic_settings(
-        engine.url, tmp_path, embeddings={"max_queue_ms": 60, "max_wait_ms": 1}
+    client, services = await semantic_app(
+        start_fake,
+        tmp_path,
+        aiohttp_client,
+        engine=engine,
+        encode=slow_bag_of_words,
+        embeddings={"max_queue_ms": 60, "max_wait_ms": 1},
     )
-    client = await aiohttp_client(create_app(settings, encode=slow_bag_of_words, access_log=False))
-    services = client.server.app[SERVICES]
     cache, embedder = services.cache, services.embedder
     assert cache is not None and embedder is not None
-
-    def ask(text: str) -> dict[str, Any]:
-        return {**GREEDY, "messages": [{"role": "user", "content": text}]}
 
     async def burst(texts: list[str]) -> None:
         replies = await asyncio.gather(

@@ -1019,10 +1019,15 @@ class HeldEmbedding:
         return vec(1, 0.1)
 
 
-async def until_stored(cache: ResponseCache, keys: CacheKeys) -> None:
+async def stored_before_embedded(cache: ResponseCache) -> tuple[HeldEmbedding, CacheKeys]:
+    """Paris for "capital of France?", stored exact at once; its embedding held back."""
+    held = HeldEmbedding()
+    keys = keys_for("capital of France?")
+    assert keys.query_text is not None
+    cache.store_when_embedded(keys, orjson.dumps(answer("Paris")), keys.query_text, held.embed)
     for _ in range(500):
         if await cache.store.get(keys.exact) is not None:
-            return
+            return held, keys
         await asyncio.sleep(0.01)
     raise AssertionError("the exact entry was never stored")
 
@@ -1030,10 +1035,7 @@ async def until_stored(cache: ResponseCache, keys: CacheKeys) -> None:
 async def test_an_answer_stored_before_its_embedding_is_found_by_meaning_once_it_has_one(
     cache: ResponseCache,
 ) -> None:
-    held = HeldEmbedding()
-    keys = keys_for("capital of France?")
-    cache.store_when_embedded(keys, orjson.dumps(answer("Paris")), keys.query_text, held.embed)
-    await until_stored(cache, keys)  # exact at once; the embedding is still on its way
+    held, _ = await stored_before_embedded(cache)
     assert await cache.lookup(keys_for("France's capital?"), embedding=vec(1, 0.12)) is None
     held.release()
     await cache.drain()
@@ -1046,10 +1048,7 @@ async def test_an_answer_stored_before_its_embedding_is_found_by_meaning_once_it
 async def test_a_late_embedding_never_brings_back_an_invalidated_entry(
     cache: ResponseCache,
 ) -> None:
-    held = HeldEmbedding()
-    keys = keys_for("capital of France?")
-    cache.store_when_embedded(keys, orjson.dumps(answer("Paris")), keys.query_text, held.embed)
-    await until_stored(cache, keys)
+    held, keys = await stored_before_embedded(cache)
     assert await cache.invalidate(InvalidationFilter(engine="large")) == 1
     held.release()
     await cache.drain()
