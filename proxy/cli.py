@@ -21,15 +21,16 @@ CORE_COMMANDS = frozenset({"serve", "up", "fake-engine"})
 EXIT_RUNTIME = 1  # could not do the job: the address is taken, the proxy is unreachable
 EXIT_USAGE = 2  # a bad flag or configuration
 
-SERVER_EPILOG = (
-    f"exit status: 0 after Ctrl-C or SIGTERM, {EXIT_RUNTIME} if the address cannot be taken "
-    f"(in use, not permitted), {EXIT_USAGE} for a bad flag or configuration"
-)
-SERVE_EPILOG = (
-    f"exit status: 0 after Ctrl-C or SIGTERM, {EXIT_RUNTIME} if the address cannot be taken "
-    f"(in use, not permitted) or the data folder cannot be written, {EXIT_USAGE} for a bad flag "
-    "or configuration"
-)
+
+def _server_epilog(also: str = "") -> str:
+    return (
+        f"exit status: 0 after Ctrl-C or SIGTERM, {EXIT_RUNTIME} if the address cannot be taken "
+        f"(in use, not permitted){also}, {EXIT_USAGE} for a bad flag or configuration"
+    )
+
+
+SERVER_EPILOG = _server_epilog()
+SERVE_EPILOG = _server_epilog(" or the data folder cannot be written")
 
 
 class ListenError(Exception):

@@ -112,14 +112,10 @@ class Exchange:
     error: str | None = None
     latency_s: float = 0.0  # set when the handler returns
     conversation: CompletionRequest | None = None  # a chat answered by the routed engine
-    # the last user turn, not embedded because the encoder was too far behind: no semantic
-    # lookup or difficulty score; its answer is embedded for the cache later, in the background
-    shed_text: str | None = None
+    # the encoder was too far behind to embed the last user turn: no semantic lookup or
+    # difficulty score; the answer is embedded for the cache later, in the background
+    embedding_shed: bool = False
     counted_in_flight: bool = False  # in frugal_requests_in_flight (from authentication on)
-
-    @property
-    def embedding_shed(self) -> bool:
-        return self.shed_text is not None
 
     def headers(self) -> dict[str, str]:
         headers = {"x-request-id": self.request_id, "x-frugal-cache": self.cache}
@@ -461,7 +457,7 @@ async def _embed(
     try:
         return await services.embedder.embed(text)
     except EncoderBusy:
-        exchange.shed_text = text
+        exchange.embedding_shed = True
         services.metrics.embedding_shed(purpose="routing" if routing else "cache")
         return None
 
@@ -832,9 +828,9 @@ class _Store:
                 mode=self.plan.mode,
                 ttl=self.plan.ttl_s,
             )
-            embedder, text = self.services.embedder, self.exchange.shed_text
-            if text is not None and embedder is not None and self.plan.semantic:
-                cache.store_when_embedded(keys, body, text, embedder.embed_background, **fields)
+            embedder = self.services.embedder
+            if self.exchange.embedding_shed and embedder is not None and self.plan.semantic:
+                cache.store_when_embedded(keys, body, embedder.embed_background, **fields)
             else:
                 cache.store_in_background(keys, body, embedding=self.embedding, **fields)
 

@@ -51,15 +51,6 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 """
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    match = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
-    return set(match.group(1).split()) if match else set()
-
-
 def cpu_model() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -164,14 +155,15 @@ def main() -> None:
         help="comma-separated embeddings.precision values to time (e.g. float32,bfloat16,int8)",
     )
     args = parser.parse_args()
+    from proxy.cpu import cpu_flags, has_vnni, native_bfloat16
+
     flags = cpu_flags()
+    yes = {True: "yes", False: "no"}
     print(f"host: {cpu_model()}, {os.cpu_count()} CPUs")
     print(
-        "matrix features: "
-        f"AVX-512 {'yes' if 'avx512f' in flags else 'no'}, "
-        f"bfloat16 {'yes' if 'avx512_bf16' in flags else 'no'}, "
-        f"VNNI {'yes' if flags & {'avx512_vnni', 'avx_vnni'} else 'no'}, "
-        f"AMX {'yes' if 'amx_tile' in flags else 'no'}"
+        f"matrix features: AVX-512 {yes['avx512f' in flags]}, "
+        f"bfloat16 {yes[native_bfloat16(flags)]}, VNNI {yes[has_vnni(flags)]}, "
+        f"AMX {yes['amx_tile' in flags]}"
     )
     syscall = ns_per_call("getppid()", "from os import getppid")
     clock = ns_per_call("perf_counter()", "from time import perf_counter")

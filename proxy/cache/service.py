@@ -650,19 +650,19 @@ class ResponseCache:
         self,
         keys: CacheKeys,
         response: bytes,
-        text: str,
         embed: Callable[[str], Awaitable[np.ndarray]],
         **kwargs: Any,
     ) -> None:
-        """Store now for exact lookups, and add the text's embedding to the entry once ``embed``
+        """Store now for exact lookups, and add the question's embedding to the entry once ``embed``
         (a background encoder) has it, so that paraphrases can hit: for an answer whose question
         was not embedded because the encoder was busy. The embedding goes only into the entry
         as it then stands (one invalidated, evicted or expired meanwhile stays gone). At most
         ``LATE_EMBEDDINGS`` wait at once; past that the answer stays exact-only (counted in
         ``late_embeddings_dropped``)."""
         stored = self.store_in_background(keys, response, **kwargs)
-        if not self.semantic_fits(text, count=False):
-            return
+        text = keys.query_text
+        if keys.context is None or text is None or not self.semantic_fits(text, count=False):
+            return  # it could not be indexed anyway: no encoder time for it
         if self._late_embeddings >= LATE_EMBEDDINGS:
             self.late_embeddings_dropped += 1
             return
@@ -690,7 +690,7 @@ class ResponseCache:
             entry = await self.store.get(keys.exact)
             # Only the entry as it still stands: one invalidated, evicted or expired meanwhile
             # must not come back, and its expiry is kept.
-            if entry is None or entry.embedding is not None or not self._semantic_ok(keys):
+            if entry is None or entry.embedding is not None:
                 return
             entry = dataclasses.replace(
                 entry, embedding=np.asarray(embedding, dtype=np.float32).reshape(-1)

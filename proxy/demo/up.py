@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
 
+from proxy.cpu import cpu_flags, native_bfloat16
 from proxy.demo.errors import DemoError
 from proxy.demo.launcher import EngineSpec, RunningEngine, build_spec, engines_running
 from proxy.demo.models import prepare_demo_models
@@ -78,23 +79,12 @@ def launch_dtype(command: list[str]) -> str | None:
     return None
 
 
-def cpu_flags() -> str:
-    """This CPU's feature flags as /proc/cpuinfo lists them ("" where there is no such file)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return line.partition(":")[2]
-
-
-def cpu_dtype(flags: str) -> str:
+def cpu_dtype(flags: frozenset[str]) -> str:
     """The ``--dtype`` for vLLM's CPU build on a CPU with these flags: bfloat16 where the CPU
-    multiplies it natively (AVX-512 BF16 or AMX), else float32. Without them vLLM emulates
-    bfloat16: on a 2-core Zen 3 host the small demo model made 22 tokens/s over 16 streams in
-    bfloat16 against 76 in float32 (docs/benchmarks.md, section 2)."""
-    names = set(flags.split())
-    return "bfloat16" if names & {"avx512_bf16", "amx_bf16"} else "float32"
+    multiplies it natively, else float32. Without native support vLLM emulates bfloat16: on a
+    2-core Zen 3 host the small demo model made 22 tokens/s over 16 streams in bfloat16 against
+    76 in float32 (docs/benchmarks.md, section 2)."""
+    return "bfloat16" if native_bfloat16(flags) else "float32"
 
 
 def launch_specs(

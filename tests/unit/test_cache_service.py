@@ -1023,8 +1023,7 @@ async def stored_before_embedded(cache: ResponseCache) -> tuple[HeldEmbedding, C
     """Paris for "capital of France?", stored exact at once; its embedding held back."""
     held = HeldEmbedding()
     keys = keys_for("capital of France?")
-    assert keys.query_text is not None
-    cache.store_when_embedded(keys, orjson.dumps(answer("Paris")), keys.query_text, held.embed)
+    cache.store_when_embedded(keys, orjson.dumps(answer("Paris")), held.embed)
     for _ in range(500):
         if await cache.store.get(keys.exact) is not None:
             return held, keys
@@ -1063,7 +1062,7 @@ async def test_late_embeddings_are_bounded(cache: ResponseCache) -> None:
     held = HeldEmbedding()
     for i in range(LATE_EMBEDDINGS + 3):
         keys = keys_for(f"question {i}")
-        cache.store_when_embedded(keys, orjson.dumps(answer("a")), keys.query_text, held.embed)
+        cache.store_when_embedded(keys, orjson.dumps(answer("a")), held.embed)
     assert cache.late_embeddings_dropped == 3
     held.release()
     await cache.drain()

@@ -6,10 +6,8 @@ layers.
 
 from __future__ import annotations
 
-import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -467,19 +465,12 @@ def test_prepacked_bfloat16_products_equal_plain_ones() -> None:
     assert (fused - unfused).abs().max() <= 2**-7 * unfused.abs().max()
 
 
-def _has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_vnni|avx_vnni)\b", flags) is not None
-
-
 def test_int8_products_stay_near_the_float32_ones() -> None:
     torch = pytest.importorskip("torch")
     from proxy.cache.packed_encoder import _Linear
+    from proxy.cpu import cpu_flags, has_vnni
 
-    if not _has_vnni():
+    if not has_vnni(cpu_flags()):
         # Without VNNI fbgemm adds pairs of u8 x s8 products in 16 bits, which saturate for
         # full-range random inputs (outputs off by ~20% of their range on a Zen 3 host). The
         # encoder's own activations fare better at 8 bits than at 7 (cosine to float32 over 300
