@@ -41,7 +41,7 @@ from proxy.cache.keys import (
 from proxy.cache.modes import CacheMode, request_mode
 from proxy.cache.service import CacheHit, LookupTally, follow_as_sse
 from proxy.cache.singleflight import Follower, Leader, LeaderFailed
-from proxy.cache.stream_codec import StreamAssembler, replay_sse
+from proxy.cache.stream_codec import StreamAssembler, replay_sse, replayed_identity
 from proxy.embeddings.worker import EncoderBusy
 from proxy.engines.client import Upstream
 from proxy.engines.pool import Engine
@@ -671,12 +671,17 @@ def _respond_from_cache(
     usage = body.get("usage") or {}
     exchange.tokens_in = int(usage.get("prompt_tokens") or 0)
     exchange.tokens_out = int(usage.get("completion_tokens") or 0)
+    endpoint = ENDPOINTS[req.kind]
+    identity = replayed_identity(
+        endpoint, token=services.request_ids.next(), created=int(time.time())
+    )
     exchange.ttft_s = time.perf_counter() - exchange.started
     if not req.stream:
+        body.update(identity)  # in place: the stored fields keep their order
         return web.Response(
-            body=hit.response, content_type="application/json", headers=exchange.headers()
+            body=orjson.dumps(body), content_type="application/json", headers=exchange.headers()
         )
-    events = replay_sse(ENDPOINTS[req.kind], body, include_usage=req.include_usage)
+    events = replay_sse(endpoint, body, include_usage=req.include_usage, overrides=identity)
     return _sse_response(events, exchange)
 
 

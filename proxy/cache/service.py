@@ -263,7 +263,7 @@ class LookupTally:
 class CacheHit:
     kind: Literal["exact", "semantic"]
     # The stored response body (JSON bytes as the engine produced it; for streamed answers the
-    # assembled body). Ids/created are the original answer's.
+    # assembled body). Ids/created are the original answer's; the pipeline serves fresh ones.
     response: bytes
     similarity: float  # 1.0 for exact hits
     score: float | None  # the verifier's score for semantic hits

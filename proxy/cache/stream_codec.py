@@ -19,7 +19,8 @@ Merge rules (the same for every field, so unknown vLLM extras survive):
 Round trip: ``assemble(replay(x, include_usage=True)) == normalise_response(x)``.
 ``normalise_response`` drops null message fields other than ``content`` and empty ``tool_calls``
 (vLLM fills ``refusal``, ``audio``, ``function_call`` ... with nulls). ``replay`` keeps the stored
-``id``, ``created`` and ``model``; a caller wanting fresh ones passes ``overrides``.
+``id``, ``created`` and ``model``; a caller wanting fresh ones passes ``overrides``
+(``replayed_identity``: what the proxy gives every answer it serves from the cache).
 """
 
 from __future__ import annotations
@@ -278,6 +279,17 @@ def _chat_deltas(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     deltas.extend({key: piece} for key, value in texts for piece in split_text(value))
     deltas.extend(tail)
     return deltas
+
+
+def replayed_identity(endpoint: Endpoint, *, token: str, created: int) -> dict[str, Any]:
+    """The ``id`` and ``created`` of a cached answer served again.
+
+    Clients treat ``id`` as unique (chat frontends and tracing tools key messages by it) and
+    ``created`` as when this response was made, so a replay gets its own of both, in the
+    engine's id style; the headers say it came from the cache and how old the stored answer is.
+    """
+    prefix = "chatcmpl-" if endpoint is Endpoint.CHAT else "cmpl-"
+    return {"id": prefix + token, "created": created}
 
 
 def replay(

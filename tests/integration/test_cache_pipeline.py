@@ -75,7 +75,8 @@ async def test_exact_hit_serves_the_same_answer_without_the_engine(
     assert first.headers["x-frugal-cache"] == "miss"
     answer = await first.json()
     hit = await post_until(proxy, GREEDY, "hit-exact")
-    assert await hit.json() == answer
+    served = await hit.json()
+    assert {**served, "id": answer["id"], "created": answer["created"]} == answer
     assert hit.headers["x-frugal-model-version"] == first.headers["x-frugal-model-version"]
     assert "x-frugal-cache-age" in hit.headers
     assert engine.state.counters.requests == 1
@@ -120,6 +121,31 @@ async def test_streamed_answer_is_stored_and_replayed_both_ways(
     assert chunks[-1]["usage"] == body["usage"]
     assert any(c["choices"] and c["choices"][0].get("finish_reason") for c in chunks)
     assert engine.state.counters.requests == 1
+
+
+async def test_every_replay_gets_its_own_id_and_created(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    first = await (await proxy.client.post("/v1/chat/completions", json=GREEDY)).json()
+    before = int(time.time())
+    hits = [await (await post_until(proxy, GREEDY, "hit-exact")).json() for _ in range(2)]
+    replay = await post_until(proxy, {**GREEDY, "stream": True}, "hit-exact")
+    chunks = [orjson.loads(p) for p in parse_all(await replay.read())[:-1]]
+    ids = {first["id"], *(h["id"] for h in hits), chunks[0]["id"]}
+    assert len(ids) == 4, ids
+    assert all(i.startswith("chatcmpl-") for i in ids - {first["id"]})
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}  # one id across a replayed stream
+    assert all(h["created"] >= before for h in hits)
+    assert all(c["created"] >= before for c in chunks)
+    prompt = {"model": "m", "prompt": "Say hi", "temperature": 0, "max_tokens": 8}
+    await proxy.client.post("/v1/completions", json=prompt)
+    assert proxy.services.cache is not None
+    await proxy.services.cache.drain()
+    completion = await proxy.client.post("/v1/completions", json=prompt)
+    assert completion.headers["x-frugal-cache"] == "hit-exact"
+    assert (await completion.json())["id"].startswith("cmpl-")
+    assert engine.state.counters.requests == 2
 
 
 async def test_sampled_requests_bypass_and_are_never_stored(
