@@ -12,12 +12,14 @@ Example::
         canary: {version: v2, urls: [http://127.0.0.1:8103], share: 0.05}   # optional
 
 ``load_settings(path)`` raises :class:`ConfigError` whose message names the file, the line where
-the YAML node is, the field path and what is wrong.
+the YAML node is, the field path and what is wrong. String values may hold ``${NAME}`` and
+``${NAME:-default}``, filled from the environment (proxy/env_vars.py).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -26,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from proxy.env_vars import fill_tree
 from proxy.yaml_keys import duplicate_keys
 
 VIRTUAL_MODEL = "auto"
@@ -399,7 +402,11 @@ def load_settings(path: Path) -> Settings:
 
 
 def parse_settings(
-    text: str, *, source: str = "<config>", base_dir: Path | None = None
+    text: str,
+    *,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Settings:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -415,6 +422,17 @@ def parse_settings(
     if repeated:
         # (YAML would keep the last one silently: two `server:` sections, one of them ignored)
         raise ConfigError("\n".join([f"{source}: invalid configuration", *repeated]))
+    raw, unfilled = fill_tree(raw, os.environ if env is None else env)
+    if unfilled:
+        raise ConfigError(
+            "\n".join(
+                [f"{source}: invalid configuration"]
+                + [
+                    f"  {source}:{yaml_line(node, loc)}: {'.'.join(map(str, loc))}: {message}"
+                    for loc, message in unfilled
+                ]
+            )
+        )
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
