@@ -7,7 +7,7 @@ logprobs, response_format, vLLM's extra sampling fields, ...). Pure functions, n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 
@@ -107,6 +107,12 @@ def parse_request(raw: bytes, kind: Kind) -> CompletionRequest:
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise InvalidRequest("'seed' must be an integer.", param="seed")
+    stop = body.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        # The engine would refuse it too, but with its own validator's dump as the message.
+        raise InvalidRequest("'stop' must be a string or an array of strings.", param="stop")
     for name in ("user", "safety_identifier"):
         value = body.get(name)
         if value is not None and not isinstance(value, str):
@@ -136,6 +142,9 @@ def _type_name(typ: type) -> str:
     return {bool: "boolean", dict: "object", list: "array", str: "string"}.get(typ, typ.__name__)
 
 
+_CONTENT_REQUIRED: Final = frozenset({"system", "developer", "user"})
+
+
 def _check_messages(messages: Any) -> None:
     if messages is None:
         raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")
@@ -149,7 +158,14 @@ def _check_messages(messages: Any) -> None:
             raise InvalidRequest(
                 f"messages[{i}].role must be a string.", param=f"messages[{i}].role"
             )
-        _check_content(message.get("content"), f"messages[{i}].content")
+        content = message.get("content")
+        if content is None and role in _CONTENT_REQUIRED:
+            # (an assistant turn may carry only tool_calls; a tool or other role is the engine's)
+            raise InvalidRequest(
+                f"Missing required parameter: 'messages[{i}].content'.",
+                param=f"messages[{i}].content",
+            )
+        _check_content(content, f"messages[{i}].content")
 
 
 def _check_content(content: Any, where: str) -> None:

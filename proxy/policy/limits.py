@@ -47,7 +47,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import structlog
 
@@ -297,6 +297,40 @@ def gcra(
 
 
 # --- the limiter ------------------------------------------------------------------------------
+
+
+# Budget held by requests in flight comes back when they end: a refused client retries soon.
+IN_FLIGHT_RETRY_S: Final = 2.0
+
+
+def budget_refusal(
+    budget: str,
+    *,
+    ceiling: int,
+    spent: int,
+    reserved: int,
+    asked: int,
+    to_midnight_s: float,
+) -> tuple[str, float | None]:
+    """The refusal's message and Retry-After seconds, by why the reservation did not fit (all
+    amounts nano-USD): the day's spend reached the ceiling (retry after midnight); this request's
+    worst case alone is more than is left (no retry helps: it must ask for fewer tokens); or
+    requests in flight hold the rest (retry soon)."""
+    left = max(0, ceiling - spent)
+    if left <= 0:
+        return f"{budget} is spent; it resets at 00:00 UTC", to_midnight_s
+    if asked > left:
+        return (
+            f"this request could cost up to ${asked / NANO:.6f} (its max_tokens and n at the"
+            f" engine's prices), more than the ${left / NANO:.6f} left of {budget}; ask for"
+            " fewer tokens",
+            None,
+        )
+    return (
+        f"requests in flight have reserved ${min(reserved, left) / NANO:.6f} of the"
+        f" ${left / NANO:.6f} left of {budget}; retry when they finish",
+        IN_FLIGHT_RETRY_S,
+    )
 
 
 def seconds_to_utc_midnight(now: dt.datetime) -> float:
@@ -604,11 +638,16 @@ class _Reservation(AbstractAsyncContextManager[Spend]):
             ReserveOutcome(True),
         )
         if not outcome.granted:
-            whose = "tenant's" if outcome.refused_key == keys[1] else "tier's"
-            raise BudgetExhausted(
-                f"the {principal.tier!r} {whose} daily budget is spent; it resets at 00:00 UTC",
-                retry_after=seconds_to_utc_midnight(now),
+            tenant = outcome.refused_key == keys[1]
+            message, wait = budget_refusal(
+                f"the {principal.tier!r} {'tenant' if tenant else 'tier'}'s daily budget",
+                ceiling=ceilings[1 if tenant else 0],
+                spent=outcome.spent_nano,
+                reserved=outcome.reserved_nano,
+                asked=amount,
+                to_midnight_s=seconds_to_utc_midnight(now),
             )
+            raise BudgetExhausted(message, retry_after=wait)
         self._spend = Spend(self._worst_case)
         return self._spend
 

@@ -300,11 +300,12 @@ async def test_a_bad_field_reaches_a_client_of_the_proxy_as_the_engines_400(
 ) -> None:
     engine = await start_fake("m")
     proxy = await start_proxy([engine_config("e", "m", [engine.url])])
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": 5}
-    resp = await proxy.client.post("/v1/chat/completions", json=body)
+    # (a field the proxy does not check itself: the engine's judgement reaches the client)
+    body = {"model": "m", "prompt": "hi", "max_completion_tokens": 0}
+    resp = await proxy.client.post("/v1/completions", json=body)
     assert resp.status == 400  # was a 502: the fake crashed with a plain-text 500
     error = (await resp.json())["error"]
-    assert (error["type"], error["param"]) == ("BadRequestError", "stop")
+    assert (error["type"], error["param"]) == ("BadRequestError", "max_completion_tokens")
 
 
 async def test_fail_every_request(client: Client) -> None:

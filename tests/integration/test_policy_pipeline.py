@@ -161,7 +161,10 @@ async def test_budget_is_spent_then_insufficient_quota(
             error = (await resp.json())["error"]
             assert error["code"] == "insufficient_quota"
             assert error["type"] == "insufficient_quota"
-            assert int(resp.headers["Retry-After"]) > 0
+            # The worst case (64 tokens) no longer fits what is left: no wait helps, so no
+            # Retry-After; the message says to ask for fewer tokens.
+            assert "ask for fewer tokens" in error["message"], error
+            assert "Retry-After" not in resp.headers
             break
     assert statuses[0] == 200
     assert statuses[-1] == 429

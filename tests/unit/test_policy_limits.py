@@ -18,6 +18,7 @@ from proxy.policy.errors import (
     RateLimitExceeded,
 )
 from proxy.policy.limits import (
+    IN_FLIGHT_RETRY_S,
     NANO,
     UNLIMITED,
     WINDOW_S,
@@ -194,7 +195,7 @@ async def test_budget_reserves_worst_case_and_charges_actual() -> None:
     assert tenant.spent_usd == 0.0007  # per-tenant spend is tracked even without a ceiling
 
 
-async def test_budget_refusal_is_insufficient_quota_until_midnight() -> None:
+async def test_budget_refusal_is_insufficient_quota_and_says_why() -> None:
     limits = limiter(Clock())
     acme = principal(budget={"usd_per_day": 0.01})
     async with limits.reserve_budget(acme, 0.008) as spend:
@@ -203,9 +204,22 @@ async def test_budget_refusal_is_insufficient_quota_until_midnight() -> None:
         async with limits.reserve_budget(acme, 0.003):
             pass
     assert (refused.value.status, refused.value.code) == (429, "insufficient_quota")
-    assert refused.value.retry_after == pytest.approx(6 * 3600)
-    async with limits.reserve_budget(acme, 0.002):  # what is left still fits
-        pass
+    # Too large for what is left: waiting does not help, fewer tokens does.
+    assert "up to $0.003000" in refused.value.message
+    assert "$0.002000 left" in refused.value.message
+    assert refused.value.retry_after is None
+    async with limits.reserve_budget(acme, 0.0015) as held:  # what is left still fits ...
+        with pytest.raises(BudgetExhausted) as busy:  # ... and then is held by it
+            async with limits.reserve_budget(acme, 0.001):
+                pass
+        assert "reserved $0.001500 of the $0.002000 left" in busy.value.message
+        assert busy.value.retry_after == pytest.approx(IN_FLIGHT_RETRY_S)
+        held.record(0.002)
+    with pytest.raises(BudgetExhausted) as spent:
+        async with limits.reserve_budget(acme, 0.0001):
+            pass
+    assert "daily budget is spent" in spent.value.message
+    assert spent.value.retry_after == pytest.approx(6 * 3600)  # until midnight UTC
     tomorrow = Limiter(limits.backend, wall_clock=lambda: DAY + dt.timedelta(days=1))
     async with tomorrow.reserve_budget(acme, 0.009):
         pass

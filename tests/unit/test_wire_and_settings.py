@@ -60,6 +60,35 @@ def test_content_parts_are_checked(content: object, param: str) -> None:
     assert err.value.param == param
 
 
+@pytest.mark.parametrize("role", ["user", "system", "developer"])
+def test_a_turn_that_asks_or_instructs_needs_content(role: str) -> None:
+    for message in ({"role": role}, {"role": role, "content": None}):
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}, message]}
+        with pytest.raises(InvalidRequest, match="Missing required parameter") as err:
+            parse_request(orjson.dumps(body), "chat")
+        assert err.value.param == "messages[1].content"
+
+
+def test_an_assistant_turn_may_carry_only_tool_calls() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "call f"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+    ]
+    parse_request(orjson.dumps({"model": "m", "messages": messages}), "chat")
+
+
+@pytest.mark.parametrize("stop", [5, ["a", 5], {"a": 1}, True])
+def test_stop_is_a_string_or_strings(stop: object) -> None:
+    body = {"model": "m", "prompt": "p", "stop": stop}
+    with pytest.raises(InvalidRequest, match="'stop' must be") as err:
+        parse_request(orjson.dumps(body), "completion")
+    assert err.value.param == "stop"
+    for good in ("\n", ["\n", "END"], [], None):
+        parse_request(orjson.dumps({**body, "stop": good}), "completion")
+
+
 def test_content_parts_the_proxy_does_not_read_pass_through() -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     parts = [{"type": "text", "text": "what is this?"}, image, {"type": "input_audio"}]
