@@ -1,7 +1,9 @@
 # The proxy image. Engines (vLLM) run in their own containers or hosts; the proxy only talks HTTP
 # to them, so this image carries no vLLM. Build: docker build -t frugal .
 # Run:   docker run -p 8000:8000 -v $PWD/frugal.yaml:/etc/frugal/frugal.yaml \
-#          -v $PWD/policies:/etc/frugal/policies frugal
+#          -v $PWD/policies:/etc/frugal/policies -e VLLM_API_KEY -e REDIS_PASSWORD frugal
+# Secrets stay out of the mounted file: its values may read `${VLLM_API_KEY}` and the like
+# from the container's environment (README, "Running it in front of your own engines").
 FROM python:3.11-slim AS build
 # EXTRAS=ml adds the MiniLM embedder (semantic cache, difficulty router); without it the proxy
 # runs exact-cache-only with the cheap-feature router.
