@@ -672,9 +672,9 @@ def _respond_from_cache(
     exchange.tokens_in = int(usage.get("prompt_tokens") or 0)
     exchange.tokens_out = int(usage.get("completion_tokens") or 0)
     endpoint = ENDPOINTS[req.kind]
-    identity = replayed_identity(
-        endpoint, token=services.request_ids.next(), created=int(time.time())
-    )
+    # The request's own id, as vLLM forms a miss's id from the x-request-id the proxy sends it:
+    # the answer's id then names the access line of the request it was served to.
+    identity = replayed_identity(endpoint, token=exchange.request_id, created=int(time.time()))
     exchange.ttft_s = time.perf_counter() - exchange.started
     if not req.stream:
         body.update(identity)  # in place: the stored fields keep their order

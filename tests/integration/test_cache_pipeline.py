@@ -129,7 +129,10 @@ async def test_every_replay_gets_its_own_id_and_created(
     engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
     first = await (await proxy.client.post("/v1/chat/completions", json=GREEDY)).json()
     before = int(time.time())
-    hits = [await (await post_until(proxy, GREEDY, "hit-exact")).json() for _ in range(2)]
+    responses = [await post_until(proxy, GREEDY, "hit-exact") for _ in range(2)]
+    hits = [await r.json() for r in responses]
+    # named after the request it was served to, as vLLM names a miss's answer
+    assert hits[0]["id"] == "chatcmpl-" + responses[0].headers["x-request-id"]
     replay = await post_until(proxy, {**GREEDY, "stream": True}, "hit-exact")
     chunks = [orjson.loads(p) for p in parse_all(await replay.read())[:-1]]
     ids = {first["id"], *(h["id"] for h in hits), chunks[0]["id"]}
