@@ -27,11 +27,10 @@ from proxy.cache.service import CacheConfig, CosineVerifier, ResponseCache, Sema
 from proxy.cache.store import CacheBackendError, CacheStore, DiskStore
 from proxy.cache.verifier import CacheVerifier
 from proxy.embeddings.worker import EmbeddingWorker, Encode
-from proxy.engines.autoversion import RESOLVE_ERRORS, VersionWatch, auth_headers
+from proxy.engines.autoversion import RESOLVE_ERRORS, VersionWatch, replica_version
 from proxy.engines.client import AiohttpTransport, EngineCaller, Transport
 from proxy.engines.health import poll_forever
 from proxy.engines.pool import Engine, Replica
-from proxy.engines.version import resolve_version
 from proxy.errors import FrugalError, InternalError, InvalidRequest, NotFound, PayloadTooLarge
 from proxy.observability.access import AccessLog
 from proxy.observability.dashboard import dashboard_routes
@@ -567,13 +566,7 @@ async def _ask_version(
 ) -> str | None:
     now = time.monotonic()
     try:
-        version = await resolve_version(
-            session,
-            replica.url,
-            engine.wire_model,
-            model_dir=engine.settings.model_dir,
-            headers=auth_headers(engine),
-        )
+        version = await replica_version(session, engine, replica)
     except RESOLVE_ERRORS as exc:
         if cancelling():
             raise asyncio.CancelledError from exc

@@ -40,6 +40,23 @@ def auth_headers(engine: Engine) -> dict[str, str] | None:
     return {"Authorization": f"Bearer {key}"} if key else None
 
 
+async def replica_version(
+    session: aiohttp.ClientSession, engine: Engine, replica: Replica, *, timeout_s: float = 5.0
+) -> str:
+    """What ``replica`` serves, as ``engine``'s version: the one question both the start-up
+    resolution and the periodic check ask, so the two can never derive different versions for
+    the same weights (which would read as a redeploy and purge the engine's cache entries)."""
+    return await resolve_version(
+        session,
+        replica.url,
+        engine.wire_model,
+        model_dir=engine.settings.model_dir,
+        timeout_s=timeout_s,
+        headers=auth_headers(engine),
+        extra=engine.settings.version_extra,
+    )
+
+
 def version_due(replica: Replica, now: float, interval_s: float) -> bool:
     """Whether to ask a healthy replica what it serves: at once when unknown, else periodically."""
     return (
@@ -79,14 +96,8 @@ class VersionWatch:
 
     async def _ask(self, engine: Engine, replica: Replica, now: float) -> None:
         try:
-            version = await resolve_version(
-                self.session,
-                replica.url,
-                engine.wire_model,
-                model_dir=engine.settings.model_dir,
-                timeout_s=self.timeout_s,
-                headers=auth_headers(engine),
-                extra=engine.settings.version_extra,
+            version = await replica_version(
+                self.session, engine, replica, timeout_s=self.timeout_s
             )
         except RESOLVE_ERRORS as exc:
             if cancelling():

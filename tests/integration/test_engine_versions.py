@@ -108,6 +108,30 @@ async def test_a_redeploy_without_a_missed_health_poll_is_seen_periodically(
     assert after.headers["x-frugal-cache"] == "miss"
 
 
+async def test_the_periodic_check_derives_the_start_up_version_with_its_launch_extra(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # `frugal up` folds the launch dtype into `version: auto` (version_extra). The start-up
+    # resolution once left it out, so the first periodic check saw "another" version, switched
+    # and purged the engine's entries 30 s after every start.
+    fake = await start_fake("m")
+    proxy = await start_proxy(
+        [engine_config("e", "m", [fake.url], version_extra="dtype=float32")],
+        health={"interval_s": 0.05, "timeout_s": 1.0, "version_interval_s": 0.1},
+        cache={"enabled": True, "data_dir": str(tmp_path / "cache")},
+    )
+    engine = proxy.services.engines[0]
+    first = await _ask(proxy)
+    started_with = first.headers["x-frugal-model-version"]
+    replica = engine.replicas[0]
+    asked_at = replica.version_at
+    await wait_until(lambda: replica.version_at != asked_at)  # the periodic check has run
+    await asyncio.sleep(0.3)  # and run again
+    assert engine.version == replica.version == started_with
+    assert (await _ask(proxy)).headers["x-frugal-cache"] == "hit-exact"
+    assert _counter(proxy, "frugal_engine_version_changes_total") == 0
+
+
 async def test_a_replica_on_another_version_is_held_out_until_the_engine_moves_to_it(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
