@@ -96,9 +96,7 @@ class VersionWatch:
 
     async def _ask(self, engine: Engine, replica: Replica, now: float) -> None:
         try:
-            version = await replica_version(
-                self.session, engine, replica, timeout_s=self.timeout_s
-            )
+            version = await replica_version(self.session, engine, replica, timeout_s=self.timeout_s)
         except RESOLVE_ERRORS as exc:
             if cancelling():
                 raise asyncio.CancelledError from exc
