@@ -41,8 +41,11 @@ LATENCY_BUCKETS: Final = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 )  # fmt: skip
 # The proxy's own added time is budgeted at ~0.1 ms, so its buckets start in microseconds.
+# ... and end in seconds: a request waiting for a busy encoder (the semantic cache on a CPU the
+# engines also use) spends hundreds of ms in the proxy, which a 0.1 s top bucket only calls "more".
 OVERHEAD_BUCKETS: Final = (
     0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
 QUEUE_WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIMILARITY_BUCKETS: Final = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0)

@@ -86,6 +86,15 @@ def test_request_done_records_counts_latency_tokens_and_money() -> None:
     assert value(m, "frugal_saved_usd_total", tier="free", source="cache") == 0
 
 
+def test_the_proxys_overhead_is_resolved_up_to_seconds() -> None:
+    # A request that waited for a busy encoder: hundreds of ms, not just "over 0.1 s".
+    m = Metrics()
+    done(m, overhead_s=0.3)
+    done(m, overhead_s=0.0003)
+    assert value(m, "frugal_proxy_overhead_seconds_bucket", tier="free", le="0.1") == 1
+    assert value(m, "frugal_proxy_overhead_seconds_bucket", tier="free", le="0.5") == 2
+
+
 def test_cache_lookup_counts_hits_and_semantic_similarity() -> None:
     m = Metrics()
     m.cache_lookup(kind="exact", scope="tier", hit=False)
