@@ -208,6 +208,11 @@ async def proxy_overhead(session: aiohttp.ClientSession, base: str) -> Overhead 
             text = await resp.text()
     except aiohttp.ClientError:
         return None
+    return parse_overhead(text)
+
+
+def parse_overhead(text: str) -> Overhead | None:
+    """``frugal_proxy_overhead_seconds`` out of a Prometheus text page, summed over tiers."""
     found = Overhead()
     for line in text.splitlines():
         if not line.startswith(OVERHEAD_METRIC):

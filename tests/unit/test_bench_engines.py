@@ -1,0 +1,37 @@
+"""scripts/bench_engines.py reads the proxy's own overhead account off a real /metrics page."""
+
+from __future__ import annotations
+
+import math
+
+from prometheus_client import generate_latest
+
+from proxy.observability.metrics import Metrics
+from scripts.bench_engines import parse_overhead
+
+
+def page(overheads: dict[str, list[float]]) -> str:
+    metrics = Metrics()
+    for tier, values in overheads.items():
+        for value in values:
+            metrics.request_done(
+                tier=tier, model="m", engine="e", status=200, cache="miss", latency_s=1.0,
+                ttft_s=0.5, overhead_s=value, tokens_in=1, tokens_out=1, cost_usd=0.0,
+                saved_cache_usd=0.0, saved_routing_usd=0.0, stream=True,
+            )  # fmt: skip
+    return generate_latest(metrics.registry).decode()
+
+
+def test_the_account_is_summed_over_tiers_and_differenced_over_a_phase() -> None:
+    before = parse_overhead(page({"free": [0.0004], "pro": [0.0004]}))
+    after = parse_overhead(page({"free": [0.0004, 0.0004, 0.0008], "pro": [0.0004, 0.3]}))
+    assert before is not None and after is not None
+    phase = after.minus(before)
+    assert phase.count == 3
+    assert math.isclose(phase.total_s, 0.0008 + 0.0004 + 0.3)
+    assert phase.bound(0.5) == 0.001  # two of three at or under 1 ms
+    assert phase.bound(0.99) == 0.5  # the encoder's wait, resolved by the new buckets
+
+
+def test_a_page_without_the_metric_is_no_account() -> None:
+    assert parse_overhead("# just some other exporter\nup 1\n") is None
