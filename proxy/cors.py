@@ -24,6 +24,7 @@ EXPOSE_HEADERS = ", ".join(
     [
         "x-request-id",
         "Retry-After",
+        "x-should-retry",  # the OpenAI SDKs read it: whether a retry can help
         *(
             f"x-frugal-{name}"
             for name in (

@@ -647,7 +647,11 @@ class _Reservation(AbstractAsyncContextManager[Spend]):
                 asked=amount,
                 to_midnight_s=seconds_to_utc_midnight(now),
             )
-            raise BudgetExhausted(message, retry_after=wait)
+            refusal = BudgetExhausted(message, retry_after=wait)
+            if wait is None:
+                # No wait makes this request fit: the OpenAI SDKs obey this and do not retry.
+                refusal.headers["x-should-retry"] = "false"
+            raise refusal
         self._spend = Spend(self._worst_case)
         return self._spend
 

@@ -63,6 +63,7 @@ async def test_an_allowed_origin_gets_preflights_and_readable_answers(
         assert resp.headers["Access-Control-Allow-Origin"] == expected
         exposed = resp.headers["Access-Control-Expose-Headers"]
         assert "x-frugal-cache" in exposed and "x-frugal-engine" in exposed
+        assert "Retry-After" in exposed and "x-should-retry" in exposed  # the SDKs' retry hints
     # errors are readable too (a frontend shows the message), and the models list
     bad = await proxy.client.post("/v1/chat/completions", data=b"{", headers={"Origin": APP})
     assert bad.status == 400 and bad.headers["Access-Control-Allow-Origin"] == expected

@@ -7,8 +7,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import openai
+import pytest
 import yaml
 
+from proxy.observability.metrics import iter_samples
 from proxy.policy.keys import hash_key
 from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config
 
@@ -165,6 +168,7 @@ async def test_budget_is_spent_then_insufficient_quota(
             # Retry-After; the message says to ask for fewer tokens.
             assert "ask for fewer tokens" in error["message"], error
             assert "Retry-After" not in resp.headers
+            assert resp.headers["x-should-retry"] == "false"  # the OpenAI SDKs do not retry it
             break
     assert statuses[0] == 200
     assert statuses[-1] == 429
@@ -186,6 +190,28 @@ async def test_the_budget_reservation_covers_every_choice(
     assert (await many.json())["error"]["code"] == "insufficient_quota"
     one = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))
     assert one.status == 200
+
+
+async def test_the_openai_sdk_does_not_retry_a_request_too_large_for_the_budget(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    folder = write_policies(
+        tmp_path / "p", tier("free", [FREE_KEY], budget={"usd_per_day": 0.00003})
+    )
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    client = openai.AsyncOpenAI(
+        base_url=str(proxy.client.make_url("/v1")), api_key=FREE_KEY, max_retries=2
+    )
+    with pytest.raises(openai.RateLimitError, match="ask for fewer tokens"):
+        await client.chat.completions.create(**chat(n=4))
+    await client.close()
+    answered = [
+        sample.labels["status"]
+        for sample in iter_samples(proxy.services.metrics.registry)
+        if sample.name == "frugal_requests_total"
+        for _ in range(int(sample.value))
+    ]
+    assert answered == ["429"]  # asked once: no retry could have made it fit
 
 
 async def test_max_tokens_above_the_cap_is_clamped_or_refused(

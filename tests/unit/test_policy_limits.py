@@ -208,12 +208,14 @@ async def test_budget_refusal_is_insufficient_quota_and_says_why() -> None:
     assert "up to $0.003000" in refused.value.message
     assert "$0.002000 left" in refused.value.message
     assert refused.value.retry_after is None
+    assert refused.value.headers == {"x-should-retry": "false"}  # the SDKs then do not retry
     async with limits.reserve_budget(acme, 0.0015) as held:  # what is left still fits ...
         with pytest.raises(BudgetExhausted) as busy:  # ... and then is held by it
             async with limits.reserve_budget(acme, 0.001):
                 pass
         assert "reserved $0.001500 of the $0.002000 left" in busy.value.message
         assert busy.value.retry_after == pytest.approx(IN_FLIGHT_RETRY_S)
+        assert "x-should-retry" not in busy.value.headers
         held.record(0.002)
     with pytest.raises(BudgetExhausted) as spent:
         async with limits.reserve_budget(acme, 0.0001):
