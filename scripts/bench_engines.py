@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import math
@@ -184,12 +185,16 @@ class Overhead:
     total_s: float = 0.0
     count: float = 0.0
 
-    def minus(self, before: Overhead) -> Overhead:
+    def plus(self, other: Overhead, sign: float = 1.0) -> Overhead:
+        bounds = self.buckets.keys() | other.buckets.keys()
         return Overhead(
-            {le: n - before.buckets.get(le, 0.0) for le, n in self.buckets.items()},
-            self.total_s - before.total_s,
-            self.count - before.count,
+            {le: self.buckets.get(le, 0.0) + sign * other.buckets.get(le, 0.0) for le in bounds},
+            self.total_s + sign * other.total_s,
+            self.count + sign * other.count,
         )
+
+    def minus(self, before: Overhead) -> Overhead:
+        return self.plus(before, sign=-1.0)
 
     def bound(self, q: float) -> float:
         """The smallest bucket bound that holds at least ``q`` of the requests (seconds)."""
@@ -314,12 +319,7 @@ def summarise(rounds: list[dict[str, Phase]]) -> dict[str, Any]:
     )
     accounts = [r["proxied"].overhead for r in rounds if r["proxied"].overhead is not None]
     if accounts:
-        merged = Overhead()
-        for account in accounts:
-            for le, n in account.buckets.items():
-                merged.buckets[le] = merged.buckets.get(le, 0.0) + n
-            merged.total_s += account.total_s
-            merged.count += account.count
+        merged = functools.reduce(Overhead.plus, accounts, Overhead())
         if merged.count:
             row["proxy_own"] = {
                 "requests": int(merged.count),

@@ -35,3 +35,12 @@ def test_the_account_is_summed_over_tiers_and_differenced_over_a_phase() -> None
 
 def test_a_page_without_the_metric_is_no_account() -> None:
     assert parse_overhead("# just some other exporter\nup 1\n") is None
+
+
+def test_accounts_of_several_phases_add_up() -> None:
+    one = parse_overhead(page({"free": [0.0004, 0.3]}))
+    two = parse_overhead(page({"pro": [0.0008]}))
+    assert one is not None and two is not None
+    both = one.plus(two)
+    assert both.count == 3 and both.bound(0.5) == 0.001
+    assert both.minus(two).buckets == one.buckets
