@@ -16,7 +16,9 @@ HASH_PREFIX = "sha256:"
 
 
 def hash_key(raw: str) -> str:
-    return HASH_PREFIX + hashlib.sha256(raw.encode("utf-8")).hexdigest()
+    # A header's bytes that are not UTF-8 arrive as surrogates (aiohttp decodes them with
+    # surrogateescape): hashed as the bytes that were sent, they match no issued (ASCII) key.
+    return HASH_PREFIX + hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def generate_key() -> str:

@@ -4,6 +4,7 @@ admin endpoints."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -394,3 +395,33 @@ async def test_the_model_list_shows_the_models_the_key_may_use(
             resp = await proxy.client.get(path, headers=headers)
             assert resp.status == 401
             assert (await resp.json())["error"]["type"] == "authentication_error"
+
+
+async def test_an_api_key_that_is_not_utf8_is_a_401_not_a_500(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """aiohttp decodes a header's non-UTF-8 bytes to surrogates; hashing such a key must not
+    crash the request (it cannot be a valid key: issued keys are ASCII)."""
+    folder = write_policies(tmp_path / "p", tier("free", [FREE_KEY]))
+    proxy = await proxy_with(start_fake, start_proxy, folder, admin={"keys": [hash_key(ADMIN_KEY)]})
+    server = proxy.client.server
+    body = b'{"model": "small-model", "messages": [{"role": "user", "content": "hi"}]}'
+    for request in (
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n" % len(body),
+        b"GET /v1/models HTTP/1.1\r\n",
+        b"GET /admin/engines HTTP/1.1\r\n",
+    ):
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(
+            request
+            + b"Host: x\r\nConnection: close\r\nAuthorization: Bearer sk-\xff\xfe\r\n\r\n"
+            + (body if request.startswith(b"POST") else b"")
+        )
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401"), answer
+        error = json.loads(payload)["error"]
+        assert error["type"] == "authentication_error"

@@ -202,3 +202,13 @@ def test_keys_add_refuses_unknown_tier_and_invalid_folder(tmp_path: Path) -> Non
     assert keys_add_command("pro", directory=folder, out=out, err=err) == 1
     assert out.getvalue() == ""
     assert {p.name: p.read_text() for p in folder.iterdir()} == before
+
+
+def test_a_key_with_bytes_that_are_not_utf8_is_unknown_not_a_crash() -> None:
+    """A header's non-UTF-8 bytes arrive as surrogates (aiohttp decodes with surrogateescape)."""
+    raw = "sk-\udcff\udcfe"
+    assert is_key_hash(hash_key(raw))
+    assert not verify_key(raw, [hash_key("sk-acme")])
+    policies = PolicySet.build({"free": policy(keys=[hash_key("sk-acme")])}, {})
+    with pytest.raises(UnknownKey):
+        policies.authenticate(raw)
