@@ -723,4 +723,6 @@ def _from_http_exception(exc: web.HTTPException) -> FrugalError:
         return PayloadTooLarge("The request body is too large.")
     error = InvalidRequest(f"{exc.reason}.", code=exc.reason.lower().replace(" ", "_"))
     error.status = exc.status
+    if "Allow" in exc.headers:
+        error.headers["Allow"] = exc.headers["Allow"]  # a 405 must name the allowed methods
     return error

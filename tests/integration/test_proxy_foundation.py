@@ -245,6 +245,11 @@ async def test_unknown_path_and_method_are_openai_shaped(
     resp = await p.client.get("/v1/chat/completions")
     assert resp.status == 405
     assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    # RFC 9110: a 405 names the methods the resource allows
+    assert resp.headers["Allow"] == "POST"
+    resp = await p.client.post("/v1/models")
+    assert resp.status == 405
+    assert set(resp.headers["Allow"].split(",")) == {"GET", "HEAD"}
 
 
 async def test_engine_4xx_is_relayed_unchanged(
