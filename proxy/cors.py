@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
+from proxy.errors import PermissionDenied
 from proxy.settings import CorsSettings
 
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
@@ -86,7 +87,11 @@ def install(app: web.Application, settings: CorsSettings) -> None:
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             allowed = allowed_origin(request.headers.get("Origin"), allow)
             if allowed is None:
-                return web.Response(status=403, text="origin not allowed")
+                # (rendered as OpenAI error JSON by the error middleware, which runs outside)
+                raise PermissionDenied(
+                    f"the origin {request.headers.get('Origin')!r} may not call this API",
+                    code="origin_not_allowed",
+                )
             requested = request.headers.get("Access-Control-Request-Headers")
             return web.Response(
                 status=204, headers=preflight_headers(allowed, requested, settings.max_age_s)

@@ -80,6 +80,9 @@ async def test_an_origin_not_listed_gets_no_cors_headers(
     other = {**PREFLIGHT, "Origin": "https://evil.example"}
     resp = await proxy.client.options("/v1/chat/completions", headers=other)
     assert resp.status == 403 and "Access-Control-Allow-Origin" not in resp.headers
+    # like every refusal, OpenAI-shaped JSON
+    assert resp.content_type == "application/json"
+    assert (await resp.json())["error"]["code"] == "origin_not_allowed"
     resp = await proxy.client.post(
         "/v1/chat/completions", json=CHAT, headers={"Origin": other["Origin"]}
     )
