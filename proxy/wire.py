@@ -134,12 +134,14 @@ def _optional(body: dict[str, Any], key: str, typ: type, default: Any) -> Any:
     if value is None:
         return default
     if not isinstance(value, typ):
-        raise InvalidRequest(f"'{key}' must be a {_type_name(typ)}.", param=key)
+        raise InvalidRequest(f"'{key}' must be {_type_name(typ)}.", param=key)
     return value
 
 
 def _type_name(typ: type) -> str:
-    return {bool: "boolean", dict: "object", list: "array", str: "string"}.get(typ, typ.__name__)
+    return {bool: "a boolean", dict: "an object", list: "an array", str: "a string"}.get(
+        typ, f"a {typ.__name__}"
+    )
 
 
 _CONTENT_REQUIRED: Final = frozenset({"system", "developer", "user"})

@@ -110,6 +110,21 @@ def test_stream_options_need_stream() -> None:
     assert err.value.param == "stream_options"
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"stream": "yes"}, "'stream' must be a boolean."),
+        ({"stream": True, "stream_options": "x"}, "'stream_options' must be an object."),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_named_in_plain_english(
+    body: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(orjson.dumps({"model": "m", "prompt": "p", **body}), "completion")
+    assert err.value.message == message
+
+
 @pytest.mark.parametrize("value", ["false", "true", 0, 1, {}])
 def test_include_usage_must_be_a_boolean(value: object) -> None:
     body = {"model": "m", "prompt": "p", "stream": True, "stream_options": {"include_usage": value}}
