@@ -62,7 +62,13 @@ class CompletionRequest:
         return None
 
 
+_BOM: Final = b"\xef\xbb\xbf"
+
+
 def parse_request(raw: bytes, kind: Kind) -> CompletionRequest:
+    # A UTF-8 byte order mark (a JSON file saved by a Windows editor) is no part of the JSON:
+    # vLLM's parser skips it (RFC 8259 lets a parser ignore it), so it is dropped here too.
+    raw = raw.removeprefix(_BOM)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -125,6 +125,15 @@ def test_a_field_of_the_wrong_type_is_named_in_plain_english(
     assert err.value.message == message
 
 
+def test_a_utf8_byte_order_mark_before_the_body_is_ignored() -> None:
+    """Editors on Windows save JSON files with one; vLLM's parser (Python's json on bytes)
+    skips it, so the proxy must not refuse what the engine would answer."""
+    raw = b'\xef\xbb\xbf{"model": "m", "prompt": "p"}'
+    req = parse_request(raw, "completion")
+    assert (req.model, req.body["prompt"]) == ("m", "p")
+    assert req.encoded() == raw[3:]  # the engine gets the body without it
+
+
 @pytest.mark.parametrize("value", ["false", "true", 0, 1, {}])
 def test_include_usage_must_be_a_boolean(value: object) -> None:
     body = {"model": "m", "prompt": "p", "stream": True, "stream_options": {"include_usage": value}}
