@@ -528,10 +528,14 @@ class ResponseCache:
 
     def exact_only_reason(self, text: str, *, count: bool = True) -> str | None:
         """Why a question of this text is matched exactly only (``too_long``: over
-        ``semantic_max_chars``; ``past_window``: the embedding model does not read it whole),
-        or None when it may be matched by meaning."""
+        ``semantic_max_chars``; ``no_words``: not one letter or digit, so nothing for a model
+        of meaning to read (whitespace, control characters, emoji, punctuation: such texts
+        embed alike); ``past_window``: the embedding model does not read it whole), or None
+        when it may be matched by meaning."""
         if len(text) > self.config.semantic_max_chars:
             return "too_long"
+        if not any(c.isalnum() for c in text):
+            return "no_words"
         if not self.verifier.reads_whole(text, count=count):
             return "past_window"
         return None

@@ -38,6 +38,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -625,11 +626,23 @@ class CacheVerifier:
         # every text whole.
         tokenizer = getattr(verifier.encoder, "tokenizer", None)
         self._counting = None
+        self._unknown_id: int | None = None
+        # An ASCII text has an unknown word piece only where a word is longer than WordPiece
+        # reads (100 characters: a hash, a base64 blob); control characters join the letters
+        # around them, as the tokenizer drops them before splitting words.
+        self._long_ascii_word = re.compile(r"[A-Za-z0-9\x00-\x08\x0b\x0c\x0e-\x1f\x7f]{101,}")
         if tokenizer is not None:
             self._counting = type(tokenizer).from_str(tokenizer.to_str())
             self._counting.no_truncation()
             self._counting.no_padding()
+            self._unknown_id = self._counting.token_to_id("[UNK]")
+            longest = json.loads(tokenizer.to_str())["model"].get("max_input_chars_per_word")
+            if isinstance(longest, int):
+                self._long_ascii_word = re.compile(
+                    rf"[A-Za-z0-9\x00-\x08\x0b\x0c\x0e-\x1f\x7f]{{{longest + 1},}}"
+                )
         self._whole: Recent[str, bool] = Recent(remembered)
+        self._unknown: Recent[str, tuple[str, ...]] = Recent(remembered)
 
     def close(self) -> None:
         """Release the encoder's threads (the proxy's shutdown)."""
@@ -651,6 +664,24 @@ class CacheVerifier:
             whole = len(self._counting.encode(text).ids) <= MAX_TOKENS
             self._whole.put(text, whole)
         return whole
+
+    def unknown_words(self, text: str) -> tuple[str, ...]:
+        """The parts of ``text`` the encoder reads as one unknown word piece ([UNK]): an emoji,
+        a rare symbol or character, a word over WordPiece's length limit. The model cannot tell
+        them apart ("Is 🍎 healthy?" and "Is 🍌 healthy?" embed alike, cosine 1.0), so
+        :meth:`select` matches two texts by meaning only when these parts are the same."""
+        if self._counting is None or (text.isascii() and not self._long_ascii_word.search(text)):
+            return ()  # (every printable ASCII character is a word piece of its own)
+        found = self._unknown.get(text)
+        if found is None:
+            encoding = self._counting.encode(text)
+            found = tuple(
+                text[start:end]
+                for piece, (start, end) in zip(encoding.ids, encoding.offsets, strict=True)
+                if piece == self._unknown_id
+            )
+            self._unknown.put(text, found)
+        return found
 
     def remember(self, text: str, vector: Vector, *, whole: bool | None = None) -> None:
         """Keep a text's verifier vector (most recent last; the oldest is dropped when full) and,
@@ -729,13 +760,17 @@ class CacheVerifier:
             scores = self.verifier.cross_scores(pairs, rows, chosen)
         best: Verdict | None = None
         refusal: Refusal | None = None
+        unknown = self.unknown_words(query)
         for index, (pair, score, comparison) in enumerate(
             zip(pairs, scores, comparisons, strict=True)
         ):
+            vetoes = comparison.vetoes
+            if self.unknown_words(pair.candidate_text) != unknown:
+                vetoes = ("unknown_word", *vetoes)  # texts that differ where the model is blind
             decision = accept(
                 cosine=pair.cosine,
                 score=score,
-                vetoes=comparison.vetoes,
+                vetoes=vetoes,
                 threshold=self.threshold,
                 cutoff=self.cutoff if cutoff is None else cutoff,
             )

@@ -194,8 +194,8 @@ class Metrics:
         self.exact_only_counts = CounterFamily(
             "frugal_cache_exact_only",
             "Exact-key misses whose question could not be matched by meaning though the tier "
-            "allows it: too_long (over the length limit) or past_window (longer than the "
-            "embedding model reads).",
+            "allows it: too_long (over the length limit), no_words (not one letter or digit) or "
+            "past_window (longer than the embedding model reads).",
             ["reason"],
         )
 

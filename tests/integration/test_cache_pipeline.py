@@ -504,6 +504,20 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
     assert 'frugal_cache_exact_only_total{reason="past_window"} 4.0' in metrics
     assert 'frugal_cache_exact_only_total{reason="too_long"} 2.0' in metrics
 
+    # Texts that differ only where the encoder is blind embed alike (cosine 1.0): an emoji is
+    # one unknown word piece, whitespace and control characters are none. Never served for
+    # each other.
+    blind = (("Is 🍎 healthy for dogs?", "Is 🍌 healthy for dogs?"), ("   \n\t ", "\u0000\u0000"))
+    for first_text, second_text in blind:
+        first = await client.post("/v1/chat/completions", json=ask(first_text))
+        assert first.headers["x-frugal-cache"] == "miss"
+        await services.cache.drain()
+        second = await client.post("/v1/chat/completions", json=ask(second_text))
+        assert second.headers["x-frugal-cache"] == "miss", second_text
+    metrics = (await (await client.get("/metrics")).text()).splitlines()
+    assert 'frugal_cache_exact_only_total{reason="no_words"} 2.0' in metrics
+    assert 'frugal_cache_semantic_refusals_total{reason="veto_unknown_word"} 1.0' in metrics
+
 
 async def test_the_cross_encoder_runs_packed_in_the_proxy(
     start_fake: StartFake, tmp_path: Path, aiohttp_client: Any

@@ -307,6 +307,23 @@ async def test_a_question_the_model_cannot_read_whole_is_matched_exactly_only(
     assert await cache.rebuild_index() == 1
 
 
+@pytest.mark.parametrize("text", ["   \n\t ", "\u0000\u0000\u0000", "👍", "???", "!!! 🎉 ..."])
+async def test_a_question_without_a_letter_or_digit_is_matched_exactly_only(
+    cache: ResponseCache, text: str
+) -> None:
+    # Such texts give a model of meaning nothing to read: "   " and "\0\0\0" tokenize to no
+    # word piece at all, "👍" and "👎" to the same unknown one, and each pair embeds alike.
+    assert cache.exact_only_reason(text) == "no_words" and not cache.semantic_fits(text)
+    await cache.store_response(keys_for(text), answer("A"), embedding=vec(1, 0.0))
+    assert len(cache.index) == 0  # stored, but never a candidate
+    assert await cache.lookup(keys_for(text + " "), embedding=vec(1, 0.0)) is None
+    hit = await cache.lookup(keys_for(text), embedding=vec(1, 0.0))
+    assert hit is not None and hit.kind == "exact"
+    # one letter or digit anywhere is something to read
+    for readable in (text + "a", "7" + text, "ß", "日本"):
+        assert cache.exact_only_reason(readable) is None
+
+
 class FollowedDiskStore(DiskStore):
     """A disk store that also streams entries "another replica" stored, as the Redis store does."""
 

@@ -331,6 +331,39 @@ def test_cache_verifier_knows_which_texts_its_encoder_reads_whole(
     assert adapter.reads_whole(exactly.strip()) and not adapter.reads_whole(exactly + "a")
 
 
+def test_cache_verifier_refuses_texts_that_differ_only_where_the_encoder_is_blind(
+    encoder: verifier.MiniLMEncoder,
+) -> None:
+    from proxy.cache.service import Refusal
+
+    adapter = _window_adapter(encoder)
+    # An emoji, a rare symbol or a word past WordPiece's 100 characters is one [UNK] piece:
+    # the two texts of each pair embed alike (cosine 1.0), whatever the unknown parts say.
+    pairs = [
+        ("Is 🍎 healthy for dogs?", "Is 🍌 healthy for dogs?"),
+        ("What does ∰ mean in maths?", "What does ∯ mean in maths?"),
+        ("Decode " + "QUJD" * 30, "Decode " + "WFla" * 30),
+        ("Is 🍎 healthy for dogs?", "Is this healthy for dogs?"),
+    ]
+    for query, candidate in pairs:
+        batch = encoder.encode([query, candidate])
+        cosine = float(batch.base[0] @ batch.base[1])
+        if candidate != "Is this healthy for dogs?":
+            assert cosine > 0.9999  # the model cannot tell them apart
+        assert adapter.unknown_words(query) != adapter.unknown_words(candidate)
+        refusal = adapter.select(query, [_candidate(candidate, cosine)])  # type: ignore[list-item]
+        assert refusal == Refusal("veto_unknown_word"), (query, candidate)
+    # the same unknown parts in other words: compared by meaning as any paraphrase
+    assert adapter.unknown_words("Is 🍎 healthy for dogs?") == ("🍎",)
+    assert adapter.unknown_words("Are 🍎 good for dogs to eat?") == ("🍎",)
+    same = [_candidate("Is 🍎 healthy for a dog?", 0.99)]
+    verdict = adapter.select("Is 🍎 healthy for dogs?", same)  # type: ignore[arg-type]
+    assert not isinstance(verdict, Refusal) or verdict.reason != "veto_unknown_word"
+    # ASCII text of ordinary words has no unknown piece, and is not tokenized to know it
+    adapter._counting = NoCounting()
+    assert adapter.unknown_words("How do I reverse a list in Python?") == ()
+
+
 class NoCounting:
     def encode(self, text: str) -> object:
         raise AssertionError("tokenized a text the encoder had reported on")
