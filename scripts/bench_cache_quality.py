@@ -477,16 +477,24 @@ def score_pairs(
     started = time.time()
     scores = model.score_and_compare(candidates, threshold=threshold)[0]
     log(f"scored {len(candidates)} pairs in {time.time() - started:.0f}s")
-    # As in the proxy: a question past the encoder's window is matched exactly only.
-    whole = verifier.CacheVerifier(model).reads_whole
+    # As in the proxy: a question past the encoder's window or without a letter or digit is
+    # matched exactly only, and texts that differ where the encoder is blind are refused.
+    adapter = verifier.CacheVerifier(model)
+
+    def refused(query: str, candidate: str) -> bool:
+        return (
+            bool(guards.vetoes(query, candidate))
+            or not all(adapter.reads_whole(t) and guards.has_words(t) for t in (query, candidate))
+            or adapter.unknown_words(query) != adapter.unknown_words(candidate)
+        )
+
     scored = [
         Scored(
             source=src,
             label=label,
             cosine=c.cosine,
             score=s,
-            vetoed=bool(guards.vetoes(c.query_text, c.candidate_text))
-            or not (whole(c.query_text) and whole(c.candidate_text)),
+            vetoed=refused(c.query_text, c.candidate_text),
         )
         for (src, _, _, label), c, s in zip(items, candidates, scores, strict=True)
     ]

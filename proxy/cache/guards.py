@@ -424,6 +424,12 @@ class Parsed:
     operators: frozenset[str] = frozenset()  # operators standing alone ("==", "=>", "%")
 
 
+def has_words(text: str) -> bool:
+    """Whether a text has one letter or digit: without, a model of meaning has nothing to read
+    (whitespace, control characters, emoji and punctuation alone all embed alike)."""
+    return any(c.isalnum() for c in text)
+
+
 def _normalise(text: str) -> str:
     text = unicodedata.normalize("NFKC", text)
     # "doesn't" -> "doesnt" so contractions are single words.

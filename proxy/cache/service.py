@@ -40,6 +40,7 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 import numpy as np
 import orjson
 
+from proxy.cache import guards
 from proxy.cache.entry import (
     CacheEntry,
     EntryMeta,
@@ -534,7 +535,7 @@ class ResponseCache:
         when it may be matched by meaning."""
         if len(text) > self.config.semantic_max_chars:
             return "too_long"
-        if not any(c.isalnum() for c in text):
+        if not guards.has_words(text):
             return "no_words"
         if not self.verifier.reads_whole(text, count=count):
             return "past_window"

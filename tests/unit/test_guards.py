@@ -209,3 +209,13 @@ def test_swapping_the_ends_of_a_directional_word_vetoes(word: str, other: str) -
     candidate = f"convert {other} {word} kelvin"
     assert "order" in guards.vetoes(query, candidate)
     assert "order" not in guards.vetoes(query, query)
+
+
+@given(st.text())
+def test_has_words_needs_one_letter_or_digit_and_nothing_else_counts(text: str) -> None:
+    # padding with whitespace, punctuation, control characters or emoji never makes words
+    padded = " \t\u0000" + text + " ?! 👍 ∰"
+    assert guards.has_words(padded) == guards.has_words(text)
+    for letter in ("a", "7", "ß", "日", "٣"):
+        assert guards.has_words(text + letter)
+    assert not guards.has_words("".join(c for c in padded if not c.isalnum()))
