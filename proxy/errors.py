@@ -92,6 +92,11 @@ class PayloadTooLarge(InvalidRequest):
     default_code = "payload_too_large"
 
 
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    default_code = "unsupported_media_type"
+
+
 class AuthenticationFailed(FrugalError):
     status = 401
     error_type = "authentication_error"

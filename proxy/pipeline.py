@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import orjson
@@ -54,6 +54,7 @@ from proxy.errors import (
     PayloadTooLarge,
     PermissionDenied,
     ProxyStopping,
+    UnsupportedMediaType,
     UpstreamError,
 )
 from proxy.observability.savings import split_savings
@@ -332,7 +333,20 @@ def authenticate(request: web.Request, services: Services) -> Principal:
     )
 
 
+# The body types a browser sends to another origin without asking it first (a CORS "simple
+# request"). Refused, so no web page can spend engine time through a proxy that answers without
+# a key; vLLM refuses them too (it reads a body as JSON only when it says so, or says nothing).
+FORM_CONTENT_TYPES: Final = frozenset(
+    {"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"}
+)
+
+
 async def _read_body(request: web.Request, services: Services) -> bytes:
+    if request.content_type in FORM_CONTENT_TYPES:
+        raise UnsupportedMediaType(
+            f"The request body must be JSON, sent with 'Content-Type: application/json' "
+            f"(this one says {request.content_type!r})."
+        )
     limit = services.settings.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")

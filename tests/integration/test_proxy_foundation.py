@@ -227,6 +227,41 @@ async def test_bad_requests_get_openai_errors(
     assert small.state.counters.requests == 0
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ],
+)
+async def test_a_body_a_browser_may_send_unasked_is_a_415(
+    start_fake: StartFake, start_proxy: StartProxy, content_type: str
+) -> None:
+    # A web page may post these types to another origin without a preflight: the proxy
+    # refuses them, so no page spends engine time through a proxy that needs no key.
+    small, _, p = await _two_engines(start_fake, start_proxy)
+    origin = {"Origin": "https://evil.example", "Content-Type": content_type}
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        resp = await p.client.post(path, data=orjson.dumps(CHAT), headers=origin)
+        assert resp.status == 415
+        error = (await resp.json())["error"]
+        assert error["code"] == "unsupported_media_type"
+        assert "application/json" in error["message"]
+    assert small.state.counters.requests == 0
+    # JSON, a +json type, or no type at all (vLLM reads those as JSON too) are served
+    for fine in ("application/json", "application/json; charset=utf-8", "application/vnd.x+json"):
+        resp = await p.client.post(
+            "/v1/chat/completions", data=orjson.dumps(CHAT), headers={"Content-Type": fine}
+        )
+        assert resp.status == 200, fine
+    bare = await p.client.post(
+        "/v1/chat/completions", data=orjson.dumps(CHAT), skip_auto_headers=["Content-Type"]
+    )
+    assert bare.status == 200
+
+
 async def test_body_over_limit_is_413(start_fake: StartFake, start_proxy: StartProxy) -> None:
     _, _, p = await _two_engines(start_fake, start_proxy, server={"max_body_bytes": 1000})
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
