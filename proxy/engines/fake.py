@@ -184,6 +184,15 @@ def apply_overrides(options: FakeEngineOptions, overrides: dict[str, Any]) -> Fa
 # Pure generation: prompt -> deterministic tokens
 
 
+def prompt_texts(endpoint: Endpoint, body: dict[str, Any]) -> list[str]:
+    """The texts the fake "reads", one per prompt: a completion may send several (an array of
+    strings, or of token-id arrays), and vLLM answers each with ``n`` choices of its own."""
+    prompt = body.get("prompt") if endpoint == "completions" else None
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return [p if isinstance(p, str) else orjson.dumps(p).decode() for p in prompt]
+    return [prompt_text(endpoint, body)]
+
+
 def prompt_text(endpoint: Endpoint, body: dict[str, Any]) -> str:
     """The text the fake "reads": all message contents for chat, the prompt for completions."""
     if endpoint == "completions":
@@ -615,9 +624,10 @@ async def _answer(
         state.counters.failed += 1
         return _error("injected failure", "InternalServerError", options.fail_status)
 
-    prompt = prompt_text(endpoint, body)
-    choices = plan_choices(body, prompt, options, state.rng)
-    prompt_tokens = count_prompt_tokens(prompt)
+    prompts = prompt_texts(endpoint, body)
+    # choice i * n + j is prompt i's j-th answer, as vLLM numbers them
+    choices = [c for prompt in prompts for c in plan_choices(body, prompt, options, state.rng)]
+    prompt_tokens = sum(count_prompt_tokens(prompt) for prompt in prompts)
     used = usage(prompt_tokens, choices)
     prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
     rid = prefix + uuid.uuid4().hex

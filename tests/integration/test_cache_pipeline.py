@@ -939,3 +939,30 @@ async def test_answers_to_questions_the_busy_encoder_skipped_are_found_by_meanin
         reply = await client.post("/v1/chat/completions", json=ask(f"Europe: largest {topic} of?"))
         assert reply.headers["x-frugal-cache"] == "hit-semantic", topic
     assert engine.state.counters.requests == 13
+
+
+async def test_a_completion_of_several_prompts_is_stored_and_replayed_whole(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # vLLM answers each prompt of an array with n choices (prompt i's j-th is choice i * n + j)
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    body = {"model": "m", "prompt": ["red", "blue"], "n": 2, "temperature": 0, "max_tokens": 4}
+    first = await proxy.client.post("/v1/completions", json=body)
+    assert first.headers["x-frugal-cache"] == "miss"
+    answer = await first.json()
+    texts = [c["text"] for c in answer["choices"]]
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+    assert proxy.services.cache is not None
+    await proxy.services.cache.drain()
+    hit = await proxy.client.post("/v1/completions", json=body)
+    assert hit.headers["x-frugal-cache"] == "hit-exact"
+    assert [c["text"] for c in (await hit.json())["choices"]] == texts
+    replay = await proxy.client.post("/v1/completions", json={**body, "stream": True})
+    assert replay.headers["x-frugal-cache"] == "hit-exact"
+    chunks = [orjson.loads(p) for p in parse_all(await replay.read())[:-1]]
+    replayed = ["", "", "", ""]
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            replayed[choice["index"]] += choice["text"]
+    assert replayed == texts
+    assert engine.state.counters.requests == 1

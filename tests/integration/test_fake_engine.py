@@ -117,6 +117,21 @@ async def test_n_gives_distinct_choices(client: Client) -> None:
     assert data["usage"]["completion_tokens"] == 48
 
 
+async def test_several_prompts_get_n_choices_each_as_vllm_numbers_them(client: Client) -> None:
+    one = {"model": MODEL, "temperature": 0, "max_tokens": 4, "n": 2}
+    _, data = await post_json(client, "/v1/completions", {**one, "prompt": ["red", "blue", [1, 2]]})
+    assert [c["index"] for c in data["choices"]] == list(range(6))
+    # choice i * n + j is prompt i's j-th answer: the same as that prompt sent alone
+    for i, prompt in enumerate(["red", "blue", [1, 2]]):
+        _, alone = await post_json(client, "/v1/completions", {**one, "prompt": prompt})
+        texts = [c["text"] for c in alone["choices"]]
+        assert [c["text"] for c in data["choices"][2 * i : 2 * i + 2]] == texts
+    assert data["usage"]["completion_tokens"] == 6 * 4
+    # an array of token ids is one prompt
+    _, ids = await post_json(client, "/v1/completions", {**one, "prompt": [5, 6, 7]})
+    assert len(ids["choices"]) == 2
+
+
 async def test_stop_string_truncates(client: Client) -> None:
     full = await answer_text(client, chat(temperature=0))
     third_word = full.split()[2]
