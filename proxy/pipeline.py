@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -198,7 +198,7 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
 
         req = parse_request(await _read_body(request, services), kind)
         exchange.model, exchange.stream = req.model, req.stream
-        _check_model_exists(services, req.model)
+        _check_model_exists(services, req.model, policy.models)
         requested = resolve_model(policy, req.model)
         allowed = _allowed_engines(services, requested)
         _cap_max_tokens(req, policy, exchange)
@@ -367,12 +367,15 @@ async def _read_body(request: web.Request, services: Services) -> bytes:
     return body
 
 
-def _check_model_exists(services: Services, model: str) -> None:
-    """404 for a model no engine serves (before the policy's 403: it cannot exist for anyone)."""
+def _check_model_exists(services: Services, model: str, usable: Collection[str]) -> None:
+    """404 for a model no engine serves (before the policy's 403: it cannot exist for anyone).
+    The message offers the models this key may use, as /v1/models lists them: not the names of
+    models kept for other tiers."""
     if model != VIRTUAL_MODEL and model not in services.by_model:
+        offered = [m for m in (VIRTUAL_MODEL, *services.by_model) if m in usable]
         raise ModelNotFound(
             f"The model '{model}' does not exist. Available: "
-            + ", ".join([VIRTUAL_MODEL, *services.by_model]),
+            + (", ".join(offered) if offered else "none for this key"),
             param="model",
         )
 

@@ -389,6 +389,14 @@ async def test_the_model_list_shows_the_models_the_key_may_use(
     hidden = await proxy.client.get("/v1/models/large-model", headers=auth(FREE_KEY))
     assert hidden.status == 404
     assert (await hidden.json())["error"]["code"] == "model_not_found"
+    # a misspelt model's 404 offers the models the key may use, not another tier's
+    body = {"model": "smal-model", "messages": [{"role": "user", "content": "hi"}]}
+    typo = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
+    assert typo.status == 404
+    message = (await typo.json())["error"]["message"]
+    assert message.endswith("Available: auto, small-model") and "large-model" not in message
+    typo = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(PRO_KEY))
+    assert (await typo.json())["error"]["message"].endswith("Available: small-model, large-model")
     # like the completions, the list needs a valid key once keys are configured
     for headers in ({}, auth("sk-x")):
         for path in ("/v1/models", "/v1/models/small-model"):
