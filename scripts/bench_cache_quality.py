@@ -419,6 +419,31 @@ HANDWRITTEN_PROBES: tuple[tuple[str, str, int], ...] = (
 )
 
 
+# Pairs that differ only where MiniLM reads one unknown word piece ([UNK]: an emoji, a rare
+# symbol, a word over 100 characters) and so embed alike (cosine 1.0), and paraphrases that keep
+# the same unknown parts. Written on 2026-11-29 with the unknown-word veto and the no-words rule
+# that these pairs exercise: not blind to them.
+HANDWRITTEN_BLIND_SPOTS: tuple[tuple[str, str, int], ...] = (
+    ("Is 🍎 healthy for dogs?", "Is 🍌 healthy for dogs?", 0),
+    ("What does 🙏 mean in a text message?", "What does 🙌 mean in a text message?", 0),
+    ("What does the ∰ symbol mean?", "What does the ∯ symbol mean?", 0),
+    ("Rate this: 😀", "Rate this: 😡", 0),
+    ("👍", "👎", 0),
+    ("Decode this base64: " + "QUJD" * 30, "Decode this base64: " + "WFla" * 30, 0),
+    ("Is 🍎 healthy for dogs?", "Are 🍎 good for dogs to eat?", 1),
+    ("What does 🙏 mean in a text message?", "What is the meaning of 🙏 in texting?", 1),
+    ("Rate this: 😀", "Give this a rating: 😀", 1),
+    ("What does the ∰ symbol mean?", "What is the meaning of the ∰ symbol?", 1),
+)
+WRITTEN_SETS = (
+    "handwritten",
+    "handwritten_blind",
+    "handwritten_blind_2",
+    "probes",
+    "blind_spots",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Scored:
     source: str
@@ -769,6 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     items += [("handwritten_blind", a, b, label) for a, b, label in HANDWRITTEN_BLIND]
     items += [("handwritten_blind_2", a, b, label) for a, b, label in HANDWRITTEN_BLIND_2]
     items += [("probes", a, b, label) for a, b, label in HANDWRITTEN_PROBES]
+    items += [("blind_spots", a, b, label) for a, b, label in HANDWRITTEN_BLIND_SPOTS]
     scored, texts, encoded = score_pairs(model, items, args.cache_dir, threshold)
 
     lines = [
@@ -782,7 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     summary: dict[str, object] = {"threshold": threshold, "cutoff": cutoff, "sources": {}}
-    for source in (*SOURCES, "handwritten", "handwritten_blind", "handwritten_blind_2", "probes"):
+    for source in (*SOURCES, *WRITTEN_SETS):
         subset = [s for s in scored if s.source == source]
         result = evaluate(subset, threshold, cutoff)
         target = TARGETS.get(source)
@@ -800,7 +826,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary["sources"][source] = {  # type: ignore[index]
             k: v for k, v in result.items() if k not in ("_arrays", "baseline")
         } | {"baseline": {str(t): v for t, v in base.items()}}
-    for name in ("handwritten", "handwritten_blind", "handwritten_blind_2", "probes"):
+    for name in WRITTEN_SETS:
         served_wrong, missed = [], []
         for (src, a, b, label), sc in zip(items, scored, strict=True):
             if src != name:
