@@ -435,6 +435,8 @@ HANDWRITTEN_BLIND_SPOTS: tuple[tuple[str, str, int], ...] = (
     ("Rate this: 😀", "Give this a rating: 😀", 1),
     ("What does the ∰ symbol mean?", "What is the meaning of the ∰ symbol?", 1),
 )
+ENCODE_CHUNK = 64 * 32  # texts per progress line
+
 WRITTEN_SETS = (
     "handwritten",
     "handwritten_blind",
@@ -467,7 +469,18 @@ def encode_cached(
         log(f"encoding cache hit {file}")
         return verifier.EncodedBatch(data["base"], data["verifier"])
     started = time.time()
-    encoded = model.encoder.encode(texts)
+    # In length-sorted chunks, to show progress (the whole file takes minutes on a CPU). The
+    # reference encoder sorts by length and batches by 64 itself, so chunks of a multiple of 64
+    # in that order give it the very same batches: the same numbers as one call.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    base = np.zeros((len(texts), verifier.HIDDEN), dtype=np.float32)
+    tuned = np.zeros((len(texts), verifier.HIDDEN), dtype=np.float32)
+    for begin in range(0, len(order), ENCODE_CHUNK):
+        rows = order[begin : begin + ENCODE_CHUNK]
+        part = model.encoder.encode([texts[i] for i in rows])
+        base[rows], tuned[rows] = part.base, part.verifier
+        log(f"  encoded {begin + len(rows):,} of {len(texts):,} ({time.time() - started:.0f}s)")
+    encoded = verifier.EncodedBatch(base, tuned)
     log(f"encoded {len(texts)} texts in {time.time() - started:.0f}s")
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
