@@ -364,6 +364,10 @@ class ResponseCache:
         self._indexer: asyncio.Task[None] | None = None
         self._rebuilding: list[CacheEntry] | None = None
         self._rebuilt = False  # a rebuild has succeeded: the index holds the whole store
+        # How often a rebuild reading a large store logs how far it has come (checked every
+        # progress_rows entries read).
+        self.progress_every_s = 5.0
+        self.progress_rows = 4096
         self._ready = asyncio.Event()
         self._late_embeddings = 0  # answers waiting for their question's embedding
         self.late_embeddings_added = 0
@@ -822,7 +826,18 @@ class ResponseCache:
             groups: dict[str, tuple[list[int], list[np.ndarray]]] = {}
             labels: dict[int, tuple[str, str]] = {}
             now = self._clock()
+            scanned, reported = 0, time.monotonic()
             async for entry in self.store.scan(with_embedding=True):
+                scanned += 1
+                if (
+                    scanned % self.progress_rows == 0
+                    and time.monotonic() - reported >= self.progress_every_s
+                ):
+                    # a store of millions takes minutes to read: say how far it has come
+                    reported = time.monotonic()
+                    log.info(
+                        "cache.index.rebuilding", extra={"scanned": scanned, "kept": len(labels)}
+                    )
                 meta = entry.meta
                 if (
                     entry.embedding is None
@@ -856,6 +871,8 @@ class ResponseCache:
                 for context, (ids, vectors) in groups.items():
                     fresh.add_many(context, ids, np.stack(vectors))
 
+            if scanned >= self.progress_rows:
+                log.info("cache.index.building", extra={"scanned": scanned, "kept": len(labels)})
             await asyncio.to_thread(build)
         except BaseException:
             # (a cancelled rebuild too: later entries must not pile up in the list unindexed)

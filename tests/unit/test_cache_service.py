@@ -445,6 +445,24 @@ async def test_invalidation(cache: ResponseCache, clock: Clock) -> None:
     assert len(cache.index) == 0
 
 
+async def test_a_rebuild_says_how_far_it_has_come(
+    cache: ResponseCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    for i in range(5):
+        await cache.store_response(keys_for(f"question {i}"), answer("a"), embedding=vec(1, i))
+    await cache.drain()
+    cache.progress_every_s, cache.progress_rows = 0.0, 2
+    with caplog.at_level("INFO", logger="proxy.cache.service"):
+        assert await cache.rebuild_index() == 5
+    said = [(r.getMessage(), getattr(r, "scanned", None)) for r in caplog.records]
+    assert said[:3] == [
+        ("cache.index.rebuilding", 2),
+        ("cache.index.rebuilding", 4),
+        ("cache.index.building", 5),
+    ]
+    assert said[-1][0] == "cache.index.rebuilt"
+
+
 async def test_semantic_hits_survive_a_restart(tmp_path: Path, clock: Clock) -> None:
     from proxy.cache.index import SemanticIndex
 
