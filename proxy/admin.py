@@ -60,6 +60,14 @@ def add_routes(app: web.Application, services: Services) -> None:
         version = version or engine.version
         if version is None:
             raise ServiceUnavailable(f"engine {engine.name!r} has no known version yet")
+        if not services.rollouts.serves(engine.name, version):
+            # stored under it, the entries would never be looked up (and purged at start-up)
+            served = sorted(v for name, v in services.rollouts.served() if name == engine.name)
+            raise InvalidRequest(
+                f"engine {engine.name!r} does not serve version {version!r}; it serves: "
+                f"{', '.join(served) or 'no known version yet'}",
+                param="version",
+            )
         # Entries land in one partition; with no scope given, the one requests use by default.
         scope = body.get("scope")
         partition = _partition(
