@@ -257,7 +257,9 @@ def test_minimal_config_and_defaults() -> None:
         (MINIMAL + "limits: {backend: redis}\n", "c.yaml:3: limits.backend: "),
         ("engines: []\n", "engines: List should have at least 1 item"),
         ("- a\n", "the top level must be a mapping"),
-        ("engines: [\n", "not valid YAML"),
+        # (before: 'c.yaml: not valid YAML: while parsing ... in "<unicode string>", line 2')
+        ("engines: [\n", "c.yaml:2: not valid YAML: expected the node content"),
+        (MINIMAL + "cache: 'x\n", "c.yaml:4: not valid YAML: found unexpected end of stream"),
         (
             MINIMAL.replace("model: m", "model: auto"),
             "c.yaml:2: engines.0.model: 'auto' is the virtual routed model",
@@ -284,6 +286,7 @@ def test_config_errors_name_file_line_and_field(text: str, expected: str) -> Non
     assert expected in str(err.value)
     assert "c.yaml" in str(err.value)
     assert "pw@" not in str(err.value)
+    assert "<unicode string>" not in str(err.value)
 
 
 def test_relative_policies_resolve_next_to_the_config(tmp_path: Path) -> None:
