@@ -59,7 +59,7 @@ class ServerSettings(StrictModel):
         ge=0,
         description="on SIGTERM/SIGINT: how long requests in flight may still finish before they"
         " are cancelled (a stream still running at half of it ends with an error event and"
-        " [DONE]); then the cache is flushed",
+        " [DONE]; one not answered by the end gets a 503); then the cache is flushed",
     )
     lean_engine_client: bool = Field(
         True,
