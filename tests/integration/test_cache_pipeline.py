@@ -984,3 +984,23 @@ async def test_import_refuses_a_version_the_engine_does_not_serve(
     served = proxy.services.by_name["e"].version
     resp = await proxy.client.post("/admin/cache/import", json={**body, "version": served})
     assert resp.status == 200 and (await resp.json())["stored"] == 1
+
+
+async def test_admin_invalidations_and_imports_are_logged(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    import structlog
+
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "global"})
+    rows = [{"prompt": "q", "answer": "a"}]
+    with structlog.testing.capture_logs() as logs:
+        resp = await proxy.client.post("/admin/cache/import", json={"engine": "e", "rows": rows})
+        assert resp.status == 200
+        resp = await proxy.client.post("/admin/cache/invalidate", json={"engine": "e"})
+        assert (await resp.json())["invalidated"] == 1
+    # (before: nothing: an operator's import or wipe of the cache left no trace in the logs)
+    imported = [e for e in logs if e["event"] == "cache import"]
+    assert imported and imported[0]["engine"] == "e" and imported[0]["stored"] == 1
+    invalidated = [e for e in logs if e["event"] == "cache invalidated"]
+    assert invalidated and invalidated[0]["removed"] == 1
+    assert invalidated[0]["where"] == {"engine": "e"}
