@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+import structlog
 from aiohttp import web
 
 from proxy.cache.keys import Endpoint, Partition, Scope
@@ -23,6 +24,8 @@ from proxy.rollout.http import add_rollout_routes
 from proxy.services import Services
 
 AdminHandler = Callable[[web.Request], Awaitable[web.Response]]
+
+log = structlog.get_logger("frugal.admin")
 
 
 def add_routes(app: web.Application, services: Services) -> None:
@@ -42,8 +45,11 @@ def add_routes(app: web.Application, services: Services) -> None:
 
     async def cache_invalidate(request: web.Request) -> web.Response:
         cache = _cache(services)
-        where = _invalidation_filter(await _json_body(request))
+        body = await _json_body(request)
+        where = _invalidation_filter(body)
         removed = await cache.invalidate(where)
+        # an operator's action on every user's answers: it leaves a trace
+        log.info("cache invalidated", where=body, removed=removed, peer=request.remote)
         return _json({"invalidated": removed})
 
     async def cache_import(request: web.Request) -> web.Response:
@@ -60,6 +66,14 @@ def add_routes(app: web.Application, services: Services) -> None:
         version = version or engine.version
         if version is None:
             raise ServiceUnavailable(f"engine {engine.name!r} has no known version yet")
+        if not services.rollouts.serves(engine.name, version):
+            # stored under it, the entries would never be looked up (and purged at start-up)
+            served = sorted(v for name, v in services.rollouts.served() if name == engine.name)
+            raise InvalidRequest(
+                f"engine {engine.name!r} does not serve version {version!r}; it serves: "
+                f"{', '.join(served) or 'no known version yet'}",
+                param="version",
+            )
         # Entries land in one partition; with no scope given, the one requests use by default.
         scope = body.get("scope")
         partition = _partition(
@@ -91,6 +105,16 @@ def add_routes(app: web.Application, services: Services) -> None:
             template=template,
             encode=services.encode,
             model=engine.model,  # the name clients ask for and see in answers
+        )
+        log.info(
+            "cache import",
+            engine=engine.name,
+            version=version,
+            scope=partition.scope.value,
+            owner=list(partition.owner),
+            rows=len(rows),
+            stored=stored,
+            peer=request.remote,
         )
         return _json(
             {

@@ -183,6 +183,11 @@ class CachePlan:
 
 
 async def complete(request: web.Request, kind: Kind, services: Services) -> web.StreamResponse:
+    with services.streams.answering():  # a stop answers it 503 if it has sent nothing yet
+        return await _complete(request, kind, services)
+
+
+async def _complete(request: web.Request, kind: Kind, services: Services) -> web.StreamResponse:
     exchange = Exchange(
         request_id=services.request_ids.accept(request.headers.get("x-request-id")),
         started=time.perf_counter(),
@@ -305,7 +310,18 @@ async def complete(request: web.Request, kind: Kind, services: Services) -> web.
         raise _refusal(exchange, PermissionDenied(str(err), param="model")) from None
     except FrugalError as err:
         raise _refusal(exchange, err) from None
-    except (asyncio.CancelledError, *_CLIENT_GONE):
+    except asyncio.CancelledError as exc:
+        if not is_stop(exc) or request.writer.output_size > 0:
+            exchange.status = 499  # the client closed the connection
+            raise
+        # The proxy is stopping and the answer is not ready at its last deadline: a 503 the
+        # client can read and retry elsewhere, not a connection closed without a response.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        stopped = ProxyStopping("the proxy stopped before the answer was ready")
+        raise _refusal(exchange, stopped) from None
+    except _CLIENT_GONE:
         exchange.status = 499  # the client closed the connection
         raise
     except web.HTTPException as exc:

@@ -59,7 +59,7 @@ class ServerSettings(StrictModel):
         ge=0,
         description="on SIGTERM/SIGINT: how long requests in flight may still finish before they"
         " are cancelled (a stream still running at half of it ends with an error event and"
-        " [DONE]); then the cache is flushed",
+        " [DONE]; one not answered by the end gets a 503); then the cache is flushed",
     )
     lean_engine_client: bool = Field(
         True,
@@ -195,20 +195,37 @@ class EngineSettings(StrictModel):
 def _http_urls(urls: list[str]) -> list[str]:
     out = []
     for url in urls:
+        shown = _without_password(url)  # (a config error is printed, and may be logged)
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"{url!r} is not an http(s) URL")
+            raise ValueError(f"{shown!r} is not an http(s) URL")
         # (a URL with no host, a bad port or a space passed, and every call to it failed)
         try:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
         except ValueError as exc:
-            raise ValueError(f"{url!r} is not a valid URL: {exc}") from None
+            raise ValueError(f"{shown!r} is not a valid URL: {exc}") from None
         if not parts.hostname or any(c.isspace() or not c.isprintable() for c in url):
-            raise ValueError(f"{url!r} is not a valid URL like http://127.0.0.1:8101")
+            raise ValueError(f"{shown!r} is not a valid URL like http://127.0.0.1:8101")
+        if "@" in parts.netloc:
+            # A replica's URL is a label of its metrics and shown by /admin/engines, the
+            # dashboard and the logs: a password in it would be published there.
+            raise ValueError(
+                f"{shown!r} has credentials in it; give the engine's key as api_key (sent as a"
+                " bearer token)"
+            )
         out.append(url.rstrip("/"))
     if len(set(out)) != len(out):
         raise ValueError("a replica URL is listed twice")
     return out
+
+
+def _without_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.partition("@")
+    if not at or "/" in userinfo:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{sep}{user}{colon}{'***' if colon else ''}@{host}"
 
 
 class CacheAuditSettings(StrictModel):
@@ -412,7 +429,14 @@ def parse_settings(
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        # (PyYAML's own text names the file "<unicode string>"; the policy files say it so too)
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        raise ConfigError(
+            f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+        ) from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     repeated = [

@@ -6,7 +6,9 @@ a handler cancelled then can no longer write, so a stream still going would just
 neither an error event nor ``[DONE]``. So the app's shutdown signal arms a timer a little before
 that deadline, and the streams still running are cancelled with :data:`STOP_REASON` while their
 connections are open: the relay sees the reason, writes the error event and ``[DONE]``, and ends
-its response cleanly.
+its response cleanly. A request that has sent nothing yet (a non-streamed answer, a stream still
+waiting for its first token) keeps the whole grace period: just before aiohttp's last deadline it
+is cancelled the same way, and answered 503 ``shutting_down`` instead of an empty reply.
 """
 
 from __future__ import annotations
@@ -26,40 +28,61 @@ MARGIN_S = 0.5
 class StreamCutter:
     """The relays streaming right now, to end when the proxy stops."""
 
-    __slots__ = ("_streams", "_timer")
+    __slots__ = ("_requests", "_streams", "_timers")
 
     def __init__(self) -> None:
         self._streams: set[asyncio.Task[object]] = set()
-        self._timer: asyncio.TimerHandle | None = None
+        self._requests: set[asyncio.Task[object]] = set()
+        self._timers: list[asyncio.TimerHandle] = []
 
     @contextmanager
     def streaming(self) -> Iterator[None]:
         """Mark the current task as relaying a stream for as long as the block runs."""
-        task = asyncio.current_task()
-        if task is None:
+        with _marked(self._streams):
             yield
-            return
-        self._streams.add(task)
-        try:
+
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """Mark the current task as answering a request (cut last, see :meth:`arm`)."""
+        with _marked(self._requests):
             yield
-        finally:
-            self._streams.discard(task)
 
     def arm(self, grace_s: float) -> None:
-        """The proxy is stopping and its requests have ``grace_s`` left: end the streams still
-        running a little before that."""
-        if self._timer is None:
-            delay = max(0.0, grace_s - MARGIN_S)
-            self._timer = asyncio.get_running_loop().call_later(delay, self.cut)
+        """The proxy is stopping and its requests have ``grace_s`` left, twice (aiohttp's two
+        waits): end the streams still running a little before the first deadline, and the
+        requests still waiting for their answer a little before the second."""
+        if not self._timers:
+            loop = asyncio.get_running_loop()
+            self._timers = [
+                loop.call_later(max(0.0, grace_s - MARGIN_S), self.cut),
+                loop.call_later(max(0.0, WAITS * grace_s - MARGIN_S), self.cut_requests),
+            ]
 
     def cut(self) -> None:
         for task in list(self._streams):
             task.cancel(STOP_REASON)
 
+    def cut_requests(self) -> None:
+        for task in list(self._requests):
+            task.cancel(STOP_REASON)
+
     def disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
+
+
+@contextmanager
+def _marked(tasks: set[asyncio.Task[object]]) -> Iterator[None]:
+    task = asyncio.current_task()
+    if task is None:
+        yield
+        return
+    tasks.add(task)
+    try:
+        yield
+    finally:
+        tasks.discard(task)
 
 
 def is_stop(exc: asyncio.CancelledError) -> bool:

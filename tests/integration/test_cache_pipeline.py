@@ -966,3 +966,41 @@ async def test_a_completion_of_several_prompts_is_stored_and_replayed_whole(
             replayed[choice["index"]] += choice["text"]
     assert replayed == texts
     assert engine.state.counters.requests == 1
+
+
+async def test_import_refuses_a_version_the_engine_does_not_serve(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "global"})
+    rows = [{"prompt": "q", "answer": "a"}]
+    body = {"engine": "e", "version": "no-such-version", "rows": rows}
+    resp = await proxy.client.post("/admin/cache/import", json=body)
+    # (before: 200 stored 1, under a version no request is ever looked up with)
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert error["param"] == "version" and "no-such-version" in error["message"]
+    stats = await (await proxy.client.get("/admin/cache/stats")).json()
+    assert stats["stored_entries"] == 0
+    served = proxy.services.by_name["e"].version
+    resp = await proxy.client.post("/admin/cache/import", json={**body, "version": served})
+    assert resp.status == 200 and (await resp.json())["stored"] == 1
+
+
+async def test_admin_invalidations_and_imports_are_logged(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    import structlog
+
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "global"})
+    rows = [{"prompt": "q", "answer": "a"}]
+    with structlog.testing.capture_logs() as logs:
+        resp = await proxy.client.post("/admin/cache/import", json={"engine": "e", "rows": rows})
+        assert resp.status == 200
+        resp = await proxy.client.post("/admin/cache/invalidate", json={"engine": "e"})
+        assert (await resp.json())["invalidated"] == 1
+    # (before: nothing: an operator's import or wipe of the cache left no trace in the logs)
+    imported = [e for e in logs if e["event"] == "cache import"]
+    assert imported and imported[0]["engine"] == "e" and imported[0]["stored"] == 1
+    invalidated = [e for e in logs if e["event"] == "cache invalidated"]
+    assert invalidated and invalidated[0]["removed"] == 1
+    assert invalidated[0]["where"] == {"engine": "e"}

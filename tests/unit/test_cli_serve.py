@@ -249,3 +249,29 @@ async def test_a_stream_cut_by_the_stop_ends_with_an_error_event_and_done(tmp_pa
     assert events[-1] == b"data: [DONE]"
     assert b'"code":"shutting_down"' in events[-2], events[-2]
     assert len(events) > 3  # the answer's tokens came first
+
+
+async def test_a_request_not_yet_answered_at_the_stop_gets_a_503_not_an_empty_reply(
+    tmp_path: Path,
+) -> None:
+    """Non-streamed requests, and streams still waiting for their first token, that outlast
+    the stop's grace period are answered 503 shutting_down just before aiohttp's deadline."""
+    hung = fake.FakeEngineOptions(model="m", hang=True)
+    async with _serving(tmp_path, hung, 2) as (proxy, url), aiohttp.ClientSession() as session:
+
+        async def call(body: dict[str, object]) -> tuple[int, dict[str, object]]:
+            async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+                return resp.status, await resp.json()
+
+        calls = [asyncio.create_task(call(b)) for b in (STREAM, {**STREAM, "stream": False})]
+        await asyncio.sleep(0.5)  # both wait on the hung engine
+        started = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)  # serve's own handler takes it
+        # (before: the connection closed with no response at all, logged as a 499)
+        answers = await asyncio.wait_for(asyncio.gather(*calls), 10)
+        await asyncio.wait_for(proxy, timeout=10)
+        assert time.monotonic() - started < 8
+    for status, body in answers:
+        assert status == 503, body
+        error = body["error"]
+        assert isinstance(error, dict) and error["code"] == "shutting_down"

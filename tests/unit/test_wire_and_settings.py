@@ -231,6 +231,16 @@ def test_minimal_config_and_defaults() -> None:
         (MINIMAL.replace("http://127.0.0.1:1", "http://"), "engines.0.urls: Value error"),
         (MINIMAL.replace("127.0.0.1:1", "127.0.0.1:99999"), "engines.0.urls: Value error"),
         (MINIMAL.replace("127.0.0.1:1", "gpu a:8000"), "engines.0.urls: Value error"),
+        # (before: accepted; the password then showed in /metrics' replica label, the admin
+        # API, the dashboard and the logs, and with api_key set every request was a 500)
+        (
+            MINIMAL.replace("127.0.0.1:1", "user:pw@127.0.0.1:1"),
+            "c.yaml:2: engines.0.urls: Value error, 'http://user:***@127.0.0.1:1' has credentials",
+        ),
+        (
+            MINIMAL.replace("}", ", canary: {version: v2, urls: ['http://u@h'], share: 0.1}}"),
+            "engines.0.canary.urls: Value error, 'http://u@h' has credentials",
+        ),
         (
             MINIMAL.replace("}", ", canary: {version: v2, urls: ['http://:80'], share: 0.1}}"),
             "engines.0.canary.urls: Value error",
@@ -247,7 +257,9 @@ def test_minimal_config_and_defaults() -> None:
         (MINIMAL + "limits: {backend: redis}\n", "c.yaml:3: limits.backend: "),
         ("engines: []\n", "engines: List should have at least 1 item"),
         ("- a\n", "the top level must be a mapping"),
-        ("engines: [\n", "not valid YAML"),
+        # (before: 'c.yaml: not valid YAML: while parsing ... in "<unicode string>", line 2')
+        ("engines: [\n", "c.yaml:2: not valid YAML: expected the node content"),
+        (MINIMAL + "cache: 'x\n", "c.yaml:4: not valid YAML: found unexpected end of stream"),
         (
             MINIMAL.replace("model: m", "model: auto"),
             "c.yaml:2: engines.0.model: 'auto' is the virtual routed model",
@@ -273,6 +285,8 @@ def test_config_errors_name_file_line_and_field(text: str, expected: str) -> Non
         parse_settings(text, source="c.yaml")
     assert expected in str(err.value)
     assert "c.yaml" in str(err.value)
+    assert "pw@" not in str(err.value)
+    assert "<unicode string>" not in str(err.value)
 
 
 def test_relative_policies_resolve_next_to_the_config(tmp_path: Path) -> None:
