@@ -251,12 +251,26 @@ _FILTER_FIELDS = {"engine", "version", "scope", "owner", "older_than_seconds"}
 
 
 def _invalidation_filter(body: dict[str, Any]) -> InvalidationFilter:
-    unknown = set(body) - _FILTER_FIELDS
+    unknown = set(body) - _FILTER_FIELDS - {"all"}
     if unknown:
         raise InvalidRequest(
             f"unknown field {sorted(unknown)[0]!r}; use any of {sorted(_FILTER_FIELDS)}",
             param=sorted(unknown)[0],
         )
+    # Every user's answers go with an empty filter: that must be asked for by name, as the CLI's
+    # --all asks (an empty body, a client's bug or a stray curl, wiped the whole cache).
+    wants_all = body.get("all")
+    if wants_all is not None and not isinstance(wants_all, bool):
+        raise InvalidRequest("all must be true or false", param="all")
+    filters = {k for k, v in body.items() if k in _FILTER_FIELDS and v is not None}
+    if not filters and wants_all is not True:
+        raise InvalidRequest(
+            f'no filter given: send any of {sorted(_FILTER_FIELDS)}, or {{"all": true}} to'
+            " invalidate every entry",
+            param="all",
+        )
+    if filters and wants_all:
+        raise InvalidRequest('"all": true with a filter: send one or the other', param="all")
     scope = body.get("scope")
     if scope is not None and not _names_one(scope, Scope):
         raise InvalidRequest(f"scope must be one of {[s.value for s in Scope]}", param="scope")

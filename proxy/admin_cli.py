@@ -203,6 +203,8 @@ def _cache_invalidate(args: argparse.Namespace) -> int:
     if not where and not args.all:
         print("frugal: no filter given; pass --all to invalidate every entry", file=sys.stderr)
         return 2
+    if not where:
+        where = {"all": True}
     return _report(*_call(args.url, "POST", "/admin/cache/invalidate", where))
 
 

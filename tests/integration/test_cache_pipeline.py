@@ -850,6 +850,38 @@ async def test_invalidate_clears_one_tenants_partition_only(
     assert resp.headers["x-frugal-cache"] == "hit-exact"  # the anonymous tenant's entry stays
 
 
+async def test_invalidating_everything_must_be_asked_for_by_name(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, capsys: Any
+) -> None:
+    from proxy.cli import main
+
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"scope": "global"})
+    rows = [{"prompt": QUESTION[0]["content"], "answer": "Paris."}]
+    assert (
+        await proxy.client.post("/admin/cache/import", json={"engine": "e", "rows": rows})
+    ).status == 200
+    # (before: an empty body, or filters all null, wiped every entry)
+    for body in (
+        {},
+        {"engine": None},
+        {"all": False},
+        {"all": "yes"},
+        {"all": True, "engine": "e"},
+    ):
+        resp = await proxy.client.post("/admin/cache/invalidate", json=body)
+        assert resp.status == 400, body
+        assert (await resp.json())["error"]["param"] == "all"
+    warm = {"model": "m", "messages": QUESTION, "temperature": 0}
+    hit = await proxy.client.post("/v1/chat/completions", json=warm)
+    assert hit.headers["x-frugal-cache"] == "hit-exact"
+    url = str(proxy.client.make_url("")).rstrip("/")
+    command = ["cache", "invalidate", "--url", url, "--all"]
+    assert await asyncio.to_thread(main, command) == 0
+    assert '"invalidated": 1' in capsys.readouterr().out
+    gone = await proxy.client.post("/v1/chat/completions", json=warm)
+    assert gone.headers["x-frugal-cache"] == "miss"
+
+
 @pytest.mark.parametrize(
     "path,body,param",
     [
