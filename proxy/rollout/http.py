@@ -64,6 +64,11 @@ def add_rollout_routes(
     async def share(request: web.Request) -> web.Response:
         name = engine_of(request)
         body = await _body(request)
+        unknown = sorted(set(body) - {"share"})
+        if unknown:  # (a misspelt "shares" must not read as a missing share)
+            raise InvalidRequest(
+                f'unknown field {unknown[0]!r}; send {{"share": 0.25}}', param=unknown[0]
+            )
         value = body.get("share")
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             raise InvalidRequest("share must be a number in [0, 1]", param="share")

@@ -356,6 +356,9 @@ async def test_share_endpoint_and_cli(
     assert any(line.startswith("v2") and "canary" in line for line in out.splitlines())
     bad = await proxy.client.post("/admin/rollout/small/share", json={"share": 2})
     assert bad.status == 400
+    misspelt = await proxy.client.post("/admin/rollout/small/share", json={"shares": 0.5})
+    assert misspelt.status == 400
+    assert (await misspelt.json())["error"]["param"] == "shares"  # (before: "share must be ...")
     missing = await proxy.client.get("/admin/rollout/nope")
     assert missing.status == 404
     metrics = await (await proxy.client.get("/metrics")).text()
