@@ -254,6 +254,11 @@ def _cache_import(args: argparse.Namespace) -> int:
     if bad:
         print(f"frugal: {bad} bad line(s) in {args.file}; nothing was imported", file=sys.stderr)
         return 2
+    if not rows:
+        # (an empty file is most likely the wrong file: a success would hide that, and a bad
+        # --engine with it)
+        print(f"frugal: {args.file} has no rows; nothing was imported", file=sys.stderr)
+        return 2
     stored = 0
     partition: dict[str, Any] = {}  # where the proxy put them (its default scope when not given)
     with tqdm(total=len(rows), unit="pair", desc="import") as bar:

@@ -689,6 +689,24 @@ def test_cli_import_reads_lines_as_utf8_split_at_newlines_only(
     assert len(sent) == 1
 
 
+def test_cli_import_of_a_file_without_rows_fails_sending_nothing(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy import admin_cli
+    from proxy.cli import main
+
+    def refuse(*_: object) -> tuple[int, object]:
+        raise AssertionError("a request was sent")
+
+    monkeypatch.setattr(admin_cli, "_call", refuse)
+    pairs = tmp_path / "pairs.jsonl"
+    for text in ("", "\n\n  \n"):
+        pairs.write_text(text)
+        # (before: exit 0, "rows": 0, whatever --engine said)
+        assert main(["cache", "import", str(pairs), "--engine", "no-such-engine"]) == 2
+        assert f"{pairs} has no rows; nothing was imported" in capsys.readouterr().err
+
+
 def test_cli_names_the_file_line_of_a_row_the_proxy_refuses(tmp_path: Path) -> None:
     from proxy.admin_cli import _in_file_terms
 
