@@ -91,6 +91,7 @@ class Exchange:
     request_id: str
     started: float
     tier: str = "-"
+    tenant: str = "-"
     model: str = ""
     engine: Engine | None = None  # the engine whose answer the client got
     version: str | None = None  # the version that answered (stable, canary, or a cache entry's)
@@ -196,7 +197,7 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
         # The key first: a caller without a valid one learns nothing about its body (and the
         # proxy reads no body for it).
         principal = authenticate(request, services)
-        exchange.tier = principal.tier
+        exchange.tier, exchange.tenant = principal.tier, principal.tenant
         services.metrics.in_flight(tier=principal.tier, delta=1)
         exchange.counted_in_flight = True
         policy = principal.policy
@@ -533,11 +534,22 @@ def _route(
         allowed=allowed,
         score=score,
         threshold=threshold,
-        conversation=conversation_prefix(req) if follow_up else None,
+        conversation=(
+            sticky_key(principal.tier, principal.tenant, conversation_prefix(req))
+            if follow_up
+            else None
+        ),
         loads=_loads(services, allowed),
         ttft_target_ms=principal.policy.latency.ttft_p95_ms,
         unavailable=_unavailable(allowed),
     )
+
+
+def sticky_key(tier: str, tenant: str, prefix: bytes) -> bytes:
+    """What the router remembers a conversation by: its prefix, within its tenant. Another
+    tenant's conversation that starts alike (a greeting, a shared system prompt) is not held on
+    the engine this one used: that engine may be beyond what the other's tier routes to."""
+    return b"\0".join((tier.encode(), tenant.encode(), prefix))
 
 
 def _unavailable(allowed: list[Engine]) -> frozenset[str]:
@@ -1220,9 +1232,8 @@ def _finish(exchange: Exchange, services: Services) -> None:
     ):
         # Its next turn cannot arrive before the client has this answer: remembering it now,
         # off the latency path, is in time for stickiness.
-        router.remember(
-            conversation_prefix(exchange.conversation), exchange.routed.name, exchange.route_score
-        )
+        key = sticky_key(exchange.tier, exchange.tenant, conversation_prefix(exchange.conversation))
+        router.remember(key, exchange.routed.name, exchange.route_score)
     ok = exchange.status < 400
     if ok and engine is not None and exchange.upstream_s > 0:
         services.router.observe_service(engine.name, exchange.upstream_s)
