@@ -91,6 +91,7 @@ class Exchange:
     request_id: str
     started: float
     tier: str = "-"
+    tenant: str = "-"
     model: str = ""
     engine: Engine | None = None  # the engine whose answer the client got
     version: str | None = None  # the version that answered (stable, canary, or a cache entry's)
@@ -196,7 +197,7 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
         # The key first: a caller without a valid one learns nothing about its body (and the
         # proxy reads no body for it).
         principal = authenticate(request, services)
-        exchange.tier = principal.tier
+        exchange.tier, exchange.tenant = principal.tier, principal.tenant
         services.metrics.in_flight(tier=principal.tier, delta=1)
         exchange.counted_in_flight = True
         policy = principal.policy
@@ -298,10 +299,16 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                     if refused and services.auditor is not None
                     else None
                 )
-                response = await _answer_from_engine(
-                    request, req, engine, exchange, services, plan, embedding, flight, answered
-                )
-                spend.record(engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out))
+                try:
+                    response = await _answer_from_engine(
+                        request, req, engine, exchange, services, plan, embedding, flight, answered
+                    )
+                finally:
+                    # also what a stream the client left (or the engine broke) had sent: the
+                    # tokens counted in it, when its usage chunk never came
+                    spend.record(engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out))
+                    if exchange.tokens_out:
+                        ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
             ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
             if req.kind == "chat":
                 exchange.conversation = req  # the router remembers it once the answer is out
@@ -533,11 +540,22 @@ def _route(
         allowed=allowed,
         score=score,
         threshold=threshold,
-        conversation=conversation_prefix(req) if follow_up else None,
+        conversation=(
+            sticky_key(principal.tier, principal.tenant, conversation_prefix(req))
+            if follow_up
+            else None
+        ),
         loads=_loads(services, allowed),
         ttft_target_ms=principal.policy.latency.ttft_p95_ms,
         unavailable=_unavailable(allowed),
     )
+
+
+def sticky_key(tier: str, tenant: str, prefix: bytes) -> bytes:
+    """What the router remembers a conversation by: its prefix, within its tenant. Another
+    tenant's conversation that starts alike (a greeting, a shared system prompt) is not held on
+    the engine this one used: that engine may be beyond what the other's tier routes to."""
+    return b"\0".join((tier.encode(), tenant.encode(), prefix))
 
 
 def _unavailable(allowed: list[Engine]) -> frozenset[str]:
@@ -966,6 +984,11 @@ async def _relay(
         await _end_broken_stream(response, upstream, exchange, store, broken)
     else:
         _stream_ended(relay, assembler, store)
+    finally:
+        if relay.usage is None:
+            # No usage chunk (the client left, the engine broke off): what was relayed is
+            # still spent, at least one token a text-bearing delta.
+            exchange.tokens_out = max(exchange.tokens_out, relay.tokens_seen)
     if relay.usage is not None:
         exchange.tokens_in, exchange.tokens_out = relay.usage
     await _write_eof_quietly(response)
@@ -1049,6 +1072,9 @@ async def _end_broken_stream(
 
 # A choice's finish_reason with a value (vLLM's intermediate chunks carry ``null``).
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+# A delta's non-empty text (content, reasoning_content, a completion's text, tool arguments):
+# each is at least one generated token.
+_DELTA_TEXT = re.compile(rb'(?:content|text|arguments)"\s*:\s*"(?!")')
 
 
 class _StreamRelay:
@@ -1064,6 +1090,7 @@ class _StreamRelay:
         "include_usage",
         "parser",
         "sink",
+        "tokens_seen",
         "usage",
     )
 
@@ -1078,6 +1105,7 @@ class _StreamRelay:
         self.include_usage = include_usage
         self.sink = sink
         self.usage: tuple[int, int] | None = None
+        self.tokens_seen = 0  # a lower bound on the tokens relayed, until the usage chunk says
         self.done = False
         # The answer has `choices` choices (n, times the prompts of a completion); it is finished
         # when each has given a finish_reason, not at the first one.
@@ -1104,6 +1132,8 @@ class _StreamRelay:
                 continue
             if self.sink is not None:
                 self.sink(payload)
+            if self.usage is None:
+                self.tokens_seen += len(_DELTA_TEXT.findall(payload))
             if not self.finished and b'"finish_reason"' in payload:
                 self._note_finish(payload)
             if b'"usage"' in payload and self._take_usage(payload):
@@ -1220,9 +1250,8 @@ def _finish(exchange: Exchange, services: Services) -> None:
     ):
         # Its next turn cannot arrive before the client has this answer: remembering it now,
         # off the latency path, is in time for stickiness.
-        router.remember(
-            conversation_prefix(exchange.conversation), exchange.routed.name, exchange.route_score
-        )
+        key = sticky_key(exchange.tier, exchange.tenant, conversation_prefix(exchange.conversation))
+        router.remember(key, exchange.routed.name, exchange.route_score)
     ok = exchange.status < 400
     if ok and engine is not None and exchange.upstream_s > 0:
         services.router.observe_service(engine.name, exchange.upstream_s)

@@ -6,6 +6,7 @@ a sliding window over the latest scores of one tier, so the threshold follows th
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -85,6 +86,12 @@ class ShareTracker:
 
     @property
     def threshold(self) -> float:
+        # Scores are probabilities: the ends of the range hold for every score, not only for
+        # those in the window (or the classifier's table, before the window fills).
+        if self.strong_share <= 0.0:
+            return math.inf
+        if self.strong_share >= 1.0:
+            return 0.0
         if len(self._scores) >= self._min_samples and (
             not self._calibrated or self._since_recompute >= self._recompute_every
         ):

@@ -14,7 +14,7 @@ import yaml
 
 from proxy.observability.metrics import iter_samples
 from proxy.policy.keys import hash_key
-from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config
+from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config, wait_until
 
 FREE_KEY = "sk-frugal-free-0001"
 PRO_KEY = "sk-frugal-pro-0001"
@@ -433,3 +433,33 @@ async def test_an_api_key_that_is_not_utf8_is_a_401_not_a_500(
         assert head.startswith(b"HTTP/1.1 401"), answer
         error = json.loads(payload)["error"]
         assert error["type"] == "authentication_error"
+
+
+async def test_a_stream_the_client_leaves_is_charged_for_what_it_was_sent(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """The engine's usage chunk comes last; a client that reads most of an answer and then
+    hangs up must not get those tokens free of its budget (nor leak the reservation)."""
+    folder = write_policies(tmp_path / "p", tier("free", [FREE_KEY], budget={"usd_per_day": 1.0}))
+    small = await start_fake("small-model", tokens_per_s=50, completion_tokens=60)
+    proxy = await start_proxy(
+        [engine_config("small", "small-model", [small.url])], policies=str(folder)
+    )
+    body = chat(stream=True, max_tokens=64)
+    resp = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
+    assert resp.status == 200
+    received = b""
+    while received.count(b"data: ") < 10:
+        received += await resp.content.readany()
+    resp.close()  # the client leaves with about 10 of the 60 tokens
+    principal = proxy.services.policies.current.authenticate(FREE_KEY)
+    limiter = proxy.services.limiter
+
+    async def settled() -> bool:
+        return (await limiter.budget_status(principal))[0].reserved_usd == 0
+
+    await wait_until(settled)
+    spent = (await limiter.budget_status(principal))[0]
+    assert spent.reserved_usd == 0
+    # at least the tokens it was sent, at $0.2 per million
+    assert spent.spent_usd >= 8 * 0.2e-6, spent

@@ -201,3 +201,50 @@ async def test_a_backlogged_encoder_is_skipped_not_waited_for(
         assert reply.headers["x-frugal-cache"] == "miss"
     metrics = await (await client.get("/metrics")).text()
     assert f'frugal_embeddings_shed_total{{purpose="routing"}} {len(shed)}.0' in metrics
+
+
+async def test_a_conversation_is_sticky_for_its_own_tenant_only(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """Another tenant's conversation that starts with the same words (a greeting, a shared
+    system prompt) is not held on the engine the first one used: that would take a tier with no
+    strong share to the strong engine (reason sticky, 'never moves down')."""
+    from tests.integration.test_cache_pipeline import bag_of_words
+    from tests.integration.test_policy_pipeline import auth, tier, write_policies
+
+    small = await start_fake("small-model")
+    large = await start_fake("large-model")
+    models = ["auto", "small-model", "large-model"]
+    no_share = {"strong_share": 0.0}
+    folder = write_policies(
+        tmp_path / "policies",
+        tier("pro", ["sk-pro"], models=models, routing={"score_threshold": 0.0}),
+        tier("free", ["sk-free"], models=models, routing={"score_threshold": None, **no_share}),
+    )
+    settings = Settings.model_validate(
+        {
+            "engines": [
+                engine_config("small", "small-model", [small.url]),
+                {
+                    **engine_config("large", "large-model", [large.url]),
+                    "cost": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+                },
+            ],
+            "policies": str(folder),
+            "data_dir": str(tmp_path / "data"),
+            "cache": {"enabled": False},
+            "health": {"interval_s": 0.1},
+            "logging": {"level": "warning", "format": "console"},
+        }
+    )
+    client = await aiohttp_client(create_app(settings, encode=bag_of_words, access_log=False))
+    pro = await client.post("/v1/chat/completions", json=ask(HARD), headers=auth("sk-pro"))
+    assert pro.headers["x-frugal-route"] == "large", dict(pro.headers)
+    pro_follow = await client.post(
+        "/v1/chat/completions", json=ask(HARD, EASY), headers=auth("sk-pro")
+    )
+    assert pro_follow.headers["x-frugal-route"] == "large"
+    free = await client.post("/v1/chat/completions", json=ask(HARD, EASY), headers=auth("sk-free"))
+    assert free.status == 200
+    assert free.headers["x-frugal-route"] == "small", dict(free.headers)
+    assert free.headers["x-frugal-route-reason"] == "difficulty"

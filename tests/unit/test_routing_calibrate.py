@@ -93,3 +93,20 @@ def test_tracker_recomputes_only_every_n_observations() -> None:
     tracker.observe(0.95)
     tracker.observe(0.99)
     assert tracker.threshold > first
+
+
+def test_a_share_of_zero_or_one_holds_for_every_score_from_the_first_request() -> None:
+    # The window only knows the scores seen so far, and the initial threshold is the classifier's
+    # nearest tabled one: neither may send a score strong at share 0, or keep one weak at share 1.
+    for observed in (0, 300):
+        none = ShareTracker(0.0, initial_threshold=0.24, min_samples=200)
+        every = ShareTracker(1.0, initial_threshold=0.17, min_samples=200)
+        for score in np.linspace(0.2, 0.5, observed):
+            none.observe(float(score))
+            every.observe(float(score))
+        assert none.threshold > 1.0  # not even a score of 1 goes strong
+        assert every.threshold <= 0.0  # every score, 0 included, goes strong
+    # The budget follower may lower a share to 0: nothing goes strong from then on.
+    lowered = ShareTracker(0.1, initial_threshold=0.3)
+    lowered.retarget(0.0)
+    assert lowered.threshold > 1.0
