@@ -479,11 +479,18 @@ class Limiter:
                 0.0,
             )
             if wait > 0:
+                # a refused request is no request: its retry must not find the minute spent
+                await self._release(self._refund_request(principal), "refund a request")
                 raise RateLimitExceeded(
                     f"rate limit of {limits.tokens_per_minute} tokens per minute reached "
                     f"for tier {principal.tier!r}",
                     retry_after=wait,
                 )
+
+    async def _refund_request(self, principal: Principal) -> None:
+        per_minute = principal.policy.limits.requests_per_minute
+        if per_minute is not None:
+            await self.backend.rate(self._tenant_key(principal, "rpm"), -1, per_minute, debt=True)
 
     async def charge_tokens(self, principal: Principal, tokens: int) -> None:
         """Tokens learnt after the answer: always charged (they were spent)."""
@@ -593,8 +600,15 @@ class _Admission(AbstractAsyncContextManager[Ticket]):
 
     async def __aenter__(self) -> Ticket:
         limiter, principal = self._limiter, self._principal
-        await limiter.check_rate(principal, self._prompt_tokens)
+        # The slot first: a request refused for concurrency then charges no rate (the SDKs
+        # retry a 429, and each retry would spend the minute's requests and tokens), and a
+        # slot taken by a request the rates refuse goes straight back.
         self._lease = await limiter._take_lease(principal)
+        try:
+            await limiter.check_rate(principal, self._prompt_tokens)
+        except BaseException:
+            await limiter._give_back(self._lease)
+            raise
         self._ticket = Ticket(limiter, principal, self._prompt_tokens)
         return self._ticket
 

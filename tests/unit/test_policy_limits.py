@@ -381,3 +381,32 @@ async def test_backend_outage_fails_open_by_default_or_refuses_with_503() -> Non
     with pytest.raises(LimitsUnavailable):
         async with closed.reserve_budget(strict, 0.1):
             pass
+
+
+async def test_a_request_refused_by_one_limit_spends_none_of_the_others() -> None:
+    # (before: a 429 for concurrency had already charged requests and tokens per minute, so an
+    # SDK's retries of it spent the minute; a 429 for tokens had charged the request)
+    limits = limiter(Clock())
+    acme = principal(
+        limits={
+            "max_tokens": 8,
+            "concurrent": 1,
+            "requests_per_minute": 2,
+            "tokens_per_minute": 100,
+        }
+    )
+    async with limits.admit(acme, prompt_tokens=10):
+        for _ in range(5):  # refused for concurrency: no request, no token charged
+            with pytest.raises(ConcurrencyLimitExceeded):
+                async with limits.admit(acme, prompt_tokens=10):
+                    pass
+    for _ in range(3):  # refused for tokens: the request is given back, and the slot
+        with pytest.raises(RateLimitExceeded, match="tokens per minute"):
+            async with limits.admit(acme, prompt_tokens=95):
+                pass
+    # one request of the minute's two and 10 of its 100 tokens are spent: the second fits
+    async with limits.admit(acme, prompt_tokens=80):
+        pass
+    with pytest.raises(RateLimitExceeded, match="requests per minute"):
+        async with limits.admit(acme, prompt_tokens=1):
+            pass
