@@ -1,6 +1,6 @@
 """The request path of a completion, top to bottom.
 
-    read + parse body ─▶ authenticate, tier policy, max_tokens cap ─▶ rate, tokens, concurrency
+    authenticate ─▶ read + parse body ─▶ tier policy, max_tokens cap ─▶ concurrency, rate, tokens
     ─▶ embed the last user turn once ─▶ route (difficulty, stickiness, load) ─▶ cache lookup
     (exact, then semantic) ─▶ single-flight ─▶ budget reservation ─▶ admission queue ─▶ engine
     call (replica choice, retry, breaker) ─▶ relay ─▶ cache store ─▶ headers, metrics, access log
