@@ -1,9 +1,10 @@
 """The request path of a completion, top to bottom.
 
     authenticate ─▶ read + parse body ─▶ tier policy, max_tokens cap ─▶ concurrency, rate, tokens
-    ─▶ embed the last user turn once ─▶ route (difficulty, stickiness, load) ─▶ cache lookup
-    (exact, then semantic) ─▶ single-flight ─▶ budget reservation ─▶ admission queue ─▶ engine
-    call (replica choice, retry, breaker) ─▶ relay ─▶ cache store ─▶ headers, metrics, access log
+    ─▶ exact lookup for the strongest allowed engine ─▶ embed the last user turn once ─▶ route
+    (difficulty, stickiness, load) ─▶ cache lookup (exact, then semantic) ─▶ single-flight
+    ─▶ budget reservation ─▶ admission queue ─▶ engine call (replica choice, retry, breaker)
+    ─▶ relay ─▶ cache store ─▶ headers, metrics, access log
 
 Each step is a call into a small module with one job (policy/, routing/, cache/, engines/); this
 file orders them and carries the per-request facts in an :class:`Exchange`.
