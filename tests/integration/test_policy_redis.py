@@ -65,9 +65,14 @@ def policy_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 async def replicas(policy_redis_url: str) -> AsyncIterator[tuple[RedisCounters, RedisCounters]]:
-    """Two independent clients (connection pools) on one Redis, emptied first."""
-    first = RedisCounters.from_url(policy_redis_url)
-    second = RedisCounters.from_url(policy_redis_url)
+    """Two independent clients (connection pools) on one Redis, emptied first.
+
+    A long wait for a connection: these tests check the counters' atomicity across replicas.
+    On a loaded host 200 clients could wait over the default 1 s for one of a pool's 8
+    connections, and the outage policy then serves unchecked (a fresh-clone run overspent a
+    budget by 1.3% so); that policy has tests of its own."""
+    first = RedisCounters.from_url(policy_redis_url, timeout_s=30.0)
+    second = RedisCounters.from_url(policy_redis_url, timeout_s=30.0)
     async with aioredis.Redis.from_url(policy_redis_url) as admin:
         await admin.flushdb()
     yield first, second
