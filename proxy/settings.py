@@ -280,6 +280,19 @@ class RoutingSettings(StrictModel):
 class RedisSettings(StrictModel):
     url: str = Field(pattern=r"^(redis|rediss|unix)://")
 
+    @field_validator("url")
+    @classmethod
+    def _parses(cls, url: str) -> str:
+        # parsed as the client will at start-up (a bad port or option there was a traceback)
+        from redis.connection import parse_url
+
+        try:
+            parse_url(url)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            shown = _without_password(url)
+            raise ValueError(f"{shown!r} is not a valid Redis URL: {exc}") from None
+        return url
+
 
 class LimitsSettings(StrictModel):
     backend: Literal["local", "redis"] = "local"

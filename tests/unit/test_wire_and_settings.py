@@ -255,6 +255,16 @@ def test_minimal_config_and_defaults() -> None:
             "c.yaml:3: engines.1.model: engine model 'm' is used twice",
         ),
         (MINIMAL + "limits: {backend: redis}\n", "c.yaml:3: limits.backend: "),
+        # (before: the config passed, and start-up ended in a ValueError traceback from redis-py)
+        (
+            MINIMAL + "redis: {url: 'redis://:pw@127.0.0.1:notaport/0'}\n",
+            "c.yaml:3: redis.url: Value error, 'redis://:***@127.0.0.1:notaport/0' is not a valid",
+        ),
+        (MINIMAL + "redis: {url: 'redis://h:99999'}\n", "redis.url: Value error, 'redis://h:99"),
+        (
+            MINIMAL + "redis: {url: 'redis://h/0?socket_timeout=x'}\n",
+            "redis.url: Value error, 'redis://h/0?socket_timeout=x' is not a valid Redis URL",
+        ),
         ("engines: []\n", "engines: List should have at least 1 item"),
         ("- a\n", "the top level must be a mapping"),
         # (before: 'c.yaml: not valid YAML: while parsing ... in "<unicode string>", line 2')
