@@ -277,7 +277,11 @@ async def _redis_limits(app: web.Application) -> AsyncIterator[None]:
     from proxy.policy.redis_limits import RedisCounters
 
     counters = RedisCounters.from_url(settings.redis.url)
-    services.limiter = Limiter(counters, on_backend_error=settings.limits.on_backend_error)
+    services.limiter = Limiter(
+        counters,
+        on_backend_error=settings.limits.on_backend_error,
+        on_outage=services.metrics.limits_error,
+    )
     yield
     await counters.aclose()
 

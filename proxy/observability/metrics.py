@@ -185,6 +185,13 @@ class Metrics:
             "Cache-store operations that failed (the request went on without the cache).",
             ["backend", "op"],
         )
+        self.limits_errors = CounterFamily(
+            "frugal_limits_errors",
+            "Tier-limit counter operations that failed (limits backend unreachable): check "
+            "(served unchecked, or 503 with limits.on_backend_error: refuse), release (left to "
+            "its TTL).",
+            ["op"],
+        )
         self.cache_refusals = CounterFamily(
             "frugal_cache_semantic_refusals",
             "Semantic lookups with candidates where none was served, by why the most similar one "
@@ -327,6 +334,7 @@ class Metrics:
                     self.cache_hits,
                     self.cache_similarity,
                     self.cache_errors,
+                    self.limits_errors,
                     self.cache_refusals,
                     self.exact_only_counts,
                     self.route_decisions,
@@ -434,6 +442,10 @@ class Metrics:
     def cache_error(self, *, backend: str, op: str) -> None:
         """Record a failed cache-store operation (``op``: get/set/delete/index/...)."""
         self.cache_errors.labels(backend, op).inc()
+
+    def limits_error(self, op: str) -> None:
+        """Record a failed tier-limit counter operation (``op``: check or release)."""
+        self.limits_errors.labels(op).inc()
 
     def cache_refusal(self, reason: str) -> None:
         """A semantic lookup refused all its candidates (``reason``: the most similar one's)."""

@@ -23,8 +23,9 @@ cancellation, and carry a TTL so a crashed replica's holdings expire on their ow
 Two backends behind :class:`CounterBackend`: :class:`LocalCounters` (one replica) and
 ``proxy.policy.redis_limits.RedisCounters`` (several replicas; each operation is one Lua script).
 When the backend is unreachable (:class:`CounterBackendError`) the limiter fails open by default
-(serves, logs ``policy_limits_unavailable``): an outage of the counters should not become an
-outage of the proxy. ``on_backend_error="refuse"`` answers 503 ``limits_unavailable`` instead.
+(serves, logs ``policy_limits_unavailable``, tells ``on_outage``: ``frugal_limits_errors_total``):
+an outage of the counters should not become an outage of the proxy. ``on_backend_error="refuse"``
+answers 503 ``limits_unavailable`` instead.
 
 Per request (see :class:`Limiter`)::
 
@@ -418,9 +419,13 @@ class Limiter:
         reservation_ttl_s: float = 900.0,
         wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         on_backend_error: Literal["allow", "refuse"] = "allow",
+        on_outage: Callable[[str], None] | None = None,
     ) -> None:
         self.backend = backend
         self._fail_open = on_backend_error == "allow"
+        # hears of each failed counter operation: "check" (served unchecked or refused) or
+        # "release" (a holding left to its TTL)
+        self._on_outage = on_outage
         self._prefix = prefix
         # Longer than the longest allowed request; only a crashed replica's holdings rely on it.
         self._lease_ttl_s = lease_ttl_s
@@ -448,6 +453,8 @@ class Limiter:
         try:
             return await operation
         except CounterBackendError as exc:
+            if self._on_outage is not None:
+                self._on_outage("check")
             if not self._fail_open:
                 raise LimitsUnavailable(
                     "tier limits cannot be checked right now", retry_after=1.0
@@ -569,7 +576,8 @@ class Limiter:
             except Exception:
                 log.warning("policy_release_failed", what=what, exc_info=True)
             return
-        await _finish(release, what)
+        if not await _finish(release, what) and self._on_outage is not None:
+            self._on_outage("release")
 
     async def budget_status(self, principal: Principal) -> tuple[BudgetStatus, BudgetStatus]:
         """Today's (tier, tenant) spend, for metrics and the admin API."""
@@ -679,9 +687,9 @@ class _Reservation(AbstractAsyncContextManager[Spend]):
         )
 
 
-async def _finish(release: Coroutine[Any, Any, None], what: str) -> None:
+async def _finish(release: Coroutine[Any, Any, None], what: str) -> bool:
     """Run a release even if the request is being cancelled; never let it mask the request's own
-    outcome. If it fails (backend down) the TTL frees the holding later."""
+    outcome. If it fails (backend down; False) the TTL frees the holding later."""
     task = asyncio.ensure_future(release)
     try:
         await asyncio.shield(task)
@@ -690,5 +698,8 @@ async def _finish(release: Coroutine[Any, Any, None], what: str) -> None:
         raise
     except CounterBackendError as exc:
         log.warning("policy_release_failed", what=what, error=str(exc), note="expires by TTL")
+        return False
     except Exception:
         log.warning("policy_release_failed", what=what, note="expires by TTL", exc_info=True)
+        return False
+    return True

@@ -15,11 +15,21 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.observability.metrics import iter_samples
 from proxy.policy.errors import BudgetExhausted, ConcurrencyLimitExceeded, RateLimitExceeded
 from proxy.policy.limits import NANO, CounterBackendError, Limiter, to_nano
 from proxy.policy.policyset import Principal
 from proxy.policy.redis_limits import RedisCounters
 from proxy.policy.schema import TierPolicy
+from tests.integration.conftest import StartFake, StartProxy
+from tests.integration.test_policy_pipeline import (
+    FREE_KEY,
+    auth,
+    chat,
+    proxy_with,
+    tier,
+    write_policies,
+)
 
 pytestmark = [
     pytest.mark.redis,
@@ -311,3 +321,26 @@ async def test_unreachable_redis_is_a_backend_error_and_fails_open() -> None:
             ticket.record_usage(5, 5)
     finally:
         await down.aclose()
+
+
+async def test_a_limits_outage_is_counted_on_metrics(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """(before: only logged; /metrics showed nothing of a fleet serving unchecked)"""
+    folder = write_policies(tmp_path / "p", tier("free", [FREE_KEY]))
+    proxy = await proxy_with(
+        start_fake,
+        start_proxy,
+        folder,
+        redis={"url": f"redis://127.0.0.1:{_free_port()}/0"},
+        limits={"backend": "redis"},
+    )
+    resp = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))
+    assert resp.status == 200  # fails open (the default)
+    assert (await proxy.client.get("/metrics")).status == 200
+    errors = {
+        sample.labels["op"]: sample.value
+        for sample in iter_samples(proxy.services.metrics.registry)
+        if sample.name == "frugal_limits_errors_total"
+    }
+    assert errors.get("check", 0) >= 1 and errors.get("release", 0) >= 1
