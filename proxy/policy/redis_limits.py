@@ -10,7 +10,8 @@ Layout of one budget key ``K`` (all carry the tier's hash tag, so they share a c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -132,9 +133,21 @@ def _triples(keys: Sequence[str]) -> list[str]:
 class RedisCounters:
     """:class:`~proxy.policy.limits.CounterBackend` on Redis (``redis.asyncio``)."""
 
-    def __init__(self, client: aioredis.Redis, *, owns_client: bool = False) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        owns_client: bool = False,
+        retry_after: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._client = client
         self._owns_client = owns_client
+        # After a failure no attempt for retry_after seconds (as the cache's RedisStore): a hung
+        # Redis then costs one timeout, not one per counter step of every request.
+        self._retry_after = retry_after
+        self._clock = clock
+        self._down_until = 0.0
         self._rate = client.register_script(_RATE)
         self._acquire = client.register_script(_ACQUIRE)
         self._reserve = client.register_script(_RESERVE)
@@ -145,7 +158,7 @@ class RedisCounters:
     def from_url(
         cls, url: str, *, timeout_s: float = 1.0, max_connections: int = MAX_CONNECTIONS
     ) -> RedisCounters:
-        """A client of its own; a hung Redis costs a request at most ``timeout_s`` per step
+        """A client of its own; a hung Redis costs one ``timeout_s`` (then the back-off fails fast)
         before the limiter's outage policy applies.
 
         The pool is bounded: a burst of requests waits (up to ``timeout_s``) for one of a few
@@ -171,10 +184,7 @@ class RedisCounters:
         return int(await self._run(self._acquire, [key], args)) == 1
 
     async def release_lease(self, key: str, lease_id: str) -> None:
-        try:
-            await self._client.zrem(key, lease_id)
-        except (RedisError, OSError) as exc:
-            raise CounterBackendError(f"redis: {exc}") from exc
+        await self._call(lambda: self._client.zrem(key, lease_id))
 
     async def reserve(
         self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
@@ -193,11 +203,16 @@ class RedisCounters:
         spent, reserved = await self._run(self._status, _triples([key]), [])
         return int(_text(spent)), int(_text(reserved))
 
-    @staticmethod
-    async def _run(script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        return await self._call(lambda: script(keys=keys, args=args))
+
+    async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        if self._clock() < self._down_until:
+            raise CounterBackendError("redis unavailable (retrying after back-off)")
         try:
-            return await script(keys=keys, args=args)
+            return await call()
         except (RedisError, OSError) as exc:
+            self._down_until = self._clock() + self._retry_after
             raise CounterBackendError(f"redis: {exc}") from exc
 
     async def aclose(self) -> None:

@@ -344,3 +344,27 @@ async def test_a_limits_outage_is_counted_on_metrics(
         if sample.name == "frugal_limits_errors_total"
     }
     assert errors.get("check", 0) >= 1 and errors.get("release", 0) >= 1
+
+
+async def test_a_hung_redis_costs_one_timeout_then_fails_fast() -> None:
+    """(before: every counter step of every request waited its own timeout: 7.5 s a request)"""
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, reads, never replies: a stopped (SIGSTOP) Redis
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    hung = RedisCounters.from_url(f"redis://127.0.0.1:{port}/0", timeout_s=0.3)
+    try:
+        with pytest.raises(CounterBackendError):
+            await hung.rate("k", 1, 10)
+        started = time.monotonic()
+        for _ in range(3):
+            with pytest.raises(CounterBackendError):
+                await hung.acquire_lease("c", "id", 1, 60.0)
+            with pytest.raises(CounterBackendError):
+                await hung.release_lease("c", "id")
+        assert time.monotonic() - started < 0.2  # within the back-off: no attempt at all
+    finally:
+        await hung.aclose()
+        server.close()
