@@ -184,7 +184,9 @@ class RedisCounters:
         return int(await self._run(self._acquire, [key], args)) == 1
 
     async def release_lease(self, key: str, lease_id: str) -> None:
-        await self._call(lambda: self._client.zrem(key, lease_id))
+        # Always tried, back-off or not: a release skipped after a passing hiccup would hold the
+        # slot until its TTL, and lock the tenant out of it.
+        await self._call(lambda: self._client.zrem(key, lease_id), gated=False)
 
     async def reserve(
         self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
@@ -197,7 +199,10 @@ class RedisCounters:
         return ReserveOutcome(bool(int(granted)), refused, int(_text(spent)), int(_text(reserved)))
 
     async def settle(self, keys: Sequence[str], res_id: str, actual_nano: int) -> None:
-        await self._run(self._settle, _triples(keys), [res_id, actual_nano, BUDGET_KEEP_MS])
+        # Always tried, as a release: a skipped settle would leave its worst case reserved
+        # until the reservation's TTL, and the spend unrecorded.
+        args: list[Any] = [res_id, actual_nano, BUDGET_KEEP_MS]
+        await self._call(lambda: self._settle(keys=_triples(keys), args=args), gated=False)
 
     async def budget_status(self, key: str) -> tuple[int, int]:
         spent, reserved = await self._run(self._status, _triples([key]), [])
@@ -206,8 +211,10 @@ class RedisCounters:
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         return await self._call(lambda: script(keys=keys, args=args))
 
-    async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        if self._clock() < self._down_until:
+    async def _call(self, call: Callable[[], Awaitable[Any]], *, gated: bool = True) -> Any:
+        """``gated``: a check, refused at once while the back-off runs; a release or settle is
+        always tried."""
+        if gated and self._clock() < self._down_until:
             raise CounterBackendError("redis unavailable (retrying after back-off)")
         try:
             return await call()
