@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from proxy.env_vars import fill_tree
-from proxy.yaml_keys import duplicate_keys
+from proxy.yaml_keys import duplicate_keys, yaml_problem
 
 VIRTUAL_MODEL = "auto"
 
@@ -442,14 +442,9 @@ def parse_settings(
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        # (PyYAML's own text names the file "<unicode string>"; the policy files say it so too)
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        context = getattr(exc, "context", None)
-        raise ConfigError(
-            f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
-        ) from exc
+        line, problem = yaml_problem(exc)
+        where = f"{source}:{line}" if line is not None else source
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     repeated = [

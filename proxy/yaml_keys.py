@@ -1,5 +1,6 @@
-"""Duplicate keys in a YAML document: PyYAML keeps the last of two equal keys silently, and a
-config or policy file with one says something it does not mean."""
+"""What config and policy files share of reading YAML: duplicate keys (PyYAML keeps the last of
+two equal keys silently, and a file with one says something it does not mean), and where a
+parse error is."""
 
 from __future__ import annotations
 
@@ -22,3 +23,14 @@ def duplicate_keys(node: yaml.Node, path: str = "") -> Iterator[tuple[int, str]]
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             yield from duplicate_keys(item, f"{path}.{i}")
+
+
+def yaml_problem(exc: yaml.YAMLError) -> tuple[int | None, str]:
+    """(1-based line or None, what is wrong) of a parse error, without PyYAML's own text, which
+    names the file "<unicode string>"."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    return (mark.line + 1 if mark is not None else None), problem + (
+        f" ({context})" if context else ""
+    )

@@ -92,9 +92,7 @@ def parse_policy_text(text: str, path: Path) -> tuple[ParsedFile | None, list[Po
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
+        line, problem = yaml_keys.yaml_problem(exc)
         return None, [PolicyIssue(source, line, None, f"not valid YAML: {problem}")]
     if root is None or not isinstance(data, dict):
         return None, [PolicyIssue(source, 1, None, "the file must be a mapping (tier: ..., ...)")]
