@@ -308,9 +308,8 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                     # also what a stream the client left (or the engine broke) had sent: the
                     # tokens counted in it, when its usage chunk never came
                     spend.record(engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out))
-                    if exchange.tokens_out:
+                    if exchange.tokens_in or exchange.tokens_out:  # (nothing known: no change)
                         ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
-            ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
             if req.kind == "chat":
                 exchange.conversation = req  # the router remembers it once the answer is out
             return response
