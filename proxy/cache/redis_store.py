@@ -32,6 +32,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from proxy.backoff import Backoff
 from proxy.cache.entry import CacheEntry, EntryDecodeError, EntryMeta, decode_entry, encode_entry
 from proxy.cache.store import CacheBackendError, EntryAdded, Resync
 from proxy.tasks import cancelling
@@ -59,12 +60,10 @@ class RedisStore:
         self.prefix = prefix
         self._entry_prefix = f"{prefix}:e:"
         self._stream = f"{prefix}:new"
-        self._retry_after = retry_after
+        self._backoff = Backoff(retry_after, clock)
         self._maxlen = stream_maxlen
         self._block_ms = follow_block_ms
         self._on_error = on_error
-        self._clock = clock
-        self._down_until = 0.0
         no_retry = Retry(NoBackoff(), 0)
         self._client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=no_retry
@@ -81,12 +80,12 @@ class RedisStore:
         return self._entry_prefix + key
 
     async def _call(self, operation: str, call: Callable[[], Awaitable[_T]]) -> _T:
-        if self._clock() < self._down_until:
+        if self._backoff.waiting():
             raise CacheBackendError(f"redis unavailable (retrying after back-off): {operation}")
         try:
             return await call()
         except _FAILURES as exc:
-            self._down_until = self._clock() + self._retry_after
+            self._backoff.failed()
             raise CacheBackendError(f"redis {operation} failed: {exc}") from exc
 
     @staticmethod
@@ -216,7 +215,7 @@ class RedisStore:
                     self._on_error("follow", exc)
                 log.warning("cache.redis.follow_failed", extra={"error": str(exc)})
                 position = None  # we may miss entries while down: resync after reconnecting
-                await asyncio.sleep(self._retry_after)
+                await asyncio.sleep(self._backoff.retry_after)
 
     async def close(self) -> None:
         await self._client.aclose()

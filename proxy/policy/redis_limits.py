@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from proxy.backoff import Backoff
 from proxy.policy.limits import WINDOW_S, CounterBackendError, ReserveOutcome
 
 BUDGET_KEEP_MS = 2 * 86_400_000  # a day's budget keys outlive the day, then vanish
@@ -143,11 +144,9 @@ class RedisCounters:
     ) -> None:
         self._client = client
         self._owns_client = owns_client
-        # After a failure no attempt for retry_after seconds (as the cache's RedisStore): a hung
+        # After a failure no check for retry_after seconds (as the cache's RedisStore): a hung
         # Redis then costs one timeout, not one per counter step of every request.
-        self._retry_after = retry_after
-        self._clock = clock
-        self._down_until = 0.0
+        self._backoff = Backoff(retry_after, clock)
         self._rate = client.register_script(_RATE)
         self._acquire = client.register_script(_ACQUIRE)
         self._reserve = client.register_script(_RESERVE)
@@ -214,12 +213,12 @@ class RedisCounters:
     async def _call(self, call: Callable[[], Awaitable[Any]], *, gated: bool = True) -> Any:
         """``gated``: a check, refused at once while the back-off runs; a release or settle is
         always tried."""
-        if gated and self._clock() < self._down_until:
+        if gated and self._backoff.waiting():
             raise CounterBackendError("redis unavailable (retrying after back-off)")
         try:
             return await call()
         except (RedisError, OSError) as exc:
-            self._down_until = self._clock() + self._retry_after
+            self._backoff.failed()
             raise CounterBackendError(f"redis: {exc}") from exc
 
     async def aclose(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -240,12 +241,12 @@ async def test_a_rebuild_failed_by_the_back_off_is_tried_again(redis_server: Red
     # A request failed a moment ago (Redis paused at start-up): the client backs off, and the
     # start-up rebuild's scan fails at once. (The back-off lasts until the test ends it: a
     # timed one could be over before a loaded machine gets to the scan.)
-    store._down_until = store._clock() + 3600
+    store._backoff.until = time.monotonic() + 3600
     await second.start()
     await second.ready()  # the rebuild failed once
     assert (await second.stats()).backend_errors >= 1
     assert len(second.index) == 0
-    store._down_until = 0.0  # the back-off is over
+    store._backoff.until = 0.0  # the back-off is over
 
     async def rebuilt() -> bool:
         return len(second.index) == 1
@@ -267,7 +268,7 @@ async def test_each_failure_is_one_cache_error_on_metrics(redis_server: RedisSer
     cache = ResponseCache(store, index=SemanticIndex(DIM), observer=observer)
     redis_server.stop()
     assert not await cache.store_response(keys_for("q"), answer("a"))  # a failed call
-    store._down_until = 0.0  # (past the back-off: the get fails on the socket too)
+    store._backoff.until = 0.0  # (past the back-off: the get fails on the socket too)
     assert await cache.lookup(keys_for("q")) is None
 
     def errors(op: str) -> float | None:
