@@ -173,7 +173,7 @@ class CachePlan:
         keys = self._keys.get(memo)
         if keys is None:
             if self._material is None:
-                self._material = key_material(ENDPOINTS[req.kind], req.body)
+                self._material = key_material(ENDPOINTS[req.kind], req.body, semantic=self.semantic)
             keys = keys_from_material(
                 self._material,
                 engine=engine.name,

@@ -335,9 +335,14 @@ class KeyMaterial:
     query_text: str | None
 
 
-def key_material(endpoint: Endpoint, body: Mapping[str, Any]) -> KeyMaterial:
+def key_material(
+    endpoint: Endpoint, body: Mapping[str, Any], *, semantic: bool = True
+) -> KeyMaterial:
+    """``semantic=False``: the exact key's material only. Without a semantic lookup there is no
+    use for a context key (an entry stored without an embedding is never indexed), and it costs
+    a second serialisation and a digest per engine on every request."""
     fields = keyed_fields(body)
-    split = split_query(endpoint, fields)
+    split = split_query(endpoint, fields) if semantic else None
     if split is None:
         return KeyMaterial(endpoint, canonical_json(fields), None, None)
     blanked, query = split

@@ -21,6 +21,8 @@ from proxy.cache.keys import (
     is_cacheable_request,
     is_deterministic,
     is_storable_response,
+    key_material,
+    keys_from_material,
     make_keys,
 )
 
@@ -239,6 +241,20 @@ def test_answers_that_repeat_the_prompt_are_matched_exactly_only(
     assert keys.context is None and keys.query_text is None
     off = {k: False if v is True else None for k, v in extra.items()}
     assert make_keys(endpoint, {**body, **off}, **ENGINE).context is not None
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body"),
+    [(Endpoint.CHAT, BASE), (Endpoint.COMPLETIONS, {"prompt": "capital of France", "n": 2})],
+)
+def test_without_a_semantic_lookup_only_the_exact_key_is_made(
+    endpoint: Endpoint, body: dict[str, Any]
+) -> None:
+    both = keys_from_material(key_material(endpoint, body), **ENGINE)
+    exact_only = keys_from_material(key_material(endpoint, body, semantic=False), **ENGINE)
+    assert both.context is not None and both.query_text is not None
+    assert exact_only.exact == both.exact  # the same entry is found and stored either way
+    assert exact_only.context is None and exact_only.query_text is None
 
 
 def test_engine_and_version_are_key_parts() -> None:
