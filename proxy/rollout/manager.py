@@ -49,6 +49,9 @@ log = structlog.get_logger("frugal.rollout")
 FIGURES_WINDOW_S = 300.0
 _REDIS_DOWN = (RedisError, OSError, ConnectionError, TimeoutError, ValueError)
 REDIS_POLL_S = 1.0
+# What an engine answers when it does not take the proxy's own key or model name: the client's
+# request passed the proxy's checks, so these are the version's deployment failing, not a refusal.
+DEPLOYMENT_ERRORS = frozenset({401, 403, 404})
 
 
 def configured(settings: EngineSettings) -> ConfiguredRollout:
@@ -175,14 +178,16 @@ class Rollouts:
         latency_s: float,
         tokens_out: int,
         cost_usd: float,
+        upstream_status: int | None = None,
     ) -> None:
-        # An engine error is a 5xx: 4xx are the client's (or the policy's) doing.
-        error = status >= 500
+        # An engine error is a 5xx, or the engine refusing the proxy's own key or model name;
+        # other 4xx are the client's (or the policy's) doing.
+        error = status >= 500 or upstream_status in DEPLOYMENT_ERRORS
         self.metrics.request(
             engine=engine, version=version, from_cache=from_cache, status=status,
-            latency_s=latency_s, tokens_out=tokens_out, cost_usd=cost_usd,
+            latency_s=latency_s, tokens_out=tokens_out, cost_usd=cost_usd, error=error,
         )  # fmt: skip
-        if 400 <= status < 500:
+        if 400 <= status < 500 and not error:
             return  # refused (policy, admission, bad request): says nothing about the version
         self._window(engine, version).record(
             at=self.clock(), from_cache=from_cache, error=error, latency_s=latency_s,

@@ -409,3 +409,30 @@ async def test_a_restart_keeps_both_versions_cache_entries(
     )
     for i, version in first.items():
         assert (await ask(again, conversation(i)))[1:] == (version, "hit-exact")
+
+
+async def test_a_canary_that_does_not_serve_its_model_is_rolled_back(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # The canary's replicas serve another model than its config names: every answer is the
+    # engine's 404. The client asked for a model the proxy serves, so that is the version
+    # failing, not the client: it must count as the version's error and trip the judge.
+    stable = await start_fake("m")
+    canary = await start_fake("m-elsewhere")
+    proxy = await start_proxy(
+        [canary_engine(stable, canary, 0.5, auto_rollback=FAST_JUDGE)],
+        health={"interval_s": 0.2, "timeout_s": 10.0},
+    )
+    rollouts = proxy.services.rollouts
+    statuses = []
+    for i in range(400):
+        statuses.append((await ask(proxy, conversation(i)))[:2])
+        if rollouts.by_name["small"].state.status != "canary":
+            break
+    assert (404, "v2") in statuses  # (the client still gets the engine's answer)
+    metrics = await (await proxy.client.get("/metrics")).text()
+    assert 'frugal_version_requests_total{engine="small",outcome="error",version="v2"}' in metrics
+    await wait_until(lambda: rollouts.by_name["small"].state.status == "rolled_back")
+    assert rollouts.by_name["small"].state.reason.startswith("auto: error_rate")
+    for i in range(20):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
