@@ -150,6 +150,29 @@ def test_startup_starts_a_new_canary_on_top_of_a_promotion() -> None:
     assert (state.stable, state.canary, state.status, state.share) == (CANARY, v3, "canary", 0.1)
 
 
+def test_startup_follows_a_share_changed_in_the_config() -> None:
+    # The operator edits the canary's share in the config and restarts: the new share applies,
+    # on a canary running with the configured share or one an admin set since.
+    for running in (
+        from_config(CONFIG, now=1.0),
+        from_config(CONFIG, now=1.0).with_share(0.4, now=2.0),
+    ):
+        state = resolve_at_startup(dataclasses.replace(CONFIG, share=0.3), running, now=3.0)
+        assert (state.status, state.canary, state.share) == ("canary", CANARY, 0.3)
+        assert state.rev > running.rev
+        # ... and the next restart with that config keeps it, or an admin's share set after it.
+        assert resolve_at_startup(dataclasses.replace(CONFIG, share=0.3), state, now=4.0) == state
+        later = state.with_share(0.6, now=5.0)
+        assert resolve_at_startup(dataclasses.replace(CONFIG, share=0.3), later, now=6.0) == later
+    # A share edit does not bring back a canary that was rolled back or promoted.
+    for done in (
+        from_config(CONFIG, now=1.0).rollback(now=2.0),
+        from_config(CONFIG, now=1.0).promote(now=2.0),
+    ):
+        state = resolve_at_startup(dataclasses.replace(CONFIG, share=0.3), done, now=3.0)
+        assert (state.status, state.canary, state.stable) == (done.status, None, done.stable)
+
+
 def test_startup_drops_a_canary_removed_from_the_config() -> None:
     running = from_config(CONFIG, now=1.0)
     state = resolve_at_startup(dataclasses.replace(CONFIG, canary=None), running, now=2.0)
