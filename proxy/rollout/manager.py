@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import structlog
 from redis.exceptions import RedisError
 
@@ -430,19 +431,23 @@ class Rollouts:
                 continue
             for name, state in remote.items():
                 rollout = self.by_name[name]
-                mine = rollout.state
-                # Newer wins; two replicas changing it at once (same rev): the later change wins.
-                if state.rev > mine.rev or (
-                    state.rev == mine.rev and state != mine and state.changed_at > mine.changed_at
-                ):
-                    async with self._lock:
-                        before = self.served()
-                        self._apply(rollout, state)
-                        log.info("rollout state changed by another replica", engine=name,
-                                 status=state.status)  # fmt: skip
-                        if self._file is not None:
-                            await self._file.save({n: r.state for n, r in self.by_name.items()})
-                        self._purge(before - self.served())
+                if state == rollout.state:
+                    continue
+                async with self._lock:  # (an admin's change in between is read, not overwritten)
+                    mine = rollout.state
+                    # Newer wins; two replicas changing it at once (same rev): the later change.
+                    if _precedence(mine) > _precedence(state):
+                        # Ours is the later change but another write landed last (or ours never
+                        # landed): publish ours again, or each replica would keep its own.
+                        await self._persist_redis(mine)
+                        continue
+                    before = self.served()
+                    self._apply(rollout, state)
+                    log.info("rollout state changed by another replica", engine=name,
+                             status=state.status)  # fmt: skip
+                    if self._file is not None:
+                        await self._file.save({n: r.state for n, r in self.by_name.items()})
+                    self._purge(before - self.served())
 
     async def _judge_forever(self) -> None:
         intervals = [
@@ -535,6 +540,12 @@ class Rollouts:
             for name, rollout in self.by_name.items()
             if rollout.canary is not None or rollout.state.status != "none"
         }
+
+
+def _precedence(state: RolloutState) -> tuple[int, float, bytes]:
+    """Which of two states of an engine the fleet keeps: the higher rev, then the later change,
+    then (a tie to the microsecond) a fixed order, so every replica picks the same one."""
+    return state.rev, state.changed_at, orjson.dumps(state.to_json(), option=orjson.OPT_SORT_KEYS)
 
 
 def _describes(replicas: ReplicaSet, engine: Engine) -> bool:
