@@ -407,9 +407,17 @@ class Rollouts:
             await self._redis.aclose()
 
     async def _persist(self, state: RolloutState) -> None:
-        if self._file is not None:
-            await self._file.save({n: r.state for n, r in self.by_name.items()})
+        await self._persist_file()
         await self._persist_redis(state)
+
+    async def _persist_file(self) -> None:
+        if self._file is None:
+            return
+        try:
+            await self._file.save({n: r.state for n, r in self.by_name.items()})
+        except OSError as exc:  # (disk full) the change is in effect already: say it is not kept
+            log.error("rollout state not saved in the data directory; a restart may undo it",
+                      path=str(self._file.path), error=str(exc))  # fmt: skip
 
     async def _persist_redis(self, state: RolloutState) -> None:
         if self._redis is not None:
@@ -445,8 +453,7 @@ class Rollouts:
                     self._apply(rollout, state)
                     log.info("rollout state changed by another replica", engine=name,
                              status=state.status)  # fmt: skip
-                    if self._file is not None:
-                        await self._file.save({n: r.state for n, r in self.by_name.items()})
+                    await self._persist_file()
                     self._purge(before - self.served())
 
     async def _judge_forever(self) -> None:

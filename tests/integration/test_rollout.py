@@ -436,3 +436,34 @@ async def test_a_canary_that_does_not_serve_its_model_is_rolled_back(
     assert rollouts.by_name["small"].state.reason.startswith("auto: error_rate")
     for i in range(20):
         assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
+
+
+async def test_a_promotion_the_data_directory_cannot_record_still_completes(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The disk is full when the operator promotes: the promotion is in effect at once (as with
+    # Redis down), so the admin must be told it succeeded and its cleanup must still run, not
+    # get a 500 for a change that happened anyway (and a 409 when they retry).
+    from proxy.rollout.store import FileStateStore
+
+    _, _, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=0.5)
+    for i in range(20):
+        await ask(proxy, conversation(i))
+    cache = proxy.services.cache
+    assert cache is not None
+    await cache.drain()
+
+    def full(self: FileStateStore, states: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileStateStore, "_save", full)
+    resp = await proxy.client.post("/admin/rollout/small/promote")
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["status"] == "promoted"
+    await proxy.services.rollouts.drain()
+    assert await cache.invalidate(InvalidationFilter(engine="small", version="v1")) == 0
+    for i in range(20):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v2")
