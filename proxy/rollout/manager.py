@@ -525,6 +525,15 @@ class Rollouts:
             figures = window.figures(now) if window is not None else None
             versions[version] = {"role": role, "replicas": [r.url for r in engine.replicas],
                                  "model": engine.wire_model, "figures": figures}  # fmt: skip
+        # The version the last promote or rollback took out of service, while its window still
+        # holds answers: what it did is why it was retired (an automatic rollback above all).
+        retired = state.previous
+        window = self.windows.get((name, retired)) if retired is not None else None
+        if retired is not None and retired not in versions and window is not None:
+            figures = window.figures(now)
+            if figures["requests"]:
+                versions[retired] = {"role": "retired", "replicas": [], "model": None,
+                                     "figures": figures}  # fmt: skip
         auto = rollout.canary_settings.auto_rollback if rollout.canary_settings else None
         return {
             "engine": name,

@@ -467,3 +467,32 @@ async def test_a_promotion_the_data_directory_cannot_record_still_completes(
     assert await cache.invalidate(InvalidationFilter(engine="small", version="v1")) == 0
     for i in range(20):
         assert (await ask(proxy, conversation(i)))[:2] == (200, "v2")
+
+
+async def test_status_keeps_the_retired_versions_figures_after_a_rollback(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # After a rollback the operator asks why: the figures of the version taken out of service
+    # (its errors, its latency) stay in the status, the CLI and the dashboard for their window.
+    _, _, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.5, cache=False,
+        canary_options={"fail_status": 500, "fail_fraction": 1.0},
+        auto_rollback={"enabled": False},
+    )  # fmt: skip
+    answered = [(await ask(proxy, conversation(i)))[:2] for i in range(40)]
+    failed = sum(1 for status, version in answered if status >= 500 and version == "v2")
+    assert failed > 0, answered
+    assert (await proxy.client.post("/admin/rollout/small/rollback")).status == 200
+    status = await (await proxy.client.get("/admin/rollout/small")).json()
+    assert status["versions"]["v1"]["role"] == "stable"
+    retired = status["versions"]["v2"]
+    assert retired["role"] == "retired" and retired["replicas"] == []
+    assert retired["figures"]["errors"] == failed
+    url = str(proxy.client.make_url("")).rstrip("/")
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["rollout", "status", "small", "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("v2") and "retired" in line for line in out.splitlines()), out
