@@ -156,11 +156,17 @@ class RolloutState:
         if status not in STATUSES:
             raise ValueError(f"unknown rollout status {status!r}")
         canary = raw.get("canary")
+        share = float(raw.get("share", 0.0))
+        # (a hand-edited file: nothing the transitions could have made goes into service)
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share must be in [0, 1], got {share}")
+        if status == "canary" and not canary:
+            raise ValueError("status canary with no canary replica set")
         return cls(
             engine=str(raw["engine"]),
             stable=ReplicaSet.from_json(raw["stable"]),
             canary=ReplicaSet.from_json(canary) if canary else None,
-            share=float(raw.get("share", 0.0)),
+            share=share,
             status=status,
             reason=str(raw.get("reason", "")),
             changed_at=float(raw.get("changed_at", 0.0)),

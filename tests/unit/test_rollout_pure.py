@@ -126,6 +126,18 @@ def test_state_json_round_trips_after_any_transitions(actions: list[str]) -> Non
     assert RolloutState.from_json(state.to_json()) == state
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"share": 5}, {"share": -0.5}, {"status": "canary", "canary": None}, {"status": "paused"}],
+)
+def test_a_persisted_state_that_cannot_be_is_refused(change: dict[str, object]) -> None:
+    # A hand-edited rollout.json (or another build's Redis entry) must not put a share of 5 or
+    # a canary with no replicas into service: the store logs it and the config decides.
+    raw = {**from_config(CONFIG, now=1.0).to_json(), **change}
+    with pytest.raises(ValueError):
+        RolloutState.from_json(raw)
+
+
 def test_startup_keeps_a_promotion_when_the_config_is_unchanged() -> None:
     promoted = from_config(CONFIG, now=1.0).promote(now=2.0)
     assert resolve_at_startup(CONFIG, promoted, now=3.0) == promoted
