@@ -13,6 +13,7 @@ version, and their cache keys carry it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -251,6 +252,9 @@ class Rollouts:
         async with self._lock:
             rollout = self._rollout(engine)
             state = rollout.state.promote(now=self.wall_clock(), reason=reason)
+            if state.previous == "auto" and rollout.engine.version is not None:
+                # A discovered stable version: the one retired is what its replicas served.
+                state = dataclasses.replace(state, previous=rollout.engine.version)
             await self._commit(rollout, state, action="promote")
             return state
 

@@ -496,3 +496,29 @@ async def test_status_keeps_the_retired_versions_figures_after_a_rollback(
     assert await asyncio.to_thread(main, ["rollout", "status", "small", "--url", url]) == 0
     out = capsys.readouterr().out
     assert any(line.startswith("v2") and "retired" in line for line in out.splitlines()), out
+
+
+async def test_promoting_over_a_discovered_stable_version_names_that_version(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # A stable with `version: auto` serves the version its replicas report: the one a promote
+    # retires is that version (status "previous", the retired figures), not the word "auto".
+    stable = await start_fake("m")
+    canary = await start_fake("m-canary")
+    engine = canary_engine(stable, canary, 0.5)
+    engine["version"] = "auto"
+    proxy = await start_proxy([engine], health={"interval_s": 0.1, "timeout_s": 10.0})
+    rollouts = proxy.services.rollouts
+    await wait_until(lambda: rollouts.by_name["small"].engine.version is not None)
+    discovered = rollouts.by_name["small"].engine.version
+    assert discovered not in (None, "auto")
+    for i in range(20):
+        resp = await proxy.client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": conversation(i), "temperature": 0, "max_tokens": 8},
+        )
+        assert resp.status == 200
+    assert (await proxy.client.post("/admin/rollout/small/promote")).status == 200
+    status = await (await proxy.client.get("/admin/rollout/small")).json()
+    assert (status["stable_version"], status["previous"]) == ("v2", discovered)
+    assert status["versions"][discovered]["role"] == "retired"
