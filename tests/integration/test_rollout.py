@@ -522,3 +522,21 @@ async def test_promoting_over_a_discovered_stable_version_names_that_version(
     status = await (await proxy.client.get("/admin/rollout/small")).json()
     assert (status["stable_version"], status["previous"]) == ("v2", discovered)
     assert status["versions"][discovered]["role"] == "retired"
+
+
+async def test_admin_engines_shows_the_canarys_replicas(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # Before promoting, the operator checks the canary's replicas are healthy: /admin/engines
+    # lists them (health, breaker) with the stable's, and stops once the canary is gone.
+    stable, canary, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=0.5)
+    rollouts = proxy.services.rollouts
+    await wait_until(lambda: all(r.healthy for r in rollouts.polled[-1].replicas))
+    engines = await (await proxy.client.get("/admin/engines")).json()
+    small = engines["small"]
+    assert [r["url"] for r in small["replicas"]] == [stable.url]
+    assert small["canary"]["version"] == "v2" and small["canary"]["model"] == "m-canary"
+    assert [(r["url"], r["healthy"]) for r in small["canary"]["replicas"]] == [(canary.url, True)]
+    assert (await proxy.client.post("/admin/rollout/small/rollback")).status == 200
+    engines = await (await proxy.client.get("/admin/engines")).json()
+    assert engines["small"]["canary"] is None
