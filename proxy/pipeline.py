@@ -825,6 +825,11 @@ async def _answer_from_engine(
 async def _call_engine(
     req: CompletionRequest, engine: Engine, exchange: Exchange, services: Services
 ) -> Upstream:
+    # A promotion while this request waited for its slot handed the engine the canary's
+    # replicas: they take their own model name, and their version is the one answering.
+    if req.model != engine.wire_model:
+        req.set("model", engine.wire_model)
+    exchange.version = engine.version
     headers = {"Content-Type": "application/json", "x-request-id": exchange.request_id}
     if engine.settings.api_key:
         headers["Authorization"] = f"Bearer {engine.settings.api_key}"

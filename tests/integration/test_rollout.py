@@ -540,3 +540,26 @@ async def test_admin_engines_shows_the_canarys_replicas(
     assert (await proxy.client.post("/admin/rollout/small/rollback")).status == 200
     engines = await (await proxy.client.get("/admin/engines")).json()
     assert engines["small"]["canary"] is None
+
+
+async def test_a_request_queued_through_a_promotion_names_the_version_that_answered_it(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # One request at a time on the engine: a second one waits in the admission queue while the
+    # operator promotes. It is then answered by the promoted version's replicas, and its
+    # header, the access log and the per-version figures must say so, not the retired v1.
+    stable = await start_fake("m", ttft_ms=400)
+    canary = await start_fake("m-canary")
+    engine = canary_engine(stable, canary, 0.0)
+    engine["max_concurrency"] = 1
+    proxy = await start_proxy([engine], health={"interval_s": 0.2, "timeout_s": 10.0})
+    rollouts = proxy.services.rollouts
+    first = asyncio.create_task(ask(proxy, conversation(1)))
+    await wait_until(lambda: stable.state.counters.requests == 1)
+    second = asyncio.create_task(ask(proxy, conversation(2)))  # queued behind the first
+    await wait_until(lambda: proxy.services.admissions["small"].waiting == 1)
+    assert (await proxy.client.post("/admin/rollout/small/promote")).status == 200
+    assert (await first)[:2] == (200, "v1")
+    assert (await second)[:2] == (200, "v2")  # ask() checks the body came from v2 too
+    assert canary.state.counters.requests == 1
+    assert rollouts.windows[("small", "v1")].figures(rollouts.clock())["requests"] == 1
