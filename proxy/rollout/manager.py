@@ -99,11 +99,13 @@ class Rollouts:
     busy: Callable[[str], bool] = lambda name: False
     _file: FileStateStore | None = None
     _redis: RedisStateStore | None = None
+    _started: float = field(init=False, default=0.0)  # clock(): since when figures are kept
     _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _tasks: set[asyncio.Task[Any]] = field(init=False, default_factory=set)
     _loops: list[asyncio.Task[Any]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
+        self._started = self.clock()
         now = self.wall_clock()
         self.by_name = {}
         self.polled = []
@@ -203,7 +205,7 @@ class Rollouts:
             span = FIGURES_WINDOW_S
             if rollout is not None and rollout.canary_settings is not None:
                 span = max(span, rollout.canary_settings.auto_rollback.window_s)
-            window = self.windows[(engine, version)] = VersionWindow(span)
+            window = self.windows[(engine, version)] = VersionWindow(span, started=self._started)
             # Keep the windows of the versions served now plus a few old ones, not every one ever.
             if len(self.windows) > 4 * len(self.by_name) + 8:
                 served = self.served()

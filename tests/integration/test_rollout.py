@@ -563,3 +563,15 @@ async def test_a_request_queued_through_a_promotion_names_the_version_that_answe
     assert (await second)[:2] == (200, "v2")  # ask() checks the body came from v2 too
     assert canary.state.counters.requests == 1
     assert rollouts.windows[("small", "v1")].figures(rollouts.clock())["requests"] == 1
+
+
+async def test_a_versions_first_request_is_not_read_as_a_burst(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # The proxy has watched for half a second when the canary's first request comes: its rate
+    # is one request over that time, not one over the few ms since it came.
+    _, _, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=1.0, cache=False)
+    await asyncio.sleep(0.5)
+    assert (await ask(proxy, conversation(1)))[:2] == (200, "v2")
+    status = await (await proxy.client.get("/admin/rollout/small")).json()
+    assert 0 < status["versions"]["v2"]["figures"]["request_rate_per_s"] <= 2.0

@@ -334,6 +334,21 @@ def test_window_figures_count_engine_answers_and_forget_old_samples() -> None:
     assert list(judged.latencies) == sorted(judged.latencies)
 
 
+def test_window_rate_is_over_the_time_watched_not_since_the_first_request() -> None:
+    from proxy.rollout.stats import VersionWindow
+
+    # Watched since t=0: a canary's first request at t=100 is one request in 100 s, not one
+    # in the 1 ms since it came (which read as 1000 req/s on the dashboard).
+    window = VersionWindow(window_s=300, started=0.0)
+    window.record(at=100.0, from_cache=False, error=False, latency_s=0.1, tokens_out=1,
+                  cost_usd=0)  # fmt: skip
+    assert window.figures(now=100.001)["request_rate_per_s"] == pytest.approx(1 / 100.001)
+    # Watched longer than the window: the rate is over the window.
+    window.record(at=999.0, from_cache=False, error=False, latency_s=0.1, tokens_out=1,
+                  cost_usd=0)  # fmt: skip
+    assert window.figures(now=1000.0)["request_rate_per_s"] == pytest.approx(1 / 300)
+
+
 def test_status_report_has_one_row_per_version() -> None:
     from proxy.rollout.commands import format_status
 
