@@ -241,6 +241,11 @@ class Rollouts:
                     window.agree += outcome == "agree"
 
         def on_answer(answer: bytes) -> None:
+            if rollout.canary is not canary:
+                # Promoted or rolled back while this answer streamed: the versions to compare
+                # are no longer both served (after a promotion the stable's replicas are v2's).
+                report("dropped")
+                return
             self.shadow.start(
                 other=other, path=path, body=body, affinity=prefix, primary_answer=answer,
                 quality=quality, busy=self.busy(name), report=report,

@@ -575,3 +575,25 @@ async def test_a_versions_first_request_is_not_read_as_a_burst(
     assert (await ask(proxy, conversation(1)))[:2] == (200, "v2")
     status = await (await proxy.client.get("/admin/rollout/small")).json()
     assert 0 < status["versions"]["v2"]["figures"]["request_rate_per_s"] <= 2.0
+
+
+async def test_no_shadow_comparison_across_a_promotion(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # A canary answer still on its way when the canary is promoted: the stable it was to be
+    # compared with is gone (the engine's replicas are the canary's now), so comparing would
+    # ask v2 again and count v2 agreeing with itself as the canary agreeing with the stable.
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=1.0, cache=False,
+        canary_options={"tokens_per_s": 20}, quality={"share": 1.0},
+    )  # fmt: skip
+    rollouts = proxy.services.rollouts
+    # Streamed: the comparison is set up when the stream starts and made once it has ended.
+    answer = asyncio.create_task(ask(proxy, conversation(1), stream=True))
+    await wait_until(lambda: canary.state.counters.requests == 1)
+    assert (await proxy.client.post("/admin/rollout/small/promote")).status == 200
+    assert (await answer)[:2] == (200, "v2")
+    await rollouts.shadow.drain()
+    assert (stable.state.counters.requests, canary.state.counters.requests) == (0, 1)
+    assert rollouts.metrics.shadow.labels("small", "v2", "agree").value == 0
+    assert rollouts.metrics.shadow.labels("small", "v2", "dropped").value == 1
