@@ -16,6 +16,7 @@ from aiohttp import web
 
 from proxy.cache.keys import Endpoint, Partition, Scope
 from proxy.cache.service import InvalidationFilter
+from proxy.engines.pool import Engine
 from proxy.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, ServiceUnavailable
 from proxy.policy.default import OPEN_TIER
 from proxy.policy.keys import bearer_token, verify_key
@@ -140,24 +141,36 @@ def add_routes(app: web.Application, services: Services) -> None:
         )
         return _json({**refused.body(), **result}, status=422)
 
+    def replicas(engine: Engine) -> list[dict[str, Any]]:
+        return [
+            {
+                "url": r.url,
+                "healthy": r.healthy,
+                "breaker": r.breaker.state,
+                "inflight": r.inflight,
+                "running": r.load.running,
+                "waiting": r.load.waiting,
+                "kv_usage": r.load.kv_usage,
+            }
+            for r in engine.replicas
+        ]
+
+    def canary(engine: Engine) -> dict[str, Any] | None:
+        # A canary's replicas are the engine's too: an operator checks them before promoting.
+        rollout = services.rollouts.by_name.get(engine.name)
+        if rollout is None or rollout.canary is None:
+            return None
+        c = rollout.canary
+        return {"version": c.version, "model": c.wire_model, "replicas": replicas(c)}
+
     async def engines(request: web.Request) -> web.Response:
         return _json(
             {
                 e.name: {
                     "model": e.model,
                     "version": e.version,
-                    "replicas": [
-                        {
-                            "url": r.url,
-                            "healthy": r.healthy,
-                            "breaker": r.breaker.state,
-                            "inflight": r.inflight,
-                            "running": r.load.running,
-                            "waiting": r.load.waiting,
-                            "kv_usage": r.load.kv_usage,
-                        }
-                        for r in e.replicas
-                    ],
+                    "replicas": replicas(e),
+                    "canary": canary(e),
                     "queue": services.admissions[e.name].waiting,
                 }
                 for e in services.engines

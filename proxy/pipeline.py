@@ -106,6 +106,7 @@ class Exchange:
     route_score: float | None = None
     max_tokens_clamped: int | None = None
     status: int = 200
+    upstream_status: int | None = None  # what the engine answered, when it answered
     stream: bool = False
     tokens_in: int = 0
     tokens_out: int = 0
@@ -824,6 +825,11 @@ async def _answer_from_engine(
 async def _call_engine(
     req: CompletionRequest, engine: Engine, exchange: Exchange, services: Services
 ) -> Upstream:
+    # A promotion while this request waited for its slot handed the engine the canary's
+    # replicas: they take their own model name, and their version is the one answering.
+    if req.model != engine.wire_model:
+        req.set("model", engine.wire_model)
+    exchange.version = engine.version
     headers = {"Content-Type": "application/json", "x-request-id": exchange.request_id}
     if engine.settings.api_key:
         headers["Authorization"] = f"Bearer {engine.settings.api_key}"
@@ -898,7 +904,7 @@ class _Store:
 
 
 def _relay_body(upstream: Upstream, exchange: Exchange, store: _Store) -> web.Response:
-    exchange.status = upstream.status
+    exchange.status = exchange.upstream_status = upstream.status
     body = upstream.body
     upstream.finish(ok=True)
     if upstream.status < 400:
@@ -1302,6 +1308,7 @@ def _finish(exchange: Exchange, services: Services) -> None:
             version=version,
             from_cache=from_cache,
             status=exchange.status,
+            upstream_status=exchange.upstream_status,
             latency_s=latency,
             tokens_out=exchange.tokens_out,
             cost_usd=money.cost_usd,

@@ -84,6 +84,6 @@ def format_status(status: dict[str, Any]) -> str:
             f" {_fmt(latency.get('p50'), '.1f'):>8} {_fmt(latency.get('p95'), '.1f'):>8}"
             f" {_fmt(latency.get('p99'), '.1f'):>8} {_fmt(f.get('tokens_per_answer'), '.1f'):>8}"
             f" {_fmt(f.get('cost_usd'), '.6f'):>10}"
-            f" {_fmt(agreement * 100 if agreement is not None else None, '.0f'):>5}%"
+            f" {'-' if agreement is None else f'{agreement * 100:.0f}%':>6}"
         )
     return "\n".join(lines)

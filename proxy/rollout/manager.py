@@ -13,11 +13,13 @@ version, and their cache keys carry it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import structlog
 from redis.exceptions import RedisError
 
@@ -49,6 +51,9 @@ log = structlog.get_logger("frugal.rollout")
 FIGURES_WINDOW_S = 300.0
 _REDIS_DOWN = (RedisError, OSError, ConnectionError, TimeoutError, ValueError)
 REDIS_POLL_S = 1.0
+# What an engine answers when it does not take the proxy's own key or model name: the client's
+# request passed the proxy's checks, so these are the version's deployment failing, not a refusal.
+DEPLOYMENT_ERRORS = frozenset({401, 403, 404})
 
 
 def configured(settings: EngineSettings) -> ConfiguredRollout:
@@ -94,11 +99,13 @@ class Rollouts:
     busy: Callable[[str], bool] = lambda name: False
     _file: FileStateStore | None = None
     _redis: RedisStateStore | None = None
+    _started: float = field(init=False, default=0.0)  # clock(): since when figures are kept
     _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _tasks: set[asyncio.Task[Any]] = field(init=False, default_factory=set)
     _loops: list[asyncio.Task[Any]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
+        self._started = self.clock()
         now = self.wall_clock()
         self.by_name = {}
         self.polled = []
@@ -175,14 +182,16 @@ class Rollouts:
         latency_s: float,
         tokens_out: int,
         cost_usd: float,
+        upstream_status: int | None = None,
     ) -> None:
-        # An engine error is a 5xx: 4xx are the client's (or the policy's) doing.
-        error = status >= 500
+        # An engine error is a 5xx, or the engine refusing the proxy's own key or model name;
+        # other 4xx are the client's (or the policy's) doing.
+        error = status >= 500 or upstream_status in DEPLOYMENT_ERRORS
         self.metrics.request(
             engine=engine, version=version, from_cache=from_cache, status=status,
-            latency_s=latency_s, tokens_out=tokens_out, cost_usd=cost_usd,
+            latency_s=latency_s, tokens_out=tokens_out, cost_usd=cost_usd, error=error,
         )  # fmt: skip
-        if 400 <= status < 500:
+        if 400 <= status < 500 and not error:
             return  # refused (policy, admission, bad request): says nothing about the version
         self._window(engine, version).record(
             at=self.clock(), from_cache=from_cache, error=error, latency_s=latency_s,
@@ -196,7 +205,7 @@ class Rollouts:
             span = FIGURES_WINDOW_S
             if rollout is not None and rollout.canary_settings is not None:
                 span = max(span, rollout.canary_settings.auto_rollback.window_s)
-            window = self.windows[(engine, version)] = VersionWindow(span)
+            window = self.windows[(engine, version)] = VersionWindow(span, started=self._started)
             # Keep the windows of the versions served now plus a few old ones, not every one ever.
             if len(self.windows) > 4 * len(self.by_name) + 8:
                 served = self.served()
@@ -232,6 +241,11 @@ class Rollouts:
                     window.agree += outcome == "agree"
 
         def on_answer(answer: bytes) -> None:
+            if rollout.canary is not canary:
+                # Promoted or rolled back while this answer streamed: the versions to compare
+                # are no longer both served (after a promotion the stable's replicas are v2's).
+                report("dropped")
+                return
             self.shadow.start(
                 other=other, path=path, body=body, affinity=prefix, primary_answer=answer,
                 quality=quality, busy=self.busy(name), report=report,
@@ -245,6 +259,9 @@ class Rollouts:
         async with self._lock:
             rollout = self._rollout(engine)
             state = rollout.state.promote(now=self.wall_clock(), reason=reason)
+            if state.previous == "auto" and rollout.engine.version is not None:
+                # A discovered stable version: the one retired is what its replicas served.
+                state = dataclasses.replace(state, previous=rollout.engine.version)
             await self._commit(rollout, state, action="promote")
             return state
 
@@ -401,9 +418,17 @@ class Rollouts:
             await self._redis.aclose()
 
     async def _persist(self, state: RolloutState) -> None:
-        if self._file is not None:
-            await self._file.save({n: r.state for n, r in self.by_name.items()})
+        await self._persist_file()
         await self._persist_redis(state)
+
+    async def _persist_file(self) -> None:
+        if self._file is None:
+            return
+        try:
+            await self._file.save({n: r.state for n, r in self.by_name.items()})
+        except OSError as exc:  # (disk full) the change is in effect already: say it is not kept
+            log.error("rollout state not saved in the data directory; a restart may undo it",
+                      path=str(self._file.path), error=str(exc))  # fmt: skip
 
     async def _persist_redis(self, state: RolloutState) -> None:
         if self._redis is not None:
@@ -425,19 +450,22 @@ class Rollouts:
                 continue
             for name, state in remote.items():
                 rollout = self.by_name[name]
-                mine = rollout.state
-                # Newer wins; two replicas changing it at once (same rev): the later change wins.
-                if state.rev > mine.rev or (
-                    state.rev == mine.rev and state != mine and state.changed_at > mine.changed_at
-                ):
-                    async with self._lock:
-                        before = self.served()
-                        self._apply(rollout, state)
-                        log.info("rollout state changed by another replica", engine=name,
-                                 status=state.status)  # fmt: skip
-                        if self._file is not None:
-                            await self._file.save({n: r.state for n, r in self.by_name.items()})
-                        self._purge(before - self.served())
+                if state == rollout.state:
+                    continue
+                async with self._lock:  # (an admin's change in between is read, not overwritten)
+                    mine = rollout.state
+                    # Newer wins; two replicas changing it at once (same rev): the later change.
+                    if _precedence(mine) > _precedence(state):
+                        # Ours is the later change but another write landed last (or ours never
+                        # landed): publish ours again, or each replica would keep its own.
+                        await self._persist_redis(mine)
+                        continue
+                    before = self.served()
+                    self._apply(rollout, state)
+                    log.info("rollout state changed by another replica", engine=name,
+                             status=state.status)  # fmt: skip
+                    await self._persist_file()
+                    self._purge(before - self.served())
 
     async def _judge_forever(self) -> None:
         intervals = [
@@ -508,6 +536,15 @@ class Rollouts:
             figures = window.figures(now) if window is not None else None
             versions[version] = {"role": role, "replicas": [r.url for r in engine.replicas],
                                  "model": engine.wire_model, "figures": figures}  # fmt: skip
+        # The version the last promote or rollback took out of service, while its window still
+        # holds answers: what it did is why it was retired (an automatic rollback above all).
+        retired = state.previous
+        window = self.windows.get((name, retired)) if retired is not None else None
+        if retired is not None and retired not in versions and window is not None:
+            figures = window.figures(now)
+            if figures["requests"]:
+                versions[retired] = {"role": "retired", "replicas": [], "model": None,
+                                     "figures": figures}  # fmt: skip
         auto = rollout.canary_settings.auto_rollback if rollout.canary_settings else None
         return {
             "engine": name,
@@ -530,6 +567,12 @@ class Rollouts:
             for name, rollout in self.by_name.items()
             if rollout.canary is not None or rollout.state.status != "none"
         }
+
+
+def _precedence(state: RolloutState) -> tuple[int, float, bytes]:
+    """Which of two states of an engine the fleet keeps: the higher rev, then the later change,
+    then (a tie to the microsecond) a fixed order, so every replica picks the same one."""
+    return state.rev, state.changed_at, orjson.dumps(state.to_json(), option=orjson.OPT_SORT_KEYS)
 
 
 def _describes(replicas: ReplicaSet, engine: Engine) -> bool:

@@ -4,8 +4,9 @@ Every series carries ``engine`` and ``version``; versions come from the config a
 state (a handful per engine over the proxy's life), never from requests, so cardinality stays
 bounded.
 
-    frugal_version_requests_total{engine,version,outcome}   ok | error (5xx) | client_error
-                                                            (4xx) | cache_hit
+    frugal_version_requests_total{engine,version,outcome}   ok | error (5xx, engine's
+                                                            401/403/404) | client_error (4xx)
+                                                            | cache_hit
     frugal_version_latency_seconds{engine,version}          engine answers only
     frugal_version_tokens_out_total{engine,version}         with ..._answers_total: tokens/answer
     frugal_version_answers_total{engine,version}
@@ -47,7 +48,8 @@ class RolloutMetrics:
         self._series: dict[tuple[str, str, str], _VersionSeries] = {}
         self.requests = CounterFamily(
             "frugal_version_requests",
-            "Finished requests per version: ok, error (5xx), client_error (4xx) or cache_hit.",
+            "Finished requests per version: ok, error (5xx, or the engine's 401/403/404),"
+            " client_error (other 4xx) or cache_hit.",
             ["engine", "version", "outcome"],
         )
         self.latency = HistogramFamily(
@@ -120,8 +122,9 @@ class RolloutMetrics:
         latency_s: float,
         tokens_out: int,
         cost_usd: float,
+        error: bool | None = None,
     ) -> None:
-        outcome = _outcome(from_cache, status)
+        outcome = _outcome(from_cache, status, status >= 500 if error is None else error)
         series = self._series.get((engine, version, outcome))
         if series is None:
             series = self._bind(engine, version, outcome)
@@ -153,9 +156,9 @@ class RolloutMetrics:
         self.share.labels(engine, version).set(share)
 
 
-def _outcome(from_cache: bool, status: int) -> str:
+def _outcome(from_cache: bool, status: int, error: bool) -> str:
     if from_cache:
         return "cache_hit"
-    if status >= 500:
+    if error:
         return "error"
     return "client_error" if status >= 400 else "ok"

@@ -11,8 +11,9 @@ replica of the proxy fleet applies a state from Redis when its ``rev`` is newer)
 Start-up rule (``resolve_at_startup``): a persisted state remembers the configuration it was
 made from (``basis``). If the config's stable part (version, urls, model) is unchanged, the
 persisted state wins, so a restart with the old config keeps a promotion, a rollback or an
-admin-set share. If the config now names another stable, the config wins and the rollout starts
-over. If only the canary part changed (another canary version or replica set), the config's
+admin-set share; a share edited in the config applies to a running canary (the edit is newer
+than an admin's share). If the config now names another stable, the config wins and the rollout
+starts over. If only the canary part changed (another canary version or replica set), the config's
 new canary starts on top of the persisted stable (a previous promotion is kept); a canary removed
 from the config is removed.
 """
@@ -83,6 +84,7 @@ class RolloutState:
     rev: int = 0
     stable_basis: str = ""  # fingerprints of the config this state was derived from
     canary_basis: str = ""
+    share_basis: float | None = None  # the config's canary share (None: from an older file)
 
     # -- transitions (pure) ------------------------------------------------------------------
 
@@ -145,6 +147,7 @@ class RolloutState:
             "rev": self.rev,
             "stable_basis": self.stable_basis,
             "canary_basis": self.canary_basis,
+            "share_basis": self.share_basis,
         }
 
     @classmethod
@@ -153,11 +156,17 @@ class RolloutState:
         if status not in STATUSES:
             raise ValueError(f"unknown rollout status {status!r}")
         canary = raw.get("canary")
+        share = float(raw.get("share", 0.0))
+        # (a hand-edited file: nothing the transitions could have made goes into service)
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share must be in [0, 1], got {share}")
+        if status == "canary" and not canary:
+            raise ValueError("status canary with no canary replica set")
         return cls(
             engine=str(raw["engine"]),
             stable=ReplicaSet.from_json(raw["stable"]),
             canary=ReplicaSet.from_json(canary) if canary else None,
-            share=float(raw.get("share", 0.0)),
+            share=share,
             status=status,
             reason=str(raw.get("reason", "")),
             changed_at=float(raw.get("changed_at", 0.0)),
@@ -165,6 +174,7 @@ class RolloutState:
             rev=int(raw.get("rev", 0)),
             stable_basis=str(raw.get("stable_basis", "")),
             canary_basis=str(raw.get("canary_basis", "")),
+            share_basis=float(raw["share_basis"]) if raw.get("share_basis") is not None else None,
         )
 
 
@@ -181,6 +191,7 @@ def from_config(config: ConfiguredRollout, *, now: float, rev: int = 0) -> Rollo
         rev=rev,
         stable_basis=config.stable_basis(),
         canary_basis=config.canary_basis(),
+        share_basis=config.share,
     )
 
 
@@ -193,7 +204,7 @@ def resolve_at_startup(
     if persisted.stable_basis != config.stable_basis():
         return from_config(config, now=now, rev=persisted.rev + 1)
     if persisted.canary_basis == config.canary_basis():
-        return persisted
+        return _follow_config_share(config, persisted, now=now)
     if config.canary is None:
         if persisted.status != "canary":
             return dataclasses.replace(persisted, canary_basis=config.canary_basis())
@@ -207,11 +218,14 @@ def resolve_at_startup(
             previous=persisted.canary.version if persisted.canary else None,
             rev=persisted.rev + 1,
             canary_basis=config.canary_basis(),
+            share_basis=config.share,
         )
     canary = config.canary
     if canary.version == persisted.stable.version:
         # The configured canary is the version already promoted: nothing left to roll out.
-        return dataclasses.replace(persisted, canary_basis=config.canary_basis())
+        return dataclasses.replace(
+            persisted, canary_basis=config.canary_basis(), share_basis=config.share
+        )
     return dataclasses.replace(
         persisted,
         canary=canary,
@@ -221,6 +235,27 @@ def resolve_at_startup(
         changed_at=now,
         rev=persisted.rev + 1,
         canary_basis=config.canary_basis(),
+        share_basis=config.share,
+    )
+
+
+def _follow_config_share(
+    config: ConfiguredRollout, persisted: RolloutState, *, now: float
+) -> RolloutState:
+    """A share edited in the config applies to the running canary (the edit is newer than any
+    admin-set share); an unchanged one leaves the persisted share, admin-set or not."""
+    if persisted.share_basis == config.share:
+        return persisted
+    if persisted.share_basis is None or persisted.status != "canary":
+        # (a file from before the basis was kept, or no canary to apply it to: just remember it)
+        return dataclasses.replace(persisted, share_basis=config.share)
+    return dataclasses.replace(
+        persisted,
+        share=config.share,
+        reason=f"share set to {config.share:g} by the config",
+        changed_at=now,
+        rev=persisted.rev + 1,
+        share_basis=config.share,
     )
 
 

@@ -30,10 +30,13 @@ class _Sample:
 class VersionWindow:
     """Recent requests answered by one version (bounded by time and by count)."""
 
-    __slots__ = ("_samples", "agree", "compared", "window_s")
+    __slots__ = ("_samples", "agree", "compared", "started", "window_s")
 
-    def __init__(self, window_s: float) -> None:
+    def __init__(self, window_s: float, *, started: float | None = None) -> None:
         self.window_s = window_s
+        # Since when requests are watched (the proxy's start): the rate is over that time, not
+        # over the time since the first request (one request just in read as a huge rate).
+        self.started = started
         self._samples: deque[_Sample] = deque(maxlen=MAX_SAMPLES)
         self.compared = 0  # shadow comparisons involving this version (since start)
         self.agree = 0
@@ -69,7 +72,9 @@ class VersionWindow:
         answers = [s for s in recent if not s.from_cache]
         ok = [s for s in answers if not s.error]
         latencies = sorted(s.latency_s for s in ok)
-        span = min(self.window_s, max(1e-9, now - recent[0].at)) if recent else self.window_s
+        first = recent[0].at if recent else now
+        since = first if self.started is None else min(self.started, first)
+        span = min(self.window_s, max(1e-9, now - since))
         return {
             "window_s": self.window_s,
             "requests": len(recent),

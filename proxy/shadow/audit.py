@@ -147,7 +147,7 @@ class CacheAuditor:
             self.metrics.audit(tier, "dropped")
             return False
         fresh = dict(body)
-        fresh["model"] = engine.model
+        fresh["model"] = engine.wire_model  # a canary may serve another name than its engine
         fresh["stream"] = False
         fresh.pop("stream_options", None)
         job = _Job(

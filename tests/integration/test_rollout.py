@@ -409,3 +409,191 @@ async def test_a_restart_keeps_both_versions_cache_entries(
     )
     for i, version in first.items():
         assert (await ask(again, conversation(i)))[1:] == (version, "hit-exact")
+
+
+async def test_a_canary_that_does_not_serve_its_model_is_rolled_back(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # The canary's replicas serve another model than its config names: every answer is the
+    # engine's 404. The client asked for a model the proxy serves, so that is the version
+    # failing, not the client: it must count as the version's error and trip the judge.
+    stable = await start_fake("m")
+    canary = await start_fake("m-elsewhere")
+    proxy = await start_proxy(
+        [canary_engine(stable, canary, 0.5, auto_rollback=FAST_JUDGE)],
+        health={"interval_s": 0.2, "timeout_s": 10.0},
+    )
+    rollouts = proxy.services.rollouts
+    statuses = []
+    for i in range(400):
+        statuses.append((await ask(proxy, conversation(i)))[:2])
+        if rollouts.by_name["small"].state.status != "canary":
+            break
+    assert (404, "v2") in statuses  # (the client still gets the engine's answer)
+    metrics = await (await proxy.client.get("/metrics")).text()
+    assert 'frugal_version_requests_total{engine="small",outcome="error",version="v2"}' in metrics
+    await wait_until(lambda: rollouts.by_name["small"].state.status == "rolled_back")
+    assert rollouts.by_name["small"].state.reason.startswith("auto: error_rate")
+    for i in range(20):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
+
+
+async def test_a_promotion_the_data_directory_cannot_record_still_completes(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The disk is full when the operator promotes: the promotion is in effect at once (as with
+    # Redis down), so the admin must be told it succeeded and its cleanup must still run, not
+    # get a 500 for a change that happened anyway (and a 409 when they retry).
+    from proxy.rollout.store import FileStateStore
+
+    _, _, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=0.5)
+    for i in range(20):
+        await ask(proxy, conversation(i))
+    cache = proxy.services.cache
+    assert cache is not None
+    await cache.drain()
+
+    def full(self: FileStateStore, states: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileStateStore, "_save", full)
+    resp = await proxy.client.post("/admin/rollout/small/promote")
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["status"] == "promoted"
+    await proxy.services.rollouts.drain()
+    assert await cache.invalidate(InvalidationFilter(engine="small", version="v1")) == 0
+    for i in range(20):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v2")
+
+
+async def test_status_keeps_the_retired_versions_figures_after_a_rollback(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # After a rollback the operator asks why: the figures of the version taken out of service
+    # (its errors, its latency) stay in the status, the CLI and the dashboard for their window.
+    _, _, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.5, cache=False,
+        canary_options={"fail_status": 500, "fail_fraction": 1.0},
+        auto_rollback={"enabled": False},
+    )  # fmt: skip
+    answered = [(await ask(proxy, conversation(i)))[:2] for i in range(40)]
+    failed = sum(1 for status, version in answered if status >= 500 and version == "v2")
+    assert failed > 0, answered
+    assert (await proxy.client.post("/admin/rollout/small/rollback")).status == 200
+    status = await (await proxy.client.get("/admin/rollout/small")).json()
+    assert status["versions"]["v1"]["role"] == "stable"
+    retired = status["versions"]["v2"]
+    assert retired["role"] == "retired" and retired["replicas"] == []
+    assert retired["figures"]["errors"] == failed
+    url = str(proxy.client.make_url("")).rstrip("/")
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["rollout", "status", "small", "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("v2") and "retired" in line for line in out.splitlines()), out
+
+
+async def test_promoting_over_a_discovered_stable_version_names_that_version(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # A stable with `version: auto` serves the version its replicas report: the one a promote
+    # retires is that version (status "previous", the retired figures), not the word "auto".
+    stable = await start_fake("m")
+    canary = await start_fake("m-canary")
+    engine = canary_engine(stable, canary, 0.5)
+    engine["version"] = "auto"
+    proxy = await start_proxy([engine], health={"interval_s": 0.1, "timeout_s": 10.0})
+    rollouts = proxy.services.rollouts
+    await wait_until(lambda: rollouts.by_name["small"].engine.version is not None)
+    discovered = rollouts.by_name["small"].engine.version
+    assert discovered not in (None, "auto")
+    for i in range(20):
+        resp = await proxy.client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": conversation(i), "temperature": 0, "max_tokens": 8},
+        )
+        assert resp.status == 200
+    assert (await proxy.client.post("/admin/rollout/small/promote")).status == 200
+    status = await (await proxy.client.get("/admin/rollout/small")).json()
+    assert (status["stable_version"], status["previous"]) == ("v2", discovered)
+    assert status["versions"][discovered]["role"] == "retired"
+
+
+async def test_admin_engines_shows_the_canarys_replicas(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # Before promoting, the operator checks the canary's replicas are healthy: /admin/engines
+    # lists them (health, breaker) with the stable's, and stops once the canary is gone.
+    stable, canary, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=0.5)
+    rollouts = proxy.services.rollouts
+    await wait_until(lambda: all(r.healthy for r in rollouts.polled[-1].replicas))
+    engines = await (await proxy.client.get("/admin/engines")).json()
+    small = engines["small"]
+    assert [r["url"] for r in small["replicas"]] == [stable.url]
+    assert small["canary"]["version"] == "v2" and small["canary"]["model"] == "m-canary"
+    assert [(r["url"], r["healthy"]) for r in small["canary"]["replicas"]] == [(canary.url, True)]
+    assert (await proxy.client.post("/admin/rollout/small/rollback")).status == 200
+    engines = await (await proxy.client.get("/admin/engines")).json()
+    assert engines["small"]["canary"] is None
+
+
+async def test_a_request_queued_through_a_promotion_names_the_version_that_answered_it(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # One request at a time on the engine: a second one waits in the admission queue while the
+    # operator promotes. It is then answered by the promoted version's replicas, and its
+    # header, the access log and the per-version figures must say so, not the retired v1.
+    stable = await start_fake("m", ttft_ms=400)
+    canary = await start_fake("m-canary")
+    engine = canary_engine(stable, canary, 0.0)
+    engine["max_concurrency"] = 1
+    proxy = await start_proxy([engine], health={"interval_s": 0.2, "timeout_s": 10.0})
+    rollouts = proxy.services.rollouts
+    first = asyncio.create_task(ask(proxy, conversation(1)))
+    await wait_until(lambda: stable.state.counters.requests == 1)
+    second = asyncio.create_task(ask(proxy, conversation(2)))  # queued behind the first
+    await wait_until(lambda: proxy.services.admissions["small"].waiting == 1)
+    assert (await proxy.client.post("/admin/rollout/small/promote")).status == 200
+    assert (await first)[:2] == (200, "v1")
+    assert (await second)[:2] == (200, "v2")  # ask() checks the body came from v2 too
+    assert canary.state.counters.requests == 1
+    assert rollouts.windows[("small", "v1")].figures(rollouts.clock())["requests"] == 1
+
+
+async def test_a_versions_first_request_is_not_read_as_a_burst(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # The proxy has watched for half a second when the canary's first request comes: its rate
+    # is one request over that time, not one over the few ms since it came.
+    _, _, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=1.0, cache=False)
+    await asyncio.sleep(0.5)
+    assert (await ask(proxy, conversation(1)))[:2] == (200, "v2")
+    status = await (await proxy.client.get("/admin/rollout/small")).json()
+    assert 0 < status["versions"]["v2"]["figures"]["request_rate_per_s"] <= 2.0
+
+
+async def test_no_shadow_comparison_across_a_promotion(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # A canary answer still on its way when the canary is promoted: the stable it was to be
+    # compared with is gone (the engine's replicas are the canary's now), so comparing would
+    # ask v2 again and count v2 agreeing with itself as the canary agreeing with the stable.
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=1.0, cache=False,
+        canary_options={"tokens_per_s": 20}, quality={"share": 1.0},
+    )  # fmt: skip
+    rollouts = proxy.services.rollouts
+    # Streamed: the comparison is set up when the stream starts and made once it has ended.
+    answer = asyncio.create_task(ask(proxy, conversation(1), stream=True))
+    await wait_until(lambda: canary.state.counters.requests == 1)
+    assert (await proxy.client.post("/admin/rollout/small/promote")).status == 200
+    assert (await answer)[:2] == (200, "v2")
+    await rollouts.shadow.drain()
+    assert (stable.state.counters.requests, canary.state.counters.requests) == (0, 1)
+    assert rollouts.metrics.shadow.labels("small", "v2", "agree").value == 0
+    assert rollouts.metrics.shadow.labels("small", "v2", "dropped").value == 1

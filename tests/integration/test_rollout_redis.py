@@ -37,3 +37,40 @@ async def test_a_promotion_reaches_every_replica(
     third = await start_proxy(engines, redis=redis, data_dir=str(tmp_path / "c"))
     status = await (await third.client.get("/admin/rollout/small")).json()
     assert (status["status"], status["stable_version"]) == ("promoted", "v2")
+
+
+async def test_two_changes_at_once_end_with_one_state_on_every_replica(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Two admins act on two replicas at the same moment: one promotes, the other rolls back,
+    # and the earlier change's write reaches Redis last. The later change wins (documented),
+    # and every replica must end up with it, not each keep its own.
+    from proxy.rollout.store import RedisStateStore
+
+    stable = await start_fake("m")
+    canary = await start_fake("m-canary")
+    engines = [canary_engine(stable, canary, 0.5)]
+    redis = {"url": redis_server.url}
+    first = await start_proxy(engines, redis=redis, data_dir=str(tmp_path / "a"))
+    second = await start_proxy(engines, redis=redis, data_dir=str(tmp_path / "b"))
+    mine = first.services.rollouts.by_name["small"]
+    before = mine.state
+    assert (await first.client.post("/admin/rollout/small/promote")).status == 200
+    promoted = mine.state
+    # The other replica's rollback, made a moment before, lands in Redis after the promotion.
+    rolled_back = before.rollback(now=promoted.changed_at - 1.0)
+    assert rolled_back.rev == promoted.rev
+    store = RedisStateStore(redis_server.url)
+    try:
+        await store.save(rolled_back)
+    finally:
+        await store.aclose()
+    other = second.services.rollouts.by_name["small"]
+
+    def agreed() -> bool:
+        return mine.state == other.state
+
+    await wait_until(agreed, timeout_s=10)
+    assert other.state.status == mine.state.status == "promoted"
+    for i in range(10):
+        assert (await ask(second, conversation(i)))[:2] == (200, "v2")

@@ -465,3 +465,47 @@ async def test_no_counterfactual_audits_without_the_evidence_rule(
     text = await (await client.get("/metrics")).text()
     assert metric(text, "frugal_cache_audit_total", tier="free", outcome="would_disagree") is None
     assert metric(text, "frugal_cache_audit_total", tier="free", outcome="would_agree") is None
+
+
+async def test_an_audit_of_a_canary_hit_asks_the_canary_for_its_own_model(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    # A canary serving another model name answers 404 to the engine's client-facing name: the
+    # audit of a hit the canary stored must send the name the canary serves, as requests do.
+    stable = await start_fake("m")
+    canary = await start_fake("m-canary")
+    folder = write_policies(
+        tmp_path / "policies",
+        tier("free", [FREE_KEY], models=["m"], cache={"scope": "tier"}),
+    )
+    engine = engine_config(
+        "e",
+        "m",
+        [stable.url],
+        version="v1",
+        canary={"version": "v2", "urls": [canary.url], "share": 1.0, "model": "m-canary"},
+    )
+    settings = Settings.model_validate(
+        {
+            "engines": [engine],
+            "policies": str(folder),
+            "data_dir": str(tmp_path / "data"),
+            "health": {"interval_s": 0.1},
+            "cache": {"enabled": True, "semantic": True, "audit": {"share": 1.0}},
+            "routing": {"enabled": False},
+            "logging": {"level": "warning", "format": "console"},
+        }
+    )
+    client = await aiohttp_client(create_app(settings, encode=bag_of_words, access_log=False))
+    services = services_of(client)
+    assert services.auditor is not None
+    await store(client)
+    hit = await post(client, PARAPHRASES[0])
+    assert hit.headers["x-frugal-cache"] == "hit-semantic"
+    assert hit.headers["x-frugal-model-version"] == "v2"
+    await services.auditor.drain()
+    assert canary.state.counters.requests == 2 and stable.state.counters.requests == 0
+    assert b'"model":"m-canary"' in canary.state.log[-1].body
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "frugal_cache_audit_total", tier="free", outcome="error") is None
+    assert metric(text, "frugal_cache_audit_total", tier="free", outcome="disagree") == 1

@@ -126,6 +126,18 @@ def test_state_json_round_trips_after_any_transitions(actions: list[str]) -> Non
     assert RolloutState.from_json(state.to_json()) == state
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"share": 5}, {"share": -0.5}, {"status": "canary", "canary": None}, {"status": "paused"}],
+)
+def test_a_persisted_state_that_cannot_be_is_refused(change: dict[str, object]) -> None:
+    # A hand-edited rollout.json (or another build's Redis entry) must not put a share of 5 or
+    # a canary with no replicas into service: the store logs it and the config decides.
+    raw = {**from_config(CONFIG, now=1.0).to_json(), **change}
+    with pytest.raises(ValueError):
+        RolloutState.from_json(raw)
+
+
 def test_startup_keeps_a_promotion_when_the_config_is_unchanged() -> None:
     promoted = from_config(CONFIG, now=1.0).promote(now=2.0)
     assert resolve_at_startup(CONFIG, promoted, now=3.0) == promoted
@@ -148,6 +160,29 @@ def test_startup_starts_a_new_canary_on_top_of_a_promotion() -> None:
     v3 = ReplicaSet("v3", ("http://c:1",), "m")
     state = resolve_at_startup(dataclasses.replace(CONFIG, canary=v3), promoted, now=3.0)
     assert (state.stable, state.canary, state.status, state.share) == (CANARY, v3, "canary", 0.1)
+
+
+def test_startup_follows_a_share_changed_in_the_config() -> None:
+    # The operator edits the canary's share in the config and restarts: the new share applies,
+    # on a canary running with the configured share or one an admin set since.
+    for running in (
+        from_config(CONFIG, now=1.0),
+        from_config(CONFIG, now=1.0).with_share(0.4, now=2.0),
+    ):
+        state = resolve_at_startup(dataclasses.replace(CONFIG, share=0.3), running, now=3.0)
+        assert (state.status, state.canary, state.share) == ("canary", CANARY, 0.3)
+        assert state.rev > running.rev
+        # ... and the next restart with that config keeps it, or an admin's share set after it.
+        assert resolve_at_startup(dataclasses.replace(CONFIG, share=0.3), state, now=4.0) == state
+        later = state.with_share(0.6, now=5.0)
+        assert resolve_at_startup(dataclasses.replace(CONFIG, share=0.3), later, now=6.0) == later
+    # A share edit does not bring back a canary that was rolled back or promoted.
+    for done in (
+        from_config(CONFIG, now=1.0).rollback(now=2.0),
+        from_config(CONFIG, now=1.0).promote(now=2.0),
+    ):
+        state = resolve_at_startup(dataclasses.replace(CONFIG, share=0.3), done, now=3.0)
+        assert (state.status, state.canary, state.stable) == (done.status, None, done.stable)
 
 
 def test_startup_drops_a_canary_removed_from_the_config() -> None:
@@ -299,6 +334,21 @@ def test_window_figures_count_engine_answers_and_forget_old_samples() -> None:
     assert list(judged.latencies) == sorted(judged.latencies)
 
 
+def test_window_rate_is_over_the_time_watched_not_since_the_first_request() -> None:
+    from proxy.rollout.stats import VersionWindow
+
+    # Watched since t=0: a canary's first request at t=100 is one request in 100 s, not one
+    # in the 1 ms since it came (which read as 1000 req/s on the dashboard).
+    window = VersionWindow(window_s=300, started=0.0)
+    window.record(at=100.0, from_cache=False, error=False, latency_s=0.1, tokens_out=1,
+                  cost_usd=0)  # fmt: skip
+    assert window.figures(now=100.001)["request_rate_per_s"] == pytest.approx(1 / 100.001)
+    # Watched longer than the window: the rate is over the window.
+    window.record(at=999.0, from_cache=False, error=False, latency_s=0.1, tokens_out=1,
+                  cost_usd=0)  # fmt: skip
+    assert window.figures(now=1000.0)["request_rate_per_s"] == pytest.approx(1 / 300)
+
+
 def test_status_report_has_one_row_per_version() -> None:
     from proxy.rollout.commands import format_status
 
@@ -324,7 +374,8 @@ def test_status_report_has_one_row_per_version() -> None:
     assert lines[0] == "engine small: canary (canary share 10.0%), reason: configured"
     v1 = next(line for line in lines if line.startswith("v1"))
     assert "5.0" in v1 and "20.0" in v1 and "90%" in v1
-    assert next(line for line in lines if line.startswith("v2")).split()[2] == "-"
+    v2 = next(line for line in lines if line.startswith("v2")).split()
+    assert v2[2] == "-" and v2[-1] == "-"  # no agreement measured: a dash, not "-%"
 
 
 async def test_shadow_calls_are_dropped_when_busy_or_at_the_concurrency_cap() -> None:
