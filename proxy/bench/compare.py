@@ -127,6 +127,7 @@ async def run_strategy(
     summary = summarize(run.results, run.duration_s, costs, options.roles)
     summary["not_sent"] = run.not_sent
     summary["cancelled"] = run.cancelled
+    summary["interrupted"] = run.interrupted
     summary["config"] = str(config)
     return summary
 
@@ -149,6 +150,7 @@ class Comparison:
     summaries: list[dict[str, Any]]
     notes: list[str]
     failed: int
+    interrupted: bool = False
 
 
 async def compare(
@@ -175,6 +177,11 @@ async def compare(
             continue
         outcome.names.append(name)
         outcome.summaries.append(summary)
+        if summary["interrupted"]:
+            # Ctrl-C: the partial strategy is reported, the ones after it are not started.
+            outcome.interrupted = True
+            outcome.notes.append(f"{name}: interrupted (Ctrl-C); later strategies not run")
+            break
     return outcome
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ from proxy.bench.replay import ReplayOptions, replay
 from proxy.bench.summary import EngineCost, summarize
 from proxy.bench.trace import TraceRequest, load_trace
 from proxy.sse import DONE_EVENT, frame
+from tests.integration.conftest import wait_until
 
 SMALL_TRACE = Path(__file__).resolve().parents[1] / "data" / "small_trace.jsonl"
 STRATEGIES = Path(__file__).resolve().parents[2] / "scripts" / "strategies"
@@ -76,6 +78,8 @@ class MockProxy:
     stream_error_every: int = 20
     poisoned_groups: frozenset[str] = frozenset()
     hang: asyncio.Event | None = None
+    hang_after: int = 0  # with hang: the first N requests are answered, the rest wait for it
+    received: int = 0
     store_file: Path | None = None
     served: list[Served] = field(default_factory=list)
     exact: dict[bytes, Entry] = field(default_factory=dict)
@@ -106,7 +110,8 @@ class MockProxy:
         return ("large", "hard") if len(last_text(body)) > 200 else ("small", "easy")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if self.hang is not None:
+        self.received += 1
+        if self.hang is not None and self.received > self.hang_after:
             await self.hang.wait()
         self.count += 1
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ") or None
@@ -346,6 +351,37 @@ async def test_cli_replay_writes_summary_and_results(tmp_path: Path) -> None:
     assert summary["cost"]["unpriced_engines"] in ([], ["large"])
     assert len(results.read_bytes().splitlines()) == 40
     assert b"cache hit rate" in stdout
+
+
+async def test_ctrl_c_keeps_what_finished(tmp_path: Path) -> None:
+    release = asyncio.Event()
+    proxy = MockProxy(TRACE, hang=release, hang_after=3, fail_every=1000)
+    runner, url = await start(proxy)
+    out, results = tmp_path / "summary.json", tmp_path / "results.jsonl"
+    argv = [
+        sys.executable, "-m", "proxy.bench.cli", "bench", "replay", "--trace", str(SMALL_TRACE),
+        "--url", url, "--limit", "10", "--concurrency", "1", "--out", str(out),
+        "--results", str(results), "--no-progress",
+    ]  # fmt: skip
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        # Three answered, the fourth hangs: now the operator presses Ctrl-C.
+        await wait_until(lambda: proxy.received >= 4, timeout_s=60)
+        assert proxy.received == 4
+        process.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        release.set()
+        await runner.cleanup()
+    assert process.returncode == 130, stderr.decode()
+    summary = orjson.loads(out.read_bytes())
+    assert (summary["requests"], summary["cancelled"], summary["not_sent"]) == (3, 1, 6)
+    assert summary["interrupted"] is True
+    assert len(results.read_bytes().splitlines()) == 3
+    assert b"interrupted: 6 not sent, 1 cancelled" in stderr
+    assert b"Traceback" not in stderr
 
 
 def test_cli_refuses_remote_targets_and_bad_traces(tmp_path: Path) -> None:
