@@ -829,7 +829,7 @@ async def _call_engine(
         headers["Authorization"] = f"Bearer {engine.settings.api_key}"
     t0 = time.perf_counter()
     try:
-        return await services.caller.open(
+        upstream = await services.caller.open(
             engine,
             PATHS[req.kind],
             req.encoded(),
@@ -840,7 +840,11 @@ async def _call_engine(
         )
     finally:
         exchange.upstream_s += time.perf_counter() - t0
+    # Only an answer has a first token: an engine's error (or a client that left before one)
+    # in the TTFT series would pull its percentiles down with fast failures.
+    if upstream.status == 200:
         exchange.ttft_s = time.perf_counter() - exchange.started
+    return upstream
 
 
 @dataclass(slots=True)
