@@ -953,11 +953,15 @@ async def _relay(
         await response.prepare(request)
         await response.write(relay.feed(upstream.first_chunk))
         t0 = time.perf_counter()
-        async for chunk in upstream.rest():
-            out = relay.feed(chunk)
-            if out:
-                await response.write(out)
-        exchange.upstream_s += time.perf_counter() - t0
+        try:
+            async for chunk in upstream.rest():
+                out = relay.feed(chunk)
+                if out:
+                    await response.write(out)
+        finally:
+            # Also when the client leaves or the engine breaks off: else the whole stream so far
+            # would count as the proxy's own overhead.
+            exchange.upstream_s += time.perf_counter() - t0
         tail = relay.close()
         if tail:
             await response.write(tail)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from proxy.observability.metrics import Metrics
 from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config, wait_until
 
@@ -39,3 +41,26 @@ async def test_an_engine_error_is_not_a_first_token(
     # No content byte reached the client: nothing to time.
     assert value(metrics, "frugal_time_to_first_token_seconds_count", **labels) == 0
     assert metrics.snapshot()["latency"]["ttft"]["p50"] is None
+
+
+async def test_a_client_that_leaves_mid_stream_adds_no_proxy_overhead(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    engine = await start_fake("m", tokens_per_s=20, completion_tokens=200)
+    p = await start_proxy([engine_config("e", "m", [engine.url])])
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert resp.status == 200
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 1.0
+    while loop.time() < until:  # a second of the engine's tokens, then the client leaves
+        await resp.content.readany()
+    resp.close()
+    await wait_until(lambda: finished(p, 499) == 1)
+    metrics = p.services.metrics
+    assert finished(p, 499) == 1
+    latency = value(metrics, "frugal_request_latency_seconds_sum", tier="open", engine="e",
+                    cache="bypass")  # fmt: skip
+    overhead = value(metrics, "frugal_proxy_overhead_seconds_sum", tier="open")
+    assert latency >= 0.9
+    # The second was the engine's; the proxy's own share is milliseconds.
+    assert overhead < 0.3, (overhead, latency)
