@@ -111,6 +111,9 @@ class Exchange:
     tokens_out: int = 0
     ttft_s: float | None = None
     upstream_s: float = 0.0  # time spent waiting on the engine, for the proxy's own overhead
+    # time a coalesced follower waited on its leader's engine call: not the proxy's overhead
+    # either, but kept apart from upstream_s, which teaches the router the engine's service time
+    shared_wait_s: float = 0.0
     baseline: Engine | None = None  # what the request would have used with no routing
     error: str | None = None
     latency_s: float = 0.0  # set when the handler returns
@@ -270,8 +273,12 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                 else None
             )
             if flight is not None and not isinstance(flight, Leader):
-                with contextlib.suppress(LeaderFailed):
-                    return await _follow(request, req, flight, exchange, services)
+                followed = time.perf_counter()
+                try:
+                    with contextlib.suppress(LeaderFailed):
+                        return await _follow(request, req, flight, exchange, services)
+                finally:
+                    exchange.shared_wait_s += time.perf_counter() - followed
                 # The leader failed before this request was sent a byte: ask the engine ourselves
                 # (and say so: this answer is not a shared one).
                 flight = None
@@ -1295,7 +1302,11 @@ def _finish(exchange: Exchange, services: Services) -> None:
         cache=exchange.cache,
         latency_s=latency,
         ttft_s=exchange.ttft_s,
-        overhead_s=max(0.0, latency - exchange.upstream_s) if engine is not None else None,
+        overhead_s=(
+            max(0.0, latency - exchange.upstream_s - exchange.shared_wait_s)
+            if engine is not None
+            else None
+        ),
         tokens_in=exchange.tokens_in,
         tokens_out=exchange.tokens_out,
         cost_usd=money.cost_usd,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from proxy.observability.metrics import Metrics
 from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config, wait_until
@@ -64,3 +65,26 @@ async def test_a_client_that_leaves_mid_stream_adds_no_proxy_overhead(
     assert latency >= 0.9
     # The second was the engine's; the proxy's own share is milliseconds.
     assert overhead < 0.3, (overhead, latency)
+
+
+async def test_a_coalesced_follower_waits_on_the_engine_not_the_proxy(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine = await start_fake("m", ttft_ms=1000)
+    p = await start_proxy(
+        [engine_config("e", "m", [engine.url])],
+        cache={"enabled": True, "data_dir": str(tmp_path / "cache")},
+    )
+    leader = asyncio.create_task(p.client.post("/v1/chat/completions", json=CHAT))
+    await wait_until(lambda: engine.state.in_flight == 1)
+    follower = await p.client.post("/v1/chat/completions", json=CHAT)
+    assert follower.headers.get("x-frugal-cache-coalesced") == "1"
+    await (await leader).read()
+    await wait_until(lambda: finished(p, 200) == 2)
+    metrics = p.services.metrics
+    follower_latency = value(metrics, "frugal_request_latency_seconds_sum", tier="open",
+                             engine="e", cache="hit-exact")  # fmt: skip
+    overhead = value(metrics, "frugal_proxy_overhead_seconds_sum", tier="open")
+    assert follower_latency >= 0.5
+    # Both waited on the one engine call; neither spent that time in the proxy itself.
+    assert overhead < 0.3, (overhead, follower_latency)
