@@ -474,7 +474,7 @@ def _memo(compute: Callable[[], bytes]) -> Callable[[], bytes]:
 
 
 def _refusal(exchange: Exchange, err: FrugalError) -> FrugalError:
-    exchange.status, exchange.error = err.status, err.code
+    exchange.status, exchange.error = err.status, err.reason
     err.headers.update(exchange.headers())
     return err
 
@@ -1085,7 +1085,7 @@ async def _end_broken_stream(
 ) -> None:
     """Headers are gone: the failure becomes the stream's last event, never a hang."""
     upstream.finish(ok=False, aborted=isinstance(err, _NOT_THE_REPLICAS_FAULT))
-    exchange.status, exchange.error = err.status, err.code
+    exchange.status, exchange.error = err.status, err.reason
     await _write_quietly(response, err.to_sse())
     if store.flight is not None:
         store.flight.fail(_leader_failed(err))

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 
+import orjson
+
+from proxy.observability.access import AccessLog
 from proxy.observability.metrics import Metrics
 from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config, wait_until
 
@@ -88,3 +92,19 @@ async def test_a_coalesced_follower_waits_on_the_engine_not_the_proxy(
     assert follower_latency >= 0.5
     # Both waited on the one engine call; neither spent that time in the proxy itself.
     assert overhead < 0.3, (overhead, follower_latency)
+
+
+async def test_the_access_line_says_why_a_request_was_refused(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    engine = await start_fake("m")
+    p = await start_proxy([engine_config("e", "m", [engine.url])])
+    buffer = io.BytesIO()
+    p.services.access_log = AccessLog(json=True, stream=buffer)
+    bad = {**CHAT, "messages": "not a list"}
+    resp = await p.client.post("/v1/chat/completions", json=bad)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] is None  # OpenAI's shape: no code, a type
+    await wait_until(lambda: b"\n" in buffer.getvalue())
+    line = orjson.loads(buffer.getvalue().splitlines()[0])
+    assert (line["status"], line["error"]) == (400, "invalid_request_error")
