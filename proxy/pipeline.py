@@ -91,6 +91,7 @@ class Exchange:
 
     request_id: str
     started: float
+    kind: str = ""  # chat or completion: which endpoint was asked
     tier: str = "-"
     tenant: str = "-"
     model: str = ""
@@ -196,6 +197,7 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
     exchange = Exchange(
         request_id=services.request_ids.accept(request.headers.get("x-request-id")),
         started=time.perf_counter(),
+        kind=kind,
     )
     try:
         # The key first: a caller without a valid one learns nothing about its body (and the
@@ -1294,6 +1296,11 @@ def _finish(exchange: Exchange, services: Services) -> None:
     )
     if money.cost_usd:
         services.router.budget.observe(exchange.tier, money.cost_usd, time.monotonic())
+    overhead = (
+        max(0.0, latency - exchange.upstream_s - exchange.shared_wait_s)
+        if engine is not None
+        else None
+    )
     services.metrics.request_done(
         tier=exchange.tier,
         model=exchange.model if engine is not None else "",
@@ -1302,11 +1309,7 @@ def _finish(exchange: Exchange, services: Services) -> None:
         cache=exchange.cache,
         latency_s=latency,
         ttft_s=exchange.ttft_s,
-        overhead_s=(
-            max(0.0, latency - exchange.upstream_s - exchange.shared_wait_s)
-            if engine is not None
-            else None
-        ),
+        overhead_s=overhead,
         tokens_in=exchange.tokens_in,
         tokens_out=exchange.tokens_out,
         cost_usd=money.cost_usd,
@@ -1329,6 +1332,7 @@ def _finish(exchange: Exchange, services: Services) -> None:
         services.access_log.write(
             dict(
                 request_id=exchange.request_id,
+                endpoint=exchange.kind,
                 tier=exchange.tier,
                 model=exchange.model,
                 engine=engine.name if engine else None,
@@ -1343,6 +1347,9 @@ def _finish(exchange: Exchange, services: Services) -> None:
                 tokens_in=exchange.tokens_in,
                 tokens_out=exchange.tokens_out,
                 latency_ms=round(latency * 1000, 3),
+                # A slow answer's line says where its time went: first token, the proxy itself.
+                ttft_ms=None if exchange.ttft_s is None else round(exchange.ttft_s * 1000, 3),
+                overhead_ms=None if overhead is None else round(overhead * 1000, 3),
                 cost_usd=money.cost_usd,
                 saved_usd=money.saved_cache_usd + money.saved_routing_usd,
                 error=exchange.error,

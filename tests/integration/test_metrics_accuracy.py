@@ -108,3 +108,24 @@ async def test_the_access_line_says_why_a_request_was_refused(
     await wait_until(lambda: b"\n" in buffer.getvalue())
     line = orjson.loads(buffer.getvalue().splitlines()[0])
     assert (line["status"], line["error"]) == (400, "invalid_request_error")
+
+
+async def test_the_access_line_says_where_a_requests_time_went(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    engine = await start_fake("m", ttft_ms=200)
+    p = await start_proxy([engine_config("e", "m", [engine.url])])
+    buffer = io.BytesIO()
+    p.services.access_log = AccessLog(json=True, stream=buffer)
+    resp = await p.client.post("/v1/completions", json={"model": "m", "prompt": "Say hi"})
+    assert resp.status == 200
+    await resp.read()
+    await wait_until(lambda: b"\n" in buffer.getvalue())
+    line = orjson.loads(buffer.getvalue().splitlines()[0])
+    assert line["endpoint"] == "completion"
+    assert 200 <= line["ttft_ms"] <= line["latency_ms"]
+    # the engine's 200 ms are not the proxy's
+    assert 0 <= line["overhead_ms"] < 100 < line["latency_ms"]
+    assert line["overhead_ms"] == round(
+        value(p.services.metrics, "frugal_proxy_overhead_seconds_sum", tier="open") * 1000, 3
+    )
