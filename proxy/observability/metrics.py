@@ -87,6 +87,11 @@ class _Children:
             self._children[key] = child
         return child
 
+    def forget(self, *key: str) -> None:
+        """Stop exposing the series (a gauge whose subject is gone must not keep its last value)."""
+        if self._children.pop(key, None) is not None:
+            self._metric.remove(*key)
+
 
 class Metrics:
     """The proxy's metrics: Prometheus series plus a bounded window of recent latencies."""
@@ -522,6 +527,11 @@ class Metrics:
     def budget_limit(self, *, tier: str, usd: float) -> None:
         """Publish the tier's daily budget, so alerts can compare spend against it."""
         self._budget_limit.get(tier).set(usd)
+
+    def budget_dropped(self, *, tier: str) -> None:
+        """The tier has no daily budget any more (or is gone): neither gauge is exposed."""
+        self._budget_spent.forget(tier)
+        self._budget_limit.forget(tier)
 
     # -- reading ----------------------------------------------------------------------------
 

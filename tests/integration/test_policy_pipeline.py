@@ -463,3 +463,40 @@ async def test_a_stream_the_client_leaves_is_charged_for_what_it_was_sent(
     assert spent.reserved_usd == 0
     # at least the tokens it was sent, at $0.2 per million
     assert spent.spent_usd >= 8 * 0.2e-6, spent
+
+
+async def test_budget_gauges_follow_the_spend_and_the_policy(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """The budget alerts and the dashboard read frugal_budget_spent_usd/_limit_usd."""
+    folder = write_policies(
+        tmp_path / "p",
+        tier("free", [FREE_KEY], budget={"usd_per_day": 0.5}),
+        tier("pro", [PRO_KEY]),  # no budget: no budget series
+    )
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    metrics = proxy.services.metrics
+    registry = metrics.registry
+
+    def gauge(name: str, tier_name: str) -> float | None:
+        return registry.get_sample_value(name, {"tier": tier_name})
+
+    await wait_until(lambda: gauge("frugal_budget_limit_usd", "free") == 0.5)
+    assert gauge("frugal_budget_limit_usd", "free") == 0.5
+    assert gauge("frugal_budget_spent_usd", "free") == 0.0
+    assert gauge("frugal_budget_limit_usd", "pro") is None
+    for i in range(3):
+        body = {**chat(), "messages": [{"role": "user", "content": f"q{i}"}]}
+        resp = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
+        assert resp.status == 200
+    await wait_until(lambda: (gauge("frugal_budget_spent_usd", "free") or 0.0) > 0)
+    spent = gauge("frugal_budget_spent_usd", "free")
+    billed = registry.get_sample_value("frugal_cost_usd_total", {"tier": "free", "engine": "small"})
+    assert spent == pytest.approx(billed, abs=1e-9)  # what the requests cost
+    assert metrics.snapshot()["tiers"]["free"]["budget_spent_usd"] == spent
+    # A reload that takes the budget away takes its series away too.
+    write_policies(folder, tier("free", [FREE_KEY]))
+    assert (await proxy.client.post("/admin/policies/reload")).status == 200
+    await wait_until(lambda: gauge("frugal_budget_limit_usd", "free") is None)
+    assert gauge("frugal_budget_limit_usd", "free") is None
+    assert gauge("frugal_budget_spent_usd", "free") is None
