@@ -59,6 +59,7 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.observability.savings import split_savings
+from proxy.policy.errors import EngineOverloaded, LimitsUnavailable, PolicyError
 from proxy.policy.keys import bearer_token
 from proxy.policy.limits import prompt_token_bound, worst_case_usd
 from proxy.policy.policyset import Principal, cap_max_tokens, resolve_model
@@ -323,8 +324,11 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                 exchange.conversation = req  # the router remembers it once the answer is out
             return response
     except EngineNotAllowedError as err:
+        services.metrics.policy_rejected(tier=exchange.tier, reason="model_not_allowed")
         raise _refusal(exchange, PermissionDenied(str(err), param="model")) from None
     except FrugalError as err:
+        if isinstance(err, PolicyError) and not isinstance(err, _NOT_A_POLICY_REFUSAL):
+            services.metrics.policy_rejected(tier=exchange.tier, reason=err.reason)
         raise _refusal(exchange, err) from None
     except asyncio.CancelledError as exc:
         if not is_stop(exc) or request.writer.output_size > 0:
@@ -473,6 +477,12 @@ def _memo(compute: Callable[[], bytes]) -> Callable[[], bytes]:
         return cell[0]
 
     return get
+
+
+# Refusals counted elsewhere: a full engine queue in frugal_admission_rejected_total, an
+# unreachable limits backend in frugal_limits_errors_total. The rest of the policy errors (keys,
+# models, max_tokens, rates, concurrency, budget) are frugal_policy_rejected_total.
+_NOT_A_POLICY_REFUSAL = (EngineOverloaded, LimitsUnavailable)
 
 
 def _refusal(exchange: Exchange, err: FrugalError) -> FrugalError:

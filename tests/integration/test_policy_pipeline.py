@@ -500,3 +500,33 @@ async def test_budget_gauges_follow_the_spend_and_the_policy(
     await wait_until(lambda: gauge("frugal_budget_limit_usd", "free") is None)
     assert gauge("frugal_budget_limit_usd", "free") is None
     assert gauge("frugal_budget_spent_usd", "free") is None
+
+
+async def test_policy_refusals_are_counted_by_tier_and_reason(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """The policy-refusal alert, the Grafana panel and the dashboard read this counter."""
+    folder = write_policies(
+        tmp_path / "p", tier("free", [FREE_KEY], limits={"requests_per_minute": 1})
+    )
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    post = proxy.client.post
+    assert (await post("/v1/chat/completions", json=chat())).status == 401
+    refused_model = await post(
+        "/v1/chat/completions", json=chat("large-model"), headers=auth(FREE_KEY)
+    )
+    assert refused_model.status == 403
+    assert (await post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))).status == 200
+    assert (await post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))).status == 429
+    registry = proxy.services.metrics.registry
+    counted = {
+        (s.labels["tier"], s.labels["reason"]): s.value
+        for s in iter_samples(registry)
+        if s.name == "frugal_policy_rejected_total"
+    }
+    assert counted == {
+        ("-", "missing_api_key"): 1,
+        ("free", "model_not_allowed"): 1,
+        ("free", "rate_limit_exceeded"): 1,
+    }
+    assert proxy.services.metrics.snapshot()["rejections"]["policy"] == 3
