@@ -31,7 +31,6 @@ from proxy.bench.replay import ReplayOptions, replay
 from proxy.bench.summary import EngineCost, summarize
 from proxy.bench.trace import TraceRequest, load_trace
 from proxy.sse import DONE_EVENT, frame
-from tests.integration.conftest import wait_until
 
 SMALL_TRACE = Path(__file__).resolve().parents[1] / "data" / "small_trace.jsonl"
 STRATEGIES = Path(__file__).resolve().parents[2] / "scripts" / "strategies"
@@ -354,6 +353,8 @@ async def test_cli_replay_writes_summary_and_results(tmp_path: Path) -> None:
 
 
 async def test_ctrl_c_keeps_what_finished(tmp_path: Path) -> None:
+    from tests.integration.conftest import wait_until  # here: this file also runs as a script
+
     release = asyncio.Event()
     proxy = MockProxy(TRACE, hang=release, hang_after=3, fail_every=1000)
     runner, url = await start(proxy)
