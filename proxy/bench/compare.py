@@ -170,6 +170,16 @@ async def compare(
         print(f"== {name} ({config})", file=sys.stderr)
         try:
             summary = await run_strategy(config, requests, options, out_dir / f"serve-{name}.log")
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is None or current.uncancel() > 0:
+                raise
+            # Ctrl-C while this strategy's proxy was starting (its replay keeps what it got by
+            # itself): the strategies already run are still reported.
+            outcome.interrupted = True
+            outcome.notes.append(f"{name}: interrupted (Ctrl-C) before its replay")
+            print("   interrupted", file=sys.stderr)
+            break
         except (StrategyError, ConfigError, OSError, ValueError) as exc:
             outcome.failed += 1
             outcome.notes.append(f"{name}: failed: {exc}")

@@ -429,6 +429,42 @@ def test_compare_runs_each_strategy_fresh_and_writes_a_report(tmp_path: Path) ->
     assert (out / "serve-routed_semantic.log").exists()
 
 
+async def test_compare_interrupted_keeps_the_strategies_already_run(tmp_path: Path) -> None:
+    from tests.integration.conftest import wait_until  # here: this file also runs as a script
+
+    # The second strategy's proxy never becomes ready: Ctrl-C while the run waits for it.
+    serve = (
+        f"sh -c 'case {{config}} in *no_cache*) exec sleep 600;; esac; exec {sys.executable} "
+        f"{Path(__file__)} --config {{config}} --port {{port}} --trace {SMALL_TRACE}'"
+    )
+    out = tmp_path / "out"
+    argv = [
+        sys.executable, "-m", "proxy.bench.cli", "bench", "compare", "--trace", str(SMALL_TRACE),
+        "--limit", "20", "--configs", str(STRATEGIES / "exact_cache.yaml"),
+        str(STRATEGIES / "no_cache.yaml"), str(STRATEGIES / "routed_semantic.yaml"),
+        "--out", str(out), "--serve-cmd", serve, "--no-progress", "--ready-timeout", "60",
+    ]  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await wait_until(lambda: (out / "serve-no_cache.log").exists(), timeout_s=60)
+        await asyncio.sleep(0.5)  # it is waiting for /readyz now
+        process.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 130, stderr.decode()
+    results = orjson.loads((out / "compare.json").read_bytes())
+    assert list(results) == ["exact_cache"]
+    assert results["exact_cache"]["requests"] == 20
+    html = (out / "report.html").read_text()
+    assert "no_cache: interrupted (Ctrl-C) before its replay" in html
+    assert b"Traceback" not in stderr
+
+
 def _serve_main(argv: Sequence[str] | None = None) -> None:
     """Stand-in for ``frugal serve`` in the compare test: config-driven mock with a disk cache."""
     from proxy.settings import load_settings
