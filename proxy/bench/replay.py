@@ -255,6 +255,10 @@ async def send_one(
     body = dict(request.body)
     if options.model is not None:
         body["model"] = options.model
+    if body.get("stream") is True and "stream_options" not in body:
+        # Without it a stream carries no usage and tokens and cost would be guessed from the
+        # text's length; the proxy's cache key leaves stream_options out, so nothing else moves.
+        body["stream_options"] = {"include_usage": True}
     headers = {"content-type": "application/json"}
     key = request.api_key or options.api_key
     if key:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import signal
 import sys
 from collections import Counter
@@ -263,6 +264,30 @@ async def test_replay_measures_what_the_server_did() -> None:
     assert streamed_ok and all(r.ttft_s is not None for r in streamed_ok)
     assert summary["ttft_s"]["count"] == len(streamed_ok)
     assert Counter(s.bearer for s in proxy.served) == Counter(r.api_key for r in TRACE)
+
+
+async def test_streamed_requests_without_stream_options_still_get_exact_usage() -> None:
+    # A trace of clients that never asked for a usage chunk: the harness asks, so its token and
+    # cost figures are the engine's, not a characters-per-token guess.
+    plain = [
+        dataclasses.replace(r, body={k: v for k, v in r.body.items() if k != "stream_options"})
+        for r in TRACE
+        if r.stream
+    ][:20]
+    proxy = MockProxy(plain, fail_every=10**9, stream_error_every=10**9)
+    runner, url = await start(proxy)
+    try:
+        run = await replay(plain, ReplayOptions(url=url, concurrency=4, progress=False))
+    finally:
+        await runner.cleanup()
+    summary = summarize(run.results, run.duration_s, PRICES)
+    assert summary["ok"] == len(plain)
+    assert summary["tokens"]["estimated_requests"] == 0
+    served = {s.entry.text: s.entry for s in proxy.served if s.entry is not None}
+    assert len(served) > 1
+    assert sum(r.completion_tokens for r in run.results) == sum(
+        s.entry.completion_tokens for s in proxy.served if s.entry is not None
+    )
 
 
 async def test_timed_replay_never_sends_early() -> None:
