@@ -1,4 +1,4 @@
-"""/metrics against what actually happened to a known sequence of requests through the proxy."""
+"""/metrics and the logs against what actually happened to known requests through the proxy."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 import orjson
+import structlog
 
 from proxy.observability.access import AccessLog
 from proxy.observability.metrics import Metrics
@@ -129,3 +130,17 @@ async def test_the_access_line_says_where_a_requests_time_went(
     assert line["overhead_ms"] == round(
         value(p.services.metrics, "frugal_proxy_overhead_seconds_sum", tier="open") * 1000, 3
     )
+
+
+async def test_an_engine_failure_log_names_the_request(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    engine = await start_fake("m", fail_fraction=1.0, fail_status=500)
+    p = await start_proxy([engine_config("e", "m", [engine.url])])
+    with structlog.testing.capture_logs() as logs:
+        resp = await p.client.post("/v1/chat/completions", json=CHAT)
+        assert resp.status == 502
+    failures = [e for e in logs if e["event"] == "engine.replica_failed"]
+    assert failures
+    # The access line of this 502 and the replica's failure share the request's id.
+    assert {e.get("request_id") for e in failures} == {resp.headers["x-request-id"]}
