@@ -1270,6 +1270,17 @@ async def _write_eof_quietly(response: web.StreamResponse) -> None:
 # -- the end ----------------------------------------------------------------------------------
 
 
+# A model name no engine serves comes from the client as it is: one request must not make an
+# access line as long as its body (log shippers split or drop long lines).
+MAX_LOGGED_MODEL = 128
+
+
+def _loggable_model(model: str) -> str:
+    if len(model) <= MAX_LOGGED_MODEL:
+        return model
+    return f"{model[:MAX_LOGGED_MODEL]}... ({len(model)} characters)"
+
+
 def _finish(exchange: Exchange, services: Services) -> None:
     if exchange.counted_in_flight:
         services.metrics.in_flight(tier=exchange.tier, delta=-1)
@@ -1344,7 +1355,7 @@ def _finish(exchange: Exchange, services: Services) -> None:
                 request_id=exchange.request_id,
                 endpoint=exchange.kind,
                 tier=exchange.tier,
-                model=exchange.model,
+                model=_loggable_model(exchange.model),
                 engine=engine.name if engine else None,
                 model_version=version,
                 cache=exchange.cache,

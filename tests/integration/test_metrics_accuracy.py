@@ -144,3 +144,20 @@ async def test_an_engine_failure_log_names_the_request(
     assert failures
     # The access line of this 502 and the replica's failure share the request's id.
     assert {e.get("request_id") for e in failures} == {resp.headers["x-request-id"]}
+
+
+async def test_a_made_up_model_name_cannot_blow_up_the_access_line(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    engine = await start_fake("m")
+    p = await start_proxy([engine_config("e", "m", [engine.url])])
+    buffer = io.BytesIO()
+    p.services.access_log = AccessLog(json=True, stream=buffer)
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "x" * 100_000})
+    assert resp.status == 404
+    await wait_until(lambda: b"\n" in buffer.getvalue())
+    raw = buffer.getvalue().splitlines()[0]
+    assert len(raw) < 2000
+    line = orjson.loads(raw)
+    assert line["model"].startswith("x" * 128)
+    assert line["model"].endswith("(100000 characters)")
