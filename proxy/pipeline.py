@@ -1355,6 +1355,7 @@ def _finish(exchange: Exchange, services: Services) -> None:
                 request_id=exchange.request_id,
                 endpoint=exchange.kind,
                 tier=exchange.tier,
+                tenant=exchange.tenant,  # the key's owner: whose request this was
                 model=_loggable_model(exchange.model),
                 engine=engine.name if engine else None,
                 model_version=version,

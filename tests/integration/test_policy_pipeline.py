@@ -4,6 +4,7 @@ admin endpoints."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import openai
 import pytest
 import yaml
 
+from proxy.observability.access import AccessLog
 from proxy.observability.metrics import iter_samples
 from proxy.policy.keys import hash_key
 from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config, wait_until
@@ -530,3 +532,18 @@ async def test_policy_refusals_are_counted_by_tier_and_reason(
         ("free", "rate_limit_exceeded"): 1,
     }
     assert proxy.services.metrics.snapshot()["rejections"]["policy"] == 3
+
+
+async def test_the_access_line_names_the_keys_tenant(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    folder = write_policies(tmp_path / "p", tier("free", [FREE_KEY]))
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    buffer = io.BytesIO()
+    proxy.services.access_log = AccessLog(json=True, stream=buffer)
+    resp = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))
+    assert resp.status == 200
+    await wait_until(lambda: b"\n" in buffer.getvalue())
+    line = json.loads(buffer.getvalue().splitlines()[0])
+    assert (line["tier"], line["tenant"]) == ("free", "free-tenant")
+    assert FREE_KEY not in buffer.getvalue().decode()  # the key itself never
