@@ -59,6 +59,7 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.observability.savings import split_savings
+from proxy.policy.admission import Slot
 from proxy.policy.errors import EngineOverloaded, LimitsUnavailable, PolicyError
 from proxy.policy.keys import bearer_token
 from proxy.policy.limits import prompt_token_bound, worst_case_usd
@@ -116,6 +117,7 @@ class Exchange:
     # time a coalesced follower waited on its leader's engine call: not the proxy's overhead
     # either, but kept apart from upstream_s, which teaches the router the engine's service time
     shared_wait_s: float = 0.0
+    slot: Slot | None = None  # the engine slot it queued for (its waited_s is not overhead)
     baseline: Engine | None = None  # what the request would have used with no routing
     error: str | None = None
     latency_s: float = 0.0  # set when the handler returns
@@ -290,14 +292,15 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
             # every choice (n of them per prompt) may use all of max_tokens
             max_output = (req.max_tokens or policy.limits.max_tokens) * expected_choices(req)
             worst_case = worst_case_usd(engine.settings.cost, prompt_bound, max_output)
+            exchange.slot = services.admissions[engine.name].slot(
+                priority=policy.priority,
+                max_wait_s=policy.queue.max_wait_ms / 1000,
+                tier=principal.tier,
+            )
             async with (
                 flight if flight is not None else contextlib.nullcontext(),
                 ticket.budget(worst_case) as spend,
-                services.admissions[engine.name].slot(
-                    priority=policy.priority,
-                    max_wait_s=policy.queue.max_wait_ms / 1000,
-                    tier=principal.tier,
-                ),
+                exchange.slot,
             ):
                 answered = (
                     services.auditor.counterfactual(
@@ -1317,8 +1320,9 @@ def _finish(exchange: Exchange, services: Services) -> None:
     )
     if money.cost_usd:
         services.router.budget.observe(exchange.tier, money.cost_usd, time.monotonic())
+    queued = exchange.slot.waited_s if exchange.slot is not None else 0.0
     overhead = (
-        max(0.0, latency - exchange.upstream_s - exchange.shared_wait_s)
+        max(0.0, latency - exchange.upstream_s - exchange.shared_wait_s - queued)
         if engine is not None
         else None
     )

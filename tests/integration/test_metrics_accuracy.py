@@ -161,3 +161,24 @@ async def test_a_made_up_model_name_cannot_blow_up_the_access_line(
     line = orjson.loads(raw)
     assert line["model"].startswith("x" * 128)
     assert line["model"].endswith("(100000 characters)")
+
+
+async def test_waiting_for_a_busy_engines_slot_is_not_proxy_overhead(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    engine = await start_fake("m", ttft_ms=600)
+    p = await start_proxy([engine_config("e", "m", [engine.url], max_concurrency=1)])
+    bodies = [
+        {**CHAT, "messages": [{"role": "user", "content": f"question {i}"}]} for i in range(2)
+    ]
+    first = asyncio.create_task(p.client.post("/v1/chat/completions", json=bodies[0]))
+    await wait_until(lambda: engine.state.in_flight == 1)
+    second = await p.client.post("/v1/chat/completions", json=bodies[1])  # queues for the slot
+    assert (await first).status == second.status == 200
+    await wait_until(lambda: finished(p, 200) == 2)
+    metrics = p.services.metrics
+    waited = value(metrics, "frugal_queue_wait_seconds_sum", engine="e", tier="open")
+    overhead = value(metrics, "frugal_proxy_overhead_seconds_sum", tier="open")
+    assert waited >= 0.4  # the second waited for the first's engine time
+    # That wait is the engine's capacity, counted in frugal_queue_wait_seconds, not overhead.
+    assert overhead < 0.3, (overhead, waited)
