@@ -663,13 +663,17 @@ async def _health_poller(app: web.Application) -> AsyncIterator[None]:
     metrics = services.metrics
 
     def observe(engine: Engine, replica: Replica) -> None:
+        # A replica that is down has no batch or KV cache we can see: its last figures, kept
+        # for ever, would hold the backlog and KV-cache alerts firing on a dead replica.
+        up = bool(replica.healthy)
+        load = replica.load
         metrics.engine_replica(
             engine=engine.name,
             replica=replica.url,
-            healthy=bool(replica.healthy),
-            running=replica.load.running,
-            waiting=replica.load.waiting,
-            kv_usage=replica.load.kv_usage,
+            healthy=up,
+            running=load.running if up else 0.0,
+            waiting=load.waiting if up else 0.0,
+            kv_usage=load.kv_usage if up else 0.0,
         )
         state = replica.breaker.state
         if state == "open" and replica.breaker.available(time.monotonic()):

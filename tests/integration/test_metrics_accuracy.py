@@ -182,3 +182,35 @@ async def test_waiting_for_a_busy_engines_slot_is_not_proxy_overhead(
     assert waited >= 0.4  # the second waited for the first's engine time
     # That wait is the engine's capacity, counted in frugal_queue_wait_seconds, not overhead.
     assert overhead < 0.3, (overhead, waited)
+
+
+async def test_a_replica_that_goes_down_stops_reporting_its_last_batch(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    engine = await start_fake("m", tokens_per_s=5, completion_tokens=200)
+    p = await start_proxy([engine_config("e", "m", [engine.url])])
+    metrics = p.services.metrics
+    labels = {"engine": "e", "replica": engine.url}
+
+    def gauge(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    streams = [
+        await p.client.post(
+            "/v1/chat/completions",
+            json={**CHAT, "stream": True, "messages": [{"role": "user", "content": f"q{i}"}]},
+        )
+        for i in range(3)
+    ]
+    await wait_until(lambda: gauge("frugal_engine_requests_running") == 3)
+    assert gauge("frugal_engine_requests_running") == 3
+    assert (gauge("frugal_engine_kv_cache_usage_ratio") or 0.0) > 0
+    for resp in streams:
+        resp.close()
+    await engine.server.close()  # the replica dies
+    await wait_until(lambda: gauge("frugal_engine_up") == 0)
+    assert gauge("frugal_engine_up") == 0
+    # Its batch and KV cache are gone with it, not frozen at their last values.
+    assert gauge("frugal_engine_requests_running") == 0
+    assert gauge("frugal_engine_kv_cache_usage_ratio") == 0
+    assert p.services.metrics.snapshot()["engines"]["e"]["running"] == 0
