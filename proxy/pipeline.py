@@ -1364,6 +1364,10 @@ def _finish(exchange: Exchange, services: Services) -> None:
                 engine=engine.name if engine else None,
                 model_version=version,
                 cache=exchange.cache,
+                # what a hit was: how close (a wrong semantic answer is traced by this), and
+                # whether it was another request's answer shared while in flight
+                cache_similarity=exchange.cache_similarity,
+                coalesced=exchange.coalesced,
                 route=exchange.routed.name if exchange.routed else None,
                 route_reason=exchange.route_reason,
                 route_score=exchange.route_score,

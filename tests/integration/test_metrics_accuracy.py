@@ -214,3 +214,25 @@ async def test_a_replica_that_goes_down_stops_reporting_its_last_batch(
     assert gauge("frugal_engine_requests_running") == 0
     assert gauge("frugal_engine_kv_cache_usage_ratio") == 0
     assert p.services.metrics.snapshot()["engines"]["e"]["running"] == 0
+
+
+async def test_the_access_line_tells_a_shared_answer_from_a_cached_one(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine = await start_fake("m", ttft_ms=300)
+    p = await start_proxy(
+        [engine_config("e", "m", [engine.url])],
+        cache={"enabled": True, "data_dir": str(tmp_path / "cache")},
+    )
+    buffer = io.BytesIO()
+    p.services.access_log = AccessLog(json=True, stream=buffer)
+    leader = asyncio.create_task(p.client.post("/v1/chat/completions", json=CHAT))
+    await wait_until(lambda: engine.state.in_flight == 1)
+    follower = await p.client.post("/v1/chat/completions", json=CHAT)
+    assert follower.headers.get("x-frugal-cache-coalesced") == "1"
+    await (await leader).read()
+    await wait_until(lambda: buffer.getvalue().count(b"\n") == 2)
+    lines = {line["request_id"]: line for line in map(orjson.loads, buffer.getvalue().splitlines())}
+    shared = lines[follower.headers["x-request-id"]]
+    assert (shared["cache"], shared["coalesced"]) == ("hit-exact", True)
+    assert [line["coalesced"] for line in lines.values()].count(False) == 1  # the leader
