@@ -37,7 +37,8 @@ from proxy.observability.dashboard import dashboard_routes
 from proxy.observability.metrics import Metrics
 from proxy.policy.admission import EngineAdmission, Outcome
 from proxy.policy.default import StaticPolicies, open_policies
-from proxy.policy.limits import Limiter, LocalCounters
+from proxy.policy.limits import CounterBackendError, Limiter, LocalCounters
+from proxy.policy.policyset import Principal
 from proxy.policy.store import PolicyStore
 from proxy.rollout.manager import Rollouts
 from proxy.routing.classifier import DifficultyClassifier
@@ -125,6 +126,7 @@ def create_app(
     app.cleanup_ctx.append(_engine_versions)
     app.cleanup_ctx.append(_health_poller)
     app.cleanup_ctx.append(_policy_watcher)
+    app.cleanup_ctx.append(_budget_gauges)
     cors.install(app, settings.server.cors)
     handlers.add_routes(app, services)
     admin.add_routes(app, services)
@@ -609,6 +611,51 @@ async def _purge_unserved(services: Services, *, at_start: bool = False) -> None
         log.info("purged cache entries of versions no engine serves", entries=purged)
 
 
+async def publish_budgets(services: Services, published: set[str]) -> None:
+    """Set ``frugal_budget_spent_usd``/``frugal_budget_limit_usd`` for every tier with a daily
+    budget, from the limiter's counters (with Redis: the whole fleet's spend today).
+
+    ``published`` holds the tiers shown last time; a tier whose budget went away with a policy
+    reload is dropped from both gauges rather than left at its last value.
+    """
+    budgeted: set[str] = set()
+    for tier, policy in services.policies.current.tiers.items():
+        ceiling = policy.budget.usd_per_day
+        if ceiling is None:
+            continue
+        budgeted.add(tier)
+        services.metrics.budget_limit(tier=tier, usd=ceiling)
+        try:
+            spent, _ = await services.limiter.budget_status(Principal(tier, "-", policy))
+        except CounterBackendError:
+            continue  # counted and logged where requests meet it; the gauge keeps its last value
+        services.metrics.budget_spent(tier=tier, usd=spent.spent_usd)
+    for tier in published - budgeted:
+        services.metrics.budget_dropped(tier=tier)
+    published.clear()
+    published.update(budgeted)
+
+
+async def _budget_gauges(app: web.Application) -> AsyncIterator[None]:
+    """Publish the tiers' budgets as often as the engines are polled: the budget alerts in
+    deploy/prometheus/alerts.yml and the dashboard's tier table read these gauges."""
+    services = app[SERVICES]
+    interval_s = services.settings.health.interval_s
+
+    async def loop() -> None:
+        published: set[str] = set()
+        while True:
+            try:
+                await publish_budgets(services, published)
+            except Exception:
+                log.warning("budget gauges not updated", exc_info=True)
+            await asyncio.sleep(interval_s)
+
+    task = asyncio.create_task(loop())
+    yield
+    await stop(task)
+
+
 async def _health_poller(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     session = app[TRANSPORT].session
@@ -616,13 +663,17 @@ async def _health_poller(app: web.Application) -> AsyncIterator[None]:
     metrics = services.metrics
 
     def observe(engine: Engine, replica: Replica) -> None:
+        # A replica that is down has no batch or KV cache we can see: its last figures, kept
+        # for ever, would hold the backlog and KV-cache alerts firing on a dead replica.
+        up = bool(replica.healthy)
+        load = replica.load
         metrics.engine_replica(
             engine=engine.name,
             replica=replica.url,
-            healthy=bool(replica.healthy),
-            running=replica.load.running,
-            waiting=replica.load.waiting,
-            kv_usage=replica.load.kv_usage,
+            healthy=up,
+            running=load.running if up else 0.0,
+            waiting=load.waiting if up else 0.0,
+            kv_usage=load.kv_usage if up else 0.0,
         )
         state = replica.breaker.state
         if state == "open" and replica.breaker.available(time.monotonic()):

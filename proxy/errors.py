@@ -54,6 +54,12 @@ class FrugalError(Exception):
         self.code = code if code is not None else self.default_code
         self.headers: dict[str, str] = dict(headers or {})
 
+    @property
+    def reason(self) -> str:
+        """What the access line's ``error`` says: the code, else the type, for an invalid
+        request has no code and a 400 logged with ``error: null`` tells an operator nothing."""
+        return self.code or self.error_type
+
     def body(self) -> dict[str, Any]:
         return {
             "error": {

@@ -59,6 +59,8 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.observability.savings import split_savings
+from proxy.policy.admission import Slot
+from proxy.policy.errors import EngineOverloaded, LimitsUnavailable, PolicyError
 from proxy.policy.keys import bearer_token
 from proxy.policy.limits import prompt_token_bound, worst_case_usd
 from proxy.policy.policyset import Principal, cap_max_tokens, resolve_model
@@ -91,6 +93,7 @@ class Exchange:
 
     request_id: str
     started: float
+    kind: str = ""  # chat or completion: which endpoint was asked
     tier: str = "-"
     tenant: str = "-"
     model: str = ""
@@ -112,6 +115,10 @@ class Exchange:
     tokens_out: int = 0
     ttft_s: float | None = None
     upstream_s: float = 0.0  # time spent waiting on the engine, for the proxy's own overhead
+    # time a coalesced follower waited on its leader's engine call: not the proxy's overhead
+    # either, but kept apart from upstream_s, which teaches the router the engine's service time
+    shared_wait_s: float = 0.0
+    slot: Slot | None = None  # the engine slot it queued for (its waited_s is not overhead)
     baseline: Engine | None = None  # what the request would have used with no routing
     error: str | None = None
     latency_s: float = 0.0  # set when the handler returns
@@ -194,6 +201,7 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
     exchange = Exchange(
         request_id=services.request_ids.accept(request.headers.get("x-request-id")),
         started=time.perf_counter(),
+        kind=kind,
     )
     try:
         # The key first: a caller without a valid one learns nothing about its body (and the
@@ -271,8 +279,12 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                 else None
             )
             if flight is not None and not isinstance(flight, Leader):
-                with contextlib.suppress(LeaderFailed):
-                    return await _follow(request, req, flight, exchange, services)
+                followed = time.perf_counter()
+                try:
+                    with contextlib.suppress(LeaderFailed):
+                        return await _follow(request, req, flight, exchange, services)
+                finally:
+                    exchange.shared_wait_s += time.perf_counter() - followed
                 # The leader failed before this request was sent a byte: ask the engine ourselves
                 # (and say so: this answer is not a shared one).
                 flight = None
@@ -281,14 +293,15 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
             # every choice (n of them per prompt) may use all of max_tokens
             max_output = (req.max_tokens or policy.limits.max_tokens) * expected_choices(req)
             worst_case = worst_case_usd(engine.settings.cost, prompt_bound, max_output)
+            exchange.slot = services.admissions[engine.name].slot(
+                priority=policy.priority,
+                max_wait_s=policy.queue.max_wait_ms / 1000,
+                tier=principal.tier,
+            )
             async with (
                 flight if flight is not None else contextlib.nullcontext(),
                 ticket.budget(worst_case) as spend,
-                services.admissions[engine.name].slot(
-                    priority=policy.priority,
-                    max_wait_s=policy.queue.max_wait_ms / 1000,
-                    tier=principal.tier,
-                ),
+                exchange.slot,
             ):
                 answered = (
                     services.auditor.counterfactual(
@@ -315,8 +328,11 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                 exchange.conversation = req  # the router remembers it once the answer is out
             return response
     except EngineNotAllowedError as err:
+        services.metrics.policy_rejected(tier=exchange.tier, reason="model_not_allowed")
         raise _refusal(exchange, PermissionDenied(str(err), param="model")) from None
     except FrugalError as err:
+        if isinstance(err, PolicyError) and not isinstance(err, _NOT_A_POLICY_REFUSAL):
+            services.metrics.policy_rejected(tier=exchange.tier, reason=err.reason)
         raise _refusal(exchange, err) from None
     except asyncio.CancelledError as exc:
         if not is_stop(exc) or request.writer.output_size > 0:
@@ -467,8 +483,14 @@ def _memo(compute: Callable[[], bytes]) -> Callable[[], bytes]:
     return get
 
 
+# Refusals counted elsewhere: a full engine queue in frugal_admission_rejected_total, an
+# unreachable limits backend in frugal_limits_errors_total. The rest of the policy errors (keys,
+# models, max_tokens, rates, concurrency, budget) are frugal_policy_rejected_total.
+_NOT_A_POLICY_REFUSAL = (EngineOverloaded, LimitsUnavailable)
+
+
 def _refusal(exchange: Exchange, err: FrugalError) -> FrugalError:
-    exchange.status, exchange.error = err.status, err.code
+    exchange.status, exchange.error = err.status, err.reason
     err.headers.update(exchange.headers())
     return err
 
@@ -835,7 +857,7 @@ async def _call_engine(
         headers["Authorization"] = f"Bearer {engine.settings.api_key}"
     t0 = time.perf_counter()
     try:
-        return await services.caller.open(
+        upstream = await services.caller.open(
             engine,
             PATHS[req.kind],
             req.encoded(),
@@ -846,7 +868,11 @@ async def _call_engine(
         )
     finally:
         exchange.upstream_s += time.perf_counter() - t0
+    # Only an answer has a first token: an engine's error (or a client that left before one)
+    # in the TTFT series would pull its percentiles down with fast failures.
+    if upstream.status == 200:
         exchange.ttft_s = time.perf_counter() - exchange.started
+    return upstream
 
 
 @dataclass(slots=True)
@@ -955,11 +981,15 @@ async def _relay(
         await response.prepare(request)
         await response.write(relay.feed(upstream.first_chunk))
         t0 = time.perf_counter()
-        async for chunk in upstream.rest():
-            out = relay.feed(chunk)
-            if out:
-                await response.write(out)
-        exchange.upstream_s += time.perf_counter() - t0
+        try:
+            async for chunk in upstream.rest():
+                out = relay.feed(chunk)
+                if out:
+                    await response.write(out)
+        finally:
+            # Also when the client leaves or the engine breaks off: else the whole stream so far
+            # would count as the proxy's own overhead.
+            exchange.upstream_s += time.perf_counter() - t0
         tail = relay.close()
         if tail:
             await response.write(tail)
@@ -1076,7 +1106,7 @@ async def _end_broken_stream(
 ) -> None:
     """Headers are gone: the failure becomes the stream's last event, never a hang."""
     upstream.finish(ok=False, aborted=isinstance(err, _NOT_THE_REPLICAS_FAULT))
-    exchange.status, exchange.error = err.status, err.code
+    exchange.status, exchange.error = err.status, err.reason
     await _write_quietly(response, err.to_sse())
     if store.flight is not None:
         store.flight.fail(_leader_failed(err))
@@ -1249,6 +1279,17 @@ async def _write_eof_quietly(response: web.StreamResponse) -> None:
 # -- the end ----------------------------------------------------------------------------------
 
 
+# A model name no engine serves comes from the client as it is: one request must not make an
+# access line as long as its body (log shippers split or drop long lines).
+MAX_LOGGED_MODEL = 128
+
+
+def _loggable_model(model: str) -> str:
+    if len(model) <= MAX_LOGGED_MODEL:
+        return model
+    return f"{model[:MAX_LOGGED_MODEL]}... ({len(model)} characters)"
+
+
 def _finish(exchange: Exchange, services: Services) -> None:
     if exchange.counted_in_flight:
         services.metrics.in_flight(tier=exchange.tier, delta=-1)
@@ -1285,6 +1326,12 @@ def _finish(exchange: Exchange, services: Services) -> None:
     )
     if money.cost_usd:
         services.router.budget.observe(exchange.tier, money.cost_usd, time.monotonic())
+    queued = exchange.slot.waited_s if exchange.slot is not None else 0.0
+    overhead = (
+        max(0.0, latency - exchange.upstream_s - exchange.shared_wait_s - queued)
+        if engine is not None
+        else None
+    )
     services.metrics.request_done(
         tier=exchange.tier,
         model=exchange.model if engine is not None else "",
@@ -1293,7 +1340,7 @@ def _finish(exchange: Exchange, services: Services) -> None:
         cache=exchange.cache,
         latency_s=latency,
         ttft_s=exchange.ttft_s,
-        overhead_s=max(0.0, latency - exchange.upstream_s) if engine is not None else None,
+        overhead_s=overhead,
         tokens_in=exchange.tokens_in,
         tokens_out=exchange.tokens_out,
         cost_usd=money.cost_usd,
@@ -1317,11 +1364,17 @@ def _finish(exchange: Exchange, services: Services) -> None:
         services.access_log.write(
             dict(
                 request_id=exchange.request_id,
+                endpoint=exchange.kind,
                 tier=exchange.tier,
-                model=exchange.model,
+                tenant=exchange.tenant,  # the key's owner: whose request this was
+                model=_loggable_model(exchange.model),
                 engine=engine.name if engine else None,
                 model_version=version,
                 cache=exchange.cache,
+                # what a hit was: how close (a wrong semantic answer is traced by this), and
+                # whether it was another request's answer shared while in flight
+                cache_similarity=exchange.cache_similarity,
+                coalesced=exchange.coalesced,
                 route=exchange.routed.name if exchange.routed else None,
                 route_reason=exchange.route_reason,
                 route_score=exchange.route_score,
@@ -1331,6 +1384,9 @@ def _finish(exchange: Exchange, services: Services) -> None:
                 tokens_in=exchange.tokens_in,
                 tokens_out=exchange.tokens_out,
                 latency_ms=round(latency * 1000, 3),
+                # A slow answer's line says where its time went: first token, the proxy itself.
+                ttft_ms=None if exchange.ttft_s is None else round(exchange.ttft_s * 1000, 3),
+                overhead_ms=None if overhead is None else round(overhead * 1000, 3),
                 cost_usd=money.cost_usd,
                 saved_usd=money.saved_cache_usd + money.saved_routing_usd,
                 error=exchange.error,

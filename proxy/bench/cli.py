@@ -8,7 +8,8 @@ command function, which takes the parsed namespace and returns the exit code::
     sys.exit(args.run(args))
 
 Exit codes: 0 done, 1 the run completed badly (no request succeeded / a strategy failed),
-2 bad input (trace, config, URL).
+2 bad input (trace, config, URL), 130 stopped by Ctrl-C (what finished before it is still
+written).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from proxy.bench.replay import NotLoopbackError, PaceMode, ReplayOptions, check_
 from proxy.bench.summary import EngineCost, engine_roles, format_table, summarize
 from proxy.bench.trace import TraceError, TraceRequest, load_trace
 from proxy.settings import ConfigError
+
+INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 
 def _role(text: str) -> tuple[str, str]:
@@ -163,6 +166,7 @@ def replay_command(args: argparse.Namespace) -> int:
     summary = summarize(run.results, run.duration_s, costs, dict(args.engine_role))
     summary["not_sent"] = run.not_sent
     summary["cancelled"] = run.cancelled
+    summary["interrupted"] = run.interrupted
     summary["trace"] = str(args.trace)
     summary["url"] = url
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -173,11 +177,11 @@ def replay_command(args: argparse.Namespace) -> int:
                 handle.write(orjson.dumps(result) + b"\n")
     print(format_table(summary))
     if run.not_sent or run.cancelled:
-        print(
-            f"stopped at --max-duration: {run.not_sent} not sent, {run.cancelled} cancelled",
-            file=sys.stderr,
-        )
+        why = "interrupted" if run.interrupted else "stopped at --max-duration"
+        print(f"{why}: {run.not_sent} not sent, {run.cancelled} cancelled", file=sys.stderr)
     print(f"summary: {args.out}", file=sys.stderr)
+    if run.interrupted:
+        return INTERRUPTED
     return 0 if summary["ok"] else 1
 
 
@@ -207,6 +211,8 @@ def compare_command(args: argparse.Namespace) -> int:
     write_outputs(outcome, args.out, f"Frugal strategy comparison: {args.trace.name}")
     if outcome.summaries:
         print(f"report: {args.out / 'report.html'}", file=sys.stderr)
+    if outcome.interrupted:
+        return INTERRUPTED
     return 1 if outcome.failed or not outcome.summaries else 0
 
 

@@ -127,6 +127,7 @@ async def run_strategy(
     summary = summarize(run.results, run.duration_s, costs, options.roles)
     summary["not_sent"] = run.not_sent
     summary["cancelled"] = run.cancelled
+    summary["interrupted"] = run.interrupted
     summary["config"] = str(config)
     return summary
 
@@ -149,6 +150,7 @@ class Comparison:
     summaries: list[dict[str, Any]]
     notes: list[str]
     failed: int
+    interrupted: bool = False
 
 
 async def compare(
@@ -168,6 +170,16 @@ async def compare(
         print(f"== {name} ({config})", file=sys.stderr)
         try:
             summary = await run_strategy(config, requests, options, out_dir / f"serve-{name}.log")
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is None or current.uncancel() > 0:
+                raise
+            # Ctrl-C while this strategy's proxy was starting (its replay keeps what it got by
+            # itself): the strategies already run are still reported.
+            outcome.interrupted = True
+            outcome.notes.append(f"{name}: interrupted (Ctrl-C) before its replay")
+            print("   interrupted", file=sys.stderr)
+            break
         except (StrategyError, ConfigError, OSError, ValueError) as exc:
             outcome.failed += 1
             outcome.notes.append(f"{name}: failed: {exc}")
@@ -175,6 +187,11 @@ async def compare(
             continue
         outcome.names.append(name)
         outcome.summaries.append(summary)
+        if summary["interrupted"]:
+            # Ctrl-C: the partial strategy is reported, the ones after it are not started.
+            outcome.interrupted = True
+            outcome.notes.append(f"{name}: interrupted (Ctrl-C); later strategies not run")
+            break
     return outcome
 
 

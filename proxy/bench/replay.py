@@ -224,6 +224,7 @@ class ReplayRun:
     duration_s: float
     not_sent: int
     cancelled: int
+    interrupted: bool = False  # stopped by Ctrl-C: the results are what finished before it
 
 
 def _result(
@@ -254,6 +255,10 @@ async def send_one(
     body = dict(request.body)
     if options.model is not None:
         body["model"] = options.model
+    if body.get("stream") is True and "stream_options" not in body:
+        # Without it a stream carries no usage and tokens and cost would be guessed from the
+        # text's length; the proxy's cache key leaves stream_options out, so nothing else moves.
+        body["stream_options"] = {"include_usage": True}
     headers = {"content-type": "application/json"}
     key = request.api_key or options.api_key
     if key:
@@ -331,7 +336,8 @@ async def replay(requests: Sequence[TraceRequest], options: ReplayOptions) -> Re
     """Replay ``requests`` in order; bounded by ``max_duration_s`` and per-request timeouts.
 
     Requests still in flight at the deadline are cancelled and left out; requests not yet sent
-    are counted in ``not_sent``.
+    are counted in ``not_sent``. Ctrl-C (``asyncio.run`` cancels this task) ends the run the same
+    way, with ``interrupted`` set, so a long run stopped by hand keeps what it measured.
     """
     check_loopback(options.url)
     times = schedule(requests, options.mode, options.rate, options.speed)
@@ -340,6 +346,7 @@ async def replay(requests: Sequence[TraceRequest], options: ReplayOptions) -> Re
     slots = asyncio.Semaphore(max(1, options.concurrency))
     tasks: set[asyncio.Task[None]] = set()
     sent = 0
+    interrupted = False
     bar = tqdm(total=len(requests), disable=not options.progress, unit="req", dynamic_ncols=True)
 
     async def run_one(session: aiohttp.ClientSession, request: TraceRequest, at: float) -> None:
@@ -376,11 +383,22 @@ async def replay(requests: Sequence[TraceRequest], options: ReplayOptions) -> Re
                 if tasks:
                     await asyncio.gather(*tasks)
         except TimeoutError:
-            for task in list(tasks):
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _cancel_all(tasks)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is None or current.uncancel() > 0:
+                raise  # an outer cancellation besides the Ctrl-C one: not ours to swallow
+            # Ctrl-C: keep what finished (asyncio.run returns this value instead of raising).
+            interrupted = True
+            await _cancel_all(tasks)
         finally:
             bar.close()
     duration = loop.time() - run_start
     results.sort(key=lambda r: r.index)
-    return ReplayRun(results, duration, len(requests) - sent, sent - len(results))
+    return ReplayRun(results, duration, len(requests) - sent, sent - len(results), interrupted)
+
+
+async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -152,7 +152,7 @@ def comparison_rows(
         rows.append(
             [
                 name,
-                f"{s['ok']}/{s['requests']}",
+                _ok_of_sent(s),
                 _number(s["requests_per_s"]),
                 _number(latency.get("p50"), 1000),
                 _number(latency.get("p95"), 1000),
@@ -165,6 +165,14 @@ def comparison_rows(
             ]
         )
     return rows
+
+
+def _ok_of_sent(summary: Mapping[str, Any]) -> str:
+    cell = f"{summary['ok']}/{summary['requests']}"
+    # Stopped at --max-duration or by Ctrl-C: its figures are of the trace's first part only,
+    # which the table must say, or it reads as the whole workload beside the other strategies.
+    unfinished = summary.get("not_sent", 0) + summary.get("cancelled", 0)
+    return f"{cell} ({unfinished} not finished)" if unfinished else cell
 
 
 _HEADERS = [

@@ -384,6 +384,10 @@ def format_table(summary: Mapping[str, Any]) -> str:
                 f"{tokens['prompt']} in / {tokens['completion']} out ({tokens['requests']} calls)",
             )
         )
+    estimated = summary["tokens"].get("estimated_requests", 0)
+    if estimated:
+        # their answers carried no usage: tokens (and so cost) guessed from the text's length
+        rows.append(("usage estimated", f"{estimated} requests (no usage in the answer)"))
     cost = summary["cost"]
     rows.append(("cost total", _fmt(cost["total"])))
     rows.append(("cost / 1k requests", _fmt(cost["per_1k_requests"])))

@@ -71,7 +71,10 @@ def parse_line(raw: str | bytes, index: int, where: str = "<trace>") -> TraceReq
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise TraceError(f"{where}: not JSON ({exc})") from exc
+        # Only the column: the decoder's own "line 2" (past the line's newline) would contradict
+        # the file's line number in ``where``.
+        column = min(exc.colno if exc.lineno == 1 else exc.pos + 1, len(raw.rstrip()) + 1)
+        raise TraceError(f"{where}: not JSON ({exc.msg} at column {column})") from exc
     if not isinstance(obj, dict):
         raise TraceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     body = obj.get("body")

@@ -265,6 +265,8 @@ class EngineCaller:
         attempts: int,
     ) -> Upstream:
         timeouts = engine.settings.timeouts
+        # A failure's log line names the request, so it can be found from the access line.
+        request_id = headers.get("x-request-id")
         sent_at = time.monotonic()
         queued_behind = _busy_with_others(replica)  # others were on it when this one was sent
         # A stream's first byte is the first token, so first_token_s bounds it and a silent
@@ -285,7 +287,8 @@ class EngineCaller:
                     detail = (await response.read())[:200].decode(errors="replace")
                     # The client hears which engine failed; the replica's address and its own
                     # words stay in the log (internal topology is not the caller's business).
-                    log.warning("engine.replica_failed", engine=engine.name, replica=replica.url,
+                    log.warning("engine.replica_failed", request_id=request_id,
+                                engine=engine.name, replica=replica.url,
                                 status=response.status, detail=detail)  # fmt: skip
                     raise _ReplicaFailed(
                         UpstreamError(f"engine {engine.name} answered {response.status}")
@@ -298,8 +301,9 @@ class EngineCaller:
                     if not upstream.first_chunk:
                         # Headers, then the end: nothing was relayed yet, so this is a failure
                         # before the first byte like any other (retried on another replica).
-                        log.warning("engine.replica_failed", engine=engine.name,
-                                    replica=replica.url, detail="empty stream")  # fmt: skip
+                        log.warning("engine.replica_failed", request_id=request_id,
+                                    engine=engine.name, replica=replica.url,
+                                    detail="empty stream")  # fmt: skip
                         raise _ReplicaFailed(
                             UpstreamError(f"engine {engine.name} ended its stream before a byte")
                         )
@@ -325,7 +329,8 @@ class EngineCaller:
                     replica.answered_at >= sent_at  # it answered others meanwhile: not hung
                 )
                 if busy:
-                    log.warning("engine.replica_slow", engine=engine.name, replica=replica.url,
+                    log.warning("engine.replica_slow", request_id=request_id,
+                                engine=engine.name, replica=replica.url,
                                 running=replica.load.running, waiting=replica.load.waiting,
                                 inflight=replica.inflight)  # fmt: skip
                 raise _ReplicaFailed(
@@ -333,7 +338,8 @@ class EngineCaller:
                     broken=not busy,
                 ) from None
             if isinstance(exc, aiohttp.ClientError | OSError):
-                log.warning("engine.replica_failed", engine=engine.name, replica=replica.url,
+                log.warning("engine.replica_failed", request_id=request_id,
+                            engine=engine.name, replica=replica.url,
                             detail=str(exc) or type(exc).__name__)  # fmt: skip
                 raise _ReplicaFailed(UpstreamError(f"engine {engine.name} is unreachable")) from exc
             raise

@@ -19,6 +19,7 @@ so every label dict stays small.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -87,6 +88,11 @@ class _Children:
             self._children[key] = child
         return child
 
+    def forget(self, *key: str) -> None:
+        """Stop exposing the series (a gauge whose subject is gone must not keep its last value)."""
+        if self._children.pop(key, None) is not None:
+            self._metric.remove(*key)
+
 
 class Metrics:
     """The proxy's metrics: Prometheus series plus a bounded window of recent latencies."""
@@ -110,6 +116,7 @@ class Metrics:
         self._recent: deque[tuple[float, float, float | None, float | None]] = deque(
             maxlen=recent_max
         )
+        self._pushed_out_at = -math.inf  # when the newest request pushed out of _recent ended
         reg = self.registry
 
         # Requests.
@@ -405,7 +412,10 @@ class Metrics:
             series.saved_cache.inc(saved_cache_usd)
         if saved_routing_usd:
             series.saved_routing.inc(saved_routing_usd)
-        self._recent.append((self._clock(), latency_s, ttft_s, overhead_s))
+        recent = self._recent
+        if len(recent) == recent.maxlen:
+            self._pushed_out_at = recent[0][0]
+        recent.append((self._clock(), latency_s, ttft_s, overhead_s))
 
     def _new_request_series(self, key: tuple[str, str, str, int, str, bool]) -> _RequestSeries:
         tier, model, engine, status, cache, stream = key
@@ -523,6 +533,11 @@ class Metrics:
         """Publish the tier's daily budget, so alerts can compare spend against it."""
         self._budget_limit.get(tier).set(usd)
 
+    def budget_dropped(self, *, tier: str) -> None:
+        """The tier has no daily budget any more (or is gone): neither gauge is exposed."""
+        self._budget_spent.forget(tier)
+        self._budget_limit.forget(tier)
+
     # -- reading ----------------------------------------------------------------------------
 
     def render(self) -> bytes:
@@ -536,12 +551,16 @@ class Metrics:
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready summary for the dashboard (see ``build_snapshot``)."""
+        now = self._clock()
+        # More than recent_max requests a window push the older ones out before their time:
+        # the percentiles then cover only the time since the last one pushed out, and say so.
+        window_s = min(self.recent_window_s, now - self._pushed_out_at)
         return build_snapshot(
             samples=iter_samples(self.registry),
             recent=self.recent(),
-            window_s=self.recent_window_s,
+            window_s=window_s,
             now_unix=self._wall_clock(),
-            uptime_s=self._clock() - self._started_at,
+            uptime_s=now - self._started_at,
         )
 
 

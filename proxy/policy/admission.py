@@ -196,24 +196,33 @@ class EngineAdmission:
         self._admitted_after(waited)
         self._observer.waited(self.engine, tier, waited, "admitted")
 
-    def slot(self, *, priority: int, max_wait_s: float, tier: str = "") -> _Slot:
+    def slot(self, *, priority: int, max_wait_s: float, tier: str = "") -> Slot:
         """Hold one engine slot for the block; 503 EngineOverloaded past ``max_wait_s``."""
-        return _Slot(self, priority, max_wait_s, tier)
+        return Slot(self, priority, max_wait_s, tier)
 
 
-class _Slot:
-    """The async context of one slot (a class, not a generator: it is on every request)."""
+class Slot:
+    """The async context of one slot (a class, not a generator: it is on every request).
 
-    __slots__ = ("_gate", "_max_wait_s", "_priority", "_tier")
+    ``waited_s`` is how long it queued for the slot, admitted or not: time spent waiting for
+    the engine's capacity, which the request path keeps out of the proxy's own overhead.
+    """
+
+    __slots__ = ("_gate", "_max_wait_s", "_priority", "_tier", "waited_s")
 
     def __init__(self, gate: EngineAdmission, priority: int, max_wait_s: float, tier: str) -> None:
         self._gate = gate
         self._priority = priority
         self._max_wait_s = max_wait_s
         self._tier = tier
+        self.waited_s = 0.0
 
     async def __aenter__(self) -> None:
-        await self._gate._acquire(self._priority, self._max_wait_s, self._tier)
+        started = self._gate._clock()
+        try:
+            await self._gate._acquire(self._priority, self._max_wait_s, self._tier)
+        finally:
+            self.waited_s = self._gate._clock() - started
 
     async def __aexit__(self, *exc: object) -> None:
         self._gate._release()

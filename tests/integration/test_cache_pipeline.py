@@ -1054,3 +1054,29 @@ async def test_admin_invalidations_and_imports_are_logged(
     invalidated = [e for e in logs if e["event"] == "cache invalidated"]
     assert invalidated and invalidated[0]["removed"] == 1
     assert invalidated[0]["where"] == {"engine": "e"}
+
+
+async def test_the_access_line_says_how_close_a_semantic_hit_was(
+    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    import io
+
+    from proxy.observability.access import AccessLog
+
+    client, services = await semantic_app(start_fake, tmp_path, aiohttp_client)
+    buffer = io.BytesIO()
+    services.access_log = AccessLog(json=True, stream=buffer)
+    assert services.cache is not None
+    await client.post("/v1/chat/completions", json=ask("How do I reverse a list in Python?"))
+    await services.cache.drain()
+    hit = await client.post("/v1/chat/completions", json=ask("How can I reverse a list in Python?"))
+    assert hit.headers["x-frugal-cache"] == "hit-semantic"
+    await wait_until(lambda: buffer.getvalue().count(b"\n") == 2)
+    miss_line, hit_line = (orjson.loads(line) for line in buffer.getvalue().splitlines())
+    assert miss_line["cache_similarity"] is None
+    # A wrong answer reported by request id is traced to how close its question was.
+    assert hit_line["cache"] == "hit-semantic"
+    assert hit_line["cache_similarity"] == pytest.approx(
+        float(hit.headers["x-frugal-cache-similarity"]), abs=1e-4
+    )
+    assert hit_line["coalesced"] is False

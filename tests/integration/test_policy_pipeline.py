@@ -4,6 +4,7 @@ admin endpoints."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import openai
 import pytest
 import yaml
 
+from proxy.observability.access import AccessLog
 from proxy.observability.metrics import iter_samples
 from proxy.policy.keys import hash_key
 from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config, wait_until
@@ -463,3 +465,85 @@ async def test_a_stream_the_client_leaves_is_charged_for_what_it_was_sent(
     assert spent.reserved_usd == 0
     # at least the tokens it was sent, at $0.2 per million
     assert spent.spent_usd >= 8 * 0.2e-6, spent
+
+
+async def test_budget_gauges_follow_the_spend_and_the_policy(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """The budget alerts and the dashboard read frugal_budget_spent_usd/_limit_usd."""
+    folder = write_policies(
+        tmp_path / "p",
+        tier("free", [FREE_KEY], budget={"usd_per_day": 0.5}),
+        tier("pro", [PRO_KEY]),  # no budget: no budget series
+    )
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    metrics = proxy.services.metrics
+    registry = metrics.registry
+
+    def gauge(name: str, tier_name: str) -> float | None:
+        return registry.get_sample_value(name, {"tier": tier_name})
+
+    await wait_until(lambda: gauge("frugal_budget_limit_usd", "free") == 0.5)
+    assert gauge("frugal_budget_limit_usd", "free") == 0.5
+    assert gauge("frugal_budget_spent_usd", "free") == 0.0
+    assert gauge("frugal_budget_limit_usd", "pro") is None
+    for i in range(3):
+        body = {**chat(), "messages": [{"role": "user", "content": f"q{i}"}]}
+        resp = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
+        assert resp.status == 200
+    await wait_until(lambda: (gauge("frugal_budget_spent_usd", "free") or 0.0) > 0)
+    spent = gauge("frugal_budget_spent_usd", "free")
+    billed = registry.get_sample_value("frugal_cost_usd_total", {"tier": "free", "engine": "small"})
+    assert spent == pytest.approx(billed, abs=1e-9)  # what the requests cost
+    assert metrics.snapshot()["tiers"]["free"]["budget_spent_usd"] == spent
+    # A reload that takes the budget away takes its series away too.
+    write_policies(folder, tier("free", [FREE_KEY]))
+    assert (await proxy.client.post("/admin/policies/reload")).status == 200
+    await wait_until(lambda: gauge("frugal_budget_limit_usd", "free") is None)
+    assert gauge("frugal_budget_limit_usd", "free") is None
+    assert gauge("frugal_budget_spent_usd", "free") is None
+
+
+async def test_policy_refusals_are_counted_by_tier_and_reason(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """The policy-refusal alert, the Grafana panel and the dashboard read this counter."""
+    folder = write_policies(
+        tmp_path / "p", tier("free", [FREE_KEY], limits={"requests_per_minute": 1})
+    )
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    post = proxy.client.post
+    assert (await post("/v1/chat/completions", json=chat())).status == 401
+    refused_model = await post(
+        "/v1/chat/completions", json=chat("large-model"), headers=auth(FREE_KEY)
+    )
+    assert refused_model.status == 403
+    assert (await post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))).status == 200
+    assert (await post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))).status == 429
+    registry = proxy.services.metrics.registry
+    counted = {
+        (s.labels["tier"], s.labels["reason"]): s.value
+        for s in iter_samples(registry)
+        if s.name == "frugal_policy_rejected_total"
+    }
+    assert counted == {
+        ("-", "missing_api_key"): 1,
+        ("free", "model_not_allowed"): 1,
+        ("free", "rate_limit_exceeded"): 1,
+    }
+    assert proxy.services.metrics.snapshot()["rejections"]["policy"] == 3
+
+
+async def test_the_access_line_names_the_keys_tenant(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    folder = write_policies(tmp_path / "p", tier("free", [FREE_KEY]))
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    buffer = io.BytesIO()
+    proxy.services.access_log = AccessLog(json=True, stream=buffer)
+    resp = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))
+    assert resp.status == 200
+    await wait_until(lambda: b"\n" in buffer.getvalue())
+    line = json.loads(buffer.getvalue().splitlines()[0])
+    assert (line["tier"], line["tenant"]) == ("free", "free-tenant")
+    assert FREE_KEY not in buffer.getvalue().decode()  # the key itself never

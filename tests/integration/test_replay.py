@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import signal
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -76,6 +78,8 @@ class MockProxy:
     stream_error_every: int = 20
     poisoned_groups: frozenset[str] = frozenset()
     hang: asyncio.Event | None = None
+    hang_after: int = 0  # with hang: the first N requests are answered, the rest wait for it
+    received: int = 0
     store_file: Path | None = None
     served: list[Served] = field(default_factory=list)
     exact: dict[bytes, Entry] = field(default_factory=dict)
@@ -106,7 +110,8 @@ class MockProxy:
         return ("large", "hard") if len(last_text(body)) > 200 else ("small", "easy")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if self.hang is not None:
+        self.received += 1
+        if self.hang is not None and self.received > self.hang_after:
             await self.hang.wait()
         self.count += 1
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ") or None
@@ -261,6 +266,30 @@ async def test_replay_measures_what_the_server_did() -> None:
     assert Counter(s.bearer for s in proxy.served) == Counter(r.api_key for r in TRACE)
 
 
+async def test_streamed_requests_without_stream_options_still_get_exact_usage() -> None:
+    # A trace of clients that never asked for a usage chunk: the harness asks, so its token and
+    # cost figures are the engine's, not a characters-per-token guess.
+    plain = [
+        dataclasses.replace(r, body={k: v for k, v in r.body.items() if k != "stream_options"})
+        for r in TRACE
+        if r.stream
+    ][:20]
+    proxy = MockProxy(plain, fail_every=10**9, stream_error_every=10**9)
+    runner, url = await start(proxy)
+    try:
+        run = await replay(plain, ReplayOptions(url=url, concurrency=4, progress=False))
+    finally:
+        await runner.cleanup()
+    summary = summarize(run.results, run.duration_s, PRICES)
+    assert summary["ok"] == len(plain)
+    assert summary["tokens"]["estimated_requests"] == 0
+    served = {s.entry.text: s.entry for s in proxy.served if s.entry is not None}
+    assert len(served) > 1
+    assert sum(r.completion_tokens for r in run.results) == sum(
+        s.entry.completion_tokens for s in proxy.served if s.entry is not None
+    )
+
+
 async def test_timed_replay_never_sends_early() -> None:
     requests = TRACE[:30]
     proxy = MockProxy(TRACE)
@@ -348,6 +377,39 @@ async def test_cli_replay_writes_summary_and_results(tmp_path: Path) -> None:
     assert b"cache hit rate" in stdout
 
 
+async def test_ctrl_c_keeps_what_finished(tmp_path: Path) -> None:
+    from tests.integration.conftest import wait_until  # here: this file also runs as a script
+
+    release = asyncio.Event()
+    proxy = MockProxy(TRACE, hang=release, hang_after=3, fail_every=1000)
+    runner, url = await start(proxy)
+    out, results = tmp_path / "summary.json", tmp_path / "results.jsonl"
+    argv = [
+        sys.executable, "-m", "proxy.bench.cli", "bench", "replay", "--trace", str(SMALL_TRACE),
+        "--url", url, "--limit", "10", "--concurrency", "1", "--out", str(out),
+        "--results", str(results), "--no-progress",
+    ]  # fmt: skip
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        # Three answered, the fourth hangs: now the operator presses Ctrl-C.
+        await wait_until(lambda: proxy.received >= 4, timeout_s=60)
+        assert proxy.received == 4
+        process.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        release.set()
+        await runner.cleanup()
+    assert process.returncode == 130, stderr.decode()
+    summary = orjson.loads(out.read_bytes())
+    assert (summary["requests"], summary["cancelled"], summary["not_sent"]) == (3, 1, 6)
+    assert summary["interrupted"] is True
+    assert len(results.read_bytes().splitlines()) == 3
+    assert b"interrupted: 6 not sent, 1 cancelled" in stderr
+    assert b"Traceback" not in stderr
+
+
 def test_cli_refuses_remote_targets_and_bad_traces(tmp_path: Path) -> None:
     assert (
         bench_main(["bench", "replay", "--trace", str(SMALL_TRACE), "--url", "http://10.1.2.3"])
@@ -390,6 +452,42 @@ def test_compare_runs_each_strategy_fresh_and_writes_a_report(tmp_path: Path) ->
     assert html.count("data:image/png;base64,") == 5  # cost, latency, hits, engines, quality
     assert "exact_cache-2" in html
     assert (out / "serve-routed_semantic.log").exists()
+
+
+async def test_compare_interrupted_keeps_the_strategies_already_run(tmp_path: Path) -> None:
+    from tests.integration.conftest import wait_until  # here: this file also runs as a script
+
+    # The second strategy's proxy never becomes ready: Ctrl-C while the run waits for it.
+    serve = (
+        f"sh -c 'case {{config}} in *no_cache*) exec sleep 600;; esac; exec {sys.executable} "
+        f"{Path(__file__)} --config {{config}} --port {{port}} --trace {SMALL_TRACE}'"
+    )
+    out = tmp_path / "out"
+    argv = [
+        sys.executable, "-m", "proxy.bench.cli", "bench", "compare", "--trace", str(SMALL_TRACE),
+        "--limit", "20", "--configs", str(STRATEGIES / "exact_cache.yaml"),
+        str(STRATEGIES / "no_cache.yaml"), str(STRATEGIES / "routed_semantic.yaml"),
+        "--out", str(out), "--serve-cmd", serve, "--no-progress", "--ready-timeout", "60",
+    ]  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await wait_until(lambda: (out / "serve-no_cache.log").exists(), timeout_s=60)
+        await asyncio.sleep(0.5)  # it is waiting for /readyz now
+        process.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 130, stderr.decode()
+    results = orjson.loads((out / "compare.json").read_bytes())
+    assert list(results) == ["exact_cache"]
+    assert results["exact_cache"]["requests"] == 20
+    html = (out / "report.html").read_text()
+    assert "no_cache: interrupted (Ctrl-C) before its replay" in html
+    assert b"Traceback" not in stderr
 
 
 def _serve_main(argv: Sequence[str] | None = None) -> None:

@@ -258,3 +258,34 @@ def test_grafana_queries_are_valid_promql(tmp_path: Path) -> None:
     rules_file.write_text(yaml.safe_dump({"groups": [{"name": "grafana", "rules": records}]}))
     result = promtool("check", "rules", rules_file)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def documented_series() -> set[str]:
+    """Names in deploy/README.md's Series section; ``a_b|c`` stands for ``a_b`` and ``a_c``."""
+    text = (DEPLOY / "README.md").read_text()
+    section = text[text.index("## Series") :]
+    names: set[str] = set()
+    for written in re.findall(r"`(frugal_[a-z0-9_|]+)", section):
+        first, *others = written.split("|")
+        names.add(first)
+        stem = first.rsplit("_", 1)[0]
+        names.update(f"{stem}_{other}" for other in others)  # each replaces the last word
+    return names
+
+
+def served_families() -> set[str]:
+    """Every family /metrics serves: the proxy's own, the rollouts' and the cache audits'."""
+    from proxy.rollout.metrics import RolloutMetrics
+    from proxy.shadow.metrics import ShadowMetrics
+
+    metrics = Metrics()
+    RolloutMetrics(metrics.registry)
+    ShadowMetrics(metrics.registry)
+    return {family.name for family in metrics.registry.collect()}
+
+
+def test_every_served_series_is_documented() -> None:
+    served = served_families()
+    assert len(served) > 40  # all three sources were read
+    assert sorted(served - documented_series()) == []
+    assert sorted(documented_series() - served) == []  # and none that is not served

@@ -59,3 +59,12 @@ def test_fill_command_places_config_port_and_dir() -> None:
         Path("/t"),
     )
     assert command == ["frugal", "serve", "--config", "/t/c.yaml", "--port", "8123", "--x=/t"]
+
+
+def test_a_strategy_cut_short_says_so() -> None:
+    whole, cut = sample_summary(False), sample_summary(False)
+    cut["not_sent"], cut["cancelled"] = 40, 2
+    whole["not_sent"], whole["cancelled"] = 0, 0
+    rows = comparison_rows(["whole", "cut"], [whole, cut])
+    assert rows[0][1] == "2/3"
+    assert rows[1][1] == "2/3 (42 not finished)"

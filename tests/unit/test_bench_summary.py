@@ -272,3 +272,12 @@ def test_summarize_and_table_show_the_numbers() -> None:
     assert re.search(r"hit-semantic false-hit rate\s+100\.0%", table)
     assert "429=1" in table
     assert "tokens small" in table
+
+
+def test_the_table_says_when_usage_was_estimated() -> None:
+    exact = RequestResult(0, status=200, latency_s=0.1, cache="miss", engine="small")
+    guessed = RequestResult(1, status=200, latency_s=0.1, cache="miss", engine="small",
+                            prompt_tokens=3, completion_tokens=9, usage_estimated=True)  # fmt: skip
+    assert "usage estimated" not in format_table(summarize([exact], 1.0, PRICES))
+    table = format_table(summarize([exact, guessed], 1.0, PRICES))
+    assert re.search(r"usage estimated\s+1 requests", table)

@@ -61,6 +61,16 @@ def test_bad_lines_name_the_place_and_field(line: bytes, complaint: str) -> None
     assert complaint in str(caught.value)
 
 
+def test_a_cut_line_is_placed_by_its_file_line_and_column() -> None:
+    cut = b'{"body": {"model": "m"}\n'  # the closing brace is missing
+    with pytest.raises(TraceError) as caught:
+        list(parse_lines([b'{"body": {}}\n', cut], "t.jsonl"))
+    message = str(caught.value)
+    assert message.startswith("t.jsonl:2: not JSON (")
+    assert "at column 24" in message
+    assert "line 2 column" not in message  # the decoder's own count, past the newline
+
+
 def test_parse_lines_skips_blank_lines_and_counts_file_lines() -> None:
     lines = [b'{"body": {}}\n', b"\n", b'{"body": {}}\n', b"oops\n"]
     with pytest.raises(TraceError, match=r"t\.jsonl:4"):

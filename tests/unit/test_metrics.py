@@ -222,6 +222,24 @@ def test_recent_latency_window_drops_old_requests_and_is_bounded() -> None:
     assert len(m.recent()) == 5
 
 
+def test_a_full_recent_window_says_how_long_it_covers() -> None:
+    clock = FakeClock()
+    m = Metrics(clock=clock, recent_window_s=60.0, recent_max=5)
+    for _ in range(5):
+        clock.now += 2.0
+        done(m, latency_s=0.1)
+    assert m.snapshot()["latency"]["window_s"] == 60.0  # full, and all five within the minute
+    for _ in range(3):
+        clock.now += 2.0
+        done(m, latency_s=0.1)
+    # Requests of the last minute at 6 s and before were pushed out: the five kept are the last
+    # 10 s, and the dashboard must not call them the last 60 s.
+    latency = m.snapshot()["latency"]
+    assert (latency["count"], latency["window_s"]) == (5, pytest.approx(10.0))
+    clock.now += 100.0  # once the pushed-out ones would have left anyway, the window is whole
+    assert m.snapshot()["latency"]["window_s"] == 60.0
+
+
 def test_percentiles_of_nothing_are_none() -> None:
     assert percentiles([]) == {"p50": None, "p95": None, "p99": None}
 
