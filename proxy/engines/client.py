@@ -134,6 +134,7 @@ class Upstream:
     first_chunk: bytes = b""
     body: bytes = b""  # the whole body of a non-streamed answer
     attempts: int = 1
+    probe: bool = False  # it holds its replica's half-open probe (until the replica answers)
     _chunks: AsyncIterator[bytes] | None = None
     _finished: bool = field(default=False)
     # when the latest chunk came (monotonic): a replica that sent one within first_token_s of
@@ -181,7 +182,7 @@ class Upstream:
         if aborted or not ok:
             self.response.close()
             if aborted:
-                self.replica.breaker.release()
+                self.replica.breaker.release(probe=self.probe)
             else:
                 self.replica.breaker.on_failure(time.monotonic())
         else:
@@ -227,24 +228,25 @@ class EngineCaller:
             tried.append(replica)
             if not replica.breaker.acquire(now):
                 continue
+            probe = replica.breaker.state == "half_open"  # this request is the probe
             if error is not None and self._on_retry is not None:
                 self._on_retry(engine, error.code or "error")
             replica.inflight += 1
             try:
                 return await self._attempt(
-                    engine, replica, path, body, headers, stream, deadline, len(tried)
+                    engine, replica, path, body, headers, stream, deadline, len(tried), probe
                 )
             except _ReplicaFailed as failed:
                 replica.inflight -= 1
                 if failed.broken:
                     replica.breaker.on_failure(time.monotonic())
                 else:
-                    replica.breaker.release()
+                    replica.breaker.release(probe=probe)
                 error = failed.error
             except BaseException:
                 # Cancelled (client left) or a bug: give the slot back, tell the breaker nothing.
                 replica.inflight -= 1
-                replica.breaker.release()
+                replica.breaker.release(probe=probe)
                 raise
         if error is not None:
             raise error
@@ -263,6 +265,7 @@ class EngineCaller:
         stream: bool,
         deadline: float,
         attempts: int,
+        probe: bool,
     ) -> Upstream:
         timeouts = engine.settings.timeouts
         sent_at = time.monotonic()
@@ -290,7 +293,9 @@ class EngineCaller:
                     raise _ReplicaFailed(
                         UpstreamError(f"engine {engine.name} answered {response.status}")
                     )
-                upstream = Upstream(engine, replica, response, deadline, attempts=attempts)
+                upstream = Upstream(
+                    engine, replica, response, deadline, attempts=attempts, probe=probe
+                )
                 if stream and response.status == 200:
                     upstream._chunks = aiter(response.chunks())
                     upstream.first_chunk = await anext(upstream._chunks, b"")
@@ -304,6 +309,7 @@ class EngineCaller:
                             UpstreamError(f"engine {engine.name} ended its stream before a byte")
                         )
                     replica.breaker.on_answering()
+                    upstream.probe = False  # answering closed the breaker: no probe is held
                 else:
                     upstream.body = await response.read()
                 replica.answered_at = time.monotonic()

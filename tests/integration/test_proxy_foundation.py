@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import time
 from pathlib import Path
@@ -528,6 +529,33 @@ async def test_client_disconnect_before_first_token_aborts_too(
     await wait_until(lambda: slow.state.counters.aborted == 1)
     assert slow.state.counters.aborted == 1
     assert p.services.engines[0].replicas[0].inflight == 0
+
+
+async def test_a_client_leaving_an_older_stream_does_not_let_a_second_probe_through(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    engine = await start_fake("m", tokens_per_s=10, completion_tokens=100)
+    # (a second probe would wait first_token_s for its first token, then get a 504)
+    timeouts = {"connect_s": 1, "first_token_s": 10, "total_s": 60}
+    p = await start_proxy([engine_config("e", "m", [engine.url], timeouts=timeouts)])
+    replica = p.services.engines[0].replicas[0]
+    body = {**CHAT, "model": "m", "stream": True}
+    older = await p.client.post("/v1/chat/completions", json=body)  # sent while closed
+    assert older.status == 200
+    await older.content.readany()
+    replica.breaker._open(time.monotonic() - replica.breaker.open_s)  # open, and due a probe
+    engine.configure(hang=True)  # the probe gets no first token
+    probe = asyncio.ensure_future(p.client.post("/v1/chat/completions", json=body))
+    await wait_until(lambda: engine.state.in_flight == 2)
+    older.close()  # the older stream's client leaves
+    await wait_until(lambda: engine.state.counters.aborted == 1)
+    # The probe is still out: nothing else reaches the replica meanwhile.
+    resp = await p.client.post("/v1/chat/completions", json=body)
+    assert resp.status == 503 and (await resp.json())["error"]["code"] == "no_healthy_replica"
+    assert engine.state.counters.requests == 2
+    probe.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await probe
 
 
 async def test_conversation_sticks_to_one_replica(
