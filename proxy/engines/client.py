@@ -162,7 +162,10 @@ class Upstream:
             except TimeoutError:
                 raise self._out_of_time() from None
             except (aiohttp.ClientError, OSError) as exc:
-                raise UpstreamError(f"engine {self.engine.name} failed mid-answer: {exc}") from exc
+                # As before the first byte: the client hears which engine failed, the log which
+                # replica and how (the transport's words are no part of an OpenAI error).
+                self._log_failure(str(exc) or type(exc).__name__)
+                raise UpstreamError(f"engine {self.engine.name} failed mid-answer") from exc
             self._last_chunk_at = time.monotonic()
             yield chunk
 
@@ -171,7 +174,18 @@ class Upstream:
         silent_s = time.monotonic() - self._last_chunk_at
         if silent_s < self.engine.settings.timeouts.first_token_s:
             return AnswerOutlastedRequest(message)
+        self._log_failure(f"silent for {silent_s:.3g}s mid-answer at the request's deadline")
         return UpstreamTimeout(message)  # it had stalled: the replica's failure
+
+    def ended_early(self) -> UpstreamError:
+        """The failure of a stream the replica ended before its answer was finished."""
+        self._log_failure("the stream ended before the answer did")
+        return UpstreamError("the engine's stream ended before the answer did")
+
+    def _log_failure(self, detail: str) -> None:
+        # Which replica broke a stream: the access line names only the engine.
+        log.warning("engine.replica_failed", engine=self.engine.name, replica=self.replica.url,
+                    detail=detail, mid_answer=True)  # fmt: skip
 
     def finish(self, *, ok: bool, aborted: bool = False) -> None:
         """Give the replica back. ``aborted``: the client left; close so the engine stops."""

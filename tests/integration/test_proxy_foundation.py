@@ -368,6 +368,25 @@ async def test_failure_mid_stream_ends_with_error_event_and_done(
     assert len(payloads) >= 4  # chunks before the cut were relayed
 
 
+@pytest.mark.parametrize("fail", [{"abort_after_chunks": 3}, {"end_after_chunks": 3}])
+async def test_a_stream_broken_mid_answer_names_its_replica_in_the_log_only(
+    start_fake: StartFake, start_proxy: StartProxy, fail: dict[str, int]
+) -> None:
+    flaky = await start_fake("m", completion_tokens=20, **fail)
+    p = await start_proxy([engine_config("e", "m", [flaky.url])])
+    with structlog.testing.capture_logs() as logs:
+        resp = await p.client.post(
+            "/v1/chat/completions", json={**CHAT, "model": "m", "stream": True}
+        )
+        payloads = parse_all(await asyncio.wait_for(resp.read(), 5))
+    message = orjson.loads(payloads[-2])["error"]["message"]
+    assert message.startswith("engine e ") or message.startswith("the engine"), message
+    # (not aiohttp's words about transfer lengths, nor the replica's address)
+    assert "127.0.0.1" not in message and "<" not in message and ":" not in message, message
+    failed = [e for e in logs if e["event"] == "engine.replica_failed"]
+    assert [e["replica"] for e in failed] == [flaky.url], logs
+
+
 async def test_a_stream_the_engine_ends_early_and_cleanly_is_a_failure_not_an_answer(
     start_fake: StartFake, start_proxy: StartProxy
 ) -> None:
