@@ -52,15 +52,18 @@ def add_routes(app: web.Application, services: Services) -> None:
         return _json({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
+        now = time.monotonic()
         engines = {
             e.name: {
-                "ready": e.ready,
+                "ready": e.ready_at(now),
                 "version": e.version,
                 "replicas": {r.url: r.healthy for r in e.replicas},
+                # healthy at /health yet failing completions: what took a replica out
+                "breakers": {r.url: r.breaker.state for r in e.replicas},
             }
             for e in services.engines
         }
-        ready = all(e.ready and e.version is not None for e in services.engines)
+        ready = all(engines[e.name]["ready"] and e.version is not None for e in services.engines)
         return _json({"ready": ready, "engines": engines}, status=200 if ready else 503)
 
     async def metrics(request: web.Request) -> web.Response:

@@ -196,6 +196,24 @@ async def test_health_ready_and_metrics(start_fake: StartFake, start_proxy: Star
     assert (await ready.json())["engines"]["small"]["ready"] is False
 
 
+async def test_readyz_is_503_while_every_replica_s_breaker_is_open(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    # /health answers 200, completions fail: only the breaker knows the replica is out.
+    failing = await start_fake("m", fail_status=500, fail_fraction=1.0)
+    breaker = {"failure_threshold": 1, "open_s": 60}
+    p = await start_proxy([engine_config("e", "m", [failing.url], breaker=breaker)])
+    await wait_until(lambda: _status_is(p, "/readyz", 200))
+    assert (await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})).status == 502
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    assert resp.status == 503  # what every request gets now
+    ready = await p.client.get("/readyz")
+    assert ready.status == 503
+    engine = (await ready.json())["engines"]["e"]
+    assert engine["ready"] is False
+    assert engine["replicas"] == {failing.url: True} and engine["breakers"] == {failing.url: "open"}
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [

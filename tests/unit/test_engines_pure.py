@@ -61,6 +61,19 @@ def test_only_the_probe_frees_the_half_open_slot() -> None:
     assert b.acquire(11.0)
 
 
+def test_an_engine_is_ready_while_a_healthy_replica_s_breaker_lets_requests_through() -> None:
+    settings = EngineSettings(name="e", model="m", urls=["http://a", "http://b"])
+    engine = Engine.from_settings(settings)
+    a, b = engine.replicas
+    a.healthy, b.healthy = True, False
+    assert engine.ready_at(0.0)
+    a.breaker._open(0.0)
+    assert engine.ready and not engine.ready_at(1.0)  # healthy, but every request refused
+    assert engine.ready_at(a.breaker.open_s)  # its probe is due
+    b.healthy = True
+    assert engine.ready_at(1.0)
+
+
 @given(
     opened=st.lists(st.floats(min_value=0, max_value=100), max_size=4),
     open_s=st.floats(min_value=0.1, max_value=60),
