@@ -262,7 +262,12 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
     # Unlimited pool: the engines' own batching is the limit, and admission control caps what
     # reaches them; a small client pool would queue requests invisibly here.
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    # The engines' bytes are relayed as they come (no decompression, for speed), so ask for
+    # them uncompressed: aiohttp would otherwise offer gzip, and an engine or a gateway in front
+    # of it that takes the offer would reach the client as unreadable bytes.
+    session = aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, headers={"Accept-Encoding": "identity"}
+    )
     app[TRANSPORT].session = session
     yield
     await app[TRANSPORT].aclose()  # the session and the lean client's connections

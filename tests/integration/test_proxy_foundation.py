@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 import pytest
 import structlog
+from aiohttp import web
 
 from proxy import pipeline
 from proxy.app import TRANSPORT, create_app
@@ -403,6 +404,59 @@ async def test_a_stream_broken_mid_answer_names_its_replica_in_the_log_only(
     assert "127.0.0.1" not in message and "<" not in message and ":" not in message, message
     failed = [e for e in logs if e["event"] == "engine.replica_failed"]
     assert [e["replica"] for e in failed] == [flaky.url], logs
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_engine_that_compresses_what_it_may_is_relayed_readable(
+    aiohttp_server: Any, start_proxy: StartProxy, stream: bool
+) -> None:
+    """An engine (or a gateway in front of it) compresses its answer when the request accepts
+    gzip; the proxy relays bytes as they come, so it must not accept what it would pass on
+    compressed. (Not streamed, through aiohttp: an https engine's path.)"""
+    events = [
+        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+         "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]},
+    ]  # fmt: skip
+    answer = {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                           "finish_reason": "stop"}]}  # fmt: skip
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        gzip = "gzip" in request.headers.get("Accept-Encoding", "")
+        if not (await request.json()).get("stream"):
+            resp = web.json_response(answer)
+            if gzip:
+                resp.enable_compression(web.ContentCoding.gzip)
+            return resp
+        sse = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if gzip:
+            sse.enable_compression(web.ContentCoding.gzip)
+        await sse.prepare(request)
+        for event in events:
+            await sse.write(b"data: " + orjson.dumps(event) + b"\n\n")
+        await sse.write(b"data: [DONE]\n\n")
+        await sse.write_eof()
+        return sse
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    engine = await aiohttp_server(app)
+    url = str(engine.make_url("")).rstrip("/")
+    p = await start_proxy(
+        [engine_config("e", "m", [url], version="v1")],
+        health={"interval_s": 3600, "timeout_s": 1.0},
+        server={"lean_engine_client": False},
+    )
+    p.services.engines[0].replicas[0].healthy = True  # (this engine has no /health)
+    resp = await p.client.post(
+        "/v1/chat/completions", json={**CHAT, "model": "m", "stream": stream}
+    )
+    assert resp.status == 200
+    if stream:
+        payloads = parse_all(await resp.read())
+        assert payloads == [orjson.dumps(events[0]), b"[DONE]"], payloads
+    else:
+        assert await resp.json() == answer
 
 
 async def test_a_stream_the_engine_ends_early_and_cleanly_is_a_failure_not_an_answer(
