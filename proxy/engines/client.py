@@ -137,9 +137,10 @@ class Upstream:
     probe: bool = False  # it holds its replica's half-open probe (until the replica answers)
     _chunks: AsyncIterator[bytes] | None = None
     _finished: bool = field(default=False)
-    # when the latest chunk came (monotonic): a replica that sent one within first_token_s of
-    # the deadline was still answering when the request's time ran out
-    _last_chunk_at: float = field(default_factory=time.monotonic)
+    # when the proxy last began to wait for the engine's next chunk (monotonic): a replica
+    # silent for less than first_token_s at the deadline was still answering. (Not when the
+    # latest chunk came: the time the client took to be sent it is no silence of the replica.)
+    _asked_at: float = field(default_factory=time.monotonic)
 
     @property
     def status(self) -> int:
@@ -151,7 +152,8 @@ class Upstream:
             self._chunks = aiter(self.response.chunks())
         iterator = self._chunks
         while True:
-            remaining = self.deadline - time.monotonic()
+            self._asked_at = now = time.monotonic()
+            remaining = self.deadline - now
             if remaining <= 0:
                 raise self._out_of_time()
             try:
@@ -166,12 +168,11 @@ class Upstream:
                 # replica and how (the transport's words are no part of an OpenAI error).
                 self._log_failure(str(exc) or type(exc).__name__)
                 raise UpstreamError(f"engine {self.engine.name} failed mid-answer") from exc
-            self._last_chunk_at = time.monotonic()
             yield chunk
 
     def _out_of_time(self) -> UpstreamTimeout:
         message = f"engine {self.engine.name} exceeded its request timeout"
-        silent_s = time.monotonic() - self._last_chunk_at
+        silent_s = time.monotonic() - self._asked_at
         if silent_s < self.engine.settings.timeouts.first_token_s:
             return AnswerOutlastedRequest(message)
         self._log_failure(f"silent for {silent_s:.3g}s mid-answer at the request's deadline")
@@ -313,7 +314,6 @@ class EngineCaller:
                 if stream and response.status == 200:
                     upstream._chunks = aiter(response.chunks())
                     upstream.first_chunk = await anext(upstream._chunks, b"")
-                    upstream._last_chunk_at = time.monotonic()
                     if not upstream.first_chunk:
                         # Headers, then the end: nothing was relayed yet, so this is a failure
                         # before the first byte like any other (retried on another replica).
