@@ -14,7 +14,7 @@ from proxy.engines.breaker import CircuitBreaker
 from proxy.engines.health import poll_replica
 from proxy.engines.pool import Engine, Replica
 from proxy.settings import EngineSettings
-from tests.integration.conftest import StartFake
+from tests.integration.conftest import StartFake, engine_config, wait_until
 
 
 def _state(replica: Replica) -> bool | None:
@@ -96,3 +96,28 @@ async def test_the_version_watch_holds_an_odd_replica_out_and_switches_outside_r
         await watch.check()
         assert engine.version == replica.version != first and engine.ready
         assert switches[-1] == (first, engine.version)
+
+
+async def test_the_proxy_reads_the_load_of_an_engine_whose_metrics_compress(
+    aiohttp_server: Any, start_proxy: Any
+) -> None:
+    """vLLM's /metrics (prometheus_client) gzips its text when the request accepts gzip; the
+    proxy's session does not decompress, so it must not accept it (a gzip body read as text
+    raised out of the poll and ended the poller)."""
+    text = b"vllm:num_requests_running 3\nvllm:num_requests_waiting 1\n"
+
+    async def metrics(request: web.Request) -> web.Response:
+        resp = web.Response(body=text, content_type="text/plain", charset="utf-8")
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            resp.enable_compression(web.ContentCoding.gzip)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/health", lambda _: web.Response())  # type: ignore[arg-type,return-value]
+    app.router.add_get("/metrics", metrics)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    p = await start_proxy([engine_config("e", "m", [url], version="v1")])
+    replica = p.services.engines[0].replicas[0]
+    await wait_until(lambda: replica.load.running == 3)
+    assert replica.load.running == 3 and replica.load.waiting == 1
