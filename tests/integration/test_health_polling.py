@@ -121,3 +121,22 @@ async def test_the_proxy_reads_the_load_of_an_engine_whose_metrics_compress(
     replica = p.services.engines[0].replicas[0]
     await wait_until(lambda: replica.load.running == 3)
     assert replica.load.running == 3 and replica.load.waiting == 1
+
+
+async def test_a_metrics_body_that_is_not_text_keeps_the_replica_healthy(
+    aiohttp_server: Any,
+) -> None:
+    """/metrics says nothing about health: a body that does not decode (bytes from a broken
+    exporter, or a gateway's compression) keeps the last load and does not end the poll."""
+    app = web.Application()
+    app.router.add_get("/health", lambda _: web.Response())  # type: ignore[arg-type,return-value]
+    body = b"\x1f\x8b\x08\x00 not text \xff"
+    app.router.add_get(
+        "/metrics",
+        lambda _: web.Response(body=body, content_type="text/plain", charset="utf-8"),  # type: ignore[arg-type,return-value]
+    )
+    server = await aiohttp_server(app)
+    replica = Replica(url=str(server.make_url("")).rstrip("/"), breaker=CircuitBreaker(3, 5.0))
+    async with aiohttp.ClientSession() as session:
+        await poll_replica(session, replica, 5.0)
+    assert _state(replica) is True and replica.failed_polls == 0
