@@ -21,6 +21,10 @@ def _state(replica: Replica) -> bool | None:
     return replica.healthy  # read through a call: each poll changes it
 
 
+async def _ok(_: web.Request) -> web.Response:
+    return web.Response()
+
+
 def _engine_app(state: dict[str, Any]) -> web.Application:
     async def health(_: web.Request) -> web.Response:
         if state.get("slow"):
@@ -113,7 +117,7 @@ async def test_the_proxy_reads_the_load_of_an_engine_whose_metrics_compress(
         return resp
 
     app = web.Application()
-    app.router.add_get("/health", lambda _: web.Response())  # type: ignore[arg-type,return-value]
+    app.router.add_get("/health", _ok)
     app.router.add_get("/metrics", metrics)
     server = await aiohttp_server(app)
     url = str(server.make_url("")).rstrip("/")
@@ -128,13 +132,14 @@ async def test_a_metrics_body_that_is_not_text_keeps_the_replica_healthy(
 ) -> None:
     """/metrics says nothing about health: a body that does not decode (bytes from a broken
     exporter, or a gateway's compression) keeps the last load and does not end the poll."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = b"\x1f\x8b\x08\x00 not text \xff"
+        return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
     app = web.Application()
-    app.router.add_get("/health", lambda _: web.Response())  # type: ignore[arg-type,return-value]
-    body = b"\x1f\x8b\x08\x00 not text \xff"
-    app.router.add_get(
-        "/metrics",
-        lambda _: web.Response(body=body, content_type="text/plain", charset="utf-8"),  # type: ignore[arg-type,return-value]
-    )
+    app.router.add_get("/health", _ok)
+    app.router.add_get("/metrics", metrics)
     server = await aiohttp_server(app)
     replica = Replica(url=str(server.make_url("")).rstrip("/"), breaker=CircuitBreaker(3, 5.0))
     async with aiohttp.ClientSession() as session:
