@@ -145,3 +145,30 @@ async def test_a_metrics_body_that_is_not_text_keeps_the_replica_healthy(
     async with aiohttp.ClientSession() as session:
         await poll_replica(session, replica, 5.0)
     assert _state(replica) is True and replica.failed_polls == 0
+
+
+async def test_a_models_answer_that_is_not_an_object_does_not_end_the_poller(
+    aiohttp_server: Any, start_proxy: Any
+) -> None:
+    """A version: auto replica whose /v1/models is some other JSON (a URL that reaches another
+    service) has no version; health polling goes on for it and every other replica."""
+    state = {"status": 200}
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(status=state["status"])
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response(["not", "a", "models", "list"])
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", _ok)
+    app.router.add_get("/v1/models", models)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    p = await start_proxy([engine_config("e", "m", [url], version="auto")])
+    replica = p.services.engines[0].replicas[0]
+    await wait_until(lambda: replica.version_at is not None)  # asked, at least once
+    state["status"] = 503
+    await wait_until(lambda: replica.healthy is False)
+    assert replica.healthy is False and replica.version is None
