@@ -213,6 +213,11 @@ async def test_readyz_is_503_while_every_replica_s_breaker_is_open(
     engine = (await ready.json())["engines"]["e"]
     assert engine["ready"] is False
     assert engine["replicas"] == {failing.url: True} and engine["breakers"] == {failing.url: "open"}
+    breaker = p.services.engines[0].replicas[0].breaker
+    breaker.opened_at -= breaker.open_s  # its probe is due: the next request goes through
+    ready = await p.client.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["engines"]["e"]["breakers"] == {failing.url: "half_open"}
 
 
 @pytest.mark.parametrize(
