@@ -124,6 +124,7 @@ def create_app(
     app.cleanup_ctx.append(_rollouts)
     app.cleanup_ctx.append(_engine_versions)
     app.cleanup_ctx.append(_health_poller)
+    app.cleanup_ctx.append(_overdue_streams)
     app.cleanup_ctx.append(_policy_watcher)
     cors.install(app, settings.server.cors)
     handlers.add_routes(app, services)
@@ -612,6 +613,20 @@ async def _purge_unserved(services: Services, *, at_start: bool = False) -> None
         return
     if purged:
         log.info("purged cache entries of versions no engine serves", entries=purged)
+
+
+async def _overdue_streams(app: web.Application) -> AsyncIterator[None]:
+    """Once a second, end the streams stuck writing to a client past their deadline."""
+    streams = app[SERVICES].streams
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            streams.cut_overdue(time.monotonic())
+
+    task = asyncio.create_task(sweep())
+    yield
+    await stop(task)
 
 
 async def _health_poller(app: web.Application) -> AsyncIterator[None]:

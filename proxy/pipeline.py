@@ -920,7 +920,8 @@ async def _relay_stream(
     exchange: Exchange,
     store: _Store,
 ) -> web.StreamResponse:
-    with store.services.streams.streaming():  # a stop ends it with an error event
+    # a stop ends it with an error event; a client that stops reading, at its deadline
+    with store.services.streams.streaming(upstream.deadline):
         return await _relay(request, req, upstream, exchange, store)
 
 

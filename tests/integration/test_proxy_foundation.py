@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -612,6 +613,32 @@ async def test_client_disconnect_aborts_the_engine_request(
     await wait_until(lambda: slow.state.counters.aborted == 1)
     assert slow.state.counters.aborted == 1
     assert p.services.engines[0].replicas[0].inflight == 0
+
+
+async def test_a_client_that_stops_reading_does_not_hold_the_engine_past_the_deadline(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    # A long answer, all of it ready at once: the relay's writes soon wait on the client.
+    engine = await start_fake("m", completion_tokens=100_000)
+    timeouts = {"connect_s": 1, "first_token_s": 1, "total_s": 2}
+    p = await start_proxy([engine_config("e", "m", [engine.url], timeouts=timeouts)])
+    body = orjson.dumps({**CHAT, "model": "m", "stream": True})
+    host, port = p.client.server.host, p.client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    try:
+        await reader.readexactly(64)  # the stream has begun; then the client reads no more
+        # (before: the engine kept the request until the client read again or its TCP gave up)
+        await wait_until(lambda: engine.state.counters.aborted == 1, timeout_s=20)
+        assert engine.state.counters.aborted == 1
+        assert p.services.engines[0].replicas[0].inflight == 0
+        assert p.services.engines[0].replicas[0].breaker.failures == 0  # not the replica's fault
+    finally:
+        writer.close()
 
 
 async def test_client_disconnect_before_first_token_aborts_too(
