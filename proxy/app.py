@@ -125,6 +125,7 @@ def create_app(
     app.cleanup_ctx.append(_rollouts)
     app.cleanup_ctx.append(_engine_versions)
     app.cleanup_ctx.append(_health_poller)
+    app.cleanup_ctx.append(_overdue_streams)
     app.cleanup_ctx.append(_policy_watcher)
     app.cleanup_ctx.append(_budget_gauges)
     cors.install(app, settings.server.cors)
@@ -264,7 +265,12 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
     # Unlimited pool: the engines' own batching is the limit, and admission control caps what
     # reaches them; a small client pool would queue requests invisibly here.
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    # The engines' bytes are relayed as they come (no decompression, for speed), so ask for
+    # them uncompressed: aiohttp would otherwise offer gzip, and an engine or a gateway in front
+    # of it that takes the offer would reach the client as unreadable bytes.
+    session = aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, headers={"Accept-Encoding": "identity"}
+    )
     app[TRANSPORT].session = session
     yield
     await app[TRANSPORT].aclose()  # the session and the lean client's connections
@@ -652,6 +658,20 @@ async def _budget_gauges(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(interval_s)
 
     task = asyncio.create_task(loop())
+    yield
+    await stop(task)
+
+
+async def _overdue_streams(app: web.Application) -> AsyncIterator[None]:
+    """Once a second, end the streams stuck writing to a client past their deadline."""
+    streams = app[SERVICES].streams
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            streams.cut_overdue(time.monotonic())
+
+    task = asyncio.create_task(sweep())
     yield
     await stop(task)
 

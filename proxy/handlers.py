@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 
 from proxy import pipeline
+from proxy.engines.breaker import CircuitBreaker
 from proxy.errors import ModelNotFound
 from proxy.services import Services
 from proxy.settings import VIRTUAL_MODEL
@@ -52,15 +53,18 @@ def add_routes(app: web.Application, services: Services) -> None:
         return _json({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
+        now = time.monotonic()
         engines = {
             e.name: {
-                "ready": e.ready,
+                "ready": e.ready_at(now),
                 "version": e.version,
                 "replicas": {r.url: r.healthy for r in e.replicas},
+                # healthy at /health yet failing completions: what took a replica out
+                "breakers": {r.url: _breaker_state(r.breaker, now) for r in e.replicas},
             }
             for e in services.engines
         }
-        ready = all(e.ready and e.version is not None for e in services.engines)
+        ready = all(engines[e.name]["ready"] and e.version is not None for e in services.engines)
         return _json({"ready": ready, "engines": engines}, status=200 if ready else 503)
 
     async def metrics(request: web.Request) -> web.Response:
@@ -75,6 +79,14 @@ def add_routes(app: web.Application, services: Services) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+
+
+def _breaker_state(breaker: CircuitBreaker, now: float) -> str:
+    # An open breaker whose probe is due lets the next request through: half-open, as
+    # /metrics says (frugal_breaker_state).
+    if breaker.state == "open" and breaker.available(now):
+        return "half_open"
+    return breaker.state
 
 
 def _model_card(model: str, created: int, *, root: str | None) -> dict[str, object]:

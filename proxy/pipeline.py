@@ -56,7 +56,6 @@ from proxy.errors import (
     PermissionDenied,
     ProxyStopping,
     UnsupportedMediaType,
-    UpstreamError,
 )
 from proxy.observability.savings import split_savings
 from proxy.policy.admission import Slot
@@ -953,7 +952,8 @@ async def _relay_stream(
     exchange: Exchange,
     store: _Store,
 ) -> web.StreamResponse:
-    with store.services.streams.streaming():  # a stop ends it with an error event
+    # a stop ends it with an error event; a client that stops reading, at its deadline
+    with store.services.streams.streaming(upstream.deadline):
         return await _relay(request, req, upstream, exchange, store)
 
 
@@ -994,7 +994,7 @@ async def _relay(
         if tail:
             await response.write(tail)
         if not relay.complete:
-            raise UpstreamError("the engine's stream ended before the answer did")
+            raise upstream.ended_early()
         upstream.finish(ok=True)
     except FrugalError as err:
         await _end_broken_stream(response, upstream, exchange, store, err)
@@ -1075,7 +1075,7 @@ async def _finish_for_followers(
             relay.feed(chunk)
         relay.close()
         if not relay.complete:
-            raise UpstreamError("the engine's stream ended before the answer did")
+            raise upstream.ended_early()
     except FrugalError as err:
         upstream.finish(ok=False, aborted=isinstance(err, _NOT_THE_REPLICAS_FAULT))
         flight.fail(_leader_failed(err))

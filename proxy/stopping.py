@@ -14,8 +14,12 @@ is cancelled the same way, and answered 503 ``shutting_down`` instead of an empt
 from __future__ import annotations
 
 import asyncio
+import math
 
 STOP_REASON = "frugal: stopping"
+# A stream still being written this long after its request's deadline (total_s) is stuck in a
+# write to a client that does not read: see StreamCutter.cut_overdue.
+OVERDUE_GRACE_S = 1.0
 # aiohttp waits its shutdown timeout twice (for requests to end, then after cancelling them), so
 # proxy/server.py gives it this share of server.shutdown_timeout_s each time.
 WAITS = 2
@@ -29,13 +33,26 @@ class StreamCutter:
     __slots__ = ("_requests", "_streams", "_timers")
 
     def __init__(self) -> None:
-        self._streams: set[asyncio.Task[object]] = set()
+        # each relaying task, and the deadline of its request (monotonic)
+        self._streams: dict[asyncio.Task[object], float] = {}
         self._requests: set[asyncio.Task[object]] = set()
         self._timers: list[asyncio.TimerHandle] = []
 
-    def streaming(self) -> _Marked:
-        """Mark the current task as relaying a stream for as long as the block runs."""
-        return _Marked(self._streams)
+    def streaming(self, deadline: float = math.inf) -> _Streaming:
+        """Mark the current task as relaying a stream, due to end by ``deadline``
+        (monotonic), for as long as the block runs."""
+        return _Streaming(self._streams, deadline)
+
+    def cut_overdue(self, now: float) -> None:
+        """Cancel the relays still running well past their request's deadline. The relay reads
+        the engine within that deadline, but a write waits for as long as the client does not
+        read (a client that stopped reading, a network gone silent): that would hold the
+        engine's request and its admission slot until the client's TCP connection gives up.
+        Run every second or so (one timer for all streams, none per request); the relay takes
+        the cancellation as the client leaving."""
+        for task, deadline in list(self._streams.items()):
+            if now > deadline + OVERDUE_GRACE_S:
+                task.cancel()
 
     def answering(self) -> _Marked:
         """Mark the current task as answering a request (cut last, see :meth:`arm`)."""
@@ -89,3 +106,24 @@ class _Marked:
 def is_stop(exc: asyncio.CancelledError) -> bool:
     """Whether a cancellation is the stop's own (see :meth:`StreamCutter.cut`)."""
     return bool(exc.args) and exc.args[0] == STOP_REASON
+
+
+class _Streaming:
+    """The current task and its deadline in ``streams`` while the block runs (a class: see
+    :class:`_Marked`)."""
+
+    __slots__ = ("_deadline", "_streams", "_task")
+
+    def __init__(self, streams: dict[asyncio.Task[object], float], deadline: float) -> None:
+        self._streams = streams
+        self._deadline = deadline
+        self._task: asyncio.Task[object] | None = None
+
+    def __enter__(self) -> None:
+        self._task = asyncio.current_task()
+        if self._task is not None:
+            self._streams[self._task] = self._deadline
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._streams.pop(self._task, None)

@@ -71,9 +71,12 @@ class CircuitBreaker:
         if self.failures >= self.failure_threshold:
             self._open(now)
 
-    def release(self) -> None:
-        """A claimed request ended without telling anything about the replica (client left)."""
-        self.probe_in_flight = False
+    def release(self, *, probe: bool) -> None:
+        """A claimed request ended without telling anything about the replica (client left).
+        Only the probe's own request frees the half-open slot: an older request, sent while the
+        breaker was closed, ending now must not let a second probe through beside the first."""
+        if probe:
+            self.probe_in_flight = False
 
     def _open(self, now: float) -> None:
         self.state = "open"

@@ -134,11 +134,13 @@ class Upstream:
     first_chunk: bytes = b""
     body: bytes = b""  # the whole body of a non-streamed answer
     attempts: int = 1
+    probe: bool = False  # it holds its replica's half-open probe (until the replica answers)
     _chunks: AsyncIterator[bytes] | None = None
     _finished: bool = field(default=False)
-    # when the latest chunk came (monotonic): a replica that sent one within first_token_s of
-    # the deadline was still answering when the request's time ran out
-    _last_chunk_at: float = field(default_factory=time.monotonic)
+    # when the proxy last began to wait for the engine's next chunk (monotonic): a replica
+    # silent for less than first_token_s at the deadline was still answering. (Not when the
+    # latest chunk came: the time the client took to be sent it is no silence of the replica.)
+    _asked_at: float = field(default_factory=time.monotonic)
 
     @property
     def status(self) -> int:
@@ -150,7 +152,8 @@ class Upstream:
             self._chunks = aiter(self.response.chunks())
         iterator = self._chunks
         while True:
-            remaining = self.deadline - time.monotonic()
+            self._asked_at = now = time.monotonic()
+            remaining = self.deadline - now
             if remaining <= 0:
                 raise self._out_of_time()
             try:
@@ -161,16 +164,29 @@ class Upstream:
             except TimeoutError:
                 raise self._out_of_time() from None
             except (aiohttp.ClientError, OSError) as exc:
-                raise UpstreamError(f"engine {self.engine.name} failed mid-answer: {exc}") from exc
-            self._last_chunk_at = time.monotonic()
+                # As before the first byte: the client hears which engine failed, the log which
+                # replica and how (the transport's words are no part of an OpenAI error).
+                self._log_failure(str(exc) or type(exc).__name__)
+                raise UpstreamError(f"engine {self.engine.name} failed mid-answer") from exc
             yield chunk
 
     def _out_of_time(self) -> UpstreamTimeout:
         message = f"engine {self.engine.name} exceeded its request timeout"
-        silent_s = time.monotonic() - self._last_chunk_at
+        silent_s = time.monotonic() - self._asked_at
         if silent_s < self.engine.settings.timeouts.first_token_s:
             return AnswerOutlastedRequest(message)
+        self._log_failure(f"silent for {silent_s:.3g}s mid-answer at the request's deadline")
         return UpstreamTimeout(message)  # it had stalled: the replica's failure
+
+    def ended_early(self) -> UpstreamError:
+        """The failure of a stream the replica ended before its answer was finished."""
+        self._log_failure("the stream ended before the answer did")
+        return UpstreamError("the engine's stream ended before the answer did")
+
+    def _log_failure(self, detail: str) -> None:
+        # Which replica broke a stream: the access line names only the engine.
+        log.warning("engine.replica_failed", engine=self.engine.name, replica=self.replica.url,
+                    detail=detail, mid_answer=True)  # fmt: skip
 
     def finish(self, *, ok: bool, aborted: bool = False) -> None:
         """Give the replica back. ``aborted``: the client left; close so the engine stops."""
@@ -181,7 +197,7 @@ class Upstream:
         if aborted or not ok:
             self.response.close()
             if aborted:
-                self.replica.breaker.release()
+                self.replica.breaker.release(probe=self.probe)
             else:
                 self.replica.breaker.on_failure(time.monotonic())
         else:
@@ -227,24 +243,25 @@ class EngineCaller:
             tried.append(replica)
             if not replica.breaker.acquire(now):
                 continue
+            probe = replica.breaker.state == "half_open"  # this request is the probe
             if error is not None and self._on_retry is not None:
                 self._on_retry(engine, error.code or "error")
             replica.inflight += 1
             try:
                 return await self._attempt(
-                    engine, replica, path, body, headers, stream, deadline, len(tried)
+                    engine, replica, path, body, headers, stream, deadline, len(tried), probe
                 )
             except _ReplicaFailed as failed:
                 replica.inflight -= 1
                 if failed.broken:
                     replica.breaker.on_failure(time.monotonic())
                 else:
-                    replica.breaker.release()
+                    replica.breaker.release(probe=probe)
                 error = failed.error
             except BaseException:
                 # Cancelled (client left) or a bug: give the slot back, tell the breaker nothing.
                 replica.inflight -= 1
-                replica.breaker.release()
+                replica.breaker.release(probe=probe)
                 raise
         if error is not None:
             raise error
@@ -263,6 +280,7 @@ class EngineCaller:
         stream: bool,
         deadline: float,
         attempts: int,
+        probe: bool,
     ) -> Upstream:
         timeouts = engine.settings.timeouts
         # A failure's log line names the request, so it can be found from the access line.
@@ -293,11 +311,12 @@ class EngineCaller:
                     raise _ReplicaFailed(
                         UpstreamError(f"engine {engine.name} answered {response.status}")
                     )
-                upstream = Upstream(engine, replica, response, deadline, attempts=attempts)
+                upstream = Upstream(
+                    engine, replica, response, deadline, attempts=attempts, probe=probe
+                )
                 if stream and response.status == 200:
                     upstream._chunks = aiter(response.chunks())
                     upstream.first_chunk = await anext(upstream._chunks, b"")
-                    upstream._last_chunk_at = time.monotonic()
                     if not upstream.first_chunk:
                         # Headers, then the end: nothing was relayed yet, so this is a failure
                         # before the first byte like any other (retried on another replica).
@@ -308,6 +327,7 @@ class EngineCaller:
                             UpstreamError(f"engine {engine.name} ended its stream before a byte")
                         )
                     replica.breaker.on_answering()
+                    upstream.probe = False  # answering closed the breaker: no probe is held
                 else:
                     upstream.body = await response.read()
                 replica.answered_at = time.monotonic()

@@ -50,6 +50,7 @@ import argparse
 import asyncio
 import dataclasses
 import hashlib
+import math
 import random
 import signal
 import time
@@ -122,8 +123,16 @@ class FakeEngineOptions:
     def __post_init__(self) -> None:
         if not 0.0 <= self.fail_fraction <= 1.0:
             raise ValueError(f"fail_fraction must be in [0, 1], got {self.fail_fraction}")
-        if self.ttft_ms < 0 or self.tokens_per_s < 0:
-            raise ValueError("ttft_ms and tokens_per_s must be >= 0")
+        # (NaN passes a ">= 0" test, and asyncio.sleep(nan) never wakes; inf is --fail hang)
+        if not (0 <= self.ttft_ms < math.inf and 0 <= self.tokens_per_s < math.inf):
+            raise ValueError("ttft_ms and tokens_per_s must be finite numbers >= 0")
+        for name in ("hang", "health_fail"):
+            if not isinstance(getattr(self, name), bool):  # POST /fake/config {"hang": "no"}
+                raise ValueError(f"{name} must be true or false")
+        for name in ("abort_after_chunks", "end_after_chunks"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer or null")
         if self.abort_after_chunks is not None and self.abort_after_chunks < 0:
             raise ValueError("abort_after_chunks must be >= 0")
         if self.end_after_chunks is not None and self.end_after_chunks < 0:

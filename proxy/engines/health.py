@@ -79,7 +79,8 @@ async def poll_replica(
         ok = False
     if ok:
         replica.failed_polls = 0
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+        # (a body that is not text, too: raised out of here, it would end the whole poller)
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError):
             async with session.get(replica.url + "/metrics", timeout=timeout) as resp:
                 if resp.status == 200:
                     replica.load = parse_vllm_metrics(await resp.text())

@@ -111,6 +111,14 @@ class Engine:
     def ready(self) -> bool:
         return any(r.healthy and self.in_rotation(r) for r in self.replicas)
 
+    def ready_at(self, now: float) -> bool:
+        """What /readyz says: :attr:`ready`, with a replica whose breaker is open (every request
+        to it refused until its probe is due) counted out, as :func:`choose_replica` counts it."""
+        return any(
+            r.healthy and self.in_rotation(r) and r.breaker.reopens_in(now) == 0
+            for r in self.replicas
+        )
+
     def can_take(self, now: float) -> bool:
         """Whether a request sent now would find a replica (what :func:`choose_replica` needs:
         not down at its last health check, its version, its breaker letting requests through)."""

@@ -99,6 +99,10 @@ async def resolve_version(
     ) as resp:
         resp.raise_for_status()
         payload = await resp.json()
+    if not isinstance(payload, dict):
+        # (a URL that reaches some other service): a ValueError, which every caller handles as
+        # "cannot tell", not an AttributeError that would end the health poller
+        raise ValueError(f"{url}/v1/models answered no models list")
     card = model_card(payload, model)
     if card is None:
         served = [c.get("id") for c in payload.get("data", []) if isinstance(c, dict)]

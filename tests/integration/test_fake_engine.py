@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -447,6 +448,19 @@ def test_apply_overrides_validates() -> None:
         apply_overrides(options, {"model": "x"})
     with pytest.raises(ValueError):
         apply_overrides(options, {"fail_fraction": -0.1})
+    # (each of these was taken: a NaN delay never ends, a string "no" turned hang on)
+    bad: list[dict[str, object]] = [
+        {"ttft_ms": math.nan},
+        {"tokens_per_s": math.nan},
+        {"ttft_ms": math.inf},
+        {"hang": "no"},
+        {"health_fail": 1},
+        {"abort_after_chunks": True},
+        {"end_after_chunks": 2.5},
+    ]
+    for overrides in bad:
+        with pytest.raises(ValueError):
+            apply_overrides(options, overrides)
 
 
 @given(

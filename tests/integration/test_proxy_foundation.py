@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import numpy as np
 import orjson
 import pytest
 import structlog
+from aiohttp import web
 
 from proxy import pipeline
 from proxy.app import TRANSPORT, create_app
@@ -195,6 +198,29 @@ async def test_health_ready_and_metrics(start_fake: StartFake, start_proxy: Star
     assert (await ready.json())["engines"]["small"]["ready"] is False
 
 
+async def test_readyz_is_503_while_every_replica_s_breaker_is_open(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    # /health answers 200, completions fail: only the breaker knows the replica is out.
+    failing = await start_fake("m", fail_status=500, fail_fraction=1.0)
+    breaker = {"failure_threshold": 1, "open_s": 60}
+    p = await start_proxy([engine_config("e", "m", [failing.url], breaker=breaker)])
+    await wait_until(lambda: _status_is(p, "/readyz", 200))
+    assert (await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})).status == 502
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    assert resp.status == 503  # what every request gets now
+    ready = await p.client.get("/readyz")
+    assert ready.status == 503
+    engine = (await ready.json())["engines"]["e"]
+    assert engine["ready"] is False
+    assert engine["replicas"] == {failing.url: True} and engine["breakers"] == {failing.url: "open"}
+    breaker = p.services.engines[0].replicas[0].breaker
+    breaker.opened_at -= breaker.open_s  # its probe is due: the next request goes through
+    ready = await p.client.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["engines"]["e"]["breakers"] == {failing.url: "half_open"}
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
@@ -367,6 +393,78 @@ async def test_failure_mid_stream_ends_with_error_event_and_done(
     assert len(payloads) >= 4  # chunks before the cut were relayed
 
 
+@pytest.mark.parametrize("fail", [{"abort_after_chunks": 3}, {"end_after_chunks": 3}])
+async def test_a_stream_broken_mid_answer_names_its_replica_in_the_log_only(
+    start_fake: StartFake, start_proxy: StartProxy, fail: dict[str, int]
+) -> None:
+    flaky = await start_fake("m", completion_tokens=20, **fail)
+    p = await start_proxy([engine_config("e", "m", [flaky.url])])
+    with structlog.testing.capture_logs() as logs:
+        resp = await p.client.post(
+            "/v1/chat/completions", json={**CHAT, "model": "m", "stream": True}
+        )
+        payloads = parse_all(await asyncio.wait_for(resp.read(), 5))
+    message = orjson.loads(payloads[-2])["error"]["message"]
+    assert message.startswith("engine e ") or message.startswith("the engine"), message
+    # (not aiohttp's words about transfer lengths, nor the replica's address)
+    assert "127.0.0.1" not in message and "<" not in message and ":" not in message, message
+    failed = [e for e in logs if e["event"] == "engine.replica_failed"]
+    assert [e["replica"] for e in failed] == [flaky.url], logs
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_engine_that_compresses_what_it_may_is_relayed_readable(
+    aiohttp_server: Any, start_proxy: StartProxy, stream: bool
+) -> None:
+    """An engine (or a gateway in front of it) compresses its answer when the request accepts
+    gzip; the proxy relays bytes as they come, so it must not accept what it would pass on
+    compressed. (Not streamed, through aiohttp: an https engine's path.)"""
+    events = [
+        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+         "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]},
+    ]  # fmt: skip
+    answer = {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                           "finish_reason": "stop"}]}  # fmt: skip
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        gzip = "gzip" in request.headers.get("Accept-Encoding", "")
+        if not (await request.json()).get("stream"):
+            resp = web.json_response(answer)
+            if gzip:
+                resp.enable_compression(web.ContentCoding.gzip)
+            return resp
+        sse = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if gzip:
+            sse.enable_compression(web.ContentCoding.gzip)
+        await sse.prepare(request)
+        for event in events:
+            await sse.write(b"data: " + orjson.dumps(event) + b"\n\n")
+        await sse.write(b"data: [DONE]\n\n")
+        await sse.write_eof()
+        return sse
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    engine = await aiohttp_server(app)
+    url = str(engine.make_url("")).rstrip("/")
+    p = await start_proxy(
+        [engine_config("e", "m", [url], version="v1")],
+        health={"interval_s": 3600, "timeout_s": 1.0},
+        server={"lean_engine_client": False},
+    )
+    p.services.engines[0].replicas[0].healthy = True  # (this engine has no /health)
+    resp = await p.client.post(
+        "/v1/chat/completions", json={**CHAT, "model": "m", "stream": stream}
+    )
+    assert resp.status == 200
+    if stream:
+        payloads = parse_all(await resp.read())
+        assert payloads == [orjson.dumps(events[0]), b"[DONE]"], payloads
+    else:
+        assert await resp.json() == answer
+
+
 async def test_a_stream_the_engine_ends_early_and_cleanly_is_a_failure_not_an_answer(
     start_fake: StartFake, start_proxy: StartProxy
 ) -> None:
@@ -517,6 +615,32 @@ async def test_client_disconnect_aborts_the_engine_request(
     assert p.services.engines[0].replicas[0].inflight == 0
 
 
+async def test_a_client_that_stops_reading_does_not_hold_the_engine_past_the_deadline(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    # A long answer, all of it ready at once: the relay's writes soon wait on the client.
+    engine = await start_fake("m", completion_tokens=100_000)
+    timeouts = {"connect_s": 1, "first_token_s": 1, "total_s": 2}
+    p = await start_proxy([engine_config("e", "m", [engine.url], timeouts=timeouts)])
+    body = orjson.dumps({**CHAT, "model": "m", "stream": True})
+    host, port = p.client.server.host, p.client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    try:
+        await reader.readexactly(64)  # the stream has begun; then the client reads no more
+        # (before: the engine kept the request until the client read again or its TCP gave up)
+        await wait_until(lambda: engine.state.counters.aborted == 1, timeout_s=20)
+        assert engine.state.counters.aborted == 1
+        assert p.services.engines[0].replicas[0].inflight == 0
+        assert p.services.engines[0].replicas[0].breaker.failures == 0  # not the replica's fault
+    finally:
+        writer.close()
+
+
 async def test_client_disconnect_before_first_token_aborts_too(
     start_fake: StartFake, start_proxy: StartProxy
 ) -> None:
@@ -528,6 +652,33 @@ async def test_client_disconnect_before_first_token_aborts_too(
     await wait_until(lambda: slow.state.counters.aborted == 1)
     assert slow.state.counters.aborted == 1
     assert p.services.engines[0].replicas[0].inflight == 0
+
+
+async def test_a_client_leaving_an_older_stream_does_not_let_a_second_probe_through(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    engine = await start_fake("m", tokens_per_s=10, completion_tokens=100)
+    # (a second probe would wait first_token_s for its first token, then get a 504)
+    timeouts = {"connect_s": 1, "first_token_s": 10, "total_s": 60}
+    p = await start_proxy([engine_config("e", "m", [engine.url], timeouts=timeouts)])
+    replica = p.services.engines[0].replicas[0]
+    body = {**CHAT, "model": "m", "stream": True}
+    older = await p.client.post("/v1/chat/completions", json=body)  # sent while closed
+    assert older.status == 200
+    await older.content.readany()
+    replica.breaker._open(time.monotonic() - replica.breaker.open_s)  # open, and due a probe
+    engine.configure(hang=True)  # the probe gets no first token
+    probe = asyncio.ensure_future(p.client.post("/v1/chat/completions", json=body))
+    await wait_until(lambda: engine.state.in_flight == 2)
+    older.close()  # the older stream's client leaves
+    await wait_until(lambda: engine.state.counters.aborted == 1)
+    # The probe is still out: nothing else reaches the replica meanwhile.
+    resp = await p.client.post("/v1/chat/completions", json=body)
+    assert resp.status == 503 and (await resp.json())["error"]["code"] == "no_healthy_replica"
+    assert engine.state.counters.requests == 2
+    probe.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await probe
 
 
 async def test_conversation_sticks_to_one_replica(

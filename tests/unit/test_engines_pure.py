@@ -50,6 +50,30 @@ def test_a_stream_answering_closes_a_half_open_breaker_and_nothing_else() -> Non
     assert b.state == "closed" and b.acquire(10.0)
 
 
+def test_only_the_probe_frees_the_half_open_slot() -> None:
+    b = CircuitBreaker(failure_threshold=1, open_s=10)
+    assert b.acquire(0.0)  # a long answer, sent while the breaker was closed
+    b.on_failure(1.0)  # another request fails: open
+    assert b.acquire(11.0) and b.state == "half_open"  # the probe
+    b.release(probe=False)  # the long answer's client leaves
+    assert not b.acquire(11.0)  # the probe is still out: no second one
+    b.release(probe=True)  # the probe's client leaves
+    assert b.acquire(11.0)
+
+
+def test_an_engine_is_ready_while_a_healthy_replica_s_breaker_lets_requests_through() -> None:
+    settings = EngineSettings(name="e", model="m", urls=["http://a", "http://b"])
+    engine = Engine.from_settings(settings)
+    a, b = engine.replicas
+    a.healthy, b.healthy = True, False
+    assert engine.ready_at(0.0)
+    a.breaker._open(0.0)
+    assert engine.ready and not engine.ready_at(1.0)  # healthy, but every request refused
+    assert engine.ready_at(a.breaker.open_s)  # its probe is due
+    b.healthy = True
+    assert engine.ready_at(1.0)
+
+
 @given(
     opened=st.lists(st.floats(min_value=0, max_value=100), max_size=4),
     open_s=st.floats(min_value=0.1, max_value=60),
