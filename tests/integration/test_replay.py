@@ -377,6 +377,13 @@ async def test_cli_replay_writes_summary_and_results(tmp_path: Path) -> None:
     assert b"cache hit rate" in stdout
 
 
+def _answer_ctrl_c() -> None:
+    """In the child, before it starts: Ctrl-C at its default. A shell runs a background job
+    (``scripts/test &``, CI runners) with SIGINT ignored, every child inherits that, and Python
+    then never turns SIGINT into KeyboardInterrupt: the test's Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_ctrl_c_keeps_what_finished(tmp_path: Path) -> None:
     from tests.integration.conftest import wait_until  # here: this file also runs as a script
 
@@ -391,7 +398,10 @@ async def test_ctrl_c_keeps_what_finished(tmp_path: Path) -> None:
     ]  # fmt: skip
     try:
         process = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_answer_ctrl_c,
         )
         # Three answered, the fourth hangs: now the operator presses Ctrl-C.
         await wait_until(lambda: proxy.received >= 4, timeout_s=60)
@@ -470,7 +480,10 @@ async def test_compare_interrupted_keeps_the_strategies_already_run(tmp_path: Pa
         "--out", str(out), "--serve-cmd", serve, "--no-progress", "--ready-timeout", "60",
     ]  # fmt: skip
     process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=_answer_ctrl_c,
     )
     try:
         await wait_until(lambda: (out / "serve-no_cache.log").exists(), timeout_s=60)
