@@ -68,8 +68,9 @@ async def test_a_client_that_leaves_mid_stream_adds_no_proxy_overhead(
                     cache="bypass")  # fmt: skip
     overhead = value(metrics, "frugal_proxy_overhead_seconds_sum", tier="open")
     assert latency >= 0.9
-    # The second was the engine's; the proxy's own share is milliseconds.
-    assert overhead < 0.3, (overhead, latency)
+    # The second was the engine's; the proxy's own share is milliseconds (a loaded test box
+    # stretches them, hence the wide margin: counted as overhead, it would be the whole latency).
+    assert overhead < latency / 3, (overhead, latency)
 
 
 async def test_a_coalesced_follower_waits_on_the_engine_not_the_proxy(
@@ -91,8 +92,9 @@ async def test_a_coalesced_follower_waits_on_the_engine_not_the_proxy(
                              engine="e", cache="hit-exact")  # fmt: skip
     overhead = value(metrics, "frugal_proxy_overhead_seconds_sum", tier="open")
     assert follower_latency >= 0.5
-    # Both waited on the one engine call; neither spent that time in the proxy itself.
-    assert overhead < 0.3, (overhead, follower_latency)
+    # Both waited on the one engine call; neither spent that time in the proxy itself (counted
+    # as overhead, the sum would be at least the follower's latency).
+    assert overhead < follower_latency / 2, (overhead, follower_latency)
 
 
 async def test_the_access_line_says_why_a_request_was_refused(
@@ -166,7 +168,9 @@ async def test_a_made_up_model_name_cannot_blow_up_the_access_line(
 async def test_waiting_for_a_busy_engines_slot_is_not_proxy_overhead(
     start_fake: StartFake, start_proxy: StartProxy
 ) -> None:
-    engine = await start_fake("m", ttft_ms=600)
+    # A first token long enough that the second request's wait dwarfs what a loaded test box
+    # adds to the proxy's own time, and short of the open tier's 2 s limit on queueing.
+    engine = await start_fake("m", ttft_ms=1500)
     p = await start_proxy([engine_config("e", "m", [engine.url], max_concurrency=1)])
     bodies = [
         {**CHAT, "messages": [{"role": "user", "content": f"question {i}"}]} for i in range(2)
@@ -179,9 +183,10 @@ async def test_waiting_for_a_busy_engines_slot_is_not_proxy_overhead(
     metrics = p.services.metrics
     waited = value(metrics, "frugal_queue_wait_seconds_sum", engine="e", tier="open")
     overhead = value(metrics, "frugal_proxy_overhead_seconds_sum", tier="open")
-    assert waited >= 0.4  # the second waited for the first's engine time
-    # That wait is the engine's capacity, counted in frugal_queue_wait_seconds, not overhead.
-    assert overhead < 0.3, (overhead, waited)
+    assert waited >= 0.8  # the second waited for the first's engine time
+    # That wait is the engine's capacity, counted in frugal_queue_wait_seconds, not overhead
+    # (counted as overhead, the sum would be at least the wait).
+    assert overhead < waited / 2, (overhead, waited)
 
 
 async def test_a_replica_that_goes_down_stops_reporting_its_last_batch(
