@@ -135,6 +135,7 @@ class Upstream:
     body: bytes = b""  # the whole body of a non-streamed answer
     attempts: int = 1
     probe: bool = False  # it holds its replica's half-open probe (until the replica answers)
+    request_id: str | None = None  # for the log line of a failure mid-answer
     _chunks: AsyncIterator[bytes] | None = None
     _finished: bool = field(default=False)
     # when the proxy last began to wait for the engine's next chunk (monotonic): a replica
@@ -185,8 +186,8 @@ class Upstream:
 
     def _log_failure(self, detail: str) -> None:
         # Which replica broke a stream: the access line names only the engine.
-        log.warning("engine.replica_failed", engine=self.engine.name, replica=self.replica.url,
-                    detail=detail, mid_answer=True)  # fmt: skip
+        _replica_warning("engine.replica_failed", self.engine, self.replica, self.request_id,
+                         detail=detail, mid_answer=True)  # fmt: skip
 
     def finish(self, *, ok: bool, aborted: bool = False) -> None:
         """Give the replica back. ``aborted``: the client left; close so the engine stops."""
@@ -305,24 +306,21 @@ class EngineCaller:
                     detail = (await response.read())[:200].decode(errors="replace")
                     # The client hears which engine failed; the replica's address and its own
                     # words stay in the log (internal topology is not the caller's business).
-                    log.warning("engine.replica_failed", request_id=request_id,
-                                engine=engine.name, replica=replica.url,
-                                status=response.status, detail=detail)  # fmt: skip
+                    _replica_warning("engine.replica_failed", engine, replica, request_id,
+                                     status=response.status, detail=detail)  # fmt: skip
                     raise _ReplicaFailed(
                         UpstreamError(f"engine {engine.name} answered {response.status}")
                     )
-                upstream = Upstream(
-                    engine, replica, response, deadline, attempts=attempts, probe=probe
-                )
+                upstream = Upstream(engine, replica, response, deadline, attempts=attempts,
+                                    probe=probe, request_id=request_id)  # fmt: skip
                 if stream and response.status == 200:
                     upstream._chunks = aiter(response.chunks())
                     upstream.first_chunk = await anext(upstream._chunks, b"")
                     if not upstream.first_chunk:
                         # Headers, then the end: nothing was relayed yet, so this is a failure
                         # before the first byte like any other (retried on another replica).
-                        log.warning("engine.replica_failed", request_id=request_id,
-                                    engine=engine.name, replica=replica.url,
-                                    detail="empty stream")  # fmt: skip
+                        _replica_warning("engine.replica_failed", engine, replica, request_id,
+                                         detail="empty stream")  # fmt: skip
                         raise _ReplicaFailed(
                             UpstreamError(f"engine {engine.name} ended its stream before a byte")
                         )
@@ -349,8 +347,7 @@ class EngineCaller:
                     replica.answered_at >= sent_at  # it answered others meanwhile: not hung
                 )
                 if busy:
-                    log.warning("engine.replica_slow", request_id=request_id,
-                                engine=engine.name, replica=replica.url,
+                    _replica_warning("engine.replica_slow", engine, replica, request_id,
                                 running=replica.load.running, waiting=replica.load.waiting,
                                 inflight=replica.inflight)  # fmt: skip
                 raise _ReplicaFailed(
@@ -358,9 +355,8 @@ class EngineCaller:
                     broken=not busy,
                 ) from None
             if isinstance(exc, aiohttp.ClientError | OSError):
-                log.warning("engine.replica_failed", request_id=request_id,
-                            engine=engine.name, replica=replica.url,
-                            detail=str(exc) or type(exc).__name__)  # fmt: skip
+                _replica_warning("engine.replica_failed", engine, replica, request_id,
+                                 detail=str(exc) or type(exc).__name__)  # fmt: skip
                 raise _ReplicaFailed(UpstreamError(f"engine {engine.name} is unreachable")) from exc
             raise
 
@@ -379,3 +375,11 @@ def _busy_with_others(replica: Replica) -> bool:
     return replica.healthy is True and (
         replica.inflight > 1 or load.waiting > 0 or load.running > 1
     )
+
+
+def _replica_warning(
+    event: str, engine: Engine, replica: Replica, request_id: str | None, **fields: object
+) -> None:
+    """A replica's failure or slowness, named with the request it met (so the log line can be
+    found from the access line) and the replica (which the client is never told)."""
+    log.warning(event, request_id=request_id, engine=engine.name, replica=replica.url, **fields)
