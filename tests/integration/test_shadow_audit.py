@@ -60,6 +60,9 @@ async def start(
             "health": {"interval_s": 0.1},
             "cache": {"enabled": True, "semantic": True, "audit": audit or {}},
             "routing": {"enabled": False},
+            # Audits are what is tested, not shedding: on a loaded box a paraphrase must still
+            # be embedded (and hit), however long the encoder's queue looks.
+            "embeddings": {"max_queue_ms": None},
             "logging": {"level": "warning", "format": "console"},
         }
     )
