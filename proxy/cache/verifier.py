@@ -695,20 +695,25 @@ class CacheVerifier:
                 self._vectors.popitem(last=False)
 
     def vectors(self, texts: Sequence[str]) -> list[Vector]:
-        """Verifier vectors for texts: remembered ones, the rest in one batched pass."""
+        """Verifier vectors for texts: remembered ones, the rest in one batched pass.
+
+        The lock guards the dictionary only, never the model pass: the event loop takes it in
+        :meth:`ready` and :meth:`remember`, and waited out a whole pass of a worker thread
+        (13 ms on this host, each time) while it was held. Two threads may then both compute a
+        text; the vectors are the same."""
         with self._lock:
-            missing = sorted({t for t in texts if t not in self._vectors})
-            if missing:
-                computed = self.verifier.verifier_vectors(missing)
-                for i, text in enumerate(missing):
-                    self._vectors[text] = computed[i]
-            found = []
+            known = {t: self._vectors[t] for t in texts if t in self._vectors}
+        missing = sorted({t for t in texts if t not in known})
+        if missing:
+            computed = self.verifier.verifier_vectors(missing)
+            known.update((text, computed[i]) for i, text in enumerate(missing))
+        with self._lock:
             for text in texts:
+                self._vectors[text] = known[text]
                 self._vectors.move_to_end(text)
-                found.append(self._vectors[text])
             while len(self._vectors) > self._capacity:
                 self._vectors.popitem(last=False)
-            return found
+        return [known[text] for text in texts]
 
     def ready(self, query: str, candidates: Sequence[SemanticCandidate]) -> bool:
         """Whether :meth:`select` needs no model pass now (every text's vector is remembered and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -459,3 +460,45 @@ def test_cache_verifier_is_ready_only_with_every_vector_remembered() -> None:
     adapter.select("query", shown)  # type: ignore[arg-type]
     assert encoder.encoded == ["stored two"]
     assert adapter.ready("query", shown)  # type: ignore[arg-type]
+
+
+class HeldEncoder(CountingEncoder):
+    """A model pass that lasts until the test lets it end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> verifier.EncodedBatch:
+        self.started.set()
+        assert self.release.wait(10), "the test never let the pass end"
+        return super().encode(texts, batch_size)
+
+
+def test_cache_verifier_answers_the_event_loop_while_a_worker_runs_the_model() -> None:
+    # The event loop calls ready() and remember(); a worker thread computing vectors held their
+    # lock for its whole pass, so the loop stood still for it (13 ms a pass on the dev host).
+    encoder = HeldEncoder()
+    head = _head([0.0, 0.0, 10.0], bias=-9.0)
+    model = verifier.Verifier(encoder=encoder, head=head, threshold=0.5, cutoff=0.5)  # type: ignore[arg-type]
+    adapter = verifier.CacheVerifier(model)
+    worker = threading.Thread(target=adapter.vectors, args=(["query", "stored"],))
+    worker.start()
+    try:
+        assert encoder.started.wait(10)
+        answered = threading.Event()
+
+        def loop_side() -> None:
+            adapter.remember("other", np.ones(verifier.HIDDEN, dtype=np.float32))
+            adapter.ready("query", [])
+            answered.set()
+
+        loop_thread = threading.Thread(target=loop_side)
+        loop_thread.start()
+        assert answered.wait(5), "ready()/remember() waited for another thread's model pass"
+    finally:
+        encoder.release.set()
+        worker.join(10)
+    vectors = adapter.vectors(["query", "stored", "other"])
+    assert encoder.encoded == ["query", "stored"]  # the pass's vectors were kept
+    assert len(vectors) == 3
