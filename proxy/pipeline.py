@@ -61,7 +61,7 @@ from proxy.observability.savings import split_savings
 from proxy.policy.admission import Slot
 from proxy.policy.errors import EngineOverloaded, LimitsUnavailable, PolicyError
 from proxy.policy.keys import bearer_token
-from proxy.policy.limits import prompt_token_bound, worst_case_usd
+from proxy.policy.limits import prompt_token_bound, prompt_token_estimate, worst_case_usd
 from proxy.policy.policyset import Principal, cap_max_tokens, resolve_model
 from proxy.policy.schema import TierPolicy
 from proxy.routing.decision import EngineLoad, EngineNotAllowedError, RouteDecision
@@ -319,7 +319,8 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                     )
                 finally:
                     # also what a stream the client left (or the engine broke) had sent: the
-                    # tokens counted in it, when its usage chunk never came
+                    # tokens counted in it and its prompt's estimate, when its usage chunk never
+                    # came
                     spend.record(engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out))
                     if exchange.tokens_in or exchange.tokens_out:  # (nothing known: no change)
                         ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
@@ -1029,8 +1030,10 @@ async def _relay(
     finally:
         if relay.usage is None:
             # No usage chunk (the client left, the engine broke off): what was relayed is
-            # still spent, at least one token a text-bearing delta.
+            # still spent, at least one token a text-bearing delta; so is the prompt, which the
+            # engine read before its first token (an estimate: its count never came).
             exchange.tokens_out = max(exchange.tokens_out, relay.tokens_seen)
+            exchange.tokens_in = prompt_token_estimate(_prompt_texts(req))
     if relay.usage is not None:
         exchange.tokens_in, exchange.tokens_out = relay.usage
     await _write_eof_quietly(response)

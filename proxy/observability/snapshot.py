@@ -53,6 +53,13 @@ def _add(table: dict[str, float], key: str, value: float) -> None:
     table[key] = table.get(key, 0.0) + value
 
 
+def _is_failure(status: str) -> bool:
+    """Whether a finished request's status label is a failure of the proxy or an engine: a 5xx,
+    as the alert rules and the Grafana panel count it (a label that is no number: not hidden). A
+    4xx is the client's own doing (a bad body, a refused key, a limit, or 499: it hung up)."""
+    return not status.isdigit() or int(status) >= 500
+
+
 # Shadow checks per tier (proxy/shadow/metrics.py): the audited false-hit rate and its bounds.
 _AUDIT_FIELDS = {
     "frugal_cache_audit_disagreement_rate": "audit_rate",
@@ -89,7 +96,7 @@ def build_snapshot(
     Shape (all counts cumulative)::
 
         time, uptime_s,
-        requests: {total, errors, in_flight, by_status, by_tier, by_cache, by_engine},
+        requests: {total, errors (5xx), in_flight, by_status, by_tier, by_cache, by_engine},
         tokens: {in, out},
         latency: {window_s, count, total|ttft|overhead: {p50, p95, p99}}   (seconds),
         cache: {<kind>: {lookups, hits, hit_rate}}, cache_errors,
@@ -195,7 +202,7 @@ def build_snapshot(
         }
         for kind, count in sorted(lookups.items())
     }
-    errors = sum(v for status, v in by_status.items() if not status.isdigit() or int(status) >= 400)
+    errors = sum(v for status, v in by_status.items() if _is_failure(status))
     return {
         "time": now_unix,
         "uptime_s": uptime_s,

@@ -97,6 +97,14 @@ def prompt_token_bound(texts: Sequence[str], *, per_message: int = 8) -> int:
     return sum(len(t.encode("utf-8")) + per_message for t in texts) + per_message
 
 
+def prompt_token_estimate(texts: Sequence[str], *, per_message: int = 8) -> int:
+    """A likely count of a prompt's tokens without a tokenizer, for charging a prompt whose real
+    count never came (a stream that ended before its usage chunk). Byte-level BPE averages about
+    four bytes a token on English and code; the bound's one token a byte would charge about four
+    times too much. Never above :func:`prompt_token_bound`, so it stays within the reservation."""
+    return sum(-(-len(t.encode("utf-8")) // 4) + per_message for t in texts) + per_message
+
+
 class CounterBackendError(ConnectionError):
     """The counters could not be read or written (e.g. Redis is unreachable)."""
 

@@ -196,7 +196,8 @@ def feed_one(metrics: Metrics, i: int) -> None:
     tier = TIERS[i % 2]
     engine = "large" if i % 5 == 0 else "small"
     cache = CACHE_OUTCOMES[i % 4]
-    status = 502 if i % 17 == 0 else 200
+    # failures, and clients that leave or are refused: only the failures are errors
+    status = 502 if i % 17 == 0 else 499 if i % 7 == 0 else 429 if i % 11 == 0 else 200
     metrics.route_decision(
         tier=tier, engine=engine, reason="score_above" if engine == "large" else "score_below"
     )
@@ -278,6 +279,7 @@ READ_PAGE = """(() => {
     status: document.getElementById("status").dataset.state,
     throughput: Number(metric("throughput_rps")),
     requestsTotal: Number(metric("requests_total")),
+    errorShare: Number(metric("error_rate")),
     cacheHitShare: Number(metric("cache_hit_rate")),
     saved: Number(metric("saved_usd")),
     cost: Number(metric("cost_usd")),
@@ -372,9 +374,13 @@ async def test_dashboard_shows_live_traffic(dashboard_url: tuple[str, Metrics]) 
             assert settled["saved"] == pytest.approx(
                 snap["totals"]["saved_cache_usd"] + snap["totals"]["saved_routing_usd"]
             )
+            errors = sum(n for k, n in snap["requests"]["by_status"].items() if k.startswith("5"))
+            assert snap["requests"]["by_status"]["499"] > 0
+            assert snap["requests"]["errors"] == errors > 0
+            assert settled["errorShare"] == pytest.approx(errors / fed)
             assert settled["outcomes"] == {
                 **snap["requests"]["by_cache"],
-                "errors (HTTP ≥ 400)": snap["requests"]["errors"],
+                "errors (HTTP 5xx)": errors,
             }
             # The request and first-token rows are filled (the page shows an en dash for "none").
             assert "\u2013" not in settled["latencyCells"][:6]

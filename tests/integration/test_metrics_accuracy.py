@@ -73,6 +73,28 @@ async def test_a_client_that_leaves_mid_stream_adds_no_proxy_overhead(
     assert overhead < latency / 3, (overhead, latency)
 
 
+async def test_the_dashboards_errors_are_failures_not_clients_that_left_or_were_refused(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    """Its error rate is the alert's (FrugalErrorRateHigh): 5xx answers. A client that hangs up
+    (499) or sends a bad body (400) is no failure of the proxy or an engine."""
+    engine = await start_fake("m", tokens_per_s=20, completion_tokens=200)
+    p = await start_proxy([engine_config("e", "m", [engine.url])])
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert resp.status == 200
+    await resp.content.readany()  # the stream has begun; then the client leaves
+    resp.close()
+    bad = await p.client.post("/v1/chat/completions", json={**CHAT, "messages": "not a list"})
+    assert bad.status == 400
+    engine.configure(fail_fraction=1.0, fail_status=500)
+    failed = await p.client.post("/v1/chat/completions", json=CHAT)
+    assert failed.status == 502
+    await wait_until(lambda: finished(p, 499) + finished(p, 400) + finished(p, 502) == 3)
+    data = await (await p.client.get("/dashboard/data")).json()
+    assert data["requests"]["by_status"] == {"499": 1, "400": 1, "502": 1}
+    assert (data["requests"]["total"], data["requests"]["errors"]) == (3, 1)
+
+
 async def test_a_coalesced_follower_waits_on_the_engine_not_the_proxy(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:

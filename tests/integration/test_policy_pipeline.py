@@ -467,6 +467,88 @@ async def test_a_stream_the_client_leaves_is_charged_for_what_it_was_sent(
     assert spent.spent_usd >= 8 * 0.2e-6, spent
 
 
+async def test_a_stream_the_client_leaves_is_charged_for_its_prompt_too(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """The engine read the whole prompt before its first token: a client that leaves before the
+    usage chunk is charged an estimate of it (not 0, nor the byte-count bound), and the budget,
+    tokens/minute, metrics and access line all say the same tokens. A finished stream is charged
+    the engine's own counts."""
+    folder = write_policies(
+        tmp_path / "p",
+        tier("free", [FREE_KEY], budget={"usd_per_day": 1.0}, limits={"tokens_per_minute": 10**6}),
+    )
+    small = await start_fake("small-model", completion_tokens=60)
+    proxy = await start_proxy(
+        [engine_config("small", "small-model", [small.url])], policies=str(folder)
+    )
+    services = proxy.services
+    buffer = io.BytesIO()
+    services.access_log = AccessLog(json=True, stream=buffer)
+    tpm: list[float] = []  # every tokens/minute charge: the estimate at admission, then the rest
+    rate = services.limiter.backend.rate
+
+    async def counted_rate(key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
+        if key.endswith(":tpm"):
+            tpm.append(cost)
+        return await rate(key, cost, per_minute, debt=debt)
+
+    services.limiter.backend.rate = counted_rate  # type: ignore[method-assign]
+    principal = services.policies.current.authenticate(FREE_KEY)
+    prompt = "the quick brown fox jumps over the lazy dog " * 40  # 1,760 bytes
+    body = {**chat(stream=True, max_tokens=64), "messages": [{"role": "user", "content": prompt}]}
+
+    async def settled() -> bool:
+        return (await services.limiter.budget_status(principal))[0].reserved_usd == 0
+
+    async def charged() -> tuple[dict[str, Any], float, float]:
+        """The request's access line, its budget spend and its net tokens/minute charge."""
+        await wait_until(lambda: buffer.getvalue().endswith(b"\n"))
+        await wait_until(settled)
+        line = json.loads(buffer.getvalue().splitlines()[-1])
+        buffer.seek(0)
+        buffer.truncate()
+        spent = (await services.limiter.budget_status(principal))[0].spent_usd
+        net_tpm = sum(tpm)
+        tpm.clear()
+        return line, spent, net_tpm
+
+    # A finished stream: the engine's usage, as before.
+    resp = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
+    assert resp.status == 200
+    await resp.read()
+    line, spent, net_tpm = await charged()
+    counted = small.state.counters.prompt  # the engine's own count of the prompt
+    assert (line["status"], line["tokens_in"], line["tokens_out"]) == (200, counted, 60)
+    assert net_tpm == counted + 60
+    assert spent == pytest.approx((counted * 0.1 + 60 * 0.2) / 1e6)
+    assert line["cost_usd"] == pytest.approx(spent)
+
+    # The client leaves after about 10 tokens, seconds before the usage chunk.
+    small.configure(tokens_per_s=20)
+    resp = await proxy.client.post("/v1/chat/completions", json=body, headers=auth(FREE_KEY))
+    assert resp.status == 200
+    received = b""
+    while received.count(b"data: ") < 10:
+        received += await resp.content.readany()
+    resp.close()
+    line, spent_after, net_tpm = await charged()
+    assert line["status"] == 499
+    tokens_in, tokens_out = line["tokens_in"], line["tokens_out"]
+    assert 8 <= tokens_out < 60
+    # Near the engine's count: not 0, and not the bound's one token a byte (4 times as many).
+    assert counted * 0.75 <= tokens_in <= counted * 1.5, (tokens_in, counted)
+    assert net_tpm == tokens_in + tokens_out
+    cost = (tokens_in * 0.1 + tokens_out * 0.2) / 1e6
+    assert line["cost_usd"] == pytest.approx(cost)
+    assert spent_after - spent == pytest.approx(cost)
+    registry = services.metrics.registry
+    labels = {"tier": "free", "engine": "small"}
+    assert registry.get_sample_value("frugal_tokens_in_total", labels) == counted + tokens_in
+    assert registry.get_sample_value("frugal_tokens_out_total", labels) == 60 + tokens_out
+    assert registry.get_sample_value("frugal_cost_usd_total", labels) == pytest.approx(spent_after)
+
+
 async def test_budget_gauges_follow_the_spend_and_the_policy(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:

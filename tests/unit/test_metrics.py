@@ -207,6 +207,16 @@ def test_snapshot_aggregates_requests_engines_and_tiers() -> None:
     assert snap["totals"]["cost_usd"] == pytest.approx(0.002)
 
 
+def test_snapshot_errors_are_the_5xx_not_the_clients_4xx() -> None:
+    # the alert's definition: a client that left (499), was refused (429) or erred (400) is none
+    m = Metrics()
+    for status in (200, 400, 401, 429, 499, 499, 500, 502, 503, 504):
+        done(m, status=status)
+    requests = m.snapshot()["requests"]
+    assert (requests["total"], requests["errors"]) == (10, 4)
+    assert requests["by_status"]["499"] == 2
+
+
 def test_recent_latency_window_drops_old_requests_and_is_bounded() -> None:
     clock = FakeClock()
     m = Metrics(clock=clock, recent_window_s=60.0, recent_max=5)

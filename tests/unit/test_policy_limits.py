@@ -28,6 +28,7 @@ from proxy.policy.limits import (
     ReserveOutcome,
     gcra,
     prompt_token_bound,
+    prompt_token_estimate,
     seconds_to_utc_midnight,
     worst_case_usd,
 )
@@ -337,6 +338,15 @@ def test_refund_never_goes_below_an_idle_counter() -> None:
 def test_prompt_token_bound_is_at_least_the_bytes() -> None:
     assert prompt_token_bound(["héllo", "wörld"]) == 6 + 6 + 3 * 8
     assert prompt_token_bound([]) == 8
+
+
+def test_prompt_token_estimate_is_a_quarter_of_the_bytes_and_never_above_the_bound() -> None:
+    # bytes / 4 rounded up, plus the same allowance for the chat template
+    assert prompt_token_estimate(["héllo", "wörld"]) == 2 + 2 + 3 * 8
+    assert prompt_token_estimate(["x" * 400]) == 100 + 2 * 8
+    assert prompt_token_estimate([]) == 8
+    for texts in (["a"], ["héllo", ""], ["日本語のテキスト" * 50], ["x" * 4001]):
+        assert prompt_token_estimate(texts) <= prompt_token_bound(texts)
 
 
 class DownBackend(LocalCounters):

@@ -126,12 +126,6 @@
     return hits;
   }
 
-  function errorCount(byStatus) {
-    let errors = 0;
-    for (const [status, n] of Object.entries(byStatus || {})) if (!(Number(status) < 400)) errors += n;
-    return errors;
-  }
-
   // ---- charts ----------------------------------------------------------------------------
 
   function niceMax(v) {
@@ -287,7 +281,7 @@
     const total = requests.total || 0;
     if (!total) return;
     const rows = sortedKeys(requests.by_cache).map((k) => [k, requests.by_cache[k]]);
-    rows.push(["errors (HTTP ≥ 400)", requests.errors]);
+    rows.push(["errors (HTTP 5xx)", requests.errors]);
     document.querySelector("#outcomes-table tbody").replaceChildren(
       ...rows.map(([name, n]) => el("tr", { "data-outcome": name, "data-count": n },
         el("td", {}, name), el("td", {}, fmtCount(n)), el("td", {}, fmtPct(n / total)))),
@@ -464,7 +458,8 @@
     return {
       rps: rate(snap.requests.total, prev.requests.total),
       hitRps: rate(cacheHits(snap.requests.by_cache), cacheHits(prev.requests.by_cache)),
-      errRps: rate(errorCount(snap.requests.by_status), errorCount(prev.requests.by_status)),
+      // the snapshot's own count (5xx), so the chart and the error rate agree with the alert
+      errRps: rate(snap.requests.errors, prev.requests.errors),
       tokOutRps: rate(snap.tokens.out, prev.tokens.out),
     };
   }
