@@ -98,6 +98,7 @@ class Exchange:
     model: str = ""
     engine: Engine | None = None  # the engine whose answer the client got
     version: str | None = None  # the version that answered (stable, canary, or a cache entry's)
+    instead_of: str | None = None  # the version the canary split chose, down: ``version`` answered
     routed: Engine | None = None  # the engine the router chose
     cache: str = "bypass"
     cache_similarity: float | None = None
@@ -231,10 +232,14 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                 return _respond_from_cache(request, req, hit, exchange, services)
             embedding = await _embed(services, req, requested, allowed, plan, exchange)
             decision = _route(services, req, requested, allowed, principal, embedding)
-            # The engine's canary answers the conversations in its share (sticky per conversation).
-            engine = rollouts.select(services.by_name[decision.engine], prefix)
+            # The engine's canary answers the conversations in its share (sticky per conversation);
+            # the other version answers them while every replica of their own is down.
+            selection = rollouts.choose(services.by_name[decision.engine], prefix)
+            engine = selection.engine
             exchange.routed = exchange.engine = engine
             exchange.version = engine.version
+            if selection.instead_of is not None:
+                exchange.instead_of = selection.instead_of.version or "unknown"
             exchange.route_reason, exchange.route_score = decision.reason, decision.score
             exchange.route_detail = decision.detail
             if exchange.embedding_shed and decision.reason == "difficulty":
@@ -1359,6 +1364,7 @@ def _finish(exchange: Exchange, services: Services) -> None:
             latency_s=latency,
             tokens_out=exchange.tokens_out,
             cost_usd=money.cost_usd,
+            instead_of=exchange.instead_of,
         )
     if services.access_log is not None:
         services.access_log.write(
@@ -1370,6 +1376,8 @@ def _finish(exchange: Exchange, services: Services) -> None:
                 model=_loggable_model(exchange.model),
                 engine=engine.name if engine else None,
                 model_version=version,
+                # the version the canary split chose for it, with no replica up
+                instead_of_version=exchange.instead_of,
                 cache=exchange.cache,
                 # what a hit was: how close (a wrong semantic answer is traced by this), and
                 # whether it was another request's answer shared while in flight

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ async def start_pair(
     share: float,
     cache: bool = True,
     canary_options: dict[str, Any] | None = None,
+    engine_extra: dict[str, Any] | None = None,
     **canary_extra: Any,
 ) -> tuple[FakeEngine, FakeEngine, Proxy]:
     stable = await start_fake("m")
@@ -66,7 +68,8 @@ async def start_pair(
     sections: dict[str, Any] = {"health": {"interval_s": 0.2, "timeout_s": 10.0}}
     if cache:
         sections["cache"] = {"enabled": True, "data_dir": str(tmp_path / "cache")}
-    proxy = await start_proxy([canary_engine(stable, canary, share, **canary_extra)], **sections)
+    engine = canary_engine(stable, canary, share, **canary_extra)
+    proxy = await start_proxy([{**engine, **(engine_extra or {})}], **sections)
     return stable, canary, proxy
 
 
@@ -597,3 +600,102 @@ async def test_no_shadow_comparison_across_a_promotion(
     assert (stable.state.counters.requests, canary.state.counters.requests) == (0, 1)
     assert rollouts.metrics.shadow.labels("small", "v2", "agree").value == 0
     assert rollouts.metrics.shadow.labels("small", "v2", "dropped").value == 1
+
+
+async def take_down(proxy: Proxy, fake: FakeEngine, how: str, version: str) -> None:
+    """Make every replica of ``version`` unable to take a request, the way ``how`` says, and
+    wait until the proxy knows it."""
+    if how == "unreachable":
+        await fake.server.close()
+    elif how == "unhealthy":
+        fake.configure(health_fail=True, fail_fraction=1.0)
+    else:  # "breaker": every answer a 500; the engine's breaker opens at the first one
+        fake.configure(fail_fraction=1.0, fail_status=500)
+        for i in range(100, 140):
+            if (await ask(proxy, conversation(i)))[0] != 200:
+                break
+    down = proxy.services.rollouts.replica_set("small", version)
+    assert down is not None
+    await wait_until(lambda: not down.can_take(time.monotonic()))
+    assert not down.can_take(time.monotonic())
+
+
+# The breaker opens at an engine's first failure and stays open for the whole test; no automatic
+# rollback (these tests count on the canary staying in service while down).
+DOWN_OPTIONS: dict[str, Any] = {
+    "engine_extra": {"breaker": {"failure_threshold": 1, "open_s": 600}},
+    "auto_rollback": {"enabled": False},
+}
+
+
+@pytest.mark.parametrize("how", ["unreachable", "unhealthy", "breaker"])
+async def test_a_down_canarys_share_is_answered_by_the_stable(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, how: str
+) -> None:
+    # Every conversation is in the canary's share; its replicas are down. The stable's healthy
+    # replicas answer them instead of a 503, and everything says v1 answered: the header (ask()
+    # checks the body came from v1 too), the cache key, the version figures, a metric.
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=1.0, **DOWN_OPTIONS
+    )
+    await take_down(proxy, canary, how, "v2")
+    served = stable.state.counters.requests
+    for i in range(20):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
+    assert await ask(proxy, conversation(50), stream=True) == (200, "v1", "miss")
+    assert stable.state.counters.requests == served + 21
+    cache = proxy.services.cache
+    assert cache is not None
+    await cache.drain()
+    for i in range(20):
+        assert await ask(proxy, conversation(i)) == (200, "v1", "hit-exact")
+    assert await cache.invalidate(InvalidationFilter(engine="small", version="v2")) == 0
+    rollouts = proxy.services.rollouts
+    assert rollouts.metrics.fallbacks.labels("small", "v2", "v1").value == 21
+    # v1's figures count the answers; v2's count the fallbacks apart (no client saw an error),
+    # and its judge counts them as v2's errors.
+    status = await (await proxy.client.get("/admin/rollout/small")).json()
+    assert status["versions"]["v1"]["figures"]["engine_answers"] >= 21
+    assert status["versions"]["v2"]["figures"]["fallbacks"] == 21
+    assert rollouts.windows[("small", "v2")].judged(rollouts.clock(), 60).errors >= 21
+    metrics = await (await proxy.client.get("/metrics")).text()
+    series = 'frugal_rollout_fallbacks_total{engine="small",from_version="v2",to_version="v1"}'
+    assert f"{series} 21.0" in metrics
+
+
+async def test_a_down_stables_share_is_answered_by_the_canary(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # The converse: the stable's replicas are down, the canary's are up. The canary is a version
+    # already serving real users: its answer beats a 503 (the router still moves `auto` traffic
+    # to another engine, as for any engine whose stable replicas are down).
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.0, cache=False, **DOWN_OPTIONS
+    )
+    await take_down(proxy, stable, "unhealthy", "v1")
+    for i in range(20):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v2")
+    assert canary.state.counters.requests == 20
+    assert proxy.services.rollouts.metrics.fallbacks.labels("small", "v1", "v2").value == 20
+
+
+async def test_a_canary_that_stays_down_is_rolled_back_though_no_client_saw_an_error(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # The stable answers the down canary's share, and the judge counts each such request as the
+    # canary's failure (the 503 it would have been): a canary that stays down does not stall
+    # its rollout out of sight (nor fail a user's request at each probe of its breaker).
+    _, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.5, cache=False, auto_rollback=FAST_JUDGE
+    )
+    await take_down(proxy, canary, "unhealthy", "v2")
+    rollouts = proxy.services.rollouts
+    for i in range(400):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
+        if rollouts.by_name["small"].state.status != "canary":
+            break
+    await wait_until(lambda: rollouts.by_name["small"].state.status == "rolled_back")
+    assert rollouts.by_name["small"].state.reason.startswith("auto: error_rate")
+    status = await (await proxy.client.get("/admin/rollout/small")).json()
+    retired = status["versions"]["v2"]
+    assert retired["role"] == "retired" and retired["figures"]["fallbacks"] >= 40
