@@ -933,11 +933,25 @@ class _Store:
                 cache.store_in_background(keys, body, embedding=self.embedding, **fields)
 
 
+def _public_model(engine: Engine) -> tuple[bytes, bytes] | None:
+    """The answer's ``"model"`` field as the replicas write it, and as the engine's clients are
+    to read it, when the two differ (a canary, or a promoted one, serving its own name): clients
+    see the name they ask for, whichever version answers. (vLLM's JSON is compact; a string in
+    the answer cannot hold this text unescaped.)"""
+    served = engine.upstream_model
+    if served is None or served == engine.model:
+        return None
+    return b'"model":' + orjson.dumps(served), b'"model":' + orjson.dumps(engine.model)
+
+
 def _relay_body(upstream: Upstream, exchange: Exchange, store: _Store) -> web.Response:
     exchange.status = exchange.upstream_status = upstream.status
     body = upstream.body
     upstream.finish(ok=True)
     if upstream.status < 400:
+        rename = _public_model(upstream.engine)
+        if rename is not None:
+            body = body.replace(*rename, 1)
         _count_usage(exchange, body)
         store.complete(upstream.status, body)
     else:
@@ -978,6 +992,7 @@ async def _relay(
             assembler.add_payload(payload)
 
     relay = _StreamRelay(
+        rename=_public_model(upstream.engine),
         include_usage=req.include_usage,
         sink=sink if assembler else None,
         choices=expected_choices(req),
@@ -1136,6 +1151,7 @@ class _StreamRelay:
         "finished_choices",
         "include_usage",
         "parser",
+        "rename",
         "sink",
         "tokens_seen",
         "usage",
@@ -1147,8 +1163,10 @@ class _StreamRelay:
         include_usage: bool,
         sink: Callable[[bytes], None] | None,
         choices: int = 1,
+        rename: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.parser = SSEParser()
+        self.rename = rename  # (served, public) model fields: see _public_model
         self.include_usage = include_usage
         self.sink = sink
         self.usage: tuple[int, int] | None = None
@@ -1177,6 +1195,8 @@ class _StreamRelay:
                 self.done = True
                 out.append(frame(payload))
                 continue
+            if self.rename is not None:
+                payload = payload.replace(*self.rename, 1)
             if self.sink is not None:
                 self.sink(payload)
             if self.usage is None:

@@ -3,8 +3,9 @@ traffic, automatic rollback, the shadow quality check, restarts, and that no ans
 is ever served for another.
 
 The stable engine serves model ``m`` under version v1; the canary serves ``m-canary`` under v2.
-The fakes echo the model name they were asked for, so every answer's body says which replica set
-produced it, whatever the headers claim.
+The fakes answer only the name they serve (404 otherwise), so an answer shows the proxy asked
+that version's replica set for its own name; clients see ``m`` in every answer, whichever version
+gave it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from proxy.cache.service import InvalidationFilter
@@ -28,7 +30,6 @@ from tests.integration.conftest import (
     wait_until,
 )
 
-BODY_MODEL = {"v1": "m", "v2": "m-canary"}
 _ids = itertools.count()
 
 
@@ -84,15 +85,15 @@ def conversation(i: int, turns: int = 1) -> list[dict[str, str]]:
 
 
 async def ask(proxy: Proxy, messages: list[dict[str, str]], **extra: Any) -> tuple[int, str, str]:
-    """(status, version header, cache header); checks the body came from that version."""
+    """(status, version header, cache header); checks the answer names the engine's model."""
     body = {"model": "m", "messages": messages, "temperature": 0, "max_tokens": 8, **extra}
     resp = await proxy.client.post("/v1/chat/completions", json=body)
     version = resp.headers.get("x-frugal-model-version", "")
     cache = resp.headers.get("x-frugal-cache", "")
     if resp.status == 200 and not extra.get("stream"):
         answer = await resp.json()
-        # The answer's own model field says which replica set produced it: never another's.
-        assert answer["model"] == BODY_MODEL[version], (version, cache, answer["model"])
+        # The name the client asked for, whichever version answered (the canary serves another).
+        assert answer["model"] == "m", (version, cache, answer["model"])
     else:
         await resp.read()
     return resp.status, version, cache
@@ -563,7 +564,7 @@ async def test_a_request_queued_through_a_promotion_names_the_version_that_answe
     await wait_until(lambda: proxy.services.admissions["small"].waiting == 1)
     assert (await proxy.client.post("/admin/rollout/small/promote")).status == 200
     assert (await first)[:2] == (200, "v1")
-    assert (await second)[:2] == (200, "v2")  # ask() checks the body came from v2 too
+    assert (await second)[:2] == (200, "v2")
     assert canary.state.counters.requests == 1
     assert rollouts.windows[("small", "v1")].figures(rollouts.clock())["requests"] == 1
 
@@ -633,8 +634,8 @@ async def test_a_down_canarys_share_is_answered_by_the_stable(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, how: str
 ) -> None:
     # Every conversation is in the canary's share; its replicas are down. The stable's healthy
-    # replicas answer them instead of a 503, and everything says v1 answered: the header (ask()
-    # checks the body came from v1 too), the cache key, the version figures, a metric.
+    # replicas answer them instead of a 503 (the stable fake counts them), and everything says
+    # v1 answered: the header, the cache key, the version figures, a metric.
     stable, canary, proxy = await start_pair(
         start_fake, start_proxy, tmp_path, share=1.0, **DOWN_OPTIONS
     )
@@ -699,3 +700,38 @@ async def test_a_canary_that_stays_down_is_rolled_back_though_no_client_saw_an_e
     status = await (await proxy.client.get("/admin/rollout/small")).json()
     retired = status["versions"]["v2"]
     assert retired["role"] == "retired" and retired["figures"]["fallbacks"] >= 40
+
+
+async def test_a_canary_serving_another_model_name_answers_under_the_engines_name(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # canary.model: the canary's replicas serve "m-canary" (the fake 404s any other name), the
+    # engine's clients ask for "m" and must see "m" in every answer, streamed, cached, or after
+    # a promotion (the engine then sends the promoted replicas their own name).
+    _, canary, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=1.0)
+
+    async def answered_models(i: int) -> set[str]:
+        body = {"model": "m", "messages": conversation(i), "temperature": 0, "max_tokens": 8}
+        resp = await proxy.client.post("/v1/chat/completions", json=body)
+        assert (resp.status, resp.headers["x-frugal-model-version"]) == (200, "v2")
+        streamed = await proxy.client.post(
+            "/v1/chat/completions", json={**body, "stream": True, "max_tokens": 4}
+        )
+        assert streamed.status == 200
+        events = [
+            orjson.loads(line[len(b"data: ") :])
+            for line in (await streamed.read()).split(b"\n")
+            if line.startswith(b"data: {")
+        ]
+        assert events
+        return {(await resp.json())["model"]} | {e["model"] for e in events}
+
+    assert await answered_models(1) == {"m"}
+    assert [orjson.loads(r.body)["model"] for r in canary.state.log] == ["m-canary"] * 2
+    cache = proxy.services.cache
+    assert cache is not None
+    await cache.drain()
+    assert await answered_models(1) == {"m"}  # (from the cache)
+    assert (await proxy.client.post("/admin/rollout/small/promote")).status == 200
+    assert await answered_models(2) == {"m"}
+    assert {orjson.loads(r.body)["model"] for r in canary.state.log} == {"m-canary"}
