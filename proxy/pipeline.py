@@ -98,6 +98,7 @@ class Exchange:
     model: str = ""
     engine: Engine | None = None  # the engine whose answer the client got
     version: str | None = None  # the version that answered (stable, canary, or a cache entry's)
+    instead_of: str | None = None  # the version the canary split chose, down: ``version`` answered
     routed: Engine | None = None  # the engine the router chose
     cache: str = "bypass"
     cache_similarity: float | None = None
@@ -231,10 +232,14 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                 return _respond_from_cache(request, req, hit, exchange, services)
             embedding = await _embed(services, req, requested, allowed, plan, exchange)
             decision = _route(services, req, requested, allowed, principal, embedding)
-            # The engine's canary answers the conversations in its share (sticky per conversation).
-            engine = rollouts.select(services.by_name[decision.engine], prefix)
+            # The engine's canary answers the conversations in its share (sticky per conversation);
+            # the other version answers them while every replica of their own is down.
+            selection = rollouts.choose(services.by_name[decision.engine], prefix)
+            engine = selection.engine
             exchange.routed = exchange.engine = engine
             exchange.version = engine.version
+            if selection.instead_of is not None:
+                exchange.instead_of = selection.instead_of.version or "unknown"
             exchange.route_reason, exchange.route_score = decision.reason, decision.score
             exchange.route_detail = decision.detail
             if exchange.embedding_shed and decision.reason == "difficulty":
@@ -929,11 +934,25 @@ class _Store:
                 cache.store_in_background(keys, body, embedding=self.embedding, **fields)
 
 
+def _public_model(engine: Engine) -> tuple[bytes, bytes] | None:
+    """The answer's ``"model"`` field as the replicas write it, and as the engine's clients are
+    to read it, when the two differ (a canary, or a promoted one, serving its own name): clients
+    see the name they ask for, whichever version answers. (vLLM's JSON is compact; a string in
+    the answer cannot hold this text unescaped.)"""
+    served = engine.upstream_model
+    if served is None or served == engine.model:
+        return None
+    return b'"model":' + orjson.dumps(served), b'"model":' + orjson.dumps(engine.model)
+
+
 def _relay_body(upstream: Upstream, exchange: Exchange, store: _Store) -> web.Response:
     exchange.status = exchange.upstream_status = upstream.status
     body = upstream.body
     upstream.finish(ok=True)
     if upstream.status < 400:
+        rename = _public_model(upstream.engine)
+        if rename is not None:
+            body = body.replace(*rename, 1)
         _count_usage(exchange, body)
         store.complete(upstream.status, body)
     else:
@@ -974,6 +993,7 @@ async def _relay(
             assembler.add_payload(payload)
 
     relay = _StreamRelay(
+        rename=_public_model(upstream.engine),
         include_usage=req.include_usage,
         sink=sink if assembler else None,
         choices=expected_choices(req),
@@ -1134,6 +1154,7 @@ class _StreamRelay:
         "finished_choices",
         "include_usage",
         "parser",
+        "rename",
         "sink",
         "tokens_seen",
         "usage",
@@ -1145,8 +1166,10 @@ class _StreamRelay:
         include_usage: bool,
         sink: Callable[[bytes], None] | None,
         choices: int = 1,
+        rename: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.parser = SSEParser()
+        self.rename = rename  # (served, public) model fields: see _public_model
         self.include_usage = include_usage
         self.sink = sink
         self.usage: tuple[int, int] | None = None
@@ -1175,6 +1198,8 @@ class _StreamRelay:
                 self.done = True
                 out.append(frame(payload))
                 continue
+            if self.rename is not None:
+                payload = payload.replace(*self.rename, 1)
             if self.sink is not None:
                 self.sink(payload)
             if self.usage is None:
@@ -1362,6 +1387,7 @@ def _finish(exchange: Exchange, services: Services) -> None:
             latency_s=latency,
             tokens_out=exchange.tokens_out,
             cost_usd=money.cost_usd,
+            instead_of=exchange.instead_of,
         )
     if services.access_log is not None:
         services.access_log.write(
@@ -1373,6 +1399,8 @@ def _finish(exchange: Exchange, services: Services) -> None:
                 model=_loggable_model(exchange.model),
                 engine=engine.name if engine else None,
                 model_version=version,
+                # the version the canary split chose for it, with no replica up
+                instead_of_version=exchange.instead_of,
                 cache=exchange.cache,
                 # what a hit was: how close (a wrong semantic answer is traced by this), and
                 # whether it was another request's answer shared while in flight

@@ -70,6 +70,15 @@ def configured(settings: EngineSettings) -> ConfiguredRollout:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The replica set that answers a request, and the one the split chose for it when every
+    replica of that one was down (None: the split's choice answers)."""
+
+    engine: Engine
+    instead_of: Engine | None = None
+
+
 @dataclass(eq=False)
 class EngineRollout:
     engine: Engine  # the stable replica set: the object routing, admission and metrics know
@@ -95,6 +104,8 @@ class Rollouts:
     by_name: dict[str, EngineRollout] = field(init=False)
     polled: list[Engine] = field(init=False)  # every replica set the health poller watches
     windows: dict[tuple[str, str], VersionWindow] = field(init=False, default_factory=dict)
+    # (engine, version down) -> the version answering its share meanwhile
+    _falling_back: dict[tuple[str, str], str] = field(init=False, default_factory=dict)
     cache: ResponseCache | None = None
     busy: Callable[[str], bool] = lambda name: False
     _file: FileStateStore | None = None
@@ -134,12 +145,24 @@ class Rollouts:
 
     def select(self, engine: Engine, conversation: Callable[[], bytes]) -> Engine:
         """The replica set that answers this request for ``engine``: its canary or itself."""
+        return self.choose(engine, conversation).engine
+
+    def choose(self, engine: Engine, conversation: Callable[[], bytes]) -> Selection:
+        """:meth:`select`, saying whether the split's choice was down and the other answers."""
         rollout = self.by_name.get(engine.name)
         if rollout is None or rollout.canary is None or rollout.state.status != "canary":
-            return engine
-        if goes_to_canary(engine.name, conversation(), rollout.state.share):
-            return rollout.canary
-        return rollout.engine
+            return Selection(engine)
+        chosen, other = rollout.canary, rollout.engine
+        if not goes_to_canary(engine.name, conversation(), rollout.state.share):
+            chosen, other = other, chosen
+        # Both versions serve real users already: when every replica of the split's choice is
+        # down, the other version's answer beats a 503. Either way round: the stable's share
+        # may go to the canary too (it is sized for less, but admission bounds what it takes).
+        # Only a choice made now: a conversation goes back to its own version once it is up.
+        now = time.monotonic()  # (the breakers' clock)
+        if chosen.can_take(now) or not other.can_take(now):
+            return Selection(chosen)
+        return Selection(other, instead_of=chosen)
 
     def rolling_out(self, engine: str) -> bool:
         """Whether a canary of ``engine`` is in progress (its versions are the rollout's)."""
@@ -183,7 +206,12 @@ class Rollouts:
         tokens_out: int,
         cost_usd: float,
         upstream_status: int | None = None,
+        instead_of: str | None = None,
     ) -> None:
+        """One finished request. ``instead_of``: the version the split chose for it, which had
+        no replica up (``version`` answered in its place)."""
+        if not from_cache:
+            self._fallback(engine, version, instead_of)
         # An engine error is a 5xx, or the engine refusing the proxy's own key or model name;
         # other 4xx are the client's (or the policy's) doing.
         error = status >= 500 or upstream_status in DEPLOYMENT_ERRORS
@@ -197,6 +225,21 @@ class Rollouts:
             at=self.clock(), from_cache=from_cache, error=error, latency_s=latency_s,
             tokens_out=tokens_out if not error else 0, cost_usd=cost_usd,
         )  # fmt: skip
+
+    def _fallback(self, engine: str, version: str, instead_of: str | None) -> None:
+        if instead_of is None:
+            if self._falling_back.pop((engine, version), None) is not None:
+                log.info("version answers its share again", engine=engine, version=version)
+            return
+        self.metrics.fallbacks.labels(engine, instead_of, version).inc()
+        # The judge counts it as the down version's failure, as the 503 it would have been:
+        # a canary that stays down is rolled back, not kept out of sight behind the stable
+        # (each probe of its breaker would fail a user's request meanwhile).
+        self._window(engine, instead_of).record_fallback(at=self.clock())
+        if (engine, instead_of) not in self._falling_back:  # once per outage, not per request
+            self._falling_back[(engine, instead_of)] = version
+            log.warning("every replica of a version is down: the other version answers its share",
+                        engine=engine, down=instead_of, answering=version)  # fmt: skip
 
     def _window(self, engine: str, version: str) -> VersionWindow:
         window = self.windows.get((engine, version))
@@ -227,6 +270,8 @@ class Rollouts:
         canary = rollout.canary
         assert canary is not None
         other = rollout.engine if engine is canary else canary
+        if not other.can_take(time.monotonic()):
+            return None  # (answering for it while it is down: nothing to compare with)
         canary_version = canary.version or "unknown"
         stable_version = rollout.engine.version or "unknown"
         name = engine.name
@@ -542,7 +587,7 @@ class Rollouts:
         window = self.windows.get((name, retired)) if retired is not None else None
         if retired is not None and retired not in versions and window is not None:
             figures = window.figures(now)
-            if figures["requests"]:
+            if figures["requests"] or figures["fallbacks"]:  # (down all along: fallbacks only)
                 versions[retired] = {"role": "retired", "replicas": [], "model": None,
                                      "figures": figures}  # fmt: skip
         auto = rollout.canary_settings.auto_rollback if rollout.canary_settings else None

@@ -15,6 +15,9 @@ bounded.
     frugal_rollout_transitions_total{engine,action,reason}  promote / rollback / share
     frugal_rollout_auto_rollbacks_total{engine,reason}      reason: error_rate | latency
     frugal_rollout_shadow_total{engine,version,outcome}     agree | disagree | error | dropped
+    frugal_rollout_fallbacks_total{engine,from_version,to_version}
+                                                            answered by the other version: every
+                                                            replica of the split's choice down
 """
 
 from __future__ import annotations
@@ -88,6 +91,12 @@ class RolloutMetrics:
             "Shadow comparisons of canary and stable answers, by outcome.",
             ["engine", "version", "outcome"],
         )
+        self.fallbacks = CounterFamily(
+            "frugal_rollout_fallbacks",
+            "Engine answers of one version's share given by the other version, because every"
+            " replica of the first was down.",
+            ["engine", "from_version", "to_version"],
+        )
         families: list[CounterFamily | HistogramFamily] = [
             self.requests,
             self.latency,
@@ -97,6 +106,7 @@ class RolloutMetrics:
             self.transitions,
             self.auto_rollbacks,
             self.shadow,
+            self.fallbacks,
         ]
         self.share = Gauge(
             "frugal_rollout_canary_share",

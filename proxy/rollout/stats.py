@@ -2,7 +2,10 @@
 
 Every finished request is recorded under the (engine, version) that answered it. Cache hits
 count toward the version's traffic but not its latency or errors: they say nothing about how the
-version's replicas behave.
+version's replicas behave. A request of the version's share that the other version answered,
+every replica of this one being down (a fallback), is also recorded here: the judge counts it as
+this version's error (the 503 it would have been); the figures count it apart, since the client
+got its answer.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class _Sample:
     latency_s: float
     tokens_out: int
     cost_usd: float
+    fallback: bool = False  # answered by the other version (``error`` is set too)
 
 
 class VersionWindow:
@@ -53,6 +57,9 @@ class VersionWindow:
     ) -> None:
         self._samples.append(_Sample(at, from_cache, error, latency_s, tokens_out, cost_usd))
 
+    def record_fallback(self, *, at: float) -> None:
+        self._samples.append(_Sample(at, False, True, 0.0, 0, 0.0, fallback=True))
+
     def _recent(self, now: float, window_s: float | None = None) -> list[_Sample]:
         while self._samples and self._samples[0].at < now - self.window_s:
             self._samples.popleft()  # outside the longest window anyone reads
@@ -69,6 +76,9 @@ class VersionWindow:
 
     def figures(self, now: float) -> dict[str, Any]:
         recent = self._recent(now)
+        fallbacks = sum(s.fallback for s in recent)
+        if fallbacks:  # (the other version's figures count them)
+            recent = [s for s in recent if not s.fallback]
         answers = [s for s in recent if not s.from_cache]
         ok = [s for s in answers if not s.error]
         latencies = sorted(s.latency_s for s in ok)
@@ -82,6 +92,7 @@ class VersionWindow:
             "cache_hits": len(recent) - len(answers),
             "engine_answers": len(answers),
             "errors": len(answers) - len(ok),
+            "fallbacks": fallbacks,
             "error_rate": (len(answers) - len(ok)) / len(answers) if answers else None,
             "latency_ms": {
                 name: (None if v is None else round(v * 1000, 2))

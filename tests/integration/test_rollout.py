@@ -3,17 +3,20 @@ traffic, automatic rollback, the shadow quality check, restarts, and that no ans
 is ever served for another.
 
 The stable engine serves model ``m`` under version v1; the canary serves ``m-canary`` under v2.
-The fakes echo the model name they were asked for, so every answer's body says which replica set
-produced it, whatever the headers claim.
+The fakes answer only the name they serve (404 otherwise), so an answer shows the proxy asked
+that version's replica set for its own name; clients see ``m`` in every answer, whichever version
+gave it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from proxy.cache.service import InvalidationFilter
@@ -27,7 +30,6 @@ from tests.integration.conftest import (
     wait_until,
 )
 
-BODY_MODEL = {"v1": "m", "v2": "m-canary"}
 _ids = itertools.count()
 
 
@@ -57,6 +59,7 @@ async def start_pair(
     share: float,
     cache: bool = True,
     canary_options: dict[str, Any] | None = None,
+    engine_extra: dict[str, Any] | None = None,
     **canary_extra: Any,
 ) -> tuple[FakeEngine, FakeEngine, Proxy]:
     stable = await start_fake("m")
@@ -66,7 +69,8 @@ async def start_pair(
     sections: dict[str, Any] = {"health": {"interval_s": 0.2, "timeout_s": 10.0}}
     if cache:
         sections["cache"] = {"enabled": True, "data_dir": str(tmp_path / "cache")}
-    proxy = await start_proxy([canary_engine(stable, canary, share, **canary_extra)], **sections)
+    engine = canary_engine(stable, canary, share, **canary_extra)
+    proxy = await start_proxy([{**engine, **(engine_extra or {})}], **sections)
     return stable, canary, proxy
 
 
@@ -81,15 +85,15 @@ def conversation(i: int, turns: int = 1) -> list[dict[str, str]]:
 
 
 async def ask(proxy: Proxy, messages: list[dict[str, str]], **extra: Any) -> tuple[int, str, str]:
-    """(status, version header, cache header); checks the body came from that version."""
+    """(status, version header, cache header); checks the answer names the engine's model."""
     body = {"model": "m", "messages": messages, "temperature": 0, "max_tokens": 8, **extra}
     resp = await proxy.client.post("/v1/chat/completions", json=body)
     version = resp.headers.get("x-frugal-model-version", "")
     cache = resp.headers.get("x-frugal-cache", "")
     if resp.status == 200 and not extra.get("stream"):
         answer = await resp.json()
-        # The answer's own model field says which replica set produced it: never another's.
-        assert answer["model"] == BODY_MODEL[version], (version, cache, answer["model"])
+        # The name the client asked for, whichever version answered (the canary serves another).
+        assert answer["model"] == "m", (version, cache, answer["model"])
     else:
         await resp.read()
     return resp.status, version, cache
@@ -560,7 +564,7 @@ async def test_a_request_queued_through_a_promotion_names_the_version_that_answe
     await wait_until(lambda: proxy.services.admissions["small"].waiting == 1)
     assert (await proxy.client.post("/admin/rollout/small/promote")).status == 200
     assert (await first)[:2] == (200, "v1")
-    assert (await second)[:2] == (200, "v2")  # ask() checks the body came from v2 too
+    assert (await second)[:2] == (200, "v2")
     assert canary.state.counters.requests == 1
     assert rollouts.windows[("small", "v1")].figures(rollouts.clock())["requests"] == 1
 
@@ -597,3 +601,137 @@ async def test_no_shadow_comparison_across_a_promotion(
     assert (stable.state.counters.requests, canary.state.counters.requests) == (0, 1)
     assert rollouts.metrics.shadow.labels("small", "v2", "agree").value == 0
     assert rollouts.metrics.shadow.labels("small", "v2", "dropped").value == 1
+
+
+async def take_down(proxy: Proxy, fake: FakeEngine, how: str, version: str) -> None:
+    """Make every replica of ``version`` unable to take a request, the way ``how`` says, and
+    wait until the proxy knows it."""
+    if how == "unreachable":
+        await fake.server.close()
+    elif how == "unhealthy":
+        fake.configure(health_fail=True, fail_fraction=1.0)
+    else:  # "breaker": every answer a 500; the engine's breaker opens at the first one
+        fake.configure(fail_fraction=1.0, fail_status=500)
+        for i in range(100, 140):
+            if (await ask(proxy, conversation(i)))[0] != 200:
+                break
+    down = proxy.services.rollouts.replica_set("small", version)
+    assert down is not None
+    await wait_until(lambda: not down.can_take(time.monotonic()))
+    assert not down.can_take(time.monotonic())
+
+
+# The breaker opens at an engine's first failure and stays open for the whole test; no automatic
+# rollback (these tests count on the canary staying in service while down).
+DOWN_OPTIONS: dict[str, Any] = {
+    "engine_extra": {"breaker": {"failure_threshold": 1, "open_s": 600}},
+    "auto_rollback": {"enabled": False},
+}
+
+
+@pytest.mark.parametrize("how", ["unreachable", "unhealthy", "breaker"])
+async def test_a_down_canarys_share_is_answered_by_the_stable(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, how: str
+) -> None:
+    # Every conversation is in the canary's share; its replicas are down. The stable's healthy
+    # replicas answer them instead of a 503 (the stable fake counts them), and everything says
+    # v1 answered: the header, the cache key, the version figures, a metric.
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=1.0, **DOWN_OPTIONS
+    )
+    await take_down(proxy, canary, how, "v2")
+    served = stable.state.counters.requests
+    for i in range(20):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
+    assert await ask(proxy, conversation(50), stream=True) == (200, "v1", "miss")
+    assert stable.state.counters.requests == served + 21
+    cache = proxy.services.cache
+    assert cache is not None
+    await cache.drain()
+    for i in range(20):
+        assert await ask(proxy, conversation(i)) == (200, "v1", "hit-exact")
+    assert await cache.invalidate(InvalidationFilter(engine="small", version="v2")) == 0
+    rollouts = proxy.services.rollouts
+    assert rollouts.metrics.fallbacks.labels("small", "v2", "v1").value == 21
+    # v1's figures count the answers; v2's count the fallbacks apart (no client saw an error),
+    # and its judge counts them as v2's errors.
+    status = await (await proxy.client.get("/admin/rollout/small")).json()
+    assert status["versions"]["v1"]["figures"]["engine_answers"] >= 21
+    assert status["versions"]["v2"]["figures"]["fallbacks"] == 21
+    assert rollouts.windows[("small", "v2")].judged(rollouts.clock(), 60).errors >= 21
+    metrics = await (await proxy.client.get("/metrics")).text()
+    series = 'frugal_rollout_fallbacks_total{engine="small",from_version="v2",to_version="v1"}'
+    assert f"{series} 21.0" in metrics
+
+
+async def test_a_down_stables_share_is_answered_by_the_canary(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # The converse: the stable's replicas are down, the canary's are up. The canary is a version
+    # already serving real users: its answer beats a 503 (the router still moves `auto` traffic
+    # to another engine, as for any engine whose stable replicas are down).
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.0, cache=False, **DOWN_OPTIONS
+    )
+    await take_down(proxy, stable, "unhealthy", "v1")
+    for i in range(20):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v2")
+    assert canary.state.counters.requests == 20
+    assert proxy.services.rollouts.metrics.fallbacks.labels("small", "v1", "v2").value == 20
+
+
+async def test_a_canary_that_stays_down_is_rolled_back_though_no_client_saw_an_error(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # The stable answers the down canary's share, and the judge counts each such request as the
+    # canary's failure (the 503 it would have been): a canary that stays down does not stall
+    # its rollout out of sight (nor fail a user's request at each probe of its breaker).
+    _, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.5, cache=False, auto_rollback=FAST_JUDGE
+    )
+    await take_down(proxy, canary, "unhealthy", "v2")
+    rollouts = proxy.services.rollouts
+    for i in range(400):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
+        if rollouts.by_name["small"].state.status != "canary":
+            break
+    await wait_until(lambda: rollouts.by_name["small"].state.status == "rolled_back")
+    assert rollouts.by_name["small"].state.reason.startswith("auto: error_rate")
+    status = await (await proxy.client.get("/admin/rollout/small")).json()
+    retired = status["versions"]["v2"]
+    assert retired["role"] == "retired" and retired["figures"]["fallbacks"] >= 40
+
+
+async def test_a_canary_serving_another_model_name_answers_under_the_engines_name(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # canary.model: the canary's replicas serve "m-canary" (the fake 404s any other name), the
+    # engine's clients ask for "m" and must see "m" in every answer, streamed, cached, or after
+    # a promotion (the engine then sends the promoted replicas their own name).
+    _, canary, proxy = await start_pair(start_fake, start_proxy, tmp_path, share=1.0)
+
+    async def answered_models(i: int) -> set[str]:
+        body = {"model": "m", "messages": conversation(i), "temperature": 0, "max_tokens": 8}
+        resp = await proxy.client.post("/v1/chat/completions", json=body)
+        assert (resp.status, resp.headers["x-frugal-model-version"]) == (200, "v2")
+        streamed = await proxy.client.post(
+            "/v1/chat/completions", json={**body, "stream": True, "max_tokens": 4}
+        )
+        assert streamed.status == 200
+        events = [
+            orjson.loads(line[len(b"data: ") :])
+            for line in (await streamed.read()).split(b"\n")
+            if line.startswith(b"data: {")
+        ]
+        assert events
+        return {(await resp.json())["model"]} | {e["model"] for e in events}
+
+    assert await answered_models(1) == {"m"}
+    assert [orjson.loads(r.body)["model"] for r in canary.state.log] == ["m-canary"] * 2
+    cache = proxy.services.cache
+    assert cache is not None
+    await cache.drain()
+    assert await answered_models(1) == {"m"}  # (from the cache)
+    assert (await proxy.client.post("/admin/rollout/small/promote")).status == 200
+    assert await answered_models(2) == {"m"}
+    assert {orjson.loads(r.body)["model"] for r in canary.state.log} == {"m-canary"}
