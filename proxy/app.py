@@ -291,6 +291,7 @@ async def _redis_limits(app: web.Application) -> AsyncIterator[None]:
         on_outage=services.metrics.limits_error,
     )
     yield
+    await services.limiter.drain()
     await counters.aclose()
 
 

@@ -141,6 +141,10 @@ class CounterBackend(Protocol):
         """(spent, reserved) nano-USD of a budget key."""
         ...
 
+    def failing(self) -> bool:
+        """Whether an operation failed a moment ago (the back-off after it still runs)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -268,6 +272,9 @@ class LocalCounters:
             return 0, 0
         state.purge(self._clock())
         return state.spent, state.reserved
+
+    def failing(self) -> bool:
+        return False
 
     async def aclose(self) -> None:
         return None
@@ -436,6 +443,7 @@ class Limiter:
         self._id_prefix = os.urandom(8).hex()
         self._ids = itertools.count(1)
         self._keys_memo: dict[tuple[str, str, dt.date], tuple[str, str]] = {}
+        self._background: set[asyncio.Task[None]] = set()  # releases not waited for (see _release)
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):x}"
@@ -576,8 +584,25 @@ class Limiter:
             except Exception:
                 log.warning("policy_release_failed", what=what, exc_info=True)
             return
+        if self.backend.failing():
+            # Still tried, but the answer does not wait for it: against a hung backend each
+            # release and settle would add its timeout to every request for the whole outage.
+            # (Awaited otherwise, so a client's next request finds its slot free.)
+            task = asyncio.create_task(self._release_later(release, what))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        await self._release_later(release, what)
+
+    async def _release_later(self, release: Coroutine[Any, Any, None], what: str) -> None:
         if not await _finish(release, what) and self._on_outage is not None:
             self._on_outage("release")
+
+    async def drain(self) -> None:
+        """Wait for the releases left running in the background (at shutdown, before the
+        backend is closed)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def budget_status(self, principal: Principal) -> tuple[BudgetStatus, BudgetStatus]:
         """Today's (tier, tenant) spend, for metrics and the admin API."""

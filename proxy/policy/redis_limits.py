@@ -207,6 +207,9 @@ class RedisCounters:
         spent, reserved = await self._run(self._status, _triples([key]), [])
         return int(_text(spent)), int(_text(reserved))
 
+    def failing(self) -> bool:
+        return self._backoff.waiting()
+
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         return await self._call(lambda: script(keys=keys, args=args))
 
