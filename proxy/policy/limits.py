@@ -18,7 +18,8 @@ atomically if ``spent + reserved + worst_case <= ceiling``; afterwards the reser
 by the actual cost. Money is counted in integer nano-USD so both backends add exactly.
 
 Nothing leaks: leases and reservations are released in ``finally`` blocks, shielded from a second
-cancellation, and carry a TTL so a crashed replica's holdings expire on their own.
+cancellation, and carry a TTL so a crashed replica's holdings expire on their own (leases on a
+shared backend get a short one, renewed while held: :meth:`Limiter.keep_leases`).
 
 Two backends behind :class:`CounterBackend`: :class:`LocalCounters` (one replica) and
 ``proxy.policy.redis_limits.RedisCounters`` (several replicas; each operation is one Lua script).
@@ -125,6 +126,10 @@ class CounterBackend(Protocol):
         ...
 
     async def release_lease(self, key: str, lease_id: str) -> None: ...
+
+    async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        """Push the expiry of these (key, lease id) leases, if still held, ``ttl_s`` ahead."""
+        ...
 
     async def reserve(
         self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
@@ -238,6 +243,13 @@ class LocalCounters:
             leases.held.pop(lease_id, None)
             if not leases.held:
                 del self._leases[key]
+
+    async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        now = self._clock()
+        for key, lease_id in leases:
+            held = self._leases.get(key)
+            if held is not None and held.held.get(lease_id, now) > now:
+                held.held[lease_id] = now + ttl_s  # (a later expiry: the next purge recomputes)
 
     async def reserve(
         self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
@@ -434,7 +446,8 @@ class Limiter:
         # "release" (a holding left to its TTL)
         self._on_outage = on_outage
         self._prefix = prefix
-        # Longer than the longest allowed request; only a crashed replica's holdings rely on it.
+        # Only a crashed replica's holdings rely on these. Without keep_leases running, the
+        # lease TTL must outlast the longest request; with it, it is how soon they come free.
         self._lease_ttl_s = lease_ttl_s
         self._reservation_ttl_s = reservation_ttl_s
         self._wall_clock = wall_clock
@@ -444,6 +457,7 @@ class Limiter:
         self._ids = itertools.count(1)
         self._keys_memo: dict[tuple[str, str, dt.date], tuple[str, str]] = {}
         self._background: set[asyncio.Task[None]] = set()  # releases not waited for (see _release)
+        self._held: set[tuple[str, str]] = set()  # this replica's leases, renewed by keep_leases
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):x}"
@@ -529,11 +543,28 @@ class Limiter:
                 f"{limit} concurrent requests already in flight for tier {principal.tier!r}",
                 retry_after=1.0,
             )
+        self._held.add((key, lease_id))
         return key, lease_id
 
     async def _give_back(self, lease: tuple[str, str] | None) -> None:
         if lease is not None:
+            self._held.discard(lease)
             await self._release(self.backend.release_lease(*lease), "release a concurrency lease")
+
+    async def keep_leases(self) -> None:
+        """Renew this replica's leases every third of their TTL, forever (a task of a replica
+        whose counters others share): so a lease TTL much shorter than a request may be, and a
+        crashed replica's slots come free within it instead of locking its tenants out."""
+        while True:
+            await asyncio.sleep(self._lease_ttl_s / 3)
+            if not self._held:
+                continue
+            try:
+                await self.backend.renew_leases(list(self._held), self._lease_ttl_s)
+            except CounterBackendError as exc:
+                if self._on_outage is not None:
+                    self._on_outage("renew")
+                log.warning("policy_renew_failed", error=str(exc), leases=len(self._held))
 
     @asynccontextmanager
     async def concurrency(self, principal: Principal) -> AsyncIterator[None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import random
 import shutil
@@ -21,6 +22,7 @@ from proxy.policy.limits import NANO, CounterBackendError, Limiter, to_nano
 from proxy.policy.policyset import Principal
 from proxy.policy.redis_limits import RedisCounters
 from proxy.policy.schema import TierPolicy
+from proxy.tasks import stop
 from tests.integration.conftest import StartFake, StartProxy, wait_until
 from tests.integration.test_policy_pipeline import (
     FREE_KEY,
@@ -419,3 +421,43 @@ async def test_a_hung_redis_does_not_hold_answers_for_their_releases() -> None:
         server.close()
         await limiter.drain()
         await hung.aclose()
+
+
+async def test_a_lease_is_renewed_while_held_and_a_crashed_holders_comes_free(
+    replicas: tuple[RedisCounters, RedisCounters],
+) -> None:
+    """A request that outlasts the lease TTL keeps its slot; a replica that dies holding one
+    frees it within the TTL. (Before: nothing renewed a lease, so the app's TTL had to outlast
+    any request, 15 minutes, and a crashed replica's slots locked its tenants out that long.)"""
+    ttl_s = 2.0
+    principal = _principal(limits={"max_tokens": 8, "concurrent": 1})
+    holder = Limiter(replicas[0], wall_clock=lambda: DAY, lease_ttl_s=ttl_s)
+    other = _limiter(replicas[1])
+    renewing = asyncio.create_task(holder.keep_leases())
+    entered, finish = asyncio.Event(), asyncio.Event()
+
+    async def long_request() -> None:
+        async with holder.concurrency(principal):
+            entered.set()
+            await finish.wait()
+
+    async def slot_free() -> bool:
+        try:
+            async with other.concurrency(principal):
+                return True
+        except ConcurrencyLimitExceeded:
+            return False
+
+    request = asyncio.create_task(long_request())
+    try:
+        await entered.wait()
+        await asyncio.sleep(ttl_s * 2.5)  # well past the TTL: renewed meanwhile
+        assert not await slot_free()
+        await stop(renewing)  # the holder crashes: no renewal, no release
+        await wait_until(slot_free, timeout_s=60)
+        assert await slot_free()
+    finally:
+        await stop(renewing)
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
