@@ -565,6 +565,8 @@ class Limiter:
                 if self._on_outage is not None:
                     self._on_outage("renew")
                 log.warning("policy_renew_failed", error=str(exc), leases=len(self._held))
+            except Exception:  # (the loop must outlive any one failure: its leases expire)
+                log.warning("policy_renew_failed", leases=len(self._held), exc_info=True)
 
     @asynccontextmanager
     async def concurrency(self, principal: Principal) -> AsyncIterator[None]:
