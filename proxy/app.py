@@ -282,16 +282,17 @@ async def _redis_limits(app: web.Application) -> AsyncIterator[None]:
     if settings.limits.backend != "redis" or settings.redis is None:
         yield
         return
-    from proxy.policy.redis_limits import LEASE_TTL_S, RedisCounters
+    from proxy.policy.redis_limits import HOLDING_TTL_S, RedisCounters
 
     counters = RedisCounters.from_url(settings.redis.url)
     limiter = services.limiter = Limiter(
         counters,
-        lease_ttl_s=LEASE_TTL_S,
+        lease_ttl_s=HOLDING_TTL_S,
+        reservation_ttl_s=HOLDING_TTL_S,
         on_backend_error=settings.limits.on_backend_error,
         on_outage=services.metrics.limits_error,
     )
-    renewing = asyncio.create_task(limiter.keep_leases())
+    renewing = asyncio.create_task(limiter.keep_holdings())
     yield
     await stop(renewing)
     await limiter.drain()

@@ -22,10 +22,10 @@ from proxy.backoff import Backoff
 from proxy.policy.limits import WINDOW_S, CounterBackendError, ReserveOutcome
 
 BUDGET_KEEP_MS = 2 * 86_400_000  # a day's budget keys outlive the day, then vanish
-# Concurrency leases: held ones are renewed every third of it (Limiter.keep_leases), so a crashed
-# replica's slots come free within it (a TTL as long as the longest request locked its tenants
-# out for 15 minutes).
-LEASE_TTL_S = 30.0
+# Concurrency leases and budget reservations: held ones are renewed every third of it
+# (Limiter.keep_holdings), so a crashed replica's slots and reserved money come free within it
+# (a TTL as long as the longest request locked its tenants out for 15 minutes).
+HOLDING_TTL_S = 30.0
 # Connections to Redis per proxy replica: each limit check is one short script call (well under a
 # millisecond), so a few dozen serve thousands of requests a second.
 MAX_CONNECTIONS = 32
@@ -69,7 +69,8 @@ return 1
 """
 )
 
-# KEYS[1] zset of leases; ARGV: ttl_ms, then the lease ids to renew (those not expired)
+# KEYS[1] zset of expiries (leases, or a budget's reservations); ARGV: ttl_ms, then the ids to
+# renew (those not expired); the key itself is kept at least as long
 _RENEW = (
     _NOW_MS
     + """
@@ -217,6 +218,13 @@ class RedisCounters:
         # one script per key: a tenant's leases share a key (and the tier's cluster slot)
         for key, ids in by_key.items():
             await self._run(self._renew, [key], [repr(ttl_s * 1000), *ids])
+
+    async def renew_reservations(
+        self, reservations: Sequence[tuple[Sequence[str], str]], ttl_s: float
+    ) -> None:
+        # a reservation's expiry is its score in each budget's K:exp zset, as a lease's is
+        expiries = [(f"{key}:exp", res_id) for keys, res_id in reservations for key in keys]
+        await self.renew_leases(expiries, ttl_s)
 
     async def reserve(
         self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float

@@ -423,21 +423,24 @@ async def test_a_hung_redis_does_not_hold_answers_for_their_releases() -> None:
         await hung.aclose()
 
 
-async def test_a_lease_is_renewed_while_held_and_a_crashed_holders_comes_free(
+async def test_holdings_are_renewed_while_held_and_a_crashed_replicas_come_free(
     replicas: tuple[RedisCounters, RedisCounters],
 ) -> None:
-    """A request that outlasts the lease TTL keeps its slot; a replica that dies holding one
-    frees it within the TTL. (Before: nothing renewed a lease, so the app's TTL had to outlast
-    any request, 15 minutes, and a crashed replica's slots locked its tenants out that long.)"""
+    """A request that outlasts the TTLs keeps its concurrency slot and its budget reservation; a
+    replica that dies holding them frees both within the TTLs. (Before: nothing renewed them, so
+    the app's TTLs had to outlast any request, 15 minutes, and a crashed replica's slots and
+    reserved money locked its tenants out that long.)"""
     ttl_s = 2.0
-    principal = _principal(limits={"max_tokens": 8, "concurrent": 1})
-    holder = Limiter(replicas[0], wall_clock=lambda: DAY, lease_ttl_s=ttl_s)
+    principal = _principal(limits={"max_tokens": 8, "concurrent": 1}, budget={"usd_per_day": 1.0})
+    holder = Limiter(
+        replicas[0], wall_clock=lambda: DAY, lease_ttl_s=ttl_s, reservation_ttl_s=ttl_s
+    )
     other = _limiter(replicas[1])
-    renewing = asyncio.create_task(holder.keep_leases())
+    renewing = asyncio.create_task(holder.keep_holdings())
     entered, finish = asyncio.Event(), asyncio.Event()
 
     async def long_request() -> None:
-        async with holder.concurrency(principal):
+        async with holder.concurrency(principal), holder.reserve_budget(principal, 1.0):
             entered.set()
             await finish.wait()
 
@@ -448,14 +451,23 @@ async def test_a_lease_is_renewed_while_held_and_a_crashed_holders_comes_free(
         except ConcurrencyLimitExceeded:
             return False
 
+    async def money_free() -> bool:
+        try:
+            async with other.reserve_budget(principal, 0.5):
+                return True
+        except BudgetExhausted:
+            return False
+
     request = asyncio.create_task(long_request())
     try:
         await entered.wait()
-        await asyncio.sleep(ttl_s * 2.5)  # well past the TTL: renewed meanwhile
+        await asyncio.sleep(ttl_s * 2.5)  # well past the TTLs: renewed meanwhile
         assert not await slot_free()
+        assert not await money_free()
         await stop(renewing)  # the holder crashes: no renewal, no release
         await wait_until(slot_free, timeout_s=60)
-        assert await slot_free()
+        await wait_until(money_free, timeout_s=60)
+        assert await slot_free() and await money_free()
     finally:
         await stop(renewing)
         request.cancel()
