@@ -282,15 +282,20 @@ async def _redis_limits(app: web.Application) -> AsyncIterator[None]:
     if settings.limits.backend != "redis" or settings.redis is None:
         yield
         return
-    from proxy.policy.redis_limits import RedisCounters
+    from proxy.policy.redis_limits import HOLDING_TTL_S, RedisCounters
 
     counters = RedisCounters.from_url(settings.redis.url)
-    services.limiter = Limiter(
+    limiter = services.limiter = Limiter(
         counters,
+        lease_ttl_s=HOLDING_TTL_S,
+        reservation_ttl_s=HOLDING_TTL_S,
         on_backend_error=settings.limits.on_backend_error,
         on_outage=services.metrics.limits_error,
     )
+    renewing = asyncio.create_task(limiter.keep_holdings())
     yield
+    await stop(renewing)
+    await limiter.drain()
     await counters.aclose()
 
 

@@ -196,7 +196,7 @@ class Metrics:
             "frugal_limits_errors",
             "Tier-limit counter operations that failed (limits backend unreachable): check "
             "(served unchecked, or 503 with limits.on_backend_error: refuse), release (left to "
-            "its TTL).",
+            "its TTL), renew (held slots' expiry not pushed back).",
             ["op"],
         )
         self.cache_refusals = CounterFamily(
@@ -454,7 +454,7 @@ class Metrics:
         self.cache_errors.labels(backend, op).inc()
 
     def limits_error(self, op: str) -> None:
-        """Record a failed tier-limit counter operation (``op``: check or release)."""
+        """Record a failed tier-limit counter operation (``op``: check, release or renew)."""
         self.limits_errors.labels(op).inc()
 
     def cache_refusal(self, reason: str) -> None:

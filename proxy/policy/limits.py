@@ -18,7 +18,8 @@ atomically if ``spent + reserved + worst_case <= ceiling``; afterwards the reser
 by the actual cost. Money is counted in integer nano-USD so both backends add exactly.
 
 Nothing leaks: leases and reservations are released in ``finally`` blocks, shielded from a second
-cancellation, and carry a TTL so a crashed replica's holdings expire on their own.
+cancellation, and carry a TTL so a crashed replica's holdings expire on their own (on a shared
+backend a short one, renewed while held: :meth:`Limiter.keep_holdings`).
 
 Two backends behind :class:`CounterBackend`: :class:`LocalCounters` (one replica) and
 ``proxy.policy.redis_limits.RedisCounters`` (several replicas; each operation is one Lua script).
@@ -134,6 +135,16 @@ class CounterBackend(Protocol):
 
     async def release_lease(self, key: str, lease_id: str) -> None: ...
 
+    async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        """Push the expiry of these (key, lease id) leases, if still held, ``ttl_s`` ahead."""
+        ...
+
+    async def renew_reservations(
+        self, reservations: Sequence[tuple[Sequence[str], str]], ttl_s: float
+    ) -> None:
+        """The same for (budget keys, reservation id) reservations not yet settled."""
+        ...
+
     async def reserve(
         self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
     ) -> ReserveOutcome:
@@ -147,6 +158,10 @@ class CounterBackend(Protocol):
 
     async def budget_status(self, key: str) -> tuple[int, int]:
         """(spent, reserved) nano-USD of a budget key."""
+        ...
+
+    def failing(self) -> bool:
+        """Whether an operation failed a moment ago (the back-off after it still runs)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -243,6 +258,24 @@ class LocalCounters:
             if not leases.held:
                 del self._leases[key]
 
+    async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        now = self._clock()
+        for key, lease_id in leases:
+            held = self._leases.get(key)
+            if held is not None and held.held.get(lease_id, now) > now:
+                held.held[lease_id] = now + ttl_s  # (a later expiry: the next purge recomputes)
+
+    async def renew_reservations(
+        self, reservations: Sequence[tuple[Sequence[str], str]], ttl_s: float
+    ) -> None:
+        now = self._clock()
+        for keys, res_id in reservations:
+            for key in keys:
+                state = self._budgets.get(key)
+                held = state.reservations.get(res_id) if state is not None else None
+                if state is not None and held is not None and held[1] > now:
+                    state.reservations[res_id] = (held[0], now + ttl_s)
+
     async def reserve(
         self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
     ) -> ReserveOutcome:
@@ -276,6 +309,9 @@ class LocalCounters:
             return 0, 0
         state.purge(self._clock())
         return state.spent, state.reserved
+
+    def failing(self) -> bool:
+        return False
 
     async def aclose(self) -> None:
         return None
@@ -435,7 +471,8 @@ class Limiter:
         # "release" (a holding left to its TTL)
         self._on_outage = on_outage
         self._prefix = prefix
-        # Longer than the longest allowed request; only a crashed replica's holdings rely on it.
+        # Only a crashed replica's holdings rely on these. Without keep_holdings running, they
+        # must outlast the longest request; with it, they are how soon those come free.
         self._lease_ttl_s = lease_ttl_s
         self._reservation_ttl_s = reservation_ttl_s
         self._wall_clock = wall_clock
@@ -444,6 +481,10 @@ class Limiter:
         self._id_prefix = os.urandom(8).hex()
         self._ids = itertools.count(1)
         self._keys_memo: dict[tuple[str, str, dt.date], tuple[str, str]] = {}
+        self._background: set[asyncio.Task[None]] = set()  # releases not waited for (see _release)
+        # this replica's leases and reservations (id -> budget keys), renewed by keep_holdings
+        self._held: set[tuple[str, str]] = set()
+        self._reserved: dict[str, tuple[str, str]] = {}
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):x}"
@@ -529,11 +570,34 @@ class Limiter:
                 f"{limit} concurrent requests already in flight for tier {principal.tier!r}",
                 retry_after=1.0,
             )
+        self._held.add((key, lease_id))
         return key, lease_id
 
     async def _give_back(self, lease: tuple[str, str] | None) -> None:
         if lease is not None:
+            self._held.discard(lease)
             await self._release(self.backend.release_lease(*lease), "release a concurrency lease")
+
+    async def keep_holdings(self) -> None:
+        """Renew this replica's leases and reservations every third of their TTLs, forever (a
+        task of a replica whose counters others share): so their TTLs may be much shorter than
+        a request, and a crashed replica's slots and money come free within them instead of
+        locking its tenants out."""
+        while True:
+            await asyncio.sleep(min(self._lease_ttl_s, self._reservation_ttl_s) / 3)
+            try:
+                if self._held:
+                    await self.backend.renew_leases(list(self._held), self._lease_ttl_s)
+                if self._reserved:
+                    reservations = [(keys, res_id) for res_id, keys in self._reserved.items()]
+                    await self.backend.renew_reservations(reservations, self._reservation_ttl_s)
+            except CounterBackendError as exc:
+                if self._on_outage is not None:
+                    self._on_outage("renew")
+                log.warning("policy_renew_failed", error=str(exc), leases=len(self._held),
+                            reservations=len(self._reserved))  # fmt: skip
+            except Exception:  # (the loop must outlive any one failure: its holdings expire)
+                log.warning("policy_renew_failed", exc_info=True)
 
     @asynccontextmanager
     async def concurrency(self, principal: Principal) -> AsyncIterator[None]:
@@ -584,8 +648,25 @@ class Limiter:
             except Exception:
                 log.warning("policy_release_failed", what=what, exc_info=True)
             return
+        if self.backend.failing():
+            # Still tried, but the answer does not wait for it: against a hung backend each
+            # release and settle would add its timeout to every request for the whole outage.
+            # (Awaited otherwise, so a client's next request finds its slot free.)
+            task = asyncio.create_task(self._release_later(release, what))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        await self._release_later(release, what)
+
+    async def _release_later(self, release: Coroutine[Any, Any, None], what: str) -> None:
         if not await _finish(release, what) and self._on_outage is not None:
             self._on_outage("release")
+
+    async def drain(self) -> None:
+        """Wait for the releases left running in the background (at shutdown, before the
+        backend is closed)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def budget_status(self, principal: Principal) -> tuple[BudgetStatus, BudgetStatus]:
         """Today's (tier, tenant) spend, for metrics and the admin API."""
@@ -682,11 +763,13 @@ class _Reservation(AbstractAsyncContextManager[Spend]):
                 # No wait makes this request fit: the OpenAI SDKs obey this and do not retry.
                 refusal.headers["x-should-retry"] = "false"
             raise refusal
+        limiter._reserved[res_id] = keys
         self._spend = Spend(self._worst_case)
         return self._spend
 
     async def __aexit__(self, *exc: object) -> None:
         spend, limiter = self._spend, self._limiter
+        limiter._reserved.pop(self._res_id, None)
         actual = (
             to_nano(spend.actual_usd) if spend is not None and spend.actual_usd is not None else 0
         )

@@ -22,6 +22,10 @@ from proxy.backoff import Backoff
 from proxy.policy.limits import WINDOW_S, CounterBackendError, ReserveOutcome
 
 BUDGET_KEEP_MS = 2 * 86_400_000  # a day's budget keys outlive the day, then vanish
+# Concurrency leases and budget reservations: held ones are renewed every third of it
+# (Limiter.keep_holdings), so a crashed replica's slots and reserved money come free within it
+# (a TTL as long as the longest request locked its tenants out for 15 minutes).
+HOLDING_TTL_S = 30.0
 # Connections to Redis per proxy replica: each limit check is one short script call (well under a
 # millisecond), so a few dozen serve thousands of requests a second.
 MAX_CONNECTIONS = 32
@@ -61,6 +65,25 @@ if not redis.call('ZSCORE', KEYS[1], ARGV[1])
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])) + 1000)
+return 1
+"""
+)
+
+# KEYS[1] zset of expiries (leases, or a budget's reservations); ARGV: ttl_ms, then the ids to
+# renew (those not expired); the key itself is kept at least as long
+_RENEW = (
+    _NOW_MS
+    + """
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local expiry = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if expiry and tonumber(expiry) > now then
+    redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
+  end
+end
+if redis.call('PTTL', KEYS[1]) < ttl + 1000 then
+  redis.call('PEXPIRE', KEYS[1], math.ceil(ttl) + 1000)
+end
 return 1
 """
 )
@@ -149,6 +172,7 @@ class RedisCounters:
         self._backoff = Backoff(retry_after, clock)
         self._rate = client.register_script(_RATE)
         self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
         self._status = client.register_script(_STATUS)
@@ -187,6 +211,21 @@ class RedisCounters:
         # slot until its TTL, and lock the tenant out of it.
         await self._call(lambda: self._client.zrem(key, lease_id), gated=False)
 
+    async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        by_key: dict[str, list[str]] = {}
+        for key, lease_id in leases:
+            by_key.setdefault(key, []).append(lease_id)
+        # one script per key: a tenant's leases share a key (and the tier's cluster slot)
+        for key, ids in by_key.items():
+            await self._run(self._renew, [key], [repr(ttl_s * 1000), *ids])
+
+    async def renew_reservations(
+        self, reservations: Sequence[tuple[Sequence[str], str]], ttl_s: float
+    ) -> None:
+        # a reservation's expiry is its score in each budget's K:exp zset, as a lease's is
+        expiries = [(f"{key}:exp", res_id) for keys, res_id in reservations for key in keys]
+        await self.renew_leases(expiries, ttl_s)
+
     async def reserve(
         self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
     ) -> ReserveOutcome:
@@ -206,6 +245,9 @@ class RedisCounters:
     async def budget_status(self, key: str) -> tuple[int, int]:
         spent, reserved = await self._run(self._status, _triples([key]), [])
         return int(_text(spent)), int(_text(reserved))
+
+    def failing(self) -> bool:
+        return self._backoff.waiting()
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         return await self._call(lambda: script(keys=keys, args=args))

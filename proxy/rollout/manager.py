@@ -493,6 +493,13 @@ class Rollouts:
                 if cancelling():
                     raise asyncio.CancelledError from exc  # a stop that surfaced as a timeout
                 continue
+            for name, rollout in self.by_name.items():
+                if name not in remote and rollout.state.rev > 0:
+                    # Redis lost it (restarted empty) or never got it (a change made while it
+                    # was down): publish ours, or the replicas would stay split. A state only
+                    # the config made (rev 0) is each replica's own and stays unpublished.
+                    async with self._lock:
+                        await self._persist_redis(rollout.state)
             for name, state in remote.items():
                 rollout = self.by_name[name]
                 if state == rollout.state:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import random
 import shutil
@@ -21,7 +22,8 @@ from proxy.policy.limits import NANO, CounterBackendError, Limiter, to_nano
 from proxy.policy.policyset import Principal
 from proxy.policy.redis_limits import RedisCounters
 from proxy.policy.schema import TierPolicy
-from tests.integration.conftest import StartFake, StartProxy
+from proxy.tasks import stop
+from tests.integration.conftest import StartFake, StartProxy, wait_until
 from tests.integration.test_policy_pipeline import (
     FREE_KEY,
     auth,
@@ -381,3 +383,93 @@ async def test_a_hung_redis_costs_one_timeout_then_checks_fail_fast() -> None:
     finally:
         await hung.aclose()
         server.close()
+
+
+async def test_a_hung_redis_does_not_hold_answers_for_their_releases() -> None:
+    """Once a check has failed, a request's release and settle are still sent, but its answer
+    does not wait for them. (Before: against a stopped Redis every request waited out a lease
+    release's timeout and a settle's after its answer, 2 s each, for as long as it lasted.)"""
+    received = bytearray()
+    connections: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while data := await reader.read(65536):
+            received.extend(data)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    # a timeout far longer than the test may wait: a release awaited would show as a hang
+    timeout_s = 120.0
+    hung = RedisCounters.from_url(f"redis://127.0.0.1:{port}/0", timeout_s=timeout_s)
+    limiter = _limiter(hung)
+    principal = _principal(limits={"max_tokens": 8, "concurrent": 2}, budget={"usd_per_day": 1.0})
+    hung._backoff.until = time.monotonic() + 3600  # a check timed out a moment ago
+    try:
+        async with asyncio.timeout(timeout_s / 4):
+            for _ in range(3):
+                async with (
+                    limiter.admit(principal, prompt_tokens=5) as ticket,
+                    ticket.budget(0.01) as spend,
+                ):
+                    spend.record(0.01)
+        await wait_until(lambda: bool(received), timeout_s=30)  # ...and were sent all the same
+        assert received
+    finally:
+        for writer in connections:  # the server dies: the releases still waiting fail now
+            writer.close()
+        server.close()
+        await limiter.drain()
+        await hung.aclose()
+
+
+async def test_holdings_are_renewed_while_held_and_a_crashed_replicas_come_free(
+    replicas: tuple[RedisCounters, RedisCounters],
+) -> None:
+    """A request that outlasts the TTLs keeps its concurrency slot and its budget reservation; a
+    replica that dies holding them frees both within the TTLs. (Before: nothing renewed them, so
+    the app's TTLs had to outlast any request, 15 minutes, and a crashed replica's slots and
+    reserved money locked its tenants out that long.)"""
+    ttl_s = 2.0
+    principal = _principal(limits={"max_tokens": 8, "concurrent": 1}, budget={"usd_per_day": 1.0})
+    holder = Limiter(
+        replicas[0], wall_clock=lambda: DAY, lease_ttl_s=ttl_s, reservation_ttl_s=ttl_s
+    )
+    other = _limiter(replicas[1])
+    renewing = asyncio.create_task(holder.keep_holdings())
+    entered, finish = asyncio.Event(), asyncio.Event()
+
+    async def long_request() -> None:
+        async with holder.concurrency(principal), holder.reserve_budget(principal, 1.0):
+            entered.set()
+            await finish.wait()
+
+    async def slot_free() -> bool:
+        try:
+            async with other.concurrency(principal):
+                return True
+        except ConcurrencyLimitExceeded:
+            return False
+
+    async def money_free() -> bool:
+        try:
+            async with other.reserve_budget(principal, 0.5):
+                return True
+        except BudgetExhausted:
+            return False
+
+    request = asyncio.create_task(long_request())
+    try:
+        await entered.wait()
+        await asyncio.sleep(ttl_s * 2.5)  # well past the TTLs: renewed meanwhile
+        assert not await slot_free()
+        assert not await money_free()
+        await stop(renewing)  # the holder crashes: no renewal, no release
+        await wait_until(slot_free, timeout_s=60)
+        await wait_until(money_free, timeout_s=60)
+        assert await slot_free() and await money_free()
+    finally:
+        await stop(renewing)
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await request

@@ -74,3 +74,25 @@ async def test_two_changes_at_once_end_with_one_state_on_every_replica(
     assert other.state.status == mine.state.status == "promoted"
     for i in range(10):
         assert (await ask(second, conversation(i)))[:2] == (200, "v2")
+
+
+async def test_a_change_made_while_redis_was_down_reaches_the_fleet_when_it_returns_empty(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A promotion made on one replica while Redis is down stands there; once Redis is back
+    (restarted without persistence: empty) the other replicas must apply it too. (Before: the
+    follower only republished a state Redis held an older one of, so the fleet stayed split.)"""
+    stable = await start_fake("m")
+    canary = await start_fake("m-canary")
+    engines = [canary_engine(stable, canary, 0.5)]
+    redis = {"url": redis_server.url}
+    first = await start_proxy(engines, redis=redis, data_dir=str(tmp_path / "a"))
+    second = await start_proxy(engines, redis=redis, data_dir=str(tmp_path / "b"))
+    redis_server.stop()
+    assert (await first.client.post("/admin/rollout/small/promote")).status == 200
+    redis_server.start()  # same port, empty
+    other = second.services.rollouts.by_name["small"]
+    await wait_until(lambda: other.state.status == "promoted", timeout_s=10)
+    assert other.state == first.services.rollouts.by_name["small"].state
+    for i in range(10):
+        assert (await ask(second, conversation(i)))[:2] == (200, "v2")
