@@ -110,6 +110,8 @@ async def test_a_tool_call_answer_is_cached_and_replayed_both_ways(
     assert cache == "hit-exact"
     assert calls_of(completion) == calls
     assert [c.finish_reason for c in completion.choices] == ["tool_calls"] * 2
+    # no text: null, as the engine's whole answer has it (also when stored from a stream)
+    assert [c.message.content for c in completion.choices] == [None, None]
 
     cache, choices, usage = await streamed(
         client, {**body, "stream_options": {"include_usage": True}}
@@ -121,5 +123,6 @@ async def test_a_tool_call_answer_is_cached_and_replayed_both_ways(
     ]  # fmt: skip
     assert replayed == calls
     assert [c["finish_reason"] for c in choices] == ["tool_calls"] * 2
+    assert not any(c["content"] for c in choices)
     assert usage is not None and usage.completion_tokens > 0
     assert engine.state.counters.requests == 1
