@@ -7,12 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
 
+from proxy.cache.keys import Endpoint
+from proxy.cache.stream_codec import assemble, normalise_response
+from proxy.sse import parse_all
 from tests.integration.conftest import Proxy, StartFake, StartProxy
-from tests.integration.test_cache_pipeline import cached_proxy
+from tests.integration.test_cache_pipeline import GREEDY, cached_proxy
 
 TOOLS = [
     {
@@ -126,3 +130,101 @@ async def test_a_tool_call_answer_is_cached_and_replayed_both_ways(
     assert not any(c["content"] for c in choices)
     assert usage is not None and usage.completion_tokens > 0
     assert engine.state.counters.requests == 1
+
+
+def comparable(body: dict[str, Any]) -> dict[str, Any]:
+    """An answer without what differs between any two answers (id, created) or between a whole
+    answer and the same answer streamed (vLLM's null extras of a whole answer)."""
+    body = normalise_response(body)
+    for key in ("id", "created", "prompt_logprobs"):
+        body.pop(key, None)
+    for choice in body["choices"]:
+        choice.pop("prompt_logprobs", None)
+    return body
+
+
+CASES = {
+    "chat logprobs, n=2": (
+        Endpoint.CHAT,
+        {**GREEDY, "n": 2, "logprobs": True, "top_logprobs": 2},
+    ),
+    "chat json, stop": (
+        Endpoint.CHAT,
+        {**GREEDY, "response_format": {"type": "json_object"}, "stop": [" the"], "seed": 3},
+    ),
+    "completion logprobs, echo, n=2": (
+        Endpoint.COMPLETIONS,
+        {"model": "m", "prompt": "Say hi", "temperature": 0, "max_tokens": 6, "n": 2,
+         "logprobs": 2, "echo": True},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("first_streamed", [False, True])
+@pytest.mark.parametrize("case", list(CASES))
+async def test_hits_give_the_engines_answer_whole_and_streamed(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    case: str,
+    first_streamed: bool,
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    endpoint, body = CASES[case]
+    path = "/v1/chat/completions" if endpoint is Endpoint.CHAT else "/v1/completions"
+    async with proxy.client.session.post(engine.url + path, json=body) as direct:
+        expected = comparable(await direct.json())  # the engine's own answer
+    first = await proxy.client.post(path, json={**body, "stream": first_streamed})
+    assert first.headers["x-frugal-cache"] == "miss"
+    await first.read()
+    await settle(proxy)
+
+    hit = await proxy.client.post(path, json=body)
+    assert hit.headers["x-frugal-cache"] == "hit-exact"
+    assert comparable(await hit.json()) == expected
+
+    for include_usage in (True, False):
+        options = {"stream_options": {"include_usage": include_usage}}
+        replay = await proxy.client.post(path, json={**body, "stream": True, **options})
+        assert replay.headers["x-frugal-cache"] == "hit-exact"
+        chunks = [orjson.loads(p) for p in parse_all(await replay.read())[:-1]]
+        usages = [c for c in chunks if c.get("usage")]
+        assert len(usages) == include_usage  # usage exactly when asked
+        if not include_usage:
+            chunks.append({"choices": [], "usage": expected["usage"]})
+        assert comparable(assemble(endpoint, chunks)) == expected
+    assert engine.state.counters.requests == 2  # the direct one, and the first through the proxy
+
+
+SEPARATE = {
+    "tools": [{**TOOLS[0], "function": {**TOOLS[0]["function"], "name": "get_time"}}],
+    "tool_choice": "required",
+    "response_format": {"type": "json_object"},
+    "logprobs": True,
+    "n": 2,
+    "seed": 5,
+    "stop": ["x"],
+    "repetition_penalty": 1.2,  # a vLLM extra sampling field
+}
+SHARED: list[dict[str, Any]] = [
+    {"stream": True},
+    {"stream": True, "stream_options": {"include_usage": True}},
+    {"user": "someone-else"},  # the tenant scope: not per user
+]
+
+
+async def test_only_requests_that_cannot_differ_share_an_answer(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    base = {**ASK, "tool_choice": "auto"}
+    await (await proxy.client.post("/v1/chat/completions", json=base)).read()
+    variants = [({field: value}, "miss") for field, value in SEPARATE.items()]
+    variants += [(fields, "hit-exact") for fields in SHARED]
+    for fields, expected in variants:
+        await settle(proxy)
+        resp = await proxy.client.post("/v1/chat/completions", json={**base, **fields})
+        await resp.read()
+        assert resp.status == 200
+        assert resp.headers["x-frugal-cache"] == expected, fields
+    assert engine.state.counters.requests == 1 + len(SEPARATE)
