@@ -396,11 +396,14 @@ def is_cacheable_request(body: Mapping[str, Any], *, allow_sampled: bool) -> boo
     return allow_sampled or is_deterministic(body)
 
 
-STORABLE_FINISH_REASONS: Final = frozenset({"stop", "length"})
+# A tool call is a whole answer too: the model chose to call, the client runs it (agents send the
+# same turn with the same tools again and again).
+STORABLE_FINISH_REASONS: Final = frozenset({"stop", "length", "tool_calls"})
 
 
 def is_storable_response(status: int, response: Mapping[str, Any]) -> bool:
-    """Only complete 2xx answers whose every choice ended with stop or length are stored."""
+    """Only complete 2xx answers whose every choice ended with stop, length or tool calls are
+    stored (not ``abort``, ``error``, ``content_filter`` or an unfinished choice)."""
     if not 200 <= status < 300:
         return False
     choices = response.get("choices")

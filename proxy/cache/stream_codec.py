@@ -18,7 +18,8 @@ Merge rules (the same for every field, so unknown vLLM extras survive):
 
 Round trip: ``assemble(replay(x, include_usage=True)) == normalise_response(x)``.
 ``normalise_response`` drops null message fields other than ``content`` and empty ``tool_calls``
-(vLLM fills ``refusal``, ``audio``, ``function_call`` ... with nulls). ``replay`` keeps the stored
+(vLLM fills ``refusal``, ``audio``, ``function_call`` ... with nulls), and gives a tool call
+without text ``content: null`` (see ``_tool_call_content``). ``replay`` keeps the stored
 ``id``, ``created`` and ``model``; a caller wanting fresh ones passes ``overrides``
 (``replayed_identity``: what the proxy gives every answer it serves from the cache).
 """
@@ -79,6 +80,18 @@ def _merge_tool_calls(calls: dict[int, dict[str, Any]], deltas: Sequence[Any]) -
                 call[key] = value
 
 
+def _tool_call_content(message: dict[str, Any], finish_reason: Any) -> dict[str, Any]:
+    """A call's message without text says ``content: null``, as a whole answer does.
+
+    vLLM opens every streamed choice with ``content: ""`` in its role chunk; its whole answer to
+    the same auto tool call (finish ``tool_calls``, OpenAI's too) has ``null``, and clients test
+    ``content is None``. A named call (finish ``stop``) keeps vLLM's ``""``.
+    """
+    if finish_reason == "tool_calls" and message.get("tool_calls") and message["content"] == "":
+        message["content"] = None
+    return message
+
+
 class _Choice:
     __slots__ = ("extras", "finish_reason", "index", "logprobs", "message", "tool_calls")
 
@@ -131,7 +144,7 @@ class _Choice:
             message = {"role": "assistant", "content": None, **self.message}
             if self.tool_calls:
                 message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
-            body["message"] = message
+            body["message"] = _tool_call_content(message, self.finish_reason)
         else:
             body["text"] = self.message.get("text", "")
         body["logprobs"] = self.logprobs
@@ -236,7 +249,7 @@ def normalise_response(response: Mapping[str, Any]) -> dict[str, Any]:
                 kept["tool_calls"] = [
                     {k: v for k, v in call.items() if k != "index"} for call in kept["tool_calls"]
                 ]
-            choice["message"] = kept
+            choice["message"] = _tool_call_content(kept, choice.get("finish_reason"))
         choices.append(choice)
     body["choices"] = choices
     return body

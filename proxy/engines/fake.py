@@ -6,6 +6,14 @@ It speaks the parts of vLLM's OpenAI server that Frugal uses, with the same wire
   ``max_tokens`` / ``max_completion_tokens``, ``n``, ``stop``, ``seed``, ``temperature`` and
   ``stream_options.include_usage``, and answering 400 for any of them of the wrong type; errors
   have vLLM's shape, ``{"error": {"message", "type", "param", "code"}}``;
+- the output shapes a cache must replay faithfully (:class:`OutputShape`): a chat request with
+  ``tools`` is answered with a tool call (vLLM's ``auto`` parser shape: ``content`` null and
+  ``finish_reason`` ``tool_calls``; a named or ``required`` ``tool_choice``: ``content`` ``""``
+  and the plain finish reason), streamed as vLLM streams it (``id``, ``type`` and
+  ``function.name`` first, then ``function.arguments`` a token at a time, the closing piece in
+  the finish chunk); ``logprobs`` / ``top_logprobs`` give per-token log-probabilities (chat's
+  ``content`` list, completions' four lists); a completion's ``echo`` puts the prompt before the
+  answer (without the prompt's log-probabilities);
 - ``GET /v1/models`` (with ``root`` and ``max_model_len``), ``GET /health``, ``GET /metrics``
   (``vllm:num_requests_running`` / ``_waiting``, ``vllm:gpu_cache_usage_perc``,
   ``vllm:kv_cache_usage_perc``, token and request counters, labelled ``model_name``).
@@ -254,10 +262,11 @@ def apply_stop(tokens: list[str], stop: Sequence[str]) -> tuple[list[str], bool]
 class Choice:
     tokens: list[str]
     finish_reason: str  # "stop" or "length"
+    echo: str = ""  # a completion's prompt, when the request asked for ``echo``
 
     @property
     def text(self) -> str:
-        return "".join(self.tokens)
+        return self.echo + "".join(self.tokens)
 
 
 def plan_choices(
@@ -275,6 +284,8 @@ def plan_choices(
     stop_field = body.get("stop")
     stop = [stop_field] if isinstance(stop_field, str) else list(stop_field or ())
     seed = body.get("seed")
+    # vLLM's chat echo repeats an assistant turn's start; only the completion's is modelled
+    echo = prompt if body.get("echo") is True and "prompt" in body else ""
     choices = []
     for index in range(n):
         if is_deterministic(body):
@@ -282,7 +293,7 @@ def plan_choices(
         else:
             tokens = rng.choices(_VOCAB, k=length)
         tokens, stopped = apply_stop(tokens, stop)
-        choices.append(Choice(tokens, "stop" if stopped or natural_end else "length"))
+        choices.append(Choice(tokens, "stop" if stopped or natural_end else "length", echo))
     return choices
 
 
@@ -350,6 +361,109 @@ def _is_number(value: Any) -> bool:
 # Pure rendering: vLLM wire shapes
 
 
+@dataclass(frozen=True, slots=True)
+class OutputShape:
+    """What the request asks of the answer's shape besides its text (see the module doc)."""
+
+    tool: str | None = None  # the function a chat answer calls
+    auto_tool: bool = True  # vLLM's auto parser (else a named or required tool_choice)
+    logprobs: int | None = None  # alternatives per token; None: no log-probabilities
+
+    @property
+    def plain(self) -> bool:
+        return self.tool is None and self.logprobs is None
+
+
+PLAIN = OutputShape()
+
+
+def output_shape(endpoint: Endpoint, body: dict[str, Any]) -> OutputShape:
+    """The shape of the answer to ``body`` (lenient: a field it cannot read is left out)."""
+    tool: str | None = None
+    auto = True
+    tools = body.get("tools") if endpoint == "chat" else None
+    choice = body.get("tool_choice")
+    if isinstance(tools, list) and tools and choice != "none":
+        named = choice.get("function") if isinstance(choice, dict) else None
+        if isinstance(named, dict) and isinstance(named.get("name"), str):
+            tool, auto = named["name"], False
+        else:
+            first = tools[0].get("function") if isinstance(tools[0], dict) else None
+            name = first.get("name") if isinstance(first, dict) else None
+            tool, auto = (name if isinstance(name, str) else "tool"), choice != "required"
+    logprobs: int | None = None
+    if endpoint == "chat" and body.get("logprobs") is True:
+        top = body.get("top_logprobs")
+        logprobs = top if _is_int(top) else 0
+    elif endpoint == "completions" and _is_int(body.get("logprobs")):
+        logprobs = body["logprobs"]
+    return OutputShape(tool, auto, logprobs)
+
+
+_VOCAB_RANK = {word: rank for rank, word in enumerate(_VOCAB)}
+
+
+def _logprob(token: str, rank: int = 0) -> float:
+    # deterministic, distinct per token, lower for each alternative further down
+    return -round(0.125 * (1 + _VOCAB_RANK.get(token, 0) % 7) + rank, 3)
+
+
+def _alternatives(token: str, count: int) -> list[str]:
+    start = _VOCAB_RANK.get(token, 0)
+    return [token, *(_VOCAB[(start + k) % len(_VOCAB)] for k in range(1, count))][:count]
+
+
+def chat_logprobs(tokens: Sequence[str], top: int) -> dict[str, Any]:
+    """Chat's ``logprobs``: one entry per token, each with ``top`` alternatives."""
+
+    def entry(token: str, rank: int = 0) -> dict[str, Any]:
+        return {"token": token, "logprob": _logprob(token, rank), "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            {**entry(t), "top_logprobs": [entry(a, r) for r, a in enumerate(_alternatives(t, top))]}
+            for t in tokens
+        ]
+    }
+
+
+def completion_logprobs(tokens: Sequence[str], top: int, offset: int) -> dict[str, Any]:
+    """A completion's ``logprobs`` for ``tokens`` starting at character ``offset``."""
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "text_offset": offsets,
+        "token_logprobs": [_logprob(t) for t in tokens],
+        "tokens": list(tokens),
+        "top_logprobs": [
+            {a: _logprob(t, r) for r, a in enumerate(_alternatives(t, top))} for t in tokens
+        ],
+    }
+
+
+def tool_arguments(tokens: Sequence[str]) -> list[str]:
+    """The call's ``arguments`` JSON in streamed pieces: one per token, then the closing one
+    (vLLM flushes the arguments its parser held back in the finish chunk)."""
+    pieces = [orjson.dumps(t).decode()[1:-1] for t in tokens]
+    if pieces:
+        pieces[0] = '{"text":"' + pieces[0]
+    else:
+        pieces.append('{"text":"')
+    pieces[-1:] = [pieces[-1], '"}']
+    return pieces
+
+
+def tool_call_id() -> str:
+    return "chatcmpl-tool-" + uuid.uuid4().hex  # random, as vLLM's are
+
+
+def _finish_reason(choice: Choice, shape: OutputShape) -> str:
+    # vLLM says tool_calls only when its auto parser found one; a named call ends as text does
+    return "tool_calls" if shape.tool is not None and shape.auto_tool else choice.finish_reason
+
+
 def usage(prompt_tokens: int, choices: Sequence[Choice]) -> dict[str, int]:
     completion = sum(len(c.tokens) for c in choices)
     return {
@@ -360,31 +474,47 @@ def usage(prompt_tokens: int, choices: Sequence[Choice]) -> dict[str, int]:
 
 
 def render_response(
-    endpoint: Endpoint, rid: str, created: int, model: str, choices: Sequence[Choice], used: Any
+    endpoint: Endpoint,
+    rid: str,
+    created: int,
+    model: str,
+    choices: Sequence[Choice],
+    used: Any,
+    shape: OutputShape = PLAIN,
 ) -> bytes:
+    top = shape.logprobs
     if endpoint == "chat":
-        rendered: list[dict[str, Any]] = [
-            {
-                "index": i,
-                "message": {
-                    "role": "assistant",
-                    "reasoning_content": None,
-                    "content": c.text,
-                    "tool_calls": [],
-                },
-                "logprobs": None,
-                "finish_reason": c.finish_reason,
-                "stop_reason": None,
+        rendered: list[dict[str, Any]] = []
+        for i, c in enumerate(choices):
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "reasoning_content": None,
+                "content": c.text,
+                "tool_calls": [],
             }
-            for i, c in enumerate(choices)
-        ]
+            if shape.tool is not None:
+                arguments = "".join(tool_arguments(c.tokens))
+                function = {"name": shape.tool, "arguments": arguments}
+                call = {"id": tool_call_id(), "type": "function", "function": function}
+                message.update(content=None if shape.auto_tool else "", tool_calls=[call])
+            rendered.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": None if top is None else chat_logprobs(c.tokens, top),
+                    "finish_reason": _finish_reason(c, shape),
+                    "stop_reason": None,
+                }
+            )
         obj = "chat.completion"
     else:
         rendered = [
             {
                 "index": i,
                 "text": c.text,
-                "logprobs": None,
+                "logprobs": None
+                if top is None
+                else completion_logprobs(c.tokens, top, len(c.echo)),
                 "finish_reason": c.finish_reason,
                 "stop_reason": None,
                 "prompt_logprobs": None,
@@ -412,45 +542,83 @@ def render_stream_events(
     model: str,
     choices: Sequence[Choice],
     used: dict[str, int] | None,
+    shape: OutputShape = PLAIN,
 ) -> list[bytes]:
     """Every SSE event of a streamed answer, in vLLM's order, ``data: [DONE]`` included.
 
-    Chat: a role chunk per choice, one content chunk per token, a finish chunk per choice; then
-    the usage chunk (``choices: []``) when asked for, then ``[DONE]``. Completions have no role
-    chunk. Choices are interleaved token by token, as vLLM does for ``n > 1``.
+    Chat: a role chunk per choice (and for a tool call, a chunk naming it), one content (or
+    arguments) chunk per token, a finish chunk per choice; then the usage chunk (``choices: []``)
+    when asked for, then ``[DONE]``. Completions have no role chunk; an echoed prompt comes with
+    the first token. Choices are interleaved token by token, as vLLM does for ``n > 1``.
     """
     obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
     head = {"id": rid, "object": obj, "created": created, "model": model}
+    top = shape.logprobs
+    arguments = [tool_arguments(c.tokens) for c in choices] if shape.tool is not None else []
+    offsets = [len(c.echo) for c in choices]
 
-    def chunk(index: int, text: str, finish: str | None, role: bool = False) -> bytes:
+    def event(index: int, delta: Any, finish: str | None, logprobs: Any = None) -> bytes:
         choice: dict[str, Any]
         if endpoint == "chat":
-            delta = {"role": "assistant", "content": ""} if role else {"content": text}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
             choice["stop_reason"] = None
         return frame(orjson.dumps({**head, "choices": [choice]}))
 
+    def token(index: int, position: int) -> bytes:
+        text = choices[index].tokens[position]
+        if endpoint == "completions":
+            logprobs = None
+            if top is not None:
+                logprobs = completion_logprobs([text], top, offsets[index])
+                offsets[index] += len(text)
+            prefix = choices[index].echo if position == 0 else ""
+            return event(index, prefix + text, None, logprobs)
+        chat_lp = None if top is None else chat_logprobs([text], top)
+        if shape.tool is None:
+            return event(index, {"content": text}, None, chat_lp)
+        piece = {"index": 0, "function": {"arguments": arguments[index][position]}}
+        return event(index, {"tool_calls": [piece]}, None, chat_lp)
+
+    def finish(index: int) -> bytes:
+        c = choices[index]
+        if endpoint == "completions":
+            return event(index, "" if c.tokens else c.echo, c.finish_reason)
+        delta: dict[str, Any] = {}
+        if shape.tool is not None:
+            rest = "".join(arguments[index][len(c.tokens) :])
+            delta = {"tool_calls": [{"index": 0, "function": {"arguments": rest}}]}
+        return event(index, delta, _finish_reason(c, shape))
+
     events: list[bytes] = []
     if endpoint == "chat":
-        events.extend(chunk(i, "", None, role=True) for i in range(len(choices)))
+        events.extend(
+            event(i, {"role": "assistant", "content": ""}, None) for i in range(len(choices))
+        )
+        if shape.tool is not None:
+            function = {"name": shape.tool}
+            named = [{"id": tool_call_id(), "type": "function", "index": 0, "function": function}]
+            events.extend(event(i, {"tool_calls": named}, None) for i in range(len(choices)))
     longest = max((len(c.tokens) for c in choices), default=0)
+    plain = shape.plain and endpoint == "chat"  # the benchmark's shape: no detour per token
     for position in range(longest):
         events.extend(
-            chunk(i, c.tokens[position], None)
+            (event(i, {"content": c.tokens[position]}, None) if plain else token(i, position))
             for i, c in enumerate(choices)
             if position < len(c.tokens)
         )
-    events.extend(chunk(i, "", c.finish_reason) for i, c in enumerate(choices))
+    events.extend(finish(i) for i in range(len(choices)))
     if used is not None:
         events.append(frame(orjson.dumps({**head, "choices": [], "usage": used})))
     events.append(DONE_EVENT)
     return events
 
 
-def token_steps(endpoint: Endpoint, choices: Sequence[Choice]) -> dict[int, int]:
+def token_steps(
+    endpoint: Endpoint, choices: Sequence[Choice], shape: OutputShape = PLAIN
+) -> dict[int, int]:
     """Where :func:`render_stream_events` moves to the next token: event index -> token position,
     for positions after the first.
 
@@ -458,7 +626,8 @@ def token_steps(endpoint: Endpoint, choices: Sequence[Choice]) -> dict[int, int]
     from one decoding step), and role, finish and usage events add no wait, so a streamed answer
     takes as long as the non-streamed one.
     """
-    sent = len(choices) if endpoint == "chat" else 0  # the role chunks
+    heads = 0 if endpoint == "completions" else 1 if shape.tool is None else 2
+    sent = heads * len(choices)  # the role (and tool name) chunks
     steps: dict[int, int] = {}
     for position in range(max((len(c.tokens) for c in choices), default=0)):
         if position:
@@ -642,6 +811,7 @@ async def _answer(
     rid = prefix + uuid.uuid4().hex
     created = int(time.time())
     model = str(body["model"]) if "model" in body else options.model
+    shape = output_shape(endpoint, body)
 
     if body.get("stream"):
         stream_options = body.get("stream_options")
@@ -649,9 +819,9 @@ async def _answer(
             stream_options.get("include_usage")
         )
         events = render_stream_events(
-            endpoint, rid, created, model, choices, used if include_usage else None
+            endpoint, rid, created, model, choices, used if include_usage else None, shape
         )
-        steps = token_steps(endpoint, choices) if options.tokens_per_s else {}
+        steps = token_steps(endpoint, choices, shape) if options.tokens_per_s else {}
         response = await _stream(request, events, steps, state, options, entry)
     else:
         if options.abort_after_chunks is not None:
@@ -663,7 +833,7 @@ async def _answer(
             # As streamed: the first token at ttft, each later decoding step 1/tokens_per_s after.
             longest = max(len(c.tokens) for c in choices)
             await asyncio.sleep(max(0, longest - 1) / options.tokens_per_s)
-        answer = render_response(endpoint, rid, created, model, choices, used)
+        answer = render_response(endpoint, rid, created, model, choices, used, shape)
         response = web.Response(body=answer, content_type=_JSON)
     if entry.outcome not in ("cut", "ended"):
         state.counters.prompt += prompt_tokens

@@ -31,7 +31,7 @@ usage = st.fixed_dictionaries(
         "total_tokens": st.integers(0, 20_000),
     }
 )
-finish = st.sampled_from(["stop", "length"])
+finish = st.sampled_from(["stop", "length", "tool_calls"])
 token_logprob = st.fixed_dictionaries(
     {
         "token": texts,
@@ -369,3 +369,29 @@ def test_wants_usage() -> None:
     assert wants_usage({"stream_options": {"include_usage": True}})
     assert not wants_usage({"stream_options": {"include_usage": False}})
     assert not wants_usage({})
+
+
+@pytest.mark.parametrize(("finish", "content"), [("tool_calls", None), ("stop", "")])
+def test_a_streamed_tool_call_without_text_has_the_whole_answers_content(
+    finish: str, content: str | None
+) -> None:
+    # vLLM's role chunk says content "" for every choice; its whole answer to an auto tool call
+    # says null (a named call, finish stop, says "")
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**head, "choices": [choice]}
+
+    call = {"id": "chatcmpl-tool-1", "type": "function", "index": 0, "function": {"name": "f"}}
+    chunks = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"tool_calls": [call]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
+        chunk({}, finish),
+    ]
+    message = assemble(Endpoint.CHAT, chunks)["choices"][0]["message"]
+    assert message["content"] == content
+    assert message["tool_calls"] == [
+        {"id": "chatcmpl-tool-1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    ]

@@ -10,18 +10,24 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.cache.keys import Endpoint as CodecEndpoint
+from proxy.cache.stream_codec import assemble, normalise_response
 from proxy.engines.fake import (
     BadRequest,
     Choice,
+    Endpoint,
     FakeCounters,
     add_cli_arguments,
     check_request,
     error_body,
+    output_shape,
     render_metrics,
+    render_response,
     render_stream_events,
     token_steps,
 )
 from proxy.pipeline import openai_error_body
+from proxy.sse import parse_all
 
 
 def test_check_request_accepts_what_vllm_accepts() -> None:
@@ -122,3 +128,111 @@ def test_every_cli_flag_has_help_and_seed_says_it_seeds_the_text() -> None:
     assert [flag for flag, text in flags.items() if not text] == []
     assert "random answers" in str(flags["--seed"])
     assert "per choice" in str(flags["--tokens-per-s"])
+
+
+def _streamed_and_whole(
+    endpoint: Endpoint, body: dict[str, Any], choices: list[Choice]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    shape = output_shape(endpoint, body)
+    used = {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}
+    whole = orjson.loads(render_response(endpoint, "id", 0, "m", choices, used, shape))
+    events = render_stream_events(endpoint, "id", 0, "m", choices, used, shape)
+    return whole, [orjson.loads(p) for p in parse_all(b"".join(events))[:-1]]
+
+
+def _without_call_ids(body: dict[str, Any]) -> dict[str, Any]:
+    for choice in body["choices"]:
+        for call in (choice.get("message") or {}).get("tool_calls") or ():
+            call["id"] = "<random>"
+    return body
+
+
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+
+
+@pytest.mark.parametrize(
+    ("body", "content", "finish"),
+    [
+        ({"tools": TOOLS}, None, "tool_calls"),
+        ({"tools": TOOLS, "tool_choice": "auto", "logprobs": True}, None, "tool_calls"),
+        ({"tools": TOOLS, "tool_choice": "required"}, "", "stop"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+            "",
+            "stop",
+        ),
+    ],
+)
+def test_a_request_with_tools_gets_vllms_tool_call_shapes(
+    body: dict[str, Any], content: str | None, finish: str
+) -> None:
+    # a call with no argument tokens (its whole arguments come in the finish chunk), except
+    # with logprobs: an answer of no tokens has none to stream (vLLM always makes one)
+    second = [" c"] if body.get("logprobs") else []
+    choices = [Choice([" a", ' "b'], "stop"), Choice(second, "stop")]
+    whole, chunks = _streamed_and_whole("chat", body, choices)
+    name = "x" if isinstance(body.get("tool_choice"), dict) else "lookup"
+    for choice, tokens in zip(whole["choices"], (' a "b', "".join(second)), strict=True):
+        message = choice["message"]
+        assert message["content"] == content
+        assert choice["finish_reason"] == finish
+        [call] = message["tool_calls"]
+        assert call["id"].startswith("chatcmpl-tool-")
+        assert call["function"] == {
+            "name": name,
+            "arguments": orjson.dumps({"text": tokens}).decode(),
+        }
+    # streamed as vLLM does: the call's id, type and name first, then its arguments in pieces
+    deltas = [c["choices"][0]["delta"].get("tool_calls") for c in chunks if c["choices"]]
+    calls = [d[0] for d in deltas if d]
+    named = [c for c in calls if "id" in c]
+    assert [set(c) for c in named] == [{"id", "type", "index", "function"}] * 2
+    assert all(set(c["function"]) == {"name"} for c in named)
+    assert all(set(c) == {"index", "function"} for c in calls if "id" not in c)
+    assembled = assemble(CodecEndpoint.CHAT, chunks)
+    if content is None:  # the stream's role chunk says "" where the whole answer has null
+        for choice in assembled["choices"]:
+            choice["message"]["content"] = None
+    expected = _without_call_ids(normalise_response(whole))
+    expected.pop("prompt_logprobs")
+    assert _without_call_ids(assembled) == expected
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body"),
+    [
+        ("chat", {"logprobs": True, "top_logprobs": 3}),
+        ("chat", {"logprobs": True}),
+        ("completions", {"logprobs": 2, "echo": True}),
+    ],
+)
+def test_logprobs_and_echo_are_the_same_streamed_and_whole(
+    endpoint: Endpoint, body: dict[str, Any]
+) -> None:
+    echo = "prompt" if body.get("echo") else ""
+    choices = [Choice([" a", " b", " c"], "length", echo), Choice([" d"], "stop", echo)]
+    whole, chunks = _streamed_and_whole(endpoint, body, choices)
+    expected = normalise_response(whole)
+    expected.pop("prompt_logprobs")
+    for choice in expected["choices"]:
+        choice.pop("prompt_logprobs", None)
+    assert assemble(CodecEndpoint(endpoint), chunks) == expected
+    logprobs = whole["choices"][0]["logprobs"]
+    if endpoint == "chat":
+        entries = logprobs["content"]
+        assert [e["token"] for e in entries] == [" a", " b", " c"]
+        assert [len(e["top_logprobs"]) for e in entries] == [body.get("top_logprobs", 0)] * 3
+    else:
+        assert whole["choices"][0]["text"] == "prompt a b c"
+        assert logprobs["tokens"] == [" a", " b", " c"]
+        assert logprobs["text_offset"] == [6, 8, 10]
+        assert all(len(top) == 2 for top in logprobs["top_logprobs"])
+
+
+def test_a_tool_call_stream_waits_once_per_token_position() -> None:
+    choices = [Choice([" a", " b"], "stop")]
+    shape = output_shape("chat", {"tools": TOOLS})
+    events = render_stream_events("chat", "id", 0, "m", choices, None, shape)
+    # role, name, then the arguments of positions 0 and 1
+    assert token_steps("chat", choices, shape) == {3: 1}
+    assert b'"arguments":" b"' in events[3]
