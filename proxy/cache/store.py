@@ -36,6 +36,7 @@ import functools
 import logging
 import math
 import os
+import sqlite3
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
@@ -79,6 +80,10 @@ _SWEEP = (
 # store_time) is not deleted on the old entry's metadata.
 _DELETE_ROW = "DELETE FROM Cache WHERE rowid = ? AND store_time = ?"
 _T = TypeVar("_T")
+# What SQLite says of a file that is not a sound database (garbage, truncated, scribbled on);
+# other errors (locked, unreadable, disk full) are not the file's fault and are not acted on.
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+LOCK_FILE = "frugal.lock"  # DirectoryLock's; a quarantine leaves it where it is
 
 
 def _footprint(entry: CacheEntry) -> int:
@@ -145,6 +150,56 @@ class FollowableStore(CacheStore, Protocol):
     def follow(self) -> AsyncIterator[EntryAdded | Resync]: ...
 
 
+def _is_corrupt(error: sqlite3.DatabaseError) -> bool:
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+def _read_cache(directory: Path, size_limit: int) -> tuple[diskcache.Cache, list[str]]:
+    # No culling inside each set (an expired-entry query per write): the writer culls once
+    # per batch instead, so the size limit may be exceeded by one batch for a moment.
+    cache = diskcache.Cache(str(directory), size_limit=size_limit, cull_limit=0)
+    try:
+        # every key (the membership filter's), which also reads the whole key index: most
+        # damage shows here rather than on the first request
+        return cache, [key for key in cache.iterkeys() if isinstance(key, str)]
+    except BaseException:
+        cache.close()
+        raise
+
+
+def _open_cache(directory: Path, size_limit: int) -> tuple[diskcache.Cache, list[str]]:
+    """The directory's diskcache and its keys. A database SQLite finds damaged (a crash of the
+    disk, not of the proxy: a proxy's crash leaves it sound) is moved aside and the store starts
+    empty: a cache may lose its answers, a proxy must not fail to start over them."""
+    try:
+        return _read_cache(directory, size_limit)
+    except sqlite3.DatabaseError as exc:
+        if not _is_corrupt(exc):
+            raise
+        moved = _quarantine(directory)
+        log.error(
+            "cache.disk.corrupt_store",
+            extra={"file": str(directory / "cache.db"), "moved_to": str(moved), "error": str(exc)},
+        )
+        return _read_cache(directory, size_limit)
+
+
+def _quarantine(directory: Path) -> Path:
+    """Move the store's files (database, WAL, value files) into a new ``corrupt-*`` folder of
+    ``directory``: the same file system (the directory may be a mount point), kept for a
+    post-mortem, and out of diskcache's way. Lock files and earlier quarantines stay."""
+    aside = directory / time.strftime("corrupt-%Y%m%dT%H%M%S", time.gmtime())
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = aside.with_name(f"{aside.name.split('.')[0]}.{n}")
+    aside.mkdir()
+    for path in directory.iterdir():
+        if path != aside and not path.name.startswith("corrupt-") and path.name != LOCK_FILE:
+            path.rename(aside / path.name)
+    return aside
+
+
 class DiskStore:
     """Embedded store: diskcache in ``directory``. Entries expire at their TTL."""
 
@@ -160,9 +215,7 @@ class DiskStore:
         recent_bytes: int = 32 * 2**20,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        # No culling inside each set (an expired-entry query per write): the writer culls once
-        # per batch instead, so the size limit may be exceeded by one batch for a moment.
-        self._cache = diskcache.Cache(str(directory), size_limit=size_limit, cull_limit=0)
+        self._cache, keys = _open_cache(directory, size_limit)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
         self._batches: BatchWriter = (
             ProcessWriter(directory, size_limit, fallback=self._thread_writer)
@@ -199,9 +252,8 @@ class DiskStore:
         self._recent: OrderedDict[str, tuple[CacheEntry, float]] = OrderedDict()
         self._recent_size = 0
         self._recent_limit = recent_bytes
-        for key in self._cache.iterkeys():
-            if isinstance(key, str):
-                self._count(key, 1)
+        for key in keys:
+            self._count(key, 1)
 
     def _thread_writer(self) -> BatchWriter:
         return ThreadWriter(self._cache, self._writer)
