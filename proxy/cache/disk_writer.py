@@ -19,7 +19,7 @@ that found the process gone (the cache has counted those answers stored).
 The pipe protocol (little-endian): a batch is ``<II`` (payload bytes, entries) and then per entry
 ``<IId`` (key bytes, blob bytes, expiry as a Unix time) followed by the key (UTF-8) and the blob;
 the child answers ``<Ii`` (entries, status): status 0 committed, 1 failed (the child logged why
-on its stderr, which is the proxy's).
+on its stderr, which is the proxy's: the first of failures in a row, then that they ended).
 """
 
 from __future__ import annotations
@@ -257,6 +257,7 @@ def serve(directory: Path, size_limit: int, source: BinaryIO, sink: BinaryIO) ->
     """The writer process: commit each batch read from ``source``, acknowledge it on ``sink``;
     return at the end of input (the proxy closed the pipe, or died)."""
     cache = diskcache.Cache(str(directory), size_limit=size_limit, cull_limit=0)
+    failing = 0  # batches failed in a row: a full disk is logged when it fills and empties
     try:
         while (head := _read_exactly(source, BATCH.size)) is not None:
             size, count = BATCH.unpack(head)
@@ -267,8 +268,14 @@ def serve(directory: Path, size_limit: int, source: BinaryIO, sink: BinaryIO) ->
             try:
                 write_batch(cache, unframe(payload, count))
             except Exception:
-                log.exception("cache.disk.writer_batch_failed")
+                if not failing:
+                    log.exception("cache.disk.writer_batch_failed")
+                failing += 1
                 status = FAILED
+            else:
+                if failing:
+                    log.warning("cache.disk.writer_recovered after %d failed batches", failing)
+                failing = 0
             sink.write(ACK.pack(count, status))
             sink.flush()
     finally:

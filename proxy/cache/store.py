@@ -213,6 +213,7 @@ class DiskStore:
         linger_s: float = 0.005,
         writer: Literal["thread", "process"] = "thread",
         recent_bytes: int = 32 * 2**20,
+        on_write_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._cache, keys = _open_cache(directory, size_limit)
@@ -224,6 +225,10 @@ class DiskStore:
         )
         self._batch_size = batch_size
         self._max_pending = max_pending
+        # told of every batch that could not be written (the proxy's cache-error metric): the
+        # answers were counted stored when queued, so nothing else would show them lost
+        self._on_write_error = on_write_error
+        self._dropped = 0  # entries dropped by the batches failing since the last success
         # key -> (entry queued for the writer, when it expires on the store's clock as diskcache
         # would count it): the newest put of each key; lookups read it first
         self._pending: dict[str, tuple[CacheEntry, float]] = {}
@@ -373,13 +378,13 @@ class DiskStore:
                 ]
                 try:
                     await self._batches.write(batch)
-                except Exception:
+                except Exception as exc:
                     # Dropped like a failed write before: those answers are simply not cached.
-                    log.warning(
-                        "cache.disk.write_failed", extra={"entries": len(batch)}, exc_info=True
-                    )
+                    self._write_failed(len(batch), exc)
                     for entry, _ in batch:
                         self._count(entry.meta.key, -1)
+                else:
+                    self._write_ok()
                 finally:
                     for entry, _ in batch:
                         queued = self._pending.get(entry.meta.key)
@@ -390,6 +395,20 @@ class DiskStore:
         finally:
             self._flushing = None
             self._wake_flushers()
+
+    def _write_failed(self, entries: int, error: Exception) -> None:
+        # A full disk fails every batch until it has room again, hundreds a second under load:
+        # the first failure is logged (with why), the rest only counted, and the end logged.
+        if self._dropped == 0:
+            log.warning("cache.disk.write_failed", extra={"entries": entries}, exc_info=error)
+        self._dropped += entries
+        if self._on_write_error is not None:
+            self._on_write_error(error)
+
+    def _write_ok(self) -> None:
+        if self._dropped:
+            log.warning("cache.disk.write_recovered", extra={"dropped": self._dropped})
+            self._dropped = 0
 
     def _wake_flushers(self) -> None:
         progress, self._progress = self._progress, None

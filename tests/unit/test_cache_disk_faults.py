@@ -1,13 +1,19 @@
-"""The disk store under an operator's faults: a corrupt or truncated database at start-up."""
+"""The disk store under an operator's faults: a corrupt or truncated database at start-up, a
+disk that fills (or a folder that stops taking writes) and empties again."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from proxy.cache import disk_writer
+from proxy.cache.disk_writer import ACK, FAILED, OK, frame, serve
 from proxy.cache.store import DiskStore
 from tests.unit.test_cache_store import big_entry, entry
 
@@ -61,3 +67,71 @@ async def test_a_damaged_database_is_set_aside_and_the_store_starts_empty(
     assert await reopened.count() == 1
     await reopened.close()
     assert len([p for p in folder.iterdir() if p.is_dir() and p.name.startswith("corrupt-")]) == 1
+
+
+class _Disk:
+    """``write_batch`` on a disk that is full until ``free()``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.full = True
+        real = disk_writer.write_batch
+
+        def write(cache: Any, items: Any) -> None:
+            if self.full:
+                raise OSError(28, "database or disk is full")
+            real(cache, items)
+
+        monkeypatch.setattr(disk_writer, "write_batch", write)
+
+    def free(self) -> None:
+        self.full = False
+
+
+def _named(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
+    """The records whose message is ``message`` (or starts with it, then a space)."""
+    return [r for r in caplog.records if r.getMessage().split(" ", 1)[0] == message]
+
+
+async def test_a_full_disk_is_logged_once_counted_per_batch_and_its_end_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = _Disk(monkeypatch)
+    errors: list[BaseException] = []
+    store = DiskStore(tmp_path, batch_size=1, on_write_error=errors.append)
+    with caplog.at_level(logging.INFO, logger="proxy.cache.store"):
+        for n in range(5):  # every answer of a busy proxy meets the full disk
+            await store.put(entry(n))
+            await store.flush()
+        assert len(_named(caplog, "cache.disk.write_failed")) == 1  # not one per batch
+        assert len(errors) == 5  # but each counted (the metrics' cache errors)
+        assert await store.get(entry(0).meta.key) is None  # dropped, not served
+        disk.free()
+        await store.put(entry(9))
+        await store.flush()
+    recovered = _named(caplog, "cache.disk.write_recovered")
+    assert len(recovered) == 1 and recovered[0].__dict__["dropped"] == 5
+    assert await store.get(entry(9).meta.key) is not None
+    await store.close()
+    assert DiskStore(tmp_path).get_sync(entry(9).meta.key) is not None  # on disk
+
+
+def test_the_writer_process_logs_a_full_disk_once_and_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = _Disk(monkeypatch)
+    later = time.time() + 60
+    failing = b"".join(frame([(f"k{n}", b"v", later)]) for n in range(4))
+
+    class Source(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            if self.tell() == len(failing):  # the disk has room again for the last batch
+                disk.free()
+            return super().read(size)
+
+    sink = io.BytesIO()
+    with caplog.at_level(logging.INFO, logger="proxy.cache.disk_writer"):
+        serve(tmp_path, 2**30, Source(failing + frame([("ok", b"v", later)])), sink)
+    acks = [ACK.unpack_from(sink.getvalue(), at) for at in range(0, 5 * ACK.size, ACK.size)]
+    assert [status for _, status in acks] == [FAILED] * 4 + [OK]
+    assert len(_named(caplog, "cache.disk.writer_batch_failed")) == 1
+    assert len(_named(caplog, "cache.disk.writer_recovered")) == 1

@@ -1,0 +1,36 @@
+"""The embedded (disk) cache under an operator's faults, through the proxy: a disk that fills,
+a writer process that dies, a second proxy on the same folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import StartFake, StartProxy
+from tests.integration.test_cache_pipeline import GREEDY, cached_proxy, post_until
+from tests.unit.test_cache_disk_faults import _Disk
+
+
+def ask(n: int) -> dict[str, object]:
+    return {**GREEDY, "messages": [{"role": "user", "content": f"question {n}"}]}
+
+
+async def test_a_full_disk_costs_the_cache_not_the_answers_and_shows_in_metrics(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    disk = _Disk(monkeypatch)  # (the thread writer: a writer process would not see the patch)
+    _, proxy = await cached_proxy(
+        start_fake, start_proxy, tmp_path, cache={"disk_writer": "thread"}
+    )
+    for n in range(3):
+        await post_until(proxy, ask(n), "miss")
+    await post_until(proxy, ask(0), "miss")  # its store was dropped: not served
+    metrics = await (await proxy.client.get("/metrics")).text()
+    assert 'frugal_cache_errors_total{backend="disk",op="write"}' in metrics
+    disk.free()
+    await post_until(proxy, ask(7), "miss")
+    await post_until(proxy, ask(7), "hit-exact")  # stored again once the disk has room
