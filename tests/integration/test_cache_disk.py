@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.cache.store import DiskStore
 from tests.integration.conftest import StartFake, StartProxy
 from tests.integration.test_cache_pipeline import GREEDY, cached_proxy, post_until
 from tests.unit.test_cache_disk_faults import _Disk
@@ -26,8 +27,12 @@ async def test_a_full_disk_costs_the_cache_not_the_answers_and_shows_in_metrics(
     _, proxy = await cached_proxy(
         start_fake, start_proxy, tmp_path, cache={"disk_writer": "thread"}
     )
+    store = proxy.services.cache.store if proxy.services.cache is not None else None
+    assert isinstance(store, DiskStore)
     for n in range(3):
         await post_until(proxy, ask(n), "miss")
+    await proxy.services.cache.drain()
+    await store.flush()  # (a queued answer is served until its write fails)
     await post_until(proxy, ask(0), "miss")  # its store was dropped: not served
     metrics = await (await proxy.client.get("/metrics")).text()
     assert 'frugal_cache_errors_total{backend="disk",op="write"}' in metrics
