@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import math
@@ -148,6 +149,50 @@ class FollowableStore(CacheStore, Protocol):
     (and ``Resync`` again whenever it may have missed some)."""
 
     def follow(self) -> AsyncIterator[EntryAdded | Resync]: ...
+
+
+class StoreInUse(RuntimeError):
+    """Another process holds the cache folder (:class:`DirectoryLock`)."""
+
+    def __init__(self, directory: Path, holder: str) -> None:
+        super().__init__(
+            f"in use by another proxy{f' (pid {holder})' if holder else ''}: give each proxy its"
+            " own cache folder (replicas share one cache through cache.backend: redis)"
+        )
+        self.directory = directory
+
+
+class DirectoryLock:
+    """An exclusive lock on a cache folder, held while a proxy uses it.
+
+    Two proxies on one folder would not corrupt it (SQLite takes turns), but each keeps what
+    only a folder's single user may keep: the membership filter (the other's answers become
+    misses), the entries read lately and the semantic index (an invalidation through one proxy
+    would not reach the other's copies, which it would go on serving). So the second proxy is
+    refused at start-up, naming the folder. ``flock``: the kernel lets go when the holder
+    exits, however it exits, so a killed proxy leaves no stale lock; the writer process does not
+    inherit it (its descriptors are closed at exec)."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise StoreInUse(directory, holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the refusal's message
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def _is_corrupt(error: sqlite3.DatabaseError) -> bool:

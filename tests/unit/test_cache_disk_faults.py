@@ -1,5 +1,6 @@
 """The disk store under an operator's faults: a corrupt or truncated database at start-up, a
-disk that fills (or a folder that stops taking writes) and empties again."""
+disk that fills (or a folder that stops taking writes) and empties again, a second proxy on the
+same folder."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from proxy.cache import disk_writer
 from proxy.cache.disk_writer import ACK, FAILED, OK, frame, serve
-from proxy.cache.store import DiskStore
+from proxy.cache.store import LOCK_FILE, DirectoryLock, DiskStore, StoreInUse
 from tests.unit.test_cache_store import big_entry, entry
 
 
@@ -135,3 +136,26 @@ def test_the_writer_process_logs_a_full_disk_once_and_its_end(
     assert [status for _, status in acks] == [FAILED] * 4 + [OK]
     assert len(_named(caplog, "cache.disk.writer_batch_failed")) == 1
     assert len(_named(caplog, "cache.disk.writer_recovered")) == 1
+
+
+def test_a_cache_folder_is_held_by_one_proxy_at_a_time(tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    first = DirectoryLock(folder)
+    with pytest.raises(StoreInUse) as refused:
+        DirectoryLock(folder)  # a second proxy on the same folder
+    assert refused.value.directory == folder
+    assert f"pid {os.getpid()}" in str(refused.value)
+    first.release()
+    DirectoryLock(folder).release()  # free again once the first let go
+
+
+def test_a_quarantine_leaves_the_lock_where_it_is(tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    db = _filled(folder)
+    lock = DirectoryLock(folder)
+    _garbage(db)
+    DiskStore(folder).close_sync()
+    assert (folder / LOCK_FILE).exists()
+    with pytest.raises(StoreInUse):
+        DirectoryLock(folder)
+    lock.release()
