@@ -358,7 +358,7 @@ async def _response_cache(app: web.Application) -> AsyncIterator[None]:
                 directory,
                 size_limit=int(settings.cache.size_limit_gb * 2**30),
                 writer=settings.cache.disk_writer,
-                on_write_error=lambda error: metrics.on_backend_error("write", error),
+                on_error=metrics.on_backend_error,
             )
             await disk.start_writer()
             store = disk

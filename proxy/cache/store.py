@@ -258,21 +258,27 @@ class DiskStore:
         linger_s: float = 0.005,
         writer: Literal["thread", "process"] = "thread",
         recent_bytes: int = 32 * 2**20,
-        on_write_error: Callable[[BaseException], None] | None = None,
+        on_error: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._cache, keys = _open_cache(directory, size_limit)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
         self._batches: BatchWriter = (
-            ProcessWriter(directory, size_limit, fallback=self._thread_writer)
+            ProcessWriter(
+                directory,
+                size_limit,
+                fallback=self._thread_writer,
+                on_gone=lambda error: self._error("writer", error),
+            )
             if writer == "process"
             else self._thread_writer()
         )
         self._batch_size = batch_size
         self._max_pending = max_pending
-        # told of every batch that could not be written (the proxy's cache-error metric): the
-        # answers were counted stored when queued, so nothing else would show them lost
-        self._on_write_error = on_write_error
+        # told of every batch that could not be written ("write") and every writer process
+        # lost ("writer"): the proxy's cache-error metric. The answers were counted stored when
+        # queued, so nothing else would show them lost.
+        self._on_error = on_error
         self._dropped = 0  # entries dropped by the batches failing since the last success
         # key -> (entry queued for the writer, when it expires on the store's clock as diskcache
         # would count it): the newest put of each key; lookups read it first
@@ -447,8 +453,11 @@ class DiskStore:
         if self._dropped == 0:
             log.warning("cache.disk.write_failed", extra={"entries": entries}, exc_info=error)
         self._dropped += entries
-        if self._on_write_error is not None:
-            self._on_write_error(error)
+        self._error("write", error)
+
+    def _error(self, operation: str, error: BaseException) -> None:
+        if self._on_error is not None:
+            self._on_error(operation, error)
 
     def _write_ok(self) -> None:
         if self._dropped:

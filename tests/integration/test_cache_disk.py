@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.cache.disk_writer import ProcessWriter
 from proxy.cache.store import DiskStore
 from tests.integration.conftest import StartFake, StartProxy
 from tests.integration.test_cache_pipeline import GREEDY, cached_proxy, post_until
@@ -39,3 +40,22 @@ async def test_a_full_disk_costs_the_cache_not_the_answers_and_shows_in_metrics(
     disk.free()
     await post_until(proxy, ask(7), "miss")
     await post_until(proxy, ask(7), "hit-exact")  # stored again once the disk has room
+
+
+async def test_a_killed_writer_process_costs_no_answer_and_shows_in_metrics(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)  # (the process writer)
+    assert proxy.services.cache is not None
+    store = proxy.services.cache.store
+    assert isinstance(store, DiskStore) and isinstance(store._batches, ProcessWriter)
+    child = store._batches._process
+    assert child is not None  # started with the app
+    child.kill()  # SIGKILL, as the OOM killer would
+    await child.wait()
+    for n in range(5):  # each answered; the first store finds the child gone
+        await post_until(proxy, ask(n), "miss")
+    for n in range(5):  # and every one was stored all the same
+        await post_until(proxy, ask(n), "hit-exact")
+    metrics = await (await proxy.client.get("/metrics")).text()
+    assert 'frugal_cache_errors_total{backend="disk",op="writer"} 1.0' in metrics

@@ -97,14 +97,14 @@ async def test_a_full_disk_is_logged_once_counted_per_batch_and_its_end_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     disk = _Disk(monkeypatch)
-    errors: list[BaseException] = []
-    store = DiskStore(tmp_path, batch_size=1, on_write_error=errors.append)
+    errors: list[str] = []
+    store = DiskStore(tmp_path, batch_size=1, on_error=lambda op, _: errors.append(op))
     with caplog.at_level(logging.INFO, logger="proxy.cache.store"):
         for n in range(5):  # every answer of a busy proxy meets the full disk
             await store.put(entry(n))
             await store.flush()
         assert len(_named(caplog, "cache.disk.write_failed")) == 1  # not one per batch
-        assert len(errors) == 5  # but each counted (the metrics' cache errors)
+        assert errors == ["write"] * 5  # but each counted (the metrics' cache errors)
         assert await store.get(entry(0).meta.key) is None  # dropped, not served
         disk.free()
         await store.put(entry(9))
