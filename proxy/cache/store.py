@@ -11,9 +11,11 @@ Two things keep the disk off a miss's path (``DiskStore``):
   (loaded from the directory when the store opens, counted up on every put, down on every delete
   that removed an entry). A key absent from it is absent from the store, so a miss costs a dict
   lookup instead of a SQLite read. Entries that expire or that diskcache evicts stay counted
-  until the next start (a stale "maybe" costs one read, never a wrong answer). The filter only
-  knows this process's writes: a diskcache directory belongs to one proxy process (as the
-  semantic index already assumes); fleets share Redis, which has no filter.
+  until the filter is loaded again (a stale "maybe" costs one read, never a wrong answer): at
+  the next start, or once it has grown to twice what the disk held (``_reload_filter``). The
+  filter only knows this process's writes: a diskcache directory belongs to one proxy process
+  (as the semantic index already assumes, and ``DirectoryLock`` enforces); fleets share Redis,
+  which has no filter.
 - write-behind: ``put`` queues the entry (visible to ``get`` at once through the pending map) and
   a writer task stores the queue in batches (a batch is written when full or ``linger_s`` after
   its first entry), one SQLite transaction per batch, on the store's thread or in a writer
@@ -258,6 +260,7 @@ class DiskStore:
         linger_s: float = 0.005,
         writer: Literal["thread", "process"] = "thread",
         recent_bytes: int = 32 * 2**20,
+        filter_slack: int = 100_000,
         on_error: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -310,6 +313,16 @@ class DiskStore:
         self._recent_limit = recent_bytes
         for key in keys:
             self._count(key, 1)
+        # The filter counts every put, and expiry and eviction take nothing off it: under
+        # sustained unique answers it grew by one key per answer for the proxy's whole life
+        # (~100 bytes each: gigabytes over weeks) while the disk held a bounded number. So once
+        # it holds twice what the disk held at its last load (and ``filter_slack`` more), it is
+        # loaded again from the directory, off the event loop.
+        self._filter_slack = filter_slack
+        self._reload_at = 2 * len(self._known) + filter_slack
+        self._reloading: asyncio.Task[None] | None = None
+        # keys put (or queued) since the reload began reading: the reload's read may miss them
+        self._put_since: set[str] | None = None
 
     def _thread_writer(self) -> BatchWriter:
         return ThreadWriter(self._cache, self._writer)
@@ -404,6 +417,8 @@ class DiskStore:
             raise StoreBusy(f"{len(self._queue)} answers already queued for the disk")
         key = entry.meta.key
         self._count(key, 1)
+        if self._put_since is not None:
+            self._put_since.add(key)
         # an older copy in memory must not be served once this put is written (or outlive it
         # if its write fails: the disk then holds whatever it held)
         self._forget_recent((key,))
@@ -436,6 +451,10 @@ class DiskStore:
                         self._count(entry.meta.key, -1)
                 else:
                     self._write_ok()
+                    if len(self._known) > self._reload_at and self._reloading is None:
+                        self._reloading = asyncio.get_running_loop().create_task(
+                            self._reload_filter(), name="cache-disk-filter"
+                        )
                 finally:
                     for entry, _ in batch:
                         queued = self._pending.get(entry.meta.key)
@@ -446,6 +465,37 @@ class DiskStore:
         finally:
             self._flushing = None
             self._wake_flushers()
+
+    def _disk_keys(self) -> list[str]:
+        return [key for key in self._cache.iterkeys() if isinstance(key, str)]
+
+    async def _reload_filter(self) -> None:
+        """Load the filter again from the directory: what is stored now, and every key put
+        since the read began or queued then (written after the read passed it, it would be
+        a stored entry the filter calls absent). Deletes meanwhile may leave a stale "maybe"."""
+        self._put_since = set(self._pending)
+        try:
+            # (a thread of its own: diskcache gives each thread its own SQLite connection, and
+            # the store's thread stays free for its writes and deletes)
+            keys = await asyncio.to_thread(self._disk_keys)
+        except Exception:
+            log.warning("cache.disk.filter_reload_failed", exc_info=True)
+            self._reload_at = 2 * len(self._known) + self._filter_slack  # not again at once
+            return
+        finally:
+            put_since, self._put_since = self._put_since, None
+            self._reloading = None
+        before = len(self._known)
+        self._known = {}
+        for key in (*keys, *put_since):
+            self._count(key, 1)
+        self._reload_at = 2 * len(self._known) + self._filter_slack
+        log.info("cache.disk.filter_reloaded", extra={"before": before, "after": len(self._known)})
+
+    async def settled(self) -> None:
+        """Wait for a filter reload under way (tests, shutdown)."""
+        if self._reloading is not None:
+            await asyncio.shield(self._reloading)
 
     def _write_failed(self, entries: int, error: Exception) -> None:
         # A full disk fails every batch until it has room again, hundreds a second under load:
@@ -643,6 +693,7 @@ class DiskStore:
 
     async def close(self) -> None:
         await self.flush()  # answers stored just before a clean shutdown survive it
+        await self.settled()  # (its thread reads the database the close is about to close)
         await self._batches.close()
         self._forget_recent(list(self._recent))
         await self._run(self._cache.close)

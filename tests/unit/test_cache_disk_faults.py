@@ -4,9 +4,11 @@ same folder."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -159,3 +161,50 @@ def test_a_quarantine_leaves_the_lock_where_it_is(tmp_path: Path) -> None:
     with pytest.raises(StoreInUse):
         DirectoryLock(folder)
     lock.release()
+
+
+async def test_the_membership_filter_forgets_what_the_disk_evicted(tmp_path: Path) -> None:
+    """Sustained unique answers into a full store: diskcache evicts the oldest, and the filter
+    (one count per key ever put, before) must not grow with every answer of the proxy's life."""
+    store = DiskStore(tmp_path, size_limit=256 * 1024, filter_slack=100)
+    for n in range(3000):
+        await store.put(big_entry(n, size=2000))
+        if n % 100 == 99:
+            await store.flush()
+    await store.flush()
+    await store.settled()
+    on_disk = [k for k in store._cache.iterkeys() if isinstance(k, str)]
+    assert len(on_disk) < 500  # (the size limit works: most were evicted)
+    assert len(store._known) <= 2 * len(on_disk) + 100 + 256
+    assert all(store.may_contain(key) for key in on_disk)  # no stored entry becomes a miss
+    found = await store.get(big_entry(2999, size=2000).meta.key)
+    assert found is not None
+    await store.close()
+
+
+async def test_entries_written_while_the_filter_reloads_stay_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DiskStore(tmp_path, linger_s=3600.0)  # written only when flushed
+    await store.put(entry(0))
+    await store.flush()
+    await store.put(entry(1))  # queued when the reload starts, written after it read the disk
+    read, gate = threading.Event(), threading.Event()
+    real = store._disk_keys
+
+    def slow() -> list[str]:
+        keys = real()
+        read.set()
+        gate.wait(timeout=60)
+        return keys
+
+    monkeypatch.setattr(store, "_disk_keys", slow)
+    reload = asyncio.ensure_future(store._reload_filter())
+    assert await asyncio.to_thread(read.wait, 60)  # it has read the disk: entry 0 only
+    await store.put(entry(2))  # put while it reads
+    await store.flush()
+    gate.set()
+    await reload
+    assert all(store.may_contain(entry(n).meta.key) for n in range(3))
+    assert all([await store.get(entry(n).meta.key) is not None for n in range(3)])
+    await store.close()
