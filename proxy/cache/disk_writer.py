@@ -212,6 +212,11 @@ class ProcessWriter:
             async with asyncio.timeout(self._ack_timeout_s):
                 child = await self._child()
                 assert child.stdin is not None and child.stdout is not None
+                if child.stdin.is_closing():
+                    # The child has exited: say so as asyncio's pipe would. uvloop's (the
+                    # proxy's loop) raises RuntimeError on a write to it, which fell through to
+                    # the store as a failed batch, every batch, for ever.
+                    raise BrokenPipeError(f"the writer process exited ({child.returncode})")
                 child.stdin.write(frame(items))
                 await child.stdin.drain()
                 count, status = ACK.unpack(await child.stdout.readexactly(ACK.size))

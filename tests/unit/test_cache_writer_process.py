@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy import server
 from proxy.cache import disk_writer
 from proxy.cache.disk_writer import (
     ACK,
@@ -292,3 +293,34 @@ async def test_a_writer_process_that_stops_answering_is_killed_not_waited_for(
     await writer.close()
     with diskcache.Cache(str(tmp_path)) as cache:
         assert entry(2).meta.key in set(cache.iterkeys())
+
+
+def test_a_dead_writer_process_is_noticed_on_the_proxys_own_event_loop(tmp_path: Path) -> None:
+    """The proxy runs on uvloop, whose pipe to a dead child raises RuntimeError ("the handler
+    is closed"), not the OSError asyncio's raises: every later batch failed and was dropped,
+    and the store never fell back to its thread (before)."""
+
+    async def scenario() -> int:
+        store = DiskStore(tmp_path, writer="process")
+        await store.put(entry(1))
+        await store.flush()
+        child = _child(store)
+        child.kill()
+        await child.wait()
+        assert child.stdin is not None
+        for _ in range(500):  # (uvloop closes the pipe's handle once it has seen the exit)
+            if child.stdin.is_closing():
+                break
+            await asyncio.sleep(0.01)
+        for n in range(2, 12):
+            await store.put(entry(n))
+            await store.flush()
+        await store.close()
+        reopened = DiskStore(tmp_path)
+        try:
+            return await reopened.count()
+        finally:
+            await reopened.close()
+
+    with asyncio.Runner(loop_factory=server.loop_factory()) as runner:
+        assert runner.run(scenario()) == 11
