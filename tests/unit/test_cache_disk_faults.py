@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from proxy.cache import disk_writer
@@ -208,3 +209,33 @@ async def test_entries_written_while_the_filter_reloads_stay_found(
     assert all(store.may_contain(entry(n).meta.key) for n in range(3))
     assert all([await store.get(entry(n).meta.key) is not None for n in range(3)])
     await store.close()
+
+
+async def test_the_semantic_index_forgets_what_the_disk_evicted(tmp_path: Path) -> None:
+    """Sustained unique questions into a full store: the index (and its label map) held every
+    question ever stored, pruned only when a lookup happened upon an evicted one (before)."""
+    from proxy.cache.index import SemanticIndex
+    from proxy.cache.service import CacheConfig, ResponseCache
+    from tests.unit.test_cache_service import DIM, answer, keys_for
+
+    rng = np.random.default_rng(0)
+    store = DiskStore(tmp_path / "c", size_limit=256 * 1024)
+    cache = ResponseCache(store, index=SemanticIndex(DIM), config=CacheConfig(index_slack=50))
+    await cache.start()
+    await cache.ready()
+    for n in range(1500):
+        vector = rng.standard_normal(DIM).astype(np.float32)
+        cache.store_in_background(
+            keys_for(f"question {n} " + "x" * 500), answer("y" * 1500), embedding=vector
+        )
+        if n % 100 == 99:
+            await cache.drain()
+            await store.flush()
+    await cache.drain()
+    stored = await store.count()
+    assert stored < 500  # (the size limit works: most were evicted)
+    assert len(cache.index) <= 2 * stored + 50 + 100
+    assert len(cache._labels) == len(cache.index)
+    found = cache.index.search(keys_for("question 1499 " + "x" * 500).context, vector, 1)
+    assert found and found[0][0] in cache._labels  # the newest is still found
+    await cache.aclose()
