@@ -363,6 +363,10 @@ class DiskStore:
             entry = decode_entry(blob)
         except EntryDecodeError:
             log.warning("cache.disk.corrupt_entry", extra={"key": key})
+            # Out of the filter: later lookups of it are misses without a read or a warning (a
+            # store of another proxy version's format would log on every request that asks).
+            # It stays on disk until a put replaces it or the size limit evicts it.
+            self._known.pop(hash(key), None)
             return None
         self._remember(entry, math.inf if expires is None else float(expires))
         return entry

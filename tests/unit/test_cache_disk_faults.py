@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import diskcache
 import numpy as np
 import pytest
 
@@ -239,3 +240,23 @@ async def test_the_semantic_index_forgets_what_the_disk_evicted(tmp_path: Path) 
     found = cache.index.search(keys_for("question 1499 " + "x" * 500).context, vector, 1)
     assert found and found[0][0] in cache._labels  # the newest is still found
     await cache.aclose()
+
+
+async def test_an_entry_of_another_format_is_a_miss_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store written by an older or newer proxy (another entry encoding): each such entry is
+    a miss, and says so once, not on every request that asks for it."""
+    key = entry(1).meta.key
+    DiskStore(tmp_path).close_sync()
+    with diskcache.Cache(str(tmp_path)) as raw:
+        raw.set(key, b"FCE9" + os.urandom(64))  # a format this proxy does not read
+    store = DiskStore(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="proxy.cache.store"):
+        for _ in range(5):
+            assert await store.get(key) is None
+    assert len(_named(caplog, "cache.disk.corrupt_entry")) == 1
+    await store.put(entry(1))  # an answer stored again replaces it
+    await store.flush()
+    assert await store.get(key) is not None
+    await store.close()
