@@ -24,7 +24,7 @@ from proxy import admin, cors, handlers
 from proxy.cache.index import SemanticIndex
 from proxy.cache.keys import Scope
 from proxy.cache.service import CacheConfig, CosineVerifier, ResponseCache, SemanticVerifier
-from proxy.cache.store import CacheBackendError, CacheStore, DiskStore
+from proxy.cache.store import CacheBackendError, CacheStore, DirectoryLock, DiskStore
 from proxy.cache.verifier import CacheVerifier
 from proxy.embeddings.worker import EmbeddingWorker, Encode
 from proxy.engines.autoversion import RESOLVE_ERRORS, VersionWatch, replica_version
@@ -347,38 +347,42 @@ async def _response_cache(app: web.Application) -> AsyncIterator[None]:
     if not settings.cache.enabled:
         yield
         return
-    store: CacheStore
-    metrics = _CacheMetrics(services.metrics, settings.cache.backend)
-    if settings.cache.backend == "redis" and settings.redis is not None:
-        from proxy.cache.redis_store import RedisStore
+    with contextlib.ExitStack() as stack:  # the disk store's folder lock, released last
+        store: CacheStore
+        metrics = _CacheMetrics(services.metrics, settings.cache.backend)
+        if settings.cache.backend == "redis" and settings.redis is not None:
+            from proxy.cache.redis_store import RedisStore
 
-        store = RedisStore(settings.redis.url, on_error=metrics.on_backend_error)
-    else:
-        directory = settings.cache.data_dir or settings.resolved_data_dir() / "cache"
-        disk = await asyncio.to_thread(
-            DiskStore,
-            directory,
-            size_limit=int(settings.cache.size_limit_gb * 2**30),
-            writer=settings.cache.disk_writer,
+            store = RedisStore(settings.redis.url, on_error=metrics.on_backend_error)
+        else:
+            directory = settings.cache.data_dir or settings.resolved_data_dir() / "cache"
+            lock = DirectoryLock(directory)  # raises StoreInUse: a second proxy on the folder
+            stack.callback(lock.release)
+            disk = await asyncio.to_thread(
+                DiskStore,
+                directory,
+                size_limit=int(settings.cache.size_limit_gb * 2**30),
+                writer=settings.cache.disk_writer,
+                on_error=metrics.on_backend_error,
+            )
+            await disk.start_writer()
+            store = disk
+        ttl = {scope: settings.cache.ttl_seconds for scope in Scope}
+        verifier, floor = _verifier(services)
+        cache = ResponseCache(
+            store,
+            config=CacheConfig(ttl_seconds=ttl, semantic_floor=floor),
+            index=SemanticIndex(),
+            verifier=verifier,
+            observer=metrics,
+            # The ANN graph is saved at shutdown and reloaded at start, so a restart does not
+            # rebuild it from every stored embedding (minutes at a million entries).
+            snapshot_dir=settings.resolved_data_dir() / "cache-index",
         )
-        await disk.start_writer()
-        store = disk
-    ttl = {scope: settings.cache.ttl_seconds for scope in Scope}
-    verifier, floor = _verifier(services)
-    cache = ResponseCache(
-        store,
-        config=CacheConfig(ttl_seconds=ttl, semantic_floor=floor),
-        index=SemanticIndex(),
-        verifier=verifier,
-        observer=metrics,
-        # The ANN graph is saved at shutdown and reloaded at start, so a restart does not
-        # rebuild it from every stored embedding (minutes at a million entries).
-        snapshot_dir=settings.resolved_data_dir() / "cache-index",
-    )
-    async with cache:
-        services.cache = cache
-        yield
-        services.cache = None
+        async with cache:
+            services.cache = cache
+            yield
+            services.cache = None
 
 
 async def _shadow_checks(app: web.Application) -> AsyncIterator[None]:

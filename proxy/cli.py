@@ -44,9 +44,13 @@ class ListenError(Exception):
 
 
 class DataDirError(Exception):
-    """A folder the proxy writes to (data_dir, cache.data_dir) cannot be created or written."""
+    """A folder the proxy writes to (data_dir, cache.data_dir) cannot be created or written, or
+    (``error`` not an OSError, saying why and what to do) is another proxy's."""
 
-    def __init__(self, field: str, path: Path, error: OSError) -> None:
+    def __init__(self, field: str, path: Path, error: Exception) -> None:
+        if not isinstance(error, OSError):
+            super().__init__(f"{field}: cannot use {path}: {error}")
+            return
         reason = os.strerror(error.errno) if error.errno else str(error)
         super().__init__(
             f"{field}: cannot use {path}: {reason} (set {field} in the config"

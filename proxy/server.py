@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from proxy.app import create_app
+from proxy.cache.store import StoreInUse
 from proxy.cli import DataDirError, ListenError
 from proxy.observability.logging import configure_logging
 from proxy.settings import Settings
@@ -82,7 +83,12 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
         access_log=None,
         shutdown_timeout=settings.server.shutdown_timeout_s / WAITS,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except StoreInUse as exc:
+        await runner.cleanup()  # what started before the cache (health polling) stops
+        field = "data_dir" if settings.cache.data_dir is None else "cache.data_dir"
+        raise DataDirError(field, exc.directory, exc) from None
     tune_gc()
     # A backlog of 4096: benchmarks open 1,000 connections at once.
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)

@@ -13,13 +13,15 @@ once it is committed.
 
 Both writers keep the store's contract: ``write`` returns once the batch is committed (a
 ``flush`` that waits for it sees it on disk), and raises if it was not. A writer process that
-dies is reported once and the store carries on with a thread writer, starting with the batch
-that found the process gone (the cache has counted those answers stored).
+dies (or stops answering) is reported and the store carries on with a thread writer, starting
+with the batch that found the process gone (the cache has counted those answers stored), until
+a new process is started a little later: a proxy running for weeks does not keep paying the
+thread's cost for one lost child.
 
 The pipe protocol (little-endian): a batch is ``<II`` (payload bytes, entries) and then per entry
 ``<IId`` (key bytes, blob bytes, expiry as a Unix time) followed by the key (UTF-8) and the blob;
 the child answers ``<Ii`` (entries, status): status 0 committed, 1 failed (the child logged why
-on its stderr, which is the proxy's).
+on its stderr, which is the proxy's: the first of failures in a row, then that they ended).
 """
 
 from __future__ import annotations
@@ -155,17 +157,35 @@ def unframe(payload: bytes, count: int) -> list[tuple[str, bytes, float]]:
 
 class ProcessWriter:
     """Writes in a child process (``python -m proxy.cache.disk_writer DIR SIZE_LIMIT``), one
-    batch in flight at a time; started with the first batch. When the child is gone (or cannot
-    start), this batch and every later one go to ``fallback`` (a thread writer), once logged."""
+    batch in flight at a time; started with the first batch. When the child is gone (killed,
+    crashed, cannot start) or stuck (no acknowledgement within ``ack_timeout_s``: it is killed),
+    this batch and those of the next ``retry_s`` go to ``fallback`` (a thread writer), then a new
+    child is started; ``retry_s`` doubles with each child lost in a row, up to ``retry_max_s``.
+    Each loss is logged and told to ``on_gone``."""
 
     def __init__(
-        self, directory: Path, size_limit: int, fallback: Callable[[], BatchWriter]
+        self,
+        directory: Path,
+        size_limit: int,
+        fallback: Callable[[], BatchWriter],
+        *,
+        on_gone: Callable[[BaseException], None] | None = None,
+        # Far above a batch's own time (milliseconds) and SQLite's wait for a lock diskcache
+        # holds (60 s): only a child that will never answer (stopped, wedged) meets it.
+        ack_timeout_s: float = 120.0,
+        retry_s: float = 5.0,
+        retry_max_s: float = 300.0,
     ) -> None:
         self._directory = directory
         self._size_limit = size_limit
         self._fallback_factory = fallback
         self._fallback: BatchWriter | None = None
         self._process: asyncio.subprocess.Process | None = None
+        self._on_gone = on_gone
+        self._ack_timeout_s = ack_timeout_s
+        self._retry_s = self._retry_first_s = retry_s
+        self._retry_max_s = retry_max_s
+        self._retry_at = 0.0  # (monotonic) until then batches go to the fallback
 
     async def _child(self) -> asyncio.subprocess.Process:
         if self._process is None:
@@ -184,35 +204,60 @@ class ProcessWriter:
         return self._process
 
     async def write(self, batch: Batch) -> None:
-        if self._fallback is not None:
+        if self._fallback is not None and time.monotonic() < self._retry_at:
             await self._fallback.write(batch)
             return
         items = _encoded(batch)
         try:
-            child = await self._child()
-            assert child.stdin is not None and child.stdout is not None
-            child.stdin.write(frame(items))
-            await child.stdin.drain()
-            count, status = ACK.unpack(await child.stdout.readexactly(ACK.size))
+            async with asyncio.timeout(self._ack_timeout_s):
+                child = await self._child()
+                assert child.stdin is not None and child.stdout is not None
+                if child.stdin.is_closing():
+                    # The child has exited: say so as asyncio's pipe would. uvloop's (the
+                    # proxy's loop) raises RuntimeError on a write to it, which fell through to
+                    # the store as a failed batch, every batch, for ever.
+                    raise BrokenPipeError(f"the writer process exited ({child.returncode})")
+                child.stdin.write(frame(items))
+                await child.stdin.drain()
+                count, status = ACK.unpack(await child.stdout.readexactly(ACK.size))
         except asyncio.CancelledError:
             # This batch's acknowledgement is still on its way: a later batch must not read it
             # as its own. That child is let go; the next batch starts another.
             self._abandon()
             raise
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            log.warning(
-                "cache.disk.writer_process_gone",
-                extra={"pid": self._process.pid if self._process else None, "error": repr(exc)},
-            )
-            self._fallback = self._fallback_factory()
-            await self._stop()
+        except (OSError, asyncio.IncompleteReadError) as exc:  # (TimeoutError is an OSError)
+            await self._lost(exc)
+            assert self._fallback is not None
             # Written again on the thread: the child may have committed it before dying, but
             # an upsert of the same entries is harmless, and a batch dropped here would be
             # answers the cache counted stored yet never served.
             await self._fallback.write(batch)
             return
+        self._retry_s = self._retry_first_s  # this child works: a later loss starts over
         if status != OK or count != len(items):
             raise OSError(f"the writer process did not commit the batch (status {status})")
+
+    async def _lost(self, error: BaseException) -> None:
+        """The child is gone or stuck: let it go, write on the fallback for a while."""
+        stuck = isinstance(error, TimeoutError)
+        log.warning(
+            "cache.disk.writer_process_stuck" if stuck else "cache.disk.writer_process_gone",
+            extra={
+                "pid": self._process.pid if self._process else None,
+                "error": repr(error),
+                "retry_s": self._retry_s,
+            },
+        )
+        if self._on_gone is not None:
+            self._on_gone(error)
+        if self._fallback is None:
+            self._fallback = self._fallback_factory()
+        self._retry_at = time.monotonic() + self._retry_s
+        self._retry_s = min(2 * self._retry_s, self._retry_max_s)
+        if stuck:
+            self._abandon()  # it would not read the end of its input either
+        else:
+            await self._stop()
 
     def _abandon(self) -> None:
         child, self._process = self._process, None
@@ -257,6 +302,7 @@ def serve(directory: Path, size_limit: int, source: BinaryIO, sink: BinaryIO) ->
     """The writer process: commit each batch read from ``source``, acknowledge it on ``sink``;
     return at the end of input (the proxy closed the pipe, or died)."""
     cache = diskcache.Cache(str(directory), size_limit=size_limit, cull_limit=0)
+    failing = 0  # batches failed in a row: a full disk is logged when it fills and empties
     try:
         while (head := _read_exactly(source, BATCH.size)) is not None:
             size, count = BATCH.unpack(head)
@@ -267,8 +313,14 @@ def serve(directory: Path, size_limit: int, source: BinaryIO, sink: BinaryIO) ->
             try:
                 write_batch(cache, unframe(payload, count))
             except Exception:
-                log.exception("cache.disk.writer_batch_failed")
+                if not failing:
+                    log.exception("cache.disk.writer_batch_failed")
+                failing += 1
                 status = FAILED
+            else:
+                if failing:
+                    log.warning("cache.disk.writer_recovered after %d failed batches", failing)
+                failing = 0
             sink.write(ACK.pack(count, status))
             sink.flush()
     finally:

@@ -223,6 +223,11 @@ class CacheConfig:
     # (the semantic index stays as it was meanwhile: exact hits and entries stored since).
     rebuild_retry_s: float = 1.0
     rebuild_retry_max_s: float = 30.0
+    # Entries the store drops by itself (the disk store's size-limit eviction, TTL expiry) stay
+    # in the index until a lookup happens upon them: under sustained unique questions it would
+    # hold every question ever stored. Once it holds twice what the last rebuild found (and
+    # this many more), it is rebuilt from the store.
+    index_slack: int = 100_000
 
     def ttl(self, scope: Scope) -> float:
         return float(self.ttl_seconds.get(scope, DEFAULT_TTLS[scope]))
@@ -364,6 +369,8 @@ class ResponseCache:
         self._indexer: asyncio.Task[None] | None = None
         self._rebuilding: list[CacheEntry] | None = None
         self._rebuilt = False  # a rebuild has succeeded: the index holds the whole store
+        self._prune_at = self.config.index_slack  # index size that starts a pruning rebuild
+        self._pruning: asyncio.Task[None] | None = None
         # How often a rebuild reading a large store logs how far it has come (checked every
         # progress_rows entries read).
         self.progress_every_s = 5.0
@@ -799,6 +806,23 @@ class ResponseCache:
             return
         self.index.add(meta.context, meta.label, entry.embedding)
         self._labels[meta.label] = (meta.key, sys.intern(meta.context))
+        # (a shared store's follower resyncs by itself; before the first rebuild, that one prunes)
+        grown = len(self._labels) > self._prune_at and self._rebuilt and not self.shared
+        if grown and self._pruning is None:
+            self._pruning = self._spawn(self._prune())
+
+    async def _prune(self) -> None:
+        """Rebuild the index from the store to drop the entries the store dropped itself."""
+        before = len(self._labels)
+        try:
+            await self.rebuild_index()
+        except Exception as exc:
+            self._rebuild_failed("prune", exc, 1)
+            self._prune_at = 2 * len(self._labels) + self.config.index_slack  # not at once again
+        else:
+            log.info("cache.index.pruned", extra={"before": before, "after": len(self._labels)})
+        finally:
+            self._pruning = None
 
     def _forget(self, label: int) -> None:
         known = self._labels.pop(label, None)
@@ -883,6 +907,7 @@ class ResponseCache:
         await self.index.wait_idle()
         self.index, self._labels = fresh, labels
         self._rebuilt = True
+        self._prune_at = 2 * len(labels) + self.config.index_slack
         pending, self._rebuilding = self._rebuilding, None
         for entry in pending:
             self._index_entry(entry)

@@ -11,9 +11,11 @@ Two things keep the disk off a miss's path (``DiskStore``):
   (loaded from the directory when the store opens, counted up on every put, down on every delete
   that removed an entry). A key absent from it is absent from the store, so a miss costs a dict
   lookup instead of a SQLite read. Entries that expire or that diskcache evicts stay counted
-  until the next start (a stale "maybe" costs one read, never a wrong answer). The filter only
-  knows this process's writes: a diskcache directory belongs to one proxy process (as the
-  semantic index already assumes); fleets share Redis, which has no filter.
+  until the filter is loaded again (a stale "maybe" costs one read, never a wrong answer): at
+  the next start, or once it has grown to twice what the disk held (``_reload_filter``). The
+  filter only knows this process's writes: a diskcache directory belongs to one proxy process
+  (as the semantic index already assumes, and ``DirectoryLock`` enforces); fleets share Redis,
+  which has no filter.
 - write-behind: ``put`` queues the entry (visible to ``get`` at once through the pending map) and
   a writer task stores the queue in batches (a batch is written when full or ``linger_s`` after
   its first entry), one SQLite transaction per batch, on the store's thread or in a writer
@@ -32,10 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import math
 import os
+import sqlite3
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
@@ -79,6 +83,10 @@ _SWEEP = (
 # store_time) is not deleted on the old entry's metadata.
 _DELETE_ROW = "DELETE FROM Cache WHERE rowid = ? AND store_time = ?"
 _T = TypeVar("_T")
+# What SQLite says of a file that is not a sound database (garbage, truncated, scribbled on);
+# other errors (locked, unreadable, disk full) are not the file's fault and are not acted on.
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+LOCK_FILE = "frugal.lock"  # DirectoryLock's; a quarantine leaves it where it is
 
 
 def _footprint(entry: CacheEntry) -> int:
@@ -145,6 +153,100 @@ class FollowableStore(CacheStore, Protocol):
     def follow(self) -> AsyncIterator[EntryAdded | Resync]: ...
 
 
+class StoreInUse(RuntimeError):
+    """Another process holds the cache folder (:class:`DirectoryLock`)."""
+
+    def __init__(self, directory: Path, holder: str) -> None:
+        super().__init__(
+            f"in use by another proxy{f' (pid {holder})' if holder else ''}: give each proxy its"
+            " own cache folder (replicas share one cache through cache.backend: redis)"
+        )
+        self.directory = directory
+
+
+class DirectoryLock:
+    """An exclusive lock on a cache folder, held while a proxy uses it.
+
+    Two proxies on one folder would not corrupt it (SQLite takes turns), but each keeps what
+    only a folder's single user may keep: the membership filter (the other's answers become
+    misses), the entries read lately and the semantic index (an invalidation through one proxy
+    would not reach the other's copies, which it would go on serving). So the second proxy is
+    refused at start-up, naming the folder. ``flock``: the kernel lets go when the holder
+    exits, however it exits, so a killed proxy leaves no stale lock; the writer process does not
+    inherit it (its descriptors are closed at exec)."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise StoreInUse(directory, holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the refusal's message
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _is_corrupt(error: sqlite3.DatabaseError) -> bool:
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+def _read_cache(directory: Path, size_limit: int) -> tuple[diskcache.Cache, list[str]]:
+    # No culling inside each set (an expired-entry query per write): the writer culls once
+    # per batch instead, so the size limit may be exceeded by one batch for a moment.
+    cache = diskcache.Cache(str(directory), size_limit=size_limit, cull_limit=0)
+    try:
+        # every key (the membership filter's), which also reads the whole key index: most
+        # damage shows here rather than on the first request
+        return cache, [key for key in cache.iterkeys() if isinstance(key, str)]
+    except BaseException:
+        cache.close()
+        raise
+
+
+def _open_cache(directory: Path, size_limit: int) -> tuple[diskcache.Cache, list[str]]:
+    """The directory's diskcache and its keys. A database SQLite finds damaged (a crash of the
+    disk, not of the proxy: a proxy's crash leaves it sound) is moved aside and the store starts
+    empty: a cache may lose its answers, a proxy must not fail to start over them."""
+    try:
+        return _read_cache(directory, size_limit)
+    except sqlite3.DatabaseError as exc:
+        if not _is_corrupt(exc):
+            raise
+        moved = _quarantine(directory)
+        log.error(
+            "cache.disk.corrupt_store",
+            extra={"file": str(directory / "cache.db"), "moved_to": str(moved), "error": str(exc)},
+        )
+        return _read_cache(directory, size_limit)
+
+
+def _quarantine(directory: Path) -> Path:
+    """Move the store's files (database, WAL, value files) into a new ``corrupt-*`` folder of
+    ``directory``: the same file system (the directory may be a mount point), kept for a
+    post-mortem, and out of diskcache's way. Lock files and earlier quarantines stay."""
+    aside = directory / time.strftime("corrupt-%Y%m%dT%H%M%S", time.gmtime())
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = aside.with_name(f"{aside.name.split('.')[0]}.{n}")
+    aside.mkdir()
+    for path in directory.iterdir():
+        if path != aside and not path.name.startswith("corrupt-") and path.name != LOCK_FILE:
+            path.rename(aside / path.name)
+    return aside
+
+
 class DiskStore:
     """Embedded store: diskcache in ``directory``. Entries expire at their TTL."""
 
@@ -158,19 +260,29 @@ class DiskStore:
         linger_s: float = 0.005,
         writer: Literal["thread", "process"] = "thread",
         recent_bytes: int = 32 * 2**20,
+        filter_slack: int = 100_000,
+        on_error: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        # No culling inside each set (an expired-entry query per write): the writer culls once
-        # per batch instead, so the size limit may be exceeded by one batch for a moment.
-        self._cache = diskcache.Cache(str(directory), size_limit=size_limit, cull_limit=0)
+        self._cache, keys = _open_cache(directory, size_limit)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
         self._batches: BatchWriter = (
-            ProcessWriter(directory, size_limit, fallback=self._thread_writer)
+            ProcessWriter(
+                directory,
+                size_limit,
+                fallback=self._thread_writer,
+                on_gone=lambda error: self._error("writer", error),
+            )
             if writer == "process"
             else self._thread_writer()
         )
         self._batch_size = batch_size
         self._max_pending = max_pending
+        # told of every batch that could not be written ("write") and every writer process
+        # lost ("writer"): the proxy's cache-error metric. The answers were counted stored when
+        # queued, so nothing else would show them lost.
+        self._on_error = on_error
+        self._dropped = 0  # entries dropped by the batches failing since the last success
         # key -> (entry queued for the writer, when it expires on the store's clock as diskcache
         # would count it): the newest put of each key; lookups read it first
         self._pending: dict[str, tuple[CacheEntry, float]] = {}
@@ -199,9 +311,18 @@ class DiskStore:
         self._recent: OrderedDict[str, tuple[CacheEntry, float]] = OrderedDict()
         self._recent_size = 0
         self._recent_limit = recent_bytes
-        for key in self._cache.iterkeys():
-            if isinstance(key, str):
-                self._count(key, 1)
+        for key in keys:
+            self._count(key, 1)
+        # The filter counts every put, and expiry and eviction take nothing off it: under
+        # sustained unique answers it grew by one key per answer for the proxy's whole life
+        # (~100 bytes each: gigabytes over weeks) while the disk held a bounded number. So once
+        # it holds twice what the disk held at its last load (and ``filter_slack`` more), it is
+        # loaded again from the directory, off the event loop.
+        self._filter_slack = filter_slack
+        self._reload_at = 2 * len(self._known) + filter_slack
+        self._reloading: asyncio.Task[None] | None = None
+        # keys put (or queued) since the reload began reading: the reload's read may miss them
+        self._put_since: set[str] | None = None
 
     def _thread_writer(self) -> BatchWriter:
         return ThreadWriter(self._cache, self._writer)
@@ -242,6 +363,10 @@ class DiskStore:
             entry = decode_entry(blob)
         except EntryDecodeError:
             log.warning("cache.disk.corrupt_entry", extra={"key": key})
+            # Out of the filter: later lookups of it are misses without a read or a warning (a
+            # store of another proxy version's format would log on every request that asks).
+            # It stays on disk until a put replaces it or the size limit evicts it.
+            self._known.pop(hash(key), None)
             return None
         self._remember(entry, math.inf if expires is None else float(expires))
         return entry
@@ -296,6 +421,8 @@ class DiskStore:
             raise StoreBusy(f"{len(self._queue)} answers already queued for the disk")
         key = entry.meta.key
         self._count(key, 1)
+        if self._put_since is not None:
+            self._put_since.add(key)
         # an older copy in memory must not be served once this put is written (or outlive it
         # if its write fails: the disk then holds whatever it held)
         self._forget_recent((key,))
@@ -321,13 +448,17 @@ class DiskStore:
                 ]
                 try:
                     await self._batches.write(batch)
-                except Exception:
+                except Exception as exc:
                     # Dropped like a failed write before: those answers are simply not cached.
-                    log.warning(
-                        "cache.disk.write_failed", extra={"entries": len(batch)}, exc_info=True
-                    )
+                    self._write_failed(len(batch), exc)
                     for entry, _ in batch:
                         self._count(entry.meta.key, -1)
+                else:
+                    self._write_ok()
+                    if len(self._known) > self._reload_at and self._reloading is None:
+                        self._reloading = asyncio.get_running_loop().create_task(
+                            self._reload_filter(), name="cache-disk-filter"
+                        )
                 finally:
                     for entry, _ in batch:
                         queued = self._pending.get(entry.meta.key)
@@ -338,6 +469,54 @@ class DiskStore:
         finally:
             self._flushing = None
             self._wake_flushers()
+
+    def _disk_keys(self) -> list[str]:
+        return [key for key in self._cache.iterkeys() if isinstance(key, str)]
+
+    async def _reload_filter(self) -> None:
+        """Load the filter again from the directory: what is stored now, and every key put
+        since the read began or queued then (written after the read passed it, it would be
+        a stored entry the filter calls absent). Deletes meanwhile may leave a stale "maybe"."""
+        self._put_since = set(self._pending)
+        try:
+            # (a thread of its own: diskcache gives each thread its own SQLite connection, and
+            # the store's thread stays free for its writes and deletes)
+            keys = await asyncio.to_thread(self._disk_keys)
+        except Exception:
+            log.warning("cache.disk.filter_reload_failed", exc_info=True)
+            self._reload_at = 2 * len(self._known) + self._filter_slack  # not again at once
+            return
+        finally:
+            put_since, self._put_since = self._put_since, None
+            self._reloading = None
+        before = len(self._known)
+        self._known = {}
+        for key in (*keys, *put_since):
+            self._count(key, 1)
+        self._reload_at = 2 * len(self._known) + self._filter_slack
+        log.info("cache.disk.filter_reloaded", extra={"before": before, "after": len(self._known)})
+
+    async def settled(self) -> None:
+        """Wait for a filter reload under way (tests, shutdown)."""
+        if self._reloading is not None:
+            await asyncio.shield(self._reloading)
+
+    def _write_failed(self, entries: int, error: Exception) -> None:
+        # A full disk fails every batch until it has room again, hundreds a second under load:
+        # the first failure is logged (with why), the rest only counted, and the end logged.
+        if self._dropped == 0:
+            log.warning("cache.disk.write_failed", extra={"entries": entries}, exc_info=error)
+        self._dropped += entries
+        self._error("write", error)
+
+    def _error(self, operation: str, error: BaseException) -> None:
+        if self._on_error is not None:
+            self._on_error(operation, error)
+
+    def _write_ok(self) -> None:
+        if self._dropped:
+            log.warning("cache.disk.write_recovered", extra={"dropped": self._dropped})
+            self._dropped = 0
 
     def _wake_flushers(self) -> None:
         progress, self._progress = self._progress, None
@@ -518,6 +697,7 @@ class DiskStore:
 
     async def close(self) -> None:
         await self.flush()  # answers stored just before a clean shutdown survive it
+        await self.settled()  # (its thread reads the database the close is about to close)
         await self._batches.close()
         self._forget_recent(list(self._recent))
         await self._run(self._cache.close)

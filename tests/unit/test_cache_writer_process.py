@@ -5,10 +5,14 @@ writer commits what it has, exits, and leaves no torn entry)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
+import signal
 import textwrap
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import diskcache
@@ -16,8 +20,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy import server
 from proxy.cache import disk_writer
-from proxy.cache.disk_writer import ACK, FAILED, OK, ProcessWriter, frame, serve, unframe
+from proxy.cache.disk_writer import (
+    ACK,
+    FAILED,
+    OK,
+    ProcessWriter,
+    ThreadWriter,
+    frame,
+    serve,
+    unframe,
+)
 from proxy.cache.store import DiskStore
 from tests.unit.test_cache_store import ROOT, entries_intact, entry, kill_when
 
@@ -225,3 +239,88 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def _thread_writer(folder: Path) -> Callable[[], ThreadWriter]:
+    def make() -> ThreadWriter:
+        cache = diskcache.Cache(str(folder))
+        return ThreadWriter(cache, ThreadPoolExecutor(max_workers=1))
+
+    return make
+
+
+async def test_a_killed_writer_process_is_replaced_after_a_while(tmp_path: Path) -> None:
+    """(before: the store wrote on a thread for the rest of the proxy's life)"""
+    lost: list[BaseException] = []
+    writer = ProcessWriter(tmp_path, 2**30, fallback=_thread_writer(tmp_path), on_gone=lost.append)
+    await writer.write([(entry(1), time.time() + 60)])
+    first = writer._process
+    assert first is not None
+    first.kill()
+    await first.wait()
+    writer._retry_s = 0.0  # (so the next batch tries a new child at once)
+    await writer.write([(entry(2), time.time() + 60)])  # found gone: written on the thread
+    assert len(lost) == 1
+    await writer.write([(entry(3), time.time() + 60)])
+    second = writer._process
+    assert second is not None and second.pid != first.pid and second.returncode is None
+    await writer.close()
+    with diskcache.Cache(str(tmp_path)) as cache:
+        assert {entry(n).meta.key for n in (1, 2, 3)} <= set(cache.iterkeys())
+
+
+async def test_a_writer_process_that_stops_answering_is_killed_not_waited_for(
+    tmp_path: Path,
+) -> None:
+    """A stopped (or wedged) child: without a bound, the flush waited for ever, and with it
+    every delete, invalidation and the proxy's shutdown."""
+    lost: list[BaseException] = []
+    writer = ProcessWriter(
+        tmp_path, 2**30, fallback=_thread_writer(tmp_path), on_gone=lost.append, ack_timeout_s=1.0
+    )
+    await writer.write([(entry(1), time.time() + 60)])
+    child = writer._process
+    assert child is not None
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(60):  # (a hang fails the test rather than the run)
+            await writer.write([(entry(2), time.time() + 60)])
+        assert len(lost) == 1 and isinstance(lost[0], TimeoutError)
+        assert await child.wait() == -signal.SIGKILL
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGCONT)
+    await writer.close()
+    with diskcache.Cache(str(tmp_path)) as cache:
+        assert entry(2).meta.key in set(cache.iterkeys())
+
+
+def test_a_dead_writer_process_is_noticed_on_the_proxys_own_event_loop(tmp_path: Path) -> None:
+    """The proxy runs on uvloop, whose pipe to a dead child raises RuntimeError ("the handler
+    is closed"), not the OSError asyncio's raises: every later batch failed and was dropped,
+    and the store never fell back to its thread (before)."""
+
+    async def scenario() -> int:
+        store = DiskStore(tmp_path, writer="process")
+        await store.put(entry(1))
+        await store.flush()
+        child = _child(store)
+        child.kill()
+        await child.wait()
+        assert child.stdin is not None
+        for _ in range(500):  # (uvloop closes the pipe's handle once it has seen the exit)
+            if child.stdin.is_closing():
+                break
+            await asyncio.sleep(0.01)
+        for n in range(2, 12):
+            await store.put(entry(n))
+            await store.flush()
+        await store.close()
+        reopened = DiskStore(tmp_path)
+        try:
+            return await reopened.count()
+        finally:
+            await reopened.close()
+
+    with asyncio.Runner(loop_factory=server.loop_factory()) as runner:
+        assert runner.run(scenario()) == 11

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from proxy import server
+from proxy.cache.store import DirectoryLock
 from proxy.cli import main
 from proxy.demo import up
 from proxy.engines import fake
@@ -96,6 +97,27 @@ def test_a_data_folder_that_cannot_be_made_exits_1_naming_it(
     code, err = _serve(tmp_path, config.replace(str(blocker), str(blocker / "sub")), capsys)
     assert code == 1
     assert err.startswith(f"frugal: {field}: cannot use {blocker / 'sub'}: Not a directory")
+
+
+def test_a_cache_folder_another_proxy_uses_exits_1_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "cache"
+    other = DirectoryLock(folder)  # held as another proxy process would hold it
+    config = (
+        ENGINE + f"data_dir: {tmp_path / 'data'}\ncache: {{semantic: false, data_dir: {folder}}}\n"
+    )
+    try:
+        code, err = _serve(
+            tmp_path, config + "embeddings: {enabled: false}\npolicies: null\n", capsys
+        )
+    finally:
+        other.release()
+    assert code == 1
+    assert "Traceback" not in err
+    [line] = err.splitlines()
+    assert line.startswith(f"frugal: cache.data_dir: cannot use {folder}: in use by another proxy")
+    assert f"pid {os.getpid()}" in line
 
 
 @pytest.fixture
