@@ -98,6 +98,11 @@ class PayloadTooLarge(InvalidRequest):
     default_code = "payload_too_large"
 
 
+class RequestTimeout(InvalidRequest):
+    status = 408
+    default_code = "request_timeout"
+
+
 class UnsupportedMediaType(InvalidRequest):
     status = 415
     default_code = "unsupported_media_type"

@@ -55,6 +55,7 @@ from proxy.errors import (
     PayloadTooLarge,
     PermissionDenied,
     ProxyStopping,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from proxy.observability.savings import split_savings
@@ -403,7 +404,17 @@ async def _read_body(request: web.Request, services: Services) -> bytes:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
     try:
         # The whole body (a chunked one too); the app's client_max_size stops it past the limit.
-        body = await request.read()
+        if request.content.is_eof():
+            body = await request.read()  # (nearly always: it came with the head)
+        else:
+            # A client sending its body slowly, or not at all, would hold the connection and
+            # this task for as long as it liked.
+            async with asyncio.timeout(services.settings.server.body_timeout_s):
+                body = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {services.settings.server.body_timeout_s:g} s."
+        ) from None
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(
             f"The request body is larger than the limit of {limit} bytes."

@@ -82,6 +82,9 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=settings.server.shutdown_timeout_s / WAITS,
+        # Also how long a connection may take to send its first request's head: without it a
+        # client that opens connections and never finishes a request holds each for an hour.
+        keepalive_timeout=settings.server.keepalive_timeout_s,
     )
     try:
         await runner.setup()

@@ -61,6 +61,15 @@ class ServerSettings(StrictModel):
         " are cancelled (a stream still running at half of it ends with an error event and"
         " [DONE]; one not answered by the end gets a 503); then the cache is flushed",
     )
+    keepalive_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        description="a connection idle this long is closed, and so is one that has not sent a"
+        " whole request head by then (aiohttp's own default through an AppRunner is an hour)",
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="a request body not all received within this gets 408"
+    )
     lean_engine_client: bool = Field(
         True,
         description="non-streamed calls to plain-http engines through the proxy's own HTTP/1.1"

@@ -748,6 +748,35 @@ async def test_chunked_body_over_the_limit_is_413(
     assert (await resp.json())["error"]["code"] == "payload_too_large"
 
 
+async def test_a_body_that_does_not_arrive_in_time_is_408_and_reaches_no_engine(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    small, large, p = await _two_engines(start_fake, start_proxy, server={"body_timeout_s": 0.5})
+    host, port = p.client.server.host, p.client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    # (before: the proxy waited for the rest of the body for as long as the client liked)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"model":'
+    )
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
+        assert head.startswith(b"HTTP/1.1 408 ")
+        length = int(next(
+            line.split(b":", 1)[1] for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ))  # fmt: skip
+        error = orjson.loads(await reader.readexactly(length))["error"]
+        assert error["code"] == "request_timeout" and error["type"] == "invalid_request_error"
+        assert "0.5 s" in error["message"]
+    finally:
+        writer.close()
+    assert small.state.counters.requests == large.state.counters.requests == 0
+    # a body sent whole is not held to the bound at all (it came with the head)
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "small-model"})
+    assert resp.status == 200, await resp.text()
+
+
 async def test_engine_slower_than_its_whole_request_timeout_mid_stream_ends_the_stream(
     start_fake: StartFake, start_proxy: StartProxy
 ) -> None:

@@ -199,7 +199,10 @@ def _free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def _serving(
-    tmp_path: Path, engine: fake.FakeEngineOptions, shutdown_timeout_s: float
+    tmp_path: Path,
+    engine: fake.FakeEngineOptions,
+    shutdown_timeout_s: float,
+    server_extra: str = "",
 ) -> AsyncIterator[tuple[asyncio.Task[None], str]]:
     """``serve`` (the real entry point, with its signal handling) in front of a fake engine:
     its task and its URL, once it answers /healthz."""
@@ -211,7 +214,7 @@ async def _serving(
         f"engines:\n  - {{name: small, model: m, version: v1, urls: ['http://127.0.0.1:{engine_port}']}}\n"
         + OFF
         + f"policies: null\ndata_dir: {tmp_path / 'data'}\n"
-        + f"server: {{shutdown_timeout_s: {shutdown_timeout_s}}}\n"
+        + f"server: {{shutdown_timeout_s: {shutdown_timeout_s}{server_extra}}}\n"
     )
     proxy = asyncio.create_task(server.serve(settings, host="127.0.0.1", port=port))
     url = f"http://127.0.0.1:{port}"
@@ -297,3 +300,16 @@ async def test_a_request_not_yet_answered_at_the_stop_gets_a_503_not_an_empty_re
         assert status == 503, body
         error = body["error"]
         assert isinstance(error, dict) and error["code"] == "shutting_down"
+
+
+async def test_a_connection_that_never_finishes_its_request_head_is_closed(tmp_path: Path) -> None:
+    engine = fake.FakeEngineOptions(model="m")
+    async with _serving(tmp_path, engine, 1, ", keepalive_timeout_s: 0.5") as (_, url):
+        port = int(url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n")
+        try:
+            # (before: aiohttp's default through an AppRunner held it for an hour)
+            assert await asyncio.wait_for(reader.read(), timeout=30) == b""  # closed, unanswered
+        finally:
+            writer.close()
