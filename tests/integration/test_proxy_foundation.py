@@ -26,6 +26,23 @@ from tests.integration.conftest import StartFake, StartProxy, engine_config, wai
 CHAT = {"model": "small-model", "messages": [{"role": "user", "content": "Say hi"}]}
 
 
+async def _raw_chat_post(
+    p: Any, body: bytes, *, length: int | None = None, receive_buffer: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A chat POST written on a socket of its own: ``body`` after a head that may announce more
+    (``length``), on a small receive buffer if asked (a client slow to read)."""
+    reader, writer = await asyncio.open_connection(p.client.server.host, p.client.server.port)
+    if receive_buffer is not None:
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer
+        )
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body) if length is None else length, body)
+    )
+    return reader, writer
+
+
 async def _two_engines(start_fake: StartFake, start_proxy: StartProxy, **proxy: Any) -> Any:
     small = await start_fake("small-model")
     large = await start_fake("large-model")
@@ -625,13 +642,7 @@ async def test_a_client_that_stops_reading_does_not_hold_the_engine_past_the_dea
     timeouts = {"connect_s": 5, "first_token_s": 10, "total_s": 4}
     p = await start_proxy([engine_config("e", "m", [engine.url], timeouts=timeouts)])
     body = orjson.dumps({**CHAT, "model": "m", "stream": True})
-    host, port = p.client.server.host, p.client.server.port
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
+    reader, writer = await _raw_chat_post(p, body, receive_buffer=4096)
     try:
         await reader.readexactly(64)  # the stream has begun; then the client reads no more
         # (before: the engine kept the request until the client read again or its TCP gave up)
@@ -752,13 +763,8 @@ async def test_a_body_that_does_not_arrive_in_time_is_408_and_reaches_no_engine(
     start_fake: StartFake, start_proxy: StartProxy
 ) -> None:
     small, large, p = await _two_engines(start_fake, start_proxy, server={"body_timeout_s": 0.5})
-    host, port = p.client.server.host, p.client.server.port
-    reader, writer = await asyncio.open_connection(host, port)
     # (before: the proxy waited for the rest of the body for as long as the client liked)
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b'Content-Length: 100\r\n\r\n{"model":'
-    )
+    reader, writer = await _raw_chat_post(p, b'{"model":', length=100)
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
         assert head.startswith(b"HTTP/1.1 408 ")

@@ -3,8 +3,9 @@ the other, and a fresh replica starts with it."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -18,15 +19,28 @@ pytest_plugins = ["tests.conftest_redis"]
 pytestmark = pytest.mark.redis
 
 
-async def test_a_promotion_reaches_every_replica(
+async def _fleet(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, redis_server: RedisServer
-) -> None:
+) -> Callable[[str], Awaitable[Any]]:
+    """A maker of proxy replicas sharing one Redis (each on its own data folder ``name``), with
+    engine ``small`` and a canary at half share."""
     stable = await start_fake("m")
     canary = await start_fake("m-canary")
     engines = [canary_engine(stable, canary, 0.5)]
-    redis = {"url": redis_server.url}
-    first = await start_proxy(engines, redis=redis, data_dir=str(tmp_path / "a"))
-    second = await start_proxy(engines, redis=redis, data_dir=str(tmp_path / "b"))
+
+    async def replica(name: str) -> Any:
+        return await start_proxy(
+            engines, redis={"url": redis_server.url}, data_dir=str(tmp_path / name)
+        )
+
+    return replica
+
+
+async def test_a_promotion_reaches_every_replica(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    replica = await _fleet(start_fake, start_proxy, tmp_path, redis_server)
+    first, second = await replica("a"), await replica("b")
     assert (await first.client.post("/admin/rollout/small/promote")).status == 200
     other = second.services.rollouts.by_name["small"]
     await wait_until(lambda: other.state.status == "promoted", timeout_s=10)
@@ -34,7 +48,7 @@ async def test_a_promotion_reaches_every_replica(
     for i in range(20):
         assert (await ask(second, conversation(i)))[:2] == (200, "v2")
     # A third replica, on an empty data directory, starts from Redis.
-    third = await start_proxy(engines, redis=redis, data_dir=str(tmp_path / "c"))
+    third = await replica("c")
     status = await (await third.client.get("/admin/rollout/small")).json()
     assert (status["status"], status["stable_version"]) == ("promoted", "v2")
 
@@ -47,12 +61,8 @@ async def test_two_changes_at_once_end_with_one_state_on_every_replica(
     # and every replica must end up with it, not each keep its own.
     from proxy.rollout.store import RedisStateStore
 
-    stable = await start_fake("m")
-    canary = await start_fake("m-canary")
-    engines = [canary_engine(stable, canary, 0.5)]
-    redis = {"url": redis_server.url}
-    first = await start_proxy(engines, redis=redis, data_dir=str(tmp_path / "a"))
-    second = await start_proxy(engines, redis=redis, data_dir=str(tmp_path / "b"))
+    replica = await _fleet(start_fake, start_proxy, tmp_path, redis_server)
+    first, second = await replica("a"), await replica("b")
     mine = first.services.rollouts.by_name["small"]
     before = mine.state
     assert (await first.client.post("/admin/rollout/small/promote")).status == 200
@@ -82,12 +92,8 @@ async def test_a_change_made_while_redis_was_down_reaches_the_fleet_when_it_retu
     """A promotion made on one replica while Redis is down stands there; once Redis is back
     (restarted without persistence: empty) the other replicas must apply it too. (Before: the
     follower only republished a state Redis held an older one of, so the fleet stayed split.)"""
-    stable = await start_fake("m")
-    canary = await start_fake("m-canary")
-    engines = [canary_engine(stable, canary, 0.5)]
-    redis = {"url": redis_server.url}
-    first = await start_proxy(engines, redis=redis, data_dir=str(tmp_path / "a"))
-    second = await start_proxy(engines, redis=redis, data_dir=str(tmp_path / "b"))
+    replica = await _fleet(start_fake, start_proxy, tmp_path, redis_server)
+    first, second = await replica("a"), await replica("b")
     redis_server.stop()
     assert (await first.client.post("/admin/rollout/small/promote")).status == 200
     redis_server.start()  # same port, empty

@@ -97,6 +97,17 @@ def _child(store: DiskStore) -> asyncio.subprocess.Process:
     return writer._process
 
 
+async def _store_whose_writer_died(tmp_path: Path) -> tuple[DiskStore, asyncio.subprocess.Process]:
+    """A process-writer store holding entry 1, its writer child killed and reaped."""
+    store = DiskStore(tmp_path, writer="process")
+    await store.put(entry(1))
+    await store.flush()
+    child = _child(store)
+    child.kill()
+    await child.wait()
+    return store, child
+
+
 async def test_a_store_writes_through_its_writer_process(tmp_path: Path) -> None:
     store = DiskStore(tmp_path, writer="process", batch_size=16)
     for n in range(50):
@@ -146,12 +157,7 @@ async def test_a_writer_process_that_cannot_start_leaves_the_store_writing_on_a_
 async def test_a_dead_writer_process_leaves_the_store_writing_on_a_thread(
     tmp_path: Path,
 ) -> None:
-    store = DiskStore(tmp_path, writer="process")
-    await store.put(entry(1))
-    await store.flush()
-    child = _child(store)
-    child.kill()
-    await child.wait()
+    store, _ = await _store_whose_writer_died(tmp_path)
     for n in range(2, 12):  # the batch that meets the dead writer goes to the thread writer too
         await store.put(entry(n))
     await store.flush()
@@ -301,12 +307,7 @@ def test_a_dead_writer_process_is_noticed_on_the_proxys_own_event_loop(tmp_path:
     and the store never fell back to its thread (before)."""
 
     async def scenario() -> int:
-        store = DiskStore(tmp_path, writer="process")
-        await store.put(entry(1))
-        await store.flush()
-        child = _child(store)
-        child.kill()
-        await child.wait()
+        store, child = await _store_whose_writer_died(tmp_path)
         assert child.stdin is not None
         for _ in range(500):  # (uvloop closes the pipe's handle once it has seen the exit)
             if child.stdin.is_closing():
