@@ -802,6 +802,35 @@ async def test_a_silent_canarys_stream_is_retried_on_the_stable_within_the_reque
     canary.configure(hang=False)  # (let the test server close)
 
 
+async def test_a_request_queued_while_its_canary_went_down_is_answered_by_the_stable(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # The canary was up when the second request was given to it, which then queued for the
+    # engine's one slot; meanwhile the first failed there and opened its breaker. No replica of
+    # the canary takes the second now: the stable answers it, not a 503. Both count as retries.
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=1.0, cache=False,
+        **{**UNNOTICED, "engine_extra": {
+            "max_concurrency": 1,
+            "timeouts": {"connect_s": 1.0, "first_token_s": 0.3, "total_s": 5.0},
+            "breaker": {"failure_threshold": 1, "open_s": 600},
+        }},
+    )  # fmt: skip
+    await fail_unnoticed(proxy, canary, "silent", "v2")
+    first = asyncio.create_task(ask_streamed(proxy, conversation(1)))
+    await wait_until(lambda: canary.state.counters.requests == 1)
+    second = asyncio.create_task(ask(proxy, conversation(2)))
+    await wait_until(lambda: proxy.services.admissions["small"].waiting == 1)
+    assert await first == (200, "v1", "bypass")
+    assert (await second)[:2] == (200, "v1")
+    assert (canary.state.counters.requests, stable.state.counters.requests) == (1, 2)
+    assert proxy.services.rollouts.metrics.fallbacks.labels("small", "v2", "v1").value == 2
+    retries = proxy.services.metrics.upstream_retries
+    assert retries.labels("small", "upstream_timeout").value == 1
+    assert retries.labels("small", "no_healthy_replica").value == 1
+    canary.configure(hang=False)
+
+
 async def test_requests_sharing_a_failed_canary_call_ask_the_stable_for_themselves(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
