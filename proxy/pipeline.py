@@ -52,11 +52,14 @@ from proxy.errors import (
     InternalError,
     InvalidRequest,
     ModelNotFound,
+    NoHealthyReplica,
     PayloadTooLarge,
     PermissionDenied,
     ProxyStopping,
     RequestTimeout,
     UnsupportedMediaType,
+    UpstreamError,
+    UpstreamTimeout,
 )
 from proxy.observability.savings import split_savings
 from proxy.policy.admission import Slot
@@ -65,6 +68,7 @@ from proxy.policy.keys import bearer_token
 from proxy.policy.limits import prompt_token_bound, prompt_token_estimate, worst_case_usd
 from proxy.policy.policyset import Principal, cap_max_tokens, resolve_model
 from proxy.policy.schema import TierPolicy
+from proxy.rollout.manager import Selection
 from proxy.routing.decision import EngineLoad, EngineNotAllowedError, RouteDecision
 from proxy.services import Services
 from proxy.settings import VIRTUAL_MODEL
@@ -236,11 +240,7 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
             # The engine's canary answers the conversations in its share (sticky per conversation);
             # the other version answers them while every replica of their own is down.
             selection = rollouts.choose(services.by_name[decision.engine], prefix)
-            engine = selection.engine
-            exchange.routed = exchange.engine = engine
-            exchange.version = engine.version
-            if selection.instead_of is not None:
-                exchange.instead_of = selection.instead_of.version or "unknown"
+            engine = _answer_with(exchange, selection)
             exchange.route_reason, exchange.route_score = decision.reason, decision.score
             exchange.route_detail = decision.detail
             if exchange.embedding_shed and decision.reason == "difficulty":
@@ -327,7 +327,11 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                     # also what a stream the client left (or the engine broke) had sent: the
                     # tokens counted in it and its prompt's estimate, when its usage chunk never
                     # came
-                    spend.record(engine.settings.cost.usd(exchange.tokens_in, exchange.tokens_out))
+                    # (the other version's price, when it answered in place of this one)
+                    answering = exchange.engine or engine
+                    spend.record(
+                        answering.settings.cost.usd(exchange.tokens_in, exchange.tokens_out)
+                    )
                     if exchange.tokens_in or exchange.tokens_out:  # (nothing known: no change)
                         ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
             if req.kind == "chat":
@@ -497,6 +501,17 @@ def _memo(compute: Callable[[], bytes]) -> Callable[[], bytes]:
         return cell[0]
 
     return get
+
+
+def _answer_with(exchange: Exchange, selection: Selection) -> Engine:
+    """The replica set the request goes to, noted with the version the split chose when that
+    one is down and the other answers in its place (the header, figures and judge read it)."""
+    engine = selection.engine
+    exchange.routed = exchange.engine = engine
+    exchange.version = engine.version
+    if selection.instead_of is not None:
+        exchange.instead_of = selection.instead_of.version or "unknown"
+    return engine
 
 
 # Refusals counted elsewhere: a full engine queue in frugal_admission_rejected_total, an
@@ -848,11 +863,42 @@ async def _answer_from_engine(
     flight: Leader[bytes, bytes] | None,
     answered: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
-    upstream = await _call_engine(req, engine, exchange, services)
+    try:
+        upstream = await _call_engine(req, engine, exchange, services)
+    except _FAILED_BEFORE_A_BYTE as err:
+        # Every replica of the version chosen for it failed before the client had a byte: its
+        # canary (or stable) went down before a health poll or its breaker said so. The other
+        # version answers, as once this one is known to be down: its model name, cache key,
+        # price, header and figures; the judge counts it as this version's failure. One
+        # deadline for the whole request: the retry has what the failed call left of it (none,
+        # when a non-streamed answer's wait took it all).
+        left_s = engine.settings.timeouts.total_s - exchange.upstream_s
+        selection = (
+            services.rollouts.fallback(engine)
+            if exchange.instead_of is None and left_s > 0
+            else None
+        )
+        if selection is None:
+            raise
+        deadline = time.monotonic() + left_s
+        engine = _answer_with(exchange, selection)
+        plan.lookups.clear()
+        _plan_keys(plan, req, [engine])
+        answered = None  # (the audit's candidates are the failed version's answers)
+        if flight is not None:
+            # Its followers asked for the failed version: each asks again for itself, so that
+            # what they are told is what answered them.
+            flight.fail(_leader_failed(err))
+            flight = None
+        upstream = await _call_engine(req, engine, exchange, services, deadline, err)
     if exchange.ttft_s is not None and upstream.status == 200:
         services.router.observe_ttft(engine.name, exchange.ttft_s)
-    shadow = services.rollouts.shadow_hook(
-        engine, PATHS[req.kind], req.body, lambda: conversation_prefix(req)
+    shadow = (
+        services.rollouts.shadow_hook(
+            engine, PATHS[req.kind], req.body, lambda: conversation_prefix(req)
+        )
+        if exchange.instead_of is None  # (answering for a version down: nothing to compare)
+        else None
     )
     store = _Store(services, plan, embedding, exchange, flight, shadow, answered)
     if req.stream and upstream.status == 200:
@@ -860,12 +906,24 @@ async def _answer_from_engine(
     return _relay_body(upstream, exchange, store)
 
 
+# How an engine call fails before the client is sent a byte (the request may go elsewhere).
+_FAILED_BEFORE_A_BYTE = (UpstreamError, UpstreamTimeout, NoHealthyReplica)
+
+
 async def _call_engine(
-    req: CompletionRequest, engine: Engine, exchange: Exchange, services: Services
+    req: CompletionRequest,
+    engine: Engine,
+    exchange: Exchange,
+    services: Services,
+    deadline: float | None = None,
+    failed: FrugalError | None = None,
 ) -> Upstream:
+    """``deadline``, ``failed``: this call retries a failed one on another version
+    (:meth:`~proxy.engines.client.EngineCaller.open`)."""
     # A promotion while this request waited for its slot handed the engine the canary's
-    # replicas: they take their own model name, and their version is the one answering.
-    if req.model != engine.wire_model:
+    # replicas: they take their own model name, and their version is the one answering. (The
+    # body's name, not the client's: after a canary failed, the stable takes its own back.)
+    if req.body["model"] != engine.wire_model:
         req.set("model", engine.wire_model)
     exchange.version = engine.version
     headers = {"Content-Type": "application/json", "x-request-id": exchange.request_id}
@@ -881,6 +939,8 @@ async def _call_engine(
             # Affinity only matters with a choice of replicas; it serialises the messages.
             affinity=conversation_prefix(req) if len(engine.replicas) > 1 else None,
             stream=req.stream,
+            deadline=deadline,
+            failed=failed,
         )
     finally:
         exchange.upstream_s += time.perf_counter() - t0

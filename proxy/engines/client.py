@@ -223,11 +223,17 @@ class EngineCaller:
         *,
         affinity: bytes | None,
         stream: bool,
+        deadline: float | None = None,
+        failed: FrugalError | None = None,
     ) -> Upstream:
+        """``deadline`` and ``failed``: this call retries, on another replica set, one that failed
+        before its first byte (a canary's engine's other version): it spends what that call left
+        of the request's time, and raises that call's error when it has no time left."""
         # One deadline for the whole request: a retry spends what the first attempt left.
-        deadline = time.monotonic() + engine.settings.timeouts.total_s
+        if deadline is None:
+            deadline = time.monotonic() + engine.settings.timeouts.total_s
         tried: list[Replica] = []
-        error: FrugalError | None = None
+        error = failed
         while len(tried) < 2:
             now = time.monotonic()
             if now >= deadline:

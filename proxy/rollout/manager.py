@@ -164,6 +164,24 @@ class Rollouts:
             return Selection(chosen)
         return Selection(other, instead_of=chosen)
 
+    def fallback(self, failed: Engine) -> Selection | None:
+        """:meth:`choose`'s fallback decided late: every replica of ``failed``, the version
+        chosen for a request, failed before the client had a byte (down before a health poll or
+        its breaker said so). The other version, when it can take the request (None: there is
+        no other, or it is down too, or a promote or rollback retired ``failed`` meanwhile)."""
+        rollout = self.by_name.get(failed.name)
+        if rollout is None or not rollout.active:
+            return None
+        if failed is rollout.canary:
+            other = rollout.engine
+        elif failed is rollout.engine and rollout.canary is not None:
+            other = rollout.canary
+        else:
+            return None
+        if not other.can_take(time.monotonic()):
+            return None
+        return Selection(other, instead_of=failed)
+
     def rolling_out(self, engine: str) -> bool:
         """Whether a canary of ``engine`` is in progress (its versions are the rollout's)."""
         rollout = self.by_name.get(engine)

@@ -21,6 +21,7 @@ import pytest
 
 from proxy.cache.service import InvalidationFilter
 from proxy.cli import main
+from proxy.engines.pool import Engine
 from tests.integration.conftest import (
     FakeEngine,
     Proxy,
@@ -29,6 +30,7 @@ from tests.integration.conftest import (
     engine_config,
     wait_until,
 )
+from tests.integration.test_cache_pipeline import in_flight
 
 _ids = itertools.count()
 
@@ -60,13 +62,14 @@ async def start_pair(
     cache: bool = True,
     canary_options: dict[str, Any] | None = None,
     engine_extra: dict[str, Any] | None = None,
+    health_interval_s: float = 0.2,
     **canary_extra: Any,
 ) -> tuple[FakeEngine, FakeEngine, Proxy]:
     stable = await start_fake("m")
     canary = await start_fake("m-canary", **(canary_options or {}))
     # A generous health timeout: on a loaded test machine a slow /health must not mark a replica
     # down mid-test (these tests count every non-200).
-    sections: dict[str, Any] = {"health": {"interval_s": 0.2, "timeout_s": 10.0}}
+    sections: dict[str, Any] = {"health": {"interval_s": health_interval_s, "timeout_s": 10.0}}
     if cache:
         sections["cache"] = {"enabled": True, "data_dir": str(tmp_path / "cache")}
     engine = canary_engine(stable, canary, share, **canary_extra)
@@ -480,21 +483,23 @@ async def test_status_keeps_the_retired_versions_figures_after_a_rollback(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # After a rollback the operator asks why: the figures of the version taken out of service
-    # (its errors, its latency) stay in the status, the CLI and the dashboard for their window.
+    # (its errors, its latency; here its failures, each answered by the stable in its place)
+    # stay in the status, the CLI and the dashboard for their window.
     _, _, proxy = await start_pair(
         start_fake, start_proxy, tmp_path, share=0.5, cache=False,
         canary_options={"fail_status": 500, "fail_fraction": 1.0},
         auto_rollback={"enabled": False},
     )  # fmt: skip
     answered = [(await ask(proxy, conversation(i)))[:2] for i in range(40)]
-    failed = sum(1 for status, version in answered if status >= 500 and version == "v2")
-    assert failed > 0, answered
+    assert answered == [(200, "v1")] * 40
+    failed = proxy.services.rollouts.metrics.fallbacks.labels("small", "v2", "v1").value
+    assert failed > 0
     assert (await proxy.client.post("/admin/rollout/small/rollback")).status == 200
     status = await (await proxy.client.get("/admin/rollout/small")).json()
     assert status["versions"]["v1"]["role"] == "stable"
     retired = status["versions"]["v2"]
     assert retired["role"] == "retired" and retired["replicas"] == []
-    assert retired["figures"]["errors"] == failed
+    assert retired["figures"]["fallbacks"] == failed
     url = str(proxy.client.make_url("")).rstrip("/")
     capsys.readouterr()
     assert await asyncio.to_thread(main, ["rollout", "status", "small", "--url", url]) == 0
@@ -610,11 +615,10 @@ async def take_down(proxy: Proxy, fake: FakeEngine, how: str, version: str) -> N
         await fake.server.close()
     elif how == "unhealthy":
         fake.configure(health_fail=True, fail_fraction=1.0)
-    else:  # "breaker": every answer a 500; the engine's breaker opens at the first one
+    else:  # "breaker": every answer a 500; the engine's breaker opens at the first one (whose
+        # request the other version answers, in the down version's place)
         fake.configure(fail_fraction=1.0, fail_status=500)
-        for i in range(100, 140):
-            if (await ask(proxy, conversation(i)))[0] != 200:
-                break
+        assert (await ask(proxy, conversation(100)))[:2] != (200, version)
     down = proxy.services.rollouts.replica_set("small", version)
     assert down is not None
     await wait_until(lambda: not down.can_take(time.monotonic()))
@@ -640,6 +644,9 @@ async def test_a_down_canarys_share_is_answered_by_the_stable(
         start_fake, start_proxy, tmp_path, share=1.0, **DOWN_OPTIONS
     )
     await take_down(proxy, canary, how, "v2")
+    rollouts = proxy.services.rollouts
+    # (and the request that opened the breaker, if that is how it went down)
+    fallbacks = 21 + rollouts.metrics.fallbacks.labels("small", "v2", "v1").value
     served = stable.state.counters.requests
     for i in range(20):
         assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
@@ -651,17 +658,16 @@ async def test_a_down_canarys_share_is_answered_by_the_stable(
     for i in range(20):
         assert await ask(proxy, conversation(i)) == (200, "v1", "hit-exact")
     assert await cache.invalidate(InvalidationFilter(engine="small", version="v2")) == 0
-    rollouts = proxy.services.rollouts
-    assert rollouts.metrics.fallbacks.labels("small", "v2", "v1").value == 21
+    assert rollouts.metrics.fallbacks.labels("small", "v2", "v1").value == fallbacks
     # v1's figures count the answers; v2's count the fallbacks apart (no client saw an error),
     # and its judge counts them as v2's errors.
     status = await (await proxy.client.get("/admin/rollout/small")).json()
     assert status["versions"]["v1"]["figures"]["engine_answers"] >= 21
-    assert status["versions"]["v2"]["figures"]["fallbacks"] == 21
+    assert status["versions"]["v2"]["figures"]["fallbacks"] == fallbacks
     assert rollouts.windows[("small", "v2")].judged(rollouts.clock(), 60).errors >= 21
     metrics = await (await proxy.client.get("/metrics")).text()
     series = 'frugal_rollout_fallbacks_total{engine="small",from_version="v2",to_version="v1"}'
-    assert f"{series} 21.0" in metrics
+    assert f"{series} {fallbacks}" in metrics
 
 
 async def test_a_down_stables_share_is_answered_by_the_canary(
@@ -678,6 +684,174 @@ async def test_a_down_stables_share_is_answered_by_the_canary(
         assert (await ask(proxy, conversation(i)))[:2] == (200, "v2")
     assert canary.state.counters.requests == 20
     assert proxy.services.rollouts.metrics.fallbacks.labels("small", "v1", "v2").value == 20
+
+
+# Replicas fail unnoticed: the health poll's first round (at start) marks them up and the next is
+# a minute away; their breakers would open only after a thousand failures in a row.
+UNNOTICED: dict[str, Any] = {
+    "health_interval_s": 60.0,
+    "engine_extra": {"breaker": {"failure_threshold": 1000}},
+    "auto_rollback": {"enabled": False},
+}
+
+
+async def fail_unnoticed(proxy: Proxy, fake: FakeEngine, how: str, version: str) -> Engine:
+    """Make ``version``'s replicas fail before their first byte, the way ``how`` says, after the
+    health poll marked them up: the proxy still takes them for up (its version is the split's
+    choice, and its requests are sent there)."""
+    replicas = proxy.services.rollouts.replica_set("small", version)
+    assert replicas is not None
+    await wait_until(lambda: all(r.healthy for r in replicas.replicas))
+    if how == "unreachable":
+        await fake.server.close()
+    elif how == "5xx":
+        fake.configure(fail_fraction=1.0, fail_status=503)
+    else:  # "silent": a stream's first token never comes (first_token_s bounds the wait)
+        fake.configure(hang=True)
+    return replicas
+
+
+async def ask_streamed(proxy: Proxy, messages: list[dict[str, str]]) -> tuple[int, str, str]:
+    """:func:`ask` streamed, checking the client got a whole answer under the engine's name."""
+    body = {"model": "m", "messages": messages, "temperature": 0, "max_tokens": 8, "stream": True}
+    resp = await proxy.client.post("/v1/chat/completions", json=body)
+    text = await resp.text()
+    if resp.status == 200:
+        events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", text
+        assert {orjson.loads(e)["model"] for e in events[:-1]} == {"m"}, text
+    return resp.status, resp.headers["x-frugal-model-version"], resp.headers["x-frugal-cache"]
+
+
+@pytest.mark.parametrize("how", ["unreachable", "5xx"])
+async def test_a_canary_failing_unnoticed_has_its_share_answered_by_the_stable(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, how: str
+) -> None:
+    # Every conversation is in the canary's share. Its replica fails before anyone has noticed
+    # (neither the health poll nor its breaker): each request, sent to it and failing before a
+    # byte reached the client, is retried on the stable's replica rather than answered 502 or
+    # 503. Then, as for a canary known to be down, everything says v1 answered: the header, the
+    # cache key, the cost, the version figures, the fallback metric; and the judge counts each
+    # as a v2 failure. (The canary is priced apart: a cost taken from it would show.)
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=1.0,
+        cost={"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}, **UNNOTICED,
+    )  # fmt: skip
+    v2 = await fail_unnoticed(proxy, canary, how, "v2")
+    served = stable.state.counters.requests
+    for i in range(10):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v1")
+    for i in range(10, 15):
+        assert await ask_streamed(proxy, conversation(i)) == (200, "v1", "miss")
+    assert stable.state.counters.requests == served + 15
+    assert v2.can_take(time.monotonic())  # still unnoticed: each fallback was decided late
+    rollouts = proxy.services.rollouts
+    assert rollouts.metrics.fallbacks.labels("small", "v2", "v1").value == 15
+    status = await (await proxy.client.get("/admin/rollout/small")).json()
+    v1_figures, v2_figures = (
+        status["versions"]["v1"]["figures"],
+        status["versions"]["v2"]["figures"],
+    )
+    assert v1_figures["engine_answers"] == 15 and v1_figures["errors"] == 0
+    assert 0 < v1_figures["cost_usd"] < 0.001  # the stable's price (the canary's: ~0.03 each)
+    assert v2_figures["fallbacks"] == 15 and v2_figures["engine_answers"] == 0
+    assert rollouts.windows[("small", "v2")].judged(rollouts.clock(), 60).errors == 15
+    metrics = await (await proxy.client.get("/metrics")).text()
+    series = 'frugal_rollout_fallbacks_total{engine="small",from_version="v2",to_version="v1"}'
+    assert f"{series} 15.0" in metrics
+    # The answers were stored as v1's: once the canary is gone, its conversations hit them.
+    cache = proxy.services.cache
+    assert cache is not None
+    await cache.drain()
+    assert (await proxy.client.post("/admin/rollout/small/rollback")).status == 200
+    for i in range(15):
+        assert await ask(proxy, conversation(i)) == (200, "v1", "hit-exact")
+    assert stable.state.counters.requests == served + 15
+
+
+async def test_a_stable_failing_unnoticed_has_its_share_answered_by_the_canary(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # The converse, as for a stable known to be down: the canary already serves users.
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.0, cache=False, **UNNOTICED
+    )
+    await fail_unnoticed(proxy, stable, "5xx", "v1")
+    for i in range(5):
+        assert (await ask(proxy, conversation(i)))[:2] == (200, "v2")
+    assert await ask_streamed(proxy, conversation(5)) == (200, "v2", "bypass")
+    assert canary.state.counters.requests == 6
+    assert proxy.services.rollouts.metrics.fallbacks.labels("small", "v1", "v2").value == 6
+
+
+async def test_a_silent_canarys_stream_is_retried_on_the_stable_within_the_requests_time(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # A stream's first token is bounded by first_token_s: the canary's silence leaves time for
+    # the stable. A non-streamed answer's first byte is its end, so only total_s bounds it: the
+    # canary used the request's whole time, and there is none left to ask the stable (a 504).
+    timeouts = {"connect_s": 1.0, "first_token_s": 0.3, "total_s": 1.0}
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=1.0, cache=False,
+        **{**UNNOTICED, "engine_extra": {**UNNOTICED["engine_extra"], "timeouts": timeouts}},
+    )  # fmt: skip
+    await fail_unnoticed(proxy, canary, "silent", "v2")
+    assert await ask_streamed(proxy, conversation(1)) == (200, "v1", "bypass")
+    assert (await ask(proxy, conversation(2)))[:2] == (504, "v2")
+    assert stable.state.counters.requests == 1
+    canary.configure(hang=False)  # (let the test server close)
+
+
+async def test_a_request_queued_while_its_canary_went_down_is_answered_by_the_stable(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # The canary was up when the second request was given to it, which then queued for the
+    # engine's one slot; meanwhile the first failed there and opened its breaker. No replica of
+    # the canary takes the second now: the stable answers it, not a 503. Both count as retries.
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=1.0, cache=False,
+        **{**UNNOTICED, "engine_extra": {
+            "max_concurrency": 1,
+            "timeouts": {"connect_s": 1.0, "first_token_s": 0.3, "total_s": 5.0},
+            "breaker": {"failure_threshold": 1, "open_s": 600},
+        }},
+    )  # fmt: skip
+    await fail_unnoticed(proxy, canary, "silent", "v2")
+    first = asyncio.create_task(ask_streamed(proxy, conversation(1)))
+    await wait_until(lambda: canary.state.counters.requests == 1)
+    second = asyncio.create_task(ask(proxy, conversation(2)))
+    await wait_until(lambda: proxy.services.admissions["small"].waiting == 1)
+    assert await first == (200, "v1", "bypass")
+    assert (await second)[:2] == (200, "v1")
+    assert (canary.state.counters.requests, stable.state.counters.requests) == (1, 2)
+    assert proxy.services.rollouts.metrics.fallbacks.labels("small", "v2", "v1").value == 2
+    retries = proxy.services.metrics.upstream_retries
+    assert retries.labels("small", "upstream_timeout").value == 1
+    assert retries.labels("small", "no_healthy_replica").value == 1
+    canary.configure(hang=False)
+
+
+async def test_requests_sharing_a_failed_canary_call_ask_the_stable_for_themselves(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # Two identical requests: the second follows the first's engine call. That call fails on
+    # the canary and is retried on the stable; the follower, which asked for v2's answer, is not
+    # handed v1's under a v2 header but asks for itself (and falls back the same way).
+    timeouts = {"connect_s": 1.0, "first_token_s": 0.3, "total_s": 5.0}
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=1.0,
+        **{**UNNOTICED, "engine_extra": {**UNNOTICED["engine_extra"], "timeouts": timeouts}},
+    )  # fmt: skip
+    await fail_unnoticed(proxy, canary, "silent", "v2")
+    first = asyncio.create_task(ask_streamed(proxy, conversation(1)))
+    await wait_until(lambda: canary.state.counters.requests == 1)
+    second = asyncio.create_task(ask_streamed(proxy, conversation(1)))
+    await in_flight(proxy, followers=1)
+    assert await first == (200, "v1", "miss")
+    assert await second == (200, "v1", "miss")
+    assert (canary.state.counters.requests, stable.state.counters.requests) == (2, 2)
+    assert proxy.services.rollouts.metrics.fallbacks.labels("small", "v2", "v1").value == 2
+    canary.configure(hang=False)
 
 
 async def test_a_canary_that_stays_down_is_rolled_back_though_no_client_saw_an_error(

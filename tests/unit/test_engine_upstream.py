@@ -1,4 +1,5 @@
-"""``Upstream.rest()``: the whole-request deadline mid-stream, and whose fault it was."""
+"""``Upstream.rest()``: the whole-request deadline mid-stream, and whose fault it was; and
+``EngineCaller.open`` retrying a failed call on another replica set within that deadline."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from collections.abc import AsyncIterator, Mapping
 
 import pytest
 
-from proxy.engines.client import Upstream
+from proxy.engines.client import EngineCaller, Upstream, UpstreamRequest
 from proxy.engines.pool import Engine
-from proxy.errors import AnswerOutlastedRequest, UpstreamTimeout
+from proxy.errors import AnswerOutlastedRequest, UpstreamError, UpstreamTimeout
 from proxy.settings import EngineSettings
 
 
@@ -60,3 +61,32 @@ async def test_a_client_slow_to_take_the_chunks_is_not_a_replica_that_stalled() 
         async for _ in upstream.rest():
             await asyncio.sleep(1.2)  # the relay's write to a client that does not read
     assert isinstance(raised.value, AnswerOutlastedRequest)  # not told to the breaker
+
+
+async def test_a_retry_on_another_replica_set_keeps_the_failed_calls_deadline_and_error() -> None:
+    # The other version of a canary's engine retries a call whose replicas all failed: with time
+    # left it answers, counted as a retry of the failed call's reason; with none, nothing is
+    # sent and the failed call's own error stands (not a 503 saying no replica was up).
+    sent: list[str] = []
+    retries: list[str] = []
+
+    async def transport(request: UpstreamRequest) -> _Answer:
+        sent.append(request.url)
+        return _Answer([b'{"ok": true}'])
+
+    caller = EngineCaller(transport, on_retry=lambda engine, reason: retries.append(reason))
+    other = _upstream(first_token_s=1.0, total_s=10.0).engine
+    failed = UpstreamError("engine e is unreachable")
+
+    async def retry(deadline: float) -> Upstream:
+        return await caller.open(
+            other, "/v1/chat/completions", b"{}", {}, affinity=None, stream=False,
+            deadline=deadline, failed=failed,
+        )  # fmt: skip
+
+    with pytest.raises(UpstreamError) as raised:
+        await retry(time.monotonic())
+    assert raised.value is failed and sent == [] and retries == []
+    answer = await retry(time.monotonic() + 5)
+    assert answer.body == b'{"ok": true}' and answer.deadline < time.monotonic() + 5
+    assert sent == ["http://a/v1/chat/completions"] and retries == ["upstream_error"]
