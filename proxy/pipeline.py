@@ -440,7 +440,7 @@ def _check_model_exists(services: Services, model: str, usable: Collection[str])
     if model != VIRTUAL_MODEL and model not in services.by_model:
         offered = [m for m in (VIRTUAL_MODEL, *services.by_model) if m in usable]
         raise ModelNotFound(
-            f"The model '{model}' does not exist. Available: "
+            f"The model '{_loggable_model(model)}' does not exist. Available: "
             + (", ".join(offered) if offered else "none for this key"),
             param="model",
         )
@@ -1379,7 +1379,7 @@ async def _write_eof_quietly(response: web.StreamResponse) -> None:
 
 
 # A model name no engine serves comes from the client as it is: one request must not make an
-# access line as long as its body (log shippers split or drop long lines).
+# access line, or a 404's message, as long as its body (log shippers split or drop long lines).
 MAX_LOGGED_MODEL = 128
 
 

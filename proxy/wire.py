@@ -63,6 +63,11 @@ class CompletionRequest:
 
 
 _BOM: Final = b"\xef\xbb\xbf"
+# orjson reads 1,024 levels of nested arrays and objects but writes only 254, and the proxy writes
+# a body again (a max_tokens clamp, the cache key, the budget's token bound): deeper, it was a 500.
+MAX_NESTING: Final = 254
+# OpenAI's own maximum: n multiplies the engine's work, and with max_tokens 1 any n fit a budget.
+MAX_N: Final = 128
 
 
 def parse_request(raw: bytes, kind: Kind) -> CompletionRequest:
@@ -75,6 +80,11 @@ def parse_request(raw: bytes, kind: Kind) -> CompletionRequest:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    # (counting brackets is a few ns a request; only a body with that many writes itself again)
+    if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and not _writable(body):
+        raise InvalidRequest(
+            f"The request body nests arrays and objects too deeply (at most {MAX_NESTING} levels)."
+        )
 
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -110,6 +120,8 @@ def parse_request(raw: bytes, kind: Kind) -> CompletionRequest:
     n = body.get("n")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise InvalidRequest("'n' must be a positive integer.", param="n")
+    if n is not None and n > MAX_N:
+        raise InvalidRequest(f"'n' must be at most {MAX_N}, got {n}.", param="n")
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise InvalidRequest("'seed' must be an integer.", param="seed")
@@ -133,6 +145,14 @@ def parse_request(raw: bytes, kind: Kind) -> CompletionRequest:
         include_usage=include_usage,
         max_tokens=max_tokens,
     )
+
+
+def _writable(body: dict[str, Any]) -> bool:
+    try:
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def _optional(body: dict[str, Any], key: str, typ: type, default: Any) -> Any:

@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -67,8 +68,17 @@ _CREATIVE_PATTERN = re.compile(
     r"|\bpretend\b|\brole[- ]?play\b|\bslogan\b|\bdraft\b",
     re.IGNORECASE,
 )
-_CHOICE_LINE = re.compile(r"^\s*\(?[A-D][.)]\s", re.MULTILINE)
+# Leading blanks within the line only: ^\s* ran on over every blank line after the start it was
+# tried at (n^2 on a prompt of newlines); a match is still found at the line of its option.
+_CHOICE_LINE = re.compile(r"^[^\S\n]*\(?[A-D][.)]\s", re.MULTILINE)
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
+
+# The tokenizer and the patterns read at most this many characters of a request's user turns (the
+# router scores on the event loop, and a 4 MB prompt held it for seconds); a longer text's counts
+# are estimated from its start. The head was trained on prompts far shorter than this.
+FEATURE_CHARS: Final = 8192
+# More user turns than this are counted as one text (the training data has one or two).
+_TURNS_COUNTED_APART: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +117,17 @@ def last_user_text(messages: Sequence[Mapping[str, object]]) -> str:
     return turns[-1] if turns else ""
 
 
-def _log_count(pattern: re.Pattern[str], text: str) -> float:
-    return math.log1p(len(pattern.findall(text)))
+def _log_count(pattern: re.Pattern[str], text: str, scale: float = 1.0) -> float:
+    return math.log1p(len(pattern.findall(text)) * scale)
+
+
+def _token_count(texts: Sequence[str], count_tokens: Callable[[str], int]) -> float:
+    """The tokens of ``texts``: each counted apart, as in training, while they are few and
+    short; past that, the first FEATURE_CHARS characters of them counted and scaled up."""
+    if len(texts) <= _TURNS_COUNTED_APART and sum(map(len, texts)) <= FEATURE_CHARS:
+        return sum(count_tokens(text) for text in texts if text)
+    whole = "\n".join(texts)
+    return count_tokens(whole[:FEATURE_CHARS]) * len(whole) / FEATURE_CHARS
 
 
 def cheap_features(
@@ -122,24 +141,26 @@ def cheap_features(
     turns = user_turns(messages)
     last = turns[-1] if turns else ""
     earlier = turns[:-1]
-    characters = max(len(last), 1)
-    digits = sum(ch.isdigit() for ch in last)
+    read = last[:FEATURE_CHARS]
+    scale = len(last) / len(read) if read else 1.0  # counts in the window, for the whole turn
+    characters = max(len(read), 1)
+    digits = sum(ch.isdigit() for ch in read)
     values = (
-        math.log1p(count_tokens(last)),
-        math.log1p(sum(count_tokens(t) for t in earlier)),
+        math.log1p(_token_count([last], count_tokens)),
+        math.log1p(_token_count(earlier, count_tokens)),
         # 0/1, not a count: the training data has one or two user turns only, so a count would
         # be extrapolated far outside what the head saw for long conversations.
         float(len(turns) > 1),
         math.log1p(len(last)),
         math.log1p(last.count("\n") + 1),
         math.log1p(last.count("?")),
-        _log_count(_CODE_PATTERN, last),
-        _log_count(_MATH_PATTERN, last),
+        _log_count(_CODE_PATTERN, read, scale),
+        _log_count(_MATH_PATTERN, read, scale),
         digits / characters,
-        _log_count(_NUMBER, last),
-        float(len(_CHOICE_LINE.findall(last)) >= 2),
-        _log_count(_REASONING_PATTERN, last),
-        _log_count(_CREATIVE_PATTERN, last),
+        _log_count(_NUMBER, read, scale),
+        float(len(_CHOICE_LINE.findall(read)) >= 2),
+        _log_count(_REASONING_PATTERN, read, scale),
+        _log_count(_CREATIVE_PATTERN, read, scale),
     )
     return np.asarray(values, dtype=np.float32)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any
 
 import orjson
@@ -130,6 +132,36 @@ def test_split_text_concatenates_back(text: str, words: int) -> None:
     pieces = split_text(text, words)
     assert "".join(pieces) == text
     assert all(len(p.split()) <= words for p in pieces)
+
+
+def _split_as_first_written(text: str, words: int) -> list[str]:
+    tokens = re.findall(r"\s*\S+", text)
+    tail = text[sum(len(t) for t in tokens) :]
+    pieces = ["".join(tokens[i : i + words]) for i in range(0, len(tokens), words)]
+    if tail:
+        if pieces:
+            pieces[-1] += tail
+        else:
+            pieces.append(tail)
+    return pieces or [""]
+
+
+_SPACED = st.lists(st.sampled_from(["a", "bc", " ", "  ", "\n", "\t", "\u2028", "é"]), max_size=30)
+
+
+@given(_SPACED.map("".join) | texts, st.integers(1, 6))
+def test_split_text_cuts_where_it_first_cut(text: str, words: int) -> None:
+    assert split_text(text, words) == _split_as_first_written(text, words)
+
+
+def test_a_long_whitespace_tail_is_split_in_linear_time() -> None:
+    # A cached answer ending in many blank lines (a model looping on newlines): \s*\S+ tried at
+    # each of its n blanks ran to the end, n^2 on the event loop at every replay (~1 s for 8,000).
+    answer = "The answer." + "\n" * 40_000
+    started = time.perf_counter()
+    pieces = split_text(answer)
+    assert time.perf_counter() - started < 0.5
+    assert pieces == [answer]
 
 
 def test_replay_shape() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 import pytest
@@ -10,10 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.routing.features import (
+    _CHOICE_LINE,
     _CODE_PATTERN,
     _MATH_PATTERN,
     CHEAP_FEATURE_NAMES,
     EMBEDDING_DIM,
+    FEATURE_CHARS,
     cheap_features,
     extract_features,
     last_user_text,
@@ -127,3 +130,59 @@ _PIECES = st.sampled_from([*_WORDS.split(), " ", "\n", ""])
 def test_grouped_patterns_match_what_the_flat_ones_matched(text: str) -> None:
     for grouped, flat in ((_CODE_PATTERN, _FLAT_CODE), (_MATH_PATTERN, _FLAT_MATH)):
         assert [m.span() for m in grouped.finditer(text)] == [m.span() for m in flat.finditer(text)]
+
+
+# The option-line pattern as first written: ^\s* let the match tried at each of n blank lines run
+# over all the lines after it (n^2: 20,000 newlines took ~10 s, on the event loop).
+_FLAT_CHOICE_LINE = re.compile(r"^\s*\(?[A-D][.)]\s", re.MULTILINE)
+_CHOICE_PIECES = st.sampled_from(
+    ["\n", " ", "\t", "\r", "\x0b", "\u2028", "(", "A", "B", "D", "E", ".", ")", "x", "A.", "(B)"]
+)
+
+
+@given(st.lists(_CHOICE_PIECES, max_size=40).map("".join))
+def test_option_lines_are_counted_as_the_first_pattern_counted_them(text: str) -> None:
+    assert len(_CHOICE_LINE.findall(text)) == len(_FLAT_CHOICE_LINE.findall(text))
+
+
+@pytest.mark.parametrize("blank", ["\n", "\n \n", " \n\t"])
+def test_blank_lines_cost_linear_time(blank: str) -> None:
+    started = time.perf_counter()
+    cheap_features([user(blank * 20_000)], words)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_a_huge_prompt_is_read_through_a_bounded_window() -> None:
+    # A 4 MB prompt to `auto` held the event loop for seconds: the tokenizer and five scans over
+    # all of it. The counter and the patterns now see at most FEATURE_CHARS characters.
+    seen: list[int] = []
+
+    def counting(text: str) -> int:
+        seen.append(len(text))
+        return words(text)
+
+    long_turn = "Solve 3 + 4 = x, step by step. " * 130_000  # ~4 MB
+    earlier = [user("hi there")] * 20_000
+    started = time.perf_counter()
+    values = cheap_features([*earlier, user(long_turn)], counting)
+    assert time.perf_counter() - started < 1.0
+    assert max(seen) <= FEATURE_CHARS
+    named = dict(zip(CHEAP_FEATURE_NAMES, values, strict=True))
+    # the counts are estimated for the whole turn from its window, not cut off at it
+    assert named["log_tokens_last_turn"] == pytest.approx(np.log1p(words(long_turn)), rel=0.01)
+    assert named["log_tokens_earlier_turns"] == pytest.approx(np.log1p(2 * 20_000), rel=0.01)
+    assert named["log_chars_last_turn"] == pytest.approx(np.log1p(len(long_turn)))
+    assert named["math_markers"] == pytest.approx(np.log1p(2 * 130_000), rel=0.01)
+    assert named["reasoning_words"] == pytest.approx(np.log1p(130_000), rel=0.01)
+
+
+def test_a_prompt_within_the_window_is_read_whole() -> None:
+    seen: list[str] = []
+
+    def counting(text: str) -> int:
+        seen.append(text)
+        return words(text)
+
+    turns = [user("first question"), user("x" * (FEATURE_CHARS // 2)), user("last one")]
+    cheap_features(turns, counting)
+    assert seen == ["last one", "first question", "x" * (FEATURE_CHARS // 2)]

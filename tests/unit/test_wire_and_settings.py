@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from proxy.errors import InvalidRequest
 from proxy.policy.errors import BudgetExhausted, RateLimitExceeded
 from proxy.settings import ConfigError, load_settings, parse_settings
-from proxy.wire import expected_choices, last_user_text, parse_request, text_of
+from proxy.wire import (
+    MAX_N,
+    MAX_NESTING,
+    expected_choices,
+    last_user_text,
+    parse_request,
+    text_of,
+)
 
 
 def test_parse_keeps_raw_bytes_until_modified() -> None:
@@ -199,6 +206,35 @@ def test_parse_never_crashes_with_anything_but_invalid_request(extra: dict[str, 
         parse_request(orjson.dumps(body), "chat")
     except InvalidRequest as exc:
         assert exc.status == 400 and exc.message
+
+
+@pytest.mark.parametrize(
+    ("depth", "ok"), [(MAX_NESTING - 2, True), (MAX_NESTING - 1, False), (900, False)]
+)
+def test_a_body_is_nested_no_deeper_than_the_proxy_can_write(depth: int, ok: bool) -> None:
+    # the body and its metadata object are two of the levels
+    raw = b'{"model":"m","prompt":"p","metadata":{"x":%s}}' % (b"[" * depth + b"]" * depth)
+    if ok:
+        assert orjson.dumps(parse_request(raw, "completion").body)
+        return
+    with pytest.raises(InvalidRequest, match="nests arrays and objects too deeply"):
+        parse_request(raw, "completion")
+
+
+def test_many_shallow_brackets_are_not_too_deep() -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "x"}]}] * 500
+    assert parse_request(orjson.dumps({"model": "m", "messages": messages}), "chat")
+
+
+@pytest.mark.parametrize(("n", "ok"), [(MAX_N, True), (MAX_N + 1, False), (10**9, False)])
+def test_n_is_at_most_openai_s_maximum(n: int, ok: bool) -> None:
+    raw = orjson.dumps({"model": "m", "prompt": "p", "n": n})
+    if ok:
+        assert parse_request(raw, "completion").body["n"] == n
+        return
+    with pytest.raises(InvalidRequest, match=f"at most {MAX_N}") as err:
+        parse_request(raw, "completion")
+    assert err.value.param == "n"
 
 
 def test_error_bodies_and_retry_after() -> None:
