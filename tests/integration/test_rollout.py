@@ -686,6 +686,36 @@ async def test_a_down_stables_share_is_answered_by_the_canary(
     assert proxy.services.rollouts.metrics.fallbacks.labels("small", "v1", "v2").value == 20
 
 
+async def test_readyz_counts_an_engine_ready_while_its_canary_can_answer(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # The stable's replicas down, the canary's up: the engine still answers (the canary takes
+    # the stable's share), so the proxy stays in its load balancer; both down, it does not.
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.0, cache=False, **DOWN_OPTIONS
+    )
+    await take_down(proxy, stable, "unhealthy", "v1")
+    ready = await proxy.client.get("/readyz")
+    assert ready.status == 200, await ready.text()
+    small = (await ready.json())["engines"]["small"]
+    assert (small["ready"], small["version"], small["replicas"]) == (
+        True,
+        "v1",
+        {stable.url: False},
+    )
+    assert small["canary"] == {
+        "ready": True,
+        "version": "v2",
+        "replicas": {canary.url: True},
+        "breakers": {canary.url: "closed"},
+    }
+    await take_down(proxy, canary, "unhealthy", "v2")
+    ready = await proxy.client.get("/readyz")
+    assert ready.status == 503
+    small = (await ready.json())["engines"]["small"]
+    assert (small["ready"], small["canary"]["ready"]) == (False, False)
+
+
 async def start_routed(
     start_fake: StartFake, start_proxy: StartProxy, *, share: float, health_interval_s: float
 ) -> tuple[FakeEngine, FakeEngine, FakeEngine, Proxy]:
