@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy import pipeline
 from proxy.engines.breaker import CircuitBreaker
+from proxy.engines.pool import Engine
 from proxy.errors import ModelNotFound
 from proxy.services import Services
 from proxy.settings import VIRTUAL_MODEL
@@ -54,17 +55,21 @@ def add_routes(app: web.Application, services: Services) -> None:
 
     async def readyz(request: web.Request) -> web.Response:
         now = time.monotonic()
-        engines = {
-            e.name: {
-                "ready": e.ready_at(now),
-                "version": e.version,
-                "replicas": {r.url: r.healthy for r in e.replicas},
-                # healthy at /health yet failing completions: what took a replica out
-                "breakers": {r.url: _breaker_state(r.breaker, now) for r in e.replicas},
-            }
-            for e in services.engines
-        }
-        ready = all(engines[e.name]["ready"] and e.version is not None for e in services.engines)
+        engines: dict[str, dict[str, object]] = {}
+        ready = True
+        for e in services.engines:
+            # An engine can answer while any version serving it can: during a rollout its canary
+            # answers the stable's share when the stable's replicas are all down (and the other
+            # way round), so one version down does not take the proxy out of its load balancer.
+            versions = services.rollouts.serving(e)
+            ready = ready and any(v.ready_at(now) and v.version is not None for v in versions)
+            engines[e.name] = {"ready": any(v.ready_at(now) for v in versions)}
+            engines[e.name].update(_replica_set(e, now))  # the stable's
+            if len(versions) > 1:
+                engines[e.name]["canary"] = {
+                    "ready": versions[1].ready_at(now),
+                    **_replica_set(versions[1], now),
+                }
         return _json({"ready": ready, "engines": engines}, status=200 if ready else 503)
 
     async def metrics(request: web.Request) -> web.Response:
@@ -79,6 +84,15 @@ def add_routes(app: web.Application, services: Services) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+
+
+def _replica_set(engine: Engine, now: float) -> dict[str, object]:
+    return {
+        "version": engine.version,
+        "replicas": {r.url: r.healthy for r in engine.replicas},
+        # healthy at /health yet failing completions: what took a replica out
+        "breakers": {r.url: _breaker_state(r.breaker, now) for r in engine.replicas},
+    }
 
 
 def _breaker_state(breaker: CircuitBreaker, now: float) -> str:

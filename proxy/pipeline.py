@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -236,11 +236,12 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
             if hit is not None:
                 return _respond_from_cache(request, req, hit, exchange, services)
             embedding = await _embed(services, req, requested, allowed, plan, exchange)
-            decision = _route(services, req, requested, allowed, principal, embedding)
-            # The engine's canary answers the conversations in its share (sticky per conversation);
-            # the other version answers them while every replica of their own is down.
-            selection = rollouts.choose(services.by_name[decision.engine], prefix)
-            engine = _answer_with(exchange, selection)
+            # Each allowed engine's canary answers the conversations in its share (sticky per
+            # conversation); the other version answers them while every replica of their own is
+            # down. The router judges each engine by the replica set that would answer.
+            selections = {e.name: rollouts.choose(e, prefix) for e in allowed}
+            decision = _route(services, req, requested, allowed, principal, embedding, selections)
+            engine = _answer_with(exchange, selections[decision.engine])
             exchange.route_reason, exchange.route_score = decision.reason, decision.score
             exchange.route_detail = decision.detail
             if exchange.embedding_shed and decision.reason == "difficulty":
@@ -252,7 +253,7 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
 
             stable = rollouts.stable_of(engine)
             stronger = (
-                [rollouts.select(e, prefix) for e in allowed[allowed.index(stable) + 1 :]]
+                [selections[e.name].engine for e in allowed[allowed.index(stable) + 1 :]]
                 if requested == VIRTUAL_MODEL
                 else []
             )
@@ -569,7 +570,9 @@ def _route(
     allowed: list[Engine],
     principal: Principal,
     embedding: np.ndarray | None,
+    selections: Mapping[str, Selection],
 ) -> RouteDecision:
+    """``selections``: the replica set of each allowed engine that would answer this request."""
     router = services.router
     if requested != VIRTUAL_MODEL:
         return router.decide(
@@ -605,9 +608,9 @@ def _route(
             if follow_up
             else None
         ),
-        loads=_loads(services, allowed),
+        loads=_loads(services, selections),
         ttft_target_ms=principal.policy.latency.ttft_p95_ms,
-        unavailable=_unavailable(allowed),
+        unavailable=_unavailable(selections),
     )
 
 
@@ -618,16 +621,25 @@ def sticky_key(tier: str, tenant: str, prefix: bytes) -> bytes:
     return b"\0".join((tier.encode(), tenant.encode(), prefix))
 
 
-def _unavailable(allowed: list[Engine]) -> frozenset[str]:
+def _unavailable(selections: Mapping[str, Selection]) -> frozenset[str]:
+    """The engines that cannot answer: the version chosen for this request is another's
+    fallback already, so an engine is out only when neither its stable nor its canary can."""
     now = time.monotonic()
-    return frozenset(e.name for e in allowed if not e.can_take(now))
+    return frozenset(name for name, s in selections.items() if not s.engine.can_take(now))
 
 
-def _loads(services: Services, allowed: list[Engine]) -> dict[str, EngineLoad]:
+def _loads(services: Services, selections: Mapping[str, Selection]) -> dict[str, EngineLoad]:
+    """Each engine's load as this request would meet it: the proxy's queue and slots in front
+    of the engine (shared by its versions), and vLLM's own queue on the replica set that would
+    answer. Not the busier of the two versions: a conversation sticks to its version, so a
+    swamped canary holding a small share must not move the stable's conversations off the
+    engine, nor an idle stable hide the canary's queue from those in the canary's share."""
     loads = {}
-    for e in allowed:
-        gate = services.admissions[e.name]
-        loads[e.name] = services.router.load(e, gate.waiting, gate.active, gate.queue_delay())
+    for name, selection in selections.items():
+        gate = services.admissions[name]
+        loads[name] = services.router.load(
+            selection.engine, gate.waiting, gate.active, gate.queue_delay()
+        )
     return loads
 
 

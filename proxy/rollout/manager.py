@@ -187,6 +187,15 @@ class Rollouts:
         rollout = self.by_name.get(engine)
         return rollout is not None and rollout.active
 
+    def serving(self, engine: Engine) -> list[Engine]:
+        """The replica sets that answer ``engine``'s requests now: its stable, and its canary
+        while the canary is in progress (either answers for the other while that one is down)."""
+        rollout = self.by_name.get(engine.name)
+        if rollout is None or not rollout.active:
+            return [engine]
+        assert rollout.canary is not None
+        return [rollout.engine, rollout.canary]
+
     def stable_of(self, engine: Engine) -> Engine:
         rollout = self.by_name.get(engine.name)
         return rollout.engine if rollout is not None else engine

@@ -21,7 +21,7 @@ import pytest
 
 from proxy.cache.service import InvalidationFilter
 from proxy.cli import main
-from proxy.engines.pool import Engine
+from proxy.engines.pool import Engine, ReplicaLoad
 from tests.integration.conftest import (
     FakeEngine,
     Proxy,
@@ -674,8 +674,8 @@ async def test_a_down_stables_share_is_answered_by_the_canary(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
     # The converse: the stable's replicas are down, the canary's are up. The canary is a version
-    # already serving real users: its answer beats a 503 (the router still moves `auto` traffic
-    # to another engine, as for any engine whose stable replicas are down).
+    # already serving real users: its answer beats a 503 (and the router keeps `auto` traffic on
+    # the engine: see test_auto_stays_on_an_engine_whose_stable_is_down_but_whose_canary_is_up).
     stable, canary, proxy = await start_pair(
         start_fake, start_proxy, tmp_path, share=0.0, cache=False, **DOWN_OPTIONS
     )
@@ -684,6 +684,116 @@ async def test_a_down_stables_share_is_answered_by_the_canary(
         assert (await ask(proxy, conversation(i)))[:2] == (200, "v2")
     assert canary.state.counters.requests == 20
     assert proxy.services.rollouts.metrics.fallbacks.labels("small", "v1", "v2").value == 20
+
+
+async def test_readyz_counts_an_engine_ready_while_its_canary_can_answer(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # The stable's replicas down, the canary's up: the engine still answers (the canary takes
+    # the stable's share), so the proxy stays in its load balancer; both down, it does not.
+    stable, canary, proxy = await start_pair(
+        start_fake, start_proxy, tmp_path, share=0.0, cache=False, **DOWN_OPTIONS
+    )
+    await take_down(proxy, stable, "unhealthy", "v1")
+    ready = await proxy.client.get("/readyz")
+    assert ready.status == 200, await ready.text()
+    small = (await ready.json())["engines"]["small"]
+    assert (small["ready"], small["version"], small["replicas"]) == (
+        True,
+        "v1",
+        {stable.url: False},
+    )
+    assert small["canary"] == {
+        "ready": True,
+        "version": "v2",
+        "replicas": {canary.url: True},
+        "breakers": {canary.url: "closed"},
+    }
+    await take_down(proxy, canary, "unhealthy", "v2")
+    ready = await proxy.client.get("/readyz")
+    assert ready.status == 503
+    small = (await ready.json())["engines"]["small"]
+    assert (small["ready"], small["canary"]["ready"]) == (False, False)
+
+
+async def start_routed(
+    start_fake: StartFake, start_proxy: StartProxy, *, share: float, health_interval_s: float
+) -> tuple[FakeEngine, FakeEngine, FakeEngine, Proxy]:
+    """``small`` (stable v1 and its canary v2) and a dearer ``large``, routed: with no embedder
+    the router sends ``auto`` to small unless small cannot answer or its load is too high."""
+    stable = await start_fake("m")
+    canary = await start_fake("m-canary")
+    large = await start_fake("large-model")
+    small = canary_engine(stable, canary, share, auto_rollback={"enabled": False})
+    proxy = await start_proxy(
+        [
+            {**small, "breaker": {"failure_threshold": 1, "open_s": 600}},
+            {
+                **engine_config("large", "large-model", [large.url]),
+                "cost": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+            },
+        ],
+        routing={"enabled": True},
+        health={"interval_s": health_interval_s, "timeout_s": 10.0},
+    )
+    rollouts = proxy.services.rollouts
+    # (every replica set polled up and, for large, its version read)
+    await wait_until(
+        lambda: all(e.can_take(time.monotonic()) for e in rollouts.polled), timeout_s=15
+    )
+    assert all(e.can_take(time.monotonic()) for e in rollouts.polled), rollouts.polled
+    return stable, canary, large, proxy
+
+
+async def ask_auto(proxy: Proxy, i: int) -> tuple[int, str, str, str]:
+    """(status, engine, version, route reason) of conversation ``i`` asked of ``auto``."""
+    body = {"model": "auto", "messages": conversation(i), "temperature": 0, "max_tokens": 8}
+    resp = await proxy.client.post("/v1/chat/completions", json=body)
+    await resp.read()
+    headers = resp.headers
+    return (
+        resp.status,
+        headers.get("x-frugal-engine", ""),
+        headers.get("x-frugal-model-version", ""),
+        headers.get("x-frugal-route-reason", ""),
+    )
+
+
+async def test_auto_stays_on_an_engine_whose_stable_is_down_but_whose_canary_is_up(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    # The router judges an engine by the versions that can answer: small's canary can, so `auto`
+    # stays on small (its canary answers) rather than failing over to the dearer large.
+    stable, canary, large, proxy = await start_routed(
+        start_fake, start_proxy, share=0.0, health_interval_s=0.2
+    )
+    await take_down(proxy, stable, "unhealthy", "v1")
+    for i in range(10):
+        assert await ask_auto(proxy, i) == (200, "small", "v2", "difficulty")
+    assert (canary.state.counters.requests, large.state.counters.requests) == (10, 0)
+    # Both versions down: small cannot answer, and `auto` fails over to large.
+    await take_down(proxy, canary, "unhealthy", "v2")
+    status, engine, _, reason = await ask_auto(proxy, 10)
+    assert (status, engine, reason) == (200, "large", "failover")
+
+
+@pytest.mark.parametrize(
+    ("share", "expected"), [(1.0, ("large", "load")), (0.0, ("small", "difficulty"))]
+)
+async def test_auto_judges_an_engines_load_by_the_version_that_would_answer(
+    start_fake: StartFake, start_proxy: StartProxy, share: float, expected: tuple[str, str]
+) -> None:
+    # Small's canary is swamped (vLLM reports a long queue), its stable idle. A conversation in
+    # the canary's share would wait behind that queue: `auto` moves it to large for load. One in
+    # the stable's share would not: it stays on small, answered by the idle stable.
+    _, _, _, proxy = await start_routed(
+        start_fake, start_proxy, share=share, health_interval_s=60.0
+    )
+    canary = proxy.services.rollouts.replica_set("small", "v2")
+    assert canary is not None
+    canary.replicas[0].load = ReplicaLoad(running=1, waiting=1000)  # (the next poll is 60 s away)
+    status, engine, _, reason = await ask_auto(proxy, 1)
+    assert (status, engine, reason) == (200, *expected)
 
 
 # Replicas fail unnoticed: the health poll's first round (at start) marks them up and the next is

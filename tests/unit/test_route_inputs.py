@@ -1,0 +1,70 @@
+"""What the request path tells the router about each engine: its availability and load, judged
+by the replica set that would answer the request (a canary's, for a conversation in its share or
+while the stable's replicas are all down)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from proxy.engines.pool import Engine, ReplicaLoad
+from proxy.pipeline import _loads, _unavailable
+from proxy.policy.admission import EngineAdmission
+from proxy.rollout.manager import Selection
+from proxy.routing.router import Router
+from proxy.settings import EngineSettings
+
+
+def _engine(name: str, url: str, version: str) -> Engine:
+    engine = Engine.from_settings(
+        EngineSettings(name=name, model=name, urls=[url], version=version)
+    )
+    engine.replicas[0].healthy = True
+    return engine
+
+
+def _services(*engines: Engine) -> Any:
+    return SimpleNamespace(
+        router=Router(engines=list(engines), classifier=None, count_tokens=len),
+        admissions={e.name: EngineAdmission(e.name, cap=None) for e in engines},
+    )
+
+
+def test_an_engine_answered_by_its_canary_is_available() -> None:
+    stable = _engine("small", "http://stable", "v1")
+    canary = _engine("small", "http://canary", "v2")
+    large = _engine("large", "http://large", "v1")
+    stable.replicas[0].healthy = False
+    selections = {"small": Selection(canary, instead_of=stable), "large": Selection(large)}
+    assert _unavailable(selections) == frozenset()
+    canary.replicas[0].healthy = False  # both versions down: the canary's selection says so
+    assert _unavailable(selections) == frozenset({"small"})
+    assert not stable.can_take(time.monotonic())
+
+
+async def test_an_engines_load_is_that_of_the_version_that_would_answer() -> None:
+    stable = _engine("small", "http://stable", "v1")
+    canary = _engine("small", "http://canary", "v2")
+    canary.replicas[0].load = ReplicaLoad(running=1, waiting=1000)
+    services = _services(stable)
+    to_canary = _loads(services, {"small": Selection(canary)})["small"]
+    to_stable = _loads(services, {"small": Selection(stable)})["small"]
+    assert (to_canary.queue_length, to_stable.queue_length) == (1000, 0)
+    assert to_canary.est_ttft_ms > 100 * to_stable.est_ttft_ms
+    # The proxy's own queue in front of the engine is both versions': it counts either way.
+    gate = services.admissions["small"] = EngineAdmission("small", cap=1)
+    async with gate.slot(priority=0, max_wait_s=10.0, tier="t"):
+        waiter = asyncio.create_task(_hold(gate))
+        await asyncio.sleep(0)
+        assert gate.waiting == 1
+        for version in (stable, canary):
+            load = _loads(services, {"small": Selection(version)})["small"]
+            assert load.queue_length == 1 + int(version.load().waiting)
+    await waiter
+
+
+async def _hold(gate: EngineAdmission) -> None:
+    async with gate.slot(priority=0, max_wait_s=10.0, tier="t"):
+        pass
