@@ -62,8 +62,9 @@ def add_routes(app: web.Application, services: Services) -> None:
             # answers the stable's share when the stable's replicas are all down (and the other
             # way round), so one version down does not take the proxy out of its load balancer.
             versions = services.rollouts.serving(e)
-            ready = ready and any(v.ready_at(now) and v.version is not None for v in versions)
-            engines[e.name] = {"ready": any(v.ready_at(now) for v in versions)}
+            answering = [v for v in versions if v.ready_at(now)]
+            ready = ready and any(v.version is not None for v in answering)
+            engines[e.name] = {"ready": bool(answering)}
             engines[e.name].update(_replica_set(e, now))  # the stable's
             if len(versions) > 1:
                 engines[e.name]["canary"] = {
