@@ -37,7 +37,7 @@ from proxy.sse import DONE_EVENT, frame
 
 _HEADER_FIELDS: Final = ("id", "created", "model")
 _CHOICE_CORE: Final = frozenset({"index", "delta", "message", "text", "logprobs", "finish_reason"})
-_WORD = re.compile(r"\S+")
+_WORD_PIECE = re.compile(r"\s*\S+")
 WORDS_PER_CHUNK: Final = 4
 
 
@@ -257,15 +257,19 @@ def normalise_response(response: Mapping[str, Any]) -> dict[str, Any]:
 
 def split_text(text: str, words: int = WORDS_PER_CHUNK) -> list[str]:
     """Pieces of a few words each (leading whitespace kept) that concatenate back to ``text``."""
-    # Cut after every ``words``-th word: a pattern that also took each word's leading blanks
-    # (\s*\S+) was tried from every blank of a trailing run to its end, n^2 on a cached answer
-    # that ends in thousands of newlines, at each replay on the event loop.
-    ends = [match.end() for match in _WORD.finditer(text)]
-    cuts = ends[words - 1 :: words]
-    if ends and cuts and cuts[-1] == ends[-1]:
-        cuts.pop()  # the last piece takes the trailing whitespace
-    starts = [0, *cuts]
-    return [text[start:end] for start, end in zip(starts, [*cuts, len(text)], strict=True)]
+    # The trailing blanks set apart first: \s*\S+ tried from every blank of a trailing run to
+    # its end (n^2 on a cached answer that ends in thousands of newlines, at each replay on the
+    # event loop); every other run of blanks is followed by a word, which the match takes.
+    body = text.rstrip()
+    tokens = _WORD_PIECE.findall(body)
+    pieces = ["".join(tokens[i : i + words]) for i in range(0, len(tokens), words)]
+    tail = text[len(body) :]
+    if tail:
+        if pieces:
+            pieces[-1] += tail
+        else:
+            pieces.append(tail)
+    return pieces or [""]
 
 
 def _chat_deltas(message: Mapping[str, Any]) -> list[dict[str, Any]]:
