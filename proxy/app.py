@@ -14,6 +14,7 @@ import functools
 import ipaddress
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 import numpy as np
@@ -51,6 +52,9 @@ from proxy.tasks import cancelling, stop
 SERVICES = web.AppKey("services", Services)
 TRANSPORT = web.AppKey("transport", AiohttpTransport)
 ENCODE = web.AppKey("encode", object)
+
+if TYPE_CHECKING:
+    from proxy.policy.redis_limits import RedisCounters
 
 log = structlog.get_logger("frugal.app")
 
@@ -285,6 +289,7 @@ async def _redis_limits(app: web.Application) -> AsyncIterator[None]:
     from proxy.policy.redis_limits import HOLDING_TTL_S, RedisCounters
 
     counters = RedisCounters.from_url(settings.redis.url)
+    checking = asyncio.create_task(_check_durability(counters, services))
     limiter = services.limiter = Limiter(
         counters,
         lease_ttl_s=HOLDING_TTL_S,
@@ -295,8 +300,35 @@ async def _redis_limits(app: web.Application) -> AsyncIterator[None]:
     renewing = asyncio.create_task(limiter.keep_holdings())
     yield
     await stop(renewing)
+    await stop(checking)
     await limiter.drain()
     await counters.aclose()
+
+
+DURABILITY_RETRY_S = 30.0
+
+
+async def _check_durability(counters: RedisCounters, services: Services) -> None:
+    """Once Redis answers: say so if the budgets' spend would not survive its restart (checked
+    at start-up, against the tiers then loaded)."""
+    from redis.exceptions import RedisError
+
+    from proxy.policy.redis_limits import durability_warning
+
+    while True:
+        try:
+            persistence = await counters.persistence()
+            break
+        except RedisError:  # down at start-up: the limiter reports that; ask again later
+            await asyncio.sleep(DURABILITY_RETRY_S)
+    budgeted = [
+        tier
+        for tier, policy in services.policies.current.tiers.items()
+        if policy.budget.usd_per_day is not None or policy.budget.usd_per_day_per_tenant is not None
+    ]
+    warning = durability_warning(persistence, budgeted)
+    if warning is not None:
+        log.warning("limits.redis_not_durable", detail=warning)
 
 
 async def _embedder(app: web.Application) -> AsyncIterator[None]:

@@ -11,12 +11,13 @@ Layout of one budget key ``K`` (all carry the tier's hash tag, so they share a c
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from proxy.backoff import Backoff
 from proxy.policy.limits import WINDOW_S, CounterBackendError, ReserveOutcome
@@ -150,6 +151,42 @@ return {string.format('%.0f', spent), string.format('%.0f', reserved)}
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Persistence:
+    """Whether Redis keeps its data over a restart; None where it would not say (managed
+    services often disable ``CONFIG``)."""
+
+    aof: bool | None
+    rdb: bool | None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, str]) -> Persistence:
+        """From ``CONFIG GET appendonly`` and ``CONFIG GET save`` (an empty ``save``: no
+        snapshots)."""
+        appendonly, save = config.get("appendonly"), config.get("save")
+        return cls(
+            aof=None if appendonly is None else appendonly.strip().lower() == "yes",
+            rdb=None if save is None else bool(save.strip()),
+        )
+
+
+def durability_warning(persistence: Persistence, budgeted_tiers: Sequence[str]) -> str | None:
+    """What an operator must hear when the tiers' spend lives in a Redis that forgets it: a
+    restart would reset today's spend to zero and let every budget be spent again."""
+    if not budgeted_tiers or persistence.aof or persistence.rdb:
+        return None
+    tiers = ", ".join(sorted(budgeted_tiers))
+    if persistence.aof is None or persistence.rdb is None:
+        return (
+            f"could not read Redis's persistence settings (CONFIG refused): if it keeps no data"
+            f" over a restart, a restart forgets today's spend of the budgeted tiers ({tiers})"
+        )
+    return (
+        f"Redis keeps no data over a restart (appendonly no, no save points): a restart forgets"
+        f" today's spend of the budgeted tiers ({tiers}); turn on appendonly or snapshots"
+    )
+
+
 def _triples(keys: Sequence[str]) -> list[str]:
     return [part for key in keys for part in (f"{key}:spent", f"{key}:res", f"{key}:exp")]
 
@@ -262,6 +299,17 @@ class RedisCounters:
         except (RedisError, OSError) as exc:
             self._backoff.failed()
             raise CounterBackendError(f"redis: {exc}") from exc
+
+    async def persistence(self) -> Persistence:
+        """Redis's own persistence settings; raises RedisError when it cannot be reached."""
+        config: dict[str, str] = {}
+        for name in ("appendonly", "save"):
+            try:
+                found = await self._client.config_get(name)
+            except ResponseError:  # CONFIG disabled or renamed (managed Redis): unknown
+                continue
+            config.update({_text(k): _text(v) for k, v in found.items()})
+        return Persistence.from_config(config)
 
     async def aclose(self) -> None:
         if self._owns_client:

@@ -106,3 +106,69 @@ async def test_two_replicas_never_overspend_a_shared_budget(
     assert tier_status.reserved_usd == 0
     assert engine.state.counters.requests == granted
     assert hash_key(KEY) == principal.key_hash
+
+
+async def _durability_warnings(
+    start_fake: StartFake, aiohttp_server: Any, redis_url: str, tmp_path: Path, budget: bool
+) -> list[dict[str, Any]]:
+    """What a replica logs about Redis's persistence once it has asked (and served a request)."""
+    import structlog
+
+    tmp_path.mkdir(exist_ok=True)
+    engine = await start_fake("m")
+    overrides: dict[str, Any] = {"models": ["m"]}
+    if budget:
+        overrides["budget"] = {"usd_per_day": 5.0}
+    folder = write_policies(tmp_path / "policies", tier("free", [KEY], **overrides))
+    settings = Settings.model_validate(
+        {
+            "engines": [{**engine_config("e", "m", [engine.url]), "cost": PRICE}],
+            "policies": str(folder),
+            "data_dir": str(tmp_path / "data"),
+            "cache": {"enabled": False},
+            "embeddings": {"enabled": False},
+            "redis": {"url": redis_url},
+            "limits": {"backend": "redis"},
+            "logging": {"level": "warning", "format": "console"},
+        }
+    )
+    with structlog.testing.capture_logs() as logs:
+        server = await aiohttp_server(create_app(settings, access_log=False))
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            headers = {"Authorization": f"Bearer {KEY}"}
+            async with session.post(
+                server.make_url("/v1/chat/completions"), json=body, headers=headers
+            ) as resp:
+                assert resp.status == 200
+        for _ in range(100):  # the check runs beside start-up
+            if any(e["event"] == "limits.redis_not_durable" for e in logs):
+                break
+            await asyncio.sleep(0.02)
+    return [e for e in logs if e["event"] == "limits.redis_not_durable"]
+
+
+async def test_budgets_in_a_redis_without_persistence_are_warned_of(
+    start_fake: StartFake, aiohttp_server: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """(before: nothing said that a Redis restart resets the day's spend to zero)"""
+    warnings = await _durability_warnings(
+        start_fake, aiohttp_server, redis_server.url, tmp_path, budget=True
+    )
+    assert len(warnings) == 1, warnings
+    assert "free" in warnings[0]["detail"] and "appendonly" in warnings[0]["detail"]
+
+
+async def test_no_warning_when_redis_persists_or_no_tier_has_a_budget(
+    start_fake: StartFake, aiohttp_server: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    assert not await _durability_warnings(
+        start_fake, aiohttp_server, redis_server.url, tmp_path / "a", budget=False
+    )
+    import redis.asyncio as aioredis
+
+    async with aioredis.Redis.from_url(redis_server.url) as admin:
+        await admin.config_set("appendonly", "yes")
+    assert not await _durability_warnings(
+        start_fake, aiohttp_server, redis_server.url, tmp_path / "b", budget=True
+    )
