@@ -9,12 +9,16 @@ requests run for ``--duration-s``, once straight to the engine and once through 
 for ``--rounds`` rounds; medians are reported.
 
 Every request samples (temperature 0.7, no seed) so a caching proxy cannot answer from its cache,
-or with ``--misses`` is greedy (temperature 0) with a run-unique counter at the end of its prompt,
-so a caching proxy looks each one up, misses, and stores the answer once the stream has ended (the
-cache's cost on the streaming path, measured); both sides send the same prompts. Each request asks
-vLLM for exactly ``--max-tokens`` tokens (``ignore_eos``), so both sides generate the
-same amount. Tokens come from the usage chunk (``stream_options.include_usage``). TTFT is the time
-from sending the request to the first non-empty content delta.
+or with ``--misses`` is greedy (temperature 0) on questions that are all different (from
+``--prompts``, default ``../shared/data/routing_dev.csv.gz``'s prompts, shuffled; none is sent
+twice in a run, and each ends with a run-unique counter), so a caching proxy looks each one up,
+misses, and stores the answer once the stream has ended (the cache's cost on the streaming path,
+measured). A handful of questions told apart only by a counter would not do: a semantic cache
+takes them for paraphrases and answers some from memory. The proxy's cache hits during each
+proxied phase (``frugal_cache_hits_total``) are reported, and should be 0 with ``--misses``.
+Each request asks vLLM for exactly ``--max-tokens`` tokens (``ignore_eos``), so both sides
+generate the same amount. Tokens come from the usage chunk (``stream_options.include_usage``).
+TTFT is the time from sending the request to the first non-empty content delta.
 
 Client: aiohttp (16 streams at CPU-engine speeds is a light load for it). Targets: proxied
 tokens/s >= 0.98x direct; added TTFT (median) <= 2 ms. Output: ``--out``/engines.{md,json}.
@@ -30,11 +34,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import functools
+import gzip
 import itertools
 import json
 import math
 import os
+import random
 import re
 import statistics
 import sys
@@ -80,6 +87,7 @@ class Phase:
     window_end: float = 0.0
     window_tokens: int = 0
     overhead: Overhead | None = None  # the proxy's own account (proxied side of a Frugal)
+    cache_hits: float | None = None  # the proxy's cache hits during the phase (a Frugal)
 
     @property
     def tokens_per_s(self) -> float:
@@ -141,8 +149,8 @@ async def run_phase(
 ) -> Phase:
     """One side's phase; ``proxy``: that proxy's base URL, to read its own overhead account."""
     phase = Phase()
-    before = await proxy_overhead(session, proxy) if proxy else None
-    prompts = itertools.cycle(PROMPTS)
+    before = await proxy_metrics(session, proxy) if proxy else None
+    prompts = args.questions if args.misses else itertools.cycle(PROMPTS)
     begin = time.perf_counter()
     deadline = begin + args.duration_s
     # Skip the first quarter: all workers start at once, so it is one big prefill burst.
@@ -150,7 +158,9 @@ async def run_phase(
 
     async def worker() -> None:
         while time.perf_counter() < deadline:
-            prompt = next(prompts)
+            prompt = next(prompts, None)
+            if prompt is None:
+                raise SystemExit("ran out of distinct questions: pass a larger --prompts file")
             if args.misses:
                 prompt = f"{prompt} (request {args.run_id}-{next(args.unique)})"
             body = {
@@ -167,13 +177,17 @@ async def run_phase(
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     phase.wall_s = time.perf_counter() - started
-    after = await proxy_overhead(session, proxy) if proxy and before else None
+    after = await proxy_metrics(session, proxy) if proxy and before else None
     if before is not None and after is not None:
-        phase.overhead = after.minus(before)
+        start, end = parse_overhead(before), parse_overhead(after)
+        if start is not None and end is not None:
+            phase.overhead = end.minus(start)
+        phase.cache_hits = parse_total(after, HITS_METRIC) - parse_total(before, HITS_METRIC)
     return phase
 
 
 OVERHEAD_METRIC = "frugal_proxy_overhead_seconds"
+HITS_METRIC = "frugal_cache_hits_total"
 _LE = re.compile(r'le="([^"]+)"')
 
 
@@ -204,16 +218,24 @@ class Overhead:
         return math.inf
 
 
-async def proxy_overhead(session: aiohttp.ClientSession, base: str) -> Overhead | None:
-    """The proxy's overhead histogram, or None when it has no /metrics (not Frugal)."""
+async def proxy_metrics(session: aiohttp.ClientSession, base: str) -> str | None:
+    """The proxy's /metrics page, or None when it has none (not Frugal)."""
     try:
         async with session.get(f"{base}/metrics") as resp:
             if resp.status != 200:
                 return None
-            text = await resp.text()
+            return await resp.text()
     except aiohttp.ClientError:
         return None
-    return parse_overhead(text)
+
+
+def parse_total(text: str, metric: str) -> float:
+    """A counter summed over its labels, out of a Prometheus text page."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(metric) and line[len(metric) : len(metric) + 1] in ("{", " "):
+            total += float(line.rpartition(" ")[2])
+    return total
 
 
 def parse_overhead(text: str) -> Overhead | None:
@@ -243,6 +265,25 @@ async def engine_model(session: aiohttp.ClientSession, base: str) -> str:
     return model
 
 
+DEFAULT_PROMPTS = REPO.parent / "shared" / "data" / "routing_dev.csv.gz"
+
+
+def load_questions(path: Path) -> list[str]:
+    """Distinct questions of ordinary length (20-400 characters), shuffled with a fixed seed so
+    runs send the same sequence: ``prompt`` column of a CSV (gzip if .gz), or lines of text."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        if ".csv" in path.name:
+            texts = [row["prompt"] for row in csv.DictReader(f)]
+        else:
+            texts = f.read().splitlines()
+    questions = sorted({t.strip() for t in texts if 20 <= len(t.strip()) <= 400})
+    random.Random(0).shuffle(questions)
+    if not questions:
+        raise SystemExit(f"no questions of 20-400 characters in {path}")
+    return questions
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -253,6 +294,7 @@ def pct(values: list[float], q: float) -> float:
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     # --misses: prompts unique to this run, so a cache kept from an earlier run misses too
     args.run_id, args.unique = os.urandom(4).hex(), itertools.count()
+    args.questions = iter(load_questions(args.prompts)) if args.misses else None
     headers = dict(h.split(":", 1) for h in args.header)
     headers = {k.strip(): v.strip() for k, v in headers.items()}
     connector = aiohttp.TCPConnector(limit=0)
@@ -285,6 +327,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     if o is not None and o.count:
                         own = f", proxy's own time mean {o.total_s / o.count * 1000:.2f} ms"
                         own += f" (p99 <= {o.bound(0.99) * 1000:g} ms)"
+                    if p.cache_hits is not None:
+                        own += f", {p.cache_hits:g} cache hits"
+                        if p.cache_hits and args.misses:
+                            own += " (NOT all misses: the ratio is not the misses' figure)"
                     print(
                         f"{model} round {index + 1} {side}: {p.tokens_per_s:.1f} tok/s,"
                         f" TTFT p50 {statistics.median(p.ttft_s or [float('nan')]) * 1000:.1f}"
@@ -317,6 +363,9 @@ def summarise(rounds: list[dict[str, Phase]]) -> dict[str, Any]:
     row["added_ttft_p50_ms"] = statistics.median(
         (pct(r["proxied"].ttft_s, 0.5) - pct(r["direct"].ttft_s, 0.5)) * 1000 for r in rounds
     )
+    hits = [r["proxied"].cache_hits for r in rounds if r["proxied"].cache_hits is not None]
+    if hits:
+        row["proxied"]["cache_hits"] = sum(hits)
     accounts = [r["proxied"].overhead for r in rounds if r["proxied"].overhead is not None]
     if accounts:
         merged = functools.reduce(Overhead.plus, accounts, Overhead())
@@ -343,8 +392,8 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
         f" medians. Load average before {meta['load_before']}, after {meta['load_after']}.",
         "",
         "| model | direct tok/s | proxied tok/s | ratio (>= 0.98) | direct TTFT p50 ms |"
-        " proxied TTFT p50 ms | added TTFT p50 ms (<= 2) | errors d/p |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        " proxied TTFT p50 ms | added TTFT p50 ms (<= 2) | errors d/p | proxy cache hits |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for model, row in results.items():
         d, p = row["direct"], row["proxied"]
@@ -353,7 +402,7 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
             f" {row['tokens_ratio']:.3f} {'PASS' if row['pass_tokens'] else 'FAIL'} |"
             f" {d['ttft_p50_ms']:.1f} | {p['ttft_p50_ms']:.1f} |"
             f" {row['added_ttft_p50_ms']:+.1f} {'PASS' if row['pass_ttft'] else 'FAIL'} |"
-            f" {d['errors']}/{p['errors']} |"
+            f" {d['errors']}/{p['errors']} | {p.get('cache_hits', '-')} |"
         )
     own = {model: row["proxy_own"] for model, row in results.items() if "proxy_own" in row}
     if own:
@@ -384,6 +433,12 @@ def main() -> None:
         "--misses",
         action="store_true",
         help="greedy, run-unique prompts: a caching proxy misses and stores every answer",
+    )
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        default=DEFAULT_PROMPTS,
+        help="with --misses: distinct questions, a CSV with a prompt column or a text file",
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--duration-s", type=float, default=20.0)

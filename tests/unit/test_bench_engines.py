@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from prometheus_client import generate_latest
 
@@ -44,3 +45,28 @@ def test_accounts_of_several_phases_add_up() -> None:
     both = one.plus(two)
     assert both.count == 3 and both.bound(0.5) == 0.001
     assert both.minus(two).buckets == one.buckets
+
+
+def test_cache_hits_are_summed_over_their_labels_and_nothing_else() -> None:
+    from scripts.bench_engines import HITS_METRIC, parse_total
+
+    metrics = Metrics()
+    metrics.cache_lookup(kind="exact", scope="tenant", hit=True)
+    metrics.cache_lookup(kind="semantic", scope="user", hit=True)
+    metrics.cache_lookup(kind="semantic", scope="user", hit=True)
+    metrics.cache_lookup(kind="exact", scope="tenant", hit=False)
+    text = generate_latest(metrics.registry).decode()
+    assert parse_total(text, HITS_METRIC) == 3  # not the lookups, nor the _created samples
+    assert parse_total("up 1\n", HITS_METRIC) == 0
+
+
+def test_misses_questions_are_distinct_ordinary_and_the_same_each_run(tmp_path: Path) -> None:
+    from scripts.bench_engines import load_questions
+
+    source = tmp_path / "q.txt"
+    questions = [f"what is question number {i}?" for i in range(50)]
+    lines = ["short", "x" * 401, *questions, "what is question number 3?"]
+    source.write_text("\n".join(lines) + "\n")
+    first, second = load_questions(source), load_questions(source)
+    assert first == second and len(first) == len(set(first)) == 50
+    assert first != sorted(first)  # shuffled, so a run does not walk one topic after another
