@@ -66,6 +66,11 @@ log = structlog.get_logger("frugal.policy")
 _T = TypeVar("_T")
 
 NANO = 1_000_000_000  # nano-USD per USD
+# A day's budget keys outlive the day by this much after their last use, then go (the Redis
+# backend's key expiry; the in-process one sweeps them, or a replica kept two keys a tenant
+# for every day it ran).
+BUDGET_KEEP_S: Final = 2 * 86_400.0
+SWEEP_EVERY_S: Final = 600.0  # how often the in-process counters drop what no longer counts
 WINDOW_S = 60.0  # the "minute" of requests/tokens per minute; also the GCRA burst tolerance
 UNLIMITED = -1  # a ceiling meaning "count, but never refuse"
 
@@ -175,10 +180,11 @@ class _Budget:
     running sum and expired reservations are swept only once the earliest may have expired, so
     a reservation costs the same with 1 or 1,000 others open."""
 
-    __slots__ = ("_next_expiry", "reservations", "reserved", "spent")
+    __slots__ = ("_next_expiry", "reservations", "reserved", "spent", "used_at")
 
     def __init__(self) -> None:
         self.spent = 0
+        self.used_at = -math.inf  # the counters' clock at the last reserve or settle
         self.reservations: dict[str, tuple[int, float]] = {}  # id -> (nano, expiry)
         self.reserved = 0  # the sum of the reservations' amounts
         self._next_expiry = math.inf  # no reservation expires before this
@@ -232,9 +238,33 @@ class LocalCounters:
         self._tat: dict[str, float] = {}
         self._leases: dict[str, _Leases] = {}
         self._budgets: dict[str, _Budget] = {}
+        self._swept_at = clock()
+
+    def __len__(self) -> int:
+        """How many counters are held (rates, concurrency keys, budget keys)."""
+        return len(self._tat) + len(self._leases) + len(self._budgets)
+
+    def _sweep(self, now: float) -> None:
+        """Every ``SWEEP_EVERY_S``: drop the rate counters that are paid off (a counter at or
+        before now counts as none), the concurrency keys with no live lease, and the budget keys
+        unused for ``BUDGET_KEEP_S`` with nothing reserved (past days': keys name their day)."""
+        if now - self._swept_at < SWEEP_EVERY_S:
+            return
+        self._swept_at = now
+        for key in [k for k, tat in self._tat.items() if tat <= now]:
+            del self._tat[key]
+        for key, leases in list(self._leases.items()):
+            leases.purge(now)
+            if not leases.held:
+                del self._leases[key]
+        for key, budget in list(self._budgets.items()):
+            budget.purge(now)
+            if not budget.reservations and now - budget.used_at > BUDGET_KEEP_S:
+                del self._budgets[key]
 
     async def rate(self, key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
         now = self._clock()
+        self._sweep(now)
         wait, new_tat = gcra(self._tat.get(key, now), now, cost, per_minute, debt=debt)
         if wait == 0.0:
             self._tat[key] = new_tat
@@ -280,12 +310,14 @@ class LocalCounters:
         self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
     ) -> ReserveOutcome:
         now = self._clock()
+        self._sweep(now)
         states = []
         for key, ceiling in budgets:
             state = self._budgets.get(key)
             if state is None:
                 state = self._budgets[key] = _Budget()
             state.purge(now)
+            state.used_at = now
             reserved = state.reserved
             if ceiling != UNLIMITED and state.spent + reserved + amount_nano > ceiling:
                 return ReserveOutcome(False, key, state.spent, reserved)
@@ -296,12 +328,14 @@ class LocalCounters:
         return ReserveOutcome(True, None, first.spent, first.reserved - amount_nano)
 
     async def settle(self, keys: Sequence[str], res_id: str, actual_nano: int) -> None:
+        now = self._clock()
         for key in keys:
             state = self._budgets.get(key)
             if state is None:
                 state = self._budgets[key] = _Budget()
             state.drop(res_id)
             state.spent += actual_nano
+            state.used_at = now
 
     async def budget_status(self, key: str) -> tuple[int, int]:
         state = self._budgets.get(key)

@@ -420,3 +420,31 @@ async def test_a_request_refused_by_one_limit_spends_none_of_the_others() -> Non
     with pytest.raises(RateLimitExceeded, match="requests per minute"):
         async with limits.admit(acme, prompt_tokens=1):
             pass
+
+
+async def test_the_in_process_counters_forget_past_days_and_idle_rates() -> None:
+    """A replica running for months keeps a bounded set of counters: each day's budget keys go
+    two days after their last use (as Redis expires them), a rate counter once it is idle."""
+    clock, today = Clock(), [DAY]
+    counters = LocalCounters(clock)
+    limits = Limiter(counters, wall_clock=lambda: today[0], reservation_ttl_s=60)
+    spender = principal(
+        budget={"usd_per_day": 1.0}, limits={"max_tokens": 8, "requests_per_minute": 60}
+    )
+    for day in range(30):
+        today[0] = DAY + dt.timedelta(days=day)
+        clock.now += 86_400
+        async with (
+            limits.admit(spender, prompt_tokens=1),
+            limits.reserve_budget(spender, 0.01) as s,
+        ):
+            s.record(0.004)
+        # (before: 2 budget keys a day, kept for ever: 60 after a month, and one rate counter)
+        assert len(counters) <= 2 * 3 + 1, day
+    tier, tenant = await limits.budget_status(spender)
+    assert (tier.spent_usd, tenant.spent_usd) == (0.004, 0.004)  # today's spend is kept
+    clock.now += 86_400 * 3
+    await limits.check_rate(
+        principal("idle", limits={"max_tokens": 8, "requests_per_minute": 60}), 0
+    )
+    assert len(counters) == 1  # the one rate counter just charged
