@@ -24,7 +24,9 @@ backend a short one, renewed while held: :meth:`Limiter.keep_holdings`).
 Two backends behind :class:`CounterBackend`: :class:`LocalCounters` (one replica) and
 ``proxy.policy.redis_limits.RedisCounters`` (several replicas; each operation is one Lua script).
 When the backend is unreachable (:class:`CounterBackendError`) the limiter fails open by default
-(serves, logs ``policy_limits_unavailable``, tells ``on_outage``: ``frugal_limits_errors_total``):
+(serves, tells ``on_outage``: ``frugal_limits_errors_total``; logs
+``policy_limits_unavailable`` when an outage starts and ``policy_limits_recovered`` when it ends,
+not once per request):
 an outage of the counters should not become an outage of the proxy. ``on_backend_error="refuse"``
 answers 503 ``limits_unavailable`` instead.
 
@@ -519,6 +521,9 @@ class Limiter:
         # this replica's leases and reservations (id -> budget keys), renewed by keep_holdings
         self._held: set[tuple[str, str]] = set()
         self._reserved: dict[str, tuple[str, str]] = {}
+        # counter operations failed since one last succeeded: an outage is logged when it
+        # starts and when it ends, not once per request (each failure is counted by on_outage)
+        self._failed_since_ok = 0
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):x}"
@@ -534,7 +539,7 @@ class Limiter:
     async def _guard(self, operation: Coroutine[Any, Any, _T], fallback: _T) -> _T:
         """Run a counter operation; if the backend is down, fail open or refuse (503)."""
         try:
-            return await operation
+            result = await operation
         except CounterBackendError as exc:
             if self._on_outage is not None:
                 self._on_outage("check")
@@ -542,8 +547,21 @@ class Limiter:
                 raise LimitsUnavailable(
                     "tier limits cannot be checked right now", retry_after=1.0
                 ) from exc
-            log.warning("policy_limits_unavailable", error=str(exc), note="serving unchecked")
+            self._backend_failed("policy_limits_unavailable", exc, note="serving unchecked")
             return fallback
+        self._backend_answered()
+        return result
+
+    def _backend_failed(self, event: str, exc: CounterBackendError, **fields: str) -> None:
+        """Log a failed counter operation if it is the first since one succeeded."""
+        self._failed_since_ok += 1
+        if self._failed_since_ok == 1:
+            log.warning(event, error=str(exc), **fields)
+
+    def _backend_answered(self) -> None:
+        if self._failed_since_ok:
+            log.warning("policy_limits_recovered", failed_operations=self._failed_since_ok)
+            self._failed_since_ok = 0
 
     async def check_rate(self, principal: Principal, prompt_tokens: int) -> None:
         """Requests/minute, then tokens/minute (charging the prompt estimate). 429 on excess."""
@@ -693,8 +711,14 @@ class Limiter:
         await self._release_later(release, what)
 
     async def _release_later(self, release: Coroutine[Any, Any, None], what: str) -> None:
-        if not await _finish(release, what) and self._on_outage is not None:
+        failure = await _finish(release, what)
+        if failure is None:
+            self._backend_answered()
+            return
+        if self._on_outage is not None:
             self._on_outage("release")
+        if isinstance(failure, CounterBackendError):
+            self._backend_failed("policy_release_failed", failure, what=what, note="expires by TTL")
 
     async def drain(self) -> None:
         """Wait for the releases left running in the background (at shutdown, before the
@@ -812,9 +836,10 @@ class _Reservation(AbstractAsyncContextManager[Spend]):
         )
 
 
-async def _finish(release: Coroutine[Any, Any, None], what: str) -> bool:
+async def _finish(release: Coroutine[Any, Any, None], what: str) -> Exception | None:
     """Run a release even if the request is being cancelled; never let it mask the request's own
-    outcome. If it fails (backend down; False) the TTL frees the holding later."""
+    outcome. If it fails (backend down: the error, for the caller to log once per outage) the
+    TTL frees the holding later."""
     task = asyncio.ensure_future(release)
     try:
         await asyncio.shield(task)
@@ -822,9 +847,8 @@ async def _finish(release: Coroutine[Any, Any, None], what: str) -> bool:
         # Cancelled again while releasing: the shielded task still finishes on its own.
         raise
     except CounterBackendError as exc:
-        log.warning("policy_release_failed", what=what, error=str(exc), note="expires by TTL")
-        return False
-    except Exception:
+        return exc
+    except Exception as exc:
         log.warning("policy_release_failed", what=what, note="expires by TTL", exc_info=True)
-        return False
-    return True
+        return exc
+    return None

@@ -8,6 +8,7 @@ import random
 from collections.abc import Sequence
 
 import pytest
+import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -448,3 +449,56 @@ async def test_the_in_process_counters_forget_past_days_and_idle_rates() -> None
         principal("idle", limits={"max_tokens": 8, "requests_per_minute": 60}), 0
     )
     assert len(counters) == 1  # the one rate counter just charged
+
+
+class FlakyBackend:
+    """In-process counters behind a switch, as a shared backend is (not LocalCounters: the
+    limiter treats those as never failing)."""
+
+    def __init__(self) -> None:
+        self.counters = LocalCounters()
+        self.down = False
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self.counters, name)
+
+        async def call(*args: object, **kwargs: object) -> object:
+            if self.down:
+                raise CounterBackendError("redis: connection refused")
+            return await method(*args, **kwargs)
+
+        return call
+
+    def failing(self) -> bool:
+        return False
+
+
+async def test_a_counters_outage_is_logged_when_it_starts_and_ends_not_per_request() -> None:
+    backend = FlakyBackend()
+    outages: list[str] = []
+    limits = Limiter(backend, wall_clock=lambda: DAY, on_outage=outages.append)  # type: ignore[arg-type]
+    limited = principal(
+        limits={"max_tokens": 8, "requests_per_minute": 1000, "concurrent": 4},
+        budget={"usd_per_day": 100.0},
+    )
+
+    async def request() -> None:
+        async with limits.admit(limited, prompt_tokens=5) as ticket, ticket.budget(0.01) as spend:
+            spend.record(0.001)
+
+    backend.down = True
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(50):
+            await request()  # served unchecked, each operation counted
+        backend.down = False
+        await request()
+        await request()
+    # each request's slot, rate and reservation checks, then its settle and slot release
+    assert outages == ["check", "check", "check", "release", "release"] * 50
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    # (before: one policy_limits_unavailable per check, one policy_release_failed per release)
+    assert [e["event"] for e in warnings] == [
+        "policy_limits_unavailable",
+        "policy_limits_recovered",
+    ]
+    assert warnings[1]["failed_operations"] == len(outages)
