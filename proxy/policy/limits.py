@@ -24,7 +24,9 @@ backend a short one, renewed while held: :meth:`Limiter.keep_holdings`).
 Two backends behind :class:`CounterBackend`: :class:`LocalCounters` (one replica) and
 ``proxy.policy.redis_limits.RedisCounters`` (several replicas; each operation is one Lua script).
 When the backend is unreachable (:class:`CounterBackendError`) the limiter fails open by default
-(serves, logs ``policy_limits_unavailable``, tells ``on_outage``: ``frugal_limits_errors_total``):
+(serves, tells ``on_outage``: ``frugal_limits_errors_total``; logs
+``policy_limits_unavailable`` when an outage starts and ``policy_limits_recovered`` when it ends,
+not once per request):
 an outage of the counters should not become an outage of the proxy. ``on_backend_error="refuse"``
 answers 503 ``limits_unavailable`` instead.
 
@@ -66,6 +68,11 @@ log = structlog.get_logger("frugal.policy")
 _T = TypeVar("_T")
 
 NANO = 1_000_000_000  # nano-USD per USD
+# A day's budget keys outlive the day by this much after their last use, then go (the Redis
+# backend's key expiry; the in-process one sweeps them, or a replica kept two keys a tenant
+# for every day it ran).
+BUDGET_KEEP_S: Final = 2 * 86_400.0
+SWEEP_EVERY_S: Final = 600.0  # how often the in-process counters drop what no longer counts
 WINDOW_S = 60.0  # the "minute" of requests/tokens per minute; also the GCRA burst tolerance
 UNLIMITED = -1  # a ceiling meaning "count, but never refuse"
 
@@ -175,10 +182,11 @@ class _Budget:
     running sum and expired reservations are swept only once the earliest may have expired, so
     a reservation costs the same with 1 or 1,000 others open."""
 
-    __slots__ = ("_next_expiry", "reservations", "reserved", "spent")
+    __slots__ = ("_next_expiry", "reservations", "reserved", "spent", "used_at")
 
     def __init__(self) -> None:
         self.spent = 0
+        self.used_at = -math.inf  # the counters' clock at the last reserve or settle
         self.reservations: dict[str, tuple[int, float]] = {}  # id -> (nano, expiry)
         self.reserved = 0  # the sum of the reservations' amounts
         self._next_expiry = math.inf  # no reservation expires before this
@@ -232,9 +240,33 @@ class LocalCounters:
         self._tat: dict[str, float] = {}
         self._leases: dict[str, _Leases] = {}
         self._budgets: dict[str, _Budget] = {}
+        self._swept_at = clock()
+
+    def __len__(self) -> int:
+        """How many counters are held (rates, concurrency keys, budget keys)."""
+        return len(self._tat) + len(self._leases) + len(self._budgets)
+
+    def _sweep(self, now: float) -> None:
+        """Every ``SWEEP_EVERY_S``: drop the rate counters that are paid off (a counter at or
+        before now counts as none), the concurrency keys with no live lease, and the budget keys
+        unused for ``BUDGET_KEEP_S`` with nothing reserved (past days': keys name their day)."""
+        if now - self._swept_at < SWEEP_EVERY_S:
+            return
+        self._swept_at = now
+        for key in [k for k, tat in self._tat.items() if tat <= now]:
+            del self._tat[key]
+        for key, leases in list(self._leases.items()):
+            leases.purge(now)
+            if not leases.held:
+                del self._leases[key]
+        for key, budget in list(self._budgets.items()):
+            budget.purge(now)
+            if not budget.reservations and now - budget.used_at > BUDGET_KEEP_S:
+                del self._budgets[key]
 
     async def rate(self, key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
         now = self._clock()
+        self._sweep(now)
         wait, new_tat = gcra(self._tat.get(key, now), now, cost, per_minute, debt=debt)
         if wait == 0.0:
             self._tat[key] = new_tat
@@ -280,12 +312,14 @@ class LocalCounters:
         self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
     ) -> ReserveOutcome:
         now = self._clock()
+        self._sweep(now)
         states = []
         for key, ceiling in budgets:
             state = self._budgets.get(key)
             if state is None:
                 state = self._budgets[key] = _Budget()
             state.purge(now)
+            state.used_at = now
             reserved = state.reserved
             if ceiling != UNLIMITED and state.spent + reserved + amount_nano > ceiling:
                 return ReserveOutcome(False, key, state.spent, reserved)
@@ -296,12 +330,14 @@ class LocalCounters:
         return ReserveOutcome(True, None, first.spent, first.reserved - amount_nano)
 
     async def settle(self, keys: Sequence[str], res_id: str, actual_nano: int) -> None:
+        now = self._clock()
         for key in keys:
             state = self._budgets.get(key)
             if state is None:
                 state = self._budgets[key] = _Budget()
             state.drop(res_id)
             state.spent += actual_nano
+            state.used_at = now
 
     async def budget_status(self, key: str) -> tuple[int, int]:
         state = self._budgets.get(key)
@@ -485,6 +521,9 @@ class Limiter:
         # this replica's leases and reservations (id -> budget keys), renewed by keep_holdings
         self._held: set[tuple[str, str]] = set()
         self._reserved: dict[str, tuple[str, str]] = {}
+        # counter operations failed since one last succeeded: an outage is logged when it
+        # starts and when it ends, not once per request (each failure is counted by on_outage)
+        self._failed_since_ok = 0
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):x}"
@@ -500,7 +539,7 @@ class Limiter:
     async def _guard(self, operation: Coroutine[Any, Any, _T], fallback: _T) -> _T:
         """Run a counter operation; if the backend is down, fail open or refuse (503)."""
         try:
-            return await operation
+            result = await operation
         except CounterBackendError as exc:
             if self._on_outage is not None:
                 self._on_outage("check")
@@ -508,8 +547,21 @@ class Limiter:
                 raise LimitsUnavailable(
                     "tier limits cannot be checked right now", retry_after=1.0
                 ) from exc
-            log.warning("policy_limits_unavailable", error=str(exc), note="serving unchecked")
+            self._backend_failed("policy_limits_unavailable", exc, note="serving unchecked")
             return fallback
+        self._backend_answered()
+        return result
+
+    def _backend_failed(self, event: str, exc: CounterBackendError, **fields: str) -> None:
+        """Log a failed counter operation if it is the first since one succeeded."""
+        self._failed_since_ok += 1
+        if self._failed_since_ok == 1:
+            log.warning(event, error=str(exc), **fields)
+
+    def _backend_answered(self) -> None:
+        if self._failed_since_ok:
+            log.warning("policy_limits_recovered", failed_operations=self._failed_since_ok)
+            self._failed_since_ok = 0
 
     async def check_rate(self, principal: Principal, prompt_tokens: int) -> None:
         """Requests/minute, then tokens/minute (charging the prompt estimate). 429 on excess."""
@@ -659,8 +711,14 @@ class Limiter:
         await self._release_later(release, what)
 
     async def _release_later(self, release: Coroutine[Any, Any, None], what: str) -> None:
-        if not await _finish(release, what) and self._on_outage is not None:
+        failure = await _finish(release, what)
+        if failure is None:
+            self._backend_answered()
+            return
+        if self._on_outage is not None:
             self._on_outage("release")
+        if isinstance(failure, CounterBackendError):
+            self._backend_failed("policy_release_failed", failure, what=what, note="expires by TTL")
 
     async def drain(self) -> None:
         """Wait for the releases left running in the background (at shutdown, before the
@@ -778,9 +836,10 @@ class _Reservation(AbstractAsyncContextManager[Spend]):
         )
 
 
-async def _finish(release: Coroutine[Any, Any, None], what: str) -> bool:
+async def _finish(release: Coroutine[Any, Any, None], what: str) -> Exception | None:
     """Run a release even if the request is being cancelled; never let it mask the request's own
-    outcome. If it fails (backend down; False) the TTL frees the holding later."""
+    outcome. If it fails (backend down: the error, for the caller to log once per outage) the
+    TTL frees the holding later."""
     task = asyncio.ensure_future(release)
     try:
         await asyncio.shield(task)
@@ -788,9 +847,8 @@ async def _finish(release: Coroutine[Any, Any, None], what: str) -> bool:
         # Cancelled again while releasing: the shielded task still finishes on its own.
         raise
     except CounterBackendError as exc:
-        log.warning("policy_release_failed", what=what, error=str(exc), note="expires by TTL")
-        return False
-    except Exception:
+        return exc
+    except Exception as exc:
         log.warning("policy_release_failed", what=what, note="expires by TTL", exc_info=True)
-        return False
-    return True
+        return exc
+    return None

@@ -20,9 +20,9 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from proxy.backoff import Backoff
-from proxy.policy.limits import WINDOW_S, CounterBackendError, ReserveOutcome
+from proxy.policy.limits import BUDGET_KEEP_S, WINDOW_S, CounterBackendError, ReserveOutcome
 
-BUDGET_KEEP_MS = 2 * 86_400_000  # a day's budget keys outlive the day, then vanish
+BUDGET_KEEP_MS = int(BUDGET_KEEP_S * 1000)  # a day's budget keys outlive the day, then vanish
 # Concurrency leases and budget reservations: held ones are renewed every third of it
 # (Limiter.keep_holdings), so a crashed replica's slots and reserved money come free within it
 # (a TTL as long as the longest request locked its tenants out for 15 minutes).

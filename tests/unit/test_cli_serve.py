@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -313,3 +314,37 @@ async def test_a_connection_that_never_finishes_its_request_head_is_closed(tmp_p
             assert await asyncio.wait_for(reader.read(), timeout=30) == b""  # closed, unanswered
         finally:
             writer.close()
+
+
+# Requests aiohttp cannot parse: a control character in a header, a request line over its 8 KB
+# limit, a header line without a colon. Each used to be an ERROR with the offending bytes.
+MALFORMED = (
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: " + b"\x01" * 3000 + b"\r\n\r\n",
+    b"GET /" + b"A" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nNoColon" + b"Z" * 4000 + b"\r\n\r\n",
+)
+
+
+async def test_requests_aiohttp_cannot_parse_cannot_flood_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any client may send malformed requests at will: they are answered 400 and logged as one
+    short warning at most (per interval), not an error line each with the bytes sent."""
+    engine = fake.FakeEngineOptions(model="m")
+    async with _serving(tmp_path, engine, 1) as (_, url):
+        port = int(url.rsplit(":", 1)[1])
+        for i in range(30):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(MALFORMED[i % len(MALFORMED)])
+            answer = await asyncio.wait_for(reader.read(), timeout=10)
+            writer.close()
+            assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer[:100]
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # (before: 30 ERRORs "Error handling request", each with its traceback and up to 15 KB)
+    assert len(logged) == 1, [r.getMessage()[:100] for r in logged]
+    (line,) = logged
+    assert line.levelno == logging.WARNING and line.exc_info is None
+    assert line.getMessage() == "http.bad_request"
+    assert line.__dict__["peer"] == "127.0.0.1"
+    assert len(line.__dict__["error"]) <= 200  # what was sent is cut short
+    assert "\x01" not in line.__dict__["error"]

@@ -8,6 +8,7 @@ import random
 from collections.abc import Sequence
 
 import pytest
+import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -420,3 +421,84 @@ async def test_a_request_refused_by_one_limit_spends_none_of_the_others() -> Non
     with pytest.raises(RateLimitExceeded, match="requests per minute"):
         async with limits.admit(acme, prompt_tokens=1):
             pass
+
+
+async def test_the_in_process_counters_forget_past_days_and_idle_rates() -> None:
+    """A replica running for months keeps a bounded set of counters: each day's budget keys go
+    two days after their last use (as Redis expires them), a rate counter once it is idle."""
+    clock, today = Clock(), [DAY]
+    counters = LocalCounters(clock)
+    limits = Limiter(counters, wall_clock=lambda: today[0], reservation_ttl_s=60)
+    spender = principal(
+        budget={"usd_per_day": 1.0}, limits={"max_tokens": 8, "requests_per_minute": 60}
+    )
+    for day in range(30):
+        today[0] = DAY + dt.timedelta(days=day)
+        clock.now += 86_400
+        async with (
+            limits.admit(spender, prompt_tokens=1),
+            limits.reserve_budget(spender, 0.01) as s,
+        ):
+            s.record(0.004)
+        # (before: 2 budget keys a day, kept for ever: 60 after a month, and one rate counter)
+        assert len(counters) <= 2 * 3 + 1, day
+    tier, tenant = await limits.budget_status(spender)
+    assert (tier.spent_usd, tenant.spent_usd) == (0.004, 0.004)  # today's spend is kept
+    clock.now += 86_400 * 3
+    await limits.check_rate(
+        principal("idle", limits={"max_tokens": 8, "requests_per_minute": 60}), 0
+    )
+    assert len(counters) == 1  # the one rate counter just charged
+
+
+class FlakyBackend:
+    """In-process counters behind a switch, as a shared backend is (not LocalCounters: the
+    limiter treats those as never failing)."""
+
+    def __init__(self) -> None:
+        self.counters = LocalCounters()
+        self.down = False
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self.counters, name)
+
+        async def call(*args: object, **kwargs: object) -> object:
+            if self.down:
+                raise CounterBackendError("redis: connection refused")
+            return await method(*args, **kwargs)
+
+        return call
+
+    def failing(self) -> bool:
+        return False
+
+
+async def test_a_counters_outage_is_logged_when_it_starts_and_ends_not_per_request() -> None:
+    backend = FlakyBackend()
+    outages: list[str] = []
+    limits = Limiter(backend, wall_clock=lambda: DAY, on_outage=outages.append)  # type: ignore[arg-type]
+    limited = principal(
+        limits={"max_tokens": 8, "requests_per_minute": 1000, "concurrent": 4},
+        budget={"usd_per_day": 100.0},
+    )
+
+    async def request() -> None:
+        async with limits.admit(limited, prompt_tokens=5) as ticket, ticket.budget(0.01) as spend:
+            spend.record(0.001)
+
+    backend.down = True
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(50):
+            await request()  # served unchecked, each operation counted
+        backend.down = False
+        await request()
+        await request()
+    # each request's slot, rate and reservation checks, then its settle and slot release
+    assert outages == ["check", "check", "check", "release", "release"] * 50
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    # (before: one policy_limits_unavailable per check, one policy_release_failed per release)
+    assert [e["event"] for e in warnings] == [
+        "policy_limits_unavailable",
+        "policy_limits_recovered",
+    ]
+    assert warnings[1]["failed_operations"] == len(outages)
