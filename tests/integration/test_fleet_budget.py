@@ -109,22 +109,26 @@ async def test_two_replicas_never_overspend_a_shared_budget(
 
 
 async def _durability_warnings(
-    start_fake: StartFake, aiohttp_server: Any, redis_url: str, tmp_path: Path, budget: bool
+    start_fake: StartFake,
+    aiohttp_server: Any,
+    redis_url: str,
+    tmp_path: Path,
+    budget: bool,
+    label: str = "a",
 ) -> list[dict[str, Any]]:
     """What a replica logs about Redis's persistence once it has asked (and served a request)."""
     import structlog
 
-    tmp_path.mkdir(exist_ok=True)
     engine = await start_fake("m")
     overrides: dict[str, Any] = {"models": ["m"]}
     if budget:
         overrides["budget"] = {"usd_per_day": 5.0}
-    folder = write_policies(tmp_path / "policies", tier("free", [KEY], **overrides))
+    folder = write_policies(tmp_path / f"{label}-policies", tier("free", [KEY], **overrides))
     settings = Settings.model_validate(
         {
             "engines": [{**engine_config("e", "m", [engine.url]), "cost": PRICE}],
             "policies": str(folder),
-            "data_dir": str(tmp_path / "data"),
+            "data_dir": str(tmp_path / f"{label}-data"),
             "cache": {"enabled": False},
             "embeddings": {"enabled": False},
             "redis": {"url": redis_url},
@@ -163,12 +167,12 @@ async def test_no_warning_when_redis_persists_or_no_tier_has_a_budget(
     start_fake: StartFake, aiohttp_server: Any, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     assert not await _durability_warnings(
-        start_fake, aiohttp_server, redis_server.url, tmp_path / "a", budget=False
+        start_fake, aiohttp_server, redis_server.url, tmp_path, budget=False, label="a"
     )
     import redis.asyncio as aioredis
 
     async with aioredis.Redis.from_url(redis_server.url) as admin:
         await admin.config_set("appendonly", "yes")
     assert not await _durability_warnings(
-        start_fake, aiohttp_server, redis_server.url, tmp_path / "b", budget=True
+        start_fake, aiohttp_server, redis_server.url, tmp_path, budget=True, label="b"
     )
