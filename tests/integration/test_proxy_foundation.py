@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy import pipeline
 from proxy.app import TRANSPORT, create_app
+from proxy.errors import InternalError
 from proxy.observability.access import AccessLog
 from proxy.settings import Settings
 from proxy.sse import parse_all
@@ -909,6 +910,40 @@ async def test_an_unexpected_error_is_an_openai_500_logged_once_and_counted(
     resp = await p.client.get("/metrics")
     assert resp.status == 500
     assert (await resp.json())["error"]["code"] == "internal_error"
+
+
+@pytest.mark.xfail(strict=True, reason="aiohttp answers it with its own text/plain 500")
+async def test_an_exception_escaping_the_error_middleware_is_the_same_openai_500(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    engine = await start_fake("small-model")
+    settings = Settings.model_validate(
+        {
+            "engines": [engine_config("small", "small-model", [engine.url])],
+            "policies": None,
+            "data_dir": str(tmp_path / "data"),
+            "cache": {"enabled": False},
+            "embeddings": {"enabled": False},
+            "logging": {"level": "warning", "format": "console"},
+        }
+    )
+    app = create_app(settings, access_log=False)
+
+    @web.middleware
+    async def outermost(request: web.Request, handler: Any) -> web.StreamResponse:
+        raise RuntimeError("a bug outside the error middleware")
+
+    app.middlewares.insert(0, outermost)  # runs before, so outside, the error middleware
+    client = await aiohttp_client(app)
+    with structlog.testing.capture_logs() as logs:
+        resp = await client.get("/healthz", headers={"Accept": "text/html"})
+    assert resp.status == 500
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert await resp.read() == InternalError().to_json()  # the middleware's own 500
+    assert resp.headers["Connection"] == "close"  # as aiohttp closes it
+    (logged,) = [e for e in logs if e["event"] == "unexpected error"]
+    assert isinstance(logged["exc_info"], RuntimeError)
+    assert logged["path"] == "/healthz"
 
 
 async def test_a_body_that_cannot_be_decoded_is_a_400(
