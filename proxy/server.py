@@ -17,6 +17,7 @@ from proxy.app import create_app
 from proxy.cache.store import StoreInUse
 from proxy.cli import DataDirError, ListenError
 from proxy.observability.logging import configure_logging
+from proxy.protocol import ProxyRunner
 from proxy.settings import Settings
 from proxy.stopping import WAITS
 
@@ -76,8 +77,9 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
     # again after it is told to stop, which one waiting on an engine does not notice) before it
     # cancels it: with its 60 s default a stop took 2 minutes, past docker's and Kubernetes'
     # grace periods, and the SIGKILL then lost the cache's queued writes. Half each way keeps
-    # the whole drain within server.shutdown_timeout_s.
-    runner = web.AppRunner(
+    # the whole drain within server.shutdown_timeout_s. What aiohttp refuses below the app (a
+    # malformed request line or header) is answered as OpenAI error JSON (proxy/protocol.py).
+    runner = ProxyRunner(
         app,
         handler_cancellation=True,
         access_log=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -313,3 +314,22 @@ async def test_a_connection_that_never_finishes_its_request_head_is_closed(tmp_p
             assert await asyncio.wait_for(reader.read(), timeout=30) == b""  # closed, unanswered
         finally:
             writer.close()
+
+
+async def test_bytes_that_are_not_http_get_openai_json_from_the_served_proxy(
+    tmp_path: Path,
+) -> None:
+    engine = fake.FakeEngineOptions(model="m")
+    async with _serving(tmp_path, engine, 1) as (_, url):
+        port = int(url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\x00\x01 not http\r\n\r\n")
+        try:
+            # (before: aiohttp's text/plain 400, which an OpenAI SDK cannot read)
+            answer = await asyncio.wait_for(reader.read(), timeout=30)  # then it closes
+        finally:
+            writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400 ")
+    assert b"\r\nContent-Type: application/json\r\n" in head
+    assert json.loads(body)["error"]["code"] == "malformed_http"
