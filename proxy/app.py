@@ -802,19 +802,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # The pipeline's own bugs arrive wrapped (carrying the request's id and headers).
         return _internal_error(request, err, err.__cause__ or err)
     except FrugalError as err:
-        return _error_response(err)
+        return error_response(err)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error_response(_from_http_exception(exc))
+        return error_response(_from_http_exception(exc))
     except Exception as exc:
         return _internal_error(request, InternalError(), exc)
 
 
 def _internal_error(request: web.Request, err: InternalError, bug: BaseException) -> web.Response:
     if request.writer.output_size > 0:
-        # Part of a response is out: no error response can follow it. aiohttp logs the
-        # exception and closes the connection.
+        # Part of a response is out: no error response can follow it. The connection's handler
+        # (proxy/protocol.py) logs the exception and aiohttp closes the connection.
         raise bug from None
     log.error(
         "unexpected error",
@@ -823,10 +823,11 @@ def _internal_error(request: web.Request, err: InternalError, bug: BaseException
         request_id=err.headers.get("x-request-id"),
         exc_info=bug,
     )
-    return _error_response(err)
+    return error_response(err)
 
 
-def _error_response(err: FrugalError) -> web.Response:
+def error_response(err: FrugalError) -> web.Response:
+    """``err`` as a response (also what aiohttp refuses below the app: proxy/protocol.py)."""
     return web.Response(
         body=err.to_json(), status=err.status, content_type="application/json", headers=err.headers
     )

@@ -5,7 +5,8 @@
     FrugalError                      500 server_error
     ├── InternalError                500 server_error               code=internal_error
     ├── InvalidRequest               400 invalid_request_error      (also ValueError)
-    │   └── PayloadTooLarge          413 invalid_request_error      code=payload_too_large
+    │   ├── PayloadTooLarge          413 invalid_request_error      code=payload_too_large
+    │   └── MalformedHttp            400 invalid_request_error      code=malformed_http
     ├── AuthenticationFailed         401 authentication_error       code=invalid_api_key
     ├── PermissionDenied             403 permission_error           code=model_not_allowed
     ├── NotFound                     404 invalid_request_error
@@ -96,6 +97,12 @@ class InvalidRequest(FrugalError, ValueError):
 class PayloadTooLarge(InvalidRequest):
     status = 413
     default_code = "payload_too_large"
+
+
+class MalformedHttp(InvalidRequest):
+    """A request aiohttp's HTTP parser refused before the app saw it (proxy/protocol.py)."""
+
+    default_code = "malformed_http"
 
 
 class RequestTimeout(InvalidRequest):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
-import logging
 import os
 import signal
 from collections.abc import Callable
@@ -17,7 +16,8 @@ from aiohttp import web
 from proxy.app import create_app
 from proxy.cache.store import StoreInUse
 from proxy.cli import DataDirError, ListenError
-from proxy.observability.logging import BadRequestLog, configure_logging
+from proxy.observability.logging import configure_logging
+from proxy.protocol import ProxyRunner
 from proxy.settings import Settings
 from proxy.stopping import WAITS
 
@@ -73,26 +73,13 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
     """Serve until cancelled (Ctrl-C), then shut down cleanly."""
     check_data_dirs(settings)
     app = create_app(settings)
-    # aiohttp's server logger, with the requests it cannot parse rate-limited (BadRequestLog);
-    # the filter goes with this server.
-    http_log = logging.getLogger("aiohttp.server")
-    bad_requests = BadRequestLog()
-    http_log.addFilter(bad_requests)
-    try:
-        await _serve_app(app, settings, host=host, port=port, http_log=http_log)
-    finally:
-        http_log.removeFilter(bad_requests)
-
-
-async def _serve_app(
-    app: web.Application, settings: Settings, *, host: str, port: int, http_log: logging.Logger
-) -> None:
     # aiohttp waits its shutdown_timeout twice for a request in flight (for it to end, then
     # again after it is told to stop, which one waiting on an engine does not notice) before it
     # cancels it: with its 60 s default a stop took 2 minutes, past docker's and Kubernetes'
     # grace periods, and the SIGKILL then lost the cache's queued writes. Half each way keeps
-    # the whole drain within server.shutdown_timeout_s.
-    runner = web.AppRunner(
+    # the whole drain within server.shutdown_timeout_s. What aiohttp refuses below the app (a
+    # malformed request line or header) is answered as OpenAI error JSON (proxy/protocol.py).
+    runner = ProxyRunner(
         app,
         handler_cancellation=True,
         access_log=None,
@@ -100,7 +87,6 @@ async def _serve_app(
         # Also how long a connection may take to send its first request's head: without it a
         # client that opens connections and never finishes a request holds each for an hour.
         keepalive_timeout=settings.server.keepalive_timeout_s,
-        logger=http_log,
     )
     try:
         await runner.setup()

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
-from collections.abc import Callable, Collection, Mapping, MutableMapping
+from collections.abc import Collection, Mapping, MutableMapping
 from typing import IO, Any, BinaryIO, Final, TextIO, cast
 
 import orjson
 import structlog
-from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 CONTENT_KEYS: Final = frozenset(
@@ -245,51 +243,3 @@ def access_log_fields(
     if error is not None:
         fields["error"] = error
     return fields
-
-
-# How much of what a client sent a bad-request warning quotes (aiohttp's message quotes the line
-# it could not parse, up to its 8 KB limit).
-MAX_BAD_REQUEST_DETAIL: Final = 200
-
-
-class BadRequestLog(logging.Filter):
-    """For the aiohttp server's logger: requests it cannot parse (a control character in a header,
-    a line over 8 KB), which aiohttp logs as an ERROR with a traceback and the bytes sent, become
-    at most one short warning per ``every_s``, ``http.bad_request``, with the peer, the error cut
-    to ``MAX_BAD_REQUEST_DETAIL`` characters, and how many were left out since the last one. Any
-    client can send those at will: as errors, each wrote up to 15 KB of log. Every other record
-    passes unchanged."""
-
-    def __init__(self, *, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
-        super().__init__()
-        self.every_s = every_s
-        self._clock = clock
-        self._next_at = -float("inf")
-        self.suppressed = 0  # left out since the last warning
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if not isinstance(error, HttpProcessingError):
-            return True
-        now = self._clock()
-        if now < self._next_at:
-            self.suppressed += 1
-            return False
-        self._next_at = now + self.every_s
-        # aiohttp's message is "Error handling request from %s" with the peer as its argument
-        peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        # one line of printable ASCII (the message quotes the bytes on several lines)
-        detail = " ".join(f"{type(error).__name__}: {error.code} {error.message}".split())
-        record.__dict__.update(
-            msg="http.bad_request",
-            args=(),
-            levelno=logging.WARNING,
-            levelname="WARNING",
-            exc_info=None,
-            exc_text=None,
-            peer=peer,
-            error=detail.encode("ascii", "backslashreplace").decode()[:MAX_BAD_REQUEST_DETAIL],
-            suppressed=self.suppressed,
-        )
-        self.suppressed = 0
-        return True

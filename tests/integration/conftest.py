@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
 from proxy.app import SERVICES, create_app
 from proxy.engines.fake import (
@@ -20,6 +21,7 @@ from proxy.engines.fake import (
     FakeEngineState,
     create_fake_engine_app,
 )
+from proxy.protocol import ProxyRunner
 from proxy.services import Services
 from proxy.settings import Settings
 
@@ -82,6 +84,14 @@ def engine_config(name: str, model: str, urls: list[str], **extra: Any) -> dict[
     }
 
 
+class ProxyServer(TestServer):
+    """The app served through the proxy's own runner, as ``frugal serve`` serves it: what
+    aiohttp refuses below the app is answered as OpenAI error JSON (proxy/protocol.py)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return ProxyRunner(self.app, **kwargs)
+
+
 @dataclass
 class Proxy:
     client: TestClient[web.Request, web.Application]
@@ -110,7 +120,7 @@ async def start_proxy(aiohttp_client: Any, tmp_path: Any) -> StartProxy:
         raw["embeddings"] = {"enabled": False}
         raw.update(sections)
         settings = Settings.model_validate(raw)
-        client = await aiohttp_client(create_app(settings, access_log=False))
+        client = await aiohttp_client(ProxyServer(create_app(settings, access_log=False)))
         return Proxy(client)
 
     return start

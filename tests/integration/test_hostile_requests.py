@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+import structlog
 
-from tests.integration.conftest import StartFake, StartProxy, engine_config
+from proxy.observability.access import AccessLog
+from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config, wait_until
 from tests.integration.test_policy_pipeline import FREE_KEY, auth, tier, write_policies
 
 
@@ -96,3 +102,154 @@ async def test_n_beyond_openai_s_maximum_is_a_400(
     assert error["param"] == field
     assert "128" in error["message"]
     assert engine.state.counters.requests == 0
+
+
+# -- requests aiohttp's HTTP parser refuses before the app sees them ---------------------------
+
+CHAT_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+CHAT_BODY = b'{"model":"small-model","messages":[{"role":"user","content":"hi"}]}'
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def _connect(proxy: Proxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    server = proxy.client.server
+    return await asyncio.open_connection(server.host, server.port)
+
+
+async def _read_response(reader: asyncio.StreamReader) -> RawResponse:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+    headers = {}
+    for line in lines:
+        name, value = line.split(":", 1)
+        headers[name.strip().lower()] = value.strip()
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
+    return RawResponse(int(status_line.split()[1]), headers, body)
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    return await asyncio.wait_for(reader.read(1), 10) == b""
+
+
+def _chat(body: bytes = CHAT_BODY) -> bytes:
+    return CHAT_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+MALFORMED = {
+    "bad request line": (b"GET /healthz HTTP/1.1 x\r\nHost: x\r\n\r\n", "status line"),
+    "bad URL": (b"GET /\x7f HTTP/1.1\r\nHost: x\r\n\r\n", "url"),
+    "method the parser refuses": (b"get /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "method"),
+    "invalid header name": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n", "header"),
+    "control character in a header value": (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n\r\n",
+        "header value",
+    ),
+    "header line over the limit": (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 9_000 + b"\r\n\r\n",
+        "8190 bytes",
+    ),
+    "too many headers": (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-%d: 1\r\n" % i for i in range(200))
+        + b"\r\n",
+        "too many headers",
+    ),
+    "bad Content-Length": (CHAT_HEAD + b"Content-Length: abc\r\n\r\n{}", "content-length"),
+    "two Content-Lengths": (
+        CHAT_HEAD + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        "content-length",
+    ),
+    "Content-Length and Transfer-Encoding": (
+        CHAT_HEAD + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "transfer-encoding",
+    ),
+    "broken chunked body": (
+        CHAT_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+        "chunk size",
+    ),
+    "garbage bytes": (b"\x00\x01\x02\xff\xfe garbage \r\n\r\n", "method"),
+    "TLS on the plain port": (
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 40,
+        "https",
+    ),
+}
+
+
+@pytest.mark.parametrize(("sent", "named"), MALFORMED.values(), ids=MALFORMED.keys())
+async def test_a_request_the_http_parser_refuses_is_an_openai_shaped_400(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+    sent: bytes,
+    named: str,
+) -> None:
+    engine = await start_fake("small-model")
+    proxy = await start_proxy([engine_config("small", "small-model", [engine.url])])
+    reader, writer = await _connect(proxy)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            writer.write(sent)
+            resp = await _read_response(reader)
+            assert await _closed(reader)  # as aiohttp does: the rest cannot be trusted
+    finally:
+        writer.close()
+    assert resp.status == 400, resp.body
+    assert resp.headers["content-type"].startswith("application/json")
+    error = orjson.loads(resp.body)["error"]
+    assert error.keys() == {"message", "type", "param", "code"}
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error",
+        None,
+        "malformed_http",
+    )
+    assert named in error["message"].lower()
+    assert len(error["message"]) <= 200  # names the fault; never echoes what was sent
+    assert b"aaaaaaaaaa" not in resp.body
+    assert engine.state.counters.requests == 0
+    # One line saying why, not aiohttp's "Error handling request" and a traceback.
+    (logged,) = [e for e in logs if e["event"] == "malformed request"]
+    assert logged["error"] == error["message"]
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelno >= 30]
+
+
+async def test_requests_before_a_malformed_one_on_the_connection_are_served_and_counted(
+    start_fake: StartFake, start_proxy: StartProxy
+) -> None:
+    engine = await start_fake("small-model")
+    proxy = await start_proxy([engine_config("small", "small-model", [engine.url])])
+    buffer = io.BytesIO()
+    proxy.services.access_log = AccessLog(json=True, stream=buffer)
+    reader, writer = await _connect(proxy)
+    try:
+        for _ in range(2):  # keep-alive: both on the one connection
+            writer.write(_chat())
+            ok = await _read_response(reader)
+            assert ok.status == 200, ok.body
+            assert ok.headers["content-type"].startswith("application/json")
+            assert orjson.loads(ok.body)["object"] == "chat.completion"
+        writer.write(b"\x00\x01 garbage\r\n\r\n")
+        refused = await _read_response(reader)
+        assert await _closed(reader)
+    finally:
+        writer.close()
+    assert refused.status == 400
+    assert orjson.loads(refused.body)["error"]["code"] == "malformed_http"
+    assert engine.state.counters.requests == 2
+    # The refused request never reached the pipeline: no tenant, no model, so neither an access
+    # line nor a count of its own (as a path that does not exist).
+    await wait_until(lambda: buffer.getvalue().count(b"\n") >= 2)
+    lines = [orjson.loads(line) for line in buffer.getvalue().splitlines()]
+    assert [line["status"] for line in lines] == [200, 200]
+    counted = {
+        sample.labels["status"]: sample.value
+        for family in proxy.services.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "frugal_requests_total"
+    }
+    assert counted == {"200": 2.0}

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import orjson
 import pytest
@@ -18,10 +19,17 @@ from aiohttp import web
 
 from proxy import pipeline
 from proxy.app import TRANSPORT, create_app
+from proxy.errors import InternalError
 from proxy.observability.access import AccessLog
 from proxy.settings import Settings
 from proxy.sse import parse_all
-from tests.integration.conftest import StartFake, StartProxy, engine_config, wait_until
+from tests.integration.conftest import (
+    ProxyServer,
+    StartFake,
+    StartProxy,
+    engine_config,
+    wait_until,
+)
 
 CHAT = {"model": "small-model", "messages": [{"role": "user", "content": "Say hi"}]}
 
@@ -909,6 +917,67 @@ async def test_an_unexpected_error_is_an_openai_500_logged_once_and_counted(
     resp = await p.client.get("/metrics")
     assert resp.status == 500
     assert (await resp.json())["error"]["code"] == "internal_error"
+
+
+async def _bare_proxy_app(start_fake: StartFake, tmp_path: Path) -> web.Application:
+    engine = await start_fake("small-model")
+    settings = Settings.model_validate(
+        {
+            "engines": [engine_config("small", "small-model", [engine.url])],
+            "policies": None,
+            "data_dir": str(tmp_path / "data"),
+            "cache": {"enabled": False},
+            "embeddings": {"enabled": False},
+            "logging": {"level": "warning", "format": "console"},
+        }
+    )
+    return create_app(settings, access_log=False)
+
+
+async def test_an_exception_escaping_the_error_middleware_is_the_same_openai_500(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    app = await _bare_proxy_app(start_fake, tmp_path)
+
+    @web.middleware
+    async def outermost(request: web.Request, handler: Any) -> web.StreamResponse:
+        raise RuntimeError("a bug outside the error middleware")
+
+    app.middlewares.insert(0, outermost)  # runs before, so outside, the error middleware
+    client = await aiohttp_client(ProxyServer(app))
+    with structlog.testing.capture_logs() as logs:
+        # (aiohttp's own 500 was text/plain, or text/html for a client that accepts it)
+        resp = await client.get("/healthz", headers={"Accept": "text/html"})
+    assert resp.status == 500
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert await resp.read() == InternalError().to_json()  # the middleware's own 500
+    assert resp.headers["Connection"] == "close"  # as aiohttp closes it
+    (logged,) = [e for e in logs if e["event"] == "unexpected error"]
+    assert isinstance(logged["exc_info"], RuntimeError)
+    assert logged["path"] == "/healthz"
+
+
+async def test_a_bug_after_a_response_began_drops_the_connection_and_is_logged_once(
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    app = await _bare_proxy_app(start_fake, tmp_path)
+
+    async def half_then_bug(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"half")
+        raise RuntimeError("a bug mid-response")
+
+    app.router.add_get("/half", half_then_bug)
+    client = await aiohttp_client(ProxyServer(app))
+    with structlog.testing.capture_logs() as logs:
+        resp = await client.get("/half")
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut, not followed by an error body
+            await resp.read()
+    (logged,) = [e for e in logs if e["event"] == "unexpected error"]
+    assert isinstance(logged["exc_info"], RuntimeError)
+    assert logged["path"] == "/half"
 
 
 async def test_a_body_that_cannot_be_decoded_is_a_400(

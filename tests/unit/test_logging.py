@@ -2,22 +2,18 @@ from __future__ import annotations
 
 import io
 import logging
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
 import structlog
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.observability.logging import (
     ACCESS_EVENT,
     CONTENT_KEYS,
-    MAX_BAD_REQUEST_DETAIL,
-    BadRequestLog,
     DropContent,
     access_log_fields,
     configure_logging,
@@ -213,48 +209,3 @@ def test_json_access_line_timestamp_is_utc_iso_with_microseconds() -> None:
         assert stamp.endswith("Z") and len(stamp.split(".")[1]) == 7  # 6 digits + Z
         parsed = dt.datetime.fromisoformat(stamp[:-1]).replace(tzinfo=dt.UTC).timestamp()
         assert before - 1e-6 <= parsed <= after + 1e-6
-
-
-def _aiohttp_error(error: Exception) -> logging.LogRecord:
-    """The record aiohttp's server writes for a request it cannot parse."""
-    try:
-        raise error
-    except Exception:
-        return logging.LogRecord(
-            "aiohttp.server", logging.ERROR, __file__, 1,
-            "Error handling request from %s", ("203.0.113.9",), exc_info=sys.exc_info(),
-        )  # fmt: skip
-
-
-def test_bad_request_log_keeps_one_short_warning_per_interval_and_counts_the_rest() -> None:
-    now = [100.0]
-    guard = BadRequestLog(every_s=60.0, clock=lambda: now[0])
-    first = _aiohttp_error(LineTooLong("A" * 9000, 8190))
-    assert guard.filter(first)
-    assert first.levelno == logging.WARNING and first.exc_info is None
-    assert first.getMessage() == "http.bad_request"
-    assert first.__dict__["peer"] == "203.0.113.9" and first.__dict__["suppressed"] == 0
-    assert first.__dict__["error"].startswith("LineTooLong: 400 Got more than 8190 bytes")
-    assert len(first.__dict__["error"]) == MAX_BAD_REQUEST_DETAIL
-    for _ in range(500):
-        now[0] += 0.1
-        assert not guard.filter(_aiohttp_error(BadHttpMessage("Invalid header value char")))
-    now[0] += 60.0
-    later = _aiohttp_error(BadHttpMessage("Invalid header token:\n\n    b'\\x01\u00e9'"))
-    assert guard.filter(later)
-    assert later.__dict__["suppressed"] == 500  # the flood is still told, in one number
-    assert later.__dict__["error"].isascii() and "\n" not in later.__dict__["error"]
-
-
-def test_bad_request_log_passes_every_other_record_unchanged() -> None:
-    guard = BadRequestLog(clock=lambda: 0.0)
-    try:
-        raise RuntimeError("a bug in a handler")
-    except RuntimeError:
-        bug = logging.LogRecord(
-            "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
-            ("x",), sys.exc_info(),
-        )  # fmt: skip
-    for _ in range(3):
-        assert guard.filter(bug)
-    assert bug.levelno == logging.ERROR and bug.exc_info is not None
