@@ -29,7 +29,12 @@ class ProxyRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         # aiohttp's Server hard-codes its handler class; rebuilt from the one AppRunner made,
         # every argument the runner was given (timeouts, cancellation) still holds.
-        return _Server(await super()._make_server())
+        made = await super()._make_server()
+        try:
+            return _Server(made)
+        except AttributeError:  # another aiohttp's internals: serve, with its own error pages
+            log.warning("malformed requests get aiohttp's plain-text errors with this aiohttp")
+            return made
 
 
 class _Server(web.Server):
