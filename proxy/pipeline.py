@@ -1036,7 +1036,7 @@ def _relay_body(upstream: Upstream, exchange: Exchange, store: _Store) -> web.Re
         rename = _public_model(upstream.engine)
         if rename is not None:
             body = body.replace(*rename, 1)
-        _count_usage(exchange, body)
+        _take_usage(exchange, upstream.answer)  # (parsed once, when the caller checked it)
         store.complete(upstream.status, body)
     else:
         body = openai_error_body(body, upstream.status)
@@ -1370,6 +1370,10 @@ def _count_usage(exchange: Exchange, body: bytes) -> None:
         parsed: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
         return
+    _take_usage(exchange, parsed)
+
+
+def _take_usage(exchange: Exchange, parsed: object) -> None:
     usage = parsed.get("usage") if isinstance(parsed, dict) else None
     if isinstance(usage, dict):
         exchange.tokens_in = int(usage.get("prompt_tokens") or 0)
