@@ -1175,21 +1175,31 @@ async def _finish_for_followers(
     flight: Leader[bytes, bytes],
 ) -> None:
     """The rest of a stream whose client left, read for the requests following it: its events
-    reach them (and the assembler) through the relay's sink."""
-    try:
-        async for chunk in upstream.rest():
-            relay.feed(chunk)
-        relay.close()
-        if not relay.complete:
-            raise upstream.ended_early()
-    except FrugalError as err:
-        upstream.finish(ok=False, aborted=isinstance(err, _NOT_THE_REPLICAS_FAULT))
-        flight.fail(_leader_failed(err))
-        return
-    except BaseException:  # stopped at shutdown, or a bug: never leave the followers waiting
-        upstream.finish(ok=False, aborted=True)
-        flight.fail(_leader_failed(FrugalError("the shared upstream request was stopped")))
-        raise
+    reach them (and the assembler) through the relay's sink. A stop cuts it as it cuts the
+    streams it feeds: else its followers were cut mid-stream with no error event at aiohttp's
+    deadline, and the drain waited for the engine's whole answer."""
+    with store.services.streams.streaming(upstream.deadline):
+        try:
+            async for chunk in upstream.rest():
+                relay.feed(chunk)
+            relay.close()
+            if not relay.complete:
+                raise upstream.ended_early()
+        except FrugalError as err:
+            upstream.finish(ok=False, aborted=isinstance(err, _NOT_THE_REPLICAS_FAULT))
+            flight.fail(_leader_failed(err))
+            return
+        except BaseException as exc:  # stopped, or a bug: never leave the followers waiting
+            upstream.finish(ok=False, aborted=True)
+            stopped = isinstance(exc, asyncio.CancelledError) and is_stop(exc)
+            flight.fail(
+                _leader_failed(
+                    ProxyStopping("the proxy stopped before the answer ended")
+                    if stopped
+                    else FrugalError("the shared upstream request was stopped")
+                )
+            )
+            raise
     upstream.finish(ok=True)
     _stream_ended(relay, assembler, store)
 
