@@ -322,6 +322,16 @@ class EngineCaller:
                 upstream = Upstream(engine, replica, response, deadline, attempts=attempts,
                                     probe=probe, request_id=request_id)  # fmt: skip
                 if stream and response.status == 200:
+                    declared = response.headers.get("Content-Type", "text/event-stream")
+                    if not declared.lower().startswith("text/event-stream"):
+                        # A gateway's page, or an engine that ignored "stream" (an answer with
+                        # no Content-Type is given the benefit of the doubt): nothing in it can
+                        # be relayed, and the client would get a 200 that is only an error.
+                        _replica_warning("engine.replica_failed", engine, replica, request_id,
+                                         detail=f"a stream answered as {declared}")  # fmt: skip
+                        raise _ReplicaFailed(
+                            UpstreamError(f"engine {engine.name} answered with no event stream")
+                        )
                     upstream._chunks = aiter(response.chunks())
                     upstream.first_chunk = await anext(upstream._chunks, b"")
                     if not upstream.first_chunk:
