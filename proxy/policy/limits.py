@@ -24,10 +24,9 @@ backend a short one, renewed while held: :meth:`Limiter.keep_holdings`).
 Two backends behind :class:`CounterBackend`: :class:`LocalCounters` (one replica) and
 ``proxy.policy.redis_limits.RedisCounters`` (several replicas; each operation is one Lua script).
 When the backend is unreachable (:class:`CounterBackendError`) the limiter fails open by default
-(serves, tells ``on_outage``: ``frugal_limits_errors_total``): an outage of the counters should
-not become an outage of the proxy. ``on_backend_error="refuse"`` answers 503 ``limits_unavailable``
-instead. An outage is logged when it begins (``policy_limits_unavailable``) and when a check
-succeeds again (``policy_limits_recovered``), not per failed operation.
+(serves, logs ``policy_limits_unavailable``, tells ``on_outage``: ``frugal_limits_errors_total``):
+an outage of the counters should not become an outage of the proxy. ``on_backend_error="refuse"``
+answers 503 ``limits_unavailable`` instead.
 
 Per request (see :class:`Limiter`)::
 
@@ -471,10 +470,6 @@ class Limiter:
         # hears of each failed counter operation: "check" (served unchecked or refused) or
         # "release" (a holding left to its TTL)
         self._on_outage = on_outage
-        # An outage's first failure was logged: the next ones are only counted, until a check
-        # succeeds (a few counter operations fail per request: a log line each was thousands
-        # a second under load).
-        self._outage = False
         self._prefix = prefix
         # Only a crashed replica's holdings rely on these. Without keep_holdings running, they
         # must outlast the longest request; with it, they are how soon those come free.
@@ -505,26 +500,16 @@ class Limiter:
     async def _guard(self, operation: Coroutine[Any, Any, _T], fallback: _T) -> _T:
         """Run a counter operation; if the backend is down, fail open or refuse (503)."""
         try:
-            result = await operation
+            return await operation
         except CounterBackendError as exc:
             if self._on_outage is not None:
                 self._on_outage("check")
-            self._outage_began(exc, "check", "serving unchecked" if self._fail_open else "503")
             if not self._fail_open:
                 raise LimitsUnavailable(
                     "tier limits cannot be checked right now", retry_after=1.0
                 ) from exc
+            log.warning("policy_limits_unavailable", error=str(exc), note="serving unchecked")
             return fallback
-        if self._outage:
-            self._outage = False
-            log.warning("policy_limits_recovered")
-        return result
-
-    def _outage_began(self, exc: CounterBackendError, what: str, note: str) -> None:
-        if not self._outage:
-            self._outage = True
-            # (until a check succeeds again, failures are only counted)
-            log.warning("policy_limits_unavailable", what=what, error=str(exc), note=note)
 
     async def check_rate(self, principal: Principal, prompt_tokens: int) -> None:
         """Requests/minute, then tokens/minute (charging the prompt estimate). 429 on excess."""
@@ -674,15 +659,7 @@ class Limiter:
         await self._release_later(release, what)
 
     async def _release_later(self, release: Coroutine[Any, Any, None], what: str) -> None:
-        try:
-            await _finish(release)
-        except CounterBackendError as exc:
-            self._outage_began(exc, what, "expires by TTL")
-        except Exception:
-            log.warning("policy_release_failed", what=what, note="expires by TTL", exc_info=True)
-        else:
-            return
-        if self._on_outage is not None:
+        if not await _finish(release, what) and self._on_outage is not None:
             self._on_outage("release")
 
     async def drain(self) -> None:
@@ -801,8 +778,19 @@ class _Reservation(AbstractAsyncContextManager[Spend]):
         )
 
 
-async def _finish(release: Coroutine[Any, Any, None]) -> None:
-    """Run a release even if the request is being cancelled (cancelled again while releasing,
-    the shielded task still finishes on its own). A failure is raised for the caller to report:
-    the TTL frees the holding later."""
-    await asyncio.shield(asyncio.ensure_future(release))
+async def _finish(release: Coroutine[Any, Any, None], what: str) -> bool:
+    """Run a release even if the request is being cancelled; never let it mask the request's own
+    outcome. If it fails (backend down; False) the TTL frees the holding later."""
+    task = asyncio.ensure_future(release)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # Cancelled again while releasing: the shielded task still finishes on its own.
+        raise
+    except CounterBackendError as exc:
+        log.warning("policy_release_failed", what=what, error=str(exc), note="expires by TTL")
+        return False
+    except Exception:
+        log.warning("policy_release_failed", what=what, note="expires by TTL", exc_info=True)
+        return False
+    return True
