@@ -1036,7 +1036,7 @@ def _relay_body(upstream: Upstream, exchange: Exchange, store: _Store) -> web.Re
         rename = _public_model(upstream.engine)
         if rename is not None:
             body = body.replace(*rename, 1)
-        _count_usage(exchange, body)
+        _take_usage(exchange, upstream.answer)  # (parsed once, when the caller checked it)
         store.complete(upstream.status, body)
     else:
         body = openai_error_body(body, upstream.status)
@@ -1175,21 +1175,31 @@ async def _finish_for_followers(
     flight: Leader[bytes, bytes],
 ) -> None:
     """The rest of a stream whose client left, read for the requests following it: its events
-    reach them (and the assembler) through the relay's sink."""
-    try:
-        async for chunk in upstream.rest():
-            relay.feed(chunk)
-        relay.close()
-        if not relay.complete:
-            raise upstream.ended_early()
-    except FrugalError as err:
-        upstream.finish(ok=False, aborted=isinstance(err, _NOT_THE_REPLICAS_FAULT))
-        flight.fail(_leader_failed(err))
-        return
-    except BaseException:  # stopped at shutdown, or a bug: never leave the followers waiting
-        upstream.finish(ok=False, aborted=True)
-        flight.fail(_leader_failed(FrugalError("the shared upstream request was stopped")))
-        raise
+    reach them (and the assembler) through the relay's sink. A stop cuts it as it cuts the
+    streams it feeds: else its followers were cut mid-stream with no error event at aiohttp's
+    deadline, and the drain waited for the engine's whole answer."""
+    with store.services.streams.streaming(upstream.deadline):
+        try:
+            async for chunk in upstream.rest():
+                relay.feed(chunk)
+            relay.close()
+            if not relay.complete:
+                raise upstream.ended_early()
+        except FrugalError as err:
+            upstream.finish(ok=False, aborted=isinstance(err, _NOT_THE_REPLICAS_FAULT))
+            flight.fail(_leader_failed(err))
+            return
+        except BaseException as exc:  # stopped, or a bug: never leave the followers waiting
+            upstream.finish(ok=False, aborted=True)
+            stopped = isinstance(exc, asyncio.CancelledError) and is_stop(exc)
+            flight.fail(
+                _leader_failed(
+                    ProxyStopping("the proxy stopped before the answer ended")
+                    if stopped
+                    else FrugalError("the shared upstream request was stopped")
+                )
+            )
+            raise
     upstream.finish(ok=True)
     _stream_ended(relay, assembler, store)
 
@@ -1370,6 +1380,10 @@ def _count_usage(exchange: Exchange, body: bytes) -> None:
         parsed: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
         return
+    _take_usage(exchange, parsed)
+
+
+def _take_usage(exchange: Exchange, parsed: object) -> None:
     usage = parsed.get("usage") if isinstance(parsed, dict) else None
     if isinstance(usage, dict):
         exchange.tokens_in = int(usage.get("prompt_tokens") or 0)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
 import logging
@@ -197,6 +198,15 @@ class DirectoryLock:
             os.close(fd)
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode); None when it names none."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 def _is_corrupt(error: sqlite3.DatabaseError) -> bool:
     return getattr(error, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
@@ -265,6 +275,8 @@ class DiskStore:
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._cache, keys = _open_cache(directory, size_limit)
+        self._database = directory / diskcache.core.DBNAME
+        self._database_id = _file_id(self._database)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
         self._batches: BatchWriter = (
             ProcessWriter(
@@ -448,6 +460,7 @@ class DiskStore:
                 ]
                 try:
                     await self._batches.write(batch)
+                    self._check_in_place()
                 except Exception as exc:
                     # Dropped like a failed write before: those answers are simply not cached.
                     self._write_failed(len(batch), exc)
@@ -500,6 +513,15 @@ class DiskStore:
         """Wait for a filter reload under way (tests, shutdown)."""
         if self._reloading is not None:
             await asyncio.shield(self._reloading)
+
+    def _check_in_place(self) -> None:
+        """SQLite writes on into a database whose file was deleted or replaced (the folder
+        removed by hand, a volume swapped): its open handles outlive the name, so the batch
+        looks committed but no restart will find it. Counted as a failed write instead."""
+        if _file_id(self._database) != self._database_id:
+            raise FileNotFoundError(
+                errno.ENOENT, "the cache database was removed or replaced", str(self._database)
+            )
 
     def _write_failed(self, entries: int, error: Exception) -> None:
         # A full disk fails every batch until it has room again, hundreds a second under load:

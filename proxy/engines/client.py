@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
+import orjson
 import structlog
 
 from proxy.engines.http1 import LeanClient
@@ -133,6 +134,7 @@ class Upstream:
     deadline: float  # monotonic time by which the whole answer must be in
     first_chunk: bytes = b""
     body: bytes = b""  # the whole body of a non-streamed answer
+    answer: dict[str, Any] | None = None  # that body parsed, when it is an answer (status < 400)
     attempts: int = 1
     probe: bool = False  # it holds its replica's half-open probe (until the replica answers)
     request_id: str | None = None  # for the log line of a failure mid-answer
@@ -320,6 +322,16 @@ class EngineCaller:
                 upstream = Upstream(engine, replica, response, deadline, attempts=attempts,
                                     probe=probe, request_id=request_id)  # fmt: skip
                 if stream and response.status == 200:
+                    declared = response.headers.get("Content-Type", "text/event-stream")
+                    if not declared.lower().startswith("text/event-stream"):
+                        # A gateway's page, or an engine that ignored "stream" (an answer with
+                        # no Content-Type is given the benefit of the doubt): nothing in it can
+                        # be relayed, and the client would get a 200 that is only an error.
+                        _replica_warning("engine.replica_failed", engine, replica, request_id,
+                                         detail=f"a stream answered as {declared}")  # fmt: skip
+                        raise _ReplicaFailed(
+                            UpstreamError(f"engine {engine.name} answered with no event stream")
+                        )
                     upstream._chunks = aiter(response.chunks())
                     upstream.first_chunk = await anext(upstream._chunks, b"")
                     if not upstream.first_chunk:
@@ -334,6 +346,17 @@ class EngineCaller:
                     upstream.probe = False  # answering closed the breaker: no probe is held
                 else:
                     upstream.body = await response.read()
+                    if response.status < 400:
+                        upstream.answer = _answer_object(upstream.body)
+                        if upstream.answer is None:
+                            # A gateway's page, or a body cut short yet framed whole: relayed as
+                            # a 200, no SDK could read it, and the replica would look healthy.
+                            detail = upstream.body[:200].decode(errors="replace")
+                            _replica_warning("engine.replica_failed", engine, replica, request_id,
+                                             status=response.status, detail=detail)  # fmt: skip
+                            raise _ReplicaFailed(
+                                UpstreamError(f"engine {engine.name} answered with no JSON object")
+                            )
                 replica.answered_at = time.monotonic()
                 return upstream
         except BaseException as exc:
@@ -365,6 +388,14 @@ class EngineCaller:
                                  detail=str(exc) or type(exc).__name__)  # fmt: skip
                 raise _ReplicaFailed(UpstreamError(f"engine {engine.name} is unreachable")) from exc
             raise
+
+
+def _answer_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 class _ReplicaFailed(Exception):

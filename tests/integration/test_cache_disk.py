@@ -3,6 +3,7 @@ a writer process that dies, a second proxy on the same folder."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,29 @@ async def test_a_killed_writer_process_costs_no_answer_and_shows_in_metrics(
         await post_until(proxy, ask(n), "hit-exact")
     metrics = await (await proxy.client.get("/metrics")).text()
     assert 'frugal_cache_errors_total{backend="disk",op="writer"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_a_cache_folder_removed_while_running_is_counted_not_silent(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    writer: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SQLite goes on writing to a database whose folder was deleted (the open files outlive
+    their names), so every later answer would be stored nowhere a restart finds it."""
+    _, proxy = await cached_proxy(start_fake, start_proxy, tmp_path, cache={"disk_writer": writer})
+    assert proxy.services.cache is not None
+    store = proxy.services.cache.store
+    assert isinstance(store, DiskStore)
+    await post_until(proxy, ask(0), "miss")
+    await post_until(proxy, ask(0), "hit-exact")
+    shutil.rmtree(tmp_path / "cache")
+    await post_until(proxy, ask(1), "miss")  # answered all the same
+    await proxy.services.cache.drain()
+    await store.flush()
+    metrics = await (await proxy.client.get("/metrics")).text()
+    # (before: nothing in the metrics or the log; the answer "stored" into a deleted file)
+    assert 'frugal_cache_errors_total{backend="disk",op="write"}' in metrics
+    assert any(r.getMessage() == "cache.disk.write_failed" for r in caplog.records)

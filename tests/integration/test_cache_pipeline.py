@@ -293,6 +293,36 @@ async def test_a_streaming_leader_that_leaves_does_not_take_its_followers_down(
     assert proxy.services.engines[0].replicas[0].inflight == 0
 
 
+async def test_a_stop_ends_the_followers_of_a_leader_that_left_with_an_error_event(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """The rest of a stream whose client left is read in the background for its followers: the
+    stop must cut it as it cuts the streams it feeds (proxy/stopping.py), or the followers are
+    cut mid-stream with no error event at aiohttp's deadline, and the drain waits for the
+    engine's whole answer (seen: 18 s to stop with shutdown_timeout_s 6)."""
+    engine, proxy = await cached_proxy(start_fake, start_proxy, tmp_path)
+    engine.configure(tokens_per_s=20, completion_tokens=400)  # a 20 s answer
+    streamed = {**GREEDY, "max_tokens": 400, "stream": True}
+    leader = await proxy.client.post("/v1/chat/completions", json=streamed)
+    await leader.content.readany()  # the leader's stream has begun
+    follower = await proxy.client.post("/v1/chat/completions", json=streamed)
+    await in_flight(proxy, followers=1)
+    leader.close()  # the leader's client leaves: the rest is read in the background
+    cache = proxy.services.cache
+    assert cache is not None
+    await wait_until(lambda: bool(cache._tasks))  # (the hand-off: the only background task)
+    await follower.content.readuntil(b"\n\n")  # the follower is being streamed to
+    proxy.services.streams.cut()  # the stop's first deadline
+    events = parse_all(await asyncio.wait_for(follower.read(), timeout=3))
+    # (before: the follower streamed on to the end of the answer; the cut did not reach it)
+    assert events[-1] == b"[DONE]"
+    assert orjson.loads(events[-2])["error"]["code"] == "shutting_down"
+    await asyncio.wait_for(cache.drain(), timeout=3)  # nothing left reading
+    await wait_until(lambda: engine.state.counters.aborted == 1)
+    assert engine.state.counters.aborted == 1  # the engine was told to stop
+    assert proxy.services.engines[0].replicas[0].inflight == 0
+
+
 async def test_a_coalesced_stream_gets_usage_only_when_its_client_asked(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:

@@ -490,6 +490,78 @@ async def test_an_engine_that_compresses_what_it_may_is_relayed_readable(
         assert await resp.json() == answer
 
 
+@pytest.mark.parametrize("lean", [True, False])
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"this is not json", "application/json"),
+        (b'{"id": "c", "object": "chat.completion", "choi', "application/json"),  # cut short
+        (b"<html><body>Welcome to nginx</body></html>", "text/html"),
+        (b'["not", "an", "answer"]', "application/json"),
+    ],
+)
+async def test_a_non_streamed_answer_that_is_not_a_json_object_is_a_502(
+    aiohttp_server: Any, start_proxy: StartProxy, body: bytes, content_type: str, lean: bool
+) -> None:
+    """A 200 whose body is no answer (a gateway's page, a body cut short but framed whole) is the
+    replica's failure: a 502 the SDKs can read and retry, and its breaker is told."""
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=content_type)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    engine = await aiohttp_server(app)
+    url = str(engine.make_url("")).rstrip("/")
+    p = await start_proxy(
+        [engine_config("e", "m", [url], version="v1")],
+        health={"interval_s": 3600, "timeout_s": 1.0},
+        server={"lean_engine_client": lean},
+    )
+    replica = p.services.engines[0].replicas[0]
+    replica.healthy = True  # (this engine has no /health)
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    # (before: a 200 application/json whose body was the engine's garbage)
+    assert resp.status == 502, await resp.text()
+    error = (await resp.json())["error"]
+    assert error["type"] == "upstream_error" and error["code"] == "upstream_error"
+    assert replica.breaker.failures == 1 and replica.inflight == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"<html><body>Welcome to nginx</body></html>", "text/html"),
+        (b'{"id": "c", "object": "chat.completion", "choices": []}', "application/json"),
+    ],
+)
+async def test_a_stream_answered_with_no_event_stream_is_a_502_before_a_byte(
+    aiohttp_server: Any, start_proxy: StartProxy, body: bytes, content_type: str
+) -> None:
+    """A 200 to a stream request that is no event stream (a gateway's page, an engine that
+    ignored ``stream``) has nothing to relay: a failure before the first byte, retried
+    elsewhere, not a 200 whose stream is only an error event."""
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=content_type)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    engine = await aiohttp_server(app)
+    url = str(engine.make_url("")).rstrip("/")
+    p = await start_proxy(
+        [engine_config("e", "m", [url], version="v1")],
+        health={"interval_s": 3600, "timeout_s": 1.0},
+    )
+    replica = p.services.engines[0].replicas[0]
+    replica.healthy = True  # (this engine has no /health)
+    resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    # (before: a 200 whose stream was one error event)
+    assert resp.status == 502, await resp.text()
+    assert (await resp.json())["error"]["type"] == "upstream_error"
+    assert replica.breaker.failures == 1 and replica.inflight == 0
+
+
 async def test_a_stream_the_engine_ends_early_and_cleanly_is_a_failure_not_an_answer(
     start_fake: StartFake, start_proxy: StartProxy
 ) -> None:
