@@ -4,6 +4,9 @@
 #          -v $PWD/policies:/etc/frugal/policies -e VLLM_API_KEY -e REDIS_PASSWORD frugal
 # Secrets stay out of the mounted file: its values may read `${VLLM_API_KEY}` and the like
 # from the container's environment (README, "Running it in front of your own engines").
+# A stop (SIGTERM) may take server.drain_delay_s + server.shutdown_timeout_s (20 s by default):
+# give `docker run` a --stop-timeout (compose: stop_grace_period) above it, as docker kills after
+# 10 s, and the cache's queued writes are lost with a kill (README, "Stopping").
 FROM python:3.11-slim AS build
 # EXTRAS=ml adds the MiniLM embedder (semantic cache, difficulty router); without it the proxy
 # runs exact-cache-only with the cheap-feature router.
@@ -22,6 +25,8 @@ ENV PATH=/opt/frugal/bin:$PATH \
     HF_HUB_OFFLINE=1
 USER frugal
 EXPOSE 8000
+# Liveness, so /healthz: it stays 200 through the stop's drain, while /readyz (503 then, and while
+# no engine can answer) is for what routes traffic here.
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)" || exit 1
 ENTRYPOINT ["frugal"]
 CMD ["serve", "--config", "/etc/frugal/frugal.yaml"]

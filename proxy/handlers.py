@@ -71,6 +71,10 @@ def add_routes(app: web.Application, services: Services) -> None:
                     "ready": versions[1].ready_at(now),
                     **_replica_set(versions[1], now),
                 }
+        if services.draining:
+            # The proxy is stopping, after a delay in which it still serves: the load balancer
+            # takes it out of rotation now, so no client is sent to it once its listener closes.
+            return _json({"ready": False, "reason": "draining", "engines": engines}, status=503)
         return _json({"ready": ready, "engines": engines}, status=200 if ready else 503)
 
     async def metrics(request: web.Request) -> web.Response:

@@ -13,12 +13,13 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
-from proxy.app import create_app
+from proxy.app import SERVICES, create_app
 from proxy.cache.store import StoreInUse
 from proxy.cli import DataDirError, ListenError
 from proxy.observability.logging import configure_logging
 from proxy.protocol import ProxyRunner
-from proxy.settings import Settings
+from proxy.services import Services
+from proxy.settings import ServerSettings, Settings
 from proxy.stopping import WAITS
 
 log = structlog.get_logger("frugal.server")
@@ -70,7 +71,8 @@ def check_data_dirs(settings: Settings) -> None:
 
 
 async def serve(settings: Settings, *, host: str, port: int) -> None:
-    """Serve until cancelled (Ctrl-C), then shut down cleanly."""
+    """Serve until SIGINT or SIGTERM (after its drain, see :func:`drain`) or cancelled, then
+    shut down cleanly."""
     check_data_dirs(settings)
     app = create_app(settings)
     # aiohttp waits its shutdown_timeout twice for a request in flight (for it to end, then
@@ -106,16 +108,45 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
     log.info(
         "frugal listening", url=f"http://{host}:{port}", engines=[e.name for e in settings.engines]
     )
-    stop = asyncio.Event()
+    # Each stop signal, in order: the first starts the stop, a second one cuts its drain short.
+    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         # Explicit handlers: a process started in the background ignores SIGINT by default, and
         # SIGTERM (docker stop, systemd) must drain and clean up too, not kill mid-write.
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
     try:
-        await stop.wait()
-        log.info("frugal stopping")
+        first = await signals.get()
+        # SIGTERM is a supervisor's stop (Kubernetes, docker, systemd), which a load balancer
+        # must see coming; SIGINT is a person at a terminal (Ctrl-C), who wants the stop now.
+        if first == signal.SIGTERM:
+            await drain(app[SERVICES], settings.server, signals)
+        log.info("frugal stopping", signal=first.name)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await runner.cleanup()
+
+
+async def drain(
+    services: Services, server: ServerSettings, signals: asyncio.Queue[signal.Signals]
+) -> None:
+    """The stop's first phase, for ``server.drain_delay_s``: the proxy still takes and serves
+    requests while /readyz answers 503 ``draining``, so its load balancer takes it out of
+    rotation before the listener closes (clients it sent here meanwhile were refused). Another
+    signal ends it at once: whoever sent it wants the stop now."""
+    if server.drain_delay_s <= 0:
+        return
+    services.draining = True
+    log.info(
+        "frugal draining: /readyz answers 503, requests are still served",
+        delay_s=server.drain_delay_s,
+        # the stop that follows, for whoever sizes the grace period of what sent the signal
+        then_shutdown_timeout_s=server.shutdown_timeout_s,
+    )
+    try:
+        async with asyncio.timeout(server.drain_delay_s):
+            again = await signals.get()
+    except TimeoutError:
+        return
+    log.info("frugal drain cut short", signal=again.name)

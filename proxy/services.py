@@ -81,6 +81,8 @@ class Services:
     flights: SingleFlight[bytes, bytes] = field(default_factory=SingleFlight)
     request_ids: RequestIds = field(default_factory=RequestIds)
     streams: StreamCutter = field(default_factory=StreamCutter)  # ended cleanly at a stop
+    # set for the stop's drain (server.drain_delay_s): /readyz answers 503, requests are served
+    draining: bool = False
     access_log: AccessLog | None = None
     by_name: dict[str, Engine] = field(init=False)
     by_model: dict[str, Engine] = field(init=False)

@@ -57,9 +57,18 @@ class ServerSettings(StrictModel):
     shutdown_timeout_s: float = Field(
         20.0,
         ge=0,
-        description="on SIGTERM/SIGINT: how long requests in flight may still finish before they"
-        " are cancelled (a stream still running at half of it ends with an error event and"
-        " [DONE]; one not answered by the end gets a 503); then the cache is flushed",
+        description="on SIGTERM (after drain_delay_s) or SIGINT: how long requests in flight may"
+        " still finish before they are cancelled (a stream still running at half of it ends with"
+        " an error event and [DONE]; one not answered by the end gets a 503); then the cache is"
+        " flushed",
+    )
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,  # the whole stop stays bounded: delay + shutdown_timeout_s
+        description="on SIGTERM, before that stop: how long the proxy still serves new requests"
+        " while /readyz answers 503 draining, for its load balancer to take it out of rotation"
+        " (Kubernetes: a few seconds); SIGINT and a second signal skip it; 0: stop at once",
     )
     keepalive_timeout_s: float = Field(
         75.0,

@@ -8,7 +8,9 @@ that deadline, and the streams still running are cancelled with :data:`STOP_REAS
 connections are open: the relay sees the reason, writes the error event and ``[DONE]``, and ends
 its response cleanly. A request that has sent nothing yet (a non-streamed answer, a stream still
 waiting for its first token) keeps the whole grace period: just before aiohttp's last deadline it
-is cancelled the same way, and answered 503 ``shutting_down`` instead of an empty reply.
+is cancelled the same way, and answered 503 ``shutting_down`` instead of an empty reply. (On
+SIGTERM all this follows the drain, ``server.drain_delay_s``, in which nothing is cut: see
+proxy/server.py.)
 """
 
 from __future__ import annotations

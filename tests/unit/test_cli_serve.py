@@ -365,3 +365,106 @@ async def test_bytes_that_are_not_http_get_openai_json_from_the_served_proxy(
     assert head.startswith(b"HTTP/1.0 400 ")
     assert b"\r\nContent-Type: application/json\r\n" in head
     assert json.loads(body)["error"]["code"] == "malformed_http"
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def _ready(session: aiohttp.ClientSession, url: str) -> None:
+    """Wait until /readyz says ready (the first health poll has seen the fake engine)."""
+    for _ in range(200):
+        async with session.get(f"{url}/readyz") as resp:
+            if resp.status == 200:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the proxy never became ready")
+
+
+async def test_sigterm_first_drains_readyz_503_while_new_requests_are_served(
+    tmp_path: Path,
+) -> None:
+    """For a zero-error rollout: after SIGTERM the proxy keeps serving for server.drain_delay_s
+    while /readyz tells its load balancer to take it out of rotation, then stops as before."""
+    engine = fake.FakeEngineOptions(model="m")
+    delay_s, timeout_s = 2.0, 1.0
+    extra = f", drain_delay_s: {delay_s}"
+    async with (
+        _serving(tmp_path, engine, timeout_s, extra) as (proxy, url),
+        aiohttp.ClientSession() as session,
+    ):
+        await _ready(session, url)
+        started = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)  # serve's own handler takes it
+        await asyncio.sleep(0.2)
+        # (before: the listener was closed by now, and each of these was connection refused)
+        async with session.get(f"{url}/readyz") as resp:
+            assert resp.status == 503
+            body = await resp.json()
+            assert body["ready"] is False and body["reason"] == "draining", body
+            assert "small" in body["engines"]  # still says how the engines are
+        async with session.get(f"{url}/healthz") as resp:
+            assert resp.status == 200  # liveness holds: a failing one gets the pod killed
+        async with session.post(f"{url}/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["choices"]
+        # a new connection too, not only the session's kept-alive one
+        async with (
+            aiohttp.ClientSession() as fresh,
+            fresh.post(f"{url}/v1/chat/completions", json={**CHAT, "stream": True}) as resp,
+        ):
+            assert resp.status == 200
+            assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+        assert not proxy.done()
+        await asyncio.sleep(max(0.0, started + delay_s - 0.4 - time.monotonic()))
+        assert not proxy.done()  # the whole delay is served
+        await asyncio.wait_for(proxy, timeout=delay_s + timeout_s + 5)
+        stopped = time.monotonic() - started
+    assert delay_s - 0.4 <= stopped < delay_s + timeout_s + 1.5, stopped
+
+
+async def test_a_second_signal_during_the_drain_stops_at_once(tmp_path: Path) -> None:
+    engine = fake.FakeEngineOptions(model="m")
+    async with (
+        _serving(tmp_path, engine, 1, ", drain_delay_s: 30") as (proxy, url),
+        aiohttp.ClientSession() as session,
+    ):
+        await _ready(session, url)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        async with session.get(f"{url}/readyz") as resp:
+            assert resp.status == 503  # draining
+        started = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)  # an impatient supervisor, or a person
+        await asyncio.wait_for(proxy, timeout=10)
+        assert time.monotonic() - started < 2  # not the 30 s left of the delay
+
+
+async def test_sigint_skips_the_drain(tmp_path: Path) -> None:
+    """Ctrl-C is a person at a terminal, who wants the stop now, not a load balancer's delay."""
+    engine = fake.FakeEngineOptions(model="m")
+    async with (
+        _serving(tmp_path, engine, 1, ", drain_delay_s: 30") as (proxy, url),
+        aiohttp.ClientSession() as session,
+    ):
+        await _ready(session, url)
+        started = time.monotonic()
+        os.kill(os.getpid(), signal.SIGINT)  # serve's own handler takes it
+        await asyncio.wait_for(proxy, timeout=10)
+        assert time.monotonic() - started < 2
+
+
+async def test_without_a_drain_delay_sigterm_closes_the_listener_at_once(tmp_path: Path) -> None:
+    """The default (drain_delay_s 0) stops as it always did: no new connection is taken."""
+    engine = fake.FakeEngineOptions(model="m")
+    async with (
+        _serving(tmp_path, engine, 1) as (proxy, url),
+        aiohttp.ClientSession() as session,
+    ):
+        await _ready(session, url)
+        started = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(proxy, timeout=10)
+        assert time.monotonic() - started < 2
+        port = int(url.rsplit(":", 1)[1])
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)

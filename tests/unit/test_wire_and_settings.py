@@ -256,6 +256,8 @@ def test_minimal_config_and_defaults() -> None:
     assert settings.engines[0].version == "auto"
     assert settings.health.version_interval_s == 30.0
     assert settings.cache.enabled
+    # no drain by default: a stop closes the listener at once, as before drain_delay_s existed
+    assert settings.server.drain_delay_s == 0.0
 
 
 @pytest.mark.parametrize(
@@ -315,6 +317,13 @@ def test_minimal_config_and_defaults() -> None:
             MINIMAL + "health: {version_interval_s: 0}\n",
             "c.yaml:3: health.version_interval_s: Input should be greater than 0",
         ),
+        (
+            MINIMAL + "server: {drain_delay_s: -1}\n",
+            "c.yaml:3: server.drain_delay_s: Input should be greater than or equal to 0",
+        ),
+        # (an endless drain would be a stop that never comes)
+        (MINIMAL + "server: {drain_delay_s: .inf}\n", "c.yaml:3: server.drain_delay_s: Input"),
+        (MINIMAL + "server: {drain_delay_s: 5s}\n", "c.yaml:3: server.drain_delay_s: Input"),
         # (before: the second `server:` silently replaced the first)
         (
             "server: {port: 9000}\n" + MINIMAL + "server: {port: 9001}\n",
