@@ -70,8 +70,13 @@ def load_policy_dir(directory: Path, overrides: dict[Path, str] | None = None) -
             text = (overrides or {}).get(path)
             if text is None:
                 text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            issues.append(PolicyIssue(str(path), None, None, f"cannot read: {exc}"))
+        except OSError as exc:
+            issues.append(PolicyIssue(str(path), None, None, f"cannot read: {exc.strerror or exc}"))
+            continue
+        except UnicodeDecodeError as exc:
+            # (as the config file says it: the line, not the codec's byte position)
+            line = exc.object[: exc.start].count(b"\n") + 1
+            issues.append(PolicyIssue(str(path), line, None, f"not UTF-8 text (byte {exc.start})"))
             continue
         result, file_issues = parse_policy_text(text, path)
         issues.extend(file_issues)

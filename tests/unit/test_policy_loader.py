@@ -176,3 +176,14 @@ def test_policy_check_command_exit_codes_and_output(tmp_path: Path) -> None:
     assert policy_check_command(tmp_path / "ok", out=out, err=err) == 1
     assert f"{bad}:" in err.getvalue()
     assert "limits.concurrent:" in err.getvalue()
+
+
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
+    # (before: "cannot read: 'utf-8' codec can't decode byte 0xe9 in position 161: ...", the
+    # codec's words and no line; the config file says it as below)
+    path = write(tmp_path, "free.yaml", tier_text("free"))
+    path.write_bytes(path.read_bytes() + b"description: caf\xe9\n")
+    issue = only_issue(tmp_path)
+    lines = len(tier_text("free").splitlines())
+    assert (issue.file, issue.line) == (str(path), lines + 1)
+    assert issue.message.startswith("not UTF-8 text (byte ")
