@@ -40,10 +40,8 @@ def policy_check_command(
     """Validate a policy folder; print each issue as ``file:line field: message``. 0 if valid."""
     out = out or sys.stdout
     err = err or sys.stderr
-    result = load_policy_dir(directory)
+    result = load_policy_dir(directory, served_models=served_models)
     issues = list(result.issues)
-    if result.policies is not None and served_models is not None:
-        issues += result.policies.check_models(served_models)
     for issue in issues:
         print(issue, file=err)
     if issues:
