@@ -13,6 +13,7 @@ Admin commands read the admin key from ``FRUGAL_ADMIN_KEY`` (sent as a bearer to
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import math
 import os
@@ -158,13 +159,21 @@ def _admin(url: str, method: str, path: str, payload: Any | None = None) -> tupl
         request.add_header("Authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(request, timeout=600) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
+            status, body = resp.status, resp.read()
     except urllib.error.HTTPError as err:
         body = err.read()
         try:
             return err.code, json.loads(body)
         except ValueError:
             return err.code, {"error": {"message": body.decode(errors="replace")}}
+    try:
+        return status, json.loads(body or b"null")
+    except ValueError:
+        raise NotTheProxy(f"answered with something that is not JSON ({status}, {path})") from None
+
+
+class NotTheProxy(Exception):
+    """An address that answers, but not as the proxy's admin API does."""
 
 
 def _report(status: int, body: Any) -> int:
@@ -181,6 +190,14 @@ def _call(url: str, method: str, path: str, payload: Any | None = None) -> tuple
         return _admin(url, method, path, payload)
     except (urllib.error.URLError, OSError) as exc:
         print(f"frugal: cannot reach {url}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (http.client.HTTPException, NotTheProxy) as exc:
+        # (before: a traceback) something answers there, but not as the proxy: a web page, or
+        # not HTTP at all (a Redis port, say)
+        what = " ".join(str(exc).split()) or "no answer"
+        if isinstance(exc, http.client.HTTPException):
+            what = f"answered with something that is not HTTP ({type(exc).__name__}: {what})"
+        print(f"frugal: {url} {what}: is it the proxy's address?", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -39,13 +39,13 @@ from proxy.observability.metrics import Metrics
 from proxy.policy.admission import EngineAdmission, Outcome
 from proxy.policy.default import StaticPolicies, open_policies
 from proxy.policy.limits import CounterBackendError, Limiter, LocalCounters
-from proxy.policy.policyset import Principal
+from proxy.policy.policyset import PolicyIssue, PolicySet, Principal
 from proxy.policy.store import PolicyStore
 from proxy.rollout.manager import Rollouts
 from proxy.routing.classifier import DifficultyClassifier
 from proxy.routing.router import Router
 from proxy.services import PolicySource, Services
-from proxy.settings import VIRTUAL_MODEL, ConfigError, Settings
+from proxy.settings import VIRTUAL_MODEL, ConfigError, ServerSettings, Settings
 from proxy.stopping import WAITS
 from proxy.tasks import cancelling, stop
 
@@ -172,16 +172,27 @@ def _policy_source(settings: Settings) -> PolicySource:
     else:
         from proxy.policy.store import PolicyLoadError
 
+        def refuse_open(policies: PolicySet) -> list[PolicyIssue]:
+            # (as at start-up, so a reload that removes the last key cannot open the proxy)
+            if not policies.is_open or _may_run_open(settings.server):
+                return []
+            message = (
+                f"no policy file defines an API key, and server.host {settings.server.host} is "
+                "not a loopback address, so the proxy would serve anyone: refused. Add keys "
+                "(frugal keys add --tier T) or set server.allow_open: true"
+            )
+            return [PolicyIssue(str(folder), None, None, message)]
+
         try:
-            source = PolicyStore.open(folder)
+            # (a model no engine serves is refused as `frugal policy check --config` refuses
+            # it: a typo leaves the tier without the model it meant)
+            source = PolicyStore.open(folder, served_models=served, check=refuse_open)
         except PolicyLoadError as exc:
             issues = "\n".join(f"  {issue}" for issue in exc.issues)
             raise ConfigError(f"policies: {folder}: invalid tier policies\n{issues}") from exc
-        for issue in source.current.check_models(set(served)):
-            log.warning("policy names a model no engine serves", issue=str(issue))
     current = source.current
     if current.is_open:
-        if not _loopback(settings.server.host) and not settings.server.allow_open:
+        if not _may_run_open(settings.server):
             raise ConfigError(
                 f"server.host: {settings.server.host} is not a loopback address and no policy "
                 "file defines an API key, so the proxy would serve anyone: refused. Add keys "
@@ -189,6 +200,10 @@ def _policy_source(settings: Settings) -> PolicySource:
             )
         log.warning("running open: no API key is required", tier=current.open_tier)
     return source
+
+
+def _may_run_open(server: ServerSettings) -> bool:
+    return _loopback(server.host) or server.allow_open
 
 
 def _access_log(settings: Settings) -> AccessLog | None:

@@ -2,18 +2,22 @@
 
 ``keys add`` edits the tier's file as text, appending to its ``keys`` list, so the operator's
 comments and layout survive; the edited folder is validated as a whole before anything is written,
-and the file is replaced atomically (a running proxy reloads it within about a second).
+and the file is replaced atomically (a running proxy reloads it within about a second). Runs on one
+folder take turns (a lock on the folder), so two at once cannot drop each other's key.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -36,10 +40,8 @@ def policy_check_command(
     """Validate a policy folder; print each issue as ``file:line field: message``. 0 if valid."""
     out = out or sys.stdout
     err = err or sys.stderr
-    result = load_policy_dir(directory)
+    result = load_policy_dir(directory, served_models=served_models)
     issues = list(result.issues)
-    if result.policies is not None and served_models is not None:
-        issues += result.policies.check_models(served_models)
     for issue in issues:
         print(issue, file=err)
     if issues:
@@ -120,6 +122,31 @@ def keys_add_command(
     """Generate a key for ``tier``, store its hash in the tier's file, print the key once."""
     out = out or sys.stdout
     err = err or sys.stderr
+    with _one_editor_at_a_time(directory):
+        return _add_key(tier, tenant, directory, note, out, err)
+
+
+@contextlib.contextmanager
+def _one_editor_at_a_time(directory: Path) -> Iterator[None]:
+    """Each run reads a file, appends and replaces it: a second run in between would replace
+    it with a text that lacks the first one's key (whose owner was shown a key that never
+    worked). ``flock`` on the folder itself, so no lock file is left in it; the kernel lets go
+    however the holder exits."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield  # not a folder: the load says so
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _add_key(
+    tier: str, tenant: str | None, directory: Path, note: str | None, out: TextIO, err: TextIO
+) -> int:
     current = load_policy_dir(directory)
     if current.policies is None:
         for issue in current.issues:
@@ -147,7 +174,12 @@ def keys_add_command(
             print(issue, file=err)
         print(f"{path}: the edited file would not be valid; nothing was written", file=err)
         return 1
-    _write_atomically(path, new_text)
+    try:
+        _write_atomically(path, new_text)
+    except OSError as exc:
+        # (before: a traceback) no key is shown: it was never stored
+        print(f"{path}: cannot write: {exc.strerror or exc}; no key was added", file=err)
+        return 1
     root = yaml.compose(new_text, Loader=yaml.SafeLoader)
     assert root is not None  # it was just validated
     line, _ = locate(root, ("keys", len(checked.policies.tiers[tier].keys) - 1))

@@ -5,12 +5,14 @@ Every problem is a :class:`PolicyIssue` naming the file, the line and the field:
     policies/free.yaml:7 limits.requests_per_minute: Input should be greater than or equal to 1
 
 Checks: YAML syntax, duplicate mapping keys, the schema (strict), the tier name matching the file
-name, and across files: a tier defined twice, one key hash in two places, two open_access tiers.
+name, and across files: a tier defined twice, one key hash in two places, two open_access tiers;
+given the models the engines serve, also a model no engine serves (a typo would leave the tier
+without the model meant).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,11 +53,17 @@ def policy_files(directory: Path) -> list[Path]:
     )
 
 
-def load_policy_dir(directory: Path, overrides: dict[Path, str] | None = None) -> LoadResult:
+def load_policy_dir(
+    directory: Path,
+    overrides: dict[Path, str] | None = None,
+    *,
+    served_models: Collection[str] | None = None,
+) -> LoadResult:
     """Parse and cross-check every policy file in ``directory``.
 
     ``overrides`` maps a file path to replacement text, so an edit can be validated together with
-    the other files before it is written.
+    the other files before it is written. ``served_models`` (``auto`` included): the models a
+    policy may name; None: not checked.
     """
     if not directory.is_dir():
         return LoadResult(None, (PolicyIssue(str(directory), None, None, "not a folder"),))
@@ -70,14 +78,21 @@ def load_policy_dir(directory: Path, overrides: dict[Path, str] | None = None) -
             text = (overrides or {}).get(path)
             if text is None:
                 text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            issues.append(PolicyIssue(str(path), None, None, f"cannot read: {exc}"))
+        except OSError as exc:
+            issues.append(PolicyIssue(str(path), None, None, f"cannot read: {exc.strerror or exc}"))
+            continue
+        except UnicodeDecodeError as exc:
+            # (as the config file says it: the line, not the codec's byte position)
+            line = exc.object[: exc.start].count(b"\n") + 1
+            issues.append(PolicyIssue(str(path), line, None, f"not UTF-8 text (byte {exc.start})"))
             continue
         result, file_issues = parse_policy_text(text, path)
         issues.extend(file_issues)
         if result is not None:
             parsed.append(result)
     issues.extend(cross_check(parsed))
+    if served_models is not None:
+        issues.extend(unserved_models(parsed, served_models))
     if issues:
         return LoadResult(None, tuple(issues))
     policies = {p.policy.tier: p.policy for p in parsed}
@@ -181,4 +196,17 @@ def cross_check(parsed: Sequence[ParsedFile]) -> list[PolicyIssue]:
         line, _ = locate(extra.root, ("open_access",))
         message = f"only one tier may set open_access; {open_tiers[0].path} already does"
         issues.append(PolicyIssue(str(extra.path), line, "open_access", message))
+    return issues
+
+
+def unserved_models(parsed: Sequence[ParsedFile], served: Collection[str]) -> list[PolicyIssue]:
+    """Each model a policy names that no engine serves, at its place in the file."""
+    known = ", ".join(sorted(served))
+    issues = []
+    for item in parsed:
+        for i, model in enumerate(item.policy.models):
+            if model not in served:
+                line, _ = locate(item.root, ("models", i))
+                message = f"{model!r} is not served by any engine (served: {known})"
+                issues.append(PolicyIssue(str(item.path), line, f"models.{i}", message))
     return issues

@@ -13,7 +13,7 @@ Per request::
 from __future__ import annotations
 
 import hmac
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -117,22 +117,6 @@ class PolicySet:
         if owner is None or not hmac.compare_digest(owner.key_hash, digest):
             raise UnknownKey("invalid API key", param=None)
         return Principal(owner.tier, owner.tenant, self.tiers[owner.tier], owner.key_hash)
-
-    def check_models(self, served: Collection[str]) -> list[PolicyIssue]:
-        """Models a policy allows that no engine serves (``served`` includes ``auto``)."""
-        issues = []
-        for tier, policy in self.tiers.items():
-            for model in policy.models:
-                if model not in served:
-                    issues.append(
-                        PolicyIssue(
-                            str(self.sources.get(tier, tier)),
-                            None,
-                            "models",
-                            f"{model!r} is not served by any engine (known: {sorted(served)})",
-                        )
-                    )
-        return issues
 
 
 def choose_open_tier(policies: Mapping[str, TierPolicy]) -> str | None:

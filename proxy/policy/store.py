@@ -1,10 +1,13 @@
 """The current policy set, replaced whole on SIGHUP or when the policy files change.
 
-A new set is loaded and cross-checked first; only a valid one replaces the current one (new
-requests see it, requests in flight keep the one they started with). An invalid set is logged
-issue by issue and the old one stays::
+A new set is loaded and cross-checked first, with the same checks as at start-up (the models the
+engines serve, and ``check``: the proxy's own rules for a whole set, such as no open set on a
+public address); only a valid one replaces the current one (new requests see it, requests in
+flight keep the one they started with). An invalid set is logged issue by issue and the old one
+stays::
 
-    store = PolicyStore.open(settings.policies)          # raises PolicyLoadError at start-up
+    store = PolicyStore.open(settings.policies, served_models=served, check=check)
+    # raises PolicyLoadError at start-up
 
     async def policy_ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(store.watch())         # mtime poll every second + SIGHUP
@@ -22,18 +25,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import structlog
 
-from proxy.policy.loader import POLICY_SUFFIXES, load_policy_dir
+from proxy.policy.loader import POLICY_SUFFIXES, LoadResult, load_policy_dir
 from proxy.policy.policyset import PolicyIssue, PolicySet
 from proxy.tasks import cancelling
 
 log = structlog.get_logger("frugal.policy")
 
 Fingerprint = frozenset[tuple[str, int, int]]
+SetCheck = Callable[[PolicySet], Sequence[PolicyIssue]]
 
 
 class PolicyLoadError(Exception):
@@ -57,6 +61,16 @@ def fingerprint(directory: Path) -> Fingerprint:
     return frozenset(entries)
 
 
+def _load(
+    directory: Path, served_models: Collection[str] | None, check: SetCheck | None
+) -> LoadResult:
+    result = load_policy_dir(directory, served_models=served_models)
+    if result.policies is None or check is None:
+        return result
+    issues = tuple(check(result.policies))
+    return LoadResult(None, issues) if issues else result
+
+
 class PolicyStore:
     def __init__(
         self,
@@ -64,24 +78,41 @@ class PolicyStore:
         initial: PolicySet,
         *,
         on_change: Callable[[PolicySet], None] | None = None,
+        served_models: Collection[str] | None = None,
+        check: SetCheck | None = None,
     ) -> None:
         self.directory = directory
         self._current = initial
         self._on_change = on_change
+        self._served_models = served_models
+        self._check = check
         self._seen = fingerprint(directory)
         self.reloads = 0
         self.failed_reloads = 0
 
     @classmethod
     def open(
-        cls, directory: Path, *, on_change: Callable[[PolicySet], None] | None = None
+        cls,
+        directory: Path,
+        *,
+        on_change: Callable[[PolicySet], None] | None = None,
+        served_models: Collection[str] | None = None,
+        check: SetCheck | None = None,
     ) -> PolicyStore:
-        """Load the folder at start-up; raise :class:`PolicyLoadError` if it is not valid."""
+        """Load the folder at start-up; raise :class:`PolicyLoadError` if it is not valid.
+        ``served_models`` (``auto`` included): the models a policy may name (None: any);
+        ``check``: the issues of a whole set, applied at start-up and to every reload."""
         seen = fingerprint(directory)
-        result = load_policy_dir(directory)
+        result = _load(directory, served_models, check)
         if result.policies is None:
             raise PolicyLoadError(result.issues)
-        store = cls(directory, result.policies, on_change=on_change)
+        store = cls(
+            directory,
+            result.policies,
+            on_change=on_change,
+            served_models=served_models,
+            check=check,
+        )
         store._seen = seen
         return store
 
@@ -93,7 +124,7 @@ class PolicyStore:
         """Load the folder again: apply it if valid and return [], else keep the current set and
         return the issues as ``file:line field: message`` strings."""
         self._seen = fingerprint(self.directory)
-        result = load_policy_dir(self.directory)
+        result = _load(self.directory, self._served_models, self._check)
         if result.policies is None:
             self.failed_reloads += 1
             errors = [str(issue) for issue in result.issues]

@@ -190,11 +190,17 @@ def score_command(
     except (PromptFileError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    classifier = DifficultyClassifier.load(classifier_path)
-    scores = score_prompts(
-        prompts, classifier, load_embedder(), load_count_tokens(tokenizer_folder)
-    )
-    with output.open("w", encoding="utf-8") as handle:
+    try:
+        # opened before the models load and every prompt is scored, not after
+        handle = output.open("w", encoding="utf-8")
+    except OSError as exc:
+        print(f"error: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    with handle:
+        classifier = DifficultyClassifier.load(classifier_path)
+        scores = score_prompts(
+            prompts, classifier, load_embedder(), load_count_tokens(tokenizer_folder)
+        )
         for prompt, score in zip(prompts, scores, strict=True):
             handle.write(json.dumps({"id": prompt.id, "score": round(float(score), 6)}) + "\n")
     print(f"scored {len(prompts)} prompts into {output}", file=sys.stderr)

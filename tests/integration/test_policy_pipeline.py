@@ -306,6 +306,39 @@ async def test_policy_files_reload_on_change_and_bad_edits_are_rejected(
     assert resp.status == 200
 
 
+async def test_a_reload_cannot_open_a_proxy_on_a_public_address(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """Start-up refuses a keyless folder on a non-loopback host; a reload that removed the last
+    key was applied, and the proxy served anyone without a key (before)."""
+    folder = write_policies(tmp_path / "p", tier("free", [FREE_KEY]))
+    proxy = await proxy_with(start_fake, start_proxy, folder, server={"host": "0.0.0.0"})
+    write_policies(folder, tier("free", []))
+    reload = await proxy.client.post("/admin/policies/reload")
+    assert reload.status == 422
+    [error] = (await reload.json())["errors"]
+    assert error.startswith(f"{folder}: no policy file defines an API key")
+    assert "server.host 0.0.0.0" in error and "server.allow_open" in error
+    keyless = await proxy.client.post("/v1/chat/completions", json=chat())
+    assert keyless.status == 401
+    ok = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))
+    assert ok.status == 200
+
+
+async def test_a_reload_naming_a_model_no_engine_serves_is_refused(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    folder = write_policies(tmp_path / "p", tier("free", [FREE_KEY]))
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    write_policies(folder, tier("free", [FREE_KEY], models=["auto", "smal-model"]))
+    reload = await proxy.client.post("/admin/policies/reload")
+    assert reload.status == 422
+    [error] = (await reload.json())["errors"]
+    assert "free.yaml:" in error and "models.1: 'smal-model' is not served by any engine" in error
+    ok = await proxy.client.post("/v1/chat/completions", json=chat(), headers=auth(FREE_KEY))
+    assert ok.status == 200  # small-model: the previous set
+
+
 async def test_admin_endpoints_need_the_admin_key(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
@@ -337,6 +370,24 @@ async def test_invalid_policy_folder_stops_start_up(tmp_path: Path) -> None:
         create_app(settings)
     assert "free.yaml:3" in str(err.value)
     assert "priority" in str(err.value)
+
+
+async def test_a_policy_naming_a_model_no_engine_serves_stops_start_up(tmp_path: Path) -> None:
+    # (before: a warning, and `frugal policy check --config` said exit 1 for the same folder)
+    from proxy.app import create_app
+    from proxy.settings import ConfigError, Settings
+
+    folder = write_policies(tmp_path / "p", tier("free", [FREE_KEY], models=["auto", "smal"]))
+    settings = Settings.model_validate(
+        {
+            "engines": [engine_config("small", "small-model", ["http://127.0.0.1:9"])],
+            "policies": str(folder),
+        }
+    )
+    with pytest.raises(ConfigError) as err:
+        create_app(settings)
+    assert "free.yaml:" in str(err.value)
+    assert "models.1: 'smal' is not served by any engine" in str(err.value)
 
 
 async def test_a_tier_is_never_served_an_entry_older_than_its_own_ttl(

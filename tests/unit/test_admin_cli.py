@@ -4,11 +4,16 @@ traceback from urllib."""
 from __future__ import annotations
 
 import argparse
+import http.server
+import threading
+from collections.abc import Iterator
 
 import pytest
 
 from proxy import admin_cli
 from proxy.cli import main
+
+REAL_ADMIN = admin_cli._admin
 
 
 @pytest.fixture(autouse=True)
@@ -124,3 +129,53 @@ def test_an_engine_name_is_quoted_into_the_admin_path(monkeypatch: pytest.Monkey
     assert main(["rollout", "status", "x y", "--url", "http://127.0.0.1:9"]) == 1
     assert main(["rollout", "promote", "a/b", "--url", "http://127.0.0.1:9"]) == 1
     assert paths == ["/admin/rollout/x%20y", "/admin/rollout/a%2Fb/promote"]
+
+
+class _NotTheProxy(http.server.BaseHTTPRequestHandler):
+    """An address that answers, but not as the proxy: a web page at 200, or not HTTP at all."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/admin/rollout"):
+            self.wfile.write(b"-ERR unknown command\r\n")  # (a Redis port, say)
+            return
+        body = b"<html>a dashboard</html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def not_the_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setattr(admin_cli, "_admin", REAL_ADMIN)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotTheProxy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["cache", "stats"], "answered with something that is not JSON"),
+        (["rollout", "status", "small"], "answered with something that is not HTTP"),
+    ],
+)
+def test_an_address_that_is_not_the_proxy_is_one_line(
+    argv: list[str], says: str, not_the_proxy: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (before: a JSONDecodeError or BadStatusLine traceback)
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--url", not_the_proxy])
+    assert exit_.value.code == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"frugal: {not_the_proxy}")
+    assert says in line and line.endswith("is it the proxy's address?")

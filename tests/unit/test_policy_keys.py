@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import re
 import shutil
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,47 @@ def test_a_key_with_bytes_that_are_not_utf8_is_unknown_not_a_crash() -> None:
     policies = PolicySet.build({"free": policy(keys=[hash_key("sk-acme")])}, {})
     with pytest.raises(UnknownKey):
         policies.authenticate(raw)
+
+
+def test_keys_added_at_once_are_all_kept(tmp_path: Path) -> None:
+    """Two `frugal keys add` at once each read the file, append and replace it: without a lock
+    the last writer dropped the other's key, whose owner had been shown a key that never worked."""
+    folder = tmp_path / "policies"
+    shutil.copytree(REPO_POLICIES, folder)
+    start = threading.Barrier(6)
+    outs = [io.StringIO() for _ in range(6)]
+
+    def add(out: io.StringIO) -> None:
+        start.wait()
+        assert keys_add_command("pro", directory=folder, out=out, err=io.StringIO()) == 0
+
+    threads = [threading.Thread(target=add, args=(out,)) for out in outs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    result = load_policy_dir(folder)
+    assert result.policies is not None
+    for out in outs:
+        assert result.policies.authenticate(out.getvalue().strip()).tier == "pro"
+    assert result.policies.key_count == 6
+
+
+def test_keys_add_to_a_folder_it_cannot_write_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "policies"
+    shutil.copytree(REPO_POLICIES, folder)
+    before = (folder / "pro.yaml").read_text()
+
+    def refused(*_: object, **__: object) -> None:
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    # (as root a chmod does not stop the write; the temp file is where it fails otherwise)
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    out, err = io.StringIO(), io.StringIO()
+    assert keys_add_command("pro", directory=folder, out=out, err=err) == 1
+    assert out.getvalue() == ""  # no key shown that was never stored
+    [line] = err.getvalue().splitlines()
+    assert line.startswith(f"{folder / 'pro.yaml'}: cannot write: Permission denied")
+    assert (folder / "pro.yaml").read_text() == before

@@ -40,8 +40,8 @@ def tier_text(tier: str, keys: str = "[]", priority: int = 1) -> str:
     return VALID.format(tier=tier, keys=keys, priority=priority)
 
 
-def only_issue(folder: Path) -> PolicyIssue:
-    result = load_policy_dir(folder)
+def only_issue(folder: Path, served_models: set[str] | None = None) -> PolicyIssue:
+    result = load_policy_dir(folder, served_models=served_models)
     assert result.policies is None
     assert len(result.issues) == 1, result.issues
     return result.issues[0]
@@ -55,7 +55,7 @@ def test_the_repository_policies_are_valid_and_open() -> None:
     assert result.policies.is_open
     assert result.policies.open_tier == "free"
     served = {"auto", "smollm2-135m", "qwen2.5-coder-0.5b"}
-    assert result.policies.check_models(served) == []
+    assert load_policy_dir(REPO_POLICIES, served_models=served).ok
 
 
 def test_a_valid_folder_loads_with_key_owners(tmp_path: Path) -> None:
@@ -158,11 +158,12 @@ def test_hidden_and_other_files_are_ignored(tmp_path: Path) -> None:
 
 
 def test_models_no_engine_serves_are_reported(tmp_path: Path) -> None:
-    write(tmp_path, "free.yaml", tier_text("free"))
-    result = load_policy_dir(tmp_path)
-    assert result.policies is not None
-    issues = result.policies.check_models({"auto"})
-    assert [(i.field, "smollm2-135m" in i.message) for i in issues] == [("models", True)]
+    path = write(tmp_path, "free.yaml", tier_text("free"))
+    assert load_policy_dir(tmp_path, served_models={"auto", "smollm2-135m"}).ok
+    issue = only_issue(tmp_path, served_models={"auto"})
+    # the file, the line and the list item (before: the field "models" and no line)
+    assert (issue.file, issue.line, issue.field) == (str(path), 3, "models.1")
+    assert issue.message.startswith("'smollm2-135m' is not served by any engine")
 
 
 def test_policy_check_command_exit_codes_and_output(tmp_path: Path) -> None:
@@ -176,3 +177,14 @@ def test_policy_check_command_exit_codes_and_output(tmp_path: Path) -> None:
     assert policy_check_command(tmp_path / "ok", out=out, err=err) == 1
     assert f"{bad}:" in err.getvalue()
     assert "limits.concurrent:" in err.getvalue()
+
+
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
+    # (before: "cannot read: 'utf-8' codec can't decode byte 0xe9 in position 161: ...", the
+    # codec's words and no line; the config file says it as below)
+    path = write(tmp_path, "free.yaml", tier_text("free"))
+    path.write_bytes(path.read_bytes() + b"description: caf\xe9\n")
+    issue = only_issue(tmp_path)
+    lines = len(tier_text("free").splitlines())
+    assert (issue.file, issue.line) == (str(path), lines + 1)
+    assert issue.message.startswith("not UTF-8 text (byte ")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxy.policy.keys import hash_key
-from proxy.policy.policyset import PolicySet
+from proxy.policy.policyset import PolicyIssue, PolicySet
 from proxy.policy.store import PolicyLoadError, PolicyStore
 
 REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -106,3 +106,35 @@ async def test_sighup_reloads(folder: Path) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def test_a_reload_naming_a_model_no_engine_serves_is_refused(folder: Path) -> None:
+    # (before: accepted without a word; at start-up only a warning)
+    served = {"auto", "smollm2-135m", "qwen2.5-coder-0.5b"}
+    store = PolicyStore.open(folder, served_models=served)
+    valid = store.current
+    edit(folder / "free.yaml", "models: [auto, smollm2-135m]", "models: [auto, smolm2-135m]")
+    [error] = store.reload()
+    line = line_of(folder / "free.yaml", "smolm2-135m")
+    assert f"free.yaml:{line} models.1: 'smolm2-135m' is not served by any engine" in error
+    assert store.current is valid
+    with pytest.raises(PolicyLoadError) as refused:
+        PolicyStore.open(folder, served_models=served)
+    assert [i.field for i in refused.value.issues] == ["models.1"]
+
+
+def test_a_reload_the_store_check_refuses_keeps_the_previous_set(folder: Path) -> None:
+    """The proxy's own checks of a whole set (an open set on a public address) apply to a
+    reload as they did at start-up."""
+    digest = hash_key("sk-only")
+    edit(folder / "pro.yaml", "keys: []", f'keys: ["{digest}"]')
+
+    def keyed(policies: PolicySet) -> list[PolicyIssue]:
+        return [] if not policies.is_open else [PolicyIssue(str(folder), None, None, "no keys")]
+
+    store = PolicyStore.open(folder, check=keyed)
+    valid = store.current
+    edit(folder / "pro.yaml", f'keys: ["{digest}"]', "keys: []")
+    assert store.reload() == [f"{folder}: no keys"]
+    assert store.current is valid and store.failed_reloads == 1
+    assert store.current.authenticate("sk-only").tier == "pro"

@@ -173,3 +173,20 @@ def test_mixed_scores_and_prompts_are_refused(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "p.jsonl", [{"score": 0.2}, {"messages": chat("b")}])
     with pytest.raises(PromptFileError, match="mixes"):
         read_scores_or_prompts(path, lambda p: np.zeros(len(p)))
+
+
+def test_an_output_that_cannot_be_written_is_one_line_before_any_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (before: every prompt was scored, then a FileNotFoundError traceback lost the work)
+    from proxy.routing import commands
+
+    def no_model(*_: object) -> Any:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(commands, "load_embedder", no_model)
+    path = write_lines(tmp_path / "p.jsonl", [{"messages": chat("ok")}])
+    output = tmp_path / "missing" / "out.jsonl"
+    assert score_command(path, output) == EXIT_BAD_INPUT
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == f"error: cannot write {output}: No such file or directory"
