@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy import pipeline
 from proxy.app import TRANSPORT, create_app
+from proxy.engines.pool import Replica
 from proxy.errors import InternalError
 from proxy.observability.access import AccessLog
 from proxy.settings import Settings
@@ -490,6 +491,28 @@ async def test_an_engine_that_compresses_what_it_may_is_relayed_readable(
         assert await resp.json() == answer
 
 
+async def _behind_a_canned_engine(
+    aiohttp_server: Any, start_proxy: StartProxy, body: bytes, content_type: str, **sections: Any
+) -> tuple[Any, Replica]:
+    """A proxy before one "engine" that answers every chat with ``body``, and its replica."""
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=content_type)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    engine = await aiohttp_server(app)
+    url = str(engine.make_url("")).rstrip("/")
+    p = await start_proxy(
+        [engine_config("e", "m", [url], version="v1")],
+        health={"interval_s": 3600, "timeout_s": 1.0},
+        **sections,
+    )
+    replica = p.services.engines[0].replicas[0]
+    replica.healthy = True  # (this engine has no /health)
+    return p, replica
+
+
 @pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize(
     ("body", "content_type"),
@@ -505,21 +528,9 @@ async def test_a_non_streamed_answer_that_is_not_a_json_object_is_a_502(
 ) -> None:
     """A 200 whose body is no answer (a gateway's page, a body cut short but framed whole) is the
     replica's failure: a 502 the SDKs can read and retry, and its breaker is told."""
-
-    async def chat(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type=content_type)
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    engine = await aiohttp_server(app)
-    url = str(engine.make_url("")).rstrip("/")
-    p = await start_proxy(
-        [engine_config("e", "m", [url], version="v1")],
-        health={"interval_s": 3600, "timeout_s": 1.0},
-        server={"lean_engine_client": lean},
+    p, replica = await _behind_a_canned_engine(
+        aiohttp_server, start_proxy, body, content_type, server={"lean_engine_client": lean}
     )
-    replica = p.services.engines[0].replicas[0]
-    replica.healthy = True  # (this engine has no /health)
     resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
     # (before: a 200 application/json whose body was the engine's garbage)
     assert resp.status == 502, await resp.text()
@@ -541,20 +552,7 @@ async def test_a_stream_answered_with_no_event_stream_is_a_502_before_a_byte(
     """A 200 to a stream request that is no event stream (a gateway's page, an engine that
     ignored ``stream``) has nothing to relay: a failure before the first byte, retried
     elsewhere, not a 200 whose stream is only an error event."""
-
-    async def chat(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type=content_type)
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    engine = await aiohttp_server(app)
-    url = str(engine.make_url("")).rstrip("/")
-    p = await start_proxy(
-        [engine_config("e", "m", [url], version="v1")],
-        health={"interval_s": 3600, "timeout_s": 1.0},
-    )
-    replica = p.services.engines[0].replicas[0]
-    replica.healthy = True  # (this engine has no /health)
+    p, replica = await _behind_a_canned_engine(aiohttp_server, start_proxy, body, content_type)
     resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
     # (before: a 200 whose stream was one error event)
     assert resp.status == 502, await resp.text()
