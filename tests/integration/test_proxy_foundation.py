@@ -7,6 +7,7 @@ import contextlib
 import io
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -470,16 +471,9 @@ async def test_an_engine_that_compresses_what_it_may_is_relayed_readable(
         await sse.write_eof()
         return sse
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    engine = await aiohttp_server(app)
-    url = str(engine.make_url("")).rstrip("/")
-    p = await start_proxy(
-        [engine_config("e", "m", [url], version="v1")],
-        health={"interval_s": 3600, "timeout_s": 1.0},
-        server={"lean_engine_client": False},
+    p, _ = await _behind_an_engine(
+        aiohttp_server, start_proxy, chat, server={"lean_engine_client": False}
     )
-    p.services.engines[0].replicas[0].healthy = True  # (this engine has no /health)
     resp = await p.client.post(
         "/v1/chat/completions", json={**CHAT, "model": "m", "stream": stream}
     )
@@ -491,14 +485,13 @@ async def test_an_engine_that_compresses_what_it_may_is_relayed_readable(
         assert await resp.json() == answer
 
 
-async def _behind_a_canned_engine(
-    aiohttp_server: Any, start_proxy: StartProxy, body: bytes, content_type: str, **sections: Any
+async def _behind_an_engine(
+    aiohttp_server: Any,
+    start_proxy: StartProxy,
+    chat: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    **sections: Any,
 ) -> tuple[Any, Replica]:
-    """A proxy before one "engine" that answers every chat with ``body``, and its replica."""
-
-    async def chat(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type=content_type)
-
+    """A proxy before one "engine" whose chat completions ``chat`` answers, and its replica."""
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     engine = await aiohttp_server(app)
@@ -511,6 +504,15 @@ async def _behind_a_canned_engine(
     replica = p.services.engines[0].replicas[0]
     replica.healthy = True  # (this engine has no /health)
     return p, replica
+
+
+def _canned(body: bytes, content_type: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """An engine's chat handler that answers every request with ``body``."""
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=content_type)
+
+    return chat
 
 
 @pytest.mark.parametrize("lean", [True, False])
@@ -528,9 +530,9 @@ async def test_a_non_streamed_answer_that_is_not_a_json_object_is_a_502(
 ) -> None:
     """A 200 whose body is no answer (a gateway's page, a body cut short but framed whole) is the
     replica's failure: a 502 the SDKs can read and retry, and its breaker is told."""
-    p, replica = await _behind_a_canned_engine(
-        aiohttp_server, start_proxy, body, content_type, server={"lean_engine_client": lean}
-    )
+    chat = _canned(body, content_type)
+    server = {"lean_engine_client": lean}
+    p, replica = await _behind_an_engine(aiohttp_server, start_proxy, chat, server=server)
     resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
     # (before: a 200 application/json whose body was the engine's garbage)
     assert resp.status == 502, await resp.text()
@@ -552,7 +554,7 @@ async def test_a_stream_answered_with_no_event_stream_is_a_502_before_a_byte(
     """A 200 to a stream request that is no event stream (a gateway's page, an engine that
     ignored ``stream``) has nothing to relay: a failure before the first byte, retried
     elsewhere, not a 200 whose stream is only an error event."""
-    p, replica = await _behind_a_canned_engine(aiohttp_server, start_proxy, body, content_type)
+    p, replica = await _behind_an_engine(aiohttp_server, start_proxy, _canned(body, content_type))
     resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
     # (before: a 200 whose stream was one error event)
     assert resp.status == 502, await resp.text()
