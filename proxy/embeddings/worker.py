@@ -12,12 +12,16 @@ at the same time on separate threads (``encode`` must then be thread-safe; each 
 one torch thread, so a preempted thread delays only its own part). ``remembered`` keeps the
 vectors of that many recent texts: a repeated question is answered without the model.
 
-``max_queue_ms`` sheds load: a text that would wait longer than that for the model (the texts
-ahead of it times the recent cost of a text in a batch) is refused at once with
-:class:`EncoderBusy`, and its request goes on without an embedding. Where the encoder is slower
-than the traffic (2 cores without native bfloat16 do about 80 lookups a second) the queue
-would otherwise grow without bound and hold every request behind it; a text with nothing ahead
-of it is never refused.
+``max_queue_ms`` bounds how long a request waits for its text, and sheds load. A text that would
+wait longer than that for the model (the texts ahead of it times the recent cost of a text in a
+batch) is refused at once with :class:`EncoderBusy`; a text with nothing ahead of it is never
+refused. Where the encoder is slower than the traffic (2 cores without native bfloat16 do about
+80 lookups a second) the queue would otherwise grow without bound and hold every request behind
+it. A text that was queued but is not encoded within ``max_queue_ms`` (its batch ran slower
+than the estimate, as when CPU engines take the same cores) also gets :class:`EncoderBusy`; it
+stays queued, so ``embed_background`` for it (the answer's store) waits for that pass rather than
+encoding it again. Callers of one text queued at once share one pass; the text is dropped from
+the queue only when all of them have left (a client gone), not when one has timed out.
 
 ``embed_background`` is for work nobody waits on (cache audits): its text goes to a thread of its
 own, never into the queue, so a user's text neither waits behind it nor gets batched with it.
@@ -41,6 +45,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 
 import numpy as np
@@ -62,11 +68,19 @@ class WorkerClosed(RuntimeError):
 
 
 class EncoderBusy(RuntimeError):
-    """The text would wait longer than ``max_queue_ms`` for the model: it was not queued."""
+    """The text would wait, or has waited, longer than ``max_queue_ms`` for the model."""
 
     def __init__(self, expected_wait_s: float) -> None:
         super().__init__(f"the encoder is {expected_wait_s * 1000:.0f} ms behind")
         self.expected_wait_s = expected_wait_s
+
+
+@dataclass
+class _Pass:
+    """A text queued for the model, and how many callers are waiting for it."""
+
+    future: asyncio.Future[np.ndarray]
+    waiters: int = 0
 
 
 # Weight of the newest batch in the running per-text cost (recent batches count most).
@@ -109,6 +123,7 @@ class EmbeddingWorker:
         self._capacity = remembered
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         self._queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]] | None = None
+        self._pending: dict[str, _Pass] = {}  # queued or being encoded, by text
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         # one thread, at the lowest priority: background encodes run one at a time, and yield
@@ -166,14 +181,44 @@ class EmbeddingWorker:
         if vector is not None:
             self._recent.move_to_end(text)
             return vector
-        if self.max_queue is not None:
-            wait = self.expected_wait_s()
-            if wait > self.max_queue:
+        queued = self._pending.get(text)
+        if queued is None:
+            if self.max_queue is not None:
+                wait = self.expected_wait_s()
+                if wait > self.max_queue:
+                    self.shed += 1
+                    raise EncoderBusy(wait)
+            queued = self._enqueue(text)
+        queued.waiters += 1
+        try:
+            if self.max_queue is None:
+                return await asyncio.shield(queued.future)
+            try:
+                return await asyncio.wait_for(asyncio.shield(queued.future), self.max_queue)
+            except TimeoutError:
                 self.shed += 1
-                raise EncoderBusy(wait)
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((text, future))
-        return await future
+                raise EncoderBusy(self.max_queue) from None
+        except asyncio.CancelledError:
+            if queued.waiters == 1:  # nobody else wants it: the batch skips it
+                queued.future.cancel()
+            raise
+        finally:
+            queued.waiters -= 1
+
+    def _enqueue(self, text: str) -> _Pass:
+        assert self._queue is not None
+        queued = _Pass(asyncio.get_running_loop().create_future())
+        self._pending[text] = queued
+        queued.future.add_done_callback(partial(self._forget, text))
+        self._queue.put_nowait((text, queued.future))
+        return queued
+
+    def _forget(self, text: str, future: asyncio.Future[np.ndarray]) -> None:
+        if not future.cancelled():
+            future.exception()  # retrieved: a failure nobody still waits for is not "unhandled"
+        queued = self._pending.get(text)
+        if queued is not None and queued.future is future:
+            del self._pending[text]
 
     @property
     def cost_per_text_s(self) -> float | None:
@@ -182,22 +227,31 @@ class EmbeddingWorker:
         return self._cost_per_text
 
     def expected_wait_s(self) -> float:
-        """How long a text queued now would wait for the model: the texts ahead of it (queued
-        and being encoded) at the recent cost of a text in a batch."""
+        """How long a text queued now would wait for its vector: the texts ahead of it (queued
+        and being encoded) and itself, at the recent cost of a text in a batch; 0 with nothing
+        ahead (such a text is never refused)."""
         ahead = self._in_batch + (self._queue.qsize() if self._queue is not None else 0)
         if ahead == 0 or self._cost_per_text is None:
             return 0.0
-        return ahead * self._cost_per_text
+        return (ahead + 1) * self._cost_per_text
 
     async def embed_background(self, text: str) -> np.ndarray:
         """The text's embedding, encoded outside the batching queue on the worker's background
-        thread (lowest priority, one text at a time); for background work."""
+        thread (lowest priority, one text at a time); for background work. A text still queued
+        by ``embed`` is taken from that pass."""
         background = self._background
         if self._queue is None or background is None:
             raise WorkerClosed("embedding worker is not running")
         vector = self._recent.get(text)
         if vector is not None:
             return vector
+        queued = self._pending.get(text)
+        if queued is not None:  # a user's request gave up on it: its pass is still to come
+            queued.waiters += 1
+            try:
+                return await asyncio.shield(queued.future)
+            finally:
+                queued.waiters -= 1
         try:
             job = background.submit(self._encode_background, [text])
         except RuntimeError as exc:  # the executor has shut down
