@@ -208,6 +208,7 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
         started=time.perf_counter(),
         kind=kind,
     )
+    lookup: asyncio.Future[tuple[CacheHit | None, np.ndarray | None]] | None = None
     try:
         # The key first: a caller without a valid one learns nothing about its body (and the
         # proxy reads no body for it).
@@ -235,7 +236,10 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
             hit = await _exact_lookup(services, plan, req, rollouts.select(allowed[-1], prefix))
             if hit is not None:
                 return _respond_from_cache(request, req, hit, exchange, services)
-            embedding = await _embed(services, req, requested, allowed, plan, exchange)
+            beside = _lookup_beside_engine(services, requested, allowed, plan, policy)
+            embedding = (
+                None if beside else await _embed(services, req, requested, allowed, plan, exchange)
+            )
             # Each allowed engine's canary answers the conversations in its share (sticky per
             # conversation); the other version answers them while every replica of their own is
             # down. The router judges each engine by the replica set that would answer.
@@ -264,19 +268,17 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                 if services.tuner is not None and services.tuner.wants_counterfactual(policy.cache)
                 else None
             )
-            hit = await _lookup(services, plan, embedding, exchange, cutoff, refused)
+            if beside:
+                # The route needed no embedding: the question is embedded and looked up by
+                # meaning while the engine is asked, so a miss waits for no encoder.
+                lookup = asyncio.ensure_future(
+                    _embed_and_lookup(services, req, requested, allowed, plan, exchange, cutoff)
+                )
+                hit = None
+            else:
+                hit = await _lookup(services, plan, embedding, exchange, cutoff, refused)
             if hit is not None:
-                if hit.kind == "semantic" and services.auditor is not None:
-                    services.auditor.consider(
-                        tier=principal.tier,
-                        cache_policy=policy.cache,
-                        # The version that stored the answer is the one to ask again.
-                        engine=rollouts.replica_set(hit.meta.engine, hit.meta.version),
-                        kind=req.kind,
-                        body=req.body,
-                        hit=hit,
-                        cutoff=cutoff,
-                    )
+                _audit_hit(services, principal, req, hit, cutoff)
                 return _respond_from_cache(request, req, hit, exchange, services)
 
             flight = (
@@ -322,8 +324,9 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                 )
                 try:
                     response = await _answer_from_engine(
-                        request, req, engine, exchange, services, plan, embedding, flight, answered
-                    )
+                        request, req, engine, exchange, services, plan, embedding, flight,
+                        answered, lookup,
+                    )  # fmt: skip
                 finally:
                     # also what a stream the client left (or the engine broke) had sent: the
                     # tokens counted in it and its prompt's estimate, when its usage chunk never
@@ -335,6 +338,9 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                     )
                     if exchange.tokens_in or exchange.tokens_out:  # (nothing known: no change)
                         ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
+            if isinstance(response, CacheHit):  # found by meaning while the engine was asked
+                _audit_hit(services, principal, req, response, cutoff)
+                return _respond_from_cache(request, req, response, exchange, services)
             if req.kind == "chat":
                 exchange.conversation = req  # the router remembers it once the answer is out
             return response
@@ -367,6 +373,8 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
         # record that 500, not the 200 the exchange started with.
         raise _refusal(exchange, InternalError()) from exc
     finally:
+        if lookup is not None and not lookup.done():  # (a follower, a refusal, a client gone)
+            lookup.cancel()
         # Metrics and the access line run just after the response is written (the next turn of
         # the loop), so their cost is not added to every answer's latency.
         exchange.latency_s = time.perf_counter() - exchange.started
@@ -777,6 +785,59 @@ async def _lookup(
     return None
 
 
+def _lookup_beside_engine(
+    services: Services,
+    requested: str,
+    allowed: list[Engine],
+    plan: CachePlan,
+    policy: TierPolicy,
+) -> bool:
+    """Whether this request's semantic lookup can run while the engine is asked: there is one,
+    and neither the route (a difficulty score) nor a counterfactual audit (the refused hits) needs
+    its outcome before the engine is asked."""
+    return (
+        services.embedder is not None
+        and plan.semantic
+        and plan.mode.read
+        and services.settings.cache.lookup_beside_engine
+        and not (requested == VIRTUAL_MODEL and len(allowed) > 1 and services.router.scores)
+        and not (services.tuner is not None and services.tuner.wants_counterfactual(policy.cache))
+    )
+
+
+async def _embed_and_lookup(
+    services: Services,
+    req: CompletionRequest,
+    requested: str,
+    allowed: list[Engine],
+    plan: CachePlan,
+    exchange: Exchange,
+    cutoff: float | None,
+) -> tuple[CacheHit | None, np.ndarray | None]:
+    embedding = await _embed(services, req, requested, allowed, plan, exchange)
+    return await _lookup(services, plan, embedding, exchange, cutoff), embedding
+
+
+def _audit_hit(
+    services: Services,
+    principal: Principal,
+    req: CompletionRequest,
+    hit: CacheHit,
+    cutoff: float | None,
+) -> None:
+    if hit.kind == "semantic" and services.auditor is not None:
+        services.auditor.consider(
+            tier=principal.tier,
+            cache_policy=principal.policy.cache,
+            # The version that stored the answer is the one to ask again.
+            engine=services.rollouts.replica_set(hit.meta.engine, hit.meta.version),
+            kind=req.kind,
+            body=req.body,
+            hit=hit,
+            cutoff=cutoff,
+        )
+
+
 def _respond_from_cache(
     request: web.Request,
     req: CompletionRequest,
@@ -874,9 +935,23 @@ async def _answer_from_engine(
     embedding: np.ndarray | None,
     flight: Leader[bytes, bytes] | None,
     answered: Callable[[bytes], None] | None = None,
-) -> web.StreamResponse:
+    lookup: asyncio.Future[tuple[CacheHit | None, np.ndarray | None]] | None = None,
+) -> web.StreamResponse | CacheHit:
+    """The engine's answer relayed; or, with ``lookup`` (the semantic lookup, still running),
+    the hit it found while the engine was asked, whose engine request is then closed."""
+    opened = None
+    if lookup is not None:
+        opened = asyncio.ensure_future(_call_engine(req, engine, exchange, services))
+        try:
+            hit, embedding = await lookup
+        except BaseException:
+            opened.cancel()
+            raise
+        if hit is not None:
+            _close_engine_call(opened, services, engine)
+            return hit
     try:
-        upstream = await _call_engine(req, engine, exchange, services)
+        upstream = await (opened or _call_engine(req, engine, exchange, services))
     except _FAILED_BEFORE_A_BYTE as err:
         # Every replica of the version chosen for it failed before the client had a byte: its
         # canary (or stable) went down before a health poll or its breaker said so. The other
@@ -916,6 +991,20 @@ async def _answer_from_engine(
     if req.stream and upstream.status == 200:
         return await _relay_stream(request, req, upstream, exchange, store)
     return _relay_body(upstream, exchange, store)
+
+
+def _close_engine_call(
+    opened: asyncio.Future[Upstream], services: Services, engine: Engine
+) -> None:
+    """Stop an engine request whose answer is not wanted: closed, so vLLM stops the generation
+    (its prefill is spent)."""
+    if not opened.done():
+        opened.cancel()
+    elif opened.cancelled() or opened.exception() is not None:
+        return  # it had failed: nothing to stop
+    else:
+        opened.result().finish(ok=True, aborted=True)
+    services.metrics.engine_request_cancelled(engine=engine.name, reason="cache_hit")
 
 
 # How an engine call fails before the client is sent a byte (the request may go elsewhere).

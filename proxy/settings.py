@@ -279,6 +279,12 @@ class CacheSettings(StrictModel):
         "costly: docs/benchmarks.md section 3); off: bi-encoder head only",
     )
     cache_sampled: bool = False
+    lookup_beside_engine: bool = Field(
+        True,
+        description="a request whose route needs no embedding asks the engine while its "
+        "question is embedded and looked up by meaning: a miss waits for no encoder; a hit "
+        "closes the engine's request (its prefill is spent)",
+    )
     size_limit_gb: float = Field(4.0, gt=0, description="disk backend: evicts beyond it")
     disk_writer: Literal["process", "thread"] = Field(
         "process", description="disk backend: where batches are written (process: off the GIL)"
@@ -329,8 +335,9 @@ class EmbeddingSettings(StrictModel):
     max_queue_ms: float | None = Field(
         100.0,
         gt=0,
-        description="a text that would wait longer for the encoder is not embedded: its request "
-        "skips the semantic lookup and is routed without a difficulty score (counted in "
+        description="the longest a request waits for its text's vector: a text that would wait "
+        "longer is not queued, one queued is given up on after it; the request then skips the "
+        "semantic lookup and is routed without a difficulty score (counted in "
         "frugal_embeddings_shed_total); null: always wait",
     )
     precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(

@@ -273,9 +273,10 @@ class Metrics:
 
         self.embeddings_shed = CounterFamily(
             "frugal_embeddings_shed",
-            "Texts not embedded because the encoder was further behind than embeddings."
-            "max_queue_ms; the request went on without a semantic lookup (purpose=cache) and, "
-            "if it was routed, without a difficulty score (purpose=routing).",
+            "Texts not embedded within embeddings.max_queue_ms (not queued, the encoder being "
+            "that far behind, or queued and not done in time); the request went on without a "
+            "semantic lookup (purpose=cache) and, if it was routed, without a difficulty score "
+            "(purpose=routing).",
             ["purpose"],
         )
 
@@ -307,6 +308,13 @@ class Metrics:
         self.upstream_retries = CounterFamily(
             "frugal_upstream_retries",
             "Engine calls retried, by engine and reason.",
+            ["engine", "reason"],
+        )
+        self.engine_cancellations = CounterFamily(
+            "frugal_engine_requests_cancelled",
+            "Engine requests the proxy closed before their answer, by engine and reason "
+            "(cache_hit: a semantic hit was found while the engine was asked; its prefill is "
+            "spent).",
             ["engine", "reason"],
         )
         self.version_changes = CounterFamily(
@@ -353,6 +361,7 @@ class Metrics:
                     self.embedding_encode,
                     self.embeddings_shed,
                     self.upstream_retries,
+                    self.engine_cancellations,
                     self.version_changes,
                     self.replicas_held_out,
                 ]
@@ -508,6 +517,9 @@ class Metrics:
 
     def upstream_retry(self, *, engine: str, reason: str) -> None:
         self.upstream_retries.labels(engine, reason).inc()
+
+    def engine_request_cancelled(self, *, engine: str, reason: str) -> None:
+        self.engine_cancellations.labels(engine, reason).inc()
 
     def engine_version_changed(self, *, engine: str) -> None:
         self.version_changes.labels(engine).inc()

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import hashlib
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -999,6 +1000,7 @@ async def test_answers_to_questions_the_busy_encoder_skipped_are_found_by_meanin
         engine=engine,
         encode=slow_bag_of_words,
         embeddings={"max_queue_ms": 60, "max_wait_ms": 1},
+        lookup_beside_engine=False,  # (the engine's requests counted are the misses)
     )
     cache, embedder = services.cache, services.embedder
     assert cache is not None and embedder is not None
@@ -1019,6 +1021,135 @@ async def test_answers_to_questions_the_busy_encoder_skipped_are_found_by_meanin
         reply = await client.post("/v1/chat/completions", json=ask(f"Europe: largest {topic} of?"))
         assert reply.headers["x-frugal-cache"] == "hit-semantic", topic
     assert engine.state.counters.requests == 13
+
+
+async def test_a_request_is_not_held_past_max_queue_by_an_encoder_slower_than_measured(
+    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    # A text admitted with nothing ahead of it, whose pass then stalls (CPU engines on the same
+    # cores): the request goes on after max_queue_ms, and the answer is still indexed by
+    # meaning from that same pass once it ends, not from a second one.
+    stalled, passes = threading.Event(), []
+
+    def stalling(texts: list[str]) -> np.ndarray:
+        passes.append(list(texts))
+        if "largest lakes of Europe" in texts:
+            assert stalled.wait(30)
+        return bag_of_words(texts)
+
+    engine = await start_fake("m")
+    client, services = await semantic_app(
+        start_fake,
+        tmp_path,
+        aiohttp_client,
+        engine=engine,
+        encode=stalling,
+        embeddings={"max_queue_ms": 100, "max_wait_ms": 1},
+        lookup_beside_engine=False,  # the request itself waits for the lookup
+    )
+    cache = services.cache
+    assert cache is not None
+    passes.clear()  # the start-up pass
+    started = time.perf_counter()
+    reply = await client.post("/v1/chat/completions", json=ask("largest lakes of Europe"))
+    assert reply.status == 200 and reply.headers["x-frugal-cache"] == "miss"
+    assert time.perf_counter() - started < 10  # not the 30 s the pass is held
+    stalled.set()
+    await cache.drain()
+    paraphrase = await client.post("/v1/chat/completions", json=ask("Europe: largest lakes of?"))
+    assert paraphrase.headers["x-frugal-cache"] == "hit-semantic"
+    assert passes.count(["largest lakes of Europe"]) == 1
+    assert engine.state.counters.requests == 1
+
+
+class HeldEncoder:
+    """bag_of_words, held for the texts in ``held`` until ``release`` is set."""
+
+    def __init__(self, *held: str) -> None:
+        self.held, self.release = set(held), threading.Event()
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if self.held & set(texts):
+            assert self.release.wait(30)
+        return bag_of_words(texts)
+
+
+async def until(condition: Any, seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
+
+
+async def test_a_miss_asks_the_engine_while_its_question_is_still_being_embedded(
+    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    # A request whose route needs no embedding does not wait for the encoder before asking the
+    # engine: on a miss the semantic lookup adds nothing to the time to first token.
+    encoder = HeldEncoder("largest lakes of Europe")
+    engine = await start_fake("m")
+    client, services = await semantic_app(
+        start_fake, tmp_path, aiohttp_client, engine=engine, encode=encoder,
+        embeddings={"max_queue_ms": 30_000},
+    )  # fmt: skip
+    body = {**ask("largest lakes of Europe"), "stream": True}
+    reply = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+    await until(lambda: engine.state.counters.requests == 1)
+    assert not encoder.release.is_set() and not reply.done()  # the answer waits for the lookup
+    encoder.release.set()
+    response = await reply
+    assert response.status == 200 and response.headers["x-frugal-cache"] == "miss"
+    assert (await response.read()).endswith(b"data: [DONE]\n\n")
+    assert services.cache is not None
+    await services.cache.drain()
+    paraphrase = await client.post("/v1/chat/completions", json=ask("Europe: largest lakes of?"))
+    assert paraphrase.headers["x-frugal-cache"] == "hit-semantic"
+    # (the paraphrase's engine request, sent beside its lookup, was closed on the hit)
+    assert engine.state.counters.requests == 2
+
+
+async def test_a_hit_found_beside_the_engine_call_aborts_it(
+    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    engine = await start_fake("m", ttft_ms=2_000)
+    client, services = await semantic_app(
+        start_fake, tmp_path, aiohttp_client, engine=engine, encode=bag_of_words
+    )
+    first = await client.post("/v1/chat/completions", json=ask("largest lakes of Europe"))
+    assert first.headers["x-frugal-cache"] == "miss"
+    assert services.cache is not None
+    await services.cache.drain()
+    for stream in (False, True):
+        reply = await client.post(
+            "/v1/chat/completions", json={**ask("Europe: largest lakes of?"), "stream": stream}
+        )
+        assert reply.headers["x-frugal-cache"] == "hit-semantic"
+        await reply.read()
+    # Each paraphrase's engine request was sent and then closed, so the engine stops it.
+    await until(lambda: engine.state.counters.aborted == 2)
+    assert engine.state.counters.requests == 3
+    metrics = await (await client.get("/metrics")).text()
+    assert 'frugal_engine_requests_cancelled_total{engine="e",reason="cache_hit"} 2.0' in metrics
+
+
+async def test_off_the_engine_is_asked_only_after_the_lookup(
+    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    encoder = HeldEncoder("largest lakes of Europe")
+    engine = await start_fake("m")
+    client, _ = await semantic_app(
+        start_fake, tmp_path, aiohttp_client, engine=engine, encode=encoder,
+        embeddings={"max_queue_ms": 30_000}, lookup_beside_engine=False,
+    )  # fmt: skip
+    reply = asyncio.create_task(
+        client.post("/v1/chat/completions", json=ask("largest lakes of Europe"))
+    )
+    await asyncio.sleep(0.3)
+    assert engine.state.counters.requests == 0
+    encoder.release.set()
+    assert (await reply).status == 200
+    assert engine.state.counters.requests == 1
 
 
 async def test_a_completion_of_several_prompts_is_stored_and_replayed_whole(

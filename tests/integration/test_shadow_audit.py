@@ -58,7 +58,14 @@ async def start(
             "policies": str(folder),
             "data_dir": str(tmp_path / "data"),
             "health": {"interval_s": 0.1},
-            "cache": {"enabled": True, "semantic": True, "audit": audit or {}},
+            # (off: the engine's requests counted here are the audits' own, with no user's
+            # request sent beside its lookup and closed on the hit)
+            "cache": {
+                "enabled": True,
+                "semantic": True,
+                "audit": audit or {},
+                "lookup_beside_engine": False,
+            },
             "routing": {"enabled": False},
             # Audits are what is tested, not shedding: on a loaded box a paraphrase must still
             # be embedded (and hit), however long the encoder's queue looks.
@@ -494,7 +501,12 @@ async def test_an_audit_of_a_canary_hit_asks_the_canary_for_its_own_model(
             "policies": str(folder),
             "data_dir": str(tmp_path / "data"),
             "health": {"interval_s": 0.1},
-            "cache": {"enabled": True, "semantic": True, "audit": {"share": 1.0}},
+            "cache": {
+                "enabled": True,
+                "semantic": True,
+                "audit": {"share": 1.0},
+                "lookup_beside_engine": False,  # (as in start())
+            },
             "routing": {"enabled": False},
             "logging": {"level": "warning", "format": "console"},
         }
