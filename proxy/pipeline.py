@@ -12,6 +12,11 @@ file orders them and carries the per-request facts in an :class:`Exchange`.
 Routing comes before the cache lookup because every cache entry belongs to one engine version: the
 lookup needs to know which engines' answers are good enough for this request (the routed engine,
 or a stronger one the tier may use).
+
+When the route needs no embedding (a named model) and the engine would take the request at once,
+the embedding and the semantic lookup run beside the single-flight, reservation and engine call
+(``cache.lookup_beside_engine``): the answer is relayed once the lookup has missed, and a hit
+closes the engine's request and is served instead.
 """
 
 from __future__ import annotations
@@ -268,13 +273,18 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                 if services.tuner is not None and services.tuner.wants_counterfactual(policy.cache)
                 else None
             )
-            if beside:
-                # The route needed no embedding: the question is embedded and looked up by
-                # meaning while the engine is asked, so a miss waits for no encoder.
+            if beside and services.admissions[engine.name].free:
+                # The route needed no embedding, and the engine takes the request at once: the
+                # question is embedded and looked up by meaning while the engine is asked, so a
+                # miss waits for no encoder. (Behind the engine's queue, a hit is served first.)
                 lookup = asyncio.ensure_future(
                     _embed_and_lookup(services, req, requested, allowed, plan, exchange, cutoff)
                 )
                 hit = None
+            elif beside:
+                hit, embedding = await _embed_and_lookup(
+                    services, req, requested, allowed, plan, exchange, cutoff
+                )
             else:
                 hit = await _lookup(services, plan, embedding, exchange, cutoff, refused)
             if hit is not None:
@@ -306,38 +316,46 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                 max_wait_s=policy.queue.max_wait_ms / 1000,
                 tier=principal.tier,
             )
-            async with (
-                flight if flight is not None else contextlib.nullcontext(),
-                ticket.budget(worst_case) as spend,
-                exchange.slot,
-            ):
-                answered = (
-                    services.auditor.counterfactual(
-                        tier=principal.tier,
-                        cache_policy=policy.cache,
-                        engine=engine,
-                        refused=refused,
-                        cutoff=cutoff,
+            try:
+                async with (
+                    flight if flight is not None else contextlib.nullcontext(),
+                    ticket.budget(worst_case) as spend,
+                    exchange.slot,
+                ):
+                    answered = (
+                        services.auditor.counterfactual(
+                            tier=principal.tier,
+                            cache_policy=policy.cache,
+                            engine=engine,
+                            refused=refused,
+                            cutoff=cutoff,
+                        )
+                        if refused and services.auditor is not None
+                        else None
                     )
-                    if refused and services.auditor is not None
-                    else None
-                )
-                try:
-                    response = await _answer_from_engine(
-                        request, req, engine, exchange, services, plan, embedding, flight,
-                        answered, lookup,
-                    )  # fmt: skip
-                finally:
-                    # also what a stream the client left (or the engine broke) had sent: the
-                    # tokens counted in it and its prompt's estimate, when its usage chunk never
-                    # came
-                    # (the other version's price, when it answered in place of this one)
-                    answering = exchange.engine or engine
-                    spend.record(
-                        answering.settings.cost.usd(exchange.tokens_in, exchange.tokens_out)
-                    )
-                    if exchange.tokens_in or exchange.tokens_out:  # (nothing known: no change)
-                        ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
+                    try:
+                        response = await _answer_from_engine(
+                            request, req, engine, exchange, services, plan, embedding, flight,
+                            answered, lookup,
+                        )  # fmt: skip
+                    finally:
+                        # also what a stream the client left (or the engine broke) had sent:
+                        # the tokens counted in it and its prompt's estimate, when its usage
+                        # chunk never came (the other version's price, when it answered in place
+                        # of this one); nothing for a hit found while the engine was asked
+                        answering = exchange.engine or engine
+                        spend.record(
+                            answering.settings.cost.usd(exchange.tokens_in, exchange.tokens_out)
+                        )
+                        if exchange.tokens_in or exchange.tokens_out:  # (nothing known: no change)
+                            ticket.record_usage(exchange.tokens_in, exchange.tokens_out)
+            except PolicyError:
+                # Refused before the engine was asked (the budget, the engine's queue): a hit
+                # found by meaning meanwhile is served, as it would have been without the overlap.
+                found = (await lookup)[0] if lookup is not None else None
+                if found is None:
+                    raise
+                response = found
             if isinstance(response, CacheHit):  # found by meaning while the engine was asked
                 _audit_hit(services, principal, req, response, cutoff)
                 return _respond_from_cache(request, req, response, exchange, services)

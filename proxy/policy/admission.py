@@ -100,6 +100,11 @@ class EngineAdmission:
     def waiting(self) -> int:
         return len(self._queue)
 
+    @property
+    def free(self) -> bool:
+        """A request arriving now would be admitted at once."""
+        return not self._queue and self._has_room()
+
     def queue_delay(self) -> float:
         """Seconds a request joining the queue now can expect to wait, from what is observed:
         the longer of how long the oldest waiter has already waited and how long recently
