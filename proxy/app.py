@@ -116,6 +116,15 @@ def create_app(
     async def stop_the_timer(_: web.Application) -> None:
         streams.disarm()
 
+    async def close_when_draining(_: web.Request, response: web.StreamResponse) -> None:
+        # A kept-alive client is told to reconnect: its next request goes to the load balancer,
+        # which has taken this proxy out of rotation, not down a connection to it.
+        if services.draining:
+            response.force_close()
+            # (aiohttp has made the head by the time this hook runs: the header is set here)
+            response.headers["Connection"] = "close"
+
+    app.on_response_prepare.append(close_when_draining)
     app.on_shutdown.append(end_streams_before_the_deadline)
     app.on_cleanup.append(stop_the_timer)
     access = services.access_log

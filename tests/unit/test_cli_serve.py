@@ -407,12 +407,16 @@ async def test_sigterm_first_drains_readyz_503_while_new_requests_are_served(
         async with session.post(f"{url}/v1/chat/completions", json=CHAT) as resp:
             assert resp.status == 200
             assert (await resp.json())["choices"]
+            # A kept-alive client is told to reconnect, so its next request goes to the load
+            # balancer (and another replica), not down this connection to a proxy leaving.
+            assert resp.headers.get("Connection") == "close"
         # a new connection too, not only the session's kept-alive one
         async with (
             aiohttp.ClientSession() as fresh,
             fresh.post(f"{url}/v1/chat/completions", json={**CHAT, "stream": True}) as resp,
         ):
             assert resp.status == 200
+            assert resp.headers.get("Connection") == "close"
             assert (await resp.read()).endswith(b"data: [DONE]\n\n")
         assert not proxy.done()
         await asyncio.sleep(max(0.0, started + delay_s - 0.4 - time.monotonic()))
