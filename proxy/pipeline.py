@@ -957,19 +957,33 @@ async def _answer_from_engine(
 ) -> web.StreamResponse | CacheHit:
     """The engine's answer relayed; or, with ``lookup`` (the semantic lookup, still running),
     the hit it found while the engine was asked, whose engine request is then closed."""
-    opened = None
-    if lookup is not None:
-        opened = asyncio.ensure_future(_call_engine(req, engine, exchange, services))
-        try:
-            hit, embedding = await lookup
-        except BaseException:
-            opened.cancel()
-            raise
-        if hit is not None:
-            _close_engine_call(opened, services, engine)
-            return hit
     try:
-        upstream = await (opened or _call_engine(req, engine, exchange, services))
+        if lookup is None:
+            upstream = await _call_engine(req, engine, exchange, services)
+        else:
+            # The engine's time counts as the engine's only if its answer is the one relayed: a
+            # hit's own time is all the proxy's.
+            waited: list[float] = []
+            opened = asyncio.ensure_future(
+                _call_engine(req, engine, exchange, services, waited=waited)
+            )
+            try:
+                hit, embedding = await lookup
+            except BaseException:
+                _close_engine_call(opened)
+                raise
+            if hit is not None:
+                if _close_engine_call(opened):
+                    services.metrics.engine_request_cancelled(
+                        engine=engine.name, reason="cache_hit"
+                    )
+                return hit
+            try:
+                upstream = await opened
+            finally:
+                exchange.upstream_s += sum(waited)
+            if upstream.status == 200:  # its first byte is relayed now, not when it came
+                exchange.ttft_s = time.perf_counter() - exchange.started
     except _FAILED_BEFORE_A_BYTE as err:
         # Every replica of the version chosen for it failed before the client had a byte: its
         # canary (or stable) went down before a health poll or its breaker said so. The other
@@ -1011,18 +1025,18 @@ async def _answer_from_engine(
     return _relay_body(upstream, exchange, store)
 
 
-def _close_engine_call(
-    opened: asyncio.Future[Upstream], services: Services, engine: Engine
-) -> None:
+def _close_engine_call(opened: asyncio.Future[Upstream]) -> bool:
     """Stop an engine request whose answer is not wanted: closed, so vLLM stops the generation
-    (its prefill is spent)."""
+    (its prefill is spent). False if it had failed already."""
+    # (retrieved: a failure of a call nobody waits for any more is not an unhandled error)
+    opened.add_done_callback(lambda call: call.cancelled() or call.exception())
     if not opened.done():
         opened.cancel()
-    elif opened.cancelled() or opened.exception() is not None:
-        return  # it had failed: nothing to stop
-    else:
-        opened.result().finish(ok=True, aborted=True)
-    services.metrics.engine_request_cancelled(engine=engine.name, reason="cache_hit")
+        return True
+    if opened.cancelled() or opened.exception() is not None:
+        return False
+    opened.result().finish(ok=True, aborted=True)
+    return True
 
 
 # How an engine call fails before the client is sent a byte (the request may go elsewhere).
@@ -1036,9 +1050,11 @@ async def _call_engine(
     services: Services,
     deadline: float | None = None,
     failed: FrugalError | None = None,
+    waited: list[float] | None = None,
 ) -> Upstream:
     """``deadline``, ``failed``: this call retries a failed one on another version
-    (:meth:`~proxy.engines.client.EngineCaller.open`)."""
+    (:meth:`~proxy.engines.client.EngineCaller.open`). ``waited``: where the time waited for the
+    engine goes instead of ``exchange.upstream_s``."""
     # A promotion while this request waited for its slot handed the engine the canary's
     # replicas: they take their own model name, and their version is the one answering. (The
     # body's name, not the client's: after a canary failed, the stable takes its own back.)
@@ -1062,7 +1078,10 @@ async def _call_engine(
             failed=failed,
         )
     finally:
-        exchange.upstream_s += time.perf_counter() - t0
+        if waited is None:
+            exchange.upstream_s += time.perf_counter() - t0
+        else:
+            waited.append(time.perf_counter() - t0)
     # Only an answer has a first token: an engine's error (or a client that left before one)
     # in the TTFT series would pull its percentiles down with fast failures.
     if upstream.status == 200:

@@ -1096,11 +1096,18 @@ async def test_a_miss_asks_the_engine_while_its_question_is_still_being_embedded
     body = {**ask("largest lakes of Europe"), "stream": True}
     reply = asyncio.create_task(client.post("/v1/chat/completions", json=body))
     await until(lambda: engine.state.counters.requests == 1)
+    await asyncio.sleep(0.3)
     assert not encoder.release.is_set() and not reply.done()  # the answer waits for the lookup
     encoder.release.set()
     response = await reply
     assert response.status == 200 and response.headers["x-frugal-cache"] == "miss"
     assert (await response.read()).endswith(b"data: [DONE]\n\n")
+    # Its first byte reached the client after the lookup, not when the engine sent it: the
+    # time to first token and the proxy's own time both hold the 0.3 s waited for the lookup.
+    metrics = await (await client.get("/metrics")).text()
+    for family in ("frugal_time_to_first_token_seconds", "frugal_proxy_overhead_seconds"):
+        sums = [ln for ln in metrics.splitlines() if ln.startswith(f"{family}_sum")]
+        assert sums and float(sums[0].rsplit(" ", 1)[1]) >= 0.3, (family, sums)
     assert services.cache is not None
     await services.cache.drain()
     paraphrase = await client.post("/v1/chat/completions", json=ask("Europe: largest lakes of?"))
