@@ -268,7 +268,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 CONFIG.format(
                     port=port, engine_port=engine_port, cache=cache, data_dir=work / f"data-{name}"
                 ).replace(
-                    "semantic: true,", f"semantic: true, cross_encoder: {str(args.cross).lower()},"
+                    "semantic: true,",
+                    f"semantic: true, cross_encoder: {str(args.cross).lower()}, "
+                    f"lookup_beside_engine: {str(not args.lookup_first).lower()},",
                 )
                 + embeddings_section(args.precision, args.max_queue_ms)
             )
@@ -497,6 +499,12 @@ def main() -> None:
         "--precision",
         choices=("auto", "float32", "bfloat16", "int8"),
         help="embeddings.precision of the proxies (default: the config default, auto)",
+    )
+    parser.add_argument(
+        "--lookup-first",
+        action="store_true",
+        help="cache.lookup_beside_engine: false (the engine is asked after the semantic lookup "
+        "has missed; by default it is asked while the lookup runs)",
     )
     parser.add_argument(
         "--cross",

@@ -6,7 +6,10 @@
 For each engine (its model name is read from its /v1/models), 16 concurrent streamed chat
 requests run for ``--duration-s``, once straight to the engine and once through the proxy (with
 ``model`` set to that engine's model, so the proxy routes there), alternating which goes first,
-for ``--rounds`` rounds; medians are reported.
+for ``--rounds`` rounds; medians are reported. With several ``--proxy NAME=URL`` (two configurations
+of a proxy, say), every round measures the direct side and each proxy, each side first in turn,
+and each proxy is compared with the direct side of its own round: on an engine whose speed drifts
+from minute to minute, that separates configurations that runs at different times cannot.
 
 Every request samples (temperature 0.7, no seed) so a caching proxy cannot answer from its cache,
 or with ``--misses`` is greedy (temperature 0) on questions that are all different (from
@@ -304,18 +307,21 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         for engine in args.engine:
             base = engine.rstrip("/")
             model = await engine_model(session, base)
-            proxy = args.proxy.rstrip("/")
             sides: dict[str, tuple[str, dict[str, str], str | None]] = {
-                "direct": (f"{base}/v1/chat/completions", {}, None),
-                "proxied": (f"{proxy}/v1/chat/completions", headers, proxy),
+                "direct": (f"{base}/v1/chat/completions", {}, None)
             }
+            for name, proxy in args.proxies:
+                sides[name] = (f"{proxy}/v1/chat/completions", headers, proxy)
             # Warm-up both paths (connections, engine prefix cache, proxy start-up work).
             for url, side_headers, _ in sides.values():
                 warm = argparse.Namespace(**{**vars(args), "duration_s": args.warmup_s})
                 await run_phase(session, url, model, side_headers, warm)
             rounds = []
+            names = list(sides)
             for index in range(args.rounds):
-                order = ["direct", "proxied"] if index % 2 == 0 else ["proxied", "direct"]
+                # each side first in turn (two sides: alternating), so none always follows another
+                shift = index % len(names)
+                order = names[shift:] + names[:shift]
                 measured: dict[str, Phase] = {}
                 for side in order:
                     url, side_headers, account = sides[side]
@@ -338,7 +344,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         flush=True,
                     )
                 rounds.append(measured)
-            results[model] = summarise(rounds)
+            for name, _ in args.proxies:
+                label = model if len(args.proxies) == 1 else f"{model} via {name}"
+                results[label] = summarise(
+                    [{"direct": r["direct"], "proxied": r[name]} for r in rounds]
+                )
     return results
 
 
@@ -347,6 +357,11 @@ def summarise(rounds: list[dict[str, Phase]]) -> dict[str, Any]:
         return statistics.median(fn(r[side]) for r in rounds)
 
     row: dict[str, Any] = {}
+    row["ratios"] = [
+        round(r["proxied"].tokens_per_s / r["direct"].tokens_per_s, 3)
+        for r in rounds
+        if r["direct"].tokens_per_s
+    ]
     for side in ("direct", "proxied"):
         row[side] = {
             "tokens_per_s": med(side, lambda p: p.tokens_per_s),
@@ -388,18 +403,21 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`",
         "",
         f"{meta['concurrency']} concurrent streamed chats, max_tokens {meta['max_tokens']}"
-        f" (ignore_eos), {meta['duration_s']} s per side, {meta['rounds']} rounds alternating;"
-        f" medians. Load average before {meta['load_before']}, after {meta['load_after']}.",
+        f" (ignore_eos), {meta['duration_s']} s per side, {meta['rounds']} rounds, each side"
+        f" first in turn; medians. Load average before {meta['load_before']},"
+        f" after {meta['load_after']}.",
         "",
-        "| model | direct tok/s | proxied tok/s | ratio (>= 0.98) | direct TTFT p50 ms |"
-        " proxied TTFT p50 ms | added TTFT p50 ms (<= 2) | errors d/p | proxy cache hits |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | direct tok/s | proxied tok/s | ratio (>= 0.98) | ratio by round |"
+        " direct TTFT p50 ms | proxied TTFT p50 ms | added TTFT p50 ms (<= 2) | errors d/p |"
+        " proxy cache hits |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for model, row in results.items():
         d, p = row["direct"], row["proxied"]
         lines.append(
             f"| {model} | {d['tokens_per_s']:.1f} | {p['tokens_per_s']:.1f} |"
             f" {row['tokens_ratio']:.3f} {'PASS' if row['pass_tokens'] else 'FAIL'} |"
+            f" {', '.join(f'{x:.2f}' for x in row['ratios'])} |"
             f" {d['ttft_p50_ms']:.1f} | {p['ttft_p50_ms']:.1f} |"
             f" {row['added_ttft_p50_ms']:+.1f} {'PASS' if row['pass_ttft'] else 'FAIL'} |"
             f" {d['errors']}/{p['errors']} | {p.get('cache_hits', '-')} |"
@@ -423,10 +441,25 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def proxy_side(value: str, count: int) -> tuple[str, str]:
+    """``NAME=URL`` or ``URL`` (named "proxied" when it is the only one, else by its port)."""
+    name, sep, url = value.partition("=")
+    if not sep or "://" in name:
+        url = value
+        name = "proxied" if count == 1 else url.rstrip("/").rsplit(":", 1)[-1]
+    return name, url.rstrip("/")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", action="append", required=True, help="vLLM base URL")
-    parser.add_argument("--proxy", required=True, help="proxy base URL")
+    parser.add_argument(
+        "--proxy",
+        action="append",
+        required=True,
+        help="proxy base URL, or NAME=URL; several proxies are measured in the same rounds, "
+        "each first in turn, each against the direct side of its round",
+    )
     parser.add_argument("--header", action="append", default=[], help="'Name: value' to proxy")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument(
@@ -447,6 +480,9 @@ def main() -> None:
     parser.add_argument("--request-timeout-s", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=REPO / "out" / "engines")
     args = parser.parse_args()
+    args.proxies = [proxy_side(value, len(args.proxy)) for value in args.proxy]
+    if len({name for name, _ in args.proxies} | {"direct"}) != len(args.proxies) + 1:
+        parser.error("each --proxy needs its own NAME (and none called direct)")
     load_before = os.getloadavg()
     results = asyncio.run(bench(args))
     now = datetime.now(UTC)
