@@ -281,11 +281,9 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                     _embed_and_lookup(services, req, requested, allowed, plan, exchange, cutoff)
                 )
                 hit = None
-            elif beside:
-                hit, embedding = await _embed_and_lookup(
-                    services, req, requested, allowed, plan, exchange, cutoff
-                )
             else:
+                if beside:  # (the engine has a queue: looked up first after all)
+                    embedding = await _embed(services, req, requested, allowed, plan, exchange)
                 hit = await _lookup(services, plan, embedding, exchange, cutoff, refused)
             if hit is not None:
                 _audit_hit(services, principal, req, hit, cutoff)

@@ -191,13 +191,11 @@ class EmbeddingWorker:
             queued = self._enqueue(text)
         queued.waiters += 1
         try:
-            if self.max_queue is None:
-                return await asyncio.shield(queued.future)
-            try:
-                return await asyncio.wait_for(asyncio.shield(queued.future), self.max_queue)
-            except TimeoutError:
-                self.shed += 1
-                raise EncoderBusy(self.max_queue) from None
+            # (shielded: one caller's timeout or exit must not cancel the pass for the others)
+            return await asyncio.wait_for(asyncio.shield(queued.future), self.max_queue)
+        except TimeoutError:  # (never without max_queue: wait_for(..., None) just waits)
+            self.shed += 1
+            raise EncoderBusy(self.max_queue or 0.0) from None
         except asyncio.CancelledError:
             if queued.waiters == 1:  # nobody else wants it: the batch skips it
                 queued.future.cancel()

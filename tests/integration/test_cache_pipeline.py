@@ -1074,12 +1074,18 @@ class HeldEncoder:
         return bag_of_words(texts)
 
 
-async def until(condition: Any, seconds: float = 10) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the condition never held")
+async def held_app(
+    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any, **cache: Any
+) -> tuple[HeldEncoder, Any, Any, Any]:
+    """A semantic app whose encoder holds "largest lakes of Europe" until released: its encoder,
+    engine, client and services."""
+    encoder = HeldEncoder("largest lakes of Europe")
+    engine = await start_fake("m")
+    client, services = await semantic_app(
+        start_fake, tmp_path, aiohttp_client, engine=engine, encode=encoder,
+        embeddings={"max_queue_ms": 30_000}, **cache,
+    )  # fmt: skip
+    return encoder, engine, client, services
 
 
 async def test_a_miss_asks_the_engine_while_its_question_is_still_being_embedded(
@@ -1087,15 +1093,11 @@ async def test_a_miss_asks_the_engine_while_its_question_is_still_being_embedded
 ) -> None:
     # A request whose route needs no embedding does not wait for the encoder before asking the
     # engine: on a miss the semantic lookup adds nothing to the time to first token.
-    encoder = HeldEncoder("largest lakes of Europe")
-    engine = await start_fake("m")
-    client, services = await semantic_app(
-        start_fake, tmp_path, aiohttp_client, engine=engine, encode=encoder,
-        embeddings={"max_queue_ms": 30_000},
-    )  # fmt: skip
+    encoder, engine, client, services = await held_app(start_fake, tmp_path, aiohttp_client)
     body = {**ask("largest lakes of Europe"), "stream": True}
     reply = asyncio.create_task(client.post("/v1/chat/completions", json=body))
-    await until(lambda: engine.state.counters.requests == 1)
+    await wait_until(lambda: engine.state.counters.requests == 1, timeout_s=10)
+    assert engine.state.counters.requests == 1
     await asyncio.sleep(0.3)
     assert not encoder.release.is_set() and not reply.done()  # the answer waits for the lookup
     encoder.release.set()
@@ -1134,7 +1136,8 @@ async def test_a_hit_found_beside_the_engine_call_aborts_it(
         assert reply.headers["x-frugal-cache"] == "hit-semantic"
         await reply.read()
     # Each paraphrase's engine request was sent and then closed, so the engine stops it.
-    await until(lambda: engine.state.counters.aborted == 2)
+    await wait_until(lambda: engine.state.counters.aborted == 2, timeout_s=10)
+    assert engine.state.counters.aborted == 2
     assert engine.state.counters.requests == 3
     metrics = await (await client.get("/metrics")).text()
     assert 'frugal_engine_requests_cancelled_total{engine="e",reason="cache_hit"} 2.0' in metrics
@@ -1143,12 +1146,9 @@ async def test_a_hit_found_beside_the_engine_call_aborts_it(
 async def test_off_the_engine_is_asked_only_after_the_lookup(
     start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
 ) -> None:
-    encoder = HeldEncoder("largest lakes of Europe")
-    engine = await start_fake("m")
-    client, _ = await semantic_app(
-        start_fake, tmp_path, aiohttp_client, engine=engine, encode=encoder,
-        embeddings={"max_queue_ms": 30_000}, lookup_beside_engine=False,
-    )  # fmt: skip
+    encoder, engine, client, _ = await held_app(
+        start_fake, tmp_path, aiohttp_client, lookup_beside_engine=False
+    )
     reply = asyncio.create_task(
         client.post("/v1/chat/completions", json=ask("largest lakes of Europe"))
     )

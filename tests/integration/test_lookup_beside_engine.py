@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from proxy.app import SERVICES, create_app
 from proxy.services import Services
 from proxy.settings import Settings
-from tests.integration.conftest import FakeEngine, StartFake, engine_config
+from tests.integration.conftest import FakeEngine, StartFake, engine_config, wait_until
 from tests.integration.test_cache_pipeline import bag_of_words
 from tests.integration.test_policy_pipeline import FREE_KEY, auth, tier, write_policies
 
@@ -100,10 +100,7 @@ async def test_a_hit_is_not_held_behind_the_engines_queue(
     await services.cache.drain()
     engine.configure(hang=True)
     stuck = asyncio.create_task(post(client, "an unrelated question about rivers"))
-    for _ in range(500):  # until it holds the engine's one slot
-        if services.admissions["e"].active == 1:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: services.admissions["e"].active == 1)  # it holds the one slot
     assert services.admissions["e"].active == 1
     # The paraphrase is looked up first, not queued for the slot (for up to 60 s) beside it.
     hit = await asyncio.wait_for(post(client, PARAPHRASE), 10)
