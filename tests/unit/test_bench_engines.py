@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
 from proxy.observability.metrics import Metrics
@@ -70,3 +71,23 @@ def test_misses_questions_are_distinct_ordinary_and_the_same_each_run(tmp_path: 
     first, second = load_questions(source), load_questions(source)
     assert first == second and len(first) == len(set(first)) == 50
     assert first != sorted(first)  # shuffled, so a run does not walk one topic after another
+
+
+def test_each_round_gets_questions_of_its_own() -> None:
+    from scripts.bench_engines import QuestionSlices
+
+    slices = QuestionSlices([f"q{i}" for i in range(6)])
+    assert slices.take(2) == ["q0", "q1"]
+    assert slices.take(3) == ["q2", "q3", "q4"]
+    with pytest.raises(SystemExit, match="ran out"):
+        slices.take(2)  # one left: a round never runs on fewer questions than it needs
+
+
+def test_the_interval_is_the_mean_give_or_take_two_standard_errors() -> None:
+    from scripts.bench_engines import ratio_interval
+
+    mean, low, high = ratio_interval([0.96, 1.00, 1.04, 1.00])
+    assert mean == pytest.approx(1.0)
+    # stdev 0.03266, 4 rounds: SE 0.01633
+    assert (low, high) == (pytest.approx(1.0 - 0.03266), pytest.approx(1.0 + 0.03266))
+    assert ratio_interval([0.97]) == (0.97, -math.inf, math.inf)  # one round bounds nothing
