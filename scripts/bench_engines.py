@@ -11,6 +11,14 @@ of a proxy, say), every round measures the direct side and each proxy, each side
 and each proxy is compared with the direct side of its own round: on an engine whose speed drifts
 from minute to minute, that separates configurations that runs at different times cannot.
 
+To resolve a few per cent on a CPU engine (docs/benchmarks.md, 2026-11-30 12:34):
+
+    .venv/bin/python scripts/bench_engines.py --engine http://127.0.0.1:8101 \
+        --proxy aa=http://127.0.0.1:8101 --proxy frugal=http://127.0.0.1:8000 \
+        --misses --requests-per-stream 3 --rounds 12
+
+``aa`` is the engine itself measured as a proxy: a control for what the harness alone reports.
+
 Every request samples (temperature 0.7, no seed) so a caching proxy cannot answer from its cache,
 or with ``--misses`` is greedy (temperature 0) on questions that are all different (from
 ``--prompts``, default ``../shared/data/routing_dev.csv.gz``'s prompts, shuffled), so a caching
