@@ -426,7 +426,8 @@ async def semantic_app(
 ) -> tuple[Any, Any]:
     """A test client for an app with the semantic cache (and ``cache`` settings) in front of
     ``engine`` (default: a new fake engine serving "m"), and its services. ``encode`` stands in
-    for the real model."""
+    for the real model. The wait for a vector is unbounded unless ``embeddings`` says otherwise:
+    a test of what a lookup finds must not see it skipped because the host was busy."""
     from proxy.app import SERVICES, create_app
     from proxy.settings import Settings
 
@@ -440,7 +441,7 @@ async def semantic_app(
             "health": {"interval_s": 0.1},
             "cache": {"enabled": True, "semantic": True, **cache},
             "routing": {"enabled": False},
-            "embeddings": embeddings or {},
+            "embeddings": embeddings if embeddings is not None else {"max_queue_ms": None},
             "logging": {"level": "warning", "format": "console"},
         }
     )
