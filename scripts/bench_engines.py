@@ -431,11 +431,12 @@ def summarise(rounds: list[dict[str, Phase]]) -> dict[str, Any]:
         return statistics.median(fn(r[side]) for r in rounds)
 
     row: dict[str, Any] = {}
-    row["ratios"] = [
-        round(r["proxied"].tokens_per_s / r["direct"].tokens_per_s, 3)
+    ratios = [
+        r["proxied"].tokens_per_s / r["direct"].tokens_per_s
         for r in rounds
         if r["direct"].tokens_per_s
     ]
+    row["ratios"] = [round(ratio, 3) for ratio in ratios]
     for side in ("direct", "proxied"):
         row[side] = {
             "tokens_per_s": med(side, lambda p: p.tokens_per_s),
@@ -444,11 +445,7 @@ def summarise(rounds: list[dict[str, Phase]]) -> dict[str, Any]:
             "requests": sum(r[side].requests for r in rounds),
             "errors": sum(r[side].errors for r in rounds),
         }
-    row["tokens_ratio"] = statistics.median(
-        r["proxied"].tokens_per_s / r["direct"].tokens_per_s
-        for r in rounds
-        if r["direct"].tokens_per_s
-    )
+    row["tokens_ratio"] = statistics.median(ratios)
     row["added_ttft_p50_ms"] = statistics.median(
         (pct(r["proxied"].ttft_s, 0.5) - pct(r["direct"].ttft_s, 0.5)) * 1000 for r in rounds
     )
@@ -465,8 +462,8 @@ def summarise(rounds: list[dict[str, Phase]]) -> dict[str, Any]:
                 "p50_le_ms": merged.bound(0.5) * 1000,
                 "p99_le_ms": merged.bound(0.99) * 1000,
             }
-    if row["ratios"]:
-        row["ratio_mean"], row["ratio_low"], row["ratio_high"] = ratio_interval(row["ratios"])
+    if ratios:
+        row["ratio_mean"], row["ratio_low"], row["ratio_high"] = ratio_interval(ratios)
     row["pass_tokens"] = row["tokens_ratio"] >= 0.98
     row["pass_ttft"] = row["added_ttft_p50_ms"] <= 2.0
     return row
