@@ -48,7 +48,7 @@ from proxy.cache.modes import CacheMode, request_mode
 from proxy.cache.service import CacheHit, LookupTally, follow_as_sse
 from proxy.cache.singleflight import Follower, Leader, LeaderFailed
 from proxy.cache.stream_codec import StreamAssembler, replay_sse, replayed_identity
-from proxy.embeddings.worker import EncoderBusy
+from proxy.embeddings.worker import EncoderUnavailable
 from proxy.engines.client import Upstream
 from proxy.engines.pool import Engine
 from proxy.errors import (
@@ -581,7 +581,7 @@ async def _embed(
         return None  # matched exactly only: a pass over it would serve nothing
     try:
         return await services.embedder.embed(text)
-    except EncoderBusy:
+    except EncoderUnavailable:  # too far behind, or its process lost: go on without it
         exchange.embedding_shed = True
         services.metrics.embedding_shed(purpose="routing" if routing else "cache")
         return None

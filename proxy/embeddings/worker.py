@@ -23,6 +23,10 @@ stays queued, so ``embed_background`` for it (the answer's store) waits for that
 encoding it again. Callers of one text queued at once share one pass; the text is dropped from
 the queue only when all of them have left (a client gone), not when one has timed out.
 
+With ``aencode`` (an encoder in a child process, proxy/embeddings/process.py) a batch, and each
+part of a split one, is awaited on the event loop instead of run on the worker's threads, and
+``aencode_background`` takes the background texts (the child runs them at the lowest priority).
+
 ``embed_background`` is for work nobody waits on (cache audits): its text goes to a thread of its
 own, never into the queue, so a user's text neither waits behind it nor gets batched with it.
 Background texts are encoded one at a time (``encode_background``, default ``encode``), on that
@@ -43,7 +47,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -56,6 +60,8 @@ from proxy.tasks import cancelling
 log = logging.getLogger(__name__)
 
 Encode = Callable[[list[str]], np.ndarray]
+# The same, awaited on the event loop (an encoder in a child process: no thread of ours waits)
+AsyncEncode = Callable[[list[str]], Awaitable[np.ndarray]]
 # (texts encoded, seconds encoding, seconds the batch's first text waited for the flush)
 OnBatch = Callable[[int, float, float], None]
 # A batch is split across threads only into parts of at least this many texts: smaller parts cost
@@ -67,7 +73,12 @@ class WorkerClosed(RuntimeError):
     """``embed`` was called on a worker that is not running."""
 
 
-class EncoderBusy(RuntimeError):
+class EncoderUnavailable(RuntimeError):
+    """No vector for this text now: the request goes on without one (no semantic lookup, no
+    difficulty score)."""
+
+
+class EncoderBusy(EncoderUnavailable):
     """The text would wait, or has waited, longer than ``max_queue_ms`` for the model."""
 
     def __init__(self, expected_wait_s: float) -> None:
@@ -99,6 +110,8 @@ class EmbeddingWorker:
         remembered: int = 0,
         encode_background: Encode | None = None,
         max_queue_ms: float | None = None,
+        aencode: AsyncEncode | None = None,
+        aencode_background: AsyncEncode | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -106,6 +119,9 @@ class EmbeddingWorker:
             raise ValueError("threads must be at least 1")
         self._encode = encode
         self._encode_background = encode_background or encode
+        # With these, batches are awaited instead of run on the worker's threads.
+        self._aencode = aencode
+        self._aencode_background = aencode_background or aencode
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.threads = threads
@@ -250,16 +266,19 @@ class EmbeddingWorker:
                 return await asyncio.shield(queued.future)
             finally:
                 queued.waiters -= 1
-        try:
-            job = background.submit(self._encode_background, [text])
-        except RuntimeError as exc:  # the executor has shut down
-            raise WorkerClosed("embedding worker stopped") from exc
-        try:
-            vectors = await asyncio.wrap_future(job)
-        except asyncio.CancelledError:
-            if job.cancelled() and not cancelling():  # stop() refused this text, not our caller
-                raise WorkerClosed("embedding worker stopped") from None
-            raise
+        if self._aencode_background is not None:
+            vectors = await self._aencode_background([text])
+        else:
+            try:
+                job = background.submit(self._encode_background, [text])
+            except RuntimeError as exc:  # the executor has shut down
+                raise WorkerClosed("embedding worker stopped") from exc
+            try:
+                vectors = await asyncio.wrap_future(job)
+            except asyncio.CancelledError:
+                if job.cancelled() and not cancelling():  # stop() refused it, not our caller
+                    raise WorkerClosed("embedding worker stopped") from None
+                raise
         if len(vectors) != 1:
             raise ValueError(f"encode returned {len(vectors)} rows for 1 text")
         row: np.ndarray = np.asarray(vectors)[0].copy()  # not a view pinning its batch
@@ -342,8 +361,14 @@ class EmbeddingWorker:
         """``encode(texts)``, split across the worker's threads when the batch is large."""
         loop = asyncio.get_running_loop()
         parts = split_by_length(texts, min(self.threads, len(texts) // MIN_PART))
+        aencode = self._aencode
         results = await asyncio.gather(
-            *(loop.run_in_executor(self._executor, self._encode, part) for part in parts)
+            *(
+                aencode(part)
+                if aencode is not None
+                else loop.run_in_executor(self._executor, self._encode, part)
+                for part in parts
+            )
         )
         for part, vectors in zip(parts, results, strict=True):
             if len(vectors) != len(part):

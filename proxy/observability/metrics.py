@@ -274,7 +274,8 @@ class Metrics:
         self.embeddings_shed = CounterFamily(
             "frugal_embeddings_shed",
             "Texts not embedded within embeddings.max_queue_ms (not queued, the encoder being "
-            "that far behind, or queued and not done in time); the request went on without a "
+            "that far behind, or queued and not done in time; or the encoder's process was "
+            "lost or failed on the batch); the request went on without a "
             "semantic lookup (purpose=cache) and, if it was routed, without a difficulty score "
             "(purpose=routing).",
             ["purpose"],

@@ -502,3 +502,44 @@ async def test_callers_of_one_text_share_its_pass_and_one_leaving_keeps_it_for_t
         await first
     assert vector[0] == len("same question")
     assert model.batches == [["slow, encoding"], ["same question"]]
+
+
+async def test_an_awaited_encoder_takes_the_batches_and_no_thread_is_used() -> None:
+    """``aencode`` (an encoder in a child process): batches, the parts of a split batch and
+    background texts are awaited on the event loop; the thread functions are never called."""
+    model = FakeModel()
+    awaited: list[tuple[str, list[str]]] = []
+    running = 0
+    most = 0
+
+    async def aencode(texts: list[str]) -> np.ndarray:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        awaited.append(("user", list(texts)))
+        await asyncio.sleep(0.01)
+        running -= 1
+        return np.array([[len(t), 1] for t in texts], dtype=np.float32)
+
+    async def aencode_background(texts: list[str]) -> np.ndarray:
+        awaited.append(("background", list(texts)))
+        return np.array([[len(t), 2] for t in texts], dtype=np.float32)
+
+    async with EmbeddingWorker(
+        model,
+        max_batch=64,
+        max_wait_ms=50,
+        threads=2,
+        aencode=aencode,
+        aencode_background=aencode_background,
+    ) as worker:
+        texts = [f"question {i}" for i in range(16)]
+        vectors = await asyncio.gather(*(worker.embed(t) for t in texts))
+        audit = await worker.embed_background("an audit's answer")
+    assert model.batches == []  # never on a thread
+    assert [v.tolist() for v in vectors] == [[len(t), 1] for t in texts]
+    assert audit.tolist() == [len("an audit's answer"), 2]
+    user_parts = [texts for kind, texts in awaited if kind == "user"]
+    assert sorted(t for part in user_parts for t in part) == sorted(texts)
+    assert most == 2  # a large batch's two parts were awaited side by side
+    assert awaited[-1] == ("background", ["an audit's answer"])
