@@ -14,6 +14,7 @@ import functools
 import ipaddress
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -27,7 +28,7 @@ from proxy.cache.keys import Scope
 from proxy.cache.service import CacheConfig, CosineVerifier, ResponseCache, SemanticVerifier
 from proxy.cache.store import CacheBackendError, CacheStore, DirectoryLock, DiskStore
 from proxy.cache.verifier import CacheVerifier
-from proxy.embeddings.worker import EmbeddingWorker, Encode
+from proxy.embeddings.worker import AsyncEncode, EmbeddingWorker, Encode
 from proxy.engines.autoversion import RESOLVE_ERRORS, VersionWatch, replica_version
 from proxy.engines.client import AiohttpTransport, EngineCaller, Transport
 from proxy.engines.health import poll_forever
@@ -45,7 +46,13 @@ from proxy.rollout.manager import Rollouts
 from proxy.routing.classifier import DifficultyClassifier
 from proxy.routing.router import Router
 from proxy.services import PolicySource, Services
-from proxy.settings import VIRTUAL_MODEL, ConfigError, ServerSettings, Settings
+from proxy.settings import (
+    VIRTUAL_MODEL,
+    ConfigError,
+    EmbeddingSettings,
+    ServerSettings,
+    Settings,
+)
 from proxy.stopping import WAITS
 from proxy.tasks import cancelling, stop
 
@@ -54,7 +61,10 @@ TRANSPORT = web.AppKey("transport", AiohttpTransport)
 ENCODE = web.AppKey("encode", object)
 
 if TYPE_CHECKING:
+    from proxy.cache.verifier import EncodedBatch
+    from proxy.embeddings.process import EncoderProcess
     from proxy.policy.redis_limits import RedisCounters
+    from proxy.routing.views import ShallowViews
 
 log = structlog.get_logger("frugal.app")
 
@@ -364,10 +374,17 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     settings = services.settings.embeddings
     encode = app.get(ENCODE)
-    encode_background: Encode | None = None
+    loaded: _LoadedEncoder | None = None
     if encode is None and settings.enabled:
         try:
-            encode, encode_background = await asyncio.to_thread(_load_encoder, services)
+            loaded = await asyncio.to_thread(_load_encoder, services)
+            if loaded.child is not None:
+                try:
+                    await loaded.child.start()
+                except BaseException:
+                    await asyncio.to_thread(loaded.close)
+                    raise
+            encode = loaded.encode
         except (ImportError, OSError, RuntimeError, ValueError, KeyError) as exc:
             log.warning("embedding model unavailable: no semantic cache, no difficulty scores",
                         error=str(exc))  # fmt: skip
@@ -386,15 +403,19 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
         ),
         threads=settings.threads,
         remembered=settings.remembered,
-        encode_background=encode_background,
+        encode_background=None if loaded is None else loaded.background,
         max_queue_ms=settings.max_queue_ms,
+        aencode=None if loaded is None else loaded.aencode,
+        aencode_background=None if loaded is None else loaded.abackground,
     )
     async with worker:
         services.embedder, services.encode = worker, encode  # type: ignore[assignment]
         yield
         services.embedder = services.encode = None
-    if services.verifier is not None:
-        await asyncio.to_thread(services.verifier.close)
+    if loaded is not None:
+        if loaded.child is not None:
+            await loaded.child.close()
+        await asyncio.to_thread(loaded.close)
 
 
 async def _response_cache(app: web.Application) -> AsyncIterator[None]:
@@ -500,10 +521,23 @@ def _one_blas_thread() -> None:
     threadpool_limits(1, user_api="blas")
 
 
-def _load_encoder(services: Services) -> tuple[Encode, Encode | None]:
+@dataclass
+class _LoadedEncoder:
+    encode: Encode  # on a thread (never the event loop's): cache imports, the verifier
+    background: Encode | None = None  # for background texts, when it differs
+    close: Callable[[], None] = lambda: None  # the encoder's threads
+    # An encoder in a child process: started on the event loop, and awaited there.
+    child: EncoderProcess | None = None
+    aencode: AsyncEncode | None = None
+    abackground: AsyncEncode | None = None
+
+
+def _load_encoder(services: Services) -> _LoadedEncoder:
     """The embedding function: fused with the verifier when the semantic cache needs it; else,
     for a difficulty head that reads the shallow view, the base encoder that also computes it.
-    Second, the function for background texts when it differs (a lone text on one thread)."""
+    With ``embeddings.isolation: process`` (the default) either runs in a child process
+    (proxy/embeddings/process.py); the remembering below stays in the proxy."""
+    embeddings = services.settings.embeddings
     if services.router.classifier is not None:
         from proxy.routing.commands import load_count_tokens
         from proxy.routing.views import DEFAULT_CAPACITY, ShallowViews
@@ -511,23 +545,25 @@ def _load_encoder(services: Services) -> tuple[Encode, Encode | None]:
         # The head was trained with MiniLM's tokenizer counts: score with the same ones.
         services.router.count_tokens = load_count_tokens()
         # Views must outlive the worker's remembered vectors (a repeated text skips the encoder).
-        embeddings = services.settings.embeddings
         services.router.views = ShallowViews(
             max(DEFAULT_CAPACITY, embeddings.remembered + embeddings.max_batch)
         )
+    classifier = services.router.classifier
+    # Only a head with the second vote reads the views: otherwise keeping them is wasted work.
+    views = (
+        services.router.views
+        if classifier is not None and classifier.shallow_neighbours is not None
+        else None
+    )
+    isolated = embeddings.isolation == "process"
     cache = services.settings.cache
     if not (cache.enabled and cache.semantic):
-        from proxy.embeddings.minilm import load_minilm
+        if views is None:
+            from proxy.embeddings.minilm import load_minilm
 
-        classifier = services.router.classifier
-        if classifier is not None and classifier.shallow_neighbours is not None:
-            from proxy.routing.views import load_encoder_with_views
-
-            # The head's second vote reads the encoder's shallow view: the fused one is off.
-            return load_encoder_with_views(
-                services.router.views, services.settings.embeddings.precision
-            ), None
-        return load_minilm(), None
+            return _LoadedEncoder(load_minilm())
+        # The head's second vote reads the encoder's shallow view: the fused one is off.
+        return _views_encoder(views, embeddings, isolated)
     import torch
 
     from proxy.cache.packed_encoder import SPLIT_IDLE_S, pack_verifier
@@ -536,40 +572,98 @@ def _load_encoder(services: Services) -> tuple[Encode, Encode | None]:
     # One torch thread per call: the worker splits large batches across its threads itself.
     torch.set_num_threads(1)
     verifier = Verifier.load(cross=cache.cross_encoder)
-    packed = pack_verifier(
-        verifier,
-        precision=services.settings.embeddings.precision,
+    options = {
+        "precision": embeddings.precision,
         # a lone text's two top stacks on two threads: only with a second core for the model
-        split_single=services.settings.embeddings.threads > 1,
-        split_idle_s=SPLIT_IDLE_S,
-    )
-    packed.warm_up()  # here at start-up, not in the first requests
+        "split_single": embeddings.threads > 1,
+        "split_idle_s": SPLIT_IDLE_S,
+    }
+    packed = None
+    child: EncoderProcess | None = None
+    if not isolated or verifier.cross is not None:
+        # (The cross-encoder reads the packed encoder's lower layers: it runs in this process.)
+        packed = pack_verifier(verifier, **options)  # type: ignore[arg-type]
+        try:
+            packed.warm_up()  # here at start-up, not in the first requests
+        except BaseException:
+            packed.close()
+            raise
+    if isolated:
+        from proxy.embeddings.process import EncoderProcess, PooledEncoder
+
+        child = EncoderProcess("fused", options, threads=embeddings.threads)
+        if verifier.cross is None:
+            # The verifier's own passes (vectors of texts not seen encoded) go there too.
+            tokenizer = verifier.encoder.tokenizer
+            verifier.encoder = PooledEncoder(child, tokenizer)  # type: ignore[assignment]
     cache_verifier = CacheVerifier(
         verifier, threshold=cache.similarity_threshold, cutoff=cache.verifier_cutoff
     )
     services.verifier = cache_verifier
 
-    classifier = services.router.classifier
-    # Only a head with the second vote reads the views: otherwise keeping them is wasted work.
-    views = (
-        services.router.views
-        if classifier is not None and classifier.shallow_neighbours is not None
-        else None
-    )
-
-    def encode(texts: list[str], use_helper: bool = True) -> np.ndarray:
-        batch = packed.encode(texts, use_helper=use_helper)
+    def seen(texts: list[str], batch: EncodedBatch) -> np.ndarray:
+        """What the pass saw, kept for the cache's verifier and the router's views."""
         for i, text in enumerate(texts):
-            # what the pass saw: the cache's window check on this text then needs no tokenizing
+            # the cache's window check on this text then needs no tokenizing
             whole = None if batch.whole is None else bool(batch.whole[i])
             cache_verifier.remember(text, batch.verifier[i], whole=whole)
         if views is not None:
             views.remember(batch.base, batch.shallow)
         return batch.base
 
-    # Background texts (audits) leave the encoder's helper thread, and so the second core, to
-    # the user's text encoded meanwhile.
-    return encode, functools.partial(encode, use_helper=False)
+    if child is not None:
+        return _child_encoder(child, seen, close=packed.close if packed is not None else None)
+    assert packed is not None
+
+    def encode(texts: list[str], background: bool = False) -> np.ndarray:
+        # Background texts (audits) leave the encoder's helper thread, and so the second core,
+        # to the user's text encoded meanwhile.
+        return seen(texts, packed.encode(texts, use_helper=not background))
+
+    return _LoadedEncoder(encode, functools.partial(encode, background=True), packed.close)
+
+
+def _views_encoder(
+    views: ShallowViews, embeddings: EmbeddingSettings, isolated: bool
+) -> _LoadedEncoder:
+    """The base encoder, which also computes the shallow view a router head reads."""
+    if not isolated:
+        from proxy.routing.views import load_encoder_with_views
+
+        return _LoadedEncoder(load_encoder_with_views(views, embeddings.precision))
+    from proxy.embeddings.process import EncoderProcess
+
+    child = EncoderProcess("base", {"precision": embeddings.precision}, threads=embeddings.threads)
+
+    def seen(texts: list[str], batch: EncodedBatch) -> np.ndarray:
+        views.remember(batch.base, batch.shallow)
+        return batch.base
+
+    return _child_encoder(child, seen)
+
+
+def _child_encoder(
+    child: EncoderProcess,
+    seen: Callable[[list[str], EncodedBatch], np.ndarray],
+    close: Callable[[], None] | None = None,
+) -> _LoadedEncoder:
+    """The functions of an encoder in a child process: awaited by the embedding worker on the
+    event loop, blocking for threads."""
+
+    async def aencode(texts: list[str], background: bool = False) -> np.ndarray:
+        return seen(texts, await child.encode(texts, background=background))
+
+    def encode(texts: list[str], background: bool = False) -> np.ndarray:
+        return seen(texts, child.encode_blocking(texts, background=background))
+
+    return _LoadedEncoder(
+        encode,
+        functools.partial(encode, background=True),
+        close=close or (lambda: None),
+        child=child,
+        aencode=aencode,
+        abackground=functools.partial(aencode, background=True),
+    )
 
 
 def _verifier(services: Services) -> tuple[SemanticVerifier, float]:

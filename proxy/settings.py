@@ -331,6 +331,12 @@ class EmbeddingSettings(StrictModel):
     max_batch: int = Field(64, ge=1, description="split across `threads` when large")
     max_wait_ms: float = Field(2.0, ge=0, description="under load only; a lone text goes at once")
     threads: int = Field(2, ge=1, description="a large batch is split across this many threads")
+    isolation: Literal["process", "thread"] = Field(
+        "process",
+        description="where the encoder runs: process: a child process with `threads` threads "
+        "(its Python never holds the proxy's interpreter lock; ~530 MB more memory); thread: in "
+        "the proxy's process",
+    )
     remembered: int = Field(4096, ge=0, description="recent texts whose vectors are kept")
     max_queue_ms: float | None = Field(
         100.0,

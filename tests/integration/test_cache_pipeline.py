@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -468,10 +470,29 @@ async def serves_a_paraphrase_and_refuses_a_negation(client: Any, services: Any)
     assert negated.headers["x-frugal-cache"] == "miss"
 
 
+def encoder_children() -> list[int]:
+    """Pids of this process's encoder children (proxy/embeddings/process.py)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        alive = stat[0] != "Z"  # (a killed child stays a zombie until the pool reaps it)
+        if alive and int(stat[1]) == os.getpid() and b"proxy.embeddings.process" in command:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
 async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
-    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
+    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any, isolation: str
 ) -> None:
-    """The real path: fused MiniLM embedding, ANN search, guards and the trained verifier."""
+    """The real path: fused MiniLM embedding, ANN search, guards and the trained verifier; the
+    encoder in child processes (the default) or on the proxy's threads."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     # The proxy runs numpy's BLAS on one thread (its helper threads spin on two cores): start
@@ -479,19 +500,46 @@ async def test_trained_verifier_serves_paraphrases_and_refuses_near_misses(
     before = threadpool_limits(2, user_api="blas")
     from proxy.cache import packed_encoder
     from proxy.cache.verifier import CacheVerifier
+    from proxy.embeddings.process import PooledEncoder
 
-    client, services = await semantic_app(start_fake, tmp_path, aiohttp_client)
+    client, services = await semantic_app(
+        start_fake,
+        tmp_path,
+        aiohttp_client,
+        embeddings={"max_queue_ms": None, "isolation": isolation, "threads": 2},
+    )
     assert services.verifier is not None
     blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
     before.restore_original_limits()
     assert blas and all(pool["num_threads"] == 1 for pool in blas)
-    # the proxy's encoder: the packed runtime, a long lone text unsplit after a pause
     assert isinstance(services.verifier, CacheVerifier)
     encoder = services.verifier.verifier.encoder
-    assert isinstance(encoder, packed_encoder.PackedEncoder)
-    assert encoder._split_idle_s == packed_encoder.SPLIT_IDLE_S
+    if isolation == "thread":
+        # the proxy's encoder: the packed runtime, a long lone text unsplit after a pause
+        assert isinstance(encoder, packed_encoder.PackedEncoder)
+        assert encoder._split_idle_s == packed_encoder.SPLIT_IDLE_S
+        assert encoder_children() == []
+    else:
+        # one child, encoding on the worker's two threads
+        assert isinstance(encoder, PooledEncoder)
+        assert len(encoder_children()) == 1
 
     await serves_a_paraphrase_and_refuses_a_negation(client, services)
+    if isolation == "process":
+        # A lost encoder process is replaced, and the cache goes on serving by meaning.
+        for pid in encoder_children():
+            os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: encoder_children() == [], timeout_s=10)
+        assert encoder_children() == []
+        first = await client.post(
+            "/v1/chat/completions", json=ask("What is the capital of France?")
+        )
+        assert first.headers["x-frugal-cache"] == "miss"
+        await services.cache.drain()
+        same = await client.post("/v1/chat/completions", json=ask("What's the capital of France?"))
+        assert same.headers["x-frugal-cache"] == "hit-semantic"
+        assert len(encoder_children()) == 1  # replaced
+        assert len(encoder_children()) >= 1
     other_language = await client.post(
         "/v1/chat/completions", json=ask("How do I reverse a list in Java?")
     )

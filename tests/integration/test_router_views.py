@@ -18,9 +18,10 @@ from tests.integration.test_strong_share import routed_tier_settings
 PROMPT = "Prove that there are infinitely many primes of the form 4k + 3."
 
 
+@pytest.mark.parametrize("isolation", ["process", "thread"])
 @pytest.mark.parametrize("semantic", [True, False], ids=["fused-encoder", "router-encoder"])
 async def test_the_router_finds_the_shallow_view_of_the_request(
-    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path, semantic: bool
+    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path, semantic: bool, isolation: str
 ) -> None:
     pytest.importorskip("torch")
     small = await start_fake("small-model")
@@ -30,7 +31,7 @@ async def test_the_router_finds_the_shallow_view_of_the_request(
         small.url,
         large.url,
         cache={"enabled": semantic, "semantic": semantic},
-        embeddings={"precision": "float32"},
+        embeddings={"precision": "float32", "isolation": isolation},
     )
     app = create_app(settings, access_log=False)
     client = await aiohttp_client(app)
