@@ -84,11 +84,14 @@ async def test_an_unknown_model_s_name_is_not_echoed_whole(
     assert "1000000 characters" in (await resp.json())["error"]["message"]
 
 
-@pytest.mark.parametrize(("field", "value"), [("n", 129), ("n", 100_000)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("n", 129), ("n", 100_000), ("best_of", 129), ("best_of", 100_000)]
+)
 async def test_n_beyond_openai_s_maximum_is_a_400(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, field: str, value: int
 ) -> None:
-    # n multiplies the engine's work; max_tokens: 1 made 100,000 choices fit any budget.
+    # n multiplies the engine's work; max_tokens: 1 made 100,000 choices fit any budget. best_of
+    # (vLLM's: that many sampled, the n best returned) multiplies it as well.
     engine, proxy = await _budgeted_proxy(start_fake, start_proxy, tmp_path)
     resp = await proxy.client.post(
         "/v1/chat/completions",
