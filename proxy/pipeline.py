@@ -86,6 +86,7 @@ from proxy.wire import (
     Kind,
     conversation_prefix,
     expected_choices,
+    generated_sequences,
     last_user_text,
     parse_request,
 )
@@ -308,8 +309,9 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                 flight = None
                 exchange.coalesced, exchange.cache = False, "miss"
 
-            # every choice (n of them per prompt) may use all of max_tokens
-            max_output = (req.max_tokens or policy.limits.max_tokens) * expected_choices(req)
+            # every sequence the engine generates (max(n, best_of) per prompt) may use all of
+            # max_tokens, the ones best_of discards too
+            max_output = (req.max_tokens or policy.limits.max_tokens) * generated_sequences(req)
             worst_case = worst_case_usd(engine.settings.cost, prompt_bound, max_output)
             exchange.slot = services.admissions[engine.name].slot(
                 priority=policy.priority,
