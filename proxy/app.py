@@ -946,9 +946,12 @@ def _internal_error(request: web.Request, err: InternalError, bug: BaseException
 
 def error_response(err: FrugalError) -> web.Response:
     """``err`` as a response (also what aiohttp refuses below the app: proxy/protocol.py)."""
-    return web.Response(
+    response = web.Response(
         body=err.to_json(), status=err.status, content_type="application/json", headers=err.headers
     )
+    if err.closes_connection:
+        response.force_close()
+    return response
 
 
 def _from_http_exception(exc: web.HTTPException) -> FrugalError:

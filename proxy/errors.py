@@ -40,6 +40,8 @@ class FrugalError(Exception):
     status: int = 500
     error_type: str = "server_error"
     default_code: str | None = None
+    # The answer ends the connection: what follows on it cannot be read as requests.
+    closes_connection: bool = False
 
     def __init__(
         self,
@@ -100,9 +102,11 @@ class PayloadTooLarge(InvalidRequest):
 
 
 class MalformedHttp(InvalidRequest):
-    """A request aiohttp's HTTP parser refused before the app saw it (proxy/protocol.py)."""
+    """A request aiohttp's HTTP parser refused, before the app saw it or in the middle of its
+    chunked body (proxy/protocol.py). The connection is closed after the answer."""
 
     default_code = "malformed_http"
+    closes_connection = True
 
 
 class RequestTimeout(InvalidRequest):

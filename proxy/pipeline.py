@@ -34,6 +34,7 @@ import orjson
 import structlog
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
+from aiohttp.http_exceptions import HttpProcessingError, TransferEncodingError
 
 from proxy.cache.keys import (
     CacheKeys,
@@ -56,6 +57,7 @@ from proxy.errors import (
     FrugalError,
     InternalError,
     InvalidRequest,
+    MalformedHttp,
     ModelNotFound,
     NoHealthyReplica,
     PayloadTooLarge,
@@ -84,6 +86,7 @@ from proxy.wire import (
     Kind,
     conversation_prefix,
     expected_choices,
+    generated_sequences,
     last_user_text,
     parse_request,
 )
@@ -306,8 +309,9 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
                 flight = None
                 exchange.coalesced, exchange.cache = False, "miss"
 
-            # every choice (n of them per prompt) may use all of max_tokens
-            max_output = (req.max_tokens or policy.limits.max_tokens) * expected_choices(req)
+            # every sequence the engine generates (max(n, best_of) per prompt) may use all of
+            # max_tokens, the ones best_of discards too
+            max_output = (req.max_tokens or policy.limits.max_tokens) * generated_sequences(req)
             worst_case = worst_case_usd(engine.settings.cost, prompt_bound, max_output)
             exchange.slot = services.admissions[engine.name].slot(
                 priority=policy.priority,
@@ -448,7 +452,13 @@ async def _read_body(request: web.Request, services: Services) -> bytes:
         raise PayloadTooLarge(
             f"The request body is larger than the limit of {limit} bytes."
         ) from None
+    except HttpProcessingError:
+        # The chunked encoding broke after the head (proxy/protocol.py hands the parser's refusal
+        # to the body): answered at once, not after body_timeout_s.
+        raise _broken_chunking() from None
     except web.RequestPayloadError as exc:
+        if isinstance(exc.__cause__, TransferEncodingError):  # (the pure-Python parser's form)
+            raise _broken_chunking() from None
         # e.g. Content-Encoding: gzip on a body that is not gzip
         raise InvalidRequest(f"The request body could not be decoded: {exc}") from None
     if len(body) > limit:
@@ -456,6 +466,13 @@ async def _read_body(request: web.Request, services: Services) -> bytes:
     if not body:
         raise InvalidRequest("The request body is empty; send a JSON object.")
     return body
+
+
+def _broken_chunking() -> MalformedHttp:
+    return MalformedHttp(
+        "Malformed HTTP request: the request body's chunked transfer encoding is malformed or "
+        "incomplete."
+    )
 
 
 def _check_model_exists(services: Services, model: str, usable: Collection[str]) -> None:

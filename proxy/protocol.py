@@ -7,6 +7,12 @@ reach ``error_middleware``: aiohttp answers them itself in ``RequestHandler.hand
 text/plain (or text/html), which OpenAI SDKs cannot parse. aiohttp has no hook for that answer
 (aio-libs/aiohttp#3287), so :class:`ProxyRunner` serves through a handler that renders it as
 OpenAI error JSON, through ``proxy.app.error_response``.
+
+A chunked body that breaks after the request was handed to the app (a later chunk-size line that
+is not one) is refused by the parser too, but aiohttp's C parser never tells the body's reader:
+the handler would wait for the rest until ``server.body_timeout_s`` and answer 408. The handler
+here hands the parser's refusal to that body, so the read fails at once (a 400, in
+``proxy.pipeline``).
 """
 
 from __future__ import annotations
@@ -52,6 +58,32 @@ class _Server(web.Server):
 
 
 class ProxyRequestHandler(web.RequestHandler):
+    def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
+        super().data_received(data)
+        if len(self._messages) > queued:
+            # (an _ErrInfo: what the parser refused, queued to be answered as a request)
+            refused = getattr(self._messages[-1][0], "exc", None)
+            if isinstance(refused, HttpProcessingError):
+                self._refuse_open_body(refused)
+
+    def _refuse_open_body(self, refused: HttpProcessingError) -> None:
+        # The parser stops at its first error, so only the last request before the refusal can
+        # have a body still arriving: queued behind it, or the one being handled.
+        if len(self._messages) > 1:
+            body = self._messages[-2][1]
+        elif self._current_request is not None:
+            body = self._current_request.content
+        else:
+            return
+        if body.is_eof():
+            return  # (complete, or no body: the refusal is about what came after it)
+        if body.exception() is None:  # (the pure-Python parser has told it already)
+            body.set_exception(refused)
+        # At its end: aiohttp reads no more of it after the answer (that read would raise
+        # the refusal again, logged as an unhandled exception).
+        body.feed_eof()
+
     def handle_error(
         self,
         request: web.BaseRequest,

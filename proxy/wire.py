@@ -122,6 +122,7 @@ def parse_request(raw: bytes, kind: Kind) -> CompletionRequest:
         raise InvalidRequest("'n' must be a positive integer.", param="n")
     if n is not None and n > MAX_N:
         raise InvalidRequest(f"'n' must be at most {MAX_N}, got {n}.", param="n")
+    _check_best_of(body.get("best_of"), n or 1)
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise InvalidRequest("'seed' must be an integer.", param="seed")
@@ -250,6 +251,21 @@ def _max_tokens(body: dict[str, Any], kind: Kind) -> int | None:
     return cap
 
 
+def _check_best_of(best_of: Any, n: int) -> None:
+    """vLLM's ``best_of``: the engine samples that many sequences and returns the ``n`` best, so
+    it multiplies the engine's work as ``n`` does, and is bounded the same way."""
+    if best_of is None:
+        return
+    if not isinstance(best_of, int) or isinstance(best_of, bool) or best_of < 1:
+        raise InvalidRequest("'best_of' must be a positive integer.", param="best_of")
+    if best_of < n:
+        raise InvalidRequest(
+            f"'best_of' must be at least 'n' ({n}), got {best_of}.", param="best_of"
+        )
+    if best_of > MAX_N:
+        raise InvalidRequest(f"'best_of' must be at most {MAX_N}, got {best_of}.", param="best_of")
+
+
 def _check_number(body: dict[str, Any], key: str, low: float, high: float) -> None:
     value = body.get(key)
     if value is None:
@@ -293,12 +309,23 @@ def last_user_text(request: CompletionRequest) -> str | None:
 
 def expected_choices(request: CompletionRequest) -> int:
     """How many choices the answer has: ``n`` per prompt (a completion may send several)."""
-    n = request.body.get("n") or 1
+    return int(request.body.get("n") or 1) * _prompts(request)
+
+
+def generated_sequences(request: CompletionRequest) -> int:
+    """How many sequences the engine may generate, each up to max_tokens: ``max(n, best_of)``
+    per prompt (vLLM samples ``best_of`` and returns the ``n`` best; parse_request has checked
+    that best_of is at least n)."""
+    n = int(request.body.get("n") or 1)
+    return max(n, int(request.body.get("best_of") or n)) * _prompts(request)
+
+
+def _prompts(request: CompletionRequest) -> int:
     if request.kind == "completion":
         prompt = request.body.get("prompt")
         if isinstance(prompt, list) and prompt and not _token_ids(prompt):
-            return int(n) * len(prompt)  # strings, or lists of token ids: one prompt each
-    return int(n)
+            return len(prompt)  # strings, or lists of token ids: one prompt each
+    return 1
 
 
 def conversation_prefix(request: CompletionRequest) -> bytes:

@@ -402,9 +402,9 @@ def budget_refusal(
         return f"{budget} is spent; it resets at 00:00 UTC", to_midnight_s
     if asked > left:
         return (
-            f"this request could cost up to ${asked / NANO:.6f} (its max_tokens and n at the"
-            f" engine's prices), more than the ${left / NANO:.6f} left of {budget}; ask for"
-            " fewer tokens",
+            f"this request could cost up to ${asked / NANO:.6f} (its max_tokens, n and best_of"
+            f" at the engine's prices), more than the ${left / NANO:.6f} left of {budget}; ask"
+            " for fewer tokens",
             None,
         )
     return (

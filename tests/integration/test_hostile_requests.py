@@ -12,8 +12,11 @@ from typing import Any
 import orjson
 import pytest
 import structlog
+from aiohttp import web_protocol
+from aiohttp.http_parser import HttpRequestParserPy
 
 from proxy.observability.access import AccessLog
+from proxy.observability.metrics import iter_samples
 from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config, wait_until
 from tests.integration.test_policy_pipeline import FREE_KEY, auth, tier, write_policies
 
@@ -81,11 +84,14 @@ async def test_an_unknown_model_s_name_is_not_echoed_whole(
     assert "1000000 characters" in (await resp.json())["error"]["message"]
 
 
-@pytest.mark.parametrize(("field", "value"), [("n", 129), ("n", 100_000)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("n", 129), ("n", 100_000), ("best_of", 129), ("best_of", 100_000)]
+)
 async def test_n_beyond_openai_s_maximum_is_a_400(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, field: str, value: int
 ) -> None:
-    # n multiplies the engine's work; max_tokens: 1 made 100,000 choices fit any budget.
+    # n multiplies the engine's work; max_tokens: 1 made 100,000 choices fit any budget. best_of
+    # (vLLM's: that many sampled, the n best returned) multiplies it as well.
     engine, proxy = await _budgeted_proxy(start_fake, start_proxy, tmp_path)
     resp = await proxy.client.post(
         "/v1/chat/completions",
@@ -215,6 +221,53 @@ async def test_a_request_the_http_parser_refuses_is_an_openai_shaped_400(
     # One line saying why, not aiohttp's "Error handling request" and a traceback.
     (logged,) = [e for e in logs if e["event"] == "malformed request"]
     assert logged["error"] == error["message"]
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelno >= 30]
+
+
+@pytest.mark.parametrize("parser", ["c", "pure-python"])
+async def test_a_chunked_body_that_breaks_after_its_first_chunk_is_a_400_at_once(
+    start_fake: StartFake,
+    start_proxy: StartProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    parser: str,
+) -> None:
+    if parser == "pure-python":  # (what aiohttp parses with where its C extension is missing)
+        monkeypatch.setattr(web_protocol, "HttpRequestParser", HttpRequestParserPy)
+    engine = await start_fake("small-model")
+    # A short bound, so a proxy that waits for the rest of the body shows it as a 408.
+    proxy = await start_proxy(
+        [engine_config("small", "small-model", [engine.url])], server={"body_timeout_s": 2.0}
+    )
+
+    def reading_the_body() -> bool:  # (counted in flight just before the body is read)
+        return any(
+            s.name == "frugal_requests_in_flight" and s.value == 1
+            for s in iter_samples(proxy.services.metrics.registry)
+        )
+
+    first = CHAT_BODY[:20]
+    reader, writer = await _connect(proxy)
+    try:
+        writer.write(
+            CHAT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(first), first)
+        )
+        await wait_until(reading_the_body)
+        assert reading_the_body()
+        # The next chunk-size line is not one: the break comes on a later read, not the first.
+        writer.write(b"zz\r\n" + CHAT_BODY[20:] + b"\r\n0\r\n\r\n")
+        resp = await _read_response(reader)
+        # (before: 408 once body_timeout_s had passed with the C parser, 500 with the pure-Python
+        # one)
+        assert resp.status == 400, resp.body
+        error = orjson.loads(resp.body)["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "malformed_http")
+        assert "chunked" in error["message"]
+        assert resp.headers["connection"] == "close"
+        assert await _closed(reader)  # one answer, then the connection ends
+    finally:
+        writer.close()
+    assert engine.state.counters.requests == 0
     assert not [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelno >= 30]
 
 

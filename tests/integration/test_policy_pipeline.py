@@ -195,6 +195,32 @@ async def test_the_budget_reservation_covers_every_choice(
     assert one.status == 200
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"model": "small-model", "prompt": "hello"}),
+        ("/v1/chat/completions", chat()),  # (vLLM's extra sampling fields on chat)
+    ],
+)
+async def test_the_budget_reservation_covers_every_sequence_best_of_generates(
+    start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path, path: str, body: dict[str, Any]
+) -> None:
+    """The engine generates max(n, best_of) sequences, each up to max_tokens, and returns the n
+    best: the worst case reserved counts the ones it discards too."""
+    folder = write_policies(
+        tmp_path / "p", tier("free", [FREE_KEY], budget={"usd_per_day": 0.00003})
+    )
+    proxy = await proxy_with(start_fake, start_proxy, folder)
+    many = await proxy.client.post(path, json={**body, "best_of": 4}, headers=auth(FREE_KEY))
+    # (before: the worst case of one sequence, $1.6e-5, reserved for four)
+    assert many.status == 429, await many.text()
+    error = (await many.json())["error"]
+    assert error["code"] == "insufficient_quota"
+    assert "best_of" in error["message"]
+    one = await proxy.client.post(path, json={**body, "best_of": 1}, headers=auth(FREE_KEY))
+    assert one.status == 200, await one.text()
+
+
 async def test_the_openai_sdk_does_not_retry_a_request_too_large_for_the_budget(
     start_fake: StartFake, start_proxy: StartProxy, tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ from proxy.wire import (
     MAX_N,
     MAX_NESTING,
     expected_choices,
+    generated_sequences,
     last_user_text,
     parse_request,
     text_of,
@@ -181,6 +182,56 @@ def test_expected_choices_count_n_per_prompt(
 ) -> None:
     raw = orjson.dumps({"model": "m", **fields})
     assert expected_choices(parse_request(raw, kind)) == choices  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "sequences", "choices"),
+    [
+        ("chat", {"messages": [{"role": "user", "content": "hi"}]}, 1, 1),
+        ("chat", {"messages": [{"role": "user", "content": "hi"}], "best_of": 4}, 4, 1),
+        ("chat", {"messages": [{"role": "user", "content": "hi"}], "n": 3, "best_of": 3}, 3, 3),
+        ("completion", {"prompt": "hi", "n": 2, "best_of": 5}, 5, 2),
+        ("completion", {"prompt": "hi", "n": 2}, 2, 2),
+        ("completion", {"prompt": ["a", "b"], "best_of": 3}, 6, 2),
+        ("completion", {"prompt": [[1], [2], [3]], "n": 2, "best_of": 4}, 12, 6),
+    ],
+)
+def test_the_engine_generates_the_larger_of_n_and_best_of_per_prompt(
+    kind: str, fields: dict[str, object], sequences: int, choices: int
+) -> None:
+    """vLLM samples best_of sequences and returns the n best: each may use all of max_tokens, so
+    the budget's worst case counts them all; the answer still has n choices per prompt."""
+    req = parse_request(orjson.dumps({"model": "m", **fields}), kind)  # type: ignore[arg-type]
+    assert generated_sequences(req) == sequences
+    assert expected_choices(req) == choices
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"best_of": 0}, "'best_of' must be a positive integer."),
+        ({"best_of": -1}, "'best_of' must be a positive integer."),
+        ({"best_of": "4"}, "'best_of' must be a positive integer."),
+        ({"best_of": 2.5}, "'best_of' must be a positive integer."),
+        ({"best_of": True}, "'best_of' must be a positive integer."),
+        ({"n": 3, "best_of": 2}, "'best_of' must be at least 'n' (3), got 2."),
+        ({"best_of": MAX_N + 1}, f"'best_of' must be at most {MAX_N}, got {MAX_N + 1}."),
+        ({"n": 2, "best_of": 10**9}, f"'best_of' must be at most {MAX_N}, got {10**9}."),
+    ],
+)
+def test_best_of_is_an_integer_from_n_to_the_maximum(
+    fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(orjson.dumps({"model": "m", "prompt": "p", **fields}), "completion")
+    assert (err.value.message, err.value.param) == (message, "best_of")
+
+
+@pytest.mark.parametrize("fields", [{"best_of": None}, {"best_of": 1}, {"n": 2, "best_of": MAX_N}])
+def test_best_of_within_bounds_passes_untouched(fields: dict[str, object]) -> None:
+    raw = orjson.dumps({"model": "m", "prompt": "p", **fields})
+    req = parse_request(raw, "completion")
+    assert req.encoded() == raw
 
 
 @pytest.mark.parametrize("prompt", [[[1, "a"]], [[1, 2], [True]], [[1], []], [[1], "a"], [1, "a"]])
