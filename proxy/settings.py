@@ -334,7 +334,7 @@ class EmbeddingSettings(StrictModel):
     isolation: Literal["process", "thread"] = Field(
         "process",
         description="where the encoder runs: process: a child process with `threads` threads "
-        "(its Python never holds the proxy's interpreter lock; ~530 MB more memory); thread: in "
+        "(its Python never holds the proxy's interpreter lock; ~160 MB more memory); thread: in "
         "the proxy's process",
     )
     remembered: int = Field(4096, ge=0, description="recent texts whose vectors are kept")

@@ -1,18 +1,20 @@
 """The encoder in a child process, so that its Python never holds the proxy's interpreter lock.
 
 On a thread of the proxy, the encoder's Python (the tokenizer, the code between torch's
-operators) holds the GIL in slices of up to the switch interval (5 ms), and the event loop waits
-for each. With CPU engines on the same cores, the proxy's own time before a request reached the
-engine went from 0.3 ms (semantic cache off) to ~10 ms at the median (on, lookup beside the
-engine call; docs/benchmarks.md). In a child process the encoder competes with the event loop
-for a core only, which the OS hands to the loop as soon as it wakes.
+operators) holds the GIL in slices the event loop waits out, and on cores busy with CPU engines
+a thread preempted while holding it stalls the loop until the OS runs it again. Beside a vLLM CPU
+engine, with the float32 encoder, the proxy's own time per request reached 500 ms at p99 with
+the encoder on its threads, and 31 ms with it here (docs/benchmarks.md, 2026-11-30 15:53); the
+median got worse (6.3 ms against 3.6 on threads): the child takes a core from the proxy while it
+encodes.
 
 The child (``python -m proxy.embeddings.process SPEC``) builds one encoder with the factory SPEC
 names (a function of this module, or ``module:function``) and encodes the batches sent over its
 stdin on ``threads`` threads, so the parts of a batch the embedding worker splits run side by
 side, answering on its stdout; background texts (cache audits) go to one more thread at the
 lowest CPU priority. One process, not one per thread: each holds its own copy of torch and the
-warmed-up encoder (~530 MB).
+warmed-up encoder (300-560 MB by precision; ~160 MB more in all than the encoder on the proxy's
+threads).
 
 :class:`EncoderProcess` is the parent's side, driven from the event loop with no thread of its
 own: the proxy writes a batch to the pipe and the loop reads the answer when it comes, so no
