@@ -58,6 +58,9 @@ async def test_a_killed_writer_process_costs_no_answer_and_shows_in_metrics(
         await post_until(proxy, ask(n), "miss")
     for n in range(5):  # and every one was stored all the same
         await post_until(proxy, ask(n), "hit-exact")
+    # (A hit may come from the write queue: wait until the batches were written, and so until
+    # a write has found the child gone, on a host fast enough to answer first.)
+    await store.flush()
     metrics = await (await proxy.client.get("/metrics")).text()
     assert 'frugal_cache_errors_total{backend="disk",op="writer"} 1.0' in metrics
 
