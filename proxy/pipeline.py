@@ -976,27 +976,10 @@ async def _answer_from_engine(
         if lookup is None:
             upstream = await _call_engine(req, engine, exchange, services)
         else:
-            # The engine's time counts as the engine's only if its answer is the one relayed: a
-            # hit's own time is all the proxy's.
-            waited: list[float] = []
-            opened = asyncio.ensure_future(
-                _call_engine(req, engine, exchange, services, waited=waited)
-            )
-            try:
-                hit, embedding = await lookup
-            except BaseException:
-                _close_engine_call(opened)
-                raise
-            if hit is not None:
-                if _close_engine_call(opened):
-                    services.metrics.engine_request_cancelled(
-                        engine=engine.name, reason="cache_hit"
-                    )
-                return hit
-            try:
-                upstream = await opened
-            finally:
-                exchange.upstream_s += sum(waited)
+            beside, embedding = await _call_beside(req, engine, exchange, services, lookup)
+            if isinstance(beside, CacheHit):
+                return beside
+            upstream = beside
             if upstream.status == 200:  # its first byte is relayed now, not when it came
                 exchange.ttft_s = time.perf_counter() - exchange.started
     except _FAILED_BEFORE_A_BYTE as err:
@@ -1040,18 +1023,72 @@ async def _answer_from_engine(
     return _relay_body(upstream, exchange, store)
 
 
-def _close_engine_call(opened: asyncio.Future[Upstream]) -> bool:
-    """Stop an engine request whose answer is not wanted: closed, so vLLM stops the generation
-    (its prefill is spent). False if it had failed already."""
-    # (retrieved: a failure of a call nobody waits for any more is not an unhandled error)
-    opened.add_done_callback(lambda call: call.cancelled() or call.exception())
-    if not opened.done():
-        opened.cancel()
-        return True
-    if opened.cancelled() or opened.exception() is not None:
-        return False
-    opened.result().finish(ok=True, aborted=True)
-    return True
+async def _call_beside(
+    req: CompletionRequest,
+    engine: Engine,
+    exchange: Exchange,
+    services: Services,
+    lookup: asyncio.Future[tuple[CacheHit | None, np.ndarray | None]],
+) -> tuple[Upstream | CacheHit, np.ndarray | None]:
+    """The engine asked while ``lookup`` (the semantic lookup) runs: its answer once the lookup
+    has missed, or the hit the lookup found, whose engine request is then closed (vLLM stops
+    the generation; its prefill is spent). With the embedding the lookup made.
+
+    The call runs in this task, not in one of its own: a new task takes its first step only
+    after every callback already queued, and in a burst of requests that was a turn of the loop
+    behind the others' work (1-3 ms before the engine was asked, docs/benchmarks.md
+    2026-11-30 15:53). A hit found before the engine's first byte cancels this task's wait for
+    it. The engine's time counts as the engine's only if its answer is the one relayed: a hit's
+    own time is all the proxy's."""
+    task = asyncio.current_task()
+    assert task is not None
+    asking = True
+    cancelled_for_hit = False
+
+    def on_lookup(done: asyncio.Future[tuple[CacheHit | None, np.ndarray | None]]) -> None:
+        nonlocal cancelled_for_hit
+        # (asking: this task waits inside the call, so the cancellation lands there)
+        if (
+            asking
+            and not done.cancelled()
+            and done.exception() is None
+            and done.result()[0] is not None
+        ):
+            cancelled_for_hit = True
+            task.cancel()
+
+    lookup.add_done_callback(on_lookup)
+    waited: list[float] = []
+    upstream: Upstream | None = None
+    failed: FrugalError | None = None
+    try:
+        upstream = await _call_engine(req, engine, exchange, services, waited=waited)
+    except asyncio.CancelledError:
+        if not cancelled_for_hit:
+            raise
+        task.uncancel()
+    except _FAILED_BEFORE_A_BYTE as err:
+        failed = err  # (a hit found meanwhile is served all the same)
+    finally:
+        asking = False
+        lookup.remove_done_callback(on_lookup)
+    try:
+        hit, embedding = await lookup
+    except BaseException:
+        if upstream is not None:
+            upstream.finish(ok=True, aborted=True)
+        raise
+    if hit is not None:
+        if upstream is not None or cancelled_for_hit:
+            if upstream is not None:
+                upstream.finish(ok=True, aborted=True)
+            services.metrics.engine_request_cancelled(engine=engine.name, reason="cache_hit")
+        return hit, embedding
+    if failed is not None:
+        raise failed
+    assert upstream is not None
+    exchange.upstream_s += sum(waited)
+    return upstream, embedding
 
 
 # How an engine call fails before the client is sent a byte (the request may go elsewhere).

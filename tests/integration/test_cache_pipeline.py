@@ -1192,6 +1192,38 @@ async def test_a_hit_found_beside_the_engine_call_aborts_it(
     assert 'frugal_engine_requests_cancelled_total{engine="e",reason="cache_hit"} 2.0' in metrics
 
 
+async def test_a_hit_found_after_the_engines_first_byte_closes_its_answer(
+    start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    # The engine answers at once but slowly; the paraphrase's vector is held until the engine
+    # has started to answer: the hit is served, and the answer already under way is closed.
+    encoder = HeldEncoder("Europe: largest lakes of?")
+    engine = await start_fake("m", tokens_per_s=10)  # 16 tokens: 1.5 s
+    client, services = await semantic_app(
+        start_fake, tmp_path, aiohttp_client, engine=engine, encode=encoder,
+        embeddings={"max_queue_ms": 30_000},
+    )  # fmt: skip
+    first = await client.post(
+        "/v1/chat/completions", json={**ask("largest lakes of Europe"), "max_tokens": 16}
+    )
+    assert first.headers["x-frugal-cache"] == "miss"
+    assert services.cache is not None
+    await services.cache.drain()
+    body = {**ask("Europe: largest lakes of?"), "stream": True, "max_tokens": 16}
+    reply = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+    await wait_until(lambda: engine.state.counters.requests == 2, timeout_s=10)
+    await asyncio.sleep(0.3)  # its first token is out: the proxy holds it for the lookup
+    assert not reply.done() and engine.state.counters.aborted == 0
+    encoder.release.set()
+    response = await reply
+    assert response.headers["x-frugal-cache"] == "hit-semantic"
+    assert (await response.read()).endswith(b"data: [DONE]\n\n")
+    await wait_until(lambda: engine.state.counters.aborted == 1, timeout_s=10)
+    assert engine.state.counters.aborted == 1  # closed, not left to generate its 16 tokens
+    metrics = await (await client.get("/metrics")).text()
+    assert 'frugal_engine_requests_cancelled_total{engine="e",reason="cache_hit"} 1.0' in metrics
+
+
 async def test_off_the_engine_is_asked_only_after_the_lookup(
     start_fake: StartFake, tmp_path: Path, aiohttp_client: Any
 ) -> None:
