@@ -124,24 +124,14 @@ async def areceive(stream: asyncio.StreamReader) -> Any:
 
 
 def receive(stream: IO[bytes]) -> Any:
-    """The next message, or None at the end of the stream (the other side is gone)."""
-    header = _read_exactly(stream, _LENGTH.size)
-    if header is None:
+    """The next message, or None at the end of the stream (the other side is gone). ``stream``
+    is buffered (the child's stdin): a read returns all it asks for unless the stream ends."""
+    header = stream.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
         return None
     (size,) = _LENGTH.unpack(header)
-    payload = _read_exactly(stream, size)
-    return None if payload is None else pickle.loads(payload)
-
-
-def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
-    chunks = []
-    while size:
-        chunk = stream.read(size)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
+    payload = stream.read(size)
+    return pickle.loads(payload) if len(payload) == size else None
 
 
 # --- the parent's side ------------------------------------------------------------------------
