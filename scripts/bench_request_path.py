@@ -75,7 +75,7 @@ def _settings(config: str, work: Path) -> tuple[Any, Any]:
 
     bench = bench_overhead
 
-    name = "frugal" if config == "frugal" else "frugal-full"
+    name = "frugal" if config == "frugal" else f"frugal-{config}"
     target = bench.build_targets([name], 9, work, None)[0]
     path = work / f"{name}.yaml"
     # One health poll at start (it fails: there is no engine), then none while measuring.
@@ -176,7 +176,9 @@ def _child(config: str, requests: int, chunks: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=("frugal", "full", "both"), default="both")
+    parser.add_argument(
+        "--config", choices=("frugal", "cache", "routing", "policy", "full", "both"), default="both"
+    )
     parser.add_argument("--requests", type=int, default=3000, help="requests per chunk")
     parser.add_argument("--chunks", type=int, default=7)
     parser.add_argument("--compare", type=Path, help="another checkout to A/B against")
