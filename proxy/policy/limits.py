@@ -264,7 +264,13 @@ class LocalCounters:
             if not budget.reservations and now - budget.used_at > BUDGET_KEEP_S:
                 del self._budgets[key]
 
+    # The operations also as plain calls (``*_now``): they never suspend, and the limiter calls
+    # them directly when this is its backend, without a coroutine and its guard per operation.
+
     async def rate(self, key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
+        return self.rate_now(key, cost, per_minute, debt=debt)
+
+    def rate_now(self, key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
         now = self._clock()
         self._sweep(now)
         wait, new_tat = gcra(self._tat.get(key, now), now, cost, per_minute, debt=debt)
@@ -273,6 +279,9 @@ class LocalCounters:
         return wait
 
     async def acquire_lease(self, key: str, lease_id: str, limit: int, ttl_s: float) -> bool:
+        return self.acquire_lease_now(key, lease_id, limit, ttl_s)
+
+    def acquire_lease_now(self, key: str, lease_id: str, limit: int, ttl_s: float) -> bool:
         now = self._clock()
         leases = self._leases.get(key)
         if leases is None:
@@ -284,6 +293,9 @@ class LocalCounters:
         return True
 
     async def release_lease(self, key: str, lease_id: str) -> None:
+        self.release_lease_now(key, lease_id)
+
+    def release_lease_now(self, key: str, lease_id: str) -> None:
         leases = self._leases.get(key)
         if leases is not None:
             leases.held.pop(lease_id, None)
@@ -311,6 +323,11 @@ class LocalCounters:
     async def reserve(
         self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
     ) -> ReserveOutcome:
+        return self.reserve_now(budgets, res_id, amount_nano, ttl_s)
+
+    def reserve_now(
+        self, budgets: Sequence[tuple[str, int]], res_id: str, amount_nano: int, ttl_s: float
+    ) -> ReserveOutcome:
         now = self._clock()
         self._sweep(now)
         states = []
@@ -330,6 +347,9 @@ class LocalCounters:
         return ReserveOutcome(True, None, first.spent, first.reserved - amount_nano)
 
     async def settle(self, keys: Sequence[str], res_id: str, actual_nano: int) -> None:
+        self.settle_now(keys, res_id, actual_nano)
+
+    def settle_now(self, keys: Sequence[str], res_id: str, actual_nano: int) -> None:
         now = self._clock()
         for key in keys:
             state = self._budgets.get(key)
@@ -502,6 +522,9 @@ class Limiter:
         on_outage: Callable[[str], None] | None = None,
     ) -> None:
         self.backend = backend
+        # The in-process counters exactly (not a subclass that may fail, as tests use): called
+        # directly. They cannot fail, so there is no outage to guard against either.
+        self._local = backend if type(backend) is LocalCounters else None
         self._fail_open = on_backend_error == "allow"
         # hears of each failed counter operation: "check" (served unchecked or refused) or
         # "release" (a holding left to its TTL)
@@ -517,6 +540,7 @@ class Limiter:
         self._id_prefix = os.urandom(8).hex()
         self._ids = itertools.count(1)
         self._keys_memo: dict[tuple[str, str, dt.date], tuple[str, str]] = {}
+        self._tenant_keys_memo: dict[tuple[str, str], tuple[str, str, str]] = {}
         self._background: set[asyncio.Task[None]] = set()  # releases not waited for (see _release)
         # this replica's leases and reservations (id -> budget keys), renewed by keep_holdings
         self._held: set[tuple[str, str]] = set()
@@ -531,6 +555,20 @@ class Limiter:
     # keys: the tier name is a Redis Cluster hash tag, so one tier's keys share a slot.
     def _tenant_key(self, p: Principal, what: str) -> str:
         return f"{self._prefix}:{{{p.tier}}}:tenant:{p.tenant}:{what}"
+
+    def _tenant_keys(self, p: Principal) -> tuple[str, str, str]:
+        """The tenant's (requests/minute, tokens/minute, in-flight) keys, formatted once."""
+        memo = (p.tier, p.tenant)
+        keys = self._tenant_keys_memo.get(memo)
+        if keys is None:
+            if len(self._tenant_keys_memo) > 10_000:
+                self._tenant_keys_memo.clear()  # departed tenants
+            keys = self._tenant_keys_memo[memo] = (
+                self._tenant_key(p, "rpm"),
+                self._tenant_key(p, "tpm"),
+                self._tenant_key(p, "inflight"),
+            )
+        return keys
 
     def budget_keys(self, p: Principal, day: dt.date) -> tuple[str, str]:
         tier_key = f"{self._prefix}:{{{p.tier}}}:budget:{day.isoformat()}"
@@ -566,12 +604,15 @@ class Limiter:
     async def check_rate(self, principal: Principal, prompt_tokens: int) -> None:
         """Requests/minute, then tokens/minute (charging the prompt estimate). 429 on excess."""
         limits = principal.policy.limits
+        rpm_key, tpm_key, _ = self._tenant_keys(principal)
+        local = self._local
         if limits.requests_per_minute is not None:
-            wait = await self._guard(
-                self.backend.rate(
-                    self._tenant_key(principal, "rpm"), 1, limits.requests_per_minute
-                ),
-                0.0,
+            wait = (
+                local.rate_now(rpm_key, 1, limits.requests_per_minute)
+                if local is not None
+                else await self._guard(
+                    self.backend.rate(rpm_key, 1, limits.requests_per_minute), 0.0
+                )
             )
             if wait > 0:
                 raise RateLimitExceeded(
@@ -580,11 +621,12 @@ class Limiter:
                     retry_after=wait,
                 )
         if limits.tokens_per_minute is not None and prompt_tokens > 0:
-            wait = await self._guard(
-                self.backend.rate(
-                    self._tenant_key(principal, "tpm"), prompt_tokens, limits.tokens_per_minute
-                ),
-                0.0,
+            wait = (
+                local.rate_now(tpm_key, prompt_tokens, limits.tokens_per_minute)
+                if local is not None
+                else await self._guard(
+                    self.backend.rate(tpm_key, prompt_tokens, limits.tokens_per_minute), 0.0
+                )
             )
             if wait > 0:
                 # a refused request is no request: its retry must not find the minute spent
@@ -598,15 +640,13 @@ class Limiter:
     async def _refund_request(self, principal: Principal) -> None:
         per_minute = principal.policy.limits.requests_per_minute
         if per_minute is not None:
-            await self.backend.rate(self._tenant_key(principal, "rpm"), -1, per_minute, debt=True)
+            await self.backend.rate(self._tenant_keys(principal)[0], -1, per_minute, debt=True)
 
     async def charge_tokens(self, principal: Principal, tokens: int) -> None:
         """Tokens learnt after the answer: always charged (they were spent)."""
         per_minute = principal.policy.limits.tokens_per_minute
         if per_minute is not None and tokens != 0:
-            await self.backend.rate(
-                self._tenant_key(principal, "tpm"), tokens, per_minute, debt=True
-            )
+            await self.backend.rate(self._tenant_keys(principal)[1], tokens, per_minute, debt=True)
 
     async def _take_lease(self, principal: Principal) -> tuple[str, str] | None:
         """One of the tenant's concurrent slots: (key, lease id), or None when the tier sets no
@@ -614,10 +654,14 @@ class Limiter:
         limit = principal.policy.limits.concurrent
         if limit is None:
             return None
-        key = self._tenant_key(principal, "inflight")
+        key = self._tenant_keys(principal)[2]
         lease_id = self._new_id()
-        acquire = self.backend.acquire_lease(key, lease_id, limit, self._lease_ttl_s)
-        if not await self._guard(acquire, True):
+        if self._local is not None:
+            taken = self._local.acquire_lease_now(key, lease_id, limit, self._lease_ttl_s)
+        else:
+            acquire = self.backend.acquire_lease(key, lease_id, limit, self._lease_ttl_s)
+            taken = await self._guard(acquire, True)
+        if not taken:
             raise ConcurrencyLimitExceeded(
                 f"{limit} concurrent requests already in flight for tier {principal.tier!r}",
                 retry_after=1.0,
@@ -628,6 +672,9 @@ class Limiter:
     async def _give_back(self, lease: tuple[str, str] | None) -> None:
         if lease is not None:
             self._held.discard(lease)
+            if self._local is not None:
+                self._local.release_lease_now(*lease)
+                return
             await self._release(self.backend.release_lease(*lease), "release a concurrency lease")
 
     async def keep_holdings(self) -> None:
@@ -771,9 +818,16 @@ class _Admission(AbstractAsyncContextManager[Ticket]):
         limiter, ticket = self._limiter, self._ticket
         try:
             if ticket is not None and ticket.extra_tokens != 0:
-                await limiter._release(
-                    limiter.charge_tokens(self._principal, ticket.extra_tokens), "charge tokens"
-                )
+                local, principal = limiter._local, self._principal
+                per_minute = principal.policy.limits.tokens_per_minute
+                if local is not None:
+                    if per_minute is not None:
+                        tpm_key = limiter._tenant_keys(principal)[1]
+                        local.rate_now(tpm_key, ticket.extra_tokens, per_minute, debt=True)
+                else:
+                    await limiter._release(
+                        limiter.charge_tokens(principal, ticket.extra_tokens), "charge tokens"
+                    )
         finally:
             await limiter._give_back(self._lease)
 
@@ -800,11 +854,14 @@ class _Reservation(AbstractAsyncContextManager[Spend]):
         ceilings = (ceiling_nano(budget.usd_per_day), ceiling_nano(budget.usd_per_day_per_tenant))
         res_id = self._res_id = limiter._new_id()
         amount = max(0, to_nano(self._worst_case))
-        outcome = await limiter._guard(
-            limiter.backend.reserve(
-                list(zip(keys, ceilings, strict=True)), res_id, amount, limiter._reservation_ttl_s
-            ),
-            ReserveOutcome(True),
+        budgets = ((keys[0], ceilings[0]), (keys[1], ceilings[1]))
+        ttl_s = limiter._reservation_ttl_s
+        outcome = (
+            limiter._local.reserve_now(budgets, res_id, amount, ttl_s)
+            if limiter._local is not None
+            else await limiter._guard(
+                limiter.backend.reserve(budgets, res_id, amount, ttl_s), ReserveOutcome(True)
+            )
         )
         if not outcome.granted:
             tenant = outcome.refused_key == keys[1]
@@ -831,6 +888,9 @@ class _Reservation(AbstractAsyncContextManager[Spend]):
         actual = (
             to_nano(spend.actual_usd) if spend is not None and spend.actual_usd is not None else 0
         )
+        if limiter._local is not None:
+            limiter._local.settle_now(self._keys, self._res_id, actual)
+            return
         await limiter._release(
             limiter.backend.settle(self._keys, self._res_id, actual), "settle a budget reservation"
         )
