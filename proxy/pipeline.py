@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -649,9 +649,9 @@ def _route(
             if follow_up
             else None
         ),
-        loads=_loads(services, selections),
+        loads=_Loads(services, selections),
         ttft_target_ms=principal.policy.latency.ttft_p95_ms,
-        unavailable=_unavailable(selections),
+        unavailable=_Unavailable(selections),
     )
 
 
@@ -662,26 +662,61 @@ def sticky_key(tier: str, tenant: str, prefix: bytes) -> bytes:
     return b"\0".join((tier.encode(), tenant.encode(), prefix))
 
 
-def _unavailable(selections: Mapping[str, Selection]) -> frozenset[str]:
+class _Unavailable(Container[str]):
     """The engines that cannot answer: the version chosen for this request is another's
-    fallback already, so an engine is out only when neither its stable nor its canary can."""
-    now = time.monotonic()
-    return frozenset(name for name, s in selections.items() if not s.engine.can_take(now))
+    fallback already, so an engine is out only when neither its stable nor its canary can.
+    Worked out per engine when the router asks (it asks about its choice first, and about the
+    others only when that one is out)."""
+
+    __slots__ = ("_known", "_now", "_selections")
+
+    def __init__(self, selections: Mapping[str, Selection]) -> None:
+        self._selections = selections
+        self._now = time.monotonic()
+        self._known: dict[str, bool] = {}
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        out = self._known.get(name)
+        if out is None:
+            selection = self._selections.get(name)
+            out = selection is not None and not selection.engine.can_take(self._now)
+            self._known[name] = out
+        return out
 
 
-def _loads(services: Services, selections: Mapping[str, Selection]) -> dict[str, EngineLoad]:
+class _Loads(Mapping[str, EngineLoad]):
     """Each engine's load as this request would meet it: the proxy's queue and slots in front
     of the engine (shared by its versions), and vLLM's own queue on the replica set that would
     answer. Not the busier of the two versions: a conversation sticks to its version, so a
     swamped canary holding a small share must not move the stable's conversations off the
-    engine, nor an idle stable hide the canary's queue from those in the canary's share."""
-    loads = {}
-    for name, selection in selections.items():
-        gate = services.admissions[name]
-        loads[name] = services.router.load(
-            selection.engine, gate.waiting, gate.active, gate.queue_delay()
-        )
-    return loads
+    engine, nor an idle stable hide the canary's queue from those in the canary's share.
+    Worked out per engine when the router reads it: it reads its choice's first, and the others
+    only when that one would break the latency target."""
+
+    __slots__ = ("_known", "_selections", "_services")
+
+    def __init__(self, services: Services, selections: Mapping[str, Selection]) -> None:
+        self._services = services
+        self._selections = selections
+        self._known: dict[str, EngineLoad] = {}
+
+    def __getitem__(self, name: str) -> EngineLoad:
+        load = self._known.get(name)
+        if load is None:
+            selection = self._selections[name]
+            gate = self._services.admissions[name]
+            load = self._known[name] = self._services.router.load(
+                selection.engine, gate.waiting, gate.active, gate.queue_delay()
+            )
+        return load
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._selections)
+
+    def __len__(self) -> int:
+        return len(self._selections)
 
 
 def _prepare_upstream_body(req: CompletionRequest, engine: Engine) -> None:

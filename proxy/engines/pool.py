@@ -62,10 +62,11 @@ class Engine:
     # The model name these replicas serve, when it differs from the name clients ask for (a
     # canary, or a promoted canary, launched under another served-model name).
     upstream_model: str | None = None
+    # settings.name, as a plain attribute: read many times on every request
+    name: str = field(init=False, default="")
 
-    @property
-    def name(self) -> str:
-        return self.settings.name
+    def __post_init__(self) -> None:
+        self.name = self.settings.name
 
     @property
     def model(self) -> str:

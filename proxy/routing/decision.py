@@ -30,7 +30,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -72,7 +72,7 @@ def decide_route(
     loads: Mapping[str, EngineLoad] | None = None,
     ttft_target_ms: float | None = None,
     sticky_margin: float = DEFAULT_STICKY_MARGIN,
-    unavailable: frozenset[str] = frozenset(),
+    unavailable: Container[str] = frozenset(),
 ) -> RouteDecision:
     """Choose the engine for one request; `allowed_engines` is ordered weak to strong;
     `unavailable`: engines with no replica that can take a request now.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -192,7 +192,7 @@ class Router:
         conversation: bytes | None,
         loads: Mapping[str, EngineLoad] | None,
         ttft_target_ms: float | None,
-        unavailable: frozenset[str] = frozenset(),
+        unavailable: Container[str] = frozenset(),
     ) -> RouteDecision:
         sticky = self.sticky(conversation)
         return decide_route(

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from proxy.engines.pool import Engine, ReplicaLoad
-from proxy.pipeline import _loads, _unavailable
+from proxy.pipeline import _Loads, _Unavailable
 from proxy.policy.admission import EngineAdmission
 from proxy.rollout.manager import Selection
 from proxy.routing.router import Router
@@ -38,9 +38,12 @@ def test_an_engine_answered_by_its_canary_is_available() -> None:
     large = _engine("large", "http://large", "v1")
     stable.replicas[0].healthy = False
     selections = {"small": Selection(canary, instead_of=stable), "large": Selection(large)}
-    assert _unavailable(selections) == frozenset()
+    unavailable = _Unavailable(selections)
+    assert "small" not in unavailable and "large" not in unavailable
+    assert "medium" not in unavailable  # not one of this request's engines: nothing to avoid
     canary.replicas[0].healthy = False  # both versions down: the canary's selection says so
-    assert _unavailable(selections) == frozenset({"small"})
+    unavailable = _Unavailable(selections)
+    assert "small" in unavailable and "large" not in unavailable
     assert not stable.can_take(time.monotonic())
 
 
@@ -49,8 +52,8 @@ async def test_an_engines_load_is_that_of_the_version_that_would_answer() -> Non
     canary = _engine("small", "http://canary", "v2")
     canary.replicas[0].load = ReplicaLoad(running=1, waiting=1000)
     services = _services(stable)
-    to_canary = _loads(services, {"small": Selection(canary)})["small"]
-    to_stable = _loads(services, {"small": Selection(stable)})["small"]
+    to_canary = _Loads(services, {"small": Selection(canary)})["small"]
+    to_stable = _Loads(services, {"small": Selection(stable)})["small"]
     assert (to_canary.queue_length, to_stable.queue_length) == (1000, 0)
     assert to_canary.est_ttft_ms > 100 * to_stable.est_ttft_ms
     # The proxy's own queue in front of the engine is both versions': it counts either way.
@@ -60,7 +63,7 @@ async def test_an_engines_load_is_that_of_the_version_that_would_answer() -> Non
         await asyncio.sleep(0)
         assert gate.waiting == 1
         for version in (stable, canary):
-            load = _loads(services, {"small": Selection(version)})["small"]
+            load = _Loads(services, {"small": Selection(version)})["small"]
             assert load.queue_length == 1 + int(version.load().waiting)
     await waiter
 
@@ -68,3 +71,22 @@ async def test_an_engines_load_is_that_of_the_version_that_would_answer() -> Non
 async def _hold(gate: EngineAdmission) -> None:
     async with gate.slot(priority=0, max_wait_s=10.0, tier="t"):
         pass
+
+
+def test_an_engines_load_is_worked_out_only_when_the_router_reads_it() -> None:
+    small, large = _engine("small", "http://s", "v1"), _engine("large", "http://l", "v1")
+    services = _services(small, large)
+    asked: list[str] = []
+    router_load = services.router.load
+
+    def counting_load(engine: Engine, *args: Any) -> Any:
+        asked.append(engine.name)
+        return router_load(engine, *args)
+
+    services.router.load = counting_load
+    loads = _Loads(services, {"small": Selection(small), "large": Selection(large)})
+    assert sorted(loads) == ["large", "small"] and len(loads) == 2
+    assert loads["small"] is loads.get("small")  # once per request and engine
+    assert asked == ["small"]
+    assert loads.get("medium") is None
+    assert dict(loads).keys() == {"small", "large"} and asked == ["small", "large"]
