@@ -657,8 +657,17 @@ class ResponseCache:
         keys: CacheKeys,
         response: bytes | Mapping[str, Any],
         **kwargs: Any,
-    ) -> asyncio.Task[bool]:
-        """Fire-and-forget ``store`` (the task is kept alive until done; ``drain`` awaits)."""
+    ) -> asyncio.Future[bool]:
+        """Fire-and-forget ``store`` (the task is kept alive until done; ``drain`` awaits).
+
+        The disk store's put only queues the entry (its writer runs on its own): that store is
+        done at once, without a task per answer (~4 µs of CPU a miss), and the future returned
+        is already done."""
+        store = self.store
+        if isinstance(store, DiskStore):
+            done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            done.set_result(self._store_now(store, keys, response, **kwargs))
+            return done
         task: asyncio.Task[bool] = self._spawn(self.store_response(keys, response, **kwargs))
         return task
 
@@ -688,7 +697,7 @@ class ResponseCache:
     async def _store_embedded(
         self,
         keys: CacheKeys,
-        stored: asyncio.Task[bool],
+        stored: asyncio.Future[bool],
         text: str,
         embed: Callable[[str], Awaitable[np.ndarray]],
     ) -> None:
@@ -731,9 +740,51 @@ class ResponseCache:
         ttl: float | None = None,
     ) -> bool:
         """Store a complete answer. Never raises: returns whether it was stored."""
+        entry = self._storable(keys, response, status, embedding, compute_seconds, mode, ttl)
+        if entry is None:
+            return False
+        try:
+            await self.store.put(entry)
+        except Exception as exc:
+            return self._put_failed(exc)
+        return self._stored(entry)
+
+    def _store_now(
+        self,
+        store: DiskStore,
+        keys: CacheKeys,
+        response: bytes | Mapping[str, Any],
+        *,
+        status: int = 200,
+        embedding: np.ndarray | None = None,
+        compute_seconds: float = 0.0,
+        mode: CacheMode = CacheMode.ON,
+        ttl: float | None = None,
+    ) -> bool:
+        """``store_response`` into a store whose put only queues (same outcomes, same counts)."""
+        entry = self._storable(keys, response, status, embedding, compute_seconds, mode, ttl)
+        if entry is None:
+            return False
+        try:
+            store.put_nowait(entry)
+        except Exception as exc:
+            return self._put_failed(exc)
+        return self._stored(entry)
+
+    def _storable(
+        self,
+        keys: CacheKeys,
+        response: bytes | Mapping[str, Any],
+        status: int,
+        embedding: np.ndarray | None,
+        compute_seconds: float,
+        mode: CacheMode,
+        ttl: float | None,
+    ) -> CacheEntry | None:
+        """The entry to put, or None (counted: bypass or rejected)."""
         if not mode.write:
             self._count_store("bypass")
-            return False
+            return None
         try:
             if isinstance(response, bytes | bytearray | memoryview):
                 raw = bytes(response)
@@ -743,21 +794,22 @@ class ResponseCache:
                 raw = orjson.dumps(response)
             if not isinstance(parsed, Mapping) or not is_storable_response(status, parsed):
                 self._count_store("rejected")
-                return False
-            entry = self._entry(keys, raw, embedding, compute_seconds, ttl)
+                return None
+            return self._entry(keys, raw, embedding, compute_seconds, ttl)
         except Exception:
             log.warning("cache.store.bad_response", exc_info=True)
             self._count_store("rejected")
-            return False
-        try:
-            await self.store.put(entry)
-        except StoreBusy:
+            return None
+
+    def _put_failed(self, error: Exception) -> bool:
+        if isinstance(error, StoreBusy):
             self._count_store("failed")  # overloaded, not down: no backend-down warning
             return False
-        except Exception as exc:
-            self._backend_error("put", exc, observe=False)  # on_store("failed") reports it
-            self._count_store("failed")
-            return False
+        self._backend_error("put", error, observe=False)  # on_store("failed") reports it
+        self._count_store("failed")
+        return False
+
+    def _stored(self, entry: CacheEntry) -> bool:
         self._backend_ok()
         self._index_entry(entry)
         self._count_store("stored")
