@@ -344,6 +344,16 @@ class ResponseCache:
         snapshot_dir: Path | None = None,
     ) -> None:
         self.store = store
+        # The disk store as it is (not a subclass with its own get or put): its get reads
+        # inline and its put only queues, so a lookup and a store call them directly (see
+        # ``_get``, ``store_in_background``).
+        self._disk: DiskStore | None = (
+            store
+            if isinstance(store, DiskStore)
+            and type(store).get is DiskStore.get
+            and type(store).put is DiskStore.put
+            else None
+        )
         # where the semantic index is saved at shutdown and loaded at start-up (optional: without
         # it every start rebuilds the graphs from the store, minutes at a million entries)
         self.snapshot_dir = snapshot_dir
@@ -488,7 +498,7 @@ class ResponseCache:
                 outcome = "bypass"
                 return None
             now = self._clock()
-            entry = await self._guarded("get", self.store.get(keys.exact)) if exact else None
+            entry = await self._get(keys.exact) if exact else None
             if (
                 entry is not None
                 and self._belongs(entry.meta, keys)
@@ -519,6 +529,20 @@ class ResponseCache:
                 self._count_lookup(outcome, seconds)
             else:
                 tally.note(outcome, seconds)
+
+    async def _get(self, key: str) -> CacheEntry | None:
+        """``store.get`` guarded; the disk store's read runs inline anyway (see store.py), so
+        it is called as it is, without its coroutine and the guard's."""
+        store = self._disk
+        if store is None or store is not self.store:
+            return await self._guarded("get", self.store.get(key))
+        try:
+            entry = store.get_sync(key)
+        except Exception as exc:
+            self._backend_error("get", exc)
+            return None
+        self._backend_ok()
+        return entry
 
     def count_lookups(self, tally: LookupTally) -> None:
         """Count a request's lookups as one outcome (see :class:`LookupTally`): once, however
@@ -663,8 +687,8 @@ class ResponseCache:
         The disk store's put only queues the entry (its writer runs on its own): that store is
         done at once, without a task per answer (~4 µs of CPU a miss), and the future returned
         is already done."""
-        store = self.store
-        if isinstance(store, DiskStore):
+        store = self._disk
+        if store is not None and store is self.store:
             done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             done.set_result(self._store_now(store, keys, response, **kwargs))
             return done
@@ -786,13 +810,15 @@ class ResponseCache:
             self._count_store("bypass")
             return None
         try:
-            if isinstance(response, bytes | bytearray | memoryview):
+            # (exact types first: an ABC's isinstance check costs far more)
+            if type(response) is bytes or isinstance(response, bytes | bytearray | memoryview):
                 raw = bytes(response)
                 parsed = orjson.loads(raw)
             else:
                 parsed = response
                 raw = orjson.dumps(response)
-            if not isinstance(parsed, Mapping) or not is_storable_response(status, parsed):
+            mapping = type(parsed) is dict or isinstance(parsed, Mapping)
+            if not mapping or not is_storable_response(status, parsed):
                 self._count_store("rejected")
                 return None
             return self._entry(keys, raw, embedding, compute_seconds, ttl)
