@@ -177,6 +177,20 @@ class Partition:
         User ids are only unique within a tenant, so the user partition names both. A request
         without a ``user`` field under the user scope gets the tenant's user-less partition.
         """
+        if scope != Scope.USER and cls is Partition:
+            # One per tier or tenant, made once (a partition is immutable): every request
+            # asks for its own.
+            owner = tenant if scope == Scope.TENANT else tier if scope == Scope.TIER else ""
+            made = _PARTITIONS.get((scope, owner))
+            if made is None:
+                if len(_PARTITIONS) >= _PARTITIONS_KEPT:
+                    _PARTITIONS.clear()
+                made = _PARTITIONS[scope, owner] = cls._for(scope, tier, tenant, user)
+            return made
+        return cls._for(scope, tier, tenant, user)
+
+    @classmethod
+    def _for(cls, scope: Scope, tier: str, tenant: str, user: str | None) -> Partition:
         match scope:
             case Scope.GLOBAL:
                 return cls(scope)
@@ -186,6 +200,12 @@ class Partition:
                 return cls(scope, (tenant,))
             case Scope.USER:
                 return cls(scope, (tenant, user or ""))
+
+
+# Partitions of the global, tier and tenant scopes by (scope, tier or tenant): as many as the
+# configuration names, kept up to a bound all the same.
+_PARTITIONS: dict[tuple[Scope, str], Partition] = {}
+_PARTITIONS_KEPT: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,6 +482,7 @@ def is_storable_response(status: int, response: Mapping[str, Any]) -> bool:
     if not isinstance(choices, list) or not choices:
         return False
     return all(
-        isinstance(c, Mapping) and c.get("finish_reason") in STORABLE_FINISH_REASONS
+        (type(c) is dict or isinstance(c, Mapping))  # (exact type first: cheaper than the ABC)
+        and c.get("finish_reason") in STORABLE_FINISH_REASONS
         for c in choices
     )

@@ -435,3 +435,18 @@ def test_key_bytes_are_pinned() -> None:
     )
     assert completion.exact == "19aab916f7be93f27faf46f327952307b60aa652418513a96eae1a768f195415"
     assert completion.context == "a74d7698a3a25c1ba265e9a380f7a550320fae61ebe648363c6a0d45e49d0002"
+
+
+def test_partitions_are_made_once_per_tier_and_tenant_not_per_user() -> None:
+    args = {"tier": "free", "tenant": "acme", "user": "u1"}
+    for scope in (Scope.GLOBAL, Scope.TIER, Scope.TENANT):
+        first = Partition.for_request(scope, **args)
+        assert Partition.for_request(scope, **args) is first
+    assert Partition.for_request(Scope.TENANT, **{**args, "tenant": "other"}).owner == ("other",)
+    assert Partition.for_request(Scope.TIER, **{**args, "tier": "paid"}).owner == ("paid",)
+    assert Partition.for_request(Scope.GLOBAL, **{**args, "tier": "paid"}) == Partition(
+        Scope.GLOBAL
+    )
+    one = Partition.for_request(Scope.USER, **args)
+    other = Partition.for_request(Scope.USER, **{**args, "user": "u2"})
+    assert one.owner == ("acme", "u1") and other.owner == ("acme", "u2")
