@@ -481,8 +481,9 @@ def is_storable_response(status: int, response: Mapping[str, Any]) -> bool:
     choices = response.get("choices")
     if not isinstance(choices, list) or not choices:
         return False
-    return all(
-        (type(c) is dict or isinstance(c, Mapping))  # (exact type first: cheaper than the ABC)
-        and c.get("finish_reason") in STORABLE_FINISH_REASONS
-        for c in choices
-    )
+    for c in choices:  # (a loop, not all() over a generator: this runs on every miss)
+        if not (type(c) is dict or isinstance(c, Mapping)):  # (exact type first: cheaper)
+            return False
+        if c.get("finish_reason") not in STORABLE_FINISH_REASONS:
+            return False
+    return True

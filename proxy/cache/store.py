@@ -441,7 +441,8 @@ class DiskStore:
             self._put_since.add(key)
         # an older copy in memory must not be served once this put is written (or outlive it
         # if its write fails: the disk then holds whatever it held)
-        self._forget_recent((key,))
+        if key in self._recent:
+            self._forget_recent((key,))
         queued = (entry, time.time() + entry.meta.ttl)
         self._pending[key] = queued
         self._queue.append(queued)
