@@ -317,6 +317,22 @@ def _head(endpoint: Endpoint, engine: str, version: str, partition: Partition) -
     return [endpoint.value.encode(), engine.encode(), version.encode(), partition.id.encode()]
 
 
+# Framed heads by (endpoint, engine, version, partition id): every request of a partition to an
+# engine version shares one. Kept up to a bound (the user scope has a partition per user).
+_HEADS: dict[tuple[Endpoint, str, str, str], bytes] = {}
+_HEADS_KEPT: Final = 4096
+
+
+def _framed_head(endpoint: Endpoint, engine: str, version: str, partition: Partition) -> bytes:
+    memo = (endpoint, engine, version, partition.id)
+    head = _HEADS.get(memo)
+    if head is None:
+        if len(_HEADS) >= _HEADS_KEPT:
+            _HEADS.clear()
+        head = _HEADS[memo] = _framed(_head(endpoint, engine, version, partition))
+    return head
+
+
 def _key(prefix: bytes, head: bytes, body: bytes) -> str:
     """``digest([KEY_FORMAT_VERSION, kind, *head parts, body])`` from the framed prefix (which
     names the kind) and the framed head."""
@@ -425,7 +441,7 @@ def keys_from_material(
     material: KeyMaterial, *, engine: str, version: str, partition: Partition
 ) -> CacheKeys:
     endpoint = material.endpoint
-    head = _framed(_head(endpoint, engine, version, partition))  # made once for both keys
+    head = _framed_head(endpoint, engine, version, partition)  # (shared by both keys)
     exact = _key(_EXACT_PREFIX, head, material.fields_json)
     context: str | None = None
     if material.context_json is not None:
