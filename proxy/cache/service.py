@@ -498,7 +498,13 @@ class ResponseCache:
                 outcome = "bypass"
                 return None
             now = self._clock()
-            entry = await self._get(keys.exact) if exact else None
+            entry: CacheEntry | None = None
+            if exact:
+                disk = self._disk
+                if disk is not None and disk is self.store:
+                    entry = self._get_now(disk, keys.exact)
+                else:
+                    entry = await self._guarded("get", self.store.get(keys.exact))
             if (
                 entry is not None
                 and self._belongs(entry.meta, keys)
@@ -530,12 +536,10 @@ class ResponseCache:
             else:
                 tally.note(outcome, seconds)
 
-    async def _get(self, key: str) -> CacheEntry | None:
-        """``store.get`` guarded; the disk store's read runs inline anyway (see store.py), so
-        it is called as it is, without its coroutine and the guard's."""
-        store = self._disk
-        if store is None or store is not self.store:
-            return await self._guarded("get", self.store.get(key))
+    def _get_now(self, store: DiskStore, key: str) -> CacheEntry | None:
+        """``store.get`` guarded (as ``_guarded`` does it): the disk store's read runs inline
+        anyway (see store.py), so it is called as it is, without its coroutine and the
+        guard's."""
         try:
             entry = store.get_sync(key)
         except Exception as exc:
