@@ -766,9 +766,16 @@ class ResponseCache:
         compute_seconds: float = 0.0,
         mode: CacheMode = CacheMode.ON,
         ttl: float | None = None,
+        parsed: Mapping[str, Any] | None = None,
     ) -> bool:
-        """Store a complete answer. Never raises: returns whether it was stored."""
-        entry = self._storable(keys, response, status, embedding, compute_seconds, mode, ttl)
+        """Store a complete answer. Never raises: returns whether it was stored.
+
+        ``parsed``: ``response``'s bytes as the caller has already parsed them (the pipeline
+        has, to count tokens), so they are not parsed again to see whether they are storable;
+        what is stored is ``response`` itself."""
+        entry = self._storable(
+            keys, response, status, embedding, compute_seconds, mode, ttl, parsed
+        )
         if entry is None:
             return False
         try:
@@ -788,9 +795,12 @@ class ResponseCache:
         compute_seconds: float = 0.0,
         mode: CacheMode = CacheMode.ON,
         ttl: float | None = None,
+        parsed: Mapping[str, Any] | None = None,
     ) -> bool:
         """``store_response`` into a store whose put only queues (same outcomes, same counts)."""
-        entry = self._storable(keys, response, status, embedding, compute_seconds, mode, ttl)
+        entry = self._storable(
+            keys, response, status, embedding, compute_seconds, mode, ttl, parsed
+        )
         if entry is None:
             return False
         try:
@@ -808,6 +818,7 @@ class ResponseCache:
         compute_seconds: float,
         mode: CacheMode,
         ttl: float | None,
+        parsed: Mapping[str, Any] | None = None,
     ) -> CacheEntry | None:
         """The entry to put, or None (counted: bypass or rejected)."""
         if not mode.write:
@@ -815,14 +826,15 @@ class ResponseCache:
             return None
         try:
             # (exact types first: an ABC's isinstance check costs far more)
+            answer: Any
             if type(response) is bytes or isinstance(response, bytes | bytearray | memoryview):
                 raw = bytes(response)
-                parsed = orjson.loads(raw)
+                answer = orjson.loads(raw) if parsed is None else parsed
             else:
-                parsed = response
+                answer = response
                 raw = orjson.dumps(response)
-            mapping = type(parsed) is dict or isinstance(parsed, Mapping)
-            if not mapping or not is_storable_response(status, parsed):
+            mapping = type(answer) is dict or isinstance(answer, Mapping)
+            if not mapping or not is_storable_response(status, answer):
                 self._count_store("rejected")
                 return None
             return self._entry(keys, raw, embedding, compute_seconds, ttl)

@@ -1150,3 +1150,17 @@ async def test_a_disk_store_subclass_with_its_own_get_and_put_is_awaited(tmp_pat
     assert await cache.lookup(keys_for("q")) is not None
     assert calls == ["put", "get"]
     await cache.aclose()
+
+
+async def test_an_answer_parsed_by_the_caller_is_not_parsed_again(tmp_path: Path) -> None:
+    """``parsed`` decides whether the answer is storable; the bytes given are what is stored."""
+    cache = ResponseCache(DiskStore(tmp_path / "c"))
+    raw = orjson.dumps(answer("a"))
+    assert await cache.store_response(keys_for("q"), raw, parsed=orjson.loads(raw))
+    hit = await cache.lookup(keys_for("q"))
+    assert hit is not None and hit.response == raw
+    unfinished = orjson.loads(raw)
+    unfinished["choices"][0]["finish_reason"] = None
+    assert not cache.store_in_background(keys_for("r"), raw, parsed=unfinished).result()
+    assert (await cache.stats()).stores == {"stored": 1, "rejected": 1, "failed": 0, "bypass": 0}
+    await cache.aclose()
