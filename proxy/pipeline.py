@@ -1201,7 +1201,7 @@ class _Store:
         if self.flight is not None:
             self.flight.publish(payload)
 
-    def complete(self, status: int, body: bytes) -> None:
+    def complete(self, status: int, body: bytes, parsed: Mapping[str, Any] | None = None) -> None:
         if self.flight is not None:
             self.flight.finish(body)
         if self.shadow is not None and status == 200:
@@ -1222,6 +1222,7 @@ class _Store:
                 compute_seconds=self.exchange.upstream_s,
                 mode=self.plan.mode,
                 ttl=self.plan.ttl_s,
+                parsed=parsed,
             )
             embedder = self.services.embedder
             if self.exchange.embedding_shed and embedder is not None and self.plan.semantic:
@@ -1250,7 +1251,7 @@ def _relay_body(upstream: Upstream, exchange: Exchange, store: _Store) -> web.Re
         if rename is not None:
             body = body.replace(*rename, 1)
         _take_usage(exchange, upstream.answer)  # (parsed once, when the caller checked it)
-        store.complete(upstream.status, body)
+        store.complete(upstream.status, body, upstream.answer)
     else:
         body = openai_error_body(body, upstream.status)
     return web.Response(

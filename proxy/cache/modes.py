@@ -68,4 +68,6 @@ def request_mode(
     requests (temperature > 0 without a seed) unless the tier allows caching them."""
     if not is_cacheable_request(body, allow_sampled=allow_sampled):
         return CacheMode.OFF
+    if not cache_control:
+        return tier_mode  # (narrowed by ON: itself; most requests send no such header)
     return tier_mode.with_cache_control(cache_control)

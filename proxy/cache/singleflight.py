@@ -47,13 +47,20 @@ class _Flight(Generic[C, R]):
         self.error: BaseException | None = None
         self.streaming = False
         self.waiters = 0
-        self._changed = asyncio.get_running_loop().create_future()
+        # Made when a follower first waits: most flights have none, and their leader's two
+        # futures (one made here, one per notify) were for nobody.
+        self._changed: asyncio.Future[None] | None = None
 
     def notify(self) -> None:
-        self._changed.set_result(None)
-        self._changed = asyncio.get_running_loop().create_future()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set_result(None)
 
     async def changed(self) -> None:
+        # (a waiter checks the flight and calls this without a suspension between: no notify
+        # can come before the future it waits on is made)
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
         # shield: a cancelled waiter must not cancel the future everyone else waits on
         await asyncio.shield(self._changed)
 

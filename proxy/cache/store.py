@@ -427,6 +427,10 @@ class DiskStore:
             log.warning("cache.disk.writer_start_failed", exc_info=True)
 
     async def put(self, entry: CacheEntry) -> None:
+        self.put_nowait(entry)
+
+    def put_nowait(self, entry: CacheEntry) -> None:
+        """``put`` without a coroutine: it only queues (the event loop must be running)."""
         if len(self._queue) >= self._max_pending:
             # Dropped rather than waited for: a waiting put per answer would pile up without
             # bound (they run in background tasks), and a cache may skip a write.
@@ -437,7 +441,8 @@ class DiskStore:
             self._put_since.add(key)
         # an older copy in memory must not be served once this put is written (or outlive it
         # if its write fails: the disk then holds whatever it held)
-        self._forget_recent((key,))
+        if key in self._recent:
+            self._forget_recent((key,))
         queued = (entry, time.time() + entry.meta.ttl)
         self._pending[key] = queued
         self._queue.append(queued)

@@ -121,3 +121,19 @@ def test_xfetch_probability_rises_towards_expiry() -> None:
     assert far == 0.0
     assert 0.0 < near < nearer < 1.0
     assert not refresh_early(meta, 1099.9, beta=0.0, uniform=1e-9)
+
+
+@given(metas)
+def test_the_header_holds_every_field_in_order(meta: EntryMeta) -> None:
+    """encode_entry writes the fields out by name: a field added to EntryMeta must be added
+    there too (and the header's bytes stay those of a dict of every field, in order)."""
+    import dataclasses
+
+    import orjson
+
+    from proxy.cache.entry import _header
+
+    names = [f.name for f in dataclasses.fields(EntryMeta)]
+    assert list(_header(meta)) == names
+    expected = orjson.dumps({name: getattr(meta, name) for name in names})
+    assert expected in encode_entry(CacheEntry(meta, b"{}"))

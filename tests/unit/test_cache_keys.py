@@ -401,3 +401,52 @@ def test_huge_numbers_do_not_break_the_key() -> None:
     huge_int = chat_keys({**BASE, "seed": 2**70})
     assert huge_float.exact != huge_int.exact != chat_keys(BASE).exact
     assert chat_keys({**BASE, "seed": 2**70}) == huge_int
+
+
+def test_key_bytes_are_pinned() -> None:
+    """Keys already stored (on disk, in Redis) must still be found: these digests were made by
+    the key code as it stood when entries were first written; a change to how a key is hashed
+    (or to what goes into it) fails here first."""
+    assert digest([]) == "df3f619804a92fdb4057192dc43dd748ea778adc52bc498ce80524c014b81119"
+    assert digest([b"a", b""]) == "cd49e20aaef0191f3e2382961457ec742cea16987a60dd3182cbdeb96316641b"
+    body = {
+        "model": "auto",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is 2+2? é"},
+        ],
+        "temperature": 0,
+        "max_tokens": 64.0,
+        "user": "u1",
+        "tools": [{"x": 1.0}],
+    }
+    partition = Partition(Scope.USER, ("acme", "u1"))
+    chat = make_keys(Endpoint.CHAT, body, engine="large", version="v1", partition=partition)
+    assert partition.id == '["user","acme","u1"]'
+    assert chat.exact == "27e8ef2119b3370f5bfcd54111ac9207b32c2f498d0565de46a149b05f8f8008"
+    assert chat.context == "4ea4de19cbe086d60fac46af24161012933cc8cd0a31a31558e1aa7106518f53"
+    prompt = {"prompt": "Once upon", "temperature": 0, "seed": 3}
+    completion = make_keys(
+        Endpoint.COMPLETIONS,
+        prompt,
+        engine="small",
+        version="bench-small-1",
+        partition=Partition(Scope.GLOBAL),
+    )
+    assert completion.exact == "19aab916f7be93f27faf46f327952307b60aa652418513a96eae1a768f195415"
+    assert completion.context == "a74d7698a3a25c1ba265e9a380f7a550320fae61ebe648363c6a0d45e49d0002"
+
+
+def test_partitions_are_made_once_per_tier_and_tenant_not_per_user() -> None:
+    args = {"tier": "free", "tenant": "acme", "user": "u1"}
+    for scope in (Scope.GLOBAL, Scope.TIER, Scope.TENANT):
+        first = Partition.for_request(scope, **args)
+        assert Partition.for_request(scope, **args) is first
+    assert Partition.for_request(Scope.TENANT, **{**args, "tenant": "other"}).owner == ("other",)
+    assert Partition.for_request(Scope.TIER, **{**args, "tier": "paid"}).owner == ("paid",)
+    assert Partition.for_request(Scope.GLOBAL, **{**args, "tier": "paid"}) == Partition(
+        Scope.GLOBAL
+    )
+    one = Partition.for_request(Scope.USER, **args)
+    other = Partition.for_request(Scope.USER, **{**args, "user": "u2"})
+    assert one.owner == ("acme", "u1") and other.owner == ("acme", "u2")

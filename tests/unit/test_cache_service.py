@@ -1103,3 +1103,64 @@ async def test_late_embeddings_are_bounded(cache: ResponseCache) -> None:
     await cache.drain()
     assert await cache.store.count() == LATE_EMBEDDINGS + 3  # every answer stored exactly
     assert cache.late_embeddings_dropped == 3
+
+
+async def test_the_disk_stores_inline_paths_count_as_the_awaited_ones(tmp_path: Path) -> None:
+    """A lookup and a background store call the disk store's get and put inline (no coroutine,
+    no task): their outcomes and failures are counted as through ``_guarded`` and
+    ``store_response``."""
+    recorder = Recorder()
+    store = DiskStore(tmp_path / "c", max_pending=1)
+    cache = ResponseCache(store, observer=recorder)
+    stored = cache.store_in_background(keys_for("q"), orjson.dumps(answer("a")))
+    assert stored.done() and stored.result() is True  # at once: the put only queues
+    hit = await cache.lookup(keys_for("q"))
+    assert hit is not None and hit.kind == "exact"
+    # the queue is full: StoreBusy, a failed store and no backend error
+    busy = cache.store_in_background(keys_for("r"), answer("b"))
+    assert busy.result() is False
+    assert recorder.stores == ["stored", "failed"] and cache._backend_errors == 0
+    rejected = cache.store_in_background(keys_for("s"), answer("c", reason="abort"))
+    assert rejected.result() is False and recorder.stores[-1] == "rejected"
+
+    def broken(key: str) -> None:
+        raise OSError("disk gone")
+
+    store.get_sync = broken  # type: ignore[method-assign]
+    assert await cache.lookup(keys_for("q")) is None
+    assert recorder.errors == ["get"] and cache._backend_errors == 1
+    assert recorder.lookups == ["exact", "miss"]
+    await cache.aclose()
+
+
+async def test_a_disk_store_subclass_with_its_own_get_and_put_is_awaited(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    class Watched(DiskStore):
+        async def get(self, key: str) -> CacheEntry | None:
+            calls.append("get")
+            return await super().get(key)
+
+        async def put(self, entry: CacheEntry) -> None:
+            calls.append("put")
+            await super().put(entry)
+
+    cache = ResponseCache(Watched(tmp_path / "c"))
+    assert await cache.store_in_background(keys_for("q"), answer("a"))
+    assert await cache.lookup(keys_for("q")) is not None
+    assert calls == ["put", "get"]
+    await cache.aclose()
+
+
+async def test_an_answer_parsed_by_the_caller_is_not_parsed_again(tmp_path: Path) -> None:
+    """``parsed`` decides whether the answer is storable; the bytes given are what is stored."""
+    cache = ResponseCache(DiskStore(tmp_path / "c"))
+    raw = orjson.dumps(answer("a"))
+    assert await cache.store_response(keys_for("q"), raw, parsed=orjson.loads(raw))
+    hit = await cache.lookup(keys_for("q"))
+    assert hit is not None and hit.response == raw
+    unfinished = orjson.loads(raw)
+    unfinished["choices"][0]["finish_reason"] = None
+    assert not cache.store_in_background(keys_for("r"), raw, parsed=unfinished).result()
+    assert (await cache.stats()).stores == {"stored": 1, "rejected": 1, "failed": 0, "bypass": 0}
+    await cache.aclose()

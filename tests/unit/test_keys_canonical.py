@@ -69,3 +69,55 @@ def test_canonical_field_folds_only_a_top_level_integral_float(value: Any) -> No
         assert folded == value and type(folded) is int
         return
     assert folded == reference(value)
+
+
+class _Tag(str):
+    """A str subclass (orjson would write it as a str): the fast path must leave it to
+    canonical()."""
+
+
+bodies = st.dictionaries(
+    st.sampled_from(["messages", "temperature", "max_tokens", "tools", "user", "echo", "x"]),
+    values,
+    max_size=5,
+)
+chat_messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "system", "assistant"]),
+            "content": st.text(max_size=6)
+            | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text()}))
+            | st.tuples(st.fixed_dictionaries({"type": st.just("text"), "text": st.text()})),
+        }
+    ),
+    max_size=3,
+).flatmap(lambda m: st.sampled_from([m, tuple(m)]))
+odd = st.sampled_from([_Tag("a"), {1: "x"}, {"k": {2: 3}}, 2**70, float("nan"), (1, 2.0)])
+
+
+def reference_material(endpoint: Any, body: Mapping[str, Any]) -> Any:
+    """key_material as it was before its fast path: every field through canonical()."""
+    from proxy.cache.keys import KeyMaterial, keyed_fields, split_query
+
+    fields = keyed_fields(body)
+    split = split_query(endpoint, fields)
+    if split is None:
+        return KeyMaterial(endpoint, canonical_json(fields), None, None)
+    blanked, query = split
+    return KeyMaterial(endpoint, canonical_json(fields), canonical_json(blanked), query)
+
+
+@settings(max_examples=400, deadline=None)
+@given(bodies, chat_messages, st.none() | odd, st.sampled_from(["chat", "completions"]))
+def test_key_material_fast_path_gives_the_canonical_bytes(
+    body: dict[str, Any], messages: Any, extra: Any, kind: str
+) -> None:
+    from proxy.cache.keys import Endpoint, key_material
+
+    endpoint = Endpoint(kind)
+    body = {**body, "messages": messages, "prompt": "p" if kind == "completions" else 3}
+    if extra is not None:
+        body["extra"] = extra
+    assert key_material(endpoint, body) == reference_material(endpoint, body)
+    exact_only = key_material(endpoint, body, semantic=False)
+    assert exact_only.fields_json == reference_material(endpoint, body).fields_json
