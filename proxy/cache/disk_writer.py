@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Final, Protocol
 
 import diskcache
 
@@ -50,6 +50,14 @@ BATCH = struct.Struct("<II")
 _ITEM = struct.Struct("<IId")
 ACK = struct.Struct("<Ii")
 OK, FAILED = 0, 1
+
+# SQLite's WAL is written back into the database (a checkpoint, with its fsync) once it holds
+# this many pages, not SQLite's default 1,000: every answer is a new row, and a checkpoint
+# writes each page once however many rows changed it since the last, so fewer checkpoints write
+# far fewer pages (the writer's CPU an entry, batches of 25 in a store of 30,000: 26.5 -> 20.5
+# µs). The WAL file grows to ~40 MB; commits stay as durable as before. A diskcache setting, so
+# every connection to the store, the proxy's own included, uses it.
+DISKCACHE_SETTINGS: Final = {"sqlite_wal_autocheckpoint": 10_000}
 
 
 class BatchWriter(Protocol):
@@ -301,7 +309,9 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
 def serve(directory: Path, size_limit: int, source: BinaryIO, sink: BinaryIO) -> int:
     """The writer process: commit each batch read from ``source``, acknowledge it on ``sink``;
     return at the end of input (the proxy closed the pipe, or died)."""
-    cache = diskcache.Cache(str(directory), size_limit=size_limit, cull_limit=0)
+    cache = diskcache.Cache(
+        str(directory), size_limit=size_limit, cull_limit=0, **DISKCACHE_SETTINGS
+    )
     failing = 0  # batches failed in a row: a full disk is logged when it fills and empties
     try:
         while (head := _read_exactly(source, BATCH.size)) is not None:

@@ -23,6 +23,7 @@ so a semantic hit between them is only a question of whether the two texts ask t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,12 +182,7 @@ class Partition:
             # One per tier or tenant, made once (a partition is immutable): every request
             # asks for its own.
             owner = tenant if scope == Scope.TENANT else tier if scope == Scope.TIER else ""
-            made = _PARTITIONS.get((scope, owner))
-            if made is None:
-                if len(_PARTITIONS) >= _PARTITIONS_KEPT:
-                    _PARTITIONS.clear()
-                made = _PARTITIONS[scope, owner] = cls._for(scope, tier, tenant, user)
-            return made
+            return _shared_partition(scope, owner)
         return cls._for(scope, tier, tenant, user)
 
     @classmethod
@@ -202,10 +198,11 @@ class Partition:
                 return cls(scope, (tenant, user or ""))
 
 
-# Partitions of the global, tier and tenant scopes by (scope, tier or tenant): as many as the
-# configuration names, kept up to a bound all the same.
-_PARTITIONS: dict[tuple[Scope, str], Partition] = {}
-_PARTITIONS_KEPT: Final = 4096
+@functools.lru_cache(maxsize=4096)
+def _shared_partition(scope: Scope, owner: str) -> Partition:
+    """The partition of a global, tier or tenant scope (``owner``: the tier or tenant named),
+    made once: as many as the configuration names, kept up to a bound all the same."""
+    return Partition._for(scope, owner, owner, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,25 +309,12 @@ _EXACT_PREFIX: Final = _KEY_PARTS.to_bytes(4, "big") + _framed([KEY_FORMAT_VERSI
 _CONTEXT_PREFIX: Final = _KEY_PARTS.to_bytes(4, "big") + _framed([KEY_FORMAT_VERSION, b"context"])
 
 
-def _head(endpoint: Endpoint, engine: str, version: str, partition: Partition) -> list[bytes]:
-    """The parts every key of one request for one engine version shares."""
-    return [endpoint.value.encode(), engine.encode(), version.encode(), partition.id.encode()]
-
-
-# Framed heads by (endpoint, engine, version, partition id): every request of a partition to an
-# engine version shares one. Kept up to a bound (the user scope has a partition per user).
-_HEADS: dict[tuple[Endpoint, str, str, str], bytes] = {}
-_HEADS_KEPT: Final = 4096
-
-
-def _framed_head(endpoint: Endpoint, engine: str, version: str, partition: Partition) -> bytes:
-    memo = (endpoint, engine, version, partition.id)
-    head = _HEADS.get(memo)
-    if head is None:
-        if len(_HEADS) >= _HEADS_KEPT:
-            _HEADS.clear()
-        head = _HEADS[memo] = _framed(_head(endpoint, engine, version, partition))
-    return head
+@functools.lru_cache(maxsize=4096)
+def _framed_head(endpoint: Endpoint, engine: str, version: str, partition_id: str) -> bytes:
+    """The head parts framed: every request of a partition to an engine version shares them
+    (kept up to a bound: the user scope has a partition per user)."""
+    parts = [endpoint.value.encode(), engine.encode(), version.encode(), partition_id.encode()]
+    return _framed(parts)
 
 
 def _key(prefix: bytes, head: bytes, body: bytes) -> str:
@@ -441,7 +425,7 @@ def keys_from_material(
     material: KeyMaterial, *, engine: str, version: str, partition: Partition
 ) -> CacheKeys:
     endpoint = material.endpoint
-    head = _framed_head(endpoint, engine, version, partition)  # (shared by both keys)
+    head = _framed_head(endpoint, engine, version, partition.id)  # (shared by both keys)
     exact = _key(_EXACT_PREFIX, head, material.fields_json)
     context: str | None = None
     if material.context_json is not None:

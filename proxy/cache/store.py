@@ -51,7 +51,7 @@ from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import diskcache
 
-from proxy.cache.disk_writer import BatchWriter, ProcessWriter, ThreadWriter
+from proxy.cache.disk_writer import DISKCACHE_SETTINGS, BatchWriter, ProcessWriter, ThreadWriter
 from proxy.cache.entry import (
     CacheEntry,
     EntryDecodeError,
@@ -214,7 +214,9 @@ def _is_corrupt(error: sqlite3.DatabaseError) -> bool:
 def _read_cache(directory: Path, size_limit: int) -> tuple[diskcache.Cache, list[str]]:
     # No culling inside each set (an expired-entry query per write): the writer culls once
     # per batch instead, so the size limit may be exceeded by one batch for a moment.
-    cache = diskcache.Cache(str(directory), size_limit=size_limit, cull_limit=0)
+    cache = diskcache.Cache(
+        str(directory), size_limit=size_limit, cull_limit=0, **DISKCACHE_SETTINGS
+    )
     try:
         # every key (the membership filter's), which also reads the whole key index: most
         # damage shows here rather than on the first request
