@@ -16,6 +16,7 @@ import yaml
 from proxy.observability.access import AccessLog
 from proxy.observability.metrics import iter_samples
 from proxy.policy.keys import hash_key
+from proxy.policy.limits import LocalCounters
 from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config, wait_until
 
 FREE_KEY = "sk-frugal-free-0001"
@@ -563,14 +564,16 @@ async def test_a_stream_the_client_leaves_is_charged_for_its_prompt_too(
     buffer = io.BytesIO()
     services.access_log = AccessLog(json=True, stream=buffer)
     tpm: list[float] = []  # every tokens/minute charge: the estimate at admission, then the rest
-    rate = services.limiter.backend.rate
+    backend = services.limiter.backend
+    assert isinstance(backend, LocalCounters)
+    rate = backend.rate_now  # (what the limiter calls on these counters, and ``rate`` calls)
 
-    async def counted_rate(key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
+    def counted_rate(key: str, cost: float, per_minute: int, *, debt: bool = False) -> float:
         if key.endswith(":tpm"):
             tpm.append(cost)
-        return await rate(key, cost, per_minute, debt=debt)
+        return rate(key, cost, per_minute, debt=debt)
 
-    services.limiter.backend.rate = counted_rate  # type: ignore[method-assign]
+    backend.rate_now = counted_rate  # type: ignore[method-assign]
     principal = services.policies.current.authenticate(FREE_KEY)
     prompt = "the quick brown fox jumps over the lazy dog " * 40  # 1,760 bytes
     body = {**chat(stream=True, max_tokens=64), "messages": [{"role": "user", "content": prompt}]}
