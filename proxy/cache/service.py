@@ -694,7 +694,8 @@ class ResponseCache:
         store = self._disk
         if store is not None and store is self.store:
             done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-            done.set_result(self._store_now(store, keys, response, **kwargs))
+            entry = self._storable(keys, response, **kwargs)
+            done.set_result(entry is not None and self._put_now(store, entry))
             return done
         task: asyncio.Task[bool] = self._spawn(self.store_response(keys, response, **kwargs))
         return task
@@ -774,8 +775,9 @@ class ResponseCache:
         has, to count tokens), so they are not parsed again to see whether they are storable;
         what is stored is ``response`` itself."""
         entry = self._storable(
-            keys, response, status, embedding, compute_seconds, mode, ttl, parsed
-        )
+            keys, response, status=status, embedding=embedding, compute_seconds=compute_seconds,
+            mode=mode, ttl=ttl, parsed=parsed,
+        )  # fmt: skip
         if entry is None:
             return False
         try:
@@ -784,25 +786,9 @@ class ResponseCache:
             return self._put_failed(exc)
         return self._stored(entry)
 
-    def _store_now(
-        self,
-        store: DiskStore,
-        keys: CacheKeys,
-        response: bytes | Mapping[str, Any],
-        *,
-        status: int = 200,
-        embedding: np.ndarray | None = None,
-        compute_seconds: float = 0.0,
-        mode: CacheMode = CacheMode.ON,
-        ttl: float | None = None,
-        parsed: Mapping[str, Any] | None = None,
-    ) -> bool:
-        """``store_response`` into a store whose put only queues (same outcomes, same counts)."""
-        entry = self._storable(
-            keys, response, status, embedding, compute_seconds, mode, ttl, parsed
-        )
-        if entry is None:
-            return False
+    def _put_now(self, store: DiskStore, entry: CacheEntry) -> bool:
+        """``store_response``'s put into a store whose put only queues (same outcomes, same
+        counts)."""
         try:
             store.put_nowait(entry)
         except Exception as exc:
@@ -813,11 +799,12 @@ class ResponseCache:
         self,
         keys: CacheKeys,
         response: bytes | Mapping[str, Any],
-        status: int,
-        embedding: np.ndarray | None,
-        compute_seconds: float,
-        mode: CacheMode,
-        ttl: float | None,
+        *,
+        status: int = 200,
+        embedding: np.ndarray | None = None,
+        compute_seconds: float = 0.0,
+        mode: CacheMode = CacheMode.ON,
+        ttl: float | None = None,
         parsed: Mapping[str, Any] | None = None,
     ) -> CacheEntry | None:
         """The entry to put, or None (counted: bypass or rejected)."""
