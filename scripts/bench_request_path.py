@@ -1,14 +1,16 @@
 """CPU per request of Frugal's own request path, in process, with no sockets.
 
-    .venv/bin/python scripts/bench_request_path.py                 # both configurations
+    .venv/bin/python scripts/bench_request_path.py                 # frugal and full
     .venv/bin/python scripts/bench_request_path.py --config full --requests 4000 --chunks 9
+    .venv/bin/python scripts/bench_request_path.py --config cache  # or routing, policy: one feature
     .venv/bin/python scripts/bench_request_path.py --compare /path/to/other/checkout
 
-The app is built from scripts/bench_overhead.py's ``frugal`` and ``frugal-full`` configurations
-(same engines, cache, routing and policy) with a stub transport that answers at once, so what is
-timed is the handler from the parsed request to the finished response, plus the work deferred
-to the next turn of the loop (metrics, access line): everything Frugal adds over the thin relay
-except aiohttp's own HTTP server and client. The access line goes to /dev/null.
+The app is built from scripts/bench_overhead.py's configurations (``frugal``, ``frugal-cache``,
+``frugal-routing``, ``frugal-policy``, ``frugal-full``: same engines, cache, routing and policy)
+with a stub transport that answers at once, so what is timed is the handler from the parsed
+request to the finished response, plus the work deferred to the next turn of the loop (metrics,
+access line): everything Frugal adds over the thin relay except aiohttp's own HTTP server and
+client. The access line goes to /dev/null.
 
 Figures are process CPU time per request, the minimum over ``--chunks`` chunks (the minimum is the
 least disturbed by other jobs on a shared machine). ``--compare DIR`` runs the same measurement
