@@ -1114,9 +1114,9 @@ async def _call_beside(
             upstream.finish(ok=True, aborted=True)
         raise
     if hit is not None:
-        if upstream is not None or cancelled_for_hit:
-            if upstream is not None:
-                upstream.finish(ok=True, aborted=True)
+        if upstream is not None:
+            upstream.finish(ok=True, aborted=True)
+        if upstream is not None or cancelled_for_hit:  # (an engine request was under way)
             services.metrics.engine_request_cancelled(engine=engine.name, reason="cache_hit")
         return hit, embedding
     if failed is not None:

@@ -178,31 +178,23 @@ class Partition:
         User ids are only unique within a tenant, so the user partition names both. A request
         without a ``user`` field under the user scope gets the tenant's user-less partition.
         """
-        if scope != Scope.USER and cls is Partition:
-            # One per tier or tenant, made once (a partition is immutable): every request
-            # asks for its own.
-            owner = tenant if scope == Scope.TENANT else tier if scope == Scope.TIER else ""
-            return _shared_partition(scope, owner)
-        return cls._for(scope, tier, tenant, user)
-
-    @classmethod
-    def _for(cls, scope: Scope, tier: str, tenant: str, user: str | None) -> Partition:
         match scope:
             case Scope.GLOBAL:
-                return cls(scope)
+                return _shared_partition(scope, ())
             case Scope.TIER:
-                return cls(scope, (tier,))
+                return _shared_partition(scope, (tier,))
             case Scope.TENANT:
-                return cls(scope, (tenant,))
+                return _shared_partition(scope, (tenant,))
             case Scope.USER:
                 return cls(scope, (tenant, user or ""))
 
 
 @functools.lru_cache(maxsize=4096)
-def _shared_partition(scope: Scope, owner: str) -> Partition:
-    """The partition of a global, tier or tenant scope (``owner``: the tier or tenant named),
-    made once: as many as the configuration names, kept up to a bound all the same."""
-    return Partition._for(scope, owner, owner, None)
+def _shared_partition(scope: Scope, owner: tuple[str, ...]) -> Partition:
+    """A global, tier or tenant partition, made once (a partition is immutable, and every
+    request asks for its own): as many as the configuration names, kept up to a bound all the
+    same. (Not a user's: there is one per user.)"""
+    return Partition(scope, owner)
 
 
 @dataclass(frozen=True, slots=True)

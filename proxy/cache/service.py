@@ -346,7 +346,7 @@ class ResponseCache:
         self.store = store
         # The disk store as it is (not a subclass with its own get or put): its get reads
         # inline and its put only queues, so a lookup and a store call them directly (see
-        # ``_get``, ``store_in_background``).
+        # ``_get_now``, ``store_in_background``).
         self._disk: DiskStore | None = (
             store
             if isinstance(store, DiskStore)
@@ -500,9 +500,8 @@ class ResponseCache:
             now = self._clock()
             entry: CacheEntry | None = None
             if exact:
-                disk = self._disk
-                if disk is not None and disk is self.store:
-                    entry = self._get_now(disk, keys.exact)
+                if self._disk is not None:
+                    entry = self._get_now(self._disk, keys.exact)
                 else:
                     entry = await self._guarded("get", self.store.get(keys.exact))
             if (
@@ -692,7 +691,7 @@ class ResponseCache:
         done at once, without a task per answer (~4 µs of CPU a miss), and the future returned
         is already done."""
         store = self._disk
-        if store is not None and store is self.store:
+        if store is not None:
             done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             entry = self._storable(keys, response, **kwargs)
             done.set_result(entry is not None and self._put_now(store, entry))

@@ -648,6 +648,12 @@ class Limiter:
         if per_minute is not None and tokens != 0:
             await self.backend.rate(self._tenant_keys(principal)[1], tokens, per_minute, debt=True)
 
+    def _charge_tokens_now(self, local: LocalCounters, principal: Principal, tokens: int) -> None:
+        """:meth:`charge_tokens` on the in-process counters, which need no await."""
+        per_minute = principal.policy.limits.tokens_per_minute
+        if per_minute is not None and tokens != 0:
+            local.rate_now(self._tenant_keys(principal)[1], tokens, per_minute, debt=True)
+
     async def _take_lease(self, principal: Principal) -> tuple[str, str] | None:
         """One of the tenant's concurrent slots: (key, lease id), or None when the tier sets no
         limit; 429 when all are taken."""
@@ -818,15 +824,12 @@ class _Admission(AbstractAsyncContextManager[Ticket]):
         limiter, ticket = self._limiter, self._ticket
         try:
             if ticket is not None and ticket.extra_tokens != 0:
-                local, principal = limiter._local, self._principal
-                per_minute = principal.policy.limits.tokens_per_minute
-                if local is not None:
-                    if per_minute is not None:
-                        tpm_key = limiter._tenant_keys(principal)[1]
-                        local.rate_now(tpm_key, ticket.extra_tokens, per_minute, debt=True)
+                if limiter._local is not None:
+                    limiter._charge_tokens_now(limiter._local, self._principal, ticket.extra_tokens)
                 else:
                     await limiter._release(
-                        limiter.charge_tokens(principal, ticket.extra_tokens), "charge tokens"
+                        limiter.charge_tokens(self._principal, ticket.extra_tokens),
+                        "charge tokens",
                     )
         finally:
             await limiter._give_back(self._lease)
