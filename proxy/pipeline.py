@@ -740,17 +740,16 @@ def _cache_plan(
     policy = principal.policy.cache
     if cache is None:
         return CachePlan(CacheMode.OFF)
-    tier_mode = CacheMode.from_flags(read=policy.reads, write=policy.writes)
     header = request.headers.get("Cache-Control")
     if header and not policy.allow_no_cache:
         header = None  # this tier may not skip the cache; the header is ignored, not an error
     mode = request_mode(
-        tier_mode,
+        policy.tier_mode,
         cache_control=header,
         body=req.body,
         allow_sampled=policy.cache_sampled,
     )
-    scope = Scope(policy.scope)
+    scope = policy.scope_kind
     return CachePlan(
         mode,
         semantic=policy.semantic and services.settings.cache.semantic,
@@ -1208,27 +1207,38 @@ class _Store:
             self.shadow(body)
         if self.answered is not None and status == 200:
             self.answered(body)
-        cache, keys = self.services.cache, self.plan.keys
+        cache, plan = self.services.cache, self.plan
+        keys = plan.keys
         if (
-            cache is not None
-            and keys is not None
-            and self.plan.mode.write
-            and status == 200
+            cache is None
+            or keys is None
+            or status != 200
+            or not plan.mode.write
             # A promote or rollback while this answer was on its way retired its version.
-            and self.services.rollouts.serves(keys.engine, keys.version)
+            or not self.services.rollouts.serves(keys.engine, keys.version)
         ):
-            fields: dict[str, Any] = dict(
-                status=status,
+            return
+        embedder = self.services.embedder
+        if self.exchange.embedding_shed and embedder is not None and plan.semantic:
+            cache.store_when_embedded(
+                keys,
+                body,
+                embedder.embed_background,
                 compute_seconds=self.exchange.upstream_s,
-                mode=self.plan.mode,
-                ttl=self.plan.ttl_s,
+                mode=plan.mode,
+                ttl=plan.ttl_s,
                 parsed=parsed,
             )
-            embedder = self.services.embedder
-            if self.exchange.embedding_shed and embedder is not None and self.plan.semantic:
-                cache.store_when_embedded(keys, body, embedder.embed_background, **fields)
-            else:
-                cache.store_in_background(keys, body, embedding=self.embedding, **fields)
+        else:
+            cache.store_soon(
+                keys,
+                body,
+                embedding=self.embedding,
+                compute_seconds=self.exchange.upstream_s,
+                mode=plan.mode,
+                ttl=plan.ttl_s,
+                parsed=parsed,
+            )
 
 
 def _public_model(engine: Engine) -> tuple[bytes, bytes] | None:

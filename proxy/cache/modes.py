@@ -20,13 +20,9 @@ class CacheMode(StrEnum):
     READ_ONLY = "read-only"
     WRITE_ONLY = "write-only"
 
-    @property
-    def read(self) -> bool:
-        return self in (CacheMode.ON, CacheMode.READ_ONLY)
-
-    @property
-    def write(self) -> bool:
-        return self in (CacheMode.ON, CacheMode.WRITE_ONLY)
+    # Plain attributes, set once below: a request asks them several times.
+    read: bool
+    write: bool
 
     @classmethod
     def from_flags(cls, *, read: bool, write: bool) -> CacheMode:
@@ -45,6 +41,12 @@ class CacheMode(StrEnum):
     def with_cache_control(self, header: str | None) -> CacheMode:
         """This mode narrowed by a request's ``Cache-Control`` header."""
         return self.narrow(mode_from_cache_control(header))
+
+
+for _mode in CacheMode:
+    _mode.read = _mode in (CacheMode.ON, CacheMode.READ_ONLY)
+    _mode.write = _mode in (CacheMode.ON, CacheMode.WRITE_ONLY)
+del _mode
 
 
 def mode_from_cache_control(header: str | None) -> CacheMode:

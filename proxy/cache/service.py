@@ -699,6 +699,34 @@ class ResponseCache:
         task: asyncio.Task[bool] = self._spawn(self.store_response(keys, response, **kwargs))
         return task
 
+    def store_soon(
+        self,
+        keys: CacheKeys,
+        response: bytes,
+        *,
+        embedding: np.ndarray | None = None,
+        compute_seconds: float = 0.0,
+        mode: CacheMode = CacheMode.ON,
+        ttl: float | None = None,
+        parsed: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``store_in_background`` for a caller that does not wait for the outcome (every
+        miss's answer): into the disk store at once, without a future nobody reads."""
+        store = self._disk
+        if store is None:
+            stored = self.store_response(
+                keys, response, embedding=embedding, compute_seconds=compute_seconds, mode=mode,
+                ttl=ttl, parsed=parsed,
+            )  # fmt: skip
+            self._spawn(stored)
+            return
+        entry = self._storable(
+            keys, response, embedding=embedding, compute_seconds=compute_seconds, mode=mode,
+            ttl=ttl, parsed=parsed,
+        )  # fmt: skip
+        if entry is not None:
+            self._put_now(store, entry)
+
     def store_when_embedded(
         self,
         keys: CacheKeys,

@@ -24,9 +24,13 @@ adds a per-customer ceiling inside it. ``None`` means unlimited everywhere.
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from proxy.cache.keys import Scope
+from proxy.cache.modes import CacheMode
 
 KEY_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -229,6 +233,15 @@ class Cache(StrictModel):
     @property
     def writes(self) -> bool:
         return self.mode in ("on", "write_only")
+
+    # The settings as the cache's own types, made once per policy (not per request).
+    @cached_property
+    def tier_mode(self) -> CacheMode:
+        return CacheMode.from_flags(read=self.reads, write=self.writes)
+
+    @cached_property
+    def scope_kind(self) -> Scope:
+        return Scope(self.scope)
 
 
 class Queue(StrictModel):

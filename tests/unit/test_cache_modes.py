@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.cache.keys import Scope
 from proxy.cache.modes import CacheMode, mode_from_cache_control, request_mode
+from proxy.policy.schema import Cache as CacheSettings
 
 
 @pytest.mark.parametrize(
@@ -62,3 +64,13 @@ def test_request_mode_turns_sampled_requests_off_unless_allowed() -> None:
         request_mode(CacheMode.OFF, cache_control=None, body=greedy, allow_sampled=True)
         is CacheMode.OFF
     )
+
+
+@pytest.mark.parametrize("mode", ["on", "off", "read_only", "write_only"])
+@pytest.mark.parametrize("scope", ["global", "tier", "tenant", "user"])
+def test_tier_cache_settings_as_the_cache_types(mode: str, scope: str) -> None:
+    settings = CacheSettings.model_validate({"mode": mode, "scope": scope})
+    assert settings.tier_mode.read is settings.reads
+    assert settings.tier_mode.write is settings.writes
+    assert settings.scope_kind is Scope(scope)
+    assert settings.tier_mode is settings.tier_mode  # made once per policy
