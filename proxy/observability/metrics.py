@@ -33,6 +33,7 @@ from proxy.observability.families import (
     CounterChild,
     CounterFamily,
     FamiliesCollector,
+    GaugeFamily,
     HistogramChild,
     HistogramFamily,
 )
@@ -163,11 +164,10 @@ class Metrics:
             "USD saved against sending every request to the strongest engine, by source.",
             ["tier", "source"],
         )
-        self.in_flight_gauge = Gauge(
+        self.in_flight_gauge = GaugeFamily(
             "frugal_requests_in_flight",
             "Requests the proxy is handling right now.",
             ["tier"],
-            registry=reg,
         )
 
         # Cache.
@@ -346,6 +346,7 @@ class Metrics:
                     self.tokens_out,
                     self.cost,
                     self.saved,
+                    self.in_flight_gauge,
                     self.cache_lookups,
                     self.cache_hits,
                     self.cache_similarity,
@@ -371,7 +372,6 @@ class Metrics:
 
         # prometheus_client gauges: set rarely (health polls, queue changes); memoise children.
         self._request_series: dict[tuple[str, str, str, int, str, bool], _RequestSeries] = {}
-        self._in_flight = _Children(self.in_flight_gauge)
         self._queue_length = _Children(self.queue_length_gauge)
         self._budget_spent = _Children(self.budget_spent_gauge)
         self._budget_limit = _Children(self.budget_limit_gauge)
@@ -447,7 +447,7 @@ class Metrics:
 
     def in_flight(self, *, tier: str, delta: int) -> None:
         """Adjust the in-flight gauge: +1 when a request starts, -1 when it ends."""
-        self._in_flight.get(tier).inc(delta)
+        self.in_flight_gauge.labels(tier).inc(delta)
 
     def cache_lookup(
         self, *, kind: str, scope: str, hit: bool, similarity: float | None = None

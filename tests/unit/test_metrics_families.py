@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-from proxy.observability.families import CounterFamily, FamiliesCollector, HistogramFamily
+from proxy.observability.families import (
+    CounterFamily,
+    FamiliesCollector,
+    GaugeFamily,
+    HistogramFamily,
+)
 
 bucket_sets = st.lists(
     st.floats(0.0001, 1000, allow_nan=False), min_size=1, max_size=12, unique=True
@@ -54,6 +59,26 @@ def test_counter_matches_prometheus_client(increments: list[tuple[str, float]]) 
         family.labels(label).inc(amount)
         native.labels(label).inc(amount)
     assert samples(ours) == pytest.approx(samples(reference))
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]), st.sampled_from(["inc", "set"]), st.integers(-50, 50)
+        ),
+        max_size=50,
+    )
+)
+def test_gauge_matches_prometheus_client(moves: list[tuple[str, str, int]]) -> None:
+    ours, reference = CollectorRegistry(), CollectorRegistry()
+    family = GaugeFamily("x_in_flight", "doc", ["k"])
+    ours.register(FamiliesCollector([family]))
+    native = Gauge("x_in_flight", "doc", ["k"], registry=reference)
+    for label, move, amount in moves:
+        getattr(family.labels(label), move)(amount)
+        getattr(native.labels(label), move)(amount)
+    assert samples(ours) == samples(reference)
+    assert generate_latest(ours) == generate_latest(reference)
 
 
 def test_exposition_text_has_types_and_cumulative_buckets() -> None:
