@@ -1432,7 +1432,8 @@ def _stream_ended(relay: _StreamRelay, assembler: StreamAssembler | None, store:
     """The engine's stream is over: a clean, complete answer is stored and given to the
     followers; anything else fails their flight."""
     if assembler is not None and relay.complete and assembler.complete:
-        store.complete(200, orjson.dumps(assembler.result()))
+        answer = assembler.result()
+        store.complete(200, orjson.dumps(answer), answer)  # (the bytes need no parsing back)
     elif store.flight is not None:
         store.flight.fail(_leader_failed(FrugalError("the engine's stream ended early")))
 
