@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -71,6 +72,9 @@ class HistogramChild:
         self.sum += value
 
 
+_N = TypeVar("_N", CounterChild, GaugeChild)
+
+
 class _Family:
     __slots__ = ("_children", "documentation", "labelnames", "name")
 
@@ -86,50 +90,45 @@ class _Family:
             )
 
 
-class CounterFamily(_Family):
+class _NumberFamily(_Family, Generic[_N]):
+    """A family whose series are one number each (a counter's or a gauge's)."""
+
+    __slots__ = ()
+    _series: Callable[[], _N]  # makes a series
+    _exposed: type[CounterMetricFamily | GaugeMetricFamily]  # what a scrape reads
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, documentation, labelnames)
+        self._children: dict[tuple[str, ...], _N] = {}
+
+    def labels(self, *labelvalues: str) -> _N:
+        child = self._children.get(labelvalues)
+        if child is None:
+            self._check(labelvalues)
+            child = self._children[labelvalues] = self._series()
+        return child
+
+    def to_metric(self) -> Metric:
+        family = self._exposed(self.name, self.documentation, labels=self.labelnames)
+        for labelvalues, child in self._children.items():
+            family.add_metric(labelvalues, child.value)
+        return family
+
+
+class CounterFamily(_NumberFamily[CounterChild]):
     """``frugal_x`` counter family; exposed as ``frugal_x_total``."""
 
     __slots__ = ()
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, documentation, labelnames)
-        self._children: dict[tuple[str, ...], CounterChild] = {}
-
-    def labels(self, *labelvalues: str) -> CounterChild:
-        child = self._children.get(labelvalues)
-        if child is None:
-            self._check(labelvalues)
-            child = self._children[labelvalues] = CounterChild()
-        return child
-
-    def to_metric(self) -> Metric:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for labelvalues, child in self._children.items():
-            family.add_metric(labelvalues, child.value)
-        return family
+    _series = CounterChild
+    _exposed = CounterMetricFamily
 
 
-class GaugeFamily(_Family):
+class GaugeFamily(_NumberFamily[GaugeChild]):
     """``frugal_x`` gauge family, for a gauge the request path moves (not one set by a poll)."""
 
     __slots__ = ()
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, documentation, labelnames)
-        self._children: dict[tuple[str, ...], GaugeChild] = {}
-
-    def labels(self, *labelvalues: str) -> GaugeChild:
-        child = self._children.get(labelvalues)
-        if child is None:
-            self._check(labelvalues)
-            child = self._children[labelvalues] = GaugeChild()
-        return child
-
-    def to_metric(self) -> Metric:
-        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for labelvalues, child in self._children.items():
-            family.add_metric(labelvalues, child.value)
-        return family
+    _series = GaugeChild
+    _exposed = GaugeMetricFamily
 
 
 class HistogramFamily(_Family):
