@@ -20,9 +20,10 @@ class CacheMode(StrEnum):
     READ_ONLY = "read-only"
     WRITE_ONLY = "write-only"
 
-    # Plain attributes, set once below: a request asks them several times.
-    read: bool
-    write: bool
+    def __init__(self, value: str) -> None:
+        # Plain attributes, set once per member: a request asks them several times.
+        self.read = value in ("on", "read-only")
+        self.write = value in ("on", "write-only")
 
     @classmethod
     def from_flags(cls, *, read: bool, write: bool) -> CacheMode:
@@ -41,12 +42,6 @@ class CacheMode(StrEnum):
     def with_cache_control(self, header: str | None) -> CacheMode:
         """This mode narrowed by a request's ``Cache-Control`` header."""
         return self.narrow(mode_from_cache_control(header))
-
-
-for _mode in CacheMode:
-    _mode.read = _mode in (CacheMode.ON, CacheMode.READ_ONLY)
-    _mode.write = _mode in (CacheMode.ON, CacheMode.WRITE_ONLY)
-del _mode
 
 
 def mode_from_cache_control(header: str | None) -> CacheMode:
