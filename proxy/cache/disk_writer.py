@@ -2,9 +2,18 @@
 
 ``DiskStore`` queues answers and hands them over in batches (write-behind, see store.py). A
 batch is one SQLite transaction (``write_batch``: one upsert for the entries stored inline, as
-diskcache's own ``set`` would store them, ``set`` for file-sized ones): ~20 µs per entry with
-SQLite's own work, and on a thread of the proxy the Python part competes with the event loop
-for the GIL. Under load the loop then waits for the writer at every hand-over (in
+diskcache's own ``set`` would store them, ``set`` for file-sized ones), and on a thread of the
+proxy its Python part competes with the event loop for the GIL.
+
+How entries sit in diskcache's table: each under an integer id, not under its cache key. The
+proxy numbers its puts (``DiskStore``), and a table of our own beside diskcache's,
+``Frugal_keys``, maps each id to its cache key. A cache key is a sha256 digest: as diskcache's
+key, every put landed on a random page of its key index, and SQLite's work per entry (~21 µs of
+CPU, batches of 12 in a store of 30,000) was what made the cache's one-connection p99: the
+writer's work on the other core slowed the engine's answers (docs/benchmarks.md). Ids that only
+grow append to the right edge of every index (~9 µs). The id table is kept in step by a trigger:
+whatever deletes a row (diskcache's eviction and expiry, a delete, an invalidation) deletes its
+id's key. Under load the loop then waits for the writer at every hand-over (in
 ``scripts/bench_cpu_ab.py --config frugal-full`` the writes cost the proxy ~60 µs of CPU per
 answer, four times their own cost, and the answers that meet a batch make the one-connection
 p99). ``ProcessWriter`` moves the writes into a child process that owns no other work: the proxy
@@ -19,7 +28,8 @@ a new process is started a little later: a proxy running for weeks does not keep
 thread's cost for one lost child.
 
 The pipe protocol (little-endian): a batch is ``<II`` (payload bytes, entries) and then per entry
-``<IId`` (key bytes, blob bytes, expiry as a Unix time) followed by the key (UTF-8) and the blob;
+``<IIdqq`` (key bytes, blob bytes, expiry as a Unix time, id, replaced id or 0) followed by the
+key (UTF-8) and the blob;
 the child answers ``<Ii`` (entries, status): status 0 committed, 1 failed (the child logged why
 on its stderr, which is the proxy's: the first of failures in a row, then that they ended).
 """
@@ -45,9 +55,13 @@ from proxy.cache.entry import CacheEntry, encode_entry
 
 log = logging.getLogger(__name__)
 
-Batch = list[tuple[CacheEntry, float]]  # (entry, expiry as a Unix time)
+# (entry, expiry as a Unix time, id, the id of the entry it replaces or 0)
+Queued = tuple[CacheEntry, float, int, int]
+Batch = list[Queued]
+# (id, cache key, encoded entry, expiry as a Unix time, replaced id or 0)
+Row = tuple[int, str, bytes, float, int]
 BATCH = struct.Struct("<II")
-_ITEM = struct.Struct("<IId")
+_ITEM = struct.Struct("<IIdqq")
 ACK = struct.Struct("<Ii")
 OK, FAILED = 0, 1
 
@@ -58,6 +72,46 @@ OK, FAILED = 0, 1
 # µs). The WAL file grows to ~40 MB; commits stay as durable as before. A diskcache setting, so
 # every connection to the store, the proxy's own included, uses it.
 DISKCACHE_SETTINGS: Final = {"sqlite_wal_autocheckpoint": 10_000}
+
+# The id -> cache key table, and the trigger that deletes an id's key with its row. Rows of
+# another format (a text key: this store before ids) are not ours to read: ``prepare`` drops them.
+_KEYS_TABLE = "CREATE TABLE IF NOT EXISTS Frugal_keys (id INTEGER PRIMARY KEY, key TEXT NOT NULL)"
+_KEYS_TRIGGER = (
+    "CREATE TRIGGER IF NOT EXISTS Frugal_keys_gone AFTER DELETE ON Cache FOR EACH ROW"
+    " BEGIN DELETE FROM Frugal_keys WHERE id = OLD.key; END"
+)
+_INSERT_KEY = "INSERT OR REPLACE INTO Frugal_keys (id, key) VALUES (?, ?)"
+_OLD_ROWS = "SELECT key FROM Cache WHERE typeof(key) != 'integer' OR raw != 1"
+# Cull (expired entries, then the oldest past the size limit) once a second or once this share
+# of the size limit has been written since the last, not after every batch (its queries cost
+# ~4 µs an entry): the limit may be passed by that much for a moment.
+CULL_EVERY_S: Final = 1.0
+CULL_SHARE: Final = 0.01
+
+
+def prepare(cache: diskcache.Cache) -> int:
+    """Make the id table and its trigger (idempotent), and drop rows not keyed by an id; returns
+    how many were dropped."""
+    cache._sql(_KEYS_TABLE)
+    cache._sql(_KEYS_TRIGGER)
+    old = [key for (key,) in cache._sql(_OLD_ROWS).fetchall()]
+    for key in old:
+        cache.delete(key, retry=True)
+    return len(old)
+
+
+def stored_ids(cache: diskcache.Cache) -> list[tuple[str, int]]:
+    """(cache key, id) of every entry stored, oldest first."""
+    return cache._sql("SELECT key, id FROM Frugal_keys ORDER BY id").fetchall()  # type: ignore[no-any-return]
+
+
+def last_id(cache: diskcache.Cache) -> int:
+    """The highest id stored (0 in an empty store)."""
+    ((top,),) = cache._sql(
+        "SELECT max(coalesce((SELECT max(id) FROM Frugal_keys), 0),"
+        " coalesce((SELECT max(key) FROM Cache WHERE typeof(key) = 'integer'), 0))"
+    ).fetchall()
+    return int(top)
 
 
 class BatchWriter(Protocol):
@@ -83,43 +137,64 @@ _UPSERT_INLINE = (
     " expire_time = excluded.expire_time, access_time = excluded.access_time, access_count = 0,"
     " tag = NULL, size = 0, mode = excluded.mode, filename = NULL, value = excluded.value"
 )
-_FILES_OF = "SELECT filename FROM Cache WHERE raw = 1 AND filename IS NOT NULL AND key IN ({})"
 
 
-def write_batch(cache: diskcache.Cache, items: list[tuple[str, bytes, float]]) -> None:
-    """One transaction for the batch, then one cull (the store opens diskcache with
-    ``cull_limit=0``: no expired-entry query inside every write).
+class CullSchedule:
+    """When a writer culls: see ``CULL_EVERY_S``."""
+
+    def __init__(self, size_limit: int) -> None:
+        self._step = size_limit * CULL_SHARE
+        self._written = 0
+        self._at = 0.0  # (monotonic)
+
+    def due(self, rows: list[Row]) -> bool:
+        for row in rows:
+            self._written += len(row[2])
+        now = time.monotonic()
+        if self._written < self._step and now < self._at:
+            return False
+        self._written = 0
+        self._at = now + CULL_EVERY_S
+        return True
+
+
+def write_batch(cache: diskcache.Cache, rows: list[Row], *, cull: bool = True) -> None:
+    """One transaction for the batch; then, with ``cull``, diskcache's cull (the store opens
+    diskcache with ``cull_limit=0``: no expired-entry query inside every write).
 
     Entries small enough to live in the database row go in with one upsert; larger ones, which
-    diskcache keeps in files, through ``Cache.set``. A file that an inline entry replaces is
-    removed after the commit, as ``set`` would."""
+    diskcache keeps in files, through ``Cache.set``. Each id is new (a batch written again
+    after its writer was lost rewrites the same rows), so no inline row replaces a file. The
+    entries a put replaces (the same key put before, under an older id) are deleted."""
     limit = cache.disk.min_file_size
     now = time.time()
-    # A key put twice in one batch: its last put wins, as it would one ``set`` after another.
-    last = {key: (blob, expires) for key, blob, expires in items}
+    replaced = {row[4] for row in rows if row[4]}
+    if replaced:  # a key put twice in one batch: only its last put is written
+        rows = [row for row in rows if row[0] not in replaced]
     # the TTL runs from the put, not from this later write: the expiry is the put's
     inline = [
-        (key, now, expires, now, diskcache.core.MODE_RAW, blob)
-        for key, (blob, expires) in last.items()
+        (id_, now, expires, now, diskcache.core.MODE_RAW, blob)
+        for id_, _, blob, expires, _ in rows
         if len(blob) < limit
     ]
     with cache.transact():
-        replaced_files = []
         if inline:
-            keys = [row[0] for row in inline]
-            query = _FILES_OF.format(",".join("?" * len(keys)))
-            replaced_files = [name for (name,) in cache._sql(query, keys)]
             cache._con.executemany(_UPSERT_INLINE, inline)
-        for key, (blob, expires) in last.items():
+        for id_, _, blob, expires, _ in rows:
             if len(blob) >= limit:
-                cache.set(key, blob, expire=expires - now)
-    for name in replaced_files:
-        cache.disk.remove(name)  # a relative path, as diskcache stores it
-    cache.cull()
+                cache.set(id_, blob, expire=expires - now)
+        cache._con.executemany(_INSERT_KEY, [(id_, key) for id_, key, *_ in rows])
+        for id_ in replaced:
+            cache.delete(id_)  # (its id's key goes with it: the trigger)
+    if cull:
+        cache.cull()
 
 
-def _encoded(batch: Batch) -> list[tuple[str, bytes, float]]:
-    return [(entry.meta.key, encode_entry(entry), expires) for entry, expires in batch]
+def _encoded(batch: Batch) -> list[Row]:
+    return [
+        (id_, entry.meta.key, encode_entry(entry), expires, replaced)
+        for entry, expires, id_, replaced in batch
+    ]
 
 
 class ThreadWriter:
@@ -128,9 +203,11 @@ class ThreadWriter:
     def __init__(self, cache: diskcache.Cache, executor: ThreadPoolExecutor) -> None:
         self._cache = cache
         self._executor = executor
+        self._culls = CullSchedule(cache.size_limit)
 
     def _write(self, batch: Batch) -> None:
-        write_batch(self._cache, _encoded(batch))
+        rows = _encoded(batch)
+        write_batch(self._cache, rows, cull=self._culls.due(rows))
 
     async def write(self, batch: Batch) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._write, batch)
@@ -139,24 +216,24 @@ class ThreadWriter:
         pass
 
 
-def frame(items: list[tuple[str, bytes, float]]) -> bytes:
+def frame(items: list[Row]) -> bytes:
     parts: list[bytes] = []
-    for key, blob, expires in items:
+    for id_, key, blob, expires, replaced in items:
         raw = key.encode()
-        parts += (_ITEM.pack(len(raw), len(blob), expires), raw, blob)
+        parts += (_ITEM.pack(len(raw), len(blob), expires, id_, replaced), raw, blob)
     payload = b"".join(parts)
     return BATCH.pack(len(payload), len(items)) + payload
 
 
-def unframe(payload: bytes, count: int) -> list[tuple[str, bytes, float]]:
-    items: list[tuple[str, bytes, float]] = []
+def unframe(payload: bytes, count: int) -> list[Row]:
+    items: list[Row] = []
     at = 0
     for _ in range(count):
-        key_len, blob_len, expires = _ITEM.unpack_from(payload, at)
+        key_len, blob_len, expires, id_, replaced = _ITEM.unpack_from(payload, at)
         at += _ITEM.size
         key = payload[at : at + key_len].decode()
         at += key_len
-        items.append((key, payload[at : at + blob_len], expires))
+        items.append((id_, key, payload[at : at + blob_len], expires, replaced))
         at += blob_len
     if at != len(payload):
         raise ValueError(f"batch frame of {len(payload)} bytes holds {at} bytes of entries")
@@ -312,6 +389,8 @@ def serve(directory: Path, size_limit: int, source: BinaryIO, sink: BinaryIO) ->
     cache = diskcache.Cache(
         str(directory), size_limit=size_limit, cull_limit=0, **DISKCACHE_SETTINGS
     )
+    prepare(cache)  # (the proxy made them when it opened the store: nothing to do but check)
+    culls = CullSchedule(size_limit)
     failing = 0  # batches failed in a row: a full disk is logged when it fills and empties
     try:
         while (head := _read_exactly(source, BATCH.size)) is not None:
@@ -321,7 +400,8 @@ def serve(directory: Path, size_limit: int, source: BinaryIO, sink: BinaryIO) ->
                 raise EOFError("input ended inside a batch")
             status = OK
             try:
-                write_batch(cache, unframe(payload, count))
+                rows = unframe(payload, count)
+                write_batch(cache, rows, cull=culls.due(rows))
             except Exception:
                 if not failing:
                     log.exception("cache.disk.writer_batch_failed")

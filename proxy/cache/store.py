@@ -7,15 +7,17 @@ dedicated thread so a slow fsync or a WAL checkpoint never stalls the event loop
 a single writer). ``scripts/bench_index.py --store`` measures both.
 
 Two things keep the disk off a miss's path (``DiskStore``):
-- a membership filter: a count per ``hash(key)`` of every key this process knows is stored
-  (loaded from the directory when the store opens, counted up on every put, down on every delete
-  that removed an entry). A key absent from it is absent from the store, so a miss costs a dict
-  lookup instead of a SQLite read. Entries that expire or that diskcache evicts stay counted
-  until the filter is loaded again (a stale "maybe" costs one read, never a wrong answer): at
-  the next start, or once it has grown to twice what the disk held (``_reload_filter``). The
-  filter only knows this process's writes: a diskcache directory belongs to one proxy process
-  (as the semantic index already assumes, and ``DirectoryLock`` enforces); fleets share Redis,
-  which has no filter.
+- an index in memory: by ``hash(key)``, the id each key this process knows is stored under
+  (diskcache's rows are keyed by ids that only grow, not by cache keys: disk_writer.py says
+  why). It is loaded from the directory when the store opens, set on every put, cleared on
+  every delete that removed an entry. A key absent from it is absent from the store, so a miss
+  costs a dict lookup instead of a SQLite read, and a hit reads its row by id. Entries that
+  expire or that diskcache evicts stay in it until a lookup finds their row gone or the index is
+  loaded again (a stale "maybe" costs one read, never a wrong answer: the entry read must carry
+  the key asked for): at the next start, or once it has grown to twice what the disk held
+  (``_reload_filter``). The index only knows this process's writes: a diskcache directory
+  belongs to one proxy process (as the semantic index already assumes, and ``DirectoryLock``
+  enforces); fleets share Redis, which has no filter.
 - write-behind: ``put`` queues the entry (visible to ``get`` at once through the pending map) and
   a writer task stores the queue in batches (a batch is written when full or ``linger_s`` after
   its first entry), one SQLite transaction per batch, on the store's thread or in a writer
@@ -51,7 +53,17 @@ from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import diskcache
 
-from proxy.cache.disk_writer import DISKCACHE_SETTINGS, BatchWriter, ProcessWriter, ThreadWriter
+from proxy.cache.disk_writer import (
+    DISKCACHE_SETTINGS,
+    BatchWriter,
+    ProcessWriter,
+    Queued,
+    ThreadWriter,
+    last_id,
+    prepare,
+    stored_ids,
+    write_batch,
+)
 from proxy.cache.entry import (
     CacheEntry,
     EntryDecodeError,
@@ -75,10 +87,11 @@ HEAD_BYTES = 2048
 # (MODE_BINARY), as diskcache 5.6 stores them (disk_writer.py writes the same rows). An entry
 # past its expiry is skipped, as ``Cache.get`` would.
 _SWEEP = (
-    "SELECT rowid, key, store_time, filename, length(value), substr(value, 1, ?) FROM Cache"
-    " WHERE rowid > ? AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)"
-    f" AND (mode = {diskcache.core.MODE_RAW} AND typeof(value) = 'blob'"
-    f" OR mode = {diskcache.core.MODE_BINARY}) ORDER BY rowid LIMIT ?"
+    "SELECT c.rowid, c.key, k.key, c.store_time, c.filename, length(c.value),"
+    " substr(c.value, 1, ?) FROM Cache AS c JOIN Frugal_keys AS k ON k.id = c.key"
+    " WHERE c.rowid > ? AND c.raw = 1 AND (c.expire_time IS NULL OR c.expire_time > ?)"
+    f" AND (c.mode = {diskcache.core.MODE_RAW} AND typeof(c.value) = 'blob'"
+    f" OR c.mode = {diskcache.core.MODE_BINARY}) ORDER BY c.rowid LIMIT ?"
 )
 # Only the row as it was read: a put that replaced it since (same key, same rowid, a new
 # store_time) is not deleted on the old entry's metadata.
@@ -168,9 +181,10 @@ class StoreInUse(RuntimeError):
 class DirectoryLock:
     """An exclusive lock on a cache folder, held while a proxy uses it.
 
-    Two proxies on one folder would not corrupt it (SQLite takes turns), but each keeps what
-    only a folder's single user may keep: the membership filter (the other's answers become
-    misses), the entries read lately and the semantic index (an invalidation through one proxy
+    Two proxies on one folder would not corrupt the database (SQLite takes turns), but each
+    keeps what only a folder's single user may keep: the ids it numbers its puts with (counted
+    on from those it found at start: the two would write over each other's entries), the index
+    of what is stored (the other's answers become misses), the entries read lately and the semantic index (an invalidation through one proxy
     would not reach the other's copies, which it would go on serving). So the second proxy is
     refused at start-up, naming the folder. ``flock``: the kernel lets go when the holder
     exits, however it exits, so a killed proxy leaves no stale lock; the writer process does not
@@ -211,22 +225,28 @@ def _is_corrupt(error: sqlite3.DatabaseError) -> bool:
     return getattr(error, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
-def _read_cache(directory: Path, size_limit: int) -> tuple[diskcache.Cache, list[str]]:
-    # No culling inside each set (an expired-entry query per write): the writer culls once
-    # per batch instead, so the size limit may be exceeded by one batch for a moment.
+def _read_cache(directory: Path, size_limit: int) -> tuple[diskcache.Cache, list[tuple[str, int]]]:
+    # No culling inside each set (an expired-entry query per write): the writer culls now and
+    # then instead (disk_writer.CULL_EVERY_S), so the size limit may be passed for a moment.
     cache = diskcache.Cache(
         str(directory), size_limit=size_limit, cull_limit=0, **DISKCACHE_SETTINGS
     )
     try:
-        # every key (the membership filter's), which also reads the whole key index: most
-        # damage shows here rather than on the first request
-        return cache, [key for key in cache.iterkeys() if isinstance(key, str)]
+        dropped = prepare(cache)
+        if dropped:
+            log.warning(
+                "cache.disk.old_format_dropped",
+                extra={"directory": str(directory), "entries": dropped},
+            )
+        # every key and id (the index's), which also reads the whole id table: most damage
+        # shows here rather than on the first request
+        return cache, stored_ids(cache)
     except BaseException:
         cache.close()
         raise
 
 
-def _open_cache(directory: Path, size_limit: int) -> tuple[diskcache.Cache, list[str]]:
+def _open_cache(directory: Path, size_limit: int) -> tuple[diskcache.Cache, list[tuple[str, int]]]:
     """The directory's diskcache and its keys. A database SQLite finds damaged (a crash of the
     disk, not of the proxy: a proxy's crash leaves it sound) is moved aside and the store starts
     empty: a cache may lose its answers, a proxy must not fail to start over them."""
@@ -276,7 +296,8 @@ class DiskStore:
         on_error: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self._cache, keys = _open_cache(directory, size_limit)
+        self._cache, stored = _open_cache(directory, size_limit)
+        self._next_id = last_id(self._cache) + 1
         self._database = directory / diskcache.core.DBNAME
         self._database_id = _file_id(self._database)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
@@ -299,8 +320,8 @@ class DiskStore:
         self._dropped = 0  # entries dropped by the batches failing since the last success
         # key -> (entry queued for the writer, when it expires on the store's clock as diskcache
         # would count it): the newest put of each key; lookups read it first
-        self._pending: dict[str, tuple[CacheEntry, float]] = {}
-        self._queue: deque[tuple[CacheEntry, float]] = deque()  # (entry, expiry time)
+        self._pending: dict[str, Queued] = {}
+        self._queue: deque[Queued] = deque()  # (entry, expiry time, id, replaced id)
         self._flushing: asyncio.Task[None] | None = None
         # The writer waits up to linger_s for a batch to fill: one hand-over and one commit per
         # several answers (a commit costs ~80 µs, an entry ~16 µs). Not longer: each batch's
@@ -312,9 +333,9 @@ class DiskStore:
         self._queued = 0
         self._written = 0
         self._progress: asyncio.Future[None] | None = None
-        # hash(key) -> how many puts of keys with that hash are not yet matched by a delete.
-        # Only ever too high (expiry, eviction, re-puts), never too low: see the module doc.
-        self._known: dict[int, int] = {}
+        # hash(key) -> the id its entry is stored under (the module doc's index). Only ever too
+        # high (expiry, eviction), never too low.
+        self._index: dict[int, int] = {}
         # key -> (entry, expiry time): entries read lately, decoded, most recent last, up to
         # ``recent_bytes`` of answers and embeddings. A semantic lookup reads up to four
         # candidates, often the same recent questions, and a popular answer is read again and
@@ -325,15 +346,15 @@ class DiskStore:
         self._recent: OrderedDict[str, tuple[CacheEntry, float]] = OrderedDict()
         self._recent_size = 0
         self._recent_limit = recent_bytes
-        for key in keys:
-            self._count(key, 1)
-        # The filter counts every put, and expiry and eviction take nothing off it: under
-        # sustained unique answers it grew by one key per answer for the proxy's whole life
-        # (~100 bytes each: gigabytes over weeks) while the disk held a bounded number. So once
-        # it holds twice what the disk held at its last load (and ``filter_slack`` more), it is
-        # loaded again from the directory, off the event loop.
+        for key, id_ in stored:  # (oldest first: a later id of a key wins)
+            self._index[hash(key)] = id_
+        # The index takes every put, and eviction takes nothing off it until a lookup meets the
+        # entry gone: under sustained unique answers it grew by one key per answer for the
+        # proxy's whole life (~100 bytes each: gigabytes over weeks) while the disk held a
+        # bounded number. So once it holds twice what the disk held at its last load (and
+        # ``filter_slack`` more), it is loaded again from the directory, off the event loop.
         self._filter_slack = filter_slack
-        self._reload_at = 2 * len(self._known) + filter_slack
+        self._reload_at = 2 * len(self._index) + filter_slack
         self._reloading: asyncio.Task[None] | None = None
         # keys put (or queued) since the reload began reading: the reload's read may miss them
         self._put_since: set[str] | None = None
@@ -341,17 +362,33 @@ class DiskStore:
     def _thread_writer(self) -> BatchWriter:
         return ThreadWriter(self._cache, self._writer)
 
-    def _count(self, key: str, step: int) -> None:
+    def _unindex(self, key: str, id_: int | None = None) -> None:
+        """Take ``key`` out of the index (only if it still names ``id_``, when given)."""
         h = hash(key)
-        n = self._known.get(h, 0) + step
-        if n > 0:
-            self._known[h] = n
-        else:
-            self._known.pop(h, None)
+        if id_ is None or self._index.get(h) == id_:
+            self._index.pop(h, None)
+
+    def _restore(self, key: str, id_: int, replaced: int) -> None:
+        """A put of ``key`` under ``id_`` was not written: index what it replaced again."""
+        h = hash(key)
+        if self._index.get(h) == id_:
+            if replaced:
+                self._index[h] = replaced
+            else:
+                del self._index[h]
+
+    def _new_id(self, key: str) -> tuple[int, int]:
+        """An id for a put of ``key``, indexed; and the id it replaces (0: none)."""
+        id_ = self._next_id
+        self._next_id = id_ + 1
+        h = hash(key)
+        replaced = self._index.get(h, 0)
+        self._index[h] = id_
+        return id_, replaced
 
     def may_contain(self, key: str) -> bool:
         """False only when ``key`` is certainly not stored (True may be stale)."""
-        return hash(key) in self._known
+        return hash(key) in self._index
 
     async def _run(self, fn: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn)
@@ -367,21 +404,25 @@ class DiskStore:
                 return recent[0]
             self._forget_recent((key,))  # expired: diskcache no longer returns it either
             return None
-        if hash(key) not in self._known:
+        id_ = self._index.get(hash(key))
+        if id_ is None:
             return None
-        found = self._cache.get(key, expire_time=True)
+        found = self._cache.get(id_, expire_time=True)
         blob, expires = found if isinstance(found, tuple) else (None, None)
         if not isinstance(blob, bytes):
+            self._unindex(key, id_)  # evicted or expired: later lookups need not read
             return None
         try:
             entry = decode_entry(blob)
         except EntryDecodeError:
             log.warning("cache.disk.corrupt_entry", extra={"key": key})
-            # Out of the filter: later lookups of it are misses without a read or a warning (a
+            # Out of the index: later lookups of it are misses without a read or a warning (a
             # store of another proxy version's format would log on every request that asks).
-            # It stays on disk until a put replaces it or the size limit evicts it.
-            self._known.pop(hash(key), None)
+            # It stays on disk until the size limit evicts it.
+            self._unindex(key, id_)
             return None
+        if entry.meta.key != key:
+            return None  # another key with the same hash(key), put since: not this one's
         self._remember(entry, math.inf if expires is None else float(expires))
         return entry
 
@@ -414,9 +455,11 @@ class DiskStore:
 
     def put_sync(self, entry: CacheEntry) -> None:
         """Write one entry now (no queue; for scripts and tests outside an event loop)."""
-        self._forget_recent((entry.meta.key,))
-        self._cache.set(entry.meta.key, encode_entry(entry), expire=entry.meta.ttl)
-        self._count(entry.meta.key, 1)
+        key = entry.meta.key
+        self._forget_recent((key,))
+        id_, replaced = self._new_id(key)
+        expires = time.time() + entry.meta.ttl
+        write_batch(self._cache, [(id_, key, encode_entry(entry), expires, replaced)])
 
     async def start_writer(self) -> None:
         """Start the writer now (with ``writer="process"``: the child, until it answers) rather
@@ -438,14 +481,14 @@ class DiskStore:
             # bound (they run in background tasks), and a cache may skip a write.
             raise StoreBusy(f"{len(self._queue)} answers already queued for the disk")
         key = entry.meta.key
-        self._count(key, 1)
+        id_, replaced = self._new_id(key)
         if self._put_since is not None:
             self._put_since.add(key)
         # an older copy in memory must not be served once this put is written (or outlive it
         # if its write fails: the disk then holds whatever it held)
         if key in self._recent:
             self._forget_recent((key,))
-        queued = (entry, time.time() + entry.meta.ttl)
+        queued = (entry, time.time() + entry.meta.ttl, id_, replaced)
         self._pending[key] = queued
         self._queue.append(queued)
         self._queued += 1
@@ -471,16 +514,19 @@ class DiskStore:
                 except Exception as exc:
                     # Dropped like a failed write before: those answers are simply not cached.
                     self._write_failed(len(batch), exc)
-                    for entry, _ in batch:
-                        self._count(entry.meta.key, -1)
+                    # Not written, nor what they replaced deleted: each key's index goes back
+                    # to the id before (latest put first, so a key put twice in the batch goes
+                    # back past both).
+                    for entry, _, id_, replaced in reversed(batch):
+                        self._restore(entry.meta.key, id_, replaced)
                 else:
                     self._write_ok()
-                    if len(self._known) > self._reload_at and self._reloading is None:
+                    if len(self._index) > self._reload_at and self._reloading is None:
                         self._reloading = asyncio.get_running_loop().create_task(
                             self._reload_filter(), name="cache-disk-filter"
                         )
                 finally:
-                    for entry, _ in batch:
+                    for entry, *_ in batch:
                         queued = self._pending.get(entry.meta.key)
                         if queued is not None and queued[0] is entry:
                             del self._pending[entry.meta.key]
@@ -490,31 +536,34 @@ class DiskStore:
             self._flushing = None
             self._wake_flushers()
 
-    def _disk_keys(self) -> list[str]:
-        return [key for key in self._cache.iterkeys() if isinstance(key, str)]
+    def _disk_keys(self) -> list[tuple[str, int]]:
+        return stored_ids(self._cache)
 
     async def _reload_filter(self) -> None:
-        """Load the filter again from the directory: what is stored now, and every key put
+        """Load the index again from the directory: what is stored now, and every key put
         since the read began or queued then (written after the read passed it, it would be
-        a stored entry the filter calls absent). Deletes meanwhile may leave a stale "maybe"."""
+        a stored entry the index calls absent). Deletes meanwhile may leave a stale "maybe"."""
         self._put_since = set(self._pending)
         try:
             # (a thread of its own: diskcache gives each thread its own SQLite connection, and
             # the store's thread stays free for its writes and deletes)
-            keys = await asyncio.to_thread(self._disk_keys)
+            stored = await asyncio.to_thread(self._disk_keys)
         except Exception:
             log.warning("cache.disk.filter_reload_failed", exc_info=True)
-            self._reload_at = 2 * len(self._known) + self._filter_slack  # not again at once
+            self._reload_at = 2 * len(self._index) + self._filter_slack  # not again at once
             return
         finally:
             put_since, self._put_since = self._put_since, None
             self._reloading = None
-        before = len(self._known)
-        self._known = {}
-        for key in (*keys, *put_since):
-            self._count(key, 1)
-        self._reload_at = 2 * len(self._known) + self._filter_slack
-        log.info("cache.disk.filter_reloaded", extra={"before": before, "after": len(self._known)})
+        before = len(self._index)
+        index = {hash(key): id_ for key, id_ in stored}
+        for key in put_since:
+            id_ = self._index.get(hash(key))
+            if id_ is not None:
+                index[hash(key)] = id_
+        self._index = index
+        self._reload_at = 2 * len(index) + self._filter_slack
+        log.info("cache.disk.filter_reloaded", extra={"before": before, "after": len(index)})
 
     async def settled(self) -> None:
         """Wait for a filter reload under way (tests, shutdown)."""
@@ -565,8 +614,10 @@ class DiskStore:
     async def delete(self, keys: Collection[str]) -> int:
         await self.flush()  # a queued put of a deleted key must not land after the delete
 
-        def delete_all() -> list[str]:
-            return [k for k in keys if self._cache.delete(k)]
+        ids = {k: id_ for k in keys if (id_ := self._index.get(hash(k))) is not None}
+
+        def delete_all() -> list[tuple[str, int]]:
+            return [(k, id_) for k, id_ in ids.items() if self._cache.delete(id_)]
 
         self._forget_recent(keys)
         try:
@@ -574,15 +625,15 @@ class DiskStore:
         finally:
             # (again: a lookup meanwhile may have read one from the disk before it went)
             self._forget_recent(keys)
-        for key in deleted:
-            self._count(key, -1)
+        for key, id_ in deleted:
+            self._unindex(key, id_)
         return len(deleted)
 
-    def _iter_blobs(self) -> Iterator[tuple[str, bytes]]:
-        for key in self._cache.iterkeys():
-            blob = self._cache.get(key)
-            if isinstance(key, str) and isinstance(blob, bytes):
-                yield key, blob
+    def _iter_blobs(self) -> Iterator[tuple[int, bytes]]:
+        for id_ in self._cache.iterkeys():
+            blob = self._cache.get(id_)
+            if isinstance(id_, int) and isinstance(blob, bytes):
+                yield id_, blob
 
     async def scan(self, *, with_embedding: bool = True) -> AsyncIterator[CacheEntry]:
         await self.flush()
@@ -626,9 +677,9 @@ class DiskStore:
                 break
             after, matched, gone = batch
             # (remembered before or while the batch was swept: served until now, as from disk)
-            self._forget_recent(gone)
-            for key in gone:
-                self._count(key, -1)
+            self._forget_recent(key for key, _ in gone)
+            for key, id_ in gone:
+                self._unindex(key, id_)
             deleted += matched
         now = time.time()
         for key in remembered - met:
@@ -648,30 +699,28 @@ class DiskStore:
         predicate: Callable[[EntryMeta], bool],
         remembered: frozenset[str] = frozenset(),
         met: set[str] | None = None,
-    ) -> tuple[int, list[EntryMeta], list[str]] | None:
+    ) -> tuple[int, list[EntryMeta], list[tuple[str, int]]] | None:
         """One batch of ``delete_where``: the rows after rowid ``after``. Returns the last rowid
-        read, the metadata of the entries deleted and every key deleted (corrupt ones too), or
-        None past the last row; adds the keys of ``remembered`` it reads to ``met``. Blocking:
-        runs on the store's thread."""
+        read, the metadata of the entries deleted and every (key, id) deleted (corrupt ones
+        too), or None past the last row; adds the keys of ``remembered`` it reads to ``met``.
+        Blocking: runs on the store's thread."""
         cache = self._cache
         rows = cache._sql(_SWEEP, (HEAD_BYTES, after, time.time(), SWEEP_BATCH)).fetchall()
         if not rows:
             return None
-        doomed: list[tuple[int, float, str | None, str, EntryMeta | None]] = []
-        for rowid, key, stored, filename, size, head in rows:
-            if not isinstance(key, str):
-                continue
+        doomed: list[tuple[int, float, str | None, tuple[str, int], EntryMeta | None]] = []
+        for rowid, id_, key, stored, filename, size, head in rows:
             if met is not None and key in remembered:
                 met.add(key)
             try:
                 meta = self._meta_of(rowid, filename, size, head)
             except EntryDecodeError:
-                doomed.append((rowid, stored, filename, key, None))  # not an entry: dropped
+                doomed.append((rowid, stored, filename, (key, id_), None))  # not an entry: dropped
                 continue
             if meta is not None and predicate(meta):
-                doomed.append((rowid, stored, filename, key, meta))
+                doomed.append((rowid, stored, filename, (key, id_), meta))
         matched: list[EntryMeta] = []
-        gone: list[str] = []
+        gone: list[tuple[str, int]] = []
         files: list[str] = []
         if doomed:
             with cache.transact():

@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import diskcache
 import numpy as np
 import pytest
 
 from proxy.cache import disk_writer
 from proxy.cache.disk_writer import ACK, FAILED, OK, frame, serve
 from proxy.cache.store import LOCK_FILE, DirectoryLock, DiskStore, StoreInUse
-from tests.unit.test_cache_store import big_entry, entry
+from tests.unit.test_cache_store import big_entry, entry, keys_on_disk, put_raw
 
 
 def _filled(folder: Path, n: int = 300) -> Path:
@@ -81,10 +80,10 @@ class _Disk:
         self.full = True
         real = disk_writer.write_batch
 
-        def write(cache: Any, items: Any) -> None:
+        def write(cache: Any, items: Any, **kwargs: Any) -> None:
             if self.full:
                 raise OSError(28, "database or disk is full")
-            real(cache, items)
+            real(cache, items, **kwargs)
 
         monkeypatch.setattr(disk_writer, "write_batch", write)
 
@@ -125,7 +124,7 @@ def test_the_writer_process_logs_a_full_disk_once_and_its_end(
 ) -> None:
     disk = _Disk(monkeypatch)
     later = time.time() + 60
-    failing = b"".join(frame([(f"k{n}", b"v", later)]) for n in range(4))
+    failing = b"".join(frame([(n, f"k{n}", b"v", later, 0)]) for n in range(1, 5))
 
     class Source(io.BytesIO):
         def read(self, size: int | None = -1) -> bytes:
@@ -135,7 +134,7 @@ def test_the_writer_process_logs_a_full_disk_once_and_its_end(
 
     sink = io.BytesIO()
     with caplog.at_level(logging.INFO, logger="proxy.cache.disk_writer"):
-        serve(tmp_path, 2**30, Source(failing + frame([("ok", b"v", later)])), sink)
+        serve(tmp_path, 2**30, Source(failing + frame([(5, "ok", b"v", later, 0)])), sink)
     acks = [ACK.unpack_from(sink.getvalue(), at) for at in range(0, 5 * ACK.size, ACK.size)]
     assert [status for _, status in acks] == [FAILED] * 4 + [OK]
     assert len(_named(caplog, "cache.disk.writer_batch_failed")) == 1
@@ -175,9 +174,9 @@ async def test_the_membership_filter_forgets_what_the_disk_evicted(tmp_path: Pat
             await store.flush()
     await store.flush()
     await store.settled()
-    on_disk = [k for k in store._cache.iterkeys() if isinstance(k, str)]
+    on_disk = keys_on_disk(store)
     assert len(on_disk) < 500  # (the size limit works: most were evicted)
-    assert len(store._known) <= 2 * len(on_disk) + 100 + 256
+    assert len(store._index) <= 2 * len(on_disk) + 100 + 256
     assert all(store.may_contain(key) for key in on_disk)  # no stored entry becomes a miss
     found = await store.get(big_entry(2999, size=2000).meta.key)
     assert found is not None
@@ -194,7 +193,7 @@ async def test_entries_written_while_the_filter_reloads_stay_found(
     read, gate = threading.Event(), threading.Event()
     real = store._disk_keys
 
-    def slow() -> list[str]:
+    def slow() -> list[tuple[str, int]]:
         keys = real()
         read.set()
         gate.wait(timeout=60)
@@ -248,9 +247,9 @@ async def test_an_entry_of_another_format_is_a_miss_logged_once(
     """A store written by an older or newer proxy (another entry encoding): each such entry is
     a miss, and says so once, not on every request that asks for it."""
     key = entry(1).meta.key
-    DiskStore(tmp_path).close_sync()
-    with diskcache.Cache(str(tmp_path)) as raw:
-        raw.set(key, b"FCE9" + os.urandom(64))  # a format this proxy does not read
+    first = DiskStore(tmp_path)
+    put_raw(first, key, b"FCE9" + os.urandom(64))  # a format this proxy does not read
+    first.close_sync()
     store = DiskStore(tmp_path)
     with caplog.at_level(logging.WARNING, logger="proxy.cache.store"):
         for _ in range(5):

@@ -1,4 +1,4 @@
-"""DiskStore's membership filter and write-behind queue: a miss reads no SQLite, a queued put is
+"""DiskStore's index and write-behind queue: a miss reads no SQLite, a queued put is
 visible at once, deletes and shutdowns see every earlier put, and no sequence of operations makes
 the store answer differently from a plain dictionary."""
 
@@ -17,19 +17,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.cache import disk_writer
+from proxy.cache.disk_writer import stored_ids
 from proxy.cache.entry import CacheEntry
 from proxy.cache.store import DiskStore, StoreBusy
-from tests.unit.test_cache_store import entry
+from tests.unit.test_cache_store import entry, evict, on_disk
 
 
 def _forbid_reads(store: DiskStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every SQLite read the store makes."""
+    """Record every SQLite read the store makes (by the cache key of the id read)."""
     reads: list[str] = []
     original = store._cache.get
 
-    def get(key: str, *args: Any, **kwargs: Any) -> Any:
-        reads.append(key)
-        return original(key, *args, **kwargs)
+    def get(id_: int, *args: Any, **kwargs: Any) -> Any:
+        reads.append(dict((i, k) for k, i in stored_ids(store._cache))[id_])
+        return original(id_, *args, **kwargs)
 
     monkeypatch.setattr(store._cache, "get", get)
     return reads
@@ -161,12 +162,12 @@ async def test_an_older_copy_in_memory_never_outlives_a_newer_put(
     write = disk_writer.write_batch
     writes = 0
 
-    def second_fails(cache: Any, items: Any) -> None:
+    def second_fails(cache: Any, items: Any, **kwargs: Any) -> None:
         nonlocal writes
         writes += 1
         if writes == 2:
             raise OSError("disk full")
-        write(cache, items)
+        write(cache, items, **kwargs)
 
     monkeypatch.setattr(disk_writer, "write_batch", second_fails)
     await store.put(_version(1, 2))
@@ -174,8 +175,8 @@ async def test_an_older_copy_in_memory_never_outlives_a_newer_put(
     await store.flush()
     found = await store.get(key)
     assert found is not None and found.response.endswith(b'"v": 2}')
-    on_disk = store._cache.get(key)
-    assert isinstance(on_disk, bytes) and b'"v": 2}' in on_disk
+    written = on_disk(store, key)
+    assert isinstance(written, bytes) and b'"v": 2}' in written
     await store.close()
 
 
@@ -186,7 +187,7 @@ async def test_an_invalidation_reaches_entries_the_disk_has_evicted(tmp_path: Pa
     await store.flush()
     for n in (1, 2):
         assert await store.get(entry(n).meta.key) is not None  # read: now in memory
-        store._cache.delete(entry(n).meta.key)  # as diskcache's own eviction (size limit) does
+        evict(store, entry(n).meta.key)
     assert await store.get(entry(1).meta.key) is not None  # gone from the disk, still served
     deleted = await store.delete_where(lambda m: m.engine == "old")
     assert [m.key for m in deleted] == [entry(1).meta.key]
@@ -307,11 +308,11 @@ async def test_the_filter_is_loaded_from_the_directory(tmp_path: Path) -> None:
 async def test_a_queued_put_is_visible_before_it_is_written(tmp_path: Path) -> None:
     store = DiskStore(tmp_path)
     await store.put(entry(1))
-    assert store._cache.get(entry(1).meta.key) is None  # not on disk yet (no await since)
+    assert on_disk(store, entry(1).meta.key) is None  # not on disk yet (no await since)
     found = await store.get(entry(1).meta.key)
     assert found is not None and found.response == b'{"n": 1}'
     await store.flush()
-    assert isinstance(store._cache.get(entry(1).meta.key), bytes)
+    assert isinstance(on_disk(store, entry(1).meta.key), bytes)
     await store.close()
 
 
@@ -427,10 +428,10 @@ async def test_a_lone_entry_is_written_after_the_linger(tmp_path: Path) -> None:
     store = DiskStore(tmp_path, linger_s=0.01)
     await store.put(entry(1))
     for _ in range(3000):  # no flush: the writer must get there on its own (however loaded)
-        if isinstance(store._cache.get(entry(1).meta.key), bytes):
+        if isinstance(on_disk(store, entry(1).meta.key), bytes):
             break
         await asyncio.sleep(0.01)
-    assert isinstance(store._cache.get(entry(1).meta.key), bytes)
+    assert isinstance(on_disk(store, entry(1).meta.key), bytes)
     assert store._pending == {}
     await store.close()
 
@@ -445,9 +446,14 @@ async def test_the_ttl_runs_from_the_put_not_from_the_write(tmp_path: Path) -> N
     await store.close()
 
 
-# -- write_batch writes diskcache's own rows --------------------------------------------------
+# -- write_batch writes diskcache's own rows, keyed by id ----------------------------------
 
 _SIZES = st.sampled_from([0, 1, 700, 32_767, 32_768, 40_000])  # both sides of min_file_size
+
+
+def _contents(cache: diskcache.Cache) -> dict[str, Any]:
+    """Cache key -> value, read as the store reads: through the id table."""
+    return {key: cache.get(id_) for key, id_ in stored_ids(cache)}
 
 
 @settings(
@@ -461,32 +467,79 @@ _SIZES = st.sampled_from([0, 1, 700, 32_767, 32_768, 40_000])  # both sides of m
     )
 )
 def test_batches_read_back_as_if_set_one_by_one(tmp_path_factory: Any, batches: Any) -> None:
-    """Inline rows by upsert, file-sized ones by ``set``, replacements either way: diskcache's
-    public reads, its count and size totals and its own consistency check all agree with a
-    dictionary of the last value of each key, and no replaced file is left behind."""
+    """Inline rows by upsert, file-sized ones by ``set``, each put under a new id that replaces
+    its key's last (in an earlier batch or the same one): the id table and diskcache's public
+    reads agree with a dictionary of the last value of each key, as do diskcache's count and
+    size totals and its own consistency check, and no replaced row or file is left behind."""
     directory = tmp_path_factory.mktemp("batches")
     cache = diskcache.Cache(str(directory), size_limit=2**30, cull_limit=0)
+    disk_writer.prepare(cache)
     expected: dict[str, bytes] = {}
+    ids: dict[str, int] = {}
+    next_id = 1
     for batch in batches:
-        items = []
+        rows = []
         for key, size, fill in batch:
             blob = bytes([fill]) * size
-            items.append((key, blob, time.time() + 3600))
+            rows.append((next_id, key, blob, time.time() + 3600, ids.get(key, 0)))
+            ids[key] = next_id
+            next_id += 1
             expected[key] = blob
-        disk_writer.write_batch(cache, items)
-    assert {key: cache.get(key) for key in expected} == expected
+        disk_writer.write_batch(cache, rows)
+    assert _contents(cache) == expected
+    assert sorted(id_ for _, id_ in stored_ids(cache)) == sorted(ids.values())
     assert len(cache) == len(expected)
     assert cache.check() == []  # files, the count and the size totals as diskcache keeps them
     files = [p for p in directory.rglob("*.val")]
     assert len(files) == sum(len(v) >= cache.disk.min_file_size for v in expected.values())
+    assert disk_writer.last_id(cache) == max(ids.values(), default=0)
     cache.close()
+
+
+def test_a_batch_written_twice_is_stored_once(tmp_path: Path) -> None:
+    """The batch a lost writer process may have committed is written again by the thread."""
+    cache = diskcache.Cache(str(tmp_path), cull_limit=0)
+    disk_writer.prepare(cache)
+    now = time.time()
+    rows = [(1, "a", b"x", now + 60, 0), (2, "b", b"y" * 40_000, now + 60, 0)]
+    disk_writer.write_batch(cache, rows)
+    disk_writer.write_batch(cache, rows)
+    assert _contents(cache) == {"a": b"x", "b": b"y" * 40_000}
+    assert len(cache) == 2 and cache.check() == []
 
 
 def test_a_batch_keeps_the_expiry_of_each_put(tmp_path: Path) -> None:
     cache = diskcache.Cache(str(tmp_path), cull_limit=0)
+    disk_writer.prepare(cache)
     now = time.time()
-    disk_writer.write_batch(cache, [("gone", b"x", now - 1), ("kept", b"y", now + 60)])
-    assert cache.get("gone") is None and cache.get("kept") == b"y"
-    _, expire_time = cache.get("kept", expire_time=True)
+    disk_writer.write_batch(cache, [(1, "gone", b"x", now - 1, 0), (2, "kept", b"y", now + 60, 0)])
+    assert cache.get(1) is None and cache.get(2) == b"y"
+    _, expire_time = cache.get(2, expire_time=True)
     assert abs(expire_time - (now + 60)) < 1e-3
-    cache.close()
+
+
+def test_whatever_deletes_a_row_deletes_its_key(tmp_path: Path) -> None:
+    """diskcache's own eviction and expiry delete rows without us: the trigger keeps the id
+    table in step, so a store reopened later does not index entries that are gone."""
+    cache = diskcache.Cache(str(tmp_path), cull_limit=0, size_limit=150_000)
+    disk_writer.prepare(cache)
+    now = time.time()
+    rows = [(n, f"k{n}", bytes(4000), now + (0.01 if n == 1 else 60), 0) for n in range(1, 41)]
+    disk_writer.write_batch(cache, rows, cull=False)
+    time.sleep(0.02)
+    cache.cull()  # expires 1, then evicts the oldest past the size limit
+    left = stored_ids(cache)
+    assert [id_ for _, id_ in left] == sorted(int(k) for k in cache.iterkeys())
+    assert 1 not in {id_ for _, id_ in left} and 0 < len(left) < 40
+    cache.delete(left[-1][1])
+    assert stored_ids(cache) == left[:-1]
+
+
+def test_rows_of_the_format_before_ids_are_dropped(tmp_path: Path) -> None:
+    with diskcache.Cache(str(tmp_path)) as old:
+        old.set("f" * 64, b"an entry under its cache key")
+        old.set("e" * 64, b"x" * 40_000)  # in a file
+    cache = diskcache.Cache(str(tmp_path), cull_limit=0)
+    assert disk_writer.prepare(cache) == 2
+    assert len(cache) == 0 and cache.check() == [] and not list(tmp_path.rglob("*.val"))
+    assert disk_writer.prepare(cache) == 0

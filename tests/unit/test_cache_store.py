@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from proxy.cache import store as store_module
+from proxy.cache.disk_writer import stored_ids, write_batch
 from proxy.cache.entry import CacheEntry, EntryMeta
 from proxy.cache.store import CacheStore, DiskStore
 
@@ -40,6 +41,28 @@ def entry(
         query_text=f"question {n}",
     )
     return CacheEntry(meta, b'{"n": %d}' % n, np.full(8, n % 100, dtype=np.float32))
+
+
+def keys_on_disk(store: DiskStore) -> list[str]:
+    """The cache keys of the rows in the store's diskcache, oldest first."""
+    return [key for key, _ in stored_ids(store._cache)]
+
+
+def on_disk(store: DiskStore, key: str) -> Any:
+    """What the store's diskcache holds for cache key ``key`` (None: nothing)."""
+    ids = dict(stored_ids(store._cache))
+    return store._cache.get(ids[key]) if key in ids else None
+
+
+def evict(store: DiskStore, key: str) -> None:
+    """Delete ``key``'s row as diskcache's own eviction (size limit) does: behind the store."""
+    store._cache.delete(dict(stored_ids(store._cache))[key])
+
+
+def put_raw(store: DiskStore, key: str, blob: bytes) -> None:
+    """Write ``blob`` under ``key`` as the store writes an entry (a corrupt or foreign one)."""
+    id_, replaced = store._new_id(key)
+    write_batch(store._cache, [(id_, key, blob, time.time() + 3600, replaced)])
 
 
 async def test_disk_store_operations(tmp_path: Path) -> None:
@@ -133,7 +156,7 @@ def test_survives_a_crash_mid_write(tmp_path: Path) -> None:
 
 def entries_intact(store: DiskStore) -> int:
     """How many entries a store holds, each checked whole: no torn entry after a crash."""
-    keys = list(store._cache.iterkeys())
+    keys = keys_on_disk(store)
     for key in keys:
         found = store.get_sync(key)
         assert found is not None, "a torn entry after the crash"
@@ -205,7 +228,7 @@ async def test_delete_where_reads_long_headers_files_and_corrupt_entries(tmp_pat
     await store.put(entry(4, engine="keep"))
     await store.put(entry(5, ttl=0.01))  # expired by the sweep: not shown to the predicate
     await store.flush()
-    store._cache.set("f" * 64, b"not an entry")  # a corrupt one: deleted, not returned
+    put_raw(store, "f" * 64, b"not an entry")  # a corrupt one: deleted, not returned
     files = _value_files(tmp_path)
     assert len(files) == 2
     await asyncio.sleep(0.05)
@@ -219,7 +242,7 @@ async def test_delete_where_reads_long_headers_files_and_corrupt_entries(tmp_pat
     assert sorted(m.key for m in deleted) == [entry(1).meta.key, entry(2).meta.key]
     assert next(m for m in deleted if m.key == entry(1).meta.key).query_text == long_question
     assert entry(5).meta.key not in seen
-    assert store._cache.get("f" * 64) is None
+    assert on_disk(store, "f" * 64) is None
     left = _value_files(tmp_path)  # the deleted entry's file is gone, the kept one's is not
     assert len(left) == 1 and left < files
     kept = await store.get(entry(3).meta.key)

@@ -27,9 +27,13 @@ from proxy.cache.disk_writer import (
     FAILED,
     OK,
     ProcessWriter,
+    Queued,
+    Row,
     ThreadWriter,
     frame,
+    prepare,
     serve,
+    stored_ids,
     unframe,
 )
 from proxy.cache.store import DiskStore
@@ -37,18 +41,29 @@ from tests.unit.test_cache_store import ROOT, entries_intact, entry, kill_when
 
 _items = st.lists(
     st.tuples(
+        st.integers(1, 2**63 - 1),
         st.text(max_size=80),
         st.binary(max_size=300),
         st.floats(allow_nan=False, allow_infinity=False),
+        st.integers(0, 2**63 - 1),
     ),
     max_size=20,
 )
 
 
+def queued(n: int) -> Queued:
+    """Entry ``n`` as the store queues it, under id ``n``, replacing nothing."""
+    return (entry(n), time.time() + 60, n, 0)
+
+
+def keys_in(folder: Path) -> set[str]:
+    """The cache keys a store's folder holds (through another handle: what is committed)."""
+    with diskcache.Cache(str(folder)) as cache:
+        return {key for key, _ in stored_ids(cache)}
+
+
 @given(items=_items)
-def test_a_frame_reads_back_as_the_batch_it_was_made_from(
-    items: list[tuple[str, bytes, float]],
-) -> None:
+def test_a_frame_reads_back_as_the_batch_it_was_made_from(items: list[Row]) -> None:
     framed = frame(items)
     size, count = disk_writer.BATCH.unpack_from(framed)
     assert size == len(framed) - disk_writer.BATCH.size and count == len(items)
@@ -56,37 +71,41 @@ def test_a_frame_reads_back_as_the_batch_it_was_made_from(
 
 
 def test_a_frame_with_bytes_left_over_is_refused() -> None:
-    framed = frame([("k", b"v", 1.0)])
+    framed = frame([(1, "k", b"v", 1.0, 0)])
     with pytest.raises(ValueError, match="holds"):
         unframe(framed[disk_writer.BATCH.size :] + b"x", 1)
 
 
 def test_the_child_commits_each_batch_and_acknowledges_it(tmp_path: Path) -> None:
     later = time.time() + 3600
-    first = [("a", b"1", later), ("b", b"2", later)]
-    second = [("c", b"3", later)]
+    first = [(1, "a", b"1", later, 0), (2, "b", b"2", later, 0)]
+    second = [(3, "c", b"3", later, 0)]
     source, sink = io.BytesIO(frame(first) + frame(second)), io.BytesIO()
     assert serve(tmp_path, 2**30, source, sink) == 0
     acks = sink.getvalue()
     assert [ACK.unpack_from(acks, at) for at in (0, ACK.size)] == [(2, OK), (1, OK)]
     with diskcache.Cache(str(tmp_path)) as cache:
-        assert [cache.get(k) for k in "abc"] == [b"1", b"2", b"3"]
+        assert [(key, cache.get(id_)) for key, id_ in stored_ids(cache)] == [
+            ("a", b"1"),
+            ("b", b"2"),
+            ("c", b"3"),
+        ]
 
 
 def test_the_child_reports_a_batch_it_could_not_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(cache: object, items: object) -> None:
+    def broken(cache: object, items: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(disk_writer, "write_batch", broken)
     sink = io.BytesIO()
-    serve(tmp_path, 2**30, io.BytesIO(frame([("a", b"1", time.time() + 60)])), sink)
+    serve(tmp_path, 2**30, io.BytesIO(frame([(1, "a", b"1", time.time() + 60, 0)])), sink)
     assert ACK.unpack(sink.getvalue()) == (1, FAILED)
 
 
 def test_input_that_ends_inside_a_batch_is_an_error(tmp_path: Path) -> None:
-    framed = frame([("a", b"1", time.time() + 60)])
+    framed = frame([(1, "a", b"1", time.time() + 60, 0)])
     with pytest.raises(EOFError):
         serve(tmp_path, 2**30, io.BytesIO(framed[:-3]), io.BytesIO())
 
@@ -177,19 +196,18 @@ async def test_a_write_cancelled_in_flight_does_not_leave_its_answer_for_the_nex
 ) -> None:
     """A cancelled batch's acknowledgement must not be read as the next batch's."""
     writer = ProcessWriter(tmp_path, 2**30, fallback=lambda: pytest.fail("no fallback wanted"))
-    await writer.write([(entry(1), time.time() + 60)])  # the child is up
+    await writer.write([queued(1)])  # the child is up
     first = writer._process
-    task = asyncio.ensure_future(writer.write([(entry(n), time.time() + 60) for n in (2, 3)]))
+    task = asyncio.ensure_future(writer.write([queued(n) for n in (2, 3)]))
     await asyncio.sleep(0)  # the frame is written; its acknowledgement not yet read
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert writer._process is None
-    await writer.write([(entry(4), time.time() + 60)])  # a new child, its own acknowledgement
+    await writer.write([queued(4)])  # a new child, its own acknowledgement
     assert writer._process is not None and writer._process is not first
     await writer.close()
-    with diskcache.Cache(str(tmp_path)) as cache:
-        assert {entry(1).meta.key, entry(4).meta.key} <= set(cache.iterkeys())
+    assert {entry(1).meta.key, entry(4).meta.key} <= keys_in(tmp_path)
 
 
 PROXY = textwrap.dedent(
@@ -250,6 +268,7 @@ def _state(pid: int) -> str:
 def _thread_writer(folder: Path) -> Callable[[], ThreadWriter]:
     def make() -> ThreadWriter:
         cache = diskcache.Cache(str(folder))
+        prepare(cache)
         return ThreadWriter(cache, ThreadPoolExecutor(max_workers=1))
 
     return make
@@ -259,20 +278,19 @@ async def test_a_killed_writer_process_is_replaced_after_a_while(tmp_path: Path)
     """(before: the store wrote on a thread for the rest of the proxy's life)"""
     lost: list[BaseException] = []
     writer = ProcessWriter(tmp_path, 2**30, fallback=_thread_writer(tmp_path), on_gone=lost.append)
-    await writer.write([(entry(1), time.time() + 60)])
+    await writer.write([queued(1)])
     first = writer._process
     assert first is not None
     first.kill()
     await first.wait()
     writer._retry_s = 0.0  # (so the next batch tries a new child at once)
-    await writer.write([(entry(2), time.time() + 60)])  # found gone: written on the thread
+    await writer.write([queued(2)])  # found gone: written on the thread
     assert len(lost) == 1
-    await writer.write([(entry(3), time.time() + 60)])
+    await writer.write([queued(3)])
     second = writer._process
     assert second is not None and second.pid != first.pid and second.returncode is None
     await writer.close()
-    with diskcache.Cache(str(tmp_path)) as cache:
-        assert {entry(n).meta.key for n in (1, 2, 3)} <= set(cache.iterkeys())
+    assert {entry(n).meta.key for n in (1, 2, 3)} <= keys_in(tmp_path)
 
 
 async def test_a_writer_process_that_stops_answering_is_killed_not_waited_for(
@@ -284,21 +302,20 @@ async def test_a_writer_process_that_stops_answering_is_killed_not_waited_for(
     writer = ProcessWriter(
         tmp_path, 2**30, fallback=_thread_writer(tmp_path), on_gone=lost.append, ack_timeout_s=1.0
     )
-    await writer.write([(entry(1), time.time() + 60)])
+    await writer.write([queued(1)])
     child = writer._process
     assert child is not None
     os.kill(child.pid, signal.SIGSTOP)
     try:
         async with asyncio.timeout(60):  # (a hang fails the test rather than the run)
-            await writer.write([(entry(2), time.time() + 60)])
+            await writer.write([queued(2)])
         assert len(lost) == 1 and isinstance(lost[0], TimeoutError)
         assert await child.wait() == -signal.SIGKILL
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signal.SIGCONT)
     await writer.close()
-    with diskcache.Cache(str(tmp_path)) as cache:
-        assert entry(2).meta.key in set(cache.iterkeys())
+    assert entry(2).meta.key in keys_in(tmp_path)
 
 
 def test_a_dead_writer_process_is_noticed_on_the_proxys_own_event_loop(tmp_path: Path) -> None:
