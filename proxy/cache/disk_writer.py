@@ -95,14 +95,22 @@ def prepare(cache: diskcache.Cache) -> int:
     cache._sql(_KEYS_TABLE)
     cache._sql(_KEYS_TRIGGER)
     old = [key for (key,) in cache._sql(_OLD_ROWS).fetchall()]
-    for key in old:
-        cache.delete(key, retry=True)
+    if old:
+        with cache.transact(retry=True):  # (one transaction: a large old store drops at once)
+            for key in old:
+                cache.delete(key)
     return len(old)
 
 
 def stored_ids(cache: diskcache.Cache) -> list[tuple[str, int]]:
     """(cache key, id) of every entry stored, oldest first."""
     return cache._sql("SELECT key, id FROM Frugal_keys ORDER BY id").fetchall()  # type: ignore[no-any-return]
+
+
+def key_of(cache: diskcache.Cache, id_: int) -> str | None:
+    """The cache key stored under ``id_`` (None: no entry)."""
+    row = cache._sql("SELECT key FROM Frugal_keys WHERE id = ?", (id_,)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def last_id(cache: diskcache.Cache) -> int:

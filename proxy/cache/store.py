@@ -59,6 +59,7 @@ from proxy.cache.disk_writer import (
     ProcessWriter,
     Queued,
     ThreadWriter,
+    key_of,
     last_id,
     prepare,
     stored_ids,
@@ -184,11 +185,12 @@ class DirectoryLock:
     Two proxies on one folder would not corrupt the database (SQLite takes turns), but each
     keeps what only a folder's single user may keep: the ids it numbers its puts with (counted
     on from those it found at start: the two would write over each other's entries), the index
-    of what is stored (the other's answers become misses), the entries read lately and the semantic index (an invalidation through one proxy
-    would not reach the other's copies, which it would go on serving). So the second proxy is
-    refused at start-up, naming the folder. ``flock``: the kernel lets go when the holder
-    exits, however it exits, so a killed proxy leaves no stale lock; the writer process does not
-    inherit it (its descriptors are closed at exec)."""
+    of what is stored (the other's answers become misses), the entries read lately and the
+    semantic index (an invalidation through one proxy would not reach the other's copies, which
+    it would go on serving). So the second proxy is refused at start-up, naming the folder.
+    ``flock``: the kernel lets go when the holder exits, however it exits, so a killed proxy
+    leaves no stale lock; the writer process does not inherit it (its descriptors are closed at
+    exec)."""
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -617,7 +619,12 @@ class DiskStore:
         ids = {k: id_ for k in keys if (id_ := self._index.get(hash(k))) is not None}
 
         def delete_all() -> list[tuple[str, int]]:
-            return [(k, id_) for k, id_ in ids.items() if self._cache.delete(id_)]
+            # (the id's own key checked: another key with the same hash(key) may hold it)
+            return [
+                (k, id_)
+                for k, id_ in ids.items()
+                if key_of(self._cache, id_) == k and self._cache.delete(id_)
+            ]
 
         self._forget_recent(keys)
         try:

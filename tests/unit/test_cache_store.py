@@ -255,3 +255,19 @@ async def test_delete_where_reads_long_headers_files_and_corrupt_entries(tmp_pat
 def _value_files(folder: Path) -> set[Path]:
     """The files diskcache keeps large values in."""
     return set(folder.rglob("*.val"))
+
+
+async def test_a_key_whose_hash_names_another_keys_id_is_neither_read_nor_deleted(
+    tmp_path: Path,
+) -> None:
+    """The index is by ``hash(key)``: two keys may share one. The id found must hold the key
+    asked for, else the lookup is a miss and a delete deletes nothing."""
+    store = DiskStore(tmp_path, recent_bytes=0)
+    await store.put(entry(1))
+    await store.flush()
+    other = entry(2).meta.key
+    store._index[hash(other)] = store._index[hash(entry(1).meta.key)]  # a forged collision
+    assert await store.get(other) is None
+    assert await store.delete([other]) == 0
+    assert await store.get(entry(1).meta.key) is not None
+    await store.close()
