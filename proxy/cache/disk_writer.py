@@ -114,11 +114,9 @@ def key_of(cache: diskcache.Cache, id_: int) -> str | None:
 
 
 def last_id(cache: diskcache.Cache) -> int:
-    """The highest id stored (0 in an empty store)."""
-    ((top,),) = cache._sql(
-        "SELECT max(coalesce((SELECT max(id) FROM Frugal_keys), 0),"
-        " coalesce((SELECT max(key) FROM Cache WHERE typeof(key) = 'integer'), 0))"
-    ).fetchall()
+    """The highest id stored (0 in an empty store). (An entry's row and its id's key are
+    written and deleted together; an id deleted may be numbered again, its row being gone.)"""
+    ((top,),) = cache._sql("SELECT coalesce(max(id), 0) FROM Frugal_keys").fetchall()
     return int(top)
 
 

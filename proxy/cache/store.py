@@ -364,18 +364,13 @@ class DiskStore:
     def _thread_writer(self) -> BatchWriter:
         return ThreadWriter(self._cache, self._writer)
 
-    def _unindex(self, key: str, id_: int | None = None) -> None:
-        """Take ``key`` out of the index (only if it still names ``id_``, when given)."""
-        h = hash(key)
-        if id_ is None or self._index.get(h) == id_:
-            self._index.pop(h, None)
-
-    def _restore(self, key: str, id_: int, replaced: int) -> None:
-        """A put of ``key`` under ``id_`` was not written: index what it replaced again."""
+    def _unindex(self, key: str, id_: int, back_to: int = 0) -> None:
+        """Take ``key`` off ``id_`` in the index, if it still names that id: back to the id
+        ``back_to`` (a put not written: what it replaced), or out of the index (0)."""
         h = hash(key)
         if self._index.get(h) == id_:
-            if replaced:
-                self._index[h] = replaced
+            if back_to:
+                self._index[h] = back_to
             else:
                 del self._index[h]
 
@@ -520,7 +515,7 @@ class DiskStore:
                     # to the id before (latest put first, so a key put twice in the batch goes
                     # back past both).
                     for entry, _, id_, replaced in reversed(batch):
-                        self._restore(entry.meta.key, id_, replaced)
+                        self._unindex(entry.meta.key, id_, back_to=replaced)
                 else:
                     self._write_ok()
                     if len(self._index) > self._reload_at and self._reloading is None:
@@ -559,10 +554,9 @@ class DiskStore:
             self._reloading = None
         before = len(self._index)
         index = {hash(key): id_ for key, id_ in stored}
-        for key in put_since:
-            id_ = self._index.get(hash(key))
-            if id_ is not None:
-                index[hash(key)] = id_
+        for h in map(hash, put_since):
+            if h in self._index:
+                index[h] = self._index[h]
         self._index = index
         self._reload_at = 2 * len(index) + self._filter_slack
         log.info("cache.disk.filter_reloaded", extra={"before": before, "after": len(index)})
