@@ -87,8 +87,16 @@ class InternalError(FrugalError):
 
     default_code = "internal_error"
 
-    def __init__(self, message: str = "The server had an error processing your request.") -> None:
+    def __init__(
+        self,
+        message: str = "The server had an error processing your request.",
+        *,
+        bug: BaseException | None = None,
+    ) -> None:
         super().__init__(message)
+        # Set here, not only by ``raise ... from bug``: the compiled build's raise sets no cause.
+        if bug is not None:
+            self.__cause__ = bug
 
 
 class InvalidRequest(FrugalError, ValueError):

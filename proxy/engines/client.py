@@ -260,13 +260,13 @@ class EngineCaller:
                 return await self._attempt(
                     engine, replica, path, body, headers, stream, deadline, len(tried), probe
                 )
-            except _ReplicaFailed as failed:
+            except _ReplicaFailed as attempt:
                 replica.inflight -= 1
-                if failed.broken:
+                if attempt.broken:
                     replica.breaker.on_failure(time.monotonic())
                 else:
                     replica.breaker.release(probe=probe)
-                error = failed.error
+                error = attempt.error
             except BaseException:
                 # Cancelled (client left) or a bug: give the slot back, tell the breaker nothing.
                 replica.inflight -= 1

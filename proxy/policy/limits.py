@@ -48,12 +48,13 @@ import itertools
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, TypeVar
 
 import structlog
+from mypy_extensions import mypyc_attr
 
 from proxy.policy.errors import (
     BudgetExhausted,
@@ -113,6 +114,7 @@ def prompt_token_estimate(texts: Sequence[str], *, per_message: int = 8) -> int:
     return sum(-(-len(t.encode("utf-8")) // 4) + per_message for t in texts) + per_message
 
 
+@mypyc_attr(native_class=False)  # (the compiled build's classes derive from Exception alone)
 class CounterBackendError(ConnectionError):
     """The counters could not be read or written (e.g. Redis is unreachable)."""
 
@@ -704,14 +706,9 @@ class Limiter:
             except Exception:  # (the loop must outlive any one failure: its holdings expire)
                 log.warning("policy_renew_failed", exc_info=True)
 
-    @asynccontextmanager
-    async def concurrency(self, principal: Principal) -> AsyncIterator[None]:
+    def concurrency(self, principal: Principal) -> AbstractAsyncContextManager[None]:
         """Hold one of the tenant's concurrent slots for the block; 429 when all are taken."""
-        lease = await self._take_lease(principal)
-        try:
-            yield
-        finally:
-            await self._give_back(lease)
+        return _Lease(self, principal)
 
     def admit(
         self, principal: Principal, *, prompt_tokens: int
@@ -835,6 +832,23 @@ class _Admission(AbstractAsyncContextManager[Ticket]):
             await limiter._give_back(self._lease)
 
 
+class _Lease(AbstractAsyncContextManager[None]):
+    """``Limiter.concurrency``: a class, not a generator, so the module compiles (setup.py)."""
+
+    __slots__ = ("_lease", "_limiter", "_principal")
+
+    def __init__(self, limiter: Limiter, principal: Principal) -> None:
+        self._limiter = limiter
+        self._principal = principal
+        self._lease: tuple[str, str] | None = None
+
+    async def __aenter__(self) -> None:
+        self._lease = await self._limiter._take_lease(self._principal)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._limiter._give_back(self._lease)
+
+
 class _Reservation(AbstractAsyncContextManager[Spend]):
     """``Limiter.reserve_budget``: the worst case reserved on entry, settled to the recorded
     actual cost on exit (a class for the same reason as :class:`_Admission`)."""
@@ -909,9 +923,9 @@ async def _finish(release: Coroutine[Any, Any, None], what: str) -> Exception | 
     except asyncio.CancelledError:
         # Cancelled again while releasing: the shielded task still finishes on its own.
         raise
-    except CounterBackendError as exc:
-        return exc
-    except Exception as exc:
+    except CounterBackendError as outage:
+        return outage
+    except Exception as failure:
         log.warning("policy_release_failed", what=what, note="expires by TTL", exc_info=True)
-        return exc
+        return failure
     return None

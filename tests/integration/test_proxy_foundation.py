@@ -7,7 +7,7 @@ import contextlib
 import io
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from proxy import pipeline
+from proxy import handlers
 from proxy.app import TRANSPORT, create_app
 from proxy.engines.pool import Replica
 from proxy.errors import InternalError
@@ -678,18 +678,28 @@ async def test_a_relay_failure_mid_stream_ends_the_stream_and_frees_the_replica(
 ) -> None:
     engine = await start_fake("m", completion_tokens=20, tokens_per_s=400)  # chunk by chunk
     p = await start_proxy([engine_config("e", "m", [engine.url])])
-    calls = 0
-    feed = pipeline._StreamRelay.feed
+    caller = p.services.caller
+    transport = caller._transport
 
-    def broken_feed(self: pipeline._StreamRelay, chunk: bytes) -> bytes:
-        nonlocal calls
-        calls += 1
-        if calls > 1:
-            raise RuntimeError("a bug in the relay")
-        return feed(self, chunk)
+    class BreaksAfterFirstChunk:
+        """The engine's answer, whose reading raises a bug after its first chunk."""
 
-    # A bug (or an engine stream the relay cannot read) after the first chunk was sent.
-    monkeypatch.setattr(pipeline._StreamRelay, "feed", broken_feed)
+        def __init__(self, response: Any) -> None:
+            self._response = response
+            self.status, self.headers = response.status, response.headers
+            self.read, self.release, self.close = response.read, response.release, response.close
+
+        async def chunks(self) -> AsyncIterator[bytes]:
+            async for chunk in self._response.chunks():
+                yield chunk
+                raise RuntimeError("a bug in the relay")
+
+    async def breaking_transport(request: Any) -> Any:
+        return BreaksAfterFirstChunk(await transport(request))
+
+    # A bug (or an engine stream the relay cannot read) after the first chunk was sent. (Put in
+    # below the pipeline, whose compiled build cannot be patched.)
+    monkeypatch.setattr(caller, "_transport", breaking_transport)
     resp = await p.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
     payloads = parse_all(await asyncio.wait_for(resp.read(), 5))
     assert payloads[-1] == b"[DONE]"
@@ -963,7 +973,8 @@ async def test_an_unexpected_error_is_an_openai_500_logged_once_and_counted(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(pipeline, "_route", broken)
+    # (the engine client, not the pipeline's own functions: the compiled build's can't be patched)
+    monkeypatch.setattr(p.services.caller, "open", broken)
     with structlog.testing.capture_logs() as logs:
         resp = await p.client.post(
             "/v1/chat/completions", json=CHAT, headers={"x-request-id": "req-bug"}
@@ -984,9 +995,10 @@ async def test_an_unexpected_error_is_an_openai_500_logged_once_and_counted(
     metrics = await (await p.client.get("/metrics")).text()
     assert 'status="500"' in metrics and 'status="200"' not in metrics
 
-    # Outside the completion path too (here /metrics itself), a bug is an OpenAI-shaped 500.
-    monkeypatch.setattr(p.services.metrics, "render", broken)
-    resp = await p.client.get("/metrics")
+    # Outside the completion path too (here /healthz), a bug is an OpenAI-shaped 500. (Put in
+    # through the thin handlers' module, which stays Python in the compiled build.)
+    monkeypatch.setattr(handlers, "_json", broken)
+    resp = await p.client.get("/healthz")
     assert resp.status == 500
     assert (await resp.json())["error"]["code"] == "internal_error"
 
