@@ -7,15 +7,19 @@
 # A stop (SIGTERM) may take server.drain_delay_s + server.shutdown_timeout_s (20 s by default):
 # give `docker run` a --stop-timeout (compose: stop_grace_period) above it, as docker kills after
 # 10 s, and the cache's queued writes are lost with a kill (README, "Stopping").
-FROM python:3.11-slim AS build
+# The full image builds (it has gcc and the Python headers); the slim one runs.
+FROM python:3.11 AS build
 # EXTRAS=ml adds the MiniLM embedder (semantic cache, difficulty router); without it the proxy
 # runs exact-cache-only with the cheap-feature router.
 ARG EXTRAS=ml
+# 1: the request path's modules compiled with mypyc (setup.py), about a third less CPU per
+# request (docs/benchmarks.md); 0: plain Python, a faster build.
+ARG FRUGAL_COMPILE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 RUN python -m venv /opt/frugal \
- && /opt/frugal/bin/pip install --no-cache-dir ".[${EXTRAS}]"
+ && FRUGAL_COMPILE=${FRUGAL_COMPILE} /opt/frugal/bin/pip install --no-cache-dir ".[${EXTRAS}]"
 
 FROM python:3.11-slim
 RUN useradd --system --home /var/lib/frugal --create-home frugal

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
+from proxy import compiled_modules
 from proxy.app import SERVICES, create_app
 from proxy.cache.store import StoreInUse
 from proxy.cli import DataDirError, ListenError
@@ -106,7 +107,10 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
         raise ListenError(host, port, exc) from None
     port = runner.addresses[0][1]  # the one the system chose for port 0
     log.info(
-        "frugal listening", url=f"http://{host}:{port}", engines=[e.name for e in settings.engines]
+        "frugal listening",
+        url=f"http://{host}:{port}",
+        engines=[e.name for e in settings.engines],
+        compiled_modules=len(compiled_modules()),  # 0: plain Python (setup.py: FRUGAL_COMPILE)
     )
     # Each stop signal, in order: the first starts the stop, a second one cuts its drain short.
     signals: asyncio.Queue[signal.Signals] = asyncio.Queue()

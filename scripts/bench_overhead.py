@@ -270,17 +270,25 @@ def _frugal_target(
     *,
     headers: dict[str, str] | None = None,
     model: str = MODEL,
+    tree: Path = REPO,
 ) -> Target:
     config = work / f"{name}.yaml"
     config.write_text(config_text)
     port = free_port()
     command = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)]
-    return Target(name, port, command, headers=headers or {}, model=model, cwd=REPO)
+    # From the tree's own directory, and its children by PYTHONPATH: its `proxy` is the one run.
+    env: dict[str, str | None] = {"PYTHONPATH": str(tree)} if tree != REPO else {}
+    return Target(name, port, command, headers=headers or {}, model=model, env=env, cwd=tree)
 
 
 def build_targets(
-    names: list[str], engine_port: int, work: Path, frugal_config_file: Path | None
+    names: list[str],
+    engine_port: int,
+    work: Path,
+    frugal_config_file: Path | None,
+    tree: Path = REPO,
 ) -> list[Target]:
+    """``tree``: the checkout Frugal's targets run from (a compiled build's: --tree)."""
     engine_url = f"http://127.0.0.1:{engine_port}"
     peers = peer_commands(engine_url, work)
     targets: list[Target] = []
@@ -294,7 +302,8 @@ def build_targets(
             targets.append(Target("relay", port, command))
         elif name == "frugal" and frugal_config_file is not None:
             text = frugal_config_file.read_text().replace("${ENGINE_MODEL}", MODEL)
-            targets.append(_frugal_target(name, text.replace("${ENGINE_URL}", engine_url), work))
+            text = text.replace("${ENGINE_URL}", engine_url)
+            targets.append(_frugal_target(name, text, work, tree=tree))
         elif name in FRUGAL_FEATURES:
             features = FRUGAL_FEATURES[name]
             headers, policies = {}, None
@@ -309,7 +318,8 @@ def build_targets(
             text = frugal_config(features, policies=policies, data_dir=work / f"{name}-data")
             model = "auto" if "routing" in features else MODEL
             text = text.replace("${ENGINE_URL}", engine_url)
-            targets.append(_frugal_target(name, text, work, headers=headers, model=model))
+            target = _frugal_target(name, text, work, headers=headers, model=model, tree=tree)
+            targets.append(target)
         elif name in peers:
             targets.append(peers[name])
         else:
@@ -632,6 +642,13 @@ def main() -> None:
         help="post one body throughout (default: a unique body per request, so caches miss)",
     )
     parser.add_argument("--frugal-config", type=Path, help="template; ${ENGINE_URL} substituted")
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        default=REPO,
+        help="run Frugal's targets from this checkout, e.g. the compiled build's"
+        " (scripts/build_compiled makes build/compiled); the relay and engine run from here",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "out" / "overhead")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-s", type=int, default=5)
@@ -665,7 +682,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="frugal-overhead-"))
     engine_port = free_port()
     engine = Target("engine", engine_port, None)
-    targets = build_targets(names, engine_port, work, args.frugal_config)
+    targets = build_targets(names, engine_port, work, args.frugal_config, args.tree.resolve())
     bodies: dict[str, Path] = {}
     for target in targets:
         bodies[target.name] = work / f"body-{target.name}.json"
