@@ -128,6 +128,9 @@ class EmbeddingWorker:
         self._on_batch = on_batch
         self.max_queue = None if max_queue_ms is None else max_queue_ms / 1000.0
         self.shed = 0  # texts refused with EncoderBusy
+        self._collecting: list[
+            tuple[str, asyncio.Future[np.ndarray]]
+        ] = []  # the next batch, filling
         # Encoder seconds per text in a batch of two or more: a queue is encoded in batches,
         # where a text costs a fraction of a lone one. A lone text's cost stands in until a
         # batch is measured; None before the first pass.
@@ -244,7 +247,8 @@ class EmbeddingWorker:
         """How long a text queued now would wait for its vector: the texts ahead of it (queued
         and being encoded) and itself, at the recent cost of a text in a batch; 0 with nothing
         ahead (such a text is never refused)."""
-        ahead = self._in_batch + (self._queue.qsize() if self._queue is not None else 0)
+        queued = self._queue.qsize() if self._queue is not None else 0
+        ahead = self._in_batch + len(self._collecting) + queued
         if ahead == 0 or self._cost_per_text is None:
             return 0.0
         return (ahead + 1) * self._cost_per_text
@@ -288,7 +292,9 @@ class EmbeddingWorker:
     async def _collect(
         self, queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]]
     ) -> list[tuple[str, asyncio.Future[np.ndarray]]]:
-        batch = [await queue.get()]
+        # (kept on the worker while it fills: texts taken off the queue for the next batch are
+        # still ahead of a new arrival, and a fast burst arrives within the wait)
+        batch = self._collecting = [await queue.get()]
         self._first_arrival = time.perf_counter()
         wait = self.max_wait if self._last_batch > 1 else 0.0
         deadline = asyncio.get_running_loop().time() + wait
@@ -309,7 +315,9 @@ class EmbeddingWorker:
         assert self._queue is not None
         queue = self._queue
         while True:
-            batch = [(t, f) for t, f in await self._collect(queue) if not f.cancelled()]
+            collected = await self._collect(queue)
+            self._collecting = []  # (counted in _in_batch from here on, with no await between)
+            batch = [(t, f) for t, f in collected if not f.cancelled()]
             if not batch:
                 continue
             try:

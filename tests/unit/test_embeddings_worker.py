@@ -389,6 +389,22 @@ async def _drained(worker: EmbeddingWorker) -> None:
     raise AssertionError("the encoder never drained")
 
 
+async def test_texts_taken_into_a_filling_batch_are_ahead_of_a_new_one() -> None:
+    # After a batch of two the next batch waits for more texts. Those it has taken off the queue
+    # meanwhile are ahead of a new arrival: a fast burst arrives within that wait, and was
+    # admitted whole (then waited past max_queue, every text of it) when they were not counted.
+    model = SlowModel(0.02)
+    async with EmbeddingWorker(model, max_batch=8, max_wait_ms=60, max_queue_ms=1000) as worker:
+        await asyncio.gather(worker.embed("a"), worker.embed("b"))
+        cost = worker.cost_per_text_s
+        assert model.batches == [["a", "b"]] and cost is not None
+        first = asyncio.create_task(worker.embed("c"))
+        await asyncio.sleep(0.02)  # c is in the batch that waits for more
+        assert worker.expected_wait_s() == pytest.approx(2 * cost)  # c's turn, then its own
+        await first
+        assert worker.expected_wait_s() == 0
+
+
 async def test_texts_that_would_wait_past_max_queue_are_shed() -> None:
     model = SlowModel(0.02)
     async with EmbeddingWorker(model, max_batch=4, max_wait_ms=1, max_queue_ms=100) as worker:
