@@ -26,6 +26,8 @@ COMPILED = [
     "proxy/cache/keys.py",
     "proxy/cache/entry.py",
     "proxy/cache/guards.py",
+    "proxy/cache/service.py",
+    "proxy/cache/singleflight.py",
     "proxy/observability/families.py",
     "proxy/observability/metrics.py",
     "proxy/policy/admission.py",
@@ -38,8 +40,13 @@ COMPILED = [
     "proxy/engines/pool.py",
     "proxy/engines/breaker.py",
     "proxy/engines/timelimit.py",
+    "proxy/engines/client.py",
     "proxy/rollout/metrics.py",
     "proxy/rollout/split.py",
+    "proxy/rollout/manager.py",
+    "proxy/rollout/stats.py",
+    "proxy/stopping.py",
+    "proxy/observability/savings.py",
 ]
 
 

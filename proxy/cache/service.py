@@ -39,6 +39,7 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 
 import numpy as np
 import orjson
+from mypy_extensions import mypyc_attr
 
 from proxy.cache import guards
 from proxy.cache.entry import (
@@ -58,6 +59,7 @@ from proxy.cache.store import (
     FollowableStore,
     Resync,
     StoreBusy,
+    followable,
 )
 from proxy.cache.stream_codec import replay_sse
 from proxy.errors import InvalidRequest, ServiceUnavailable
@@ -138,6 +140,7 @@ class SemanticVerifier(Protocol):
     ) -> Verdict | Refusal | None: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (a verifier to build on, compiled or not)
 @dataclass(frozen=True, slots=True)
 class CosineVerifier:
     """Default verifier: the most similar candidate if its cosine reaches ``threshold`` (its only
@@ -395,8 +398,9 @@ class ResponseCache:
     async def start(self) -> None:
         """Rebuild the semantic index from the store (in the background) and, for a shared
         store, follow entries other replicas add. Lookups work meanwhile (exact only)."""
-        if isinstance(self.store, FollowableStore):
-            self._indexer = asyncio.create_task(self._follow(self.store), name="cache-follow")
+        shared = followable(self.store)
+        if shared is not None:
+            self._indexer = asyncio.create_task(self._follow(shared), name="cache-follow")
         else:
             self._indexer = asyncio.create_task(self._initial_rebuild(), name="cache-rebuild")
 
@@ -1111,7 +1115,7 @@ class ResponseCache:
     @property
     def shared(self) -> bool:
         """Whether other proxy replicas use this store too (Redis), so it holds what they serve."""
-        return isinstance(self.store, FollowableStore)
+        return followable(self.store) is not None
 
     async def purge_versions(
         self, keep: Collection[tuple[str, str]], *, engines: Collection[str] | None = None
@@ -1435,7 +1439,7 @@ def _import_response(row: Mapping[str, Any], endpoint: Endpoint, model: str) -> 
     }
 
 
-async def follow_as_sse(
+def follow_as_sse(
     follower: Follower[bytes, bytes], endpoint: Endpoint, *, include_usage: bool
 ) -> AsyncIterator[bytes]:
     """SSE events for a streamed request that follows another request's flight.
@@ -1445,16 +1449,41 @@ async def follow_as_sse(
     pipeline asks the engine for usage on every stream). A non-streaming leader's result is
     replayed. Raises ``LeaderFailed`` if the leader fails (after the chunks already relayed).
     """
-    if follower.streaming:
-        async for payload in follower.chunks():
-            if not include_usage and _is_usage_only(payload):
-                continue
-            yield frame(payload)
-        yield DONE_EVENT
-        return
-    result = orjson.loads(await follower.result())
-    for event in replay_sse(endpoint, result, include_usage=include_usage):
-        yield event
+    return _FollowAsSse(follower, endpoint, include_usage)
+
+
+class _FollowAsSse(AsyncIterator[bytes]):
+    """:func:`follow_as_sse`: a class, not a generator, so the module compiles (setup.py)."""
+
+    __slots__ = ("_chunks", "_endpoint", "_follower", "_include_usage", "_left")
+
+    def __init__(
+        self, follower: Follower[bytes, bytes], endpoint: Endpoint, include_usage: bool
+    ) -> None:
+        self._follower = follower
+        self._endpoint = endpoint
+        self._include_usage = include_usage
+        self._chunks: AsyncIterator[bytes] | None = None
+        self._left: list[bytes] | None = None  # the last events, known at once: sent in order
+
+    async def __anext__(self) -> bytes:
+        if self._left is None:
+            follower = self._follower
+            if follower.streaming:
+                if self._chunks is None:
+                    self._chunks = follower.chunks()
+                async for payload in self._chunks:
+                    if self._include_usage or not _is_usage_only(payload):
+                        return frame(payload)
+                self._left = [DONE_EVENT]
+            else:
+                result = orjson.loads(await follower.result())
+                events = replay_sse(self._endpoint, result, include_usage=self._include_usage)
+                self._left = list(events)
+            self._left.reverse()
+        if not self._left:
+            raise StopAsyncIteration
+        return self._left.pop()
 
 
 def _is_usage_only(payload: bytes) -> bool:

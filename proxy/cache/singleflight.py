@@ -136,20 +136,10 @@ class Follower(Generic[C, R]):
         """Whether the leader streams: joined with ``streaming=True`` or has published chunks."""
         return self._flight.streaming
 
-    async def chunks(self) -> AsyncIterator[C]:
+    def chunks(self) -> AsyncIterator[C]:
         """Every chunk the leader published, from the first; ends when the flight ends.
         Raises the leader's error if it failed (after the chunks published before the failure)."""
-        flight = self._flight
-        position = 0
-        while True:
-            while position < len(flight.chunks):
-                yield flight.chunks[position]
-                position += 1
-            if flight.done:
-                break
-            await flight.changed()
-        if flight.error is not None:
-            raise flight.error
+        return _Chunks(self._flight)
 
     async def result(self) -> R:
         """The leader's result, or its error raised."""
@@ -159,6 +149,27 @@ class Follower(Generic[C, R]):
         if flight.error is not None:
             raise flight.error
         return flight.result  # type: ignore[return-value]
+
+
+class _Chunks(AsyncIterator[C]):
+    """``Follower.chunks``: a class, not a generator, so the module compiles (setup.py)."""
+
+    __slots__ = ("_flight", "_position")
+
+    def __init__(self, flight: _Flight[C, R]) -> None:
+        self._flight = flight
+        self._position = 0
+
+    async def __anext__(self) -> C:
+        flight = self._flight
+        while self._position >= len(flight.chunks):
+            if flight.done:
+                if flight.error is not None:
+                    raise flight.error
+                raise StopAsyncIteration
+            await flight.changed()
+        self._position += 1
+        return flight.chunks[self._position - 1]
 
 
 class SingleFlight(Generic[C, R]):

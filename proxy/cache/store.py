@@ -49,9 +49,10 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterable, Itera
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, TypeVar, runtime_checkable
+from typing import Literal, Protocol, TypeVar, cast
 
 import diskcache
+from mypy_extensions import mypyc_attr
 
 from proxy.cache.disk_writer import (
     DISKCACHE_SETTINGS,
@@ -116,16 +117,17 @@ def _footprint(entry: CacheEntry) -> int:
     )
 
 
+@mypyc_attr(native_class=False)  # (the compiled build's classes derive from Exception alone)
 class CacheBackendError(ConnectionError):
     """The store is unreachable; the cache treats the operation as a miss / skipped write."""
 
 
+@mypyc_attr(native_class=False)
 class StoreBusy(CacheBackendError):
     """The store's write queue is full: this answer is not stored (the disk is slower than the
     answers come; the cache counts a failed store, the backend is not down)."""
 
 
-@runtime_checkable
 class CacheStore(Protocol):
     async def get(self, key: str) -> CacheEntry | None: ...
 
@@ -160,7 +162,6 @@ class Resync:
     """The follower may have missed entries (start-up, reconnect): rebuild from a full scan."""
 
 
-@runtime_checkable
 class FollowableStore(CacheStore, Protocol):
     """A store shared by several replicas: ``follow`` yields ``Resync`` first, then new entries
     (and ``Resync`` again whenever it may have missed some)."""
@@ -168,6 +169,13 @@ class FollowableStore(CacheStore, Protocol):
     def follow(self) -> AsyncIterator[EntryAdded | Resync]: ...
 
 
+def followable(store: CacheStore) -> FollowableStore | None:
+    """The store as a shared one, if it is. (Not a runtime-checkable protocol: the compiled
+    build's protocols are not.)"""
+    return cast(FollowableStore, store) if callable(getattr(store, "follow", None)) else None
+
+
+@mypyc_attr(native_class=False)
 class StoreInUse(RuntimeError):
     """Another process holds the cache folder (:class:`DirectoryLock`)."""
 
@@ -636,24 +644,22 @@ class DiskStore:
             if isinstance(id_, int) and isinstance(blob, bytes):
                 yield id_, blob
 
-    async def scan(self, *, with_embedding: bool = True) -> AsyncIterator[CacheEntry]:
-        await self.flush()
-        blobs = self._iter_blobs()
+    def scan(self, *, with_embedding: bool = True) -> AsyncIterator[CacheEntry]:
+        return _Scan(self, with_embedding)
 
-        def next_batch() -> list[CacheEntry]:
-            batch: list[CacheEntry] = []
-            for _key, blob in blobs:
-                try:
-                    batch.append(decode_entry(blob, with_embedding=with_embedding))
-                except EntryDecodeError:
-                    continue
-                if len(batch) >= SCAN_BATCH:
-                    break
-            return batch
-
-        while batch := await self._run(next_batch):
-            for entry in batch:
-                yield entry
+    def _next_batch(
+        self, blobs: Iterator[tuple[int, bytes]], with_embedding: bool
+    ) -> list[CacheEntry]:
+        """Up to ``SCAN_BATCH`` entries of a scan (on the store's thread)."""
+        batch: list[CacheEntry] = []
+        for _id, blob in blobs:
+            try:
+                batch.append(decode_entry(blob, with_embedding=with_embedding))
+            except EntryDecodeError:
+                continue
+            if len(batch) >= SCAN_BATCH:
+                break
+        return batch
 
     async def delete_where(self, predicate: Callable[[EntryMeta], bool]) -> list[EntryMeta]:
         """Delete the entries whose metadata matches (and those whose header is unreadable).
@@ -786,3 +792,31 @@ class DiskStore:
         self._forget_recent(list(self._recent))
         self._cache.close()
         self._writer.shutdown(wait=True)
+
+
+class _Scan(AsyncIterator[CacheEntry]):
+    """``DiskStore.scan``: every entry, read in batches on the store's thread once the writes
+    queued before it are flushed. A class, not a generator, so the module compiles (setup.py)."""
+
+    __slots__ = ("_batch", "_blobs", "_done", "_store", "_with_embedding")
+
+    def __init__(self, store: DiskStore, with_embedding: bool) -> None:
+        self._store = store
+        self._with_embedding = with_embedding
+        self._blobs: Iterator[tuple[int, bytes]] | None = None
+        self._batch: list[CacheEntry] = []  # reversed: the next entry last
+        self._done = False
+
+    async def __anext__(self) -> CacheEntry:
+        store = self._store
+        if self._blobs is None:
+            await store.flush()
+            self._blobs = store._iter_blobs()
+        next_batch = functools.partial(store._next_batch, self._blobs, self._with_embedding)
+        while not self._batch:
+            if self._done:
+                raise StopAsyncIteration
+            batch = await store._run(next_batch)
+            self._done = not batch
+            self._batch = batch[::-1]
+        return self._batch.pop()

@@ -31,6 +31,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
+from mypy_extensions import mypyc_attr
 
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers together
 # An idle connection older than this is closed, not reused: uvicorn (vLLM's server) closes idle
@@ -38,6 +39,7 @@ MAX_HEAD_BYTES = 64 * 1024  # status line and headers together
 MAX_IDLE_S = 4.0
 
 
+@mypyc_attr(native_class=False)  # (the compiled build's classes derive from Exception alone)
 class MalformedAnswer(ConnectionError):
     """The engine's answer is not HTTP/1.x as this client reads it."""
 
@@ -275,12 +277,8 @@ class LeanResponse:
     async def read(self) -> bytes:
         return self._body
 
-    async def _once(self) -> AsyncIterator[bytes]:
-        if self._body:
-            yield self._body
-
     def chunks(self) -> AsyncIterator[bytes]:
-        return self._once()
+        return _Once(self._body)
 
     def release(self) -> None:
         connection, self._connection = self._connection, None
@@ -296,6 +294,22 @@ class LeanResponse:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()
+
+
+class _Once(AsyncIterator[bytes]):
+    """The whole body as the one chunk of a stream (none if empty). A class, not a generator,
+    so the module compiles (setup.py)."""
+
+    __slots__ = ("_body",)
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def __anext__(self) -> bytes:
+        body, self._body = self._body, b""
+        if not body:
+            raise StopAsyncIteration
+        return body
 
 
 class LeanClient:

@@ -233,6 +233,7 @@ class _Leases:
         self._next_expiry = min(self._next_expiry, expiry)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (a backend to build on, compiled or not)
 class LocalCounters:
     """Counters for a single replica. Each method finishes without awaiting, so it is atomic on
     the event loop. ``clock`` is monotonic seconds (injectable for tests)."""

@@ -538,13 +538,13 @@ class Rollouts:
                         # Ours is the later change but another write landed last (or ours never
                         # landed): publish ours again, or each replica would keep its own.
                         await self._persist_redis(mine)
-                        continue
-                    before = self.served()
-                    self._apply(rollout, state)
-                    log.info("rollout state changed by another replica", engine=name,
-                             status=state.status)  # fmt: skip
-                    await self._persist_file()
-                    self._purge(before - self.served())
+                    else:
+                        before = self.served()
+                        self._apply(rollout, state)
+                        log.info("rollout state changed by another replica", engine=name,
+                                 status=state.status)  # fmt: skip
+                        await self._persist_file()
+                        self._purge(before - self.served())
 
     async def _judge_forever(self) -> None:
         intervals = [

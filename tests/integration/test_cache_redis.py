@@ -15,7 +15,7 @@ from proxy.cache.index import SemanticIndex
 from proxy.cache.keys import Endpoint, Partition, Scope, make_keys
 from proxy.cache.redis_store import RedisStore
 from proxy.cache.service import CosineVerifier, ResponseCache
-from proxy.cache.store import CacheBackendError, FollowableStore
+from proxy.cache.store import CacheBackendError, followable
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -98,7 +98,7 @@ async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
 
 
 async def test_store_operations(store: RedisStore) -> None:
-    assert isinstance(store, FollowableStore)
+    assert followable(store) is store
     for n in range(5):
         await store.put(entry(n))
     got = await store.get(entry(2).meta.key)

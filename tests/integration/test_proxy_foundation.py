@@ -973,8 +973,8 @@ async def test_an_unexpected_error_is_an_openai_500_logged_once_and_counted(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug")
 
-    # (the engine client, not the pipeline's own functions: the compiled build's can't be patched)
-    monkeypatch.setattr(p.services.caller, "open", broken)
+    # (through the engine client's transport: the compiled build's functions can't be patched)
+    monkeypatch.setattr(p.services.caller, "_transport", broken)
     with structlog.testing.capture_logs() as logs:
         resp = await p.client.post(
             "/v1/chat/completions", json=CHAT, headers={"x-request-id": "req-bug"}

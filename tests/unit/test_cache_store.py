@@ -21,7 +21,7 @@ import pytest
 from proxy.cache import store as store_module
 from proxy.cache.disk_writer import stored_ids, write_batch
 from proxy.cache.entry import CacheEntry, EntryMeta
-from proxy.cache.store import CacheStore, DiskStore
+from proxy.cache.store import CacheStore, DiskStore, followable
 
 
 def entry(
@@ -67,7 +67,8 @@ def put_raw(store: DiskStore, key: str, blob: bytes) -> None:
 
 async def test_disk_store_operations(tmp_path: Path) -> None:
     store = DiskStore(tmp_path)
-    assert isinstance(store, CacheStore)
+    as_protocol: CacheStore = store  # (a type check, for mypy)
+    assert followable(as_protocol) is None  # not a shared one
     for n in range(5):
         await store.put(entry(n, engine="a" if n < 3 else "b"))
     got = await store.get(entry(1).meta.key)
