@@ -41,6 +41,7 @@ COMPILED = [
     "proxy/engines/breaker.py",
     "proxy/engines/timelimit.py",
     "proxy/engines/client.py",
+    "proxy/engines/http1.py",
     "proxy/rollout/metrics.py",
     "proxy/rollout/split.py",
     "proxy/rollout/manager.py",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -251,7 +251,7 @@ def _dechunk(buffer: bytearray, start: int, end: int) -> bytes:
 class LeanResponse:
     """A complete engine answer (``UpstreamResponse``)."""
 
-    __slots__ = ("_body", "_connection", "_head", "_headers", "_pool", "status")
+    __slots__ = ("_body", "_clock", "_connection", "_head", "_headers", "_pool", "status")
 
     def __init__(
         self,
@@ -260,6 +260,7 @@ class LeanResponse:
         body: bytes,
         connection: _Connection,
         pool: list[_Connection],
+        clock: Callable[[], float],
     ) -> None:
         self.status = status
         self._head = head
@@ -267,6 +268,7 @@ class LeanResponse:
         self._headers: CIMultiDictProxy[str] | None = None
         self._connection: _Connection | None = connection
         self._pool = pool
+        self._clock = clock
 
     @property
     def headers(self) -> Mapping[str, str]:
@@ -285,7 +287,7 @@ class LeanResponse:
         if connection is None:
             return
         if connection.reusable():
-            connection.idle_since = time.monotonic()
+            connection.idle_since = self._clock()
             self._pool.append(connection)
         else:
             connection.close()
@@ -315,7 +317,8 @@ class _Once(AsyncIterator[bytes]):
 class LeanClient:
     """Keep-alive connections per engine address; :meth:`post` one request on one of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock  # monotonic seconds: when an idle connection is too old to reuse
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._targets: dict[str, tuple[str, int, bytes] | None] = {}
         self._open: set[_Connection] = set()
@@ -355,7 +358,7 @@ class LeanClient:
             idle = self._idle[(host, port)] = []
         connection = None
         if idle:
-            fresh = time.monotonic() - MAX_IDLE_S
+            fresh = self._clock() - MAX_IDLE_S
             while idle:
                 candidate = idle.pop()
                 # Not closed meanwhile, nothing unasked-for received, not about to be closed.
@@ -380,7 +383,7 @@ class LeanClient:
             # Failed, timed out or cancelled (the client left): closing is what stops the engine.
             connection.close()
             raise
-        return LeanResponse(status, head, answer, connection, idle)
+        return LeanResponse(status, head, answer, connection, idle, self._clock)
 
     async def _connect(
         self, host: str, port: int, idle: list[_Connection], timeout_s: float

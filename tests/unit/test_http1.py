@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -199,15 +198,12 @@ async def test_engine_closing_an_idle_connection_is_not_an_error(serve: Serve) -
     client.close()
 
 
-async def test_a_connection_idle_too_long_is_not_reused(
-    serve: Serve, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_connection_idle_too_long_is_not_reused(serve: Serve) -> None:
     # The client's clock, moved by hand: with a real 50 ms limit, a stall of a loaded machine
     # between two requests "at once" made the second one a new connection.
     now = [1000.0]
-    monkeypatch.setattr(http1, "time", SimpleNamespace(monotonic=lambda: now[0]))
     server, url = await serve(lambda r, w: echo_keepalive(server, r, w))
-    client = LeanClient()
+    client = LeanClient(clock=lambda: now[0])
     first = await client.post(url, b"1", {}, 1.0)
     first.release()
     now[0] += http1.MAX_IDLE_S - 0.01
