@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 from proxy.app import SERVICES, create_app
 from proxy.settings import Settings
 from tests.integration.conftest import StartFake, engine_config, wait_until
-from tests.integration.test_cache_pipeline import slow_bag_of_words
+from tests.integration.test_cache_pipeline import bag_of_words
 
 EASY = "hi, how are you?"
 HARD = (
@@ -157,6 +157,21 @@ async def test_auto_fails_over_when_the_chosen_engine_cannot_answer(
     assert resp.headers["x-frugal-engine"] == "small", dict(resp.headers)
 
 
+class TimedBagOfWords:
+    """bag_of_words taking ``delay_s`` a text: slow while the worker learns its cost, then
+    faster, so the one text of a burst that is admitted has its vector well within
+    ``max_queue_ms`` on a loaded machine too. At a real 50 ms a text and 90 allowed, a loaded
+    run's admitted text took 217 ms and timed out, and the whole burst went unscored (2 runs of
+    8 with four busy loops beside the test; none of 10 with this)."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def __call__(self, texts: list[str]) -> Any:
+        time.sleep(self.delay_s * len(texts))
+        return bag_of_words(texts)
+
+
 async def test_a_backlogged_encoder_is_skipped_not_waited_for(
     start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
 ) -> None:
@@ -177,7 +192,8 @@ async def test_a_backlogged_encoder_is_skipped_not_waited_for(
             "logging": {"level": "warning", "format": "console"},
         }
     )
-    client = await aiohttp_client(create_app(settings, encode=slow_bag_of_words, access_log=False))
+    encode = TimedBagOfWords(0.05)
+    client = await aiohttp_client(create_app(settings, encode=encode, access_log=False))
     services = client.server.app[SERVICES]
     assert services.router.scores and services.embedder is not None
 
@@ -192,6 +208,7 @@ async def test_a_backlogged_encoder_is_skipped_not_waited_for(
     for i in range(3):  # one at a time, each in 50 ms: the encoder's cost is known
         await burst(f"warm {i}", 1)
     assert services.embedder.shed == 0 and services.embedder.cost_per_text_s is not None
+    encode.delay_s = 0.01  # (the worker still expects 50 ms a text)
     replies = await burst("busy", 8)
     shed = [r for r in replies if "x-frugal-route-score" not in r.headers]
     # At 50 ms a text a second arrival would have its vector after 100 ms: over the 90 allowed.
