@@ -12,7 +12,7 @@ FROM python:3.11 AS build
 # EXTRAS=ml adds the MiniLM embedder (semantic cache, difficulty router); without it the proxy
 # runs exact-cache-only with the cheap-feature router.
 ARG EXTRAS=ml
-# 1: the request path's modules compiled with mypyc (setup.py), from none to about 30% less CPU
+# 1: the request path's modules compiled with mypyc (setup.py), about 10-30% less CPU
 # per request, depending on the host (docs/benchmarks.md); 0: plain Python, a faster build.
 ARG FRUGAL_COMPILE=1
 WORKDIR /src
