@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Literal, Protocol, TypeVar, cast
 
 import diskcache
-from mypy_extensions import mypyc_attr
 
 from proxy.cache.disk_writer import (
     DISKCACHE_SETTINGS,
@@ -117,12 +116,10 @@ def _footprint(entry: CacheEntry) -> int:
     )
 
 
-@mypyc_attr(native_class=False)  # (the compiled build's classes derive from Exception alone)
 class CacheBackendError(ConnectionError):
     """The store is unreachable; the cache treats the operation as a miss / skipped write."""
 
 
-@mypyc_attr(native_class=False)
 class StoreBusy(CacheBackendError):
     """The store's write queue is full: this answer is not stored (the disk is slower than the
     answers come; the cache counts a failed store, the backend is not down)."""
@@ -175,7 +172,6 @@ def followable(store: CacheStore) -> FollowableStore | None:
     return cast(FollowableStore, store) if callable(getattr(store, "follow", None)) else None
 
 
-@mypyc_attr(native_class=False)
 class StoreInUse(RuntimeError):
     """Another process holds the cache folder (:class:`DirectoryLock`)."""
 
@@ -644,22 +640,24 @@ class DiskStore:
             if isinstance(id_, int) and isinstance(blob, bytes):
                 yield id_, blob
 
-    def scan(self, *, with_embedding: bool = True) -> AsyncIterator[CacheEntry]:
-        return _Scan(self, with_embedding)
+    async def scan(self, *, with_embedding: bool = True) -> AsyncIterator[CacheEntry]:
+        await self.flush()
+        blobs = self._iter_blobs()
 
-    def _next_batch(
-        self, blobs: Iterator[tuple[int, bytes]], with_embedding: bool
-    ) -> list[CacheEntry]:
-        """Up to ``SCAN_BATCH`` entries of a scan (on the store's thread)."""
-        batch: list[CacheEntry] = []
-        for _id, blob in blobs:
-            try:
-                batch.append(decode_entry(blob, with_embedding=with_embedding))
-            except EntryDecodeError:
-                continue
-            if len(batch) >= SCAN_BATCH:
-                break
-        return batch
+        def next_batch() -> list[CacheEntry]:
+            batch: list[CacheEntry] = []
+            for _id, blob in blobs:
+                try:
+                    batch.append(decode_entry(blob, with_embedding=with_embedding))
+                except EntryDecodeError:
+                    continue
+                if len(batch) >= SCAN_BATCH:
+                    break
+            return batch
+
+        while batch := await self._run(next_batch):
+            for entry in batch:
+                yield entry
 
     async def delete_where(self, predicate: Callable[[EntryMeta], bool]) -> list[EntryMeta]:
         """Delete the entries whose metadata matches (and those whose header is unreadable).
@@ -792,31 +790,3 @@ class DiskStore:
         self._forget_recent(list(self._recent))
         self._cache.close()
         self._writer.shutdown(wait=True)
-
-
-class _Scan(AsyncIterator[CacheEntry]):
-    """``DiskStore.scan``: every entry, read in batches on the store's thread once the writes
-    queued before it are flushed. A class, not a generator, so the module compiles (setup.py)."""
-
-    __slots__ = ("_batch", "_blobs", "_done", "_store", "_with_embedding")
-
-    def __init__(self, store: DiskStore, with_embedding: bool) -> None:
-        self._store = store
-        self._with_embedding = with_embedding
-        self._blobs: Iterator[tuple[int, bytes]] | None = None
-        self._batch: list[CacheEntry] = []  # reversed: the next entry last
-        self._done = False
-
-    async def __anext__(self) -> CacheEntry:
-        store = self._store
-        if self._blobs is None:
-            await store.flush()
-            self._blobs = store._iter_blobs()
-        next_batch = functools.partial(store._next_batch, self._blobs, self._with_embedding)
-        while not self._batch:
-            if self._done:
-                raise StopAsyncIteration
-            batch = await store._run(next_batch)
-            self._done = not batch
-            self._batch = batch[::-1]
-        return self._batch.pop()
