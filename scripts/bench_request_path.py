@@ -8,12 +8,15 @@
 The app is built from scripts/bench_overhead.py's configurations (``frugal``, ``frugal-cache``,
 ``frugal-routing``, ``frugal-policy``, ``frugal-full``: same engines, cache, routing and policy)
 with a stub transport that answers at once, so what is timed is the handler from the parsed
-request to the finished response, plus the work deferred to the next turn of the loop (metrics,
-access line): everything Frugal adds over the thin relay except aiohttp's own HTTP server and
-client. The access line goes to /dev/null.
+request to the response written (by aiohttp's own writer, to a socket stub that drops the
+bytes), plus the work deferred to the next turn of the loop (metrics, access line): everything
+Frugal adds over the thin relay except aiohttp's request parsing, the engine client's socket and
+the system calls. The access line goes to /dev/null.
 
 Figures are process CPU time per request, the minimum over ``--chunks`` chunks (the minimum is the
-least disturbed by other jobs on a shared machine). ``--compare DIR`` runs the same measurement
+least disturbed by other jobs on a shared machine): all of it, and the part spent before the
+answer's last byte was written ("to the answer": what a request waits for at one connection;
+the rest runs after it is sent). ``--compare DIR`` runs the same measurement
 with another checkout ``DIR`` on the import path, alternating runs of the two (``--rounds``), for
 A/B checks of a change. What it leaves out (aiohttp's server and the engine client) is measured
 by scripts/bench_overhead.py.
@@ -90,8 +93,11 @@ def _settings(config: str, work: Path) -> tuple[Any, Any]:
     return settings, target
 
 
-async def _measure(config: str, requests: int, chunks: int, sink: IO[bytes]) -> list[float]:
+async def _measure(
+    config: str, requests: int, chunks: int, sink: IO[bytes]
+) -> tuple[list[float], list[float]]:
     from aiohttp import web
+    from aiohttp.http_writer import StreamWriter
     from aiohttp.streams import StreamReader
     from aiohttp.test_utils import make_mocked_request
 
@@ -134,9 +140,11 @@ async def _measure(config: str, requests: int, chunks: int, sink: IO[bytes]) -> 
             headers={**headers, "Content-Length": str(len(raw))},
             payload=reader,
             app=app,
+            writer=StreamWriter(protocol, loop),  # type: ignore[arg-type]
         )
 
     results: list[float] = []
+    to_answer: list[float] = []
     counter = 0
     gc.collect()
     gc.freeze()
@@ -146,21 +154,47 @@ async def _measure(config: str, requests: int, chunks: int, sink: IO[bytes]) -> 
         batch = [make(counter + i) for i in range(requests)]
         counter += requests
         start = time.process_time()
+        waited = 0.0
         for request in batch:
+            began = time.process_time()
             response = await pipeline.complete(request, "chat", services)
+            # as aiohttp does with what a handler returns (nothing more for one already sent)
+            await response.prepare(request)
+            await response.write_eof()
+            waited += protocol.transport.last_write - began
             await asyncio.sleep(0)  # let the deferred finish run
             if response.status != 200:
                 raise SystemExit(f"status {response.status} from the request path")
         results.append((time.process_time() - start) * 1e6 / requests)
+        to_answer.append(waited * 1e6 / requests)
         del batch
     await runner.cleanup()
-    return results[1:]
+    return results[1:], to_answer[1:]
+
+
+class _Transport:
+    """A socket that takes every write and drops it, noting the CPU clock of the last."""
+
+    last_write = 0.0
+
+    def write(self, data: bytes) -> None:
+        self.last_write = time.process_time()
+
+    def writelines(self, data: Any) -> None:
+        self.last_write = time.process_time()
+
+    def is_closing(self) -> bool:
+        return False
 
 
 class _Protocol:
-    """Enough of a protocol for a StreamReader that is fed all at once."""
+    """Enough of a protocol for a StreamReader fed all at once and a StreamWriter."""
 
     _reading_paused = False
+    _paused = False  # (writing: never)
+
+    def __init__(self) -> None:
+        self.transport = _Transport()
 
     def pause_reading(self) -> None:
         pass
@@ -169,7 +203,7 @@ class _Protocol:
         pass
 
 
-def _child(config: str, requests: int, chunks: int) -> list[float]:
+def _child(config: str, requests: int, chunks: int) -> tuple[list[float], list[float]]:
     import uvloop
 
     with open(os.devnull, "wb") as sink:
@@ -196,6 +230,7 @@ def main() -> None:
         trees["other"] = args.compare.resolve()
     for config in configs:
         found: dict[str, list[float]] = {name: [] for name in trees}
+        answered: dict[str, list[float]] = {name: [] for name in trees}
         for _ in range(args.rounds if args.compare else 1):
             for name, tree in trees.items():
                 env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -207,13 +242,15 @@ def main() -> None:
                 )
                 if done.returncode != 0:
                     raise SystemExit(f"{name} ({tree}) failed:\n{done.stderr[-3000:]}")
-                found[name] += json.loads(done.stdout.strip().splitlines()[-1])
+                total, to_answer = json.loads(done.stdout.strip().splitlines()[-1])
+                found[name] += total
+                answered[name] += to_answer
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         for name, values in found.items():
             print(
                 f"{config:6} {name:5} ({trees[name]}): {min(values):.1f} µs/request CPU"
-                f" (min of {len(values)} chunks; median {sorted(values)[len(values) // 2]:.1f});"
-                f" load {load}",
+                f" (min of {len(values)} chunks; median {sorted(values)[len(values) // 2]:.1f}),"
+                f" {min(answered[name]):.1f} to the answer; load {load}",
                 flush=True,
             )
 
