@@ -95,6 +95,7 @@ class Phase:
     tokens: int = 0
     requests: int = 0
     errors: int = 0
+    first_error: str | None = None  # what the first failed request was told
     wall_s: float = 0.0
     # Steady-state throughput: content chunks that arrived inside [window_start, window_end].
     # Counting whole requests instead quantises by waves of `concurrency` requests.
@@ -131,8 +132,10 @@ async def one_stream(
         headers = {"Content-Type": "application/json", **headers}
         async with session.post(url, data=orjson.dumps(body), headers=headers) as resp:
             if resp.status != 200:
-                await resp.read()
+                told = await resp.read()
                 phase.errors += 1
+                if phase.first_error is None:
+                    phase.first_error = f"{resp.status} {told[:300]!r}"
                 return
             async for piece in resp.content.iter_any():
                 for payload in parser.feed(piece):
@@ -149,8 +152,10 @@ async def one_stream(
                                 phase.window_tokens += 1
                             if first is None:
                                 first = time.perf_counter()
-    except (TimeoutError, aiohttp.ClientError):
+    except (TimeoutError, aiohttp.ClientError) as exc:
         phase.errors += 1
+        if phase.first_error is None:
+            phase.first_error = repr(exc)
         return
     phase.requests += 1
     phase.tokens += tokens or counted  # usage when the server sent it, else content chunks
@@ -193,6 +198,10 @@ async def run_phase(
             if prompt is None:
                 if phase.fixed_work:
                     return
+                if phase.errors:  # (failures are fast: they run through the questions)
+                    raise SystemExit(
+                        f"{url}: {phase.errors} requests failed, the first with {phase.first_error}"
+                    )
                 raise SystemExit("ran out of distinct questions: pass a larger --prompts file")
             if args.misses:
                 # In front: a shared start would let vLLM reuse another side's prefill.
