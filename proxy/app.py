@@ -920,10 +920,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # The pipeline's own bugs arrive wrapped (carrying the request's id and headers).
         return _internal_error(request, err, err.__cause__ or err)
     except FrugalError as err:
-        if request.writer.output_size > 0:
-            # The answer is out (a whole one, before the bookkeeping that raised): no error
-            # response can follow it; as for a bug below.
-            raise
         return error_response(err)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -4,8 +4,7 @@
     ─▶ exact lookup for the strongest allowed engine ─▶ embed the last user turn once ─▶ route
     (difficulty, stickiness, load) ─▶ cache lookup (exact, then semantic) ─▶ single-flight
     ─▶ budget reservation ─▶ admission queue ─▶ engine call (replica choice, retry, breaker)
-    ─▶ relay (a whole answer: written first) ─▶ cache store, spend, limits released
-    ─▶ metrics, access log (the next turn of the loop)
+    ─▶ relay ─▶ cache store ─▶ headers, metrics, access log
 
 Each step is a call into a small module with one job (policy/, routing/, cache/, engines/); this
 file orders them and carries the per-request facts in an :class:`Exchange`.
@@ -135,15 +134,12 @@ class Exchange:
     slot: Slot | None = None  # the engine slot it queued for (its waited_s is not overhead)
     baseline: Engine | None = None  # what the request would have used with no routing
     error: str | None = None
-    latency_s: float = 0.0  # set when a whole answer is written, else when the handler returns
+    latency_s: float = 0.0  # set when the handler returns
     conversation: CompletionRequest | None = None  # a chat answered by the routed engine
     # the encoder was too far behind to embed the last user turn: no semantic lookup or
     # difficulty score; the answer is embedded for the cache later, in the background
     embedding_shed: bool = False
     counted_in_flight: bool = False  # in frugal_requests_in_flight (from authentication on)
-    # a whole non-streamed answer was written before the handler's bookkeeping (latency_s is
-    # set then): a cancellation after it is not a client that left before its answer
-    delivered: bool = False
 
     def headers(self) -> dict[str, str]:
         headers = {"x-request-id": self.request_id, "x-frugal-cache": self.cache}
@@ -378,8 +374,7 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
         raise _refusal(exchange, err) from None
     except asyncio.CancelledError as cancelled:
         if not is_stop(cancelled) or request.writer.output_size > 0:
-            if not exchange.delivered:
-                exchange.status = 499  # the client closed the connection
+            exchange.status = 499  # the client closed the connection
             raise
         # The proxy is stopping and the answer is not ready at its last deadline: a 503 the
         # client can read and retry elsewhere, not a connection closed without a response.
@@ -403,8 +398,7 @@ async def _complete(request: web.Request, kind: Kind, services: Services) -> web
             lookup.cancel()
         # Metrics and the access line run just after the response is written (the next turn of
         # the loop), so their cost is not added to every answer's latency.
-        if not exchange.delivered:
-            exchange.latency_s = time.perf_counter() - exchange.started
+        exchange.latency_s = time.perf_counter() - exchange.started
         asyncio.get_running_loop().call_soon(_finish, exchange, services)
 
 
@@ -1061,7 +1055,7 @@ async def _answer_from_engine(
     store = _Store(services, plan, embedding, exchange, flight, shadow, answered)
     if req.stream and upstream.status == 200:
         return await _relay_stream(request, req, upstream, exchange, store)
-    return await _relay_body(request, upstream, exchange, store)
+    return _relay_body(upstream, exchange, store)
 
 
 async def _call_beside(
@@ -1259,38 +1253,24 @@ def _public_model(engine: Engine) -> tuple[bytes, bytes] | None:
     return b'"model":' + orjson.dumps(served), b'"model":' + orjson.dumps(engine.model)
 
 
-async def _relay_body(
-    request: web.Request, upstream: Upstream, exchange: Exchange, store: _Store
-) -> web.Response:
+def _relay_body(upstream: Upstream, exchange: Exchange, store: _Store) -> web.Response:
     exchange.status = exchange.upstream_status = upstream.status
     body = upstream.body
     upstream.finish(ok=True)
-    ok = upstream.status < 400
-    if ok:
+    if upstream.status < 400:
         rename = _public_model(upstream.engine)
         if rename is not None:
             body = body.replace(*rename, 1)
         _take_usage(exchange, upstream.answer)  # (parsed once, when the caller checked it)
+        store.complete(upstream.status, body, upstream.answer)
     else:
         body = openai_error_body(body, upstream.status)
-    response = web.Response(
+    return web.Response(
         body=body,
         status=upstream.status,
         content_type="application/json",
         headers=exchange.headers(),
     )
-    # The answer goes out first: storing it, and the limits' and budget's bookkeeping the caller
-    # does once this returns, are then not part of its latency (aiohttp sends nothing more for
-    # a response already finished).
-    try:
-        await response.prepare(request)
-        await response.write_eof()
-        exchange.delivered = True
-        exchange.latency_s = time.perf_counter() - exchange.started
-    finally:
-        if ok:  # (also when the client left meanwhile: the answer is whole, and followers wait)
-            store.complete(upstream.status, body, upstream.answer)
-    return response
 
 
 async def _relay_stream(

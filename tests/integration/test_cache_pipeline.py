@@ -17,19 +17,9 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from aiohttp import web
 
-from proxy.app import SERVICES, create_app
-from proxy.settings import Settings
 from proxy.sse import parse_all
-from tests.integration.conftest import (
-    Proxy,
-    ProxyServer,
-    StartFake,
-    StartProxy,
-    engine_config,
-    wait_until,
-)
+from tests.integration.conftest import Proxy, StartFake, StartProxy, engine_config, wait_until
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"model": "m", "messages": QUESTION, "temperature": 0, "max_tokens": 8}
@@ -78,44 +68,6 @@ async def post_until(proxy: Proxy, body: dict[str, Any], cache: str, **kw: Any) 
     resp = await proxy.client.post("/v1/chat/completions", json=body, **kw)
     assert resp.headers["x-frugal-cache"] == cache, resp.headers
     return resp
-
-
-async def test_a_miss_is_answered_before_it_is_stored(
-    start_fake: StartFake, aiohttp_client: Any, tmp_path: Path
-) -> None:
-    """The client's answer goes out while its request still leads the single-flight: storing
-    it and the request's bookkeeping come after, outside the client's latency."""
-    engine = await start_fake("m")
-    settings = Settings.model_validate(
-        {
-            "engines": [engine_config("e", "m", [engine.url])],
-            "policies": None,
-            "data_dir": str(tmp_path / "data"),
-            "cache": {"enabled": True, "data_dir": str(tmp_path / "cache")},
-            "embeddings": {"enabled": False},
-            "logging": {"format": "console", "level": "warning"},
-        }
-    )
-    app = create_app(settings, access_log=False)
-    open_flights_at_answer: list[int] = []
-
-    async def note(request: web.Request, response: web.StreamResponse) -> None:
-        if request.path == "/v1/chat/completions":
-            open_flights_at_answer.append(len(request.app[SERVICES].flights))
-
-    app.on_response_prepare.append(note)
-    client = await aiohttp_client(ProxyServer(app))
-    first = await client.post("/v1/chat/completions", json=GREEDY)
-    assert first.status == 200 and first.headers["x-frugal-cache"] == "miss"
-    assert open_flights_at_answer == [1]
-    services = app[SERVICES]
-    assert len(services.flights) == 0
-    assert services.cache is not None
-    assert (await services.cache.stats()).stores["stored"] == 1
-    again = await client.post("/v1/chat/completions", json=GREEDY)
-    assert again.headers["x-frugal-cache"] == "hit-exact"
-    answer, served = await first.json(), await again.json()
-    assert {**served, "id": answer["id"], "created": answer["created"]} == answer
 
 
 async def test_exact_hit_serves_the_same_answer_without_the_engine(
